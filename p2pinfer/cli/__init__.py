@@ -1,0 +1,42 @@
+"""The ``p2pinfer`` command line.
+
+Each command group lives in its own module and is registered below. Errors meant for the user
+(:class:`~p2pinfer.errors.P2PInferError`) are printed as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from .. import log
+from ..config import load_config
+from .common import AppContext, run_cli
+from .keys import keys
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="p2pinfer")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where keys, models and the ledger live [default: $XDG_DATA_HOME/p2pinfer].")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TOML configuration file [default: $XDG_CONFIG_HOME/p2pinfer/config.toml if present].")
+@click.option("--log-json", is_flag=True, default=None, help="Log one JSON object per line instead of key=value.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Minimum level of log lines [default: info].")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: Path | None, config_path: Path | None, log_json: bool | None,
+        log_level: str | None) -> None:
+    """p2pinfer: a peer-to-peer network for AI inference."""
+    config = load_config(config_path, data_dir=data_dir)
+    log.configure(json=config.log_json if log_json is None else log_json, level=log_level or config.log_level)
+    ctx.obj = AppContext(config=config)
+
+
+cli.add_command(keys)
+
+
+def main() -> None:
+    run_cli(cli)

@@ -1,0 +1,286 @@
+"""Every message of the p2pinfer protocol, defined once.
+
+Each message type is a frozen dataclass with a ``TYPE`` (its name on the wire, which is also part of its
+signing domain ``p2pinfer/v1/<TYPE>``) and fields with wire specs. proto/schema.json is generated from this
+module (``python -m p2pinfer.wire.spec``) and a test keeps the two identical.
+
+Conventions: digests and hashes are 32-byte SHA-256; public keys are raw 32-byte Ed25519 keys; times are
+integer milliseconds since the Unix epoch (UTC); token IDs are non-negative integers below 2**32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .hashing import tagged_hash
+from .schema import Bool, Bytes, Enum, Float, Int, List, Optional, Record, Str, Struct, spec
+from . import codec
+
+PROTOCOL_VERSION = 1
+
+DIGEST = Bytes.exactly(32)
+PUBLIC_KEY = Bytes.exactly(32)
+VRF_PROOF = Bytes.exactly(80)
+TIME_MS = Int(0, (1 << 53) - 1)
+TOKEN_ID = Int(0, (1 << 32) - 1)
+
+MAX_NEW_TOKENS = 4096
+MAX_PROMPT_TOKENS = 32768
+MAX_TEXT_BYTES = 256 * 1024
+MAX_BIDS = 64
+MAX_FINGERPRINT_BYTES = 512 * 1024
+EPOCH_SEED = Bytes(0, 32)
+
+
+class Message(Record):
+    """A top-level protocol message: it can be signed and sent on its own."""
+
+    TYPE: ClassVar[str]
+
+    @property
+    def domain(self) -> str:
+        return signing_domain(self.TYPE)
+
+    def encode(self) -> bytes:
+        """The canonical payload bytes (what the signature covers)."""
+        self.validate()
+        return codec.encode(self.to_wire())
+
+
+def signing_domain(message_type: str, version: int = PROTOCOL_VERSION) -> str:
+    return f"p2pinfer/v{version}/{message_type}"
+
+
+# ---- shared structs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelOffer(Record):
+    """One model a peer serves, as announced in its capacity announcements."""
+
+    digest: bytes = spec(DIGEST)
+    name: str = spec(Str(128, 1))
+    numeric_class: str = spec(Str(32, 1))
+    context_length: int = spec(Int(1, 1 << 20))
+    max_new_tokens: int = spec(Int(1, MAX_NEW_TOKENS))
+    decode_tokens_per_s: float = spec(Float(0.0, 1e7))
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "digest": "SHA-256 model digest (ONNX bytes, external weights, tokenizer); see docs/models.md",
+        "name": "human-readable model name, e.g. smollm2-135m-instruct",
+        "numeric_class": "numeric class the model runs in, e.g. fp32-cpu; verifiers must match it",
+        "decode_tokens_per_s": "measured decode speed on this peer",
+    }
+
+
+@dataclass(frozen=True)
+class ChatMessage(Record):
+    role: str = spec(Enum(("system", "user", "assistant")))
+    content: str = spec(Str(MAX_TEXT_BYTES))
+
+
+@dataclass(frozen=True)
+class Request(Record):
+    """What a client asks for. Its request ID is the tagged hash of its canonical encoding."""
+
+    model: bytes = spec(DIGEST)
+    prompt: str | None = spec(Optional(Str(MAX_TEXT_BYTES)))
+    messages: tuple[ChatMessage, ...] | None = spec(Optional(List(Struct(ChatMessage), 256)))
+    max_tokens: int = spec(Int(1, MAX_NEW_TOKENS))
+    temperature: float = spec(Float(0.0, 10.0))
+    top_p: float = spec(Float(0.0, 1.0))
+    top_k: int = spec(Int(0, 1 << 20))
+    stop: tuple[str, ...] = spec(List(Str(64, 1), 8))
+    seed: int | None = spec(Optional(Int()))
+    nonce: bytes = spec(Bytes.exactly(16))
+    client: bytes = spec(PUBLIC_KEY)
+    created_at_ms: int = spec(TIME_MS)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "prompt": "plain-text prompt; exactly one of prompt and messages is set",
+        "messages": "chat messages, rendered with the model's chat template",
+        "top_k": "0 disables top-k",
+        "seed": "if set, sampling noise derives from it instead of the request ID (reproducible across requests)",
+        "nonce": "16 random bytes, so that identical requests get distinct IDs",
+        "client": "the client's Ed25519 public key (it signs the offer and the receipt)",
+    }
+
+    def request_id(self) -> bytes:
+        return tagged_hash("p2pinfer/v1/request-id", codec.encode(self.to_wire()))
+
+
+@dataclass(frozen=True)
+class Bid(Record):
+    """A VRF bid: anyone can check that ``proof`` is ``public_key``'s VRF proof for the election input."""
+
+    request_id: bytes = spec(DIGEST)
+    public_key: bytes = spec(PUBLIC_KEY)
+    proof: bytes = spec(VRF_PROOF)
+
+
+# ---- messages -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CapacityAnnouncement(Message):
+    TYPE: ClassVar[str] = "capacity"
+
+    peer_id: str = spec(Str(64, 1))
+    addrs: tuple[str, ...] = spec(List(Str(256, 1), 16))
+    models: tuple[ModelOffer, ...] = spec(List(Struct(ModelOffer), 32))
+    free_slots: int = spec(Int(0, 1024))
+    total_slots: int = spec(Int(0, 1024))
+    software: str = spec(Str(64))
+    seq: int = spec(Int())
+    issued_at_ms: int = spec(TIME_MS)
+    expires_at_ms: int = spec(TIME_MS)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "peer_id": "libp2p peer ID; must be the ID of the envelope's signer",
+        "addrs": "multiaddrs the peer listens on",
+        "seq": "strictly increasing per peer; an announcement not newer than the last one seen is dropped",
+    }
+
+
+@dataclass(frozen=True)
+class TaskOffer(Message):
+    """Client -> candidate peers: will you bid for this request?"""
+
+    TYPE: ClassVar[str] = "offer"
+
+    request_id: bytes = spec(DIGEST)
+    model: bytes = spec(DIGEST)
+    max_tokens: int = spec(Int(1, MAX_NEW_TOKENS))
+    epoch_seed: bytes = spec(EPOCH_SEED)
+    expires_at_ms: int = spec(TIME_MS)
+
+
+@dataclass(frozen=True)
+class VrfBid(Message):
+    """Candidate -> client: my VRF proof for this request's election."""
+
+    TYPE: ClassVar[str] = "bid"
+
+    bid: Bid = spec(Struct(Bid))
+    model: bytes = spec(DIGEST)
+    free_slots: int = spec(Int(0, 1024))
+
+
+@dataclass(frozen=True)
+class Refusal(Message):
+    """Any peer -> its caller: I will not do this, and why."""
+
+    TYPE: ClassVar[str] = "refusal"
+
+    request_id: bytes = spec(DIGEST)
+    code: str = spec(Enum(("busy", "not-serving", "not-winner", "invalid", "expired", "internal")))
+    message: str = spec(Str(512))
+
+
+@dataclass(frozen=True)
+class Assignment(Message):
+    """Client -> elected executor: run this request. ``bids`` lets the executor check that it won."""
+
+    TYPE: ClassVar[str] = "assign"
+
+    request: Request = spec(Struct(Request))
+    epoch_seed: bytes = spec(EPOCH_SEED)
+    bids: tuple[Bid, ...] = spec(List(Struct(Bid), MAX_BIDS, 1))
+    prefix_ids: tuple[int, ...] = spec(List(TOKEN_ID, MAX_NEW_TOKENS))
+    attempt: int = spec(Int(0, MAX_BIDS))
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "prefix_ids": "output tokens already received from an earlier executor (failover); continue after them",
+        "attempt": "0 for the election winner, k for the k-th fallback in ranking order",
+    }
+
+
+@dataclass(frozen=True)
+class TokenChunk(Message):
+    """Executor -> client: the next generated tokens."""
+
+    TYPE: ClassVar[str] = "tokens"
+
+    request_id: bytes = spec(DIGEST)
+    index: int = spec(Int(0, MAX_NEW_TOKENS))
+    token_ids: tuple[int, ...] = spec(List(TOKEN_ID, 256, 1))
+    text: str = spec(Str(64 * 1024))
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {"index": "position in the output of the first token of this chunk"}
+
+
+@dataclass(frozen=True)
+class InferenceResult(Message):
+    """Executor -> client (and verifiers): the complete output with its logit fingerprints."""
+
+    TYPE: ClassVar[str] = "result"
+
+    request_id: bytes = spec(DIGEST)
+    model: bytes = spec(DIGEST)
+    numeric_class: str = spec(Str(32, 1))
+    executor: bytes = spec(PUBLIC_KEY)
+    prompt_ids: tuple[int, ...] = spec(List(TOKEN_ID, MAX_PROMPT_TOKENS, 1))
+    output_ids: tuple[int, ...] = spec(List(TOKEN_ID, MAX_NEW_TOKENS))
+    finish_reason: str = spec(Enum(("stop", "length", "eos")))
+    fingerprint_format: str = spec(Str(32, 1))
+    fingerprint: bytes = spec(Bytes(0, MAX_FINGERPRINT_BYTES))
+    commitment: bytes = spec(DIGEST)
+    started_at_ms: int = spec(TIME_MS)
+    finished_at_ms: int = spec(TIME_MS)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "prompt_ids": "the exact token IDs the executor fed the model (chat template applied)",
+        "fingerprint": "per generated position: top-k token IDs and fixed-point log-probs (see docs/models.md)",
+        "commitment": "tagged hash over the fingerprint bytes",
+    }
+
+
+@dataclass(frozen=True)
+class Verdict(Message):
+    """Verifier -> client: the result I re-checked is (not) what the model computes."""
+
+    TYPE: ClassVar[str] = "verdict"
+
+    request_id: bytes = spec(DIGEST)
+    result_hash: bytes = spec(DIGEST)
+    accept: bool = spec(Bool())
+    first_bad_position: int | None = spec(Optional(Int(0, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)))
+    reason: str = spec(Str(256))
+    max_deviation: float = spec(Float(0.0, 1e9))
+    issued_at_ms: int = spec(TIME_MS)
+
+
+@dataclass(frozen=True)
+class Receipt(Message):
+    """Client -> everyone involved: this work was done, with this outcome. Input to ledgers."""
+
+    TYPE: ClassVar[str] = "receipt"
+
+    request_id: bytes = spec(DIGEST)
+    model: bytes = spec(DIGEST)
+    client: bytes = spec(PUBLIC_KEY)
+    executor: bytes = spec(PUBLIC_KEY)
+    verifiers: tuple[bytes, ...] = spec(List(PUBLIC_KEY, 16))
+    result_hash: bytes = spec(DIGEST)
+    output_tokens: int = spec(Int(0, MAX_NEW_TOKENS))
+    outcome: str = spec(Enum(("accepted", "rejected", "unverified", "failed")))
+    issued_at_ms: int = spec(TIME_MS)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        CapacityAnnouncement,
+        TaskOffer,
+        VrfBid,
+        Refusal,
+        Assignment,
+        TokenChunk,
+        InferenceResult,
+        Verdict,
+        Receipt,
+    )
+}
+
+STRUCT_TYPES: dict[str, type[Record]] = {cls.__name__: cls for cls in (ModelOffer, ChatMessage, Request, Bid)}
