@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..identity import Identity
+from ..log import get_logger
 from .common import AppContext
 
 
@@ -25,6 +26,7 @@ def keys_new(app: AppContext, out: Path | None, force: bool) -> None:
     path = out or app.config.key_file
     identity = Identity.generate()
     identity.save(path, overwrite=force)
+    get_logger("p2pinfer.keys").info("keys.created", path=str(path), peer_id=identity.peer_id)
     click.echo(f"wrote {path}")
     click.echo(f"peer id:    {identity.peer_id}")
     click.echo(f"public key: {identity.public_key.hex()}")
