@@ -1,0 +1,380 @@
+"""The client side of the request path: offer, collect VRF bids, elect, assign, stream, fail over.
+
+One request, step by step (see docs/architecture.md for the message flow):
+
+1. candidates: live capacity announcements for the model (plus DHT providers), capped by rendezvous hashing;
+2. a signed ``TaskOffer`` to each candidate over ``/p2pinfer/bid/1``; each answers ``VrfBid`` or ``Refusal``;
+3. :func:`p2pinfer.election.elect` verifies every proof and ranks the bidders;
+4. a signed ``Assignment`` (request + all bids) to the winner over ``/p2pinfer/task/1``; ``TokenChunk`` frames
+   stream back, then the ``InferenceResult``;
+5. if the executor disconnects, stalls or misbehaves, the next-ranked bidder gets the same assignment with
+   the tokens received so far as ``prefix_ids``; seeded sampling makes its continuation identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+
+import trio
+
+from ..election import ElectionResult, elect
+from ..identity import Identity, peer_id_from_public_key
+from ..log import get_logger
+from ..net import NetError, Node, NodeConfig
+from ..wire import (
+    Assignment,
+    Bid,
+    InferenceResult,
+    Refusal,
+    Request,
+    Signed,
+    TaskOffer,
+    TokenChunk,
+    VrfBid,
+    WireError,
+    decode_signed,
+    encode_signed,
+    now_ms,
+)
+from .candidates import DEFAULT_MAX_CANDIDATES, select_candidates
+from .errors import AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected
+from .params import build_request
+from .protocol import BID_PROTOCOL, MAX_OFFER_FRAME, MAX_TASK_FRAME, OFFER_TTL_MS, TASK_PROTOCOL
+
+log = get_logger("p2pinfer.client")
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """Newly generated text, as it arrives."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    index: int
+    executor: str
+
+
+@dataclass(frozen=True)
+class ElectionEvidence:
+    """Everything needed to re-check who should have executed: anyone can recompute the ranking."""
+
+    request_id: bytes
+    epoch_seed: bytes
+    bids: tuple[Bid, ...]
+    ranking: tuple[str, ...]  # peer IDs, executor first
+
+    def recheck(self) -> ElectionResult:
+        return elect(self.request_id, self.epoch_seed, self.bids)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    peer_id: str
+    outcome: str  # "completed", "refused:<code>", "failed:<reason>"
+    tokens: int
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    executor: str
+    model: bytes
+    request_id: bytes
+    election: ElectionEvidence
+    result: Signed[InferenceResult]
+    attempts: tuple[Attempt, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+    verification: Any = None  # filled in by the verification quorum
+
+
+class _Progress:
+    """What the client has received so far for one request (survives failover)."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text_parts: list[str] = []
+        self.attempts: list[Attempt] = []
+        self.first_token_at: float | None = None
+
+
+class AsyncClient:
+    """A trio-native client. Use ``async with AsyncClient(bootstrap=[...]) as client:``."""
+
+    def __init__(
+        self,
+        bootstrap: Sequence[str] = (),
+        *,
+        identity: Identity | None = None,
+        listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        bid_timeout: float = 3.0,
+        stall_timeout: float = 20.0,
+        discovery_timeout: float = 10.0,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+        epoch_seed: bytes = b"",
+        config: Any = None,
+    ) -> None:
+        if config is not None and not bootstrap:
+            bootstrap = tuple(config.bootstrap)
+        self.identity = identity or Identity.generate()
+        self.bootstrap = tuple(bootstrap)
+        self.listen = tuple(listen)
+        self.bid_timeout = bid_timeout
+        self.stall_timeout = stall_timeout
+        self.discovery_timeout = discovery_timeout
+        self.max_candidates = max_candidates
+        self.epoch_seed = epoch_seed
+        self._node: Node | None = None
+        self._node_cm: Node | None = None
+        self.nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        node = Node(self.identity, NodeConfig(listen=self.listen, bootstrap=self.bootstrap, role="client"))
+        try:
+            self._node = await node.__aenter__()
+        except NetError as exc:
+            raise NotConnected(f"could not join the network: {exc}") from None
+        self._nursery_cm = trio.open_nursery()
+        self.nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool:
+        try:
+            if self.nursery is not None:
+                self.nursery.cancel_scope.cancel()
+                await self._nursery_cm.__aexit__(None, None, None)
+        finally:
+            node, self._node = self._node, None
+            if node is not None:
+                await node.__aexit__(*exc_info)
+        return False
+
+    @property
+    def node(self) -> Node:
+        if self._node is None:
+            raise RuntimeError("AsyncClient is not running; use `async with AsyncClient(...) as client:`")
+        return self._node
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    async def generate(self, *, model: str, prompt: str | None = None,
+                       messages: Iterable[Mapping[str, Any]] | None = None, **params: Any) -> Completion:
+        """Run one request to completion and return its text, executor and election evidence."""
+        completion: Completion | None = None
+        async for item in self._run(model=model, prompt=prompt, messages=messages, **params):
+            if isinstance(item, Completion):
+                completion = item
+        assert completion is not None
+        return completion
+
+    async def stream(self, *, model: str, prompt: str | None = None,
+                     messages: Iterable[Mapping[str, Any]] | None = None,
+                     **params: Any) -> AsyncIterator[StreamChunk]:
+        """Yield text as it is generated. (Use :meth:`stream_with_result` to get the final Completion.)"""
+        async for item in self._run(model=model, prompt=prompt, messages=messages, **params):
+            if isinstance(item, StreamChunk):
+                yield item
+
+    async def stream_with_result(self, *, model: str, prompt: str | None = None,
+                                 messages: Iterable[Mapping[str, Any]] | None = None,
+                                 **params: Any) -> AsyncIterator[StreamChunk | Completion]:
+        """Like :meth:`stream`, then the :class:`Completion` as the last item."""
+        async for item in self._run(model=model, prompt=prompt, messages=messages, **params):
+            yield item
+
+    async def models(self) -> dict[str, bytes]:
+        """Names and digests of the models live announcements offer right now."""
+        out: dict[str, bytes] = {}
+        for announcement in self.node.table.live(now_ms()):
+            for offer in announcement.models:
+                out.setdefault(offer.name, offer.digest)
+        return out
+
+    # ---- the request path ------------------------------------------------------------------------
+
+    async def resolve_model(self, model: str) -> bytes:
+        """A model name or hex digest (or unique digest prefix of 8+ hex digits) -> digest."""
+        if not isinstance(model, str) or not model:
+            raise BadParameters("model must be a model name or a hex digest")
+        deadline = trio.current_time() + self.discovery_timeout
+        while True:
+            digest = self._lookup_model(model)
+            if digest is not None:
+                return digest
+            if len(model) == 64 and _is_hex(model):
+                return bytes.fromhex(model)  # not announced (yet): DHT providers may still know it
+            if trio.current_time() >= deadline:
+                known = sorted(await self.models())
+                hint = f"; models on offer: {', '.join(known)}" if known else "; no peer has announced any model"
+                raise NoPeerServesModel(f"no peer serves model {model!r}{hint}")
+            await trio.sleep(0.1)
+
+    def _lookup_model(self, model: str) -> bytes | None:
+        needle = model.lower()
+        for announcement in self.node.table.live(now_ms()):
+            for offer in announcement.models:
+                if offer.name == model or (len(needle) >= 8 and _is_hex(needle) and offer.digest.hex().startswith(needle)):
+                    return offer.digest
+        return None
+
+    async def _run(self, *, model: str, prompt: str | None, messages: Any, **params: Any) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        digest = await self.resolve_model(model)
+        request = build_request(model_digest=digest, client_key=self.identity.public_key, prompt=prompt,
+                                messages=messages, **params)
+        request_id = request.request_id()
+        bids = await self._collect_bids(request, request_id)
+        election = elect(request_id, self.epoch_seed, bids)
+        for bid, reason in election.rejected:
+            log.info("election.bid_rejected", request_id=request_id.hex()[:16],
+                     peer_id=peer_id_from_public_key(bid.public_key), reason=reason)
+        ranking = [peer_id_from_public_key(pk) for pk, _ in election.ranking]
+        if not ranking:
+            raise NoBidsInTime(f"no valid bid for model {model!r} within {self.bid_timeout} s "
+                               "(all candidates busy, unreachable or sent invalid proofs)")
+        valid_bids = tuple(b for b in bids if peer_id_from_public_key(b.public_key) in set(ranking))
+        evidence = ElectionEvidence(request_id, self.epoch_seed, valid_bids, tuple(ranking))
+        elected_at = time.perf_counter()
+        log.debug("election.done", request_id=request_id.hex()[:16], executor=ranking[0], bidders=len(ranking),
+                  election_ms=round((elected_at - started) * 1000, 1))
+
+        progress = _Progress()
+        for attempt, peer_id in enumerate(ranking):
+            result: Signed[InferenceResult] | None = None
+            async for item in self._attempt(request, request_id, evidence, attempt, peer_id, progress):
+                if isinstance(item, StreamChunk):
+                    if progress.first_token_at is None:
+                        progress.first_token_at = time.perf_counter()
+                    yield item
+                else:
+                    result = item
+            if result is not None:
+                finished = time.perf_counter()
+                yield Completion(
+                    text="".join(progress.text_parts),
+                    token_ids=tuple(progress.token_ids),
+                    finish_reason=result.message.finish_reason,
+                    executor=peer_id,
+                    model=digest,
+                    request_id=request_id,
+                    election=evidence,
+                    result=result,
+                    attempts=tuple(progress.attempts),
+                    timings={
+                        "election_s": elected_at - started,
+                        "first_token_s": (progress.first_token_at or finished) - started,
+                        "total_s": finished - started,
+                    },
+                )
+                return
+        summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts)
+        raise AllCandidatesFailed(f"all {len(ranking)} elected candidates failed ({summary})")
+
+    async def _collect_bids(self, request: Request, request_id: bytes) -> list[Bid]:
+        infos = await self.node.candidates(request.model, timeout=min(self.discovery_timeout, 5.0))
+        if not infos:
+            raise NoPeerServesModel(f"no peer with free capacity serves model {request.model.hex()[:16]}…")
+        chosen = select_candidates(request_id, [i.peer_id for i in infos], self.max_candidates)
+        offer = TaskOffer(request_id=request_id, model=request.model, max_tokens=request.max_tokens,
+                          epoch_seed=self.epoch_seed, expires_at_ms=now_ms() + OFFER_TTL_MS)
+        offer_bytes = encode_signed(self.identity, offer)
+        bids: list[Bid] = []
+
+        async def ask(peer_id: str) -> None:
+            try:
+                reply = await self.node.request(peer_id, BID_PROTOCOL, offer_bytes, timeout=self.bid_timeout,
+                                                max_frame=MAX_OFFER_FRAME)
+                signed = decode_signed(reply, expect=(VrfBid, Refusal), max_size=MAX_OFFER_FRAME)
+            except (NetError, WireError) as exc:
+                log.info("bid.failed", peer_id=peer_id, error=str(exc)[:200])
+                return
+            if signed.signer_peer_id != peer_id:
+                log.warning("bid.rejected", peer_id=peer_id, reason="signer is not the peer we asked")
+                return
+            message = signed.message
+            if isinstance(message, Refusal):
+                log.debug("bid.refused", peer_id=peer_id, code=message.code, message=message.message)
+                return
+            if message.bid.public_key != signed.signer or message.bid.request_id != request_id:
+                log.warning("bid.rejected", peer_id=peer_id, reason="bid names another key or request")
+                return
+            bids.append(message.bid)
+
+        with trio.move_on_after(self.bid_timeout + 1.0):
+            async with trio.open_nursery() as nursery:
+                for peer_id in chosen:
+                    nursery.start_soon(ask, peer_id)
+        return bids
+
+    async def _attempt(self, request: Request, request_id: bytes, evidence: ElectionEvidence, attempt: int,
+                       peer_id: str, progress: _Progress) -> AsyncIterator[Any]:
+        assignment = Assignment(request=request, epoch_seed=evidence.epoch_seed, bids=evidence.bids,
+                                prefix_ids=tuple(progress.token_ids), attempt=attempt)
+        received_before = len(progress.token_ids)
+        executor_key = None
+        for bid in evidence.bids:
+            if peer_id_from_public_key(bid.public_key) == peer_id:
+                executor_key = bid.public_key
+        try:
+            frames = await self.node.open_stream(peer_id, TASK_PROTOCOL, timeout=self.stall_timeout,
+                                                 max_frame=MAX_TASK_FRAME)
+        except NetError as exc:
+            progress.attempts.append(Attempt(peer_id, f"failed:{exc.reason}", 0))
+            log.info("task.failover", peer_id=peer_id, attempt=attempt, reason=str(exc)[:200])
+            return
+        outcome = "failed:closed"
+        try:
+            await frames.send(encode_signed(self.identity, assignment))
+            while True:
+                body = await frames.receive(timeout=self.stall_timeout)
+                if body is None:
+                    outcome = "failed:closed-before-result"
+                    break
+                signed = decode_signed(body, expect=(TokenChunk, InferenceResult, Refusal), max_size=MAX_TASK_FRAME)
+                if signed.signer != executor_key:
+                    outcome = "failed:wrong-signer"
+                    break
+                message = signed.message
+                if message.request_id != request_id:
+                    outcome = "failed:wrong-request"
+                    break
+                if isinstance(message, Refusal):
+                    outcome = f"refused:{message.code}"
+                    log.info("task.refused", peer_id=peer_id, code=message.code, message=message.message)
+                    break
+                if isinstance(message, TokenChunk):
+                    if message.index != len(progress.token_ids):
+                        outcome = "failed:token-gap"
+                        break
+                    progress.token_ids.extend(message.token_ids)
+                    progress.text_parts.append(message.text)
+                    yield StreamChunk(message.text, message.token_ids, message.index, peer_id)
+                    continue
+                if tuple(message.output_ids) != tuple(progress.token_ids):
+                    outcome = "failed:result-mismatch"
+                    break
+                outcome = "completed"
+                yield signed
+                break
+        except (NetError, WireError) as exc:
+            outcome = f"failed:{exc.reason}"
+            log.info("task.failover", peer_id=peer_id, attempt=attempt, reason=str(exc)[:200])
+        finally:
+            progress.attempts.append(Attempt(peer_id, outcome, len(progress.token_ids) - received_before))
+            with trio.CancelScope(shield=True):
+                if outcome == "completed":
+                    await frames.aclose()
+                else:
+                    await frames.reset()
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text if len(text) % 2 == 0 else text + "0")
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,13 @@
+"""Protocol IDs and limits of the request path (see proto/README.md, section 1)."""
+
+from __future__ import annotations
+
+BID_PROTOCOL = "/p2pinfer/bid/1"    # one-shot: signed TaskOffer -> signed VrfBid | Refusal
+TASK_PROTOCOL = "/p2pinfer/task/1"  # stream: signed Assignment -> TokenChunk* then InferenceResult | Refusal
+
+MAX_OFFER_FRAME = 4 * 1024          # an offer or a bid is a few hundred bytes
+MAX_TASK_FRAME = 1 << 20            # an assignment carries the prompt; a result its fingerprints
+
+OFFER_TTL_MS = 30_000               # an offer is valid this long after it is made
+REQUEST_MAX_AGE_MS = 10 * 60_000    # an executor refuses requests created longer ago than this
+REQUEST_MAX_SKEW_MS = 30_000        # ... or this far in its future
