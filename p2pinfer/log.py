@@ -41,8 +41,11 @@ def configure(*, json: bool = False, level: str = "info", stream: TextIO | None 
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
-    """A bound structlog logger; ``name`` is recorded as ``logger=...``."""
-    logger = structlog.get_logger()
+    """A structlog logger; ``name`` is recorded as ``logger=...``.
+
+    The logger is a lazy proxy that reads the configuration each time it logs, so module-level loggers
+    created at import time follow a later :func:`configure` (log level, JSON).
+    """
     if name:
         initial = {"logger": name, **initial}
-    return logger.bind(**initial) if initial else logger
+    return structlog.get_logger(**initial)

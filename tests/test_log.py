@@ -41,3 +41,13 @@ def test_cli_log_json_flag(tmp_path):
     assert result.returncode == 0
     record = json.loads(result.stderr.strip().splitlines()[-1])
     assert record["event"] == "keys.created" and record["peer_id"].startswith("12D3KooW")
+
+
+def test_module_level_loggers_follow_later_configuration():
+    logger = log.get_logger("p2pinfer.early")  # created before configure(), as at import time
+    stream = io.StringIO()
+    log.configure(json=True, level="warning", stream=stream)
+    logger.info("too.quiet")
+    logger.warning("loud.enough")
+    lines = stream.getvalue().strip().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["loud.enough"]
