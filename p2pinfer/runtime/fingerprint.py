@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..wire.hashing import tagged_hash
-from .sampling import SamplingParams, is_acceptable
+from .sampling import SamplingParams, acceptable_rows, is_acceptable
 
 FORMAT = "topk8-q16/1"
 VERSION = 1
@@ -183,58 +183,63 @@ class FingerprintChecker:
     def __post_init__(self) -> None:
         self._claimed = self.fingerprint.logprobs
 
-    def _fail(self, i: int, reason: str) -> None:
-        self.failed += 1
-        if self.first_bad is None:
-            self.first_bad, self.reason = i, reason
-
     @property
     def done(self) -> bool:
         return self.stop_at_first and self.first_bad is not None
 
     def check_rows(self, start: int, logprobs: np.ndarray) -> None:
-        """Check output indices ``start .. start + len(logprobs) - 1``."""
+        """Check output indices ``start .. start + len(logprobs) - 1`` (vectorized over the rows)."""
+        if self.done:
+            return
         allowance = self.tolerance + QUANTUM
         lp = np.asarray(logprobs, dtype=np.float64)
-        vocab = lp.shape[1]
-        for r in range(lp.shape[0]):
-            i = start + r
-            if self.done:
-                return
-            self.checked += 1
-            ids = self.fingerprint.ids[i]
-            claimed = self._claimed[i]
-            row = lp[r]
-            if ids.min() < 0 or ids.max() >= vocab or len(np.unique(ids)) != len(ids):
-                self._fail(i, "malformed row: duplicate or out-of-vocabulary token IDs")
-                self.max_deviation = float("inf")
-                continue
-            if np.any(np.diff(claimed) > 0):
-                self._fail(i, "malformed row: claimed log-probs not in descending order")
-                continue
-            actual = row[ids]
-            dev = np.abs(actual - claimed)
-            saturated = self.fingerprint.q[i] == Q_MAX
-            dev[saturated] = np.maximum(actual[saturated] - claimed[saturated], 0.0)
-            worst = float(dev.max())
-            masked = row.copy()
-            masked[ids] = -np.inf
-            other = float(masked.max()) if vocab > len(ids) else -np.inf
-            excess = max(other - float(claimed[-1]), 0.0)
-            self.max_deviation = max(self.max_deviation, worst, excess)
-            if worst > allowance:
-                j = int(dev.argmax())
-                self._fail(i, f"log-prob of token {int(ids[j])} claimed {claimed[j]:.6f}, recomputed "
-                              f"{actual[j]:.6f} (deviation {worst:.3g} > tolerance {self.tolerance:.3g})")
-                continue
-            if excess > allowance:
-                self._fail(i, f"unclaimed token {int(masked.argmax())} at {other:.6f} exceeds the claimed "
-                              f"k-th log-prob {claimed[-1]:.6f} by {excess:.3g}")
-                continue
-            ok, why = is_acceptable(row, self.params, self.seed_material, i, int(self.output_ids[i]),
-                                    self.tolerance)
-            if not ok:
-                self._fail(i, why)
+        n, vocab = lp.shape
+        stop = start + n
+        ids = self.fingerprint.ids[start:stop]
+        claimed = self._claimed[start:stop]
+        saturated = self.fingerprint.q[start:stop] == Q_MAX
+        r = np.arange(n)[:, None]
+        srt = np.sort(ids, axis=1)
+        malformed_ids = (ids.min(axis=1) < 0) | (ids.max(axis=1) >= vocab) | np.any(srt[:, 1:] == srt[:, :-1], axis=1)
+        disordered = np.any(np.diff(claimed, axis=1) > 0, axis=1)
+        safe_ids = np.clip(ids, 0, vocab - 1)
+        actual = lp[r, safe_ids]
+        dev = np.abs(actual - claimed)
+        dev = np.where(saturated, np.maximum(actual - claimed, 0.0), dev)
+        worst = dev.max(axis=1)
+        masked = lp.copy()
+        masked[r, safe_ids] = -np.inf
+        other = masked.max(axis=1)
+        excess = np.maximum(other - claimed[:, -1], 0.0)
+        tokens = np.asarray(self.output_ids[start:stop], dtype=np.int64)
+        sampler_ok = acceptable_rows(lp, self.params, self.seed_material, start, tokens, self.tolerance)
+        good = ~malformed_ids
+        if np.any(good):
+            self.max_deviation = max(self.max_deviation, float(np.max(np.maximum(worst, excess)[good])))
+        if np.any(malformed_ids):
+            self.max_deviation = float("inf")
+        bad = malformed_ids | disordered | (worst > allowance) | (excess > allowance) | ~sampler_ok
+        self.checked += n
+        self.failed += int(bad.sum())
+        if self.first_bad is not None or not bad.any():
+            return
+        j = int(np.argmax(bad))
+        i = start + j
+        self.first_bad = i
+        if malformed_ids[j]:
+            self.reason = "malformed row: duplicate or out-of-vocabulary token IDs"
+        elif disordered[j]:
+            self.reason = "malformed row: claimed log-probs not in descending order"
+        elif worst[j] > allowance:
+            c = int(dev[j].argmax())
+            self.reason = (f"log-prob of token {int(ids[j, c])} claimed {claimed[j, c]:.6f}, recomputed "
+                           f"{actual[j, c]:.6f} (deviation {worst[j]:.3g} > tolerance {self.tolerance:.3g})")
+        elif excess[j] > allowance:
+            self.reason = (f"unclaimed token {int(masked[j].argmax())} at {other[j]:.6f} exceeds the claimed "
+                           f"k-th log-prob {claimed[j, -1]:.6f} by {excess[j]:.3g}")
+        else:
+            _, why = is_acceptable(lp[j], self.params, self.seed_material, i, int(tokens[j]), self.tolerance)
+            self.reason = why or "seeded sampler would not pick this token"
 
     def verdict(self) -> FingerprintVerdict:
         return FingerprintVerdict(

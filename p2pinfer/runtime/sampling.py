@@ -210,3 +210,47 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
     if lo - 1e-12 <= u <= hi + 1e-12:
         return True, ""
     return False, f"seeded sampler: u={u:.6f} is outside token {token}'s interval [{lo:.6f}, {hi:.6f}]"
+
+
+def acceptable_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
+                    tokens: np.ndarray, tolerance: float) -> np.ndarray:
+    """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
+
+    Greedy, temperature and top-k are vectorized over rows; top-p (which needs per-row ranking) runs row by row.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    n, vocab = lp.shape
+    tokens = np.asarray(tokens, dtype=np.int64)
+    in_vocab = (tokens >= 0) & (tokens < vocab)
+    tok = np.where(in_vocab, tokens, 0)
+    r = np.arange(n)
+    if params.greedy:
+        return in_vocab & (lp[r, tok] >= lp.max(axis=1) - 2.0 * tolerance)
+    if params.top_p < 1.0:
+        return np.array([is_acceptable(lp[i], params, seed_material, start_index + i, int(tokens[i]), tolerance)[0]
+                         for i in range(n)], dtype=bool)
+    d = tolerance / params.temperature
+    eps = 2.0 * d
+    scaled = lp / params.temperature
+    base = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    if params.top_k == 0 or params.top_k >= vocab:
+        maybe_b = surely_b = base
+        maybe_tok = np.ones(n, dtype=bool)
+    else:
+        k = params.top_k
+        part = -np.partition(-scaled, [k - 1, k], axis=1)
+        maybe = scaled >= (part[:, k - 1] - eps)[:, None]
+        surely = scaled > (part[:, k] + eps)[:, None]
+        maybe_b, surely_b = base * maybe, base * surely
+        maybe_tok = maybe[r, tok]
+    up, dn = math.exp(d), math.exp(-d)
+    cm, cs = np.cumsum(maybe_b, axis=1), np.cumsum(surely_b, axis=1)
+    a_max = (cm[r, tok] - maybe_b[r, tok]) * up
+    a_min = (cs[r, tok] - surely_b[r, tok]) * dn
+    c_max = (cm[:, -1] - cm[r, tok]) * up
+    c_min = np.maximum(cs[:, -1] - cs[r, tok], 0.0) * dn
+    p_max = base[r, tok] * up
+    lo = a_min / (a_min + p_max + c_max)
+    hi = (a_max + p_max) / (a_max + p_max + c_min)
+    u = np.array([uniform(seed_material, start_index + i) for i in range(n)])
+    return in_vocab & maybe_tok & (lo - 1e-12 <= u) & (u <= hi + 1e-12)
