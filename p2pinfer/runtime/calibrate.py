@@ -22,7 +22,8 @@ from .model import LoadedModel
 from .sampling import log_softmax
 from .verify import recompute_logprobs
 
-log = get_logger("p2pinfer.runtime.calibrate")
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.calibrate")
 
 MIN_TOLERANCE = 1e-3
 DRIFT_FACTOR = 20.0
@@ -86,6 +87,6 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     worst = max(variants.values())
     result = CalibrationResult(worst, tolerance_from_drift(worst), variants, positions, new_tokens,
                                time.perf_counter() - t0)
-    log.info("calibrate.done", model=model.digest_hex[:16], worst_drift=f"{worst:.3g}",
+    _log().info("calibrate.done", model=model.digest_hex[:16], worst_drift=f"{worst:.3g}",
              tolerance=f"{result.tolerance:.3g}", seconds=f"{result.seconds:.2f}")
     return result

@@ -27,7 +27,8 @@ from .fingerprint import FORMAT, Fingerprint, FingerprintBuilder, commitment
 from .model import KVCache, LoadedModel
 from .sampling import GREEDY, SamplingParams, log_softmax, sample
 
-log = get_logger("p2pinfer.runtime.generate")
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.generate")
 
 PREFILL_CHUNK = 512
 FINISH_REASONS = ("length", "eos", "stop")

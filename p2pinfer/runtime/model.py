@@ -27,7 +27,8 @@ from ..log import get_logger
 from .chat import render_chat
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 
-log = get_logger("p2pinfer.runtime.model")
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.model")
 
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_CONTEXT = 2048
@@ -349,6 +350,6 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
         digest = compute_digest(model_dir)
     model = LoadedModel(model_dir, digest, name or model_dir.name, numeric_class, tolerance, session, io,
                         tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers})
-    log.info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
+    _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
              position_ids=io.has_position_ids, providers=",".join(model.providers))
     return model

@@ -28,7 +28,8 @@ from ..log import get_logger
 from .digest import DigestEntry, ModelFormatError, digest_entries, digest_files, digest_from_entries
 from .model import DEFAULT_TOLERANCE, LoadedModel, load_model
 
-log = get_logger("p2pinfer.runtime.store")
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.store")
 
 METADATA_FILE = "p2pinfer-model.json"
 METADATA_FORMAT = "p2pinfer-model/1"
@@ -150,7 +151,7 @@ class ModelStore:
             digest = digest_from_entries(entries)
             target = self._dir(digest)
             if (target / METADATA_FILE).is_file():
-                log.info("models.import.exists", digest=digest.hex(), source=str(src))
+                _log().info("models.import.exists", digest=digest.hex(), source=str(src))
                 return self._read(target)
             # load once before accepting it: a graph we cannot run has no place in the store
             load_model(tmp, digest=digest, providers=["CPUExecutionProvider"], threads=1)
@@ -161,7 +162,7 @@ class ModelStore:
                 shutil.rmtree(target)
             os.rename(tmp, target)
             record.path = target
-            log.info("models.imported", digest=digest.hex(), name=record.name, bytes=record.size_bytes)
+            _log().info("models.imported", digest=digest.hex(), name=record.name, bytes=record.size_bytes)
             return record
         finally:
             if tmp.exists():
@@ -177,7 +178,7 @@ class ModelStore:
             try:
                 out.append(self._read(folder))
             except ModelFormatError as exc:
-                log.warning("models.store.skipped", folder=str(folder), reason=str(exc))
+                _log().warning("models.store.skipped", folder=str(folder), reason=str(exc))
         return out
 
     def get(self, key: str) -> ModelRecord:
@@ -202,7 +203,7 @@ class ModelStore:
     def remove(self, key: str) -> ModelRecord:
         record = self.get(key)
         shutil.rmtree(record.path)
-        log.info("models.removed", digest=record.digest_hex, name=record.name)
+        _log().info("models.removed", digest=record.digest_hex, name=record.name)
         return record
 
     def set_calibration(self, key: str, tolerance: float, calibration: dict[str, Any]) -> ModelRecord:

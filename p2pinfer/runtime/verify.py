@@ -21,7 +21,8 @@ from .generate import PREFILL_CHUNK
 from .model import LoadedModel
 from .sampling import SamplingParams, log_softmax
 
-log = get_logger("p2pinfer.runtime.verify")
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.verify")
 
 
 def _reject(position: int | None, reason: str) -> FingerprintVerdict:
@@ -75,7 +76,7 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
     prompt_ids, output_ids = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
     verdict = _verify(model, prompt_ids, output_ids, fingerprint, params, seed_material, max_tokens,
                       finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first)
-    log.info("verify.done", model=model.digest_hex[:16], accept=verdict.accept,
+    _log().info("verify.done", model=model.digest_hex[:16], accept=verdict.accept,
              first_bad=verdict.first_bad_position, reason=verdict.reason or None,
              max_deviation=f"{verdict.max_deviation:.3g}", tokens=len(output_ids),
              seconds=f"{time.perf_counter() - t0:.3f}")
