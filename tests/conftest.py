@@ -14,7 +14,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def shared_models_dir() -> Path:
+def find_shared_models() -> Path:
     env = os.environ.get("P2PINFER_SHARED_MODELS")
     candidates = [Path(env)] if env else []
     candidates += [REPO_ROOT.parent / "shared" / "models", REPO_ROOT / "shared" / "models"]
@@ -28,4 +28,11 @@ def shared_models_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_models() -> Path:
-    return shared_models_dir()
+    return find_shared_models()
+
+
+@pytest.fixture(scope="session")
+def trained_model(shared_models: Path):
+    from p2pinfer.runtime import load_model
+
+    return load_model(shared_models / "tiny-llama-trained", providers=["CPUExecutionProvider"])

@@ -15,6 +15,7 @@ from .. import log
 from ..config import load_config
 from .common import AppContext, run_cli
 from .keys import keys
+from .models import models
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,7 @@ def cli(ctx: click.Context, data_dir: Path | None, config_path: Path | None, log
 
 
 cli.add_command(keys)
+cli.add_command(models)
 
 
 def main() -> None:

@@ -1,0 +1,355 @@
+"""Loading an ONNX causal LM folder and running it on onnxruntime.
+
+A model folder holds ``model.onnx`` (weights embedded, or in external data files such as ``model.onnx.data``),
+``tokenizer.json``, ``config.json`` and optionally ``generation_config.json``, ``tokenizer_config.json`` and
+``chat_template.jinja``. The graph must have Hugging Face Optimum's "decoder with past" I/O, matched by name:
+inputs ``input_ids``, ``attention_mask``, optional ``position_ids``, ``past_key_values.N.key/.value``; outputs
+``logits``, ``present.N.key/.value``.
+
+Execution providers: CUDA when onnxruntime offers it (the ``gpu`` extra on a machine with a GPU), else CPU.
+Override with ``providers=[...]`` or the environment variable ``P2PINFER_ORT_PROVIDERS`` (comma-separated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from ..log import get_logger
+from .chat import render_chat
+from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
+
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.model")
+
+DEFAULT_TOLERANCE = 1e-3
+DEFAULT_CONTEXT = 2048
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+_LAYOUT_HINT = ("expected Hugging Face Optimum's decoder-with-past layout (input_ids, attention_mask, optional "
+                "position_ids, past_key_values.N.key/.value -> logits, present.N.key/.value)")
+
+
+class ModelLayoutError(ModelFormatError):
+    """The ONNX graph's inputs or outputs are not the layout p2pinfer runs."""
+
+
+def default_providers() -> list[str]:
+    env = os.environ.get("P2PINFER_ORT_PROVIDERS")
+    if env:
+        return [p.strip() for p in env.split(",") if p.strip()]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                   optimization: str = "all") -> ort.InferenceSession:
+    """An onnxruntime session. ``threads`` is the intra-op thread count (None: onnxruntime's default)."""
+    opts = ort.SessionOptions()
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
+    opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    chosen = list(providers) if providers is not None else default_providers()
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ModelFormatError(f"onnxruntime could not load {onnx_path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What the graph's inputs and outputs say, by name."""
+
+    num_layers: int
+    has_position_ids: bool
+    ids_dtype: Any
+    kv_dtype: Any
+    past_names: tuple[str, ...]  # past_key_values.0.key, .0.value, 1.key, ...
+    present_names: tuple[str, ...]
+    kv_heads: int | None
+    head_dim: int | None
+
+
+def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> GraphIO:
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    for required in ("input_ids", "attention_mask"):
+        if required not in inputs:
+            raise ModelLayoutError(f"{where}: required input {required!r} is missing (inputs: "
+                                   f"{', '.join(inputs)}); {_LAYOUT_HINT}")
+    layers: dict[int, set[str]] = {}
+    for name in inputs:
+        if name in ("input_ids", "attention_mask", "position_ids"):
+            continue
+        m = _PAST_RE.match(name)
+        if not m:
+            raise ModelLayoutError(f"{where}: unexpected input {name!r}; {_LAYOUT_HINT}")
+        layers.setdefault(int(m.group(1)), set()).add(m.group(2))
+    if not layers:
+        raise ModelLayoutError(f"{where}: no past_key_values.N.key/.value inputs (a graph without KV cache "
+                               f"cannot decode step by step); {_LAYOUT_HINT}")
+    n = max(layers) + 1
+    for i in range(n):
+        for kind in ("key", "value"):
+            if kind not in layers.get(i, ()):
+                raise ModelLayoutError(f"{where}: required input 'past_key_values.{i}.{kind}' is missing; "
+                                       f"{_LAYOUT_HINT}")
+    past = tuple(f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value"))
+    present = tuple(p.replace("past_key_values.", "present.") for p in past)
+    for name in ("logits", *present):
+        if name not in outputs:
+            raise ModelLayoutError(f"{where}: required output {name!r} is missing (outputs: "
+                                   f"{', '.join(outputs)}); {_LAYOUT_HINT}")
+    ids_type = inputs["input_ids"].type
+    kv_type = inputs[past[0]].type
+    if ids_type not in ("tensor(int64)", "tensor(int32)"):
+        raise ModelLayoutError(f"{where}: input 'input_ids' has type {ids_type}, expected int64 or int32")
+    if kv_type not in ("tensor(float)", "tensor(float16)"):
+        raise ModelLayoutError(f"{where}: input {past[0]!r} has type {kv_type}, expected float32 or float16")
+    shape = inputs[past[0]].shape
+    kv_heads = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else None
+    head_dim = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else None
+    return GraphIO(n, "position_ids" in inputs, _NP_TYPES[ids_type], _NP_TYPES[kv_type], past, present,
+                   kv_heads, head_dim)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} must hold a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _as_ids(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+@dataclass
+class KVCache:
+    """The past keys/values, in the graph's past_key_values order; ``length`` positions so far."""
+
+    arrays: list[np.ndarray]
+    length: int
+
+
+@dataclass
+class ModelInfo:
+    """Static facts read from the folder's JSON files and tokenizer."""
+
+    config: dict[str, Any]
+    generation_config: dict[str, Any]
+    tokenizer_config: dict[str, Any]
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    eos_token_ids: tuple[int, ...]
+    context_length: int
+    vocab_size: int | None
+
+
+def read_model_info(model_dir: Path, tokenizer: Tokenizer) -> ModelInfo:
+    config = _read_json(model_dir / "config.json")
+    gen = _read_json(model_dir / "generation_config.json")
+    tok_cfg = _read_json(model_dir / "tokenizer_config.json")
+    template_file = model_dir / "chat_template.jinja"
+    template: str | None = None
+    if template_file.is_file():
+        template = template_file.read_text(encoding="utf-8")
+    elif isinstance(tok_cfg.get("chat_template"), str):
+        template = tok_cfg["chat_template"]
+    bos = _token_text(tok_cfg.get("bos_token")) or ""
+    eos = _token_text(tok_cfg.get("eos_token")) or ""
+    eos_ids = _as_ids(gen.get("eos_token_id")) or _as_ids(config.get("eos_token_id"))
+    if not eos_ids and eos and tokenizer.token_to_id(eos) is not None:
+        eos_ids = [tokenizer.token_to_id(eos)]
+    if not eos and eos_ids:
+        eos = tokenizer.id_to_token(eos_ids[0]) or ""
+    bos_ids = _as_ids(gen.get("bos_token_id")) or _as_ids(config.get("bos_token_id"))
+    if not bos and bos_ids:
+        bos = tokenizer.id_to_token(bos_ids[0]) or ""
+    ctx = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                if isinstance(config.get(k), int)), DEFAULT_CONTEXT)
+    vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+    return ModelInfo(config, gen, tok_cfg, template, bos, eos, tuple(dict.fromkeys(eos_ids)), int(ctx), vocab)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: session, tokenizer, configuration and its identity."""
+
+    path: Path
+    digest: bytes
+    name: str
+    numeric_class: str
+    tolerance: float
+    session: ort.InferenceSession
+    io: GraphIO
+    tokenizer: Tokenizer
+    info: ModelInfo
+    session_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest_hex(self) -> str:
+        return self.digest.hex()
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.info.eos_token_ids
+
+    @property
+    def context_length(self) -> int:
+        return self.info.context_length
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    @property
+    def runtime_numeric_class(self) -> str:
+        """The numeric class this session actually computes in (e.g. fp32-cpu, fp32-cuda)."""
+        dtype = "fp16" if self.io.kv_dtype == np.float16 else "fp32"
+        device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        return f"{dtype}-{device}"
+
+    # ---- running the graph --------------------------------------------------------------------------
+
+    def empty_cache(self) -> KVCache:
+        kv_heads = self.io.kv_heads or _config_kv_heads(self.info.config)
+        head_dim = self.io.head_dim or _config_head_dim(self.info.config)
+        arrays = [np.zeros((1, kv_heads, 0, head_dim), dtype=self.io.kv_dtype) for _ in self.io.past_names]
+        return KVCache(arrays, 0)
+
+    def forward(self, ids: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Run ``ids`` after ``cache``; returns float32 logits ``[len(ids), vocab]`` and the extended cache."""
+        s = len(ids)
+        if s == 0:
+            raise ValueError("forward needs at least one token")
+        past = cache.length
+        if past + s > self.context_length:
+            raise ValueError(f"{past + s} positions exceed the model's context length {self.context_length}")
+        feed: dict[str, np.ndarray] = {
+            "input_ids": np.asarray([ids], dtype=self.io.ids_dtype),
+            "attention_mask": np.ones((1, past + s), dtype=np.int64),
+        }
+        if self.io.has_position_ids:
+            feed["position_ids"] = np.arange(past, past + s, dtype=np.int64)[None]
+        feed.update(zip(self.io.past_names, cache.arrays))
+        out = self.session.run(["logits", *self.io.present_names], feed)
+        logits = np.asarray(out[0][0], dtype=np.float32)
+        return logits, KVCache(list(out[1:]), past + s)
+
+    # ---- text ------------------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+        return render_chat(self.info.chat_template, messages, bos_token=self.info.bos_token,
+                           eos_token=self.info.eos_token, add_generation_prompt=add_generation_prompt)
+
+    def prompt_ids(self, prompt: str | None = None,
+                   messages: Sequence[Mapping[str, str]] | None = None) -> list[int]:
+        """The token IDs for a plain prompt (tokenizer's own special tokens) or chat messages (template)."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if messages is not None:
+            return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(prompt or "", add_special_tokens=True)
+
+    def with_session(self, *, threads: int | None = None, optimization: str = "all",
+                     providers: Sequence[str] | None = None) -> "LoadedModel":
+        """The same model with a new session (other threads / optimization level / providers)."""
+        session = create_session(self.path / ONNX_FILE, providers=providers, threads=threads,
+                                 optimization=optimization)
+        return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
+                           self.io, self.tokenizer, self.info,
+                           {"threads": threads, "optimization": optimization, "providers": providers})
+
+
+def _config_kv_heads(config: Mapping[str, Any]) -> int:
+    for key in ("num_key_value_heads", "num_attention_heads", "n_head"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    raise ModelFormatError("cannot tell the number of KV heads: the graph's past shapes are symbolic and "
+                           "config.json has no num_key_value_heads")
+
+
+def _config_head_dim(config: Mapping[str, Any]) -> int:
+    if isinstance(config.get("head_dim"), int):
+        return int(config["head_dim"])
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    if isinstance(hidden, int) and isinstance(heads, int) and heads:
+        return hidden // heads
+    raise ModelFormatError("cannot tell the head dimension: the graph's past shapes are symbolic and "
+                           "config.json has no head_dim")
+
+
+def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None = None,
+               numeric_class: str = "fp32-cpu", tolerance: float = DEFAULT_TOLERANCE,
+               providers: Sequence[str] | None = None, threads: int | None = None,
+               optimization: str = "all") -> LoadedModel:
+    """Load a model folder. ``digest`` is computed when not given (the store passes its verified one)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFormatError(f"{model_dir} is not a directory")
+    for required in (ONNX_FILE, TOKENIZER_FILE):
+        if not (model_dir / required).is_file():
+            raise ModelFormatError(f"{model_dir} has no {required}; a model folder needs model.onnx, "
+                                   f"tokenizer.json and config.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+    except Exception as exc:
+        raise ModelFormatError(f"{model_dir}/tokenizer.json does not load: {exc}") from None
+    info = read_model_info(model_dir, tokenizer)
+    session = create_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
+                             optimization=optimization)
+    io = inspect_graph(session, str(model_dir / ONNX_FILE))
+    if digest is None:
+        digest = compute_digest(model_dir)
+    model = LoadedModel(model_dir, digest, name or model_dir.name, numeric_class, tolerance, session, io,
+                        tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers})
+    _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
+             position_ids=io.has_position_ids, providers=",".join(model.providers))
+    return model

@@ -1,0 +1,140 @@
+"""Verifying a claimed result: one teacher-forced prefill over prompt + output, then the fingerprint check.
+
+The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model (in chunks of
+:data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens over the KV cache, which bounds memory), takes the
+log-softmax rows that predicted each output token, and runs :class:`~.fingerprint.FingerprintChecker`.
+Before that it checks what needs no model: format, commitment, row count, and that the finish reason fits
+the output (an output cut short, or running on past EOS or a stop string, is rejected).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..log import get_logger
+from .fingerprint import FORMAT, Fingerprint, FingerprintChecker, FingerprintFormatError, FingerprintVerdict, \
+    commitment as fingerprint_commitment, unpack
+from .generate import PREFILL_CHUNK
+from .model import LoadedModel
+from .sampling import SamplingParams, log_softmax
+
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.verify")
+
+
+def _reject(position: int | None, reason: str) -> FingerprintVerdict:
+    return FingerprintVerdict(False, position, reason, 0.0)
+
+
+def check_finish(model: LoadedModel, prompt_len: int, output_ids: Sequence[int], finish_reason: str,
+                 max_tokens: int, stop: Sequence[str], stop_at_eos: bool = True) -> FingerprintVerdict | None:
+    """None when the finish reason fits the output, else a rejection."""
+    n = len(output_ids)
+    if n == 0:
+        return _reject(0, "empty output")
+    if n > max_tokens:
+        return _reject(max_tokens, f"output has {n} tokens, more than max_tokens={max_tokens}")
+    eos = set(model.eos_token_ids) if stop_at_eos else set()
+    for i, t in enumerate(output_ids[:-1]):
+        if t in eos:
+            return _reject(i + 1, f"output continues after EOS at index {i}")
+    stops = [s for s in stop if s]
+    if stops:
+        text_before = model.decode(output_ids[:-1])
+        hit = next((s for s in stops if s in text_before), None)
+        if hit is not None:
+            return _reject(n - 1, f"output continues after stop string {hit!r}")
+    if finish_reason == "eos":
+        if output_ids[-1] not in eos:
+            return _reject(n - 1, "finish_reason is eos but the last token is not an EOS token")
+    elif finish_reason == "stop":
+        if not any(s in model.decode(output_ids) for s in stops):
+            return _reject(n - 1, "finish_reason is stop but the output completes no stop string")
+    elif finish_reason == "length":
+        if n != max_tokens and prompt_len + n < model.context_length:
+            return _reject(n, f"finish_reason is length but the output has {n} of max_tokens={max_tokens} tokens "
+                              f"(truncated?)")
+    else:
+        return _reject(None, f"unknown finish_reason {finish_reason!r}")
+    return None
+
+
+def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                  fingerprint: bytes, params: SamplingParams, seed_material: bytes, max_tokens: int,
+                  finish_reason: str, stop: Sequence[str] = (), commitment: bytes | None = None,
+                  fingerprint_format: str = FORMAT, tolerance: float | None = None,
+                  stop_at_eos: bool = True, stop_at_first: bool = True) -> FingerprintVerdict:
+    """Re-check an executor's claimed output. ``tolerance`` defaults to the model's calibrated one.
+
+    ``first_bad_position`` in the verdict is an output index (0-based).
+    """
+    t0 = time.perf_counter()
+    tol = model.tolerance if tolerance is None else tolerance
+    prompt_ids, output_ids = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
+    verdict = _verify(model, prompt_ids, output_ids, fingerprint, params, seed_material, max_tokens,
+                      finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first)
+    _log().info("verify.done", model=model.digest_hex[:16], accept=verdict.accept,
+             first_bad=verdict.first_bad_position, reason=verdict.reason or None,
+             max_deviation=f"{verdict.max_deviation:.3g}", tokens=len(output_ids),
+             seconds=f"{time.perf_counter() - t0:.3f}")
+    return verdict
+
+
+def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fingerprint: bytes,
+            params: SamplingParams, seed_material: bytes, max_tokens: int, finish_reason: str,
+            stop: Sequence[str], commitment: bytes | None, fingerprint_format: str, tol: float,
+            stop_at_eos: bool, stop_at_first: bool) -> FingerprintVerdict:
+    if fingerprint_format != FORMAT:
+        return _reject(None, f"unsupported fingerprint format {fingerprint_format!r}")
+    if commitment is not None and fingerprint_commitment(fingerprint, fingerprint_format) != commitment:
+        return _reject(None, "commitment does not match the fingerprint bytes")
+    try:
+        fp: Fingerprint = unpack(fingerprint)
+    except FingerprintFormatError as exc:
+        return _reject(None, f"malformed fingerprint: {exc}")
+    if not prompt_ids:
+        return _reject(None, "empty prompt")
+    if len(fp) != len(output_ids):
+        return _reject(min(len(fp), len(output_ids)),
+                       f"fingerprint has {len(fp)} rows for {len(output_ids)} output tokens")
+    bad = check_finish(model, len(prompt_ids), output_ids, finish_reason, max_tokens, stop, stop_at_eos)
+    if bad is not None:
+        return bad
+    seq = prompt_ids + output_ids[:-1]
+    if len(seq) >= model.context_length:
+        return _reject(None, f"prompt + output exceed the model's context of {model.context_length}")
+    vocab = model.tokenizer.get_vocab_size(with_added_tokens=True)
+    if model.info.vocab_size:
+        vocab = max(vocab, model.info.vocab_size)
+    if any(not 0 <= t < vocab for t in prompt_ids + output_ids):
+        return _reject(None, "token ID outside the model's vocabulary")
+
+    checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first)
+    first_row = len(prompt_ids) - 1
+    cache = model.empty_cache()
+    for lo in range(0, len(seq), PREFILL_CHUNK):
+        chunk = seq[lo:lo + PREFILL_CHUNK]
+        logits, cache = model.forward(chunk, cache)
+        start = max(first_row, lo)
+        if start < lo + len(chunk):
+            checker.check_rows(start - first_row, log_softmax(logits[start - lo:]))
+        if checker.done:
+            break
+    return checker.verdict()
+
+
+def recompute_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
+    """The teacher-forced log-prob rows ``[len(output_ids), vocab]`` (for tests and calibration)."""
+    seq = [*prompt_ids, *output_ids[:-1]]
+    first_row = len(prompt_ids) - 1
+    cache = model.empty_cache()
+    rows = []
+    for lo in range(0, len(seq), PREFILL_CHUNK):
+        logits, cache = model.forward(seq[lo:lo + PREFILL_CHUNK], cache)
+        start = max(first_row, lo)
+        if start < lo + len(logits):
+            rows.append(log_softmax(logits[start - lo:]))
+    return np.concatenate(rows)

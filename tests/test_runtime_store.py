@@ -1,0 +1,129 @@
+"""Model digest, the content-addressed store, resolve_models and the `p2pinfer models` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from p2pinfer.cli import cli
+from p2pinfer.runtime import ModelFormatError, ModelNotFoundError, ModelStore, compute_digest, generate, load_model, \
+    resolve_models
+from p2pinfer.wire.hashing import tagged_hash
+
+
+def test_digest_follows_the_documented_layout(shared_models: Path) -> None:
+    folder = shared_models / "tiny-llama"
+    parts = []
+    for rel in ("model.onnx", "tokenizer.json"):
+        data = (folder / rel).read_bytes()
+        parts += [rel.encode(), len(data).to_bytes(8, "big"), hashlib.sha256(data).digest()]
+    assert compute_digest(folder) == tagged_hash("p2pinfer/v1/model-digest", *parts)
+
+
+def test_digests_differ_between_models_and_tokenizers(shared_models: Path, tmp_path: Path) -> None:
+    a = compute_digest(shared_models / "tiny-llama-trained")
+    b = compute_digest(shared_models / "tiny-llama-trained-perturbed")
+    assert a != b
+    copy = tmp_path / "m"
+    shutil.copytree(shared_models / "tiny-llama-trained", copy)
+    assert compute_digest(copy) == a
+    (copy / "config.json").write_text("{}")  # configs are not part of the identity
+    assert compute_digest(copy) == a
+    tok = json.loads((copy / "tokenizer.json").read_text())
+    tok["added_tokens"][0]["content"] = "<PAD>"
+    (copy / "tokenizer.json").write_text(json.dumps(tok))
+    assert compute_digest(copy) != a
+
+
+def test_external_weights_are_loaded_and_digested(shared_models: Path, tmp_path: Path) -> None:
+    src = shared_models / "tiny-llama-trained"
+    folder = tmp_path / "ext"
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model.onnx"))
+    m = onnx.load(str(src / "model.onnx"))
+    onnx.save(m, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=1024)
+    assert (folder / "model.onnx").stat().st_size < 500_000 < (folder / "model.onnx.data").stat().st_size
+    model = load_model(folder)
+    ref = json.loads((src / "reference.json").read_text())["cases"][0]
+    assert generate(model, ref["prompt_ids"], max_tokens=16).output_ids == ref["continuation_ids"]
+    d = compute_digest(folder)
+    data = bytearray((folder / "model.onnx.data").read_bytes())
+    data[-1] ^= 1
+    (folder / "model.onnx.data").write_bytes(bytes(data))
+    assert compute_digest(folder) != d
+    (folder / "model.onnx.data").unlink()
+    with pytest.raises(ModelFormatError, match="model.onnx.data"):
+        compute_digest(folder)
+
+
+def test_store_import_list_get_remove(shared_models: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    assert store.list() == []
+    rec = store.import_dir(shared_models / "tiny-llama-trained", name="trained")
+    assert rec.digest == compute_digest(shared_models / "tiny-llama-trained")
+    assert rec.path == tmp_path / "store" / rec.digest_hex
+    assert sorted(p.name for p in rec.path.iterdir()) == [
+        "config.json", "generation_config.json", "model.onnx", "p2pinfer-model.json", "tokenizer.json"]
+    meta = json.loads((rec.path / "p2pinfer-model.json").read_text())
+    assert meta["name"] == "trained" and meta["tolerance"] == 1e-3 and meta["numeric_class"] == "fp32-cpu"
+    again = store.import_dir(shared_models / "tiny-llama-trained")
+    assert again.digest == rec.digest and len(store.list()) == 1
+    other = store.import_dir(shared_models / "tiny-gpt2")
+    assert {r.name for r in store.list()} == {"trained", "tiny-gpt2"}
+    assert store.get(rec.digest_hex).name == "trained"
+    assert store.get(rec.digest_hex[:8]).name == "trained"
+    assert store.get("tiny-gpt2").digest == other.digest
+    with pytest.raises(ModelNotFoundError):
+        store.get("nothing")
+    model = store.get("trained").load()
+    assert model.digest == rec.digest and model.tolerance == 1e-3
+    store.set_calibration("trained", 2e-3, {"worst_drift": 1e-4})
+    assert store.get("trained").tolerance == 2e-3 and store.get("trained").load().tolerance == 2e-3
+    store.remove(other.digest_hex)
+    assert [r.name for r in store.list()] == ["trained"]
+    assert not any(p.name.startswith(".import-") for p in (tmp_path / "store").iterdir())
+
+
+def test_store_refuses_broken_folders(shared_models: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    broken = tmp_path / "broken"
+    shutil.copytree(shared_models / "tiny-llama", broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ModelFormatError):
+        store.import_dir(broken)
+    assert store.list() == []
+
+
+def test_resolve_models_by_dir_and_digest(shared_models: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    [a] = resolve_models(store, [str(shared_models / "tiny-qwen2")])
+    [b, c] = resolve_models(store, [a.digest_hex[:10], "tiny-qwen2"])
+    assert a.digest == b.digest == c.digest
+    with pytest.raises(ModelNotFoundError):
+        resolve_models(store, ["/no/such/dir"])
+
+
+def test_models_cli(shared_models: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["--data-dir", str(tmp_path / "data")]
+    r = runner.invoke(cli, [*base, "models", "import", str(shared_models / "tiny-llama-trained"), "--name", "t"])
+    assert r.exit_code == 0, r.output
+    digest = r.output.strip().splitlines()[-1]
+    assert digest == compute_digest(shared_models / "tiny-llama-trained").hex()
+    r = runner.invoke(cli, [*base, "models", "list"])
+    assert digest in r.output and " t " in r.output and "tol=0.001 (default)" in r.output
+    r = runner.invoke(cli, [*base, "models", "calibrate", digest[:12], "--tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert "tolerance 0.001" in r.output
+    r = runner.invoke(cli, [*base, "models", "list"])
+    assert "(calibrated)" in r.output
+    r = runner.invoke(cli, [*base, "models", "remove", digest])
+    assert r.exit_code == 0 and "removed" in r.output
+    r = runner.invoke(cli, [*base, "models", "list"])
+    assert "no models" in r.output
