@@ -41,11 +41,11 @@ def configure(*, json: bool = False, level: str = "info", stream: TextIO | None 
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
-    """A structlog logger; ``name`` is recorded as ``logger=...``.
+    """A structlog logger; ``name`` is recorded as ``component=...``.
 
     The logger is a lazy proxy that reads the configuration each time it logs, so module-level loggers
     created at import time follow a later :func:`configure` (log level, JSON).
     """
     if name:
-        initial = {"logger": name, **initial}
+        initial = {"component": name, **initial}  # ("logger" is reserved by structlog.get_logger)
     return structlog.get_logger(**initial)
