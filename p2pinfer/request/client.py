@@ -229,15 +229,14 @@ class AsyncClient:
         request_id = request.request_id()
         bids = await self._collect_bids(request, request_id)
         election = elect(request_id, self.epoch_seed, bids)
-        for bid, reason in election.rejected:
-            log.info("election.bid_rejected", request_id=request_id.hex()[:16],
-                     peer_id=peer_id_from_public_key(bid.public_key), reason=reason)
+        for rejection in election.rejected:
+            log.info("election.bid_rejected", request_id=request_id.hex()[:16], reason=rejection.reason,
+                     detail=rejection.detail)
         ranking = [peer_id_from_public_key(pk) for pk, _ in election.ranking]
         if not ranking:
             raise NoBidsInTime(f"no valid bid for model {model!r} within {self.bid_timeout} s "
                                "(all candidates busy, unreachable or sent invalid proofs)")
-        valid_bids = tuple(b for b in bids if peer_id_from_public_key(b.public_key) in set(ranking))
-        evidence = ElectionEvidence(request_id, self.epoch_seed, valid_bids, tuple(ranking))
+        evidence = ElectionEvidence(request_id, self.epoch_seed, election.accepted, tuple(ranking))
         elected_at = time.perf_counter()
         log.debug("election.done", request_id=request_id.hex()[:16], executor=ranking[0], bidders=len(ranking),
                   election_ms=round((elected_at - started) * 1000, 1))
