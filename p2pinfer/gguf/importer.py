@@ -165,7 +165,7 @@ def import_gguf(src: str | Path, out_dir: str | Path, *, progress: Progress | No
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise GGUFImportError(f"output folder {out_dir} already exists and is not empty; choose another "
-                              f"--out or remove it")
+                              f"output folder, or replace it (overwrite=True, --force on the command line)")
     model = GGUFModel(src)
     spec = read_llama_spec(model)
     tok = build_tokenizer(model)
