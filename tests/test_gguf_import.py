@@ -122,6 +122,19 @@ def test_import_is_byte_for_byte_deterministic(tmp_path: Path) -> None:
     assert _hashes(tmp_path / "b") == first
 
 
+def test_single_file_import_is_equivalent(tmp_path: Path) -> None:
+    cfg = TinyLlama(matrix_type=QT.Q4_0)
+    src = tmp_path / "m.gguf"
+    write_tiny_llama(src, cfg)
+    import_gguf(src, tmp_path / "split")
+    import_gguf(src, tmp_path / "one", single_file=True)
+    import_gguf(src, tmp_path / "one-again", single_file=True)
+    assert not (tmp_path / "one" / "model.onnx.data").exists()
+    assert _hashes(tmp_path / "one") == _hashes(tmp_path / "one-again")
+    np.testing.assert_array_equal(_prefill(_session(tmp_path / "one"), cfg, IDS),
+                                  _prefill(_session(tmp_path / "split"), cfg, IDS))
+
+
 def test_model_files_and_configs(tmp_path: Path) -> None:
     cfg = TinyLlama(tied=False)
     out, _ = _import(tmp_path, cfg)

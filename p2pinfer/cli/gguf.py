@@ -40,12 +40,14 @@ class ClickProgress:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Model folder to write [default: ./<GGUF file name without .gguf>].")
 @click.option("--force", is_flag=True, help="Replace the output folder if it already exists.")
-def import_gguf_command(gguf_file: Path, out_dir: Path | None, force: bool) -> None:
+@click.option("--single-file", is_flag=True,
+              help="Store the weights inside model.onnx instead of model.onnx.data (models under 2 GB only).")
+def import_gguf_command(gguf_file: Path, out_dir: Path | None, force: bool, single_file: bool) -> None:
     """Convert a Llama-family GGUF FILE (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K) to an ONNX model folder."""
     out_dir = out_dir or Path.cwd() / gguf_file.stem
     progress = ClickProgress(f"importing {gguf_file.name}")
     try:
-        result = run_import(gguf_file, out_dir, progress=progress, overwrite=force)
+        result = run_import(gguf_file, out_dir, progress=progress, overwrite=force, single_file=single_file)
     finally:
         progress.close()
     s = result.spec

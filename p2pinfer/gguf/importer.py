@@ -16,6 +16,7 @@ import leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +44,8 @@ IMPORTER_FORMAT = "p2pinfer-gguf-import/1"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ALIGNMENT = 4096
+#: Protobuf cannot serialize messages of 2 GiB or more; leave room for the graph itself.
+SINGLE_FILE_LIMIT = 2_000_000_000
 
 #: ``progress(done_bytes, total_bytes)``, called as weight data is written.
 Progress = Callable[[int, int], None]
@@ -87,6 +90,11 @@ def _weight_arrays(model: GGUFModel, spec: LlamaSpec):
         yield "lm_head.weight", model.dequantize("output.weight")
 
 
+def spec_parameter_count(spec: LlamaSpec) -> int:
+    """Number of float32 parameters the imported graph stores (tied embeddings counted once)."""
+    return sum(int(np.prod(shape)) for _, shape in graph.weight_names(spec))
+
+
 def _external_tensor(name: str, shape: tuple[int, ...], offset: int, length: int) -> TensorProto:
     t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape),
                     data_location=TensorProto.EXTERNAL)
@@ -96,30 +104,35 @@ def _external_tensor(name: str, shape: tuple[int, ...], offset: int, length: int
     return t
 
 
-def _write_weights(model: GGUFModel, spec: LlamaSpec, data_path: Path,
+def _write_weights(model: GGUFModel, spec: LlamaSpec, data_path: Path | None,
                    progress: Progress | None) -> tuple[list[TensorProto], int]:
+    """Dequantize every weight into ``data_path`` (or inline, when it is None) and describe it."""
     expected = graph.weight_names(spec)
     total = sum(4 * int(np.prod(shape)) for _, shape in expected)
     tensors: list[TensorProto] = []
     offset = written = 0
-    with open(data_path, "wb") as fh:
+    with open(data_path, "wb") if data_path is not None else contextlib.nullcontext() as fh:
         for (want_name, want_shape), (name, array) in zip(expected, _weight_arrays(model, spec), strict=True):
             if name != want_name or array.shape != want_shape:
                 raise AssertionError(f"weight order mismatch: {name} {array.shape} vs {want_name} {want_shape}")
             if not np.isfinite(array).all():
                 raise GGUFImportError(f"{model.path.name}: weight {name!r} contains NaN or infinite values")
-            pad = -offset % ALIGNMENT
-            if pad:
-                fh.write(b"\0" * pad)
-                offset += pad
             raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
-            fh.write(raw)
-            tensors.append(_external_tensor(name, want_shape, offset, len(raw)))
-            offset += len(raw)
+            if fh is None:
+                tensors.append(TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(want_shape),
+                                           raw_data=raw))
+            else:
+                pad = -offset % ALIGNMENT
+                if pad:
+                    fh.write(b"\0" * pad)
+                    offset += pad
+                fh.write(raw)
+                tensors.append(_external_tensor(name, want_shape, offset, len(raw)))
+                offset += len(raw)
             written += len(raw)
             if progress is not None:
                 progress(written, total)
-    return tensors, offset
+    return tensors, written
 
 
 def _json_text(obj) -> str:
@@ -155,8 +168,11 @@ def _generation_config(tok: TokenizerFiles) -> dict:
 
 
 def import_gguf(src: str | Path, out_dir: str | Path, *, progress: Progress | None = None,
-                overwrite: bool = False) -> ImportResult:
+                overwrite: bool = False, single_file: bool = False) -> ImportResult:
     """Convert the Llama-family GGUF ``src`` into the model folder ``out_dir``.
+
+    Weights go to ``model.onnx.data`` beside ``model.onnx`` (ONNX external data), or, with
+    ``single_file``, inline into ``model.onnx`` (only possible below protobuf's 2 GiB limit).
 
     ``out_dir`` must not exist (or must be empty) unless ``overwrite`` is true. Raises
     :class:`~p2pinfer.gguf.errors.GGUFImportError` (or a subclass naming what is unsupported).
@@ -176,7 +192,10 @@ def import_gguf(src: str | Path, out_dir: str | Path, *, progress: Progress | No
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
     try:
-        weights, data_bytes = _write_weights(model, spec, tmp / DATA_FILE, progress)
+        if single_file and 4 * spec_parameter_count(spec) > SINGLE_FILE_LIMIT:
+            raise GGUFImportError(f"{src.name}: {spec_parameter_count(spec):,} float32 parameters do not fit in "
+                                  f"one ONNX file (protobuf's 2 GiB limit); import without single_file")
+        weights, data_bytes = _write_weights(model, spec, None if single_file else tmp / DATA_FILE, progress)
         metadata = {"p2pinfer.importer": IMPORTER_FORMAT, "p2pinfer.source_gguf_sha256": sha,
                     "p2pinfer.source_gguf_name": str(model.get("general.name", src.stem))}
         proto = graph.build_model(spec, weights, metadata=metadata,
