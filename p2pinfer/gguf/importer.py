@@ -185,6 +185,10 @@ def import_gguf(src: str | Path, out_dir: str | Path, *, progress: Progress | No
     model = GGUFModel(src)
     spec = read_llama_spec(model)
     tok = build_tokenizer(model)
+    n_tokens = len(model.string_array("tokenizer.ggml.tokens"))
+    if n_tokens > spec.vocab_size:
+        raise GGUFImportError(f"{src.name}: the tokenizer has {n_tokens} tokens but the embedding only "
+                              f"{spec.vocab_size} rows")
     sha = file_sha256(src)
     log.info("gguf.import.start", src=str(src), sha256=sha, layers=spec.n_layers, hidden=spec.hidden_size,
              vocab=spec.vocab_size)
