@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from p2pinfer.cli.gguf import import_gguf as import_gguf_cli
@@ -158,6 +160,12 @@ def test_model_files_and_configs(tmp_path: Path) -> None:
     assert (out / "model.onnx").stat().st_size < 64 * 1024 < data_size
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    out, _ = _import(tmp_path_factory.mktemp("tok"), TinyLlama())
+    return Tokenizer.from_file(str(out / "tokenizer.json"))
+
+
 def test_tokenizer_from_gguf_metadata(tmp_path: Path) -> None:
     out, _ = _import(tmp_path, TinyLlama())
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -217,6 +225,17 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
         import_gguf(src, tmp_path / "out")
 
 
+@pytest.mark.parametrize("keep", [0.01, 0.5, 0.99])
+def test_truncated_gguf_file(tmp_path: Path, keep: float) -> None:
+    src = tmp_path / "m.gguf"
+    write_tiny_llama(src, TinyLlama())
+    data = src.read_bytes()
+    src.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(GGUFImportError, match="not a readable GGUF file"):
+        import_gguf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     src = tmp_path / "m.gguf"
     write_tiny_llama(src, TinyLlama())
@@ -254,3 +273,10 @@ def test_cli_command(tmp_path: Path) -> None:
     assert isinstance(again.exception, GGUFImportError)
     forced = runner.invoke(import_gguf_cli, [str(src), "--out", str(tmp_path / "cli-out"), "--force"])
     assert forced.exit_code == 0, forced.output
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=40))
+def test_byte_level_tokenizer_round_trips_any_text(tiny_tokenizer: Tokenizer, text: str) -> None:
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False).ids
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=False) == text

@@ -13,6 +13,8 @@ import gguf
 import numpy as np
 import pytest
 import sentencepiece as spm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from p2pinfer.gguf.reader import GGUFModel
@@ -72,3 +74,11 @@ def test_bos_and_added_tokens(trained) -> None:
     # conversion) start a new fragment with the space prefix; plain sentencepiece would not.
     ids = tok.encode("<s>the<tool>fox", add_special_tokens=False).ids
     assert ids == [sp.bos_id()] + sp.encode("the") + [sp.piece_to_id("<tool>")] + sp.encode("fox")
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("thequickbrownfoxlazydg .,!?\n\t 0123456789") + ["ü", "☃", "🦊"]),
+                    max_size=60))
+def test_ids_equal_sentencepiece_on_arbitrary_text(trained, text: str) -> None:
+    sp, tok, _ = trained
+    assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text)

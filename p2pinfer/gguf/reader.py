@@ -63,7 +63,7 @@ class GGUFModel:
         except FileNotFoundError:
             raise GGUFImportError(f"GGUF file not found: {self.path}") from None
         except (ValueError, OSError, IndexError, KeyError) as exc:
-            raise GGUFImportError(f"{self.path} is not a readable GGUF file: {exc}") from None
+            raise GGUFImportError(f"{self.path} is not a readable GGUF file (truncated or corrupt?): {exc}") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
 
     # -- metadata -------------------------------------------------------------------------------------
