@@ -136,6 +136,7 @@ class TinyLlama:
     tokenizer_model: str = "gpt2"
     pre: str = "smollm"
     extra_tensors: dict[str, tuple[np.ndarray, QT]] = field(default_factory=dict)
+    kv_heads_per_layer: list[int] | None = None  # written as an array, as some GGUFs do
     seed: int = 0
 
     @property
@@ -171,7 +172,10 @@ def write_tiny_llama(path: Path, cfg: TinyLlama) -> dict[str, np.ndarray]:
     w.add_uint32(f"{a}.embedding_length", cfg.hidden)
     w.add_uint32(f"{a}.feed_forward_length", cfg.intermediate)
     w.add_uint32(f"{a}.attention.head_count", cfg.n_heads)
-    w.add_uint32(f"{a}.attention.head_count_kv", cfg.n_kv_heads)
+    if cfg.kv_heads_per_layer is None:
+        w.add_uint32(f"{a}.attention.head_count_kv", cfg.n_kv_heads)
+    else:
+        w.add_array(f"{a}.attention.head_count_kv", cfg.kv_heads_per_layer)
     w.add_float32(f"{a}.rope.freq_base", cfg.rope_theta)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.eps)
     w.add_uint32(f"{a}.rope.dimension_count", cfg.head_dim)

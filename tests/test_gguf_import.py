@@ -196,6 +196,17 @@ def test_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [src]  # no half-written folder left behind
 
 
+def test_per_layer_head_counts(tmp_path: Path) -> None:
+    uniform = TinyLlama(kv_heads_per_layer=[2, 2])
+    out, weights = _import(tmp_path, uniform, "uniform")
+    np.testing.assert_allclose(_prefill(_session(out), uniform, IDS), reference_logits(weights, uniform, IDS),
+                               atol=2e-4, rtol=1e-4)
+    src = tmp_path / "varying.gguf"
+    write_tiny_llama(src, TinyLlama(kv_heads_per_layer=[2, 1]))
+    with pytest.raises(UnsupportedArchitectureError, match=r"per-layer values of llama\.attention\.head_count_kv"):
+        import_gguf(src, tmp_path / "out")
+
+
 def test_extra_tensors_are_refused(tmp_path: Path) -> None:
     src = tmp_path / "bias.gguf"
     cfg = TinyLlama(extra_tensors={"blk.0.attn_q.bias": (np.zeros(64, np.float32), QT.F32)})

@@ -133,15 +133,24 @@ def read_llama_spec(model: GGUFModel) -> LlamaSpec:
     def key(suffix: str) -> str:
         return f"{arch}.{suffix}"
 
-    n_layers = int(model.require(key("block_count")))
-    hidden = int(model.require(key("embedding_length")))
-    intermediate = int(model.require(key("feed_forward_length")))
-    n_heads = int(model.require(key("attention.head_count")))
-    n_kv_heads = int(model.get(key("attention.head_count_kv"), n_heads))
-    head_dim = int(model.get(key("attention.key_length"), hidden // n_heads))
-    value_dim = int(model.get(key("attention.value_length"), head_dim))
-    rope_dims = int(model.get(key("rope.dimension_count"), head_dim))
-    if int(model.get(key("expert_count"), 0) or 0) > 0:
+    def integer(suffix: str, default: int | None = None) -> int:
+        value = model.require(key(suffix)) if default is None else model.get(key(suffix), default)
+        if isinstance(value, list):  # some GGUFs store per-layer values; we only build uniform layers
+            if not value or len(set(value)) != 1:
+                raise UnsupportedArchitectureError(
+                    f"{model.path.name}: per-layer values of {key(suffix)} ({sorted(set(value))}) are not supported")
+            value = value[0]
+        return int(value)
+
+    n_layers = integer("block_count")
+    hidden = integer("embedding_length")
+    intermediate = integer("feed_forward_length")
+    n_heads = integer("attention.head_count")
+    n_kv_heads = integer("attention.head_count_kv", n_heads)
+    head_dim = integer("attention.key_length", hidden // n_heads)
+    value_dim = integer("attention.value_length", head_dim)
+    rope_dims = integer("rope.dimension_count", head_dim)
+    if integer("expert_count", 0) > 0:
         raise UnsupportedArchitectureError(f"{model.path.name}: mixture-of-experts Llama models are not supported")
     if value_dim != head_dim:
         raise UnsupportedArchitectureError(
@@ -152,6 +161,8 @@ def read_llama_spec(model: GGUFModel) -> LlamaSpec:
     scaling = model.get(key("rope.scaling.type"))
     if scaling not in (None, "none"):
         raise UnsupportedArchitectureError(f"{model.path.name}: RoPE scaling {scaling!r} is not supported")
+    if min(n_layers, hidden, intermediate, n_heads, n_kv_heads, head_dim) <= 0:
+        raise GGUFImportError(f"{model.path.name}: layer, size and head counts must be positive")
     if n_heads % n_kv_heads:
         raise GGUFImportError(f"{model.path.name}: {n_heads} heads is not a multiple of {n_kv_heads} KV heads")
 
@@ -177,7 +188,7 @@ def read_llama_spec(model: GGUFModel) -> LlamaSpec:
     spec = LlamaSpec(
         n_layers=n_layers, hidden_size=hidden, intermediate_size=intermediate, n_heads=n_heads,
         n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=vocab_size,
-        context_length=int(model.get(key("context_length"), 2048)),
+        context_length=integer("context_length", 2048),
         rope_theta=float(model.get(key("rope.freq_base"), 10000.0)),
         rms_norm_eps=float(model.require(key("attention.layer_norm_rms_epsilon"))),
         tie_word_embeddings="output.weight" not in names,
