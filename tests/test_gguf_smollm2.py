@@ -155,27 +155,24 @@ def test_reimport_is_byte_identical_and_pinned(smollm2_gguf: Path, smollm2_dir: 
     assert {k: first[k] for k in PINNED_SHA256} == PINNED_SHA256
 
 
-def test_ensure_default_model_imports_then_reuses(smollm2_gguf: Path, reference: dict) -> None:
-    class RecordingStore:
-        """Stands in for the runtime's ModelStore: records what import_dir was given."""
+def test_ensure_default_model_imports_calibrates_then_reuses(smollm2_gguf: Path, reference: dict,
+                                                            tmp_path: Path) -> None:
+    from p2pinfer.runtime import ModelStore
 
-        def __init__(self) -> None:
-            self.calls: list[tuple[str, str, list[str]]] = []
-
-        def import_dir(self, src: Path, *, name: str, numeric_class: str) -> str:
-            self.calls.append((name, numeric_class, sorted(p.name for p in Path(src).iterdir())))
-            return f"record:{name}"
-
-    store = RecordingStore()
+    store = ModelStore(tmp_path / "models")
     seen: list[int] = []
-    record = default_model.ensure_default_model(store, progress=lambda done, total: seen.append(done))
-    assert record == "record:SmolLM2-135M-Instruct"
-    assert store.calls == [("SmolLM2-135M-Instruct", "fp32-cpu",
-                            ["config.json", "generation_config.json", "model.onnx", "model.onnx.data",
-                             "tokenizer.json", "tokenizer_config.json"])]
+    record = default_model.ensure_default_model(store, progress=lambda done, total: seen.append(done),
+                                                calibration_tokens=2)
+    assert record.name == "smollm2-135m-instruct"
+    assert sorted(p.name for p in record.path.iterdir() if not p.name.startswith("p2pinfer")) == [
+        "config.json", "generation_config.json", "model.onnx", "model.onnx.data", "tokenizer.json",
+        "tokenizer_config.json"]
     assert seen and seen[-1] == 4 * reference["model_config"]["n_params"]  # every parameter, once, as float32
-    assert default_model.ensure_default_model(store, existing="stored") == "stored"
-    assert len(store.calls) == 1
+    assert record.calibration and record.calibration["worst_drift"] < 1e-3
+    assert record.tolerance >= 1e-3
+    again = default_model.ensure_default_model(store)
+    assert again.digest_hex == record.digest_hex
+    assert len(store.list()) == 1
 
 
 def test_missing_package_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,3 +70,8 @@ def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:
     for variant, drift in sorted(result.variants.items()):
         click.echo(f"  {variant:32s} drift {drift:.3g}")
     click.echo(f"worst drift {result.worst_drift:.3g} -> tolerance {result.tolerance:.3g} for {record.digest_hex}")
+
+
+from .gguf import import_gguf  # noqa: E402  (defined in its own module; attached to this group)
+
+models.add_command(import_gguf)

