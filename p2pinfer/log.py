@@ -42,7 +42,26 @@ def configure(*, json: bool = False, level: str = "info", stream: TextIO | None 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
     """A bound structlog logger; ``name`` is recorded as ``logger=...``."""
-    logger = structlog.get_logger()
     if name:
         initial = {"logger": name, **initial}
-    return logger.bind(**initial) if initial else logger
+    return _LazyLogger(initial)
+
+
+class _LazyLogger:
+    """Binds its values at each call, not at creation: structlog's ``get_logger().bind(...)`` assembles the
+    logger with the configuration of that moment, so module-level loggers created at import time would
+    ignore a later :func:`configure` (level and renderer)."""
+
+    __slots__ = ("_initial",)
+
+    def __init__(self, initial: dict[str, Any]) -> None:
+        self._initial = initial
+
+    def bind(self, **values: Any) -> "_LazyLogger":
+        return _LazyLogger({**self._initial, **values})
+
+    def new(self, **values: Any) -> "_LazyLogger":
+        return _LazyLogger(values)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(structlog.get_logger().bind(**self._initial), name)
