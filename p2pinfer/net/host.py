@@ -8,6 +8,11 @@ Workarounds for py-libp2p 0.8.1 that live here:
 * With the default ``ConnectionConfig(max_connections_per_peer=3)`` every outbound dial waits a fixed
   ~250 ms (the swarm tries to open extra connections to the same peer). ``max_connections_per_peer=1``
   brings a dial on localhost to ~5 ms. One connection per peer is all we need: Yamux multiplexes streams.
+* The swarm's auto-connector dials peers from the peerstore every 30 s (and on every disconnect) until it
+  holds the midpoint of the low/high watermarks (150 connections by default, whatever ``min_connections``
+  says). Our connectivity comes from bootstrap, the DHT and the gossip mesh; unsolicited dials to everyone
+  we ever heard of would only add load (and make test topologies uncontrollable), so :func:`build_host`
+  replaces that instance's ``maybe_connect`` with a no-op.
 * The default muxer list also offers Mplex (deprecated, no flow control); we offer Yamux only.
 
 Identify (``/ipfs/id/1.0.0`` and push) and ping (``/ipfs/ping/1.0.0``) are registered by ``BasicHost``
@@ -59,8 +64,9 @@ def build_host(
         dial_timeout=dial_timeout_s,
         max_connections=max_connections,
         high_watermark=max_connections,
+        min_connections=0,
     )
-    return libp2p.new_host(
+    host = libp2p.new_host(
         key_pair=keypair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
@@ -69,3 +75,11 @@ def build_host(
         enable_mDNS=False,
         enable_upnp=False,
     )
+    auto_connector = getattr(host.get_network(), "auto_connector", None)
+    if auto_connector is not None:
+        auto_connector.maybe_connect = _no_auto_connect  # see module docstring
+    return host
+
+
+async def _no_auto_connect() -> None:
+    return None
