@@ -15,6 +15,7 @@ from .. import log
 from ..config import load_config
 from .common import AppContext, run_cli
 from .keys import keys
+from .net import bootstrap_cmd, peer_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,8 @@ def cli(ctx: click.Context, data_dir: Path | None, config_path: Path | None, log
 
 
 cli.add_command(keys)
+cli.add_command(bootstrap_cmd)
+cli.add_command(peer_cmd)
 
 
 def main() -> None:
