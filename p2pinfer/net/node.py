@@ -352,7 +352,11 @@ class Node:
             except Exception as exc:  # keep announcing; one failed publish is not fatal
                 log.warning("gossip.announce_failed", error=repr(exc)[:200])
             self._announced_once.set()
-            with trio.move_on_after(self.config.announce_interval_s):
+            # A publish made before any peer has told us it subscribes goes nowhere (GossipSub has no one
+            # to send it to, and announcements are not replayed to later joiners), so retry soon until
+            # someone on the topic has heard it.
+            wait = self.config.announce_interval_s if self.gossip.topic_peers() else 1.0
+            with trio.move_on_after(wait):
                 await self._capacity_changed.wait()
 
     async def wait_announced(self) -> None:
