@@ -16,6 +16,7 @@ from ..config import load_config
 from .common import AppContext, run_cli
 from .keys import keys
 from .models import models
+from .net import bootstrap_cmd, peer_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,6 +39,8 @@ def cli(ctx: click.Context, data_dir: Path | None, config_path: Path | None, log
 
 cli.add_command(keys)
 cli.add_command(models)
+cli.add_command(bootstrap_cmd)
+cli.add_command(peer_cmd)
 
 
 def main() -> None:

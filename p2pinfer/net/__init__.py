@@ -1,0 +1,45 @@
+"""The network layer: everything that touches py-libp2p lives in this package.
+
+Public API (what the request path and the CLI use):
+
+* :class:`Node`, :class:`NodeConfig` — a running node (host + DHT + capacity gossip + our protocols).
+* :class:`FrameStream` — a framed stream for our own protocols; errors from :mod:`p2pinfer.net.errors`.
+* :class:`AnnouncementTable`, :class:`ServingPeer`, :func:`verify_announcement` — capacity announcements.
+* :class:`PeerInfo`, :func:`parse_peer_multiaddr` — addresses as plain strings.
+* :func:`build_host`, :func:`keypair_from_identity` — the lower-level pieces.
+"""
+
+from .addrs import PeerInfo, parse_peer_multiaddr
+from .announcements import (
+    MAX_ANNOUNCEMENT_BYTES,
+    AnnouncementRejected,
+    AnnouncementTable,
+    ServingPeer,
+    verify_announcement,
+)
+from .dht import PROTOCOL_ID as DHT_PROTOCOL_ID
+from .dht import Discovery, provider_key
+from .errors import (
+    DialError,
+    FrameTooLargeError,
+    MalformedFrameError,
+    NetError,
+    ProtocolNotSupported,
+    RemoteError,
+    RequestTimeout,
+    StreamClosedError,
+    StreamResetError,
+)
+from .gossip import CAPACITY_TOPIC
+from .host import build_host
+from .keys import keypair_from_identity
+from .node import Node, NodeConfig
+from .streams import DEFAULT_MAX_FRAME, FrameStream
+
+__all__ = [
+    "AnnouncementRejected", "AnnouncementTable", "CAPACITY_TOPIC", "DEFAULT_MAX_FRAME", "DHT_PROTOCOL_ID",
+    "DialError", "Discovery", "FrameStream", "FrameTooLargeError", "MAX_ANNOUNCEMENT_BYTES", "MalformedFrameError",
+    "NetError", "Node", "NodeConfig", "PeerInfo", "ProtocolNotSupported", "RemoteError", "RequestTimeout",
+    "ServingPeer", "StreamClosedError", "StreamResetError", "build_host", "keypair_from_identity",
+    "parse_peer_multiaddr", "provider_key", "verify_announcement",
+]

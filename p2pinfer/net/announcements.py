@@ -1,0 +1,183 @@
+"""Capacity announcements: validation rules and the table of live announcements (pure logic, no I/O).
+
+An announcement is a :class:`~p2pinfer.wire.messages.CapacityAnnouncement` in a signed envelope. It is
+accepted only if all of these hold, checked in this order (the first failure is the drop reason):
+
+===================  ========================================================================
+reason               rule
+===================  ========================================================================
+``oversized``        the gossip payload is at most :data:`MAX_ANNOUNCEMENT_BYTES`
+``malformed`` ...    it decodes as a canonical envelope of type ``capacity`` (the reason is the
+                     wire error's: ``malformed``, ``non-canonical``, ``schema``, ``unknown-type``,
+                     ``version``, ``bad-signature``, ...)
+``signer-mismatch``  ``peer_id`` is the envelope signer's peer ID
+``source-mismatch``  the GossipSub message source (itself signed by pubsub) is that same peer
+``expired`` /        the validity window holds (:func:`p2pinfer.wire.replay.check_window`):
+``future`` /         not expired, issued at most 30 s in the future, lifetime at most 10 min
+``bad-window``
+``stale``            ``seq`` is strictly greater than the last accepted from that peer
+===================  ========================================================================
+
+A replayed announcement is therefore dropped as ``stale`` while its original is live and as ``expired``
+afterwards. Sequence numbers are remembered per peer until that peer's last announcement expires; peers
+use ``max(now_ms, last_seq + 1)`` as their next ``seq`` so that a restarted peer's first announcement
+replaces the one it made before the restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..wire import CapacityAnnouncement, ModelOffer, ReplayError, Signed, WireError, check_window, decode_signed
+from ..wire.replay import DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_LIFETIME_MS
+
+# 32 model offers of ~300 bytes and 16 addresses of up to 256 bytes stay below 16 KiB in an envelope.
+MAX_ANNOUNCEMENT_BYTES = 16 * 1024
+
+REJECT_REASONS = (
+    "oversized", "malformed", "non-canonical", "extension-type", "too-deep", "schema", "unknown-type",
+    "version", "bad-signature", "signer-mismatch", "source-mismatch", "expired", "future", "bad-window", "stale",
+)
+
+
+class AnnouncementRejected(Exception):
+    """An announcement failed validation; ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def _window_reason(exc: ReplayError) -> str:
+    text = str(exc)
+    if "expired" in text:
+        return "expired"
+    if "future" in text:
+        return "future"
+    return "bad-window"
+
+
+def verify_announcement(
+    data: bytes,
+    *,
+    source_peer_id: str | None,
+    now_ms: int,
+    max_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
+    max_lifetime_ms: int = DEFAULT_MAX_LIFETIME_MS,
+) -> Signed[CapacityAnnouncement]:
+    """Check everything about one announcement that does not depend on what was seen before."""
+    if len(data) > MAX_ANNOUNCEMENT_BYTES:
+        raise AnnouncementRejected("oversized", f"{len(data)} bytes > {MAX_ANNOUNCEMENT_BYTES}")
+    try:
+        signed = decode_signed(data, expect=CapacityAnnouncement, max_size=MAX_ANNOUNCEMENT_BYTES)
+    except WireError as exc:
+        raise AnnouncementRejected(exc.reason, str(exc)) from None
+    announcement: CapacityAnnouncement = signed.message
+    signer = signed.signer_peer_id
+    if announcement.peer_id != signer:
+        raise AnnouncementRejected("signer-mismatch", f"peer_id {announcement.peer_id} signed by {signer}")
+    if source_peer_id is not None and source_peer_id != signer:
+        raise AnnouncementRejected("source-mismatch", f"announcement of {signer} published by {source_peer_id}")
+    try:
+        check_window(
+            announcement.issued_at_ms, announcement.expires_at_ms, now=now_ms,
+            max_skew_ms=max_skew_ms, max_lifetime_ms=max_lifetime_ms,
+        )
+    except ReplayError as exc:
+        raise AnnouncementRejected(_window_reason(exc), str(exc)) from None
+    return signed
+
+
+@dataclass(frozen=True)
+class ServingPeer:
+    """A peer that serves a model, from its latest announcement."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    offer: ModelOffer
+    free_slots: int
+    total_slots: int
+    expires_at_ms: int
+    seq: int
+
+
+class AnnouncementTable:
+    """The latest live announcement of every peer. Not thread-safe; used from one trio task at a time."""
+
+    def __init__(self, max_peers: int = 10_000) -> None:
+        self.max_peers = max_peers
+        self._by_peer: dict[str, Signed[CapacityAnnouncement]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_peer)
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._by_peer
+
+    def last_seq(self, peer_id: str) -> int | None:
+        entry = self._by_peer.get(peer_id)
+        return None if entry is None else entry.message.seq
+
+    def check_newer(self, announcement: CapacityAnnouncement, now_ms: int) -> None:
+        self.expire(now_ms)
+        last = self.last_seq(announcement.peer_id)
+        if last is not None and announcement.seq <= last:
+            raise AnnouncementRejected("stale", f"seq {announcement.seq} <= last accepted {last}")
+
+    def accept(self, signed: Signed[CapacityAnnouncement], now_ms: int) -> None:
+        """Store ``signed`` (already verified) if it is newer than what we have; else raise ``stale``."""
+        self.check_newer(signed.message, now_ms)
+        if signed.message.peer_id not in self._by_peer and len(self._by_peer) >= self.max_peers:
+            # Full: evict whichever announcement expires first (bounded memory against Sybil floods).
+            victim = min(self._by_peer, key=lambda p: self._by_peer[p].message.expires_at_ms)
+            del self._by_peer[victim]
+        self._by_peer[signed.message.peer_id] = signed
+
+    def offer(self, data: bytes, *, source_peer_id: str | None, now_ms: int) -> Signed[CapacityAnnouncement]:
+        """Verify and accept gossip bytes in one step; raises :class:`AnnouncementRejected`."""
+        signed = verify_announcement(data, source_peer_id=source_peer_id, now_ms=now_ms)
+        self.accept(signed, now_ms)
+        return signed
+
+    def expire(self, now_ms: int) -> list[str]:
+        """Forget announcements whose validity has ended; returns the peer IDs forgotten."""
+        gone = [p for p, s in self._by_peer.items() if s.message.expires_at_ms <= now_ms]
+        for peer_id in gone:
+            del self._by_peer[peer_id]
+        return gone
+
+    def get(self, peer_id: str, now_ms: int) -> CapacityAnnouncement | None:
+        entry = self._by_peer.get(peer_id)
+        if entry is None or entry.message.expires_at_ms <= now_ms:
+            return None
+        return entry.message
+
+    def get_signed(self, peer_id: str, now_ms: int) -> Signed[CapacityAnnouncement] | None:
+        entry = self._by_peer.get(peer_id)
+        if entry is None or entry.message.expires_at_ms <= now_ms:
+            return None
+        return entry
+
+    def live(self, now_ms: int) -> list[CapacityAnnouncement]:
+        return [s.message for s in self._by_peer.values() if s.message.expires_at_ms > now_ms]
+
+    def serving(self, digest: bytes, now_ms: int, *, min_free_slots: int = 1,
+                exclude: Iterable[str] = ()) -> list[ServingPeer]:
+        """Peers whose live announcement offers model ``digest`` with at least ``min_free_slots`` free.
+
+        Sorted by most free slots first, then by peer ID (deterministic).
+        """
+        excluded = set(exclude)
+        found = []
+        for a in self.live(now_ms):
+            if a.peer_id in excluded or a.free_slots < min_free_slots:
+                continue
+            for offer in a.models:
+                if offer.digest == digest:
+                    found.append(ServingPeer(a.peer_id, a.addrs, offer, a.free_slots, a.total_slots,
+                                             a.expires_at_ms, a.seq))
+                    break
+        found.sort(key=lambda s: (-s.free_slots, s.peer_id))
+        return found

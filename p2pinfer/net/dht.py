@@ -1,0 +1,334 @@
+"""Kademlia DHT on a private protocol ID: peer discovery and "who serves model X" provider records.
+
+Workarounds for py-libp2p 0.8.1 that live here:
+
+* **Protocol ID.** ``KadDHT(protocol_prefix=...)`` is stored but never used: the handler is registered
+  and every outbound query opened on the module constant ``/ipfs/kad/1.0.0`` (``libp2p.kad_dht.common``),
+  and the routing table only admits peers whose identify lists that exact string. We hand KadDHT a thin
+  host wrapper (:class:`_PrivateProtocolHost`) that renames ``/ipfs/kad/1.0.0`` to
+  :data:`PROTOCOL_ID` (``/p2pinfer/kad/1.0.0``) in ``set_stream_handler``, ``remove_stream_handler`` and
+  ``new_stream``, and shows the routing table a peerstore in which peers speaking our protocol appear to
+  speak ``/ipfs/kad/1.0.0`` (and IPFS peers appear not to). Result: our DHT speaks only
+  ``/p2pinfer/kad/1.0.0`` and never joins (or pollutes) the public IPFS DHT; nothing is monkeypatched
+  globally, so other py-libp2p users in the same process are unaffected.
+* **No bootstrap, no seeding.** KadDHT never adds connected peers to its routing table by itself and has
+  no bootstrap helper; its own refresh runs every 600 s. :meth:`Discovery.bootstrap` connects to the given
+  peers, adds them and runs a self-lookup; :meth:`Discovery.run` seeds the routing table from every
+  connected peer that identify shows to be a DHT server, and refreshes every ``refresh_interval_s``.
+* **find_providers short-circuit.** ``ProviderStore.find_providers`` returns only the local provider store
+  if it holds anything for the key (e.g. just ourselves when we also serve the model) and caches remote
+  answers there forever (48 h). :meth:`Discovery.find_providers` does its own lookup: the k closest peers
+  to the key (where ADD_PROVIDER stored the records) are all asked, results are merged and de-duplicated,
+  and nothing is cached.
+* **Order-dependent select.** The DHT calls ``Validator.select(key, [new, old])`` for local puts but
+  ``select(key, [old, new])`` for remote PUT_VALUE, so only an order-independent rule keeps records
+  updatable. :class:`CapacityRecordValidator` picks the highest ``seq``, whatever the order.
+* Validation is strict: only keys in our namespace (``/p2pcap/...``) and the standard ``/pk/`` are
+  accepted; un-namespaced keys are refused instead of stored unvalidated (py-libp2p's default).
+
+Provider records are *hints*: py-libp2p keeps them 48 h and has no withdrawal, so a peer that stopped
+serving may still be listed. The capacity table (gossip) says who is live and has free slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import PROTOCOL_ID as _UPSTREAM_KAD_PROTOCOL
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.records.pubkey import PublicKeyValidator
+from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+from ..log import get_logger
+from ..wire import now_ms
+from ..wire.hashing import tagged_hash
+from .addrs import PeerInfo
+from .announcements import AnnouncementRejected, verify_announcement
+from .errors import DialError
+
+log = get_logger("p2pinfer.net.dht")
+
+PROTOCOL_ID = "/p2pinfer/kad/1.0.0"
+CAPACITY_NAMESPACE = "p2pcap"
+DEFAULT_REFRESH_INTERVAL_S = 300.0
+SEED_INTERVAL_S = 1.0
+QUERY_TIMEOUT_S = 10.0
+
+
+def provider_key(model_digest: bytes) -> bytes:
+    """The DHT key under which peers serving ``model_digest`` register as providers."""
+    if len(model_digest) != 32:
+        raise ValueError("a model digest is 32 bytes")
+    return tagged_hash("p2pinfer/v1/dht/model-providers", model_digest)
+
+
+def capacity_record_key(peer_id: str) -> str:
+    """``/p2pcap/<32 hex chars>``. Short on purpose: py-libp2p servers ignore FIND_NODE for keys longer than
+    50 bytes ("FIND_NODE key is not a valid PeerId"), so ``/p2pcap/<full peer id>`` (60 bytes) could only
+    ever be stored locally."""
+    return f"/{CAPACITY_NAMESPACE}/{tagged_hash('p2pinfer/v1/dht/capacity-record', peer_id.encode()).hex()[:32]}"
+
+
+# ---- protocol renaming ------------------------------------------------------------------------------
+
+
+class _PeerstoreView:
+    """The host's peerstore, except that ``get_protocols`` reports our private Kademlia protocol under the
+    upstream name (and hides real ``/ipfs/kad/1.0.0``), which is what the routing table's check looks for."""
+
+    def __init__(self, peerstore: Any) -> None:
+        self._peerstore = peerstore
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._peerstore, name)
+
+    def get_protocols(self, peer_id: ID) -> list[str]:
+        protocols = self._peerstore.get_protocols(peer_id)
+        if protocols is None:
+            return protocols
+        return [str(_UPSTREAM_KAD_PROTOCOL) if p == PROTOCOL_ID else p
+                for p in protocols if p != str(_UPSTREAM_KAD_PROTOCOL)]
+
+
+class _PrivateProtocolHost:
+    """Delegates everything to the real host, renaming the upstream Kademlia protocol ID to ours."""
+
+    def __init__(self, host: IHost) -> None:
+        self._host = host
+        self._peerstore_view = _PeerstoreView(host.get_peerstore())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
+
+    @staticmethod
+    def _rename(protocol: Any) -> TProtocol:
+        return TProtocol(PROTOCOL_ID) if str(protocol) == str(_UPSTREAM_KAD_PROTOCOL) else protocol
+
+    def get_peerstore(self) -> Any:
+        return self._peerstore_view
+
+    def set_stream_handler(self, protocol_id: Any, handler: Any) -> None:
+        self._host.set_stream_handler(self._rename(protocol_id), handler)
+
+    def remove_stream_handler(self, protocol_id: Any) -> None:
+        self._host.remove_stream_handler(self._rename(protocol_id))
+
+    async def new_stream(self, peer_id: ID, protocol_ids: Any) -> Any:
+        return await self._host.new_stream(peer_id, [self._rename(p) for p in protocol_ids])
+
+
+# ---- record validation ------------------------------------------------------------------------------
+
+
+class CapacityRecordValidator(Validator):
+    """``capacity_record_key(peer id)`` -> that peer's signed capacity announcement; the highest ``seq`` wins."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        try:
+            signed = verify_announcement(value, source_peer_id=None, now_ms=now_ms())
+        except AnnouncementRejected as exc:
+            raise ValueError(f"invalid capacity record: {exc}") from None
+        if capacity_record_key(signed.message.peer_id) != key:
+            raise ValueError("capacity record stored under another peer's key")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        best, best_seq = 0, -1
+        for i, value in enumerate(values):
+            try:
+                self.validate(key, value)
+                from ..wire import decode_signed  # local import: only needed here
+                seq = decode_signed(value).message.seq
+            except Exception:
+                continue
+            if seq > best_seq:
+                best, best_seq = i, seq
+        return best
+
+
+# ---- discovery --------------------------------------------------------------------------------------
+
+
+class Discovery:
+    """The DHT of one node: server mode for peers and bootstrap nodes, client mode for SDK clients."""
+
+    def __init__(self, host: IHost, *, server: bool = True,
+                 refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S) -> None:
+        self.host = host
+        self.server = server
+        self.refresh_interval_s = refresh_interval_s
+        validator = NamespacedValidator(
+            {"pk": PublicKeyValidator(), CAPACITY_NAMESPACE: CapacityRecordValidator()},
+            strict_validation=True,
+        )
+        self.dht = KadDHT(
+            _PrivateProtocolHost(host),  # type: ignore[arg-type]
+            DHTMode.SERVER if server else DHTMode.CLIENT,
+            validator=validator,
+            validator_changed=True,
+            strict_validation=True,
+            # Loopback/private addresses are exempt from the subnet cap anyway; the default applies elsewhere.
+        )
+        self._provided: set[bytes] = set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the DHT service, routing-table seeding and periodic refresh until cancelled."""
+        async with background_trio_service(self.dht):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._seed_loop)
+                nursery.start_soon(self._refresh_loop)
+                task_status.started()
+
+    async def _seed_loop(self) -> None:
+        while True:
+            await self.seed_from_connections()
+            await trio.sleep(SEED_INTERVAL_S)
+
+    async def seed_from_connections(self) -> int:
+        """Add every connected DHT server (per identify) that the routing table lacks; returns how many.
+
+        Also evicts peers that identify shows are *not* DHT servers: KadDHT adds the sender of every inbound
+        query with ``skip_server_mode_check=True``, so DHT clients end up in servers' routing tables and
+        are then handed out as "closer peers" that refuse our protocol.
+        """
+        added = 0
+        peerstore = self.host.get_peerstore()
+        for peer in list(self.dht.routing_table.get_peer_ids()):
+            try:
+                protocols = peerstore.get_protocols(peer) or []
+            except Exception:
+                continue
+            if protocols and PROTOCOL_ID not in protocols:
+                self.dht.routing_table.remove_peer(peer)
+        for peer in list(self.host.get_connected_peers()):
+            if self.dht.routing_table.peer_in_table(peer):
+                continue
+            try:
+                protocols = peerstore.get_protocols(peer) or []
+            except Exception:
+                continue
+            if PROTOCOL_ID in protocols and await self.dht.add_peer(peer):
+                added += 1
+        if added:
+            log.debug("dht.seeded", added=added, table=self.dht.get_routing_table_size())
+        return added
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(self.refresh_interval_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """A self-lookup (fills the routing table) and re-announcement of the models we provide."""
+        with trio.move_on_after(QUERY_TIMEOUT_S * 3):
+            try:
+                await self.dht.peer_routing.refresh_routing_table()
+            except Exception as exc:  # a failed refresh must not take the node down; retried next period
+                log.warning("dht.refresh_failed", error=repr(exc)[:200])
+        for digest in list(self._provided):
+            await self._provide_once(digest)
+        log.debug("dht.refreshed", table=self.dht.get_routing_table_size())
+
+    async def bootstrap(self, peers: list[PeerInfo], *, connect: Callable[[PeerInfo], Any]) -> int:
+        """Connect to ``peers`` (via ``connect``), add them to the routing table, then look ourselves up.
+
+        Returns how many bootstrap peers were reached. Unreachable ones are logged, not raised.
+        """
+        reached = 0
+        for info in peers:
+            if info.peer_id == self.host.get_id().to_base58():
+                continue
+            try:
+                await connect(info)
+            except DialError as exc:
+                log.warning("dht.bootstrap_unreachable", peer=info.peer_id, error=str(exc)[:200])
+                continue
+            reached += 1
+            # Skip the server-mode check: identify may not have finished yet, and a bootstrap node is a
+            # DHT server by definition.
+            await self.dht.add_peer(ID.from_base58(info.peer_id), skip_server_mode_check=True)
+        if reached:
+            with trio.move_on_after(QUERY_TIMEOUT_S):
+                try:
+                    await self.dht.peer_routing.refresh_routing_table()
+                except Exception as exc:
+                    log.warning("dht.refresh_failed", error=repr(exc)[:200])
+        log.info("dht.bootstrapped", reached=reached, of=len(peers), table=self.dht.get_routing_table_size())
+        return reached
+
+    def routing_table_size(self) -> int:
+        return self.dht.get_routing_table_size()
+
+    def routing_table_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.dht.routing_table.get_peer_ids()]
+
+    async def _provide_once(self, digest: bytes) -> bool:
+        with trio.move_on_after(QUERY_TIMEOUT_S * 2):
+            try:
+                return await self.dht.provider_store.provide(provider_key(digest))
+            except Exception as exc:
+                log.warning("dht.provide_failed", model=digest.hex()[:16], error=repr(exc)[:200])
+        return False
+
+    async def provide(self, model_digest: bytes) -> bool:
+        """Announce in the DHT that we serve ``model_digest`` (re-announced on every refresh)."""
+        self._provided.add(model_digest)
+        ok = await self._provide_once(model_digest)
+        log.debug("dht.provided", model=model_digest.hex()[:16], stored_remotely=ok)
+        return ok
+
+    def stop_providing(self, model_digest: bytes) -> None:
+        """Stop re-announcing ``model_digest`` (existing records elsewhere age out; see module docstring)."""
+        self._provided.discard(model_digest)
+        self.dht.provider_store.providing_keys.discard(provider_key(model_digest))
+        self.dht.provider_store.providers.get(provider_key(model_digest), {}).pop(self.host.get_id().to_base58(), None)
+
+    async def find_providers(self, model_digest: bytes, *, timeout: float = QUERY_TIMEOUT_S,
+                             limit: int = 20) -> list[PeerInfo]:
+        """Peers that registered as providers of ``model_digest`` (we are included if we provide it)."""
+        key = provider_key(model_digest)
+        store = self.dht.provider_store
+        found: dict[str, PeerInfo] = {}
+
+        def add(infos: Any) -> None:
+            for info in infos:
+                ours = PeerInfo.from_libp2p(info)
+                prev = found.get(ours.peer_id)
+                if prev is None or (not prev.addrs and ours.addrs):
+                    found[ours.peer_id] = ours
+
+        add(store.get_providers(key))  # records stored here (we are a DHT server) and our own
+        with trio.move_on_after(timeout):
+            closest = await self.dht.peer_routing.find_closest_peers_network(key)
+            local = self.host.get_id()
+
+            async def ask(peer: ID) -> None:
+                # A private method, but the public find_providers has the short-circuit described above.
+                providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+                add(providers)
+
+            async with trio.open_nursery() as nursery:
+                for peer in closest:
+                    if peer != local:
+                        nursery.start_soon(ask, peer)
+        return sorted(found.values(), key=lambda p: p.peer_id)[:limit]
+
+    async def put_capacity_record(self, envelope: bytes, peer_id: str) -> None:
+        """Store our signed announcement under ``/p2pcap/<peer id>`` (lets a client ask for one peer's)."""
+        with trio.move_on_after(QUERY_TIMEOUT_S * 2):
+            try:
+                await self.dht.put_value(capacity_record_key(peer_id), envelope)
+            except Exception as exc:
+                log.warning("dht.put_failed", error=repr(exc)[:200])
+
+    async def get_capacity_record(self, peer_id: str, *, timeout: float = QUERY_TIMEOUT_S) -> bytes | None:
+        with trio.move_on_after(timeout):
+            try:
+                return await self.dht.get_value(capacity_record_key(peer_id))
+            except Exception as exc:
+                log.debug("dht.get_failed", error=repr(exc)[:200])
+        return None

@@ -1,0 +1,85 @@
+"""Building a py-libp2p host from a p2pinfer identity.
+
+Workarounds for py-libp2p 0.8.1 that live here:
+
+* ``new_host()`` by default offers Noise, TLS, SECIO *and* ``/plaintext/2.0.0``, so any dialler can open an
+  unauthenticated, unencrypted connection. We pass ``sec_opt`` with Noise only; a plaintext-only dialler
+  fails security negotiation (tests/net/test_host.py proves it).
+* With the default ``ConnectionConfig(max_connections_per_peer=3)`` every outbound dial waits a fixed
+  ~250 ms (the swarm tries to open extra connections to the same peer). ``max_connections_per_peer=1``
+  brings a dial on localhost to ~5 ms. One connection per peer is all we need: Yamux multiplexes streams.
+* The swarm's auto-connector dials peers from the peerstore every 30 s (and on every disconnect) until it
+  holds the midpoint of the low/high watermarks (150 connections by default, whatever ``min_connections``
+  says). Our connectivity comes from bootstrap, the DHT and the gossip mesh; unsolicited dials to everyone
+  we ever heard of would only add load (and make test topologies uncontrollable), so :func:`build_host`
+  replaces that instance's ``maybe_connect`` with a no-op.
+* The default muxer list also offers Mplex (deprecated, no flow control); we offer Yamux only.
+
+Identify (``/ipfs/id/1.0.0`` and push) and ping (``/ipfs/ping/1.0.0``) are registered by ``BasicHost``
+itself. QUIC is not enabled: py-libp2p's QUIC transport needs its own TLS identity setup and is not yet
+exercised by our tests; TCP is the supported transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import libp2p
+from libp2p.abc import IHost
+from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from ..identity import Identity
+from .addrs import parse_multiaddr
+from .keys import keypair_from_identity
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
+SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
+MUXER_PROTOCOLS = (str(YAMUX_PROTOCOL_ID),)
+
+
+def build_host(
+    identity: Identity,
+    listen: Sequence[str] = DEFAULT_LISTEN,
+    *,
+    dial_timeout_s: float = 10.0,
+    max_connections: int = 300,
+) -> IHost:
+    """A host keyed by ``identity``: TCP, Noise only, Yamux only, identify and ping.
+
+    The host is not listening yet; :class:`p2pinfer.net.node.Node` runs it (``host.run(listen_addrs)``).
+    """
+    keypair = keypair_from_identity(identity)
+    listen_addrs = [parse_multiaddr(a) for a in listen]
+    # The Noise static key is a fresh X25519 key per process; Noise binds it to the identity key by signing
+    # it inside the handshake, so it needs no persistence.
+    noise = NoiseTransport(keypair, noise_privkey=_new_x25519_key_pair().private_key)
+    connection_config = ConnectionConfig(
+        max_connections_per_peer=1,  # see module docstring: avoids the fixed 250 ms per dial
+        dial_timeout=dial_timeout_s,
+        max_connections=max_connections,
+        high_watermark=max_connections,
+        min_connections=0,
+    )
+    host = libp2p.new_host(
+        key_pair=keypair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=listen_addrs,
+        connection_config=connection_config,
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+    auto_connector = getattr(host.get_network(), "auto_connector", None)
+    if auto_connector is not None:
+        auto_connector.maybe_connect = _no_auto_connect  # see module docstring
+    return host
+
+
+async def _no_auto_connect() -> None:
+    return None

@@ -1,0 +1,409 @@
+"""A p2pinfer network node: host + DHT + capacity gossip + our protocols, owned by one trio nursery.
+
+::
+
+    async with Node(identity, NodeConfig(listen=["/ip4/0.0.0.0/tcp/4001"], bootstrap=[...])) as node:
+        node.register_request_handler("/p2pinfer/echo/1", handler)
+        node.update_capacity(models=[offer], free_slots=2, total_slots=2)
+        peers = node.serving(offer.digest)                  # live announcements with free slots
+        reply = await node.request(peers[0].peer_id, "/p2pinfer/echo/1", b"hi", timeout=5)
+
+Roles: ``peer`` (DHT server, gossip, announces), ``bootstrap`` (DHT server and gossip relay, announces
+nothing) and ``client`` (DHT client mode; still receives gossip so it sees capacity).
+
+Workaround for py-libp2p 0.8.1 that lives here: stopping Pubsub while messages are in flight can raise
+``RuntimeError: Nursery is closed to new arrivals`` out of ``host.run()`` (a stream handler tries to start a
+task in the swarm's already-closed nursery). :meth:`Node.__aexit__` closes all connections first, then
+stops the services, and swallows exactly that error during shutdown (logged at debug), so shutting down
+never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import Counter
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Literal, Sequence
+
+import multiaddr
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.tools.anyio_service import background_trio_service
+
+from .. import __version__
+from ..identity import Identity
+from ..log import get_logger
+from ..wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
+from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
+from .announcements import AnnouncementTable, ServingPeer
+from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
+from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
+from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
+from .host import build_host
+from .keys import to_libp2p_id
+from .streams import DEFAULT_MAX_FRAME, FrameStream, encode_error, encode_ok
+
+log = get_logger("p2pinfer.net.node")
+
+Role = Literal["peer", "bootstrap", "client"]
+StreamHandler = Callable[[FrameStream], Awaitable[None]]
+RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: Sequence[str] = ()            # multiaddrs ending in /p2p/<peer id>
+    role: Role = "peer"
+    announce_interval_s: float = 60.0        # periodic re-announcement (also sent on start and on change)
+    announce_ttl_s: float = 180.0            # validity of each announcement (< the 10 min maximum)
+    dht_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
+    gossip_heartbeat_s: int = HEARTBEAT_S
+    dial_timeout_s: float = 10.0
+    put_dht_record: bool = True              # also store our announcement under /p2pcap/<peer id>
+    software: str = f"p2pinfer/{__version__}"
+    extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
+
+
+def quiet_libp2p_logging() -> None:
+    """Silence py-libp2p's own stdlib logging unless ``LIBP2P_DEBUG`` asks for it.
+
+    py-libp2p logs routine events (a peer closing a DHT stream, a client refusing the DHT protocol) as
+    warnings and errors, which Python's last-resort handler prints to stderr in the middle of our logfmt
+    lines. ``LIBP2P_DEBUG=DEBUG`` (py-libp2p's own switch) turns them back on.
+    """
+    if not os.environ.get("LIBP2P_DEBUG"):
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL + 1)
+
+
+class Node:
+    def __init__(self, identity: Identity, config: NodeConfig = NodeConfig()) -> None:
+        quiet_libp2p_logging()
+        self.identity = identity
+        self.config = config
+        self.peer_id = identity.peer_id
+        self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s)
+        self.discovery = Discovery(self.host, server=config.role != "client",
+                                   refresh_interval_s=config.dht_refresh_interval_s)
+        self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
+        self.table = AnnouncementTable()
+        self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id)
+        self.stats: Counter[str] = Counter()
+        self._models: tuple[ModelOffer, ...] = ()
+        self._free_slots = 0
+        self._total_slots = 0
+        self._seq = 0
+        self._capacity_changed = trio.Event()
+        self._announced_once = trio.Event()
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Node":
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            listen_addrs = [multiaddr.Multiaddr(a) for a in self.config.listen]
+            await stack.enter_async_context(self.host.run(listen_addrs))
+            await stack.enter_async_context(background_trio_service(self.pubsub))
+            await stack.enter_async_context(background_trio_service(self.router))
+            await self.pubsub.wait_until_ready()
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self._stack = stack
+            await self._nursery.start(self.discovery.run)
+            await self.gossip.start()
+            self._nursery.start_soon(self.gossip.drain)
+            log.info("node.started", peer_id=self.peer_id, role=self.config.role, addrs=self.addrs)
+            bootstrap = [parse_peer_multiaddr(a) for a in self.config.bootstrap]
+            bootstrap = [b for b in merge_peer_infos(bootstrap) if b.peer_id != self.peer_id]
+            if bootstrap:
+                await self.discovery.bootstrap(bootstrap, connect=self.connect)
+            if self.config.role != "bootstrap":
+                self._nursery.start_soon(self._announce_loop)
+        except BaseException:
+            self._stack = None
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            await self._close_stack(stack, *sys.exc_info())
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return False
+        self._closing = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        return await self._close_stack(stack, exc_type, exc, tb)
+
+    async def _close_stack(self, stack: AsyncExitStack, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._closing = True
+        # Close connections before the services stop, so no handler is mid-flight when nurseries close.
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            for peer in list(self.host.get_connected_peers()):
+                try:
+                    await self.host.disconnect(peer)
+                except Exception:
+                    pass
+        try:
+            return bool(await stack.__aexit__(exc_type, exc, tb))
+        except BaseException as error:
+            rest = _without_shutdown_noise(error)
+            if rest is None:
+                log.debug("node.shutdown_noise_suppressed", error=repr(error)[:200])
+                return False if exc is not None else True
+            raise rest from None
+        finally:
+            log.info("node.stopped", peer_id=self.peer_id)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (``nursery.start(node.run)`` returns once the node is up)."""
+        async with self:
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    # ---- addresses and connections ------------------------------------------------------------------
+
+    @property
+    def addrs(self) -> list[str]:
+        """Our dialable multiaddrs, each ending in ``/p2p/<peer id>``."""
+        bare = [strip_p2p(str(a)) for a in self.host.get_addrs()] + list(self.config.extra_addrs)
+        seen: list[str] = []
+        for a in bare:
+            if a not in seen:
+                seen.append(a)
+        return [f"{a}/p2p/{self.peer_id}" for a in seen]
+
+    def announce_addrs(self) -> tuple[str, ...]:
+        """Addresses put in announcements: without ``/p2p``, wildcard binds left out."""
+        out = [strip_p2p(a) for a in self.addrs]
+        return tuple(a for a in out if "/0.0.0.0/" not in a and "/::/" not in a)[:16]
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.host.get_connected_peers()]
+
+    async def connect(self, peer: PeerInfo | str, *, timeout: float | None = None) -> None:
+        """Make sure we are connected to ``peer`` (a PeerInfo or a multiaddr with ``/p2p/``)."""
+        info = parse_peer_multiaddr(peer) if isinstance(peer, str) else peer
+        timeout = self.config.dial_timeout_s if timeout is None else timeout
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await self.host.connect(info.to_libp2p())
+            except (BaseLibp2pError, OSError) as exc:
+                raise DialError(f"cannot connect to {info.peer_id}: {type(exc).__name__}: {exc}"[:300]) from None
+            return
+        assert scope.cancelled_caught
+        raise DialError(f"cannot connect to {info.peer_id}: no connection within {timeout} s")
+
+    # ---- our protocols ------------------------------------------------------------------------------
+
+    def register_handler(self, protocol_id: str, handler: StreamHandler, *,
+                         max_frame: int = DEFAULT_MAX_FRAME, timeout: float | None = 30.0) -> None:
+        """Serve ``protocol_id``: ``handler`` gets a :class:`FrameStream` and may exchange any frames.
+
+        When it returns the stream is closed; when it raises, the stream is reset and the error logged.
+        """
+
+        async def on_stream(stream: INetStream) -> None:
+            frames = FrameStream(stream, max_frame=max_frame, timeout=timeout)
+            try:
+                await handler(frames)
+            except NetError as exc:
+                self.stats[f"handler.{exc.reason}"] += 1
+                log.debug("stream.handler_net_error", protocol=protocol_id, reason=exc.reason, error=str(exc)[:200])
+                await frames.reset()
+                return
+            except Exception as exc:
+                self.stats["handler.error"] += 1
+                log.warning("stream.handler_failed", protocol=protocol_id, error=repr(exc)[:200])
+                await frames.reset()
+                return
+            await frames.aclose()
+
+        self.host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    def register_request_handler(self, protocol_id: str, handler: RequestHandler, *,
+                                 max_frame: int = DEFAULT_MAX_FRAME, idle_timeout: float = 60.0) -> None:
+        """Serve one-shot requests: ``await handler(peer_id, body) -> response body``.
+
+        Requests on one stream are served in order until the client closes it (stream reuse). A handler that
+        raises :class:`~p2pinfer.errors.P2PInferError` sends its message back as a :class:`RemoteError`;
+        any other exception sends ``internal error``.
+        """
+
+        async def serve(frames: FrameStream) -> None:
+            while True:
+                body = await frames.receive(timeout=idle_timeout)
+                if body is None:
+                    return
+                try:
+                    reply = encode_ok(await handler(frames.remote_peer_id, body))
+                except NetError:
+                    raise
+                except Exception as exc:
+                    from ..errors import P2PInferError
+                    reason = str(exc) if isinstance(exc, P2PInferError) else "internal error"
+                    if not isinstance(exc, P2PInferError):
+                        log.warning("request.handler_failed", protocol=protocol_id, error=repr(exc)[:200])
+                    reply = encode_error(reason)
+                await frames.send(reply)
+
+        self.register_handler(protocol_id, serve, max_frame=max_frame, timeout=idle_timeout)
+
+    async def open_stream(self, peer_id: str, protocol_id: str, *, timeout: float = 10.0,
+                          max_frame: int = DEFAULT_MAX_FRAME, addrs: Sequence[str] = ()) -> FrameStream:
+        """Open a stream to ``peer_id`` on ``protocol_id``, dialling if needed.
+
+        Addresses come from ``addrs``, the peer's live announcement, or what the host already knows.
+        ``timeout`` bounds the dial and the protocol negotiation and becomes the stream's default
+        per-operation timeout.
+        """
+        known = tuple(addrs) or (self._announced_addrs(peer_id))
+        if known:
+            self.host.get_peerstore().add_addrs(to_libp2p_id(peer_id),
+                                                [multiaddr.Multiaddr(strip_p2p(a)) for a in known], 600)
+        with trio.move_on_after(timeout) as scope:
+            try:
+                stream = await self.host.new_stream(to_libp2p_id(peer_id), [TProtocol(protocol_id)])
+            except (BaseLibp2pError, OSError) as exc:
+                cause = exc.__cause__ or exc
+                text = f"{type(cause).__name__}: {cause}"
+                if "ProtocolNotSupported" in text or "protocol" in text.lower() and "not" in text.lower():
+                    raise ProtocolNotSupported(f"{peer_id} does not serve {protocol_id}") from None
+                raise DialError(f"cannot open {protocol_id} to {peer_id}: {text}"[:300]) from None
+            return FrameStream(stream, max_frame=max_frame, timeout=timeout)
+        assert scope.cancelled_caught
+        raise RequestTimeout(f"opening {protocol_id} to {peer_id} took more than {timeout} s")
+
+    async def request(self, peer_id: str, protocol_id: str, payload: bytes, *, timeout: float = 10.0,
+                      max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+        """One request, one response, within ``timeout`` in total (dial included)."""
+        deadline = trio.current_time() + timeout
+        frames = await self.open_stream(peer_id, protocol_id, timeout=timeout, max_frame=max_frame)
+        try:
+            remaining = max(deadline - trio.current_time(), 0.0)
+            reply = await frames.call(payload, timeout=remaining)
+        except BaseException:
+            await frames.reset()
+            raise
+        await frames.aclose()
+        return reply
+
+    # ---- capacity -----------------------------------------------------------------------------------
+
+    def update_capacity(self, *, models: Sequence[ModelOffer] | None = None, free_slots: int | None = None,
+                        total_slots: int | None = None) -> None:
+        """Change what we announce; an announcement goes out promptly (bursts are coalesced)."""
+        if models is not None:
+            self._models = tuple(models)
+        if free_slots is not None:
+            self._free_slots = free_slots
+        if total_slots is not None:
+            self._total_slots = total_slots
+        self._capacity_changed.set()
+
+    def build_announcement(self) -> CapacityAnnouncement:
+        now = now_ms()
+        self._seq = max(now, self._seq + 1)
+        return CapacityAnnouncement(
+            peer_id=self.peer_id,
+            addrs=self.announce_addrs(),
+            models=self._models,
+            free_slots=self._free_slots,
+            total_slots=self._total_slots,
+            software=self.config.software[:64],
+            seq=self._seq,
+            issued_at_ms=now,
+            expires_at_ms=now + int(self.config.announce_ttl_s * 1000),
+        )
+
+    async def announce_now(self) -> CapacityAnnouncement:
+        announcement = self.build_announcement()
+        envelope = encode_signed(self.identity, announcement)
+        await self.gossip.publish(envelope)
+        self.stats["announcements.sent"] += 1
+        log.debug("gossip.announced", seq=announcement.seq, models=len(announcement.models),
+                  free_slots=announcement.free_slots)
+        if self.config.put_dht_record and self._nursery is not None:
+            self._nursery.start_soon(self.discovery.put_capacity_record, envelope, self.peer_id)
+        return announcement
+
+    async def _announce_loop(self) -> None:
+        provided: set[bytes] = set()
+        while True:
+            self._capacity_changed = trio.Event()
+            digests = {m.digest for m in self._models}
+            for digest in digests - provided:
+                self._nursery.start_soon(self.discovery.provide, digest)  # type: ignore[union-attr]
+            for digest in provided - digests:
+                self.discovery.stop_providing(digest)
+            provided = digests
+            try:
+                await self.announce_now()
+            except Exception as exc:  # keep announcing; one failed publish is not fatal
+                log.warning("gossip.announce_failed", error=repr(exc)[:200])
+            self._announced_once.set()
+            # A publish made before any peer has told us it subscribes goes nowhere (GossipSub has no one
+            # to send it to, and announcements are not replayed to later joiners), so retry soon until
+            # someone on the topic has heard it.
+            wait = self.config.announce_interval_s if self.gossip.topic_peers() else 1.0
+            with trio.move_on_after(wait):
+                await self._capacity_changed.wait()
+
+    async def wait_announced(self) -> None:
+        await self._announced_once.wait()
+
+    # ---- lookups for the request path ---------------------------------------------------------------
+
+    def serving(self, model_digest: bytes, *, min_free_slots: int = 1,
+                include_self: bool = False) -> list[ServingPeer]:
+        """Peers whose live announcement serves ``model_digest`` with free slots (most free first)."""
+        exclude = () if include_self else (self.peer_id,)
+        return self.table.serving(model_digest, now_ms(), min_free_slots=min_free_slots, exclude=exclude)
+
+    async def find_providers(self, model_digest: bytes, *, timeout: float = 10.0) -> list[PeerInfo]:
+        """DHT provider records for ``model_digest`` (hints; see ``p2pinfer.net.dht``)."""
+        return await self.discovery.find_providers(model_digest, timeout=timeout)
+
+    async def candidates(self, model_digest: bytes, *, min_free_slots: int = 1,
+                         timeout: float = 10.0) -> list[PeerInfo]:
+        """Who to try for ``model_digest``: live announcements with free slots first, then DHT providers
+        that have no live announcement yet (a newly joined client may not have heard the gossip)."""
+        from_table = self.serving(model_digest, min_free_slots=min_free_slots)
+        out = [PeerInfo(s.peer_id, s.addrs) for s in from_table]
+        if len(out) < 3:
+            live = {a.peer_id for a in self.table.live(now_ms())}
+            for info in await self.find_providers(model_digest, timeout=timeout):
+                if info.peer_id != self.peer_id and info.peer_id not in live:
+                    out.append(info)
+        return out
+
+    def _announced_addrs(self, peer_id: str) -> tuple[str, ...]:
+        a = self.table.get(peer_id, now_ms())
+        return a.addrs if a is not None else ()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Gossip drop reasons and acceptance counts, plus stream handler errors."""
+        return dict(self.gossip.counters + self.stats)
+
+
+def _is_shutdown_noise(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and "Nursery is closed to new arrivals" in str(error)
+
+
+def _without_shutdown_noise(error: BaseException) -> BaseException | None:
+    """``error`` minus the known py-libp2p shutdown RuntimeErrors (None if nothing else remains)."""
+    if isinstance(error, BaseExceptionGroup):
+        _, rest = error.split(_is_shutdown_noise)
+        return rest
+    return None if _is_shutdown_noise(error) else error

@@ -1,0 +1,198 @@
+"""Real hosts on 127.0.0.1: discovery, capacity gossip, validation without forwarding, DHT providers."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import multiaddr
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2pinfer.identity import Identity
+from p2pinfer.net import CAPACITY_TOPIC, DHT_PROTOCOL_ID, Node
+from p2pinfer.net.gossip import build_pubsub
+from p2pinfer.net.host import build_host
+from p2pinfer.wire import CapacityAnnouncement, codec, encode_signed, now_ms
+
+from .helpers import LOCAL, offer, start, wait_until
+
+DIGEST_X = b"\x01" * 32
+DIGEST_Y = b"\x02" * 32
+
+
+async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
+    async with AsyncExitStack() as stack:
+        boot = await start(stack, role="bootstrap")
+        peers: list[Node] = []
+        for i in range(10):
+            peers.append(await start(stack, bootstrap=boot.addrs))
+        for i, peer in enumerate(peers):
+            peer.update_capacity(models=[offer(bytes([i + 1]) * 32, f"model-{i}")], free_slots=i % 3, total_slots=2)
+        everyone = {p.peer_id for p in peers}
+
+        def all_learned() -> bool:
+            return all({a.peer_id for a in n.table.live(now_ms())} >= everyone for n in [boot, *peers])
+
+        await wait_until(all_learned, timeout=30, what="every node to hold all 10 announcements")
+        # The bootstrap node announces nothing; the table says who serves what, with how many free slots.
+        assert boot.peer_id not in peers[0].table
+        for i, peer in enumerate(peers):
+            for other in (boot, peers[(i + 1) % 10]):
+                announced = other.table.get(peer.peer_id, now_ms())
+                assert announced is not None and announced.models[0].name == f"model-{i}"
+                assert announced.free_slots == i % 3
+        serving = peers[0].serving(bytes([5]) * 32)
+        assert [s.peer_id for s in serving] == [peers[4].peer_id]  # peer 4 has 4 % 3 = 1 free slot
+        assert peers[0].serving(bytes([4]) * 32) == []  # peer 3 has no free slot
+        # Nothing was rejected in an honest network, except "stale": a peer's start-up announcement and the
+        # one made right after update_capacity() may arrive out of order over different mesh paths.
+        for node in [boot, *peers]:
+            assert set(node.counters) <= {"accepted", "announcements.sent", "stale"}, node.counters
+        # A change is announced promptly and replaces the old announcement everywhere.
+        peers[3].update_capacity(free_slots=2)
+        await wait_until(lambda: all(len(n.serving(bytes([4]) * 32, include_self=True)) == 1 for n in peers),
+                         timeout=15, what="the changed announcement to spread")
+    # Leaving the AsyncExitStack shut all 11 nodes down; reaching this line means nothing raised.
+
+
+async def _rogue(stack: AsyncExitStack, identity: Identity, target: Node):
+    """A peer running plain GossipSub with no validator: it can publish anything."""
+    host = build_host(identity, LOCAL)
+    await stack.enter_async_context(host.run([multiaddr.Multiaddr(LOCAL[0])]))
+    pubsub, router = build_pubsub(host)
+    await stack.enter_async_context(background_trio_service(pubsub))
+    await stack.enter_async_context(background_trio_service(router))
+    await pubsub.wait_until_ready()
+    await pubsub.subscribe(CAPACITY_TOPIC)
+    await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(target.addrs[0])))
+    target_id = info_from_p2p_addr(multiaddr.Multiaddr(target.addrs[0])).peer_id
+    await wait_until(lambda: target_id in pubsub.peer_topics.get(CAPACITY_TOPIC, ()), what="rogue to see the relay")
+    return pubsub
+
+
+def _announcement(identity: Identity, *, seq: int, issued: int | None = None, ttl: int = 60_000,
+                  peer_id: str | None = None) -> CapacityAnnouncement:
+    issued = now_ms() if issued is None else issued
+    return CapacityAnnouncement(peer_id=peer_id or identity.peer_id, addrs=("/ip4/127.0.0.1/tcp/1",),
+                                models=(offer(DIGEST_X),), free_slots=1, total_slots=1, software="rogue",
+                                seq=seq, issued_at_ms=issued, expires_at_ms=issued + ttl)
+
+
+async def test_bad_announcements_are_dropped_and_never_forwarded() -> None:
+    async with AsyncExitStack() as stack:
+        relay = await start(stack, role="bootstrap")
+        watcher = await start(stack, bootstrap=relay.addrs)  # connected to the relay only
+        honest = await start(stack, bootstrap=relay.addrs)
+        await wait_until(lambda: honest.peer_id in watcher.table, what="honest announcement")
+        honest_envelope = encode_signed(honest.identity, honest.table.get(honest.peer_id, now_ms()) or
+                                        honest.build_announcement())
+        rogue_id, other = Identity.generate(), Identity.generate()
+        pubsub = await _rogue(stack, rogue_id, relay)
+
+        valid = encode_signed(rogue_id, _announcement(rogue_id, seq=10))
+        tampered = bytearray(valid)
+        tampered[-40] ^= 0x01
+        unsigned = codec.encode({**codec.decode(valid), "sig": bytes(64)})
+        bad = {
+            "bad-signature": unsigned,
+            "signer-mismatch": encode_signed(other, _announcement(other, seq=1, peer_id=rogue_id.peer_id)),
+            "source-mismatch": honest_envelope,  # someone else's (valid) announcement, re-published
+            "expired": encode_signed(rogue_id, _announcement(rogue_id, seq=2, issued=now_ms() - 120_000)),
+            "future": encode_signed(rogue_id, _announcement(rogue_id, seq=3, issued=now_ms() + 120_000)),
+            "oversized": b"\x00" * 40_000,
+            "malformed": b"\xc1 not msgpack",
+        }
+        for data in bad.values():
+            await pubsub.publish(CAPACITY_TOPIC, data)
+            await trio.sleep(0.05)
+        await pubsub.publish(CAPACITY_TOPIC, bytes(tampered))
+        await trio.sleep(0.05)
+        await pubsub.publish(CAPACITY_TOPIC, valid)  # control: a valid one does get through the relay
+        await wait_until(lambda: rogue_id.peer_id in watcher.table, what="the valid rogue announcement")
+        await trio.sleep(0.05)
+        await pubsub.publish(CAPACITY_TOPIC, valid)  # the same signed bytes again: a replay
+        await pubsub.publish(CAPACITY_TOPIC, encode_signed(rogue_id, _announcement(rogue_id, seq=9)))  # older seq
+        await wait_until(lambda: relay.counters.get("stale", 0) >= 2, what="replays to be rejected")
+
+        for reason in bad:
+            assert relay.counters.get(reason, 0) >= 1, (reason, relay.counters)
+        assert sum(relay.counters.get(r, 0) for r in ("bad-signature", "schema", "non-canonical", "malformed")) >= 3
+        # The watcher only ever saw what the relay accepted: honest + the one valid rogue announcement.
+        await trio.sleep(1.0)  # a few heartbeats for any (wrongly) forwarded message to arrive
+        assert set(watcher.counters) <= {"accepted", "announcements.sent"}, watcher.counters
+        assert watcher.table.get(rogue_id.peer_id, now_ms()).seq == 10
+        assert watcher.table.get(honest.peer_id, now_ms()).software.startswith("p2pinfer/")
+
+
+async def test_restarted_peer_with_higher_seq_replaces_its_announcement() -> None:
+    identity = Identity.generate()
+    async with AsyncExitStack() as stack:
+        boot = await start(stack, role="bootstrap")
+        watcher = await start(stack, bootstrap=boot.addrs)
+        async with AsyncExitStack() as first_life:
+            peer = await start(first_life, identity, bootstrap=boot.addrs)
+            peer.update_capacity(models=[offer(DIGEST_X)], free_slots=1, total_slots=1)
+            await wait_until(lambda: len(watcher.serving(DIGEST_X)) == 1, what="first announcement")
+            first = watcher.table.get(identity.peer_id, now_ms())
+        async with AsyncExitStack() as second_life:
+            peer = await start(second_life, identity, bootstrap=boot.addrs)  # new port, fresh process state
+            peer.update_capacity(models=[offer(DIGEST_Y)], free_slots=3, total_slots=3)
+            await wait_until(lambda: len(watcher.serving(DIGEST_Y)) == 1, what="announcement after restart")
+            second = watcher.table.get(identity.peer_id, now_ms())
+            assert second.seq > first.seq and second.addrs != first.addrs
+            assert watcher.serving(DIGEST_X) == []  # the old offer is gone, not merged
+
+
+async def test_dht_provider_lookup_finds_exactly_the_serving_peers() -> None:
+    async with AsyncExitStack() as stack:
+        boot = await start(stack, role="bootstrap")
+        peers = [await start(stack, bootstrap=boot.addrs) for _ in range(6)]
+        for p in peers[:3]:
+            p.update_capacity(models=[offer(DIGEST_X)], free_slots=1, total_slots=1)
+        for p in peers[3:5]:
+            p.update_capacity(models=[offer(DIGEST_Y)], free_slots=1, total_slots=1)
+        for p in peers:
+            await p.wait_announced()
+        serving_x = {p.peer_id for p in peers[:3]}
+        serving_y = {p.peer_id for p in peers[3:5]}
+        # A client joining now has heard no gossip yet, but finds the servers through the DHT.
+        client = await start(stack, role="client", bootstrap=boot.addrs)
+        found: dict[bytes, set[str]] = {}
+
+        async def lookups_converge() -> None:
+            while True:
+                found[DIGEST_X] = {i.peer_id for i in await client.find_providers(DIGEST_X, timeout=5)}
+                found[DIGEST_Y] = {i.peer_id for i in await client.find_providers(DIGEST_Y, timeout=5)}
+                if found[DIGEST_X] == serving_x and found[DIGEST_Y] == serving_y:
+                    return
+                await trio.sleep(0.2)
+
+        with trio.move_on_after(30):
+            await lookups_converge()
+        assert found[DIGEST_X] == serving_x and found[DIGEST_Y] == serving_y
+        infos = await client.find_providers(DIGEST_X)
+        assert all(i.addrs for i in infos)  # dialable
+        # The DHT speaks only our private protocol, never the public IPFS one.
+        protocols = boot.host.get_peerstore().get_protocols(peers[0].host.get_id())
+        assert DHT_PROTOCOL_ID in protocols and "/ipfs/kad/1.0.0" not in protocols
+        assert "/ipfs/kad/1.0.0" not in client.host.get_mux().handlers if hasattr(client.host.get_mux(), "handlers") else True
+
+
+async def test_plaintext_only_dialer_is_refused() -> None:
+    async with AsyncExitStack() as stack:
+        node = await start(stack, role="bootstrap")
+        keypair = create_new_key_pair()
+        plaintext_host = new_host(key_pair=keypair,
+                                  sec_opt={TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(keypair)})
+        await stack.enter_async_context(plaintext_host.run([multiaddr.Multiaddr(LOCAL[0])]))
+        with trio.move_on_after(10):
+            with pytest.raises(Exception):
+                await plaintext_host.connect(info_from_p2p_addr(multiaddr.Multiaddr(node.addrs[0])))
+        assert plaintext_host.get_connected_peers() == []
+        assert node.connected_peers() == []
