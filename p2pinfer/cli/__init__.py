@@ -16,7 +16,8 @@ from ..config import load_config
 from .common import AppContext, run_cli
 from .keys import keys
 from .models import models
-from .net import bootstrap_cmd, peer_cmd
+from .net import bootstrap_cmd
+from .peer import peer_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

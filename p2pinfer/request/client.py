@@ -115,6 +115,7 @@ class AsyncClient:
         discovery_timeout: float = 10.0,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
         epoch_seed: bytes = b"",
+        busy_timeout: float = 30.0,
         config: Any = None,
     ) -> None:
         if config is not None and not bootstrap:
@@ -127,6 +128,7 @@ class AsyncClient:
         self.discovery_timeout = discovery_timeout
         self.max_candidates = max_candidates
         self.epoch_seed = epoch_seed
+        self.busy_timeout = busy_timeout
         self._node: Node | None = None
         self._node_cm: Node | None = None
         self.nursery: trio.Nursery | None = None
@@ -227,53 +229,70 @@ class AsyncClient:
         request = build_request(model_digest=digest, client_key=self.identity.public_key, prompt=prompt,
                                 messages=messages, **params)
         request_id = request.request_id()
-        bids = await self._collect_bids(request, request_id)
-        election = elect(request_id, self.epoch_seed, bids)
-        for rejection in election.rejected:
-            log.info("election.bid_rejected", request_id=request_id.hex()[:16], reason=rejection.reason,
-                     detail=rejection.detail)
-        ranking = [peer_id_from_public_key(pk) for pk, _ in election.ranking]
-        if not ranking:
+        progress = _Progress()
+        give_up_at = trio.current_time() + self.busy_timeout
+        backoff = 0.05
+        while True:
+            bids, busy = await self._collect_bids(request, request_id)
+            election = elect(request_id, self.epoch_seed, bids)
+            for rejection in election.rejected:
+                log.info("election.bid_rejected", request_id=request_id.hex()[:16], reason=rejection.reason,
+                         detail=rejection.detail)
+            ranking = [peer_id_from_public_key(r.public_key) for r in election.ranking]
+            if ranking:
+                evidence = ElectionEvidence(request_id, self.epoch_seed, election.accepted, tuple(ranking))
+                elected_at = time.perf_counter()
+                log.debug("election.done", request_id=request_id.hex()[:16], executor=ranking[0],
+                          bidders=len(ranking), election_ms=round((elected_at - started) * 1000, 1))
+                round_start = len(progress.attempts)
+                for attempt, peer_id in enumerate(ranking):
+                    result: Signed[InferenceResult] | None = None
+                    async for item in self._attempt(request, request_id, evidence, attempt, peer_id, progress):
+                        if isinstance(item, StreamChunk):
+                            if progress.first_token_at is None:
+                                progress.first_token_at = time.perf_counter()
+                            yield item
+                        else:
+                            result = item
+                    if result is not None:
+                        yield self._completion(progress, result, peer_id, digest, request_id, evidence, started,
+                                               elected_at)
+                        return
+                busy = all(a.outcome == "refused:busy" for a in progress.attempts[round_start:])
+            if not busy or trio.current_time() + backoff > give_up_at:
+                break
+            log.debug("request.all_busy_retrying", request_id=request_id.hex()[:16], backoff_s=backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+        if not progress.attempts:
             raise NoBidsInTime(f"no valid bid for model {model!r} within {self.bid_timeout} s "
                                "(all candidates busy, unreachable or sent invalid proofs)")
-        evidence = ElectionEvidence(request_id, self.epoch_seed, election.accepted, tuple(ranking))
-        elected_at = time.perf_counter()
-        log.debug("election.done", request_id=request_id.hex()[:16], executor=ranking[0], bidders=len(ranking),
-                  election_ms=round((elected_at - started) * 1000, 1))
+        summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts[-8:])
+        raise AllCandidatesFailed(f"all elected candidates failed ({summary})")
 
-        progress = _Progress()
-        for attempt, peer_id in enumerate(ranking):
-            result: Signed[InferenceResult] | None = None
-            async for item in self._attempt(request, request_id, evidence, attempt, peer_id, progress):
-                if isinstance(item, StreamChunk):
-                    if progress.first_token_at is None:
-                        progress.first_token_at = time.perf_counter()
-                    yield item
-                else:
-                    result = item
-            if result is not None:
-                finished = time.perf_counter()
-                yield Completion(
-                    text="".join(progress.text_parts),
-                    token_ids=tuple(progress.token_ids),
-                    finish_reason=result.message.finish_reason,
-                    executor=peer_id,
-                    model=digest,
-                    request_id=request_id,
-                    election=evidence,
-                    result=result,
-                    attempts=tuple(progress.attempts),
-                    timings={
-                        "election_s": elected_at - started,
-                        "first_token_s": (progress.first_token_at or finished) - started,
-                        "total_s": finished - started,
-                    },
-                )
-                return
-        summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts)
-        raise AllCandidatesFailed(f"all {len(ranking)} elected candidates failed ({summary})")
+    @staticmethod
+    def _completion(progress: _Progress, result: Signed[InferenceResult], peer_id: str, digest: bytes,
+                    request_id: bytes, evidence: ElectionEvidence, started: float, elected_at: float) -> Completion:
+        finished = time.perf_counter()
+        return Completion(
+            text="".join(progress.text_parts),
+            token_ids=tuple(progress.token_ids),
+            finish_reason=result.message.finish_reason,
+            executor=peer_id,
+            model=digest,
+            request_id=request_id,
+            election=evidence,
+            result=result,
+            attempts=tuple(progress.attempts),
+            timings={
+                "election_s": elected_at - started,
+                "first_token_s": (progress.first_token_at or finished) - started,
+                "total_s": finished - started,
+            },
+        )
 
-    async def _collect_bids(self, request: Request, request_id: bytes) -> list[Bid]:
+    async def _collect_bids(self, request: Request, request_id: bytes) -> tuple[list[Bid], bool]:
+        """Offer the request to the candidates; returns the bids and whether any candidate said busy."""
         infos = await self.node.candidates(request.model, timeout=min(self.discovery_timeout, 5.0))
         if not infos:
             raise NoPeerServesModel(f"no peer with free capacity serves model {request.model.hex()[:16]}…")
@@ -282,6 +301,7 @@ class AsyncClient:
                           epoch_seed=self.epoch_seed, expires_at_ms=now_ms() + OFFER_TTL_MS)
         offer_bytes = encode_signed(self.identity, offer)
         bids: list[Bid] = []
+        busy: list[str] = []
 
         async def ask(peer_id: str) -> None:
             try:
@@ -297,6 +317,8 @@ class AsyncClient:
             message = signed.message
             if isinstance(message, Refusal):
                 log.debug("bid.refused", peer_id=peer_id, code=message.code, message=message.message)
+                if message.code == "busy":
+                    busy.append(peer_id)
                 return
             if message.bid.public_key != signed.signer or message.bid.request_id != request_id:
                 log.warning("bid.rejected", peer_id=peer_id, reason="bid names another key or request")
@@ -307,7 +329,7 @@ class AsyncClient:
             async with trio.open_nursery() as nursery:
                 for peer_id in chosen:
                     nursery.start_soon(ask, peer_id)
-        return bids
+        return bids, bool(busy)
 
     async def _attempt(self, request: Request, request_id: bytes, evidence: ElectionEvidence, attempt: int,
                        peer_id: str, progress: _Progress) -> AsyncIterator[Any]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-import trio
-
 from .. import vrf
 from ..election import NotElected, check_won, elect, make_bid
 from ..identity import Identity
@@ -91,6 +89,8 @@ class TaskServer:
         self.free_slots = slots
         self.decode_speeds = decode_speeds or {}
         self.completed = 0
+        self.busy = 0
+        self.max_busy = 0  # most requests ever run at once (observability; tests check concurrency)
         self._vrf_key = vrf.SecretKey(identity.seed)
         self._assignments = ReplayGuard()
 
@@ -176,14 +176,14 @@ class TaskServer:
                       attempt=assignment.attempt)
         except NotElected as exc:
             return "not-winner", f"refusing the task: {exc}"
+        if self.free_slots <= 0:  # before the replay check: the client may retry once a slot is free
+            return "busy", f"all {self.slots} slots are in use"
         try:
             self._assignments.check_and_remember(
-                tagged_hash("p2pinfer/v1/assignment-seen", request_id, assignment.attempt.to_bytes(2, "big")),
+                tagged_hash("p2pinfer/v1/assignment-seen", request_id, len(assignment.prefix_ids).to_bytes(4, "big")),
                 expires_at_ms=request.created_at_ms + REQUEST_MAX_AGE_MS + REQUEST_MAX_SKEW_MS, now=now)
         except WireError:
             return "invalid", "this assignment was already received (replay)"
-        if self.free_slots <= 0:
-            return "busy", f"all {self.slots} slots are in use"
         return None
 
     async def _execute(self, frames: FrameStream, request: Request, request_id: bytes, model: LoadedModel,
@@ -220,10 +220,13 @@ class TaskServer:
 
     def _take_slot(self) -> None:
         self.free_slots -= 1
+        self.busy += 1
+        self.max_busy = max(self.max_busy, self.busy)
         if self.free_slots == 0:  # announce only the transitions that change who may be offered work
             self.node.update_capacity(free_slots=0)
 
     def _release_slot(self) -> None:
         self.free_slots += 1
+        self.busy -= 1
         if self.free_slots == 1:
             self.node.update_capacity(free_slots=self.free_slots)
