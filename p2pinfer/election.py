@@ -110,10 +110,11 @@ def election_input(request_id: bytes, epoch_seed: bytes = b"") -> bytes:
     return tagged_hash(ELECTION_DOMAIN, request_id, epoch_seed)
 
 
-def make_bid(secret_seed: bytes, request_id: bytes, epoch_seed: bytes = b"") -> Bid:
-    """A candidate's bid for a request (what it sends to the client)."""
-    proof = vrf.prove(secret_seed, election_input(request_id, epoch_seed))
-    return Bid(request_id=bytes(request_id), public_key=vrf.public_key(secret_seed), proof=proof)
+def make_bid(secret_key: vrf.SecretKey | bytes, request_id: bytes, epoch_seed: bytes = b"") -> Bid:
+    """A candidate's bid for a request (what it sends to the client); ``secret_key`` may be a bare seed."""
+    key = secret_key if isinstance(secret_key, vrf.SecretKey) else vrf.SecretKey(secret_key)
+    proof = key.prove(election_input(request_id, epoch_seed))
+    return Bid(request_id=bytes(request_id), public_key=key.public_key, proof=proof)
 
 
 def _check_shape(bid: Any) -> str | None:

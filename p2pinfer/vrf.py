@@ -42,6 +42,7 @@ __all__ = [
     "PUBLIC_KEY_SIZE",
     "SEED_SIZE",
     "VRFError",
+    "SecretKey",
     "prove",
     "proof_to_hash",
     "verify",
@@ -226,6 +227,30 @@ def _gamma_to_hash(gamma: bytes) -> bytes:
 # ---- public API ---------------------------------------------------------------------------------------
 
 
+class SecretKey:
+    """A VRF secret key with its derived values, for peers that prove many times (saves re-deriving them)."""
+
+    __slots__ = ("_x", "_nonce_key", "public_key")
+
+    def __init__(self, secret_seed: bytes) -> None:
+        self._x, self._nonce_key = _secret_scalar(secret_seed)
+        self.public_key: bytes = _base_mult(self._x)
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"SecretKey(public_key={self.public_key.hex()})"
+
+    def prove(self, alpha: bytes) -> bytes:
+        """ECVRF_prove (section 5.1): the 80-byte proof for ``alpha``."""
+        x, y = self._x, self.public_key
+        h = _encode_to_curve(y, bytes(alpha))
+        gamma = _prime_order_mult(x, h)
+        # ECVRF_nonce_generation_RFC8032 (section 5.4.2.2).
+        k = int.from_bytes(hashlib.sha512(self._nonce_key + h).digest(), "little") % GROUP_ORDER
+        c_string = _challenge(y, h, gamma, _base_mult(k), _prime_order_mult(k, h))
+        s = (k + int.from_bytes(c_string, "little") * x) % GROUP_ORDER
+        return gamma + c_string + _scalar(s)
+
+
 def public_key(secret_seed: bytes) -> bytes:
     """The public key (= Ed25519 public key) of a 32-byte secret seed."""
     x, _ = _secret_scalar(secret_seed)
@@ -234,16 +259,7 @@ def public_key(secret_seed: bytes) -> bytes:
 
 def prove(secret_seed: bytes, alpha: bytes) -> bytes:
     """ECVRF_prove (section 5.1): the 80-byte proof for ``alpha`` under the Ed25519 seed ``secret_seed``."""
-    x, nonce_key = _secret_scalar(secret_seed)
-    alpha = bytes(alpha)
-    y = _base_mult(x)
-    h = _encode_to_curve(y, alpha)
-    gamma = _prime_order_mult(x, h)
-    # ECVRF_nonce_generation_RFC8032 (section 5.4.2.2).
-    k = int.from_bytes(hashlib.sha512(nonce_key + h).digest(), "little") % GROUP_ORDER
-    c_string = _challenge(y, h, gamma, _base_mult(k), _prime_order_mult(k, h))
-    s = (k + int.from_bytes(c_string, "little") * x) % GROUP_ORDER
-    return gamma + c_string + _scalar(s)
+    return SecretKey(secret_seed).prove(alpha)
 
 
 def proof_to_hash(pi: bytes) -> bytes:

@@ -213,13 +213,13 @@ def test_executor_choice_is_uniform_over_5000_elections() -> None:
     of executor counts against uniform must not reject at 1%. Every peer also holds every rank about equally
     often (chi-square over the 5x5 rank table, 16 dof)."""
     peers, elections = 5, 5000
-    seeds = [_seed("fair-peer", i) for i in range(peers)]
-    index = {vrf.public_key(s): i for i, s in enumerate(seeds)}
+    keys = [vrf.SecretKey(_seed("fair-peer", i)) for i in range(peers)]
+    index = {k.public_key: i for i, k in enumerate(keys)}
     wins = [0] * peers
     ranks = [[0] * peers for _ in range(peers)]
     for j in range(elections):
         request_id = _seed("fair-request", j)
-        result = elect(request_id, b"", [make_bid(s, request_id) for s in seeds])
+        result = elect(request_id, b"", [make_bid(k, request_id) for k in keys])
         assert len(result.ranking) == peers
         wins[index[result.executor]] += 1
         for rank, ranked in enumerate(result.ranking):

@@ -292,6 +292,15 @@ def test_gamma_with_small_order_component_is_verified_as_the_rfc_says(residue: i
         vrf.verify(pk, other, alpha)
 
 
+@FAST
+@given(seed=seeds, alpha=alphas)
+def test_secret_key_object_proves_the_same(seed: bytes, alpha: bytes) -> None:
+    key = vrf.SecretKey(seed)
+    assert key.public_key == vrf.public_key(seed)
+    assert key.prove(alpha) == vrf.prove(seed, alpha)
+    assert seed.hex() not in repr(key)
+
+
 def test_wrong_seed_size_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
         vrf.prove(b"short", b"")
