@@ -9,6 +9,7 @@ call during the run), with a breakdown of what a call spends its time on.
 
     python benchmarks/election_fairness.py                 # the full 100,000 elections
     python benchmarks/election_fairness.py --elections 5000 --workers 2
+    python benchmarks/election_fairness.py --elections 0        # prove/verify timings only
 
 Everything is deterministic (keys and request IDs are hashes of their index), so two runs with the same
 arguments give the same counts.
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (shared machines slow this down)")
     _timings(args.timing_calls)
+    if args.elections <= 0:
+        return 0
 
     chunks = [
         (start, min(start + args.chunk, args.elections), args.peers, args.verifiers)

@@ -108,15 +108,22 @@ def _double(point: bytes) -> bytes:
         raise _NotOnCurve from None
 
 
+def _decode_and_double(encoded: bytes) -> bytes | None:
+    """2*P if ``encoded`` decodes to a curve point P under RFC 8032 section 5.1.3 (any order), else None.
+
+    The doubling is the validity check; callers that clear the cofactor reuse it.
+    """
+    if len(encoded) != POINT_SIZE or not _is_canonical_encoding(encoded):
+        return None
+    try:
+        return _double(encoded)
+    except _NotOnCurve:
+        return None
+
+
 def _string_to_point_ok(encoded: bytes) -> bool:
     """True when ``encoded`` decodes to a curve point under RFC 8032 section 5.1.3 (any order)."""
-    if len(encoded) != POINT_SIZE or not _is_canonical_encoding(encoded):
-        return False
-    try:
-        _double(encoded)
-    except _NotOnCurve:
-        return False
-    return True
+    return _decode_and_double(encoded) is not None
 
 
 def _times_cofactor(point: bytes) -> bytes:
@@ -205,23 +212,24 @@ def _secret_scalar(secret_seed: bytes) -> tuple[int, bytes]:
     return int.from_bytes(clamped, "little") % GROUP_ORDER, digest[32:]
 
 
-def _decode_proof(pi: bytes) -> tuple[bytes, int, int]:
-    """ECVRF_decode_proof (section 5.4.4): (Gamma string, c, s), or VRFError."""
+def _decode_proof(pi: bytes) -> tuple[bytes, bytes, int, int]:
+    """ECVRF_decode_proof (section 5.4.4): (Gamma string, 2*Gamma, c, s), or VRFError."""
     if len(pi) != PROOF_SIZE:
         raise VRFError("proof-length", f"a proof is {PROOF_SIZE} bytes, got {len(pi)}")
     gamma = pi[:POINT_SIZE]
-    if not _string_to_point_ok(gamma):
+    gamma_doubled = _decode_and_double(gamma)
+    if gamma_doubled is None:
         raise VRFError("proof-gamma", "Gamma is not the encoding of a curve point")
     c = int.from_bytes(pi[POINT_SIZE : POINT_SIZE + CHALLENGE_SIZE], "little")
     s = int.from_bytes(pi[POINT_SIZE + CHALLENGE_SIZE :], "little")
     if s >= GROUP_ORDER:
         raise VRFError("proof-scalar", "s is not below the group order")
-    return gamma, c, s
+    return gamma, gamma_doubled, c, s
 
 
-def _gamma_to_hash(gamma: bytes) -> bytes:
-    """Section 5.2 steps 3-5 for a Gamma already known to be a curve point."""
-    return hashlib.sha512(SUITE_STRING + _HASH_FRONT + _times_cofactor(gamma) + _BACK).digest()
+def _output(gamma_doubled: bytes) -> bytes:
+    """Section 5.2 steps 3-5, given 2*Gamma: beta = Hash(suite || 0x03 || 8*Gamma || 0x00)."""
+    return hashlib.sha512(SUITE_STRING + _HASH_FRONT + _double(_double(gamma_doubled)) + _BACK).digest()
 
 
 # ---- public API ---------------------------------------------------------------------------------------
@@ -264,8 +272,8 @@ def prove(secret_seed: bytes, alpha: bytes) -> bytes:
 
 def proof_to_hash(pi: bytes) -> bytes:
     """ECVRF_proof_to_hash (section 5.2): the 64-byte output ``beta`` of a proof (does NOT verify it)."""
-    gamma, _, _ = _decode_proof(bytes(pi))
-    return _gamma_to_hash(gamma)
+    _, gamma_doubled, _, _ = _decode_proof(bytes(pi))
+    return _output(gamma_doubled)
 
 
 def verify(public_key: bytes, pi: bytes, alpha: bytes) -> bytes:
@@ -273,10 +281,10 @@ def verify(public_key: bytes, pi: bytes, alpha: bytes) -> bytes:
     public_key, pi, alpha = bytes(public_key), bytes(pi), bytes(alpha)
     if len(public_key) != PUBLIC_KEY_SIZE or not _sodium.crypto_core_ed25519_is_valid_point(public_key):
         raise VRFError("public-key", "not a canonical Ed25519 public key of the prime-order subgroup")
-    gamma, c, s = _decode_proof(pi)
+    gamma, gamma_doubled, c, s = _decode_proof(pi)
     h = _encode_to_curve(public_key, alpha)
     u = _sodium.crypto_core_ed25519_sub(_base_mult(s), _prime_order_mult(c, public_key))
     v = _sodium.crypto_core_ed25519_sub(_prime_order_mult(s, h), _any_order_mult(c, gamma))
     if not hmac.compare_digest(_challenge(public_key, h, gamma, u, v), pi[POINT_SIZE : POINT_SIZE + CHALLENGE_SIZE]):
         raise VRFError("proof-invalid", "the proof does not verify for this public key and input")
-    return _gamma_to_hash(gamma)
+    return _output(gamma_doubled)
