@@ -38,9 +38,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from .. import __version__
 from ..identity import Identity
 from ..log import get_logger
-from ..wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
+from ..wire import CapacityAnnouncement, ModelOffer, WireError, codec, encode_signed, now_ms
 from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
-from .announcements import AnnouncementTable, ServingPeer
+from .announcements import AnnouncementRejected, AnnouncementTable, ServingPeer
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
 from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
@@ -51,6 +51,14 @@ from .streams import DEFAULT_MAX_FRAME, FrameStream, encode_error, encode_ok
 log = get_logger("p2pinfer.net.node")
 
 Role = Literal["peer", "bootstrap", "client"]
+
+# A newly joined node asks its bootstrap nodes for the live announcements they hold, instead of waiting
+# up to a whole announce interval for gossip. The reply is a msgpack array of signed announcement
+# envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
+# withhold announcements but never forge one.
+SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
+MAX_SYNC_FRAME = 1 << 20
+MAX_SYNC_ANNOUNCEMENTS = 256
 StreamHandler = Callable[[FrameStream], Awaitable[None]]
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
@@ -103,6 +111,7 @@ class Node:
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self._last_announcement: tuple[bytes, int] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -123,8 +132,12 @@ class Node:
             log.info("node.started", peer_id=self.peer_id, role=self.config.role, addrs=self.addrs)
             bootstrap = [parse_peer_multiaddr(a) for a in self.config.bootstrap]
             bootstrap = [b for b in merge_peer_infos(bootstrap) if b.peer_id != self.peer_id]
+            self.register_request_handler(SYNC_PROTOCOL, self._serve_sync, max_frame=MAX_SYNC_FRAME)
             if bootstrap:
                 await self.discovery.bootstrap(bootstrap, connect=self.connect)
+                async with trio.open_nursery() as sync_nursery:
+                    for info in bootstrap:
+                        sync_nursery.start_soon(self.sync_announcements, info.peer_id)
             if self.config.role != "bootstrap":
                 self._nursery.start_soon(self._announce_loop)
         except BaseException:
@@ -329,6 +342,7 @@ class Node:
     async def announce_now(self) -> CapacityAnnouncement:
         announcement = self.build_announcement()
         envelope = encode_signed(self.identity, announcement)
+        self._last_announcement = (envelope, announcement.expires_at_ms)
         await self.gossip.publish(envelope)
         self.stats["announcements.sent"] += 1
         log.debug("gossip.announced", seq=announcement.seq, models=len(announcement.models),
@@ -361,6 +375,44 @@ class Node:
 
     async def wait_announced(self) -> None:
         await self._announced_once.wait()
+
+    async def _serve_sync(self, peer_id: str, body: bytes) -> bytes:
+        now = now_ms()
+        envelopes = []
+        for announcement in self.table.live(now):
+            signed = self.table.get_signed(announcement.peer_id, now)
+            if signed is not None:
+                envelopes.append(signed.to_bytes())
+        own = self._last_announcement
+        if own is not None and own[1] > now:
+            envelopes.append(own[0])
+        return codec.encode(envelopes[:MAX_SYNC_ANNOUNCEMENTS])
+
+    async def sync_announcements(self, peer_id: str, *, timeout: float = 5.0) -> int:
+        """Ask ``peer_id`` for the live announcements it holds; returns how many were new to us."""
+        try:
+            reply = await self.request(peer_id, SYNC_PROTOCOL, b"", timeout=timeout, max_frame=MAX_SYNC_FRAME)
+            envelopes = codec.decode(reply, max_size=MAX_SYNC_FRAME)
+        except (NetError, WireError) as exc:
+            log.debug("sync.failed", peer_id=peer_id, error=str(exc)[:200])
+            return 0
+        if not isinstance(envelopes, list):
+            log.debug("sync.failed", peer_id=peer_id, error="reply is not an array")
+            return 0
+        accepted = 0
+        for data in envelopes[:MAX_SYNC_ANNOUNCEMENTS]:
+            if not isinstance(data, bytes):
+                continue
+            try:
+                signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
+            except AnnouncementRejected as exc:
+                self.stats[f"sync.rejected.{exc.reason}"] += 1
+                continue
+            if signed.message.peer_id != self.peer_id:
+                accepted += 1
+        self.stats["sync.accepted"] += accepted
+        log.debug("sync.done", peer_id=peer_id, received=len(envelopes), accepted=accepted)
+        return accepted
 
     # ---- lookups for the request path ---------------------------------------------------------------
 
