@@ -12,5 +12,31 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from .errors import P2PInferError
 from .identity import Identity, peer_id_from_public_key
+from .request.client import AsyncClient, Completion, ElectionEvidence, StreamChunk
+from .request.errors import (
+    AllCandidatesFailed,
+    BadParameters,
+    NoBidsInTime,
+    NoPeerServesModel,
+    NotConnected,
+    RequestError,
+)
+from .request.sync import Client
 
-__all__ = ["__version__", "Identity", "P2PInferError", "peer_id_from_public_key"]
+__all__ = [
+    "__version__",
+    "AllCandidatesFailed",
+    "AsyncClient",
+    "BadParameters",
+    "Client",
+    "Completion",
+    "ElectionEvidence",
+    "Identity",
+    "NoBidsInTime",
+    "NoPeerServesModel",
+    "NotConnected",
+    "P2PInferError",
+    "RequestError",
+    "StreamChunk",
+    "peer_id_from_public_key",
+]

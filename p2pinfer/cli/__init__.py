@@ -18,6 +18,7 @@ from .keys import keys
 from .models import models
 from .net import bootstrap_cmd
 from .peer import peer_cmd
+from .generate import generate_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,6 +43,7 @@ cli.add_command(keys)
 cli.add_command(models)
 cli.add_command(bootstrap_cmd)
 cli.add_command(peer_cmd)
+cli.add_command(generate_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,62 @@
+"""``p2pinfer generate``: ask the network for a completion and stream it to the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import trio
+
+from .common import AppContext
+from .net import PEERS_FILE, check_bootstrap, read_peers_file
+
+
+@click.command("generate")
+@click.argument("prompt")
+@click.option("--bootstrap", "bootstrap", multiple=True, metavar="MULTIADDR",
+              help="Bootstrap node or peer to join through (repeatable); also read from the config.")
+@click.option("--model", required=True, help="Model name or digest (see the peers' announcements).")
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user chat message (the model's chat template).")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables top-k.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--seed", type=int, default=None, help="Sampling seed, for reproducible sampled output.")
+@click.pass_obj
+def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model: str, chat: bool,
+                 max_tokens: int, temperature: float, top_p: float, top_k: int, stop: tuple[str, ...],
+                 seed: int | None) -> None:
+    """Generate text for PROMPT on the network; the answer streams to stdout, the executor and timings to
+    stderr."""
+    from ..errors import P2PInferError
+    from ..request.client import AsyncClient, Completion, StreamChunk
+
+    peers = check_bootstrap([*bootstrap, *app.config.bootstrap, *read_peers_file(PEERS_FILE)])
+    if not peers:
+        raise P2PInferError("no bootstrap address: pass --bootstrap MULTIADDR (printed by `p2pinfer bootstrap`)")
+    content = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+
+    async def run() -> Completion:
+        async with AsyncClient(bootstrap=peers) as client:
+            completion = None
+            async for item in client.stream_with_result(model=model, max_tokens=max_tokens,
+                                                        temperature=temperature, top_p=top_p, top_k=top_k,
+                                                        stop=list(stop), seed=seed, **content):
+                if isinstance(item, StreamChunk):
+                    sys.stdout.write(item.text)
+                    sys.stdout.flush()
+                else:
+                    completion = item
+            assert completion is not None
+            return completion
+
+    completion = trio.run(run)
+    sys.stdout.write("\n")
+    t = completion.timings
+    click.echo(f"executor {completion.executor} (ranked first of {len(completion.election.ranking)} bidders); "
+               f"{len(completion.token_ids)} tokens, finish={completion.finish_reason}; election "
+               f"{t['election_s'] * 1000:.0f} ms, first token {t['first_token_s'] * 1000:.0f} ms, "
+               f"total {t['total_s']:.2f} s", err=True)
+    if len(completion.attempts) > 1:
+        click.echo("failover: " + ", ".join(f"{a.peer_id[-8:]}={a.outcome}" for a in completion.attempts), err=True)
