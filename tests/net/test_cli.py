@@ -38,14 +38,14 @@ def stop(proc: subprocess.Popen[str], sig: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def test_bootstrap_and_peer_join_and_stop_cleanly(tmp_path: Path) -> None:
+def test_bootstrap_and_peer_join_serve_and_stop_cleanly(tmp_path: Path, shared_models: Path) -> None:
     boot = spawn(tmp_path, "boot", "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0")
     peer = None
     try:
         boot_addr = first_line(boot)
         assert boot_addr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in boot_addr
         peer = spawn(tmp_path, "peer", "--log-level", "info", "peer", "--listen", "/ip4/127.0.0.1/tcp/0",
-                     "--bootstrap", boot_addr)
+                     "--bootstrap", boot_addr, "--model", str(shared_models / "tiny-llama-trained"))
         peer_addr = first_line(peer)
         assert "/p2p/12D3KooW" in peer_addr and peer_addr != boot_addr
         # The key was created in the data directory, private, and is reused on the next start.
@@ -55,6 +55,9 @@ def test_bootstrap_and_peer_join_and_stop_cleanly(tmp_path: Path) -> None:
         assert rc == 0 and "Traceback" not in err, err
         assert "event=dht.bootstrapped" in err and "reached=1" in err
         assert "event=node.stopped" in err
+        # The model folder was imported into the peer's store and served.
+        assert "event=peer.model_ready" in err and "decode_tokens_per_s=" in err
+        assert len(list((tmp_path / "peer" / "models").iterdir())) == 1
     finally:
         if peer is not None and peer.poll() is None:
             peer.kill()
@@ -64,7 +67,8 @@ def test_bootstrap_and_peer_join_and_stop_cleanly(tmp_path: Path) -> None:
 
 
 def test_bad_bootstrap_address_is_a_clear_error(tmp_path: Path) -> None:
-    proc = spawn(tmp_path, "peer", "peer", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", "/ip4/1.2.3.4/tcp/1")
+    proc = spawn(tmp_path, "peer", "peer", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", "/ip4/1.2.3.4/tcp/1",
+                 "--model", "no-model-needed-the-address-fails-first")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1 and "Traceback" not in err
     assert "no /p2p/<peer id> part" in err
