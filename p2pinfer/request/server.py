@@ -17,12 +17,14 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import trio
+
 from .. import vrf
 from ..election import NotElected, check_won, elect, make_bid
 from ..identity import Identity
 from ..log import get_logger
 from ..net import FrameStream, NetError, Node
-from ..runtime import LoadedModel, SamplingParams, TokenStream, generate, sampling_seed
+from ..runtime import GeneratedToken, LoadedModel, SamplingParams, TokenStream, generate, sampling_seed
 from ..wire import (
     Assignment,
     InferenceResult,
@@ -52,6 +54,8 @@ from .protocol import (
 )
 
 log = get_logger("p2pinfer.server")
+
+MAX_TOKENS_PER_CHUNK = 256  # the TokenChunk schema's limit
 
 
 class InvalidOffer(P2PInferError):
@@ -191,10 +195,29 @@ class TaskServer:
         started_at = now_ms()
         log.info("task.started", request_id=request_id.hex()[:16], client=frames.remote_peer_id,
                  max_tokens=request.max_tokens)
-        async for token in stream:
-            chunk = TokenChunk(request_id=request_id, index=token.index, token_ids=(token.token_id,),
-                               text=token.text)
-            await frames.send(encode_signed(self.identity, chunk))
+        # Generation runs ahead in its own task; each frame carries every token produced while the previous
+        # frame was being signed and sent, so a slow link costs fewer frames, never added latency.
+        send_tokens, receive_tokens = trio.open_memory_channel[GeneratedToken](MAX_NEW_TOKENS)
+
+        async def produce() -> None:
+            async with send_tokens:
+                async for token in stream:
+                    await send_tokens.send(token)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            async with receive_tokens:
+                async for first in receive_tokens:
+                    batch = [first]
+                    while len(batch) < MAX_TOKENS_PER_CHUNK:
+                        try:
+                            batch.append(receive_tokens.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    chunk = TokenChunk(request_id=request_id, index=first.index,
+                                       token_ids=tuple(t.token_id for t in batch),
+                                       text="".join(t.text for t in batch))
+                    await frames.send(encode_signed(self.identity, chunk))
         result = stream.result
         assert result is not None
         message = InferenceResult(
