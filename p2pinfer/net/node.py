@@ -406,7 +406,9 @@ class Node:
             try:
                 signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
             except AnnouncementRejected as exc:
-                self.stats[f"sync.rejected.{exc.reason}"] += 1
+                if exc.reason != "stale":  # "stale": we already hold it (or a newer one) from gossip
+                    self.stats[f"sync.rejected.{exc.reason}"] += 1
+                    log.debug("sync.rejected", peer_id=peer_id, reason=exc.reason, detail=exc.detail[:200])
                 continue
             if signed.message.peer_id != self.peer_id:
                 accepted += 1

@@ -196,3 +196,19 @@ async def test_plaintext_only_dialer_is_refused() -> None:
                 await plaintext_host.connect(info_from_p2p_addr(multiaddr.Multiaddr(node.addrs[0])))
         assert plaintext_host.get_connected_peers() == []
         assert node.connected_peers() == []
+
+
+async def test_a_late_joiner_learns_live_announcements_at_once_from_its_bootstrap_node() -> None:
+    async with AsyncExitStack() as stack:
+        boot = await start(stack, role="bootstrap")
+        peers = [await start(stack, bootstrap=boot.addrs) for _ in range(3)]
+        for i, peer in enumerate(peers):
+            peer.update_capacity(models=[offer(bytes([i + 1]) * 32, f"model-{i}")], free_slots=1, total_slots=1)
+        everyone = {p.peer_id for p in peers}
+        await wait_until(lambda: {a.peer_id for a in boot.table.live(now_ms())} >= everyone, timeout=30,
+                         what="the bootstrap node to hold every announcement")
+        # The next periodic announcement is a minute away: only the sync on join can teach the client now.
+        client = await start(stack, bootstrap=boot.addrs, role="client")
+        assert {a.peer_id for a in client.table.live(now_ms())} == everyone
+        assert client.counters.get("sync.accepted") == 3
+        assert not any(key.startswith("sync.rejected") for key in client.counters)
