@@ -174,6 +174,10 @@ class Node:
             if rest is None:
                 log.debug("node.shutdown_noise_suppressed", error=repr(error)[:200])
                 return False if exc is not None else True
+            if exc is not None and _only_contains(rest, exc):
+                # py-libp2p's nurseries wrap the exception that ended the `async with` block in nested
+                # ExceptionGroups; let the original propagate as it was, so callers (and tests) see it.
+                return False
             raise rest from None
         finally:
             log.info("node.stopped", peer_id=self.peer_id)
@@ -406,7 +410,9 @@ class Node:
             try:
                 signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
             except AnnouncementRejected as exc:
-                if exc.reason != "stale":  # "stale": we already hold it (or a newer one) from gossip
+                if exc.reason == "stale":  # we already hold it (or a newer one), e.g. from gossip
+                    self.stats["sync.known"] += 1
+                else:
                     self.stats[f"sync.rejected.{exc.reason}"] += 1
                     log.debug("sync.rejected", peer_id=peer_id, reason=exc.reason, detail=exc.detail[:200])
                 continue
@@ -449,6 +455,13 @@ class Node:
     def counters(self) -> dict[str, int]:
         """Gossip drop reasons and acceptance counts, plus stream handler errors."""
         return dict(self.gossip.counters + self.stats)
+
+
+def _only_contains(error: BaseException, original: BaseException) -> bool:
+    """True when ``error`` is ``original`` or groups that hold nothing else."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_only_contains(e, original) for e in error.exceptions)
+    return error is original
 
 
 def _is_shutdown_noise(error: BaseException) -> bool:

@@ -53,7 +53,8 @@ async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
         # Nothing was rejected in an honest network, except "stale": a peer's start-up announcement and the
         # one made right after update_capacity() may arrive out of order over different mesh paths.
         for node in [boot, *peers]:
-            assert set(node.counters) <= {"accepted", "announcements.sent", "stale"}, node.counters
+            allowed = {"accepted", "announcements.sent", "stale", "sync.accepted", "sync.known"}
+            assert set(node.counters) <= allowed, node.counters
         # A change is announced promptly and replaces the old announcement everywhere.
         peers[3].update_capacity(free_slots=2)
         await wait_until(lambda: all(len(n.serving(bytes([4]) * 32, include_self=True)) == 1 for n in peers),
@@ -207,8 +208,11 @@ async def test_a_late_joiner_learns_live_announcements_at_once_from_its_bootstra
         everyone = {p.peer_id for p in peers}
         await wait_until(lambda: {a.peer_id for a in boot.table.live(now_ms())} >= everyone, timeout=30,
                          what="the bootstrap node to hold every announcement")
-        # The next periodic announcement is a minute away: only the sync on join can teach the client now.
+        # The next periodic announcement is a minute away: the sync on join teaches the client at once.
         client = await start(stack, bootstrap=boot.addrs, role="client")
         assert {a.peer_id for a in client.table.live(now_ms())} == everyone
-        assert client.counters.get("sync.accepted") == 3
-        assert not any(key.startswith("sync.rejected") for key in client.counters)
+        # Each came through the sync (new to the client, or already heard through GossipSub's recent-message
+        # gossip, which can win the race right after joining).
+        counters = client.counters
+        assert counters.get("sync.accepted", 0) + counters.get("sync.known", 0) == 3, counters
+        assert not any(key.startswith("sync.rejected") for key in counters)
