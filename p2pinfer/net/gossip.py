@@ -23,6 +23,8 @@ Workarounds for py-libp2p 0.8.1 that live here:
 
 from __future__ import annotations
 
+import hashlib
+
 from collections import Counter
 from typing import Any
 
@@ -62,12 +64,23 @@ def build_pubsub(host: IHost, *, heartbeat_s: int = HEARTBEAT_S) -> tuple[Pubsub
     pubsub = Pubsub(
         host,
         router,
+        # Workaround: py-libp2p 0.8.1 identifies messages by (source, seqno) and seeds each node's seqno
+        # counter with int(time.time()), in whole seconds. A peer restarted within a second or two reuses the
+        # seqnos of its previous life, and its fresh announcement is dropped everywhere as "already seen".
+        # Our payloads are unique signed announcements, so identify messages by (source, content) instead:
+        # a restarted peer's new announcement is new, an exact re-publish by the same source is a duplicate,
+        # and someone else re-publishing a peer's announcement still reaches the validator (source-mismatch).
+        msg_id_constructor=_content_id,
         strict_signing=True,
         # The RPC frame limit: an RPC may batch several messages, each announcement is at most 16 KiB.
         max_inbound_rpc_size=256 * 1024,
         allowed_topics={CAPACITY_TOPIC},
     )
     return pubsub, router
+
+
+def _content_id(msg: Any) -> bytes:
+    return hashlib.sha256(bytes(msg.from_id) + b"/" + bytes(msg.data)).digest()
 
 
 class CapacityGossip:

@@ -36,8 +36,8 @@ async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
             peer.update_capacity(models=[offer(bytes([i + 1]) * 32, f"model-{i}")], free_slots=i % 3, total_slots=2)
         everyone = {p.peer_id for p in peers}
 
-        def all_learned() -> bool:
-            return all({a.peer_id for a in n.table.live(now_ms())} >= everyone for n in [boot, *peers])
+        def all_learned() -> bool:  # every node holds every peer's announcement *with* its model
+            return all({a.peer_id for a in n.table.live(now_ms()) if a.models} >= everyone for n in [boot, *peers])
 
         await wait_until(all_learned, timeout=30, what="every node to hold all 10 announcements")
         # The bootstrap node announces nothing; the table says who serves what, with how many free slots.
@@ -117,9 +117,11 @@ async def test_bad_announcements_are_dropped_and_never_forwarded() -> None:
         await pubsub.publish(CAPACITY_TOPIC, valid)  # control: a valid one does get through the relay
         await wait_until(lambda: rogue_id.peer_id in watcher.table, what="the valid rogue announcement")
         await trio.sleep(0.05)
-        await pubsub.publish(CAPACITY_TOPIC, valid)  # the same signed bytes again: a replay
+        # The same signed bytes again: GossipSub's seen-cache (message ID = source + content) drops the exact
+        # replay before validation; once that cache has forgotten it, the sequence check below catches it.
+        await pubsub.publish(CAPACITY_TOPIC, valid)
         await pubsub.publish(CAPACITY_TOPIC, encode_signed(rogue_id, _announcement(rogue_id, seq=9)))  # older seq
-        await wait_until(lambda: relay.counters.get("stale", 0) >= 2, what="replays to be rejected")
+        await wait_until(lambda: relay.counters.get("stale", 0) >= 1, what="the older announcement to be rejected")
 
         for reason in bad:
             assert relay.counters.get(reason, 0) >= 1, (reason, relay.counters)
