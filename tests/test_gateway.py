@@ -162,6 +162,23 @@ async def test_errors_use_openai_status_codes_and_bodies(model):
             return out
 
         out = await trio.to_thread.run_sync(errors_before_killing)
+
+        def hang_up_after_the_first_token() -> None:
+            body = {"model": MODEL_NAME, "prompt": "import os\n", "max_tokens": 200, "temperature": 0.8,
+                    "seed": 99, "stream": True}
+            with httpx.stream("POST", f"{peer.gateway_url}/v1/completions", json=body,
+                              headers={"authorization": "Bearer s3cret"}, timeout=30) as response:
+                assert response.status_code == 200
+                next(response.iter_lines())
+
+        await trio.to_thread.run_sync(hang_up_after_the_first_token)
+        executor = net.peers[0].server
+        with trio.fail_after(10):  # the hang-up cancels the request in the network: the executor stops too
+            while not (executor.recent and executor.recent[-1].outcome.startswith("failed")):
+                await trio.sleep(0.02)
+        hung_up = peer.gateway.metrics.recent[-1]
+        assert hung_up.outcome == "cancelled" and hung_up.tokens < 200
+        assert executor.recent[-1].tokens < 200
         # The only peer serving the model dies: its announcement is still live, but nobody bids.
         await net.kill(net.peers[0].peer_id)
 
