@@ -71,8 +71,7 @@ class ServingPeer:
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
                 self._nursery = None
-            with trio.CancelScope(shield=True):
-                await stack.__aexit__(None, None, None)
+            await stack.__aexit__(None, None, None)
             raise
         self._stack = stack
         return self
@@ -97,9 +96,14 @@ class ServingPeer:
                 log.warning("control.in_use", path=str(self.control_socket),
                             hint="another peer runs with this data dir; `p2pinfer status` shows that one")
             else:
-                url = await nursery.start(serve_unix, self.gateway.asgi(api_key=None), self.control_socket)
-                self.gateway.urls["control"] = url
-                log.info("control.started", path=str(self.control_socket))
+                try:
+                    url = await nursery.start(serve_unix, self.gateway.asgi(api_key=None), self.control_socket)
+                except OSError as exc:  # e.g. a data dir path too long for a Unix socket: serve without it
+                    log.warning("control.unavailable", path=str(self.control_socket), error=str(exc)[:200],
+                                hint="`p2pinfer status` will not reach this peer; use a shorter --data-dir")
+                else:
+                    self.gateway.urls["control"] = url
+                    log.info("control.started", path=str(self.control_socket))
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         stack, self._stack = self._stack, None

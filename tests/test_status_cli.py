@@ -82,3 +82,16 @@ def test_status_tables_render_empty_and_missing_fields():
     text = render_status({"peer": {"peer_id": "12D3KooWabc", "credits": None}, "known_peers": [],
                           "recent_requests": [], "recent_tasks": []})
     assert "none: no live announcement yet" in text and "n/a (no ledger yet)" in text
+
+
+async def test_gateway_address_errors_are_clear(shared_models, tmp_path):
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for gateway, message in ((f"127.0.0.1:{port}", b"Address already in use; choose another --gateway"),
+                                 ("localhost:http", b"expected HOST:PORT, e.g. 127.0.0.1:8080")):
+            result = await p2pinfer(tmp_path / "peer", "peer", "--listen", "/ip4/127.0.0.1/tcp/0", "--model",
+                                    str(shared_models / MODEL_NAME), "--gateway", gateway)
+            assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+            assert b"Traceback" not in result.stderr
