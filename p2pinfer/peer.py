@@ -2,10 +2,16 @@
 
 ``async with ServingPeer(identity, config, models) as peer:`` joins the network, measures each model's decode
 speed, announces the models with free slots, and answers offers and assignments until the block exits.
+
+With ``gateway=(host, port)`` it also serves the OpenAI-compatible gateway (``peer.gateway_url`` once
+started), and with ``control_socket=PATH`` the local control endpoint that ``p2pinfer status`` reads; both
+run in the peer's own nursery (see :mod:`p2pinfer.gateway`).
 """
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Sequence
 
 import trio
@@ -23,14 +29,22 @@ DEFAULT_SLOTS = 2
 
 class ServingPeer:
     def __init__(self, identity: Identity, config: NodeConfig, models: Sequence[LoadedModel], *,
-                 slots: int = DEFAULT_SLOTS, measure_speed: bool = True) -> None:
+                 slots: int = DEFAULT_SLOTS, measure_speed: bool = True, gateway: tuple[str, int] | None = None,
+                 gateway_key: str | None = None, control_socket: Path | None = None) -> None:
         self.identity = identity
         self.config = config
         self.models = list(models)
         self.slots = slots
         self.measure_speed = measure_speed
+        self.gateway_bind = gateway
+        self.gateway_key = gateway_key
+        self.control_socket = control_socket
         self.node: Node | None = None
         self.server: TaskServer | None = None
+        self.gateway: Any = None  # p2pinfer.gateway.Gateway, when gateway or control socket is on
+        self.gateway_url: str | None = None
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
 
     @property
     def peer_id(self) -> str:
@@ -43,23 +57,67 @@ class ServingPeer:
                 speeds[model.digest] = await trio.to_thread.run_sync(measure_decode_speed, model)
                 log.info("peer.model_ready", model=model.name, digest=model.digest.hex()[:16],
                          decode_tokens_per_s=round(speeds[model.digest], 1))
-        self.node = await Node(self.identity, self.config).__aenter__()
+        stack = AsyncExitStack()
+        await stack.__aenter__()
         try:
+            self.node = await stack.enter_async_context(Node(self.identity, self.config))
             self.server = TaskServer(self.node, self.identity, self.models, slots=self.slots, decode_speeds=speeds)
             self.server.install()
+            if self.gateway_bind is not None or self.control_socket is not None:
+                self._nursery = await stack.enter_async_context(trio.open_nursery())
+                await self._start_http(self._nursery)
         except BaseException:
-            await self.node.__aexit__(None, None, None)
+            self.node = None
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+                self._nursery = None
+            await stack.__aexit__(None, None, None)
             raise
+        self._stack = stack
         return self
 
+    async def _start_http(self, nursery: trio.Nursery) -> None:
+        from .control import socket_in_use
+        from .gateway import Gateway, is_loopback, serve_tcp, serve_unix
+
+        assert self.node is not None
+        self.gateway = Gateway(self.node, self.identity, peer=self)
+        if self.gateway_bind is not None:
+            host, port = self.gateway_bind
+            self.gateway_url = await nursery.start(serve_tcp, self.gateway.asgi(api_key=self.gateway_key), host, port)
+            self.gateway.urls["gateway"] = f"{self.gateway_url}/v1"
+            log.info("gateway.started", url=f"{self.gateway_url}/v1", auth=self.gateway_key is not None)
+            if not is_loopback(host):
+                log.warning("gateway.public", host=host, auth=self.gateway_key is not None,
+                            hint="anyone who can reach this address can use the gateway"
+                                 + ("" if self.gateway_key else "; set --gateway-key"))
+        if self.control_socket is not None:
+            if socket_in_use(self.control_socket):
+                log.warning("control.in_use", path=str(self.control_socket),
+                            hint="another peer runs with this data dir; `p2pinfer status` shows that one")
+            else:
+                try:
+                    url = await nursery.start(serve_unix, self.gateway.asgi(api_key=None), self.control_socket)
+                except OSError as exc:  # e.g. a data dir path too long for a Unix socket: serve without it
+                    log.warning("control.unavailable", path=str(self.control_socket), error=str(exc)[:200],
+                                hint="`p2pinfer status` will not reach this peer; use a shorter --data-dir")
+                else:
+                    self.gateway.urls["control"] = url
+                    log.info("control.started", path=str(self.control_socket))
+
     async def __aexit__(self, *exc_info: Any) -> bool:
-        node, self.node = self.node, None
-        if node is not None:
-            return await node.__aexit__(*exc_info)
-        return False
+        stack, self._stack = self._stack, None
+        self.node = None
+        if stack is None:
+            return False
+        if self._nursery is not None:  # stop the HTTP servers first (the stack then closes the node)
+            self._nursery.cancel_scope.cancel()
+            self._nursery = None
+        return bool(await stack.__aexit__(*exc_info))
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (``await nursery.start(peer.run)`` returns once it is serving)."""
         async with self:
             task_status.started(self)
             await trio.sleep_forever()
+

@@ -19,6 +19,7 @@ from .models import models
 from .net import bootstrap_cmd
 from .peer import peer_cmd
 from .generate import generate_cmd
+from .status import status_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,6 +45,7 @@ cli.add_command(models)
 cli.add_command(bootstrap_cmd)
 cli.add_command(peer_cmd)
 cli.add_command(generate_cmd)
+cli.add_command(status_cmd)
 
 
 def main() -> None:

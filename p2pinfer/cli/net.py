@@ -74,7 +74,17 @@ def run_until_signal(factory: Callable[[], Any], listen: Sequence[str]) -> None:
             click.echo(addr)
 
     try:
-        trio.run(_run_until_signal, factory, started)
+        try:
+            trio.run(_run_until_signal, factory, started)
+        except BaseExceptionGroup as group:  # a start-up error surfaces wrapped by the nursery: unwrap it
+            error: BaseException = group
+            while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+                error = error.exceptions[0]
+            if isinstance(error, (P2PInferError, OSError, ValueError)):
+                raise error from None
+            raise
+    except P2PInferError:
+        raise
     except OSError as exc:
         raise P2PInferError(f"cannot listen on {', '.join(listen)}: {exc.strerror or exc}") from None
     except ValueError as exc:

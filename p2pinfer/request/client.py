@@ -102,7 +102,11 @@ class _Progress:
 
 
 class AsyncClient:
-    """A trio-native client. Use ``async with AsyncClient(bootstrap=[...]) as client:``."""
+    """A trio-native client. Use ``async with AsyncClient(bootstrap=[...]) as client:``.
+
+    :meth:`on_node` makes one that sends its requests through a node that is already running (a serving
+    peer's own node, e.g. for its OpenAI gateway) instead of starting a libp2p host of its own.
+    """
 
     def __init__(
         self,
@@ -131,15 +135,29 @@ class AsyncClient:
         self.busy_timeout = busy_timeout
         self._node: Node | None = None
         self._node_cm: Node | None = None
+        self._owns_node = True
         self.nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
 
+    @classmethod
+    def on_node(cls, node: Node, identity: Identity | None = None, **options: Any) -> "AsyncClient":
+        """A client using ``node``, which the caller keeps running (and closes): no second libp2p host.
+
+        Requests are signed with ``identity`` (default: the node's own). Usable at once, or in ``async with``
+        (which then only scopes the client's nursery; leaving it does not close the node).
+        """
+        client = cls(identity=identity or node.identity, **options)
+        client._node = node
+        client._owns_node = False
+        return client
+
     async def __aenter__(self) -> "AsyncClient":
-        node = Node(self.identity, NodeConfig(listen=self.listen, bootstrap=self.bootstrap, role="client"))
-        try:
-            self._node = await node.__aenter__()
-        except NetError as exc:
-            raise NotConnected(f"could not join the network: {exc}") from None
+        if self._owns_node:
+            node = Node(self.identity, NodeConfig(listen=self.listen, bootstrap=self.bootstrap, role="client"))
+            try:
+                self._node = await node.__aenter__()
+            except NetError as exc:
+                raise NotConnected(f"could not join the network: {exc}") from None
         self._nursery_cm = trio.open_nursery()
         self.nursery = await self._nursery_cm.__aenter__()
         return self
@@ -150,9 +168,10 @@ class AsyncClient:
                 self.nursery.cancel_scope.cancel()
                 await self._nursery_cm.__aexit__(None, None, None)
         finally:
-            node, self._node = self._node, None
-            if node is not None:
-                await node.__aexit__(*exc_info)
+            if self._owns_node:
+                node, self._node = self._node, None
+                if node is not None:
+                    await node.__aexit__(*exc_info)
         return False
 
     @property

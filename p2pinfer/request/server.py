@@ -15,6 +15,8 @@ without blocking its event loop; beyond that it answers ``busy``.
 from __future__ import annotations
 
 import time
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Sequence
 
 import trio
@@ -81,7 +83,30 @@ def model_offer(model: LoadedModel, decode_tokens_per_s: float = 0.0) -> ModelOf
     )
 
 
+RECENT_TASKS = 32
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task this peer executed (or started to): for ``p2pinfer status``."""
+
+    request_id: str  # hex
+    client: str  # peer ID
+    model: str
+    tokens: int
+    outcome: str  # the finish reason ("stop", "length") or "failed:<reason>"
+    started_at_ms: int
+    finished_at_ms: int
+
+
 class TaskServer:
+    """Serves offers and assignments.
+
+    ``counters`` (read by metrics and ``p2pinfer status``; plain integer updates, nothing else on the hot path):
+    ``offers``, ``bids``, ``refused.<code>`` (offers and assignments we refused), ``elections.won`` (assignments
+    accepted: we held the rank the assignment names), ``tasks.completed``, ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
+    """
+
     def __init__(self, node: Node, identity: Identity, models: Sequence[LoadedModel], *, slots: int = 2,
                  decode_speeds: dict[bytes, float] | None = None) -> None:
         if slots < 1:
@@ -95,6 +120,8 @@ class TaskServer:
         self.completed = 0
         self.busy = 0
         self.max_busy = 0  # most requests ever run at once (observability; tests check concurrency)
+        self.counters: Counter[str] = Counter()
+        self.recent: deque[TaskRecord] = deque(maxlen=RECENT_TASKS)
         self._vrf_key = vrf.SecretKey(identity.seed)
         self._assignments = ReplayGuard()
 
@@ -113,6 +140,7 @@ class TaskServer:
         except WireError as exc:
             log.info("offer.rejected", peer_id=peer_id, reason=exc.reason, error=str(exc)[:200])
             raise InvalidOffer(f"invalid offer: {exc}") from None
+        self.counters["offers"] += 1
         now = now_ms()
         if not now < offer.expires_at_ms <= now + OFFER_TTL_MS + REQUEST_MAX_SKEW_MS:
             return self._refusal(offer.request_id, "expired", "the offer has expired or expires too far ahead")
@@ -121,9 +149,11 @@ class TaskServer:
         if self.free_slots <= 0:
             return self._refusal(offer.request_id, "busy", f"all {self.slots} slots are in use")
         bid = make_bid(self._vrf_key, offer.request_id, offer.epoch_seed)
+        self.counters["bids"] += 1
         return encode_signed(self.identity, VrfBid(bid=bid, model=offer.model, free_slots=self.free_slots))
 
     def _refusal(self, request_id: bytes, code: str, message: str) -> bytes:
+        self.counters[f"refused.{code}"] += 1
         return encode_signed(self.identity, Refusal(request_id=request_id, code=code, message=message[:512]))
 
     # ---- assignments -> tokens ----------------------------------------------------------------------
@@ -146,6 +176,7 @@ class TaskServer:
             log.info("task.refused", request_id=request_id.hex()[:16], code=code, message=message)
             await frames.send(self._refusal(request_id, code, message))
             return
+        self.counters["elections.won"] += 1
         model = self.models[request.model]
         try:
             prompt_ids = model.prompt_ids(
@@ -195,29 +226,45 @@ class TaskServer:
         started_at = now_ms()
         log.info("task.started", request_id=request_id.hex()[:16], client=frames.remote_peer_id,
                  max_tokens=request.max_tokens)
-        # Generation runs ahead in its own task; each frame carries every token produced while the previous
-        # frame was being signed and sent, so a slow link costs fewer frames, never added latency.
-        send_tokens, receive_tokens = trio.open_memory_channel[GeneratedToken](MAX_NEW_TOKENS)
+        sent = 0
+        outcome = "failed:cancelled"
+        try:
+            # Generation runs ahead in its own task; each frame carries every token produced while the
+            # previous frame was being signed and sent, so a slow link costs fewer frames, never added latency.
+            send_tokens, receive_tokens = trio.open_memory_channel[GeneratedToken](MAX_NEW_TOKENS)
 
-        async def produce() -> None:
-            async with send_tokens:
-                async for token in stream:
-                    await send_tokens.send(token)
+            async def produce() -> None:
+                async with send_tokens:
+                    async for token in stream:
+                        await send_tokens.send(token)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(produce)
-            async with receive_tokens:
-                async for first in receive_tokens:
-                    batch = [first]
-                    while len(batch) < MAX_TOKENS_PER_CHUNK:
-                        try:
-                            batch.append(receive_tokens.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    chunk = TokenChunk(request_id=request_id, index=first.index,
-                                       token_ids=tuple(t.token_id for t in batch),
-                                       text="".join(t.text for t in batch))
-                    await frames.send(encode_signed(self.identity, chunk))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                async with receive_tokens:
+                    async for first in receive_tokens:
+                        batch = [first]
+                        while len(batch) < MAX_TOKENS_PER_CHUNK:
+                            try:
+                                batch.append(receive_tokens.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        chunk = TokenChunk(request_id=request_id, index=first.index,
+                                           token_ids=tuple(t.token_id for t in batch),
+                                           text="".join(t.text for t in batch))
+                        await frames.send(encode_signed(self.identity, chunk))
+                        sent += len(batch)
+            outcome = await self._finish(frames, request_id, model, stream, started_at)
+        except (NetError, WireError) as exc:
+            outcome = f"failed:{exc.reason}"
+            raise
+        finally:
+            self.counters["tokens.generated"] += sent
+            self.counters["tasks.completed" if not outcome.startswith("failed") else "tasks.failed"] += 1
+            self.recent.append(TaskRecord(request_id.hex(), frames.remote_peer_id, model.name, sent, outcome,
+                                          started_at, now_ms()))
+
+    async def _finish(self, frames: FrameStream, request_id: bytes, model: LoadedModel, stream: TokenStream,
+                      started_at: int) -> str:
         result = stream.result
         assert result is not None
         message = InferenceResult(
@@ -238,6 +285,7 @@ class TaskServer:
         self.completed += 1
         log.info("task.completed", request_id=request_id.hex()[:16], tokens=len(result.output_ids),
                  finish_reason=result.finish_reason)
+        return result.finish_reason
 
     # ---- slots ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,63 @@
+"""What a running peer reports about itself: the JSON behind ``/v1/p2pinfer/status`` and ``p2pinfer status``.
+
+Plain data only (JSON types), built from the node's announcement table and counters, the task server's
+counters and recent tasks, and the gateway's recent requests. Reputation, credits and penalties come from
+the ledger, which this peer does not keep yet: their fields are ``None`` until it exists.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Mapping
+
+from . import __version__
+from .wire import now_ms
+
+if TYPE_CHECKING:
+    from .metrics import PeerMetrics
+    from .net import Node
+    from .request.server import TaskServer
+
+STATUS_VERSION = 1
+
+
+def status_snapshot(node: "Node", *, server: "TaskServer | None" = None, metrics: "PeerMetrics | None" = None,
+                    urls: Mapping[str, str] | None = None) -> dict[str, Any]:
+    now = now_ms()
+    peers = []
+    for a in sorted(node.table.live(now), key=lambda a: a.peer_id):
+        if a.peer_id == node.peer_id:
+            continue
+        peers.append({
+            "peer_id": a.peer_id,
+            "models": [{"name": m.name, "digest": m.digest.hex(), "decode_tokens_per_s": round(m.decode_tokens_per_s, 1)}
+                       for m in a.models],
+            "free_slots": a.free_slots,
+            "total_slots": a.total_slots,
+            "software": a.software,
+            "expires_in_s": round((a.expires_at_ms - now) / 1000, 1),
+            "reputation": None,  # no ledger yet
+        })
+    own: dict[str, Any] = {
+        "peer_id": node.peer_id,
+        "role": node.config.role,
+        "version": __version__,
+        "addrs": node.addrs,
+        "connected_peers": len(node.connected_peers()),
+        "urls": dict(urls or {}),
+        "uptime_s": round(time.time() - metrics.started_at, 1) if metrics else None,
+        "credits": None,  # no ledger yet
+        "penalties": None,
+        "gossip": dict(node.gossip.counters),
+    }
+    if server is not None:
+        own["models"] = [{"name": m.name, "digest": d.hex()} for d, m in server.models.items()]
+        own["slots"] = {"free": server.free_slots, "total": server.slots}
+        own["counters"] = dict(server.counters)
+    recent_tasks = [{"request_id": t.request_id, "client": t.client, "model": t.model, "tokens": t.tokens,
+                     "outcome": t.outcome, "started_at_ms": t.started_at_ms,
+                     "duration_s": round((t.finished_at_ms - t.started_at_ms) / 1000, 3)}
+                    for t in (server.recent if server is not None else ())]
+    recent_requests = [r.to_json() for r in (metrics.recent if metrics is not None else ())]
+    return {"status_version": STATUS_VERSION, "generated_at_ms": now, "peer": own, "known_peers": peers,
+            "recent_tasks": recent_tasks[::-1], "recent_requests": recent_requests[::-1]}
