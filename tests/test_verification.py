@@ -99,3 +99,100 @@ async def check_excluded_afterwards(client: AsyncClient, cheater) -> None:
         assert cheater.peer_id in completion.election.excluded
         assert cheater.peer_id not in completion.election.ranking
         assert completion.verified
+
+
+async def test_one_lying_verifier_among_three_is_outvoted_and_penalized(honest, perturbed):
+    """A peer whose model differs rejects honest results; the two honest verifiers outvote it."""
+    async with local_network([honest], peers=4, peer_models=[[perturbed], [honest], [honest], [honest]]) as net:
+        liar = net.peers[0]
+        for _ in range(20):  # until the liar is among the verifiers (not the executor)
+            async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+                completion = await client.generate(model=MODEL, prompt="import sys\n", max_tokens=8)
+                v = completion.verification
+                if completion.executor == liar.peer_id:
+                    assert v.outcome == "rejected"
+                    continue
+                assert liar.peer_id in v.verifiers
+                assert v.outcome == "accepted" and completion.verified
+                assert (v.tally.accepts, v.tally.rejects) == (2, 1)
+                assert v.tally.outvoted == (liar.identity.public_key,)
+                assert kinds(client.ledger, liar.identity.public_key) == [PENALTY_AGAINST_QUORUM]
+                assert client.ledger.excluded([liar.identity.public_key], now_ms=_now())
+                # the honest executor is credited in full, by the client and by itself
+                assert client.ledger.balance(completion.result.signer) == 8
+                executor = net.peer(completion.executor)
+                rid = completion.request_id
+                await wait_for(lambda: [(e.kind, e.amount) for e in executor.ledger.entries(completion.result.signer)
+                                        if e.request_id == rid] == [(CREDIT_TOKENS, 8)])
+                # and the liar booked its own penalty from the signed receipt it was sent
+                await wait_for(lambda: PENALTY_AGAINST_QUORUM in kinds(liar.ledger, liar.identity.public_key))
+                return
+        pytest.fail("the liar was never elected verifier")
+
+
+async def test_fraud_proof_forged_by_colluding_verifiers_is_recognized_as_false(honest):
+    from p2pinfer.net.gossip import FRAUD_TOPIC
+    from p2pinfer.wire import FraudProof, Verdict, encode_signed, now_ms, sign
+
+    colluders = [Identity.generate(), Identity.generate()]
+    async with local_network([honest], peers=3) as net:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+            completion = await client.generate(model=MODEL, prompt="def run(", max_tokens=8)
+            assert completion.verified
+            result = completion.result
+            # two verifiers that never ran anything sign "reject" and gossip a fraud proof
+            verdicts = tuple(sign(c, Verdict(request_id=result.message.request_id, result_hash=result.message_id,
+                                             accept=False, first_bad_position=0, reason="made up",
+                                             max_deviation=1.0, issued_at_ms=now_ms())).to_bytes()
+                             for c in colluders)
+            request = completion.request
+            proof = encode_signed(colluders[0], FraudProof(request=request, result=result.to_bytes(),
+                                                           verdicts=verdicts, inherited_tokens=0,
+                                                           issued_at_ms=now_ms()))
+            await client.node.publish(FRAUD_TOPIC, proof)
+            await wait_for(lambda: all(p.verification.counters["fraud.disproven"] == 1 for p in net.peers))
+            executor_key = result.signer
+            for p in net.peers:
+                assert p.verification.counters["fraud.proven"] == 0
+                assert PENALTY_REJECTED not in kinds(p.ledger, executor_key)
+                assert not p.ledger.excluded([executor_key], now_ms=_now())
+                for c in colluders:  # the framers are penalized instead, and shunned
+                    assert kinds(p.ledger, c.public_key) == [PENALTY_FRAMING]
+                    assert p.ledger.excluded([c.public_key], now_ms=_now())
+
+
+async def test_sampled_honest_result_accepted_and_off_sampler_tokens_rejected(honest):
+    from p2pinfer.identity import peer_id_from_public_key
+    from p2pinfer.request.verification import ask_verifiers
+    from p2pinfer.runtime import SamplingParams, generate, sampling_seed
+    from p2pinfer.quorum import tally
+    from p2pinfer.wire import InferenceResult, now_ms, sign
+
+    async with local_network([honest], peers=4) as net:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+            completion = await client.generate(model=MODEL, prompt="import os\n", max_tokens=16, temperature=0.9,
+                                               top_p=0.95, seed=7)
+            assert completion.verified and completion.verification.tally.accepts == 3
+            # A "lazy" executor that samples with other noise (here: another seed) than the request's seeded
+            # sampler: honest log-probs, but tokens the seeded sampler would not pick.
+            request = completion.request
+            rid = request.request_id()
+            params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+            prompt_ids = list(completion.result.message.prompt_ids)
+            off = await trio.to_thread.run_sync(lambda: generate(
+                honest, prompt_ids, max_tokens=16, params=params, seed_material=sampling_seed(rid, 8)))
+            assert off.output_ids != list(completion.token_ids)
+            cheat = Identity.generate()
+            forged = sign(cheat, InferenceResult(
+                request_id=rid, model=honest.digest, numeric_class=honest.numeric_class, executor=cheat.public_key,
+                prompt_ids=tuple(prompt_ids), output_ids=tuple(off.output_ids), finish_reason=off.finish_reason,
+                fingerprint_format=off.fingerprint_format, fingerprint=off.fingerprint_bytes,
+                commitment=off.commitment, started_at_ms=now_ms(), finished_at_ms=now_ms()))
+            keys = [p.identity.public_key for p in net.peers[:3]]
+            verdicts, refusals = await ask_verifiers(client.node, client.identity, request, forged, keys, 0, 30.0)
+            assert not refusals
+            t = tally(verdicts, verifiers=keys, request_id=rid, result_hash=forged.message_id)
+            assert t.outcome == "rejected" and t.rejects == 3
+            assert all("sampl" in v.message.reason or "token" in v.message.reason for v in verdicts), \
+                [v.message.reason for v in verdicts]
+            assert {peer_id_from_public_key(v.signer) for v in verdicts} == {p.peer_id for p in net.peers[:3]}

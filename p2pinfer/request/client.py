@@ -112,6 +112,7 @@ class Completion:
     attempts: tuple[Attempt, ...]
     timings: dict[str, float] = field(default_factory=dict)
     verification: Verification | None = None  # the quorum's outcome (see Verification.verified)
+    request: Request | None = None  # the request as sent (its hash is request_id)
 
     @property
     def verified(self) -> bool:
@@ -310,6 +311,7 @@ class AsyncClient:
                     if result is not None:
                         completion = self._completion(progress, result, peer_id, digest, request_id, evidence,
                                                       started, elected_at)
+                        completion.request = request
                         await self._book_no_shows(progress, request_id)
                         if verify == "off":
                             completion.verification = Verification("skipped",
