@@ -19,6 +19,8 @@ from .models import models
 from .net import bootstrap_cmd
 from .peer import peer_cmd
 from .generate import generate_cmd
+from .demo import demo_cmd
+from .ledger import ledger
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,6 +46,8 @@ cli.add_command(models)
 cli.add_command(bootstrap_cmd)
 cli.add_command(peer_cmd)
 cli.add_command(generate_cmd)
+cli.add_command(demo_cmd)
+cli.add_command(ledger)
 
 
 def main() -> None:
