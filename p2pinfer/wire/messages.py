@@ -268,9 +268,9 @@ class Receipt(Message):
     output_tokens: int = spec(Int(0, MAX_NEW_TOKENS))
     outcome: str = spec(Enum(("accepted", "rejected", "unverified", "failed")))
     issued_at_ms: int = spec(TIME_MS)
-    inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS))
-    verdicts: tuple[bytes, ...] = spec(List(Bytes(0, MAX_VERDICT_BYTES), 16))
-    blamed: tuple[bytes, ...] = spec(List(PUBLIC_KEY, 16))
+    inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS), default=0)
+    verdicts: tuple[bytes, ...] = spec(List(Bytes(0, MAX_VERDICT_BYTES), 16), default=())
+    blamed: tuple[bytes, ...] = spec(List(PUBLIC_KEY, 16), default=())
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
         "verifiers": "the verifiers the client asked, in ranking order (answered or not)",
