@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 import trio
@@ -32,6 +33,22 @@ class LocalNetwork:
     peers: list[ServingPeer]
     _scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
     _stopped: dict[str, trio.Event] = field(default_factory=dict)
+    _nursery: trio.Nursery | None = None
+    _config: NodeConfig | None = None
+    _slots: int = DEFAULT_SLOTS
+
+    async def add_peer(self, models: Sequence[LoadedModel], *, identity: Identity | None = None,
+                       ledger: Path | None = None, wait_s: float = 30.0) -> ServingPeer:
+        """Start one more serving peer; returns once the bootstrap node holds its announcement."""
+        assert self._nursery is not None and self._config is not None
+        identity = identity or Identity.generate()
+        serving = ServingPeer(identity, self._config, models, slots=self._slots, measure_speed=False, ledger=ledger)
+        self.peers.append(serving)
+        self._scopes[serving.peer_id] = trio.CancelScope()
+        self._stopped[serving.peer_id] = trio.Event()
+        await self._nursery.start(_run_peer, serving, self._scopes[serving.peer_id], self._stopped[serving.peer_id])
+        await _wait_for_announcements(self, wait_s)
+        return serving
 
     @property
     def bootstrap_addrs(self) -> list[str]:
@@ -56,16 +73,23 @@ class LocalNetwork:
 async def local_network(models: Sequence[LoadedModel], *, peers: int = 4, slots: int = DEFAULT_SLOTS,
                         identities: Sequence[Identity] | None = None,
                         peer_models: Sequence[Sequence[LoadedModel]] | None = None,
-                        measure_speed: bool = False, wait_s: float = 30.0) -> AsyncIterator[LocalNetwork]:
-    """Start a bootstrap node and ``peers`` serving peers; yields once every peer sees all the others."""
+                        measure_speed: bool = False, wait_s: float = 30.0,
+                        ledger_dir: Path | None = None) -> AsyncIterator[LocalNetwork]:
+    """Start a bootstrap node and ``peers`` serving peers; yields once every peer sees all the others.
+
+    Each peer keeps its ledger in memory, or in ``ledger_dir/<peer id>.sqlite`` when ``ledger_dir`` is given.
+    """
     identities = list(identities or [Identity.generate() for _ in range(peers)])
     served = list(peer_models or [models] * peers)
     async with Node(Identity.generate(), NodeConfig(listen=LOOPBACK, role="bootstrap")) as bootstrap:
         net = LocalNetwork(bootstrap=bootstrap, peers=[])
         config = NodeConfig(listen=LOOPBACK, bootstrap=tuple(bootstrap.addrs), role="peer")
         async with trio.open_nursery() as nursery:
+            net._nursery, net._config, net._slots = nursery, config, slots
             for identity, its_models in zip(identities, served):
-                serving = ServingPeer(identity, config, its_models, slots=slots, measure_speed=measure_speed)
+                ledger = None if ledger_dir is None else Path(ledger_dir) / f"{identity.peer_id}.sqlite"
+                serving = ServingPeer(identity, config, its_models, slots=slots, measure_speed=measure_speed,
+                                      ledger=ledger)
                 net.peers.append(serving)
                 net._scopes[serving.peer_id] = trio.CancelScope()
                 net._stopped[serving.peer_id] = trio.Event()
@@ -93,7 +117,7 @@ async def _wait_for_announcements(net: LocalNetwork, timeout: float) -> None:
     """Wait until the bootstrap node holds a live announcement of every peer (so clients can sync it)."""
     from .wire import now_ms
 
-    wanted = {p.peer_id for p in net.peers}
+    wanted = {p.peer_id for p in net.peers if net.alive(p.peer_id)}
     with trio.move_on_after(timeout):
         while not wanted <= {a.peer_id for a in net.bootstrap.table.live(now_ms())}:
             await trio.sleep(0.02)

@@ -1,7 +1,9 @@
 """A serving peer: a network node, the models it serves, and the task server that runs them.
 
 ``async with ServingPeer(identity, config, models) as peer:`` joins the network, measures each model's decode
-speed, announces the models with free slots, and answers offers and assignments until the block exits.
+speed, announces the models with free slots, and answers offers and assignments until the block exits. It
+also verifies other peers' results, books receipts in its ledger and re-checks gossiped fraud proofs
+(:class:`~p2pinfer.request.verification.VerificationService`).
 
 With ``gateway=(host, port)`` it also serves the OpenAI-compatible gateway (``peer.gateway_url`` once
 started), and with ``control_socket=PATH`` the local control endpoint that ``p2pinfer status`` reads; both
@@ -17,9 +19,11 @@ from typing import Any, Sequence
 import trio
 
 from .identity import Identity
+from .ledger import Ledger
 from .log import get_logger
 from .net import Node, NodeConfig
 from .request.server import TaskServer, measure_decode_speed
+from .request.verification import VerificationService
 from .runtime import LoadedModel
 
 log = get_logger("p2pinfer.peer")
@@ -30,7 +34,8 @@ DEFAULT_SLOTS = 2
 class ServingPeer:
     def __init__(self, identity: Identity, config: NodeConfig, models: Sequence[LoadedModel], *,
                  slots: int = DEFAULT_SLOTS, measure_speed: bool = True, gateway: tuple[str, int] | None = None,
-                 gateway_key: str | None = None, control_socket: Path | None = None) -> None:
+                 gateway_key: str | None = None, control_socket: Path | None = None,
+                 ledger: Ledger | str | Path | None = None) -> None:
         self.identity = identity
         self.config = config
         self.models = list(models)
@@ -43,6 +48,9 @@ class ServingPeer:
         self.server: TaskServer | None = None
         self.gateway: Any = None  # p2pinfer.gateway.Gateway, when gateway or control socket is on
         self.gateway_url: str | None = None
+        self.verification: VerificationService | None = None
+        self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+        self._owns_ledger = not isinstance(ledger, Ledger)
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -60,11 +68,16 @@ class ServingPeer:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
+            if self._owns_ledger:
+                stack.callback(self.ledger.close)  # closed last, after the node
             self.node = await stack.enter_async_context(Node(self.identity, self.config))
             self.server = TaskServer(self.node, self.identity, self.models, slots=self.slots, decode_speeds=speeds)
             self.server.install()
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self.verification = VerificationService(self.node, self.identity, self.models, self.ledger,
+                                                    slots=self.slots)
+            await self.verification.start(self._nursery)
             if self.gateway_bind is not None or self.control_socket is not None:
-                self._nursery = await stack.enter_async_context(trio.open_nursery())
                 await self._start_http(self._nursery)
         except BaseException:
             self.node = None
@@ -110,7 +123,7 @@ class ServingPeer:
         self.node = None
         if stack is None:
             return False
-        if self._nursery is not None:  # stop the HTTP servers first (the stack then closes the node)
+        if self._nursery is not None:  # stop verification and the HTTP servers first; the stack closes the node
             self._nursery.cancel_scope.cancel()
             self._nursery = None
         return bool(await stack.__aexit__(*exc_info))

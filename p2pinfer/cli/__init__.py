@@ -20,6 +20,8 @@ from .net import bootstrap_cmd
 from .peer import peer_cmd
 from .generate import generate_cmd
 from .status import status_cmd
+from .demo import demo_cmd
+from .ledger import ledger
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,6 +48,8 @@ cli.add_command(bootstrap_cmd)
 cli.add_command(peer_cmd)
 cli.add_command(generate_cmd)
 cli.add_command(status_cmd)
+cli.add_command(demo_cmd)
+cli.add_command(ledger)
 
 
 def main() -> None:

@@ -41,6 +41,8 @@ from .announcements import AnnouncementRejected, AnnouncementTable
 log = get_logger("p2pinfer.net.gossip")
 
 CAPACITY_TOPIC = "/p2pinfer/capacity/1"
+FRAUD_TOPIC = "/p2pinfer/fraud/1"  # fraud proofs (p2pinfer.fraud); rare by nature, rate-limited per source
+GOSSIP_TOPICS = frozenset({CAPACITY_TOPIC, FRAUD_TOPIC})
 HEARTBEAT_S = 1
 MIN_PUBLISH_INTERVAL_S = 0.5
 MAX_FORWARDED_PER_S = 200.0
@@ -74,7 +76,7 @@ def build_pubsub(host: IHost, *, heartbeat_s: int = HEARTBEAT_S) -> tuple[Pubsub
         strict_signing=True,
         # The RPC frame limit: an RPC may batch several messages, each announcement is at most 16 KiB.
         max_inbound_rpc_size=256 * 1024,
-        allowed_topics={CAPACITY_TOPIC},
+        allowed_topics=GOSSIP_TOPICS,
     )
     return pubsub, router
 

@@ -422,6 +422,43 @@ class Node:
         log.debug("sync.done", peer_id=peer_id, received=len(envelopes), accepted=accepted)
         return accepted
 
+    # ---- other gossip topics (low rate only: see p2pinfer.net.gossip) ---------------------------------
+
+    async def subscribe_topic(self, topic: str, validate: Callable[[bytes, str | None], bool],
+                              on_message: Callable[[bytes], Awaitable[None]]) -> None:
+        """Subscribe to ``topic``: ``validate(data, source_peer_id)`` runs before a message is accepted or
+        forwarded (it must be fast and never block); accepted messages are then passed to ``on_message``.
+
+        The topic must be one of :data:`~p2pinfer.net.gossip.GOSSIP_TOPICS`.
+        """
+        assert self._nursery is not None, "the node is not running"
+
+        def validator(forwarder: Any, msg: Any) -> bool:
+            source = to_base58(msg.from_id)
+            try:
+                return bool(validate(bytes(msg.data), source))
+            except Exception as exc:  # a validator must never crash the pubsub service
+                log.warning("gossip.validator_error", topic=topic, error=repr(exc)[:200])
+                return False
+
+        self.pubsub.set_topic_validator(topic, validator, is_async_validator=False)
+        subscription = await self.pubsub.subscribe(topic)
+
+        async def drain() -> None:
+            while True:
+                msg = await subscription.get()
+                if to_base58(msg.from_id) == self.peer_id:
+                    continue
+                try:
+                    await on_message(bytes(msg.data))
+                except Exception as exc:
+                    log.warning("gossip.handler_failed", topic=topic, error=repr(exc)[:200])
+
+        self._nursery.start_soon(drain)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        await self.pubsub.publish(topic, data)
+
     # ---- lookups for the request path ---------------------------------------------------------------
 
     def serving(self, model_digest: bytes, *, min_free_slots: int = 1,
@@ -462,6 +499,12 @@ def _only_contains(error: BaseException, original: BaseException) -> bool:
     if isinstance(error, BaseExceptionGroup):
         return all(_only_contains(e, original) for e in error.exceptions)
     return error is original
+
+
+
+def to_base58(from_id: bytes | None) -> str | None:
+    from libp2p.peer.id import ID
+    return ID(from_id).to_base58() if from_id else None
 
 
 def _is_shutdown_noise(error: BaseException) -> bool:

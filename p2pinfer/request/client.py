@@ -8,20 +8,36 @@ One request, step by step (see docs/architecture.md for the message flow):
 4. a signed ``Assignment`` (request + all bids) to the winner over ``/p2pinfer/task/1``; ``TokenChunk`` frames
    stream back, then the ``InferenceResult``;
 5. if the executor disconnects, stalls or misbehaves, the next-ranked bidder gets the same assignment with
-   the tokens received so far as ``prefix_ids``; seeded sampling makes its continuation identical.
+   the tokens received so far as ``prefix_ids``; seeded sampling makes its continuation identical;
+6. after the stream, the next ``q`` ranked bidders that executed nothing verify the signed result
+   (``/p2pinfer/verify/1``); a strict majority decides; the client books the outcome in its ledger, signs a
+   ``Receipt`` for the executor and verifiers, and gossips a fraud proof when the result was rejected
+   (see ``p2pinfer.request.verification`` and docs/incentives.md).
+
+Verification modes (``verify=`` on generate/stream): ``"async"`` (default) streams tokens as they come and
+delivers the :class:`Completion` (with ``.verification``) once the quorum is in; ``"wait"`` holds every token
+back until a majority accepted and raises :class:`ResultRejected` / :class:`QuorumNotReached` otherwise;
+``"off"`` skips verification (``.verification.outcome == "skipped"``, never verified).
+
+Honest clients leave peers out of elections when their ledger shows proven fraud or a reputation below the
+threshold (:mod:`p2pinfer.reputation`): their bids are passed to ``elect`` as not eligible.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import trio
 
 from ..election import ElectionResult, elect
 from ..identity import Identity, peer_id_from_public_key
+from ..ledger import QUORUM_REJECTED, FraudRecord, Ledger, entries_for_receipt, entry_for_no_show
 from ..log import get_logger
+from ..net.gossip import FRAUD_TOPIC
+from ..quorum import ACCEPTED, DEFAULT_QUORUM, REJECTED, executor_to_blame, pick_verifiers, tally
 from ..net import NetError, Node, NodeConfig
 from ..wire import (
     Assignment,
@@ -39,9 +55,14 @@ from ..wire import (
     now_ms,
 )
 from .candidates import DEFAULT_MAX_CANDIDATES, select_candidates
-from .errors import AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected
+from .errors import (AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected,
+                     QuorumNotReached, ResultRejected)
 from .params import build_request
-from .protocol import BID_PROTOCOL, MAX_OFFER_FRAME, MAX_TASK_FRAME, OFFER_TTL_MS, TASK_PROTOCOL
+from .protocol import BID_PROTOCOL, MAX_OFFER_FRAME, MAX_TASK_FRAME, OFFER_TTL_MS, TASK_PROTOCOL, VERIFY_TIMEOUT_S
+from .verification import (Verification, ask_verifiers, build_fraud_proof, build_receipt, deliver_receipt,
+                           fraud_proof_size_ok)
+
+VERIFY_MODES = ("async", "wait", "off")
 
 log = get_logger("p2pinfer.client")
 
@@ -64,6 +85,7 @@ class ElectionEvidence:
     epoch_seed: bytes
     bids: tuple[Bid, ...]
     ranking: tuple[str, ...]  # peer IDs, executor first
+    excluded: tuple[str, ...] = ()  # bidders this client left out (proven fraud or low reputation)
 
     def recheck(self) -> ElectionResult:
         return elect(self.request_id, self.epoch_seed, self.bids)
@@ -74,6 +96,7 @@ class Attempt:
     peer_id: str
     outcome: str  # "completed", "refused:<code>", "failed:<reason>"
     tokens: int
+    key: bytes | None = None  # the executor's public key (from its bid)
 
 
 @dataclass
@@ -88,7 +111,13 @@ class Completion:
     result: Signed[InferenceResult]
     attempts: tuple[Attempt, ...]
     timings: dict[str, float] = field(default_factory=dict)
-    verification: Any = None  # filled in by the verification quorum
+    verification: Verification | None = None  # the quorum's outcome (see Verification.verified)
+    request: Request | None = None  # the request as sent (its hash is request_id)
+
+    @property
+    def verified(self) -> bool:
+        """True only when a strict majority of the verifiers accepted this result."""
+        return self.verification is not None and self.verification.verified
 
 
 class _Progress:
@@ -99,6 +128,7 @@ class _Progress:
         self.text_parts: list[str] = []
         self.attempts: list[Attempt] = []
         self.first_token_at: float | None = None
+        self.inherited_tokens = 0  # tokens the final executor continued from earlier executors
 
 
 class AsyncClient:
@@ -121,6 +151,9 @@ class AsyncClient:
         epoch_seed: bytes = b"",
         busy_timeout: float = 30.0,
         config: Any = None,
+        verifiers: int = DEFAULT_QUORUM,
+        verify_timeout: float = VERIFY_TIMEOUT_S,
+        ledger: Ledger | str | Path | None = None,
     ) -> None:
         if config is not None and not bootstrap:
             bootstrap = tuple(config.bootstrap)
@@ -133,6 +166,12 @@ class AsyncClient:
         self.max_candidates = max_candidates
         self.epoch_seed = epoch_seed
         self.busy_timeout = busy_timeout
+        if verifiers < 0:
+            raise BadParameters("verifiers (the quorum size) cannot be negative")
+        self.quorum = verifiers
+        self.verify_timeout = verify_timeout
+        self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+        self._owns_ledger = not isinstance(ledger, Ledger)
         self._node: Node | None = None
         self._node_cm: Node | None = None
         self._owns_node = True
@@ -168,10 +207,14 @@ class AsyncClient:
                 self.nursery.cancel_scope.cancel()
                 await self._nursery_cm.__aexit__(None, None, None)
         finally:
-            if self._owns_node:
-                node, self._node = self._node, None
-                if node is not None:
-                    await node.__aexit__(*exc_info)
+            try:
+                if self._owns_node:
+                    node, self._node = self._node, None
+                    if node is not None:
+                        await node.__aexit__(*exc_info)
+            finally:
+                if self._owns_ledger:
+                    self.ledger.close()
         return False
 
     @property
@@ -242,27 +285,37 @@ class AsyncClient:
                     return offer.digest
         return None
 
-    async def _run(self, *, model: str, prompt: str | None, messages: Any, **params: Any) -> AsyncIterator[Any]:
+    async def _run(self, *, model: str, prompt: str | None, messages: Any, verify: str = "async",
+                   **params: Any) -> AsyncIterator[Any]:
+        if verify not in VERIFY_MODES:
+            raise BadParameters(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         started = time.perf_counter()
         digest = await self.resolve_model(model)
         request = build_request(model_digest=digest, client_key=self.identity.public_key, prompt=prompt,
                                 messages=messages, **params)
         request_id = request.request_id()
         progress = _Progress()
+        held: list[StreamChunk] = []  # verify="wait": nothing leaves before the quorum accepts
         give_up_at = trio.current_time() + self.busy_timeout
         backoff = 0.05
+        excluded_keys: set[bytes] = set()
         while True:
             bids, busy = await self._collect_bids(request, request_id)
-            election = elect(request_id, self.epoch_seed, bids)
+            excluded_keys = await trio.to_thread.run_sync(
+                lambda: self.ledger.excluded([b.public_key for b in bids], now_ms=now_ms()))
+            eligible = {b.public_key for b in bids} - excluded_keys
+            election = elect(request_id, self.epoch_seed, bids, verifiers=self.quorum, eligible=eligible)
             for rejection in election.rejected:
                 log.info("election.bid_rejected", request_id=request_id.hex()[:16], reason=rejection.reason,
                          detail=rejection.detail)
             ranking = [peer_id_from_public_key(r.public_key) for r in election.ranking]
             if ranking:
-                evidence = ElectionEvidence(request_id, self.epoch_seed, election.accepted, tuple(ranking))
+                evidence = ElectionEvidence(request_id, self.epoch_seed, election.accepted, tuple(ranking),
+                                            tuple(sorted(peer_id_from_public_key(k) for k in excluded_keys)))
                 elected_at = time.perf_counter()
                 log.debug("election.done", request_id=request_id.hex()[:16], executor=ranking[0],
-                          bidders=len(ranking), election_ms=round((elected_at - started) * 1000, 1))
+                          bidders=len(ranking), excluded=len(excluded_keys),
+                          election_ms=round((elected_at - started) * 1000, 1))
                 round_start = len(progress.attempts)
                 for attempt, peer_id in enumerate(ranking):
                     result: Signed[InferenceResult] | None = None
@@ -270,12 +323,47 @@ class AsyncClient:
                         if isinstance(item, StreamChunk):
                             if progress.first_token_at is None:
                                 progress.first_token_at = time.perf_counter()
-                            yield item
+                            if verify == "wait":
+                                held.append(item)
+                            else:
+                                yield item
                         else:
                             result = item
                     if result is not None:
-                        yield self._completion(progress, result, peer_id, digest, request_id, evidence, started,
-                                               elected_at)
+                        completion = self._completion(progress, result, peer_id, digest, request_id, evidence,
+                                                      started, elected_at)
+                        completion.request = request
+                        await self._book_no_shows(progress, request_id)
+                        if verify == "off":
+                            completion.verification = Verification("skipped",
+                                                                   inherited_tokens=progress.inherited_tokens)
+                        else:
+                            verify_started = time.perf_counter()
+                            executed = {r.public_key for r in election.ranking
+                                        if peer_id_from_public_key(r.public_key) in
+                                        {a.peer_id for a in progress.attempts}}
+                            verifier_keys = pick_verifiers([r.public_key for r in election.ranking], executed,
+                                                           self.quorum)
+                            completion.verification = await self._verify(request, result, verifier_keys,
+                                                                         progress.inherited_tokens)
+                            completion.timings["verify_s"] = time.perf_counter() - verify_started
+                            completion.timings["total_s"] = time.perf_counter() - started
+                        if verify == "wait":
+                            v = completion.verification
+                            if v.outcome == REJECTED:
+                                raise ResultRejected(
+                                    f"the result of {completion.executor} was rejected by {v.tally.rejects} of "
+                                    f"{len(v.verifiers)} verifiers; its output is withheld and the executor is "
+                                    f"now excluded by this client: retry to get another executor", v)
+                            if v.outcome != ACCEPTED:
+                                raise QuorumNotReached(
+                                    f"no majority of the {len(v.verifiers)} verifiers accepted the result "
+                                    f"({v.tally.accepts if v.tally else 0} accepted, "
+                                    f"{len(v.refusals)} did not judge); the output is withheld as unverified: "
+                                    "retry, or use verify='async' to accept unverified output", v)
+                            for chunk in held:
+                                yield chunk
+                        yield completion
                         return
                 busy = all(a.outcome == "refused:busy" for a in progress.attempts[round_start:])
             if not busy or trio.current_time() + backoff > give_up_at:
@@ -283,11 +371,58 @@ class AsyncClient:
             log.debug("request.all_busy_retrying", request_id=request_id.hex()[:16], backoff_s=backoff)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+        await self._book_no_shows(progress, request_id)
         if not progress.attempts:
+            hint = (f" ({len(excluded_keys)} bidder(s) left out for proven fraud or low reputation)"
+                    if excluded_keys else "")
             raise NoBidsInTime(f"no valid bid for model {model!r} within {self.bid_timeout} s "
-                               "(all candidates busy, unreachable or sent invalid proofs)")
+                               f"(all candidates busy, unreachable or sent invalid proofs){hint}")
         summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts[-8:])
         raise AllCandidatesFailed(f"all elected candidates failed ({summary})")
+
+    async def _book_no_shows(self, progress: _Progress, request_id: bytes) -> None:
+        """Penalize elected executors that took the assignment and then did not deliver (not refusals)."""
+        keys = {}
+        for a in progress.attempts:
+            if a.outcome.startswith("failed:") and a.key is not None:
+                keys[a.key] = a
+        if keys:
+            at = now_ms()
+            entries = [entry_for_no_show(k, request_id, at) for k in keys]
+            await trio.to_thread.run_sync(self.ledger.add_entries, entries)
+
+    async def _verify(self, request: Request, result: Signed[InferenceResult], verifier_keys: Sequence[bytes],
+                      inherited_tokens: int) -> Verification:
+        started = time.perf_counter()
+        verdicts, refusals = await ask_verifiers(self.node, self.identity, request, result, verifier_keys,
+                                                 inherited_tokens, self.verify_timeout)
+        t = tally(verdicts, verifiers=verifier_keys, request_id=result.message.request_id,
+                  result_hash=result.message_id)
+        receipt = build_receipt(self.identity, request, result, t, inherited_tokens)
+        entries = entries_for_receipt(receipt.message, list(t.counted))
+        blamed = executor_to_blame(t.outcome, t.first_bad_position, inherited_tokens)
+        proof = None
+        if t.outcome == REJECTED:
+            proof = build_fraud_proof(self.identity, request, result, t, inherited_tokens)
+        await trio.to_thread.run_sync(self.ledger.record_receipt, receipt, entries)
+        if proof is not None and blamed:
+            record = FraudRecord(result.message_id, result.signer, result.message.request_id, QUORUM_REJECTED,
+                                 now_ms(), proof)
+            await trio.to_thread.run_sync(self.ledger.record_fraud, record)
+        delivered = await deliver_receipt(self.node, receipt)
+        if proof is not None and fraud_proof_size_ok(proof):
+            try:
+                await self.node.publish(FRAUD_TOPIC, proof)
+            except Exception as exc:  # gossip is best effort; the receipt already carries the verdicts
+                log.warning("fraud.publish_failed", error=repr(exc)[:200])
+        log.info("verification.done", request_id=result.message.request_id.hex()[:16], outcome=t.outcome,
+                 accepts=t.accepts, rejects=t.rejects, verifiers=len(verifier_keys),
+                 receipt_delivered=delivered, seconds=round(time.perf_counter() - started, 3))
+        return Verification(
+            outcome=t.outcome, verifiers=tuple(peer_id_from_public_key(k) for k in verifier_keys),
+            verdicts=t.counted, refusals=tuple(refusals), tally=t, receipt=receipt, fraud_proof=proof,
+            inherited_tokens=inherited_tokens, executor_blamed=blamed, seconds=time.perf_counter() - started,
+            entries=tuple(entries))
 
     @staticmethod
     def _completion(progress: _Progress, result: Signed[InferenceResult], peer_id: str, digest: bytes,
@@ -363,7 +498,7 @@ class AsyncClient:
             frames = await self.node.open_stream(peer_id, TASK_PROTOCOL, timeout=self.stall_timeout,
                                                  max_frame=MAX_TASK_FRAME)
         except NetError as exc:
-            progress.attempts.append(Attempt(peer_id, f"failed:{exc.reason}", 0))
+            progress.attempts.append(Attempt(peer_id, f"failed:{exc.reason}", 0, executor_key))
             log.info("task.failover", peer_id=peer_id, attempt=attempt, reason=str(exc)[:200])
             return
         outcome = "failed:closed"
@@ -398,13 +533,15 @@ class AsyncClient:
                     outcome = "failed:result-mismatch"
                     break
                 outcome = "completed"
+                progress.inherited_tokens = received_before
                 yield signed
                 break
         except (NetError, WireError) as exc:
             outcome = f"failed:{exc.reason}"
             log.info("task.failover", peer_id=peer_id, attempt=attempt, reason=str(exc)[:200])
         finally:
-            progress.attempts.append(Attempt(peer_id, outcome, len(progress.token_ids) - received_before))
+            progress.attempts.append(Attempt(peer_id, outcome, len(progress.token_ids) - received_before,
+                                             executor_key))
             with trio.CancelScope(shield=True):
                 if outcome == "completed":
                     await frames.aclose()

@@ -27,3 +27,21 @@ class AllCandidatesFailed(RequestError):
 
 class NotConnected(RequestError):
     """The client could not reach any bootstrap node or peer."""
+
+
+class VerificationFailed(RequestError):
+    """``verify="wait"``: the output was not verified, so it is withheld. ``.verification`` says why."""
+
+    def __init__(self, message: str, verification: object = None) -> None:
+        super().__init__(message)
+        self.verification = verification
+
+
+class ResultRejected(VerificationFailed):
+    """A majority of the verifiers rejected the executor's result (its executor is now penalized and
+    excluded by this client; retrying goes to another peer)."""
+
+
+class QuorumNotReached(VerificationFailed):
+    """Too few verifiers answered (or they disagreed) for a majority decision; the output is unverified.
+    Retry, or use ``verify="async"`` to take unverified output."""

@@ -11,3 +11,9 @@ MAX_TASK_FRAME = 1 << 20            # an assignment carries the prompt; a result
 OFFER_TTL_MS = 30_000               # an offer is valid this long after it is made
 REQUEST_MAX_AGE_MS = 10 * 60_000    # an executor refuses requests created longer ago than this
 REQUEST_MAX_SKEW_MS = 30_000        # ... or this far in its future
+
+VERIFY_PROTOCOL = "/p2pinfer/verify/1"    # one-shot: signed VerifyTask -> signed Verdict | Refusal
+RECEIPT_PROTOCOL = "/p2pinfer/receipt/1"  # one-shot: signed Receipt -> empty ack
+MAX_VERIFY_FRAME = 2 << 20                # a verify task carries the request and the signed result
+MAX_RECEIPT_FRAME = 32 * 1024             # a receipt carries up to 16 signed verdicts
+VERIFY_TIMEOUT_S = 60.0                   # a verifier that has not answered by then counts as silent

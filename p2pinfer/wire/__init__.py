@@ -23,6 +23,7 @@ from .messages import (
     Bid,
     CapacityAnnouncement,
     ChatMessage,
+    FraudProof,
     InferenceResult,
     Message,
     ModelOffer,
@@ -32,6 +33,7 @@ from .messages import (
     TaskOffer,
     TokenChunk,
     Verdict,
+    VerifyTask,
     VrfBid,
     signing_domain,
 )

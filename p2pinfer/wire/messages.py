@@ -31,6 +31,8 @@ MAX_TEXT_BYTES = 256 * 1024
 MAX_BIDS = 64
 MAX_FINGERPRINT_BYTES = 512 * 1024
 EPOCH_SEED = Bytes(0, 32)
+MAX_VERDICT_BYTES = 1024                      # a signed Verdict envelope is ~400 bytes
+MAX_SIGNED_RESULT_BYTES = 1 << 20             # a signed InferenceResult (prompt, output, fingerprints)
 
 
 class Message(Record):
@@ -266,6 +268,62 @@ class Receipt(Message):
     output_tokens: int = spec(Int(0, MAX_NEW_TOKENS))
     outcome: str = spec(Enum(("accepted", "rejected", "unverified", "failed")))
     issued_at_ms: int = spec(TIME_MS)
+    inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS), default=0)
+    verdicts: tuple[bytes, ...] = spec(List(Bytes(0, MAX_VERDICT_BYTES), 16), default=())
+    blamed: tuple[bytes, ...] = spec(List(PUBLIC_KEY, 16), default=())
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "verifiers": "the verifiers the client asked, in ranking order (answered or not)",
+        "result_hash": "message ID of the executor's signed InferenceResult",
+        "outcome": "the quorum's decision: accepted / rejected by a majority of the verifiers asked, "
+                   "unverified (no majority either way), failed (no result)",
+        "inherited_tokens": "output tokens the executor continued from an earlier executor (failover); a "
+                            "rejection at a position below this is not the executor's fault",
+        "verdicts": "the signed Verdict envelopes the decision rests on",
+        "blamed": "keys the client penalizes for this request (cheating executor, outvoted or silent verifiers)",
+    }
+
+
+@dataclass(frozen=True)
+class VerifyTask(Message):
+    """Client -> verifier: re-check this signed result of this request and answer a signed Verdict."""
+
+    TYPE: ClassVar[str] = "verify"
+
+    request: Request = spec(Struct(Request))
+    result: bytes = spec(Bytes(1, MAX_SIGNED_RESULT_BYTES))
+    inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS))
+    issued_at_ms: int = spec(TIME_MS)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "request": "the request the result answers (its hash must be the result's request_id)",
+        "result": "the executor's signed InferenceResult envelope, as received",
+        "inherited_tokens": "output tokens the executor continued from an earlier executor (failover)",
+    }
+
+
+@dataclass(frozen=True)
+class FraudProof(Message):
+    """Anyone -> everyone (gossip ``/p2pinfer/fraud/1``): this signed result was rejected by these verdicts.
+
+    It proves nothing by signatures alone: colluding verifiers can sign false rejections. A peer that holds
+    the model re-runs the verification before acting on it (see docs/incentives.md).
+    """
+
+    TYPE: ClassVar[str] = "fraud"
+
+    request: Request = spec(Struct(Request))
+    result: bytes = spec(Bytes(1, MAX_SIGNED_RESULT_BYTES))
+    verdicts: tuple[bytes, ...] = spec(List(Bytes(1, MAX_VERDICT_BYTES), 16, 1))
+    inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS))
+    issued_at_ms: int = spec(TIME_MS)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "result": "the executor's signed InferenceResult envelope",
+        "verdicts": "signed Verdict envelopes rejecting that result (a majority of the verifiers asked)",
+        "inherited_tokens": "output tokens inherited from an earlier executor; the executor is blamed only for "
+                            "a first bad position at or after this",
+    }
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -280,6 +338,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         InferenceResult,
         Verdict,
         Receipt,
+        VerifyTask,
+        FraudProof,
     )
 }
 

@@ -26,6 +26,7 @@ from .messages import (
     Bid,
     CapacityAnnouncement,
     ChatMessage,
+    FraudProof,
     InferenceResult,
     Message,
     ModelOffer,
@@ -35,6 +36,7 @@ from .messages import (
     TaskOffer,
     TokenChunk,
     Verdict,
+    VerifyTask,
     VrfBid,
     signing_domain,
 )
@@ -130,6 +132,17 @@ _RID = _REQUEST.request_id()
 _BID = Bid(request_id=_RID, public_key=Identity(VECTOR_SEED).public_key, proof=bytes(range(80)))
 
 
+_EXAMPLE_RESULT = InferenceResult(
+    request_id=_RID, model=_REQUEST.model, numeric_class="fp32-cpu", executor=_BID.public_key,
+    prompt_ids=(1, 9690, 198), output_ids=(504, 3139, 2), finish_reason="eos",
+    fingerprint_format="topk8-q16/1", fingerprint=bytes(range(48)), commitment=bytes.fromhex("c0" * 32),
+    started_at_ms=1_790_000_000_100, finished_at_ms=1_790_000_000_900,
+)
+_EXAMPLE_VERDICT = Verdict(request_id=_RID, result_hash=bytes.fromhex("ab" * 32), accept=False, first_bad_position=3,
+                           reason="log-prob of token 504 off by 0.07 nats (tolerance 0.001)", max_deviation=0.07,
+                           issued_at_ms=1_790_000_001_000)
+
+
 def example_messages() -> list[Message]:
     """One fixed example of every message type (with plausible, not computed, hashes and proofs)."""
     return [
@@ -146,19 +159,22 @@ def example_messages() -> list[Message]:
         Refusal(request_id=_RID, code="busy", message="all 2 slots are in use"),
         Assignment(request=_REQUEST, epoch_seed=b"", bids=(_BID,), prefix_ids=(), attempt=0),
         TokenChunk(request_id=_RID, index=0, token_ids=(504, 3139), text="The answer"),
-        InferenceResult(
-            request_id=_RID, model=_REQUEST.model, numeric_class="fp32-cpu", executor=_BID.public_key,
-            prompt_ids=(1, 9690, 198), output_ids=(504, 3139, 2), finish_reason="eos",
-            fingerprint_format="topk8-q16/1", fingerprint=bytes(range(48)), commitment=bytes.fromhex("c0" * 32),
-            started_at_ms=1_790_000_000_100, finished_at_ms=1_790_000_000_900,
-        ),
-        Verdict(request_id=_RID, result_hash=bytes.fromhex("ab" * 32), accept=False, first_bad_position=3,
-                reason="log-prob of token 504 off by 0.07 nats (tolerance 0.001)", max_deviation=0.07,
-                issued_at_ms=1_790_000_001_000),
+        _EXAMPLE_RESULT,
+        _EXAMPLE_VERDICT,
         Receipt(request_id=_RID, model=_REQUEST.model, client=_CLIENT.public_key, executor=_BID.public_key,
                 verifiers=(bytes.fromhex("11" * 32),), result_hash=bytes.fromhex("ab" * 32), output_tokens=3,
-                outcome="accepted", issued_at_ms=1_790_000_002_000),
+                outcome="rejected", issued_at_ms=1_790_000_002_000, inherited_tokens=0,
+                verdicts=(_signed_example(_EXAMPLE_VERDICT),), blamed=(_BID.public_key,)),
+        VerifyTask(request=_REQUEST, result=_signed_example(_EXAMPLE_RESULT), inherited_tokens=0,
+                   issued_at_ms=1_790_000_001_000),
+        FraudProof(request=_REQUEST, result=_signed_example(_EXAMPLE_RESULT),
+                   verdicts=(_signed_example(_EXAMPLE_VERDICT),), inherited_tokens=0,
+                   issued_at_ms=1_790_000_002_000),
     ]
+
+
+def _signed_example(message: Message) -> bytes:
+    return sign(Identity(VECTOR_SEED), message).to_bytes()
 
 
 def vector_document(message: Message, seed: bytes = VECTOR_SEED) -> dict[str, Any]:

@@ -1,0 +1,347 @@
+"""The verification quorum on the wire: verifiers answer ``/p2pinfer/verify/1``, clients collect verdicts,
+sign receipts (``/p2pinfer/receipt/1``) and gossip fraud proofs (``/p2pinfer/fraud/1``).
+
+Peer side (:class:`VerificationService`, installed by every serving peer):
+
+* ``/p2pinfer/verify/1``: a ``VerifyTask`` signed by the request's client in; the peer checks that it holds
+  the result's model in the same numeric class and did not execute it, re-checks the result with one
+  prefill in a worker thread (:func:`p2pinfer.fraud.recheck_result`), records and answers a signed
+  ``Verdict``. It answers ``Refusal`` when it cannot judge (another model or numeric class, busy).
+* ``/p2pinfer/receipt/1``: a ``Receipt`` signed by its client, naming this peer; the peer recomputes the
+  decision from the signed verdicts inside (:mod:`p2pinfer.ledger.rules`) and books the entries.
+* fraud topic: a proof that passes :func:`~p2pinfer.fraud.check_proof_shape` is forwarded; a peer holding
+  the model re-checks it in a worker thread and books *proven* (executor penalized) or *disproven* (the
+  rejecting verifiers penalized for framing). Without the model it records the proof as unchecked.
+
+Client side: :func:`ask_verifiers` and :func:`conclude` (used by :class:`~p2pinfer.request.client.AsyncClient`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import trio
+
+from ..fraud import InvalidProof, ProofParts, check_proof_shape, decode_result, recheck_result
+from ..identity import Identity, peer_id_from_public_key
+from ..ledger import (
+    DISPROVEN,
+    PROVEN,
+    PROVEN_INHERITED,
+    UNCHECKED,
+    FraudRecord,
+    Ledger,
+    entries_for_false_accusation,
+    entries_for_receipt,
+)
+from ..ledger.rules import PENALTY_REJECTED, PENALTY_REJECTED_RESULT, Entry
+from ..log import get_logger
+from ..net import NetError, Node
+from ..net.gossip import FRAUD_TOPIC
+from ..quorum import REJECTED, Tally, executor_to_blame, tally
+from ..runtime import LoadedModel
+from ..wire import (
+    FraudProof,
+    InferenceResult,
+    Receipt,
+    Refusal,
+    Request,
+    Signed,
+    Verdict,
+    VerifyTask,
+    WireError,
+    codec,
+    decode_signed,
+    encode_signed,
+    now_ms,
+    sign,
+)
+from ..wire.messages import MAX_VERDICT_BYTES
+from ..errors import P2PInferError
+from .protocol import (
+    MAX_RECEIPT_FRAME,
+    MAX_VERIFY_FRAME,
+    RECEIPT_PROTOCOL,
+    REQUEST_MAX_AGE_MS,
+    REQUEST_MAX_SKEW_MS,
+    VERIFY_PROTOCOL,
+)
+
+log = get_logger("p2pinfer.verification")
+
+MAX_FRAUD_PROOF_BYTES = 200 * 1024   # larger proofs are not gossiped (the pubsub RPC limit is 256 KiB)
+FRAUD_PER_SOURCE_PER_MIN = 6          # proofs accepted from one gossip source per minute (fraud is rare)
+FRAUD_RECHECK_QUEUE = 16              # re-checks waiting at once; beyond that new proofs wait for gossip again
+
+
+class InvalidTask(P2PInferError):
+    """A verify task or receipt that cannot be answered at all."""
+
+
+# ---- peer side ----------------------------------------------------------------------------------------
+
+
+class VerificationService:
+    def __init__(self, node: Node, identity: Identity, models: Sequence[LoadedModel], ledger: Ledger, *,
+                 slots: int = 2) -> None:
+        self.node = node
+        self.identity = identity
+        self.models = {m.digest: m for m in models}
+        self.ledger = ledger
+        self.slots = trio.Semaphore(max(1, slots))
+        self.counters: Counter[str] = Counter()
+        self._fraud_seen: set[bytes] = set()
+        self._fraud_rate: dict[str, deque[float]] = {}
+        self._fraud_queue_send, self._fraud_queue = trio.open_memory_channel[tuple[ProofParts, bytes]](
+            FRAUD_RECHECK_QUEUE)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self.node.register_request_handler(VERIFY_PROTOCOL, self._on_verify, max_frame=MAX_VERIFY_FRAME)
+        self.node.register_request_handler(RECEIPT_PROTOCOL, self._on_receipt, max_frame=MAX_RECEIPT_FRAME)
+        await self.node.subscribe_topic(FRAUD_TOPIC, self._validate_fraud, self._on_fraud)
+        nursery.start_soon(self._recheck_loop)
+
+    # ---- verify ---------------------------------------------------------------------------------------
+
+    async def _on_verify(self, peer_id: str, body: bytes) -> bytes:
+        try:
+            signed = decode_signed(body, expect=VerifyTask, max_size=MAX_VERIFY_FRAME)
+            task: VerifyTask = signed.message
+            result = decode_result(task.request, task.result)
+        except (WireError, InvalidProof) as exc:
+            log.info("verify.invalid", peer_id=peer_id, error=str(exc)[:200])
+            raise InvalidTask(f"invalid verify task: {exc}") from None
+        request_id = result.message.request_id
+        if signed.signer != task.request.client:
+            return self._refusal(request_id, "invalid", "a verify task must be signed by the request's client")
+        now = now_ms()
+        if not now - REQUEST_MAX_AGE_MS <= task.issued_at_ms <= now + REQUEST_MAX_SKEW_MS:
+            return self._refusal(request_id, "expired", "the verify task is too old or from the future")
+        model = self.models.get(result.message.model)
+        if model is None:
+            return self._refusal(request_id, "not-serving", "this peer does not hold that model")
+        if result.message.numeric_class != model.numeric_class:
+            return self._refusal(request_id, "not-serving",
+                                 f"this peer runs the model as {model.numeric_class}, not "
+                                 f"{result.message.numeric_class}; it cannot judge the fingerprints")
+        if result.signer == self.identity.public_key:
+            return self._refusal(request_id, "invalid", "a peer never verifies its own result")
+        async with self.slots:
+            started = time.perf_counter()
+            verdict = await trio.to_thread.run_sync(recheck_result, model, task.request, result)
+            seconds = time.perf_counter() - started
+        message = Verdict(request_id=request_id, result_hash=result.message_id, accept=verdict.accept,
+                          first_bad_position=verdict.first_bad_position, reason=verdict.reason[:200],
+                          max_deviation=min(float(verdict.max_deviation), 1e9), issued_at_ms=now_ms())
+        signed_verdict = sign(self.identity, message)
+        await trio.to_thread.run_sync(self.ledger.record_verdict, signed_verdict)
+        self.counters["verify.accept" if verdict.accept else "verify.reject"] += 1
+        log.info("verify.answered", request_id=request_id.hex()[:16], accept=verdict.accept,
+                 first_bad=verdict.first_bad_position, reason=verdict.reason[:120] or None,
+                 tokens=len(result.message.output_ids), seconds=round(seconds, 3))
+        return signed_verdict.to_bytes()
+
+    def _refusal(self, request_id: bytes, code: str, message: str) -> bytes:
+        self.counters[f"verify.refused.{code}"] += 1
+        return encode_signed(self.identity, Refusal(request_id=request_id, code=code, message=message[:512]))
+
+    # ---- receipts -------------------------------------------------------------------------------------
+
+    async def _on_receipt(self, peer_id: str, body: bytes) -> bytes:
+        try:
+            signed = decode_signed(body, expect=Receipt, max_size=MAX_RECEIPT_FRAME)
+            verdicts = [decode_signed(v, expect=Verdict, max_size=MAX_VERDICT_BYTES) for v in signed.message.verdicts]
+        except WireError as exc:
+            raise InvalidTask(f"invalid receipt: {exc}") from None
+        receipt = signed.message
+        me = self.identity.public_key
+        if signed.signer != receipt.client:
+            raise InvalidTask("a receipt must be signed by the client it names")
+        if me != receipt.executor and me not in receipt.verifiers:
+            raise InvalidTask("this receipt does not name this peer")
+        entries = entries_for_receipt(receipt, verdicts)
+        stored = await trio.to_thread.run_sync(self.ledger.record_receipt, signed, entries)
+        self.counters["receipt.stored" if stored else "receipt.duplicate"] += 1
+        log.info("receipt.recorded", request_id=receipt.request_id.hex()[:16], outcome=receipt.outcome,
+                 entries=len(entries), duplicate=not stored)
+        return b""
+
+    # ---- fraud proofs ---------------------------------------------------------------------------------
+
+    def _validate_fraud(self, data: bytes, source: str | None) -> bool:
+        """Runs before a proof is accepted or forwarded: size, rate, signatures, consistency."""
+        if len(data) > MAX_FRAUD_PROOF_BYTES:
+            self.counters["fraud.dropped.oversized"] += 1
+            return False
+        now = trio.current_time()
+        if source is not None and source != self.node.peer_id:
+            window = self._fraud_rate.setdefault(source, deque())
+            while window and window[0] < now - 60:
+                window.popleft()
+            if len(window) >= FRAUD_PER_SOURCE_PER_MIN:
+                self.counters["fraud.dropped.rate"] += 1
+                return False
+            window.append(now)
+        try:
+            check_proof_shape(decode_signed(data, expect=FraudProof, max_size=MAX_FRAUD_PROOF_BYTES).message)
+        except (WireError, InvalidProof) as exc:
+            self.counters["fraud.dropped.invalid"] += 1
+            log.info("fraud.invalid", source=source, error=str(exc)[:200])
+            return False
+        return True
+
+    async def _on_fraud(self, data: bytes) -> None:
+        proof = decode_signed(data, expect=FraudProof, max_size=MAX_FRAUD_PROOF_BYTES).message
+        parts = check_proof_shape(proof)
+        await self.handle_fraud_proof(parts, data)
+
+    async def handle_fraud_proof(self, parts: ProofParts, data: bytes) -> None:
+        if parts.result_hash in self._fraud_seen:
+            return
+        self._fraud_seen.add(parts.result_hash)
+        self.counters["fraud.received"] += 1
+        model = self.models.get(parts.result.message.model)
+        if model is None or model.numeric_class != parts.result.message.numeric_class:
+            record = FraudRecord(parts.result_hash, parts.executor, parts.result.message.request_id, UNCHECKED,
+                                 now_ms(), data)
+            await trio.to_thread.run_sync(self.ledger.record_fraud, record)
+            self.counters["fraud.unchecked"] += 1
+            return
+        try:
+            self._fraud_queue_send.send_nowait((parts, data))
+        except trio.WouldBlock:
+            self._fraud_seen.discard(parts.result_hash)
+            self.counters["fraud.dropped.queue-full"] += 1
+
+    async def _recheck_loop(self) -> None:
+        async for parts, data in self._fraud_queue:
+            model = self.models[parts.result.message.model]
+            verdict = await trio.to_thread.run_sync(recheck_result, model, parts.request, parts.result)
+            request_id = parts.result.message.request_id
+            at = now_ms()
+            if verdict.accept:
+                status = DISPROVEN
+                entries = entries_for_false_accusation(parts.rejecting_verifiers, request_id, at)
+            elif executor_to_blame(REJECTED, verdict.first_bad_position, parts.inherited_tokens):
+                status = PROVEN
+                entries = [Entry(parts.executor, PENALTY_REJECTED, PENALTY_REJECTED_RESULT, request_id, at,
+                                 "fraud proof re-checked")]
+            else:  # the bad tokens were inherited from an earlier executor: not this executor's fault
+                status = PROVEN_INHERITED
+                entries = []
+            record = FraudRecord(parts.result_hash, parts.executor, request_id, status, at, data)
+            await trio.to_thread.run_sync(self.ledger.record_fraud, record, entries)
+            self.counters[f"fraud.{status}"] += 1
+            log.info("fraud.rechecked", request_id=request_id.hex()[:16], status=status,
+                     executor=peer_id_from_public_key(parts.executor), reason=verdict.reason[:120] or None,
+                     penalized=[peer_id_from_public_key(e.peer) for e in entries])
+
+
+# ---- client side --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verification:
+    """The outcome of the verification quorum for one completion."""
+
+    outcome: str                               # accepted | rejected | unverified | skipped
+    verifiers: tuple[str, ...] = ()            # peer IDs asked, in ranking order
+    verdicts: tuple[Signed[Verdict], ...] = ()  # the valid verdicts counted
+    refusals: tuple[tuple[str, str], ...] = ()  # (peer ID, reason) of verifiers that did not judge
+    tally: Tally | None = None
+    receipt: Signed[Receipt] | None = None
+    fraud_proof: bytes | None = None           # the signed FraudProof, when the result was rejected
+    inherited_tokens: int = 0
+    executor_blamed: bool = False
+    seconds: float = 0.0
+    entries: tuple[Entry, ...] = ()            # what this client booked in its own ledger
+
+    @property
+    def verified(self) -> bool:
+        """True only when a strict majority of the verifiers asked accepted the result."""
+        return self.outcome == "accepted"
+
+
+async def ask_verifiers(node: Node, identity: Identity, request: Request, result: Signed[InferenceResult],
+                        verifiers: Sequence[bytes], inherited_tokens: int,
+                        timeout: float) -> tuple[list[Signed[Verdict]], list[tuple[str, str]]]:
+    """Send the signed result to each verifier at once; collect signed verdicts until ``timeout``."""
+    task = encode_signed(identity, VerifyTask(request=request, result=result.to_bytes(),
+                                              inherited_tokens=inherited_tokens, issued_at_ms=now_ms()))
+    verdicts: list[Signed[Verdict]] = []
+    refusals: list[tuple[str, str]] = []
+    pending = {peer_id_from_public_key(k): k for k in verifiers}
+
+    async def ask(peer_id: str, key: bytes) -> None:
+        try:
+            reply = await node.request(peer_id, VERIFY_PROTOCOL, task, timeout=timeout, max_frame=MAX_VERIFY_FRAME)
+            signed = decode_signed(reply, expect=(Verdict, Refusal), max_size=MAX_VERDICT_BYTES)
+        except (NetError, WireError) as exc:
+            refusals.append((peer_id, f"no verdict: {str(exc)[:120]}"))
+            return
+        if signed.signer != key:
+            refusals.append((peer_id, "answer signed by another key"))
+        elif isinstance(signed.message, Refusal):
+            refusals.append((peer_id, f"refused ({signed.message.code}): {signed.message.message[:120]}"))
+        else:
+            verdicts.append(signed)  # type: ignore[arg-type]
+
+    with trio.move_on_after(timeout + 1.0):
+        async with trio.open_nursery() as nursery:
+            for peer_id, key in pending.items():
+                nursery.start_soon(ask, peer_id, key)
+    answered = {peer_id_from_public_key(v.signer) for v in verdicts} | {p for p, _ in refusals}
+    refusals += [(p, f"no answer within {timeout} s") for p in pending if p not in answered]
+    return verdicts, refusals
+
+
+def build_receipt(identity: Identity, request: Request, result: Signed[InferenceResult], t: Tally,
+                  inherited_tokens: int) -> Signed[Receipt]:
+    r = result.message
+    blamed = list(t.outvoted) + list(t.silent)
+    if executor_to_blame(t.outcome, t.first_bad_position, inherited_tokens):
+        blamed.insert(0, r.executor)
+    return sign(identity, Receipt(
+        request_id=r.request_id, model=r.model, client=identity.public_key, executor=r.executor,
+        verifiers=t.verifiers, result_hash=result.message_id, output_tokens=len(r.output_ids),
+        outcome=t.outcome, issued_at_ms=now_ms(), inherited_tokens=inherited_tokens,
+        verdicts=tuple(v.to_bytes() for v in t.counted), blamed=tuple(dict.fromkeys(blamed))[:16]))
+
+
+def build_fraud_proof(identity: Identity, request: Request, result: Signed[InferenceResult], t: Tally,
+                      inherited_tokens: int) -> bytes:
+    return encode_signed(identity, FraudProof(
+        request=request, result=result.to_bytes(), verdicts=tuple(v.to_bytes() for v in t.rejecting()),
+        inherited_tokens=inherited_tokens, issued_at_ms=now_ms()))
+
+
+async def deliver_receipt(node: Node, receipt: Signed[Receipt], timeout: float = 5.0) -> int:
+    """Send the signed receipt to the executor and every verifier; returns how many took it."""
+    data = receipt.to_bytes()
+    keys = dict.fromkeys([receipt.message.executor, *receipt.message.verifiers])
+    delivered = [0]
+
+    async def send(key: bytes) -> None:
+        try:
+            await node.request(peer_id_from_public_key(key), RECEIPT_PROTOCOL, data, timeout=timeout,
+                               max_frame=MAX_RECEIPT_FRAME)
+            delivered[0] += 1
+        except NetError as exc:
+            log.debug("receipt.undelivered", peer_id=peer_id_from_public_key(key), error=str(exc)[:200])
+
+    with trio.move_on_after(timeout + 1.0):
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(send, key)
+    return delivered[0]
+
+
+def fraud_proof_size_ok(data: bytes) -> bool:
+    return len(data) <= MAX_FRAUD_PROOF_BYTES
+
+
+__all__ = ["VerificationService", "Verification", "ask_verifiers", "build_receipt", "build_fraud_proof",
+           "deliver_receipt", "tally", "codec"]

@@ -1,0 +1,23 @@
+"""``p2pinfer demo`` as a newcomer runs it: a subprocess on the real default model, in a fresh data dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_demo_runs_catches_the_cheater_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.run([sys.executable, "-m", "p2pinfer", "--data-dir", str(tmp_path / "data"), "demo",
+                           "--max-tokens", "16"], capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "verified (ECVRF edwards25519)" in out and "the same executor" in out
+    assert "ACCEPTED by 3 of 3" in out
+    assert "credit.tokens +" in out and "credit.verification +4" in out
+    assert "CAUGHT as" in out
+    assert "penalty." in out
+    assert "cheater EXCLUDED from the election" in out
+    # nothing of the tampered copy is left, and no child process was started
+    assert not list(tmp_path.glob("**/tampered"))
