@@ -44,10 +44,8 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2
 def describe_verification(verification: Any) -> str:
     """One word for a :attr:`Completion.verification <p2pinfer.request.client.Completion.verification>`.
 
-    ``None`` (no verification quorum ran: today's request path) is ``unverified``. Otherwise the outcome is
-    taken from the object's ``outcome`` or ``status`` attribute (or mapping key), or its ``accepted`` flag
-    (``accepted``/``rejected``); anything else is passed through as its string form. The verification
-    quorum is built separately; this is the one function to adapt when its result type lands.
+    ``None`` (no quorum ran, e.g. ``verify="off"`` on an old path) is ``unverified``. Otherwise the outcome
+    is the verification's ``outcome`` (``accepted``, ``rejected``, ``unverified`` or ``skipped``).
     """
     if verification is None:
         return "unverified"
