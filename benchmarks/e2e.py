@@ -6,7 +6,9 @@
 Prints, for 64 generated tokens (greedy):
   * end-to-end time through the network / the same generation run directly in-process (goal <= 1.10);
   * the election's added time to first token: offers, VRF bids and proof checks (goal <= 50 ms on loopback);
-  * time to first token, direct and end to end.
+  * time to first token, direct and end to end;
+  * verification cost: one teacher-forced prefill plus the fingerprint check, divided by the generation of
+    128 tokens with fingerprints (both greedy, EOS ignored), and the fingerprint size per token.
 All nodes run in this process on 127.0.0.1 with real sockets, Noise and Yamux.
 """
 
@@ -22,7 +24,9 @@ import trio
 
 from p2pinfer import AsyncClient, log
 from p2pinfer.localnet import local_network
-from p2pinfer.runtime import Generation, ModelStore, load_model
+from p2pinfer.runtime import GREEDY, Generation, ModelStore, generate, load_model, verify_result
+
+VERIFY_PROMPT = [{"role": "user", "content": "Explain in detail how a peer-to-peer network shares work fairly."}]
 
 
 def load(args: argparse.Namespace):
@@ -49,6 +53,26 @@ def direct_run(model, prompt_ids: list[int], tokens: int) -> tuple[float, float]
     return time.perf_counter() - started, first or 0.0
 
 
+def verification_cost(model, tokens: int, repeats: int) -> tuple[float, float, int, int]:
+    """(generation s, verification s, output tokens, fingerprint bytes), medians over ``repeats``."""
+    prompt_ids = model.prompt_ids(messages=VERIFY_PROMPT)
+    gen_s, ver_s = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = generate(model, prompt_ids, max_tokens=tokens, params=GREEDY, seed_material=bytes(32),
+                          stop_at_eos=False)
+        gen_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        verdict = verify_result(model, prompt_ids=prompt_ids, output_ids=result.output_ids,
+                                fingerprint=result.fingerprint_bytes, params=GREEDY, seed_material=bytes(32),
+                                max_tokens=tokens, finish_reason=result.finish_reason,
+                                commitment=result.commitment, stop_at_eos=False)
+        ver_s.append(time.perf_counter() - started)
+        assert verdict.accept, verdict.reason
+    return (statistics.median(gen_s), statistics.median(ver_s), len(result.output_ids),
+            len(result.fingerprint_bytes))
+
+
 async def network_runs(model, prompt: str, tokens: int, runs: int, peers: int) -> list[dict[str, float]]:
     out = []
     async with local_network([model], peers=peers) as net:
@@ -69,6 +93,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--peers", type=int, default=5)
+    parser.add_argument("--verify-tokens", type=int, default=128)
     args = parser.parse_args()
     log.configure(level="warning")
 
@@ -93,6 +118,10 @@ def main() -> int:
     print(f"end-to-end / direct: {e2e_total / direct_total:.3f}   (goal <= 1.10)")
     print(f"election (offers, bids, VRF checks) before assignment: {election * 1000:.1f} ms   (goal <= 50 ms)")
     print(f"added time to first token: {(e2e_first - direct_first) * 1000:.1f} ms")
+    gen_s, ver_s, n, fp_bytes = verification_cost(model, args.verify_tokens, min(args.runs, 3))
+    print(f"verification: generate {n} tokens {gen_s:.3f} s, verify {ver_s:.3f} s, "
+          f"verification / generation = {ver_s / gen_s:.3f}")
+    print(f"fingerprint: {fp_bytes} bytes = {fp_bytes / n:.1f} bytes/token")
     return 0
 
 
