@@ -57,6 +57,7 @@ async def test_cli_generate_streams_the_answer(model, tmp_path):
     assert result.returncode == 0, stderr
     assert stdout.startswith("\nimport os\nimport os")
     assert "executor 12D3KooW" in stderr and "16 tokens" in stderr
+    assert "verification: accepted (1 verifiers)" in stderr  # two peers: the other one re-checks
 
 
 async def test_cli_generate_without_bootstrap_is_a_clear_error(tmp_path):

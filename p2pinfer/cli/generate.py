@@ -58,5 +58,10 @@ def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model
                f"{len(completion.token_ids)} tokens, finish={completion.finish_reason}; election "
                f"{t['election_s'] * 1000:.0f} ms, first token {t['first_token_s'] * 1000:.0f} ms, "
                f"total {t['total_s']:.2f} s", err=True)
+    verification = completion.verification
+    if verification is not None:
+        click.echo(f"verification: {verification.outcome}" + (
+            f" ({len(verification.verifiers)} verifiers)" if verification.verifiers else
+            " (no other peer serves the model to re-check it)"), err=True)
     if len(completion.attempts) > 1:
         click.echo("failover: " + ", ".join(f"{a.peer_id[-8:]}={a.outcome}" for a in completion.attempts), err=True)
