@@ -95,15 +95,24 @@ def listen_addrs(app: AppContext, listen: tuple[str, ...]) -> tuple[str, ...]:
     return listen or app.config.listen or DEFAULT_LISTEN
 
 
+def node_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every long-running node command takes: --listen, --key, --bootstrap, --announce."""
+    for option in reversed([
+        click.option("--listen", "listen", multiple=True, metavar="MULTIADDR",
+                     help="Address to listen on (repeatable) [default: config `listen`, else /ip4/0.0.0.0/tcp/4001]."),
+        click.option("--key", "key_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="Peer key file [default: DATA_DIR/peer.key, created if missing]."),
+        click.option("--bootstrap", "bootstrap", multiple=True, metavar="MULTIADDR",
+                     help="Bootstrap node to join (repeatable); also read from the config and bootstrap/peers.txt."),
+        click.option("--announce", "announce", multiple=True, metavar="MULTIADDR",
+                     help="Public address to advertise in addition to the listen addresses (e.g. behind NAT)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.command("bootstrap")
-@click.option("--listen", "listen", multiple=True, metavar="MULTIADDR",
-              help="Address to listen on (repeatable) [default: config `listen`, else /ip4/0.0.0.0/tcp/4001].")
-@click.option("--key", "key_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Peer key file [default: DATA_DIR/peer.key, created if missing].")
-@click.option("--bootstrap", "bootstrap", multiple=True, metavar="MULTIADDR",
-              help="Other bootstrap nodes to join (repeatable); also read from the config and bootstrap/peers.txt.")
-@click.option("--announce", "announce", multiple=True, metavar="MULTIADDR",
-              help="Public address to advertise in addition to the listen addresses (e.g. behind NAT).")
+@node_options
 @click.pass_obj
 def bootstrap_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None,
                   bootstrap: tuple[str, ...], announce: tuple[str, ...]) -> None:

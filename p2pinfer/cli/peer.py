@@ -16,20 +16,13 @@ from ..peer import DEFAULT_SLOTS, ServingPeer
 from ..runtime import ModelStore, resolve_models
 from .common import AppContext
 from .gguf import ClickProgress
-from .net import PEERS_FILE, check_bootstrap, listen_addrs, read_peers_file, run_until_signal
+from .net import PEERS_FILE, check_bootstrap, listen_addrs, node_options, read_peers_file, run_until_signal
 
 log = get_logger("p2pinfer.cli.peer")
 
 
 @click.command("peer")
-@click.option("--listen", "listen", multiple=True, metavar="MULTIADDR",
-              help="Address to listen on (repeatable) [default: config `listen`, else /ip4/0.0.0.0/tcp/4001].")
-@click.option("--key", "key_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Peer key file [default: DATA_DIR/peer.key, created if missing].")
-@click.option("--bootstrap", "bootstrap", multiple=True, metavar="MULTIADDR",
-              help="Bootstrap node to join (repeatable); also read from the config and bootstrap/peers.txt.")
-@click.option("--announce", "announce", multiple=True, metavar="MULTIADDR",
-              help="Public address to advertise in addition to the listen addresses (e.g. behind NAT).")
+@node_options
 @click.option("--model", "model_specs", multiple=True, metavar="DIR|DIGEST|NAME",
               help="Model to serve (repeatable): a model folder (imported into the store) or a stored model "
                    "[default: the bundled SmolLM2-135M-Instruct].")
