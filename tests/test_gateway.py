@@ -83,8 +83,9 @@ async def test_openai_sdk_chat_and_completions_match_the_p2pinfer_sdk(model):
     assert chat.usage.completion_tokens == len(expected_chat.token_ids)
     assert chat.usage.prompt_tokens == len(expected_chat.result.message.prompt_ids)
     extra = chat.model_extra["p2pinfer"]
-    assert extra["executor"] in {p.peer_id for p in net.peers}  # never the gateway peer itself
-    # Two serving peers: one executes, the other re-checks (a quorum of one), so the outcome is known.
+    # The gateway's own peer serves the model too: it bids in its own elections over a loopback stream.
+    assert extra["executor"] in {p.peer_id for p in net.peers} | {peer.peer_id}
+    # Three serving peers: one executes, the other two re-check it, so the outcome is known.
     assert extra["verification"] == "accepted"
     assert out["chat_headers"]["x-p2pinfer-executor"] == extra["executor"]
     assert out["chat_headers"]["x-p2pinfer-verification"] == "accepted"

@@ -157,3 +157,28 @@ async def test_twenty_concurrent_requests_over_four_peers_all_complete(model):
     assert all(len(c.token_ids) > 0 for c in results.values())
     assert busiest == 2, "a peer should run up to its 2 slots at once"
     assert len(served) >= 3
+
+
+async def test_a_client_on_a_serving_peers_own_node_is_served_by_that_peer_too(model, reference):
+    """The gateway's case: libp2p cannot dial itself, so offers, the task and verification to the peer the
+    client runs on go over a loopback stream, through the same handlers and signed messages."""
+    case = reference["cases"][0]
+    async with local_network([model], peers=1) as net:
+        peer = net.peers[0]
+        async with AsyncClient.on_node(peer.node) as client:
+            alone = await client.generate(model=MODEL_NAME, prompt=case["prompt_text"], max_tokens=16)
+    assert alone.executor == peer.peer_id
+    assert list(alone.token_ids) == case["continuation_ids"]
+    assert alone.verification.outcome == "unverified"  # nobody else holds the model to re-check it
+    async with local_network([model], peers=3) as net:
+        own = net.peers[0]
+        async with AsyncClient.on_node(own.node) as client:
+            executors = set()
+            for i in range(16):
+                completion = await client.generate(model=MODEL_NAME, prompt=f"def f{i}(", max_tokens=4)
+                assert len(completion.election.bids) == 3  # its own peer bids like every other
+                executors.add(completion.executor)
+                if own.peer_id in executors and len(executors) >= 2:
+                    break
+    assert own.peer_id in executors and len(executors) >= 2
+    assert completion.verification.outcome == "accepted"

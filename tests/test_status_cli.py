@@ -63,12 +63,13 @@ async def test_status_of_a_running_peer_with_its_gateway(shared_models, tmp_path
             stderr = (await trio.to_thread.run_sync(proc.communicate, None, 30))[1].decode()
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     assert "event=gateway.started" in stderr and "url=http://127.0.0.1:" in stderr
-    served_by = net.peers[0].peer_id
-    assert f"{served_by[:8]}…{served_by[-8:]}" in out  # the known peer, with its model
+    other = net.peers[0].peer_id
+    assert f"{other[:8]}…{other[-8:]}" in out  # the known peer, with its model
     assert "Known peers" in out and MODEL_NAME in out
     assert "elections won" in out and "n/a (no ledger yet)" in out
     request_lines = out.split("Recent gateway requests (1)")[1].splitlines()
-    assert "completions" in request_lines[3] and " ok " in request_lines[3] and "unverified" in request_lines[3]
+    # Two peers serve the model (the gateway's own peer bids too): one executes, the other re-checks it.
+    assert "completions" in request_lines[3] and " ok " in request_lines[3] and "accepted" in request_lines[3]
     assert text
     # Once the peer has stopped, its control socket is gone and status says so clearly.
     assert not (data_dir / "control.sock").exists()

@@ -46,6 +46,7 @@ from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
 from .host import build_host
 from .keys import to_libp2p_id
+from .loopback import loopback_pair
 from .streams import DEFAULT_MAX_FRAME, FrameStream, encode_error, encode_ok
 
 log = get_logger("p2pinfer.net.node")
@@ -112,6 +113,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._last_announcement: tuple[bytes, int] | None = None
+        self._local_handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}  # for streams to ourselves
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -247,6 +249,7 @@ class Node:
             await frames.aclose()
 
         self.host.set_stream_handler(TProtocol(protocol_id), on_stream)
+        self._local_handlers[protocol_id] = on_stream
 
     def register_request_handler(self, protocol_id: str, handler: RequestHandler, *,
                                  max_frame: int = DEFAULT_MAX_FRAME, idle_timeout: float = 60.0) -> None:
@@ -284,6 +287,8 @@ class Node:
         ``timeout`` bounds the dial and the protocol negotiation and becomes the stream's default
         per-operation timeout.
         """
+        if peer_id == self.peer_id:
+            return self._open_loopback(protocol_id, timeout=timeout, max_frame=max_frame)
         known = tuple(addrs) or (self._announced_addrs(peer_id))
         if known:
             self.host.get_peerstore().add_addrs(to_libp2p_id(peer_id),
@@ -300,6 +305,15 @@ class Node:
             return FrameStream(stream, max_frame=max_frame, timeout=timeout)
         assert scope.cancelled_caught
         raise RequestTimeout(f"opening {protocol_id} to {peer_id} took more than {timeout} s")
+
+    def _open_loopback(self, protocol_id: str, *, timeout: float, max_frame: int) -> FrameStream:
+        """A stream to ourselves, served by our own handler (libp2p cannot dial its own peer ID)."""
+        handler = self._local_handlers.get(protocol_id)
+        if handler is None or self._nursery is None:
+            raise ProtocolNotSupported(f"this node ({self.peer_id}) does not serve {protocol_id}")
+        dialer, listener = loopback_pair(protocol_id, to_libp2p_id(self.peer_id))
+        self._nursery.start_soon(handler, listener)
+        return FrameStream(dialer, max_frame=max_frame, timeout=timeout)  # type: ignore[arg-type]
 
     async def request(self, peer_id: str, protocol_id: str, payload: bytes, *, timeout: float = 10.0,
                       max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
@@ -472,10 +486,10 @@ class Node:
         return await self.discovery.find_providers(model_digest, timeout=timeout)
 
     async def candidates(self, model_digest: bytes, *, min_free_slots: int = 1,
-                         timeout: float = 10.0) -> list[PeerInfo]:
+                         timeout: float = 10.0, include_self: bool = False) -> list[PeerInfo]:
         """Who to try for ``model_digest``: live announcements with free slots first, then DHT providers
         that have no live announcement yet (a newly joined client may not have heard the gossip)."""
-        from_table = self.serving(model_digest, min_free_slots=min_free_slots)
+        from_table = self.serving(model_digest, min_free_slots=min_free_slots, include_self=include_self)
         out = [PeerInfo(s.peer_id, s.addrs) for s in from_table]
         if len(out) < 3:
             live = {a.peer_id for a in self.table.live(now_ms())}

@@ -447,7 +447,10 @@ class AsyncClient:
 
     async def _collect_bids(self, request: Request, request_id: bytes) -> tuple[list[Bid], bool]:
         """Offer the request to the candidates; returns the bids and whether any candidate said busy."""
-        infos = await self.node.candidates(request.model, timeout=min(self.discovery_timeout, 5.0))
+        # include_self: a client running on a serving peer's node (the gateway) offers work to that peer too,
+        # over a loopback stream; it gets the same equal chance as every other bidder.
+        infos = await self.node.candidates(request.model, timeout=min(self.discovery_timeout, 5.0),
+                                           include_self=True)
         if not infos:
             raise NoPeerServesModel(f"no peer with free capacity serves model {request.model.hex()[:16]}…")
         chosen = select_candidates(request_id, [i.peer_id for i in infos], self.max_candidates)
