@@ -2,7 +2,7 @@
 
 Plain data only (JSON types), built from the node's announcement table and counters, the task server's
 counters and recent tasks, and the gateway's recent requests. Reputation, credits and penalties come from
-the ledger, which this peer does not keep yet: their fields are ``None`` until it exists.
+this peer's ledger (``None`` when no ledger is given).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from . import __version__
 from .wire import now_ms
 
 if TYPE_CHECKING:
+    from .ledger import Ledger
     from .metrics import PeerMetrics
     from .net import Node
     from .request.server import TaskServer
@@ -22,8 +23,18 @@ STATUS_VERSION = 1
 
 
 def status_snapshot(node: "Node", *, server: "TaskServer | None" = None, metrics: "PeerMetrics | None" = None,
-                    urls: Mapping[str, str] | None = None) -> dict[str, Any]:
+                    urls: Mapping[str, str] | None = None, ledger: "Ledger | None" = None) -> dict[str, Any]:
+    from .identity import public_key_from_peer_id
+
     now = now_ms()
+
+    def reputation(peer_id: str) -> dict[str, Any] | None:
+        if ledger is None:
+            return None
+        standing = ledger.standing(public_key_from_peer_id(peer_id), now_ms=now)
+        return {"score": round(standing.score, 3), "excluded": standing.excluded,
+                "proven_fraud": standing.proven_fraud}
+
     peers = []
     for a in sorted(node.table.live(now), key=lambda a: a.peer_id):
         if a.peer_id == node.peer_id:
@@ -36,7 +47,7 @@ def status_snapshot(node: "Node", *, server: "TaskServer | None" = None, metrics
             "total_slots": a.total_slots,
             "software": a.software,
             "expires_in_s": round((a.expires_at_ms - now) / 1000, 1),
-            "reputation": None,  # no ledger yet
+            "reputation": reputation(a.peer_id),
         })
     own: dict[str, Any] = {
         "peer_id": node.peer_id,
@@ -46,10 +57,14 @@ def status_snapshot(node: "Node", *, server: "TaskServer | None" = None, metrics
         "connected_peers": len(node.connected_peers()),
         "urls": dict(urls or {}),
         "uptime_s": round(time.time() - metrics.started_at, 1) if metrics else None,
-        "credits": None,  # no ledger yet
+        "credits": None,
         "penalties": None,
         "gossip": dict(node.gossip.counters),
     }
+    if ledger is not None:
+        mine = ledger.entries(public_key_from_peer_id(node.peer_id))
+        own["credits"] = sum(e.amount for e in mine if e.amount > 0)
+        own["penalties"] = sum(-e.amount for e in mine if e.amount < 0)
     if server is not None:
         own["models"] = [{"name": m.name, "digest": d.hex()} for d, m in server.models.items()]
         own["slots"] = {"free": server.free_slots, "total": server.slots}

@@ -66,7 +66,11 @@ async def test_status_of_a_running_peer_with_its_gateway(shared_models, tmp_path
     other = net.peers[0].peer_id
     assert f"{other[:8]}…{other[-8:]}" in out  # the known peer, with its model
     assert "Known peers" in out and MODEL_NAME in out
-    assert "elections won" in out and "n/a (no ledger yet)" in out
+    assert "elections won" in out
+    # The peer keeps its ledger in its data dir: the request it served or verified is credited there.
+    credits = [line for line in out.splitlines() if line.strip().startswith("credits")]
+    assert credits and int(credits[0].split()[-1]) > 0, out
+    assert (data_dir / "ledger.sqlite").exists()
     request_lines = out.split("Recent gateway requests (1)")[1].splitlines()
     # Two peers serve the model (the gateway's own peer bids too): one executes, the other re-checks it.
     assert "completions" in request_lines[3] and " ok " in request_lines[3] and "accepted" in request_lines[3]
@@ -82,7 +86,7 @@ def test_status_tables_render_empty_and_missing_fields():
     assert table(("a", "bb"), [(1, None)]).splitlines() == ["a  bb", "-  --", "1  -"]
     text = render_status({"peer": {"peer_id": "12D3KooWabc", "credits": None}, "known_peers": [],
                           "recent_requests": [], "recent_tasks": []})
-    assert "none: no live announcement yet" in text and "n/a (no ledger yet)" in text
+    assert "none: no live announcement yet" in text and "n/a (no ledger)" in text
 
 
 async def test_gateway_address_errors_are_clear(shared_models, tmp_path):

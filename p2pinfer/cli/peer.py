@@ -10,6 +10,7 @@ from ..control import control_socket_path
 from ..errors import ConfigError
 from ..gguf.default_model import ensure_default_model
 from ..identity import Identity
+from ..ledger import LEDGER_FILE
 from ..log import get_logger
 from ..net import NodeConfig
 from ..peer import DEFAULT_SLOTS, ServingPeer
@@ -61,8 +62,10 @@ def peer_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None, bo
     config = NodeConfig(listen=listen_addrs(app, listen), bootstrap=peers, role="peer", extra_addrs=announce)
     control = control_socket_path(app.config.data_dir)
     app.config.data_dir.mkdir(parents=True, exist_ok=True)
+    ledger = app.config.data_dir / LEDGER_FILE  # receipts, verdicts, credits and penalties survive restarts
     run_until_signal(lambda: ServingPeer(identity, config, models, slots=slots, gateway=gateway_bind,
-                                         gateway_key=gateway_key, control_socket=control), config.listen)
+                                         gateway_key=gateway_key, control_socket=control, ledger=ledger),
+                     config.listen)
 
 
 def gateway_settings(app: AppContext, gateway: str | None, key: str | None) -> tuple[tuple[str, int] | None, str | None]:

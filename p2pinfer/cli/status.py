@@ -70,8 +70,8 @@ def render_status(status: dict[str, Any]) -> str:
     gossip = peer.get("gossip", {})
     rejected = {k: v for k, v in gossip.items() if k != "accepted"}
     rows = [
-        ("credits", "n/a (no ledger yet)" if peer.get("credits") is None else peer["credits"]),
-        ("penalties", "n/a (no ledger yet)" if peer.get("penalties") is None else peer["penalties"]),
+        ("credits", "n/a (no ledger)" if peer.get("credits") is None else peer["credits"]),
+        ("penalties", "n/a (no ledger)" if peer.get("penalties") is None else peer["penalties"]),
         ("offers received", counters.get("offers", 0)),
         ("bids sent", counters.get("bids", 0)),
         ("elections won", counters.get("elections.won", 0)),
@@ -91,7 +91,7 @@ def render_status(status: dict[str, Any]) -> str:
         (_short(p["peer_id"]), ", ".join(m["name"] for m in p["models"]) or "-",
          f"{p['free_slots']}/{p['total_slots']}",
          max((m["decode_tokens_per_s"] for m in p["models"]), default=None) or None,
-         "n/a" if p.get("reputation") is None else p["reputation"], f"{p['expires_in_s']:.0f}s")
+         _reputation(p.get("reputation")), f"{p['expires_in_s']:.0f}s")
         for p in known]) if known else "  none: no live announcement yet (is a bootstrap node reachable?)")
     out.append("")
     requests = status.get("recent_requests", [])
@@ -107,3 +107,12 @@ def render_status(status: dict[str, Any]) -> str:
         (_ago(t["started_at_ms"], now), t["request_id"][:16], _short(t["client"]), t["model"], t["tokens"],
          t["outcome"], f"{t['duration_s']:.2f}") for t in tasks]) if tasks else "  none")
     return "\n".join(out)
+
+
+def _reputation(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, dict):
+        flags = " (proven fraud)" if value.get("proven_fraud") else " (excluded)" if value.get("excluded") else ""
+        return f"{value['score']:.2f}{flags}"
+    return str(value)

@@ -75,6 +75,10 @@ class Gateway:
         self.peer = peer  # the ServingPeer, for the status page (optional)
         self.metrics = metrics or PeerMetrics(node, getattr(peer, "server", None))
         options = {"discovery_timeout": MODEL_LOOKUP_TIMEOUT_S, **(client_options or {})}
+        if getattr(peer, "ledger", None) is not None:
+            # The peer's own ledger: what its gateway's requests teach it (penalties, exclusions) persists and
+            # shows in `p2pinfer status`.
+            options.setdefault("ledger", peer.ledger)
         self.client = AsyncClient.on_node(node, identity, **options)
         self.urls: dict[str, str] = {}  # listener name -> URL, filled in by whoever serves us
 
@@ -83,7 +87,7 @@ class Gateway:
 
     def status(self) -> dict[str, Any]:
         return status_snapshot(self.node, server=getattr(self.peer, "server", None), metrics=self.metrics,
-                               urls=self.urls)
+                               urls=self.urls, ledger=getattr(self.peer, "ledger", None))
 
     # ---- generation ---------------------------------------------------------------------------------
 
