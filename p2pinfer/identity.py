@@ -9,6 +9,7 @@ mode 0600, and a key file that group or others can read is refused.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tempfile
@@ -81,11 +82,13 @@ class Identity:
     def generate(cls) -> "Identity":
         return cls(bytes(nacl.signing.SigningKey.generate()))
 
-    @property
+    # Derived once: deriving the key pair from the seed costs a SHA-512 and a scalar multiplication, and the
+    # executor signs every token chunk. (cached_property writes the instance dict, which frozen allows.)
+    @functools.cached_property
     def signing_key(self) -> nacl.signing.SigningKey:
         return nacl.signing.SigningKey(self.seed)
 
-    @property
+    @functools.cached_property
     def public_key(self) -> bytes:
         return bytes(self.signing_key.verify_key)
 
