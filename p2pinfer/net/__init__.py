@@ -4,7 +4,7 @@ Public API (what the request path and the CLI use):
 
 * :class:`Node`, :class:`NodeConfig` — a running node (host + DHT + capacity gossip + our protocols).
 * :class:`FrameStream` — a framed stream for our own protocols; errors from :mod:`p2pinfer.net.errors`.
-* :class:`AnnouncementTable`, :class:`ServingPeer`, :func:`verify_announcement` — capacity announcements.
+* :class:`AnnouncementTable`, :class:`ServingEntry`, :func:`verify_announcement` — capacity announcements.
 * :class:`PeerInfo`, :func:`parse_peer_multiaddr` — addresses as plain strings.
 * :func:`build_host`, :func:`keypair_from_identity` — the lower-level pieces.
 """
@@ -14,7 +14,7 @@ from .announcements import (
     MAX_ANNOUNCEMENT_BYTES,
     AnnouncementRejected,
     AnnouncementTable,
-    ServingPeer,
+    ServingEntry,
     verify_announcement,
 )
 from .dht import PROTOCOL_ID as DHT_PROTOCOL_ID
@@ -40,6 +40,6 @@ __all__ = [
     "AnnouncementRejected", "AnnouncementTable", "CAPACITY_TOPIC", "DEFAULT_MAX_FRAME", "DHT_PROTOCOL_ID",
     "DialError", "Discovery", "FrameStream", "FrameTooLargeError", "MAX_ANNOUNCEMENT_BYTES", "MalformedFrameError",
     "NetError", "Node", "NodeConfig", "PeerInfo", "ProtocolNotSupported", "RemoteError", "RequestTimeout",
-    "ServingPeer", "StreamClosedError", "StreamResetError", "build_host", "keypair_from_identity",
+    "ServingEntry", "StreamClosedError", "StreamResetError", "build_host", "keypair_from_identity",
     "parse_peer_multiaddr", "provider_key", "verify_announcement",
 ]

@@ -91,7 +91,7 @@ def verify_announcement(
 
 
 @dataclass(frozen=True)
-class ServingPeer:
+class ServingEntry:
     """A peer that serves a model, from its latest announcement."""
 
     peer_id: str
@@ -164,7 +164,7 @@ class AnnouncementTable:
         return [s.message for s in self._by_peer.values() if s.message.expires_at_ms > now_ms]
 
     def serving(self, digest: bytes, now_ms: int, *, min_free_slots: int = 1,
-                exclude: Iterable[str] = ()) -> list[ServingPeer]:
+                exclude: Iterable[str] = ()) -> list[ServingEntry]:
         """Peers whose live announcement offers model ``digest`` with at least ``min_free_slots`` free.
 
         Sorted by most free slots first, then by peer ID (deterministic).
@@ -176,7 +176,7 @@ class AnnouncementTable:
                 continue
             for offer in a.models:
                 if offer.digest == digest:
-                    found.append(ServingPeer(a.peer_id, a.addrs, offer, a.free_slots, a.total_slots,
+                    found.append(ServingEntry(a.peer_id, a.addrs, offer, a.free_slots, a.total_slots,
                                              a.expires_at_ms, a.seq))
                     break
         found.sort(key=lambda s: (-s.free_slots, s.peer_id))

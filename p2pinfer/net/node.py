@@ -40,7 +40,7 @@ from ..identity import Identity
 from ..log import get_logger
 from ..wire import CapacityAnnouncement, ModelOffer, WireError, codec, encode_signed, now_ms
 from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
-from .announcements import AnnouncementRejected, AnnouncementTable, ServingPeer
+from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
 from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
@@ -476,7 +476,7 @@ class Node:
     # ---- lookups for the request path ---------------------------------------------------------------
 
     def serving(self, model_digest: bytes, *, min_free_slots: int = 1,
-                include_self: bool = False) -> list[ServingPeer]:
+                include_self: bool = False) -> list[ServingEntry]:
         """Peers whose live announcement serves ``model_digest`` with free slots (most free first)."""
         exclude = () if include_self else (self.peer_id,)
         return self.table.serving(model_digest, now_ms(), min_free_slots=min_free_slots, exclude=exclude)
