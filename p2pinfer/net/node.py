@@ -43,6 +43,7 @@ from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
 from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
 from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
+from .guard import PeerGuard
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
 from .host import build_host
 from .keys import to_libp2p_id
@@ -97,6 +98,8 @@ class Node:
         self.config = config
         self.peer_id = identity.peer_id
         self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s)
+        self.guard = PeerGuard(self.host)
+        self.guard.install()
         self.discovery = Discovery(self.host, server=config.role != "client",
                                    refresh_interval_s=config.dht_refresh_interval_s)
         self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
@@ -128,6 +131,7 @@ class Node:
             await self.pubsub.wait_until_ready()
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._stack = stack
+            await self._nursery.start(self.guard.run)
             await self._nursery.start(self.discovery.run)
             await self.gossip.start()
             self._nursery.start_soon(self.gossip.drain)
@@ -505,7 +509,7 @@ class Node:
     @property
     def counters(self) -> dict[str, int]:
         """Gossip drop reasons and acceptance counts, plus stream handler errors."""
-        return dict(self.gossip.counters + self.stats)
+        return dict(self.gossip.counters + self.stats + self.guard.counters)
 
 
 def _only_contains(error: BaseException, original: BaseException) -> bool:
