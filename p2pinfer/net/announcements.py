@@ -40,6 +40,13 @@ REJECT_REASONS = (
     "version", "bad-signature", "signer-mismatch", "source-mismatch", "expired", "future", "bad-window", "stale",
 )
 
+# Reasons that prove the peer who forwarded the bytes broke the rules (an honest forwarder validates first
+# and would have dropped them). Timing reasons and version/type skew are not the forwarder's fault.
+SENDER_FAULT_REASONS = frozenset({
+    "oversized", "malformed", "non-canonical", "extension-type", "too-deep", "schema", "bad-signature",
+    "signer-mismatch", "source-mismatch", "bad-window",
+})
+
 
 class AnnouncementRejected(Exception):
     """An announcement failed validation; ``reason`` is one of :data:`REJECT_REASONS`."""

@@ -39,7 +39,7 @@ class FaultKind(enum.Enum):
 _WEIGHTS = {
     FaultKind.MALFORMED_STREAM: 2.0,
     FaultKind.HANDLER_CRASH: 2.0,
-    FaultKind.INVALID_GOSSIP: 2.5,
+    FaultKind.INVALID_GOSSIP: BAN_SCORE / 2.5,  # the 3rd within minutes bans (gossip.INVALID_GOSSIP_LIMIT)
     FaultKind.WINDOW_OVERRUN: BAN_SCORE,
 }
 

@@ -15,6 +15,7 @@ identify, identify push, ping, relay...) that raises on bad input does the same.
 * the host's multistream handler table is replaced by a mapping that wraps each handler as it is
   registered (also those registered later: pubsub, kad, ours), enforcing the per-protocol stream limits of
   :class:`~p2pinfer.net.resources.ResourceLimits` and attributing parse failures to the sender as faults;
+* every Yamux connection gets bounded receive buffers (:mod:`p2pinfer.net.yamux_bounds`);
 * faults go to a :class:`~p2pinfer.net.faults.FaultBook`; a peer that reaches the ban score is
   disconnected, and while banned its new connections are closed as they arrive.
 """
@@ -30,6 +31,7 @@ from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from ..log import get_logger
 from .faults import FaultBook, FaultKind
 from .resources import DEFAULT_LIMITS, ResourceLimits, ResourceScopes
+from .yamux_bounds import bound_yamux_buffers
 
 log = get_logger("p2pinfer.net.guard")
 
@@ -82,6 +84,10 @@ class PeerGuard:
         multiselect = self.host.multiselect  # type: ignore[attr-defined]
         multiselect.handlers = _GuardedHandlers(self, multiselect.handlers)
         network.register_notifee(_BanNotifee(self))
+        bound_yamux_buffers(self.host, self.limits, self._on_window_overrun)
+
+    def _on_window_overrun(self, peer_id: str, detail: str) -> None:
+        self.fault(peer_id, FaultKind.WINDOW_OVERRUN, detail, protocol="/yamux/1.0.0")
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Close connections of peers as they get banned (owned by the node's nursery)."""
@@ -109,6 +115,9 @@ class PeerGuard:
             self.counters["banned"] += 1
             log.info("guard.peer_banned", peer=peer_id, reason=kind.value, ban_s=self.faults.ban_s)
             self.request_disconnect(peer_id)
+
+    def fault_by_kind(self, peer_id: str, kind: FaultKind, detail: str) -> None:
+        self.fault(peer_id, kind, detail)
 
     def request_disconnect(self, peer_id: str) -> None:
         try:

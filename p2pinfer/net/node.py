@@ -104,7 +104,8 @@ class Node:
                                    refresh_interval_s=config.dht_refresh_interval_s)
         self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
         self.table = AnnouncementTable()
-        self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id)
+        self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id,
+                                     on_fault=self.guard.fault_by_kind)
         self.stats: Counter[str] = Counter()
         self._models: tuple[ModelOffer, ...] = ()
         self._free_slots = 0

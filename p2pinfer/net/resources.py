@@ -31,7 +31,7 @@ class ResourceLimits:
     connections_per_peer: int = 1                        # Yamux multiplexes; see host.py
     connections_total: int = 300
     yamux_stream_buffer_slack: int = 64 * 1024           # beyond the granted window: a protocol violation
-    yamux_connection_buffer: int = 32 * 1024 * 1024      # all streams of one connection together
+    yamux_connection_buffer: int = 16 * 1024 * 1024      # all streams of one connection together
 
 
 DEFAULT_LIMITS = ResourceLimits()
