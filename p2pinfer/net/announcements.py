@@ -12,6 +12,10 @@ reason               rule
                      ``version``, ``bad-signature``, ...)
 ``signer-mismatch``  ``peer_id`` is the envelope signer's peer ID
 ``source-mismatch``  the GossipSub message source (itself signed by pubsub) is that same peer
+``bad-addr``         every address is a dialable multiaddr: ``/ip4|ip6|dns*/<host>/tcp|udp/<port>``,
+                     optionally ``/quic-v1`` or a relay circuit; no wildcard host, no port 0
+``bad-slots``        ``free_slots`` <= ``total_slots``
+``duplicate-model``  no model digest appears twice
 ``expired`` /        the validity window holds (:func:`p2pinfer.wire.replay.check_window`):
 ``future`` /         not expired, issued at most 30 s in the future, lifetime at most 10 min
 ``bad-window``
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..wire import CapacityAnnouncement, ModelOffer, ReplayError, Signed, WireError, check_window, decode_signed
+from .addrs import dialable_problem
 from ..wire.replay import DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_LIFETIME_MS
 
 # 32 model offers of ~300 bytes and 16 addresses of up to 256 bytes stay below 16 KiB in an envelope.
@@ -37,14 +42,15 @@ MAX_ANNOUNCEMENT_BYTES = 16 * 1024
 
 REJECT_REASONS = (
     "oversized", "malformed", "non-canonical", "extension-type", "too-deep", "schema", "unknown-type",
-    "version", "bad-signature", "signer-mismatch", "source-mismatch", "expired", "future", "bad-window", "stale",
+    "version", "bad-signature", "signer-mismatch", "source-mismatch", "bad-addr", "bad-slots", "duplicate-model",
+    "expired", "future", "bad-window", "stale",
 )
 
 # Reasons that prove the peer who forwarded the bytes broke the rules (an honest forwarder validates first
 # and would have dropped them). Timing reasons and version/type skew are not the forwarder's fault.
 SENDER_FAULT_REASONS = frozenset({
     "oversized", "malformed", "non-canonical", "extension-type", "too-deep", "schema", "bad-signature",
-    "signer-mismatch", "source-mismatch", "bad-window",
+    "signer-mismatch", "source-mismatch", "bad-addr", "bad-slots", "duplicate-model", "bad-window",
 })
 
 
@@ -87,6 +93,7 @@ def verify_announcement(
         raise AnnouncementRejected("signer-mismatch", f"peer_id {announcement.peer_id} signed by {signer}")
     if source_peer_id is not None and source_peer_id != signer:
         raise AnnouncementRejected("source-mismatch", f"announcement of {signer} published by {source_peer_id}")
+    check_fields(announcement)
     try:
         check_window(
             announcement.issued_at_ms, announcement.expires_at_ms, now=now_ms,
@@ -95,6 +102,19 @@ def verify_announcement(
     except ReplayError as exc:
         raise AnnouncementRejected(_window_reason(exc), str(exc)) from None
     return signed
+
+
+def check_fields(announcement: CapacityAnnouncement) -> None:
+    """Semantic checks beyond the schema's types and sizes (which the codec already enforced)."""
+    for addr in announcement.addrs:
+        problem = dialable_problem(addr)
+        if problem is not None:
+            raise AnnouncementRejected("bad-addr", f"{addr[:80]!r}: {problem}")
+    if announcement.free_slots > announcement.total_slots:
+        raise AnnouncementRejected("bad-slots", f"{announcement.free_slots} free of {announcement.total_slots}")
+    digests = [m.digest for m in announcement.models]
+    if len(set(digests)) != len(digests):
+        raise AnnouncementRejected("duplicate-model", "a model digest is announced twice")
 
 
 @dataclass(frozen=True)

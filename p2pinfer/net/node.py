@@ -38,12 +38,23 @@ from libp2p.tools.anyio_service import background_trio_service
 from .. import __version__
 from ..identity import Identity
 from ..log import get_logger
-from ..wire import CapacityAnnouncement, ModelOffer, WireError, codec, encode_signed, now_ms
-from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
+from ..wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
+from .addrs import PeerInfo, dialable_problem, merge_peer_infos, parse_dialable, parse_peer_multiaddr, strip_p2p
 from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
 from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
+from .capacity_sync import (
+    CAPACITY_SYNC,
+    MAX_SYNC_PAGES,
+    SyncPageError,
+    build_sync_page,
+    encode_sync_request,
+    parse_sync_page,
+    parse_sync_request,
+)
 from .guard import PeerGuard
+from .protocol import Protocol, frame_limit
+from .protocol import protocol_id as protocol_id_of
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
 from .host import build_host
 from .keys import to_libp2p_id
@@ -55,12 +66,7 @@ log = get_logger("p2pinfer.net.node")
 Role = Literal["peer", "bootstrap", "client"]
 
 # A newly joined node asks its bootstrap nodes for the live announcements they hold, instead of waiting
-# up to a whole announce interval for gossip. The reply is a msgpack array of signed announcement
-# envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
-# withhold announcements but never forge one.
-SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
-MAX_SYNC_FRAME = 1 << 20
-MAX_SYNC_ANNOUNCEMENTS = 256
+# up to a whole announce interval for gossip: see p2pinfer.net.capacity_sync.
 StreamHandler = Callable[[FrameStream], Awaitable[None]]
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
@@ -139,7 +145,7 @@ class Node:
             log.info("node.started", peer_id=self.peer_id, role=self.config.role, addrs=self.addrs)
             bootstrap = [parse_peer_multiaddr(a) for a in self.config.bootstrap]
             bootstrap = [b for b in merge_peer_infos(bootstrap) if b.peer_id != self.peer_id]
-            self.register_request_handler(SYNC_PROTOCOL, self._serve_sync, max_frame=MAX_SYNC_FRAME)
+            self.register_request_handler(CAPACITY_SYNC, self._serve_sync)
             if bootstrap:
                 await self.discovery.bootstrap(bootstrap, connect=self.connect)
                 async with trio.open_nursery() as sync_nursery:
@@ -208,9 +214,10 @@ class Node:
         return [f"{a}/p2p/{self.peer_id}" for a in seen]
 
     def announce_addrs(self) -> tuple[str, ...]:
-        """Addresses put in announcements: without ``/p2p``, wildcard binds left out."""
+        """Addresses put in announcements: without ``/p2p``; wildcard binds and anything else that is not
+        dialable (which every validator would reject) left out."""
         out = [strip_p2p(a) for a in self.addrs]
-        return tuple(a for a in out if "/0.0.0.0/" not in a and "/::/" not in a)[:16]
+        return tuple(a for a in out if dialable_problem(a) is None)[:16]
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
@@ -230,12 +237,16 @@ class Node:
 
     # ---- our protocols ------------------------------------------------------------------------------
 
-    def register_handler(self, protocol_id: str, handler: StreamHandler, *,
-                         max_frame: int = DEFAULT_MAX_FRAME, timeout: float | None = 30.0) -> None:
-        """Serve ``protocol_id``: ``handler`` gets a :class:`FrameStream` and may exchange any frames.
+    def register_handler(self, protocol: Protocol | str, handler: StreamHandler, *,
+                         max_frame: int | None = None, timeout: float | None = 30.0) -> None:
+        """Serve ``protocol``: ``handler`` gets a :class:`FrameStream` and may exchange any frames.
 
-        When it returns the stream is closed; when it raises, the stream is reset and the error logged.
+        ``protocol`` is a :class:`~p2pinfer.net.protocol.Protocol` descriptor (its frame limit applies) or
+        a bare protocol ID. When the handler returns the stream is closed; when it raises, the stream is
+        reset and the error logged.
         """
+        protocol_id = protocol_id_of(protocol)
+        max_frame = frame_limit(protocol, max_frame, DEFAULT_MAX_FRAME)
 
         async def on_stream(stream: INetStream) -> None:
             frames = FrameStream(stream, max_frame=max_frame, timeout=timeout)
@@ -256,14 +267,16 @@ class Node:
         self.host.set_stream_handler(TProtocol(protocol_id), on_stream)
         self._local_handlers[protocol_id] = on_stream
 
-    def register_request_handler(self, protocol_id: str, handler: RequestHandler, *,
-                                 max_frame: int = DEFAULT_MAX_FRAME, idle_timeout: float = 60.0) -> None:
+    def register_request_handler(self, protocol: Protocol | str, handler: RequestHandler, *,
+                                 max_frame: int | None = None, idle_timeout: float = 60.0) -> None:
         """Serve one-shot requests: ``await handler(peer_id, body) -> response body``.
 
         Requests on one stream are served in order until the client closes it (stream reuse). A handler that
         raises :class:`~p2pinfer.errors.P2PInferError` sends its message back as a :class:`RemoteError`;
         any other exception sends ``internal error``.
         """
+
+        protocol_id = protocol_id_of(protocol)
 
         async def serve(frames: FrameStream) -> None:
             while True:
@@ -282,26 +295,33 @@ class Node:
                     reply = encode_error(reason)
                 await frames.send(reply)
 
-        self.register_handler(protocol_id, serve, max_frame=max_frame, timeout=idle_timeout)
+        self.register_handler(protocol, serve, max_frame=max_frame, timeout=idle_timeout)
 
-    async def open_stream(self, peer_id: str, protocol_id: str, *, timeout: float = 10.0,
-                          max_frame: int = DEFAULT_MAX_FRAME, addrs: Sequence[str] = ()) -> FrameStream:
+    async def open_stream(self, peer_id: str, protocol: Protocol | str, *, timeout: float = 10.0,
+                          max_frame: int | None = None, addrs: Sequence[str] = ()) -> FrameStream:
         """Open a stream to ``peer_id`` on ``protocol_id``, dialling if needed.
 
         Addresses come from ``addrs``, the peer's live announcement, or what the host already knows.
         ``timeout`` bounds the dial and the protocol negotiation and becomes the stream's default
-        per-operation timeout.
+        per-operation timeout. With a :class:`~p2pinfer.net.protocol.Protocol`, its frame limit applies.
         """
+        protocol_id = protocol_id_of(protocol)
+        max_frame = frame_limit(protocol, max_frame, DEFAULT_MAX_FRAME)
         if peer_id == self.peer_id:
             return self._open_loopback(protocol_id, timeout=timeout, max_frame=max_frame)
-        known = tuple(addrs) or (self._announced_addrs(peer_id))
+        try:
+            libp2p_peer = to_libp2p_id(peer_id)
+        except Exception:
+            raise DialError(f"{peer_id[:80]!r} is not a libp2p peer ID") from None
+        # Announced addresses are validated on arrival, but ``addrs`` may come from anywhere (DHT provider
+        # records, callers): an address that does not parse is skipped here, never raised out of a request.
+        known = parse_dialable(tuple(addrs) or self._announced_addrs(peer_id))
         if known:
-            self.host.get_peerstore().add_addrs(to_libp2p_id(peer_id),
-                                                [multiaddr.Multiaddr(strip_p2p(a)) for a in known], 600)
+            self.host.get_peerstore().add_addrs(libp2p_peer, known, 600)
         with trio.move_on_after(timeout) as scope:
             try:
-                stream = await self.host.new_stream(to_libp2p_id(peer_id), [TProtocol(protocol_id)])
-            except (BaseLibp2pError, OSError) as exc:
+                stream = await self.host.new_stream(libp2p_peer, [TProtocol(protocol_id)])
+            except (BaseLibp2pError, OSError, ValueError) as exc:
                 cause = exc.__cause__ or exc
                 text = f"{type(cause).__name__}: {cause}"
                 if "ProtocolNotSupported" in text or "protocol" in text.lower() and "not" in text.lower():
@@ -320,11 +340,11 @@ class Node:
         self._nursery.start_soon(handler, listener)
         return FrameStream(dialer, max_frame=max_frame, timeout=timeout)  # type: ignore[arg-type]
 
-    async def request(self, peer_id: str, protocol_id: str, payload: bytes, *, timeout: float = 10.0,
-                      max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    async def request(self, peer_id: str, protocol: Protocol | str, payload: bytes, *, timeout: float = 10.0,
+                      max_frame: int | None = None) -> bytes:
         """One request, one response, within ``timeout`` in total (dial included)."""
         deadline = trio.current_time() + timeout
-        frames = await self.open_stream(peer_id, protocol_id, timeout=timeout, max_frame=max_frame)
+        frames = await self.open_stream(peer_id, protocol, timeout=timeout, max_frame=max_frame)
         try:
             remaining = max(deadline - trio.current_time(), 0.0)
             reply = await frames.call(payload, timeout=remaining)
@@ -400,45 +420,45 @@ class Node:
         await self._announced_once.wait()
 
     async def _serve_sync(self, peer_id: str, body: bytes) -> bytes:
+        cursor = parse_sync_request(body)
         now = now_ms()
-        envelopes = []
-        for announcement in self.table.live(now):
-            signed = self.table.get_signed(announcement.peer_id, now)
-            if signed is not None:
-                envelopes.append(signed.to_bytes())
+        envelopes = [(signed.message.peer_id, signed.to_bytes()) for signed in
+                     (self.table.get_signed(a.peer_id, now) for a in self.table.live(now)) if signed is not None]
         own = self._last_announcement
         if own is not None and own[1] > now:
-            envelopes.append(own[0])
-        return codec.encode(envelopes[:MAX_SYNC_ANNOUNCEMENTS])
+            envelopes.append((self.peer_id, own[0]))
+        return build_sync_page(envelopes, after=cursor)
 
     async def sync_announcements(self, peer_id: str, *, timeout: float = 5.0) -> int:
-        """Ask ``peer_id`` for the live announcements it holds; returns how many were new to us."""
-        try:
-            reply = await self.request(peer_id, SYNC_PROTOCOL, b"", timeout=timeout, max_frame=MAX_SYNC_FRAME)
-            envelopes = codec.decode(reply, max_size=MAX_SYNC_FRAME)
-        except (NetError, WireError) as exc:
-            log.debug("sync.failed", peer_id=peer_id, error=str(exc)[:200])
-            return 0
-        if not isinstance(envelopes, list):
-            log.debug("sync.failed", peer_id=peer_id, error="reply is not an array")
-            return 0
-        accepted = 0
-        for data in envelopes[:MAX_SYNC_ANNOUNCEMENTS]:
-            if not isinstance(data, bytes):
-                continue
+        """Ask ``peer_id`` for the live announcements it holds, page by page; returns how many were new."""
+        accepted = received = 0
+        cursor = ""
+        for _ in range(MAX_SYNC_PAGES):
             try:
-                signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
-            except AnnouncementRejected as exc:
-                if exc.reason == "stale":  # we already hold it (or a newer one), e.g. from gossip
-                    self.stats["sync.known"] += 1
-                else:
-                    self.stats[f"sync.rejected.{exc.reason}"] += 1
-                    log.debug("sync.rejected", peer_id=peer_id, reason=exc.reason, detail=exc.detail[:200])
-                continue
-            if signed.message.peer_id != self.peer_id:
-                accepted += 1
+                reply = await self.request(peer_id, CAPACITY_SYNC, encode_sync_request(cursor), timeout=timeout)
+                envelopes, next_cursor = parse_sync_page(reply, after=cursor)
+            except (NetError, SyncPageError) as exc:
+                self.stats["sync.failed"] += 1
+                log.debug("sync.failed", peer_id=peer_id, error=str(exc)[:200])
+                break
+            received += len(envelopes)
+            for data in envelopes:
+                try:
+                    signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
+                except AnnouncementRejected as exc:
+                    if exc.reason == "stale":  # we already hold it (or a newer one), e.g. from gossip
+                        self.stats["sync.known"] += 1
+                    else:
+                        self.stats[f"sync.rejected.{exc.reason}"] += 1
+                        log.debug("sync.rejected", peer_id=peer_id, reason=exc.reason, detail=exc.detail[:200])
+                    continue
+                if signed.message.peer_id != self.peer_id:
+                    accepted += 1
+            if not next_cursor:
+                break
+            cursor = next_cursor
         self.stats["sync.accepted"] += accepted
-        log.debug("sync.done", peer_id=peer_id, received=len(envelopes), accepted=accepted)
+        log.debug("sync.done", peer_id=peer_id, received=received, accepted=accepted)
         return accepted
 
     # ---- other gossip topics (low rate only: see p2pinfer.net.gossip) ---------------------------------

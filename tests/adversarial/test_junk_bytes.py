@@ -14,6 +14,7 @@ import trio
 
 from p2pinfer.net import Node
 from p2pinfer.net.addrs import parse_peer_multiaddr
+from p2pinfer.net.capacity_sync import CAPACITY_SYNC
 
 from net.helpers import start, wait_until
 from .attacker import Attacker
@@ -48,7 +49,7 @@ async def test_junk_on_every_protocol_the_node_speaks_never_crashes_it() -> None
         protocols = sorted(str(p) for p in target.host.multiselect.handlers if p is not None)
         # py-libp2p's own protocols and ours, as the target actually serves them.
         assert {"/meshsub/1.1.0", "/meshsub/1.2.0", "/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0",
-                "/ipfs/ping/1.0.0", "/p2pinfer/kad/1.0.0", "/p2pinfer/capacity-sync/1", ECHO} <= set(protocols)
+                "/ipfs/ping/1.0.0", "/p2pinfer/kad/1.0.0", CAPACITY_SYNC.id, ECHO} <= set(protocols)
         attacker: Attacker | None = None
         sent = 0
         for protocol in protocols:
