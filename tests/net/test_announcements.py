@@ -152,3 +152,23 @@ def test_dialable_problem_never_raises(addr: str) -> None:
     problem = dialable_problem(addr)
     assert problem is None or isinstance(problem, str)
     assert len(parse_dialable([addr])) == (1 if problem is None else 0)
+
+
+def test_one_host_cannot_fill_the_table_with_keys() -> None:
+    table = AnnouncementTable(max_per_host=3)
+    sybils = [Identity.generate() for _ in range(5)]
+    accepted = 0
+    for sybil in sybils:
+        data = encode_signed(sybil, announcement(sybil))
+        try:
+            table.offer(data, source_peer_id=None, now_ms=NOW)
+            accepted += 1
+        except AnnouncementRejected as exc:
+            assert exc.reason == "host-quota"
+    assert accepted == 3 and len(table) == 3
+    # Another host is unaffected, and an expired announcement frees its slot.
+    other = CapacityAnnouncement(**{**announcement(BOB).__dict__, "addrs": ("/ip4/127.0.0.2/tcp/4001",)})
+    table.offer(encode_signed(BOB, other), source_peer_id=None, now_ms=NOW)
+    late = encode_signed(sybils[4], announcement(sybils[4], issued=NOW + 61_000))
+    table.offer(late, source_peer_id=None, now_ms=NOW + 61_000)
+    assert sybils[4].peer_id in table and BOB.peer_id not in table  # BOB's expired too (same ttl)
