@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from contextlib import AsyncExitStack
+from typing import Any
 
 import multiaddr
 import trio
@@ -83,3 +84,43 @@ class Attacker:
         except Exception:
             pass
         return sent
+
+
+async def start_rogue_pubsub(stack: AsyncExitStack, identity: Identity, target_addr: str) -> "Any":
+    """A plain GossipSub peer (no validator: it forwards anything) connected to ``target_addr``."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from libp2p.tools.anyio_service import background_trio_service
+
+    from p2pinfer.net.gossip import CAPACITY_TOPIC, build_pubsub
+
+    host = build_host(identity, ["/ip4/127.0.0.1/tcp/0"])
+    await stack.enter_async_context(host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+    pubsub, router = build_pubsub(host)
+    await stack.enter_async_context(background_trio_service(pubsub))
+    await stack.enter_async_context(background_trio_service(router))
+    await pubsub.wait_until_ready()
+    await pubsub.subscribe(CAPACITY_TOPIC)
+    info = info_from_p2p_addr(multiaddr.Multiaddr(target_addr))
+    await host.connect(info)
+    with trio.fail_after(30):
+        while info.peer_id not in pubsub.peer_topics.get(CAPACITY_TOPIC, ()):
+            await trio.sleep(0.02)
+    return pubsub
+
+
+async def forward_as(pubsub: "Any", origin: Identity, topic: str, data: bytes) -> None:
+    """Forward ``data`` as a GossipSub message *originated and signed by* ``origin`` (a Sybil key), the way
+    any relay forwards other peers' messages: one connection carrying many identities."""
+    import secrets as _secrets
+
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+
+    from p2pinfer.net.keys import keypair_from_identity
+
+    keypair = keypair_from_identity(origin)
+    msg = rpc_pb2.Message(data=data, topicIDs=[topic], from_id=to_libp2p_id(origin.peer_id).to_bytes(),
+                          seqno=_secrets.token_bytes(8))
+    msg.signature = keypair.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+    msg.key = keypair.public_key.serialize()
+    await pubsub.push_msg(pubsub.my_id, msg)
