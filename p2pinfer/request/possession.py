@@ -127,6 +127,7 @@ class PossessionVetting:
         self.identity = identity
         self.local_models: dict[bytes, LoadedModel] = {}
         self._cache: dict[tuple[str, bytes], tuple[Possession, float]] = {}
+        self._inflight: dict[tuple[str, bytes], trio.Event] = {}
         self.counters: dict[str, int] = {}
 
     def add_local_models(self, models: Iterable[LoadedModel]) -> None:
@@ -194,9 +195,19 @@ class PossessionVetting:
             limiter = trio.Semaphore(MAX_CONCURRENT_CHALLENGES)
 
             async def one(peer_id: str) -> None:
-                async with limiter:
-                    if self.status(peer_id, digest) is None:
-                        await self.challenge(peer_id, digest)
+                key = (peer_id, digest)
+                running = self._inflight.get(key)
+                if running is not None:  # another request is challenging this peer right now: share it
+                    await running.wait()
+                    return
+                done = self._inflight[key] = trio.Event()
+                try:
+                    async with limiter:
+                        if self.status(peer_id, digest) is None:
+                            await self.challenge(peer_id, digest)
+                finally:
+                    del self._inflight[key]
+                    done.set()
 
             async with trio.open_nursery() as nursery:
                 for c in unknown:
