@@ -186,6 +186,8 @@ class PeerGuard:
             except Exception as exc:
                 if _is_parse_error(exc):
                     self.fault(peer_id, FaultKind.MALFORMED_STREAM, repr(exc), protocol=protocol)
+                elif isinstance(exc, RuntimeError) and "Nursery is closed" in str(exc):
+                    log.debug("guard.stream_during_shutdown", peer=peer_id, protocol=protocol)
                 else:
                     self.counters["stream.failed"] += 1
                     self._log_once(peer_id, f"handler:{type(exc).__name__}", "guard.stream_failed",

@@ -1,4 +1,14 @@
-"""A p2pinfer network node: host + DHT + capacity gossip + our protocols, owned by one trio nursery.
+"""A p2pinfer network node: lifecycle, dialing and our protocols; the behaviours it owns in one nursery.
+
+Behaviours (libp2p style, each in its own module):
+
+* lifecycle and dialing: this module (start/stop, ``connect``, ``open_stream``, ``request``, handlers,
+  loopback streams to ourselves);
+* protection: :class:`~p2pinfer.net.guard.PeerGuard` (every inbound stream guarded, resource limits,
+  fault book and bans, bounded Yamux buffers);
+* capacity: :class:`~p2pinfer.net.capacity.Capacity` (announcements, capacity sync, DHT providing,
+  lookups), over :mod:`p2pinfer.net.gossip` and :mod:`p2pinfer.net.dht`;
+* protocol descriptors: :mod:`p2pinfer.net.protocol` (ID, frame limit, message types, used by both ends).
 
 ::
 
@@ -38,20 +48,13 @@ from libp2p.tools.anyio_service import background_trio_service
 from .. import __version__
 from ..identity import Identity
 from ..log import get_logger
-from ..wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
+from ..wire import CapacityAnnouncement, ModelOffer, now_ms
 from .addrs import PeerInfo, dialable_problem, merge_peer_infos, parse_dialable, parse_peer_multiaddr, strip_p2p
-from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
+from .announcements import AnnouncementTable, ServingEntry
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
 from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
-from .capacity_sync import (
-    CAPACITY_SYNC,
-    MAX_SYNC_PAGES,
-    SyncPageError,
-    build_sync_page,
-    encode_sync_request,
-    parse_sync_page,
-    parse_sync_request,
-)
+from .capacity import Capacity
+from .capacity_sync import CAPACITY_SYNC
 from .guard import PeerGuard
 from .protocol import Protocol, frame_limit
 from .protocol import protocol_id as protocol_id_of
@@ -81,7 +84,6 @@ class NodeConfig:
     dht_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     gossip_heartbeat_s: int = HEARTBEAT_S
     dial_timeout_s: float = 10.0
-    put_dht_record: bool = True              # also store our announcement under /p2pcap/<peer id>
     software: str = f"p2pinfer/{__version__}"
     extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
 
@@ -113,16 +115,10 @@ class Node:
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id,
                                      on_fault=self.guard.fault_by_kind)
         self.stats: Counter[str] = Counter()
-        self._models: tuple[ModelOffer, ...] = ()
-        self._free_slots = 0
-        self._total_slots = 0
-        self._seq = 0
-        self._capacity_changed = trio.Event()
-        self._announced_once = trio.Event()
+        self.capacity = Capacity(self, self.table, self.gossip, self.discovery, self.stats)
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self._closing = False
-        self._last_announcement: tuple[bytes, int] | None = None
         self._local_handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}  # for streams to ourselves
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -145,14 +141,14 @@ class Node:
             log.info("node.started", peer_id=self.peer_id, role=self.config.role, addrs=self.addrs)
             bootstrap = [parse_peer_multiaddr(a) for a in self.config.bootstrap]
             bootstrap = [b for b in merge_peer_infos(bootstrap) if b.peer_id != self.peer_id]
-            self.register_request_handler(CAPACITY_SYNC, self._serve_sync)
+            self.register_request_handler(CAPACITY_SYNC, self.capacity.serve_sync)
             if bootstrap:
                 await self.discovery.bootstrap(bootstrap, connect=self.connect)
                 async with trio.open_nursery() as sync_nursery:
                     for info in bootstrap:
                         sync_nursery.start_soon(self.sync_announcements, info.peer_id)
             if self.config.role != "bootstrap":
-                self._nursery.start_soon(self._announce_loop)
+                self._nursery.start_soon(self.capacity.announce_loop, self._nursery)
         except BaseException:
             self._stack = None
             if self._nursery is not None:
@@ -354,112 +350,45 @@ class Node:
         await frames.aclose()
         return reply
 
-    # ---- capacity -----------------------------------------------------------------------------------
+    # ---- capacity (p2pinfer.net.capacity): what we announce, what others announce --------------------
 
     def update_capacity(self, *, models: Sequence[ModelOffer] | None = None, free_slots: int | None = None,
                         total_slots: int | None = None) -> None:
         """Change what we announce; an announcement goes out promptly (bursts are coalesced)."""
-        if models is not None:
-            self._models = tuple(models)
-        if free_slots is not None:
-            self._free_slots = free_slots
-        if total_slots is not None:
-            self._total_slots = total_slots
-        self._capacity_changed.set()
+        self.capacity.update(models=models, free_slots=free_slots, total_slots=total_slots)
 
     def build_announcement(self) -> CapacityAnnouncement:
-        now = now_ms()
-        self._seq = max(now, self._seq + 1)
-        return CapacityAnnouncement(
-            peer_id=self.peer_id,
-            addrs=self.announce_addrs(),
-            models=self._models,
-            free_slots=self._free_slots,
-            total_slots=self._total_slots,
-            software=self.config.software[:64],
-            seq=self._seq,
-            issued_at_ms=now,
-            expires_at_ms=now + int(self.config.announce_ttl_s * 1000),
-        )
+        return self.capacity.build_announcement()
 
     async def announce_now(self) -> CapacityAnnouncement:
-        announcement = self.build_announcement()
-        envelope = encode_signed(self.identity, announcement)
-        self._last_announcement = (envelope, announcement.expires_at_ms)
-        await self.gossip.publish(envelope)
-        self.stats["announcements.sent"] += 1
-        log.debug("gossip.announced", seq=announcement.seq, models=len(announcement.models),
-                  free_slots=announcement.free_slots)
-        if self.config.put_dht_record and self._nursery is not None:
-            self._nursery.start_soon(self.discovery.put_capacity_record, envelope, self.peer_id)
-        return announcement
-
-    async def _announce_loop(self) -> None:
-        provided: set[bytes] = set()
-        while True:
-            self._capacity_changed = trio.Event()
-            digests = {m.digest for m in self._models}
-            for digest in digests - provided:
-                self._nursery.start_soon(self.discovery.provide, digest)  # type: ignore[union-attr]
-            for digest in provided - digests:
-                self.discovery.stop_providing(digest)
-            provided = digests
-            try:
-                await self.announce_now()
-            except Exception as exc:  # keep announcing; one failed publish is not fatal
-                log.warning("gossip.announce_failed", error=repr(exc)[:200])
-            self._announced_once.set()
-            # A publish made before any peer has told us it subscribes goes nowhere (GossipSub has no one
-            # to send it to, and announcements are not replayed to later joiners), so retry soon until
-            # someone on the topic has heard it.
-            wait = self.config.announce_interval_s if self.gossip.topic_peers() else 1.0
-            with trio.move_on_after(wait):
-                await self._capacity_changed.wait()
+        return await self.capacity.announce_now()
 
     async def wait_announced(self) -> None:
-        await self._announced_once.wait()
-
-    async def _serve_sync(self, peer_id: str, body: bytes) -> bytes:
-        cursor = parse_sync_request(body)
-        now = now_ms()
-        envelopes = [(signed.message.peer_id, signed.to_bytes()) for signed in
-                     (self.table.get_signed(a.peer_id, now) for a in self.table.live(now)) if signed is not None]
-        own = self._last_announcement
-        if own is not None and own[1] > now:
-            envelopes.append((self.peer_id, own[0]))
-        return build_sync_page(envelopes, after=cursor)
+        await self.capacity.wait_announced()
 
     async def sync_announcements(self, peer_id: str, *, timeout: float = 5.0) -> int:
         """Ask ``peer_id`` for the live announcements it holds, page by page; returns how many were new."""
-        accepted = received = 0
-        cursor = ""
-        for _ in range(MAX_SYNC_PAGES):
-            try:
-                reply = await self.request(peer_id, CAPACITY_SYNC, encode_sync_request(cursor), timeout=timeout)
-                envelopes, next_cursor = parse_sync_page(reply, after=cursor)
-            except (NetError, SyncPageError) as exc:
-                self.stats["sync.failed"] += 1
-                log.debug("sync.failed", peer_id=peer_id, error=str(exc)[:200])
-                break
-            received += len(envelopes)
-            for data in envelopes:
-                try:
-                    signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
-                except AnnouncementRejected as exc:
-                    if exc.reason == "stale":  # we already hold it (or a newer one), e.g. from gossip
-                        self.stats["sync.known"] += 1
-                    else:
-                        self.stats[f"sync.rejected.{exc.reason}"] += 1
-                        log.debug("sync.rejected", peer_id=peer_id, reason=exc.reason, detail=exc.detail[:200])
-                    continue
-                if signed.message.peer_id != self.peer_id:
-                    accepted += 1
-            if not next_cursor:
-                break
-            cursor = next_cursor
-        self.stats["sync.accepted"] += accepted
-        log.debug("sync.done", peer_id=peer_id, received=received, accepted=accepted)
-        return accepted
+        return await self.capacity.sync_from(peer_id, timeout=timeout)
+
+    def serving(self, model_digest: bytes, *, min_free_slots: int = 1,
+                include_self: bool = False) -> list[ServingEntry]:
+        """Peers whose live announcement serves ``model_digest`` with free slots (most free first)."""
+        return self.capacity.serving(model_digest, min_free_slots=min_free_slots, include_self=include_self)
+
+    async def find_providers(self, model_digest: bytes, *, timeout: float = 10.0) -> list[PeerInfo]:
+        """DHT provider records for ``model_digest`` (hints; see ``p2pinfer.net.dht``)."""
+        return await self.discovery.find_providers(model_digest, timeout=timeout)
+
+    async def candidates(self, model_digest: bytes, *, min_free_slots: int = 1,
+                         timeout: float = 10.0, include_self: bool = False) -> list[PeerInfo]:
+        """Who to try for ``model_digest``: live announcements with free slots first, then DHT providers
+        that have no live announcement yet (a newly joined client may not have heard the gossip)."""
+        return await self.capacity.candidates(model_digest, min_free_slots=min_free_slots, timeout=timeout,
+                                              include_self=include_self)
+
+    def _announced_addrs(self, peer_id: str) -> tuple[str, ...]:
+        a = self.table.get(peer_id, now_ms())
+        return a.addrs if a is not None else ()
 
     # ---- other gossip topics (low rate only: see p2pinfer.net.gossip) ---------------------------------
 
@@ -497,35 +426,6 @@ class Node:
 
     async def publish(self, topic: str, data: bytes) -> None:
         await self.pubsub.publish(topic, data)
-
-    # ---- lookups for the request path ---------------------------------------------------------------
-
-    def serving(self, model_digest: bytes, *, min_free_slots: int = 1,
-                include_self: bool = False) -> list[ServingEntry]:
-        """Peers whose live announcement serves ``model_digest`` with free slots (most free first)."""
-        exclude = () if include_self else (self.peer_id,)
-        return self.table.serving(model_digest, now_ms(), min_free_slots=min_free_slots, exclude=exclude)
-
-    async def find_providers(self, model_digest: bytes, *, timeout: float = 10.0) -> list[PeerInfo]:
-        """DHT provider records for ``model_digest`` (hints; see ``p2pinfer.net.dht``)."""
-        return await self.discovery.find_providers(model_digest, timeout=timeout)
-
-    async def candidates(self, model_digest: bytes, *, min_free_slots: int = 1,
-                         timeout: float = 10.0, include_self: bool = False) -> list[PeerInfo]:
-        """Who to try for ``model_digest``: live announcements with free slots first, then DHT providers
-        that have no live announcement yet (a newly joined client may not have heard the gossip)."""
-        from_table = self.serving(model_digest, min_free_slots=min_free_slots, include_self=include_self)
-        out = [PeerInfo(s.peer_id, s.addrs) for s in from_table]
-        if len(out) < 3:
-            live = {a.peer_id for a in self.table.live(now_ms())}
-            for info in await self.find_providers(model_digest, timeout=timeout):
-                if info.peer_id != self.peer_id and info.peer_id not in live:
-                    out.append(info)
-        return out
-
-    def _announced_addrs(self, peer_id: str) -> tuple[str, ...]:
-        a = self.table.get(peer_id, now_ms())
-        return a.addrs if a is not None else ()
 
     @property
     def counters(self) -> dict[str, int]:
