@@ -21,12 +21,15 @@ from typing import Mapping
 
 @dataclass(frozen=True)
 class ResourceLimits:
-    inbound_streams_per_peer: int = 64
-    inbound_streams_per_protocol: int = 512              # over all peers, for a protocol without its own
-    inbound_streams_per_peer_protocol: int = 16          # default per (peer, protocol)
+    # A client running many requests at once opens one bid stream and one task stream per request to each
+    # peer, plus verification; 128 concurrent per (peer, protocol) leaves room for that, and each stream's
+    # buffered bytes are bounded separately (Yamux limits below), so these counts bound tasks, not memory.
+    inbound_streams_per_peer: int = 256
+    inbound_streams_per_protocol: int = 2048             # over all peers, per protocol
+    inbound_streams_per_peer_protocol: int = 128         # default per (peer, protocol)
     per_peer_protocol: Mapping[str, int] = field(default_factory=lambda: {
-        "/meshsub/1.1.0": 2, "/meshsub/1.2.0": 2,          # one pubsub stream per direction is all it needs
-        "/ipfs/id/1.0.0": 2, "/ipfs/id/push/1.0.0": 2, "/ipfs/ping/1.0.0": 2,
+        "/meshsub/1.1.0": 4, "/meshsub/1.2.0": 4,          # one long-lived pubsub stream (plus a replacement)
+        "/ipfs/id/1.0.0": 4, "/ipfs/id/push/1.0.0": 4, "/ipfs/ping/1.0.0": 4,
     })
     connections_per_peer: int = 1                        # Yamux multiplexes; see host.py
     connections_total: int = 300

@@ -84,3 +84,42 @@ async def test_an_honest_fast_sender_to_a_slow_reader_is_never_a_window_overrun(
             assert await stream.receive_required() == b"done"
         assert received == [len(frame)] * 24
         assert "fault.window-overrun" not in target.counters and not target.guard.is_banned(honest.peer_id)
+
+
+async def test_streams_per_peer_and_protocol_are_bounded() -> None:
+    from p2pinfer.net.resources import DEFAULT_LIMITS
+
+    limit = DEFAULT_LIMITS.inbound_streams_per_peer_protocol
+    async with AsyncExitStack() as stack:
+        target = await start(stack)
+        release = trio.Event()
+        held = []
+
+        async def busy(frames: FrameStream) -> None:
+            held.append(frames)
+            await release.wait()
+
+        target.register_handler(BUSY, busy)
+        attacker = await Attacker.start(stack)
+        await attacker.connect(target.addrs[0])
+        opened = []
+
+        async def open_one() -> None:
+            try:
+                stream = await attacker.open(target.peer_id, BUSY)
+                await stream.write(b"\x01x")
+                opened.append(stream)
+            except Exception:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(limit + 20):
+                nursery.start_soon(open_one)
+        await wait_until(lambda: len(held) >= limit, what="the allowed streams to reach the handler")
+        await wait_until(lambda: target.counters.get("refused.streams-per-protocol", 0) >= 20,
+                         what="the streams beyond the limit to be refused")
+        assert len(held) == limit
+        release.set()
+        # Refusing streams is not a fault: the peer is not banned and can use the protocol again.
+        assert not target.guard.is_banned(attacker.peer_id)
+        await wait_until(lambda: target.guard.scopes.streams_per_protocol.get(BUSY, 0) == 0, what="release")
