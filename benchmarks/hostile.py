@@ -6,7 +6,8 @@
 Phases (same network, same client, sequential honest requests of a few tokens each):
 
 1. **baseline**: no attacker.
-2. **attack**: one attacker at once
+2. **attack**: a fresh client (it learns all 300 fake announcements by capacity sync when it joins), while
+   one attacker at once
    * floods offers: signed TaskOffers from its own key to every peer on ``/p2pinfer/bid/1``, 8 streams;
    * sends junk frames: ``04 ff ff ff ff`` and friends on ``/meshsub/1.1.0``, ``/p2pinfer/bid/1`` and
      ``/p2pinfer/task/1`` (with a fresh key whenever its last one is banned);
@@ -42,6 +43,7 @@ from p2pinfer.identity import Identity  # noqa: E402
 from p2pinfer.localnet import local_network  # noqa: E402
 from p2pinfer.net import FrameStream, Node, NodeConfig  # noqa: E402
 from p2pinfer.net.gossip import CAPACITY_TOPIC  # noqa: E402
+from p2pinfer.request.possession import vetting_for  # noqa: E402
 from p2pinfer.request.protocol import BID  # noqa: E402
 from p2pinfer.runtime import load_model  # noqa: E402
 from p2pinfer.wire import CapacityAnnouncement, ModelOffer, TaskOffer, encode_signed, now_ms  # noqa: E402
@@ -121,9 +123,10 @@ def sybil_announcement(sybil: Identity, i: int, digest: bytes, name: str) -> byt
 async def network_phases(model, requests: int) -> dict[str, object]:
     out: dict[str, object] = {}
     async with local_network([model], peers=4) as net:
-        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client, AsyncExitStack() as stack:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
             await client.generate(model=model.name, prompt="warm", max_tokens=2)
             out["baseline"] = await honest_requests(client, model.name, requests)
+        async with AsyncExitStack() as stack:
             counts: dict[str, int] = {"offers": 0, "offers_failed": 0, "junk": 0, "junk_refused": 0}
             attacker_node = await stack.enter_async_context(
                 Node(Identity.generate(), NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), role="client",
@@ -134,15 +137,22 @@ async def network_phases(model, requests: int) -> dict[str, object]:
                 await forward_as(rogue, sybil, CAPACITY_TOPIC, sybil_announcement(sybil, i, model.digest, model.name))
                 await trio.sleep(0.02)
             with trio.move_on_after(60):
-                while len(client.node.serving(model.digest)) < SYBILS:
+                while len(net.bootstrap.serving(model.digest)) < SYBILS + len(net.peers):
                     await trio.sleep(0.1)
-            out["sybils_seen"] = len(client.node.serving(model.digest)) - len(net.peers)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(flood_offers, attacker_node, [p.peer_id for p in net.peers], model.digest, counts)
-                nursery.start_soon(junk_frames, [(p.peer_id, p.node.addrs[0]) for p in net.peers], counts)
-                await trio.sleep(1.0)
-                out["attack"] = await honest_requests(client, model.name, requests)
-                nursery.cancel_scope.cancel()
+            # A client that joins now learns every announcement (capacity sync), fakes included.
+            async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+                out["sybils_seen"] = len(client.node.serving(model.digest)) - len(net.peers)
+                started = time.perf_counter()
+                await client.generate(model=model.name, prompt="warm", max_tokens=2)
+                out["first_request_s"] = time.perf_counter() - started  # includes challenging every candidate
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(flood_offers, attacker_node, [p.peer_id for p in net.peers], model.digest,
+                                       counts)
+                    nursery.start_soon(junk_frames, [(p.peer_id, p.node.addrs[0]) for p in net.peers], counts)
+                    await trio.sleep(1.0)
+                    out["attack"] = await honest_requests(client, model.name, requests)
+                    nursery.cancel_scope.cancel()
+                out["vetting"] = dict(vetting_for(client.node).counters)
             out["counts"] = counts
             out["banned"] = sum(p.node.counters.get("banned", 0) for p in net.peers)
             out["alive"] = all(net.alive(p.peer_id) for p in net.peers)
@@ -208,6 +218,9 @@ def main() -> int:
     print(f"attack / baseline: median x{rows[1][0] / rows[0][0]:.2f}, p99 x{rows[1][1] / rows[0][1]:.2f}")
     print(f"attacker: {result['counts']}, sybil announcements seen by the client: {result['sybils_seen']}, "
           f"bans by the peers: {result['banned']}, every peer still running: {result['alive']}")
+    print(f"first request with {result['sybils_seen']} unvetted fakes among the candidates: "
+          f"{result['first_request_s'] * 1000:.0f} ms (challenges every candidate once); "
+          f"possession outcomes: {result['vetting']}")
     flood = trio.run(yamux_flood, args.flood_mib)
     print(f"yamux flood: {flood['sent_mib']:.0f} MiB sent past the window over {flood['connections']} connections "
           f"in {flood['seconds']:.1f} s; target peak RSS growth {flood['peak_growth_mib']:.1f} MiB "

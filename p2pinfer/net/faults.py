@@ -27,7 +27,6 @@ class FaultKind(enum.Enum):
     """What a peer did; the value is the reason code logged and counted (``fault.<reason>``)."""
 
     MALFORMED_STREAM = "malformed-stream"      # bytes on a protocol stream that do not parse
-    HANDLER_CRASH = "handler-crash"            # py-libp2p's handler raised on its input
     INVALID_GOSSIP = "invalid-gossip"          # forwarded gossip that fails validation
     WINDOW_OVERRUN = "window-overrun"          # Yamux DATA beyond the receive window we granted
 
@@ -38,7 +37,6 @@ class FaultKind(enum.Enum):
 
 _WEIGHTS = {
     FaultKind.MALFORMED_STREAM: 2.0,
-    FaultKind.HANDLER_CRASH: 2.0,
     FaultKind.INVALID_GOSSIP: BAN_SCORE / 2.5,  # the 3rd within minutes bans (gossip.INVALID_GOSSIP_LIMIT)
     FaultKind.WINDOW_OVERRUN: BAN_SCORE,
 }
@@ -77,6 +75,8 @@ class FaultBook:
         if score >= self.ban_score and not self.is_banned(peer_id, now):
             if len(self._banned_until) >= self.max_peers:
                 self._expire_bans(now)
+            if len(self._banned_until) >= self.max_peers:  # still full: the ban ending soonest goes
+                del self._banned_until[min(self._banned_until, key=self._banned_until.__getitem__)]
             self._banned_until[peer_id] = now + self.ban_s
             return True
         return False
