@@ -36,13 +36,12 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from adversarial.attacker import Attacker, forward_as, rss_bytes, start_rogue_pubsub  # noqa: E402
+from adversarial.attacker import Attacker, relay_until_held, rss_bytes, start_rogue_pubsub  # noqa: E402
 
 from p2pinfer import AsyncClient, log  # noqa: E402
 from p2pinfer.identity import Identity  # noqa: E402
 from p2pinfer.localnet import local_network  # noqa: E402
 from p2pinfer.net import FrameStream, Node, NodeConfig  # noqa: E402
-from p2pinfer.net.gossip import CAPACITY_TOPIC  # noqa: E402
 from p2pinfer.request.possession import vetting_for  # noqa: E402
 from p2pinfer.request.protocol import BID  # noqa: E402
 from p2pinfer.runtime import load_model  # noqa: E402
@@ -134,8 +133,8 @@ async def network_phases(model, requests: int) -> dict[str, object]:
             rogue = await start_rogue_pubsub(stack, Identity.generate(), net.bootstrap.addrs[0])
             for i in range(SYBILS):
                 sybil = Identity.generate()
-                await forward_as(rogue, sybil, CAPACITY_TOPIC, sybil_announcement(sybil, i, model.digest, model.name))
-                await trio.sleep(0.02)
+                await relay_until_held(rogue, sybil, sybil_announcement(sybil, i, model.digest, model.name),
+                                       net.bootstrap)
             with trio.move_on_after(60):
                 while len(net.bootstrap.serving(model.digest)) < SYBILS + len(net.peers):
                     await trio.sleep(0.1)

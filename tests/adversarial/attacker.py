@@ -96,6 +96,8 @@ async def start_rogue_pubsub(stack: AsyncExitStack, identity: Identity, target_a
     host = build_host(identity, ["/ip4/127.0.0.1/tcp/0"])
     await stack.enter_async_context(host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
     pubsub, router = build_pubsub(host)
+    # The rogue's own seen-cache keys on (source, seqno), so it re-sends a message its queue dropped.
+    pubsub._msg_id_constructor = lambda m: bytes(m.from_id) + bytes(m.seqno)
     await stack.enter_async_context(background_trio_service(pubsub))
     await stack.enter_async_context(background_trio_service(router))
     await pubsub.wait_until_ready()
@@ -124,3 +126,17 @@ async def forward_as(pubsub: "Any", origin: Identity, topic: str, data: bytes) -
     msg.signature = keypair.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
     msg.key = keypair.public_key.serialize()
     await pubsub.push_msg(pubsub.my_id, msg)
+
+
+async def relay_until_held(pubsub: "Any", origin: Identity, data: bytes, relay: "Any", *, tries: int = 5) -> bool:
+    """Forward ``data`` as ``origin`` until ``relay`` (a Node) holds its announcement. py-libp2p's outbound
+    RPC queue silently drops messages queued faster than it drains, so a flood is paced by acceptance."""
+    from p2pinfer.net.gossip import CAPACITY_TOPIC
+
+    for _ in range(tries):
+        await forward_as(pubsub, origin, CAPACITY_TOPIC, data)
+        with trio.move_on_after(2.0):
+            while origin.peer_id not in relay.table:
+                await trio.sleep(0.005)
+            return True
+    return False

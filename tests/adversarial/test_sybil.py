@@ -14,14 +14,13 @@ import trio
 
 from p2pinfer.identity import Identity
 from p2pinfer.localnet import local_network
-from p2pinfer.net.gossip import CAPACITY_TOPIC
 from p2pinfer.request.client import AsyncClient
 from p2pinfer.request.possession import vetting_for
 from p2pinfer.request.possession_rules import Possession
 from p2pinfer.runtime import load_model
 from p2pinfer.wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
 
-from .attacker import forward_as, start_rogue_pubsub
+from .attacker import relay_until_held, start_rogue_pubsub
 
 MODEL = "tiny-llama-trained"
 SYBILS = 300
@@ -74,8 +73,7 @@ async def test_300_fake_announcements_do_not_stop_honest_requests(honest) -> Non
         rogue = await start_rogue_pubsub(stack, Identity.generate(), net.bootstrap.addrs[0])
         sybils = [Identity.generate() for _ in range(SYBILS)]
         for i, sybil in enumerate(sybils):
-            await forward_as(rogue, sybil, CAPACITY_TOPIC, sybil_announcement(sybil, i, honest.digest))
-            await trio.sleep(0.02)  # py-libp2p's outbound RPC queue drops messages queued faster than this
+            await relay_until_held(rogue, sybil, sybil_announcement(sybil, i, honest.digest), net.bootstrap)
         with trio.fail_after(120):
             while len(net.bootstrap.serving(honest.digest)) < SYBILS:
                 await trio.sleep(0.1)
