@@ -116,9 +116,6 @@ class PeerGuard:
             log.info("guard.peer_banned", peer=peer_id, reason=kind.value, ban_s=self.faults.ban_s)
             self.request_disconnect(peer_id)
 
-    def fault_by_kind(self, peer_id: str, kind: FaultKind, detail: str) -> None:
-        self.fault(peer_id, kind, detail)
-
     def request_disconnect(self, peer_id: str) -> None:
         try:
             self._disconnect_send.send_nowait(peer_id)

@@ -113,7 +113,7 @@ class Node:
         self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
         self.table = AnnouncementTable()
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id,
-                                     on_fault=self.guard.fault_by_kind)
+                                     on_fault=self.guard.fault)
         self.stats: Counter[str] = Counter()
         self.capacity = Capacity(self, self.table, self.gossip, self.discovery, self.stats)
         self._stack: AsyncExitStack | None = None
