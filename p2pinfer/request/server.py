@@ -9,7 +9,8 @@ A :class:`TaskServer` is installed on a running :class:`~p2pinfer.net.Node` and 
   and ends with the signed ``InferenceResult`` carrying the logit fingerprints.
 
 Generation runs in worker threads (``TokenStream``), so one peer serves up to ``slots`` requests at once
-without blocking its event loop; beyond that it answers ``busy``.
+without blocking its event loop; beyond that it answers ``busy``. It also answers ``busy`` to a remote peer
+that sends offers faster than :data:`~p2pinfer.request.limits.OFFER_RATE` (see docs/limits.md).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class TaskServer:
     """Serves offers and assignments.
 
     ``counters`` (read by metrics and ``p2pinfer status``; plain integer updates, nothing else on the hot path):
-    ``offers``, ``bids``, ``refused.<code>`` (offers and assignments we refused), ``elections.won`` (assignments
+    ``offers``, ``offers.rate_limited`` (refused busy: the sender exceeded its rate, see
+    :mod:`p2pinfer.request.limits`), ``bids``, ``refused.<code>`` (offers and assignments we refused), ``elections.won`` (assignments
     accepted: we held the rank the assignment names), ``tasks.completed``, ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
     """
 
