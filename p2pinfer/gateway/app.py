@@ -140,7 +140,7 @@ class GatewayApp:
             "/v1/p2pinfer/status": ("GET", self._status),
         }
         if path not in routes:
-            raise ApiError(404, f"Unknown request URL: {method} {path}. The gateway serves /v1/models, "
+            raise ApiError(404, f"Unknown request URL: {method} {path[:200]}. The gateway serves /v1/models, "
                                 "/v1/chat/completions, /v1/completions, /metrics and /v1/p2pinfer/status.",
                            code="unknown_url")
         wanted, handler = routes[path]

@@ -1,10 +1,11 @@
 """Per-peer rate limits of the serving side: how much work one remote peer may ask for (pure, no I/O).
 
 An offer costs a serving peer a signature check, a VRF proof and a signature; a verify task costs a whole
-prefill and a ledger row. Both are asked for by whoever opens a stream, so each is limited per remote peer
+prefill and a ledger row; a receipt costs signature checks and a ledger write. Both are asked for by whoever opens a stream, so each is limited per remote peer
 (the peer ID its Noise handshake proved) with a token bucket: a peer may send ``burst`` at once, then
-``per_second`` on average. Beyond that it is answered ``busy`` (a signed ``Refusal``), which an honest
-client treats like a full peer: it backs off and retries.
+``per_second`` on average. Beyond that an offer or verify task is answered ``busy`` (a signed ``Refusal``),
+which an honest client treats like a full peer: it backs off and retries; a receipt is refused with an error
+(the receipt protocol's only answer is an acknowledgement).
 
 The limits are declared once, here, and documented in docs/network.md ("Limits per peer"):
 
@@ -15,6 +16,7 @@ offers (bid/1)      20           40     an honest client offers each request onc
                                         only after a busy round with exponential back-off
 verify tasks        4            16     one per verified request per verifier; a prefill costs ~0.1-0.2 of
                                         generating, so 4/s is far above what one client's requests need
+receipts            8            32     one per finished request per peer involved; each is a ledger write
 ==================  ===========  =====  =====================================================================
 
 A refusal for exceeding the rate is answered only after :data:`OVER_LIMIT_DELAY_S`: an attacker flooding
@@ -51,6 +53,7 @@ class Rate:
 
 OFFER_RATE = Rate(per_second=20.0, burst=40)
 VERIFY_RATE = Rate(per_second=4.0, burst=16)
+RECEIPT_RATE = Rate(per_second=8.0, burst=32)
 
 
 class TokenBucket:
@@ -114,5 +117,5 @@ class PeerRateLimiter:
         return 0.0 if bucket is None else bucket.retry_after(now)
 
 
-__all__ = ["Rate", "TokenBucket", "PeerRateLimiter", "OFFER_RATE", "VERIFY_RATE", "MAX_TRACKED_PEERS",
+__all__ = ["Rate", "TokenBucket", "PeerRateLimiter", "OFFER_RATE", "VERIFY_RATE", "RECEIPT_RATE", "MAX_TRACKED_PEERS",
            "OVER_LIMIT_DELAY_S"]

@@ -11,7 +11,8 @@ Peer side (:class:`VerificationService`, installed by every serving peer):
   again after a back-off), and when it has already judged that result (``invalid``: a replayed task costs
   no second prefill and no second ledger row).
 * ``/p2pinfer/receipt/1``: a ``Receipt`` signed by its client, naming this peer; the peer recomputes the
-  decision from the signed verdicts inside (:mod:`p2pinfer.ledger.rules`) and books the entries.
+  decision from the signed verdicts inside (:mod:`p2pinfer.ledger.rules`) and books the entries. Receipts
+  beyond the sender's rate (:data:`~p2pinfer.request.limits.RECEIPT_RATE`) are refused with an error.
 * fraud topic: a proof that passes :func:`~p2pinfer.fraud.check_proof_shape` is forwarded; a peer holding
   the model re-checks it in a worker thread and books *proven* (executor penalized) or *disproven* (the
   rejecting verifiers penalized for framing). Without the model it records the proof as unchecked.
@@ -66,7 +67,7 @@ from ..wire import (
 )
 from ..wire.messages import MAX_VERDICT_BYTES
 from ..errors import P2PInferError
-from .limits import OVER_LIMIT_DELAY_S, VERIFY_RATE, PeerRateLimiter
+from .limits import OVER_LIMIT_DELAY_S, RECEIPT_RATE, VERIFY_RATE, PeerRateLimiter
 from .protocol import (
     MAX_RECEIPT_FRAME,
     MAX_VERIFY_FRAME,
@@ -103,6 +104,7 @@ class VerificationService:
         self.slot_count = max(1, slots)
         self.counters: Counter[str] = Counter()
         self._verify_rate = PeerRateLimiter(VERIFY_RATE)
+        self._receipt_rate = PeerRateLimiter(RECEIPT_RATE)
         self._verified = ReplayGuard()  # results this peer has judged: each is judged (and booked) once
         self._fraud_seen: set[bytes] = set()
         self._fraud_rate: dict[str, deque[float]] = {}
@@ -185,6 +187,11 @@ class VerificationService:
     # ---- receipts -------------------------------------------------------------------------------------
 
     async def _on_receipt(self, peer_id: str, body: bytes) -> bytes:
+        if peer_id != self.node.peer_id and not self._receipt_rate.allow(peer_id, trio.current_time()):
+            await trio.sleep(OVER_LIMIT_DELAY_S)
+            self.counters["receipt.rate_limited"] += 1
+            raise InvalidTask(f"busy: more than {RECEIPT_RATE.per_second:g} receipts/s (burst {RECEIPT_RATE.burst}) "
+                              "from this peer; back off and send it again")
         try:
             signed = decode_signed(body, expect=Receipt, max_size=MAX_RECEIPT_FRAME)
             verdicts = [decode_signed(v, expect=Verdict, max_size=MAX_VERDICT_BYTES) for v in signed.message.verdicts]

@@ -14,12 +14,13 @@ from p2pinfer.identity import Identity
 from p2pinfer.localnet import LOOPBACK, local_network
 from p2pinfer.net import Node, NodeConfig
 from p2pinfer.request.client import AsyncClient
-from p2pinfer.request.limits import OFFER_RATE, OVER_LIMIT_DELAY_S, VERIFY_RATE
+from p2pinfer.request.limits import OFFER_RATE, OVER_LIMIT_DELAY_S, RECEIPT_RATE, VERIFY_RATE
 from p2pinfer.request.params import build_request
-from p2pinfer.request.protocol import (BID_PROTOCOL, MAX_OFFER_FRAME, MAX_VERIFY_FRAME, OFFER_TTL_MS,
-                                       VERIFY_PROTOCOL)
+from p2pinfer.request.protocol import (BID_PROTOCOL, MAX_OFFER_FRAME, MAX_RECEIPT_FRAME, MAX_VERIFY_FRAME,
+                                       OFFER_TTL_MS, RECEIPT_PROTOCOL, VERIFY_PROTOCOL)
 from p2pinfer.runtime import generate, load_model
-from p2pinfer.wire import (InferenceResult, Refusal, TaskOffer, Verdict, VerifyTask, VrfBid, decode_signed,
+from p2pinfer.net import RemoteError
+from p2pinfer.wire import (InferenceResult, Receipt, Refusal, TaskOffer, Verdict, VerifyTask, VrfBid, decode_signed,
                            encode_signed, now_ms)
 from p2pinfer.wire.messages import MAX_VERDICT_BYTES
 
@@ -171,3 +172,40 @@ async def test_offer_flood_from_one_peer_is_rate_limited_and_honest_clients_stil
         assert target.server.counters["offers.rate_limited"] == len(limited)
         # Over-limit answers are delayed: 8 streams got them no faster than one per stream per delay.
         assert elapsed >= OVER_LIMIT_DELAY_S * (len(limited) / 8) * 0.9
+
+
+async def test_receipt_flood_is_rate_limited_so_the_ledger_grows_at_a_bounded_rate(model):
+    async with local_network([model], peers=1) as net:
+        target = net.peers[0]
+        async with attacker_node(net) as node:
+            me = node.identity
+
+            def receipt(i: int) -> bytes:  # distinct receipts naming the target, each a new ledger row
+                return encode_signed(me, Receipt(
+                    request_id=i.to_bytes(32, "big"), model=model.digest, client=me.public_key,
+                    executor=target.identity.public_key, verifiers=(), result_hash=bytes(32), output_tokens=0,
+                    outcome="failed", issued_at_ms=now_ms()))
+
+            stored, refused = [], []
+            started = trio.current_time()
+
+            async def one_stream(first: int) -> None:
+                frames = await node.open_stream(target.peer_id, RECEIPT_PROTOCOL, timeout=30.0,
+                                                max_frame=MAX_RECEIPT_FRAME)
+                async with frames:
+                    for i in range(first, first + 10):
+                        try:
+                            await frames.call(receipt(i), timeout=60.0)
+                            stored.append(i)
+                        except RemoteError as exc:
+                            assert "receipts/s" in str(exc)
+                            refused.append(i)
+
+            async with trio.open_nursery() as nursery:
+                for stream in range(12):
+                    nursery.start_soon(one_stream, stream * 10)
+            elapsed = trio.current_time() - started
+        rows = len(list(target.ledger.receipts()))
+        assert rows == len(stored) and len(stored) + len(refused) == 120
+        assert rows <= RECEIPT_RATE.burst + RECEIPT_RATE.per_second * elapsed
+        assert refused and target.verification.counters["receipt.rate_limited"] == len(refused)
