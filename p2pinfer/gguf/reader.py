@@ -76,7 +76,10 @@ class GGUFModel:
         field = self._reader.fields.get(key)
         if field is None:
             return default
-        return field.contents()
+        try:
+            return field.contents()
+        except UnicodeDecodeError:  # GGUF strings are UTF-8; the gguf package decodes them strictly
+            raise GGUFImportError(f"{self.path.name}: metadata {key!r} holds a string that is not UTF-8") from None
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -89,7 +92,10 @@ class GGUFModel:
         field = self._reader.fields.get(key)
         if field is None:
             return []
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        try:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        except UnicodeDecodeError:
+            raise GGUFImportError(f"{self.path.name}: metadata {key!r} holds a string that is not UTF-8") from None
 
     @property
     def architecture(self) -> str:

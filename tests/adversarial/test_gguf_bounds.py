@@ -138,3 +138,31 @@ def test_any_corruption_of_a_real_header_is_read_or_refused_with_our_error(tmp_p
         read_llama_spec(GGUFModel(path))
     except GGUFImportError:
         pass
+
+
+def test_a_string_that_is_not_utf8_is_our_error(tmp_path, tiny_gguf):
+    raw = bytearray(tiny_gguf)
+    at = raw.index(b"{% for m in messages %}")  # the chat template's text
+    raw[at + 3] = 0x81
+    path = tmp_path / "bad-template.gguf"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(GGUFImportError, match="not UTF-8"):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 40_000), st.integers(0, 255)), min_size=1, max_size=3))
+def test_any_corrupted_byte_imports_or_fails_with_our_error(tmp_path_factory, tiny_gguf, flips):
+    raw = bytearray(tiny_gguf)
+    for at, value in flips:
+        raw[at % len(raw)] = value
+    base = tmp_path_factory.getbasetemp()
+    path = base / "flipped.gguf"
+    path.write_bytes(bytes(raw))
+    out = base / "flipped-out"
+    try:  # only our error, whatever byte is wrong (bounds, metadata, tokenizer, tensors)
+        import_gguf(path, out, overwrite=True)
+    except GGUFImportError:
+        pass
