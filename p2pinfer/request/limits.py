@@ -1,9 +1,9 @@
 """Per-peer rate limits of the serving side: how much work one remote peer may ask for (pure, no I/O).
 
 An offer costs a serving peer a signature check, a VRF proof and a signature; a verify task costs a whole
-prefill and a ledger row; a receipt costs signature checks and a ledger write. Both are asked for by whoever opens a stream, so each is limited per remote peer
-(the peer ID its Noise handshake proved) with a token bucket: a peer may send ``burst`` at once, then
-``per_second`` on average. Beyond that an offer or verify task is answered ``busy`` (a signed ``Refusal``),
+prefill and a ledger row; a receipt costs signature checks and a ledger write. Anyone who opens a stream can
+ask for them, so each is limited per remote peer (the peer ID its Noise handshake proved) with a token
+bucket: a peer may send ``burst`` at once, then ``per_second`` on average. Beyond that an offer or verify task is answered ``busy`` (a signed ``Refusal``),
 which an honest client treats like a full peer: it backs off and retries; a receipt is refused with an error
 (the receipt protocol's only answer is an acknowledgement).
 

@@ -106,8 +106,9 @@ class TaskServer:
 
     ``counters`` (read by metrics and ``p2pinfer status``; plain integer updates, nothing else on the hot path):
     ``offers``, ``offers.rate_limited`` (refused busy: the sender exceeded its rate, see
-    :mod:`p2pinfer.request.limits`), ``bids``, ``refused.<code>`` (offers and assignments we refused), ``elections.won`` (assignments
-    accepted: we held the rank the assignment names), ``tasks.completed``, ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
+    :mod:`p2pinfer.request.limits`), ``bids``, ``refused.<code>`` (offers and assignments we refused),
+    ``elections.won`` (assignments accepted: we held the rank the assignment names), ``tasks.completed``,
+    ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
     """
 
     def __init__(self, node: Node, identity: Identity, models: Sequence[LoadedModel], *, slots: int = 2,
