@@ -52,7 +52,8 @@ POSSESSION = Protocol("/p2pinfer/possession/1", 32 * 1024, (PossessionChallenge,
                       Exchange.ONE_SHOT, "signed PossessionChallenge -> signed PossessionProof | Refusal")
 CHALLENGE_TTL_MS = 30_000
 CHALLENGE_TIMEOUT_S = 10.0
-MAX_CONCURRENT_CHALLENGES = 32
+VET_BUDGET_S = 12.0                # at most this long challenging unknown candidates before one request
+MAX_CONCURRENT_CHALLENGES = 64
 CACHE_S = {Possession.PROVEN: 600.0, Possession.ANSWERED: 600.0, Possession.WRONG: 1800.0,
            Possession.UNREACHABLE: 60.0}
 ACCEPTABLE = frozenset({Possession.PROVEN, Possession.ANSWERED})
@@ -209,9 +210,15 @@ class PossessionVetting:
                     del self._inflight[key]
                     done.set()
 
-            async with trio.open_nursery() as nursery:
-                for c in unknown:
-                    nursery.start_soon(one, c.peer_id)
+            # Random order, so that when more are unknown than are challenged at once, fakes cannot make
+            # sure honest peers come last; and a time budget, so that peers that accept connections and
+            # never answer (tarpits) cannot hold the request: unfinished challenges are cancelled and those
+            # peers stay unknown (challenged again by a later request).
+            secrets.SystemRandom().shuffle(unknown)
+            with trio.move_on_after(VET_BUDGET_S):
+                async with trio.open_nursery() as nursery:
+                    for c in unknown:
+                        nursery.start_soon(one, c.peer_id)
         return [c for c in candidates
                 if c.peer_id == self.node.peer_id or self.status(c.peer_id, digest) in ACCEPTABLE]
 

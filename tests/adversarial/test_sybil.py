@@ -8,6 +8,8 @@ nobody listens on; and one real peer serves a perturbed model under the honest m
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from dataclasses import replace
+from functools import partial
 
 import pytest
 import trio
@@ -18,7 +20,7 @@ from p2pinfer.request.client import AsyncClient
 from p2pinfer.request.possession import vetting_for
 from p2pinfer.request.possession_rules import Possession
 from p2pinfer.runtime import load_model
-from p2pinfer.wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
+from p2pinfer.wire import CapacityAnnouncement, ModelOffer, decode_signed, encode_signed, now_ms
 
 from .attacker import relay_until_held, start_rogue_pubsub
 
@@ -94,3 +96,31 @@ async def test_300_fake_announcements_do_not_stop_honest_requests(honest) -> Non
             assert counters.get("unreachable", 0) >= SYBILS * 0.9, counters
         # Nobody was penalized for relaying valid announcements.
         assert not net.bootstrap.guard.is_banned(net.peers[0].peer_id)
+
+
+async def test_fakes_that_accept_connections_and_never_answer_cannot_hold_requests(honest) -> None:
+    """Tarpit Sybils: their announced address accepts TCP and then says nothing. Challenges to them time out
+    (each within its timeout, all within the vetting budget); honest requests go through."""
+    held: list[trio.SocketStream] = []
+
+    async def tarpit(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with local_network([honest], peers=2) as net, AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        listeners = await nursery.start(partial(trio.serve_tcp, tarpit, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        rogue = await start_rogue_pubsub(stack, Identity.generate(), net.bootstrap.addrs[0])
+        for i in range(40):
+            sybil = Identity.generate()
+            fake = decode_signed(sybil_announcement(sybil, i, honest.digest)).message
+            data = encode_signed(sybil, replace(fake, addrs=(f"/ip4/127.0.0.1/tcp/{port}",)))
+            await relay_until_held(rogue, sybil, data, net.bootstrap)
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+            assert len(client.node.serving(honest.digest)) >= 40
+            for i in range(3):
+                completion = await client.generate(model=MODEL, prompt=f"def g{i}(", max_tokens=4)
+                assert completion.executor in {p.peer_id for p in net.peers}
+        assert held, "the tarpit was never dialled"
+        nursery.cancel_scope.cancel()
