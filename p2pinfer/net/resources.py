@@ -34,7 +34,8 @@ class ResourceLimits:
     connections_per_peer: int = 1                        # Yamux multiplexes; see host.py
     connections_total: int = 300
     yamux_stream_buffer_slack: int = 64 * 1024           # beyond the granted window: a protocol violation
-    yamux_connection_buffer: int = 16 * 1024 * 1024      # all streams of one connection together
+    yamux_connection_buffer: int = 32 * 1024 * 1024      # all streams of one connection: twice the largest
+                                                         # window one honest stream can be granted (16 MiB)
 
 
 DEFAULT_LIMITS = ResourceLimits()

@@ -128,14 +128,14 @@ async def forward_as(pubsub: "Any", origin: Identity, topic: str, data: bytes) -
     await pubsub.push_msg(pubsub.my_id, msg)
 
 
-async def relay_until_held(pubsub: "Any", origin: Identity, data: bytes, relay: "Any", *, tries: int = 5) -> bool:
+async def relay_until_held(pubsub: "Any", origin: Identity, data: bytes, relay: "Any", *, tries: int = 6) -> bool:
     """Forward ``data`` as ``origin`` until ``relay`` (a Node) holds its announcement. py-libp2p's outbound
     RPC queue silently drops messages queued faster than it drains, so a flood is paced by acceptance."""
     from p2pinfer.net.gossip import CAPACITY_TOPIC
 
     for _ in range(tries):
         await forward_as(pubsub, origin, CAPACITY_TOPIC, data)
-        with trio.move_on_after(2.0):
+        with trio.move_on_after(5.0):
             while origin.peer_id not in relay.table:
                 await trio.sleep(0.005)
             return True

@@ -147,15 +147,17 @@ async def test_three_invalid_messages_graylist_and_disconnect_the_forwarder() ->
         pubsub = await _rogue(stack, rogue_id, relay)
         for i in range(3):
             await pubsub.publish(CAPACITY_TOPIC, b"\xc1 junk %d" % i)
-        await wait_until(lambda: relay.guard.is_banned(rogue_id.peer_id), what="the rogue to be banned")
+        await wait_until(lambda: relay.guard.is_banned(rogue_id.peer_id), timeout=30, what="the rogue to be banned")
         assert relay.counters.get("malformed", 0) == 3 and relay.counters["fault.invalid-gossip"] == 3
-        await wait_until(lambda: rogue_id.peer_id not in relay.connected_peers(), what="the rogue disconnected")
+        await wait_until(lambda: rogue_id.peer_id not in relay.connected_peers(), timeout=30,
+                         what="the rogue disconnected")
         # While banned it cannot come back: its new connection is closed as it arrives.
         try:
             await pubsub.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(relay.addrs[0])))
         except Exception:
             pass
-        await wait_until(lambda: rogue_id.peer_id not in relay.connected_peers(), what="the reconnection closed")
+        await wait_until(lambda: rogue_id.peer_id not in relay.connected_peers(), timeout=30,
+                         what="the reconnection closed")
         assert rogue_id.peer_id not in watcher.table and not watcher.guard.is_banned(relay.peer_id)
 
 
