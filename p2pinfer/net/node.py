@@ -42,11 +42,14 @@ from ..wire import CapacityAnnouncement, ModelOffer, WireError, codec, encode_si
 from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
 from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
-from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
+from .errors import BootstrapUnreachable, DialError, NetError, ProtocolNotSupported, RequestTimeout
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
 from .host import build_host
 from .keys import to_libp2p_id
+from .listen import check_listen_ports
 from .loopback import loopback_pair
+from .nat import NatTraversal, Reachability, RelayLimits, is_circuit
+from .publicaddrs import announceable
 from .streams import DEFAULT_MAX_FRAME, FrameStream, encode_error, encode_ok
 
 log = get_logger("p2pinfer.net.node")
@@ -58,6 +61,7 @@ Role = Literal["peer", "bootstrap", "client"]
 # envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
 # withhold announcements but never forge one.
 SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
+DIRECT_BEFORE_RELAY_S = 1.0  # a peer announcing direct and relayed addresses gets this long on the direct ones
 MAX_SYNC_FRAME = 1 << 20
 MAX_SYNC_ANNOUNCEMENTS = 256
 StreamHandler = Callable[[FrameStream], Awaitable[None]]
@@ -77,6 +81,12 @@ class NodeConfig:
     put_dht_record: bool = True              # also store our announcement under /p2pcap/<peer id>
     software: str = f"p2pinfer/{__version__}"
     extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
+    # NAT traversal (p2pinfer.net.nat): relay hop service (None: on for role "bootstrap"), its limits,
+    # reachability check + relay reservation at join, and how long joining may wait for bootstrap nodes.
+    relay_hop: bool | None = None
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    nat_traversal: bool = True
+    bootstrap_timeout_s: float = 5.0
 
 
 def quiet_libp2p_logging() -> None:
@@ -100,6 +110,10 @@ class Node:
         self.discovery = Discovery(self.host, server=config.role != "client",
                                    refresh_interval_s=config.dht_refresh_interval_s)
         self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
+        # --- nat hook: NAT traversal (AutoNAT, relay, DCUtR); see p2pinfer.net.nat ---
+        relay_hop = config.role == "bootstrap" if config.relay_hop is None else config.relay_hop
+        self.nat = NatTraversal(self.host, listen=config.listen, announce=config.extra_addrs,
+                                relay_hop=relay_hop, relay_limits=config.relay_limits)
         self.table = AnnouncementTable()
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id)
         self.stats: Counter[str] = Counter()
@@ -122,6 +136,7 @@ class Node:
         await stack.__aenter__()
         try:
             listen_addrs = [multiaddr.Multiaddr(a) for a in self.config.listen]
+            check_listen_ports(self.config.listen)  # nat hook: a taken port is an error, never shared
             await stack.enter_async_context(self.host.run(listen_addrs))
             await stack.enter_async_context(background_trio_service(self.pubsub))
             await stack.enter_async_context(background_trio_service(self.router))
@@ -129,6 +144,7 @@ class Node:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._stack = stack
             await self._nursery.start(self.discovery.run)
+            await self._nursery.start(self.nat.run)
             await self.gossip.start()
             self._nursery.start_soon(self.gossip.drain)
             log.info("node.started", peer_id=self.peer_id, role=self.config.role, addrs=self.addrs)
@@ -136,10 +152,13 @@ class Node:
             bootstrap = [b for b in merge_peer_infos(bootstrap) if b.peer_id != self.peer_id]
             self.register_request_handler(SYNC_PROTOCOL, self._serve_sync, max_frame=MAX_SYNC_FRAME)
             if bootstrap:
+                bootstrap = await self._reach_bootstrap(bootstrap)  # nat hook: fails fast, naming each cause
                 await self.discovery.bootstrap(bootstrap, connect=self.connect)
-                async with trio.open_nursery() as sync_nursery:
-                    for info in bootstrap:
-                        sync_nursery.start_soon(self.sync_announcements, info.peer_id)
+            async with trio.open_nursery() as sync_nursery:
+                for info in bootstrap:
+                    sync_nursery.start_soon(self.sync_announcements, info.peer_id)
+                if self.config.role != "client" and self.config.nat_traversal:
+                    sync_nursery.start_soon(self.nat.establish, bootstrap)  # nat hook: reachability, relay
             if self.config.role != "bootstrap":
                 self._nursery.start_soon(self._announce_loop)
         except BaseException:
@@ -195,17 +214,52 @@ class Node:
     @property
     def addrs(self) -> list[str]:
         """Our dialable multiaddrs, each ending in ``/p2p/<peer id>``."""
-        bare = [strip_p2p(str(a)) for a in self.host.get_addrs()] + list(self.config.extra_addrs)
-        seen: list[str] = []
-        for a in bare:
-            if a not in seen:
-                seen.append(a)
-        return [f"{a}/p2p/{self.peer_id}" for a in seen]
+        # nat hook: wildcards expanded, undialable addresses dropped, relayed addresses added
+        direct = [str(a) for a in self.host.get_transport_addrs()] + list(self.config.extra_addrs)
+        bare = announceable(direct, listen=self.config.listen) + list(self.nat.relayed_addrs)
+        return [f"{a}/p2p/{self.peer_id}" for a in dict.fromkeys(bare)]
 
     def announce_addrs(self) -> tuple[str, ...]:
-        """Addresses put in announcements: without ``/p2p``, wildcard binds left out."""
-        out = [strip_p2p(a) for a in self.addrs]
-        return tuple(a for a in out if "/0.0.0.0/" not in a and "/::/" not in a)[:16]
+        """Addresses put in announcements, without ``/p2p/<our id>`` (nat hook).
+
+        Wildcards are expanded to interface addresses and undialable ones dropped
+        (:mod:`p2pinfer.net.publicaddrs`); a peer that is only reachable through a relay announces its
+        relayed addresses only, so nobody waits on a direct dial the NAT will drop.
+        """
+        if self.nat.status.state is Reachability.RELAYED:
+            return self.nat.relayed_addrs[:16]
+        direct = [str(a) for a in self.host.get_transport_addrs()] + list(self.config.extra_addrs)
+        return tuple(dict.fromkeys(announceable(direct, listen=self.config.listen)))[:16]
+
+    async def _reach_bootstrap(self, bootstrap: list[PeerInfo]) -> list[PeerInfo]:
+        """Dial all bootstrap nodes at once; the reachable ones, or :class:`BootstrapUnreachable` naming
+        every address and its cause when none is (nat hook)."""
+        errors: dict[str, str] = {}
+
+        async def dial(info: PeerInfo) -> None:
+            try:
+                await self.connect(info, timeout=self.config.bootstrap_timeout_s)
+            except DialError as exc:
+                errors[info.peer_id] = str(exc)
+
+        async with trio.open_nursery() as nursery:
+            for info in bootstrap:
+                nursery.start_soon(dial, info)
+        reached = [info for info in bootstrap if info.peer_id not in errors]
+        if not reached:
+            causes = "; ".join(f"{'/'.join(info.dial_addrs()[:1])}: {errors[info.peer_id].split(': ', 1)[-1]}"
+                               for info in bootstrap)
+            raise BootstrapUnreachable(f"no bootstrap node is reachable ({causes[:600]}); check the address "
+                                       f"and your connection, or pass a working --bootstrap")
+        for info in bootstrap:
+            if info.peer_id in errors:
+                log.warning("node.bootstrap_unreachable", addr=info.dial_addrs()[:1], error=errors[info.peer_id][:200])
+        return reached
+
+    @property
+    def reachability(self) -> str:
+        """One line: ``reachability: public|relayed|unreachable (reason)``."""
+        return self.nat.status.line()
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
@@ -214,6 +268,17 @@ class Node:
         """Make sure we are connected to ``peer`` (a PeerInfo or a multiaddr with ``/p2p/``)."""
         info = parse_peer_multiaddr(peer) if isinstance(peer, str) else peer
         timeout = self.config.dial_timeout_s if timeout is None else timeout
+        circuits = [a for a in info.addrs if is_circuit(a)]
+        if circuits:  # nat hook: py-libp2p's swarm drops /p2p-circuit addresses; dial them ourselves
+            if self.nat.is_connected(info.peer_id):
+                return
+            direct = PeerInfo(info.peer_id, tuple(a for a in info.addrs if not is_circuit(a)))
+            if direct.addrs:
+                try:
+                    return await self.connect(direct, timeout=min(timeout, DIRECT_BEFORE_RELAY_S))
+                except DialError:
+                    pass
+            return await self.nat.dial_circuit(info.peer_id, circuits, timeout=timeout)
         with trio.move_on_after(timeout) as scope:
             try:
                 await self.host.connect(info.to_libp2p())
@@ -290,6 +355,9 @@ class Node:
         if peer_id == self.peer_id:
             return self._open_loopback(protocol_id, timeout=timeout, max_frame=max_frame)
         known = tuple(addrs) or (self._announced_addrs(peer_id))
+        if any(is_circuit(a) for a in known):  # nat hook: reach a relayed peer through its relay first
+            await self.connect(PeerInfo(peer_id, known), timeout=timeout)
+        known = tuple(a for a in known if not is_circuit(a))
         if known:
             self.host.get_peerstore().add_addrs(to_libp2p_id(peer_id),
                                                 [multiaddr.Multiaddr(strip_p2p(a)) for a in known], 600)
