@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import multiaddr
 import trio
@@ -69,6 +69,10 @@ MAX_DIAL_BACK_ADDRS = 4            # AutoNAT server: addresses tried per request
 AUTONAT_QUERY_TIMEOUT_S = 8.0
 IDENTIFY_WAIT_S = 2.0              # how long to wait for identify to tell us our observed address
 RESERVE_TIMEOUT_S = 5.0
+RECHECK_FIRST_S = 5.0             # while never checked (nobody to ask yet), look for peers to ask this often
+RECHECK_INTERVAL_S = 120.0         # an unreachable peer re-checks this often
+MAX_RECHECK_SERVERS = 3
+NOT_CHECKED = "not checked yet: no other peer to dial us back"
 HOLE_PUNCH_DIAL_TIMEOUT_S = 2      # DCUtR's own default (10 s) makes a failed round take 10 s
 
 
@@ -179,10 +183,11 @@ class NatTraversal:
         # Used to dial /p2p-circuit addresses and to reserve; its RelayDiscovery service is never started.
         self.relay_transport = CircuitV2Transport(host, self.relay_protocol, relay_config)
         self.dcutr = DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_TIMEOUT_S) if hole_punch else None
-        self.status = ReachabilityStatus(Reachability.UNREACHABLE, "not checked yet")
+        self.status = ReachabilityStatus(Reachability.UNREACHABLE, NOT_CHECKED)
         self.relayed_addrs: tuple[str, ...] = ()
         self.reserved_on: tuple[str, ...] = ()
         self._nursery: trio.Nursery | None = None
+        self.on_change: Callable[[], None] = lambda: None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -281,12 +286,13 @@ class NatTraversal:
 
     async def establish(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus:
         """Join-time: find out whether we are reachable; if not, reserve on a relay. Sets :attr:`status`."""
+        before = self.status
         checked = await self.check_reachability(servers) if servers else None
         if checked is not None and checked.state is Reachability.PUBLIC:
             self.status = checked
         else:
             why = checked.reason if checked is not None else (
-                "no peer answered the dial-back request" if servers else "no other peer to dial us back")
+                "no peer answered the dial-back request" if servers else NOT_CHECKED)
             for relay in servers:
                 addrs = await self.reserve(relay)
                 if addrs:
@@ -301,7 +307,38 @@ class NatTraversal:
                                                  f"{why}; no relay granted a reservation" if servers else why)
         log.info("nat.reachability", state=self.status.state.value, reason=self.status.reason,
                  relayed=",".join(self.relayed_addrs)[:300])
+        if self.status.state is not before.state:
+            self.on_change()  # our announced addresses depend on it
         return self.status
+
+    async def recheck_loop(self, servers: Callable[[], list[PeerInfo]], *, first_s: float = RECHECK_FIRST_S,
+                           interval_s: float = RECHECK_INTERVAL_S) -> None:
+        """While unreachable, ask connected peers again (a first bootstrap node has nobody to ask at start).
+
+        ``servers()`` gives peers we hold direct connections to. Relayed and public peers are not re-checked.
+        """
+        wait = first_s
+        while True:
+            await trio.sleep(wait)
+            wait = interval_s if self.status.reason != NOT_CHECKED else first_s
+            if self.status.state is not Reachability.UNREACHABLE:
+                continue
+            candidates = servers()[:MAX_RECHECK_SERVERS]
+            if candidates:
+                before = self.status
+                await self.establish(candidates)
+                if self.status != before:
+                    log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
+
+    def direct_peers(self) -> list[PeerInfo]:
+        """Peers we hold a direct (not relayed) connection to, with their peerstore addresses."""
+        out = []
+        for pid in self.host.get_connected_peers():
+            peer_id = pid.to_base58()
+            if self.has_direct_connection(peer_id):
+                addrs = tuple(str(a) for a in self.host.get_peerstore().addrs(pid) if not is_circuit(str(a)))
+                out.append(PeerInfo(peer_id, addrs))
+        return out
 
     # ---- dialling -----------------------------------------------------------------------------------
 

@@ -114,6 +114,7 @@ class Node:
         relay_hop = config.role == "bootstrap" if config.relay_hop is None else config.relay_hop
         self.nat = NatTraversal(self.host, listen=config.listen, announce=config.extra_addrs,
                                 relay_hop=relay_hop, relay_limits=config.relay_limits)
+        self.nat.on_change = lambda: self._capacity_changed.set()  # re-announce when our addresses change
         self.table = AnnouncementTable()
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id)
         self.stats: Counter[str] = Counter()
@@ -159,6 +160,8 @@ class Node:
                     sync_nursery.start_soon(self.sync_announcements, info.peer_id)
                 if self.config.role != "client" and self.config.nat_traversal:
                     sync_nursery.start_soon(self.nat.establish, bootstrap)  # nat hook: reachability, relay
+            if self.config.role != "client" and self.config.nat_traversal:  # nat hook
+                self._nursery.start_soon(self.nat.recheck_loop, self.nat.direct_peers)
             if self.config.role != "bootstrap":
                 self._nursery.start_soon(self._announce_loop)
         except BaseException:

@@ -61,5 +61,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt", default="def fibonacci(n):")
     parser.add_argument("--wait-direct", default=None)
+    from p2pinfer.log import configure
+    configure(level="info")  # log lines to stderr; stdout carries only our JSON lines
     trio.run(main, parser.parse_args())
     sys.exit(0)
