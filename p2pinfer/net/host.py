@@ -22,7 +22,9 @@ exercised by our tests; TCP is the supported transport.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import multiaddr
 
 import libp2p
 from libp2p.abc import IHost
@@ -49,10 +51,13 @@ def build_host(
     *,
     dial_timeout_s: float = 10.0,
     max_connections: int = 300,
+    addrs_factory: Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]] | None = None,
 ) -> IHost:
     """A host keyed by ``identity``: TCP, Noise only, Yamux only, identify and ping.
 
     The host is not listening yet; :class:`p2pinfer.net.node.Node` runs it (``host.run(listen_addrs)``).
+    ``addrs_factory`` decides what the host advertises (identify, relay reservations, DCUtR); the Node passes
+    one that never advertises wildcard or undialable addresses (see :mod:`p2pinfer.net.publicaddrs`).
     """
     keypair = keypair_from_identity(identity)
     listen_addrs = [parse_multiaddr(a) for a in listen]
@@ -74,6 +79,7 @@ def build_host(
         connection_config=connection_config,
         enable_mDNS=False,
         enable_upnp=False,
+        addrs_factory=addrs_factory,
     )
     auto_connector = getattr(host.get_network(), "auto_connector", None)
     if auto_connector is not None:

@@ -323,12 +323,16 @@ class NatTraversal:
             wait = interval_s if self.status.reason != NOT_CHECKED else first_s
             if self.status.state is not Reachability.UNREACHABLE:
                 continue
-            candidates = servers()[:MAX_RECHECK_SERVERS]
-            if candidates:
-                before = self.status
-                await self.establish(candidates)
-                if self.status != before:
-                    log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
+            try:
+                candidates = servers()[:MAX_RECHECK_SERVERS]
+                if candidates:
+                    before = self.status
+                    await self.establish(candidates)
+                    if self.status != before:
+                        log.info("nat.reachability_changed", state=self.status.state.value,
+                                 reason=self.status.reason)
+            except Exception as exc:  # a failed re-check must never take the node down; try again later
+                log.warning("nat.recheck_failed", error=repr(exc)[:200])
 
     def direct_peers(self) -> list[PeerInfo]:
         """Peers we hold a direct (not relayed) connection to, with their peerstore addresses."""
@@ -336,8 +340,11 @@ class NatTraversal:
         for pid in self.host.get_connected_peers():
             peer_id = pid.to_base58()
             if self.has_direct_connection(peer_id):
-                addrs = tuple(str(a) for a in self.host.get_peerstore().addrs(pid) if not is_circuit(str(a)))
-                out.append(PeerInfo(peer_id, addrs))
+                try:
+                    known = self.host.get_peerstore().addrs(pid)
+                except Exception:  # PeerStoreError: connected, but identify has not told us its addresses
+                    known = []
+                out.append(PeerInfo(peer_id, tuple(str(a) for a in known if not is_circuit(str(a)))))
         return out
 
     # ---- dialling -----------------------------------------------------------------------------------
@@ -357,6 +364,8 @@ class NatTraversal:
                     if relay is not None:
                         await self.host.connect(relay)
                     await self.relay_transport.dial(multiaddr.Multiaddr(full))
+                    if self._nursery is not None and self.dcutr is not None:
+                        self._nursery.start_soon(self._upgrade, peer_id)  # don't wait for DCUtR's 2 s loop
                     return
                 except Exception as exc:
                     errors.append(f"{addr}: {type(exc).__name__}: {exc}"[:200])
@@ -371,6 +380,14 @@ class NatTraversal:
         await self.dcutr.initiate_hole_punch(pid)
         # 0.8.1 can report failure although a parallel dial made the direct connection: look for ourselves.
         return self.has_direct_connection(peer_id)
+
+    async def _upgrade(self, peer_id: str) -> None:
+        try:
+            direct = await self.hole_punch(peer_id)
+        except Exception as exc:  # DCUtR errors are the peer's or the network's; the relayed link still works
+            log.debug("nat.hole_punch_failed", peer=peer_id, error=repr(exc)[:200])
+            return
+        log.info("nat.hole_punch", peer=peer_id, direct=direct)
 
     def has_direct_connection(self, peer_id: str) -> bool:
         conns = self.host.get_network().get_connections(to_libp2p_id(peer_id))  # type: ignore[attr-defined]

@@ -106,7 +106,8 @@ class Node:
         self.identity = identity
         self.config = config
         self.peer_id = identity.peer_id
-        self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s)
+        self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s,
+                               addrs_factory=self._advertised_addrs)  # nat hook: no wildcards in identify
         self.discovery = Discovery(self.host, server=config.role != "client",
                                    refresh_interval_s=config.dht_refresh_interval_s)
         self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
@@ -263,6 +264,15 @@ class Node:
     def reachability(self) -> str:
         """One line: ``reachability: public|relayed|unreachable (reason)``."""
         return self.nat.status.line()
+
+    def _advertised_addrs(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """What the host tells others (identify, relay, DCUtR): dialable direct addresses only (nat hook).
+
+        Relayed addresses go in our signed announcements, not here: py-libp2p's identify and DCUtR would
+        strip their ``/p2p-circuit`` part and dial the relay's address expecting us (a wasted dial each).
+        """
+        direct = [str(c) for c in candidates] + list(self.config.extra_addrs)
+        return [multiaddr.Multiaddr(a) for a in dict.fromkeys(announceable(direct, listen=self.config.listen))]
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
