@@ -86,6 +86,7 @@ class Reachability(enum.Enum):
 class ReachabilityStatus:
     state: Reachability
     reason: str
+    checked: bool = True  # False until some peer has answered (or could have answered) a dial-back request
 
     def line(self) -> str:
         return f"reachability: {self.state.value} ({self.reason})"
@@ -183,7 +184,7 @@ class NatTraversal:
         # Used to dial /p2p-circuit addresses and to reserve; its RelayDiscovery service is never started.
         self.relay_transport = CircuitV2Transport(host, self.relay_protocol, relay_config)
         self.dcutr = DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_TIMEOUT_S) if hole_punch else None
-        self.status = ReachabilityStatus(Reachability.UNREACHABLE, NOT_CHECKED)
+        self.status = ReachabilityStatus(Reachability.UNREACHABLE, NOT_CHECKED, checked=False)
         self.relayed_addrs: tuple[str, ...] = ()
         self.reserved_on: tuple[str, ...] = ()
         self._nursery: trio.Nursery | None = None
@@ -302,9 +303,10 @@ class NatTraversal:
             if self.relayed_addrs:
                 self.status = ReachabilityStatus(Reachability.RELAYED,
                                                  f"{why}; reachable through relay {self.reserved_on[0]}")
+            elif checked is None:
+                self.status = ReachabilityStatus(Reachability.UNREACHABLE, why, checked=False)
             else:
-                self.status = ReachabilityStatus(Reachability.UNREACHABLE,
-                                                 f"{why}; no relay granted a reservation" if servers else why)
+                self.status = ReachabilityStatus(Reachability.UNREACHABLE, f"{why}; no relay granted a reservation")
         log.info("nat.reachability", state=self.status.state.value, reason=self.status.reason,
                  relayed=",".join(self.relayed_addrs)[:300])
         if self.status.state is not before.state:
@@ -320,7 +322,7 @@ class NatTraversal:
         wait = first_s
         while True:
             await trio.sleep(wait)
-            wait = interval_s if self.status.reason != NOT_CHECKED else first_s
+            wait = interval_s if self.status.checked else first_s
             if self.status.state is not Reachability.UNREACHABLE:
                 continue
             try:

@@ -61,7 +61,10 @@ Role = Literal["peer", "bootstrap", "client"]
 # envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
 # withhold announcements but never forge one.
 SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
-DIRECT_BEFORE_RELAY_S = 1.0  # a peer announcing direct and relayed addresses gets this long on the direct ones
+DIRECT_BEFORE_RELAY_S = 1.0
+DHT_HINT_TIMEOUT_S = 0.5
+UNREACHABLE_MEMORY_S = 60.0  # a peer we failed to dial is not offered work again for this long
+MAX_REMEMBERED_UNREACHABLE = 4096     # extra DHT provider lookup when live announcements already name candidates  # a peer announcing direct and relayed addresses gets this long on the direct ones
 MAX_SYNC_FRAME = 1 << 20
 MAX_SYNC_ANNOUNCEMENTS = 256
 StreamHandler = Callable[[FrameStream], Awaitable[None]]
@@ -86,6 +89,7 @@ class NodeConfig:
     relay_hop: bool | None = None
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     nat_traversal: bool = True
+    hole_punch: bool = True                  # DCUtR: upgrade relayed connections to direct ones
     bootstrap_timeout_s: float = 5.0
 
 
@@ -114,7 +118,8 @@ class Node:
         # --- nat hook: NAT traversal (AutoNAT, relay, DCUtR); see p2pinfer.net.nat ---
         relay_hop = config.role == "bootstrap" if config.relay_hop is None else config.relay_hop
         self.nat = NatTraversal(self.host, listen=config.listen, announce=config.extra_addrs,
-                                relay_hop=relay_hop, relay_limits=config.relay_limits)
+                                relay_hop=relay_hop, relay_limits=config.relay_limits,
+                                hole_punch=config.hole_punch)
         self.nat.on_change = lambda: self._capacity_changed.set()  # re-announce when our addresses change
         self.table = AnnouncementTable()
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id)
@@ -130,6 +135,7 @@ class Node:
         self._closing = False
         self._last_announcement: tuple[bytes, int] | None = None
         self._local_handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}  # for streams to ourselves
+        self._unreachable: dict[str, float] = {}  # peer ID -> trio time until which we do not offer it work
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -155,7 +161,8 @@ class Node:
             self.register_request_handler(SYNC_PROTOCOL, self._serve_sync, max_frame=MAX_SYNC_FRAME)
             if bootstrap:
                 bootstrap = await self._reach_bootstrap(bootstrap)  # nat hook: fails fast, naming each cause
-                await self.discovery.bootstrap(bootstrap, connect=self.connect)
+                # nat hook: the DHT self-lookup may wait on peers behind NAT; the join does not wait for it
+                await self.discovery.bootstrap(bootstrap, connect=self.connect, refresh_nursery=self._nursery)
             async with trio.open_nursery() as sync_nursery:
                 for info in bootstrap:
                     sync_nursery.start_soon(self.sync_announcements, info.peer_id)
@@ -232,6 +239,8 @@ class Node:
         """
         if self.nat.status.state is Reachability.RELAYED:
             return self.nat.relayed_addrs[:16]
+        if self.nat.status.state is Reachability.UNREACHABLE and self.nat.status.checked:
+            return ()  # others tried to dial us and failed, and no relay took us: no address would work
         direct = [str(a) for a in self.host.get_transport_addrs()] + list(self.config.extra_addrs)
         return tuple(dict.fromkeys(announceable(direct, listen=self.config.listen)))[:16]
 
@@ -280,6 +289,27 @@ class Node:
     async def connect(self, peer: PeerInfo | str, *, timeout: float | None = None) -> None:
         """Make sure we are connected to ``peer`` (a PeerInfo or a multiaddr with ``/p2p/``)."""
         info = parse_peer_multiaddr(peer) if isinstance(peer, str) else peer
+        try:
+            await self._connect(info, timeout=timeout)
+        except DialError:
+            self._remember_unreachable(info.peer_id)  # nat hook
+            raise
+        self._unreachable.pop(info.peer_id, None)
+
+    def _remember_unreachable(self, peer_id: str) -> None:
+        """A peer we just failed to dial is left out of :meth:`candidates` for a while (nat hook)."""
+        if len(self._unreachable) >= MAX_REMEMBERED_UNREACHABLE:
+            self._unreachable.pop(min(self._unreachable, key=self._unreachable.__getitem__))
+        self._unreachable[peer_id] = trio.current_time() + UNREACHABLE_MEMORY_S
+
+    def known_unreachable(self, peer_id: str) -> bool:
+        until = self._unreachable.get(peer_id)
+        if until is not None and until <= trio.current_time():
+            del self._unreachable[peer_id]
+            return False
+        return until is not None
+
+    async def _connect(self, info: PeerInfo, *, timeout: float | None = None) -> None:
         timeout = self.config.dial_timeout_s if timeout is None else timeout
         circuits = [a for a in info.addrs if is_circuit(a)]
         if circuits:  # nat hook: py-libp2p's swarm drops /p2p-circuit addresses; dial them ourselves
@@ -288,7 +318,7 @@ class Node:
             direct = PeerInfo(info.peer_id, tuple(a for a in info.addrs if not is_circuit(a)))
             if direct.addrs:
                 try:
-                    return await self.connect(direct, timeout=min(timeout, DIRECT_BEFORE_RELAY_S))
+                    return await self._connect(direct, timeout=min(timeout, DIRECT_BEFORE_RELAY_S))
                 except DialError:
                     pass
             return await self.nat.dial_circuit(info.peer_id, circuits, timeout=timeout)
@@ -382,9 +412,13 @@ class Node:
                 text = f"{type(cause).__name__}: {cause}"
                 if "ProtocolNotSupported" in text or "protocol" in text.lower() and "not" in text.lower():
                     raise ProtocolNotSupported(f"{peer_id} does not serve {protocol_id}") from None
+                if not self.nat.is_connected(peer_id):
+                    self._remember_unreachable(peer_id)  # nat hook
                 raise DialError(f"cannot open {protocol_id} to {peer_id}: {text}"[:300]) from None
             return FrameStream(stream, max_frame=max_frame, timeout=timeout)
         assert scope.cancelled_caught
+        if not self.nat.is_connected(peer_id):
+            self._remember_unreachable(peer_id)  # nat hook
         raise RequestTimeout(f"opening {protocol_id} to {peer_id} took more than {timeout} s")
 
     def _open_loopback(self, protocol_id: str, *, timeout: float, max_frame: int) -> FrameStream:
@@ -571,13 +605,29 @@ class Node:
         """Who to try for ``model_digest``: live announcements with free slots first, then DHT providers
         that have no live announcement yet (a newly joined client may not have heard the gossip)."""
         from_table = self.serving(model_digest, min_free_slots=min_free_slots, include_self=include_self)
-        out = [PeerInfo(s.peer_id, s.addrs) for s in from_table]
+        out = [PeerInfo(s.peer_id, s.addrs) for s in from_table if self._worth_dialling(s.peer_id, s.addrs)]
         if len(out) < 3:
             live = {a.peer_id for a in self.table.live(now_ms())}
-            for info in await self.find_providers(model_digest, timeout=timeout):
-                if info.peer_id != self.peer_id and info.peer_id not in live:
+            # nat hook: with live announcements in hand, DHT hints may cost the request at most a moment
+            # (a lookup can wait on unreachable DHT peers); without any, the lookup gets the full timeout.
+            hint_timeout = min(timeout, DHT_HINT_TIMEOUT_S) if out else timeout
+            for info in await self.find_providers(model_digest, timeout=hint_timeout):
+                if info.peer_id != self.peer_id and info.peer_id not in live and not self.known_unreachable(info.peer_id):
                     out.append(info)
         return out
+
+    def _worth_dialling(self, peer_id: str, addrs: Sequence[str]) -> bool:
+        """nat hook: leave out peers whose last dial failed recently, and peers announcing no address that
+        we are not already connected to (they found out nobody can dial them)."""
+        if peer_id == self.peer_id or self.nat.is_connected(peer_id):
+            return True
+        if self.known_unreachable(peer_id):
+            self.stats["candidates.skipped_unreachable"] += 1
+            return False
+        if not addrs:
+            self.stats["candidates.skipped_no_address"] += 1
+            return False
+        return True
 
     def _announced_addrs(self, peer_id: str) -> tuple[str, ...]:
         a = self.table.get(peer_id, now_ms())

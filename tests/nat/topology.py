@@ -19,6 +19,9 @@ NAT behaviour emulated by each router namespace (Linux netfilter, iptables):
   the peer's exact (ip, port) that an inside host just sent a SYN to counts as part of that connection,
   so TCP simultaneous open (hole punching) works, as on most home routers.
 * No hairpinning is needed: the two homes only meet through the public segment.
+* On the public hosts, private addresses (10.0.0.0/8, which home peers learn about themselves) are routed
+  to a neighbour that does not exist, so dialling one waits until the kernel gives up on ARP (about 3 s),
+  like a dial to another network's private address on the internet.
 
 The addresses are from TEST-NET-2 (RFC 5737) and RFC 1918; nothing leaves the namespaces.
 """
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 PUBLIC_NET = "198.51.100"
 HOSTS_PUBLIC = {"boot": 10, "client": 20}
 HOMES = {"a": ("10.1.0", 101), "b": ("10.2.0", 102)}
+UNANSWERED_HOST = 250  # no namespace has this public address
 
 
 class TopologyUnavailable(Exception):
@@ -106,6 +110,9 @@ class Topology:
                 self._veth(name, "eth0", pub, f"p-{role}")
                 _run("ip", "link", "set", f"p-{role}", "master", "br0", ns=pub)
                 _run("ip", "addr", "add", f"{PUBLIC_NET}.{host}/24", "dev", "eth0", ns=name)
+                # Private addresses of other networks lead nowhere, as on the internet: packets for them go to
+                # a next hop that never answers (ARP fails), so a dial waits instead of failing at once.
+                _run("ip", "route", "add", "10.0.0.0/8", "via", f"{PUBLIC_NET}.{UNANSWERED_HOST}", ns=name)
             for home, (lan, wan_host) in HOMES.items():
                 router = self._add_ns(f"rtr{home}")
                 inside = self._add_ns(f"home{home}")
