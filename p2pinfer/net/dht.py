@@ -254,20 +254,21 @@ class Discovery:
             # Skip the server-mode check: identify may not have finished yet, and a bootstrap node is a
             # DHT server by definition.
             await self.dht.add_peer(ID.from_base58(info.peer_id), skip_server_mode_check=True)
-        if refresh_nursery is not None:
-            refresh_nursery.start_soon(self._look_up_self, reached, len(peers))
-        else:
-            await self._look_up_self(reached, len(peers))
+        log.info("dht.bootstrapped", reached=reached, of=len(peers), table=self.dht.get_routing_table_size())
+        if reached:
+            if refresh_nursery is not None:
+                refresh_nursery.start_soon(self._look_up_self)
+            else:
+                await self._look_up_self()
         return reached
 
-    async def _look_up_self(self, reached: int, of: int) -> None:
-        if reached:
-            with trio.move_on_after(QUERY_TIMEOUT_S):
-                try:
-                    await self.dht.peer_routing.refresh_routing_table()
-                except Exception as exc:
-                    log.warning("dht.refresh_failed", error=repr(exc)[:200])
-        log.info("dht.bootstrapped", reached=reached, of=of, table=self.dht.get_routing_table_size())
+    async def _look_up_self(self) -> None:
+        with trio.move_on_after(QUERY_TIMEOUT_S):
+            try:
+                await self.dht.peer_routing.refresh_routing_table()
+            except Exception as exc:
+                log.warning("dht.refresh_failed", error=repr(exc)[:200])
+        log.info("dht.self_lookup_done", table=self.dht.get_routing_table_size())
 
     def routing_table_size(self) -> int:
         return self.dht.get_routing_table_size()

@@ -177,7 +177,9 @@ class NatTraversal:
         self.relay_limits = relay_limits
         self.autonat = DialBackAutoNAT(host)
         self.relay_protocol = CircuitV2Protocol(host, limits=relay_limits.to_libp2p(), allow_hop=relay_hop)
-        roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if relay_hop else RelayRole(0))
+        # No CLIENT role: with it, every dial through a relay first takes a reservation there (a slot wasted per
+        # dialler); we reserve explicitly, only when we need to be reachable.
+        roles = RelayRole.STOP | (RelayRole.HOP if relay_hop else RelayRole(0))
         relay_config = RelayConfig(roles=roles, limits=relay_limits.to_libp2p(),
                                    max_circuit_duration=relay_limits.circuit_duration_s,
                                    max_circuit_bytes=relay_limits.circuit_bytes)

@@ -61,10 +61,11 @@ Role = Literal["peer", "bootstrap", "client"]
 # envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
 # withhold announcements but never forge one.
 SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
-DIRECT_BEFORE_RELAY_S = 1.0
-DHT_HINT_TIMEOUT_S = 0.5
-UNREACHABLE_MEMORY_S = 60.0  # a peer we failed to dial is not offered work again for this long
-MAX_REMEMBERED_UNREACHABLE = 4096     # extra DHT provider lookup when live announcements already name candidates  # a peer announcing direct and relayed addresses gets this long on the direct ones
+# nat hooks (see p2pinfer.net.nat):
+DIRECT_BEFORE_RELAY_S = 1.0        # a peer announcing direct and relayed addresses gets this long on the direct ones
+UNREACHABLE_MEMORY_S = 60.0        # a peer we failed to dial is not offered work again for this long
+MAX_REMEMBERED_UNREACHABLE = 4096
+PROVIDER_HINTS_TTL_S = 30.0        # DHT provider hints are looked up again (in the background) after this long
 MAX_SYNC_FRAME = 1 << 20
 MAX_SYNC_ANNOUNCEMENTS = 256
 StreamHandler = Callable[[FrameStream], Awaitable[None]]
@@ -136,6 +137,8 @@ class Node:
         self._last_announcement: tuple[bytes, int] | None = None
         self._local_handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}  # for streams to ourselves
         self._unreachable: dict[str, float] = {}  # peer ID -> trio time until which we do not offer it work
+        self._provider_hints: dict[bytes, tuple[float, list[PeerInfo]]] = {}  # digest -> (when, DHT providers)
+        self._hint_lookups: set[bytes] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -608,13 +611,39 @@ class Node:
         out = [PeerInfo(s.peer_id, s.addrs) for s in from_table if self._worth_dialling(s.peer_id, s.addrs)]
         if len(out) < 3:
             live = {a.peer_id for a in self.table.live(now_ms())}
-            # nat hook: with live announcements in hand, DHT hints may cost the request at most a moment
-            # (a lookup can wait on unreachable DHT peers); without any, the lookup gets the full timeout.
-            hint_timeout = min(timeout, DHT_HINT_TIMEOUT_S) if out else timeout
-            for info in await self.find_providers(model_digest, timeout=hint_timeout):
-                if info.peer_id != self.peer_id and info.peer_id not in live and not self.known_unreachable(info.peer_id):
+            # nat hook: a DHT lookup can wait on peers nobody can reach (behind NAT). With live announcements
+            # in hand the request does not wait for it: it gets the hints of the last lookup, and a new one
+            # runs in the background; with none, the lookup gets the full timeout.
+            if out:
+                hints = self._cached_provider_hints(model_digest, timeout)
+            else:
+                hints = await self.find_providers(model_digest, timeout=timeout)
+                self._provider_hints[model_digest] = (trio.current_time(), hints)
+            for info in hints:
+                if (info.peer_id != self.peer_id and info.peer_id not in live
+                        and not self.known_unreachable(info.peer_id)):
                     out.append(info)
         return out
+
+    def _cached_provider_hints(self, model_digest: bytes, timeout: float) -> list[PeerInfo]:
+        """The last DHT provider lookup for ``model_digest``; starts a fresh one in the background when it is
+        older than :data:`PROVIDER_HINTS_TTL_S` (nat hook)."""
+        at, hints = self._provider_hints.get(model_digest, (None, []))
+        fresh = at is not None and trio.current_time() - at < PROVIDER_HINTS_TTL_S
+        if not fresh and model_digest not in self._hint_lookups and self._nursery is not None:
+            self._hint_lookups.add(model_digest)
+
+            async def look_up() -> None:
+                try:
+                    found = await self.find_providers(model_digest, timeout=timeout)
+                    if len(self._provider_hints) >= 256:
+                        self._provider_hints.pop(next(iter(self._provider_hints)))
+                    self._provider_hints[model_digest] = (trio.current_time(), found)
+                finally:
+                    self._hint_lookups.discard(model_digest)
+
+            self._nursery.start_soon(look_up)
+        return hints
 
     def _worth_dialling(self, peer_id: str, addrs: Sequence[str]) -> bool:
         """nat hook: leave out peers whose last dial failed recently, and peers announcing no address that
