@@ -63,7 +63,7 @@ from .publicaddrs import CIRCUIT, announceable, ip_of
 
 log = get_logger("p2pinfer.net.nat")
 
-DIAL_BACK_TIMEOUT_S = 2.0          # a home NAT drops the SYN: the dial-back waits this long, then fails
+DIAL_BACK_TIMEOUT_S = 3.0          # a home NAT drops the SYN: the dial-back waits this long, then fails
 MAX_CONCURRENT_DIAL_BACKS = 8      # AutoNAT server: dial-backs in flight at once (each is a TCP + Noise)
 MAX_DIAL_BACK_ADDRS = 4            # AutoNAT server: addresses tried per request
 AUTONAT_QUERY_TIMEOUT_S = 8.0
@@ -120,19 +120,32 @@ class DialBackAutoNAT(AutoNATService):
         super().__init__(host, serve=True)  # type: ignore[arg-type]
         self._slots = trio.Semaphore(MAX_CONCURRENT_DIAL_BACKS)
         self.dial_backs = 0
+        self.refused_busy = 0
+        self.peak_in_flight = 0
+
+    async def _handle_dial(self, message: Any, observed_ip: str | None, is_relayed: bool) -> Any:
+        # Busy: say "refused" (the requester does not count it) rather than "dial failed" (which would tell
+        # an honest requester it is unreachable). Requests never queue: a flood costs us nothing but answers.
+        if self._slots.value == 0:
+            self.refused_busy += 1
+            response = AutoNATMessage()
+            response.type = AutoNATMessage.DIAL_RESPONSE
+            response.dialResponse.status = AutoNATMessage.E_DIAL_REFUSED
+            response.dialResponse.statusText = "busy"
+            return response
+        async with self._slots:
+            self.peak_in_flight = max(self.peak_in_flight, MAX_CONCURRENT_DIAL_BACKS - self._slots.value)
+            return await super()._handle_dial(message, observed_ip, is_relayed)
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
-        if self._slots.value == 0:
-            return None  # busy: report failure rather than queue (the requester asks others too)
-        async with self._slots:
-            self.dial_backs += 1
-            for raw in addrs[:MAX_DIAL_BACK_ADDRS]:
-                try:
-                    addr = multiaddr.Multiaddr(raw)
-                except Exception:
-                    continue
-                if await fresh_handshake(self.host, peer_id, addr, timeout=DIAL_BACK_TIMEOUT_S):
-                    return bytes(raw)
+        self.dial_backs += 1
+        for raw in addrs[:MAX_DIAL_BACK_ADDRS]:
+            try:
+                addr = multiaddr.Multiaddr(raw)
+            except Exception:
+                continue
+            if await fresh_handshake(self.host, peer_id, addr, timeout=DIAL_BACK_TIMEOUT_S):
+                return bytes(raw)
         return None
 
 
@@ -253,15 +266,18 @@ class NatTraversal:
             for server in servers:
                 nursery.start_soon(ask, server)
         ok = [(pid, addr) for pid, (code, addr) in answers.items() if code == int(AutoNATMessage.OK)]
-        log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok),
+        # Only "I dialled and failed" is evidence against us; a refusal (busy, relayed, no address on our
+        # observed IP) says nothing about our reachability.
+        failed = [pid for pid, (code, _) in answers.items() if code == int(AutoNATMessage.E_DIAL_ERROR)]
+        log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
                  candidates=",".join(candidates)[:300])
         if ok:
-            where = multiaddr.Multiaddr(ok[0][1]) if ok[0][1] else "?"
+            where = _addr_text(ok[0][1])
             return ReachabilityStatus(Reachability.PUBLIC,
                                       f"dialled back at {where} by {len(ok)} of {len(answers)} peers")
-        if answers:
+        if failed:
             return ReachabilityStatus(Reachability.UNREACHABLE,
-                                      f"behind NAT or firewall: {len(answers)} peers could not dial us back")
+                                      f"behind NAT or firewall: {len(failed)} peers could not dial us back")
         return None
 
     # ---- relays -------------------------------------------------------------------------------------
@@ -405,6 +421,14 @@ class NatTraversal:
             if addrs and all(CIRCUIT not in str(a) for a in addrs):
                 return True
         return False
+
+
+def _addr_text(raw: bytes | None) -> str:
+    """A peer-supplied address, for a log line or the reachability reason (never raises)."""
+    try:
+        return str(multiaddr.Multiaddr(raw))[:100] if raw else "an address"
+    except Exception:
+        return "an address"
 
 
 def _relay_info(circuit_addr: str) -> Libp2pPeerInfo | None:

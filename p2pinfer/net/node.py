@@ -61,9 +61,10 @@ Role = Literal["peer", "bootstrap", "client"]
 # envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
 # withhold announcements but never forge one.
 SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
+CONNECT_TIMEOUT_S = 10.0  # Node.connect() without a timeout: dial (dial_timeout_s per address), Noise, Yamux
 # nat hooks (see p2pinfer.net.nat):
 DIRECT_BEFORE_RELAY_S = 1.0        # a peer announcing direct and relayed addresses gets this long on the direct ones
-UNREACHABLE_MEMORY_S = 60.0        # a peer we failed to dial is not offered work again for this long
+UNREACHABLE_MEMORY_S = 30.0        # a peer whose dial failed is not offered work again for this long
 MAX_REMEMBERED_UNREACHABLE = 4096
 PROVIDER_HINTS_TTL_S = 30.0        # DHT provider hints are looked up again (in the background) after this long
 MAX_SYNC_FRAME = 1 << 20
@@ -81,7 +82,7 @@ class NodeConfig:
     announce_ttl_s: float = 180.0            # validity of each announcement (< the 10 min maximum)
     dht_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     gossip_heartbeat_s: int = HEARTBEAT_S
-    dial_timeout_s: float = 10.0
+    dial_timeout_s: float = 3.0              # TCP connect; an address that drops packets (NAT) costs this long
     put_dht_record: bool = True              # also store our announcement under /p2pcap/<peer id>
     software: str = f"p2pinfer/{__version__}"
     extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
@@ -313,7 +314,7 @@ class Node:
         return until is not None
 
     async def _connect(self, info: PeerInfo, *, timeout: float | None = None) -> None:
-        timeout = self.config.dial_timeout_s if timeout is None else timeout
+        timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
         circuits = [a for a in info.addrs if is_circuit(a)]
         if circuits:  # nat hook: py-libp2p's swarm drops /p2p-circuit addresses; dial them ourselves
             if self.nat.is_connected(info.peer_id):
@@ -420,8 +421,6 @@ class Node:
                 raise DialError(f"cannot open {protocol_id} to {peer_id}: {text}"[:300]) from None
             return FrameStream(stream, max_frame=max_frame, timeout=timeout)
         assert scope.cancelled_caught
-        if not self.nat.is_connected(peer_id):
-            self._remember_unreachable(peer_id)  # nat hook
         raise RequestTimeout(f"opening {protocol_id} to {peer_id} took more than {timeout} s")
 
     def _open_loopback(self, protocol_id: str, *, timeout: float, max_frame: int) -> FrameStream:
@@ -611,19 +610,24 @@ class Node:
         out = [PeerInfo(s.peer_id, s.addrs) for s in from_table if self._worth_dialling(s.peer_id, s.addrs)]
         if len(out) < 3:
             live = {a.peer_id for a in self.table.live(now_ms())}
-            # nat hook: a DHT lookup can wait on peers nobody can reach (behind NAT). With live announcements
-            # in hand the request does not wait for it: it gets the hints of the last lookup, and a new one
-            # runs in the background; with none, the lookup gets the full timeout.
-            if out:
+            # nat hook: a DHT lookup can wait on peers nobody can reach (behind NAT), so its result is kept:
+            # the first request for a model waits for the lookup, later ones get the last hints at once
+            # while a fresh lookup runs in the background (at most every PROVIDER_HINTS_TTL_S).
+            if out and model_digest in self._provider_hints:
                 hints = self._cached_provider_hints(model_digest, timeout)
             else:
                 hints = await self.find_providers(model_digest, timeout=timeout)
-                self._provider_hints[model_digest] = (trio.current_time(), hints)
+                self._store_provider_hints(model_digest, hints)
             for info in hints:
                 if (info.peer_id != self.peer_id and info.peer_id not in live
                         and not self.known_unreachable(info.peer_id)):
                     out.append(info)
         return out
+
+    def _store_provider_hints(self, model_digest: bytes, hints: list[PeerInfo]) -> None:
+        if model_digest not in self._provider_hints and len(self._provider_hints) >= 256:
+            self._provider_hints.pop(next(iter(self._provider_hints)))
+        self._provider_hints[model_digest] = (trio.current_time(), hints)
 
     def _cached_provider_hints(self, model_digest: bytes, timeout: float) -> list[PeerInfo]:
         """The last DHT provider lookup for ``model_digest``; starts a fresh one in the background when it is
@@ -635,10 +639,7 @@ class Node:
 
             async def look_up() -> None:
                 try:
-                    found = await self.find_providers(model_digest, timeout=timeout)
-                    if len(self._provider_hints) >= 256:
-                        self._provider_hints.pop(next(iter(self._provider_hints)))
-                    self._provider_hints[model_digest] = (trio.current_time(), found)
+                    self._store_provider_hints(model_digest, await self.find_providers(model_digest, timeout=timeout))
                 finally:
                     self._hint_lookups.discard(model_digest)
 

@@ -98,7 +98,7 @@ def test_public_client_is_served_by_home_peer_through_the_relay(network: Network
                                 "tiny-llama-trained", "--requests", "2", "--max-tokens", "16"))
     for _ in range(2):
         result = proc.json_line(lambda d: "ok" in d, REQUEST_S, "a completion")
-        assert result["ok"], result
+        assert result["ok"], f"{result}; {proc.describe()}\n{network.procs[1].describe()}"
         assert result["executor"] == network.home_id and result["tokens"] > 0
 
 
@@ -118,6 +118,8 @@ def test_two_home_peers_connect_directly_by_hole_punching(network: Network, topo
                                 "tiny-llama-trained", "--requests", "1", "--max-tokens", "16",
                                 "--wait-direct", network.home_id))
     upgrade = proc.json_line(lambda d: "direct_to" in d, REQUEST_S, "the hole punch outcome")
-    assert upgrade["direct"], f"no direct connection from home B to home A; {proc.describe()}"
+    home = network.procs[1]
+    assert upgrade["direct"], f"no direct connection from home B to home A; {proc.describe()}\n{home.describe()}"
     result = proc.json_line(lambda d: "ok" in d, REQUEST_S, "a completion")
-    assert result["ok"] and result["executor"] == network.home_id and result["direct"], result
+    assert result["ok"] and result["executor"] == network.home_id and result["direct"], \
+        f"{result}; {proc.describe()}\n{home.describe()}"
