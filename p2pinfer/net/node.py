@@ -611,8 +611,9 @@ class Node:
         if len(out) < 3:
             live = {a.peer_id for a in self.table.live(now_ms())}
             # nat hook: a DHT lookup can wait on peers nobody can reach (behind NAT), so its result is kept:
-            # the first request for a model waits for the lookup, later ones get the last hints at once
-            # while a fresh lookup runs in the background (at most every PROVIDER_HINTS_TTL_S).
+            # the first request for a model waits for the lookup (it may find peers gossip has not told us
+            # about yet), later ones get the last hints at once while a fresh lookup runs in the background
+            # (at most every PROVIDER_HINTS_TTL_S).
             if out and model_digest in self._provider_hints:
                 hints = self._cached_provider_hints(model_digest, timeout)
             else:
