@@ -71,6 +71,7 @@ IDENTIFY_WAIT_S = 2.0              # how long to wait for identify to tell us ou
 RESERVE_TIMEOUT_S = 5.0
 RECHECK_FIRST_S = 5.0             # while never checked (nobody to ask yet), look for peers to ask this often
 RECHECK_INTERVAL_S = 120.0         # an unreachable peer re-checks this often
+RELAY_CHECK_S = 10.0               # a relayed peer checks this often that it is still connected to its relay
 MAX_RECHECK_SERVERS = 3
 NOT_CHECKED = "not checked yet: no other peer to dial us back"
 HOLE_PUNCH_DIAL_TIMEOUT_S = 2      # DCUtR's own default (10 s) makes a failed round take 10 s
@@ -204,6 +205,7 @@ class NatTraversal:
         self.reserved_on: tuple[str, ...] = ()
         self._nursery: trio.Nursery | None = None
         self.on_change: Callable[[], None] = lambda: None
+        self._relays: list[PeerInfo] = []  # where we hold reservations (first: the one we announce)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -317,6 +319,7 @@ class NatTraversal:
                 if addrs:
                     self.relayed_addrs = tuple(dict.fromkeys([*self.relayed_addrs, *addrs]))
                     self.reserved_on = (*self.reserved_on, relay.peer_id)
+                    self._relays.append(relay)
                     break
             if self.relayed_addrs:
                 self.status = ReachabilityStatus(Reachability.RELAYED,
@@ -340,6 +343,13 @@ class NatTraversal:
         wait = first_s
         while True:
             await trio.sleep(wait)
+            if self._relays:  # we hold (or held) a reservation: keep it
+                wait = RELAY_CHECK_S
+                try:
+                    await self._keep_reservation()
+                except Exception as exc:  # never take the node down; try again at the next check
+                    log.warning("nat.relay_check_failed", error=repr(exc)[:200])
+                continue
             wait = interval_s if self.status.checked else first_s
             if self.status.state is not Reachability.UNREACHABLE:
                 continue
@@ -353,6 +363,38 @@ class NatTraversal:
                                  reason=self.status.reason)
             except Exception as exc:  # a failed re-check must never take the node down; try again later
                 log.warning("nat.recheck_failed", error=repr(exc)[:200])
+
+    async def _keep_reservation(self) -> None:
+        """A relay that went away (restart, network) took our reservation with it: reconnect and reserve
+        again (every RELAY_CHECK_S), instead of staying unreachable until the next refresh (up to an hour).
+        The relayed address stays announced meanwhile: it works again as soon as the relay is back."""
+        relay = self._relays[0]
+        lost = self.status.state is not Reachability.RELAYED
+        if self.is_connected(relay.peer_id) and not lost:
+            return
+        if not lost:
+            log.info("nat.relay_lost", relay=relay.peer_id)
+        network: Any = self.host.get_network()
+        negative = getattr(network, "_negative_peer_cache", None)
+        if negative is not None:  # py-libp2p refuses to redial a peer for 60 s after a failed dial
+            negative.evict(relay.peer_id)
+        with trio.move_on_after(RESERVE_TIMEOUT_S):
+            try:
+                await self.host.connect(relay.to_libp2p())
+            except Exception as exc:
+                log.debug("nat.relay_reconnect_failed", relay=relay.peer_id, error=repr(exc)[:200])
+        before = self.status
+        if self.is_connected(relay.peer_id) and await self.reserve(relay):
+            self.status = ReachabilityStatus(Reachability.RELAYED, f"reachable through relay {relay.peer_id}")
+            log.info("nat.relay_restored", relay=relay.peer_id)
+            self.on_change()  # announce again: a restarted relay (a bootstrap node) lost its announcement table
+            return
+        else:
+            self.status = ReachabilityStatus(Reachability.UNREACHABLE,
+                                             f"lost relay {relay.peer_id}; reconnecting every {RELAY_CHECK_S:.0f} s",
+                                             checked=False)
+        if self.status.state is not before.state:
+            self.on_change()
 
     def direct_peers(self) -> list[PeerInfo]:
         """Peers we hold a direct (not relayed) connection to, with their peerstore addresses."""

@@ -241,8 +241,8 @@ class Node:
         (:mod:`p2pinfer.net.publicaddrs`); a peer that is only reachable through a relay announces its
         relayed addresses only, so nobody waits on a direct dial the NAT will drop.
         """
-        if self.nat.status.state is Reachability.RELAYED:
-            return self.nat.relayed_addrs[:16]
+        if self.nat.relayed_addrs and self.nat.status.state is not Reachability.PUBLIC:
+            return self.nat.relayed_addrs[:16]  # also while our relay is briefly away (it is re-reserved)
         if self.nat.status.state is Reachability.UNREACHABLE and self.nat.status.checked:
             return ()  # others tried to dial us and failed, and no relay took us: no address would work
         direct = [str(a) for a in self.host.get_transport_addrs()] + list(self.config.extra_addrs)

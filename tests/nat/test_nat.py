@@ -16,6 +16,7 @@ printed (pytest -ra).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -123,3 +124,23 @@ def test_two_home_peers_connect_directly_by_hole_punching(network: Network, topo
     result = proc.json_line(lambda d: "ok" in d, REQUEST_S, "a completion")
     assert result["ok"] and result["executor"] == network.home_id and result["direct"], \
         f"{result}; {proc.describe()}\n{home.describe()}"
+
+
+def test_home_peer_reserves_again_after_its_relay_restarts(network: Network, topology: Topology) -> None:
+    boot = network.procs[0]
+    boot.stop()
+    log = network.tmp / "homea.log"
+    restored_before = log.read_text().count("event=nat.relay_restored")
+    # Same key (data dir) and port: the bootstrap node comes back under the same address.
+    again = network.start(cli(topology, "boot", network.tmp / "boot", "bootstrap", "--listen", LISTEN))
+    addrs_of(again, START_S)
+    deadline = time.monotonic() + REQUEST_S
+    while log.read_text().count("event=nat.relay_restored") == restored_before:
+        assert time.monotonic() < deadline, f"home peer never re-reserved; {network.procs[1].describe()}"
+        time.sleep(0.2)
+    proc = network.start(client(topology, "client", network.tmp / "client-after-restart.log", network.boot_addr,
+                                "tiny-llama-trained", "--wait-model", "--requests", "1", "--max-tokens", "8",
+                                "--listen", "/ip4/0.0.0.0/tcp/4005"))
+    result = proc.json_line(lambda d: "ok" in d, REQUEST_S, "a completion after the relay restart")
+    assert result["ok"] and result["executor"] == network.home_id, f"{result}; {proc.describe()}"
+
