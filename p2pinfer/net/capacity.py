@@ -8,7 +8,8 @@
   (``p2pinfer.net.gossip``); a joining node also pages through its bootstrap nodes' tables
   (:meth:`Capacity.sync_from`, ``p2pinfer.net.capacity_sync``) and answers others' sync requests
   (:meth:`Capacity.serve_sync`).
-* **Lookups** for the request path: :meth:`Capacity.serving` and :meth:`Capacity.candidates`.
+* **Lookups** for the request path: :meth:`Capacity.serving` (``Node.candidates`` adds DHT provider hints
+  and the NAT layer's reachability memory).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import trio
 
 from ..log import get_logger
 from ..wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
-from .addrs import PeerInfo
 from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
 from .capacity_sync import (
     CAPACITY_SYNC,
@@ -170,14 +170,3 @@ class Capacity:
                 include_self: bool = False) -> list[ServingEntry]:
         exclude = () if include_self else (self.peer_id,)
         return self.table.serving(model_digest, now_ms(), min_free_slots=min_free_slots, exclude=exclude)
-
-    async def candidates(self, model_digest: bytes, *, min_free_slots: int = 1,
-                         timeout: float = 10.0, include_self: bool = False) -> list[PeerInfo]:
-        from_table = self.serving(model_digest, min_free_slots=min_free_slots, include_self=include_self)
-        out = [PeerInfo(s.peer_id, s.addrs) for s in from_table]
-        if len(out) < 3:
-            live = {a.peer_id for a in self.table.live(now_ms())}
-            for info in await self.discovery.find_providers(model_digest, timeout=timeout):
-                if info.peer_id != self.peer_id and info.peer_id not in live:
-                    out.append(info)
-        return out
