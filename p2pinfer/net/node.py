@@ -600,7 +600,7 @@ class Node:
     @property
     def counters(self) -> dict[str, int]:
         """Gossip drop reasons and acceptance counts, plus stream handler errors."""
-        return dict(self.gossip.counters + self.stats)
+        return dict(self.gossip.counters + self.stats + self.guard.counters)
 
 
 def _dialable(addrs: Sequence[str] | dict[str, None]) -> tuple[str, ...]:
