@@ -13,12 +13,15 @@ never holds a half-copied model under a digest.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +35,8 @@ def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.store")
 
 METADATA_FILE = "p2pinfer-model.json"
+#: Calibration measurements so far, kept while calibration runs so that an interrupted one resumes.
+CALIBRATION_PARTIAL_FILE = "p2pinfer-calibration.partial.json"
 METADATA_FORMAT = "p2pinfer-model/1"
 EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja")
@@ -186,8 +191,13 @@ class ModelStore:
                                  imported_at_ms=int(time.time() * 1000), source=str(src))
             _write_json_atomic(tmp / METADATA_FILE, record.to_json())
             if target.exists():  # a leftover without metadata
-                shutil.rmtree(target)
-            os.rename(tmp, target)
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process sharing this store finished the same import first
+                if (target / METADATA_FILE).is_file():
+                    return self._read(target)
+                raise
             record.path = target
             _log().info("models.imported", digest=digest.hex(), name=record.name, bytes=record.size_bytes)
             return record
@@ -236,9 +246,56 @@ class ModelStore:
     def set_calibration(self, key: str, tolerance: float, calibration: dict[str, Any]) -> ModelRecord:
         record = self.get(key)
         record.tolerance = float(tolerance)
-        record.calibration = calibration
+        record.calibration = {**calibration, "numeric_class": record.numeric_class}
+        _write_json_atomic(record.path / METADATA_FILE, record.to_json())
+        with contextlib.suppress(FileNotFoundError):
+            (record.path / CALIBRATION_PARTIAL_FILE).unlink()
+        return record
+
+    def set_extra(self, key: str, **extra: Any) -> ModelRecord:
+        """Add free-form fields to a model's metadata (e.g. which importer wrote it)."""
+        record = self.get(key)
+        record.extra.update(extra)
         _write_json_atomic(record.path / METADATA_FILE, record.to_json())
         return record
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """An exclusive lock shared by every process using this store (imports, calibrations)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".lock-{name}", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def ensure_calibrated(self, key: str, *, tokens: int = 16,
+                          progress: Callable[[int, int], None] | None = None) -> ModelRecord:
+        """Calibrate the model once per digest and numeric class; resume an interrupted calibration.
+
+        Runs under the store lock of that digest, so several peers sharing the store calibrate it once.
+        Measurements are saved after every step in ``p2pinfer-calibration.partial.json`` in the model's
+        folder; a calibration killed half-way continues from there. ``progress(done, total)`` reports steps.
+        """
+        from .calibrate import calibrate
+
+        record = self.get(key)
+        with self.locked(record.digest_hex):
+            record = self.get(record.digest_hex)
+            done = record.calibration or {}
+            if done and done.get("numeric_class", record.numeric_class) == record.numeric_class:
+                return record
+            result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
+                               progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
+            _log().info("models.calibrated", digest=record.digest_hex, numeric_class=record.numeric_class,
+                        worst_drift=f"{result.worst_drift:.3g}", tolerance=f"{result.tolerance:.3g}",
+                        seconds=round(result.seconds, 1))
+            return self.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+
+    def calibration_pending(self, key: str) -> bool:
+        """True when a calibration of this model was started and not finished."""
+        return (self.get(key).path / CALIBRATION_PARTIAL_FILE).is_file()
 
 
 def resolve_models(store: ModelStore, specs: Sequence[str], **session_options: Any) -> list[LoadedModel]:
@@ -251,5 +308,7 @@ def resolve_models(store: ModelStore, specs: Sequence[str], **session_options: A
             record = store.import_dir(path)
         else:
             record = store.get(spec)
+        if store.calibration_pending(record.digest_hex):  # never serve an interrupted calibration's default
+            record = store.ensure_calibrated(record.digest_hex)
         models.append(record.load(**session_options))
     return models
