@@ -2,9 +2,10 @@
 
 The verifier runs SmolLM2-135M-Instruct imported with its GGUF weights kept 4-bit, at the tolerance its own
 calibration measured. Honest executors that run the same weights another way (threads, optimization level,
-one prefill instead of KV decode) are accepted; executors that claim the 4-bit digest while running the
-fp32 dequantization of the same GGUF, an int8 requantization of it, or the 4-bit weights perturbed by 0.1 %
-are rejected, greedy and sampled. Real models, real onnxruntime sessions; nothing is patched.
+one prefill instead of KV decode, or the exact fp32 dequantization of those weights) are accepted; the 4-bit
+weights perturbed by 0.1 % are rejected, greedy and sampled. The original fp32 weights and other
+quantizations (Q4_0, Q8_0) claimed under a Q4_1 digest are rejected on a tiny Llama whose float weights we
+have (SmolLM2's are not available offline). Real models, real onnxruntime sessions; nothing is patched.
 """
 
 from __future__ import annotations
