@@ -25,6 +25,7 @@ Layout choices, for CPU speed and for agreement with Hugging Face's Llama:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -236,11 +237,93 @@ def _embed(g: _Graph, part: LinearPart, ids: str) -> str:
     return g.op("Reshape", [total, g.i64([0, 0, part.cols])], "embed")
 
 
+def rotary_caches(spec: LlamaSpec) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin ``[context_length, head_dim/2]`` float32 for GroupQueryAttention.
+
+    The model file must be the same bytes on every machine, so nothing here goes through numpy's
+    CPU-dispatched transcendental kernels (their last bit differs between SIMD paths): powers, cosines and
+    sines are Python's ``math`` in double precision, rounded once to float32; the angle is the float32
+    product ``position * inv_freq``, as the portable graph computes it.
+    """
+    half = spec.head_dim // 2
+    inv = np.array([1.0 / math.pow(spec.rope_theta, float(np.float32(2 * j) / np.float32(spec.head_dim)))
+                    for j in range(half)], dtype=np.float32)
+    angles = (np.arange(spec.context_length, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float32)
+    flat = angles.astype(np.float64).ravel().tolist()
+    cos = np.array([math.cos(a) for a in flat], dtype=np.float32).reshape(angles.shape)
+    sin = np.array([math.sin(a) for a in flat], dtype=np.float32).reshape(angles.shape)
+    return cos, sin
+
+
+def _portable_attention_tables(g: _Graph, spec: LlamaSpec, total_len: str, exponents: np.ndarray):
+    """Shared by every layer of the portable attention: the additive mask [b, 1, groups*s, T] (causal and
+    padding) and the rotary tables [b, s, 1, hd] from ``position_ids``."""
+    zero, one = g.i64(0), g.i64(1)
+    seq_len = g.op("Gather", [g.op("Shape", ["input_ids"], "shape/input_ids"), one], "shape/s", axis=0)
+    past_len = g.op("Sub", [total_len, seq_len], "shape/past")
+    key_pos = g.op("Range", [zero, total_len, one], "mask/key_pos")
+    query_pos = g.op("Range", [past_len, total_len, one], "mask/query_pos")
+    future = g.op("Greater", [g.op("Unsqueeze", [key_pos, g.i64([0])], "mask/key_row"),
+                              g.op("Unsqueeze", [query_pos, g.i64([1])], "mask/query_col")], "mask/future")
+    padded = g.op("Unsqueeze", [g.op("Equal", ["attention_mask", zero], "mask/is_pad"), g.i64([1])],
+                  "mask/pad_b1T")
+    blocked = g.op("Or", [g.op("Unsqueeze", [future, g.i64([0])], "mask/future_1sT"), padded], "mask/blocked")
+    additive = g.op("Where", [blocked, g.f32(FLOAT_MIN), g.f32(0.0)], "mask/additive")
+    if spec.n_groups > 1:
+        additive = g.op("Tile", [additive, g.i64([1, spec.n_groups, 1])], "mask/tiled")
+    attn_mask = g.op("Unsqueeze", [additive, g.i64([1])], "mask/attn")
+
+    inv_freq = g.op("Reciprocal", [g.op("Pow", [g.f32(spec.rope_theta), g.f32(exponents)], "rope/base_pow")],
+                    "rope/inv_freq")
+    pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], "rope/pos_f", to=TensorProto.FLOAT), g.i64([2])],
+               "rope/pos_bs1")
+    freqs = g.op("Mul", [pos, inv_freq], "rope/freqs")
+    cos_half = g.op("Cos", [freqs], "rope/cos_half")
+    sin_half = g.op("Sin", [freqs], "rope/sin_half")
+    cos = g.op("Unsqueeze", [g.op("Concat", [cos_half, cos_half], "rope/cos_bsd", axis=-1), g.i64([2])], "rope/cos")
+    # rotate_half(x) * sin == concat(x2, x1) * concat(-sin, sin): the sign moves into the table.
+    sin_signed = g.op("Concat", [g.op("Neg", [sin_half], "rope/neg_sin"), sin_half], "rope/sin_bsd", axis=-1)
+    sin = g.op("Unsqueeze", [sin_signed, g.i64([2])], "rope/sin")
+    return attn_mask, cos, sin
+
+
+def _portable_attention(g: _Graph, qkv: str, i: int, spec: LlamaSpec, attn_mask: str, cos: str, sin: str) -> str:
+    """Layer ``i``'s attention in ``ai.onnx`` operators: RoPE, KV concat, masked softmax; [b, s, nh*hd]."""
+    nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    half, n = hd // 2, f"layer{i}/"
+    qkv = g.op("Reshape", [qkv, g.i64([0, 0, nh + 2 * nkv, hd])], n + "qkv_heads")
+    qk, v = g.ops("Split", [qkv, g.i64([nh + nkv, nkv])], [n + "qk", n + "v"], axis=2)
+    x1, x2 = g.ops("Split", [qk, g.i64([half, half])], [n + "qk_x1", n + "qk_x2"], axis=3)
+    swapped = g.op("Concat", [x2, x1], n + "qk_swapped", axis=3)
+    qk = g.op("Add", [g.op("Mul", [qk, cos], n + "qk_cos"), g.op("Mul", [swapped, sin], n + "qk_sin")],
+              n + "qk_rope")
+    q, k = g.ops("Split", [qk, g.i64([nh, nkv])], [n + "q", n + "k"], axis=2)
+    q = g.op("Transpose", [q], n + "q_bhsd", perm=[0, 2, 1, 3])
+    q = g.op("Reshape", [q, g.i64([0, nkv, -1, hd])], n + "q_grouped")
+    k = g.op("Transpose", [k], n + "k_bhsd", perm=[0, 2, 1, 3])
+    v = g.op("Transpose", [v], n + "v_bhsd", perm=[0, 2, 1, 3])
+    k_all = g.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
+    v_all = g.op("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
+    k_t = g.op("Transpose", [k_all], n + "k_t", perm=[0, 1, 3, 2])
+    scores = g.op("Add", [g.op("MatMul", [q, k_t], n + "scores_raw"), attn_mask], n + "scores")
+    probs = g.op("Softmax", [scores], n + "probs", axis=-1)
+    ctx = g.op("MatMul", [probs, v_all], n + "ctx_grouped")
+    ctx = g.op("Reshape", [ctx, g.i64([0, nh, -1, hd])], n + "ctx_bhsd")
+    ctx = g.op("Transpose", [ctx], n + "ctx_bshd", perm=[0, 2, 1, 3])
+    return g.op("Reshape", [ctx, g.i64([0, 0, nh * hd])], n + "ctx")
+
+
 def build_model(spec: LlamaSpec, weights: list[onnx.TensorProto], *,
-                linears: Mapping[str, Sequence[LinearPart]] | None = None,
+                linears: Mapping[str, Sequence[LinearPart]] | None = None, fused_attention: bool = False,
                 doc_string: str = "", metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     """The decoder-with-past ModelProto. ``weights`` must follow :func:`storage_plan` exactly (the
-    all-float32 :func:`float_linears` layout when ``linears`` is None)."""
+    all-float32 :func:`float_linears` layout when ``linears`` is None).
+
+    ``fused_attention``: one com.microsoft ``GroupQueryAttention`` node per layer (RoPE inside, ~20 fewer
+    nodes per layer, measurably faster decode on CPU) instead of the portable ``ai.onnx`` attention. It
+    requires an ``attention_mask`` of ones (no padding; positions follow the cache length), which is how the
+    p2pinfer runtime runs every model; the portable form also masks left padding.
+    """
     linears = dict(linears) if linears is not None else float_linears(spec)
     if set(linears) != set(linear_shapes(spec)):
         raise ValueError("linears do not name every linear layer of the spec")
@@ -268,65 +351,33 @@ def build_model(spec: LlamaSpec, weights: list[onnx.TensorProto], *,
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
                                                          [b, nkv, t, hd]))
 
-    # -- shared: additive attention mask [b, 1, groups*s, T] ------------------------------------------
-    zero, one = g.i64(0), g.i64(1)
-    seq_len = g.op("Gather", [g.op("Shape", ["input_ids"], "shape/input_ids"), one], "shape/s", axis=0)
+    one = g.i64(1)
     total_len = g.op("Gather", [g.op("Shape", ["attention_mask"], "shape/mask"), one], "shape/T", axis=0)
-    past_len = g.op("Sub", [total_len, seq_len], "shape/past")
-    key_pos = g.op("Range", [zero, total_len, one], "mask/key_pos")
-    query_pos = g.op("Range", [past_len, total_len, one], "mask/query_pos")
-    future = g.op("Greater", [g.op("Unsqueeze", [key_pos, g.i64([0])], "mask/key_row"),
-                              g.op("Unsqueeze", [query_pos, g.i64([1])], "mask/query_col")], "mask/future")
-    padded = g.op("Unsqueeze", [g.op("Equal", ["attention_mask", zero], "mask/is_pad"), g.i64([1])],
-                  "mask/pad_b1T")
-    blocked = g.op("Or", [g.op("Unsqueeze", [future, g.i64([0])], "mask/future_1sT"), padded], "mask/blocked")
-    additive = g.op("Where", [blocked, g.f32(FLOAT_MIN), g.f32(0.0)], "mask/additive")
-    if ng > 1:
-        additive = g.op("Tile", [additive, g.i64([1, ng, 1])], "mask/tiled")
-    attn_mask = g.op("Unsqueeze", [additive, g.i64([1])], "mask/attn")
-
-    # -- shared: rotary tables [b, s, 1, hd] -----------------------------------------------------------
     exponents = (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)).astype(np.float32)
-    inv_freq = g.op("Reciprocal", [g.op("Pow", [g.f32(spec.rope_theta), g.f32(exponents)], "rope/base_pow")],
-                    "rope/inv_freq")
-    pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], "rope/pos_f", to=TensorProto.FLOAT), g.i64([2])],
-               "rope/pos_bs1")
-    freqs = g.op("Mul", [pos, inv_freq], "rope/freqs")
-    cos_half = g.op("Cos", [freqs], "rope/cos_half")
-    sin_half = g.op("Sin", [freqs], "rope/sin_half")
-    cos = g.op("Unsqueeze", [g.op("Concat", [cos_half, cos_half], "rope/cos_bsd", axis=-1), g.i64([2])], "rope/cos")
-    # rotate_half(x) * sin == concat(x2, x1) * concat(-sin, sin): the sign moves into the table.
-    sin_signed = g.op("Concat", [g.op("Neg", [sin_half], "rope/neg_sin"), sin_half], "rope/sin_bsd", axis=-1)
-    sin = g.op("Unsqueeze", [sin_signed, g.i64([2])], "rope/sin")
+    if fused_attention:  # GroupQueryAttention: int32 lengths and rotary caches [positions, hd/2]
+        lengths = g.op("ReduceSum", ["attention_mask", g.i64([1])], "gqa/lengths", keepdims=0)
+        gqa_seqlens = g.op("Cast", [g.op("Sub", [lengths, one], "gqa/last")], "gqa/seqlens_k", to=TensorProto.INT32)
+        gqa_total = g.op("Cast", [total_len], "gqa/total", to=TensorProto.INT32)
+        gqa_cos, gqa_sin = (g.f32(table) for table in rotary_caches(spec))
+    else:
+        attn_mask, cos, sin = _portable_attention_tables(g, spec, total_len, exponents)
 
     # -- decoder layers --------------------------------------------------------------------------------
     x = _embed(g, linears["model.embed_tokens"][0], "input_ids")
-    half = hd // 2
     for i in range(spec.n_layers):
         w = f"model.layers.{i}."
         n = f"layer{i}/"
         normed = _rms_norm(g, x, w + "input_layernorm.weight", spec.rms_norm_eps, n + "attn_norm")
         qkv = _linear(g, normed, linears[w + "self_attn.qkv_proj"], n + "qkv")
-        qkv = g.op("Reshape", [qkv, g.i64([0, 0, nh + 2 * nkv, hd])], n + "qkv_heads")
-        qk, v = g.ops("Split", [qkv, g.i64([nh + nkv, nkv])], [n + "qk", n + "v"], axis=2)
-        x1, x2 = g.ops("Split", [qk, g.i64([half, half])], [n + "qk_x1", n + "qk_x2"], axis=3)
-        swapped = g.op("Concat", [x2, x1], n + "qk_swapped", axis=3)
-        qk = g.op("Add", [g.op("Mul", [qk, cos], n + "qk_cos"), g.op("Mul", [swapped, sin], n + "qk_sin")],
-                  n + "qk_rope")
-        q, k = g.ops("Split", [qk, g.i64([nh, nkv])], [n + "q", n + "k"], axis=2)
-        q = g.op("Transpose", [q], n + "q_bhsd", perm=[0, 2, 1, 3])
-        q = g.op("Reshape", [q, g.i64([0, nkv, -1, hd])], n + "q_grouped")
-        k = g.op("Transpose", [k], n + "k_bhsd", perm=[0, 2, 1, 3])
-        v = g.op("Transpose", [v], n + "v_bhsd", perm=[0, 2, 1, 3])
-        k_all = g.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
-        v_all = g.op("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
-        k_t = g.op("Transpose", [k_all], n + "k_t", perm=[0, 1, 3, 2])
-        scores = g.op("Add", [g.op("MatMul", [q, k_t], n + "scores_raw"), attn_mask], n + "scores")
-        probs = g.op("Softmax", [scores], n + "probs", axis=-1)
-        ctx = g.op("MatMul", [probs, v_all], n + "ctx_grouped")
-        ctx = g.op("Reshape", [ctx, g.i64([0, nh, -1, hd])], n + "ctx_bhsd")
-        ctx = g.op("Transpose", [ctx], n + "ctx_bshd", perm=[0, 2, 1, 3])
-        ctx = g.op("Reshape", [ctx, g.i64([0, 0, nh * hd])], n + "ctx")
+        if fused_attention:
+            q, k, v = g.ops("Split", [qkv, g.i64([nh * hd, nkv * hd, nkv * hd])], [n + "q", n + "k", n + "v"],
+                            axis=2)
+            ctx = g.ops("GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                                gqa_seqlens, gqa_total, gqa_cos, gqa_sin],
+                        [n + "ctx", f"present.{i}.key", f"present.{i}.value"], domain=CONTRIB_DOMAIN,
+                        num_heads=nh, kv_num_heads=nkv, scale=1.0, do_rotary=1, rotary_interleaved=0)[0]
+        else:
+            ctx = _portable_attention(g, qkv, i, spec, attn_mask, cos, sin)
         x = g.op("Add", [x, _linear(g, ctx, linears[w + "self_attn.o_proj"], n + "o_proj")], n + "resid_attn")
 
         normed = _rms_norm(g, x, w + "post_attention_layernorm.weight", spec.rms_norm_eps, n + "mlp_norm")

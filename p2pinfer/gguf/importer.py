@@ -289,13 +289,15 @@ def _generation_config(tok: TokenizerFiles) -> dict:
 
 def import_gguf(src: str | Path, out_dir: str | Path, *, progress: Progress | None = None,
                 overwrite: bool = False, single_file: bool = False,
-                weights: WeightMode | str = WeightMode.NATIVE) -> ImportResult:
+                weights: WeightMode | str = WeightMode.NATIVE, fused_attention: bool = True) -> ImportResult:
     """Convert the Llama-family GGUF ``src`` into the model folder ``out_dir``.
 
     Weights go to ``model.onnx.data`` beside ``model.onnx`` (ONNX external data), or, with
     ``single_file``, inline into ``model.onnx`` (only possible below protobuf's 2 GiB limit).
     ``weights``: :attr:`WeightMode.NATIVE` keeps block-quantized tensors quantized (the numeric class is
     then ``<type>-cpu``, e.g. ``q4_1-cpu``); :attr:`WeightMode.FP32` dequantizes everything (``fp32-cpu``).
+    ``fused_attention`` (default) writes onnxruntime's GroupQueryAttention (faster decode; inputs must not be
+    padded, as p2pinfer never pads); False writes the portable ``ai.onnx`` attention, which masks padding.
 
     ``out_dir`` must not exist (or must be empty) unless ``overwrite`` is true. Raises
     :class:`~p2pinfer.gguf.errors.GGUFImportError` (or a subclass naming what is unsupported).
@@ -330,7 +332,9 @@ def import_gguf(src: str | Path, out_dir: str | Path, *, progress: Progress | No
                     "p2pinfer.source_gguf_name": str(model.get("general.name", src.stem)),
                     NUMERIC_CLASS_KEY: numeric_class,
                     "p2pinfer.quantized_types": ",".join(sorted(plan.quantized_types)) or "none"}
+        metadata["p2pinfer.attention"] = "fused" if fused_attention else "portable"
         proto = graph.build_model(spec, tensors, linears=plan.linears, metadata=metadata,
+                                  fused_attention=fused_attention,
                                   doc_string=f"Imported from GGUF (sha256 {sha}) by {IMPORTER_FORMAT}")
         (tmp / MODEL_FILE).write_bytes(proto.SerializeToString())
         onnx.checker.check_model(str(tmp / MODEL_FILE))
