@@ -64,10 +64,19 @@ def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:
     """Measure honest numeric drift and store tolerance = max(1e-3, 20 x worst drift)."""
     from ..runtime.calibrate import calibrate
 
+    from ..runtime.store import CALIBRATION_PARTIAL_FILE
+    from .gguf import ClickProgress
+
     store = _store(app)
     record = store.get(digest)
-    result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens)
-    store.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+    progress = ClickProgress(f"calibrating {record.name}")
+    try:
+        with store.locked(record.digest_hex):  # resumes a calibration of this model cut short before
+            result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
+                               progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
+            store.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+    finally:
+        progress.close()
     for variant, drift in sorted(result.variants.items()):
         click.echo(f"  {variant:32s} drift {drift:.3g}")
     click.echo(f"worst drift {result.worst_drift:.3g} -> tolerance {result.tolerance:.3g} for {record.digest_hex}")
