@@ -301,3 +301,16 @@ def test_cli_command(tmp_path: Path) -> None:
 def test_byte_level_tokenizer_round_trips_any_text(tiny_tokenizer: Tokenizer, text: str) -> None:
     ids = tiny_tokenizer.encode(text, add_special_tokens=False).ids
     assert tiny_tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
+def test_huge_declared_context_is_refused_before_tables_are_built(tmp_path: Path) -> None:
+    import gguf as gguf_pkg
+
+    src = tmp_path / "m.gguf"
+    write_tiny_llama(src, TinyLlama())
+    reader = gguf_pkg.GGUFReader(src, "r+")  # patch the declared context length in place: 2**31 positions
+    field = reader.fields["llama.context_length"]
+    field.parts[field.data[0]][0] = 2 ** 31
+    del reader
+    with pytest.raises(GGUFImportError, match="context length 2,147,483,648"):
+        import_gguf(src, tmp_path / "out")

@@ -51,6 +51,9 @@ ALIGNMENT = 4096
 #: Protobuf cannot serialize messages of 2 GiB or more; leave room for the graph itself.
 SINGLE_FILE_LIMIT = 2_000_000_000
 
+#: Positions the fused attention's rotary cos/sin tables cover (stored in model.onnx: 2 x 4 x head_dim/2 bytes
+#: each): Llama 3.1's 131,072 with head_dim 128 is 64 MB; a GGUF declaring more is refused, not allocated.
+MAX_FUSED_CONTEXT = 131_072
 #: ONNX metadata key naming the numeric class the imported graph computes in (read by the model store).
 NUMERIC_CLASS_KEY = "p2pinfer.numeric_class"
 #: ``progress(done_bytes, total_bytes)``, called as weight data is written.
@@ -322,6 +325,10 @@ def import_gguf(src: str | Path, out_dir: str | Path, *, progress: Progress | No
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
     try:
+        if fused_attention and spec.context_length > MAX_FUSED_CONTEXT:
+            raise GGUFImportError(f"{src.name}: context length {spec.context_length:,} is above the {MAX_FUSED_CONTEXT:,} "
+                                  f"positions whose rotary tables the fused attention stores in model.onnx; "
+                                  f"import with fused_attention=False")
         plan = _plan(model, spec, mode)
         numeric_class = numeric_class_of(plan.quantized_types)
         if single_file and _plan_bytes(spec, plan) > SINGLE_FILE_LIMIT:
