@@ -95,7 +95,7 @@ class LlamaCpp:
 def memory_probe(folder: Path, threads: int, tokens: int) -> dict:
     """Peak and final RSS of a fresh process that loads the model, generates and verifies once."""
     code = f"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from pathlib import Path
 from p2pinfer import log
@@ -106,9 +106,9 @@ p = m.prompt_ids(messages={CHAT!r})
 r = generate(m, p, max_tokens={tokens}, stop_at_eos=False)
 v = verify_result(m, prompt_ids=p, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes, params=GREEDY,
                   seed_material=bytes(32), max_tokens={tokens}, finish_reason=r.finish_reason)
-rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
-print(json.dumps({{"rss": rss, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "accept": v.accept}}))
+status = {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}}
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's high-water mark
+print(json.dumps({{"rss": status["VmRSS"], "peak": status["VmHWM"], "accept": v.accept}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
