@@ -17,6 +17,7 @@ from typing import Any
 
 from ..log import get_logger
 from .errors import DefaultModelMissingError
+from ..runtime.store import release_freed_memory
 from .importer import IMPORTER_FORMAT, Progress, import_gguf
 
 log = get_logger("p2pinfer.gguf")
@@ -75,6 +76,7 @@ def ensure_default_model(store: Any, *, progress: Progress | None = None, numeri
                 import_gguf(gguf_path, folder, progress=progress)
                 record = store.import_dir(folder, name=DEFAULT_MODEL_NAME, numeric_class=numeric_class)
             record = store.set_extra(record.digest_hex, importer=IMPORTER_FORMAT)
+            release_freed_memory()
     if calibration_tokens > 0:
         record = store.ensure_calibrated(record.digest_hex, tokens=calibration_tokens, progress=calibration_progress)
         log.info("gguf.default_model.ready", digest=record.digest_hex[:16], numeric_class=record.numeric_class,

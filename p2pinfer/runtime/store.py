@@ -117,6 +117,24 @@ class ModelRecord:
                           tolerance=self.tolerance, **session_options)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by finished work (an import, calibration sessions) back to the OS.
+
+    glibc keeps freed heap pages; without this a peer that imported and calibrated its model at start keeps
+    ~150 MB more resident for as long as it serves. A no-op where ``malloc_trim`` does not exist.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def declared_numeric_class(model_dir: Path) -> str | None:
     """The numeric class ``model.onnx``'s metadata declares (``p2pinfer.numeric_class``), if any."""
     import onnx  # the graph proto only: external weights are not read
@@ -288,6 +306,7 @@ class ModelStore:
                 return record
             result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
                                progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
+            release_freed_memory()
             _log().info("models.calibrated", digest=record.digest_hex, numeric_class=record.numeric_class,
                         worst_drift=f"{result.worst_drift:.3g}", tolerance=f"{result.tolerance:.3g}",
                         seconds=round(result.seconds, 1))
