@@ -6,7 +6,9 @@ Peer side (:class:`VerificationService`, installed by every serving peer):
 * ``/p2pinfer/verify/1``: a ``VerifyTask`` signed by the request's client in; the peer checks that it holds
   the result's model in the same numeric class and did not execute it, re-checks the result with one
   prefill in a worker thread (:func:`p2pinfer.fraud.recheck_result`), records and answers a signed
-  ``Verdict``. It answers ``Refusal`` when it cannot judge (another model or numeric class, busy).
+  ``Verdict``. It answers ``Refusal`` when it cannot judge (another model or numeric class, busy), and a
+  ``Refusal`` with code ``internal`` when its own check fails unexpectedly (logged ``verify.internal_error``):
+  that is this peer's own problem, never a verdict on the executor, and it is an answer, not silence.
 * ``/p2pinfer/receipt/1``: a ``Receipt`` signed by its client, naming this peer; the peer recomputes the
   decision from the signed verdicts inside (:mod:`p2pinfer.ledger.rules`) and books the entries.
 * fraud topic: a proof that passes :func:`~p2pinfer.fraud.check_proof_shape` is forwarded; a peer holding
@@ -131,7 +133,15 @@ class VerificationService:
             return self._refusal(request_id, "invalid", "a peer never verifies its own result")
         async with self.slots:
             started = time.perf_counter()
-            verdict = await trio.to_thread.run_sync(recheck_result, model, task.request, result)
+            try:
+                verdict = await trio.to_thread.run_sync(recheck_result, model, task.request, result)
+            except Exception as exc:  # noqa: BLE001 - our own bug or resource failure, never the executor's fault
+                # A verifier that cannot finish its own check says so, signed, as an "internal" refusal: it is
+                # neither a verdict (the executor did nothing provably wrong) nor silence (this peer answered).
+                log.warning("verify.internal_error", request_id=request_id.hex()[:16], error=type(exc).__name__,
+                            detail=str(exc)[:200])
+                return self._refusal(request_id, "internal",
+                                     "this verifier could not finish its check (internal error); ask another")
             seconds = time.perf_counter() - started
         message = Verdict(request_id=request_id, result_hash=result.message_id, accept=verdict.accept,
                           first_bad_position=verdict.first_bad_position, reason=verdict.reason[:200],
@@ -219,8 +229,14 @@ class VerificationService:
     async def _recheck_loop(self) -> None:
         async for parts, data in self._fraud_queue:
             model = self.models[parts.result.message.model]
-            verdict = await trio.to_thread.run_sync(recheck_result, model, parts.request, parts.result)
             request_id = parts.result.message.request_id
+            try:
+                verdict = await trio.to_thread.run_sync(recheck_result, model, parts.request, parts.result)
+            except Exception as exc:  # noqa: BLE001 - our own failure: book nothing, keep the loop alive
+                self.counters["fraud.recheck-failed"] += 1
+                log.warning("fraud.recheck_failed", request_id=request_id.hex()[:16], error=type(exc).__name__,
+                            detail=str(exc)[:200])
+                continue
             at = now_ms()
             if verdict.accept:
                 status = DISPROVEN
