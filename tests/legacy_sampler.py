@@ -37,3 +37,11 @@ def old_admitted_tokens(logprobs: np.ndarray, temperature: float, seed_material:
     hi = (a_max + p_max) / (a_max + p_max + c_min)
     u = old_uniform(seed_material, index)
     return np.flatnonzero((lo - 1e-12 <= u) & (u <= hi + 1e-12))
+
+
+def old_sample(logprobs: np.ndarray, temperature: float, seed_material: bytes, index: int) -> int:
+    """The token the old sampler picked: the first ID (ascending) whose cumulative probability exceeds u."""
+    scaled = np.asarray(logprobs, dtype=np.float64) / temperature
+    cum = np.cumsum(np.exp(scaled - scaled.max()))
+    u = old_uniform(seed_material, index) * cum[-1]
+    return int(min(np.searchsorted(cum, u, side="right"), len(cum) - 1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from legacy_sampler import old_admitted_tokens
+from legacy_sampler import old_admitted_tokens, old_sample
 from p2pinfer.runtime import SamplingParams, calibrate, generate, load_model, sampling_seed, verify_result
 from p2pinfer.runtime.fingerprint import FingerprintBuilder, commitment
 from p2pinfer.runtime.sampling import admissible_tokens
@@ -54,9 +54,10 @@ def test_adaptive_executor_finds_no_second_token(calibrated, temperature: float)
         rows = recompute_logprobs(model, prompt_ids, honest.output_ids)
         for i, row in enumerate(rows):
             assert admissible_tokens(row, params, seed, i, model.tolerance).tolist() == [honest.output_ids[i]]
-            alternatives = [int(t) for t in old_admitted_tokens(row, temperature, seed, i)
-                            if t != honest.output_ids[i]]
-            old_freedom += len(alternatives)
+            old_admitted = old_admitted_tokens(row, temperature, seed, i)
+            old_freedom += len(old_admitted) - 1  # besides the old sampler's own pick
+            assert old_sample(row, temperature, seed, i) in old_admitted
+            alternatives = [int(t) for t in old_admitted if t != honest.output_ids[i]]
             for alt in alternatives:
                 # Stopping right after the swapped token is a complete, truthfully fingerprinted claim.
                 verdict = _claim(model, prompt_ids, honest.output_ids[:i] + [alt], rows[:i + 1], params, seed, i + 1)
@@ -71,8 +72,8 @@ def test_adaptive_executor_finds_no_second_token(calibrated, temperature: float)
                 cheat_rows = recompute_logprobs(model, prompt_ids, cheat.output_ids)
                 verdict = _claim(model, prompt_ids, cheat.output_ids, cheat_rows, params, seed, N)
                 assert not verdict.accept and verdict.first_bad_position == i, (i, alt, verdict.reason)
-    assert old_freedom == tried
-    assert tried >= 1 if model.name == "tiny-llama-trained" else tried >= 20  # the old rule did leave a choice
+    assert tried >= old_freedom
+    assert old_freedom >= 10, old_freedom  # the old rule did leave a choice here (13 to 43 tokens)
 
 
 @pytest.mark.parametrize("threads,optimization", [(1, "disable"), (2, "basic"), (1, "all")])
