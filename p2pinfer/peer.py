@@ -23,6 +23,7 @@ from .ledger import Ledger
 from .log import get_logger
 from .net import Node, NodeConfig
 from .request.server import TaskServer, measure_decode_speed
+from .request.tokenizer_service import TokenizerService
 from .request.verification import VerificationService
 from .runtime import LoadedModel
 
@@ -77,6 +78,7 @@ class ServingPeer:
             self.verification = VerificationService(self.node, self.identity, self.models, self.ledger,
                                                     slots=self.slots)
             await self.verification.start(self._nursery)
+            TokenizerService(self.node, self.identity, self.models).install()  # clients decode text themselves
             if self.gateway_bind is not None or self.control_socket is not None:
                 await self._start_http(self._nursery)
         except BaseException:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import Identity
-from . import codec
+from . import codec, messages
 from .envelope import sign, signing_input
 from .messages import (
     MESSAGE_TYPES,
@@ -170,6 +170,11 @@ def example_messages() -> list[Message]:
         FraudProof(request=_REQUEST, result=_signed_example(_EXAMPLE_RESULT),
                    verdicts=(_signed_example(_EXAMPLE_VERDICT),), inherited_tokens=0,
                    issued_at_ms=1_790_000_002_000),
+        messages.TokenizerQuery(model=_REQUEST.model, path="tokenizer.json", offset=524288),
+        messages.TokenizerManifest(model=_REQUEST.model, entries=(
+            messages.ModelFile(path="model.onnx", size=149633, sha256=bytes.fromhex("3c" * 32)),
+            messages.ModelFile(path="tokenizer.json", size=3522763, sha256=bytes.fromhex("d0" * 32)))),
+        messages.FileChunk(model=_REQUEST.model, path="tokenizer_config.json", offset=0, data=b'{"bos_token": "<s>"}'),
     ]
 
 
