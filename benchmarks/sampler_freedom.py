@@ -53,7 +53,7 @@ VARIANTS = (("prefill t1 disable", 1, "disable", "prefill"), ("prefill t2 basic"
             ("kv t1 all", 1, "all", "kv"))
 
 
-def honest_runs(model, temperature: float, positions: int, max_tokens: int = 128):
+def honest_runs(model, temperature: float, positions: int, max_tokens: int = 256):
     """Yield (prompt_ids, output_ids, executor rows, seed) until ``positions`` output tokens are produced."""
     params = SamplingParams(temperature=temperature)
     done, k = 0, 0
@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=10_000, help="honest positions at T = 0.8")
     ap.add_argument("--other-positions", type=int, default=1_500, help="honest positions at T = 0.05 and 1.5")
     ap.add_argument("--tolerance", type=float, default=None, help="skip calibration and use this tolerance")
+    ap.add_argument("--temperatures", default="0.05,0.8,1.5", help="comma-separated")
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                    help="comma-separated verifier variants (the KV one costs a second decode)")
     args = ap.parse_args()
     log.configure(level="warning")
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,12 +98,13 @@ def main() -> None:
                   f"{tol:.3g} (old rule: {old_tol:.3g}) [{time.perf_counter() - t0:.0f} s]")
         else:
             tol, old_tol = args.tolerance, 1e-3
+        chosen = set(args.variants.split(","))
         variants = [(name, model.with_session(threads=th, optimization=opt), mode)
-                    for name, th, opt, mode in VARIANTS]
+                    for name, th, opt, mode in VARIANTS if name in chosen]
         print(f"{'T':>5} {'positions':>9} {'verifier':<19} {'false rej':>9} {'new: pos w/ alt':>15} "
               f"{'alts':>5} {'old: pos w/ alt':>15} {'alts':>7} {'max':>5} {'old false':>9} {'worst drift':>11}")
-        for temperature, positions in ((0.05, args.other_positions), (0.8, args.positions),
-                                       (1.5, args.other_positions)):
+        for temperature in (float(t) for t in args.temperatures.split(",")):
+            positions = args.positions if temperature == 0.8 else args.other_positions
             params = SamplingParams(temperature=temperature)
             stats = {name: dict(n=0, false=0, new_pos=0, new_alts=0, old_pos=0, old_alts=0, old_max=0, old_false=0, drift=0.0)
                      for name, _, _ in variants}

@@ -226,7 +226,8 @@ class TokenizerCache:
             if folder.exists():
                 shutil.rmtree(folder)
             os.rename(tmp, folder)
-            return ModelText.load(digest, folder)
+            model.folder = folder
+            return model
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
