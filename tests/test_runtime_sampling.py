@@ -91,12 +91,14 @@ params_strategy = st.builds(
 )
 
 
+@settings(deadline=None)
 @given(logit_rows)
 def test_greedy_is_argmax_lowest_id(logits: np.ndarray) -> None:
     lp = log_softmax(logits)
     assert sample(lp, GREEDY, SEED, 0) == int(np.flatnonzero(lp == lp.max())[0])
 
 
+@settings(deadline=None)
 @given(logit_rows, params_strategy, st.integers(0, 10_000))
 def test_sampled_token_is_a_candidate_and_acceptable(logits: np.ndarray, params: SamplingParams, index: int) -> None:
     lp = log_softmax(logits)
@@ -108,7 +110,7 @@ def test_sampled_token_is_a_candidate_and_acceptable(logits: np.ndarray, params:
     assert acceptable_rows(lp[None], params, SEED, index, np.array([token]), 0.0)[0]
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(logit_rows, params_strategy, st.integers(0, 10_000), st.sampled_from([1e-3, 1e-4, 1e-2]),
        st.integers(0, 2**32 - 1))
 def test_honest_drift_within_tolerance_is_accepted(logits: np.ndarray, params: SamplingParams, index: int,
@@ -126,6 +128,7 @@ def test_honest_drift_within_tolerance_is_accepted(logits: np.ndarray, params: S
         assert acceptable_rows(verifier[None], params, SEED, index, np.array([token]), tol)[0]
 
 
+@settings(deadline=None)
 @given(hnp.arrays(np.float32, (6, 32), elements=st.floats(-10, 10, width=32)),
        st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from([0, 1, 3, 31]), st.sampled_from([0.0, 1e-3, 0.05]),
        st.lists(st.integers(0, 31), min_size=6, max_size=6))
@@ -171,7 +174,7 @@ def test_tiny_temperatures_are_greedy_and_never_overflow(temperature: float) -> 
     assert not SamplingParams(temperature=GREEDY_BELOW).greedy
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(hnp.arrays(np.float32, st.integers(2, 300), elements=st.floats(-12, 12, width=32)), params_strategy,
        st.integers(0, 10_000), st.sampled_from([0.0, 1e-4, 1e-3]))
 def test_admissible_set_is_what_the_check_accepts(logits: np.ndarray, params: SamplingParams, index: int,

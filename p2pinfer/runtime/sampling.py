@@ -32,6 +32,7 @@ run.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,11 @@ def noise_key(seed_material: bytes, index: int) -> int:
     return int.from_bytes(tagged_hash(NOISE_DOMAIN, seed_material, int(index).to_bytes(8, "big"))[:16], "big")
 
 
+_philox = threading.local()  # one generator per thread, re-keyed per position (constructing one costs more)
+G_MAX = -math.log(-math.log1p(-2.0**-54))  # the largest Gumbel value a u of this module can give (< 37.5)
+_PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed
+
+
 def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
     """``u_v`` for token IDs ``0 .. vocab-1`` at output index ``index``, each in (0, 1), never 0 or 1.
 
@@ -97,8 +103,35 @@ def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
     64-bit stream is a pure function of the key, so every peer and every numpy version computes the same
     values (``tests/test_runtime_sampling.py`` pins a vector).
     """
-    raw = np.random.Philox(key=noise_key(seed_material, index)).random_raw(vocab)
+    key = noise_key(seed_material, index)
+    generator = getattr(_philox, "generator", None)
+    if generator is None:
+        generator = _philox.generator = np.random.Philox(key=0)
+    generator.state = {"bit_generator": "Philox",
+                       "state": {"counter": np.zeros(4, np.uint64),
+                                 "key": np.array([key & (2**64 - 1), key >> 64], np.uint64)},
+                       "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+    raw = generator.random_raw(vocab)
     return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
+                u: np.ndarray | None = None) -> np.ndarray:
+    """``scaled_v + g_v`` wherever ``scaled_v`` is finite, except that tokens whose key cannot come within
+    ``margin`` of the best are left at ``-inf`` (exact, not an approximation: ``g_v <= G_MAX``, so a token
+    with ``scaled_v + G_MAX < best - margin`` can neither win nor come within ``margin``). This skips the two
+    logarithms for most of the vocabulary at peaked positions."""
+    if u is None:
+        u = uniforms(seed_material, index, scaled.shape[0])
+    finite = np.flatnonzero(np.isfinite(scaled))
+    keys = np.full(scaled.shape[0], -np.inf)
+    if finite.size == 0:
+        return keys
+    probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
+    best = float(np.max(scaled[probe] - np.log(-np.log(u[probe]))))
+    keep = finite[scaled[finite] >= best - margin - G_MAX]
+    keys[keep] = scaled[keep] - np.log(-np.log(u[keep]))
+    return keys
 
 
 def gumbel_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
@@ -161,8 +194,9 @@ def sample(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, i
     if params.greedy:
         return int(np.argmax(lp))  # numpy's argmax returns the first (lowest-ID) maximum
     ids = candidates(lp, params)
-    keys = lp[ids] / params.temperature + gumbel_noise(seed_material, index, lp.shape[0])[ids]
-    return int(ids[int(np.argmax(keys))])  # ids ascend, so ties go to the lower ID
+    scaled = np.full(lp.shape[0], -np.inf)
+    scaled[ids] = lp[ids] / params.temperature
+    return int(np.argmax(gumbel_keys(scaled, seed_material, index)))  # ties go to the lower ID
 
 
 def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
@@ -225,15 +259,21 @@ def admissible_tokens(logprobs: np.ndarray, params: SamplingParams, seed_materia
     if params.greedy:
         return np.flatnonzero(lp >= float(np.max(lp)) - 2.0 * tolerance)
     maybe, surely = candidate_bounds(lp, params, tolerance)
-    keys = lp / params.temperature + gumbel_noise(seed_material, index, lp.shape[0])
-    rival = np.where(surely, keys, -np.inf)
+    slack = sampler_slack(params, tolerance)
+    scaled = lp / params.temperature
+    u = uniforms(seed_material, index, lp.shape[0])
+    rival = gumbel_keys(np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
+    floor = float(np.max(rival)) - slack - G_MAX  # no token below this can be admitted (see gumbel_keys)
+    keys = np.full(lp.shape[0], -np.inf)
+    hopeful = np.flatnonzero(maybe & (scaled >= floor))
+    keys[hopeful] = scaled[hopeful] - np.log(-np.log(u[hopeful]))
     best = int(np.argmax(rival))
     first = float(rival[best])
     rival[best] = -np.inf
     second = float(np.max(rival)) if rival.shape[0] > 1 else -np.inf
     best_other = np.full(lp.shape[0], first)
     best_other[best] = second
-    return np.flatnonzero(maybe & (keys >= best_other - sampler_slack(params, tolerance)))
+    return np.flatnonzero(maybe & (keys >= best_other - slack))
 
 
 def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
@@ -257,12 +297,14 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
     maybe, surely = candidate_bounds(lp, params, tolerance)
     if not maybe[token]:
         return False, f"token {token} is outside the top-k/top-p candidates"
-    keys = lp / params.temperature + gumbel_noise(seed_material, index, vocab)
-    rival = np.where(surely, keys, -np.inf)
-    rival[token] = -np.inf
-    winner = int(np.argmax(rival))
-    gap = float(rival[winner] - keys[token])
     slack = sampler_slack(params, tolerance)
+    scaled = lp / params.temperature
+    rivals = np.where(surely, scaled, -np.inf)
+    rivals[token] = -np.inf
+    u = uniforms(seed_material, index, vocab)
+    rival = gumbel_keys(rivals, seed_material, index, slack, u)
+    winner = int(np.argmax(rival))
+    gap = float(rival[winner]) - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0])
     if gap <= slack:
         return True, ""
     return False, (f"seeded sampler: token {token}'s key is {gap:.3g} below token {winner}'s "
