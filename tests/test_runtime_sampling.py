@@ -187,13 +187,13 @@ def test_admissible_set_is_what_the_check_accepts(logits: np.ndarray, params: Sa
 
 
 def test_flat_distribution_leaves_no_choice_beyond_the_drift() -> None:
-    """A flat 50,000-token position (the ID-ordered inverse CDF admitted up to 1,744 tokens at such positions):
-    over 2,000 seeded positions the check admits a second token only where the runner-up's key lies within
-    the slack, about slack x 2,000 = 0.5 positions, and never more than two tokens."""
+    """A flat 20,000-token position (the ID-ordered inverse CDF admitted up to 1,744 tokens at such positions):
+    over 400 seeded positions the check admits a second token only where the runner-up's key lies within
+    the slack (expected about slack x 400 = 0.1 positions), and never more than two tokens."""
     rng = np.random.default_rng(7)
-    lp = log_softmax(rng.normal(0.0, 1.0, 50_000))
+    lp = log_softmax(rng.normal(0.0, 1.0, 20_000))
     params, tol = SamplingParams(temperature=0.8), 1e-4
-    sizes = [len(admissible_tokens(lp, params, SEED, i, tol)) for i in range(2000)]
+    sizes = [len(admissible_tokens(lp, params, SEED, i, tol)) for i in range(400)]
     assert min(sizes) == 1
-    assert sum(s > 1 for s in sizes) <= 3 and max(sizes) <= 2
+    assert sum(s > 1 for s in sizes) <= 2 and max(sizes) <= 2
     assert sampler_slack(params, tol) == pytest.approx(2.5e-4)
