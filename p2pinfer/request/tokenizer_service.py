@@ -11,7 +11,8 @@ The model digest is built from per-file entries (:mod:`p2pinfer.runtime.digest`)
 
 Every reply is signed by this peer; the content needs no trust (the client checks sizes and hashes). Work per
 query is a dictionary lookup and a slice of bytes held in memory: the manifest and the files are read once
-per model (in a worker thread), from the store's metadata when the model came from a store.
+per model (in a worker thread), from the store's metadata when the model came from a store. Queries are
+rate-limited per peer (:data:`~p2pinfer.request.limits.TOKENIZER_RATE`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..runtime import LoadedModel
 from ..runtime.digest import CONFIG_FILES, TOKENIZER_FILE, DigestEntry, digest_entries, digest_from_entries
 from ..wire import WireError, decode_signed, encode_signed
 from ..wire.messages import MAX_FILE_CHUNK, FileChunk, ModelFile, TokenizerManifest, TokenizerQuery
+from .limits import OVER_LIMIT_DELAY_S, TOKENIZER_RATE, PeerRateLimiter
 
 log = get_logger("p2pinfer.tokenizer")
 
@@ -82,6 +84,7 @@ class TokenizerService:
         self.models = {m.digest: m for m in models}
         self._served: dict[bytes, _Served] = {}
         self._lock = trio.Lock()
+        self._rate = PeerRateLimiter(TOKENIZER_RATE)
 
     def install(self) -> None:
         self.node.register_request_handler(TOKENIZER_PROTOCOL, self._on_query, max_frame=MAX_REPLY_FRAME)
@@ -96,6 +99,10 @@ class TokenizerService:
         return self._served[digest]
 
     async def _on_query(self, peer_id: str, body: bytes) -> bytes:
+        if peer_id != self.node.peer_id and not self._rate.allow(peer_id, trio.current_time()):
+            await trio.sleep(OVER_LIMIT_DELAY_S)
+            raise TokenizerQueryError(f"busy: more than {TOKENIZER_RATE.per_second:g} tokenizer queries/s (burst "
+                                      f"{TOKENIZER_RATE.burst}) from this peer; back off and retry")
         try:
             query: TokenizerQuery = decode_signed(body, expect=TokenizerQuery, max_size=MAX_QUERY_FRAME).message
         except WireError as exc:
