@@ -1,7 +1,9 @@
 """Where a peer keeps its state, and the optional TOML configuration file.
 
-State (keys, model store, ledger) lives under ``$XDG_DATA_HOME/p2pinfer`` (default
-``~/.local/share/p2pinfer``), overridable with ``--data-dir``. Configuration is read from ``--config FILE``,
+State (keys, ledger) lives under ``$XDG_DATA_HOME/p2pinfer`` (default ``~/.local/share/p2pinfer``),
+overridable with ``--data-dir``. The model store is one per user, shared by every data dir:
+``$XDG_DATA_HOME/p2pinfer/models`` whatever ``--data-dir`` says, overridable with ``$P2PINFER_MODELS_DIR`` or
+the config file's ``[models] dir``. Configuration is read from ``--config FILE``,
 or else from ``$XDG_CONFIG_HOME/p2pinfer/config.toml`` when that file exists. Command-line options always win
 over the file.
 """
@@ -25,6 +27,17 @@ def default_data_dir() -> Path:
     return Path(base) / APP_NAME
 
 
+MODELS_DIR_ENV = "P2PINFER_MODELS_DIR"
+
+
+def default_models_dir() -> Path:
+    """The user's model store: ``$P2PINFER_MODELS_DIR``, else ``$XDG_DATA_HOME/p2pinfer/models``."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return default_data_dir() / "models"
+
+
 def default_config_path() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / APP_NAME / "config.toml"
@@ -37,6 +50,7 @@ class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     bootstrap: tuple[str, ...] = ()
     listen: tuple[str, ...] = ()
+    announce: tuple[str, ...] = ()  # public addresses to announce (e.g. a bootstrap node's DNS name)
     log_json: bool = False
     log_level: str = "info"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -47,12 +61,18 @@ class Config:
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        """One store per user, not per data dir: every peer of this user shares imports and calibrations."""
+        if os.environ.get(MODELS_DIR_ENV):
+            return default_models_dir()
+        section = self.extra.get("models")
+        if isinstance(section, dict) and isinstance(section.get("dir"), str) and section["dir"].strip():
+            return Path(section["dir"]).expanduser()
+        return default_models_dir()
 
 
-_TOP_LEVEL_KEYS = {"data_dir", "bootstrap", "listen", "log_json", "log_level"}
+_TOP_LEVEL_KEYS = {"data_dir", "bootstrap", "listen", "announce", "log_json", "log_level"}
 # Sections that later parts of p2pinfer read for themselves (e.g. [peer], [gateway]).
-_SECTION_KEYS = {"peer", "client", "gateway", "bootstrap_node", "models", "ledger"}
+_SECTION_KEYS = {"peer", "client", "gateway", "bootstrap_node", "models", "ledger", "relay"}
 
 
 def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Config:
@@ -94,6 +114,7 @@ def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Co
         data_dir=resolved_dir,
         bootstrap=_strings("bootstrap"),
         listen=_strings("listen"),
+        announce=_strings("announce"),
         log_json=log_json,
         log_level=log_level,
         extra={k: v for k, v in raw.items() if k in _SECTION_KEYS},

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pinfer.cli.net import read_peers_file
+from p2pinfer.cli.net import PEERS_FILE, read_peers_file
 from p2pinfer.errors import P2PInferError
 
 
@@ -57,7 +57,9 @@ def test_bootstrap_and_peer_join_serve_and_stop_cleanly(tmp_path: Path, shared_m
         assert "event=node.stopped" in err
         # The model folder was imported into the peer's store and served.
         assert "event=peer.model_ready" in err and "decode_tokens_per_s=" in err
-        assert len(list((tmp_path / "peer" / "models").iterdir())) == 1
+        from p2pinfer.runtime import compute_digest  # the user's store, shared by every data dir
+        digest = compute_digest(shared_models / "tiny-llama-trained").hex()
+        assert (Path(os.environ["P2PINFER_MODELS_DIR"]) / digest / "p2pinfer-model.json").is_file()
     finally:
         if peer is not None and peer.poll() is None:
             peer.kill()
@@ -83,4 +85,5 @@ def test_peers_file_format(tmp_path: Path) -> None:
     with pytest.raises(P2PInferError, match="peers.txt:1"):
         read_peers_file(path)
     # The shipped list holds only real nodes (none yet), and parses.
-    assert read_peers_file(Path(__file__).resolve().parents[2] / "bootstrap" / "peers.txt") == []
+    assert read_peers_file(PEERS_FILE) == []
+    assert PEERS_FILE.name == "peers.txt" and PEERS_FILE.parent.name == "p2pinfer"  # package data
