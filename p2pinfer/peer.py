@@ -24,6 +24,7 @@ from .log import get_logger
 from .net import Node, NodeConfig
 from .request.server import TaskServer, measure_decode_speed
 from .request.possession import install_possession
+from .request.tokenizer_service import TokenizerService
 from .request.verification import VerificationService
 from .runtime import LoadedModel
 
@@ -79,6 +80,7 @@ class ServingPeer:
             self.verification = VerificationService(self.node, self.identity, self.models, self.ledger,
                                                     slots=self.slots)
             await self.verification.start(self._nursery)
+            TokenizerService(self.node, self.identity, self.models).install()  # clients decode text themselves
             if self.gateway_bind is not None or self.control_socket is not None:
                 await self._start_http(self._nursery)
         except BaseException:

@@ -150,6 +150,6 @@ def test_commitment_format_and_finish_reason_are_checked(trained_model, honest) 
 def test_calibration_sets_tolerance_from_drift(trained_model) -> None:
     result = calibrate(trained_model, new_tokens=8)
     assert 0 < result.worst_drift < 1e-4
-    assert result.tolerance == max(1e-3, 20 * result.worst_drift)
+    assert result.tolerance == max(1e-5, 4 * result.worst_drift)
     assert set(result.variants) == {f"threads={t},opt={o},{m}" for t in (1, 2)
                                     for o in ("disable", "basic", "all") for m in ("kv", "prefill")}

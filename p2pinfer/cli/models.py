@@ -61,7 +61,7 @@ def models_remove(app: AppContext, digest: str) -> None:
               help="Tokens generated per calibration prompt.")
 @click.pass_obj
 def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:
-    """Measure honest numeric drift and store tolerance = max(1e-3, 20 x worst drift)."""
+    """Measure honest numeric drift and store tolerance = max(1e-5, 4 x worst drift)."""
     from ..runtime.calibrate import calibrate
 
     from ..runtime.store import CALIBRATION_PARTIAL_FILE

@@ -59,6 +59,7 @@ from .possession import vet_candidates
 from .errors import (AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected,
                      QuorumNotReached, ResultRejected)
 from .params import build_request
+from .text import TokenizerCache, VerifiedText
 from .protocol import BID_PROTOCOL, MAX_OFFER_FRAME, MAX_TASK_FRAME, OFFER_TTL_MS, TASK_PROTOCOL, VERIFY_TIMEOUT_S
 from .verification import (Verification, ask_verifiers, build_fraud_proof, build_receipt, deliver_receipt,
                            fraud_proof_size_ok)
@@ -130,6 +131,7 @@ class _Progress:
         self.attempts: list[Attempt] = []
         self.first_token_at: float | None = None
         self.inherited_tokens = 0  # tokens the final executor continued from earlier executors
+        self.text: VerifiedText | None = None  # decodes the verified token IDs (the executor's text is never shown)
 
 
 class AsyncClient:
@@ -155,6 +157,7 @@ class AsyncClient:
         verifiers: int = DEFAULT_QUORUM,
         verify_timeout: float = VERIFY_TIMEOUT_S,
         ledger: Ledger | str | Path | None = None,
+        tokenizer_cache: str | Path | None = None,
     ) -> None:
         if config is not None and not bootstrap:
             bootstrap = tuple(config.bootstrap)
@@ -173,6 +176,7 @@ class AsyncClient:
         self.verify_timeout = verify_timeout
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self._owns_ledger = not isinstance(ledger, Ledger)
+        self.tokenizers = TokenizerCache(Path(tokenizer_cache) if tokenizer_cache is not None else None)
         self._node: Node | None = None
         self._node_cm: Node | None = None
         self._owns_node = True
@@ -296,6 +300,7 @@ class AsyncClient:
                                 messages=messages, **params)
         request_id = request.request_id()
         progress = _Progress()
+        progress.text = VerifiedText(await self._model_text(digest), request.stop)
         held: list[StreamChunk] = []  # verify="wait": nothing leaves before the quorum accepts
         give_up_at = trio.current_time() + self.busy_timeout
         backoff = 0.05
@@ -380,6 +385,14 @@ class AsyncClient:
                                f"(all candidates busy, unreachable or sent invalid proofs){hint}")
         summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts[-8:])
         raise AllCandidatesFailed(f"all elected candidates failed ({summary})")
+
+    async def _model_text(self, digest: bytes):
+        """The model's verified tokenizer: cached, or fetched by digest from the peers serving it."""
+        infos = await self.node.candidates(digest, timeout=min(self.discovery_timeout, 5.0), include_self=True,
+                                           min_free_slots=0)
+        if not infos:
+            raise NoPeerServesModel(f"no peer serves model {digest.hex()[:16]}…")
+        return await self.tokenizers.get(self.node, self.identity, digest, [i.peer_id for i in infos])
 
     async def _book_no_shows(self, progress: _Progress, request_id: bytes) -> None:
         """Penalize elected executors that took the assignment and then did not deliver (not refusals)."""
@@ -531,14 +544,19 @@ class AsyncClient:
                         outcome = "failed:token-gap"
                         break
                     progress.token_ids.extend(message.token_ids)
-                    progress.text_parts.append(message.text)
-                    yield StreamChunk(message.text, message.token_ids, message.index, peer_id)
+                    text = progress.text.push(message.token_ids)  # from the IDs; message.text is never shown
+                    progress.text_parts.append(text)
+                    yield StreamChunk(text, message.token_ids, message.index, peer_id)
                     continue
                 if tuple(message.output_ids) != tuple(progress.token_ids):
                     outcome = "failed:result-mismatch"
                     break
                 outcome = "completed"
                 progress.inherited_tokens = received_before
+                tail = progress.text.finish()  # text held back for stop strings or an unfinished character
+                if tail:
+                    progress.text_parts.append(tail)
+                    yield StreamChunk(tail, (), len(progress.token_ids), peer_id)
                 yield signed
                 break
         except (NetError, WireError) as exc:

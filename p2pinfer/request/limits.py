@@ -17,6 +17,8 @@ offers (bid/1)      20           40     an honest client offers each request onc
 verify tasks        4            16     one per verified request per verifier; a prefill costs ~0.1-0.2 of
                                         generating, so 4/s is far above what one client's requests need
 receipts            8            32     one per finished request per peer involved; each is a ledger write
+tokenizer queries   8            32     a client fetches a model's tokenizer once (SmolLM2: 12 queries, 3.5 MB);
+                                        each answer is at most 512 KiB from memory
 ==================  ===========  =====  =====================================================================
 
 A refusal for exceeding the rate is answered only after :data:`OVER_LIMIT_DELAY_S`: an attacker flooding
@@ -54,6 +56,7 @@ class Rate:
 OFFER_RATE = Rate(per_second=20.0, burst=40)
 VERIFY_RATE = Rate(per_second=4.0, burst=16)
 RECEIPT_RATE = Rate(per_second=8.0, burst=32)
+TOKENIZER_RATE = Rate(per_second=8.0, burst=32)
 
 
 class TokenBucket:

@@ -9,7 +9,9 @@ Peer side (:class:`VerificationService`, installed by every serving peer):
   ``Verdict``. It answers ``Refusal`` when it cannot judge (another model or numeric class), when all its
   verification slots are in use or the sender exceeds its rate (``busy``: it never queues; the client asks
   again after a back-off), and when it has already judged that result (``invalid``: a replayed task costs
-  no second prefill and no second ledger row).
+  no second prefill and no second ledger row). When its own check fails unexpectedly it answers ``Refusal``
+  with code ``internal`` (logged ``verify.internal_error``): that is this peer's own problem, never a verdict
+  on the executor, and it is an answer, not silence.
 * ``/p2pinfer/receipt/1``: a ``Receipt`` signed by its client, naming this peer; the peer recomputes the
   decision from the signed verdicts inside (:mod:`p2pinfer.ledger.rules`) and books the entries. Receipts
   beyond the sender's rate (:data:`~p2pinfer.request.limits.RECEIPT_RATE`) are refused with an error.
@@ -165,7 +167,15 @@ class VerificationService:
                                                         "its verdict was sent once")
         try:
             started = time.perf_counter()
-            verdict = await trio.to_thread.run_sync(recheck_result, model, task.request, result)
+            try:
+                verdict = await trio.to_thread.run_sync(recheck_result, model, task.request, result)
+            except Exception as exc:  # noqa: BLE001 - our own bug or resource failure, never the executor's fault
+                # A verifier that cannot finish its own check says so, signed, as an "internal" refusal: it is
+                # neither a verdict (the executor did nothing provably wrong) nor silence (this peer answered).
+                log.warning("verify.internal_error", request_id=request_id.hex()[:16], error=type(exc).__name__,
+                            detail=str(exc)[:200])
+                return self._refusal(request_id, "internal",
+                                     "this verifier could not finish its check (internal error); ask another")
             seconds = time.perf_counter() - started
         finally:
             self.slots.release()
@@ -260,8 +270,14 @@ class VerificationService:
     async def _recheck_loop(self) -> None:
         async for parts, data in self._fraud_queue:
             model = self.models[parts.result.message.model]
-            verdict = await trio.to_thread.run_sync(recheck_result, model, parts.request, parts.result)
             request_id = parts.result.message.request_id
+            try:
+                verdict = await trio.to_thread.run_sync(recheck_result, model, parts.request, parts.result)
+            except Exception as exc:  # noqa: BLE001 - our own failure: book nothing, keep the loop alive
+                self.counters["fraud.recheck-failed"] += 1
+                log.warning("fraud.recheck_failed", request_id=request_id.hex()[:16], error=type(exc).__name__,
+                            detail=str(exc)[:200])
+                continue
             at = now_ms()
             if verdict.accept:
                 status = DISPROVEN

@@ -1,10 +1,15 @@
-"""A model's identity: SHA-256 over its ONNX graph, external weight files and tokenizer.
+"""A model's identity: SHA-256 over its ONNX graph, external weight files, tokenizer, configs and chat template.
 
 Layout (documented in docs/models.md)::
 
     files  = ["model.onnx"] + sorted(external data files the graph references) + ["tokenizer.json"]
+             + those of CONFIG_FILES that exist, in that order
     entry  = relpath (UTF-8, "/" separators) , size (uint64 big-endian) , SHA-256(file bytes)
-    digest = tagged_hash("p2pinfer/v1/model-digest", entry_1.relpath, entry_1.size, entry_1.sha256, ...)
+    digest = tagged_hash("p2pinfer/v2/model-digest", entry_1.relpath, entry_1.size, entry_1.sha256, ...)
+
+Everything a verdict or a shown text depends on is in it: the chat template decides ``prompt_ids``, the
+configs decide EOS and the context length, the tokenizer decodes the text. Every file must be a regular file
+inside the folder: a symbolic link that leads out of it is refused, never followed.
 
 ``tagged_hash`` prefixes the domain and every part with its length (LEB128), so the listing is unambiguous.
 The external files are read from the graph itself (each initializer's ``external_data`` ``location``), so a
@@ -21,9 +26,10 @@ from pathlib import Path, PurePosixPath
 from ..errors import P2PInferError
 from ..wire.hashing import tagged_hash
 
-DIGEST_DOMAIN = "p2pinfer/v1/model-digest"
+DIGEST_DOMAIN = "p2pinfer/v2/model-digest"
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja")
 _CHUNK = 1 << 20
 
 
@@ -86,17 +92,34 @@ def external_data_files(onnx_path: Path) -> list[str]:
     return out
 
 
+def check_inside(model_dir: Path, rel: str) -> Path:
+    """``model_dir / rel``, refused when it (or a link on its way) leads outside ``model_dir``."""
+    root = Path(model_dir).resolve()
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        raise ModelFormatError(f"{model_dir}/{rel} is a link to {target}, outside the model folder; copy the file "
+                               f"into the folder instead")
+    return target
+
+
 def digest_files(model_dir: Path) -> list[str]:
     """The files (relative to ``model_dir``) that make up the digest, in digest order."""
     model_dir = Path(model_dir)
     for name in (ONNX_FILE, TOKENIZER_FILE):
+        check_inside(model_dir, name)
         if not (model_dir / name).is_file():
             raise ModelFormatError(f"{model_dir} has no {name}; a model folder needs model.onnx and tokenizer.json")
-    files = [ONNX_FILE, *external_data_files(model_dir / ONNX_FILE), TOKENIZER_FILE]
-    for rel in files[1:-1]:
+    external = external_data_files(model_dir / ONNX_FILE)
+    for rel in external:
+        check_inside(model_dir, rel)
         if not (model_dir / rel).is_file():
             raise ModelFormatError(f"{model_dir}/model.onnx references external weights {rel!r}, which is missing")
-    return files
+    configs = [name for name in CONFIG_FILES if (model_dir / name).exists() or (model_dir / name).is_symlink()]
+    for name in configs:
+        check_inside(model_dir, name)
+        if not (model_dir / name).is_file():
+            raise ModelFormatError(f"{model_dir}/{name} is not a regular file")
+    return [ONNX_FILE, *external, TOKENIZER_FILE, *configs]
 
 
 def digest_entries(model_dir: Path) -> list[DigestEntry]:

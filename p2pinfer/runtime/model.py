@@ -17,6 +17,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,7 +26,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..log import get_logger
-from .chat import render_chat
+from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -308,12 +309,22 @@ class LoadedModel:
 
     def prompt_ids(self, prompt: str | None = None,
                    messages: Sequence[Mapping[str, str]] | None = None) -> list[int]:
-        """The token IDs for a plain prompt (tokenizer's own special tokens) or chat messages (template)."""
+        """The token IDs for a plain prompt (tokenizer's own special tokens) or chat messages (template; the
+        messages' content is plain text: control-token strings in it are not control tokens)."""
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt and messages")
         if messages is not None:
-            return self.encode(self.render_chat(messages), add_special_tokens=False)
+            rendered = render_chat_spans(self.info.chat_template, messages, bos_token=self.info.bos_token,
+                                         eos_token=self.info.eos_token, add_generation_prompt=True)
+            return encode_chat(self.tokenizer, self.plain_tokenizer, rendered)
         return self.encode(prompt or "", add_special_tokens=True)
+
+    @cached_property
+    def plain_tokenizer(self) -> Tokenizer:
+        """The tokenizer reading control-token strings as plain text (for user content)."""
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def with_session(self, *, threads: int | None = None, optimization: str = "all",
                      providers: Sequence[str] | None = None) -> "LoadedModel":

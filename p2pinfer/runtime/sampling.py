@@ -1,39 +1,57 @@
 """Seeded, checkable sampling (pure functions, numpy only).
 
-All randomness of a request comes from its *seed material* (:func:`sampling_seed`) and the output index:
-``u_i = uniform(tagged_hash("p2pinfer/v1/sampling-noise", seed, uint64_be(i)))``. The token at output index
-``i`` is chosen by inverse-CDF sampling over the candidate tokens **in ascending token-ID order**::
+All randomness of a request comes from its *seed material* (:func:`sampling_seed`) and the output index. The
+token at output index ``i`` is chosen by the **Gumbel-max rule** (an exponential race) over the candidates::
 
-    scaled   = logprobs / temperature                    (float64)
-    cand     = top_k(scaled) then top_p(...)             (ranks by (-value, id))
-    p_v      = exp(scaled_v - logsumexp(scaled[cand]))   for v in cand, ascending id
-    token    = first v with cumsum(p)_v > u_i
+    key      = tagged_hash("p2pinfer/v2/sampling-noise", seed, uint64_be(i))[:16]   (128-bit Philox key)
+    u_v      = (Philox4x64-10(key).raw[v] >> 11 + 0.5) / 2**53         for every token ID v, in (0, 1)
+    g_v      = -log(-log(u_v))                                           (standard Gumbel noise)
+    scaled   = logprobs / temperature                                    (float64)
+    cand     = top_k(scaled) then top_p(...)                             (ranks by (-value, id))
+    token    = argmax over v in cand of scaled_v + g_v                   (ties: the lower ID)
 
-``temperature == 0`` is greedy: the argmax, ties broken by the lower ID. Because the choice depends only on
-(seed, i, the log-probs at that position, params), a continuation after fail-over that is given the already
-emitted prefix draws exactly the same tokens as an uninterrupted run.
+which draws exactly from ``softmax(scaled)`` restricted to the candidates. ``temperature`` below
+:data:`GREEDY_BELOW` is greedy: the argmax of the log-probs, ties broken by the lower ID.
 
-Ascending-ID order (not probability order) keeps the CDF boundaries stable: a drift of ``eps`` nats in every
-log-prob moves each boundary by at most ``exp(2*eps/T) - 1``, which :func:`acceptable_tokens` uses to accept
-near-ties on a verifier whose log-probs differ from the executor's by at most the model's tolerance.
+Why Gumbel-max and not an inverse CDF: a verifier's log-probs differ from the executor's by honest drift, so
+the check must accept every token that *some* admissible drift would have made the winner. Under Gumbel-max
+that is a token whose key is within ``2 * tolerance / T`` of the best other candidate's key; the chance that
+the runner-up's key lies that close is at most about ``2 * tolerance / T`` per position, whatever the
+vocabulary size (two tokens of probability p and q: ``4 * pq/(p+q)**2 * tolerance / T``). An inverse CDF has a
+boundary per candidate, each with its own slack, so its ambiguous share of [0, 1) grows with the number of
+plausible tokens — which let an executor choose among up to 1,744 tokens at flat SmolLM2 positions (issue 13,
+attack 6). A token of negligible probability can never win: the largest Gumbel value a 53-bit ``u`` can give is
+``-log(-log(1 - 2**-54)) < 37.5``, so a token more than ``37.5 + 2*tolerance/T`` scaled nats below a surely
+eligible rival is rejected outright.
+
+The choice depends only on (seed material, ``i``, the log-probs at that position, params), so a continuation
+after fail-over that is given the already emitted prefix draws exactly the same tokens as an uninterrupted
+run.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..wire.hashing import tagged_hash
 
-NOISE_DOMAIN = "p2pinfer/v1/sampling-noise"
+NOISE_DOMAIN = "p2pinfer/v2/sampling-noise"
 SEED_DOMAIN = "p2pinfer/v1/sampling-seed"
+GREEDY_BELOW = 1e-3
+"""Temperatures below this sample greedily, in the sampler and in the check alike. At T = 1e-3 a gap of
+0.05 nats between the two best tokens already makes the runner-up e^-50 times less likely, so nothing
+observable changes, and the check's slack ``2 * tolerance / T`` stays finite (a temperature of 1e-300 would
+otherwise overflow it)."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy; ``top_k == 0`` and ``top_p == 1`` disable them."""
+    """How to pick tokens. ``temperature`` below :data:`GREEDY_BELOW` (0 included) means greedy;
+    ``top_k == 0`` and ``top_p == 1`` disable them."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -44,12 +62,12 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0) and not (self.top_p == 0.0 and self.temperature == 0.0):
+        if not (0.0 < self.top_p <= 1.0) and not (self.top_p == 0.0 and self.greedy):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 GREEDY = SamplingParams()
@@ -66,12 +84,59 @@ def sampling_seed(request_id: bytes, seed: int | None) -> bytes:
     return tagged_hash(SEED_DOMAIN, seed.to_bytes(8, "big"))
 
 
-def uniform(seed_material: bytes, index: int) -> float:
-    """The uniform number in [0, 1) for output index ``index``: top 53 bits of a tagged SHA-256."""
+def noise_key(seed_material: bytes, index: int) -> int:
+    """The 128-bit Philox key of output index ``index``."""
     if index < 0:
         raise ValueError("index must be >= 0")
-    digest = tagged_hash(NOISE_DOMAIN, seed_material, index.to_bytes(8, "big"))
-    return (int.from_bytes(digest[:8], "big") >> 11) * 2.0**-53
+    return int.from_bytes(tagged_hash(NOISE_DOMAIN, seed_material, int(index).to_bytes(8, "big"))[:16], "big")
+
+
+_philox = threading.local()  # one generator per thread, re-keyed per position (constructing one costs more)
+G_MAX = -math.log(-math.log1p(-2.0**-54))  # the largest Gumbel value a u of this module can give (< 37.5)
+_PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed
+
+
+def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
+    """``u_v`` for token IDs ``0 .. vocab-1`` at output index ``index``, each in (0, 1), never 0 or 1.
+
+    Philox4x64-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") is counter-based: its raw
+    64-bit stream is a pure function of the key, so every peer and every numpy version computes the same
+    values (``tests/test_runtime_sampling.py`` pins a vector).
+    """
+    key = noise_key(seed_material, index)
+    generator = getattr(_philox, "generator", None)
+    if generator is None:
+        generator = _philox.generator = np.random.Philox(key=0)
+    generator.state = {"bit_generator": "Philox",
+                       "state": {"counter": np.zeros(4, np.uint64),
+                                 "key": np.array([key & (2**64 - 1), key >> 64], np.uint64)},
+                       "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+    raw = generator.random_raw(vocab)
+    return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
+                u: np.ndarray | None = None) -> np.ndarray:
+    """``scaled_v + g_v`` wherever ``scaled_v`` is finite, except that tokens whose key cannot come within
+    ``margin`` of the best are left at ``-inf`` (exact, not an approximation: ``g_v <= G_MAX``, so a token
+    with ``scaled_v + G_MAX < best - margin`` can neither win nor come within ``margin``). This skips the two
+    logarithms for most of the vocabulary at peaked positions."""
+    if u is None:
+        u = uniforms(seed_material, index, scaled.shape[0])
+    finite = np.flatnonzero(np.isfinite(scaled))
+    keys = np.full(scaled.shape[0], -np.inf)
+    if finite.size == 0:
+        return keys
+    probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
+    best = float(np.max(scaled[probe] - np.log(-np.log(u[probe]))))
+    keep = finite[scaled[finite] >= best - margin - G_MAX]
+    keys[keep] = scaled[keep] - np.log(-np.log(u[keep]))
+    return keys
+
+
+def gumbel_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
+    """The Gumbel noise ``g_v = -log(-log(u_v))`` that output index ``index`` adds to the scaled log-probs."""
+    return -np.log(-np.log(uniforms(seed_material, index, vocab)))
 
 
 _LOG_SOFTMAX_ROWS = 16  # rows per block: the float64 temporaries stay in cache (a verifier passes 100s of rows)
@@ -140,43 +205,29 @@ def sample(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, i
     lp = np.asarray(logprobs, dtype=np.float64)
     if params.greedy:
         return int(np.argmax(lp))  # numpy's argmax returns the first (lowest-ID) maximum
-    scaled = lp / params.temperature
     ids = candidates(lp, params)
-    vals = scaled[ids]
-    p = np.exp(vals - _logsumexp(vals))
-    cum = np.cumsum(p)
-    u = uniform(seed_material, index) * cum[-1]
-    j = int(np.searchsorted(cum, u, side="right"))
-    return int(ids[min(j, len(ids) - 1)])
+    scaled = np.full(lp.shape[0], -np.inf)
+    scaled[ids] = lp[ids] / params.temperature
+    return int(np.argmax(gumbel_keys(scaled, seed_material, index)))  # ties go to the lower ID
 
 
-def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
-                  token: int, tolerance: float) -> tuple[bool, str]:
-    """Could an honest sampler whose log-probs differ from ``logprobs`` by at most ``tolerance`` per token
-    have picked ``token`` at ``index``? Returns (ok, reason). Interval arithmetic, conservative towards
-    acceptance: near-ties within tolerance are accepted, anything clearly outside is not.
-    """
+def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks over the vocabulary: tokens that are a candidate under *some* drift of at most
+    ``tolerance`` per log-prob ("maybe"), and under *every* such drift ("surely"). Interval arithmetic,
+    conservative towards "maybe"."""
     lp = np.asarray(logprobs, dtype=np.float64)
     vocab = lp.shape[0]
-    if not 0 <= token < vocab:
-        return False, f"token {token} outside the vocabulary"
-    if params.greedy:
-        best = float(np.max(lp))
-        if lp[token] >= best - 2.0 * tolerance:
-            return True, ""
-        return False, f"greedy: token {token} is {best - lp[token]:.3g} nats below the best token"
-
-    t = params.temperature
-    d = tolerance / t  # how far one scaled value may sit from the executor's
+    d = tolerance / params.temperature  # how far one scaled value may sit from the executor's
     eps = 2.0 * d  # how far two scaled values may move relative to each other
-    scaled = lp / t
-    sorted_desc = np.sort(scaled)[::-1]
-
-    # Candidate membership under every admissible drift: "surely" in, and "maybe" in.
+    scaled = lp / params.temperature
     if params.top_k == 0 or params.top_k >= vocab:
         surely = np.ones(vocab, dtype=bool)
         maybe = np.ones(vocab, dtype=bool)
+        if params.top_p >= 1.0:
+            return maybe, surely
+        sorted_desc = np.sort(scaled)[::-1]
     else:
+        sorted_desc = np.sort(scaled)[::-1]
         k = params.top_k
         maybe = scaled >= sorted_desc[k - 1] - eps  # fewer than k tokens surely above it
         surely = scaled > sorted_desc[k] + eps  # at most k-1 others can reach it
@@ -202,67 +253,91 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
         new_surely = np.zeros(vocab, dtype=bool)
         new_surely[m_ids] = nucleus_surely
         surely &= new_surely
+    return maybe, surely
+
+
+def sampler_slack(params: SamplingParams, tolerance: float) -> float:
+    """How far (in scaled nats) an honest token's key may sit below a rival's on the verifier: each of the two
+    log-probs may be off by ``tolerance``, and keys divide them by the temperature."""
+    return 2.0 * tolerance / params.temperature
+
+
+def admissible_tokens(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
+                      tolerance: float) -> np.ndarray:
+    """Every token ID the check accepts at this position (ascending). With honest drift it holds exactly the
+    honest token at all but a ~``2*tolerance/T`` share of positions; benchmarks and the adaptive-executor
+    test use it to measure the executor's freedom."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if params.greedy:
+        return np.flatnonzero(lp >= float(np.max(lp)) - 2.0 * tolerance)
+    maybe, surely = candidate_bounds(lp, params, tolerance)
+    slack = sampler_slack(params, tolerance)
+    scaled = lp / params.temperature
+    u = uniforms(seed_material, index, lp.shape[0])
+    rival = gumbel_keys(np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
+    floor = float(np.max(rival)) - slack - G_MAX  # no token below this can be admitted (see gumbel_keys)
+    keys = np.full(lp.shape[0], -np.inf)
+    hopeful = np.flatnonzero(maybe & (scaled >= floor))
+    keys[hopeful] = scaled[hopeful] - np.log(-np.log(u[hopeful]))
+    best = int(np.argmax(rival))
+    first = float(rival[best])
+    rival[best] = -np.inf
+    second = float(np.max(rival)) if rival.shape[0] > 1 else -np.inf
+    best_other = np.full(lp.shape[0], first)
+    best_other[best] = second
+    return np.flatnonzero(maybe & (keys >= best_other - slack))
+
+
+def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
+                  token: int, tolerance: float) -> tuple[bool, str]:
+    """Could an honest sampler whose log-probs differ from ``logprobs`` by at most ``tolerance`` per token
+    have picked ``token`` at ``index``? Returns (ok, reason).
+
+    Sampled: ``token`` must be a candidate under some admissible drift, and its key must be within
+    :func:`sampler_slack` of the best key among the tokens that are candidates under every admissible drift.
+    Greedy: within ``2 * tolerance`` of the best log-prob.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    vocab = lp.shape[0]
+    if not 0 <= token < vocab:
+        return False, f"token {token} outside the vocabulary"
+    if params.greedy:
+        best = float(np.max(lp))
+        if lp[token] >= best - 2.0 * tolerance:
+            return True, ""
+        return False, f"greedy: token {token} is {best - lp[token]:.3g} nats below the best token"
+    maybe, surely = candidate_bounds(lp, params, tolerance)
     if not maybe[token]:
         return False, f"token {token} is outside the top-k/top-p candidates"
-
-    u = uniform(seed_material, index)
-    # Bounds of the token's CDF interval in ascending-ID order: [A/(A+p+C), (A+p)/(A+p+C)], with A the
-    # candidate mass below the token's ID and C the mass above it.
-    up, dn = math.exp(d), math.exp(-d)
-    base = np.exp(scaled - float(sorted_desc[0]))
-    ids = np.arange(vocab)
-    below, above = ids < token, ids > token
-    a_min = float(np.sum(base[surely & below])) * dn
-    a_max = float(np.sum(base[maybe & below])) * up
-    c_min = float(np.sum(base[surely & above])) * dn
-    c_max = float(np.sum(base[maybe & above])) * up
-    p_max = float(base[token]) * up
-    lo = a_min / (a_min + p_max + c_max)
-    hi = (a_max + p_max) / (a_max + p_max + c_min)
-    if lo - 1e-12 <= u <= hi + 1e-12:
+    slack = sampler_slack(params, tolerance)
+    scaled = lp / params.temperature
+    rivals = np.where(surely, scaled, -np.inf)
+    rivals[token] = -np.inf
+    u = uniforms(seed_material, index, vocab)
+    rival = gumbel_keys(rivals, seed_material, index, slack, u)
+    winner = int(np.argmax(rival))
+    gap = float(rival[winner]) - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0])
+    if gap <= slack:
         return True, ""
-    return False, f"seeded sampler: u={u:.6f} is outside token {token}'s interval [{lo:.6f}, {hi:.6f}]"
+    return False, (f"seeded sampler: token {token}'s key is {gap:.3g} below token {winner}'s "
+                   f"(allowed drift {slack:.3g})")
 
 
 def acceptable_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
                     tokens: np.ndarray, tolerance: float) -> np.ndarray:
     """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
 
-    Greedy, temperature and top-k are vectorized over rows; top-p (which needs per-row ranking) runs row by row.
+    Greedy is vectorized over rows; sampled rows each need their own noise, so they run row by row.
     """
     lp = np.asarray(logprobs, dtype=np.float64)
     n, vocab = lp.shape
     tokens = np.asarray(tokens, dtype=np.int64)
     in_vocab = (tokens >= 0) & (tokens < vocab)
     tok = np.where(in_vocab, tokens, 0)
-    r = np.arange(n)
     if params.greedy:
-        return in_vocab & (lp[r, tok] >= lp.max(axis=1) - 2.0 * tolerance)
-    if params.top_p < 1.0:
-        return np.array([is_acceptable(lp[i], params, seed_material, start_index + i, int(tokens[i]), tolerance)[0]
-                         for i in range(n)], dtype=bool)
-    d = tolerance / params.temperature
-    eps = 2.0 * d
-    scaled = lp / params.temperature
-    base = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-    if params.top_k == 0 or params.top_k >= vocab:
-        maybe_b = surely_b = base
-        maybe_tok = np.ones(n, dtype=bool)
-    else:
-        k = params.top_k
-        part = -np.partition(-scaled, [k - 1, k], axis=1)
-        maybe = scaled >= (part[:, k - 1] - eps)[:, None]
-        surely = scaled > (part[:, k] + eps)[:, None]
-        maybe_b, surely_b = base * maybe, base * surely
-        maybe_tok = maybe[r, tok]
-    up, dn = math.exp(d), math.exp(-d)
-    cm, cs = np.cumsum(maybe_b, axis=1), np.cumsum(surely_b, axis=1)
-    a_max = (cm[r, tok] - maybe_b[r, tok]) * up
-    a_min = (cs[r, tok] - surely_b[r, tok]) * dn
-    c_max = (cm[:, -1] - cm[r, tok]) * up
-    c_min = np.maximum(cs[:, -1] - cs[r, tok], 0.0) * dn
-    p_max = base[r, tok] * up
-    lo = a_min / (a_min + p_max + c_max)
-    hi = (a_max + p_max) / (a_max + p_max + c_min)
-    u = np.array([uniform(seed_material, start_index + i) for i in range(n)])
-    return in_vocab & maybe_tok & (lo - 1e-12 <= u) & (u <= hi + 1e-12)
+        return in_vocab & (lp[np.arange(n), tok] >= lp.max(axis=1) - 2.0 * tolerance)
+    ok = np.zeros(n, dtype=bool)
+    for r in range(n):
+        if in_vocab[r]:
+            ok[r] = is_acceptable(lp[r], params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
+    return ok

@@ -1,7 +1,7 @@
 """A content-addressed local model store: ``root/<digest hex>/`` holds one model folder.
 
-Each folder keeps the model's files (the digest's files plus its JSON configs and chat template) and a
-metadata file ``p2pinfer-model.json``::
+Each folder keeps the model's files (the digest's files, which include its JSON configs and chat template, plus
+``special_tokens_map.json`` when present) and a metadata file ``p2pinfer-model.json``::
 
     {"format": "p2pinfer-model/1", "name": ..., "digest": <hex>, "numeric_class": "fp32-cpu",
      "tolerance": 0.001, "calibration": null | {...}, "files": [{"path", "size", "sha256"}, ...],
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from ..errors import P2PInferError
 from ..log import get_logger
-from .digest import DigestEntry, ModelFormatError, digest_entries, digest_files, digest_from_entries
+from .digest import DigestEntry, ModelFormatError, check_inside, digest_entries, digest_files, digest_from_entries
 from .model import DEFAULT_TOLERANCE, LoadedModel, load_model
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -190,7 +190,8 @@ class ModelStore:
                                 f"(import it without --numeric-class, or re-import the GGUF with --weights fp32)")
         if numeric_class not in NUMERIC_CLASSES:
             raise P2PInferError(f"unknown numeric class {numeric_class!r}; use one of {', '.join(NUMERIC_CLASSES)}")
-        files = digest_files(src) + [f for f in EXTRA_FILES if (src / f).is_file()]
+        files = digest_files(src)  # refuses links out of the folder
+        files += [f for f in EXTRA_FILES if f not in files and (src / f).is_file() and check_inside(src, f)]
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=self.root))
         try:

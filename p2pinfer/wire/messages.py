@@ -380,6 +380,53 @@ class PossessionProof(Message):
     }
 
 
+@dataclass(frozen=True)
+class ModelFile(Record):
+    """One entry of a model digest: a file's path in the model folder, its size and SHA-256."""
+
+    path: str = spec(Str(256, 1))
+    size: int = spec(Int(0, (1 << 53) - 1))
+    sha256: bytes = spec(DIGEST)
+
+
+MAX_MODEL_FILES = 64
+MAX_FILE_CHUNK = 512 * 1024
+
+
+@dataclass(frozen=True)
+class TokenizerQuery(Message):
+    """Client -> any peer serving a model: send me the model's digest entries (``path`` empty), or
+    ``MAX_FILE_CHUNK`` bytes of one of its tokenizer files from ``offset``."""
+
+    TYPE: ClassVar[str] = "tokenizer-query"
+
+    model: bytes = spec(DIGEST)
+    path: str = spec(Str(256))
+    offset: int = spec(Int(0, (1 << 53) - 1))
+
+
+@dataclass(frozen=True)
+class TokenizerManifest(Message):
+    """Peer -> client: every entry of the model digest, in digest order; the client recomputes the digest."""
+
+    TYPE: ClassVar[str] = "tokenizer-manifest"
+
+    model: bytes = spec(DIGEST)
+    entries: tuple[ModelFile, ...] = spec(List(Struct(ModelFile), MAX_MODEL_FILES, 1))
+
+
+@dataclass(frozen=True)
+class FileChunk(Message):
+    """Peer -> client: bytes ``offset .. offset + len(data)`` of a tokenizer file of a model."""
+
+    TYPE: ClassVar[str] = "file-chunk"
+
+    model: bytes = spec(DIGEST)
+    path: str = spec(Str(256, 1))
+    offset: int = spec(Int(0, (1 << 53) - 1))
+    data: bytes = spec(Bytes(0, MAX_FILE_CHUNK))
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -396,7 +443,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         FraudProof,
         PossessionChallenge,
         PossessionProof,
+        TokenizerQuery,
+        TokenizerManifest,
+        FileChunk,
     )
 }
 
-STRUCT_TYPES: dict[str, type[Record]] = {cls.__name__: cls for cls in (ModelOffer, ChatMessage, Request, Bid)}
+STRUCT_TYPES: dict[str, type[Record]] = {cls.__name__: cls for cls in (ModelOffer, ChatMessage, Request, Bid,
+                                                                          ModelFile)}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import Identity
-from . import codec
+from . import codec, messages
 from .envelope import sign, signing_input
 from .messages import (
     MESSAGE_TYPES,
@@ -175,6 +175,11 @@ def example_messages() -> list[Message]:
         PossessionChallenge(model=_REQUEST.model, nonce=bytes.fromhex("c4" * 32), positions=8,
                             expires_at_ms=1_790_000_010_000),
         PossessionProof(challenge=bytes.fromhex("d7" * 32), model=_REQUEST.model, fingerprint=bytes.fromhex("0102" * 8)),
+        messages.TokenizerQuery(model=_REQUEST.model, path="tokenizer.json", offset=524288),
+        messages.TokenizerManifest(model=_REQUEST.model, entries=(
+            messages.ModelFile(path="model.onnx", size=149633, sha256=bytes.fromhex("3c" * 32)),
+            messages.ModelFile(path="tokenizer.json", size=3522763, sha256=bytes.fromhex("d0" * 32)))),
+        messages.FileChunk(model=_REQUEST.model, path="tokenizer_config.json", offset=0, data=b'{"bos_token": "<s>"}'),
     ]
 
 
