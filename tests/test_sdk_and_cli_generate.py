@@ -10,7 +10,7 @@ import sys
 import pytest
 import trio
 
-from p2pinfer import Client, NoPeerServesModel
+from p2pinfer import AsyncClient, Client, NoPeerServesModel
 from p2pinfer.localnet import local_network
 from p2pinfer.runtime import load_model
 
@@ -48,16 +48,57 @@ async def test_sync_client_generate_and_stream_from_plain_and_asyncio_code(model
 
 async def test_cli_generate_streams_the_answer(model, tmp_path):
     async with local_network([model], peers=2) as net:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+            expected = (await client.generate(model=MODEL_NAME, prompt="import os\nimport sys", max_tokens=16,
+                                              temperature=0)).text
         env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
-        result = await trio.run_process(
-            [sys.executable, "-m", "p2pinfer", "generate", "--bootstrap", net.bootstrap_addrs[0], "--model",
-             MODEL_NAME, "--max-tokens", "16", "import os\nimport sys"],
-            capture_stdout=True, capture_stderr=True, env=env, check=False)
+        command = [sys.executable, "-m", "p2pinfer", "generate", "--bootstrap", net.bootstrap_addrs[0], "--model",
+                   MODEL_NAME, "--max-tokens", "16", "import os\nimport sys"]
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, env=env, check=False)
+        # Logs turned all the way up and both streams into one pipe, as on a terminal: still one thing a line.
+        merged = await trio.run_process([*command[:3], "--log-level", "debug", *command[3:]], capture_stdout=True,
+                                        stderr=subprocess.STDOUT, env=env, check=False)
     stdout, stderr = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, stderr
+    assert stdout == expected + "\n"  # exactly the answer: no log line, no summary
     assert stdout.startswith("\nimport os\nimport os")
     assert "executor 12D3KooW" in stderr and "16 tokens" in stderr
-    assert "verification: accepted (1 verifiers)" in stderr  # two peers: the other one re-checks
+    assert "verification: accepted (1 verifier)" in stderr  # two peers: the other one re-checks
+    assert "timestamp=" not in stderr  # the CLI's client logs warnings only, unless asked
+    lines = merged.stdout.decode().splitlines()
+    assert merged.returncode == 0 and any(line.startswith("timestamp=") for line in lines)
+    assert all(line.startswith("timestamp=") for line in lines if "timestamp=" in line)
+    assert "".join(line + "\n" for line in lines if not line.startswith(("timestamp=", "executor ",
+                                                                           "verification: "))) == expected + "\n"
+
+
+def test_sdk_is_quiet_by_default(tmp_path):
+    """An application that embeds the SDK and configures nothing: nothing on stdout, no info lines."""
+    program = (
+        "from p2pinfer import AsyncClient, NoPeerServesModel\n"
+        "import trio\n"
+        "async def main():\n"
+        "    async with AsyncClient(discovery_timeout=0.5) as client:\n"
+        "        try:\n"
+        "            await client.generate(model='nothing-serves-this', prompt='hi')\n"
+        "        except NoPeerServesModel:\n"
+        "            pass\n"
+        "trio.run(main)\n"
+        "from p2pinfer import log\n"
+        "log.get_logger('app').info('hidden.by.default')\n"
+        "log.get_logger('app').warning('shown.on.stderr')\n"
+        "log.configure(level='info')\n"
+        "log.get_logger('app').info('shown.after.configure')\n"
+    )
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    events = [line for line in result.stderr.splitlines() if "event=" in line]
+    assert all("level=info" not in line or "shown.after.configure" in line for line in events), events
+    assert any("event=shown.on.stderr" in line for line in events)
+    assert any("event=shown.after.configure" in line for line in events)
+    assert not any("hidden.by.default" in line for line in events)
 
 
 async def test_cli_generate_without_bootstrap_is_a_clear_error(tmp_path):
