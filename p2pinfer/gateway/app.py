@@ -20,10 +20,12 @@ import hmac
 import json
 import time
 import uuid
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 import trio
 
+from .. import __version__
 from ..identity import Identity
 from ..log import get_logger
 from ..metrics import CONTENT_TYPE, PeerMetrics, RequestRecord, describe_verification
@@ -39,8 +41,10 @@ from ..request.errors import (
 )
 from ..status import status_snapshot
 from ..wire import now_ms
+from . import network_view as view
 from . import openai_api as api
 from .openai_api import ApiError, GenerationSpec
+from .page import PAGE_HTML
 
 log = get_logger("p2pinfer.gateway")
 
@@ -81,13 +85,52 @@ class Gateway:
             options.setdefault("ledger", peer.ledger)
         self.client = AsyncClient.on_node(node, identity, **options)
         self.urls: dict[str, str] = {}  # listener name -> URL, filled in by whoever serves us
+        self.requests: deque[view.GatewayRequest] = deque(maxlen=view.RECENT_REQUESTS)  # for the network page
 
-    def asgi(self, *, api_key: str | None = None) -> "GatewayApp":
-        return GatewayApp(self, api_key=api_key)
+    def asgi(self, *, api_key: str | None = None, page_only: bool = False) -> "GatewayApp":
+        """The ASGI app; ``page_only`` serves the network page, status and metrics but no generation (for a
+        bootstrap node, which should not spend the network's capacity for whoever reaches its page)."""
+        return GatewayApp(self, api_key=api_key, page_only=page_only)
 
     def status(self) -> dict[str, Any]:
         return status_snapshot(self.node, server=getattr(self.peer, "server", None), metrics=self.metrics,
                                urls=self.urls, ledger=getattr(self.peer, "ledger", None))
+
+    def remember(self, completion: Completion, model: str) -> None:
+        """Keep what the network page shows about one of our completions (election evidence, verdicts)."""
+        v = completion.verification
+        self.requests.append(view.GatewayRequest(
+            request_id=completion.request_id, model=model, at_ms=now_ms(), executor=completion.executor,
+            tokens=len(completion.token_ids), epoch_seed=completion.election.epoch_seed,
+            bids=tuple(completion.election.bids), outcome=describe_verification(v),
+            verifiers=tuple(v.verifiers) if v else (), verdicts=tuple(v.verdicts) if v else (),
+            refusals=tuple(v.refusals) if v else ()))
+
+    async def network(self) -> dict[str, Any]:
+        """The network page's JSON (see :mod:`p2pinfer.gateway.network_view`)."""
+        node, server = self.node, getattr(self.peer, "server", None)
+        ledger = getattr(self.peer, "ledger", None)
+        me = node.peer_id
+        # The node's tables are read here, on the event loop; SQLite reads go to a worker thread.
+        peers = view.peers_view(node, server)
+        names = view.model_names(node, server)
+        elections = dict(server.recent_elections) if server is not None else {}
+        own = [view.request_from_gateway(r, me) for r in list(self.requests)]
+        about = {"peer_id": me, "role": node.config.role, "version": __version__, "addrs": list(node.addrs),
+                 "urls": dict(self.urls), "uptime_s": round(time.time() - self.metrics.started_at, 1),
+                 "connected_peers": len(node.connected_peers())}
+
+        def read_ledger() -> tuple[dict[str, Any] | None, list[Any], dict[str, Any]]:
+            if ledger is None:
+                return None, [], {}
+            return (view.ledger_view(ledger, node.identity.public_key), view.receipts_view(ledger),
+                    view.reputations(ledger, [p["peer_id"] for p in peers if not p["you"]]))
+
+        ledger_json, receipts, standing = await trio.to_thread.run_sync(read_ledger)
+        for p in peers:
+            p["reputation"] = standing.get(p["peer_id"])
+        from_receipts = [view.request_from_receipt(r, me, names, elections) for r in receipts]
+        return {"generated_at_ms": now_ms(), "peer": about, "peers": peers, "requests": view.merge_requests(own, from_receipts), "ledger": ledger_json}
 
     # ---- generation ---------------------------------------------------------------------------------
 
@@ -103,9 +146,10 @@ class Gateway:
 
 
 class GatewayApp:
-    def __init__(self, gateway: Gateway, *, api_key: str | None) -> None:
+    def __init__(self, gateway: Gateway, *, api_key: str | None, page_only: bool = False) -> None:
         self.gateway = gateway
         self.api_key = api_key
+        self.page_only = page_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -126,18 +170,27 @@ class GatewayApp:
         if path == "/health":
             await _send_json(send, 200, {"status": "ok", "peer_id": self.gateway.node.peer_id})
             return
+        if path == "/" and method == "GET":  # the page holds no data; its script sends the key for the JSON
+            await _send(send, 200, PAGE_HTML.encode(), "text/html; charset=utf-8",
+                        headers=[(b"cache-control", b"no-cache"),
+                                 (b"content-security-policy", b"default-src 'self'; script-src 'unsafe-inline'; "
+                                                              b"style-src 'unsafe-inline'; img-src 'self' data:")])
+            return
         self._authorize(scope)
         routes: dict[str, tuple[str, Callable[..., Awaitable[None]]]] = {
-            "/v1/models": ("GET", self._models),
-            "/v1/chat/completions": ("POST", self._chat),
-            "/v1/completions": ("POST", self._completions),
             "/metrics": ("GET", self._prometheus),
             "/v1/p2pinfer/status": ("GET", self._status),
+            view.NETWORK_PATH: ("GET", self._network),
         }
+        if not self.page_only:
+            routes.update({
+                "/v1/models": ("GET", self._models),
+                "/v1/chat/completions": ("POST", self._chat),
+                "/v1/completions": ("POST", self._completions),
+            })
         if path not in routes:
-            raise ApiError(404, f"Unknown request URL: {method} {path}. The gateway serves /v1/models, "
-                                "/v1/chat/completions, /v1/completions, /metrics and /v1/p2pinfer/status.",
-                           code="unknown_url")
+            raise ApiError(404, f"Unknown request URL: {method} {path}. This endpoint serves "
+                                f"{', '.join(['/', *sorted(routes)])}.", code="unknown_url")
         wanted, handler = routes[path]
         if method != wanted:
             raise ApiError(405, f"{path} takes {wanted}, not {method}", code="method_not_allowed")
@@ -165,6 +218,9 @@ class GatewayApp:
 
     async def _status(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_json(send, 200, self.gateway.status())
+
+    async def _network(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, await self.gateway.network())
 
     # ---- generation -------------------------------------------------------------------------------
 
@@ -205,6 +261,8 @@ class GatewayApp:
             if run.finished:
                 outcome = "ok"
             completion = run.completion
+            if completion is not None:
+                self.gateway.remember(completion, spec.model)
             self.gateway.metrics.record(RequestRecord(
                 id=id, endpoint=spec.endpoint, model=spec.model, stream=spec.stream, outcome=outcome,
                 executor=completion.executor if completion else (run.executor or ""), tokens=run.tokens,
