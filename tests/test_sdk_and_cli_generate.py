@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,25 @@ async def test_cli_generate_without_bootstrap_is_a_clear_error(tmp_path):
                                     capture_stdout=True, capture_stderr=True, env=env, check=False)
     assert result.returncode == 1
     assert b"no bootstrap address" in result.stderr and b"Traceback" not in result.stderr
+
+
+async def test_cli_lists_the_models_on_offer_and_suggests_names(model, tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
+    async with local_network([model], peers=2) as net:
+        boot = net.bootstrap_addrs[0]
+        listed = await trio.run_process([sys.executable, "-m", "p2pinfer", "models", "network", "--bootstrap", boot],
+                                        capture_stdout=True, capture_stderr=True, env=env, check=False)
+        as_json = await trio.run_process([sys.executable, "-m", "p2pinfer", "models", "network", "--bootstrap", boot,
+                                          "--json"], capture_stdout=True, capture_stderr=True, env=env, check=False)
+        typo = await trio.run_process([sys.executable, "-m", "p2pinfer", "generate", "--bootstrap", boot, "--model",
+                                       "tiny-llama-traned", "hi"], capture_stdout=True, capture_stderr=True, env=env,
+                                      check=False)
+    assert listed.returncode == 0, listed.stderr.decode()
+    row = [line for line in listed.stdout.decode().splitlines() if line.startswith(MODEL_NAME)]
+    assert row and model.digest.hex()[:16] in row[0] and " 2 " in row[0] and "4 of 4" in row[0]
+    assert json.loads(as_json.stdout) == [{"name": MODEL_NAME, "digest": model.digest.hex(), "peers": 2,
+                                           "free_slots": 4, "total_slots": 4}]
+    assert typo.returncode == 1 and typo.stdout == b""
+    error = typo.stderr.decode()
+    assert error.startswith("error: no peer serves model 'tiny-llama-traned' (did you mean 'tiny-llama-trained'?)")
+    assert len(error.strip().splitlines()) == 1
