@@ -16,6 +16,21 @@ class AppContext:
     config: Config
 
 
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 verifier``, ``3 verifiers`` (``many`` for irregular plurals)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def credits(amount: int, *, signed: bool = False) -> str:
+    """An amount of ledger credits with its unit: ``+16 credits``, ``-50 credits``, ``1 credit``."""
+    number = f"{amount:+d}" if signed else f"{amount}"
+    return f"{number} credit{'' if abs(amount) == 1 else 's'}"
+
+
+CREDIT_MEANING = ("one credit = one output token that a verification quorum accepted; a verifier earns 4 per "
+                  "verdict that agrees with the decision; penalties are in credits too")
+
+
 def run_cli(group: click.Group) -> None:
     """Run the CLI; user-facing errors become one line on stderr and exit status 1."""
     try:
