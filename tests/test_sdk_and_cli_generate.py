@@ -73,33 +73,31 @@ async def test_cli_generate_streams_the_answer(model, tmp_path):
                                                                            "verification: "))) == expected + "\n"
 
 
-def test_sdk_is_quiet_by_default(tmp_path):
-    """An application that embeds the SDK and configures nothing: nothing on stdout, no info lines."""
+async def test_sdk_is_quiet_by_default(model, tmp_path):
+    """The README's snippet in an application that configures nothing: a real request through the sync SDK in
+    its own process; stdout holds only what the program printed, and no info line reaches stderr."""
     program = (
-        "from p2pinfer import AsyncClient, NoPeerServesModel\n"
-        "import trio\n"
-        "async def main():\n"
-        "    async with AsyncClient(discovery_timeout=0.5) as client:\n"
-        "        try:\n"
-        "            await client.generate(model='nothing-serves-this', prompt='hi')\n"
-        "        except NoPeerServesModel:\n"
-        "            pass\n"
-        "trio.run(main)\n"
-        "from p2pinfer import log\n"
+        "import sys\n"
+        "from p2pinfer import Client, log\n"
+        "with Client(bootstrap=[sys.argv[1]]) as client:\n"
+        "    result = client.generate(model=sys.argv[2], prompt='import os', max_tokens=4, temperature=0)\n"
+        "    print(result.text)\n"
         "log.get_logger('app').info('hidden.by.default')\n"
         "log.get_logger('app').warning('shown.on.stderr')\n"
         "log.configure(level='info')\n"
         "log.get_logger('app').info('shown.after.configure')\n"
     )
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == ""
-    events = [line for line in result.stderr.splitlines() if "event=" in line]
-    assert all("level=info" not in line or "shown.after.configure" in line for line in events), events
-    assert any("event=shown.on.stderr" in line for line in events)
-    assert any("event=shown.after.configure" in line for line in events)
-    assert not any("hidden.by.default" in line for line in events)
+    async with local_network([model], peers=2) as net:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+            expected = (await client.generate(model=MODEL_NAME, prompt="import os", max_tokens=4, temperature=0)).text
+        result = await trio.run_process([sys.executable, "-c", program, net.bootstrap_addrs[0], MODEL_NAME],
+                                        capture_stdout=True, capture_stderr=True, env=env, check=False)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert stdout == expected + "\n"
+    events = [line for line in stderr.splitlines() if "event=" in line]
+    assert [line.split("event=")[1].split()[0] for line in events] == ["shown.on.stderr", "shown.after.configure"]
 
 
 async def test_cli_generate_without_bootstrap_is_a_clear_error(tmp_path):

@@ -30,8 +30,8 @@ from .net import PEERS_FILE, check_bootstrap, read_peers_file
 def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model: str, chat: bool,
                  max_tokens: int, temperature: float, top_p: float, top_k: int, stop: tuple[str, ...],
                  seed: int | None) -> None:
-    """Generate text for PROMPT on the network; the answer streams to stdout, the executor and timings to
-    stderr."""
+    """Generate text for PROMPT on the network; the answer streams to stdout, alone; the executor, timings and
+    verification go to stderr. Only warnings are logged unless the global --log-level asks for more."""
     from ..errors import P2PInferError
     from ..request.client import AsyncClient, Completion, StreamChunk
 

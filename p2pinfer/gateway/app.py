@@ -89,6 +89,7 @@ class Gateway:
         self.urls: dict[str, str] = {}  # listener name -> URL, filled in by whoever serves us
         self.requests: deque[view.GatewayRequest] = deque(maxlen=view.RECENT_REQUESTS)  # for the network page
         self._token_texts: dict[bytes, _TokenText] = {}
+        self._checked = view.ElectionCache()  # re-checked elections: a VRF proof costs ~2 ms to verify
 
     def asgi(self, *, api_key: str | None = None, page_only: bool = False) -> "GatewayApp":
         """The ASGI app; ``page_only`` serves the network page, status and metrics but no generation (for a
@@ -123,26 +124,32 @@ class Gateway:
         node, server = self.node, getattr(self.peer, "server", None)
         ledger = getattr(self.peer, "ledger", None)
         me = node.peer_id
-        # The node's tables are read here, on the event loop; SQLite reads go to a worker thread.
+        # The node's tables are read here, on the event loop; the rest (SQLite reads, re-checking VRF proofs)
+        # runs in a worker thread on these copies.
         peers = view.peers_view(node, server)
         names = view.model_names(node, server)
         elections = dict(server.recent_elections) if server is not None else {}
-        own = [view.request_from_gateway(r, me) for r in list(self.requests)]
+        own = list(self.requests)
         about = {"peer_id": me, "role": node.config.role, "version": __version__, "addrs": list(node.addrs),
                  "urls": dict(self.urls), "uptime_s": round(time.time() - self.metrics.started_at, 1),
                  "connected_peers": len(node.connected_peers())}
+        others = [p["peer_id"] for p in peers if not p["you"]]
 
-        def read_ledger() -> tuple[dict[str, Any] | None, list[Any], dict[str, Any]]:
-            if ledger is None:
-                return None, [], {}
-            return (view.ledger_view(ledger, node.identity.public_key), view.receipts_view(ledger),
-                    view.reputations(ledger, [p["peer_id"] for p in peers if not p["you"]]))
+        def build() -> dict[str, Any]:
+            ledger_json, receipts, standing = None, [], {}
+            if ledger is not None:
+                ledger_json = view.ledger_view(ledger, node.identity.public_key)
+                receipts = view.receipts_view(ledger)
+                standing = view.reputations(ledger, others)
+            for p in peers:
+                p["reputation"] = standing.get(p["peer_id"])
+            requests = view.merge_requests(
+                [view.request_from_gateway(r, me, self._checked) for r in own],
+                [view.request_from_receipt(r, me, names, elections, self._checked) for r in receipts])
+            return {"generated_at_ms": now_ms(), "peer": about, "peers": peers, "requests": requests,
+                    "ledger": ledger_json}
 
-        ledger_json, receipts, standing = await trio.to_thread.run_sync(read_ledger)
-        for p in peers:
-            p["reputation"] = standing.get(p["peer_id"])
-        from_receipts = [view.request_from_receipt(r, me, names, elections) for r in receipts]
-        return {"generated_at_ms": now_ms(), "peer": about, "peers": peers, "requests": view.merge_requests(own, from_receipts), "ledger": ledger_json}
+        return await trio.to_thread.run_sync(build)
 
     # ---- generation ---------------------------------------------------------------------------------
 

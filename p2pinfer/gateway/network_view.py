@@ -57,8 +57,9 @@ class GatewayRequest:
 
 
 def vrf_position(output: bytes) -> float:
-    """Where a VRF output lies in [0, 1): its first 8 bytes as a fraction (the lowest output executes)."""
-    return int.from_bytes(output[:8], "big") / 2.0**64
+    """Where a VRF output lies in [0, 1): its first 6 bytes as a fraction, exact in a float (the lowest output
+    executes; ties in 48 bits are as unlikely as they are invisible on a page)."""
+    return int.from_bytes(output[:6], "big") / 2.0**48
 
 
 def describe_election(request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid], executor: str | None,
@@ -81,6 +82,26 @@ def describe_election(request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid],
         "executor_rank": next((r["rank"] for r in ranking if r["peer_id"] == executor), None),
         "first": first,
     }
+
+
+class ElectionCache:
+    """Re-checked elections by request and executor: the page polls every two seconds, and an election's
+    bids never change, so each is verified once (bounded: the oldest are forgotten)."""
+
+    def __init__(self, size: int = 4 * RECENT_REQUESTS) -> None:
+        self.size = size
+        self._done: dict[tuple[bytes, str | None], dict[str, Any]] = {}
+
+    def describe(self, request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid], executor: str | None,
+                 verifiers: Sequence[str] = ()) -> dict[str, Any]:
+        key = (request_id, executor)
+        found = self._done.get(key)
+        if found is None:
+            found = describe_election(request_id, epoch_seed, bids, executor, verifiers)
+            self._done[key] = found
+            while len(self._done) > self.size:
+                self._done.pop(next(iter(self._done)), None)
+        return found
 
 
 def describe_verdicts(verdicts: Iterable[Any], verifiers: Sequence[str]) -> list[dict[str, Any]]:
@@ -115,22 +136,23 @@ def checked_receipt_verdicts(receipt: Receipt) -> list[Any]:
     return out
 
 
-def request_from_gateway(r: GatewayRequest, me: str) -> dict[str, Any]:
+def request_from_gateway(r: GatewayRequest, me: str, cache: ElectionCache) -> dict[str, Any]:
     return {
         "request_id": r.request_id.hex(), "at_ms": r.at_ms, "model": r.model, "role": "client",
         "via": "gateway", "client": me, "executor": r.executor, "tokens": r.tokens, "outcome": r.outcome,
-        "election": describe_election(r.request_id, r.epoch_seed, r.bids, r.executor, r.verifiers),
+        "election": cache.describe(r.request_id, r.epoch_seed, r.bids, r.executor, r.verifiers),
         "verdicts": describe_verdicts(r.verdicts, r.verifiers),
         "refusals": [{"peer_id": p, "reason": why} for p, why in r.refusals],
     }
 
 
 def request_from_receipt(receipt: Receipt, me: str, model_names: Mapping[bytes, str],
-                         elections: Mapping[bytes, tuple[bytes, tuple[Bid, ...]]]) -> dict[str, Any]:
+                         elections: Mapping[bytes, tuple[bytes, tuple[Bid, ...]]],
+                         cache: ElectionCache) -> dict[str, Any]:
     executor = peer_id_from_public_key(receipt.executor)
     verifiers = [peer_id_from_public_key(k) for k in receipt.verifiers]
     evidence = elections.get(receipt.request_id)
-    election = (describe_election(receipt.request_id, evidence[0], evidence[1], executor, verifiers)
+    election = (cache.describe(receipt.request_id, evidence[0], evidence[1], executor, verifiers)
                 if evidence else {"proof": "not-seen", "ranking": [], "bids": None, "invalid_bids": []})
     return {
         "request_id": receipt.request_id.hex(), "at_ms": receipt.issued_at_ms,
