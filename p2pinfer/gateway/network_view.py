@@ -17,6 +17,7 @@ The election and verdict descriptions are pure functions (:func:`describe_electi
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -91,16 +92,19 @@ class ElectionCache:
     def __init__(self, size: int = 4 * RECENT_REQUESTS) -> None:
         self.size = size
         self._done: dict[tuple[bytes, str | None], dict[str, Any]] = {}
+        self._lock = threading.Lock()  # pages are built in worker threads, possibly two at once
 
     def describe(self, request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid], executor: str | None,
                  verifiers: Sequence[str] = ()) -> dict[str, Any]:
         key = (request_id, executor)
-        found = self._done.get(key)
+        with self._lock:
+            found = self._done.get(key)
         if found is None:
             found = describe_election(request_id, epoch_seed, bids, executor, verifiers)
-            self._done[key] = found
-            while len(self._done) > self.size:
-                self._done.pop(next(iter(self._done)), None)
+            with self._lock:
+                self._done[key] = found
+                while len(self._done) > self.size:
+                    del self._done[next(iter(self._done))]
         return found
 
 
