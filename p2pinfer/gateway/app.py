@@ -38,6 +38,7 @@ from ..request.errors import (
     NoBidsInTime,
     NoPeerServesModel,
     NotConnected,
+    PromptTooLarge,
     RequestError,
 )
 from ..status import status_snapshot
@@ -45,12 +46,12 @@ from ..wire import now_ms
 from . import network_view as view
 from . import openai_api as api
 from . import openai_extras as extras
+from .input import MAX_BODY, body_too_large, check_text_size, parse_json_body
 from .openai_api import ApiError, GenerationSpec
 from .page import PAGE_HTML
 
 log = get_logger("p2pinfer.gateway")
 
-MAX_BODY = 4 << 20  # bytes; a request's prompt is bounded far below this by the wire format
 MODEL_LOOKUP_TIMEOUT_S = 3.0  # how long an unknown model name may take to appear in gossip before a 404
 
 Scope = dict[str, Any]
@@ -59,6 +60,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _error_for(exc: RequestError) -> ApiError:
+    if isinstance(exc, PromptTooLarge):
+        return ApiError(413, str(exc), code="prompt_too_large")
     if isinstance(exc, BadParameters):
         return api.bad_request(str(exc))
     if isinstance(exc, NoPeerServesModel):
@@ -187,9 +190,11 @@ class GatewayApp:
             await self._route(scope, receive, counted_send)
         except ApiError as exc:
             await _send_json(counted_send, exc.status, exc.body())
-        except Exception as exc:  # never let one request take the server down; say what happened
+        except Exception as exc:  # never let one request take the server down; never show Python's text
             log.error("gateway.internal_error", path=scope.get("path"), error=repr(exc)[:300])
-            await _send_json(counted_send, 500, ApiError(500, f"internal error: {exc}", type="server_error").body())
+            await _send_json(counted_send, 500, ApiError(500, "internal error in the gateway (logged on the peer as "
+                                                              "gateway.internal_error); try again", type="server_error",
+                                                         code="internal_error").body())
         finally:
             # Every answer is counted, errors included (a cancelled request that never answered is not one).
             if status:
@@ -224,7 +229,7 @@ class GatewayApp:
                 "/v1/completions": ("POST", self._completions),
             })
         if path not in routes:
-            raise ApiError(404, f"Unknown request URL: {method} {path}. This endpoint serves "
+            raise ApiError(404, f"Unknown request URL: {method} {path[:200]}. This endpoint serves "
                                 f"{', '.join(['/', *sorted(routes)])}.", code="unknown_url")
         wanted, handler = routes[path]
         if method != wanted:
@@ -271,12 +276,14 @@ class GatewayApp:
     # ---- generation -------------------------------------------------------------------------------
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = api.parse_body(await _read_body(receive))
-        await self._generate(api.parse_chat_request(body), receive, send)
+        spec = api.parse_chat_request(parse_json_body(await _read_body(receive)))
+        check_text_size(spec)
+        await self._generate(spec, receive, send)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = api.parse_body(await _read_body(receive))
-        await self._generate(api.parse_completion_request(body), receive, send)
+        spec = api.parse_completion_request(parse_json_body(await _read_body(receive)))
+        check_text_size(spec)
+        await self._generate(spec, receive, send)
 
     async def _generate(self, spec: GenerationSpec, receive: Receive, send: Send) -> None:
         started, started_ms = time.perf_counter(), now_ms()
@@ -535,7 +542,7 @@ async def _read_body(receive: Receive) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
+            raise body_too_large()
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
@@ -550,7 +557,8 @@ async def _send(send: Send, status: int, body: bytes, content_type: str,
 
 
 async def _send_json(send: Send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await _send(send, status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
+    await _send(send, status, json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace"), "application/json",
+                headers)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -23,6 +23,7 @@ from ..wire.messages import MAX_NEW_TOKENS
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512       # OpenAI's is "until the context is full"; ours is bounded
 MAX_TEMPERATURE = 2.0               # OpenAI's range is [0, 2]
+MAX_MODEL_NAME = 128                # announced model names are at most 128 bytes; a hex digest is 64
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -44,6 +45,18 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+MAX_SHOWN = 40  # characters of a client's value quoted back in an error message
+
+
+def show(value: Any) -> str:
+    """A client's value for an error message: its JSON text, shortened, on one line."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -79,14 +92,9 @@ _NEUTRAL: dict[str, Any] = {
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON ({exc}); send a JSON object",
-                          code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
-    return body
+    """The body as a JSON object (the checks and limits live in :mod:`p2pinfer.gateway.input`)."""
+    from .input import parse_json_body
+    return parse_json_body(raw)
 
 
 def parse_chat_request(body: Mapping[str, Any]) -> GenerationSpec:
@@ -117,7 +125,7 @@ def _chat_message(i: int, message: Any) -> dict[str, str]:
     if role == "developer":
         role = "system"
     if role not in ("system", "user", "assistant"):
-        raise bad_request(f"messages[{i}].role {role!r} is not supported; use system, developer, user or "
+        raise bad_request(f"messages[{i}].role {show(role)} is not supported; use system, developer, user or "
                           "assistant (tool messages are not supported)", f"messages[{i}].role")
     content = message.get("content")
     if isinstance(content, list):
@@ -144,6 +152,9 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required: a model name from GET /v1/models (or its hex digest)", "model",
                           code="missing_model")
+    if len(model) > MAX_MODEL_NAME:
+        raise bad_request(f"'model' is {len(model)} characters; model names and digests are at most {MAX_MODEL_NAME}",
+                          "model")
     for name, neutral in _NEUTRAL.items():
         if name in body and not neutral(body[name]):
             raise bad_request(f"'{name}' is not supported by the p2pinfer gateway; leave it out", name,
@@ -151,7 +162,7 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
     if max_tokens is None:
         max_tokens = default_max
     if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
-        raise bad_request(f"'{max_param}' must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_tokens!r}",
+        raise bad_request(f"'{max_param}' must be an integer from 1 to {MAX_NEW_TOKENS}, got {show(max_tokens)}",
                           max_param)
     temperature = _number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
@@ -161,7 +172,7 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
     if top_k is None:
         top_k = 0
     if not _is_int(top_k) or top_k < 0:
-        raise bad_request(f"'top_k' must be a non-negative integer (0 disables it), got {top_k!r}", "top_k")
+        raise bad_request(f"'top_k' must be a non-negative integer (0 disables it), got {show(top_k)}", "top_k")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -171,7 +182,7 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
                           "bytes", "stop")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
-        raise bad_request(f"'seed' must be an integer, got {seed!r}", "seed")
+        raise bad_request(f"'seed' must be an integer, got {show(seed)}", "seed")
     if seed is not None and seed < 0:
         seed += 2**64  # OpenAI seeds are signed 64-bit; ours are unsigned: the same 64 bits
     stream = body.get("stream")
@@ -202,7 +213,7 @@ def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: f
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not lo <= value <= hi:
-        raise bad_request(f"'{name}' must be a number from {lo:g} to {hi:g}, got {value!r}", name)
+        raise bad_request(f"'{name}' must be a number from {lo:g} to {hi:g}, got {show(value)}", name)
     return float(value)
 
 

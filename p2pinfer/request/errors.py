@@ -13,6 +13,10 @@ class BadParameters(RequestError, ValueError):
     """A request parameter is missing, of the wrong type or out of range."""
 
 
+class PromptTooLarge(BadParameters):
+    """The prompt (or all chat messages together) is larger than one request may carry; nothing was sent."""
+
+
 class NoPeerServesModel(RequestError):
     """No known peer announces the requested model."""
 

@@ -7,8 +7,8 @@ import os
 from typing import Any, Iterable, Mapping
 
 from ..wire import ChatMessage, Request, now_ms
-from ..wire.messages import MAX_NEW_TOKENS
-from .errors import BadParameters
+from ..wire.messages import MAX_NEW_TOKENS, MAX_TEXT_BYTES, request_text_bytes
+from .errors import BadParameters, PromptTooLarge
 
 _ROLES = ("system", "user", "assistant")
 
@@ -47,6 +47,7 @@ def build_request(
         if not chat_list:
             raise BadParameters("messages must not be empty")
         chat = tuple(chat_list)
+    _check_text(prompt, None if chat is None else [m.content for m in chat])
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
         raise BadParameters(f"max_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_tokens!r}")
     temperature = _number("temperature", temperature, 0.0, 10.0)
@@ -85,6 +86,23 @@ def build_request(
     except ValueError as exc:  # sizes the checks above do not cover (e.g. a huge prompt)
         raise BadParameters(f"request is invalid: {exc}") from None
     return request
+
+
+def _check_text(prompt: str | None, contents: list[str] | None) -> None:
+    """Refuse, before anything is sent, text that is not Unicode or larger than one request may carry."""
+    for i, text in enumerate([prompt] if prompt is not None else contents or []):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = "prompt" if prompt is not None else f"messages[{i}].content"
+            raise BadParameters(f"{where} is not valid Unicode text (a lone surrogate at character {exc.start}); "
+                                "send UTF-8 text") from None
+    size = request_text_bytes(prompt, contents)
+    if size > MAX_TEXT_BYTES:
+        what = "the prompt is" if prompt is not None else "the chat messages together are"
+        raise PromptTooLarge(f"{what} {size} bytes of UTF-8 text; one request carries at most {MAX_TEXT_BYTES} "
+                             f"bytes ({MAX_TEXT_BYTES // 1024} KiB); shorten it or split the work into several "
+                             "requests")
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:

@@ -9,7 +9,8 @@ A :class:`TaskServer` is installed on a running :class:`~p2pinfer.net.Node` and 
   and ends with the signed ``InferenceResult`` carrying the logit fingerprints.
 
 Generation runs in worker threads (``TokenStream``), so one peer serves up to ``slots`` requests at once
-without blocking its event loop; beyond that it answers ``busy``.
+without blocking its event loop; beyond that it answers ``busy``. It also answers ``busy`` to a remote peer
+that sends offers faster than :data:`~p2pinfer.request.limits.OFFER_RATE` (see docs/limits.md).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ..wire import (
 )
 from ..wire.messages import MAX_NEW_TOKENS
 from ..errors import P2PInferError
+from .limits import OFFER_RATE, OVER_LIMIT_DELAY_S, PeerRateLimiter
 from .protocol import (
     BID_PROTOCOL,
     MAX_OFFER_FRAME,
@@ -103,8 +105,10 @@ class TaskServer:
     """Serves offers and assignments.
 
     ``counters`` (read by metrics and ``p2pinfer status``; plain integer updates, nothing else on the hot path):
-    ``offers``, ``bids``, ``refused.<code>`` (offers and assignments we refused), ``elections.won`` (assignments
-    accepted: we held the rank the assignment names), ``tasks.completed``, ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
+    ``offers``, ``offers.rate_limited`` (refused busy: the sender exceeded its rate, see
+    :mod:`p2pinfer.request.limits`), ``bids``, ``refused.<code>`` (offers and assignments we refused),
+    ``elections.won`` (assignments accepted: we held the rank the assignment names), ``tasks.completed``,
+    ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
     """
 
     def __init__(self, node: Node, identity: Identity, models: Sequence[LoadedModel], *, slots: int = 2,
@@ -126,6 +130,7 @@ class TaskServer:
         self.recent_elections: dict[bytes, tuple[bytes, tuple[Any, ...]]] = {}
         self._vrf_key = vrf.SecretKey(identity.seed)
         self._assignments = ReplayGuard()
+        self._offer_rate = PeerRateLimiter(OFFER_RATE)
 
     def install(self) -> None:
         self.node.register_request_handler(BID_PROTOCOL, self._on_offer, max_frame=MAX_OFFER_FRAME)
@@ -137,12 +142,22 @@ class TaskServer:
     # ---- offers -> bids ---------------------------------------------------------------------------
 
     async def _on_offer(self, peer_id: str, body: bytes) -> bytes:
+        # The rate is checked before any signature work; an over-limit offer is answered late (see limits.py).
+        over_limit = peer_id != self.node.peer_id and not self._offer_rate.allow(peer_id, trio.current_time())
+        if over_limit:
+            await trio.sleep(OVER_LIMIT_DELAY_S)
         try:
             offer: TaskOffer = decode_signed(body, expect=TaskOffer, max_size=MAX_OFFER_FRAME).message
         except WireError as exc:
             log.info("offer.rejected", peer_id=peer_id, reason=exc.reason, error=str(exc)[:200])
             raise InvalidOffer(f"invalid offer: {exc}") from None
         self.counters["offers"] += 1
+        if over_limit:
+            self.counters["offers.rate_limited"] += 1
+            log.debug("offer.rate_limited", peer_id=peer_id)
+            return self._refusal(offer.request_id, "busy",
+                                 f"more than {OFFER_RATE.per_second:g} offers/s (burst {OFFER_RATE.burst}) from "
+                                 "this peer; back off and retry")
         now = now_ms()
         if not now < offer.expires_at_ms <= now + OFFER_TTL_MS + REQUEST_MAX_SKEW_MS:
             return self._refusal(offer.request_id, "expired", "the offer has expired or expires too far ahead")
