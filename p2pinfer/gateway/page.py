@@ -32,6 +32,8 @@ PAGE_HTML = """<!doctype html>
   main { display:grid; grid-template-columns: minmax(320px, 1fr) minmax(420px, 2fr); gap:16px; padding:16px 24px; }
   section { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:14px 16px; }
   section h2 { font-size:15px; margin:0 0 10px; }
+  main > div { display:flex; flex-direction:column; gap:16px; }
+  [hidden] { display:none !important; }
   table { border-collapse:collapse; width:100%; }
   th, td { text-align:left; padding:5px 6px; border-bottom:1px solid var(--line); vertical-align:top; }
   th { font-weight:600; color:var(--muted); font-size:12px; }
@@ -69,7 +71,7 @@ PAGE_HTML = """<!doctype html>
       <p id="about" class="muted" style="font-size:12px"></p>
       <table><thead><tr><th>when</th><th>entry</th><th>amount</th></tr></thead><tbody id="entries"></tbody></table>
     </section>
-    <section id="peers" style="margin-top:16px">
+    <section id="peers">
       <h2>Peers <span id="peer-count" class="muted"></span></h2>
       <table><thead><tr><th>peer</th><th>models</th><th>slots free</th><th>reachability</th><th>reputation</th></tr>
       </thead><tbody id="peer-rows"></tbody></table>
@@ -216,10 +218,9 @@ function render(data) {
     document.getElementById("entries").replaceChildren(...ledger.entries.map(e =>
       el("tr", {}, el("td", {class: "muted"}, ago(e.at_ms)), el("td", {}, e.kind, e.note ? el("span", {class: "muted"}, " " + e.note) : ""),
          el("td", {}, credits(e.amount)))));
-  } else {
-    document.getElementById("balance").textContent = "n/a";
-    document.getElementById("about").textContent = "This node keeps no ledger.";
   }
+  // A bootstrap node keeps no ledger and takes part in no request: say so instead of drawing empty boxes.
+  document.getElementById("ledger").hidden = !ledger;
 
   document.getElementById("peer-count").textContent = "(" + data.peers.length + ")";
   document.getElementById("peer-rows").replaceChildren(...data.peers.map(p => {
@@ -234,7 +235,9 @@ function render(data) {
   document.getElementById("request-count").textContent = "(" + data.requests.length + ")";
   const list = document.getElementById("request-list");
   if (data.requests.length) list.replaceChildren(...data.requests.map(renderRequest));
-  else list.replaceChildren(el("p", {class: "muted"}, "No request yet."));
+  else list.replaceChildren(el("p", {class: "muted"}, data.peer.role === "bootstrap"
+    ? "A bootstrap node relays gossip and answers the DHT; it takes part in no request, so none is listed here."
+    : "No request yet."));
 }
 
 async function poll() {
