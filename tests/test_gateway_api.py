@@ -167,3 +167,23 @@ def test_verification_descriptions():
     assert describe_verification(None) == "unverified"
     assert describe_verification({"outcome": "accepted"}) == "accepted"
     assert describe_verification(type("V", (), {"accepted": False})()) == "rejected"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=24), st.data())
+def test_returned_tokens_are_the_fewest_that_cover_the_returned_text(pieces, data):
+    from p2pinfer.gateway.openai_extras import returned_token_count
+
+    ids = list(range(len(pieces)))
+
+    def decode(prefix):
+        return "".join(pieces[i] for i in prefix)
+
+    full = decode(ids)
+    cut = data.draw(st.integers(0, len(full)))  # where a stop string began
+    text = full[:cut]
+    count = returned_token_count(ids, text, "stop", (), decode)
+    assert len(decode(ids[:count])) >= len(text)
+    if count:
+        assert len(decode(ids[:count - 1])) < len(text)
+    assert returned_token_count(ids, full, "length", (), decode) == len(ids)
