@@ -59,6 +59,10 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
         via_gateway = await trio.to_thread.run_sync(lambda: httpx.post(
             f"{peer.gateway_url}/v1/completions", timeout=120,
             json={"model": MODEL_NAME, "prompt": "def main(", "max_tokens": 6, "seed": 3}).json())
+        missing = await trio.to_thread.run_sync(lambda: httpx.post(
+            f"{peer.gateway_url}/v1/completions", timeout=120,
+            json={"model": "no-such-model", "prompt": "x", "max_tokens": 2}))
+        assert missing.status_code == 404
         gateway_request = via_gateway["p2pinfer"]["request_id"]
         sdk_request = sdk_result.request_id.hex()
         assert sdk_result.verification.outcome == "accepted"  # two serving peers: one executes, one verifies
@@ -75,6 +79,8 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
                 gateway_card = wait.until(lambda d: d.find_element(
                     By.CSS_SELECTOR, f'[data-request-id="{gateway_request}"]'))
                 wait.until(lambda d: d.find_element(By.ID, "sparkline").find_elements(By.TAG_NAME, "polyline"))
+                failed = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".request .outcome.model_not_found"))
+                failed_text = failed.find_element(By.XPATH, "ancestor::div[@class='request']").text
                 # The SDK's client has left: its row goes once the page's peer sees its connection closed.
                 wait.until(lambda d: client_id[-6:] not in d.find_element(By.ID, "peer-rows").text)
                 out = {
@@ -87,6 +93,7 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
                     "balance": driver.find_element(By.ID, "balance").text,
                     "unit": driver.find_element(By.ID, "unit").text,
                     "live": driver.find_element(By.ID, "live").text,
+                    "failed": failed_text,
                     "errors": [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"],
                 }
                 shot = tmp_path / "network-page.png"
@@ -113,6 +120,7 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
     # Its own ledger, with units: it earned credits for executing or verifying.
     assert int(seen["balance"]) > 0 and "credits balance" in seen["unit"]
     assert seen["live"].startswith("live")
+    assert "no-such-model" in seen["failed"] and "no result: model not found" in seen["failed"]
     assert seen["errors"] == [], seen["errors"]
     assert seen["screenshot"].stat().st_size > 10_000
 

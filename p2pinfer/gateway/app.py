@@ -133,6 +133,7 @@ class Gateway:
         names = view.model_names(node, server)
         elections = dict(server.recent_elections) if server is not None else {}
         own = list(self.requests)
+        failed = [r for r in list(self.metrics.recent) if r.outcome != "ok"]
         about = {"peer_id": me, "role": node.config.role, "version": __version__, "addrs": list(node.addrs),
                  "urls": dict(self.urls), "uptime_s": round(time.time() - self.metrics.started_at, 1),
                  "connected_peers": len(node.connected_peers())}
@@ -147,7 +148,8 @@ class Gateway:
             for p in peers:
                 p["reputation"] = standing.get(p["peer_id"])
             requests = view.merge_requests(
-                [view.request_from_gateway(r, me, self._checked) for r in own],
+                [view.request_from_gateway(r, me, self._checked) for r in own]
+                + [view.request_from_failure(r, me) for r in failed],
                 [view.request_from_receipt(r, me, names, elections, self._checked) for r in receipts])
             return {"generated_at_ms": now_ms(), "peer": about, "peers": peers, "requests": requests,
                     "ledger": ledger_json}

@@ -150,6 +150,16 @@ def request_from_gateway(r: GatewayRequest, me: str, cache: ElectionCache) -> di
     }
 
 
+def request_from_failure(record: Any, me: str) -> dict[str, Any]:
+    """A gateway request that got no result (no capacity, all candidates failed, cancelled): its error code."""
+    return {
+        "request_id": record.id, "at_ms": record.started_at_ms, "model": record.model, "role": "client",
+        "via": "gateway", "client": me, "executor": record.executor or None, "tokens": record.tokens,
+        "outcome": record.outcome, "election": {"proof": "none", "ranking": [], "bids": None, "invalid_bids": []},
+        "verdicts": [], "refusals": [],
+    }
+
+
 def request_from_receipt(receipt: Receipt, me: str, model_names: Mapping[bytes, str],
                          elections: Mapping[bytes, tuple[bytes, tuple[Bid, ...]]],
                          cache: ElectionCache) -> dict[str, Any]:

@@ -43,6 +43,7 @@ PAGE_HTML = """<!doctype html>
   .badge.accepted, .badge.accept { background:#dafbe1; color:var(--ok); }
   .badge.rejected, .badge.reject { background:#ffebe9; color:var(--bad); }
   .badge.unverified, .badge.none, .badge.skipped { background:#fff8c5; color:var(--warn); }
+  .badge.failed { background:#ffebe9; color:var(--bad); }
   .big { font-size:28px; font-weight:700; }
   .request { border:1px solid var(--line); border-radius:8px; padding:10px 12px; margin-bottom:10px; }
   .request .head { display:flex; gap:10px; flex-wrap:wrap; align-items:center; }
@@ -169,13 +170,20 @@ function verdictSummary(v) {
 
 function renderRequest(r) {
   const card = el("div", {class: "request", "data-request-id": r.request_id});
-  const outcome = el("span", {class: "badge outcome " + r.outcome}, r.outcome);
+  const known = ["accepted", "rejected", "unverified", "skipped"].includes(r.outcome);
+  const outcome = el("span", {class: "badge outcome " + (known ? "" : "failed ") + r.outcome},
+                     known ? r.outcome : r.outcome.replace(/_/g, " "));
   card.append(el("div", {class: "head"}, outcome, el("b", {}, r.model),
     el("span", {class: "muted"}, plural(r.tokens, "token")), el("span", {class: "muted"}, ago(r.at_ms)),
     el("span", {class: "muted"}, "you were the " + (r.role === "named" ? "peer named" : r.role)),
     el("span", {class: "mono muted", title: r.request_id}, "request " + r.request_id.slice(0, 12) + "…")));
-  card.append(el("div", {}, "executed by ", who(r.executor)));
   const e = r.election;
+  if (e.proof === "none") {
+    card.append(el("div", {class: "muted election"}, "no result: " + r.outcome.replace(/_/g, " ") +
+                   (r.executor ? " (last executor tried: " + short(r.executor) + ")" : "")));
+    return card;
+  }
+  card.append(el("div", {}, "executed by ", who(r.executor)));
   if (e.proof === "not-seen") {
     card.append(el("div", {class: "muted election"}, "election: this peer did not see the bids (it only verified)"));
   } else {
