@@ -16,7 +16,7 @@ def _store(app: AppContext) -> ModelStore:
 
 @click.group()
 def models() -> None:
-    """Import, list, calibrate and remove ONNX models."""
+    """Import, list, calibrate and remove ONNX models; list the models on offer in the network."""
 
 
 @models.command("import")

@@ -114,7 +114,7 @@ def node_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.command("bootstrap")
 @node_options
 @click.option("--page", "page", metavar="HOST:PORT", default=None,
-              help="Serve the network page (peers, elections, verdicts) at http://HOST:PORT/ (a bare port means "
+              help="Serve the network page (the peers this node knows, live) at http://HOST:PORT/ (a bare port means "
                    "127.0.0.1); no OpenAI routes. See docs/gateway.md.")
 @click.option("--page-key", "page_key", metavar="KEY", envvar="P2PINFER_PAGE_KEY", default=None,
               help="Require this bearer key for the page's data (open http://HOST:PORT/#key=KEY).")
