@@ -63,6 +63,7 @@ async def test_status_of_a_running_peer_with_its_gateway(shared_models, tmp_path
             stderr = (await trio.to_thread.run_sync(proc.communicate, None, 30))[1].decode()
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     assert "event=gateway.started" in stderr and "url=http://127.0.0.1:" in stderr
+    assert "page: http://127.0.0.1:" in out  # where to point a browser
     other = net.peers[0].peer_id
     assert f"{other[:8]}…{other[-8:]}" in out  # the known peer, with its model
     assert "Known peers" in out and MODEL_NAME in out
