@@ -116,7 +116,7 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
     assert any("(you)" in row for row in seen["peers"])
     assert not any(client_id[-6:] in row for row in seen["peers"])  # departed clients are dropped
     other = [row for row in seen["peers"] if net.peers[0].peer_id[-6:] in row]
-    assert other and MODEL_NAME in other[0] and "connected" in other[0]
+    assert other and MODEL_NAME in other[0] and "connected" in other[0] and "loopback addresses" in other[0]
     # Its own ledger, with units: it earned credits for executing or verifying.
     assert int(seen["balance"]) > 0 and "credits balance" in seen["unit"]
     assert seen["live"].startswith("live")

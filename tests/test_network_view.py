@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from p2pinfer import vrf
 from p2pinfer.election import make_bid
-from p2pinfer.gateway.network_view import (ElectionCache, checked_receipt_verdicts, describe_election,
+from p2pinfer.gateway.network_view import (ElectionCache, address_scope, checked_receipt_verdicts, describe_election,
                                            describe_verdicts, vrf_position)
 from p2pinfer.identity import Identity
 from p2pinfer.wire import Receipt, Verdict, encode_signed, now_ms
@@ -77,3 +77,13 @@ def test_only_verdicts_signed_by_a_named_verifier_about_this_result_are_shown():
 def test_vrf_position_is_the_output_as_a_fraction():
     assert vrf_position(bytes(64)) == 0.0
     assert 0.99 < vrf_position(b"\xff" * 64) < 1.0
+
+
+def test_address_scope_is_the_widest_kind_announced():
+    assert address_scope(["/ip4/127.0.0.1/tcp/4001"]) == "loopback"
+    assert address_scope(["/ip4/127.0.0.1/tcp/1", "/ip4/192.168.1.9/tcp/1"]) == "private"
+    assert address_scope(["/ip4/192.168.1.9/tcp/1", "/ip4/8.8.8.8/tcp/1"]) == "public"
+    assert address_scope(["/dns4/boot.example.org/tcp/4001"]) == "public"
+    assert address_scope(["/ip4/10.0.0.2/tcp/1", "/ip4/8.8.4.4/tcp/1/p2p/12D3KooWx/p2p-circuit"]) == "relayed"
+    assert address_scope(["/ip6/::1/tcp/1", "garbage", "/ip4/not-an-ip/tcp/1"]) == "loopback"
+    assert address_scope([]) == "none"

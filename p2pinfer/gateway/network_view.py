@@ -207,6 +207,33 @@ def receipts_view(ledger: "Ledger", limit: int = RECENT_REQUESTS) -> list[Receip
     return out
 
 
+def address_scope(addrs: Iterable[str]) -> str:
+    """The widest kind of address a peer announces: ``public``, ``relayed`` (only through a relay),
+    ``private`` (LAN), ``loopback`` or ``none``; what others can hope to dial."""
+    import ipaddress
+
+    kinds = set()
+    for addr in addrs:
+        if "/p2p-circuit" in addr:
+            kinds.add("relayed")
+            continue
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("dns", "dns4", "dns6"):
+            kinds.add("public")
+            continue
+        if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+            continue
+        try:
+            ip = ipaddress.ip_address(parts[2])
+        except ValueError:
+            continue
+        kinds.add("loopback" if ip.is_loopback else "private" if ip.is_private or ip.is_link_local else "public")
+    for kind in ("public", "relayed", "private", "loopback"):
+        if kind in kinds:
+            return kind
+    return "none"
+
+
 def peers_view(node: Any, server: Any) -> list[dict[str, Any]]:
     """This peer first, then every peer with a live announcement (departed ones drop out as theirs expire).
 
@@ -218,7 +245,7 @@ def peers_view(node: Any, server: Any) -> list[dict[str, Any]]:
         "peer_id": node.peer_id, "you": True, "role": node.config.role, "reachability": "self",
         "models": [{"name": m.name, "digest": d.hex()} for d, m in server.models.items()] if server else [],
         "free_slots": server.free_slots if server else None, "total_slots": server.slots if server else None,
-        "reputation": None, "addrs": list(node.addrs),
+        "reputation": None, "addrs": list(node.addrs), "addresses": address_scope(node.addrs),
     }
     peers = [me]
     for a in sorted(node.table.live(now), key=lambda a: a.peer_id):
@@ -229,7 +256,7 @@ def peers_view(node: Any, server: Any) -> list[dict[str, Any]]:
             "reachability": "connected" if a.peer_id in connected else "gossip only",
             "models": [{"name": m.name, "digest": m.digest.hex()} for m in a.models],
             "free_slots": a.free_slots, "total_slots": a.total_slots, "reputation": None,
-            "addrs": list(a.addrs),
+            "addrs": list(a.addrs), "addresses": address_scope(a.addrs),
         })
     return peers
 

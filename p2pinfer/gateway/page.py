@@ -237,7 +237,9 @@ function render(data) {
     return el("tr", {class: "peer", "data-peer-id": p.peer_id}, el("td", {}, who(p.peer_id)),
       el("td", {}, p.models.map(m => m.name).join(", ") || (p.role === "bootstrap" ? "(bootstrap node)" : "–")),
       el("td", {}, p.total_slots === null ? "–" : p.free_slots + " of " + p.total_slots),
-      el("td", {}, p.reachability), el("td", {}, repText));
+      el("td", {}, p.reachability, el("div", {class: "muted", style: "font-size:12px", title: p.addrs.join(", ")},
+                                      p.addresses + " address" + (p.addresses === "none" ? "" : "es"))),
+      el("td", {}, repText));
   }));
 
   document.getElementById("request-count").textContent = "(" + data.requests.length + ")";
