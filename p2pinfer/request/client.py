@@ -56,6 +56,7 @@ from ..wire import (
     now_ms,
 )
 from .candidates import DEFAULT_MAX_CANDIDATES, select_candidates
+from .possession import vet_candidates
 from .errors import (AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected,
                      QuorumNotReached, ResultRejected)
 from .params import build_request
@@ -452,6 +453,7 @@ class AsyncClient:
         # over a loopback stream; it gets the same equal chance as every other bidder.
         infos = await self.node.candidates(request.model, timeout=min(self.discovery_timeout, 5.0),
                                            include_self=True)
+        infos = await vet_candidates(self.node, self.identity, request.model, infos)  # possession (Sybils)
         if not infos:
             raise NoPeerServesModel(f"no peer with free capacity serves model {request.model.hex()[:16]}…")
         chosen = select_candidates(request_id, [i.peer_id for i in infos], self.max_candidates)

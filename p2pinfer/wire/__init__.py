@@ -27,6 +27,8 @@ from .messages import (
     InferenceResult,
     Message,
     ModelOffer,
+    PossessionChallenge,
+    PossessionProof,
     Receipt,
     Refusal,
     Request,

@@ -30,6 +30,8 @@ from .messages import (
     InferenceResult,
     Message,
     ModelOffer,
+    PossessionChallenge,
+    PossessionProof,
     Receipt,
     Refusal,
     Request,
@@ -170,6 +172,9 @@ def example_messages() -> list[Message]:
         FraudProof(request=_REQUEST, result=_signed_example(_EXAMPLE_RESULT),
                    verdicts=(_signed_example(_EXAMPLE_VERDICT),), inherited_tokens=0,
                    issued_at_ms=1_790_000_002_000),
+        PossessionChallenge(model=_REQUEST.model, nonce=bytes.fromhex("c4" * 32), positions=8,
+                            expires_at_ms=1_790_000_010_000),
+        PossessionProof(challenge=bytes.fromhex("d7" * 32), model=_REQUEST.model, fingerprint=bytes.fromhex("0102" * 8)),
     ]
 
 
