@@ -106,7 +106,8 @@ class Identity:
         """Write the key to ``path`` atomically, with mode 0600 from the first byte on."""
         path = Path(path)
         if path.exists() and not overwrite:
-            raise KeyFileError(f"key file {path} already exists; refusing to overwrite it (choose another --out)")
+            raise KeyFileError(f"key file {path} already exists; refusing to overwrite it: choose another --out, "
+                               "or pass --force to replace it (the identity it holds is then lost)")
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         text = f"{_KEY_FILE_HEADER}\n{_SEED_PREFIX} {self.seed.hex()}\n"
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

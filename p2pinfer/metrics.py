@@ -86,6 +86,9 @@ class PeerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter("p2pinfer_gateway_requests", "Gateway requests by endpoint and outcome "
                                 "(ok, or the OpenAI error code)", ["endpoint", "outcome"], registry=self.registry)
+        self.responses = Counter("p2pinfer_gateway_responses", "Every HTTP answer of the gateway and control "
+                                 "socket, by route and status code (errors included)", ["route", "status"],
+                                 registry=self.registry)
         self.tokens = Counter("p2pinfer_gateway_tokens", "Tokens generated for gateway clients",
                               registry=self.registry)
         self.time_to_first_token = Histogram(

@@ -103,7 +103,9 @@ class ServingPeer:
             host, port = self.gateway_bind
             self.gateway_url = await nursery.start(serve_tcp, self.gateway.asgi(api_key=self.gateway_key), host, port)
             self.gateway.urls["gateway"] = f"{self.gateway_url}/v1"
-            log.info("gateway.started", url=f"{self.gateway_url}/v1", auth=self.gateway_key is not None)
+            self.gateway.urls["page"] = f"{self.gateway_url}/"
+            log.info("gateway.started", url=f"{self.gateway_url}/v1", page=f"{self.gateway_url}/",
+                     auth=self.gateway_key is not None)
             if not is_loopback(host):
                 log.warning("gateway.public", host=host, auth=self.gateway_key is not None,
                             hint="anyone who can reach this address can use the gateway"

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 STATUS_VERSION = 1
 
 
+def is_departed_client(announcement: Any, connected: set[str]) -> bool:
+    """A client (it announces no model) we are no longer connected to: it has left, though its last
+    announcement has not expired yet."""
+    return not announcement.models and announcement.peer_id not in connected
+
+
 def status_snapshot(node: "Node", *, server: "TaskServer | None" = None, metrics: "PeerMetrics | None" = None,
                     urls: Mapping[str, str] | None = None, ledger: "Ledger | None" = None) -> dict[str, Any]:
     from .identity import public_key_from_peer_id
@@ -36,8 +42,9 @@ def status_snapshot(node: "Node", *, server: "TaskServer | None" = None, metrics
                 "proven_fraud": standing.proven_fraud}
 
     peers = []
+    connected = set(node.connected_peers())
     for a in sorted(node.table.live(now), key=lambda a: a.peer_id):
-        if a.peer_id == node.peer_id:
+        if a.peer_id == node.peer_id or is_departed_client(a, connected):
             continue
         peers.append({
             "peer_id": a.peer_id,

@@ -50,7 +50,8 @@ def test_keys_new_out_and_show_file(tmp_path, xdg):
     assert shown.returncode == 0 and "12D3KooW" in shown.stdout
     again = run("keys", "new", "--out", str(path), env_extra=xdg)
     assert again.returncode == 1
-    assert "already exists" in again.stderr
+    assert "already exists" in again.stderr and "--force" in again.stderr
+    assert run("keys", "new", "--out", str(path), "--force", env_extra=xdg).returncode == 0
 
 
 def test_data_dir_option(tmp_path, xdg):
@@ -107,4 +108,19 @@ def test_malformed_config_is_a_clear_error(tmp_path, xdg):
 def test_unknown_command_is_a_usage_error():
     result = run("frobnicate")
     assert result.returncode == 2
-    assert "No such command" in result.stderr
+    assert result.stderr.startswith("error: no such command 'frobnicate'") and "p2pinfer --help" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("peer", "--data-dir", "/tmp/somewhere"), "--data-dir is a global option: put it before the command, e.g. "
+                                                "`p2pinfer --data-dir DIRECTORY peer ...`"),
+    (("status", "--log-level", "debug"), "--log-level is a global option"),
+    (("status", "--bogus"), "see `p2pinfer status --help`"),
+    (("generate",), "missing argument 'PROMPT' (see `p2pinfer generate --help`)"),
+])
+def test_usage_errors_are_one_line_with_what_to_do(args, expected, xdg):
+    result = run(*args, env_extra=xdg)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr

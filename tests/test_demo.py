@@ -14,8 +14,10 @@ def test_demo_runs_catches_the_cheater_and_exits_cleanly(tmp_path):
     out = proc.stdout
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "verified (ECVRF edwards25519)" in out and "the same executor" in out
-    assert "ACCEPTED by 3 of 3" in out
-    assert "credit.tokens +" in out and "credit.verification +4" in out
+    assert "ACCEPTED by 3 of 3 verifiers" in out
+    assert "credit.tokens +" in out and "credit.verification +4 credits" in out
+    assert "the client's own ledger" in out and "one credit = one output token" in out
+    assert " 1 verifiers" not in out and " 1 tokens" not in out
     assert "CAUGHT as" in out
     assert "penalty." in out
     assert "cheater EXCLUDED from the election" in out

@@ -151,7 +151,7 @@ async def test_errors_use_openai_status_codes_and_bodies(model):
             out = {
                 "unknown_model": call(lambda: api.chat.completions.create(model="no-such-model", messages=CHAT)),
                 "bad_temperature": call(lambda: api.completions.create(model=MODEL_NAME, prompt="x", temperature=7)),
-                "two_choices": call(lambda: api.chat.completions.create(model=MODEL_NAME, messages=CHAT, n=2)),
+                "too_many_choices": call(lambda: api.chat.completions.create(model=MODEL_NAME, messages=CHAT, n=5)),
                 "bad_role": call(lambda: api.chat.completions.create(
                     model=MODEL_NAME, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])),
                 "wrong_key": call(lambda: sdk(peer, key="wrong").models.list()),
@@ -196,7 +196,7 @@ async def test_errors_use_openai_status_codes_and_bodies(model):
     assert out["unknown_model"].body["code"] == "model_not_found"
     assert "no-such-model" in out["unknown_model"].body["message"]
     assert "GET /v1/models" in out["unknown_model"].body["message"]
-    for name, param in (("bad_temperature", "temperature"), ("two_choices", "n"), ("bad_role", "messages[0].role")):
+    for name, param in (("bad_temperature", "temperature"), ("too_many_choices", "n"), ("bad_role", "messages[0].role")):
         assert isinstance(out[name], openai.BadRequestError), name
         assert out[name].body["param"] == param and out[name].body["type"] == "invalid_request_error"
     assert isinstance(out["wrong_key"], openai.AuthenticationError)

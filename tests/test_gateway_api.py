@@ -49,8 +49,11 @@ def test_completion_defaults_follow_openai():
 @pytest.mark.parametrize("body, param", [
     ({"messages": USER}, "model"),
     ({"model": "m", "messages": []}, "messages"),
-    ({"model": "m", "messages": USER, "n": 3}, "n"),
-    ({"model": "m", "messages": USER, "logprobs": True}, "logprobs"),
+    ({"model": "m", "messages": USER, "n": 5}, "n"),
+    ({"model": "m", "messages": USER, "n": 0}, "n"),
+    ({"model": "m", "messages": USER, "logprobs": 1}, "logprobs"),
+    ({"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 9}, "top_logprobs"),
+    ({"model": "m", "messages": USER, "top_logprobs": 2}, "top_logprobs"),
     ({"model": "m", "messages": USER, "tools": [{"type": "function"}]}, "tools"),
     ({"model": "m", "messages": USER, "temperature": 2.5}, "temperature"),
     ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens"),
@@ -63,6 +66,51 @@ def test_bad_chat_parameters_are_400s_naming_the_parameter(body, param):
         parse_chat_request(body)
     assert info.value.status == 400 and info.value.param == param
     assert info.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_choices_and_logprobs_parameters():
+    spec = parse_chat_request({"model": "m", "messages": USER, "n": 4, "logprobs": True, "top_logprobs": 8})
+    assert (spec.n, spec.logprobs, spec.top_logprobs) == (4, True, 8)
+    spec = parse_completion_request({"model": "m", "prompt": "x", "logprobs": 3})
+    assert (spec.n, spec.logprobs, spec.top_logprobs) == (1, True, 3)
+    assert not parse_completion_request({"model": "m", "prompt": "x", "logprobs": None}).logprobs
+    with pytest.raises(ApiError) as info:
+        parse_completion_request({"model": "m", "prompt": "x", "logprobs": 9})
+    assert info.value.param == "logprobs"
+
+
+def test_returned_tokens_stop_before_a_stop_string_and_leave_out_eos():
+    from p2pinfer.gateway.openai_extras import returned_token_count
+
+    pieces = {1: "Hello", 2: ",", 3: " wor", 4: "ld", 5: "\n\n", 6: "More"}
+
+    def decode(ids):
+        return "".join(pieces[i] for i in ids)
+
+    # "Hello, world" then "\n\n" completes the stop string "\n\n": that last token is not returned.
+    assert returned_token_count([1, 2, 3, 4, 5], "Hello, world", "stop", (), decode) == 4
+    # A stop string that starts inside a token: the token is returned (part of its text is).
+    assert returned_token_count([1, 2, 3, 4], "Hello, wo", "stop", (), decode) == 3
+    assert returned_token_count([5], "", "stop", (), decode) == 0
+    assert returned_token_count([1, 2, 9], "Hello,", "eos", (9,), decode) == 2
+    assert returned_token_count([1, 2, 3], "Hello, wor", "length", (9,), decode) == 3
+
+
+def test_logprobs_come_from_the_fingerprint_rows():
+    import numpy as np
+
+    from p2pinfer.gateway.openai_extras import UNLIKELY_LOGPROB, completion_logprobs, token_logprobs
+
+    ids = np.array([[5, 7, 9], [3, 4, 6]])
+    lps = np.array([[-0.1, -2.5, -4.0], [-0.7, -0.9, -3.0]])
+    content = token_logprobs(ids, lps, [7, 8], 2, 2, lambda t: f"<{t}>")
+    assert content[0]["token"] == "<7>" and content[0]["logprob"] == -2.5
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["<5>", "<7>"]
+    assert content[1]["logprob"] == UNLIKELY_LOGPROB  # sampled outside the recorded top tokens
+    assert content[0]["bytes"] == list(b"<7>")
+    legacy = completion_logprobs(content, 2)
+    assert legacy["tokens"] == ["<7>", "<8>"] and legacy["text_offset"] == [0, 3]
+    assert legacy["top_logprobs"][0] == {"<5>": -0.1, "<7>": -2.5}
 
 
 def test_body_must_be_a_json_object():
@@ -119,3 +167,23 @@ def test_verification_descriptions():
     assert describe_verification(None) == "unverified"
     assert describe_verification({"outcome": "accepted"}) == "accepted"
     assert describe_verification(type("V", (), {"accepted": False})()) == "rejected"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=24), st.data())
+def test_returned_tokens_are_the_fewest_that_cover_the_returned_text(pieces, data):
+    from p2pinfer.gateway.openai_extras import returned_token_count
+
+    ids = list(range(len(pieces)))
+
+    def decode(prefix):
+        return "".join(pieces[i] for i in prefix)
+
+    full = decode(ids)
+    cut = data.draw(st.integers(0, len(full)))  # where a stop string began
+    text = full[:cut]
+    count = returned_token_count(ids, text, "stop", (), decode)
+    assert len(decode(ids[:count])) >= len(text)
+    if count:
+        assert len(decode(ids[:count - 1])) < len(text)
+    assert returned_token_count(ids, full, "length", (), decode) == len(ids)

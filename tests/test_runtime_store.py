@@ -87,6 +87,8 @@ def test_store_import_list_get_remove(shared_models: Path, tmp_path: Path) -> No
     assert store.get("tiny-gpt2").digest == other.digest
     with pytest.raises(ModelNotFoundError):
         store.get("nothing")
+    with pytest.raises(ModelNotFoundError, match=r"\(did you mean 'tiny-gpt2'\?\)"):
+        store.get("tiny-gtp2")
     model = store.get("trained").load()
     assert model.digest == rec.digest and model.tolerance == 1e-3
     store.set_calibration("trained", 2e-3, {"worst_drift": 1e-4})

@@ -63,13 +63,15 @@ async def test_status_of_a_running_peer_with_its_gateway(shared_models, tmp_path
             stderr = (await trio.to_thread.run_sync(proc.communicate, None, 30))[1].decode()
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     assert "event=gateway.started" in stderr and "url=http://127.0.0.1:" in stderr
+    assert "page: http://127.0.0.1:" in out  # where to point a browser
     other = net.peers[0].peer_id
     assert f"{other[:8]}…{other[-8:]}" in out  # the known peer, with its model
     assert "Known peers" in out and MODEL_NAME in out
     assert "elections won" in out
     # The peer keeps its ledger in its data dir: the request it served or verified is credited there.
     credits = [line for line in out.splitlines() if line.strip().startswith("credits")]
-    assert credits and int(credits[0].split()[-1]) > 0, out
+    assert credits and int(credits[0].split()[-2]) > 0 and credits[0].endswith("credits"), out
+    assert "(you)" in out.splitlines()[0]
     assert (data_dir / "ledger.sqlite").exists()
     request_lines = out.split("Recent gateway requests (1)")[1].splitlines()
     # Two peers serve the model (the gateway's own peer bids too): one executes, the other re-checks it.
@@ -86,7 +88,45 @@ def test_status_tables_render_empty_and_missing_fields():
     assert table(("a", "bb"), [(1, None)]).splitlines() == ["a  bb", "-  --", "1  -"]
     text = render_status({"peer": {"peer_id": "12D3KooWabc", "credits": None}, "known_peers": [],
                           "recent_requests": [], "recent_tasks": []})
-    assert "none: no live announcement yet" in text and "n/a (no ledger)" in text
+    assert "no other peer has a live announcement yet" in text and "n/a (no ledger)" in text
+    assert "12D3KooWabc (you)" in text
+
+
+async def test_status_and_network_page_of_a_bootstrap_node(tmp_path):
+    import httpx
+
+    data_dir = tmp_path / "boot"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pinfer", "--data-dir", str(data_dir), "bootstrap", "--listen",
+         "/ip4/127.0.0.1/tcp/0", "--page", "127.0.0.1:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        with trio.fail_after(60):
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                result = await p2pinfer(data_dir, "status", "--json")
+                if result.returncode == 0:
+                    break
+                await trio.sleep(0.2)
+        status = json.loads(result.stdout)
+        text = (await p2pinfer(data_dir, "status")).stdout.decode()
+        page_url = status["peer"]["urls"]["page"]
+
+        def fetch() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+            return (httpx.get(page_url), httpx.get(page_url + "v1/p2pinfer/network"),
+                    httpx.post(page_url + "v1/chat/completions", json={}))
+
+        page, network, chat = await trio.to_thread.run_sync(fetch)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stderr = (await trio.to_thread.run_sync(proc.communicate, None, 30))[1].decode()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert status["peer"]["role"] == "bootstrap"
+    assert text.startswith(f"bootstrap node {status['peer']['peer_id']} (you)")
+    assert page.status_code == 200 and "p2pinfer network" in page.text
+    assert network.status_code == 200 and network.json()["peers"][0]["role"] == "bootstrap"
+    assert chat.status_code == 404  # the page's endpoint spends no capacity for whoever reaches it
 
 
 async def test_gateway_address_errors_are_clear(shared_models, tmp_path):

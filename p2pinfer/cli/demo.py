@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 import trio
 
-from .common import AppContext
+from .common import CREDIT_MEANING, AppContext, credits, plural
 
 PROMPT = "In one sentence, what is a peer-to-peer network?"
 TAMPER_LAYER = 1
@@ -151,7 +151,7 @@ async def _demo(honest, tampered, changed: int, prompt: str, max_tokens: int, ma
                 role = ("executor" if c.executor == cheater.peer_id
                         else "verifier" if cheater.peer_id in v.verifiers else "not elected")
                 echo(f"  request {n}: executor {_short(c.executor)}, verification {v.outcome} "
-                     f"({v.tally.accepts} accept / {v.tally.rejects} reject); cheater: {role}")
+                     f"({v.tally.accepts} accept, {v.tally.rejects} reject); cheater: {role}")
                 if role != "not elected":
                     caught = (c, role)
                     break
@@ -168,9 +168,9 @@ async def _demo(honest, tampered, changed: int, prompt: str, max_tokens: int, ma
                 m = verdict.message
                 echo(f"    {_short(peer_id_from_public_key(verdict.signer))}: "
                      f"{'accept' if m.accept else 'reject'}"
-                     + ("" if m.accept else f" at token {m.first_bad_position}: {m.reason[:90]}"))
-            echo(f"  penalty in the client's ledger: "
-                 + ", ".join(f"{e.kind} {e.amount:+d}" for e in client.ledger.entries(key)))
+                     + ("" if m.accept else f" at token {m.first_bad_position}: {m.reason}"))
+            echo("  penalty in the client's own ledger (each party keeps its own): "
+                 + ", ".join(f"{e.kind} {credits(e.amount, signed=True)}" for e in client.ledger.entries(key)))
             standing = client.ledger.standing(key, now_ms=now_ms())
             echo(f"  cheater's reputation {standing.score:.2f} (excluded below 0.50)"
                  + ("; fraud proof gossiped to the peers" if v.fraud_proof else ""))
@@ -180,12 +180,13 @@ async def _demo(honest, tampered, changed: int, prompt: str, max_tokens: int, ma
                                   if p is not cheater):
                         await trio.sleep(0.05)
                 proven = sum(1 for p in net.peers if p is not cheater and p.verification.counters["fraud.proven"])
-                echo(f"  {proven} of {len(net.peers) - 1} honest peers re-checked the fraud proof with the "
+                honest_peers = len(net.peers) - 1
+                echo(f"  {proven} of {plural(honest_peers, 'honest peer')} re-checked the fraud proof with the "
                      f"model: proven")
             after = await client.generate(model=honest.name, prompt="The capital of France is", max_tokens=6)
             excluded = cheater.peer_id in after.election.excluded
             echo(f"\n[3] next request: cheater {'EXCLUDED from the election' if excluded else 'still eligible'}; "
-                 f"{len(after.election.ranking)} eligible bidders; executor {_short(after.executor)}, "
+                 f"{plural(len(after.election.ranking), 'eligible bidder')}; executor {_short(after.executor)}, "
                  f"{after.verification.outcome}")
             await net.kill(cheater.peer_id)
             return excluded
@@ -196,20 +197,23 @@ def _print_proofs(c, echo, peer_id_from_public_key) -> None:
     from ..election import election_input
 
     v = c.verification
-    echo(f"executor:   {c.executor}  ({len(c.token_ids)} tokens, {c.timings['total_s']:.1f} s)")
+    echo(f"executor:   {c.executor}  ({plural(len(c.token_ids), 'token')}, {c.timings['total_s']:.1f} s)")
     bid = next(b for b in c.election.bids if peer_id_from_public_key(b.public_key) == c.executor)
     output = vrf.verify(bid.public_key, bid.proof, election_input(c.request_id, c.election.epoch_seed))
     recheck = c.election.recheck()
     echo(f"VRF proof:  {bid.proof.hex()[:32]}… verified (ECVRF edwards25519); output {output.hex()[:16]}… is "
-         f"the lowest of {len(c.election.bids)} bids; re-running the election gives "
+         f"the lowest of {plural(len(c.election.bids), 'bid')}; re-running the election gives "
          f"{'the same executor' if peer_id_from_public_key(recheck.executor) == c.executor else 'ANOTHER executor'}")
-    echo(f"verifiers:  {v.outcome.upper()} by {v.tally.accepts} of {len(v.verifiers)} "
+    echo(f"verifiers:  {v.outcome.upper()} by {v.tally.accepts} of {plural(len(v.verifiers), 'verifier')} "
          f"(verification took {v.seconds:.2f} s)")
     for verdict in v.verdicts:
         m = verdict.message
         echo(f"  {_short(peer_id_from_public_key(verdict.signer))}: {'accept' if m.accept else 'reject'}, "
-             f"max log-prob deviation {m.max_deviation:.2g}, signed verdict {verdict.message_id.hex()[:12]}…")
-    echo("ledger:     " + "; ".join(f"{_short(peer_id_from_public_key(e.peer))} {e.kind} {e.amount:+d}"
-                                    for e in v.entries))
+             f"max log-prob deviation {m.max_deviation:.2g} nats, signed verdict {verdict.message_id.hex()[:12]}…"
+             + ("" if m.accept or not m.reason else f": {m.reason}"))
+    echo("ledger:     the client's own ledger (every peer keeps its own, from the receipts it holds): "
+         + "; ".join(f"{_short(peer_id_from_public_key(e.peer))} {e.kind} {credits(e.amount, signed=True)}"
+                     for e in v.entries))
+    echo(f"            ({CREDIT_MEANING})")
     echo(f"receipt:    signed by the client, delivered to the executor and verifiers "
          f"({v.receipt.message_id.hex()[:12]}…)")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import TextIO
 
 import click
 import trio
 
+from .. import log
 from .common import AppContext
 from .net import PEERS_FILE, check_bootstrap, read_peers_file
 
@@ -27,8 +30,8 @@ from .net import PEERS_FILE, check_bootstrap, read_peers_file
 def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model: str, chat: bool,
                  max_tokens: int, temperature: float, top_p: float, top_k: int, stop: tuple[str, ...],
                  seed: int | None) -> None:
-    """Generate text for PROMPT on the network; the answer streams to stdout, the executor and timings to
-    stderr."""
+    """Generate text for PROMPT on the network; the answer streams to stdout, alone; the executor, timings and
+    verification go to stderr. Only warnings are logged unless the global --log-level asks for more."""
     from ..errors import P2PInferError
     from ..request.client import AsyncClient, Completion, StreamChunk
 
@@ -36,6 +39,11 @@ def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model
     if not peers:
         raise P2PInferError("no bootstrap address: pass --bootstrap MULTIADDR (printed by `p2pinfer bootstrap`)")
     content = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    answer = _Answer(sys.stdout)
+    parent = click.get_current_context().find_root().params
+    # The answer is what the user asked for: the network's chatter stays out of it unless --log-level asks.
+    log.configure(json=app.config.log_json if parent.get("log_json") is None else parent["log_json"],
+                  level=parent.get("log_level") or "warning", stream=_LogStream(answer))
 
     async def run() -> Completion:
         async with AsyncClient(bootstrap=peers) as client:
@@ -44,15 +52,15 @@ def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model
                                                         temperature=temperature, top_p=top_p, top_k=top_k,
                                                         stop=list(stop), seed=seed, **content):
                 if isinstance(item, StreamChunk):
-                    sys.stdout.write(item.text)
-                    sys.stdout.flush()
+                    answer.write(item.text)
                 else:
                     completion = item
             assert completion is not None
             return completion
 
     completion = trio.run(run)
-    sys.stdout.write("\n")
+    answer.write("\n")
+    answer.flush()
     t = completion.timings
     click.echo(f"executor {completion.executor} (ranked first of {len(completion.election.ranking)} bidders); "
                f"{len(completion.token_ids)} tokens, finish={completion.finish_reason}; election "
@@ -60,8 +68,52 @@ def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model
                f"total {t['total_s']:.2f} s", err=True)
     verification = completion.verification
     if verification is not None:
+        count = len(verification.verifiers)
         click.echo(f"verification: {verification.outcome}" + (
-            f" ({len(verification.verifiers)} verifiers)" if verification.verifiers else
+            f" ({count} verifier{'' if count == 1 else 's'})" if count else
             " (no other peer serves the model to re-check it)"), err=True)
     if len(completion.attempts) > 1:
         click.echo("failover: " + ", ".join(f"{a.peer_id[-8:]}={a.outcome}" for a in completion.attempts), err=True)
+
+
+class _Answer:
+    """The answer on stdout; remembers whether its last line is still open (no newline yet)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.mid_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.mid_line = not text.endswith("\n")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class _LogStream:
+    """stderr for log lines. When stdout and stderr end up in the same place (a terminal, or ``2>&1``), a log
+    line arriving in the middle of an answer line first ends that line on stderr, so the two never share
+    one line; the answer on stdout itself is never changed."""
+
+    def __init__(self, answer: _Answer) -> None:
+        self.answer = answer
+
+    def write(self, text: str) -> None:
+        if self.answer.mid_line and _same_destination(self.answer.out, sys.stderr):
+            sys.stderr.write("\n")
+            self.answer.mid_line = False
+        sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _same_destination(a: TextIO, b: TextIO) -> bool:
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import AppContext
+from .common import CREDIT_MEANING, AppContext, credits, plural
 
 
 def _open(app: AppContext, path: Path | None):
@@ -60,7 +60,7 @@ def export_cmd(path: Path | None, out: Path | None) -> None:
         finally:
             if out:
                 stream.close()
-    click.echo(f"exported {n} signed receipts", err=True)
+    click.echo(f"exported {plural(n, 'signed receipt')}", err=True)
 
 
 @ledger.command("show")
@@ -75,12 +75,15 @@ def show_cmd(path: Path | None) -> None:
     with _open(app, path) as book:
         now = now_ms()
         balances = book.balances()
-        click.echo(f"{len(list(book.receipts()))} receipts, {book.entry_count()} entries, "
-                   f"{len(book.fraud_records())} fraud records")
+        click.echo(f"{plural(len(list(book.receipts())), 'receipt')}, "
+                   f"{plural(book.entry_count(), 'entry', 'entries')}, "
+                   f"{plural(len(book.fraud_records()), 'fraud record')} in this node's own ledger")
+        if balances:
+            click.echo(f"({CREDIT_MEANING})")
         for key, total in sorted(balances.items(), key=lambda kv: -kv[1]):
             s = book.standing(key, now_ms=now)
-            click.echo(f"{peer_id_from_public_key(key)}  balance {total:+d}  reputation {s.score:.2f}"
-                       + ("  EXCLUDED" if s.excluded else ""))
+            click.echo(f"{peer_id_from_public_key(key)}  balance {credits(total, signed=True)}  "
+                       f"reputation {s.score:.2f}" + ("  EXCLUDED" if s.excluded else ""))
         for f in book.fraud_records():
             click.echo(f"fraud {f.status}: executor {peer_id_from_public_key(f.executor)} "
                        f"request {f.request_id.hex()[:16]}…")

@@ -16,7 +16,7 @@ def _store(app: AppContext) -> ModelStore:
 
 @click.group()
 def models() -> None:
-    """Import, list, calibrate and remove ONNX models."""
+    """Import, list, calibrate and remove ONNX models; list the models on offer in the network."""
 
 
 @models.command("import")
@@ -44,6 +44,57 @@ def models_list(app: AppContext) -> None:
         calibrated = "calibrated" if r.calibration else "default"
         click.echo(f"{r.digest_hex}  {r.name}  {r.numeric_class}  tol={r.tolerance:.3g} ({calibrated})  "
                    f"{r.size_bytes / 1e6:.1f} MB")
+
+
+@models.command("network")
+@click.option("--bootstrap", "bootstrap", multiple=True, metavar="MULTIADDR",
+              help="Bootstrap node or peer to ask (repeatable); also read from the config.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def models_network(app: AppContext, bootstrap: tuple[str, ...], as_json: bool) -> None:
+    """List the models on offer in the network: name, digest, peers serving it, free slots.
+
+    Joins through the bootstrap nodes as a client and reads the peers' live capacity announcements.
+    """
+    import json
+
+    import trio
+
+    from ..catalog import models_on_offer
+    from ..errors import P2PInferError
+    from ..identity import Identity
+    from ..net import NetError, Node, NodeConfig, parse_peer_multiaddr
+    from ..wire import now_ms
+    from .net import PEERS_FILE, check_bootstrap, read_peers_file
+    from .status import table
+
+    peers = check_bootstrap([*bootstrap, *app.config.bootstrap, *read_peers_file(PEERS_FILE)])
+    if not peers:
+        raise P2PInferError("no bootstrap address: pass --bootstrap MULTIADDR (printed by `p2pinfer bootstrap`)")
+
+    async def ask() -> list:
+        config = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=tuple(peers), role="client")
+        try:
+            async with Node(Identity.generate(), config) as node:
+                with trio.move_on_after(10):
+                    async with trio.open_nursery() as nursery:
+                        for addr in peers:
+                            nursery.start_soon(node.sync_announcements, parse_peer_multiaddr(addr).peer_id)
+                return models_on_offer(a for a in node.table.live(now_ms()) if a.peer_id != node.peer_id)
+        except NetError as exc:
+            raise P2PInferError(f"could not join the network: {exc}; check the --bootstrap address") from None
+
+    offers = trio.run(ask)
+    if as_json:
+        click.echo(json.dumps([{"name": m.name, "digest": m.digest.hex(), "peers": m.peers,
+                                "free_slots": m.free_slots, "total_slots": m.total_slots} for m in offers], indent=2))
+        return
+    if not offers:
+        click.echo("no model on offer: no peer has announced one yet (peers announce within seconds of starting)")
+        return
+    click.echo(table(("model", "digest", "peers", "free slots"), [
+        (m.name, m.digest.hex()[:16], m.peers, f"{m.free_slots} of {m.total_slots}") for m in offers]))
+    click.echo("(use the name or a digest prefix of 8+ hex digits with `p2pinfer generate --model`)")
 
 
 @models.command("remove")

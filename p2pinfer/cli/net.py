@@ -185,17 +185,27 @@ def node_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.command("bootstrap")
 @node_options
 @relay_options
+@click.option("--page", "page", metavar="HOST:PORT", default=None,
+              help="Serve the network page (the peers this node knows, live) at http://HOST:PORT/ (a bare port means "
+                   "127.0.0.1); no OpenAI routes. See docs/gateway.md.")
+@click.option("--page-key", "page_key", metavar="KEY", envvar="P2PINFER_PAGE_KEY", default=None,
+              help="Require this bearer key for the page's data (open http://HOST:PORT/#key=KEY).")
 @click.pass_obj
 def bootstrap_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None,
                   bootstrap: tuple[str, ...], announce: tuple[str, ...], relay: bool,
                   relay_max_reservations: int | None, relay_circuit_duration: int | None,
-                  relay_circuit_bytes: int | None) -> None:
+                  relay_circuit_bytes: int | None, page: str | None, page_key: str | None) -> None:
     """Run a bootstrap node: a DHT server, gossip relay and connection relay (for peers behind NAT) that
     serves no models.
 
     Prints the multiaddrs (ending in /p2p/<peer id>) that others should use, one per line, then its
-    reachability line.
+    reachability line. Serves a local control socket in the data dir, which `p2pinfer status` reads.
     """
+    from ..bootstrap_node import BootstrapNode
+    from ..control import control_socket_path
+    from ..gateway.http import parse_bind
+
+    page_bind = parse_bind(page) if page else None
     limits = relay_limits(app, relay_max_reservations, relay_circuit_duration, relay_circuit_bytes)
     extra = announce_addrs(app, announce)
     identity = Identity.load_or_create(key_file or app.config.key_file)
@@ -204,4 +214,7 @@ def bootstrap_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | Non
                              if a not in own])
     config = NodeConfig(listen=listen_addrs(app, listen), bootstrap=peers, role="bootstrap", extra_addrs=extra,
                         relay_hop=relay, relay_limits=limits)
-    run_until_signal(lambda: Node(identity, config), config.listen, data_dir=app.config.data_dir)
+    app.config.data_dir.mkdir(parents=True, exist_ok=True)
+    control = control_socket_path(app.config.data_dir)
+    run_until_signal(lambda: BootstrapNode(identity, config, control_socket=control, page=page_bind,
+                                           page_key=page_key), config.listen, data_dir=app.config.data_dir)

@@ -57,7 +57,8 @@ def render_status(status: dict[str, Any]) -> str:
     peer = status.get("peer", {})
     now = status.get("generated_at_ms") or int(time.time() * 1000)
     counters = peer.get("counters", {})
-    out = [f"peer {peer.get('peer_id')}  (p2pinfer {peer.get('version')}, up {peer.get('uptime_s')} s, "
+    role = "bootstrap node" if peer.get("role") == "bootstrap" else "peer"
+    out = [f"{role} {peer.get('peer_id')} (you)  (p2pinfer {peer.get('version')}, up {peer.get('uptime_s')} s, "
            f"{peer.get('connected_peers')} connected)"]
     for name, url in sorted(peer.get("urls", {}).items()):
         out.append(f"  {name}: {url}")
@@ -70,8 +71,8 @@ def render_status(status: dict[str, Any]) -> str:
     gossip = peer.get("gossip", {})
     rejected = {k: v for k, v in gossip.items() if k != "accepted"}
     rows = [
-        ("credits", "n/a (no ledger)" if peer.get("credits") is None else peer["credits"]),
-        ("penalties", "n/a (no ledger)" if peer.get("penalties") is None else peer["penalties"]),
+        ("credits", "n/a (no ledger)" if peer.get("credits") is None else _credits(peer["credits"])),
+        ("penalties", "n/a (no ledger)" if peer.get("penalties") is None else _credits(peer["penalties"])),
         ("offers received", counters.get("offers", 0)),
         ("bids sent", counters.get("bids", 0)),
         ("elections won", counters.get("elections.won", 0)),
@@ -84,15 +85,24 @@ def render_status(status: dict[str, Any]) -> str:
         ("gossip rejected", ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or 0),
     ]
     out.append(table(("what", "count"), rows))
+    if peer.get("credits") is not None:
+        out.append("(one credit = one output token a verification quorum accepted; verifiers earn 4 per agreeing "
+                   "verdict; this is this peer's own ledger)")
     out.append("")
     known = status.get("known_peers", [])
-    out.append(f"Known peers ({len(known)})")
-    out.append(table(("peer", "models", "slots free", "tok/s", "reputation", "expires in"), [
-        (_short(p["peer_id"]), ", ".join(m["name"] for m in p["models"]) or "-",
+    out.append(f"Known peers ({len(known)}, besides you)")
+    mine = peer.get("slots") or {}
+    you = [(_short(peer.get("peer_id") or "") + " (you)",
+            ", ".join(m["name"] for m in peer.get("models") or []) or ("(bootstrap node)" if role != "peer" else "-"),
+            f"{mine['free']}/{mine['total']}" if mine else "-", None, "-", "-")]
+    out.append(table(("peer", "models", "slots free", "tok/s", "reputation", "expires in"), you + [
+        (_short(p["peer_id"]), ", ".join(m["name"] for m in p["models"]) or "- (client)",
          f"{p['free_slots']}/{p['total_slots']}",
          max((m["decode_tokens_per_s"] for m in p["models"]), default=None) or None,
-         _reputation(p.get("reputation")), f"{p['expires_in_s']:.0f}s")
-        for p in known]) if known else "  none: no live announcement yet (is a bootstrap node reachable?)")
+         _reputation(p.get("reputation")), f"{p['expires_in_s']:.0f} s")
+        for p in known]))
+    if not known:
+        out.append("  no other peer has a live announcement yet (is a bootstrap node reachable?)")
     out.append("")
     requests = status.get("recent_requests", [])
     out.append(f"Recent gateway requests ({len(requests)})")
@@ -107,6 +117,10 @@ def render_status(status: dict[str, Any]) -> str:
         (_ago(t["started_at_ms"], now), t["request_id"][:16], _short(t["client"]), t["model"], t["tokens"],
          t["outcome"], f"{t['duration_s']:.2f}") for t in tasks]) if tasks else "  none")
     return "\n".join(out)
+
+
+def _credits(amount: int) -> str:
+    return f"{amount} credit{'' if amount == 1 else 's'}"
 
 
 def _reputation(value: Any) -> str:

@@ -5,9 +5,9 @@ Pure functions, no I/O. What is accepted (see docs/gateway.md):
 * ``model``, ``messages`` (chat; text content or ``text`` content parts; roles system, developer (as system),
   user, assistant) or ``prompt`` (completions; a string, or a list holding one string);
 * ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (OpenAI's default 1), ``top_p``, ``stop``,
-  ``seed``, ``stream``, ``stream_options.include_usage``, ``n`` = 1, ``user``; ``top_k`` as an extension;
-* features the network cannot provide (several choices, logprobs, penalties, logit bias, tools, JSON mode,
-  echo) are refused with a 400 naming the parameter when set to anything but their neutral value. Other
+  ``seed``, ``stream``, ``stream_options.include_usage``, ``n`` (up to 4), ``logprobs`` / ``top_logprobs``
+  (up to 8; see :mod:`.openai_extras`), ``user``; ``top_k`` as an extension;
+* features the network cannot provide (penalties, logit bias, tools, JSON mode, echo) are refused with a 400 naming the parameter when set to anything but their neutral value. Other
   unknown keys are ignored, as clients add vendor fields.
 """
 
@@ -68,14 +68,14 @@ class GenerationSpec:
     stream: bool
     include_usage: bool
     params: dict[str, Any] = field(default_factory=dict)  # prompt= or messages=, max_tokens=, ...
+    n: int = 1  # choices; each is its own network request (see openai_extras)
+    logprobs: bool = False  # log-probs wanted (returned once the quorum accepted)
+    top_logprobs: int = 0  # alternatives per token, up to 8
 
 
 # Parameters whose only supported value is the neutral one: name -> test that the value is neutral.
 _NEUTRAL: dict[str, Any] = {
-    "n": lambda v: v in (None, 1),
     "best_of": lambda v: v in (None, 1),
-    "logprobs": lambda v: v in (None, False, 0),
-    "top_logprobs": lambda v: v in (None, 0),
     "echo": lambda v: v in (None, False),
     "presence_penalty": lambda v: v in (None, 0, 0.0),
     "frequency_penalty": lambda v: v in (None, 0, 0.0),
@@ -196,8 +196,11 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
     include_usage = bool(options and options.get("include_usage"))
     params.update(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   stop=tuple(stop or ()), seed=seed)
+    from .openai_extras import parse_choices, parse_logprobs  # (imports this module)
+
+    logprobs, top_logprobs = parse_logprobs(endpoint, body)
     return GenerationSpec(endpoint=endpoint, model=model, stream=bool(stream), include_usage=include_usage,
-                          params=params)
+                          params=params, n=parse_choices(body), logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def _is_int(value: Any) -> bool:
@@ -225,23 +228,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_object(spec: GenerationSpec, id: str, created: int, text: str, finish: str,
-                      usage_: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
-    """The whole (non-streamed) response; ``extra`` goes under the ``p2pinfer`` key."""
+def choice_object(spec: GenerationSpec, index: int, text: str, finish: str,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One choice of a whole (non-streamed) response."""
     if spec.endpoint == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                                  "logprobs": None, "finish_reason": finish}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        kind = "text_completion"
-    return {"id": id, "object": kind, "created": created, "model": spec.model, "choices": [choice],
+        return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_object(spec: GenerationSpec, id: str, created: int, text: str, finish: str,
+                      usage_: dict[str, int], extra: dict[str, Any], *,
+                      choices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole (non-streamed) response; ``extra`` goes under the ``p2pinfer`` key. ``choices`` (from
+    :func:`choice_object`) replaces the single choice made of ``text`` and ``finish``."""
+    kind = "chat.completion" if spec.endpoint == "chat" else "text_completion"
+    return {"id": id, "object": kind, "created": created, "model": spec.model,
+            "choices": choices if choices is not None else [choice_object(spec, 0, text, finish)],
             "usage": usage_, "system_fingerprint": None, "p2pinfer": extra}
 
 
 def chunk_object(spec: GenerationSpec, id: str, created: int, *, text: str | None = None, role: bool = False,
                  finish: str | None = None, usage_: dict[str, int] | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, index: int = 0,
+                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One streamed chunk. With ``usage_`` it is the usage chunk (no choices), as OpenAI sends it last."""
     if spec.endpoint == "chat":
         kind = "chat.completion.chunk"
@@ -250,10 +260,10 @@ def chunk_object(spec: GenerationSpec, id: str, created: int, *, text: str | Non
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
         kind = "text_completion"
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     chunk: dict[str, Any] = {"id": id, "object": kind, "created": created, "model": spec.model,
                              "system_fingerprint": None, "choices": [] if usage_ is not None else [choice]}
     if spec.include_usage:

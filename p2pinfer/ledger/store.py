@@ -238,6 +238,24 @@ class Ledger:
         for (envelope,) in self._rows("SELECT envelope FROM receipts ORDER BY issued_at_ms, message_id"):
             yield bytes(envelope)
 
+    def recent_receipts(self, limit: int) -> list[bytes]:
+        """The ``limit`` most recently issued signed receipt envelopes, newest first."""
+        return [bytes(e) for (e,) in self._rows(
+            "SELECT envelope FROM receipts ORDER BY issued_at_ms DESC, message_id LIMIT ?", (limit,))]
+
+    def recent_entries(self, peer: bytes, limit: int) -> list[Entry]:
+        """``peer``'s ``limit`` most recent entries, oldest first (with :meth:`balance`: its balance over time)."""
+        rows = self._rows("SELECT peer, kind, amount, request_id, at_ms, note FROM entries WHERE peer = ? "
+                          "ORDER BY id DESC LIMIT ?", (peer, limit))
+        return [Entry(bytes(p), k, a, bytes(r), t, n) for p, k, a, r, t, n in reversed(rows)]
+
+    def totals(self, peer: bytes) -> tuple[int, int]:
+        """``peer``'s credits (sum of positive entries) and penalties (sum of negative ones, as a positive)."""
+        row = self._rows("SELECT coalesce(sum(CASE WHEN amount > 0 THEN amount END), 0), "
+                         "coalesce(sum(CASE WHEN amount < 0 THEN -amount END), 0) FROM entries WHERE peer = ?",
+                         (peer,))[0]
+        return int(row[0]), int(row[1])
+
     def verdicts(self) -> list[Signed[Verdict]]:
         return [decode_signed(bytes(e), expect=Verdict)
                 for (e,) in self._rows("SELECT envelope FROM verdicts ORDER BY issued_at_ms")]

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import trio
 
+from ..catalog import did_you_mean
 from ..election import ElectionResult, elect
 from ..identity import Identity, peer_id_from_public_key
 from ..ledger import QUORUM_REJECTED, FraudRecord, Ledger, entries_for_receipt, entry_for_no_show
@@ -279,7 +280,7 @@ class AsyncClient:
             if trio.current_time() >= deadline:
                 known = sorted(await self.models())
                 hint = f"; models on offer: {', '.join(known)}" if known else "; no peer has announced any model"
-                raise NoPeerServesModel(f"no peer serves model {model!r}{hint}")
+                raise NoPeerServesModel(f"no peer serves model {model!r}{did_you_mean(model, known)}{hint}")
             await trio.sleep(0.1)
 
     def _lookup_model(self, model: str) -> bytes | None:

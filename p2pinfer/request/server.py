@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import trio
 
@@ -126,6 +126,8 @@ class TaskServer:
         self.max_busy = 0  # most requests ever run at once (observability; tests check concurrency)
         self.counters: Counter[str] = Counter()
         self.recent: deque[TaskRecord] = deque(maxlen=RECENT_TASKS)
+        # request ID -> (epoch seed, bids) of the assignments we accepted: anyone can re-check those elections
+        self.recent_elections: dict[bytes, tuple[bytes, tuple[Any, ...]]] = {}
         self._vrf_key = vrf.SecretKey(identity.seed)
         self._assignments = ReplayGuard()
         self._offer_rate = PeerRateLimiter(OFFER_RATE)
@@ -192,6 +194,9 @@ class TaskServer:
             await frames.send(self._refusal(request_id, code, message))
             return
         self.counters["elections.won"] += 1
+        self.recent_elections[request_id] = (assignment.epoch_seed, tuple(assignment.bids))  # for the network page
+        while len(self.recent_elections) > RECENT_TASKS:
+            del self.recent_elections[next(iter(self.recent_elections))]
         model = self.models[request.model]
         try:
             prompt_ids = model.prompt_ids(

@@ -254,7 +254,10 @@ class ModelStore:
         if len(hits) > 1:
             raise ModelNotFoundError(f"name {key!r} matches {len(hits)} models "
                                      f"({', '.join(r.digest_hex[:12] for r in hits)}); use a digest")
-        raise ModelNotFoundError(f"no model {key!r} in {self.root}; see `p2pinfer models list`")
+        from ..catalog import did_you_mean
+
+        hint = did_you_mean(key, [r.name for r in records])
+        raise ModelNotFoundError(f"no model {key!r} in {self.root}{hint}; see `p2pinfer models list`")
 
     def remove(self, key: str) -> ModelRecord:
         record = self.get(key)
