@@ -75,7 +75,7 @@ class ServingPeer:
             self.server.install()
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self.verification = VerificationService(self.node, self.identity, self.models, self.ledger,
-                                                    slots=self.slots)
+                                                    slots=self.slots, participation=self.server.participation)
             await self.verification.start(self._nursery)
             if self.gateway_bind is not None or self.control_socket is not None:
                 await self._start_http(self._nursery)
