@@ -260,8 +260,10 @@ class AsyncClient:
                                                    excluded_keys, verifiers=self.quorum)
                 busy = offered.any_busy
                 if evidence.ranking:
+                    ranked_at = time.perf_counter()
                     await announce_bid_set(self.node, evidence.bid_set)
                     elected_at = time.perf_counter()
+                    bid_set_s = elected_at - ranked_at
                     log.debug("election.done", request_id=request_id.hex()[:16], executor=evidence.ranking[0],
                               bidders=len(evidence.ranking), excluded=len(excluded_keys),
                               election_ms=round((elected_at - started) * 1000, 1))
@@ -289,6 +291,7 @@ class AsyncClient:
                         completion = self._completion(progress, result, peer_id, digest, request_id, evidence,
                                                       started, elected_at)
                         completion.request = request
+                        completion.timings["bid_set_s"] = bid_set_s  # the signed bid set's round to every bidder
                         if verify == "off":
                             completion.verification = Verification(Outcome.SKIPPED,
                                                                    inherited_tokens=progress.inherited_tokens)

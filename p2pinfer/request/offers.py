@@ -24,6 +24,7 @@ from ..wire import (Bid, BidSet, Refusal, Request, Signed, TaskOffer, VrfBid, Wi
                     encode_signed, now_ms, sign)
 from .candidates import select_candidates
 from .errors import NoPeerServesModel
+from .evidence import ranking_of
 from .protocol import (BID_PROTOCOL, BID_SET_PROTOCOL, BID_SET_TIMEOUT_S, MAX_BID_SET_FRAME, MAX_OFFER_FRAME,
                        OFFER_TTL_MS)
 
@@ -42,6 +43,9 @@ class ElectionEvidence:
     bid_set: Signed[BidSet] | None = None  # the client's signed BidSet every bidder was sent
 
     def recheck(self) -> ElectionResult:
+        """The ranking anyone recomputes from the signed bid set (its excluded keys left out)."""
+        if self.bid_set is not None:
+            return ranking_of(self.bid_set.message)
         return elect(self.request_id, self.epoch_seed, self.bids)
 
 
