@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Collection, Sequence
 
 import trio
@@ -101,14 +101,19 @@ async def collect_bids(node: Node, identity: Identity, request: Request, request
 
 def hold_election(identity: Identity, request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid],
                   excluded: Collection[bytes], *, verifiers: int) -> tuple[ElectionResult, ElectionEvidence]:
-    """Rank the bids this client does not exclude and sign the bid set that states it."""
-    valid = elect(request_id, epoch_seed, bids).accepted  # the set carries only bids anyone can check
-    keys = {b.public_key for b in valid}
-    left_out = tuple(sorted(set(excluded) & keys))
-    election = elect(request_id, epoch_seed, valid, verifiers=verifiers, eligible=keys - set(left_out))
-    for rejection in elect(request_id, epoch_seed, bids).rejected:
+    """Rank the bids this client does not exclude and sign the bid set that states it.
+
+    Every proof is verified once: the excluded keys are then taken out of the ranking, which is exactly what
+    ``elect`` computes with them not eligible (the ranking is a sort by VRF output).
+    """
+    checked = elect(request_id, epoch_seed, bids, verifiers=verifiers)
+    for rejection in checked.rejected:
         log.info("election.bid_rejected", request_id=request_id.hex()[:16], reason=rejection.reason,
                  detail=rejection.detail)
+    valid = checked.accepted  # the set carries only bids anyone can check
+    left_out = tuple(sorted(set(excluded) & {b.public_key for b in valid}))
+    kept = [(r, b) for r, b in zip(checked.ranking, checked.accepted) if r.public_key not in left_out]
+    election = replace(checked, ranking=tuple(r for r, _ in kept), accepted=tuple(b for _, b in kept))
     bid_set = sign(identity, BidSet(request_id=request_id, epoch_seed=epoch_seed,
                                     bids=tuple(sorted(valid, key=lambda b: b.public_key)), excluded=left_out,
                                     issued_at_ms=now_ms()))
