@@ -260,10 +260,8 @@ class AsyncClient:
                                                    excluded_keys, verifiers=self.quorum)
                 busy = offered.any_busy
                 if evidence.ranking:
-                    ranked_at = time.perf_counter()
-                    await announce_bid_set(self.node, evidence.bid_set)
                     elected_at = time.perf_counter()
-                    bid_set_s = elected_at - ranked_at
+                    announced = await self._announce(evidence)
                     log.debug("election.done", request_id=request_id.hex()[:16], executor=evidence.ranking[0],
                               bidders=len(evidence.ranking), excluded=len(excluded_keys),
                               election_ms=round((elected_at - started) * 1000, 1))
@@ -273,7 +271,8 @@ class AsyncClient:
                     for attempt, peer_id in enumerate(evidence.ranking):
                         result: Signed[InferenceResult] | None = None
                         async for item in run_attempt(self.node, self.identity, request, request_id, evidence,
-                                                      attempt, peer_id, progress, stall_timeout=self.stall_timeout):
+                                                      attempt, peer_id, progress, stall_timeout=self.stall_timeout,
+                                                      before_assigning=announced.wait):
                             if isinstance(item, StreamChunk):
                                 if progress.first_token_at is None:
                                     progress.first_token_at = time.perf_counter()
@@ -291,7 +290,8 @@ class AsyncClient:
                         completion = self._completion(progress, result, peer_id, digest, request_id, evidence,
                                                       started, elected_at)
                         completion.request = request
-                        completion.timings["bid_set_s"] = bid_set_s  # the signed bid set's round to every bidder
+                        # the signed bid set's round to every bidder (overlaps opening the executor's stream)
+                        completion.timings["bid_set_s"] = announced.seconds
                         if verify == "off":
                             completion.verification = Verification(Outcome.SKIPPED,
                                                                    inherited_tokens=progress.inherited_tokens)
@@ -325,6 +325,16 @@ class AsyncClient:
                                f"(all candidates busy, unreachable or sent invalid proofs){hint}")
         summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts[-8:])
         raise AllCandidatesFailed(f"all elected candidates failed ({summary})")
+
+    async def _announce(self, evidence: ElectionEvidence) -> "_Announcement":
+        """Send the signed bid set to every bidder; the first assignment waits for it (see run_attempt), so
+        bidders hold the final set before anything runs, while the executor's stream opens meanwhile."""
+        announcement = _Announcement()
+        if self.nursery is None:  # on_node() used without `async with`: no nursery to overlap in
+            await announcement.run(self.node, evidence)
+        else:
+            self.nursery.start_soon(announcement.run, self.node, evidence)
+        return announcement
 
     async def _offer(self, request: Request, request_id: bytes):  # type: ignore[no-untyped-def]
         """Stage 1's network half (a seam: candidate filters hook in here)."""
@@ -361,9 +371,11 @@ class AsyncClient:
         """Stage 3: the verifiers are the election's next ranks after every executor that took part."""
         started = time.perf_counter()
         inherited = progress.inherited_tokens
-        attempted = {a.peer_id for a in progress.attempts}
-        executed = {r.public_key for r in election.ranking if peer_id_from_public_key(r.public_key) in attempted}
-        verifier_keys = pick_verifiers([r.public_key for r in election.ranking], executed, self.quorum)
+        # Every rank up to the executor's took part (it executed, failed or refused), so the verifiers are
+        # exactly the q ranks after the executor: the rule receivers of the receipt check.
+        ranking = [r.public_key for r in election.ranking]
+        executed = ranking[:ranking.index(result.signer) + 1]
+        verifier_keys = pick_verifiers(ranking, executed, self.quorum)
         verdicts, refusals = await ask_verifiers(self.node, self.identity, request, result, verifier_keys,
                                                  inherited, self.verify_timeout)
         t = tally(verdicts, verifiers=verifier_keys, request_id=result.message.request_id,
@@ -412,6 +424,24 @@ class AsyncClient:
                 "total_s": finished - started,
             },
         )
+
+
+class _Announcement:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.seconds = 0.0
+
+    async def run(self, node: Node, evidence: ElectionEvidence) -> None:
+        started = time.perf_counter()
+        try:
+            if evidence.bid_set is not None:
+                await announce_bid_set(node, evidence.bid_set)
+        finally:
+            self.seconds = time.perf_counter() - started
+            self.done.set()
+
+    async def wait(self) -> None:
+        await self.done.wait()
 
 
 def _is_hex(text: str) -> bool:

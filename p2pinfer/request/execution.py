@@ -15,7 +15,7 @@ cancellation) and unattributable ones (closed connection, stall, failed dial) ne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -71,8 +71,13 @@ class _Failed(Exception):
 
 async def run_attempt(node: Node, identity: Identity, request: Request, request_id: bytes,
                       election: ElectionEvidence, attempt: int, peer_id: str, progress: Progress, *,
-                      stall_timeout: float) -> AsyncIterator[Any]:
-    """Run attempt ``attempt`` on ``peer_id``: yields StreamChunks, then the signed result if it completed."""
+                      stall_timeout: float,
+                      before_assigning: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Any]:
+    """Run attempt ``attempt`` on ``peer_id``: yields StreamChunks, then the signed result if it completed.
+
+    ``before_assigning`` is awaited once the stream is open and before the assignment is sent (the client
+    waits there for the signed bid set to reach every bidder).
+    """
     executor_key = next((b.public_key for b in election.bids if peer_id_from_public_key(b.public_key) == peer_id),
                         None)
     assignment = Assignment(request=request, epoch_seed=election.epoch_seed, bids=election.bids,
@@ -100,6 +105,8 @@ async def run_attempt(node: Node, identity: Identity, request: Request, request_
         return
     outcome, fault = "failed:cancelled", Fault.CLIENT  # what a cancellation (ours) leaves behind
     try:
+        if before_assigning is not None:
+            await before_assigning()
         await frames.send(assignment_bytes)
         while True:
             body = await frames.receive(timeout=stall_timeout)
