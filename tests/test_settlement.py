@@ -214,3 +214,16 @@ def test_a_bidder_sees_its_bid_omitted_or_altered():
     excluded = sign(CLIENT, BidSet(request_id=RID, epoch_seed=b"", bids=BIDS[1:], excluded=(owner.public_key,),
                                    issued_at_ms=1))
     assert bidder_problem(excluded, offer_signer=CLIENT.public_key, my_bid=mine, epoch_seed=b"") is None
+
+
+@given(tokens=st.lists(st.integers(0, 2**32 - 1), max_size=40), cut=st.integers(0, 40))
+def test_one_signed_chunk_commits_to_the_whole_prefix_before_it(tokens, cut):
+    from p2pinfer.request.evidence import chain_start, extend_chain
+
+    cut = min(cut, len(tokens))
+    assert extend_chain(token_chain(RID, tokens[:cut]), tokens[cut:]) == token_chain(RID, tokens)
+    assert token_chain(RID, []) == chain_start(RID)
+    if tokens:  # changing any earlier token changes the chain value at the end
+        changed = list(tokens)
+        changed[cut % len(tokens)] ^= 1
+        assert token_chain(RID, changed) != token_chain(RID, tokens)

@@ -213,6 +213,9 @@ async def test_the_executor_is_the_elections(honest):
             bids = await a.bids(request)
             fair = a.bid_set(request, bids)
             ranking = ranked_peer_ids(request, fair)
+            # hostile bytes on the bid-set protocol: a clear error, the peer stays up
+            with pytest.raises(NetError):
+                await a.node.request(ranking[0], protocol.BID_SET_PROTOCOL, b"\x00garbage", timeout=10)
             # attempt=2 with no failover: rank 2 finds ranks 0 and 1 alive and refuses
             await a.announce(fair)
             refusal, _, result = await a.assign(ranking[2], request, fair, attempt=2)
