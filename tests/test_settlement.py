@@ -227,3 +227,26 @@ def test_one_signed_chunk_commits_to_the_whole_prefix_before_it(tokens, cut):
         changed = list(tokens)
         changed[cut % len(tokens)] ^= 1
         assert token_chain(RID, changed) != token_chain(RID, tokens)
+
+
+def test_unfair_bid_set_evidence_is_rechecked_from_its_signatures_alone():
+    from p2pinfer.request.evidence import UnfairBidSet, check_unfair_bid_set
+    from p2pinfer.wire import TaskOffer, VrfBid, encode_signed
+
+    owner = POOL[0]
+    offer = encode_signed(CLIENT, TaskOffer(request_id=RID, model=REQUEST.model, max_tokens=8, epoch_seed=b"",
+                                            expires_at_ms=2))
+    bid = encode_signed(owner, VrfBid(bid=BIDS[0], model=REQUEST.model, free_slots=1))
+    omitted = sign(CLIENT, BidSet(request_id=RID, epoch_seed=b"", bids=BIDS[1:], excluded=(), issued_at_ms=1))
+    assert check_unfair_bid_set(UnfairBidSet(offer, bid, omitted.to_bytes())) == "our bid was omitted"
+    assert check_unfair_bid_set(UnfairBidSet(offer, bid, BID_SET.to_bytes())) is None  # fair
+    # a set signed by someone else than the offer's client makes no case against that client
+    other = sign(OTHER_CLIENT, omitted.message)
+    assert check_unfair_bid_set(UnfairBidSet(offer, bid, other.to_bytes())) is None
+    # nor does a "bid" that is not a valid VRF proof, or one signed by another key than the bidder's
+    bogus = encode_signed(owner, VrfBid(bid=type(BIDS[0])(request_id=RID, public_key=owner.public_key,
+                                                          proof=bytes(80)), model=REQUEST.model, free_slots=1))
+    assert check_unfair_bid_set(UnfairBidSet(offer, bogus, omitted.to_bytes())) is None
+    stolen = encode_signed(POOL[1], VrfBid(bid=BIDS[0], model=REQUEST.model, free_slots=1))
+    assert check_unfair_bid_set(UnfairBidSet(offer, stolen, omitted.to_bytes())) is None
+    assert check_unfair_bid_set(UnfairBidSet(b"junk", bid, omitted.to_bytes())) is None

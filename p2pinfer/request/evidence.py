@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..election import ElectionResult, elect
-from ..wire import Assignment, Bid, BidSet, Refusal, Signed, TokenChunk, WireError, decode_signed, tagged_hash
+from ..wire import (Assignment, Bid, BidSet, Refusal, Signed, TaskOffer, TokenChunk, VrfBid, WireError, decode_signed,
+                    tagged_hash)
 from ..wire.messages import MAX_BID_SET_BYTES, MAX_EVIDENCE_BYTES
+
+MAX_OFFER_BYTES = 4 * 1024  # a signed TaskOffer or VrfBid (request.protocol.MAX_OFFER_FRAME)
 
 TOKEN_CHAIN_DOMAIN = "p2pinfer/v1/token-chain"
 
@@ -64,6 +67,36 @@ def bidder_problem(bid_set: Signed[BidSet], *, offer_signer: bytes, my_bid: Bid,
             return "our bid was altered"
         return "our bid was omitted"
     return None
+
+
+@dataclass(frozen=True)
+class UnfairBidSet:
+    """A bidder's evidence against a client, three signed envelopes anyone can re-check: the client's
+    ``TaskOffer``, the bidder's ``VrfBid`` answering it, and the client's ``BidSet`` for that request."""
+
+    offer: bytes
+    bid: bytes
+    bid_set: bytes
+
+
+def check_unfair_bid_set(evidence: UnfairBidSet) -> str | None:
+    """What the bid set did to the bid (``"our bid was omitted"``, ``"... altered"``), or None when the set is
+    fair or the three envelopes do not make a case (unsigned, mismatched, or a bid that was not valid)."""
+    try:
+        offer = decode_signed(evidence.offer, expect=TaskOffer, max_size=MAX_OFFER_BYTES)
+        bid = decode_signed(evidence.bid, expect=VrfBid, max_size=MAX_OFFER_BYTES)
+        bid_set = decode_bid_set(evidence.bid_set)
+    except WireError:
+        return None
+    my_bid = bid.message.bid
+    if my_bid.public_key != bid.signer or my_bid.request_id != offer.message.request_id:
+        return None
+    if not elect(my_bid.request_id, offer.message.epoch_seed, [my_bid]).ranking:
+        return None  # not a valid bid: nothing to complain about
+    s = bid_set.message
+    if bid_set.signer != offer.signer or s.request_id != my_bid.request_id or s.epoch_seed != offer.message.epoch_seed:
+        return None  # not the offering client's set for this election: no case against that client
+    return bidder_problem(bid_set, offer_signer=offer.signer, my_bid=my_bid, epoch_seed=offer.message.epoch_seed)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ A :class:`TaskServer` is installed on a running :class:`~p2pinfer.net.Node` and 
   the model and has a free slot always bids: the VRF, not the peer, decides who wins.
 * ``/p2pinfer/bid-set/1``: the client's signed ``BidSet`` (the final election) in; the peer checks that its own
   bid is in it, unaltered (:func:`~p2pinfer.request.evidence.bidder_problem`), and keeps a set that is not
-  as signed evidence against the client (``unfair_bid_sets``).
+  as signed evidence against the client (``unfair_bid_sets``: the client's signed offer, our signed bid and
+  the client's signed set, which :func:`~p2pinfer.request.evidence.check_unfair_bid_set` re-checks).
 * ``/p2pinfer/task/1``: a signed ``Assignment`` in; the peer re-runs the election on the client's signed
   ``BidSet`` and refuses (``not-winner``/``invalid``) unless it holds the rank the assignment names, with
   signed evidence that every lower rank failed and that ``prefix_ids`` are what they signed
@@ -37,7 +38,6 @@ from ..net import FrameStream, NetError, Node
 from ..runtime import GeneratedToken, LoadedModel, SamplingParams, TokenStream, generate, sampling_seed
 from ..wire import (
     Assignment,
-    Bid,
     InferenceResult,
     ModelOffer,
     Refusal,
@@ -55,7 +55,8 @@ from ..wire import (
 )
 from ..wire.messages import MAX_NEW_TOKENS
 from ..errors import P2PInferError
-from .evidence import assignment_problem, bidder_problem, chain_start, decode_bid_set, extend_chain
+from .evidence import (UnfairBidSet, assignment_problem, chain_start, check_unfair_bid_set, decode_bid_set,
+                       extend_chain)
 from .participation import Participations
 from .protocol import (
     BID_PROTOCOL,
@@ -143,8 +144,8 @@ class TaskServer:
         self._vrf_key = vrf.SecretKey(identity.seed)
         self._assignments = ReplayGuard()
         self.participation = participation if participation is not None else Participations()
-        self._open_bids: OrderedDict[bytes, tuple[bytes, Bid, bytes]] = OrderedDict()  # request ID -> offer
-        self.unfair_bid_sets: deque[bytes] = deque(maxlen=MAX_UNFAIR_BID_SETS)
+        self._open_bids: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # request ID -> (offer, our bid)
+        self.unfair_bid_sets: deque[UnfairBidSet] = deque(maxlen=MAX_UNFAIR_BID_SETS)
 
     def install(self) -> None:
         self.node.register_request_handler(BID_PROTOCOL, self._on_offer, max_frame=MAX_OFFER_FRAME)
@@ -173,10 +174,11 @@ class TaskServer:
             return self._refusal(offer.request_id, "busy", f"all {self.slots} slots are in use")
         bid = make_bid(self._vrf_key, offer.request_id, offer.epoch_seed)
         self.counters["bids"] += 1
-        self._open_bids[offer.request_id] = (signed_offer.signer, bid, offer.epoch_seed)
+        reply = encode_signed(self.identity, VrfBid(bid=bid, model=offer.model, free_slots=self.free_slots))
+        self._open_bids[offer.request_id] = (body, reply)  # kept until the bid set comes: evidence if unfair
         while len(self._open_bids) > MAX_OPEN_BIDS:
             self._open_bids.popitem(last=False)
-        return encode_signed(self.identity, VrfBid(bid=bid, model=offer.model, free_slots=self.free_slots))
+        return reply
 
     def _refusal(self, request_id: bytes, code: str, message: str) -> bytes:
         self.counters[f"refused.{code}"] += 1
@@ -194,14 +196,17 @@ class TaskServer:
         if known is None:
             self.counters["bid_set.unknown"] += 1
             return b""
-        offer_signer, bid, epoch_seed = known
-        problem = bidder_problem(signed, offer_signer=offer_signer, my_bid=bid, epoch_seed=epoch_seed)
+        if signed.signer != decode_signed(known[0], expect=TaskOffer, max_size=MAX_OFFER_FRAME).signer:
+            self.counters["bid_set.foreign"] += 1  # not the offering client's: proves nothing about anyone
+            return b""
+        evidence = UnfairBidSet(offer=known[0], bid=known[1], bid_set=body)
+        problem = check_unfair_bid_set(evidence)
         if problem is None:
             self.counters["bid_set.fair"] += 1
             return b""
-        # Signed by the client: evidence anyone can re-check (our offer, our bid, its set without it).
+        # The client's signed offer, our signed bid and the client's signed set without it: anyone re-checks it.
         self.counters["bid_set.unfair"] += 1
-        self.unfair_bid_sets.append(body)
+        self.unfair_bid_sets.append(evidence)
         log.warning("bid_set.unfair", request_id=signed.message.request_id.hex()[:16], client=peer_id,
                     reason=problem)
         return b""
