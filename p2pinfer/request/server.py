@@ -22,13 +22,11 @@ without blocking its event loop; beyond that it answers ``busy``.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Sequence
 
 import trio
-
-from collections import OrderedDict
 
 from .. import vrf
 from ..election import make_bid
@@ -229,6 +227,8 @@ class TaskServer:
         election_id = b""
         if refusal is None:
             refusal, election_id = await self._check_election(assignment, request_id)
+        if refusal is None and self.free_slots <= 0:  # the election check awaited: another task may hold the slot
+            refusal = "busy", f"all {self.slots} slots are in use"
         if refusal is not None:
             code, message = refusal
             log.info("task.refused", request_id=request_id.hex()[:16], code=code, message=message)
