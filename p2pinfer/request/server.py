@@ -227,8 +227,8 @@ class TaskServer:
         election_id = b""
         if refusal is None:
             refusal, election_id = await self._check_election(assignment, request_id)
-        if refusal is None and self.free_slots <= 0:  # the election check awaited: another task may hold the slot
-            refusal = "busy", f"all {self.slots} slots are in use"
+        if refusal is None:  # no await from here to taking the slot
+            refusal = self._claim(assignment, request_id)
         if refusal is not None:
             code, message = refusal
             log.info("task.refused", request_id=request_id.hex()[:16], code=code, message=message)
@@ -264,6 +264,12 @@ class TaskServer:
             return "expired", "the request was created too long ago (or in the future)"
         if request.model not in self.models:
             return "not-serving", "this peer does not serve that model"
+        return None
+
+    def _claim(self, assignment: Assignment, request_id: bytes) -> tuple[str, str] | None:
+        """A free slot, and this assignment seen for the first time (called right before taking the slot)."""
+        request = assignment.request
+        now = now_ms()
         if self.free_slots <= 0:  # before the replay check: the client may retry once a slot is free
             return "busy", f"all {self.slots} slots are in use"
         try:
