@@ -50,7 +50,7 @@ def test_fresh_nonce_gives_distinct_request_ids():
         ({"prompt": "a", "stop": [""]}, "stop"),
         ({"prompt": "a", "stop": ["x"] * 9}, "stop"),
         ({"prompt": "a", "seed": -1}, "seed"),
-        ({"prompt": "a" * 300_000}, "request is invalid"),
+        ({"prompt": "a" * 300_000}, "at most 262144 bytes"),
     ],
 )
 def test_bad_parameters(kwargs, match):

@@ -35,16 +35,17 @@ from ..request.errors import (
     NoBidsInTime,
     NoPeerServesModel,
     NotConnected,
+    PromptTooLarge,
     RequestError,
 )
 from ..status import status_snapshot
 from ..wire import now_ms
 from . import openai_api as api
+from .input import MAX_BODY, body_too_large, check_text_size, parse_json_body
 from .openai_api import ApiError, GenerationSpec
 
 log = get_logger("p2pinfer.gateway")
 
-MAX_BODY = 4 << 20  # bytes; a request's prompt is bounded far below this by the wire format
 MODEL_LOOKUP_TIMEOUT_S = 3.0  # how long an unknown model name may take to appear in gossip before a 404
 
 Scope = dict[str, Any]
@@ -53,6 +54,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _error_for(exc: RequestError) -> ApiError:
+    if isinstance(exc, PromptTooLarge):
+        return ApiError(413, str(exc), code="prompt_too_large")
     if isinstance(exc, BadParameters):
         return api.bad_request(str(exc))
     if isinstance(exc, NoPeerServesModel):
@@ -117,9 +120,11 @@ class GatewayApp:
             await self._route(scope, receive, send)
         except ApiError as exc:
             await _send_json(send, exc.status, exc.body())
-        except Exception as exc:  # never let one request take the server down; say what happened
+        except Exception as exc:  # never let one request take the server down; never show Python's text
             log.error("gateway.internal_error", path=scope.get("path"), error=repr(exc)[:300])
-            await _send_json(send, 500, ApiError(500, f"internal error: {exc}", type="server_error").body())
+            await _send_json(send, 500, ApiError(500, "internal error in the gateway (logged on the peer as "
+                                                      "gateway.internal_error); try again", type="server_error",
+                                                 code="internal_error").body())
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
@@ -135,7 +140,7 @@ class GatewayApp:
             "/v1/p2pinfer/status": ("GET", self._status),
         }
         if path not in routes:
-            raise ApiError(404, f"Unknown request URL: {method} {path}. The gateway serves /v1/models, "
+            raise ApiError(404, f"Unknown request URL: {method} {path[:200]}. The gateway serves /v1/models, "
                                 "/v1/chat/completions, /v1/completions, /metrics and /v1/p2pinfer/status.",
                            code="unknown_url")
         wanted, handler = routes[path]
@@ -169,12 +174,14 @@ class GatewayApp:
     # ---- generation -------------------------------------------------------------------------------
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = api.parse_body(await _read_body(receive))
-        await self._generate(api.parse_chat_request(body), receive, send)
+        spec = api.parse_chat_request(parse_json_body(await _read_body(receive)))
+        check_text_size(spec)
+        await self._generate(spec, receive, send)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = api.parse_body(await _read_body(receive))
-        await self._generate(api.parse_completion_request(body), receive, send)
+        spec = api.parse_completion_request(parse_json_body(await _read_body(receive)))
+        check_text_size(spec)
+        await self._generate(spec, receive, send)
 
     async def _generate(self, spec: GenerationSpec, receive: Receive, send: Send) -> None:
         started, started_ms = time.perf_counter(), now_ms()
@@ -324,7 +331,7 @@ async def _read_body(receive: Receive) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
+            raise body_too_large()
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
@@ -339,7 +346,8 @@ async def _send(send: Send, status: int, body: bytes, content_type: str,
 
 
 async def _send_json(send: Send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await _send(send, status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
+    await _send(send, status, json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace"), "application/json",
+                headers)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -22,6 +22,7 @@ from ..request.params import GenerationParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512       # OpenAI's is "until the context is full"; ours is bounded
+MAX_MODEL_NAME = 128                # announced model names are at most 128 bytes; a hex digest is 64
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -43,6 +44,18 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+MAX_SHOWN = 40  # characters of a client's value quoted back in an error message
+
+
+def show(value: Any) -> str:
+    """A client's value for an error message: its JSON text, shortened, on one line."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -78,14 +91,9 @@ _NEUTRAL: dict[str, Any] = {
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON ({exc}); send a JSON object",
-                          code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
-    return body
+    """The body as a JSON object (the checks and limits live in :mod:`p2pinfer.gateway.input`)."""
+    from .input import parse_json_body
+    return parse_json_body(raw)
 
 
 def parse_chat_request(body: Mapping[str, Any]) -> GenerationSpec:
@@ -116,7 +124,7 @@ def _chat_message(i: int, message: Any) -> dict[str, str]:
     if role == "developer":
         role = "system"
     if role not in ("system", "user", "assistant"):
-        raise bad_request(f"messages[{i}].role {role!r} is not supported; use system, developer, user or "
+        raise bad_request(f"messages[{i}].role {show(role)} is not supported; use system, developer, user or "
                           "assistant (tool messages are not supported)", f"messages[{i}].role")
     content = message.get("content")
     if isinstance(content, list):
@@ -143,6 +151,9 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required: a model name from GET /v1/models (or its hex digest)", "model",
                           code="missing_model")
+    if len(model) > MAX_MODEL_NAME:
+        raise bad_request(f"'model' is {len(model)} characters; model names and digests are at most {MAX_MODEL_NAME}",
+                          "model")
     for name, neutral in _NEUTRAL.items():
         if name in body and not neutral(body[name]):
             raise bad_request(f"'{name}' is not supported by the p2pinfer gateway; leave it out", name,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .bounds import check_gguf_bounds
 from .errors import GGUFImportError, UnsupportedArchitectureError, UnsupportedTensorTypeError
 
 import gguf  # noqa: E402  (the PyPI package, not this one: absolute import)
@@ -58,6 +59,7 @@ class GGUFModel:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        check_gguf_bounds(self.path)  # the gguf package trusts declared sizes: bound them first
         try:
             self._reader = gguf.GGUFReader(self.path)
         except FileNotFoundError:
@@ -74,7 +76,10 @@ class GGUFModel:
         field = self._reader.fields.get(key)
         if field is None:
             return default
-        return field.contents()
+        try:
+            return field.contents()
+        except UnicodeDecodeError:  # GGUF strings are UTF-8; the gguf package decodes them strictly
+            raise GGUFImportError(f"{self.path.name}: metadata {key!r} holds a string that is not UTF-8") from None
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -87,7 +92,10 @@ class GGUFModel:
         field = self._reader.fields.get(key)
         if field is None:
             return []
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        try:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        except UnicodeDecodeError:
+            raise GGUFImportError(f"{self.path.name}: metadata {key!r} holds a string that is not UTF-8") from None
 
     @property
     def architecture(self) -> str:
@@ -140,14 +148,22 @@ def read_llama_spec(model: GGUFModel) -> LlamaSpec:
                 raise UnsupportedArchitectureError(
                     f"{model.path.name}: per-layer values of {key(suffix)} ({sorted(set(value))}) are not supported")
             value = value[0]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise GGUFImportError(f"{model.path.name}: metadata {key(suffix)} is not an integer")
         return int(value)
+
+    def number(suffix: str, default: float | None = None) -> float:
+        value = model.require(key(suffix)) if default is None else model.get(key(suffix), default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise GGUFImportError(f"{model.path.name}: metadata {key(suffix)} is not a number")
+        return float(value)
 
     n_layers = integer("block_count")
     hidden = integer("embedding_length")
     intermediate = integer("feed_forward_length")
     n_heads = integer("attention.head_count")
     n_kv_heads = integer("attention.head_count_kv", n_heads)
-    head_dim = integer("attention.key_length", hidden // n_heads)
+    head_dim = integer("attention.key_length", hidden // max(n_heads, 1))
     value_dim = integer("attention.value_length", head_dim)
     rope_dims = integer("rope.dimension_count", head_dim)
     if integer("expert_count", 0) > 0:
@@ -163,6 +179,9 @@ def read_llama_spec(model: GGUFModel) -> LlamaSpec:
         raise UnsupportedArchitectureError(f"{model.path.name}: RoPE scaling {scaling!r} is not supported")
     if min(n_layers, hidden, intermediate, n_heads, n_kv_heads, head_dim) <= 0:
         raise GGUFImportError(f"{model.path.name}: layer, size and head counts must be positive")
+    if n_layers > len(model.tensor_names) // len(_LAYER_TENSORS):  # before anything is built per layer
+        raise GGUFImportError(f"{model.path.name}: block_count {n_layers} needs {len(_LAYER_TENSORS)} tensors per "
+                              f"layer, but the file holds {len(model.tensor_names)} tensors")
     if n_heads % n_kv_heads:
         raise GGUFImportError(f"{model.path.name}: {n_heads} heads is not a multiple of {n_kv_heads} KV heads")
 
@@ -189,8 +208,8 @@ def read_llama_spec(model: GGUFModel) -> LlamaSpec:
         n_layers=n_layers, hidden_size=hidden, intermediate_size=intermediate, n_heads=n_heads,
         n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=vocab_size,
         context_length=integer("context_length", 2048),
-        rope_theta=float(model.get(key("rope.freq_base"), 10000.0)),
-        rms_norm_eps=float(model.require(key("attention.layer_norm_rms_epsilon"))),
+        rope_theta=number("rope.freq_base", 10000.0),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon"),
         tie_word_embeddings="output.weight" not in names,
     )
     _check_shapes(model, spec)

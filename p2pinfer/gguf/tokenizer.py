@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
                         processors)
 
-from .errors import UnsupportedTokenizerError
+from .errors import GGUFImportError, UnsupportedTokenizerError
 from .reader import GGUFModel
 
 TOKEN_TYPE_NORMAL = 1
@@ -131,6 +131,16 @@ def _byte_level_tokenizer(model: GGUFModel, tokens: list[str]) -> Tokenizer:
 
 def build_tokenizer(model: GGUFModel) -> TokenizerFiles:
     """The tokenizer of a GGUF file as ``tokenizer.json`` text plus its special tokens."""
+    try:
+        return _build_tokenizer(model)
+    except GGUFImportError:
+        raise
+    except Exception as exc:  # metadata of the wrong type, or merges the `tokenizers` library refuses
+        raise UnsupportedTokenizerError(f"{model.path.name}: the tokenizer metadata is inconsistent "
+                                        f"({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+def _build_tokenizer(model: GGUFModel) -> TokenizerFiles:
     name = model.path.name
     kind = model.get("tokenizer.ggml.model")
     if kind is None:

@@ -17,6 +17,10 @@ class BadParameters(RequestError, ValueError):
         self.param = param
 
 
+class PromptTooLarge(BadParameters):
+    """The prompt (or all chat messages together) is larger than one request may carry; nothing was sent."""
+
+
 class NoPeerServesModel(RequestError):
     """No known peer announces the requested model."""
 

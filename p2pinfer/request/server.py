@@ -16,7 +16,8 @@ A :class:`TaskServer` is installed on a running :class:`~p2pinfer.net.Node` and 
   signed ``InferenceResult``, which also signs the inherited token count, the election and the attempt.
 
 Generation runs in worker threads (``TokenStream``), so one peer serves up to ``slots`` requests at once
-without blocking its event loop; beyond that it answers ``busy``.
+without blocking its event loop; beyond that it answers ``busy``. It also answers ``busy`` to a remote peer
+that sends offers faster than :data:`~p2pinfer.request.limits.OFFER_RATE` (see docs/limits.md).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from ..errors import P2PInferError
 from .evidence import (UnfairBidSet, assignment_problem, chain_start, check_unfair_bid_set, decode_bid_set,
                        extend_chain)
 from .participation import Participations
+from .limits import OFFER_RATE, OVER_LIMIT_DELAY_S, PeerRateLimiter
 from .protocol import (
     BID_PROTOCOL,
     BID_SET_PROTOCOL,
@@ -119,8 +121,10 @@ class TaskServer:
     """Serves offers and assignments.
 
     ``counters`` (read by metrics and ``p2pinfer status``; plain integer updates, nothing else on the hot path):
-    ``offers``, ``bids``, ``refused.<code>`` (offers and assignments we refused), ``elections.won`` (assignments
-    accepted: we held the rank the assignment names), ``tasks.completed``, ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
+    ``offers``, ``offers.rate_limited`` (refused busy: the sender exceeded its rate, see
+    :mod:`p2pinfer.request.limits`), ``bids``, ``refused.<code>`` (offers and assignments we refused),
+    ``elections.won`` (assignments accepted: we held the rank the assignment names), ``tasks.completed``,
+    ``tasks.failed``, ``tokens.generated``. ``recent`` holds the last :data:`RECENT_TASKS` tasks.
     """
 
     def __init__(self, node: Node, identity: Identity, models: Sequence[LoadedModel], *, slots: int = 2,
@@ -144,6 +148,7 @@ class TaskServer:
         self.participation = participation if participation is not None else Participations()
         self._open_bids: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # request ID -> (offer, our bid)
         self.unfair_bid_sets: deque[UnfairBidSet] = deque(maxlen=MAX_UNFAIR_BID_SETS)
+        self._offer_rate = PeerRateLimiter(OFFER_RATE)
 
     def install(self) -> None:
         self.node.register_request_handler(BID_PROTOCOL, self._on_offer, max_frame=MAX_OFFER_FRAME)
@@ -156,6 +161,10 @@ class TaskServer:
     # ---- offers -> bids ---------------------------------------------------------------------------
 
     async def _on_offer(self, peer_id: str, body: bytes) -> bytes:
+        # The rate is checked before any signature work; an over-limit offer is answered late (see limits.py).
+        over_limit = peer_id != self.node.peer_id and not self._offer_rate.allow(peer_id, trio.current_time())
+        if over_limit:
+            await trio.sleep(OVER_LIMIT_DELAY_S)
         try:
             signed_offer = decode_signed(body, expect=TaskOffer, max_size=MAX_OFFER_FRAME)
             offer: TaskOffer = signed_offer.message
@@ -163,6 +172,12 @@ class TaskServer:
             log.info("offer.rejected", peer_id=peer_id, reason=exc.reason, error=str(exc)[:200])
             raise InvalidOffer(f"invalid offer: {exc}") from None
         self.counters["offers"] += 1
+        if over_limit:
+            self.counters["offers.rate_limited"] += 1
+            log.debug("offer.rate_limited", peer_id=peer_id)
+            return self._refusal(offer.request_id, "busy",
+                                 f"more than {OFFER_RATE.per_second:g} offers/s (burst {OFFER_RATE.burst}) from "
+                                 "this peer; back off and retry")
         now = now_ms()
         if not now < offer.expires_at_ms <= now + OFFER_TTL_MS + REQUEST_MAX_SKEW_MS:
             return self._refusal(offer.request_id, "expired", "the offer has expired or expires too far ahead")

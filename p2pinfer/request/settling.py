@@ -25,6 +25,8 @@ from .protocol import MAX_RECEIPT_FRAME, MAX_VERIFY_FRAME, RECEIPT_PROTOCOL, VER
 log = get_logger("p2pinfer.verification")
 
 MAX_FRAUD_PROOF_BYTES = 200 * 1024   # larger proofs are not gossiped (the pubsub RPC limit is 256 KiB)
+BUSY_BACKOFF_S = 0.1                  # a client asks a busy verifier again after this, doubling ...
+BUSY_BACKOFF_MAX_S = 2.0              # ... up to this, until its verification timeout
 
 
 @dataclass
@@ -59,13 +61,24 @@ async def ask_verifiers(node: Node, identity: Identity, request: Request, result
     refusals: list[tuple[str, str]] = []
     pending = {peer_id_from_public_key(k): k for k in verifiers}
 
+    give_up_at = trio.current_time() + timeout
+
     async def ask(peer_id: str, key: bytes) -> None:
-        try:
-            reply = await node.request(peer_id, VERIFY_PROTOCOL, task, timeout=timeout, max_frame=MAX_VERIFY_FRAME)
-            signed = decode_signed(reply, expect=(Verdict, Refusal), max_size=MAX_VERDICT_BYTES)
-        except (NetError, WireError) as exc:
-            refusals.append((peer_id, f"no verdict: {str(exc)[:120]}"))
-            return
+        backoff = BUSY_BACKOFF_S
+        while True:
+            try:
+                reply = await node.request(peer_id, VERIFY_PROTOCOL, task, max_frame=MAX_VERIFY_FRAME,
+                                           timeout=max(give_up_at - trio.current_time(), 0.1))
+                signed = decode_signed(reply, expect=(Verdict, Refusal), max_size=MAX_VERDICT_BYTES)
+            except (NetError, WireError) as exc:
+                refusals.append((peer_id, f"no verdict: {str(exc)[:120]}"))
+                return
+            # A busy verifier refuses instead of queueing: ask again after a back-off while time is left.
+            busy = signed.signer == key and isinstance(signed.message, Refusal) and signed.message.code == "busy"
+            if not busy or trio.current_time() + backoff >= give_up_at:
+                break
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BUSY_BACKOFF_MAX_S)
         if signed.signer != key:
             refusals.append((peer_id, "answer signed by another key"))
         elif isinstance(signed.message, Refusal):

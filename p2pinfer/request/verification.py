@@ -5,11 +5,15 @@
 * ``/p2pinfer/verify/1``: a ``VerifyTask`` signed by the request's client in; the peer checks that it holds
   the result's model in the same numeric class and did not execute it, re-checks the result with one
   prefill in a worker thread (:func:`p2pinfer.fraud.recheck_result`), records and answers a signed
-  ``Verdict``. It answers ``Refusal`` when it cannot judge (another model or numeric class, busy).
+  ``Verdict``. It answers ``Refusal`` when it cannot judge (another model or numeric class), when all its
+  verification slots are in use or the sender exceeds its rate (``busy``: it never queues; the client asks
+  again after a back-off), and when it has already judged that result (``invalid``: a replayed task costs
+  no second prefill and no second ledger row).
 * ``/p2pinfer/receipt/1``: a ``Receipt`` signed by its client, naming this peer; the peer books what
   :func:`p2pinfer.settlement.book_receipt` allows: only for a request it took part in for that client, with
   the election (signed bid set) inside, verdicts from the election's next ranks, its own clock, and never a
-  penalty against itself.
+  penalty against itself. Receipts beyond the sender's rate (:data:`~p2pinfer.request.limits.RECEIPT_RATE`)
+  are refused with an error.
 * fraud topic: a proof that passes :func:`~p2pinfer.fraud.check_proof_shape` is forwarded; a peer holding
   the model re-checks it in a worker thread and books *proven* (executor penalized) or *disproven* (the
   rejecting verifiers penalized for framing), judging blame on the executor's own signed inherited count.
@@ -37,6 +41,7 @@ from ..wire import (
     FraudProof,
     Receipt,
     Refusal,
+    ReplayGuard,
     Verdict,
     VerifyTask,
     WireError,
@@ -45,10 +50,12 @@ from ..wire import (
     encode_signed,
     now_ms,
     sign,
+    tagged_hash,
 )
 from ..wire.messages import MAX_BID_SET_BYTES, MAX_VERDICT_BYTES
 from .participation import Participations
 from ..errors import P2PInferError
+from .limits import OVER_LIMIT_DELAY_S, RECEIPT_RATE, VERIFY_RATE, PeerRateLimiter
 from .protocol import (
     MAX_RECEIPT_FRAME,
     MAX_VERIFY_FRAME,
@@ -60,7 +67,7 @@ from .protocol import (
 
 log = get_logger("p2pinfer.verification")
 
-from .settling import MAX_FRAUD_PROOF_BYTES  # noqa: E402
+from .settling import BUSY_BACKOFF_MAX_S, BUSY_BACKOFF_S, MAX_FRAUD_PROOF_BYTES  # noqa: E402
 FRAUD_PER_SOURCE_PER_MIN = 6          # proofs accepted from one gossip source per minute (fraud is rare)
 FRAUD_RECHECK_QUEUE = 16              # re-checks waiting at once; beyond that new proofs wait for gossip again
 
@@ -82,7 +89,11 @@ class VerificationService:
         self.slots = trio.Semaphore(max(1, slots))
         # requests this peer executed or verified (shared with the TaskServer): receipts need one
         self.participation = participation if participation is not None else Participations()
+        self.slot_count = max(1, slots)
         self.counters: Counter[str] = Counter()
+        self._verify_rate = PeerRateLimiter(VERIFY_RATE)
+        self._receipt_rate = PeerRateLimiter(RECEIPT_RATE)
+        self._verified = ReplayGuard()  # results this peer has judged: each is judged (and booked) once
         self._fraud_seen: set[bytes] = set()
         self._fraud_rate: dict[str, deque[float]] = {}
         self._fraud_queue_send, self._fraud_queue = trio.open_memory_channel[tuple[ProofParts, bytes]](
@@ -97,6 +108,10 @@ class VerificationService:
     # ---- verify ---------------------------------------------------------------------------------------
 
     async def _on_verify(self, peer_id: str, body: bytes) -> bytes:
+        # The rate is checked before any signature work; an over-limit task is answered late (see limits.py).
+        over_limit = peer_id != self.node.peer_id and not self._verify_rate.allow(peer_id, trio.current_time())
+        if over_limit:
+            await trio.sleep(OVER_LIMIT_DELAY_S)
         try:
             signed = decode_signed(body, expect=VerifyTask, max_size=MAX_VERIFY_FRAME)
             task: VerifyTask = signed.message
@@ -119,10 +134,29 @@ class VerificationService:
                                  f"{result.message.numeric_class}; it cannot judge the fingerprints")
         if result.signer == self.identity.public_key:
             return self._refusal(request_id, "invalid", "a peer never verifies its own result")
-        async with self.slots:
+        if over_limit:
+            log.debug("verify.rate_limited", peer_id=peer_id)
+            return self._refusal(request_id, "busy", f"more than {VERIFY_RATE.per_second:g} verify tasks/s (burst "
+                                                     f"{VERIFY_RATE.burst}) from this peer; back off and retry")
+        try:  # refuse rather than queue: a queue of prefills is work nobody bounded
+            self.slots.acquire_nowait()
+        except trio.WouldBlock:
+            return self._refusal(request_id, "busy", f"all {self.slot_count} verification slots are in use")
+        try:
+            # After the busy checks, so that a task refused busy may be sent again once a slot is free.
+            self._verified.check_and_remember(
+                tagged_hash("p2pinfer/v1/verify-seen", result.message_id),
+                expires_at_ms=task.issued_at_ms + REQUEST_MAX_AGE_MS + REQUEST_MAX_SKEW_MS, now=now)
+        except WireError:
+            self.slots.release()
+            return self._refusal(request_id, "invalid", "this peer has already judged this result (replay); "
+                                                        "its verdict was sent once")
+        try:
             started = time.perf_counter()
             verdict = await trio.to_thread.run_sync(recheck_result, model, task.request, result)
             seconds = time.perf_counter() - started
+        finally:
+            self.slots.release()
         r = result.message
         message = Verdict(request_id=request_id, result_hash=result.message_id, accept=verdict.accept,
                           first_bad_position=verdict.first_bad_position, reason=verdict.reason[:200],
@@ -145,6 +179,11 @@ class VerificationService:
     # ---- receipts -------------------------------------------------------------------------------------
 
     async def _on_receipt(self, peer_id: str, body: bytes) -> bytes:
+        if peer_id != self.node.peer_id and not self._receipt_rate.allow(peer_id, trio.current_time()):
+            await trio.sleep(OVER_LIMIT_DELAY_S)
+            self.counters["receipt.rate_limited"] += 1
+            raise InvalidTask(f"busy: more than {RECEIPT_RATE.per_second:g} receipts/s (burst {RECEIPT_RATE.burst}) "
+                              "from this peer; back off and send it again")
         try:
             signed = decode_signed(body, expect=Receipt, max_size=MAX_RECEIPT_FRAME)
             verdicts = [decode_signed(v, expect=Verdict, max_size=MAX_VERDICT_BYTES) for v in signed.message.verdicts]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .hashing import tagged_hash
-from .schema import Bool, Bytes, Enum, Float, Int, List, Optional, Record, Str, Struct, spec
+from .schema import Bool, Bytes, Enum, Float, Int, List, Optional, Record, SchemaError, Str, Struct, spec
 from . import codec
 
 PROTOCOL_VERSION = 1
@@ -27,7 +27,7 @@ TOKEN_ID = Int(0, (1 << 32) - 1)
 
 MAX_NEW_TOKENS = 4096
 MAX_PROMPT_TOKENS = 32768
-MAX_TEXT_BYTES = 256 * 1024
+MAX_TEXT_BYTES = 256 * 1024                  # a request's text: its prompt, or all its chat messages together
 MAX_BIDS = 64
 MAX_FINGERPRINT_BYTES = 512 * 1024
 EPOCH_SEED = Bytes(0, 32)
@@ -103,7 +103,8 @@ class Request(Record):
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
         "prompt": "plain-text prompt; exactly one of prompt and messages is set",
-        "messages": "chat messages, rendered with the model's chat template",
+        "messages": "chat messages, rendered with the model's chat template; their contents together are at "
+                    "most 262144 bytes (UTF-8), like a prompt",
         "top_k": "0 disables top-k",
         "seed": "if set, sampling noise derives from it instead of the request ID (reproducible across requests)",
         "nonce": "16 random bytes, so that identical requests get distinct IDs",
@@ -112,6 +113,26 @@ class Request(Record):
 
     def request_id(self) -> bytes:
         return tagged_hash("p2pinfer/v1/request-id", codec.encode(self.to_wire()))
+
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of the prompt, or of all chat messages' contents together (at most MAX_TEXT_BYTES)."""
+        return request_text_bytes(self.prompt, None if self.messages is None else [m.content for m in self.messages])
+
+    @classmethod
+    def from_wire(cls, value: object, path: str = "") -> "Request":
+        # The largest Assignment (this text, 64 bids, a full failover prefix) must fit its 1 MiB frame, and a
+        # VerifyTask (this request and a signed result) its 2 MiB frame: so the text is bounded as a whole.
+        request: Request = super().from_wire(value, path)
+        if request.text_bytes() > MAX_TEXT_BYTES:
+            raise SchemaError(f"prompt text of {request.text_bytes()} bytes, expected at most {MAX_TEXT_BYTES}",
+                              path=path or cls.__name__)
+        return request
+
+
+def request_text_bytes(prompt: str | None, contents: "list[str] | tuple[str, ...] | None") -> int:
+    """What :data:`MAX_TEXT_BYTES` bounds: UTF-8 bytes of the prompt or of all message contents together."""
+    total = 0 if prompt is None else len(prompt.encode("utf-8", "surrogatepass"))
+    return total + sum(len(c.encode("utf-8", "surrogatepass")) for c in contents or ())
 
 
 @dataclass(frozen=True)
