@@ -140,6 +140,9 @@ def assignment_problem(assignment: Assignment, request_id: bytes, me: bytes) -> 
     covered = 0  # how many prefix tokens the earlier executors' signed chains prove
     lower = set(ranking[:rank])
     prefix = list(assignment.prefix_ids)
+    chains = [chain_start(request_id)]  # chains[n]: the chain after the first n prefix tokens (computed once)
+    for token in prefix:
+        chains.append(extend_chain(chains[-1], (token,)))
     for data in assignment.evidence:
         try:
             signed = decode_signed(data, expect=(Refusal, TokenChunk), max_size=MAX_EVIDENCE_BYTES)
@@ -150,7 +153,7 @@ def assignment_problem(assignment: Assignment, request_id: bytes, me: bytes) -> 
         if isinstance(signed.message, TokenChunk):
             chunk = signed.message
             end = chunk.index + len(chunk.token_ids)
-            if end > len(prefix) or chunk.chain != token_chain(request_id, prefix[:end]):
+            if end > len(prefix) or chunk.chain != chains[end]:
                 return AssignmentCheck("prefix_ids are not what the earlier executor signed")
             covered = max(covered, end)
         answered.add(signed.signer)
