@@ -209,8 +209,14 @@ class TaskServer:
         if known is None:
             self.counters["bid_set.unknown"] += 1
             return b""
-        if signed.signer != decode_signed(known[0], expect=TaskOffer, max_size=MAX_OFFER_FRAME).signer:
+        client = decode_signed(known[0], expect=TaskOffer, max_size=MAX_OFFER_FRAME)
+        if signed.signer != client.signer:
             self.counters["bid_set.foreign"] += 1  # not the offering client's: proves nothing about anyone
+            return b""
+        if peer_id != client.signer_peer_id:
+            # Forwarded by someone else (an executor's failover probe, or anyone): an honest client sends its
+            # set only to the bidders in it, so only a set the client itself delivered can accuse it.
+            self.counters["bid_set.forwarded"] += 1
             return b""
         evidence = UnfairBidSet(offer=known[0], bid=known[1], bid_set=body)
         problem = check_unfair_bid_set(evidence)
