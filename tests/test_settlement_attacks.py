@@ -95,7 +95,8 @@ class Attacker:
                     return signed.message, chunks, None
                 if isinstance(signed.message, TokenChunk):
                     chunks.append(body)
-                    if stop_after_chunks is not None and len(chunks) >= stop_after_chunks:
+                    with_tokens = sum(1 for c in chunks if decode_signed(c).message.token_ids)
+                    if stop_after_chunks is not None and with_tokens >= stop_after_chunks:
                         return None, chunks, None  # walk away: a failover follows
                     continue
                 assert isinstance(signed.message, InferenceResult)
@@ -127,8 +128,10 @@ async def test_prefix_ids_need_the_earlier_executors_signature_and_fraud_proofs_
             assert refusal is not None and "signed by an earlier executor" in refusal.message
             # a real failover: the winner streams, the client walks away, rank 1 continues from signed tokens
             _, chunks, _ = await a.assign(ranking[0], request, bid_set, attempt=0, stop_after_chunks=1)
-            last = decode_signed(chunks[-1]).message
-            prefix = list(last.token_ids)  # index 0: the first chunk holds the first tokens
+            acceptance, last = decode_signed(chunks[0]).message, decode_signed(chunks[-1]).message
+            assert acceptance.token_ids == () and acceptance.index == 0  # the executor's signed acceptance
+            assert last.index == 0
+            prefix = list(last.token_ids)  # the first chunk with tokens holds the first tokens
             refusal, _, result = await a.assign(ranking[1], request, bid_set, attempt=1, prefix=prefix,
                                                 evidence=[chunks[-1]])
             assert refusal is None and result is not None

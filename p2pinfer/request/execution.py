@@ -125,6 +125,8 @@ async def run_attempt(node: Node, identity: Identity, request: Request, request_
                 log.info("task.refused", peer_id=peer_id, code=message.code, message=message.message)
                 break
             if isinstance(message, TokenChunk):
+                if not message.token_ids and message.text:
+                    raise _Failed("failed:text-without-tokens", Fault.PEER)
                 if message.index != len(progress.token_ids):
                     raise _Failed("failed:token-gap", Fault.PEER)
                 chain = extend_chain(chain, message.token_ids)
@@ -133,7 +135,8 @@ async def run_attempt(node: Node, identity: Identity, request: Request, request_
                 progress.token_ids.extend(message.token_ids)
                 progress.text_parts.append(message.text)
                 progress.evidence[signed.signer] = body  # its signature on every token so far
-                yield StreamChunk(message.text, message.token_ids, message.index, peer_id)
+                if message.token_ids:  # the first chunk has none: the executor's signed acceptance
+                    yield StreamChunk(message.text, message.token_ids, message.index, peer_id)
                 continue
             if (tuple(message.output_ids) != tuple(progress.token_ids)
                     or message.inherited_tokens != received_before or message.attempt != attempt

@@ -335,6 +335,11 @@ class TaskServer:
         # Each chunk signs the chain over every output token so far, inherited ones included.
         chain = extend_chain(chain_start(request_id), assignment.prefix_ids)
         try:
+            # First a chunk with no tokens: our signed acceptance, so that if we fail from here on, the client
+            # holds evidence for a failover that we took the task (an executor that answers probes but left no
+            # signed word would block it; see docs/election.md).
+            await frames.send(encode_signed(self.identity, TokenChunk(
+                request_id=request_id, index=len(assignment.prefix_ids), token_ids=(), text="", chain=chain)))
             # Generation runs ahead in its own task; each frame carries every token produced while the
             # previous frame was being signed and sent, so a slow link costs fewer frames, never added latency.
             send_tokens, receive_tokens = trio.open_memory_channel[GeneratedToken](MAX_NEW_TOKENS)

@@ -235,12 +235,14 @@ class TokenChunk(Message):
 
     request_id: bytes = spec(DIGEST)
     index: int = spec(Int(0, MAX_NEW_TOKENS))
-    token_ids: tuple[int, ...] = spec(List(TOKEN_ID, 256, 1))
+    token_ids: tuple[int, ...] = spec(List(TOKEN_ID, 256, 0))
     text: str = spec(Str(64 * 1024))
     chain: bytes = spec(Bytes(0, 32), default=b"")
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
         "index": "position in the output of the first token of this chunk",
+        "token_ids": "the executor's first frame has none: its signed acceptance of the assignment (failover "
+                     "evidence that it took the task)",
         "chain": "token chain over every output token up to the end of this chunk (see docs/election.md): the "
                  "executor's signature on the whole prefix, so a failover can prove what it inherited",
     }
