@@ -37,6 +37,7 @@ class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     bootstrap: tuple[str, ...] = ()
     listen: tuple[str, ...] = ()
+    announce: tuple[str, ...] = ()  # public addresses to announce (e.g. a bootstrap node's DNS name)
     log_json: bool = False
     log_level: str = "info"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -50,9 +51,9 @@ class Config:
         return self.data_dir / "models"
 
 
-_TOP_LEVEL_KEYS = {"data_dir", "bootstrap", "listen", "log_json", "log_level"}
+_TOP_LEVEL_KEYS = {"data_dir", "bootstrap", "listen", "announce", "log_json", "log_level"}
 # Sections that later parts of p2pinfer read for themselves (e.g. [peer], [gateway]).
-_SECTION_KEYS = {"peer", "client", "gateway", "bootstrap_node", "models", "ledger"}
+_SECTION_KEYS = {"peer", "client", "gateway", "bootstrap_node", "models", "ledger", "relay"}
 
 
 def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Config:
@@ -94,6 +95,7 @@ def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Co
         data_dir=resolved_dir,
         bootstrap=_strings("bootstrap"),
         listen=_strings("listen"),
+        announce=_strings("announce"),
         log_json=log_json,
         log_level=log_level,
         extra={k: v for k, v in raw.items() if k in _SECTION_KEYS},

@@ -17,7 +17,8 @@ from ..peer import DEFAULT_SLOTS, ServingPeer
 from ..runtime import ModelStore, resolve_models
 from .common import AppContext
 from .gguf import ClickProgress
-from .net import PEERS_FILE, check_bootstrap, listen_addrs, node_options, read_peers_file, run_until_signal
+from .net import (PEERS_FILE, announce_addrs, check_bootstrap, listen_addrs, node_options, read_peers_file,
+                  run_until_signal)
 
 log = get_logger("p2pinfer.cli.peer")
 
@@ -44,6 +45,7 @@ def peer_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None, bo
     control socket in the data dir, which `p2pinfer status` reads.
     """
     gateway_bind, gateway_key = gateway_settings(app, gateway, gateway_key)
+    announce = announce_addrs(app, announce)
     identity = Identity.load_or_create(key_file or app.config.key_file)
     peers = check_bootstrap([*bootstrap, *app.config.bootstrap, *read_peers_file(PEERS_FILE)])
     if not peers:
@@ -65,7 +67,7 @@ def peer_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None, bo
     ledger = app.config.data_dir / LEDGER_FILE  # receipts, verdicts, credits and penalties survive restarts
     run_until_signal(lambda: ServingPeer(identity, config, models, slots=slots, gateway=gateway_bind,
                                          gateway_key=gateway_key, control_socket=control, ledger=ledger),
-                     config.listen)
+                     config.listen, data_dir=app.config.data_dir)
 
 
 def gateway_settings(app: AppContext, gateway: str | None, key: str | None) -> tuple[tuple[str, int] | None, str | None]:

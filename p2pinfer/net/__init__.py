@@ -6,6 +6,7 @@ Public API (what the request path and the CLI use):
 * :class:`FrameStream` — a framed stream for our own protocols; errors from :mod:`p2pinfer.net.errors`.
 * :class:`AnnouncementTable`, :class:`ServingEntry`, :func:`verify_announcement` — capacity announcements.
 * :class:`PeerInfo`, :func:`parse_peer_multiaddr` — addresses as plain strings.
+* :class:`RelayLimits`, :class:`Reachability` — NAT traversal (:mod:`p2pinfer.net.nat`).
 * :func:`build_host`, :func:`keypair_from_identity` — the lower-level pieces.
 """
 
@@ -20,6 +21,7 @@ from .announcements import (
 from .dht import PROTOCOL_ID as DHT_PROTOCOL_ID
 from .dht import Discovery, provider_key
 from .errors import (
+    BootstrapUnreachable,
     DialError,
     FrameTooLargeError,
     MalformedFrameError,
@@ -33,13 +35,14 @@ from .errors import (
 from .gossip import CAPACITY_TOPIC
 from .host import build_host
 from .keys import keypair_from_identity
+from .nat import Reachability, ReachabilityStatus, RelayLimits
 from .node import Node, NodeConfig
 from .streams import DEFAULT_MAX_FRAME, FrameStream
 
 __all__ = [
-    "AnnouncementRejected", "AnnouncementTable", "CAPACITY_TOPIC", "DEFAULT_MAX_FRAME", "DHT_PROTOCOL_ID",
+    "AnnouncementRejected", "BootstrapUnreachable", "AnnouncementTable", "CAPACITY_TOPIC", "DEFAULT_MAX_FRAME", "DHT_PROTOCOL_ID",
     "DialError", "Discovery", "FrameStream", "FrameTooLargeError", "MAX_ANNOUNCEMENT_BYTES", "MalformedFrameError",
-    "NetError", "Node", "NodeConfig", "PeerInfo", "ProtocolNotSupported", "RemoteError", "RequestTimeout",
+    "NetError", "Node", "NodeConfig", "PeerInfo", "ProtocolNotSupported", "Reachability", "ReachabilityStatus", "RelayLimits", "RemoteError", "RequestTimeout",
     "ServingEntry", "StreamClosedError", "StreamResetError", "build_host", "keypair_from_identity",
     "parse_peer_multiaddr", "provider_key", "verify_announcement",
 ]

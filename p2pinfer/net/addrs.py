@@ -31,9 +31,15 @@ class PeerInfo:
 
 
 def strip_p2p(addr: str) -> str:
-    """``/ip4/1.2.3.4/tcp/4001/p2p/12D3...`` -> ``/ip4/1.2.3.4/tcp/4001``."""
+    """``/ip4/1.2.3.4/tcp/4001/p2p/12D3...`` -> ``/ip4/1.2.3.4/tcp/4001``.
+
+    A relayed address keeps its relay's ID: ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<peer>`` ->
+    ``<relay addr>/p2p/<relay>/p2p-circuit``.
+    """
     marker = "/p2p/"
-    i = addr.find(marker)
+    circuit = addr.rfind("/p2p-circuit")
+    start = circuit + len("/p2p-circuit") if circuit >= 0 else 0
+    i = addr.find(marker, start)
     return addr if i < 0 else addr[:i]
 
 
@@ -48,7 +54,8 @@ def parse_peer_multiaddr(addr: str) -> PeerInfo:
     """Parse a dialable multiaddr that ends in ``/p2p/<peer id>`` (as bootstrap lists contain)."""
     ma = parse_multiaddr(addr.strip())
     try:
-        peer = ma.value_for_protocol("p2p")
+        # the last /p2p/ names the peer (a relayed address names its relay first)
+        peer = ma.get_peer_id() if "/p2p-circuit" in str(ma) else ma.value_for_protocol("p2p")
     except Exception:
         peer = None
     if not peer:

@@ -233,10 +233,13 @@ class Discovery:
             await self._provide_once(digest)
         log.debug("dht.refreshed", table=self.dht.get_routing_table_size())
 
-    async def bootstrap(self, peers: list[PeerInfo], *, connect: Callable[[PeerInfo], Any]) -> int:
+    async def bootstrap(self, peers: list[PeerInfo], *, connect: Callable[[PeerInfo], Any],
+                        refresh_nursery: trio.Nursery | None = None) -> int:
         """Connect to ``peers`` (via ``connect``), add them to the routing table, then look ourselves up.
 
-        Returns how many bootstrap peers were reached. Unreachable ones are logged, not raised.
+        Returns how many bootstrap peers were reached. Unreachable ones are logged, not raised. With
+        ``refresh_nursery`` the self-lookup runs there in the background: it may wait on dials to peers
+        that cannot be reached (behind NAT), and a join must not wait for those.
         """
         reached = 0
         for info in peers:
@@ -251,14 +254,21 @@ class Discovery:
             # Skip the server-mode check: identify may not have finished yet, and a bootstrap node is a
             # DHT server by definition.
             await self.dht.add_peer(ID.from_base58(info.peer_id), skip_server_mode_check=True)
-        if reached:
-            with trio.move_on_after(QUERY_TIMEOUT_S):
-                try:
-                    await self.dht.peer_routing.refresh_routing_table()
-                except Exception as exc:
-                    log.warning("dht.refresh_failed", error=repr(exc)[:200])
         log.info("dht.bootstrapped", reached=reached, of=len(peers), table=self.dht.get_routing_table_size())
+        if reached:
+            if refresh_nursery is not None:
+                refresh_nursery.start_soon(self._look_up_self)
+            else:
+                await self._look_up_self()
         return reached
+
+    async def _look_up_self(self) -> None:
+        with trio.move_on_after(QUERY_TIMEOUT_S):
+            try:
+                await self.dht.peer_routing.refresh_routing_table()
+            except Exception as exc:
+                log.warning("dht.refresh_failed", error=repr(exc)[:200])
+        log.info("dht.self_lookup_done", table=self.dht.get_routing_table_size())
 
     def routing_table_size(self) -> int:
         return self.dht.get_routing_table_size()

@@ -61,3 +61,9 @@ class RemoteError(NetError):
     """The peer's handler failed and said why (the message is the peer's, untrusted, at most 256 bytes)."""
 
     reason = "remote-error"
+
+
+class BootstrapUnreachable(DialError):
+    """None of the configured bootstrap nodes could be reached (the message names each address and cause)."""
+
+    reason = "bootstrap-unreachable"

@@ -13,6 +13,9 @@ Workarounds for py-libp2p 0.8.1 that live here:
   says). Our connectivity comes from bootstrap, the DHT and the gossip mesh; unsolicited dials to everyone
   we ever heard of would only add load (and make test topologies uncontrollable), so :func:`build_host`
   replaces that instance's ``maybe_connect`` with a no-op.
+* Every failed dial is retried 3 times with backoff (``RetryConfig``), so an address that drops packets
+  (a peer behind NAT) costs four dial timeouts. We dial once (``max_retries=0``): the callers have their
+  own fallbacks (other addresses, relays, other peers).
 * The default muxer list also offers Mplex (deprecated, no flow control); we offer Yamux only.
 
 Identify (``/ipfs/id/1.0.0`` and push) and ping (``/ipfs/ping/1.0.0``) are registered by ``BasicHost``
@@ -22,13 +25,15 @@ exercised by our tests; TCP is the supported transport.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import multiaddr
 
 import libp2p
 from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -49,10 +54,13 @@ def build_host(
     *,
     dial_timeout_s: float = 10.0,
     max_connections: int = 300,
+    addrs_factory: Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]] | None = None,
 ) -> IHost:
     """A host keyed by ``identity``: TCP, Noise only, Yamux only, identify and ping.
 
     The host is not listening yet; :class:`p2pinfer.net.node.Node` runs it (``host.run(listen_addrs)``).
+    ``addrs_factory`` decides what the host advertises (identify, relay reservations, DCUtR); the Node passes
+    one that never advertises wildcard or undialable addresses (see :mod:`p2pinfer.net.publicaddrs`).
     """
     keypair = keypair_from_identity(identity)
     listen_addrs = [parse_multiaddr(a) for a in listen]
@@ -74,7 +82,11 @@ def build_host(
         connection_config=connection_config,
         enable_mDNS=False,
         enable_upnp=False,
+        addrs_factory=addrs_factory,
     )
+    network = host.get_network()
+    if hasattr(network, "retry_config"):
+        network.retry_config = RetryConfig(max_retries=0)  # see module docstring
     auto_connector = getattr(host.get_network(), "auto_connector", None)
     if auto_connector is not None:
         auto_connector.maybe_connect = _no_auto_connect  # see module docstring

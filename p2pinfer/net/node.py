@@ -42,11 +42,14 @@ from ..wire import CapacityAnnouncement, ModelOffer, WireError, codec, encode_si
 from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
 from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
-from .errors import DialError, NetError, ProtocolNotSupported, RequestTimeout
+from .errors import BootstrapUnreachable, DialError, NetError, ProtocolNotSupported, RequestTimeout
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
 from .host import build_host
 from .keys import to_libp2p_id
+from .listen import check_listen_ports
 from .loopback import loopback_pair
+from .nat import NatTraversal, Reachability, RelayLimits, is_circuit
+from .publicaddrs import announceable
 from .streams import DEFAULT_MAX_FRAME, FrameStream, encode_error, encode_ok
 
 log = get_logger("p2pinfer.net.node")
@@ -58,6 +61,12 @@ Role = Literal["peer", "bootstrap", "client"]
 # envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
 # withhold announcements but never forge one.
 SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
+CONNECT_TIMEOUT_S = 10.0  # Node.connect() without a timeout: dial (dial_timeout_s per address), Noise, Yamux
+# nat hooks (see p2pinfer.net.nat):
+DIRECT_BEFORE_RELAY_S = 1.0        # a peer announcing direct and relayed addresses gets this long on the direct ones
+UNREACHABLE_MEMORY_S = 30.0        # a peer whose dial failed is not offered work again for this long
+MAX_REMEMBERED_UNREACHABLE = 4096
+PROVIDER_HINTS_TTL_S = 30.0        # DHT provider hints are looked up again (in the background) after this long
 MAX_SYNC_FRAME = 1 << 20
 MAX_SYNC_ANNOUNCEMENTS = 256
 StreamHandler = Callable[[FrameStream], Awaitable[None]]
@@ -73,10 +82,17 @@ class NodeConfig:
     announce_ttl_s: float = 180.0            # validity of each announcement (< the 10 min maximum)
     dht_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     gossip_heartbeat_s: int = HEARTBEAT_S
-    dial_timeout_s: float = 10.0
+    dial_timeout_s: float = 3.0              # TCP connect; an address that drops packets (NAT) costs this long
     put_dht_record: bool = True              # also store our announcement under /p2pcap/<peer id>
     software: str = f"p2pinfer/{__version__}"
     extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
+    # NAT traversal (p2pinfer.net.nat): relay hop service (None: on for role "bootstrap"), its limits,
+    # reachability check + relay reservation at join, and how long joining may wait for bootstrap nodes.
+    relay_hop: bool | None = None
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    nat_traversal: bool = True
+    hole_punch: bool = True                  # DCUtR: upgrade relayed connections to direct ones
+    bootstrap_timeout_s: float = 5.0
 
 
 def quiet_libp2p_logging() -> None:
@@ -96,10 +112,17 @@ class Node:
         self.identity = identity
         self.config = config
         self.peer_id = identity.peer_id
-        self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s)
+        self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s,
+                               addrs_factory=self._advertised_addrs)  # nat hook: no wildcards in identify
         self.discovery = Discovery(self.host, server=config.role != "client",
                                    refresh_interval_s=config.dht_refresh_interval_s)
         self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
+        # --- nat hook: NAT traversal (AutoNAT, relay, DCUtR); see p2pinfer.net.nat ---
+        relay_hop = config.role == "bootstrap" if config.relay_hop is None else config.relay_hop
+        self.nat = NatTraversal(self.host, listen=config.listen, announce=config.extra_addrs,
+                                relay_hop=relay_hop, relay_limits=config.relay_limits,
+                                hole_punch=config.hole_punch)
+        self.nat.on_change = lambda: self._capacity_changed.set()  # re-announce when our addresses change
         self.table = AnnouncementTable()
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id)
         self.stats: Counter[str] = Counter()
@@ -114,6 +137,9 @@ class Node:
         self._closing = False
         self._last_announcement: tuple[bytes, int] | None = None
         self._local_handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}  # for streams to ourselves
+        self._unreachable: dict[str, float] = {}  # peer ID -> trio time until which we do not offer it work
+        self._provider_hints: dict[bytes, tuple[float, list[PeerInfo]]] = {}  # digest -> (when, DHT providers)
+        self._hint_lookups: set[bytes] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -122,6 +148,7 @@ class Node:
         await stack.__aenter__()
         try:
             listen_addrs = [multiaddr.Multiaddr(a) for a in self.config.listen]
+            check_listen_ports(self.config.listen)  # nat hook: a taken port is an error, never shared
             await stack.enter_async_context(self.host.run(listen_addrs))
             await stack.enter_async_context(background_trio_service(self.pubsub))
             await stack.enter_async_context(background_trio_service(self.router))
@@ -129,6 +156,7 @@ class Node:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._stack = stack
             await self._nursery.start(self.discovery.run)
+            await self._nursery.start(self.nat.run)
             await self.gossip.start()
             self._nursery.start_soon(self.gossip.drain)
             log.info("node.started", peer_id=self.peer_id, role=self.config.role, addrs=self.addrs)
@@ -136,10 +164,16 @@ class Node:
             bootstrap = [b for b in merge_peer_infos(bootstrap) if b.peer_id != self.peer_id]
             self.register_request_handler(SYNC_PROTOCOL, self._serve_sync, max_frame=MAX_SYNC_FRAME)
             if bootstrap:
-                await self.discovery.bootstrap(bootstrap, connect=self.connect)
-                async with trio.open_nursery() as sync_nursery:
-                    for info in bootstrap:
-                        sync_nursery.start_soon(self.sync_announcements, info.peer_id)
+                bootstrap = await self._reach_bootstrap(bootstrap)  # nat hook: fails fast, naming each cause
+                # nat hook: the DHT self-lookup may wait on peers behind NAT; the join does not wait for it
+                await self.discovery.bootstrap(bootstrap, connect=self.connect, refresh_nursery=self._nursery)
+            async with trio.open_nursery() as sync_nursery:
+                for info in bootstrap:
+                    sync_nursery.start_soon(self.sync_announcements, info.peer_id)
+                if self.config.role != "client" and self.config.nat_traversal:
+                    sync_nursery.start_soon(self.nat.establish, bootstrap)  # nat hook: reachability, relay
+            if self.config.role != "client" and self.config.nat_traversal:  # nat hook
+                self._nursery.start_soon(self.nat.recheck_loop, self.nat.direct_peers)
             if self.config.role != "bootstrap":
                 self._nursery.start_soon(self._announce_loop)
         except BaseException:
@@ -195,17 +229,63 @@ class Node:
     @property
     def addrs(self) -> list[str]:
         """Our dialable multiaddrs, each ending in ``/p2p/<peer id>``."""
-        bare = [strip_p2p(str(a)) for a in self.host.get_addrs()] + list(self.config.extra_addrs)
-        seen: list[str] = []
-        for a in bare:
-            if a not in seen:
-                seen.append(a)
-        return [f"{a}/p2p/{self.peer_id}" for a in seen]
+        # nat hook: wildcards expanded, undialable addresses dropped, relayed addresses added
+        direct = [str(a) for a in self.host.get_transport_addrs()] + list(self.config.extra_addrs)
+        bare = announceable(direct, listen=self.config.listen) + list(self.nat.relayed_addrs)
+        return [f"{a}/p2p/{self.peer_id}" for a in dict.fromkeys(bare)]
 
     def announce_addrs(self) -> tuple[str, ...]:
-        """Addresses put in announcements: without ``/p2p``, wildcard binds left out."""
-        out = [strip_p2p(a) for a in self.addrs]
-        return tuple(a for a in out if "/0.0.0.0/" not in a and "/::/" not in a)[:16]
+        """Addresses put in announcements, without ``/p2p/<our id>`` (nat hook).
+
+        Wildcards are expanded to interface addresses and undialable ones dropped
+        (:mod:`p2pinfer.net.publicaddrs`); a peer that is only reachable through a relay announces its
+        relayed addresses only, so nobody waits on a direct dial the NAT will drop.
+        """
+        if self.nat.relayed_addrs and self.nat.status.state is not Reachability.PUBLIC:
+            return self.nat.relayed_addrs[:16]  # also while our relay is briefly away (it is re-reserved)
+        if self.nat.status.state is Reachability.UNREACHABLE and self.nat.status.checked:
+            return ()  # others tried to dial us and failed, and no relay took us: no address would work
+        direct = [str(a) for a in self.host.get_transport_addrs()] + list(self.config.extra_addrs)
+        return tuple(dict.fromkeys(announceable(direct, listen=self.config.listen)))[:16]
+
+    async def _reach_bootstrap(self, bootstrap: list[PeerInfo]) -> list[PeerInfo]:
+        """Dial all bootstrap nodes at once; the reachable ones, or :class:`BootstrapUnreachable` naming
+        every address and its cause when none is (nat hook)."""
+        errors: dict[str, str] = {}
+
+        async def dial(info: PeerInfo) -> None:
+            try:
+                await self.connect(info, timeout=self.config.bootstrap_timeout_s)
+            except DialError as exc:
+                errors[info.peer_id] = str(exc)
+
+        async with trio.open_nursery() as nursery:
+            for info in bootstrap:
+                nursery.start_soon(dial, info)
+        reached = [info for info in bootstrap if info.peer_id not in errors]
+        if not reached:
+            causes = "; ".join(f"{'/'.join(info.dial_addrs()[:1])}: {errors[info.peer_id].split(': ', 1)[-1]}"
+                               for info in bootstrap)
+            raise BootstrapUnreachable(f"no bootstrap node is reachable ({causes[:600]}); check the address "
+                                       f"and your connection, or pass a working --bootstrap")
+        for info in bootstrap:
+            if info.peer_id in errors:
+                log.warning("node.bootstrap_unreachable", addr=info.dial_addrs()[:1], error=errors[info.peer_id][:200])
+        return reached
+
+    @property
+    def reachability(self) -> str:
+        """One line: ``reachability: public|relayed|unreachable (reason)``."""
+        return self.nat.status.line()
+
+    def _advertised_addrs(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """What the host tells others (identify, relay, DCUtR): dialable direct addresses only (nat hook).
+
+        Relayed addresses go in our signed announcements, not here: py-libp2p's identify and DCUtR would
+        strip their ``/p2p-circuit`` part and dial the relay's address expecting us (a wasted dial each).
+        """
+        direct = [str(c) for c in candidates] + list(self.config.extra_addrs)
+        return [multiaddr.Multiaddr(a) for a in dict.fromkeys(announceable(direct, listen=self.config.listen))]
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
@@ -213,7 +293,39 @@ class Node:
     async def connect(self, peer: PeerInfo | str, *, timeout: float | None = None) -> None:
         """Make sure we are connected to ``peer`` (a PeerInfo or a multiaddr with ``/p2p/``)."""
         info = parse_peer_multiaddr(peer) if isinstance(peer, str) else peer
-        timeout = self.config.dial_timeout_s if timeout is None else timeout
+        try:
+            await self._connect(info, timeout=timeout)
+        except DialError:
+            self._remember_unreachable(info.peer_id)  # nat hook
+            raise
+        self._unreachable.pop(info.peer_id, None)
+
+    def _remember_unreachable(self, peer_id: str) -> None:
+        """A peer we just failed to dial is left out of :meth:`candidates` for a while (nat hook)."""
+        if len(self._unreachable) >= MAX_REMEMBERED_UNREACHABLE:
+            self._unreachable.pop(min(self._unreachable, key=self._unreachable.__getitem__))
+        self._unreachable[peer_id] = trio.current_time() + UNREACHABLE_MEMORY_S
+
+    def known_unreachable(self, peer_id: str) -> bool:
+        until = self._unreachable.get(peer_id)
+        if until is not None and until <= trio.current_time():
+            del self._unreachable[peer_id]
+            return False
+        return until is not None
+
+    async def _connect(self, info: PeerInfo, *, timeout: float | None = None) -> None:
+        timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+        circuits = [a for a in info.addrs if is_circuit(a)]
+        if circuits:  # nat hook: py-libp2p's swarm drops /p2p-circuit addresses; dial them ourselves
+            if self.nat.is_connected(info.peer_id):
+                return
+            direct = PeerInfo(info.peer_id, tuple(a for a in info.addrs if not is_circuit(a)))
+            if direct.addrs:
+                try:
+                    return await self._connect(direct, timeout=min(timeout, DIRECT_BEFORE_RELAY_S))
+                except DialError:
+                    pass
+            return await self.nat.dial_circuit(info.peer_id, circuits, timeout=timeout)
         with trio.move_on_after(timeout) as scope:
             try:
                 await self.host.connect(info.to_libp2p())
@@ -290,6 +402,9 @@ class Node:
         if peer_id == self.peer_id:
             return self._open_loopback(protocol_id, timeout=timeout, max_frame=max_frame)
         known = tuple(addrs) or (self._announced_addrs(peer_id))
+        if any(is_circuit(a) for a in known):  # nat hook: reach a relayed peer through its relay first
+            await self.connect(PeerInfo(peer_id, known), timeout=timeout)
+        known = tuple(a for a in known if not is_circuit(a))
         if known:
             self.host.get_peerstore().add_addrs(to_libp2p_id(peer_id),
                                                 [multiaddr.Multiaddr(strip_p2p(a)) for a in known], 600)
@@ -301,6 +416,8 @@ class Node:
                 text = f"{type(cause).__name__}: {cause}"
                 if "ProtocolNotSupported" in text or "protocol" in text.lower() and "not" in text.lower():
                     raise ProtocolNotSupported(f"{peer_id} does not serve {protocol_id}") from None
+                if not self.nat.is_connected(peer_id):
+                    self._remember_unreachable(peer_id)  # nat hook
                 raise DialError(f"cannot open {protocol_id} to {peer_id}: {text}"[:300]) from None
             return FrameStream(stream, max_frame=max_frame, timeout=timeout)
         assert scope.cancelled_caught
@@ -490,13 +607,58 @@ class Node:
         """Who to try for ``model_digest``: live announcements with free slots first, then DHT providers
         that have no live announcement yet (a newly joined client may not have heard the gossip)."""
         from_table = self.serving(model_digest, min_free_slots=min_free_slots, include_self=include_self)
-        out = [PeerInfo(s.peer_id, s.addrs) for s in from_table]
+        out = [PeerInfo(s.peer_id, s.addrs) for s in from_table if self._worth_dialling(s.peer_id, s.addrs)]
         if len(out) < 3:
             live = {a.peer_id for a in self.table.live(now_ms())}
-            for info in await self.find_providers(model_digest, timeout=timeout):
-                if info.peer_id != self.peer_id and info.peer_id not in live:
+            # nat hook: a DHT lookup can wait on peers nobody can reach (behind NAT), so its result is kept:
+            # the first request for a model waits for the lookup (it may find peers gossip has not told us
+            # about yet), later ones get the last hints at once while a fresh lookup runs in the background
+            # (at most every PROVIDER_HINTS_TTL_S).
+            if out and model_digest in self._provider_hints:
+                hints = self._cached_provider_hints(model_digest, timeout)
+            else:
+                hints = await self.find_providers(model_digest, timeout=timeout)
+                self._store_provider_hints(model_digest, hints)
+            for info in hints:
+                if (info.peer_id != self.peer_id and info.peer_id not in live
+                        and not self.known_unreachable(info.peer_id)):
                     out.append(info)
         return out
+
+    def _store_provider_hints(self, model_digest: bytes, hints: list[PeerInfo]) -> None:
+        if model_digest not in self._provider_hints and len(self._provider_hints) >= 256:
+            self._provider_hints.pop(next(iter(self._provider_hints)))
+        self._provider_hints[model_digest] = (trio.current_time(), hints)
+
+    def _cached_provider_hints(self, model_digest: bytes, timeout: float) -> list[PeerInfo]:
+        """The last DHT provider lookup for ``model_digest``; starts a fresh one in the background when it is
+        older than :data:`PROVIDER_HINTS_TTL_S` (nat hook)."""
+        at, hints = self._provider_hints.get(model_digest, (None, []))
+        fresh = at is not None and trio.current_time() - at < PROVIDER_HINTS_TTL_S
+        if not fresh and model_digest not in self._hint_lookups and self._nursery is not None:
+            self._hint_lookups.add(model_digest)
+
+            async def look_up() -> None:
+                try:
+                    self._store_provider_hints(model_digest, await self.find_providers(model_digest, timeout=timeout))
+                finally:
+                    self._hint_lookups.discard(model_digest)
+
+            self._nursery.start_soon(look_up)
+        return hints
+
+    def _worth_dialling(self, peer_id: str, addrs: Sequence[str]) -> bool:
+        """nat hook: leave out peers whose last dial failed recently, and peers announcing no address that
+        we are not already connected to (they found out nobody can dial them)."""
+        if peer_id == self.peer_id or self.nat.is_connected(peer_id):
+            return True
+        if self.known_unreachable(peer_id):
+            self.stats["candidates.skipped_unreachable"] += 1
+            return False
+        if not addrs:
+            self.stats["candidates.skipped_no_address"] += 1
+            return False
+        return True
 
     def _announced_addrs(self, peer_id: str) -> tuple[str, ...]:
         a = self.table.get(peer_id, now_ms())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pinfer.cli.net import read_peers_file
+from p2pinfer.cli.net import PEERS_FILE, read_peers_file
 from p2pinfer.errors import P2PInferError
 
 
@@ -83,4 +83,5 @@ def test_peers_file_format(tmp_path: Path) -> None:
     with pytest.raises(P2PInferError, match="peers.txt:1"):
         read_peers_file(path)
     # The shipped list holds only real nodes (none yet), and parses.
-    assert read_peers_file(Path(__file__).resolve().parents[2] / "bootstrap" / "peers.txt") == []
+    assert read_peers_file(PEERS_FILE) == []
+    assert PEERS_FILE.name == "peers.txt" and PEERS_FILE.parent.name == "p2pinfer"  # package data

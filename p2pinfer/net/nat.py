@@ -1,0 +1,487 @@
+"""NAT traversal: AutoNAT reachability, Circuit Relay v2 reservations and dials, DCUtR hole punching.
+
+A peer at home sits behind a router that drops unsolicited inbound connections. At join,
+:class:`NatTraversal`
+
+1. asks the bootstrap nodes it reached to **dial it back** (AutoNAT, ``/libp2p/autonat/1.0.0``) on the
+   addresses it could be reached at: its observed IP (identify) with its listen ports, its interface
+   addresses and ``--announce``. One successful dial-back makes it ``public``.
+2. Otherwise it **reserves a slot** on a relay (Circuit Relay v2 hop, ``/libp2p/circuit/relay/0.2.0/hop``;
+   bootstrap nodes are relays by default) and announces its relayed address
+   ``<relay addr>/p2p/<relay id>/p2p-circuit``: it is ``relayed``. With no relay it is ``unreachable``.
+3. **DCUtR** runs on every node: whenever a connection is relayed, both ends try to replace it by a direct
+   one (unilateral dial first, then TCP simultaneous open from the listen port); streams then prefer the
+   direct connection and the relayed one is closed after a grace period.
+
+:meth:`NatTraversal.connect` dials ``/p2p-circuit`` addresses itself, because py-libp2p 0.8.1's
+``Swarm.dial_peer`` silently drops them.
+
+Fixes for py-libp2p 0.8.1 that live here (see docs/network.md):
+
+* AutoNAT's server dials back with ``host.connect()``, which returns at once when the requester is already
+  connected (it always is: it just sent the request), so every node is told it is reachable.
+  :class:`DialBackAutoNAT` opens a *fresh* TCP connection and completes a Noise handshake that proves the
+  requester's peer ID, then closes it, within :data:`DIAL_BACK_TIMEOUT_S` and at most
+  :data:`MAX_CONCURRENT_DIAL_BACKS` at a time.
+* AutoNAT's client wants 4 agreeing servers before it flips; a young network has one bootstrap node. We
+  take each answer as evidence and decide ourselves (any success: public).
+* The relay's default limits allow 4 reservations; :class:`RelayLimits` makes them volunteer-settable.
+* ``RelayDiscovery`` runs before the peer has connected to anyone and then sleeps 300 s; we never start
+  it and reserve explicitly at join.
+* ``DCUtRProtocol.initiate_hole_punch()`` can return False after the direct connection was made (a
+  parallel dial succeeded while the round was cancelled); :meth:`NatTraversal.hole_punch` decides by
+  looking at the connections, not at the return value.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.host.autonat.autonat import AutoNATService
+from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits as Libp2pRelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.tools.anyio_service import background_trio_service
+
+from ..log import get_logger
+from .addrs import PeerInfo
+from .errors import DialError
+from .keys import to_libp2p_id
+from .publicaddrs import CIRCUIT, announceable, ip_of
+
+log = get_logger("p2pinfer.net.nat")
+
+DIAL_BACK_TIMEOUT_S = 3.0          # a home NAT drops the SYN: the dial-back waits this long, then fails
+MAX_CONCURRENT_DIAL_BACKS = 8      # AutoNAT server: dial-backs in flight at once (each is a TCP + Noise)
+MAX_DIAL_BACK_ADDRS = 4            # AutoNAT server: addresses tried per request
+AUTONAT_QUERY_TIMEOUT_S = 8.0
+IDENTIFY_WAIT_S = 2.0              # how long to wait for identify to tell us our observed address
+RESERVE_TIMEOUT_S = 5.0
+RECHECK_FIRST_S = 5.0             # while never checked (nobody to ask yet), look for peers to ask this often
+RECHECK_INTERVAL_S = 120.0         # an unreachable peer re-checks this often
+RELAY_CHECK_S = 10.0               # a relayed peer checks this often that it is still connected to its relay
+MAX_RECHECK_SERVERS = 3
+NOT_CHECKED = "not checked yet: no other peer to dial us back"
+HOLE_PUNCH_DIAL_TIMEOUT_S = 2      # DCUtR's own default (10 s) makes a failed round take 10 s
+
+
+class Reachability(enum.Enum):
+    PUBLIC = "public"              # someone dialled us back on a direct address
+    RELAYED = "relayed"            # not dialable, but a relay holds a reservation for us
+    UNREACHABLE = "unreachable"    # neither (or not checked yet)
+
+
+@dataclass(frozen=True)
+class ReachabilityStatus:
+    state: Reachability
+    reason: str
+    checked: bool = True  # False until some peer has answered (or could have answered) a dial-back request
+
+    def line(self) -> str:
+        return f"reachability: {self.state.value} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """What a relay (hop) node grants; a volunteer sets these (``[relay]`` in the config, CLI options)."""
+
+    max_reservations: int = 128          # peers that may hold a reservation at once
+    max_circuits_per_peer: int = 16      # relayed connections at once to one reserved peer
+    circuit_duration_s: int = 600        # a relayed connection is closed after this long
+    circuit_bytes: int = 64 * 1024 * 1024  # ... or after this many bytes
+    reservation_ttl_s: int = 3600        # reservations are refreshed before they expire
+
+    def to_libp2p(self) -> Libp2pRelayLimits:
+        return Libp2pRelayLimits(duration=self.circuit_duration_s, data=self.circuit_bytes,
+                                 max_circuit_conns=self.max_circuits_per_peer,
+                                 max_reservations=self.max_reservations,
+                                 reservation_ttl=self.reservation_ttl_s)
+
+
+def is_circuit(addr: str) -> bool:
+    return CIRCUIT in addr
+
+
+class DialBackAutoNAT(AutoNATService):
+    """py-libp2p's AutoNAT server, with a dial-back that really dials (see the module docstring)."""
+
+    def __init__(self, host: IHost) -> None:
+        super().__init__(host, serve=True)  # type: ignore[arg-type]
+        self._slots = trio.Semaphore(MAX_CONCURRENT_DIAL_BACKS)
+        self.dial_backs = 0
+        self.refused_busy = 0
+        self.peak_in_flight = 0
+
+    async def _handle_dial(self, message: Any, observed_ip: str | None, is_relayed: bool) -> Any:
+        # Busy: say "refused" (the requester does not count it) rather than "dial failed" (which would tell
+        # an honest requester it is unreachable). Requests never queue: a flood costs us nothing but answers.
+        if self._slots.value == 0:
+            self.refused_busy += 1
+            response = AutoNATMessage()
+            response.type = AutoNATMessage.DIAL_RESPONSE
+            response.dialResponse.status = AutoNATMessage.E_DIAL_REFUSED
+            response.dialResponse.statusText = "busy"
+            return response
+        async with self._slots:
+            self.peak_in_flight = max(self.peak_in_flight, MAX_CONCURRENT_DIAL_BACKS - self._slots.value)
+            return await super()._handle_dial(message, observed_ip, is_relayed)
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        self.dial_backs += 1
+        for raw in addrs[:MAX_DIAL_BACK_ADDRS]:
+            try:
+                addr = multiaddr.Multiaddr(raw)
+            except Exception:
+                continue
+            if await fresh_handshake(self.host, peer_id, addr, timeout=DIAL_BACK_TIMEOUT_S):
+                return bytes(raw)
+        return None
+
+
+async def fresh_handshake(host: IHost, peer_id: ID, addr: multiaddr.Multiaddr, *, timeout: float) -> bool:
+    """Open a new TCP connection to ``addr`` and prove it reaches ``peer_id`` (Noise handshake); close it."""
+    network: Any = host.get_network()
+    with trio.move_on_after(timeout):
+        try:
+            transport = network.transport_manager.transport_for_dialing(addr)
+            if transport is None:
+                return False
+            raw = await transport.dial(addr)
+        except Exception:
+            return False
+        try:
+            secured = await network.upgrader.upgrade_security(raw, True, peer_id)
+        except Exception:
+            await _quiet_close(raw)
+            return False
+        await _quiet_close(secured)
+        return True
+    return False
+
+
+async def _quiet_close(conn: Any) -> None:
+    with trio.move_on_after(1):
+        try:
+            await conn.close()
+        except Exception:
+            pass
+
+
+class NatTraversal:
+    """AutoNAT server and client, relay (hop when ``relay_hop``, always stop/client), DCUtR; one per Node."""
+
+    def __init__(self, host: IHost, *, listen: Sequence[str], announce: Sequence[str], relay_hop: bool,
+                 relay_limits: RelayLimits, hole_punch: bool = True) -> None:
+        self.host = host
+        self.listen = tuple(listen)
+        self.announce = tuple(announce)
+        self.relay_hop = relay_hop
+        self.relay_limits = relay_limits
+        self.autonat = DialBackAutoNAT(host)
+        self.relay_protocol = CircuitV2Protocol(host, limits=relay_limits.to_libp2p(), allow_hop=relay_hop)
+        # No CLIENT role: with it, every dial through a relay first takes a reservation there (a slot wasted per
+        # dialler); we reserve explicitly, only when we need to be reachable.
+        roles = RelayRole.STOP | (RelayRole.HOP if relay_hop else RelayRole(0))
+        relay_config = RelayConfig(roles=roles, limits=relay_limits.to_libp2p(),
+                                   max_circuit_duration=relay_limits.circuit_duration_s,
+                                   max_circuit_bytes=relay_limits.circuit_bytes)
+        # Used to dial /p2p-circuit addresses and to reserve; its RelayDiscovery service is never started.
+        self.relay_transport = CircuitV2Transport(host, self.relay_protocol, relay_config)
+        self.dcutr = DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_TIMEOUT_S) if hole_punch else None
+        self.status = ReachabilityStatus(Reachability.UNREACHABLE, NOT_CHECKED, checked=False)
+        self.relayed_addrs: tuple[str, ...] = ()
+        self.reserved_on: tuple[str, ...] = ()
+        self._nursery: trio.Nursery | None = None
+        self.on_change: Callable[[], None] = lambda: None
+        self._relays: list[PeerInfo] = []  # where we hold reservations (first: the one we announce)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with background_trio_service(self.relay_protocol):
+                await self.relay_protocol.event_started.wait()
+                if self.dcutr is None:
+                    task_status.started()
+                    await trio.sleep_forever()
+                async with background_trio_service(self.dcutr):
+                    await self.dcutr.event_started.wait()
+                    task_status.started()
+                    await trio.sleep_forever()
+
+    # ---- reachability -------------------------------------------------------------------------------
+
+    def dial_back_candidates(self) -> list[str]:
+        """Where others might reach us: observed IP x listen ports, our interface addresses, --announce."""
+        transport = [str(a) for a in self.host.get_transport_addrs()]
+        ports = sorted({str(multiaddr.Multiaddr(a).value_for_protocol("tcp")) for a in transport if "/tcp/" in a})
+        out: list[str] = list(self.announce)
+        manager = getattr(self.host, "_observed_addr_manager", None)
+        if manager is not None:
+            for observed in manager.addrs(min_observers=1):
+                ip = ip_of(str(observed))
+                if ip is not None and not is_circuit(str(observed)):
+                    out.extend(f"/ip{ip.version}/{ip}/tcp/{port}" for port in ports)
+        out.extend(announceable(transport, listen=self.listen))
+        return [a for a in dict.fromkeys(out) if not is_circuit(a)]
+
+    async def _wait_identified(self, peers: Sequence[PeerInfo]) -> None:
+        """Identify tells us the address each peer sees us at; wait (briefly) until the peers have answered."""
+        identified = getattr(self.host, "_identified_peers", None)
+        if identified is None:
+            return
+        ids = [to_libp2p_id(p.peer_id) for p in peers]
+        with trio.move_on_after(IDENTIFY_WAIT_S):
+            while not all(i in identified for i in ids):
+                await trio.sleep(0.02)
+
+    async def check_reachability(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus | None:
+        """Ask ``servers`` (connected peers) to dial us back. None when no server answered."""
+        await self._wait_identified(servers)
+        candidates = self.dial_back_candidates()
+        if not candidates:
+            return ReachabilityStatus(Reachability.UNREACHABLE, "no address to be dialled on")
+        raw = [multiaddr.Multiaddr(a).to_bytes() for a in candidates]
+        answers: dict[str, tuple[int, bytes | None]] = {}
+
+        async def ask(server: PeerInfo) -> None:
+            try:
+                answers[server.peer_id] = await self.autonat.query_server(
+                    to_libp2p_id(server.peer_id), raw, timeout=AUTONAT_QUERY_TIMEOUT_S)
+            except BaseException as exc:  # noqa: BLE001 - any failure means "no answer from this server"
+                if isinstance(exc, trio.Cancelled):
+                    raise
+                log.debug("nat.autonat_no_answer", peer=server.peer_id, error=repr(exc)[:200])
+
+        async with trio.open_nursery() as nursery:
+            for server in servers:
+                nursery.start_soon(ask, server)
+        ok = [(pid, addr) for pid, (code, addr) in answers.items() if code == int(AutoNATMessage.OK)]
+        # Only "I dialled and failed" is evidence against us; a refusal (busy, relayed, no address on our
+        # observed IP) says nothing about our reachability.
+        failed = [pid for pid, (code, _) in answers.items() if code == int(AutoNATMessage.E_DIAL_ERROR)]
+        log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
+                 candidates=",".join(candidates)[:300])
+        if ok:
+            where = _addr_text(ok[0][1])
+            return ReachabilityStatus(Reachability.PUBLIC,
+                                      f"dialled back at {where} by {len(ok)} of {len(answers)} peers")
+        if failed:
+            return ReachabilityStatus(Reachability.UNREACHABLE,
+                                      f"behind NAT or firewall: {len(failed)} peers could not dial us back")
+        return None
+
+    # ---- relays -------------------------------------------------------------------------------------
+
+    async def reserve(self, relay: PeerInfo) -> list[str]:
+        """Reserve a slot on ``relay`` (connected); return our relayed addresses through it ([] on refusal)."""
+        assert self._nursery is not None, "NatTraversal is not running"
+        relay_id = to_libp2p_id(relay.peer_id)
+        with trio.move_on_after(RESERVE_TIMEOUT_S):
+            try:
+                stream = await self.host.new_stream(relay_id, [TProtocol(HOP_PROTOCOL_ID)])
+            except Exception as exc:
+                log.info("nat.relay_refused", relay=relay.peer_id, error=f"{type(exc).__name__}: {exc}"[:200])
+                return []
+            try:
+                ok = await self.relay_transport.reserve(stream, relay_id, self._nursery)
+            finally:
+                await _quiet_close(stream)
+            if not ok:
+                log.info("nat.relay_refused", relay=relay.peer_id, error="reservation refused")
+                return []
+            return [f"{a}/p2p/{relay.peer_id}{CIRCUIT}" for a in relay.addrs if not is_circuit(a)]
+        log.info("nat.relay_refused", relay=relay.peer_id, error=f"no answer within {RESERVE_TIMEOUT_S} s")
+        return []
+
+    async def establish(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus:
+        """Join-time: find out whether we are reachable; if not, reserve on a relay. Sets :attr:`status`."""
+        before = self.status
+        checked = await self.check_reachability(servers) if servers else None
+        if checked is not None and checked.state is Reachability.PUBLIC:
+            self.status = checked
+        else:
+            why = checked.reason if checked is not None else (
+                "no peer answered the dial-back request" if servers else NOT_CHECKED)
+            for relay in servers:
+                addrs = await self.reserve(relay)
+                if addrs:
+                    self.relayed_addrs = tuple(dict.fromkeys([*self.relayed_addrs, *addrs]))
+                    self.reserved_on = (*self.reserved_on, relay.peer_id)
+                    self._relays.append(relay)
+                    break
+            if self.relayed_addrs:
+                self.status = ReachabilityStatus(Reachability.RELAYED,
+                                                 f"{why}; reachable through relay {self.reserved_on[0]}")
+            elif checked is None:
+                self.status = ReachabilityStatus(Reachability.UNREACHABLE, why, checked=False)
+            else:
+                self.status = ReachabilityStatus(Reachability.UNREACHABLE, f"{why}; no relay granted a reservation")
+        log.info("nat.reachability", state=self.status.state.value, reason=self.status.reason,
+                 relayed=",".join(self.relayed_addrs)[:300])
+        if self.status.state is not before.state:
+            self.on_change()  # our announced addresses depend on it
+        return self.status
+
+    async def recheck_loop(self, servers: Callable[[], list[PeerInfo]], *, first_s: float = RECHECK_FIRST_S,
+                           interval_s: float = RECHECK_INTERVAL_S) -> None:
+        """While unreachable, ask connected peers again (a first bootstrap node has nobody to ask at start).
+
+        ``servers()`` gives peers we hold direct connections to. Relayed and public peers are not re-checked.
+        """
+        wait = first_s
+        while True:
+            await trio.sleep(wait)
+            if self._relays:  # we hold (or held) a reservation: keep it
+                wait = RELAY_CHECK_S
+                try:
+                    await self._keep_reservation()
+                except Exception as exc:  # never take the node down; try again at the next check
+                    log.warning("nat.relay_check_failed", error=repr(exc)[:200])
+                continue
+            wait = interval_s if self.status.checked else first_s
+            if self.status.state is not Reachability.UNREACHABLE:
+                continue
+            try:
+                candidates = servers()[:MAX_RECHECK_SERVERS]
+                if candidates:
+                    before = self.status
+                    await self.establish(candidates)
+                    if self.status != before:
+                        log.info("nat.reachability_changed", state=self.status.state.value,
+                                 reason=self.status.reason)
+            except Exception as exc:  # a failed re-check must never take the node down; try again later
+                log.warning("nat.recheck_failed", error=repr(exc)[:200])
+
+    async def _keep_reservation(self) -> None:
+        """A relay that went away (restart, network) took our reservation with it: reconnect and reserve
+        again (every RELAY_CHECK_S), instead of staying unreachable until the next refresh (up to an hour).
+        The relayed address stays announced meanwhile: it works again as soon as the relay is back."""
+        relay = self._relays[0]
+        lost = self.status.state is not Reachability.RELAYED
+        if self.is_connected(relay.peer_id) and not lost:
+            return
+        if not lost:
+            log.info("nat.relay_lost", relay=relay.peer_id)
+        network: Any = self.host.get_network()
+        negative = getattr(network, "_negative_peer_cache", None)
+        if negative is not None:  # py-libp2p refuses to redial a peer for 60 s after a failed dial
+            negative.evict(relay.peer_id)
+        with trio.move_on_after(RESERVE_TIMEOUT_S):
+            try:
+                await self.host.connect(relay.to_libp2p())
+            except Exception as exc:
+                log.debug("nat.relay_reconnect_failed", relay=relay.peer_id, error=repr(exc)[:200])
+        before = self.status
+        if self.is_connected(relay.peer_id) and await self.reserve(relay):
+            self.status = ReachabilityStatus(Reachability.RELAYED, f"reachable through relay {relay.peer_id}")
+            log.info("nat.relay_restored", relay=relay.peer_id)
+            self.on_change()  # announce again: a restarted relay (a bootstrap node) lost its announcement table
+            return
+        else:
+            self.status = ReachabilityStatus(Reachability.UNREACHABLE,
+                                             f"lost relay {relay.peer_id}; reconnecting every {RELAY_CHECK_S:.0f} s",
+                                             checked=False)
+        if self.status.state is not before.state:
+            self.on_change()
+
+    def direct_peers(self) -> list[PeerInfo]:
+        """Peers we hold a direct (not relayed) connection to, with their peerstore addresses."""
+        out = []
+        for pid in self.host.get_connected_peers():
+            peer_id = pid.to_base58()
+            if self.has_direct_connection(peer_id):
+                try:
+                    known = self.host.get_peerstore().addrs(pid)
+                except Exception:  # PeerStoreError: connected, but identify has not told us its addresses
+                    known = []
+                out.append(PeerInfo(peer_id, tuple(str(a) for a in known if not is_circuit(str(a)))))
+        return out
+
+    # ---- dialling -----------------------------------------------------------------------------------
+
+    def is_connected(self, peer_id: str) -> bool:
+        conns = self.host.get_network().get_connections(to_libp2p_id(peer_id))  # type: ignore[attr-defined]
+        return any(not getattr(c, "is_closed", False) for c in conns or [])
+
+    async def dial_circuit(self, peer_id: str, circuit_addrs: Sequence[str], *, timeout: float) -> None:
+        """Connect to ``peer_id`` through the relays named in ``circuit_addrs`` (tried in order)."""
+        errors: list[str] = []
+        with trio.move_on_after(timeout):
+            for addr in circuit_addrs:
+                full = addr if addr.endswith(f"/p2p/{peer_id}") else f"{addr}/p2p/{peer_id}"
+                relay = _relay_info(addr)
+                try:
+                    if relay is not None:
+                        await self.host.connect(relay)
+                    await self.relay_transport.dial(multiaddr.Multiaddr(full))
+                    if self._nursery is not None and self.dcutr is not None:
+                        self._nursery.start_soon(self._upgrade, peer_id)  # don't wait for DCUtR's 2 s loop
+                    return
+                except Exception as exc:
+                    errors.append(f"{addr}: {type(exc).__name__}: {exc}"[:200])
+            raise DialError(f"cannot reach {peer_id} through a relay: {'; '.join(errors) or 'no relay address'}"[:300])
+        raise DialError(f"cannot reach {peer_id} through a relay within {timeout} s")
+
+    async def hole_punch(self, peer_id: str) -> bool:
+        """Try to replace a relayed connection to ``peer_id`` by a direct one; True if one exists after."""
+        if self.dcutr is None:
+            return False
+        pid = to_libp2p_id(peer_id)
+        await self.dcutr.initiate_hole_punch(pid)
+        # 0.8.1 can report failure although a parallel dial made the direct connection: look for ourselves.
+        return self.has_direct_connection(peer_id)
+
+    async def _upgrade(self, peer_id: str) -> None:
+        try:
+            direct = await self.hole_punch(peer_id)
+        except Exception as exc:  # DCUtR errors are the peer's or the network's; the relayed link still works
+            log.debug("nat.hole_punch_failed", peer=peer_id, error=repr(exc)[:200])
+            return
+        log.info("nat.hole_punch", peer=peer_id, direct=direct)
+
+    def has_direct_connection(self, peer_id: str) -> bool:
+        conns = self.host.get_network().get_connections(to_libp2p_id(peer_id))  # type: ignore[attr-defined]
+        for conn in conns or []:
+            if getattr(conn, "is_closed", False):
+                continue
+            try:
+                addrs = conn.get_transport_addresses()
+            except Exception:
+                continue
+            if addrs and all(CIRCUIT not in str(a) for a in addrs):
+                return True
+        return False
+
+
+def _addr_text(raw: bytes | None) -> str:
+    """A peer-supplied address, for a log line or the reachability reason (never raises)."""
+    try:
+        return str(multiaddr.Multiaddr(raw))[:100] if raw else "an address"
+    except Exception:
+        return "an address"
+
+
+def _relay_info(circuit_addr: str) -> Libp2pPeerInfo | None:
+    """The relay part of ``<relay addr>/p2p/<relay id>/p2p-circuit[...]`` as a libp2p PeerInfo."""
+    head = circuit_addr.split(CIRCUIT, 1)[0]
+    marker = head.rfind("/p2p/")
+    if marker < 0:
+        return None
+    relay_id = head[marker + len("/p2p/"):]
+    relay_addr = head[:marker]
+    try:
+        return Libp2pPeerInfo(ID.from_base58(relay_id), [multiaddr.Multiaddr(relay_addr)] if relay_addr else [])
+    except Exception:
+        return None
