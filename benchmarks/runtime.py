@@ -1,6 +1,12 @@
-"""Runtime benchmark: prefill/decode speed, verification cost, fingerprint size and the detection table.
+"""Runtime benchmark.
 
-    python benchmarks/runtime.py [--models DIR] [--model tiny-llama-trained] [--threads 2] [--tokens 128]
+    python benchmarks/runtime.py [--threads 2] [--rounds 5] ...          # the default model vs llama.cpp
+    python benchmarks/runtime.py --model tiny-llama-trained [--models DIR] [--threads 2] [--tokens 128]
+
+Without ``--model`` (or with ``--model default``) it runs :mod:`default_model`: SmolLM2-135M-Instruct
+imported 4-bit and fp32 against llama.cpp on the same GGUF (decode/prefill tokens/s and ratios, verification
+ratio, memory). With a fixture model it prints prefill/decode speed, verification cost, fingerprint size and
+the detection table.
 
 DIR defaults to ``shared/models`` beside the repository or ``$P2PINFER_SHARED_MODELS``. Figures depend on
 the machine and on what else runs on it; run it on an idle machine for numbers worth quoting.
@@ -53,11 +59,19 @@ def best(fn, repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=None)
-    ap.add_argument("--model", default="tiny-llama-trained")
+    ap.add_argument("--model", default="default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
+    args, rest = ap.parse_known_args()
+    if args.model == "default":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from default_model import main as default_model_main
+
+        default_model_main(["--threads", str(args.threads), "--tokens", str(args.tokens), *rest])
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     log.configure(level="warning")
     root = models_dir(args.models)
     model = load_model(root / args.model, threads=args.threads, providers=["CPUExecutionProvider"])

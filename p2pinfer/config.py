@@ -1,7 +1,9 @@
 """Where a peer keeps its state, and the optional TOML configuration file.
 
-State (keys, model store, ledger) lives under ``$XDG_DATA_HOME/p2pinfer`` (default
-``~/.local/share/p2pinfer``), overridable with ``--data-dir``. Configuration is read from ``--config FILE``,
+State (keys, ledger) lives under ``$XDG_DATA_HOME/p2pinfer`` (default ``~/.local/share/p2pinfer``),
+overridable with ``--data-dir``. The model store is one per user, shared by every data dir:
+``$XDG_DATA_HOME/p2pinfer/models`` whatever ``--data-dir`` says, overridable with ``$P2PINFER_MODELS_DIR`` or
+the config file's ``[models] dir``. Configuration is read from ``--config FILE``,
 or else from ``$XDG_CONFIG_HOME/p2pinfer/config.toml`` when that file exists. Command-line options always win
 over the file.
 """
@@ -23,6 +25,17 @@ KEY_FILE_NAME = "peer.key"
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / APP_NAME
+
+
+MODELS_DIR_ENV = "P2PINFER_MODELS_DIR"
+
+
+def default_models_dir() -> Path:
+    """The user's model store: ``$P2PINFER_MODELS_DIR``, else ``$XDG_DATA_HOME/p2pinfer/models``."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return default_data_dir() / "models"
 
 
 def default_config_path() -> Path:
@@ -48,7 +61,13 @@ class Config:
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        """One store per user, not per data dir: every peer of this user shares imports and calibrations."""
+        if os.environ.get(MODELS_DIR_ENV):
+            return default_models_dir()
+        section = self.extra.get("models")
+        if isinstance(section, dict) and isinstance(section.get("dir"), str) and section["dir"].strip():
+            return Path(section["dir"]).expanduser()
+        return default_models_dir()
 
 
 _TOP_LEVEL_KEYS = {"data_dir", "bootstrap", "listen", "announce", "log_json", "log_level"}

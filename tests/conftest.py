@@ -26,6 +26,25 @@ def find_shared_models() -> Path:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_model_store(tmp_path_factory: pytest.TempPathFactory):
+    """One model store for the whole test session, as a user has one (never the real user's store).
+
+    Every data dir shares it (``P2PINFER_MODELS_DIR``, inherited by the peers tests start), so the default
+    model is imported and calibrated once per session.
+    """
+    from p2pinfer.config import MODELS_DIR_ENV
+
+    path = tmp_path_factory.mktemp("user-models")
+    before = os.environ.get(MODELS_DIR_ENV)
+    os.environ[MODELS_DIR_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(MODELS_DIR_ENV, None)
+    else:
+        os.environ[MODELS_DIR_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def shared_models() -> Path:
     return find_shared_models()

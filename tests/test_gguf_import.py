@@ -51,11 +51,11 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def _import(tmp_path: Path, cfg: TinyLlama, name: str = "m") -> tuple[Path, dict[str, np.ndarray]]:
+def _import(tmp_path: Path, cfg: TinyLlama, name: str = "m", **options) -> tuple[Path, dict[str, np.ndarray]]:
     src = tmp_path / f"{name}.gguf"
     weights = write_tiny_llama(src, cfg)
     out = tmp_path / f"{name}-onnx"
-    import_gguf(src, out)
+    import_gguf(src, out, **options)
     return out, weights
 
 
@@ -92,10 +92,20 @@ def test_kv_cache_steps_equal_full_pass(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-attention", "portable-attention"])
+@pytest.mark.parametrize("weights", ["native", "fp32"])
+def test_logits_match_independent_reference_either_attention(tmp_path: Path, fused: bool, weights: str) -> None:
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    out, ref_weights = _import(tmp_path, cfg, fused_attention=fused, weights=weights)
+    np.testing.assert_allclose(_prefill(_session(out), cfg, IDS), reference_logits(ref_weights, cfg, IDS),
+                               atol=2e-4, rtol=1e-4)
+
+
 def test_left_padding_is_masked(tmp_path: Path) -> None:
-    """A left-padded batch row gives the same logits as the same prompt alone."""
+    """A left-padded batch row gives the same logits as the same prompt alone (portable attention: the
+    fused GroupQueryAttention form assumes unpadded rows, as the p2pinfer runtime always feeds)."""
     cfg = TinyLlama()
-    out, _ = _import(tmp_path, cfg)
+    out, _ = _import(tmp_path, cfg, fused_attention=False)
     sess = _session(out)
     short = IDS[:6]
     pad = len(IDS) - len(short)
@@ -291,3 +301,16 @@ def test_cli_command(tmp_path: Path) -> None:
 def test_byte_level_tokenizer_round_trips_any_text(tiny_tokenizer: Tokenizer, text: str) -> None:
     ids = tiny_tokenizer.encode(text, add_special_tokens=False).ids
     assert tiny_tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
+def test_huge_declared_context_is_refused_before_tables_are_built(tmp_path: Path) -> None:
+    import gguf as gguf_pkg
+
+    src = tmp_path / "m.gguf"
+    write_tiny_llama(src, TinyLlama())
+    reader = gguf_pkg.GGUFReader(src, "r+")  # patch the declared context length in place: 2**31 positions
+    field = reader.fields["llama.context_length"]
+    field.parts[field.data[0]][0] = 2 ** 31
+    del reader
+    with pytest.raises(GGUFImportError, match="context length 2,147,483,648"):
+        import_gguf(src, tmp_path / "out")

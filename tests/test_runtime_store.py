@@ -109,7 +109,8 @@ def test_resolve_models_by_dir_and_digest(shared_models: Path, tmp_path: Path) -
         resolve_models(store, ["/no/such/dir"])
 
 
-def test_models_cli(shared_models: Path, tmp_path: Path) -> None:
+def test_models_cli(shared_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("P2PINFER_MODELS_DIR", str(tmp_path / "store"))  # an empty store of its own
     runner = CliRunner()
     base = ["--data-dir", str(tmp_path / "data")]
     r = runner.invoke(cli, [*base, "models", "import", str(shared_models / "tiny-llama-trained"), "--name", "t"])
@@ -127,3 +128,73 @@ def test_models_cli(shared_models: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0 and "removed" in r.output
     r = runner.invoke(cli, [*base, "models", "list"])
     assert "no models" in r.output
+
+
+def test_one_model_store_per_user_whatever_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pinfer.config import load_config
+
+    monkeypatch.delenv("P2PINFER_MODELS_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    a = load_config(data_dir=tmp_path / "a").models_dir
+    b = load_config(data_dir=tmp_path / "b").models_dir
+    assert a == b == tmp_path / "xdg" / "p2pinfer" / "models"
+    monkeypatch.setenv("P2PINFER_MODELS_DIR", str(tmp_path / "elsewhere"))
+    assert load_config(data_dir=tmp_path / "a").models_dir == tmp_path / "elsewhere"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_calibration_resumes_and_is_never_skipped(shared_models: Path, tmp_path: Path) -> None:
+    from p2pinfer.runtime.store import CALIBRATION_PARTIAL_FILE
+
+    store = ModelStore(tmp_path / "store")
+    record = store.import_dir(shared_models / "tiny-llama-trained")
+    seen: list[tuple[int, int]] = []
+
+    def stop_half_way(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done == total // 2:
+            raise _Interrupt  # what a killed process leaves behind: the partial file, no calibration
+
+    with pytest.raises(_Interrupt):
+        store.ensure_calibrated(record.digest_hex, tokens=4, progress=stop_half_way)
+    assert store.get(record.digest_hex).calibration is None
+    assert store.calibration_pending(record.digest_hex)
+    partial = json.loads((record.path / CALIBRATION_PARTIAL_FILE).read_text())
+    assert len(partial["done"]) == seen[-1][1] // 2
+    # serving the model resumes the calibration instead of using the default tolerance
+    resumed: list[int] = []
+    [model] = resolve_models(store, [record.digest_hex])
+    record = store.get(record.digest_hex)
+    assert record.calibration is not None and record.calibration["numeric_class"] == "fp32-cpu"
+    assert model.tolerance == record.tolerance
+    assert not store.calibration_pending(record.digest_hex)
+    assert not (record.path / CALIBRATION_PARTIAL_FILE).exists()
+    assert len(record.calibration["variants"]) == 12
+    # once calibrated, it is not measured again
+    again = store.ensure_calibrated(record.digest_hex, progress=lambda d, t: resumed.append(d))
+    assert resumed == [] and again.calibration == record.calibration
+
+
+def test_resumed_calibration_keeps_the_measured_steps(shared_models: Path, tmp_path: Path) -> None:
+    from p2pinfer.runtime.store import CALIBRATION_PARTIAL_FILE
+
+    store = ModelStore(tmp_path / "store")
+    record = store.import_dir(shared_models / "tiny-llama-trained")
+
+    def stop_late(done: int, total: int) -> None:
+        if done == total - 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        store.ensure_calibrated(record.digest_hex, tokens=4, progress=stop_late)
+    path = record.path / CALIBRATION_PARTIAL_FILE
+    partial = json.loads(path.read_text())
+    first = sorted(partial["done"])[0]
+    partial["done"][first] = 0.25  # a value no honest run measures: kept only if the step is not redone
+    path.write_text(json.dumps(partial))
+    done = store.ensure_calibrated(record.digest_hex, tokens=4)
+    assert done.calibration["worst_drift"] == 0.25 and done.tolerance == 5.0

@@ -93,10 +93,12 @@ def demo_cmd(app: AppContext, max_tokens: int, prompt: str, max_rounds: int, ver
 
     store = ModelStore(app.config.models_dir)
     progress = ClickProgress("importing the default model (first run only)")
+    calibrating = ClickProgress("calibrating its tolerance (first run only)")
     try:
-        record = ensure_default_model(store, progress=progress)
+        record = ensure_default_model(store, progress=progress, calibration_progress=calibrating)
     finally:
         progress.close()
+        calibrating.close()
     honest = record.load(providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="p2pinfer-demo-") as tmp:
         tampered_dir = Path(tmp) / "tampered"

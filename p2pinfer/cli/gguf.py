@@ -42,18 +42,22 @@ class ClickProgress:
 @click.option("--force", is_flag=True, help="Replace the output folder if it already exists.")
 @click.option("--single-file", is_flag=True,
               help="Store the weights inside model.onnx instead of model.onnx.data (models under 2 GB only).")
-def import_gguf_command(gguf_file: Path, out_dir: Path | None, force: bool, single_file: bool) -> None:
+@click.option("--weights", type=click.Choice(["native", "fp32"]), default="native", show_default=True,
+              help="native: Q4_0/Q4_1/Q8_0/Q4_K/Q6_K stay block-quantized (numeric class <type>-cpu); "
+                   "fp32: dequantize everything (numeric class fp32-cpu, about 4-8x larger).")
+def import_gguf_command(gguf_file: Path, out_dir: Path | None, force: bool, single_file: bool, weights: str) -> None:
     """Convert a Llama-family GGUF FILE (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K) to an ONNX model folder."""
     out_dir = out_dir or Path.cwd() / gguf_file.stem
     progress = ClickProgress(f"importing {gguf_file.name}")
     try:
-        result = run_import(gguf_file, out_dir, progress=progress, overwrite=force, single_file=single_file)
+        result = run_import(gguf_file, out_dir, progress=progress, overwrite=force, single_file=single_file,
+                            weights=weights)
     finally:
         progress.close()
     s = result.spec
     click.echo(f"imported {gguf_file.name} -> {result.out_dir} ({s.n_layers} layers, hidden {s.hidden_size}, "
-               f"vocab {s.vocab_size}; {result.data_bytes / 1e6:.0f} MB of float32 weights, "
-               f"{result.seconds:.1f} s)")
+               f"vocab {s.vocab_size}; {result.data_bytes / 1e6:.0f} MB of weights, numeric class "
+               f"{result.numeric_class}, {result.seconds:.1f} s)")
 
 
 #: The name the lead attaches to the ``models`` group: ``models.add_command(import_gguf)``.

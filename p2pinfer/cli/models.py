@@ -22,10 +22,11 @@ def models() -> None:
 @models.command("import")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--name", default=None, help="Human-readable name [default: the folder's name].")
-@click.option("--numeric-class", type=click.Choice(NUMERIC_CLASSES), default="fp32-cpu", show_default=True,
-              help="Numeric class the model is served in; verifiers must run the same one.")
+@click.option("--numeric-class", type=click.Choice(NUMERIC_CLASSES), default=None,
+              help="Numeric class the model is served in; verifiers must run the same one "
+                   "[default: what the graph declares (GGUF imports: their quantization), else fp32-cpu].")
 @click.pass_obj
-def models_import(app: AppContext, directory: Path, name: str | None, numeric_class: str) -> None:
+def models_import(app: AppContext, directory: Path, name: str | None, numeric_class: str | None) -> None:
     """Copy a model folder into the store and print its digest."""
     record = _store(app).import_dir(directory, name=name, numeric_class=numeric_class)
     click.echo(record.digest_hex)
@@ -63,10 +64,19 @@ def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:
     """Measure honest numeric drift and store tolerance = max(1e-3, 20 x worst drift)."""
     from ..runtime.calibrate import calibrate
 
+    from ..runtime.store import CALIBRATION_PARTIAL_FILE
+    from .gguf import ClickProgress
+
     store = _store(app)
     record = store.get(digest)
-    result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens)
-    store.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+    progress = ClickProgress(f"calibrating {record.name}")
+    try:
+        with store.locked(record.digest_hex):  # resumes a calibration of this model cut short before
+            result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
+                               progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
+            store.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+    finally:
+        progress.close()
     for variant, drift in sorted(result.variants.items()):
         click.echo(f"  {variant:32s} drift {drift:.3g}")
     click.echo(f"worst drift {result.worst_drift:.3g} -> tolerance {result.tolerance:.3g} for {record.digest_hex}")

@@ -55,10 +55,12 @@ def peer_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None, bo
     specs = list(model_specs)
     if not specs:
         progress = ClickProgress("importing the default model (first start only)")
+        calibrating = ClickProgress("calibrating its tolerance (first start only)")
         try:
-            record = ensure_default_model(store, progress=progress)
+            record = ensure_default_model(store, progress=progress, calibration_progress=calibrating)
         finally:
             progress.close()
+            calibrating.close()
         specs = [record.digest_hex]
     models = resolve_models(store, specs)
     config = NodeConfig(listen=listen_addrs(app, listen), bootstrap=peers, role="peer", extra_addrs=announce)

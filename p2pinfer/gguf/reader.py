@@ -113,6 +113,13 @@ class GGUFModel:
         """The shape in row-major (numpy / PyTorch) order, i.e. GGUF's ``ne`` reversed."""
         return tuple(int(d) for d in reversed(self._tensors[name].shape))
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes as ``uint8[rows, row_bytes]`` (a view of the memory-mapped file)."""
+        t = self._tensors[name]
+        data = np.asarray(t.data)
+        rows = int(np.prod(self.tensor_shape(name)[:-1], dtype=np.int64))
+        return data.view(np.uint8).reshape(rows, -1)
+
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as a C-contiguous float32 array of :meth:`tensor_shape`."""
         t = self._tensors[name]

@@ -10,8 +10,12 @@ largest absolute difference of any log-prob in the full vocabulary between a var
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -55,7 +59,7 @@ def tolerance_from_drift(drift: float) -> float:
 def kv_decode_logprobs(model: LoadedModel, ids: Sequence[int], first_row: int) -> np.ndarray:
     """Rows ``first_row ..`` computed the executor's way: prefill ``ids[:first_row+1]``, then one token a step."""
     cache = model.empty_cache()
-    logits, cache = model.forward(list(ids[:first_row + 1]), cache)
+    logits, cache = model.forward(list(ids[:first_row + 1]), cache, last=1)
     rows = [log_softmax(logits[-1])]
     for t in ids[first_row + 1:]:
         logits, cache = model.forward([t], cache)
@@ -63,27 +67,87 @@ def kv_decode_logprobs(model: LoadedModel, ids: Sequence[int], first_row: int) -
     return np.stack(rows)
 
 
-def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, new_tokens: int = 32) -> CalibrationResult:
+class _Checkpoint:
+    """Measurements saved after every step, so that an interrupted calibration resumes where it stopped.
+
+    The file names the model digest, numeric class, prompts and token count it belongs to; any mismatch
+    (or an unreadable file) starts over.
+    """
+
+    def __init__(self, path: Path | None, model: LoadedModel, prompts: Sequence[str], new_tokens: int) -> None:
+        self.path = path
+        self.key = {"digest": model.digest_hex, "numeric_class": model.numeric_class, "prompts": list(prompts),
+                    "new_tokens": new_tokens}
+        self.done: dict[str, float] = {}
+        self.positions: dict[str, int] = {}
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if data.get("key") == self.key:
+                    self.done = {str(k): float(v) for k, v in data["done"].items()}
+                    self.positions = {str(k): int(v) for k, v in data["positions"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.done, self.positions = {}, {}
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "done": self.done, "positions": self.positions}),
+                       encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, new_tokens: int = 32,
+              progress: Callable[[int, int], None] | None = None, checkpoint: Path | None = None) -> CalibrationResult:
+    """Measure the worst honest drift. ``progress(done, total)`` after every step; with ``checkpoint`` (a
+    file path) every step's result is saved there and a later call resumes from it.
+
+    One variant session exists at a time (each holds a copy of the weights), so memory stays at two sessions.
+    """
     t0 = time.perf_counter()
-    variants: dict[str, float] = {}
-    positions = 0
-    sessions = {(th, opt): model.with_session(threads=th, optimization=opt) for th in THREADS for opt in OPTIMIZATIONS}
-    for prompt in prompts:
+    saved = _Checkpoint(checkpoint, model, prompts, new_tokens)
+    keys = [(th, opt) for th in THREADS for opt in OPTIMIZATIONS]
+    total = len(keys) * 2 * len(prompts)
+    cases = []  # (prompt_ids, output_ids, baseline rows) per prompt, only when a step still needs them
+    for index, prompt in enumerate(prompts):
+        if all(f"{index}|threads={th},opt={opt},{mode}" in saved.done
+               for th, opt in keys for mode in ("kv", "prefill")):
+            cases.append(None)
+            continue
         prompt_ids = model.encode(prompt)
         room = model.context_length - len(prompt_ids) - 1
         out = generate(model, prompt_ids, max_tokens=max(1, min(new_tokens, room)), stop_at_eos=False)
         seq = prompt_ids + out.output_ids
-        first_row = len(prompt_ids) - 1
-        base = kv_decode_logprobs(model, seq[:-1] + seq[-1:], first_row)[: len(out.output_ids)]
-        positions += len(out.output_ids)
-        for (th, opt), variant in sessions.items():
-            for mode in ("kv", "prefill"):
-                if mode == "kv":
-                    rows = kv_decode_logprobs(variant, seq, first_row)[: len(out.output_ids)]
-                else:
-                    rows = recompute_logprobs(variant, prompt_ids, out.output_ids)
-                key = f"threads={th},opt={opt},{mode}"
-                variants[key] = max(variants.get(key, 0.0), float(np.max(np.abs(rows - base))))
+        base = kv_decode_logprobs(model, seq, len(prompt_ids) - 1)[: len(out.output_ids)]
+        saved.positions[str(index)] = len(out.output_ids)
+        cases.append((prompt_ids, out.output_ids, base))
+    steps = 0
+    for th, opt in keys:
+        variant: LoadedModel | None = None
+        for mode in ("kv", "prefill"):
+            for index, case in enumerate(cases):
+                steps += 1
+                name = f"{index}|threads={th},opt={opt},{mode}"
+                if name not in saved.done:
+                    assert case is not None
+                    prompt_ids, output_ids, base = case
+                    variant = variant or model.with_session(threads=th, optimization=opt)
+                    if mode == "kv":
+                        rows = kv_decode_logprobs(variant, prompt_ids + output_ids, len(prompt_ids) - 1)
+                        rows = rows[: len(output_ids)]
+                    else:
+                        rows = recompute_logprobs(variant, prompt_ids, output_ids)
+                    saved.done[name] = float(np.max(np.abs(rows - base)))
+                    saved.save()
+                if progress is not None:
+                    progress(steps, total)
+        del variant  # free this session's weights before the next one loads
+    variants: dict[str, float] = {}
+    for name, drift in saved.done.items():
+        key = name.split("|", 1)[1]
+        variants[key] = max(variants.get(key, 0.0), drift)
+    positions = sum(saved.positions.values())
     worst = max(variants.values())
     result = CalibrationResult(worst, tolerance_from_drift(worst), variants, positions, new_tokens,
                                time.perf_counter() - t0)

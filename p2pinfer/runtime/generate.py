@@ -138,10 +138,13 @@ class Generation:
         last: np.ndarray | None = None
         for lo in range(0, len(seq), PREFILL_CHUNK):
             chunk = seq[lo:lo + PREFILL_CHUNK]
-            logits, cache = self.model.forward(chunk, cache)
-            # rows first_row .. first_row + n_prefix - 1 produced the prefix tokens; the last row is next
-            for r in range(max(first_row, lo), min(first_row + n_prefix, lo + len(chunk))):
-                self._fp.add(log_softmax(logits[r - lo]))
+            end = lo + len(chunk)
+            # rows first_row .. first_row + n_prefix - 1 produced the prefix tokens; the last row is next:
+            # only rows from first_row on are computed (the LM head of the prompt rows is wasted work)
+            top = end - max(1, end - max(lo, first_row))
+            logits, cache = self.model.forward(chunk, cache, last=end - top)
+            for r in range(max(first_row, lo), min(first_row + n_prefix, end)):
+                self._fp.add(log_softmax(logits[r - top]))
             last = logits[-1]
         self._cache = cache
         assert last is not None

@@ -4,7 +4,8 @@ A model folder holds ``model.onnx`` (weights embedded, or in external data files
 ``tokenizer.json``, ``config.json`` and optionally ``generation_config.json``, ``tokenizer_config.json`` and
 ``chat_template.jinja``. The graph must have Hugging Face Optimum's "decoder with past" I/O, matched by name:
 inputs ``input_ids``, ``attention_mask``, optional ``position_ids``, ``past_key_values.N.key/.value``; outputs
-``logits``, ``present.N.key/.value``.
+``logits``, ``present.N.key/.value``. An optional input ``logits_to_keep`` (int64 ``[1]``, as the GGUF importer
+writes it) lets :meth:`LoadedModel.forward` compute the LM head for the rows it returns only.
 
 Execution providers: CUDA when onnxruntime offers it (the ``gpu`` extra on a machine with a GPU), else CPU.
 Override with ``providers=[...]`` or the environment variable ``P2PINFER_ORT_PROVIDERS`` (comma-separated).
@@ -31,6 +32,7 @@ def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.model")
 
 DEFAULT_TOLERANCE = 1e-3
+LOGITS_TO_KEEP = "logits_to_keep"
 DEFAULT_CONTEXT = 2048
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -89,10 +91,12 @@ class GraphIO:
     present_names: tuple[str, ...]
     kv_heads: int | None
     head_dim: int | None
+    has_logits_to_keep: bool = False
 
 
 def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> GraphIO:
     inputs = {i.name: i for i in session.get_inputs()}
+    overridable = {i.name for i in session.get_overridable_initializers()}
     outputs = {o.name: o for o in session.get_outputs()}
     for required in ("input_ids", "attention_mask"):
         if required not in inputs:
@@ -100,7 +104,7 @@ def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> G
                                    f"{', '.join(inputs)}); {_LAYOUT_HINT}")
     layers: dict[int, set[str]] = {}
     for name in inputs:
-        if name in ("input_ids", "attention_mask", "position_ids"):
+        if name in ("input_ids", "attention_mask", "position_ids", LOGITS_TO_KEEP):
             continue
         m = _PAST_RE.match(name)
         if not m:
@@ -130,8 +134,9 @@ def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> G
     shape = inputs[past[0]].shape
     kv_heads = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else None
     head_dim = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else None
+    keep = LOGITS_TO_KEEP in inputs or LOGITS_TO_KEEP in overridable
     return GraphIO(n, "position_ids" in inputs, _NP_TYPES[ids_type], _NP_TYPES[kv_type], past, present,
-                   kv_heads, head_dim)
+                   kv_heads, head_dim, keep)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -244,7 +249,11 @@ class LoadedModel:
 
     @property
     def runtime_numeric_class(self) -> str:
-        """The numeric class this session actually computes in (e.g. fp32-cpu, fp32-cuda)."""
+        """The numeric class this session actually computes in (e.g. fp32-cpu, fp32-cuda, q4_1-cpu)."""
+        declared = self.session.get_modelmeta().custom_metadata_map.get("p2pinfer.numeric_class", "")
+        if declared and not declared.startswith("fp"):  # quantized weights: <type>-<device>
+            device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+            return f"{declared.rsplit('-', 1)[0]}-{device}"
         dtype = "fp16" if self.io.kv_dtype == np.float16 else "fp32"
         device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
         return f"{dtype}-{device}"
@@ -257,11 +266,18 @@ class LoadedModel:
         arrays = [np.zeros((1, kv_heads, 0, head_dim), dtype=self.io.kv_dtype) for _ in self.io.past_names]
         return KVCache(arrays, 0)
 
-    def forward(self, ids: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Run ``ids`` after ``cache``; returns float32 logits ``[len(ids), vocab]`` and the extended cache."""
+    def forward(self, ids: Sequence[int], cache: KVCache, *, last: int | None = None) -> tuple[np.ndarray, KVCache]:
+        """Run ``ids`` after ``cache``; returns float32 logits ``[len(ids), vocab]`` and the extended cache.
+
+        ``last``: return (and, when the graph has ``logits_to_keep``, compute) the last ``last`` rows only —
+        a prefill needs one row, a verifier the rows of the output tokens, not the prompt's.
+        """
         s = len(ids)
         if s == 0:
             raise ValueError("forward needs at least one token")
+        keep = s if last is None else min(s, last)
+        if keep < 1:
+            raise ValueError("forward must return at least one row")
         past = cache.length
         if past + s > self.context_length:
             raise ValueError(f"{past + s} positions exceed the model's context length {self.context_length}")
@@ -271,9 +287,11 @@ class LoadedModel:
         }
         if self.io.has_position_ids:
             feed["position_ids"] = np.arange(past, past + s, dtype=np.int64)[None]
+        if self.io.has_logits_to_keep and keep < s:
+            feed[LOGITS_TO_KEEP] = np.array([keep], dtype=np.int64)
         feed.update(zip(self.io.past_names, cache.arrays))
         out = self.session.run(["logits", *self.io.present_names], feed)
-        logits = np.asarray(out[0][0], dtype=np.float32)
+        logits = np.asarray(out[0][0][-keep:], dtype=np.float32)
         return logits, KVCache(list(out[1:]), past + s)
 
     # ---- text ------------------------------------------------------------------------------------------

@@ -74,12 +74,24 @@ def uniform(seed_material: bytes, index: int) -> float:
     return (int.from_bytes(digest[:8], "big") >> 11) * 2.0**-53
 
 
+_LOG_SOFTMAX_ROWS = 16  # rows per block: the float64 temporaries stay in cache (a verifier passes 100s of rows)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-softmax over the last axis, in float64 (from float32 logits), as fingerprints define it."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    shifted = x - m
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    """Log-softmax over the last axis, in float64 (from float32 logits), as fingerprints define it.
+
+    ``(x - max) - log(sum(exp(x - max)))``, computed in place, a block of rows at a time (the same
+    operations, hence the same bits, as the plain expression, without five full-size temporaries).
+    """
+    out = np.array(logits, dtype=np.float64)  # a copy: the caller's logits are left alone
+    rows = out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1)
+    scratch = np.empty((min(_LOG_SOFTMAX_ROWS, rows.shape[0]), rows.shape[1]), dtype=np.float64)
+    for lo in range(0, rows.shape[0], _LOG_SOFTMAX_ROWS):
+        block = rows[lo:lo + _LOG_SOFTMAX_ROWS]
+        block -= np.max(block, axis=-1, keepdims=True)
+        tmp = np.exp(block, out=scratch[:block.shape[0]])
+        block -= np.log(np.sum(tmp, axis=-1, keepdims=True))
+    return out
 
 
 def _rank_order(values: np.ndarray, ids: np.ndarray) -> np.ndarray:

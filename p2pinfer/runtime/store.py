@@ -13,12 +13,15 @@ never holds a half-copied model under a digest.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,10 +35,15 @@ def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.store")
 
 METADATA_FILE = "p2pinfer-model.json"
+#: Calibration measurements so far, kept while calibration runs so that an interrupted one resumes.
+CALIBRATION_PARTIAL_FILE = "p2pinfer-calibration.partial.json"
 METADATA_FORMAT = "p2pinfer-model/1"
 EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja")
-NUMERIC_CLASSES = ("fp32-cpu", "fp32-cuda", "fp16-cuda")
+#: Quantized classes: weights kept in one GGUF block quantization (MatMulNBits, float32 arithmetic). Each is
+#: its own class: a verifier must run the very same quantized weights.
+QUANTIZED_CLASSES = ("q4_0-cpu", "q4_1-cpu", "q8_0-cpu", "q4_k-cpu", "q6_k-cpu")
+NUMERIC_CLASSES = ("fp32-cpu", "fp32-cuda", "fp16-cuda", *QUANTIZED_CLASSES)
 _HEX = re.compile(r"^[0-9a-f]+$")
 MIN_PREFIX = 4
 
@@ -109,6 +117,38 @@ class ModelRecord:
                           tolerance=self.tolerance, **session_options)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by finished work (an import, calibration sessions) back to the OS.
+
+    glibc keeps freed heap pages; without this a peer that imported and calibrated its model at start keeps
+    ~150 MB more resident for as long as it serves. A no-op where ``malloc_trim`` does not exist.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def declared_numeric_class(model_dir: Path) -> str | None:
+    """The numeric class ``model.onnx``'s metadata declares (``p2pinfer.numeric_class``), if any."""
+    import onnx  # the graph proto only: external weights are not read
+
+    try:
+        proto = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    except Exception:  # an unreadable graph is refused later, with the loader's message
+        return None
+    for entry in proto.metadata_props:
+        if entry.key == "p2pinfer.numeric_class" and entry.value in NUMERIC_CLASSES:
+            return entry.value
+    return None
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -133,11 +173,21 @@ class ModelStore:
             raise ModelFormatError(f"{folder / METADATA_FILE} must hold a JSON object")
         return ModelRecord.from_json(folder, data)
 
-    def import_dir(self, src: Path, name: str | None = None, numeric_class: str = "fp32-cpu") -> ModelRecord:
-        """Copy a model folder into the store (idempotent: an existing digest is returned as it is)."""
+    def import_dir(self, src: Path, name: str | None = None, numeric_class: str | None = None) -> ModelRecord:
+        """Copy a model folder into the store (idempotent: an existing digest is returned as it is).
+
+        ``numeric_class`` None takes the class the graph declares (GGUF imports name their quantization),
+        else ``fp32-cpu``; a class that contradicts the graph's declaration is refused.
+        """
         src = Path(src).expanduser().resolve()
         if not src.is_dir():
             raise ModelFormatError(f"{src} is not a directory")
+        declared = declared_numeric_class(src)
+        if numeric_class is None:
+            numeric_class = declared or "fp32-cpu"
+        elif declared is not None and numeric_class != declared:
+            raise P2PInferError(f"{src} holds {declared} weights; it cannot be served as {numeric_class} "
+                                f"(import it without --numeric-class, or re-import the GGUF with --weights fp32)")
         if numeric_class not in NUMERIC_CLASSES:
             raise P2PInferError(f"unknown numeric class {numeric_class!r}; use one of {', '.join(NUMERIC_CLASSES)}")
         files = digest_files(src) + [f for f in EXTRA_FILES if (src / f).is_file()]
@@ -159,8 +209,13 @@ class ModelStore:
                                  imported_at_ms=int(time.time() * 1000), source=str(src))
             _write_json_atomic(tmp / METADATA_FILE, record.to_json())
             if target.exists():  # a leftover without metadata
-                shutil.rmtree(target)
-            os.rename(tmp, target)
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process sharing this store finished the same import first
+                if (target / METADATA_FILE).is_file():
+                    return self._read(target)
+                raise
             record.path = target
             _log().info("models.imported", digest=digest.hex(), name=record.name, bytes=record.size_bytes)
             return record
@@ -209,9 +264,57 @@ class ModelStore:
     def set_calibration(self, key: str, tolerance: float, calibration: dict[str, Any]) -> ModelRecord:
         record = self.get(key)
         record.tolerance = float(tolerance)
-        record.calibration = calibration
+        record.calibration = {**calibration, "numeric_class": record.numeric_class}
+        _write_json_atomic(record.path / METADATA_FILE, record.to_json())
+        with contextlib.suppress(FileNotFoundError):
+            (record.path / CALIBRATION_PARTIAL_FILE).unlink()
+        return record
+
+    def set_extra(self, key: str, **extra: Any) -> ModelRecord:
+        """Add free-form fields to a model's metadata (e.g. which importer wrote it)."""
+        record = self.get(key)
+        record.extra.update(extra)
         _write_json_atomic(record.path / METADATA_FILE, record.to_json())
         return record
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """An exclusive lock shared by every process using this store (imports, calibrations)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".lock-{name}", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def ensure_calibrated(self, key: str, *, tokens: int = 16,
+                          progress: Callable[[int, int], None] | None = None) -> ModelRecord:
+        """Calibrate the model once per digest and numeric class; resume an interrupted calibration.
+
+        Runs under the store lock of that digest, so several peers sharing the store calibrate it once.
+        Measurements are saved after every step in ``p2pinfer-calibration.partial.json`` in the model's
+        folder; a calibration killed half-way continues from there. ``progress(done, total)`` reports steps.
+        """
+        from .calibrate import calibrate
+
+        record = self.get(key)
+        with self.locked(record.digest_hex):
+            record = self.get(record.digest_hex)
+            done = record.calibration or {}
+            if done and done.get("numeric_class", record.numeric_class) == record.numeric_class:
+                return record
+            result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
+                               progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
+            release_freed_memory()
+            _log().info("models.calibrated", digest=record.digest_hex, numeric_class=record.numeric_class,
+                        worst_drift=f"{result.worst_drift:.3g}", tolerance=f"{result.tolerance:.3g}",
+                        seconds=round(result.seconds, 1))
+            return self.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+
+    def calibration_pending(self, key: str) -> bool:
+        """True when a calibration of this model was started and not finished."""
+        return (self.get(key).path / CALIBRATION_PARTIAL_FILE).is_file()
 
 
 def resolve_models(store: ModelStore, specs: Sequence[str], **session_options: Any) -> list[LoadedModel]:
@@ -224,5 +327,7 @@ def resolve_models(store: ModelStore, specs: Sequence[str], **session_options: A
             record = store.import_dir(path)
         else:
             record = store.get(spec)
+        if store.calibration_pending(record.digest_hex):  # never serve an interrupted calibration's default
+            record = store.ensure_calibrated(record.digest_hex)
         models.append(record.load(**session_options))
     return models

@@ -117,10 +117,11 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     cache = model.empty_cache()
     for lo in range(0, len(seq), PREFILL_CHUNK):
         chunk = seq[lo:lo + PREFILL_CHUNK]
-        logits, cache = model.forward(chunk, cache)
         start = max(first_row, lo)
+        # the LM head runs for the checked rows only (a prompt-only chunk still returns one row)
+        logits, cache = model.forward(chunk, cache, last=max(1, lo + len(chunk) - start))
         if start < lo + len(chunk):
-            checker.check_rows(start - first_row, log_softmax(logits[start - lo:]))
+            checker.check_rows(start - first_row, log_softmax(logits))
         if checker.done:
             break
     return checker.verdict()
@@ -133,8 +134,9 @@ def recompute_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids
     cache = model.empty_cache()
     rows = []
     for lo in range(0, len(seq), PREFILL_CHUNK):
-        logits, cache = model.forward(seq[lo:lo + PREFILL_CHUNK], cache)
+        chunk = seq[lo:lo + PREFILL_CHUNK]
         start = max(first_row, lo)
-        if start < lo + len(logits):
-            rows.append(log_softmax(logits[start - lo:]))
+        logits, cache = model.forward(chunk, cache, last=max(1, lo + len(chunk) - start))
+        if start < lo + len(chunk):
+            rows.append(log_softmax(logits))
     return np.concatenate(rows)

@@ -57,7 +57,9 @@ def test_bootstrap_and_peer_join_serve_and_stop_cleanly(tmp_path: Path, shared_m
         assert "event=node.stopped" in err
         # The model folder was imported into the peer's store and served.
         assert "event=peer.model_ready" in err and "decode_tokens_per_s=" in err
-        assert len(list((tmp_path / "peer" / "models").iterdir())) == 1
+        from p2pinfer.runtime import compute_digest  # the user's store, shared by every data dir
+        digest = compute_digest(shared_models / "tiny-llama-trained").hex()
+        assert (Path(os.environ["P2PINFER_MODELS_DIR"]) / digest / "p2pinfer-model.json").is_file()
     finally:
         if peer is not None and peer.poll() is None:
             peer.kill()

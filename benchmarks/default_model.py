@@ -1,0 +1,204 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against llama.cpp, in one run.
+
+    python benchmarks/runtime.py                      # this benchmark (the default model)
+    python benchmarks/default_model.py [--threads 2] [--rounds 5] [--tokens 128] [--verify-tokens 128,512]
+
+What it prints, each figure the best of ``--rounds`` rounds taken INTERLEAVED (ours, llama.cpp, ours, ...),
+so that other load on the machine hits both sides alike:
+
+* files: GGUF size, our imported folder for the 4-bit (``q4_1-cpu``) and fp32 (``fp32-cpu``) classes;
+* decode tokens/s (greedy, ``--tokens`` new tokens after a chat prompt) and prefill tokens/s (a prompt of
+  ``--prefill`` tokens) for ours 4-bit, ours fp32 and llama.cpp on the same GGUF with the same thread count,
+  and the ratios ours / llama.cpp;
+* verification / generation time for ``--verify-tokens`` output tokens, 4-bit and fp32;
+* resident memory: a serving process (model loaded, warm, one generation and one verification done) against
+  the model files + 300 MB, measured in a fresh subprocess per class.
+
+llama.cpp comes from ``llama-cpp-python`` when it is installed (never a dependency of p2pinfer: install the
+wheel from ``../shared/wheels/`` by hand); without it the benchmark prints our figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from p2pinfer import log  # noqa: E402
+from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
+from p2pinfer.runtime import GREEDY, generate, load_model, verify_result  # noqa: E402
+
+CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
+PREFILL_TEXT = ("The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+class Ours:
+    def __init__(self, folder: Path, threads: int) -> None:
+        self.model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
+        self.name = f"p2pinfer {self.model.runtime_numeric_class}"
+
+    def decode(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+        r = generate(self.model, prompt, max_tokens=n, stop_at_eos=False)
+        return (len(r.output_ids) - 1) / r.decode_seconds, r.output_ids
+
+    def prefill(self, ids: list[int]) -> float:
+        t = time.perf_counter()
+        self.model.forward(ids, self.model.empty_cache(), last=1)
+        return len(ids) / (time.perf_counter() - t)
+
+
+class LlamaCpp:
+    def __init__(self, gguf: Path, threads: int) -> None:
+        import llama_cpp  # optional: only this benchmark uses it
+
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                                   n_batch=512, logits_all=False, verbose=False)
+        self.name = "llama.cpp Q4_1"
+
+    def _next(self) -> int:
+        """Greedy pick from the last evaluated row (llama-cpp-python keeps no scores without logits_all)."""
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
+
+    def decode(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt)
+        out = [self._next()]
+        t = time.perf_counter()
+        while len(out) < n:
+            llm.eval([out[-1]])
+            out.append(self._next())
+        return (n - 1) / (time.perf_counter() - t), out
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        return len(ids) / (time.perf_counter() - t)
+
+
+def memory_probe(folder: Path, threads: int, tokens: int) -> dict:
+    """Peak and final RSS of a fresh process that loads the model, generates and verifies once."""
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from p2pinfer import log
+from p2pinfer.runtime import GREEDY, generate, load_model, verify_result
+log.configure(level="warning")
+m = load_model(Path({str(folder)!r}), threads={threads}, providers=["CPUExecutionProvider"])
+p = m.prompt_ids(messages={CHAT!r})
+r = generate(m, p, max_tokens={tokens}, stop_at_eos=False)
+v = verify_result(m, prompt_ids=p, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes, params=GREEDY,
+                  seed_material=bytes(32), max_tokens={tokens}, finish_reason=r.finish_reason)
+status = {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}}
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's high-water mark
+print(json.dumps({{"rss": status["VmRSS"], "peak": status["VmHWM"], "accept": v.accept}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128, help="decode tokens per round")
+    ap.add_argument("--prefill", type=int, default=256, help="prefill prompt tokens")
+    ap.add_argument("--verify-tokens", default="128,512")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="ours only, even when llama-cpp-python is installed")
+    args = ap.parse_args(argv)
+    log.configure(level="warning")
+    gguf = find_default_gguf()
+    load = os.getloadavg()
+    print(f"default model {gguf.name}; {args.threads} threads; best of {args.rounds} interleaved rounds; "
+          f"load average {load[0]:.1f} on {os.cpu_count()} CPUs at start")
+    with tempfile.TemporaryDirectory(prefix="p2pinfer-bench-") as tmp:
+        folders = {}
+        for weights in ("native", "fp32"):
+            t = time.perf_counter()
+            result = import_gguf(gguf, Path(tmp) / weights, weights=weights)
+            folders[weights] = result.out_dir
+            print(f"import {weights:6s}: {result.numeric_class:9s} {folder_bytes(result.out_dir) / 1e6:7.1f} MB "
+                  f"({folder_bytes(result.out_dir) / gguf.stat().st_size:.2f}x the GGUF's "
+                  f"{gguf.stat().st_size / 1e6:.1f} MB), {time.perf_counter() - t:.1f} s")
+        sides = [Ours(folders["native"], args.threads), Ours(folders["fp32"], args.threads)]
+        if not args.no_llama_cpp:
+            try:
+                sides.append(LlamaCpp(gguf, args.threads))
+            except ImportError:
+                print("llama-cpp-python is not installed: our figures only")
+        ref = sides[0].model
+        prompt = ref.prompt_ids(messages=CHAT)
+        long_ids = ref.encode(PREFILL_TEXT)[: args.prefill]
+        decode = {s.name: 0.0 for s in sides}
+        prefill = {s.name: 0.0 for s in sides}
+        greedy = {}
+        for s in sides:  # warm-up (first-run allocations, prepacking)
+            s.decode(prompt, 4)
+            s.prefill(long_ids[:32])
+        for _ in range(args.rounds):
+            for s in sides:
+                rate, ids = s.decode(prompt, args.tokens)
+                decode[s.name] = max(decode[s.name], rate)
+                greedy[s.name] = ids
+                prefill[s.name] = max(prefill[s.name], s.prefill(long_ids))
+        base = sides[-1].name if isinstance(sides[-1], LlamaCpp) else None
+        print(f"\n| runtime | decode tokens/s | prefill tokens/s ({len(long_ids)} tokens) |"
+              + (" decode / llama.cpp | prefill / llama.cpp |" if base else ""))
+        print("|---|---|---|" + ("---|---|" if base else ""))
+        for s in sides:
+            row = f"| {s.name} | {decode[s.name]:.1f} | {prefill[s.name]:.0f} |"
+            if base:
+                row += f" {decode[s.name] / decode[base]:.2f} | {prefill[s.name] / prefill[base]:.2f} |"
+            print(row)
+        if base:
+            same = sum(a == b for a, b in zip(greedy[sides[0].name], greedy[base]))
+            print(f"greedy tokens identical to llama.cpp's: first {next((i for i, (a, b) in enumerate(zip(greedy[sides[0].name], greedy[base])) if a != b), args.tokens)} "
+                  f"of {args.tokens} ({same} positions equal)")
+
+        print("\n| class | output tokens | generate s | verify s | verify / generate |\n|---|---|---|---|---|")
+        for s in sides[:2]:
+            m = s.model
+            for n in (int(x) for x in args.verify_tokens.split(",")):
+                best_ratio, best = None, None
+                for _ in range(max(1, args.rounds // 2)):
+                    r = generate(m, prompt, max_tokens=n, params=GREEDY, stop_at_eos=False)
+                    g = r.prefill_seconds + r.decode_seconds
+                    t = time.perf_counter()
+                    v = verify_result(m, prompt_ids=prompt, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes,
+                                      params=GREEDY, seed_material=bytes(32), max_tokens=n,
+                                      finish_reason=r.finish_reason)
+                    ver = time.perf_counter() - t
+                    assert v.accept, v.reason
+                    if best_ratio is None or ver / g < best_ratio:
+                        best_ratio, best = ver / g, (g, ver)
+                print(f"| {m.runtime_numeric_class} | {n} | {best[0]:.2f} | {best[1]:.3f} | {best_ratio:.3f} |")
+
+        print("\n| class | model files MB | serving RSS MB | peak RSS MB | RSS - files MB (limit 300) |\n|---|---|---|---|---|")
+        for weights, folder in folders.items():
+            mem = memory_probe(folder, args.threads, 32)
+            files = folder_bytes(folder)
+            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {files / 1e6:.0f} | {mem['rss'] / 1e6:.0f} | "
+                  f"{mem['peak'] / 1e6:.0f} | {(mem['rss'] - files) / 1e6:.0f} |")
+    load = os.getloadavg()
+    print(f"\nload average {load[0]:.1f} at the end (the machine is shared: figures are rough)")
+
+
+if __name__ == "__main__":
+    main()
