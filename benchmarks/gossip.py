@@ -68,7 +68,7 @@ async def worker(args: argparse.Namespace) -> None:
         for i in indices:
             # Periodic re-announcement pushed past the run: rounds and the idle window are controlled below.
             node = Node(Identity.generate(), NodeConfig(listen=LOCAL, bootstrap=[args.bootstrap],
-                                                        announce_interval_s=3600, put_dht_record=False))
+                                                        announce_interval_s=3600))
             instrument(node, received, sent)
             nodes[i] = await stack.enter_async_context(node)
             node.update_capacity(models=[offer], free_slots=1, total_slots=1)
@@ -90,7 +90,7 @@ async def coordinator(args: argparse.Namespace) -> None:
     received: list = []
     sent: list = []
     tmp = Path(tempfile.mkdtemp(prefix="p2pinfer-bench-"))
-    boot = Node(Identity.generate(), NodeConfig(listen=LOCAL, role="bootstrap", put_dht_record=False))
+    boot = Node(Identity.generate(), NodeConfig(listen=LOCAL, role="bootstrap"))
     instrument(boot, received, sent)
     async with boot:
         groups = [list(range(args.peers))[p::args.procs] for p in range(args.procs)]

@@ -23,6 +23,7 @@ from .ledger import Ledger
 from .log import get_logger
 from .net import Node, NodeConfig
 from .request.server import TaskServer, measure_decode_speed
+from .request.possession import install_possession
 from .request.verification import VerificationService
 from .runtime import LoadedModel
 
@@ -73,6 +74,7 @@ class ServingPeer:
             self.node = await stack.enter_async_context(Node(self.identity, self.config))
             self.server = TaskServer(self.node, self.identity, self.models, slots=self.slots, decode_speeds=speeds)
             self.server.install()
+            install_possession(self.node, self.identity, self.models)  # answer challenges, check with our models
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self.verification = VerificationService(self.node, self.identity, self.models, self.ledger,
                                                     slots=self.slots, participation=self.server.participation)

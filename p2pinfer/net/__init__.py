@@ -6,6 +6,8 @@ Public API (what the request path and the CLI use):
 * :class:`FrameStream` — a framed stream for our own protocols; errors from :mod:`p2pinfer.net.errors`.
 * :class:`AnnouncementTable`, :class:`ServingEntry`, :func:`verify_announcement` — capacity announcements.
 * :class:`PeerInfo`, :func:`parse_peer_multiaddr` — addresses as plain strings.
+* :class:`Protocol`, :class:`Exchange` — protocol descriptors (ID, frame limit, message types).
+* :class:`ResourceLimits`, :class:`FaultKind` — what a peer may hold open; what counts against it.
 * :class:`RelayLimits`, :class:`Reachability` — NAT traversal (:mod:`p2pinfer.net.nat`).
 * :func:`build_host`, :func:`keypair_from_identity` — the lower-level pieces.
 """
@@ -35,14 +37,19 @@ from .errors import (
 from .gossip import CAPACITY_TOPIC
 from .host import build_host
 from .keys import keypair_from_identity
+from .faults import FaultKind
 from .nat import Reachability, ReachabilityStatus, RelayLimits
 from .node import Node, NodeConfig
+from .protocol import Exchange, Protocol
+from .resources import ResourceLimits
 from .streams import DEFAULT_MAX_FRAME, FrameStream
 
 __all__ = [
-    "AnnouncementRejected", "BootstrapUnreachable", "AnnouncementTable", "CAPACITY_TOPIC", "DEFAULT_MAX_FRAME", "DHT_PROTOCOL_ID",
-    "DialError", "Discovery", "FrameStream", "FrameTooLargeError", "MAX_ANNOUNCEMENT_BYTES", "MalformedFrameError",
-    "NetError", "Node", "NodeConfig", "PeerInfo", "ProtocolNotSupported", "Reachability", "ReachabilityStatus", "RelayLimits", "RemoteError", "RequestTimeout",
+    "AnnouncementRejected", "AnnouncementTable", "BootstrapUnreachable", "CAPACITY_TOPIC", "DEFAULT_MAX_FRAME",
+    "DHT_PROTOCOL_ID", "DialError", "Discovery", "Exchange", "FaultKind", "FrameStream", "FrameTooLargeError",
+    "MAX_ANNOUNCEMENT_BYTES", "MalformedFrameError", "NetError", "Node", "NodeConfig", "PeerInfo", "Protocol",
+    "ProtocolNotSupported", "Reachability", "ReachabilityStatus", "RelayLimits", "RemoteError", "RequestTimeout",
+    "ResourceLimits",
     "ServingEntry", "StreamClosedError", "StreamResetError", "build_host", "keypair_from_identity",
     "parse_peer_multiaddr", "provider_key", "verify_announcement",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import multiaddr
 from libp2p.peer.id import ID
@@ -19,7 +20,14 @@ class PeerInfo:
     addrs: tuple[str, ...] = ()
 
     def to_libp2p(self) -> _Libp2pPeerInfo:
-        return _Libp2pPeerInfo(to_libp2p_id(self.peer_id), [multiaddr.Multiaddr(a) for a in self.addrs])
+        """py-libp2p's PeerInfo; addresses that do not parse are left out (they may come from the DHT)."""
+        parsed = []
+        for a in self.addrs:
+            try:
+                parsed.append(multiaddr.Multiaddr(a))
+            except Exception:
+                continue
+        return _Libp2pPeerInfo(to_libp2p_id(self.peer_id), parsed)
 
     @classmethod
     def from_libp2p(cls, info: _Libp2pPeerInfo) -> "PeerInfo":
@@ -65,6 +73,51 @@ def parse_peer_multiaddr(addr: str) -> PeerInfo:
     except Exception:
         raise ValueError(f"{addr!r}: {peer!r} is not a libp2p peer ID") from None
     return PeerInfo(peer_id, (strip_p2p(str(ma)),))
+
+
+# Announced addresses must be something a peer can dial: an IP or DNS name, then a TCP (or UDP) port, then
+# optionally a relay circuit (``/p2p/<relay id>/p2p-circuit``).
+_HOST_PROTOCOLS = frozenset({"ip4", "ip6", "dns", "dns4", "dns6"})
+_PORT_PROTOCOLS = frozenset({"tcp", "udp"})
+_SUFFIX_PROTOCOLS = frozenset({"quic-v1", "p2p", "p2p-circuit", "ws", "wss", "tls"})
+_WILDCARDS = frozenset({"0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
+MAX_ADDR_CHARS = 256
+
+
+def dialable_problem(addr: str) -> str | None:
+    """Why ``addr`` is not a dialable multiaddr (``None`` when it is). Pure; never raises."""
+    if not isinstance(addr, str) or not addr or len(addr) > MAX_ADDR_CHARS:
+        return "empty or longer than 256 characters"
+    try:
+        parts = [(p.name, v) for p, v in multiaddr.Multiaddr(addr).items()]
+    except Exception:
+        return "not a multiaddr"
+    if len(parts) < 2 or parts[0][0] not in _HOST_PROTOCOLS or parts[1][0] not in _PORT_PROTOCOLS:
+        return "not /ip4|ip6|dns*/<host>/tcp|udp/<port>"
+    host, port = parts[0][1], parts[1][1]
+    if host in _WILDCARDS or not host:
+        return "wildcard address"
+    try:
+        if not 0 < int(port or 0) < 65536:
+            return "port 0"
+    except ValueError:
+        return "bad port"
+    if any(name not in _SUFFIX_PROTOCOLS for name, _ in parts[2:]):
+        return "unsupported protocol after the port"
+    return None
+
+
+def parse_dialable(addrs: Iterable[str]) -> list[multiaddr.Multiaddr]:
+    """The addresses of ``addrs`` that are dialable (``/p2p`` stripped); others are skipped, never raised."""
+    out = []
+    for addr in addrs:
+        if dialable_problem(addr) is None:
+            try:
+                out.append(multiaddr.Multiaddr(strip_p2p(addr)) if "/p2p-circuit" not in addr
+                           else multiaddr.Multiaddr(addr))
+            except Exception:
+                continue
+    return out
 
 
 def merge_peer_infos(infos: list[PeerInfo]) -> list[PeerInfo]:

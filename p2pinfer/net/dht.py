@@ -20,11 +20,10 @@ Workarounds for py-libp2p 0.8.1 that live here:
   answers there forever (48 h). :meth:`Discovery.find_providers` does its own lookup: the k closest peers
   to the key (where ADD_PROVIDER stored the records) are all asked, results are merged and de-duplicated,
   and nothing is cached.
-* **Order-dependent select.** The DHT calls ``Validator.select(key, [new, old])`` for local puts but
-  ``select(key, [old, new])`` for remote PUT_VALUE, so only an order-independent rule keeps records
-  updatable. :class:`CapacityRecordValidator` picks the highest ``seq``, whatever the order.
-* Validation is strict: only keys in our namespace (``/p2pcap/...``) and the standard ``/pk/`` are
-  accepted; un-namespaced keys are refused instead of stored unvalidated (py-libp2p's default).
+* Validation is strict: only the standard ``/pk/`` namespace is accepted; every other key is refused
+  instead of stored unvalidated (py-libp2p's default). (Earlier versions also stored each peer's capacity
+  announcement under ``/p2pcap/``; nothing read it, since gossip and capacity sync carry announcements,
+  so it was dropped.)
 
 Provider records are *hints*: py-libp2p keeps them 48 h and has no withdrawal, so a peer that stopped
 serving may still be listed. The capacity table (gossip) says who is live and has free slots.
@@ -41,20 +40,17 @@ from libp2p.kad_dht.common import PROTOCOL_ID as _UPSTREAM_KAD_PROTOCOL
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.records.pubkey import PublicKeyValidator
-from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..log import get_logger
-from ..wire import now_ms
 from ..wire.hashing import tagged_hash
 from .addrs import PeerInfo
-from .announcements import AnnouncementRejected, verify_announcement
 from .errors import DialError
 
 log = get_logger("p2pinfer.net.dht")
 
 PROTOCOL_ID = "/p2pinfer/kad/1.0.0"
-CAPACITY_NAMESPACE = "p2pcap"
 DEFAULT_REFRESH_INTERVAL_S = 300.0
 SEED_INTERVAL_S = 1.0
 QUERY_TIMEOUT_S = 10.0
@@ -65,13 +61,6 @@ def provider_key(model_digest: bytes) -> bytes:
     if len(model_digest) != 32:
         raise ValueError("a model digest is 32 bytes")
     return tagged_hash("p2pinfer/v1/dht/model-providers", model_digest)
-
-
-def capacity_record_key(peer_id: str) -> str:
-    """``/p2pcap/<32 hex chars>``. Short on purpose: py-libp2p servers ignore FIND_NODE for keys longer than
-    50 bytes ("FIND_NODE key is not a valid PeerId"), so ``/p2pcap/<full peer id>`` (60 bytes) could only
-    ever be stored locally."""
-    return f"/{CAPACITY_NAMESPACE}/{tagged_hash('p2pinfer/v1/dht/capacity-record', peer_id.encode()).hex()[:32]}"
 
 
 # ---- protocol renaming ------------------------------------------------------------------------------
@@ -122,34 +111,6 @@ class _PrivateProtocolHost:
         return await self._host.new_stream(peer_id, [self._rename(p) for p in protocol_ids])
 
 
-# ---- record validation ------------------------------------------------------------------------------
-
-
-class CapacityRecordValidator(Validator):
-    """``capacity_record_key(peer id)`` -> that peer's signed capacity announcement; the highest ``seq`` wins."""
-
-    def validate(self, key: str, value: bytes) -> None:
-        try:
-            signed = verify_announcement(value, source_peer_id=None, now_ms=now_ms())
-        except AnnouncementRejected as exc:
-            raise ValueError(f"invalid capacity record: {exc}") from None
-        if capacity_record_key(signed.message.peer_id) != key:
-            raise ValueError("capacity record stored under another peer's key")
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        best, best_seq = 0, -1
-        for i, value in enumerate(values):
-            try:
-                self.validate(key, value)
-                from ..wire import decode_signed  # local import: only needed here
-                seq = decode_signed(value).message.seq
-            except Exception:
-                continue
-            if seq > best_seq:
-                best, best_seq = i, seq
-        return best
-
-
 # ---- discovery --------------------------------------------------------------------------------------
 
 
@@ -161,10 +122,7 @@ class Discovery:
         self.host = host
         self.server = server
         self.refresh_interval_s = refresh_interval_s
-        validator = NamespacedValidator(
-            {"pk": PublicKeyValidator(), CAPACITY_NAMESPACE: CapacityRecordValidator()},
-            strict_validation=True,
-        )
+        validator = NamespacedValidator({"pk": PublicKeyValidator()}, strict_validation=True)
         self.dht = KadDHT(
             _PrivateProtocolHost(host),  # type: ignore[arg-type]
             DHTMode.SERVER if server else DHTMode.CLIENT,
@@ -326,19 +284,3 @@ class Discovery:
                     if peer != local:
                         nursery.start_soon(ask, peer)
         return sorted(found.values(), key=lambda p: p.peer_id)[:limit]
-
-    async def put_capacity_record(self, envelope: bytes, peer_id: str) -> None:
-        """Store our signed announcement under ``/p2pcap/<peer id>`` (lets a client ask for one peer's)."""
-        with trio.move_on_after(QUERY_TIMEOUT_S * 2):
-            try:
-                await self.dht.put_value(capacity_record_key(peer_id), envelope)
-            except Exception as exc:
-                log.warning("dht.put_failed", error=repr(exc)[:200])
-
-    async def get_capacity_record(self, peer_id: str, *, timeout: float = QUERY_TIMEOUT_S) -> bytes | None:
-        with trio.move_on_after(timeout):
-            try:
-                return await self.dht.get_value(capacity_record_key(peer_id))
-            except Exception as exc:
-                log.debug("dht.get_failed", error=repr(exc)[:200])
-        return None

@@ -17,6 +17,11 @@ Workarounds for py-libp2p 0.8.1 that live here:
   never forwarded (Pubsub.push_msg returns before ``router.publish``).
 * **Throughput.** Latency collapses at >= 20 messages/s across 10 nodes, so only announcements go over
   gossip; request traffic uses direct streams (``p2pinfer.net.streams``).
+* **Scoring.** GossipSub v1.1 peer scoring is present but all-permissive by default; :func:`score_params`
+  turns on the invalid-message penalty (P4) with graylisting, and the validator applies the penalty only
+  for provable faults (see :meth:`CapacityGossip.penalize` and :class:`FaultOnlyScorer`), since
+  py-libp2p's validators cannot say "ignore" and its built-in counter would also punish honest forwarders
+  of late (``stale``) messages.
 * Pubsub's own message signing (``strict_signing``) stays on: it authenticates the message *source*, which
   the validator compares with the announcement's signer (``source-mismatch``).
 """
@@ -26,17 +31,19 @@ from __future__ import annotations
 import hashlib
 
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
 
 from ..log import get_logger
 from ..wire import now_ms
-from .announcements import AnnouncementRejected, AnnouncementTable
+from .announcements import SENDER_FAULT_REASONS, AnnouncementRejected, AnnouncementTable
+from .faults import FAULT_HALF_LIFE_S, FaultKind
 
 log = get_logger("p2pinfer.net.gossip")
 
@@ -48,6 +55,40 @@ MIN_PUBLISH_INTERVAL_S = 0.5
 MAX_FORWARDED_PER_S = 200.0
 # GossipSub mesh degree (D, D_lo, D_hi): libp2p's defaults.
 MESH_DEGREE = (6, 4, 12)
+# GossipSub v1.1 peer scoring, used for one thing: invalid messages (P4). Every other weight is 0, so an
+# honest peer's score is exactly 0. Each invalid message a peer forwards costs 1 point, decaying with the
+# fault book's half-life (the heartbeat is 1 s); at INVALID_GOSSIP_LIMIT points the peer is below the
+# publish and graylist thresholds (its RPCs are ignored) and the fault book, which counts the same messages
+# with weight BAN_SCORE / INVALID_GOSSIP_LIMIT, bans it and closes its connection.
+INVALID_GOSSIP_LIMIT = 3
+
+
+class FaultOnlyScorer(PeerScorer):
+    """GossipSub's scorer, except that a failed validation alone does not count as an invalid message.
+
+    py-libp2p's ``Pubsub.push_msg`` calls ``on_invalid_message`` for every message a validator refuses,
+    but its validators can only say yes or no, not GossipSub v1.1's "ignore": an honest forwarder of a
+    message that became ``stale`` on the way would be punished. Our validator reports provable faults
+    through :meth:`record_invalid` instead.
+    """
+
+    def on_invalid_message(self, peer: ID, topic: str) -> None:
+        pass
+
+    def record_invalid(self, peer: ID, topic: str) -> None:
+        super().on_invalid_message(peer, topic)
+
+
+def score_params() -> ScoreParams:
+    decay_per_heartbeat = 0.5 ** (HEARTBEAT_S / FAULT_HALF_LIFE_S)
+    threshold = -(INVALID_GOSSIP_LIMIT - 0.5)
+    return ScoreParams(
+        p4_invalid_messages=TopicScoreParams(weight=1.0, cap=1000.0, decay=decay_per_heartbeat),
+        publish_threshold=threshold,
+        graylist_threshold=threshold,
+        gossip_threshold=threshold,
+        accept_px_threshold=0.0,
+    )
 
 
 def build_pubsub(host: IHost, *, heartbeat_s: int = HEARTBEAT_S) -> tuple[Pubsub, GossipSub]:
@@ -62,7 +103,9 @@ def build_pubsub(host: IHost, *, heartbeat_s: int = HEARTBEAT_S) -> tuple[Pubsub
         heartbeat_initial_delay=0.1,
         time_to_live=60,
         max_messages_per_topic_per_second=MAX_FORWARDED_PER_S,
+        score_params=score_params(),
     )
+    router.scorer = FaultOnlyScorer(router.scorer.params if router.scorer else score_params())
     pubsub = Pubsub(
         host,
         router,
@@ -91,8 +134,10 @@ class CapacityGossip:
     ``counters`` maps ``accepted`` and every drop reason to a count (read by metrics).
     """
 
-    def __init__(self, pubsub: Pubsub, table: AnnouncementTable, *, local_peer_id: str) -> None:
+    def __init__(self, pubsub: Pubsub, table: AnnouncementTable, *, local_peer_id: str,
+                 on_fault: Callable[[str, FaultKind, str], None] | None = None) -> None:
         self.pubsub = pubsub
+        self.on_fault = on_fault
         self.table = table
         self.local_peer_id = local_peer_id
         self.counters: Counter[str] = Counter()
@@ -109,6 +154,8 @@ class CapacityGossip:
             self.counters[exc.reason] += 1
             log.debug("gossip.rejected", reason=exc.reason, detail=exc.detail[:200],
                       source=source, forwarder=forwarder.to_base58())
+            if exc.reason in SENDER_FAULT_REASONS:
+                self.penalize(forwarder, exc.reason)
             return False
         except Exception as exc:  # a validator must never crash the pubsub service
             self.counters["internal-error"] += 1
@@ -120,6 +167,19 @@ class CapacityGossip:
         event, self.accepted_event = self.accepted_event, trio.Event()
         event.set()
         return True
+
+    def penalize(self, forwarder: ID, reason: str, topic: str = CAPACITY_TOPIC) -> None:
+        """An invalid message is the forwarder's own fault: every honest peer validates before forwarding.
+
+        Timing failures (``stale``, ``expired``, ``future``) and rules a newer honest version may not share
+        (``version``, ``unknown-type``) are not in SENDER_FAULT_REASONS: they are dropped, never penalized
+        (GossipSub's "ignore", as opposed to "reject").
+        """
+        scorer = getattr(self.pubsub.router, "scorer", None)
+        if isinstance(scorer, FaultOnlyScorer):
+            scorer.record_invalid(forwarder, topic)
+        if self.on_fault is not None:
+            self.on_fault(forwarder.to_base58(), FaultKind.INVALID_GOSSIP, f"{topic}: {reason}")
 
     async def start(self) -> None:
         """Register the validator and subscribe. Call once Pubsub is running."""

@@ -1,4 +1,14 @@
-"""A p2pinfer network node: host + DHT + capacity gossip + our protocols, owned by one trio nursery.
+"""A p2pinfer network node: lifecycle, dialing and our protocols; the behaviours it owns in one nursery.
+
+Behaviours (libp2p style, each in its own module):
+
+* lifecycle and dialing: this module (start/stop, ``connect``, ``open_stream``, ``request``, handlers,
+  loopback streams to ourselves);
+* protection: :class:`~p2pinfer.net.guard.PeerGuard` (every inbound stream guarded, resource limits,
+  fault book and bans, bounded Yamux buffers);
+* capacity: :class:`~p2pinfer.net.capacity.Capacity` (announcements, capacity sync, DHT providing,
+  lookups), over :mod:`p2pinfer.net.gossip` and :mod:`p2pinfer.net.dht`;
+* protocol descriptors: :mod:`p2pinfer.net.protocol` (ID, frame limit, message types, used by both ends).
 
 ::
 
@@ -38,17 +48,22 @@ from libp2p.tools.anyio_service import background_trio_service
 from .. import __version__
 from ..identity import Identity
 from ..log import get_logger
-from ..wire import CapacityAnnouncement, ModelOffer, WireError, codec, encode_signed, now_ms
-from .addrs import PeerInfo, merge_peer_infos, parse_peer_multiaddr, strip_p2p
-from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
+from ..wire import CapacityAnnouncement, ModelOffer, now_ms
+from .addrs import PeerInfo, dialable_problem, merge_peer_infos, parse_dialable, parse_peer_multiaddr
+from .announcements import AnnouncementTable, ServingEntry
+from .capacity import Capacity
+from .capacity_sync import CAPACITY_SYNC
 from .dht import DEFAULT_REFRESH_INTERVAL_S, Discovery
 from .errors import BootstrapUnreachable, DialError, NetError, ProtocolNotSupported, RequestTimeout
 from .gossip import HEARTBEAT_S, CapacityGossip, build_pubsub
+from .guard import PeerGuard
 from .host import build_host
 from .keys import to_libp2p_id
 from .listen import check_listen_ports
 from .loopback import loopback_pair
 from .nat import NatTraversal, Reachability, RelayLimits, is_circuit
+from .protocol import Protocol, frame_limit
+from .protocol import protocol_id as protocol_id_of
 from .publicaddrs import announceable
 from .streams import DEFAULT_MAX_FRAME, FrameStream, encode_error, encode_ok
 
@@ -57,18 +72,13 @@ log = get_logger("p2pinfer.net.node")
 Role = Literal["peer", "bootstrap", "client"]
 
 # A newly joined node asks its bootstrap nodes for the live announcements they hold, instead of waiting
-# up to a whole announce interval for gossip. The reply is a msgpack array of signed announcement
-# envelopes; each is verified exactly like gossip (signature, window, sequence), so a lying peer can
-# withhold announcements but never forge one.
-SYNC_PROTOCOL = "/p2pinfer/capacity-sync/1"
+# up to a whole announce interval for gossip: see p2pinfer.net.capacity_sync.
 CONNECT_TIMEOUT_S = 10.0  # Node.connect() without a timeout: dial (dial_timeout_s per address), Noise, Yamux
 # nat hooks (see p2pinfer.net.nat):
 DIRECT_BEFORE_RELAY_S = 1.0        # a peer announcing direct and relayed addresses gets this long on the direct ones
 UNREACHABLE_MEMORY_S = 30.0        # a peer whose dial failed is not offered work again for this long
 MAX_REMEMBERED_UNREACHABLE = 4096
 PROVIDER_HINTS_TTL_S = 30.0        # DHT provider hints are looked up again (in the background) after this long
-MAX_SYNC_FRAME = 1 << 20
-MAX_SYNC_ANNOUNCEMENTS = 256
 StreamHandler = Callable[[FrameStream], Awaitable[None]]
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
@@ -83,7 +93,6 @@ class NodeConfig:
     dht_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     gossip_heartbeat_s: int = HEARTBEAT_S
     dial_timeout_s: float = 3.0              # TCP connect; an address that drops packets (NAT) costs this long
-    put_dht_record: bool = True              # also store our announcement under /p2pcap/<peer id>
     software: str = f"p2pinfer/{__version__}"
     extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
     # NAT traversal (p2pinfer.net.nat): relay hop service (None: on for role "bootstrap"), its limits,
@@ -114,6 +123,8 @@ class Node:
         self.peer_id = identity.peer_id
         self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s,
                                addrs_factory=self._advertised_addrs)  # nat hook: no wildcards in identify
+        self.guard = PeerGuard(self.host)  # every inbound stream guarded; limits, faults, bans
+        self.guard.install()
         self.discovery = Discovery(self.host, server=config.role != "client",
                                    refresh_interval_s=config.dht_refresh_interval_s)
         self.pubsub, self.router = build_pubsub(self.host, heartbeat_s=config.gossip_heartbeat_s)
@@ -122,20 +133,15 @@ class Node:
         self.nat = NatTraversal(self.host, listen=config.listen, announce=config.extra_addrs,
                                 relay_hop=relay_hop, relay_limits=config.relay_limits,
                                 hole_punch=config.hole_punch)
-        self.nat.on_change = lambda: self._capacity_changed.set()  # re-announce when our addresses change
+        self.nat.on_change = lambda: self.capacity.update()  # re-announce when our addresses change
         self.table = AnnouncementTable()
-        self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id)
+        self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id,
+                                     on_fault=self.guard.fault)
         self.stats: Counter[str] = Counter()
-        self._models: tuple[ModelOffer, ...] = ()
-        self._free_slots = 0
-        self._total_slots = 0
-        self._seq = 0
-        self._capacity_changed = trio.Event()
-        self._announced_once = trio.Event()
+        self.capacity = Capacity(self, self.table, self.gossip, self.discovery, self.stats)
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self._closing = False
-        self._last_announcement: tuple[bytes, int] | None = None
         self._local_handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}  # for streams to ourselves
         self._unreachable: dict[str, float] = {}  # peer ID -> trio time until which we do not offer it work
         self._provider_hints: dict[bytes, tuple[float, list[PeerInfo]]] = {}  # digest -> (when, DHT providers)
@@ -155,6 +161,7 @@ class Node:
             await self.pubsub.wait_until_ready()
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._stack = stack
+            await self._nursery.start(self.guard.run)
             await self._nursery.start(self.discovery.run)
             await self._nursery.start(self.nat.run)
             await self.gossip.start()
@@ -162,7 +169,7 @@ class Node:
             log.info("node.started", peer_id=self.peer_id, role=self.config.role, addrs=self.addrs)
             bootstrap = [parse_peer_multiaddr(a) for a in self.config.bootstrap]
             bootstrap = [b for b in merge_peer_infos(bootstrap) if b.peer_id != self.peer_id]
-            self.register_request_handler(SYNC_PROTOCOL, self._serve_sync, max_frame=MAX_SYNC_FRAME)
+            self.register_request_handler(CAPACITY_SYNC, self.capacity.serve_sync)
             if bootstrap:
                 bootstrap = await self._reach_bootstrap(bootstrap)  # nat hook: fails fast, naming each cause
                 # nat hook: the DHT self-lookup may wait on peers behind NAT; the join does not wait for it
@@ -175,7 +182,7 @@ class Node:
             if self.config.role != "client" and self.config.nat_traversal:  # nat hook
                 self._nursery.start_soon(self.nat.recheck_loop, self.nat.direct_peers)
             if self.config.role != "bootstrap":
-                self._nursery.start_soon(self._announce_loop)
+                self._nursery.start_soon(self.capacity.announce_loop, self._nursery)
         except BaseException:
             self._stack = None
             if self._nursery is not None:
@@ -242,11 +249,12 @@ class Node:
         relayed addresses only, so nobody waits on a direct dial the NAT will drop.
         """
         if self.nat.relayed_addrs and self.nat.status.state is not Reachability.PUBLIC:
-            return self.nat.relayed_addrs[:16]  # also while our relay is briefly away (it is re-reserved)
+            return _dialable(self.nat.relayed_addrs)[:16]  # also while our relay is briefly away (re-reserved)
         if self.nat.status.state is Reachability.UNREACHABLE and self.nat.status.checked:
             return ()  # others tried to dial us and failed, and no relay took us: no address would work
         direct = [str(a) for a in self.host.get_transport_addrs()] + list(self.config.extra_addrs)
-        return tuple(dict.fromkeys(announceable(direct, listen=self.config.listen)))[:16]
+        # Anything every validator would reject (p2pinfer.net.announcements, "bad-addr") is left out too.
+        return _dialable(dict.fromkeys(announceable(direct, listen=self.config.listen)))[:16]
 
     async def _reach_bootstrap(self, bootstrap: list[PeerInfo]) -> list[PeerInfo]:
         """Dial all bootstrap nodes at once; the reachable ones, or :class:`BootstrapUnreachable` naming
@@ -337,12 +345,16 @@ class Node:
 
     # ---- our protocols ------------------------------------------------------------------------------
 
-    def register_handler(self, protocol_id: str, handler: StreamHandler, *,
-                         max_frame: int = DEFAULT_MAX_FRAME, timeout: float | None = 30.0) -> None:
-        """Serve ``protocol_id``: ``handler`` gets a :class:`FrameStream` and may exchange any frames.
+    def register_handler(self, protocol: Protocol | str, handler: StreamHandler, *,
+                         max_frame: int | None = None, timeout: float | None = 30.0) -> None:
+        """Serve ``protocol``: ``handler`` gets a :class:`FrameStream` and may exchange any frames.
 
-        When it returns the stream is closed; when it raises, the stream is reset and the error logged.
+        ``protocol`` is a :class:`~p2pinfer.net.protocol.Protocol` descriptor (its frame limit applies) or
+        a bare protocol ID. When the handler returns the stream is closed; when it raises, the stream is
+        reset and the error logged.
         """
+        protocol_id = protocol_id_of(protocol)
+        max_frame = frame_limit(protocol, max_frame, DEFAULT_MAX_FRAME)
 
         async def on_stream(stream: INetStream) -> None:
             frames = FrameStream(stream, max_frame=max_frame, timeout=timeout)
@@ -363,14 +375,16 @@ class Node:
         self.host.set_stream_handler(TProtocol(protocol_id), on_stream)
         self._local_handlers[protocol_id] = on_stream
 
-    def register_request_handler(self, protocol_id: str, handler: RequestHandler, *,
-                                 max_frame: int = DEFAULT_MAX_FRAME, idle_timeout: float = 60.0) -> None:
+    def register_request_handler(self, protocol: Protocol | str, handler: RequestHandler, *,
+                                 max_frame: int | None = None, idle_timeout: float = 60.0) -> None:
         """Serve one-shot requests: ``await handler(peer_id, body) -> response body``.
 
         Requests on one stream are served in order until the client closes it (stream reuse). A handler that
         raises :class:`~p2pinfer.errors.P2PInferError` sends its message back as a :class:`RemoteError`;
         any other exception sends ``internal error``.
         """
+
+        protocol_id = protocol_id_of(protocol)
 
         async def serve(frames: FrameStream) -> None:
             while True:
@@ -389,29 +403,36 @@ class Node:
                     reply = encode_error(reason)
                 await frames.send(reply)
 
-        self.register_handler(protocol_id, serve, max_frame=max_frame, timeout=idle_timeout)
+        self.register_handler(protocol, serve, max_frame=max_frame, timeout=idle_timeout)
 
-    async def open_stream(self, peer_id: str, protocol_id: str, *, timeout: float = 10.0,
-                          max_frame: int = DEFAULT_MAX_FRAME, addrs: Sequence[str] = ()) -> FrameStream:
+    async def open_stream(self, peer_id: str, protocol: Protocol | str, *, timeout: float = 10.0,
+                          max_frame: int | None = None, addrs: Sequence[str] = ()) -> FrameStream:
         """Open a stream to ``peer_id`` on ``protocol_id``, dialling if needed.
 
         Addresses come from ``addrs``, the peer's live announcement, or what the host already knows.
         ``timeout`` bounds the dial and the protocol negotiation and becomes the stream's default
-        per-operation timeout.
+        per-operation timeout. With a :class:`~p2pinfer.net.protocol.Protocol`, its frame limit applies.
         """
+        protocol_id = protocol_id_of(protocol)
+        max_frame = frame_limit(protocol, max_frame, DEFAULT_MAX_FRAME)
         if peer_id == self.peer_id:
             return self._open_loopback(protocol_id, timeout=timeout, max_frame=max_frame)
+        try:
+            libp2p_peer = to_libp2p_id(peer_id)
+        except Exception:
+            raise DialError(f"{peer_id[:80]!r} is not a libp2p peer ID") from None
         known = tuple(addrs) or (self._announced_addrs(peer_id))
         if any(is_circuit(a) for a in known):  # nat hook: reach a relayed peer through its relay first
             await self.connect(PeerInfo(peer_id, known), timeout=timeout)
-        known = tuple(a for a in known if not is_circuit(a))
-        if known:
-            self.host.get_peerstore().add_addrs(to_libp2p_id(peer_id),
-                                                [multiaddr.Multiaddr(strip_p2p(a)) for a in known], 600)
+        # Announced addresses are validated on arrival, but ``addrs`` may come from anywhere (DHT provider
+        # records, callers): an address that does not parse is skipped here, never raised out of a request.
+        direct = parse_dialable(a for a in known if not is_circuit(a))
+        if direct:
+            self.host.get_peerstore().add_addrs(libp2p_peer, direct, 600)
         with trio.move_on_after(timeout) as scope:
             try:
-                stream = await self.host.new_stream(to_libp2p_id(peer_id), [TProtocol(protocol_id)])
-            except (BaseLibp2pError, OSError) as exc:
+                stream = await self.host.new_stream(libp2p_peer, [TProtocol(protocol_id)])
+            except (BaseLibp2pError, OSError, ValueError) as exc:
                 cause = exc.__cause__ or exc
                 text = f"{type(cause).__name__}: {cause}"
                 if "ProtocolNotSupported" in text or "protocol" in text.lower() and "not" in text.lower():
@@ -432,11 +453,11 @@ class Node:
         self._nursery.start_soon(handler, listener)
         return FrameStream(dialer, max_frame=max_frame, timeout=timeout)  # type: ignore[arg-type]
 
-    async def request(self, peer_id: str, protocol_id: str, payload: bytes, *, timeout: float = 10.0,
-                      max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    async def request(self, peer_id: str, protocol: Protocol | str, payload: bytes, *, timeout: float = 10.0,
+                      max_frame: int | None = None) -> bytes:
         """One request, one response, within ``timeout`` in total (dial included)."""
         deadline = trio.current_time() + timeout
-        frames = await self.open_stream(peer_id, protocol_id, timeout=timeout, max_frame=max_frame)
+        frames = await self.open_stream(peer_id, protocol, timeout=timeout, max_frame=max_frame)
         try:
             remaining = max(deadline - trio.current_time(), 0.0)
             reply = await frames.call(payload, timeout=remaining)
@@ -446,112 +467,25 @@ class Node:
         await frames.aclose()
         return reply
 
-    # ---- capacity -----------------------------------------------------------------------------------
+    # ---- capacity (p2pinfer.net.capacity): what we announce, what others announce --------------------
 
     def update_capacity(self, *, models: Sequence[ModelOffer] | None = None, free_slots: int | None = None,
                         total_slots: int | None = None) -> None:
         """Change what we announce; an announcement goes out promptly (bursts are coalesced)."""
-        if models is not None:
-            self._models = tuple(models)
-        if free_slots is not None:
-            self._free_slots = free_slots
-        if total_slots is not None:
-            self._total_slots = total_slots
-        self._capacity_changed.set()
+        self.capacity.update(models=models, free_slots=free_slots, total_slots=total_slots)
 
     def build_announcement(self) -> CapacityAnnouncement:
-        now = now_ms()
-        self._seq = max(now, self._seq + 1)
-        return CapacityAnnouncement(
-            peer_id=self.peer_id,
-            addrs=self.announce_addrs(),
-            models=self._models,
-            free_slots=self._free_slots,
-            total_slots=self._total_slots,
-            software=self.config.software[:64],
-            seq=self._seq,
-            issued_at_ms=now,
-            expires_at_ms=now + int(self.config.announce_ttl_s * 1000),
-        )
+        return self.capacity.build_announcement()
 
     async def announce_now(self) -> CapacityAnnouncement:
-        announcement = self.build_announcement()
-        envelope = encode_signed(self.identity, announcement)
-        self._last_announcement = (envelope, announcement.expires_at_ms)
-        await self.gossip.publish(envelope)
-        self.stats["announcements.sent"] += 1
-        log.debug("gossip.announced", seq=announcement.seq, models=len(announcement.models),
-                  free_slots=announcement.free_slots)
-        if self.config.put_dht_record and self._nursery is not None:
-            self._nursery.start_soon(self.discovery.put_capacity_record, envelope, self.peer_id)
-        return announcement
-
-    async def _announce_loop(self) -> None:
-        provided: set[bytes] = set()
-        while True:
-            self._capacity_changed = trio.Event()
-            digests = {m.digest for m in self._models}
-            for digest in digests - provided:
-                self._nursery.start_soon(self.discovery.provide, digest)  # type: ignore[union-attr]
-            for digest in provided - digests:
-                self.discovery.stop_providing(digest)
-            provided = digests
-            try:
-                await self.announce_now()
-            except Exception as exc:  # keep announcing; one failed publish is not fatal
-                log.warning("gossip.announce_failed", error=repr(exc)[:200])
-            self._announced_once.set()
-            # A publish made before any peer has told us it subscribes goes nowhere (GossipSub has no one
-            # to send it to, and announcements are not replayed to later joiners), so retry soon until
-            # someone on the topic has heard it.
-            wait = self.config.announce_interval_s if self.gossip.topic_peers() else 1.0
-            with trio.move_on_after(wait):
-                await self._capacity_changed.wait()
+        return await self.capacity.announce_now()
 
     async def wait_announced(self) -> None:
-        await self._announced_once.wait()
-
-    async def _serve_sync(self, peer_id: str, body: bytes) -> bytes:
-        now = now_ms()
-        envelopes = []
-        for announcement in self.table.live(now):
-            signed = self.table.get_signed(announcement.peer_id, now)
-            if signed is not None:
-                envelopes.append(signed.to_bytes())
-        own = self._last_announcement
-        if own is not None and own[1] > now:
-            envelopes.append(own[0])
-        return codec.encode(envelopes[:MAX_SYNC_ANNOUNCEMENTS])
+        await self.capacity.wait_announced()
 
     async def sync_announcements(self, peer_id: str, *, timeout: float = 5.0) -> int:
-        """Ask ``peer_id`` for the live announcements it holds; returns how many were new to us."""
-        try:
-            reply = await self.request(peer_id, SYNC_PROTOCOL, b"", timeout=timeout, max_frame=MAX_SYNC_FRAME)
-            envelopes = codec.decode(reply, max_size=MAX_SYNC_FRAME)
-        except (NetError, WireError) as exc:
-            log.debug("sync.failed", peer_id=peer_id, error=str(exc)[:200])
-            return 0
-        if not isinstance(envelopes, list):
-            log.debug("sync.failed", peer_id=peer_id, error="reply is not an array")
-            return 0
-        accepted = 0
-        for data in envelopes[:MAX_SYNC_ANNOUNCEMENTS]:
-            if not isinstance(data, bytes):
-                continue
-            try:
-                signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
-            except AnnouncementRejected as exc:
-                if exc.reason == "stale":  # we already hold it (or a newer one), e.g. from gossip
-                    self.stats["sync.known"] += 1
-                else:
-                    self.stats[f"sync.rejected.{exc.reason}"] += 1
-                    log.debug("sync.rejected", peer_id=peer_id, reason=exc.reason, detail=exc.detail[:200])
-                continue
-            if signed.message.peer_id != self.peer_id:
-                accepted += 1
-        self.stats["sync.accepted"] += accepted
-        log.debug("sync.done", peer_id=peer_id, received=len(envelopes), accepted=accepted)
-        return accepted
+        """Ask ``peer_id`` for the live announcements it holds, page by page; returns how many were new."""
+        return await self.capacity.sync_from(peer_id, timeout=timeout)
 
     # ---- other gossip topics (low rate only: see p2pinfer.net.gossip) ---------------------------------
 
@@ -595,8 +529,7 @@ class Node:
     def serving(self, model_digest: bytes, *, min_free_slots: int = 1,
                 include_self: bool = False) -> list[ServingEntry]:
         """Peers whose live announcement serves ``model_digest`` with free slots (most free first)."""
-        exclude = () if include_self else (self.peer_id,)
-        return self.table.serving(model_digest, now_ms(), min_free_slots=min_free_slots, exclude=exclude)
+        return self.capacity.serving(model_digest, min_free_slots=min_free_slots, include_self=include_self)
 
     async def find_providers(self, model_digest: bytes, *, timeout: float = 10.0) -> list[PeerInfo]:
         """DHT provider records for ``model_digest`` (hints; see ``p2pinfer.net.dht``)."""
@@ -667,7 +600,11 @@ class Node:
     @property
     def counters(self) -> dict[str, int]:
         """Gossip drop reasons and acceptance counts, plus stream handler errors."""
-        return dict(self.gossip.counters + self.stats)
+        return dict(self.gossip.counters + self.stats + self.guard.counters)
+
+
+def _dialable(addrs: Sequence[str] | dict[str, None]) -> tuple[str, ...]:
+    return tuple(a for a in addrs if dialable_problem(a) is None)
 
 
 def _only_contains(error: BaseException, original: BaseException) -> bool:

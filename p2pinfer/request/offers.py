@@ -24,6 +24,7 @@ from ..wire import (Bid, BidSet, Refusal, Request, Signed, TaskOffer, VrfBid, Wi
                     encode_signed, now_ms, sign)
 from .candidates import select_candidates
 from .errors import NoPeerServesModel
+from .possession import vet_candidates
 from .evidence import ranking_of
 from .protocol import (BID_PROTOCOL, BID_SET_PROTOCOL, BID_SET_TIMEOUT_S, MAX_BID_SET_FRAME, MAX_OFFER_FRAME,
                        OFFER_TTL_MS)
@@ -61,6 +62,7 @@ async def collect_bids(node: Node, identity: Identity, request: Request, request
     # include_self: a client running on a serving peer's node (the gateway) offers work to that peer too,
     # over a loopback stream; it gets the same equal chance as every other bidder.
     infos = await node.candidates(request.model, timeout=min(discovery_timeout, 5.0), include_self=True)
+    infos = await vet_candidates(node, identity, request.model, infos)  # possession (Sybils), docs/network.md
     if not infos:
         raise NoPeerServesModel(f"no peer with free capacity serves model {request.model.hex()[:16]}…")
     chosen = select_candidates(request_id, [i.peer_id for i in infos], max_candidates)

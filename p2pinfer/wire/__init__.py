@@ -28,6 +28,8 @@ from .messages import (
     InferenceResult,
     Message,
     ModelOffer,
+    PossessionChallenge,
+    PossessionProof,
     Receipt,
     Refusal,
     Request,

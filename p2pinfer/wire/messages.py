@@ -404,6 +404,39 @@ class BidSet(Message):
     }
 
 
+@dataclass(frozen=True)
+class PossessionChallenge(Message):
+    """Challenger -> a peer that announces a model: show that you hold its weights (docs/network.md)."""
+
+    TYPE: ClassVar[str] = "possess"
+
+    model: bytes = spec(DIGEST)
+    nonce: bytes = spec(Bytes.exactly(32))
+    positions: int = spec(Int(2, 32))
+    expires_at_ms: int = spec(TIME_MS)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "nonce": "fresh random bytes; the challenged token sequence is derived from them",
+        "positions": "length of the derived token sequence the peer must prefill",
+    }
+
+
+@dataclass(frozen=True)
+class PossessionProof(Message):
+    """Challenged peer -> challenger: the top-k log-probs of a prefill over the challenged tokens."""
+
+    TYPE: ClassVar[str] = "possessed"
+
+    challenge: bytes = spec(DIGEST)
+    model: bytes = spec(DIGEST)
+    fingerprint: bytes = spec(Bytes(1, 16 * 1024))
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "challenge": "SHA-256 of the signed PossessionChallenge envelope being answered",
+        "fingerprint": "packed fingerprint (runtime.fingerprint) of the rows after each challenged token",
+    }
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -419,6 +452,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         VerifyTask,
         FraudProof,
         BidSet,
+        PossessionChallenge,
+        PossessionProof,
     )
 }
 

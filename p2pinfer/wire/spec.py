@@ -31,6 +31,8 @@ from .messages import (
     InferenceResult,
     Message,
     ModelOffer,
+    PossessionChallenge,
+    PossessionProof,
     Receipt,
     Refusal,
     Request,
@@ -179,6 +181,9 @@ def example_messages() -> list[Message]:
                    verdicts=(_signed_example(_EXAMPLE_VERDICT),), inherited_tokens=0,
                    issued_at_ms=1_790_000_002_000),
         _EXAMPLE_BID_SET,
+        PossessionChallenge(model=_REQUEST.model, nonce=bytes.fromhex("c4" * 32), positions=8,
+                            expires_at_ms=1_790_000_010_000),
+        PossessionProof(challenge=bytes.fromhex("d7" * 32), model=_REQUEST.model, fingerprint=bytes.fromhex("0102" * 8)),
     ]
 
 

@@ -120,3 +120,55 @@ def test_only_increasing_seqs_are_accepted(seqs: list[int]) -> None:
                 table.offer(data, source_peer_id=None, now_ms=NOW)
         assert table.last_seq(ALICE.peer_id) == best
 
+
+
+@pytest.mark.parametrize("addr,why", [
+    ("not a multiaddr", "not a multiaddr"),
+    ("/ip4/0.0.0.0/tcp/4001", "wildcard"),
+    ("/ip6/::/tcp/4001", "wildcard"),
+    ("/ip4/10.0.0.1/tcp/0", "port 0"),
+    ("/ip4/10.0.0.1", "not /ip4"),
+    ("/unix/tmp/sock", "not /ip4"),
+    ("/ip4/10.0.0.1/tcp/1/http", "unsupported"),
+])
+def test_undialable_addresses_are_rejected_at_the_validator(addr: str, why: str) -> None:
+    bad = CapacityAnnouncement(**{**announcement().__dict__, "addrs": ("/ip4/127.0.0.1/tcp/4001", addr)})
+    with pytest.raises(AnnouncementRejected) as info:
+        verify_announcement(encode_signed(ALICE, bad), source_peer_id=None, now_ms=NOW)
+    assert info.value.reason == "bad-addr" and why in info.value.detail
+
+
+def test_slots_and_duplicate_models_are_checked() -> None:
+    too_free = CapacityAnnouncement(**{**announcement().__dict__, "free_slots": 5, "total_slots": 4})
+    assert reason_of(encode_signed(ALICE, too_free)) == "bad-slots"
+    twice = announcement(models=(offer(DIGEST_A), offer(DIGEST_A, "again")))
+    assert reason_of(encode_signed(ALICE, twice)) == "duplicate-model"
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_dialable_problem_never_raises(addr: str) -> None:
+    from p2pinfer.net.addrs import dialable_problem, parse_dialable
+    problem = dialable_problem(addr)
+    assert problem is None or isinstance(problem, str)
+    assert len(parse_dialable([addr])) == (1 if problem is None else 0)
+
+
+def test_one_host_cannot_fill_the_table_with_keys() -> None:
+    table = AnnouncementTable(max_per_host=3)
+    sybils = [Identity.generate() for _ in range(5)]
+    accepted = 0
+    for sybil in sybils:
+        data = encode_signed(sybil, announcement(sybil))
+        try:
+            table.offer(data, source_peer_id=None, now_ms=NOW)
+            accepted += 1
+        except AnnouncementRejected as exc:
+            assert exc.reason == "host-quota"
+    assert accepted == 3 and len(table) == 3
+    # Another host is unaffected, and an expired announcement frees its slot.
+    other = CapacityAnnouncement(**{**announcement(BOB).__dict__, "addrs": ("/ip4/127.0.0.2/tcp/4001",)})
+    table.offer(encode_signed(BOB, other), source_peer_id=None, now_ms=NOW)
+    late = encode_signed(sybils[4], announcement(sybils[4], issued=NOW + 61_000))
+    table.offer(late, source_peer_id=None, now_ms=NOW + 61_000)
+    assert sybils[4].peer_id in table and BOB.peer_id not in table  # BOB's expired too (same ttl)

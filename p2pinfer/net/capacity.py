@@ -1,0 +1,172 @@
+"""The capacity behaviour of a node: what we announce, what others announce, sync, DHT providing.
+
+* **Announcing.** :meth:`Capacity.update` records what we serve; :meth:`Capacity.announce_loop` signs and
+  publishes a :class:`~p2pinfer.wire.CapacityAnnouncement` on start, on every change (bursts coalesced by
+  the gossip rate limit) and every ``announce_interval_s``, and keeps each served model's DHT provider
+  record up (``p2pinfer.net.dht``).
+* **Learning.** Gossip fills the :class:`~p2pinfer.net.announcements.AnnouncementTable` from its validator
+  (``p2pinfer.net.gossip``); a joining node also pages through its bootstrap nodes' tables
+  (:meth:`Capacity.sync_from`, ``p2pinfer.net.capacity_sync``) and answers others' sync requests
+  (:meth:`Capacity.serve_sync`).
+* **Lookups** for the request path: :meth:`Capacity.serving` (``Node.candidates`` adds DHT provider hints
+  and the NAT layer's reachability memory).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Sequence
+
+import trio
+
+from ..log import get_logger
+from ..wire import CapacityAnnouncement, ModelOffer, encode_signed, now_ms
+from .announcements import AnnouncementRejected, AnnouncementTable, ServingEntry
+from .capacity_sync import (
+    CAPACITY_SYNC,
+    MAX_SYNC_PAGES,
+    SyncPageError,
+    build_sync_page,
+    encode_sync_request,
+    parse_sync_page,
+    parse_sync_request,
+)
+from .dht import Discovery
+from .errors import NetError
+from .gossip import CapacityGossip
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = get_logger("p2pinfer.net.capacity")
+
+
+class Capacity:
+    def __init__(self, node: "Node", table: AnnouncementTable, gossip: CapacityGossip, discovery: Discovery,
+                 stats: Counter[str]) -> None:
+        self.node = node
+        self.peer_id = node.peer_id
+        self.table = table
+        self.gossip = gossip
+        self.discovery = discovery
+        self.stats = stats
+        self._models: tuple[ModelOffer, ...] = ()
+        self._free_slots = 0
+        self._total_slots = 0
+        self._seq = 0
+        self._changed = trio.Event()
+        self._announced_once = trio.Event()
+        self.last_announcement: tuple[bytes, int] | None = None  # (signed envelope, expiry ms)
+
+    # ---- announcing ---------------------------------------------------------------------------------
+
+    def update(self, *, models: Sequence[ModelOffer] | None = None, free_slots: int | None = None,
+               total_slots: int | None = None) -> None:
+        if models is not None:
+            self._models = tuple(models)
+        if free_slots is not None:
+            self._free_slots = free_slots
+        if total_slots is not None:
+            self._total_slots = total_slots
+        self._changed.set()
+
+    def build_announcement(self) -> CapacityAnnouncement:
+        config = self.node.config
+        now = now_ms()
+        self._seq = max(now, self._seq + 1)
+        return CapacityAnnouncement(
+            peer_id=self.peer_id,
+            addrs=self.node.announce_addrs(),
+            models=self._models,
+            free_slots=self._free_slots,
+            total_slots=self._total_slots,
+            software=config.software[:64],
+            seq=self._seq,
+            issued_at_ms=now,
+            expires_at_ms=now + int(config.announce_ttl_s * 1000),
+        )
+
+    async def announce_now(self) -> CapacityAnnouncement:
+        announcement = self.build_announcement()
+        envelope = encode_signed(self.node.identity, announcement)
+        self.last_announcement = (envelope, announcement.expires_at_ms)
+        await self.gossip.publish(envelope)
+        self.stats["announcements.sent"] += 1
+        log.debug("gossip.announced", seq=announcement.seq, models=len(announcement.models),
+                  free_slots=announcement.free_slots)
+        return announcement
+
+    async def announce_loop(self, nursery: trio.Nursery) -> None:
+        provided: set[bytes] = set()
+        while True:
+            self._changed = trio.Event()
+            digests = {m.digest for m in self._models}
+            for digest in digests - provided:
+                nursery.start_soon(self.discovery.provide, digest)
+            for digest in provided - digests:
+                self.discovery.stop_providing(digest)
+            provided = digests
+            try:
+                await self.announce_now()
+            except Exception as exc:  # keep announcing; one failed publish is not fatal
+                log.warning("gossip.announce_failed", error=repr(exc)[:200])
+            self._announced_once.set()
+            # A publish made before any peer has told us it subscribes goes nowhere (GossipSub has no one
+            # to send it to, and announcements are not replayed to later joiners), so retry soon until
+            # someone on the topic has heard it.
+            wait = self.node.config.announce_interval_s if self.gossip.topic_peers() else 1.0
+            with trio.move_on_after(wait):
+                await self._changed.wait()
+
+    async def wait_announced(self) -> None:
+        await self._announced_once.wait()
+
+    # ---- capacity sync --------------------------------------------------------------------------------
+
+    async def serve_sync(self, peer_id: str, body: bytes) -> bytes:
+        cursor = parse_sync_request(body)
+        now = now_ms()
+        envelopes = [(signed.message.peer_id, signed.to_bytes()) for signed in
+                     (self.table.get_signed(a.peer_id, now) for a in self.table.live(now)) if signed is not None]
+        own = self.last_announcement
+        if own is not None and own[1] > now:
+            envelopes.append((self.peer_id, own[0]))
+        return build_sync_page(envelopes, after=cursor)
+
+    async def sync_from(self, peer_id: str, *, timeout: float = 5.0) -> int:
+        accepted = received = 0
+        cursor = ""
+        for _ in range(MAX_SYNC_PAGES):
+            try:
+                reply = await self.node.request(peer_id, CAPACITY_SYNC, encode_sync_request(cursor), timeout=timeout)
+                envelopes, next_cursor = parse_sync_page(reply, after=cursor)
+            except (NetError, SyncPageError) as exc:
+                self.stats["sync.failed"] += 1
+                log.debug("sync.failed", peer_id=peer_id, error=str(exc)[:200])
+                break
+            received += len(envelopes)
+            for data in envelopes:
+                try:
+                    signed = self.table.offer(data, source_peer_id=None, now_ms=now_ms())
+                except AnnouncementRejected as exc:
+                    if exc.reason == "stale":  # we already hold it (or a newer one), e.g. from gossip
+                        self.stats["sync.known"] += 1
+                    else:
+                        self.stats[f"sync.rejected.{exc.reason}"] += 1
+                        log.debug("sync.rejected", peer_id=peer_id, reason=exc.reason, detail=exc.detail[:200])
+                    continue
+                if signed.message.peer_id != self.peer_id:
+                    accepted += 1
+            if not next_cursor:
+                break
+            cursor = next_cursor
+        self.stats["sync.accepted"] += accepted
+        log.debug("sync.done", peer_id=peer_id, received=received, accepted=accepted)
+        return accepted
+
+    # ---- lookups for the request path ---------------------------------------------------------------
+
+    def serving(self, model_digest: bytes, *, min_free_slots: int = 1,
+                include_self: bool = False) -> list[ServingEntry]:
+        exclude = () if include_self else (self.peer_id,)
+        return self.table.serving(model_digest, now_ms(), min_free_slots=min_free_slots, exclude=exclude)
