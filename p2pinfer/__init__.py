@@ -1,42 +1,33 @@
 """p2pinfer: an open peer-to-peer network for AI inference.
 
-Public API (what applications need); everything else is internal and may change.
+Public API: what an application meets (the clients, their results, the errors they raise). Everything else
+is internal and may change. Names are re-exported as ``X as X`` (as trio does), so type checkers see them as
+public; ``tests/test_exports.py`` guards the list.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from ._version import __version__ as __version__  # first: modules below read it
 
-try:
-    __version__ = _version("p2pinfer")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
-from .errors import P2PInferError
-from .identity import Identity, peer_id_from_public_key
-from .request.client import AsyncClient, Completion, ElectionEvidence, StreamChunk
-from .request.errors import (
-    AllCandidatesFailed,
-    BadParameters,
-    NoBidsInTime,
-    NoPeerServesModel,
-    NotConnected,
-    RequestError,
+from .errors import P2PInferError as P2PInferError
+from .identity import Identity as Identity, peer_id_from_public_key as peer_id_from_public_key
+from .request.client import (
+    AsyncClient as AsyncClient,
+    Attempt as Attempt,
+    Completion as Completion,
+    ElectionEvidence as ElectionEvidence,
+    StreamChunk as StreamChunk,
 )
-from .request.sync import Client
-
-__all__ = [
-    "__version__",
-    "AllCandidatesFailed",
-    "AsyncClient",
-    "BadParameters",
-    "Client",
-    "Completion",
-    "ElectionEvidence",
-    "Identity",
-    "NoBidsInTime",
-    "NoPeerServesModel",
-    "NotConnected",
-    "P2PInferError",
-    "RequestError",
-    "StreamChunk",
-    "peer_id_from_public_key",
-]
+from .request.errors import (
+    AllCandidatesFailed as AllCandidatesFailed,
+    BadParameters as BadParameters,
+    NoBidsInTime as NoBidsInTime,
+    NoPeerServesModel as NoPeerServesModel,
+    NotConnected as NotConnected,
+    QuorumNotReached as QuorumNotReached,
+    RequestError as RequestError,
+    ResultRejected as ResultRejected,
+    VerificationFailed as VerificationFailed,
+)
+from .request.params import GenerationParams as GenerationParams
+from .request.settling import Verification as Verification
+from .request.sync import Client as Client
+from .settlement import Outcome as Outcome

@@ -6,7 +6,7 @@ said what, not who is right: colluding verifiers can sign false rejections of an
 
 * :func:`check_proof_shape` (cheap, no model) checks everything signatures and hashes can: the result is
   signed by the executor it names and answers this request, every verdict is signed, names this result and
-  rejects it, one per verifier. Gossip forwards only proofs that pass it.
+  rejects it, one per verifier, and the inherited token count is the one the executor signed in its result. Gossip forwards only proofs that pass it.
 * :func:`recheck_result` (one prefill, blocking: run it in a worker thread) re-runs the verification with the
   model. Only that decides: if the result fails, the fraud is *proven* and the executor is blamed (unless
   the first bad position lies in tokens inherited from an earlier executor); if it passes, the proof is
@@ -85,8 +85,9 @@ def check_proof_shape(proof: FraudProof) -> ProofParts:
             raise InvalidProof("the executor cannot verify its own result")
         seen.add(verdict.signer)
         verdicts.append(verdict)
-    if proof.inherited_tokens > len(result.message.output_ids):
-        raise InvalidProof("more inherited tokens than output tokens")
+    if proof.inherited_tokens != result.message.inherited_tokens:
+        # blame rests on the executor's own signed count: a proof that states another one is a framing attempt
+        raise InvalidProof("the proof's inherited_tokens differ from what the executor signed in its result")
     return ProofParts(proof.request, result, tuple(verdicts), proof.inherited_tokens)
 
 

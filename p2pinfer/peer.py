@@ -78,7 +78,7 @@ class ServingPeer:
             install_possession(self.node, self.identity, self.models)  # answer challenges, check with our models
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self.verification = VerificationService(self.node, self.identity, self.models, self.ledger,
-                                                    slots=self.slots)
+                                                    slots=self.slots, participation=self.server.participation)
             await self.verification.start(self._nursery)
             TokenizerService(self.node, self.identity, self.models).install()  # clients decode text themselves
             if self.gateway_bind is not None or self.control_socket is not None:

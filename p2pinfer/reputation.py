@@ -6,8 +6,9 @@ Pure logic. A score is a smoothed ratio of good to bad events over a sliding win
 
 where ``good`` counts verified results and agreeing verifications, and ``bad`` counts penalties weighted
 by :data:`BAD_WEIGHTS`. A stranger starts at 2/3; a peer is excluded when its score falls below
-:data:`EXCLUDE_BELOW`, or at once and for :data:`FRAUD_EXCLUSION_MS` when it has *proven* fraud (a rejected
-result that the peer's own re-check, or a quorum it asked, confirmed). Events older than
+:data:`EXCLUDE_BELOW`, or at once and for :data:`FRAUD_EXCLUSION_MS`, whatever its history, when this ledger
+holds a fraud record of a kind in :data:`p2pinfer.settlement.EXCLUDING_FRAUD`: fraud its own re-check proved,
+or a result a quorum this client asked rejected. Events older than
 :data:`WINDOW_MS` are forgotten, so a peer that was merely unlucky (killed twice mid-request) comes back.
 """
 

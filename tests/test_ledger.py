@@ -117,18 +117,18 @@ def test_ledger_entries_are_idempotent_per_request_and_kind(tmp_path):
 
 
 def test_rejection_in_inherited_tokens_does_not_blame_the_final_executor():
-    from p2pinfer.ledger.rules import PENALTY_REJECTED, entries_for_receipt
-    from p2pinfer.wire import Receipt
+    from p2pinfer.ledger.rules import PENALTY_REJECTED
+    from p2pinfer.settlement import entries_for_tally
 
     asked = [i.public_key for i in IDS[:3]]
     executor = IDS[6].public_key
 
     def entries(first_bad: int, inherited: int):
         verdicts = [_verdict(IDS[n], False, bad=first_bad) for n in range(3)]
-        receipt = Receipt(request_id=b"r" * 32, model=b"m" * 32, client=IDS[5].public_key, executor=executor,
-                          verifiers=tuple(asked), result_hash=b"h" * 32, output_tokens=20, outcome="rejected",
-                          issued_at_ms=1, inherited_tokens=inherited, verdicts=(), blamed=())
-        return [(e.peer, e.kind) for e in entries_for_receipt(receipt, verdicts)]
+        t = tally(verdicts, verifiers=asked, request_id=b"r" * 32, result_hash=b"h" * 32)
+        return [(e.peer, e.kind) for e in entries_for_tally(t, executor=executor, output_tokens=20,
+                                                             inherited_tokens=inherited, request_id=b"r" * 32,
+                                                             at_ms=1)]
 
     assert (executor, PENALTY_REJECTED) in entries(first_bad=12, inherited=10)   # its own tokens: blamed
     assert (executor, PENALTY_REJECTED) not in entries(first_bad=4, inherited=10)  # inherited: not blamed

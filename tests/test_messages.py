@@ -82,9 +82,9 @@ def test_bool_is_not_an_int_and_limits_hold():
     from p2pinfer.wire import Refusal, TokenChunk
 
     with pytest.raises(SchemaError, match="integer"):
-        TokenChunk.from_wire({"request_id": bytes(32), "index": True, "token_ids": [1], "text": ""})
+        TokenChunk.from_wire({"request_id": bytes(32), "index": True, "token_ids": [1], "text": "", "chain": b""})
     with pytest.raises(SchemaError, match="outside"):
-        TokenChunk.from_wire({"request_id": bytes(32), "index": 0, "token_ids": [2**32], "text": ""})
+        TokenChunk.from_wire({"request_id": bytes(32), "index": 0, "token_ids": [2**32], "text": "", "chain": b""})
     with pytest.raises(SchemaError, match="exactly 32"):
         Refusal.from_wire({"request_id": bytes(31), "code": "busy", "message": ""})
     with pytest.raises(SchemaError, match="expected one of"):

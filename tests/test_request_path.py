@@ -15,7 +15,7 @@ from p2pinfer.request.client import AsyncClient, StreamChunk
 from p2pinfer.request.errors import BadParameters, NoPeerServesModel
 from p2pinfer.request.params import build_request
 from p2pinfer.runtime import load_model
-from p2pinfer.wire import Assignment, Refusal, decode_signed, encode_signed
+from p2pinfer.wire import Assignment, BidSet, Refusal, decode_signed, encode_signed, now_ms, sign
 
 MODEL_NAME = "tiny-llama-trained"
 
@@ -103,7 +103,10 @@ async def test_a_peer_that_did_not_win_refuses_the_task(model):
             bids = [make_bid(p.identity.seed, request_id) for p in net.peers]
             ranking = elect(request_id, b"", bids).ranking
             loser = peer_id_from_public_key(ranking[1].public_key)
-            assignment = Assignment(request=request, epoch_seed=b"", bids=tuple(bids), prefix_ids=(), attempt=0)
+            bid_set = sign(client.identity, BidSet(request_id=request_id, epoch_seed=b"", bids=tuple(bids),
+                                                   excluded=(), issued_at_ms=now_ms()))
+            assignment = Assignment(request=request, epoch_seed=b"", bids=tuple(bids), prefix_ids=(), attempt=0,
+                                    bid_set=bid_set.to_bytes())
             frames = await client.node.open_stream(loser, protocol.TASK_PROTOCOL, timeout=10)
             await frames.send(encode_signed(client.identity, assignment))
             reply = decode_signed(await frames.receive(timeout=10))

@@ -172,7 +172,9 @@ async def _demo(honest, tampered, changed: int, prompt: str, max_tokens: int, ma
             echo("  penalty in the client's own ledger (each party keeps its own): "
                  + ", ".join(f"{e.kind} {credits(e.amount, signed=True)}" for e in client.ledger.entries(key)))
             standing = client.ledger.standing(key, now_ms=now_ms())
-            echo(f"  cheater's reputation {standing.score:.2f} (excluded below 0.50)"
+            rule = ("excluded at once: a quorum this client asked rejected its result" if standing.proven_fraud
+                    else "excluded below 0.50")
+            echo(f"  cheater's reputation {standing.score:.2f} ({rule})"
                  + ("; fraud proof gossiped to the peers" if v.fraud_proof else ""))
             if role == "executor":
                 with trio.move_on_after(10):

@@ -14,15 +14,14 @@ Pure functions, no I/O. What is accepted (see docs/gateway.md):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..wire.messages import MAX_NEW_TOKENS
+from ..request.errors import BadParameters
+from ..request.params import GenerationParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512       # OpenAI's is "until the context is full"; ours is bounded
-MAX_TEMPERATURE = 2.0               # OpenAI's range is [0, 2]
 MAX_MODEL_NAME = 128                # announced model names are at most 128 bytes; a hex digest is 64
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -161,30 +160,18 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
                               code="unsupported_parameter")
     if max_tokens is None:
         max_tokens = default_max
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
-        raise bad_request(f"'{max_param}' must be an integer from 1 to {MAX_NEW_TOKENS}, got {show(max_tokens)}",
-                          max_param)
-    temperature = _number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0.0:
-        raise bad_request("'top_p' must be greater than 0 (use temperature 0 for greedy decoding)", "top_p")
-    top_k = body.get("top_k", 0)
-    if top_k is None:
-        top_k = 0
-    if not _is_int(top_k) or top_k < 0:
-        raise bad_request(f"'top_k' must be a non-negative integer (0 disables it), got {show(top_k)}", "top_k")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 8
-                             or not all(isinstance(s, str) and 0 < len(s.encode()) <= 64 for s in stop)):
-        raise bad_request("'stop' must be a string or an array of at most 8 non-empty strings of at most 64 "
-                          "bytes", "stop")
     seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
-        raise bad_request(f"'seed' must be an integer, got {show(seed)}", "seed")
-    if seed is not None and seed < 0:
+    if _is_int(seed) and -(2**63) <= seed < 0:
         seed += 2**64  # OpenAI seeds are signed 64-bit; ours are unsigned: the same 64 bits
+    temperature = body.get("temperature")
+    top_p = body.get("top_p")
+    try:  # the SDK's typed parameters: the gateway accepts exactly what the SDK accepts
+        typed = GenerationParams.parse(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+                                       top_p=1.0 if top_p is None else top_p, top_k=0 if body.get("top_k") is None else body["top_k"],
+                                       stop=body.get("stop"), seed=seed)
+    except BadParameters as exc:
+        param = max_param if exc.param == "max_tokens" else (exc.param or "")
+        raise bad_request(f"'{param}': {exc}" if param else str(exc), param or None) from None
     stream = body.get("stream")
     if stream not in (None, True, False):
         raise bad_request("'stream' must be true or false", "stream")
@@ -194,8 +181,7 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
     if options is not None and not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
     include_usage = bool(options and options.get("include_usage"))
-    params.update(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                  stop=tuple(stop or ()), seed=seed)
+    params.update(typed.as_kwargs())
     from .openai_extras import parse_choices, parse_logprobs  # (imports this module)
 
     logprobs, top_logprobs = parse_logprobs(endpoint, body)
@@ -205,16 +191,6 @@ def _spec(endpoint: str, body: Mapping[str, Any], params: dict[str, Any], max_to
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise bad_request(f"'{name}' must be a number from {lo:g} to {hi:g}, got {show(value)}", name)
-    return float(value)
 
 
 # ---- responses ----------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from .rules import (
     PENALTY_REJECTED_RESULT,
     Entry,
     entries_for_false_accusation,
-    entries_for_receipt,
     entry_for_no_show,
 )
 from .store import DISPROVEN, LEDGER_FILE, PROVEN, PROVEN_INHERITED, QUORUM_REJECTED, UNCHECKED, FraudRecord, Ledger, LedgerError

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from ..log import get_logger
 from ..wire import Receipt, Signed, Verdict, decode_signed
-from .rules import Entry
+from ..settlement import EXCLUDING_FRAUD, Entry, FraudStatus
 
 if TYPE_CHECKING:
     from ..reputation import Standing
@@ -72,11 +72,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-PROVEN = "proven"                  # re-checked (or decided by a quorum we asked): the executor cheated
-PROVEN_INHERITED = "proven-inherited"  # the result is bad, but in tokens inherited from an earlier executor
-QUORUM_REJECTED = "quorum-rejected"    # a quorum this client asked rejected it (client view, not re-checked)
-DISPROVEN = "disproven"            # re-checked: the result is fine, the rejecting verifiers lied
-UNCHECKED = "unchecked"            # heard of, not re-checked (we do not hold the model): no action
+PROVEN = FraudStatus.PROVEN
+PROVEN_INHERITED = FraudStatus.PROVEN_INHERITED
+QUORUM_REJECTED = FraudStatus.QUORUM_REJECTED
+DISPROVEN = FraudStatus.DISPROVEN
+UNCHECKED = FraudStatus.UNCHECKED
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,10 @@ class Ledger:
 
     def standing(self, peer: bytes, *, now_ms: int) -> "Standing":
         from ..reputation import WINDOW_MS, standing  # import here: reputation imports the rules module
-        proven = self._rows("SELECT max(at_ms) FROM fraud WHERE executor = ? AND status = ?", (peer, PROVEN))[0][0]
+        # one rule (p2pinfer.settlement.EXCLUDING_FRAUD): proven fraud, or a result our own quorum rejected
+        marks = ",".join("?" * len(EXCLUDING_FRAUD))
+        proven = self._rows(f"SELECT max(at_ms) FROM fraud WHERE executor = ? AND status IN ({marks})",
+                            (peer, *sorted(EXCLUDING_FRAUD)))[0][0]
         return standing(self.entries(peer, since_ms=now_ms - WINDOW_MS), now_ms=now_ms, fraud_at_ms=proven)
 
     def excluded(self, peers: Iterable[bytes], *, now_ms: int) -> set[bytes]:

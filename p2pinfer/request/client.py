@@ -1,26 +1,20 @@
-"""The client side of the request path: offer, collect VRF bids, elect, assign, stream, fail over.
+"""The SDK's client: :class:`AsyncClient` owns the lifecycle (node, nursery, ledger) and runs each request
+through the request path's three stages, the way httpx's ``send`` chains its steps:
 
-One request, step by step (see docs/architecture.md for the message flow):
-
-1. candidates: live capacity announcements for the model (plus DHT providers), capped by rendezvous hashing;
-2. a signed ``TaskOffer`` to each candidate over ``/p2pinfer/bid/1``; each answers ``VrfBid`` or ``Refusal``;
-3. :func:`p2pinfer.election.elect` verifies every proof and ranks the bidders;
-4. a signed ``Assignment`` (request + all bids) to the winner over ``/p2pinfer/task/1``; ``TokenChunk`` frames
-   stream back, then the ``InferenceResult``;
-5. if the executor disconnects, stalls or misbehaves, the next-ranked bidder gets the same assignment with
-   the tokens received so far as ``prefix_ids``; seeded sampling makes its continuation identical;
-6. after the stream, the next ``q`` ranked bidders that executed nothing verify the signed result
-   (``/p2pinfer/verify/1``); a strict majority decides; the client books the outcome in its ledger, signs a
-   ``Receipt`` for the executor and verifiers, and gossips a fraud proof when the result was rejected
-   (see ``p2pinfer.request.verification`` and docs/incentives.md).
+1. **offer and election** (:mod:`p2pinfer.request.offers`): offers, VRF bids, the ranking, the client's
+   signed bid set sent to every bidder;
+2. **execution and failover** (:mod:`p2pinfer.request.execution`): the assignment, the executor's signed
+   token stream, failover to the next rank with signed evidence;
+3. **settlement** (:mod:`p2pinfer.request.settling` for the I/O, :mod:`p2pinfer.settlement` for every
+   decision): the verification quorum, tally, blame, the client's own bookings, the receipt, the fraud proof.
 
 Verification modes (``verify=`` on generate/stream): ``"async"`` (default) streams tokens as they come and
 delivers the :class:`Completion` (with ``.verification``) once the quorum is in; ``"wait"`` holds every token
 back until a majority accepted and raises :class:`ResultRejected` / :class:`QuorumNotReached` otherwise;
 ``"off"`` skips verification (``.verification.outcome == "skipped"``, never verified).
 
-Honest clients leave peers out of elections when their ledger shows proven fraud or a reputation below the
-threshold (:mod:`p2pinfer.reputation`): their bids are passed to ``elect`` as not eligible.
+Honest clients leave peers out of elections when their ledger shows proven fraud, a result their own quorum
+rejected, or a reputation below the threshold (:mod:`p2pinfer.reputation`); the signed bid set lists them.
 """
 
 from __future__ import annotations
@@ -33,73 +27,36 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 import trio
 
 from ..catalog import did_you_mean
-from ..election import ElectionResult, elect
+from ..election import ElectionResult
 from ..identity import Identity, peer_id_from_public_key
-from ..ledger import QUORUM_REJECTED, FraudRecord, Ledger, entries_for_receipt, entry_for_no_show
+from ..ledger import FraudRecord, Ledger
 from ..log import get_logger
-from ..net.gossip import FRAUD_TOPIC
-from ..quorum import ACCEPTED, DEFAULT_QUORUM, REJECTED, executor_to_blame, pick_verifiers, tally
 from ..net import NetError, Node, NodeConfig
-from ..wire import (
-    Assignment,
-    Bid,
-    InferenceResult,
-    Refusal,
-    Request,
-    Signed,
-    TaskOffer,
-    TokenChunk,
-    VrfBid,
-    WireError,
-    decode_signed,
-    encode_signed,
-    now_ms,
-)
-from .candidates import DEFAULT_MAX_CANDIDATES, select_candidates
-from .possession import vet_candidates
+from ..net.gossip import FRAUD_TOPIC
+from ..settlement import (DEFAULT_QUORUM, Outcome, Settlement, entries_for_failed_attempts, pick_verifiers,
+                          settle, tally)
+from ..wire import InferenceResult, Request, Signed, codec, now_ms
+from .candidates import DEFAULT_MAX_CANDIDATES
 from .errors import (AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected,
                      QuorumNotReached, ResultRejected)
+from .execution import Attempt, Progress, StreamChunk, run_attempt
+from .offers import ElectionEvidence, announce_bid_set, collect_bids, hold_election
 from .params import build_request
 from .text import TokenizerCache, VerifiedText
-from .protocol import BID_PROTOCOL, MAX_OFFER_FRAME, MAX_TASK_FRAME, OFFER_TTL_MS, TASK_PROTOCOL, VERIFY_TIMEOUT_S
-from .verification import (Verification, ask_verifiers, build_fraud_proof, build_receipt, deliver_receipt,
-                           fraud_proof_size_ok)
+from .protocol import MAX_TASK_FRAME, VERIFY_TIMEOUT_S
+from .settling import (Verification, ask_verifiers, build_fraud_proof, build_receipt, deliver_receipt,
+                       fraud_proof_size_ok)
 
 VERIFY_MODES = ("async", "wait", "off")
+# What an assignment adds to the request: bids, the signed bid set, failover evidence (generous bound), so a
+# request that cannot fit its task frame is refused here, before any peer is asked (the client's own fault).
+ASSIGNMENT_OVERHEAD = 160 * 1024
+MAX_REQUEST_BYTES = MAX_TASK_FRAME - ASSIGNMENT_OVERHEAD
 
 log = get_logger("p2pinfer.client")
 
-
-@dataclass(frozen=True)
-class StreamChunk:
-    """Newly generated text, as it arrives."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    index: int
-    executor: str
-
-
-@dataclass(frozen=True)
-class ElectionEvidence:
-    """Everything needed to re-check who should have executed: anyone can recompute the ranking."""
-
-    request_id: bytes
-    epoch_seed: bytes
-    bids: tuple[Bid, ...]
-    ranking: tuple[str, ...]  # peer IDs, executor first
-    excluded: tuple[str, ...] = ()  # bidders this client left out (proven fraud or low reputation)
-
-    def recheck(self) -> ElectionResult:
-        return elect(self.request_id, self.epoch_seed, self.bids)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    peer_id: str
-    outcome: str  # "completed", "refused:<code>", "failed:<reason>"
-    tokens: int
-    key: bytes | None = None  # the executor's public key (from its bid)
+__all__ = ["AsyncClient", "Attempt", "Completion", "ElectionEvidence", "StreamChunk", "Verification",
+           "VERIFY_MODES", "MAX_REQUEST_BYTES"]
 
 
 @dataclass
@@ -121,18 +78,6 @@ class Completion:
     def verified(self) -> bool:
         """True only when a strict majority of the verifiers accepted this result."""
         return self.verification is not None and self.verification.verified
-
-
-class _Progress:
-    """What the client has received so far for one request (survives failover)."""
-
-    def __init__(self) -> None:
-        self.token_ids: list[int] = []
-        self.text_parts: list[str] = []
-        self.attempts: list[Attempt] = []
-        self.first_token_at: float | None = None
-        self.inherited_tokens = 0  # tokens the final executor continued from earlier executors
-        self.text: VerifiedText | None = None  # decodes the verified token IDs (the executor's text is never shown)
 
 
 class AsyncClient:
@@ -299,95 +244,94 @@ class AsyncClient:
         digest = await self.resolve_model(model)
         request = build_request(model_digest=digest, client_key=self.identity.public_key, prompt=prompt,
                                 messages=messages, **params)
+        size = len(codec.encode(request.to_wire()))
+        if size > MAX_REQUEST_BYTES:
+            raise BadParameters(f"the request is {size} bytes encoded; the limit is {MAX_REQUEST_BYTES} bytes "
+                                "(the task frame): shorten the prompt or messages")
         request_id = request.request_id()
-        progress = _Progress()
+        progress = Progress()
         progress.text = VerifiedText(await self._model_text(digest), request.stop)
         held: list[StreamChunk] = []  # verify="wait": nothing leaves before the quorum accepts
         give_up_at = trio.current_time() + self.busy_timeout
         backoff = 0.05
         excluded_keys: set[bytes] = set()
-        while True:
-            bids, busy = await self._collect_bids(request, request_id)
-            excluded_keys = await trio.to_thread.run_sync(
-                lambda: self.ledger.excluded([b.public_key for b in bids], now_ms=now_ms()))
-            eligible = {b.public_key for b in bids} - excluded_keys
-            election = elect(request_id, self.epoch_seed, bids, verifiers=self.quorum, eligible=eligible)
-            for rejection in election.rejected:
-                log.info("election.bid_rejected", request_id=request_id.hex()[:16], reason=rejection.reason,
-                         detail=rejection.detail)
-            ranking = [peer_id_from_public_key(r.public_key) for r in election.ranking]
-            if ranking:
-                evidence = ElectionEvidence(request_id, self.epoch_seed, election.accepted, tuple(ranking),
-                                            tuple(sorted(peer_id_from_public_key(k) for k in excluded_keys)))
-                elected_at = time.perf_counter()
-                log.debug("election.done", request_id=request_id.hex()[:16], executor=ranking[0],
-                          bidders=len(ranking), excluded=len(excluded_keys),
-                          election_ms=round((elected_at - started) * 1000, 1))
-                round_start = len(progress.attempts)
-                for attempt, peer_id in enumerate(ranking):
-                    result: Signed[InferenceResult] | None = None
-                    async for item in self._attempt(request, request_id, evidence, attempt, peer_id, progress):
-                        if isinstance(item, StreamChunk):
-                            if progress.first_token_at is None:
-                                progress.first_token_at = time.perf_counter()
-                            if verify == "wait":
-                                held.append(item)
+        try:
+            while True:
+                # ---- stage 1: offer and election
+                offered = await self._offer(request, request_id)
+                excluded_keys = await trio.to_thread.run_sync(
+                    lambda: self.ledger.excluded([b.public_key for b in offered.bids], now_ms=now_ms()))
+                election, evidence = hold_election(self.identity, request_id, self.epoch_seed, offered.bids,
+                                                   excluded_keys, verifiers=self.quorum)
+                busy = offered.any_busy
+                if evidence.ranking:
+                    elected_at = time.perf_counter()
+                    announced = await self._announce(evidence)
+                    log.debug("election.done", request_id=request_id.hex()[:16], executor=evidence.ranking[0],
+                              bidders=len(evidence.ranking), excluded=len(excluded_keys),
+                              election_ms=round((elected_at - started) * 1000, 1))
+                    round_start = len(progress.attempts)
+                    progress.evidence.clear()  # evidence is per election
+                    # ---- stage 2: execution and failover
+                    for attempt, peer_id in enumerate(evidence.ranking):
+                        result: Signed[InferenceResult] | None = None
+                        async for item in run_attempt(self.node, self.identity, request, request_id, evidence,
+                                                      attempt, peer_id, progress, stall_timeout=self.stall_timeout,
+                                                      before_assigning=announced.wait):
+                            if isinstance(item, StreamChunk):
+                                if progress.first_token_at is None:
+                                    progress.first_token_at = time.perf_counter()
+                                if verify == "wait":
+                                    held.append(item)
+                                else:
+                                    yield item
                             else:
-                                yield item
-                        else:
-                            result = item
-                    if result is not None:
+                                result = item
+                        if result is None:
+                            if progress.attempts[-1].outcome.startswith("failed:assignment"):
+                                break  # our own request cannot be sent: no other rank can take it either
+                            continue
+                        # ---- stage 3: settlement
                         completion = self._completion(progress, result, peer_id, digest, request_id, evidence,
                                                       started, elected_at)
                         completion.request = request
-                        await self._book_no_shows(progress, request_id)
+                        # the signed bid set's round to every bidder (overlaps opening the executor's stream)
+                        completion.timings["bid_set_s"] = announced.seconds
                         if verify == "off":
-                            completion.verification = Verification("skipped",
+                            completion.verification = Verification(Outcome.SKIPPED,
                                                                    inherited_tokens=progress.inherited_tokens)
                         else:
                             verify_started = time.perf_counter()
-                            executed = {r.public_key for r in election.ranking
-                                        if peer_id_from_public_key(r.public_key) in
-                                        {a.peer_id for a in progress.attempts}}
-                            verifier_keys = pick_verifiers([r.public_key for r in election.ranking], executed,
-                                                           self.quorum)
-                            completion.verification = await self._verify(request, result, verifier_keys,
-                                                                         progress.inherited_tokens)
+                            completion.verification = await self._settle(request, result, election, progress,
+                                                                         evidence)
                             completion.timings["verify_s"] = time.perf_counter() - verify_started
                             completion.timings["total_s"] = time.perf_counter() - started
                         if verify == "wait":
-                            v = completion.verification
-                            if v.outcome == REJECTED:
-                                raise ResultRejected(
-                                    f"the result of {completion.executor} was rejected by {v.tally.rejects} of "
-                                    f"{len(v.verifiers)} verifiers; its output is withheld and the executor is "
-                                    f"now excluded by this client: retry to get another executor", v)
-                            if v.outcome != ACCEPTED:
-                                raise QuorumNotReached(
-                                    f"no majority of the {len(v.verifiers)} verifiers accepted the result "
-                                    f"({v.tally.accepts if v.tally else 0} accepted, "
-                                    f"{len(v.refusals)} did not judge); the output is withheld as unverified: "
-                                    "retry, or use verify='async' to accept unverified output", v)
+                            self._raise_unless_verified(completion)
                             for chunk in held:
                                 yield chunk
                         yield completion
                         return
-                busy = all(a.outcome == "refused:busy" for a in progress.attempts[round_start:])
-            if not busy or trio.current_time() + backoff > give_up_at:
-                break
-            log.debug("request.all_busy_retrying", request_id=request_id.hex()[:16], backoff_s=backoff)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
-        await self._book_no_shows(progress, request_id)
+                    busy = all(a.outcome == "refused:busy" for a in progress.attempts[round_start:])
+                    if progress.attempts and progress.attempts[-1].outcome.startswith("failed:assignment"):
+                        busy = False
+                if not busy or trio.current_time() + backoff > give_up_at:
+                    break
+                log.debug("request.all_busy_retrying", request_id=request_id.hex()[:16], backoff_s=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._book_failed_attempts(progress, request_id)
         if not progress.attempts:
-            hint = (f" ({len(excluded_keys)} bidder(s) left out for proven fraud or low reputation)"
+            hint = (f" ({len(excluded_keys)} bidder(s) left out for fraud, a rejected result or low reputation)"
                     if excluded_keys else "")
             raise NoBidsInTime(f"no valid bid for model {model!r} within {self.bid_timeout} s "
                                f"(all candidates busy, unreachable or sent invalid proofs){hint}")
         summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts[-8:])
         raise AllCandidatesFailed(f"all elected candidates failed ({summary})")
 
-    async def _model_text(self, digest: bytes):
+    async def _model_text(self, digest: bytes) -> Any:
         """The model's verified tokenizer: cached, or fetched by digest from the peers serving it."""
         infos = await self.node.candidates(digest, timeout=min(self.discovery_timeout, 5.0), include_self=True,
                                            min_free_slots=0)
@@ -395,33 +339,67 @@ class AsyncClient:
             raise NoPeerServesModel(f"no peer serves model {digest.hex()[:16]}…")
         return await self.tokenizers.get(self.node, self.identity, digest, [i.peer_id for i in infos])
 
-    async def _book_no_shows(self, progress: _Progress, request_id: bytes) -> None:
-        """Penalize elected executors that took the assignment and then did not deliver (not refusals)."""
-        keys = {}
-        for a in progress.attempts:
-            if a.outcome.startswith("failed:") and a.key is not None:
-                keys[a.key] = a
-        if keys:
-            at = now_ms()
-            entries = [entry_for_no_show(k, request_id, at) for k in keys]
+    async def _announce(self, evidence: ElectionEvidence) -> "_Announcement":
+        """Send the signed bid set to every bidder; the first assignment waits for it (see run_attempt), so
+        bidders hold the final set before anything runs, while the executor's stream opens meanwhile."""
+        announcement = _Announcement()
+        if self.nursery is None:  # on_node() used without `async with`: no nursery to overlap in
+            await announcement.run(self.node, evidence)
+        else:
+            self.nursery.start_soon(announcement.run, self.node, evidence)
+        return announcement
+
+    async def _offer(self, request: Request, request_id: bytes):  # type: ignore[no-untyped-def]
+        """Stage 1's network half (a seam: candidate filters hook in here)."""
+        return await collect_bids(self.node, self.identity, request, request_id, epoch_seed=self.epoch_seed,
+                                  max_candidates=self.max_candidates, bid_timeout=self.bid_timeout,
+                                  discovery_timeout=self.discovery_timeout)
+
+    @staticmethod
+    def _raise_unless_verified(completion: Completion) -> None:
+        v = completion.verification
+        assert v is not None
+        if v.outcome == Outcome.REJECTED:
+            raise ResultRejected(
+                f"the result of {completion.executor} was rejected by {v.tally.rejects} of "
+                f"{len(v.verifiers)} verifiers; its output is withheld and the executor is "
+                f"now excluded by this client: retry to get another executor", v)
+        if v.outcome != Outcome.ACCEPTED:
+            raise QuorumNotReached(
+                f"no majority of the {len(v.verifiers)} verifiers accepted the result "
+                f"({v.tally.accepts if v.tally else 0} accepted, "
+                f"{len(v.refusals)} did not judge); the output is withheld as unverified: "
+                "retry, or use verify='async' to accept unverified output", v)
+
+    async def _book_failed_attempts(self, progress: Progress, request_id: bytes) -> None:
+        """Penalize executors whose attempt failed by their own provable fault (never ours, never the network's)."""
+        entries = entries_for_failed_attempts(
+            [(a.key, a.fault) for a in progress.attempts if a.key is not None and a.fault is not None],
+            request_id, now_ms())
+        if entries:
             await trio.to_thread.run_sync(self.ledger.add_entries, entries)
 
-    async def _verify(self, request: Request, result: Signed[InferenceResult], verifier_keys: Sequence[bytes],
-                      inherited_tokens: int) -> Verification:
+    async def _settle(self, request: Request, result: Signed[InferenceResult], election: ElectionResult,
+                      progress: Progress, evidence: ElectionEvidence) -> Verification:
+        """Stage 3: the verifiers are the election's next ranks after every executor that took part."""
         started = time.perf_counter()
+        inherited = progress.inherited_tokens
+        # Every rank up to the executor's took part (it executed, failed or refused), so the verifiers are
+        # exactly the q ranks after the executor: the rule receivers of the receipt check.
+        ranking = [r.public_key for r in election.ranking]
+        executed = ranking[:ranking.index(result.signer) + 1]
+        verifier_keys = pick_verifiers(ranking, executed, self.quorum)
         verdicts, refusals = await ask_verifiers(self.node, self.identity, request, result, verifier_keys,
-                                                 inherited_tokens, self.verify_timeout)
+                                                 inherited, self.verify_timeout)
         t = tally(verdicts, verifiers=verifier_keys, request_id=result.message.request_id,
                   result_hash=result.message_id)
-        receipt = build_receipt(self.identity, request, result, t, inherited_tokens)
-        entries = entries_for_receipt(receipt.message, list(t.counted))
-        blamed = executor_to_blame(t.outcome, t.first_bad_position, inherited_tokens)
-        proof = None
-        if t.outcome == REJECTED:
-            proof = build_fraud_proof(self.identity, request, result, t, inherited_tokens)
-        await trio.to_thread.run_sync(self.ledger.record_receipt, receipt, entries)
-        if proof is not None and blamed:
-            record = FraudRecord(result.message_id, result.signer, result.message.request_id, QUORUM_REJECTED,
+        s: Settlement = settle(t, executor=result.signer, output_tokens=len(result.message.output_ids),
+                               inherited_tokens=inherited, request_id=result.message.request_id, now_ms=now_ms())
+        receipt = build_receipt(self.identity, request, result, s, inherited, evidence.bid_set)
+        proof = build_fraud_proof(self.identity, request, result, t, inherited) if t.outcome == Outcome.REJECTED else None
+        await trio.to_thread.run_sync(self.ledger.record_receipt, receipt, list(s.entries))
+        if proof is not None and s.fraud_status is not None:
+            record = FraudRecord(result.message_id, result.signer, result.message.request_id, s.fraud_status,
                                  now_ms(), proof)
             await trio.to_thread.run_sync(self.ledger.record_fraud, record)
         delivered = await deliver_receipt(self.node, receipt)
@@ -436,11 +414,11 @@ class AsyncClient:
         return Verification(
             outcome=t.outcome, verifiers=tuple(peer_id_from_public_key(k) for k in verifier_keys),
             verdicts=t.counted, refusals=tuple(refusals), tally=t, receipt=receipt, fraud_proof=proof,
-            inherited_tokens=inherited_tokens, executor_blamed=blamed, seconds=time.perf_counter() - started,
-            entries=tuple(entries))
+            inherited_tokens=inherited, executor_blamed=s.executor_blamed, seconds=time.perf_counter() - started,
+            entries=s.entries)
 
     @staticmethod
-    def _completion(progress: _Progress, result: Signed[InferenceResult], peer_id: str, digest: bytes,
+    def _completion(progress: Progress, result: Signed[InferenceResult], peer_id: str, digest: bytes,
                     request_id: bytes, evidence: ElectionEvidence, started: float, elected_at: float) -> Completion:
         finished = time.perf_counter()
         return Completion(
@@ -460,117 +438,23 @@ class AsyncClient:
             },
         )
 
-    async def _collect_bids(self, request: Request, request_id: bytes) -> tuple[list[Bid], bool]:
-        """Offer the request to the candidates; returns the bids and whether any candidate said busy."""
-        # include_self: a client running on a serving peer's node (the gateway) offers work to that peer too,
-        # over a loopback stream; it gets the same equal chance as every other bidder.
-        infos = await self.node.candidates(request.model, timeout=min(self.discovery_timeout, 5.0),
-                                           include_self=True)
-        infos = await vet_candidates(self.node, self.identity, request.model, infos)  # possession (Sybils)
-        if not infos:
-            raise NoPeerServesModel(f"no peer with free capacity serves model {request.model.hex()[:16]}…")
-        chosen = select_candidates(request_id, [i.peer_id for i in infos], self.max_candidates)
-        offer = TaskOffer(request_id=request_id, model=request.model, max_tokens=request.max_tokens,
-                          epoch_seed=self.epoch_seed, expires_at_ms=now_ms() + OFFER_TTL_MS)
-        offer_bytes = encode_signed(self.identity, offer)
-        bids: list[Bid] = []
-        busy: list[str] = []
 
-        async def ask(peer_id: str) -> None:
-            try:
-                reply = await self.node.request(peer_id, BID_PROTOCOL, offer_bytes, timeout=self.bid_timeout,
-                                                max_frame=MAX_OFFER_FRAME)
-                signed = decode_signed(reply, expect=(VrfBid, Refusal), max_size=MAX_OFFER_FRAME)
-            except (NetError, WireError) as exc:
-                log.info("bid.failed", peer_id=peer_id, error=str(exc)[:200])
-                return
-            if signed.signer_peer_id != peer_id:
-                log.warning("bid.rejected", peer_id=peer_id, reason="signer is not the peer we asked")
-                return
-            message = signed.message
-            if isinstance(message, Refusal):
-                log.debug("bid.refused", peer_id=peer_id, code=message.code, message=message.message)
-                if message.code == "busy":
-                    busy.append(peer_id)
-                return
-            if message.bid.public_key != signed.signer or message.bid.request_id != request_id:
-                log.warning("bid.rejected", peer_id=peer_id, reason="bid names another key or request")
-                return
-            bids.append(message.bid)
+class _Announcement:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.seconds = 0.0
 
-        with trio.move_on_after(self.bid_timeout + 1.0):
-            async with trio.open_nursery() as nursery:
-                for peer_id in chosen:
-                    nursery.start_soon(ask, peer_id)
-        return bids, bool(busy)
-
-    async def _attempt(self, request: Request, request_id: bytes, evidence: ElectionEvidence, attempt: int,
-                       peer_id: str, progress: _Progress) -> AsyncIterator[Any]:
-        assignment = Assignment(request=request, epoch_seed=evidence.epoch_seed, bids=evidence.bids,
-                                prefix_ids=tuple(progress.token_ids), attempt=attempt)
-        received_before = len(progress.token_ids)
-        executor_key = None
-        for bid in evidence.bids:
-            if peer_id_from_public_key(bid.public_key) == peer_id:
-                executor_key = bid.public_key
+    async def run(self, node: Node, evidence: ElectionEvidence) -> None:
+        started = time.perf_counter()
         try:
-            frames = await self.node.open_stream(peer_id, TASK_PROTOCOL, timeout=self.stall_timeout,
-                                                 max_frame=MAX_TASK_FRAME)
-        except NetError as exc:
-            progress.attempts.append(Attempt(peer_id, f"failed:{exc.reason}", 0, executor_key))
-            log.info("task.failover", peer_id=peer_id, attempt=attempt, reason=str(exc)[:200])
-            return
-        outcome = "failed:closed"
-        try:
-            await frames.send(encode_signed(self.identity, assignment))
-            while True:
-                body = await frames.receive(timeout=self.stall_timeout)
-                if body is None:
-                    outcome = "failed:closed-before-result"
-                    break
-                signed = decode_signed(body, expect=(TokenChunk, InferenceResult, Refusal), max_size=MAX_TASK_FRAME)
-                if signed.signer != executor_key:
-                    outcome = "failed:wrong-signer"
-                    break
-                message = signed.message
-                if message.request_id != request_id:
-                    outcome = "failed:wrong-request"
-                    break
-                if isinstance(message, Refusal):
-                    outcome = f"refused:{message.code}"
-                    log.info("task.refused", peer_id=peer_id, code=message.code, message=message.message)
-                    break
-                if isinstance(message, TokenChunk):
-                    if message.index != len(progress.token_ids):
-                        outcome = "failed:token-gap"
-                        break
-                    progress.token_ids.extend(message.token_ids)
-                    text = progress.text.push(message.token_ids)  # from the IDs; message.text is never shown
-                    progress.text_parts.append(text)
-                    yield StreamChunk(text, message.token_ids, message.index, peer_id)
-                    continue
-                if tuple(message.output_ids) != tuple(progress.token_ids):
-                    outcome = "failed:result-mismatch"
-                    break
-                outcome = "completed"
-                progress.inherited_tokens = received_before
-                tail = progress.text.finish()  # text held back for stop strings or an unfinished character
-                if tail:
-                    progress.text_parts.append(tail)
-                    yield StreamChunk(tail, (), len(progress.token_ids), peer_id)
-                yield signed
-                break
-        except (NetError, WireError) as exc:
-            outcome = f"failed:{exc.reason}"
-            log.info("task.failover", peer_id=peer_id, attempt=attempt, reason=str(exc)[:200])
+            if evidence.bid_set is not None:
+                await announce_bid_set(node, evidence.bid_set)
         finally:
-            progress.attempts.append(Attempt(peer_id, outcome, len(progress.token_ids) - received_before,
-                                             executor_key))
-            with trio.CancelScope(shield=True):
-                if outcome == "completed":
-                    await frames.aclose()
-                else:
-                    await frames.reset()
+            self.seconds = time.perf_counter() - started
+            self.done.set()
+
+    async def wait(self) -> None:
+        await self.done.wait()
 
 
 def _is_hex(text: str) -> bool:

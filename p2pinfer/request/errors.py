@@ -10,7 +10,11 @@ class RequestError(P2PInferError):
 
 
 class BadParameters(RequestError, ValueError):
-    """A request parameter is missing, of the wrong type or out of range."""
+    """A request parameter is missing, of the wrong type or out of range. ``param`` names it, when known."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLarge(BadParameters):

@@ -4,9 +4,16 @@ A :class:`TaskServer` is installed on a running :class:`~p2pinfer.net.Node` and 
 
 * ``/p2pinfer/bid/1``: a signed ``TaskOffer`` in, a signed ``VrfBid`` (or ``Refusal``) out. A peer that serves
   the model and has a free slot always bids: the VRF, not the peer, decides who wins.
-* ``/p2pinfer/task/1``: a signed ``Assignment`` in; the peer re-runs the election on the attached bids and
-  refuses (``not-winner``) unless it holds the rank the assignment names. Then it streams ``TokenChunk``s
-  and ends with the signed ``InferenceResult`` carrying the logit fingerprints.
+* ``/p2pinfer/bid-set/1``: the client's signed ``BidSet`` (the final election) in; the peer checks that its own
+  bid is in it, unaltered (:func:`~p2pinfer.request.evidence.bidder_problem`), and keeps a set that is not
+  as signed evidence against the client (``unfair_bid_sets``: the client's signed offer, our signed bid and
+  the client's signed set, which :func:`~p2pinfer.request.evidence.check_unfair_bid_set` re-checks).
+* ``/p2pinfer/task/1``: a signed ``Assignment`` in; the peer re-runs the election on the client's signed
+  ``BidSet`` and refuses (``not-winner``/``invalid``) unless it holds the rank the assignment names, with
+  signed evidence that every lower rank failed and that ``prefix_ids`` are what they signed
+  (:func:`~p2pinfer.request.evidence.assignment_problem`); a lower rank with no signed evidence must be
+  unreachable from here too. Then it streams ``TokenChunk``s (each with its token chain) and ends with the
+  signed ``InferenceResult``, which also signs the inherited token count, the election and the attempt.
 
 Generation runs in worker threads (``TokenStream``), so one peer serves up to ``slots`` requests at once
 without blocking its event loop; beyond that it answers ``busy``. It also answers ``busy`` to a remote peer
@@ -16,15 +23,15 @@ that sends offers faster than :data:`~p2pinfer.request.limits.OFFER_RATE` (see d
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import trio
 
 from .. import vrf
-from ..election import NotElected, check_won, elect, make_bid
-from ..identity import Identity
+from ..election import make_bid
+from ..identity import Identity, peer_id_from_public_key
 from ..log import get_logger
 from ..net import FrameStream, NetError, Node
 from ..runtime import GeneratedToken, LoadedModel, SamplingParams, TokenStream, generate, sampling_seed
@@ -42,13 +49,20 @@ from ..wire import (
     decode_signed,
     encode_signed,
     now_ms,
+    sign,
     tagged_hash,
 )
 from ..wire.messages import MAX_NEW_TOKENS
 from ..errors import P2PInferError
+from .evidence import (UnfairBidSet, assignment_problem, chain_start, check_unfair_bid_set, decode_bid_set,
+                       extend_chain)
+from .participation import Participations
 from .limits import OFFER_RATE, OVER_LIMIT_DELAY_S, PeerRateLimiter
 from .protocol import (
     BID_PROTOCOL,
+    BID_SET_PROTOCOL,
+    FAILOVER_PROBE_TIMEOUT_S,
+    MAX_BID_SET_FRAME,
     MAX_OFFER_FRAME,
     MAX_TASK_FRAME,
     OFFER_TTL_MS,
@@ -60,6 +74,8 @@ from .protocol import (
 log = get_logger("p2pinfer.server")
 
 MAX_TOKENS_PER_CHUNK = 256  # the TokenChunk schema's limit
+MAX_OPEN_BIDS = 4096        # bids remembered until their bid set arrives (oldest forgotten first)
+MAX_UNFAIR_BID_SETS = 64    # signed bid sets that omitted or altered our bid, kept as evidence
 
 
 class InvalidOffer(P2PInferError):
@@ -112,7 +128,8 @@ class TaskServer:
     """
 
     def __init__(self, node: Node, identity: Identity, models: Sequence[LoadedModel], *, slots: int = 2,
-                 decode_speeds: dict[bytes, float] | None = None) -> None:
+                 decode_speeds: dict[bytes, float] | None = None,
+                 participation: Participations | None = None) -> None:
         if slots < 1:
             raise ValueError("a peer needs at least one slot")
         self.node = node
@@ -130,11 +147,15 @@ class TaskServer:
         self.recent_elections: dict[bytes, tuple[bytes, tuple[Any, ...]]] = {}
         self._vrf_key = vrf.SecretKey(identity.seed)
         self._assignments = ReplayGuard()
+        self.participation = participation if participation is not None else Participations()
+        self._open_bids: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # request ID -> (offer, our bid)
+        self.unfair_bid_sets: deque[UnfairBidSet] = deque(maxlen=MAX_UNFAIR_BID_SETS)
         self._offer_rate = PeerRateLimiter(OFFER_RATE)
 
     def install(self) -> None:
         self.node.register_request_handler(BID_PROTOCOL, self._on_offer, max_frame=MAX_OFFER_FRAME)
         self.node.register_handler(TASK_PROTOCOL, self._on_task, max_frame=MAX_TASK_FRAME, timeout=30.0)
+        self.node.register_request_handler(BID_SET_PROTOCOL, self._on_bid_set, max_frame=MAX_BID_SET_FRAME)
         self.node.update_capacity(
             models=[model_offer(m, self.decode_speeds.get(d, 0.0)) for d, m in self.models.items()],
             free_slots=self.free_slots, total_slots=self.slots)
@@ -147,7 +168,8 @@ class TaskServer:
         if over_limit:
             await trio.sleep(OVER_LIMIT_DELAY_S)
         try:
-            offer: TaskOffer = decode_signed(body, expect=TaskOffer, max_size=MAX_OFFER_FRAME).message
+            signed_offer = decode_signed(body, expect=TaskOffer, max_size=MAX_OFFER_FRAME)
+            offer: TaskOffer = signed_offer.message
         except WireError as exc:
             log.info("offer.rejected", peer_id=peer_id, reason=exc.reason, error=str(exc)[:200])
             raise InvalidOffer(f"invalid offer: {exc}") from None
@@ -167,11 +189,48 @@ class TaskServer:
             return self._refusal(offer.request_id, "busy", f"all {self.slots} slots are in use")
         bid = make_bid(self._vrf_key, offer.request_id, offer.epoch_seed)
         self.counters["bids"] += 1
-        return encode_signed(self.identity, VrfBid(bid=bid, model=offer.model, free_slots=self.free_slots))
+        reply = encode_signed(self.identity, VrfBid(bid=bid, model=offer.model, free_slots=self.free_slots))
+        self._open_bids[offer.request_id] = (body, reply)  # kept until the bid set comes: evidence if unfair
+        while len(self._open_bids) > MAX_OPEN_BIDS:
+            self._open_bids.popitem(last=False)
+        return reply
 
     def _refusal(self, request_id: bytes, code: str, message: str) -> bytes:
         self.counters[f"refused.{code}"] += 1
         return encode_signed(self.identity, Refusal(request_id=request_id, code=code, message=message[:512]))
+
+    # ---- the client's signed bid set ----------------------------------------------------------------
+
+    async def _on_bid_set(self, peer_id: str, body: bytes) -> bytes:
+        try:
+            signed = decode_bid_set(body)
+        except WireError as exc:
+            log.info("bid_set.rejected", peer_id=peer_id, reason=exc.reason)
+            raise InvalidOffer(f"invalid bid set: {exc}") from None
+        known = self._open_bids.get(signed.message.request_id)
+        if known is None:
+            self.counters["bid_set.unknown"] += 1
+            return b""
+        client = decode_signed(known[0], expect=TaskOffer, max_size=MAX_OFFER_FRAME)
+        if signed.signer != client.signer:
+            self.counters["bid_set.foreign"] += 1  # not the offering client's: proves nothing about anyone
+            return b""
+        if peer_id != client.signer_peer_id:
+            # Forwarded by someone else (an executor's failover probe, or anyone): an honest client sends its
+            # set only to the bidders in it, so only a set the client itself delivered can accuse it.
+            self.counters["bid_set.forwarded"] += 1
+            return b""
+        evidence = UnfairBidSet(offer=known[0], bid=known[1], bid_set=body)
+        problem = check_unfair_bid_set(evidence)
+        if problem is None:
+            self.counters["bid_set.fair"] += 1
+            return b""
+        # The client's signed offer, our signed bid and the client's signed set without it: anyone re-checks it.
+        self.counters["bid_set.unfair"] += 1
+        self.unfair_bid_sets.append(evidence)
+        log.warning("bid_set.unfair", request_id=signed.message.request_id.hex()[:16], client=peer_id,
+                    reason=problem)
+        return b""
 
     # ---- assignments -> tokens ----------------------------------------------------------------------
 
@@ -188,6 +247,11 @@ class TaskServer:
         request = assignment.request
         request_id = request.request_id()
         refusal = self._check_assignment(signed.signer, assignment, request_id)
+        election_id = b""
+        if refusal is None:
+            refusal, election_id = await self._check_election(assignment, request_id)
+        if refusal is None:  # no await from here to taking the slot
+            refusal = self._claim(assignment, request_id)
         if refusal is not None:
             code, message = refusal
             log.info("task.refused", request_id=request_id.hex()[:16], code=code, message=message)
@@ -213,7 +277,7 @@ class TaskServer:
             return
         self._take_slot()
         try:
-            await self._execute(frames, request, request_id, model, stream)
+            await self._execute(frames, request, request_id, model, stream, assignment, election_id)
         finally:
             self._release_slot()
 
@@ -226,11 +290,12 @@ class TaskServer:
             return "expired", "the request was created too long ago (or in the future)"
         if request.model not in self.models:
             return "not-serving", "this peer does not serve that model"
-        try:
-            check_won(elect(request_id, assignment.epoch_seed, assignment.bids), self.identity.public_key,
-                      attempt=assignment.attempt)
-        except NotElected as exc:
-            return "not-winner", f"refusing the task: {exc}"
+        return None
+
+    def _claim(self, assignment: Assignment, request_id: bytes) -> tuple[str, str] | None:
+        """A free slot, and this assignment seen for the first time (called right before taking the slot)."""
+        request = assignment.request
+        now = now_ms()
         if self.free_slots <= 0:  # before the replay check: the client may retry once a slot is free
             return "busy", f"all {self.slots} slots are in use"
         try:
@@ -241,14 +306,45 @@ class TaskServer:
             return "invalid", "this assignment was already received (replay)"
         return None
 
+    async def _check_election(self, assignment: Assignment,
+                              request_id: bytes) -> tuple[tuple[str, str] | None, bytes]:
+        """The executor is the election's: the client's signed bid set, our rank, the failover evidence.
+
+        Returns (refusal or None, the bid set's message ID, which our result signs).
+        """
+        # ranking the bid set verifies every VRF proof in it (~0.35 ms each): off the event loop
+        check = await trio.to_thread.run_sync(assignment_problem, assignment, request_id, self.identity.public_key)
+        if check.problem is not None:
+            return (check.code, f"refusing the task: {check.problem}"), b""
+        # A lower rank that left no signed refusal or chunk must be out of reach from here too: one that
+        # answers was skipped by the client, not failed. (Sending it the bid set again is harmless.)
+        for key in check.unanswered:
+            peer_id = peer_id_from_public_key(key)
+            try:
+                await self.node.request(peer_id, BID_SET_PROTOCOL, assignment.bid_set,
+                                        timeout=FAILOVER_PROBE_TIMEOUT_S, max_frame=MAX_BID_SET_FRAME)
+            except NetError:
+                continue  # out of reach: its failure is plausible
+            self.counters["refused.skipped-rank"] += 1
+            return ("not-winner", f"refusing the task: lower rank {peer_id} is reachable and left no signed "
+                                  "refusal or tokens (failover needs evidence that lower ranks failed)"), b""
+        return None, check.bid_set_id
+
     async def _execute(self, frames: FrameStream, request: Request, request_id: bytes, model: LoadedModel,
-                       stream: TokenStream) -> None:
+                       stream: TokenStream, assignment: Assignment, election_id: bytes) -> None:
         started_at = now_ms()
         log.info("task.started", request_id=request_id.hex()[:16], client=frames.remote_peer_id,
                  max_tokens=request.max_tokens)
         sent = 0
         outcome = "failed:cancelled"
+        # Each chunk signs the chain over every output token so far, inherited ones included.
+        chain = extend_chain(chain_start(request_id), assignment.prefix_ids)
         try:
+            # First a chunk with no tokens: our signed acceptance, so that if we fail from here on, the client
+            # holds evidence for a failover that we took the task (an executor that answers probes but left no
+            # signed word would block it; see docs/election.md).
+            await frames.send(encode_signed(self.identity, TokenChunk(
+                request_id=request_id, index=len(assignment.prefix_ids), token_ids=(), text="", chain=chain)))
             # Generation runs ahead in its own task; each frame carries every token produced while the
             # previous frame was being signed and sent, so a slow link costs fewer frames, never added latency.
             send_tokens, receive_tokens = trio.open_memory_channel[GeneratedToken](MAX_NEW_TOKENS)
@@ -268,12 +364,14 @@ class TaskServer:
                                 batch.append(receive_tokens.receive_nowait())
                             except (trio.WouldBlock, trio.EndOfChannel):
                                 break
-                        chunk = TokenChunk(request_id=request_id, index=first.index,
-                                           token_ids=tuple(t.token_id for t in batch),
-                                           text="".join(t.text for t in batch))
+                        token_ids = tuple(t.token_id for t in batch)
+                        chain = extend_chain(chain, token_ids)
+                        chunk = TokenChunk(request_id=request_id, index=first.index, token_ids=token_ids,
+                                           text="".join(t.text for t in batch), chain=chain)
                         await frames.send(encode_signed(self.identity, chunk))
                         sent += len(batch)
-            outcome = await self._finish(frames, request_id, model, stream, started_at)
+            outcome = await self._finish(frames, request, request_id, model, stream, started_at, assignment,
+                                         election_id)
         except (NetError, WireError) as exc:
             outcome = f"failed:{exc.reason}"
             raise
@@ -283,8 +381,8 @@ class TaskServer:
             self.recent.append(TaskRecord(request_id.hex(), frames.remote_peer_id, model.name, sent, outcome,
                                           started_at, now_ms()))
 
-    async def _finish(self, frames: FrameStream, request_id: bytes, model: LoadedModel, stream: TokenStream,
-                      started_at: int) -> str:
+    async def _finish(self, frames: FrameStream, request: Request, request_id: bytes, model: LoadedModel,
+                      stream: TokenStream, started_at: int, assignment: Assignment, election_id: bytes) -> str:
         result = stream.result
         assert result is not None
         message = InferenceResult(
@@ -300,8 +398,13 @@ class TaskServer:
             commitment=result.commitment,
             started_at_ms=started_at,
             finished_at_ms=now_ms(),
+            inherited_tokens=len(assignment.prefix_ids),
+            election=election_id,
+            attempt=assignment.attempt,
         )
-        await frames.send(encode_signed(self.identity, message))
+        signed = sign(self.identity, message)
+        self.participation.remember(request_id, request.client, signed.message_id)
+        await frames.send(signed.to_bytes())
         self.completed += 1
         log.info("task.completed", request_id=request_id.hex()[:16], tokens=len(result.output_ids),
                  finish_reason=result.finish_reason)

@@ -1,7 +1,6 @@
-"""The verification quorum on the wire: verifiers answer ``/p2pinfer/verify/1``, clients collect verdicts,
-sign receipts (``/p2pinfer/receipt/1``) and gossip fraud proofs (``/p2pinfer/fraud/1``).
-
-Peer side (:class:`VerificationService`, installed by every serving peer):
+"""The verifier service: what every serving peer answers on ``/p2pinfer/verify/1``,
+``/p2pinfer/receipt/1`` and the fraud topic. (The client's side of settlement is
+:mod:`p2pinfer.request.settling`; every decision is :mod:`p2pinfer.settlement`'s.)
 
 * ``/p2pinfer/verify/1``: a ``VerifyTask`` signed by the request's client in; the peer checks that it holds
   the result's model in the same numeric class and did not execute it, re-checks the result with one
@@ -12,51 +11,39 @@ Peer side (:class:`VerificationService`, installed by every serving peer):
   no second prefill and no second ledger row). When its own check fails unexpectedly it answers ``Refusal``
   with code ``internal`` (logged ``verify.internal_error``): that is this peer's own problem, never a verdict
   on the executor, and it is an answer, not silence.
-* ``/p2pinfer/receipt/1``: a ``Receipt`` signed by its client, naming this peer; the peer recomputes the
-  decision from the signed verdicts inside (:mod:`p2pinfer.ledger.rules`) and books the entries. Receipts
-  beyond the sender's rate (:data:`~p2pinfer.request.limits.RECEIPT_RATE`) are refused with an error.
+* ``/p2pinfer/receipt/1``: a ``Receipt`` signed by its client, naming this peer; the peer books what
+  :func:`p2pinfer.settlement.book_receipt` allows: only for a request it took part in for that client, with
+  the election (signed bid set) inside, verdicts from the election's next ranks, its own clock, and never a
+  penalty against itself. Receipts beyond the sender's rate (:data:`~p2pinfer.request.limits.RECEIPT_RATE`)
+  are refused with an error.
 * fraud topic: a proof that passes :func:`~p2pinfer.fraud.check_proof_shape` is forwarded; a peer holding
   the model re-checks it in a worker thread and books *proven* (executor penalized) or *disproven* (the
-  rejecting verifiers penalized for framing). Without the model it records the proof as unchecked.
-
-Client side: :func:`ask_verifiers` and :func:`conclude` (used by :class:`~p2pinfer.request.client.AsyncClient`).
+  rejecting verifiers penalized for framing), judging blame on the executor's own signed inherited count.
+  Without the model it records the proof as unchecked.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Sequence
 
 import trio
 
 from ..fraud import InvalidProof, ProofParts, check_proof_shape, decode_result, recheck_result
 from ..identity import Identity, peer_id_from_public_key
-from ..ledger import (
-    DISPROVEN,
-    PROVEN,
-    PROVEN_INHERITED,
-    UNCHECKED,
-    FraudRecord,
-    Ledger,
-    entries_for_false_accusation,
-    entries_for_receipt,
-)
-from ..ledger.rules import PENALTY_REJECTED, PENALTY_REJECTED_RESULT, Entry
+from ..ledger import UNCHECKED, FraudRecord, Ledger
 from ..log import get_logger
-from ..net import NetError, Node
+from ..net import Node
 from ..net.gossip import FRAUD_TOPIC
-from ..quorum import REJECTED, Tally, executor_to_blame, tally
+from ..settlement import book_receipt, settle_fraud_recheck, tally
 from ..runtime import LoadedModel
 from ..wire import (
+    BidSet,
     FraudProof,
-    InferenceResult,
     Receipt,
     Refusal,
     ReplayGuard,
-    Request,
-    Signed,
     Verdict,
     VerifyTask,
     WireError,
@@ -67,7 +54,8 @@ from ..wire import (
     sign,
     tagged_hash,
 )
-from ..wire.messages import MAX_VERDICT_BYTES
+from ..wire.messages import MAX_BID_SET_BYTES, MAX_VERDICT_BYTES
+from .participation import Participations
 from ..errors import P2PInferError
 from .limits import OVER_LIMIT_DELAY_S, RECEIPT_RATE, VERIFY_RATE, PeerRateLimiter
 from .protocol import (
@@ -81,11 +69,9 @@ from .protocol import (
 
 log = get_logger("p2pinfer.verification")
 
-MAX_FRAUD_PROOF_BYTES = 200 * 1024   # larger proofs are not gossiped (the pubsub RPC limit is 256 KiB)
+from .settling import BUSY_BACKOFF_MAX_S, BUSY_BACKOFF_S, MAX_FRAUD_PROOF_BYTES  # noqa: E402
 FRAUD_PER_SOURCE_PER_MIN = 6          # proofs accepted from one gossip source per minute (fraud is rare)
 FRAUD_RECHECK_QUEUE = 16              # re-checks waiting at once; beyond that new proofs wait for gossip again
-BUSY_BACKOFF_S = 0.1                  # a client asks a busy verifier again after this, doubling ...
-BUSY_BACKOFF_MAX_S = 2.0              # ... up to this, until its verification timeout
 
 
 class InvalidTask(P2PInferError):
@@ -97,12 +83,14 @@ class InvalidTask(P2PInferError):
 
 class VerificationService:
     def __init__(self, node: Node, identity: Identity, models: Sequence[LoadedModel], ledger: Ledger, *,
-                 slots: int = 2) -> None:
+                 slots: int = 2, participation: Participations | None = None) -> None:
         self.node = node
         self.identity = identity
         self.models = {m.digest: m for m in models}
         self.ledger = ledger
         self.slots = trio.Semaphore(max(1, slots))
+        # requests this peer executed or verified (shared with the TaskServer): receipts need one
+        self.participation = participation if participation is not None else Participations()
         self.slot_count = max(1, slots)
         self.counters: Counter[str] = Counter()
         self._verify_rate = PeerRateLimiter(VERIFY_RATE)
@@ -179,10 +167,14 @@ class VerificationService:
             seconds = time.perf_counter() - started
         finally:
             self.slots.release()
+        r = result.message
         message = Verdict(request_id=request_id, result_hash=result.message_id, accept=verdict.accept,
                           first_bad_position=verdict.first_bad_position, reason=verdict.reason[:200],
-                          max_deviation=min(float(verdict.max_deviation), 1e9), issued_at_ms=now_ms())
+                          max_deviation=min(float(verdict.max_deviation), 1e9), issued_at_ms=now_ms(),
+                          executor=r.executor, output_tokens=len(r.output_ids), inherited_tokens=r.inherited_tokens,
+                          election=r.election)
         signed_verdict = sign(self.identity, message)
+        self.participation.remember(request_id, task.request.client, result.message_id)
         await trio.to_thread.run_sync(self.ledger.record_verdict, signed_verdict)
         self.counters["verify.accept" if verdict.accept else "verify.reject"] += 1
         log.info("verify.answered", request_id=request_id.hex()[:16], accept=verdict.accept,
@@ -213,11 +205,25 @@ class VerificationService:
             raise InvalidTask("a receipt must be signed by the client it names")
         if me != receipt.executor and me not in receipt.verifiers:
             raise InvalidTask("this receipt does not name this peer")
-        entries = entries_for_receipt(receipt, verdicts)
-        stored = await trio.to_thread.run_sync(self.ledger.record_receipt, signed, entries)
+        bid_set = None
+        if receipt.bid_set:
+            try:
+                bid_set = decode_signed(receipt.bid_set, expect=BidSet, max_size=MAX_BID_SET_BYTES)
+            except WireError as exc:
+                raise InvalidTask(f"invalid receipt: its bid set: {exc}") from None
+        seen = self.participation.lookup(receipt.request_id, receipt.result_hash)
+        # re-ranking the bid set verifies every VRF proof in it (~0.35 ms each): off the event loop
+        booking = await trio.to_thread.run_sync(
+            lambda: book_receipt(receipt, verdicts, bid_set, me=me, now_ms=now_ms(), seen=seen))
+        if not booking.accepted:
+            self.counters[f"receipt.refused.{booking.problem}"] += 1
+            log.info("receipt.refused", request_id=receipt.request_id.hex()[:16], peer_id=peer_id,
+                     reason=booking.problem)
+            raise InvalidTask(f"receipt not booked: {booking.problem}")
+        stored = await trio.to_thread.run_sync(self.ledger.record_receipt, signed, list(booking.entries))
         self.counters["receipt.stored" if stored else "receipt.duplicate"] += 1
         log.info("receipt.recorded", request_id=receipt.request_id.hex()[:16], outcome=receipt.outcome,
-                 entries=len(entries), duplicate=not stored)
+                 entries=len(booking.entries), duplicate=not stored)
         return b""
 
     # ---- fraud proofs ---------------------------------------------------------------------------------
@@ -279,16 +285,11 @@ class VerificationService:
                             detail=str(exc)[:200])
                 continue
             at = now_ms()
-            if verdict.accept:
-                status = DISPROVEN
-                entries = entries_for_false_accusation(parts.rejecting_verifiers, request_id, at)
-            elif executor_to_blame(REJECTED, verdict.first_bad_position, parts.inherited_tokens):
-                status = PROVEN
-                entries = [Entry(parts.executor, PENALTY_REJECTED, PENALTY_REJECTED_RESULT, request_id, at,
-                                 "fraud proof re-checked")]
-            else:  # the bad tokens were inherited from an earlier executor: not this executor's fault
-                status = PROVEN_INHERITED
-                entries = []
+            # Blame rests on what the executor signed (its inherited count), never on the proof's sender.
+            status, entries = settle_fraud_recheck(
+                accept=verdict.accept, first_bad_position=verdict.first_bad_position, executor=parts.executor,
+                inherited_tokens=parts.result.message.inherited_tokens,
+                rejecting_verifiers=parts.rejecting_verifiers, request_id=request_id, now_ms=at)
             record = FraudRecord(parts.result_hash, parts.executor, request_id, status, at, data)
             await trio.to_thread.run_sync(self.ledger.record_fraud, record, entries)
             self.counters[f"fraud.{status}"] += 1
@@ -297,119 +298,10 @@ class VerificationService:
                      penalized=[peer_id_from_public_key(e.peer) for e in entries])
 
 
-# ---- client side --------------------------------------------------------------------------------------
+# ---- client side (moved: p2pinfer.request.settling; these names stay importable from here) -------------
 
-
-@dataclass
-class Verification:
-    """The outcome of the verification quorum for one completion."""
-
-    outcome: str                               # accepted | rejected | unverified | skipped
-    verifiers: tuple[str, ...] = ()            # peer IDs asked, in ranking order
-    verdicts: tuple[Signed[Verdict], ...] = ()  # the valid verdicts counted
-    refusals: tuple[tuple[str, str], ...] = ()  # (peer ID, reason) of verifiers that did not judge
-    tally: Tally | None = None
-    receipt: Signed[Receipt] | None = None
-    fraud_proof: bytes | None = None           # the signed FraudProof, when the result was rejected
-    inherited_tokens: int = 0
-    executor_blamed: bool = False
-    seconds: float = 0.0
-    entries: tuple[Entry, ...] = ()            # what this client booked in its own ledger
-
-    @property
-    def verified(self) -> bool:
-        """True only when a strict majority of the verifiers asked accepted the result."""
-        return self.outcome == "accepted"
-
-
-async def ask_verifiers(node: Node, identity: Identity, request: Request, result: Signed[InferenceResult],
-                        verifiers: Sequence[bytes], inherited_tokens: int,
-                        timeout: float) -> tuple[list[Signed[Verdict]], list[tuple[str, str]]]:
-    """Send the signed result to each verifier at once; collect signed verdicts until ``timeout``."""
-    task = encode_signed(identity, VerifyTask(request=request, result=result.to_bytes(),
-                                              inherited_tokens=inherited_tokens, issued_at_ms=now_ms()))
-    verdicts: list[Signed[Verdict]] = []
-    refusals: list[tuple[str, str]] = []
-    pending = {peer_id_from_public_key(k): k for k in verifiers}
-
-    give_up_at = trio.current_time() + timeout
-
-    async def ask(peer_id: str, key: bytes) -> None:
-        backoff = BUSY_BACKOFF_S
-        while True:
-            try:
-                reply = await node.request(peer_id, VERIFY_PROTOCOL, task, max_frame=MAX_VERIFY_FRAME,
-                                           timeout=max(give_up_at - trio.current_time(), 0.1))
-                signed = decode_signed(reply, expect=(Verdict, Refusal), max_size=MAX_VERDICT_BYTES)
-            except (NetError, WireError) as exc:
-                refusals.append((peer_id, f"no verdict: {str(exc)[:120]}"))
-                return
-            # A busy verifier refuses instead of queueing: ask again after a back-off while time is left.
-            busy = signed.signer == key and isinstance(signed.message, Refusal) and signed.message.code == "busy"
-            if not busy or trio.current_time() + backoff >= give_up_at:
-                break
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BUSY_BACKOFF_MAX_S)
-        if signed.signer != key:
-            refusals.append((peer_id, "answer signed by another key"))
-        elif isinstance(signed.message, Refusal):
-            refusals.append((peer_id, f"refused ({signed.message.code}): {signed.message.message[:120]}"))
-        else:
-            verdicts.append(signed)  # type: ignore[arg-type]
-
-    with trio.move_on_after(timeout + 1.0):
-        async with trio.open_nursery() as nursery:
-            for peer_id, key in pending.items():
-                nursery.start_soon(ask, peer_id, key)
-    answered = {peer_id_from_public_key(v.signer) for v in verdicts} | {p for p, _ in refusals}
-    refusals += [(p, f"no answer within {timeout} s") for p in pending if p not in answered]
-    return verdicts, refusals
-
-
-def build_receipt(identity: Identity, request: Request, result: Signed[InferenceResult], t: Tally,
-                  inherited_tokens: int) -> Signed[Receipt]:
-    r = result.message
-    blamed = list(t.outvoted) + list(t.silent)
-    if executor_to_blame(t.outcome, t.first_bad_position, inherited_tokens):
-        blamed.insert(0, r.executor)
-    return sign(identity, Receipt(
-        request_id=r.request_id, model=r.model, client=identity.public_key, executor=r.executor,
-        verifiers=t.verifiers, result_hash=result.message_id, output_tokens=len(r.output_ids),
-        outcome=t.outcome, issued_at_ms=now_ms(), inherited_tokens=inherited_tokens,
-        verdicts=tuple(v.to_bytes() for v in t.counted), blamed=tuple(dict.fromkeys(blamed))[:16]))
-
-
-def build_fraud_proof(identity: Identity, request: Request, result: Signed[InferenceResult], t: Tally,
-                      inherited_tokens: int) -> bytes:
-    return encode_signed(identity, FraudProof(
-        request=request, result=result.to_bytes(), verdicts=tuple(v.to_bytes() for v in t.rejecting()),
-        inherited_tokens=inherited_tokens, issued_at_ms=now_ms()))
-
-
-async def deliver_receipt(node: Node, receipt: Signed[Receipt], timeout: float = 5.0) -> int:
-    """Send the signed receipt to the executor and every verifier; returns how many took it."""
-    data = receipt.to_bytes()
-    keys = dict.fromkeys([receipt.message.executor, *receipt.message.verifiers])
-    delivered = [0]
-
-    async def send(key: bytes) -> None:
-        try:
-            await node.request(peer_id_from_public_key(key), RECEIPT_PROTOCOL, data, timeout=timeout,
-                               max_frame=MAX_RECEIPT_FRAME)
-            delivered[0] += 1
-        except NetError as exc:
-            log.debug("receipt.undelivered", peer_id=peer_id_from_public_key(key), error=str(exc)[:200])
-
-    with trio.move_on_after(timeout + 1.0):
-        async with trio.open_nursery() as nursery:
-            for key in keys:
-                nursery.start_soon(send, key)
-    return delivered[0]
-
-
-def fraud_proof_size_ok(data: bytes) -> bool:
-    return len(data) <= MAX_FRAUD_PROOF_BYTES
-
+from .settling import (Verification, ask_verifiers, build_fraud_proof, build_receipt,  # noqa: E402
+                       deliver_receipt, fraud_proof_size_ok)
 
 __all__ = ["VerificationService", "Verification", "ask_verifiers", "build_receipt", "build_fraud_proof",
-           "deliver_receipt", "tally", "codec"]
+           "deliver_receipt", "fraud_proof_size_ok", "tally", "codec"]

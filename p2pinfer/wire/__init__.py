@@ -21,6 +21,7 @@ from .messages import (
     PROTOCOL_VERSION,
     Assignment,
     Bid,
+    BidSet,
     CapacityAnnouncement,
     ChatMessage,
     FraudProof,

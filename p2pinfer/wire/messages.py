@@ -33,6 +33,8 @@ MAX_FINGERPRINT_BYTES = 512 * 1024
 EPOCH_SEED = Bytes(0, 32)
 MAX_VERDICT_BYTES = 1024                      # a signed Verdict envelope is ~400 bytes
 MAX_SIGNED_RESULT_BYTES = 1 << 20             # a signed InferenceResult (prompt, output, fingerprints)
+MAX_BID_SET_BYTES = 16 * 1024                 # a signed BidSet: 64 bids of ~150 bytes and 64 keys
+MAX_EVIDENCE_BYTES = 66 * 1024                # one signed TokenChunk or Refusal of an earlier rank
 
 
 class Message(Record):
@@ -212,10 +214,16 @@ class Assignment(Message):
     bids: tuple[Bid, ...] = spec(List(Struct(Bid), MAX_BIDS, 1))
     prefix_ids: tuple[int, ...] = spec(List(TOKEN_ID, MAX_NEW_TOKENS))
     attempt: int = spec(Int(0, MAX_BIDS))
+    bid_set: bytes = spec(Bytes(0, MAX_BID_SET_BYTES), default=b"")
+    evidence: tuple[bytes, ...] = spec(List(Bytes(1, MAX_EVIDENCE_BYTES), MAX_BIDS), default=())
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
-        "prefix_ids": "output tokens already received from an earlier executor (failover); continue after them",
+        "prefix_ids": "output tokens already received from an earlier executor (failover); continue after them; "
+                      "empty at attempt 0",
         "attempt": "0 for the election winner, k for the k-th fallback in ranking order",
+        "bid_set": "the client's signed BidSet (sent to every bidder before execution); its bids are `bids`",
+        "evidence": "for attempt k: a signed Refusal or the last signed TokenChunk of each lower rank that "
+                    "answered; the chunks' token chains prove prefix_ids",
     }
 
 
@@ -227,10 +235,17 @@ class TokenChunk(Message):
 
     request_id: bytes = spec(DIGEST)
     index: int = spec(Int(0, MAX_NEW_TOKENS))
-    token_ids: tuple[int, ...] = spec(List(TOKEN_ID, 256, 1))
+    token_ids: tuple[int, ...] = spec(List(TOKEN_ID, 256, 0))
     text: str = spec(Str(64 * 1024))
+    chain: bytes = spec(Bytes(0, 32), default=b"")
 
-    FIELD_DOCS: ClassVar[dict[str, str]] = {"index": "position in the output of the first token of this chunk"}
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "index": "position in the output of the first token of this chunk",
+        "token_ids": "the executor's first frame has none: its signed acceptance of the assignment (failover "
+                     "evidence that it took the task)",
+        "chain": "token chain over every output token up to the end of this chunk (see docs/election.md): the "
+                 "executor's signature on the whole prefix, so a failover can prove what it inherited",
+    }
 
 
 @dataclass(frozen=True)
@@ -251,8 +266,15 @@ class InferenceResult(Message):
     commitment: bytes = spec(DIGEST)
     started_at_ms: int = spec(TIME_MS)
     finished_at_ms: int = spec(TIME_MS)
+    inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS), default=0)
+    election: bytes = spec(Bytes(0, 32), default=b"")
+    attempt: int = spec(Int(0, MAX_BIDS), default=0)
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "inherited_tokens": "leading output tokens continued from earlier executors (the assignment's prefix_ids)",
+        "election": "message ID of the client's signed BidSet this executor won (the parameters are signed "
+                    "through request_id, the hash of the whole request)",
+        "attempt": "the rank this executor held in that election",
         "prompt_ids": "the exact token IDs the executor fed the model (chat template applied)",
         "fingerprint": "per generated position: top-k token IDs and fixed-point log-probs (see docs/models.md)",
         "commitment": "tagged hash over the fingerprint bytes",
@@ -272,6 +294,15 @@ class Verdict(Message):
     reason: str = spec(Str(256))
     max_deviation: float = spec(Float(0.0, 1e9))
     issued_at_ms: int = spec(TIME_MS)
+    executor: bytes = spec(Bytes(0, 32), default=b"")
+    output_tokens: int = spec(Int(0, MAX_NEW_TOKENS), default=0)
+    inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS), default=0)
+    election: bytes = spec(Bytes(0, 32), default=b"")
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "executor": "the signer of the result judged; output_tokens, inherited_tokens and election are copied "
+                    "from that signed result, so a receipt's bookings rest on what the verifiers saw",
+    }
 
 
 @dataclass(frozen=True)
@@ -292,6 +323,7 @@ class Receipt(Message):
     inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS), default=0)
     verdicts: tuple[bytes, ...] = spec(List(Bytes(0, MAX_VERDICT_BYTES), 16), default=())
     blamed: tuple[bytes, ...] = spec(List(PUBLIC_KEY, 16), default=())
+    bid_set: bytes = spec(Bytes(0, MAX_BID_SET_BYTES), default=b"")
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
         "verifiers": "the verifiers the client asked, in ranking order (answered or not)",
@@ -301,7 +333,9 @@ class Receipt(Message):
         "inherited_tokens": "output tokens the executor continued from an earlier executor (failover); a "
                             "rejection at a position below this is not the executor's fault",
         "verdicts": "the signed Verdict envelopes the decision rests on",
-        "blamed": "keys the client penalizes for this request (cheating executor, outvoted or silent verifiers)",
+        "blamed": "keys the client penalizes for this request (cheating executor, outvoted verifiers)",
+        "bid_set": "the client's signed BidSet: the election, so anyone can check that the verifiers are the "
+                   "ranks right after the executor",
     }
 
 
@@ -344,6 +378,29 @@ class FraudProof(Message):
         "verdicts": "signed Verdict envelopes rejecting that result (a majority of the verifiers asked)",
         "inherited_tokens": "output tokens inherited from an earlier executor; the executor is blamed only for "
                             "a first bad position at or after this",
+    }
+
+
+@dataclass(frozen=True)
+class BidSet(Message):
+    """Client -> every bidder, before execution: the final, complete set of bids of one election.
+
+    Each bidder checks that its own bid is in it (or its key is listed in ``excluded``) and keeps it: a set
+    that omits or alters its bid is signed evidence against the client. The executor requires the same set.
+    """
+
+    TYPE: ClassVar[str] = "bid-set"
+
+    request_id: bytes = spec(DIGEST)
+    epoch_seed: bytes = spec(EPOCH_SEED)
+    bids: tuple[Bid, ...] = spec(List(Struct(Bid), MAX_BIDS))
+    excluded: tuple[bytes, ...] = spec(List(PUBLIC_KEY, MAX_BIDS))
+    issued_at_ms: int = spec(TIME_MS)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "bids": "every valid bid the client received, eligible or not",
+        "excluded": "keys among the bidders this client leaves out (its ledger: proven fraud, rejected results, "
+                    "low reputation); the ranking is elect(bids) without them",
     }
 
 
@@ -441,6 +498,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Receipt,
         VerifyTask,
         FraudProof,
+        BidSet,
         PossessionChallenge,
         PossessionProof,
         TokenizerQuery,

@@ -24,6 +24,7 @@ from .messages import (
     STRUCT_TYPES,
     Assignment,
     Bid,
+    BidSet,
     CapacityAnnouncement,
     ChatMessage,
     FraudProof,
@@ -138,11 +139,16 @@ _EXAMPLE_RESULT = InferenceResult(
     request_id=_RID, model=_REQUEST.model, numeric_class="fp32-cpu", executor=_BID.public_key,
     prompt_ids=(1, 9690, 198), output_ids=(504, 3139, 2), finish_reason="eos",
     fingerprint_format="topk8-q16/1", fingerprint=bytes(range(48)), commitment=bytes.fromhex("c0" * 32),
-    started_at_ms=1_790_000_000_100, finished_at_ms=1_790_000_000_900,
+    started_at_ms=1_790_000_000_100, finished_at_ms=1_790_000_000_900, inherited_tokens=0,
+    election=bytes.fromhex("e1" * 32), attempt=0,
 )
 _EXAMPLE_VERDICT = Verdict(request_id=_RID, result_hash=bytes.fromhex("ab" * 32), accept=False, first_bad_position=3,
                            reason="log-prob of token 504 off by 0.07 nats (tolerance 0.001)", max_deviation=0.07,
-                           issued_at_ms=1_790_000_001_000)
+                           issued_at_ms=1_790_000_001_000, executor=_BID.public_key, output_tokens=3,
+                           inherited_tokens=0, election=bytes.fromhex("e1" * 32))
+
+
+_EXAMPLE_BID_SET = BidSet(request_id=_RID, epoch_seed=b"", bids=(_BID,), excluded=(), issued_at_ms=1_790_000_000_050)
 
 
 def example_messages() -> list[Message]:
@@ -159,8 +165,10 @@ def example_messages() -> list[Message]:
         TaskOffer(request_id=_RID, model=_REQUEST.model, max_tokens=32, epoch_seed=b"", expires_at_ms=1_790_000_010_000),
         VrfBid(bid=_BID, model=_REQUEST.model, free_slots=1),
         Refusal(request_id=_RID, code="busy", message="all 2 slots are in use"),
-        Assignment(request=_REQUEST, epoch_seed=b"", bids=(_BID,), prefix_ids=(), attempt=0),
-        TokenChunk(request_id=_RID, index=0, token_ids=(504, 3139), text="The answer"),
+        Assignment(request=_REQUEST, epoch_seed=b"", bids=(_BID,), prefix_ids=(), attempt=0,
+                   bid_set=_signed_example(_EXAMPLE_BID_SET)),
+        TokenChunk(request_id=_RID, index=0, token_ids=(504, 3139), text="The answer",
+                   chain=bytes.fromhex("c4" * 32)),
         _EXAMPLE_RESULT,
         _EXAMPLE_VERDICT,
         Receipt(request_id=_RID, model=_REQUEST.model, client=_CLIENT.public_key, executor=_BID.public_key,
@@ -172,6 +180,7 @@ def example_messages() -> list[Message]:
         FraudProof(request=_REQUEST, result=_signed_example(_EXAMPLE_RESULT),
                    verdicts=(_signed_example(_EXAMPLE_VERDICT),), inherited_tokens=0,
                    issued_at_ms=1_790_000_002_000),
+        _EXAMPLE_BID_SET,
         PossessionChallenge(model=_REQUEST.model, nonce=bytes.fromhex("c4" * 32), positions=8,
                             expires_at_ms=1_790_000_010_000),
         PossessionProof(challenge=bytes.fromhex("d7" * 32), model=_REQUEST.model, fingerprint=bytes.fromhex("0102" * 8)),

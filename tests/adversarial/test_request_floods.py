@@ -186,7 +186,7 @@ async def test_receipt_flood_is_rate_limited_so_the_ledger_grows_at_a_bounded_ra
                     executor=target.identity.public_key, verifiers=(), result_hash=bytes(32), output_tokens=0,
                     outcome="failed", issued_at_ms=now_ms()))
 
-            stored, refused = [], []
+            stored, refused, unbooked = [], [], []
             started = trio.current_time()
 
             async def one_stream(first: int) -> None:
@@ -198,14 +198,17 @@ async def test_receipt_flood_is_rate_limited_so_the_ledger_grows_at_a_bounded_ra
                             await frames.call(receipt(i), timeout=60.0)
                             stored.append(i)
                         except RemoteError as exc:
-                            assert "receipts/s" in str(exc)
-                            refused.append(i)
+                            if "receipts/s" in str(exc):
+                                refused.append(i)
+                            else:  # within the rate, a receipt for work the target never did books nothing
+                                assert "not booked: not-a-participant" in str(exc)
+                                unbooked.append(i)
 
             async with trio.open_nursery() as nursery:
                 for stream in range(12):
                     nursery.start_soon(one_stream, stream * 10)
             elapsed = trio.current_time() - started
         rows = len(list(target.ledger.receipts()))
-        assert rows == len(stored) and len(stored) + len(refused) == 120
+        assert rows == len(stored) and len(stored) + len(refused) + len(unbooked) == 120
         assert rows <= RECEIPT_RATE.burst + RECEIPT_RATE.per_second * elapsed
         assert refused and target.verification.counters["receipt.rate_limited"] == len(refused)
