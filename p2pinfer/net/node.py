@@ -231,6 +231,14 @@ class Node:
             task_status.started(self)
             await trio.sleep_forever()
 
+    def start_background(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Run ``fn(*args)`` in the node's own nursery (it ends with the node); False when the node is not
+        running, so the caller runs it itself. For work that should outlive the request that started it."""
+        if self._nursery is None or self._closing:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     # ---- addresses and connections ------------------------------------------------------------------
 
     @property

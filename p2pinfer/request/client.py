@@ -353,7 +353,7 @@ class AsyncClient:
         """Stage 1's network half (a seam: candidate filters hook in here)."""
         return await collect_bids(self.node, self.identity, request, request_id, epoch_seed=self.epoch_seed,
                                   max_candidates=self.max_candidates, bid_timeout=self.bid_timeout,
-                                  discovery_timeout=self.discovery_timeout)
+                                  discovery_timeout=self.discovery_timeout, enough=1 + self.quorum)
 
     @staticmethod
     def _raise_unless_verified(completion: Completion) -> None:

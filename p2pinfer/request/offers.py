@@ -22,6 +22,7 @@ from ..log import get_logger
 from ..net import NetError, Node
 from ..wire import (Bid, BidSet, Refusal, Request, Signed, TaskOffer, VrfBid, WireError, decode_signed,
                     encode_signed, now_ms, sign)
+from .bid_window import BidWindow, Closed
 from .candidates import select_candidates
 from .errors import NoPeerServesModel
 from .possession import vet_candidates
@@ -54,15 +55,23 @@ class ElectionEvidence:
 class Bids:
     bids: tuple[Bid, ...]
     any_busy: bool
+    closed: Closed = Closed.ALL_ANSWERED  # why the client stopped waiting (bid_window.py)
+    silent: tuple[str, ...] = ()          # candidates offered the request that had not answered by then
 
 
 async def collect_bids(node: Node, identity: Identity, request: Request, request_id: bytes, *, epoch_seed: bytes,
-                       max_candidates: int, bid_timeout: float, discovery_timeout: float) -> Bids:
-    """Offer the request to the candidates; returns the bids and whether any candidate said busy."""
+                       max_candidates: int, bid_timeout: float, discovery_timeout: float,
+                       enough: int = 1) -> Bids:
+    """Offer the request to the candidates; returns the bids and whether any candidate said busy.
+
+    Waits until every candidate has answered, or :data:`~p2pinfer.request.bid_window.GRACE_S` after the
+    ``enough``-th valid bid (executor + verifiers), or ``bid_timeout``, whichever is first
+    (:mod:`p2pinfer.request.bid_window`): a silent or unreachable candidate costs at most the grace period
+    once enough honest bids are in."""
     # include_self: a client running on a serving peer's node (the gateway) offers work to that peer too,
     # over a loopback stream; it gets the same equal chance as every other bidder.
     infos = await node.candidates(request.model, timeout=min(discovery_timeout, 5.0), include_self=True)
-    infos = await vet_candidates(node, identity, request.model, infos)  # possession (Sybils), docs/network.md
+    infos = await vet_candidates(node, identity, request.model, infos, enough=enough)  # possession (Sybils), docs/network.md
     if not infos:
         raise NoPeerServesModel(f"no peer with free capacity serves model {request.model.hex()[:16]}…")
     chosen = select_candidates(request_id, [i.peer_id for i in infos], max_candidates)
@@ -72,33 +81,54 @@ async def collect_bids(node: Node, identity: Identity, request: Request, request
     bids: list[Bid] = []
     busy: list[str] = []
 
-    async def ask(peer_id: str) -> None:
+    async def ask(peer_id: str) -> bool:
+        """Ask one candidate; True when it answered with a bid that counts."""
         try:
             reply = await node.request(peer_id, BID_PROTOCOL, offer_bytes, timeout=bid_timeout,
                                        max_frame=MAX_OFFER_FRAME)
             signed = decode_signed(reply, expect=(VrfBid, Refusal), max_size=MAX_OFFER_FRAME)
         except (NetError, WireError) as exc:
             log.info("bid.failed", peer_id=peer_id, error=str(exc)[:200])
-            return
+            return False
         if signed.signer_peer_id != peer_id:
             log.warning("bid.rejected", peer_id=peer_id, reason="signer is not the peer we asked")
-            return
+            return False
         message = signed.message
         if isinstance(message, Refusal):
             log.debug("bid.refused", peer_id=peer_id, code=message.code, message=message.message)
             if message.code == "busy":
                 busy.append(peer_id)
-            return
+            return False
         if message.bid.public_key != signed.signer or message.bid.request_id != request_id:
             log.warning("bid.rejected", peer_id=peer_id, reason="bid names another key or request")
-            return
+            return False
         bids.append(message.bid)
+        return True
 
-    with trio.move_on_after(bid_timeout + 1.0):
-        async with trio.open_nursery() as nursery:
-            for peer_id in chosen:
-                nursery.start_soon(ask, peer_id)
-    return Bids(tuple(bids), bool(busy))
+    window = BidWindow(candidates=len(chosen), enough=max(1, enough), opened_at=trio.current_time(),
+                       timeout_s=bid_timeout)
+    pending = set(chosen)
+    wake = [trio.Event()]
+
+    async def answer_of(peer_id: str) -> None:
+        valid = await ask(peer_id)
+        pending.discard(peer_id)
+        window.record(trio.current_time(), valid=valid)
+        wake[0].set()
+
+    async with trio.open_nursery() as nursery:
+        for peer_id in chosen:
+            nursery.start_soon(answer_of, peer_id)
+        while trio.current_time() < window.close_at():
+            wake[0] = trio.Event()
+            with trio.move_on_at(window.close_at()):
+                await wake[0].wait()
+        closed = window.reason(trio.current_time())
+        silent = tuple(sorted(pending))
+        nursery.cancel_scope.cancel()  # the silent ones: their bids would come too late to count
+    log.debug("election.closed", request_id=request_id.hex()[:16], reason=closed.value, bids=len(bids),
+              candidates=len(chosen), silent=len(silent))
+    return Bids(tuple(bids), bool(busy), closed, silent)
 
 
 def hold_election(identity: Identity, request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid],

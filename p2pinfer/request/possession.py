@@ -44,6 +44,7 @@ from ..runtime.model import LoadedModel
 from ..runtime.verify import recompute_logprobs
 from ..wire import PossessionChallenge, PossessionProof, Refusal, WireError, encode_signed, now_ms
 from ..errors import P2PInferError
+from .bid_window import BidWindow
 from .possession_rules import CHALLENGE_POSITIONS, Possession, challenge_tokens, check_proof, parse_proof
 
 log = get_logger("p2pinfer.request.possession")
@@ -129,6 +130,7 @@ class PossessionVetting:
         self.local_models: dict[bytes, LoadedModel] = {}
         self._cache: dict[tuple[str, bytes], tuple[Possession, float]] = {}
         self._inflight: dict[tuple[str, bytes], trio.Event] = {}
+        self._limiter = trio.Semaphore(MAX_CONCURRENT_CHALLENGES)
         self.counters: dict[str, int] = {}
 
     def add_local_models(self, models: Iterable[LoadedModel]) -> None:
@@ -188,39 +190,69 @@ class PossessionVetting:
         why = check_proof(claimed, rows, model.tolerance)
         return self._record(peer_id, digest, Possession.WRONG if why else Possession.PROVEN, why or "")
 
-    async def vet(self, digest: bytes, candidates: Sequence[PeerInfo]) -> list[PeerInfo]:
+    async def vet(self, digest: bytes, candidates: Sequence[PeerInfo], *, enough: int = 1) -> list[PeerInfo]:
         """The candidates that may be offered work: ourselves, and peers with an acceptable (cached or
-        fresh) challenge outcome. Unknown candidates are challenged concurrently (bounded)."""
-        unknown = [c for c in candidates if c.peer_id != self.node.peer_id and self.status(c.peer_id, digest) is None]
+        fresh) challenge outcome.
+
+        Unknown candidates are challenged concurrently (bounded), in the node's own nursery when it runs,
+        so a challenge outlives the request that started it and its outcome is cached (a peer that never
+        answers is cached ``unreachable`` once its challenge times out). The request itself waits by the
+        election's closing rule (:mod:`p2pinfer.request.bid_window`): until every challenge is answered, or
+        the grace period after ``enough`` candidates (executor + verifiers) are acceptable, or
+        :data:`VET_BUDGET_S`, whichever is first. An honest peer whose answer came after that is not lost:
+        its outcome is cached and the next request offers it work.
+        """
+        def acceptable(c: PeerInfo) -> bool:
+            return c.peer_id == self.node.peer_id or self.status(c.peer_id, digest) in ACCEPTABLE
+
+        unknown = [c.peer_id for c in candidates
+                   if c.peer_id != self.node.peer_id and self.status(c.peer_id, digest) is None]
         if unknown:
-            limiter = trio.Semaphore(MAX_CONCURRENT_CHALLENGES)
-
-            async def one(peer_id: str) -> None:
-                key = (peer_id, digest)
-                running = self._inflight.get(key)
-                if running is not None:  # another request is challenging this peer right now: share it
-                    await running.wait()
-                    return
-                done = self._inflight[key] = trio.Event()
-                try:
-                    async with limiter:
-                        if self.status(peer_id, digest) is None:
-                            await self.challenge(peer_id, digest)
-                finally:
-                    del self._inflight[key]
-                    done.set()
-
             # Random order, so that when more are unknown than are challenged at once, fakes cannot make
-            # sure honest peers come last; and a time budget, so that peers that accept connections and
-            # never answer (tarpits) cannot hold the request: unfinished challenges are cancelled and those
-            # peers stay unknown (challenged again by a later request).
+            # sure honest peers come last.
             secrets.SystemRandom().shuffle(unknown)
-            with trio.move_on_after(VET_BUDGET_S):
-                async with trio.open_nursery() as nursery:
-                    for c in unknown:
-                        nursery.start_soon(one, c.peer_id)
-        return [c for c in candidates
-                if c.peer_id == self.node.peer_id or self.status(c.peer_id, digest) in ACCEPTABLE]
+            window = BidWindow(candidates=len(unknown), enough=enough - sum(map(acceptable, candidates)),
+                               opened_at=trio.current_time(), timeout_s=VET_BUDGET_S)
+            wake = [trio.Event()]
+
+            async def watch(peer_id: str) -> None:
+                await self._challenge_started(peer_id, digest).wait()
+                window.record(trio.current_time(), valid=self.status(peer_id, digest) in ACCEPTABLE)
+                wake[0].set()
+
+            async with trio.open_nursery() as nursery:
+                for peer_id in unknown:
+                    nursery.start_soon(watch, peer_id)
+                while trio.current_time() < window.close_at():
+                    wake[0] = trio.Event()
+                    with trio.move_on_at(window.close_at()):
+                        await wake[0].wait()
+                nursery.cancel_scope.cancel()  # the watchers only; the challenges go on in the background
+            closed = window.reason(trio.current_time())
+            self.counters[f"vet.{closed.value}"] = self.counters.get(f"vet.{closed.value}", 0) + 1
+        return [c for c in candidates if acceptable(c)]
+
+    def _challenge_started(self, peer_id: str, digest: bytes) -> trio.Event:
+        """The event set when the challenge of ``peer_id`` ends (starting it unless one is in flight)."""
+        key = (peer_id, digest)
+        running = self._inflight.get(key)
+        if running is not None:  # another request is challenging this peer right now: share it
+            return running
+        done = self._inflight[key] = trio.Event()
+
+        async def run() -> None:
+            try:
+                async with self._limiter:
+                    if self.status(peer_id, digest) is None:
+                        await self.challenge(peer_id, digest)
+            finally:
+                del self._inflight[key]
+                done.set()
+
+        if not self.node.start_background(run):
+            self._inflight.pop(key)
+            done.set()  # the node is stopping: nothing to challenge with
+        return done
 
 
 _VETTING: "weakref.WeakKeyDictionary[Node, PossessionVetting]" = weakref.WeakKeyDictionary()
@@ -242,6 +274,7 @@ def install_possession(node: Node, identity: Identity, models: Sequence[LoadedMo
     return service
 
 
-async def vet_candidates(node: Node, identity: Identity, digest: bytes, infos: Sequence[PeerInfo]) -> list[PeerInfo]:
+async def vet_candidates(node: Node, identity: Identity, digest: bytes, infos: Sequence[PeerInfo], *,
+                         enough: int = 1) -> list[PeerInfo]:
     """Client hook: the candidates of ``infos`` that have shown they hold ``digest`` (see module docs)."""
-    return await vetting_for(node, identity).vet(digest, infos)
+    return await vetting_for(node, identity).vet(digest, infos, enough=enough)
