@@ -40,6 +40,7 @@ from .candidates import DEFAULT_MAX_CANDIDATES
 from .errors import (AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected,
                      QuorumNotReached, ResultRejected)
 from .execution import Attempt, Progress, StreamChunk, run_attempt
+from .bid_window import GRACE_S
 from .offers import ElectionEvidence, announce_bid_set, collect_bids, hold_election
 from .params import build_request
 from .text import TokenizerCache, VerifiedText
@@ -94,6 +95,7 @@ class AsyncClient:
         identity: Identity | None = None,
         listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
         bid_timeout: float = 3.0,
+        bid_grace: float = GRACE_S,
         stall_timeout: float = 20.0,
         discovery_timeout: float = 10.0,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
@@ -111,6 +113,7 @@ class AsyncClient:
         self.bootstrap = tuple(bootstrap)
         self.listen = tuple(listen)
         self.bid_timeout = bid_timeout
+        self.bid_grace = bid_grace  # bids are awaited this long after the quorum-sized set (bid_window.py)
         self.stall_timeout = stall_timeout
         self.discovery_timeout = discovery_timeout
         self.max_candidates = max_candidates
@@ -118,6 +121,8 @@ class AsyncClient:
         self.busy_timeout = busy_timeout
         if verifiers < 0:
             raise BadParameters("verifiers (the quorum size) cannot be negative")
+        if not 0 <= bid_grace <= bid_timeout:
+            raise BadParameters(f"bid_grace must be between 0 and bid_timeout ({bid_timeout} s), got {bid_grace}")
         self.quorum = verifiers
         self.verify_timeout = verify_timeout
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
@@ -353,7 +358,8 @@ class AsyncClient:
         """Stage 1's network half (a seam: candidate filters hook in here)."""
         return await collect_bids(self.node, self.identity, request, request_id, epoch_seed=self.epoch_seed,
                                   max_candidates=self.max_candidates, bid_timeout=self.bid_timeout,
-                                  discovery_timeout=self.discovery_timeout, enough=1 + self.quorum)
+                                  discovery_timeout=self.discovery_timeout, enough=1 + self.quorum,
+                                  grace_s=self.bid_grace)
 
     @staticmethod
     def _raise_unless_verified(completion: Completion) -> None:

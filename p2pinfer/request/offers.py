@@ -22,7 +22,7 @@ from ..log import get_logger
 from ..net import NetError, Node
 from ..wire import (Bid, BidSet, Refusal, Request, Signed, TaskOffer, VrfBid, WireError, decode_signed,
                     encode_signed, now_ms, sign)
-from .bid_window import BidWindow, Closed
+from .bid_window import GRACE_S, BidWindow, Closed
 from .candidates import select_candidates
 from .errors import NoPeerServesModel
 from .possession import vet_candidates
@@ -61,7 +61,7 @@ class Bids:
 
 async def collect_bids(node: Node, identity: Identity, request: Request, request_id: bytes, *, epoch_seed: bytes,
                        max_candidates: int, bid_timeout: float, discovery_timeout: float,
-                       enough: int = 1) -> Bids:
+                       enough: int = 1, grace_s: float = GRACE_S) -> Bids:
     """Offer the request to the candidates; returns the bids and whether any candidate said busy.
 
     Waits until every candidate has answered, or :data:`~p2pinfer.request.bid_window.GRACE_S` after the
@@ -106,7 +106,7 @@ async def collect_bids(node: Node, identity: Identity, request: Request, request
         return True
 
     window = BidWindow(candidates=len(chosen), enough=max(1, enough), opened_at=trio.current_time(),
-                       timeout_s=bid_timeout)
+                       timeout_s=bid_timeout, grace_s=grace_s)
     pending = set(chosen)
     wake = [trio.Event()]
 

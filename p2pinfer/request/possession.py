@@ -245,6 +245,9 @@ class PossessionVetting:
                 async with self._limiter:
                     if self.status(peer_id, digest) is None:
                         await self.challenge(peer_id, digest)
+            except Exception as exc:  # in the node's nursery: whatever a peer sends must not stop the node
+                self._record(peer_id, digest, Possession.UNREACHABLE, f"challenge failed: {exc!r}")
+                log.warning("possession.challenge_failed", peer=peer_id, error=repr(exc)[:200])
             finally:
                 del self._inflight[key]
                 done.set()
