@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import trio
 
@@ -229,12 +229,13 @@ class TaskServer:
         if signed.signer != client.signer:
             self.counters["bid_set.foreign"] += 1  # not the offering client's: proves nothing about anyone
             return b""
-        self._remember_election(signed.message, client.signer, client.message.model, executed=False)
         if peer_id != client.signer_peer_id:
             # Forwarded by someone else (an executor's failover probe, or anyone): an honest client sends its
             # set only to the bidders in it, so only a set the client itself delivered can accuse it.
             self.counters["bid_set.forwarded"] += 1
             return b""
+        # the election as its client told us (for the network page; a forwarded copy proves and shows nothing)
+        self._remember_election(signed.message, client.signer, client.message.model, executed=False)
         evidence = UnfairBidSet(offer=known[0], bid=known[1], bid_set=body)
         problem = check_unfair_bid_set(evidence)
         if problem is None:
