@@ -23,6 +23,7 @@ from .identity import Identity
 from .net import Node, NodeConfig
 from .peer import DEFAULT_SLOTS, ServingPeer
 from .runtime import LoadedModel
+from .wording import plural
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
@@ -123,4 +124,4 @@ async def _wait_for_announcements(net: LocalNetwork, timeout: float) -> None:
             await trio.sleep(0.02)
         return
     missing = wanted - {a.peer_id for a in net.bootstrap.table.live(now_ms())}
-    raise TimeoutError(f"{len(missing)} of {len(wanted)} peers were not announced within {timeout} s")
+    raise TimeoutError(f"{len(missing)} of {plural(len(wanted), 'peer')} were not announced within {timeout} s")

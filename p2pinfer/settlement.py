@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 from .election import elect
 from .wire import BidSet, Receipt, Signed, Verdict
+from .wording import plural
 
 
 class Outcome(StrEnum):
@@ -229,7 +230,7 @@ def entries_for_tally(t: Tally, *, executor: bytes, output_tokens: int, inherite
                               CREDIT_PER_VERIFIED_TOKEN * generated))
     elif executor_to_blame(t.outcome, t.first_bad_position, inherited_tokens):
         out.append(_entry(executor, EntryKind.PENALTY_REJECTED, request_id, at_ms,
-                          f"result rejected by {t.rejects} of {len(t.verifiers)} verifiers"))
+                          f"result rejected by {t.rejects} of {plural(len(t.verifiers), 'verifier')}"))
     outvoted = set(t.outvoted)
     for signed in t.counted:
         if signed.signer in outvoted:

@@ -1,9 +1,11 @@
 """The network page at `/`, looked at in a real browser (headless Chromium driven by selenium).
 
-A live local network: one serving peer, a second serving peer with the gateway (the page's peer), and a
-separate SDK client. A request made through the SDK appears on the page with its verdicts (the page's peer
-either executed it or verified it, and holds the client's signed receipt); a request through the gateway
-appears with its re-checked VRF ranking. The test saves a screenshot (docs/network-page.png was taken this
+A live local network: two serving peers, a third serving peer with the gateway (the page's peer), and a
+separate SDK client asking one verifier per request. SDK requests are made until there is one the page's peer
+executed or verified (it holds the client's signed receipt: the page shows the verdicts and the ranking from
+the receipt's signed bid set) and one it only bid on (the page shows the ranking from the signed BidSet the
+client sent every bidder, every VRF proof re-checked). A request through the gateway appears with its
+re-checked VRF ranking. The test saves a screenshot (docs/network-page.png was taken this
 way, with P2PINFER_PAGE_SCREENSHOT=docs/network-page.png).
 """
 
@@ -26,6 +28,7 @@ from test_gateway import MODEL_NAME, gateway_peer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+MAX_ELECTIONS = 24  # (2/3)^24: the chance that the page's peer is never a mere bidder is about 6e-5
 PAGE_WAIT_S = 120  # generous: the machine may be loaded; the page polls every 2 s
 
 
@@ -51,11 +54,22 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    async with local_network([model], peers=1) as net, gateway_peer(net, [model]) as peer:
-        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+    async with local_network([model], peers=2) as net, gateway_peer(net, [model]) as peer:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs, verifiers=1) as client:
             client_id = client.node.peer_id
-            sdk_result = await client.generate(model=MODEL_NAME, prompt="import os\nimport sys", max_tokens=8,
-                                               temperature=0.7, seed=7)
+            # Each request is a new election (a new request ID): ask until the page's peer has held each role.
+            sdk_result = bid_only = None
+            for attempt in range(MAX_ELECTIONS):
+                result = await client.generate(model=MODEL_NAME, prompt="import os\nimport sys", max_tokens=8,
+                                               temperature=0.7, seed=attempt)
+                involved = peer.peer_id == result.executor or peer.peer_id in result.verification.verifiers
+                if involved and sdk_result is None:
+                    sdk_result = result
+                elif not involved and bid_only is None:
+                    bid_only = result
+                if sdk_result and bid_only:
+                    break
+            assert sdk_result and bid_only, f"{MAX_ELECTIONS} elections never gave the page's peer both roles"
         via_gateway = await trio.to_thread.run_sync(lambda: httpx.post(
             f"{peer.gateway_url}/v1/completions", timeout=120,
             json={"model": MODEL_NAME, "prompt": "def main(", "max_tokens": 6, "seed": 3}).json())
@@ -65,7 +79,8 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
         assert missing.status_code == 404
         gateway_request = via_gateway["p2pinfer"]["request_id"]
         sdk_request = sdk_result.request_id.hex()
-        assert sdk_result.verification.outcome == "accepted"  # two serving peers: one executes, one verifies
+        bid_request = bid_only.request_id.hex()
+        assert sdk_result.verification.outcome == "accepted"  # one executes, one verifies
 
         network = (await trio.to_thread.run_sync(lambda: httpx.get(f"{peer.gateway_url}{NETWORK_PATH}"))).json()
 
@@ -78,6 +93,8 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
                     By.CSS_SELECTOR, f'[data-request-id="{sdk_request}"]'))
                 gateway_card = wait.until(lambda d: d.find_element(
                     By.CSS_SELECTOR, f'[data-request-id="{gateway_request}"]'))
+                bid_card = wait.until(lambda d: d.find_element(
+                    By.CSS_SELECTOR, f'[data-request-id="{bid_request}"]'))
                 wait.until(lambda d: d.find_element(By.ID, "sparkline").find_elements(By.TAG_NAME, "polyline"))
                 failed = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".request .outcome.model_not_found"))
                 failed_text = failed.find_element(By.XPATH, "ancestor::div[@class='request']").text
@@ -89,6 +106,11 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
                     "sdk_text": sdk_card.text,
                     "gateway_election": gateway_card.find_element(By.CSS_SELECTOR, ".election").text,
                     "gateway_dots": len(gateway_card.find_elements(By.CSS_SELECTOR, "svg.ranking circle")),
+                    "sdk_election": sdk_card.find_element(By.CSS_SELECTOR, ".election").text,
+                    "sdk_dots": len(sdk_card.find_elements(By.CSS_SELECTOR, "svg.ranking circle")),
+                    "bid_text": bid_card.text,
+                    "bid_election": bid_card.find_element(By.CSS_SELECTOR, ".election").text,
+                    "bid_dots": len(bid_card.find_elements(By.CSS_SELECTOR, "svg.ranking circle")),
                     "peers": [row.text for row in driver.find_elements(By.CSS_SELECTOR, "#peer-rows tr")],
                     "balance": driver.find_element(By.ID, "balance").text,
                     "unit": driver.find_element(By.ID, "unit").text,
@@ -111,7 +133,12 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
     assert sdk_result.executor[:8] in seen["sdk_text"]
     # The gateway's own request: the ranking re-derived in the peer from the bids, every proof checked.
     assert "VRF proofs checked here, all valid" in seen["gateway_election"]
-    assert seen["gateway_dots"] == 2
+    assert seen["gateway_dots"] == 3
+    # Requests this peer did not send: the ranking from the client's signed bid set, every proof re-checked
+    # here, whether it executed, verified or only bid.
+    assert "3 VRF proofs checked here, all valid" in seen["sdk_election"] and seen["sdk_dots"] == 3
+    assert "3 VRF proofs checked here, all valid" in seen["bid_election"] and seen["bid_dots"] == 3
+    assert "you were the bidder" in seen["bid_text"] and "outcome not told" in seen["bid_text"]
     # Peers: the page's own peer marked, the other serving peer with its model and slots.
     assert any("(you)" in row for row in seen["peers"])
     assert not any(client_id[-6:] in row for row in seen["peers"])  # departed clients are dropped
@@ -128,6 +155,12 @@ async def test_a_request_made_through_the_sdk_appears_on_the_page_with_its_verdi
     by_id = {r["request_id"]: r for r in network["requests"]}
     assert by_id[sdk_request]["role"] in ("executor", "verifier") and by_id[sdk_request]["outcome"] == "accepted"
     assert by_id[gateway_request]["election"]["proof"] == "checked"
+    assert by_id[sdk_request]["election"]["proof"] == "checked"
+    bid_row = by_id[bid_request]
+    assert bid_row["role"] == "bidder" and bid_row["via"] == "bid-set" and bid_row["client"] == client_id
+    assert bid_row["election"]["proof"] == "checked" and len(bid_row["election"]["ranking"]) == 3
+    # the ranking the page shows puts first the executor the client reported
+    assert bid_row["election"]["first"] == bid_only.executor
     assert network["ledger"]["unit"] == "credit" and network["ledger"]["credits"] > 0
 
     target = os.environ.get("P2PINFER_PAGE_SCREENSHOT")

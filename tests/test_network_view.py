@@ -8,9 +8,11 @@ from dataclasses import replace
 from p2pinfer import vrf
 from p2pinfer.election import make_bid
 from p2pinfer.gateway.network_view import (ElectionCache, address_scope, checked_receipt_verdicts, describe_election,
-                                           describe_verdicts, vrf_position)
+                                           describe_verdicts, request_from_election, request_from_receipt,
+                                           vrf_position)
 from p2pinfer.identity import Identity
-from p2pinfer.wire import Receipt, Verdict, encode_signed, now_ms
+from p2pinfer.request.server import SeenElection
+from p2pinfer.wire import BidSet, Receipt, Verdict, encode_signed, now_ms
 
 
 def _bids(identities, request_id):
@@ -87,3 +89,44 @@ def test_address_scope_is_the_widest_kind_announced():
     assert address_scope(["/ip4/10.0.0.2/tcp/1", "/ip4/8.8.4.4/tcp/1/p2p/12D3KooWx/p2p-circuit"]) == "relayed"
     assert address_scope(["/ip6/::1/tcp/1", "garbage", "/ip4/not-an-ip/tcp/1"]) == "loopback"
     assert address_scope([]) == "none"
+
+
+def _election(peers, excluded=()):
+    request_id = os.urandom(32)
+    return BidSet(request_id=request_id, epoch_seed=b"", bids=tuple(_bids(peers, request_id)),
+                  excluded=tuple(excluded), issued_at_ms=now_ms())
+
+
+def test_a_receipt_shows_the_ranking_of_its_own_signed_bid_set_and_only_its_clients():
+    client, stranger, *peers = (Identity.generate() for _ in range(6))
+    bid_set = _election(peers, excluded=[peers[3].public_key])
+    described = describe_election(bid_set.request_id, b"", bid_set.bids, None, excluded=bid_set.excluded)
+    assert described["proof"] == "checked" and described["excluded"] == 1 and described["invalid_bids"] == []
+    ranking = described["ranking"]
+    assert len(ranking) == 3 and peers[3].peer_id not in [r["peer_id"] for r in ranking]  # excluded: left out
+    executor = next(p for p in peers if p.peer_id == ranking[0]["peer_id"])
+    verifier = next(p for p in peers if p.peer_id == ranking[1]["peer_id"])
+    receipt = Receipt(request_id=bid_set.request_id, model=os.urandom(32), client=client.public_key,
+                      executor=executor.public_key, verifiers=(verifier.public_key,), result_hash=os.urandom(32),
+                      output_tokens=5, outcome="accepted", issued_at_ms=now_ms(),
+                      bid_set=encode_signed(client, bid_set))
+    row = request_from_receipt(receipt, verifier.peer_id, {}, {}, ElectionCache())
+    assert row["role"] == "verifier" and row["election"]["proof"] == "checked"
+    assert [r["role"] for r in row["election"]["ranking"]] == ["executor", "verifier", "bidder"]
+    # A set signed by anyone but the receipt's client, or for another request, or garbage, proves nothing.
+    for forged in (encode_signed(stranger, bid_set), encode_signed(client, replace(bid_set, request_id=bytes(32))),
+                   b"\x00garbage"):
+        row = request_from_receipt(replace(receipt, bid_set=forged), verifier.peer_id, {}, {}, ElectionCache())
+        assert row["election"]["proof"] == "not-seen" and row["election"]["ranking"] == []
+
+
+def test_a_request_this_peer_only_bid_on_shows_the_checked_ranking_and_no_outcome():
+    client, *peers = (Identity.generate() for _ in range(4))
+    bid_set = _election(peers)
+    model = os.urandom(32)
+    seen = SeenElection(bid_set, client.public_key, model, executed=False)
+    row = request_from_election(seen, peers[2].peer_id, {model: "tiny"}, ElectionCache())
+    assert row["role"] == "bidder" and row["via"] == "bid-set" and row["outcome"] == "unknown"
+    assert row["model"] == "tiny" and row["client"] == client.peer_id and row["executor"] is None
+    assert row["election"]["proof"] == "checked" and len(row["election"]["ranking"]) == 3
+    assert row["tokens"] is None and row["verdicts"] == []

@@ -16,6 +16,7 @@ import trio
 
 from p2pinfer.localnet import local_network
 from p2pinfer.request.client import AsyncClient, StreamChunk
+from p2pinfer.request.evidence import chain_start, decode_bid_set, extend_chain
 from p2pinfer.request.protocol import MAX_TASK_FRAME, TASK_PROTOCOL
 from p2pinfer.request.text import TokenizerCache, TokenizerUnavailable
 from p2pinfer.request.tokenizer_service import MAX_REPLY_FRAME, TOKENIZER_PROTOCOL
@@ -46,14 +47,23 @@ def install_fake_text_executor(peer, model) -> None:
             model, prompt_ids, max_tokens=request.max_tokens,
             params=SamplingParams(request.temperature, request.top_k, request.top_p),
             seed_material=sampling_seed(request_id, request.seed), stop=request.stop))
+        # Everything else follows the protocol to the letter: the signed acceptance, the token chain, and a
+        # result that names the election it won; only the text is a lie.
+        election_id = decode_bid_set(assignment.bid_set).message_id if assignment.bid_set else b""
+        chain = chain_start(request_id)
+        await frames.send(encode_signed(identity, TokenChunk(request_id=request_id, index=0, token_ids=(), text="",
+                                                             chain=chain)))
         for i in range(0, len(result.output_ids), 4):
+            token_ids = tuple(result.output_ids[i:i + 4])
+            chain = extend_chain(chain, token_ids)
             await frames.send(encode_signed(identity, TokenChunk(
-                request_id=request_id, index=i, token_ids=tuple(result.output_ids[i:i + 4]), text=FAKE)))
+                request_id=request_id, index=i, token_ids=token_ids, text=FAKE, chain=chain)))
         await frames.send(encode_signed(identity, InferenceResult(
             request_id=request_id, model=model.digest, numeric_class=model.numeric_class,
             executor=identity.public_key, prompt_ids=tuple(result.prompt_ids), output_ids=tuple(result.output_ids),
             finish_reason=result.finish_reason, fingerprint_format=result.fingerprint_format,
-            fingerprint=result.fingerprint_bytes, commitment=result.commitment, started_at_ms=1, finished_at_ms=2)))
+            fingerprint=result.fingerprint_bytes, commitment=result.commitment, started_at_ms=1, finished_at_ms=2,
+            inherited_tokens=0, election=election_id, attempt=assignment.attempt)))
 
     peer.node.register_handler(TASK_PROTOCOL, evil, max_frame=MAX_TASK_FRAME)
 

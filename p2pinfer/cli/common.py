@@ -9,16 +9,12 @@ import click
 
 from ..config import Config
 from ..errors import P2PInferError
+from ..wording import plural  # noqa: F401  (re-exported: the CLI modules import it from here)
 
 
 @dataclass
 class AppContext:
     config: Config
-
-
-def plural(count: int, word: str, many: str | None = None) -> str:
-    """``1 verifier``, ``3 verifiers`` (``many`` for irregular plurals)."""
-    return f"{count} {word if count == 1 else many or word + 's'}"
 
 
 def credits(amount: int, *, signed: bool = False) -> str:

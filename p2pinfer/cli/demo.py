@@ -108,7 +108,7 @@ def demo_cmd(app: AppContext, max_tokens: int, prompt: str, max_rounds: int, ver
                               providers=["CPUExecutionProvider"])
         ok = trio.run(_demo, honest, tampered, changed, prompt, max_tokens, max_rounds)
     if not ok:
-        raise click.ClickException(f"the cheater was not caught within {max_rounds} requests "
+        raise click.ClickException(f"the cheater was not caught within {plural(max_rounds, 'request')} "
                                    "(try a larger --max-rounds)")
 
 

@@ -10,7 +10,7 @@ import click
 import trio
 
 from .. import log
-from .common import AppContext
+from .common import AppContext, plural
 from .net import PEERS_FILE, check_bootstrap, read_peers_file
 
 
@@ -62,8 +62,8 @@ def generate_cmd(app: AppContext, prompt: str, bootstrap: tuple[str, ...], model
     answer.write("\n")
     answer.flush()
     t = completion.timings
-    click.echo(f"executor {completion.executor} (ranked first of {len(completion.election.ranking)} bidders); "
-               f"{len(completion.token_ids)} tokens, finish={completion.finish_reason}; election "
+    click.echo(f"executor {completion.executor} (ranked first of {plural(len(completion.election.ranking), 'bidder')}); "
+               f"{plural(len(completion.token_ids), 'token')}, finish={completion.finish_reason}; election "
                f"{t['election_s'] * 1000:.0f} ms, first token {t['first_token_s'] * 1000:.0f} ms, "
                f"total {t['total_s']:.2f} s", err=True)
     verification = completion.verification

@@ -150,7 +150,8 @@ class Gateway:
             requests = view.merge_requests(
                 [view.request_from_gateway(r, me, self._checked) for r in own]
                 + [view.request_from_failure(r, me) for r in failed],
-                [view.request_from_receipt(r, me, names, elections, self._checked) for r in receipts])
+                [view.request_from_receipt(r, me, names, elections, self._checked) for r in receipts],
+                [view.request_from_election(e, me, names, self._checked) for e in elections.values()])
             return {"generated_at_ms": now_ms(), "peer": about, "peers": peers, "requests": requests,
                     "ledger": ledger_json}
 

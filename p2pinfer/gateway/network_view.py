@@ -4,11 +4,12 @@ Three parts, each from what this peer itself knows or can check:
 
 * ``peers``: this peer ("you": true) and every peer with a live capacity announcement: models, free slots,
   reachability (an open connection now, or known through gossip only) and reputation in this peer's ledger;
-* ``requests``: the requests this peer took part in (sent through its gateway, executed, or verified), newest
-  first, each with its executor, the VRF ranking re-checked here (``elect`` verifies every proof again), the
-  verifiers' signed verdicts and the quorum's outcome. Sources: the gateway's own completions and the signed
-  receipts in this peer's ledger; the verdicts inside a receipt are decoded and their signatures checked
-  before they are shown (a receipt is another party's bytes);
+* ``requests``: the requests this peer took part in (sent through its gateway, bid on, executed, or verified),
+  newest first, each with its executor, the VRF ranking re-checked here (``elect`` verifies every proof again),
+  the verifiers' signed verdicts and the quorum's outcome. Sources: the gateway's own completions, the signed
+  receipts in this peer's ledger, and the clients' signed ``BidSet`` elections this peer received as a bidder
+  or executor. A receipt's own bid set and verdicts are decoded and their signatures checked before they are
+  shown (a receipt is another party's bytes); a bidder that got no receipt sees the ranking but no outcome;
 * ``ledger``: this peer's own credits and penalties, with units, and its balance over time.
 
 The election and verdict descriptions are pure functions (:func:`describe_election`, :func:`describe_verdicts`);
@@ -19,15 +20,17 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Sequence
 
-from ..election import elect
+from ..election import NOT_ELIGIBLE, elect
 from ..identity import peer_id_from_public_key
 from ..status import is_departed_client
-from ..wire import Bid, Receipt, Verdict, WireError, decode_signed, now_ms
+from ..wire import Bid, BidSet, Receipt, Verdict, WireError, decode_signed, now_ms
+from ..wire.messages import MAX_BID_SET_BYTES
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
+    from ..request.server import SeenElection
 
 NETWORK_PATH = "/v1/p2pinfer/network"
 RECENT_REQUESTS = 24        # requests shown
@@ -64,9 +67,13 @@ def vrf_position(output: bytes) -> float:
 
 
 def describe_election(request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid], executor: str | None,
-                      verifiers: Sequence[str] = ()) -> dict[str, Any]:
-    """The ranking re-derived from the bids: every VRF proof verified again, right here."""
-    result = elect(request_id, epoch_seed, list(bids))
+                      verifiers: Sequence[str] = (), excluded: Collection[bytes] = ()) -> dict[str, Any]:
+    """The ranking re-derived from the bids: every VRF proof verified again, right here. ``excluded``: the
+    keys a signed ``BidSet`` leaves out of the election (the client's ledger excluded them, openly)."""
+    eligible = {b.public_key for b in bids} - set(excluded) if excluded else None
+    result = elect(request_id, epoch_seed, list(bids), eligible=eligible)
+    # a key the client's signed set excludes openly is no invalid bid: it is left out, and counted apart
+    invalid = [r for r in result.rejected if not (excluded and r.reason == NOT_ELIGIBLE)]
     ranking = []
     for rank, ranked in enumerate(result.ranking):
         peer_id = peer_id_from_public_key(ranked.public_key)
@@ -75,9 +82,10 @@ def describe_election(request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid],
                         "role": "executor" if peer_id == executor else "verifier" if peer_id in verifiers else "bidder"})
     first = ranking[0]["peer_id"] if ranking else None
     return {
-        "proof": "checked" if not result.rejected else "invalid-bids",
+        "proof": "checked" if not invalid else "invalid-bids",
         "bids": len(bids),
-        "invalid_bids": [{"reason": r.reason, "detail": r.detail[:120]} for r in result.rejected],
+        "excluded": len(result.rejected) - len(invalid),
+        "invalid_bids": [{"reason": r.reason, "detail": r.detail[:120]} for r in invalid],
         "ranking": ranking,
         # the executor ranked first (the usual case) or later after failovers; anything else is worth a look
         "executor_rank": next((r["rank"] for r in ranking if r["peer_id"] == executor), None),
@@ -91,16 +99,19 @@ class ElectionCache:
 
     def __init__(self, size: int = 4 * RECENT_REQUESTS) -> None:
         self.size = size
-        self._done: dict[tuple[bytes, str | None], dict[str, Any]] = {}
+        self._done: dict[tuple[bytes, str | None, tuple[str, ...]], dict[str, Any]] = {}
         self._lock = threading.Lock()  # pages are built in worker threads, possibly two at once
 
-    def describe(self, request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid], executor: str | None,
-                 verifiers: Sequence[str] = ()) -> dict[str, Any]:
-        key = (request_id, executor)
+    def cached(self, request_id: bytes, executor: str | None, verifiers: Sequence[str] = ()) -> dict[str, Any] | None:
         with self._lock:
-            found = self._done.get(key)
+            return self._done.get((request_id, executor, tuple(verifiers)))
+
+    def describe(self, request_id: bytes, epoch_seed: bytes, bids: Sequence[Bid], executor: str | None,
+                 verifiers: Sequence[str] = (), excluded: Collection[bytes] = ()) -> dict[str, Any]:
+        key = (request_id, executor, tuple(verifiers))  # the roles differ by view: a bidder knows no verifiers
+        found = self.cached(request_id, executor, verifiers)
         if found is None:
-            found = describe_election(request_id, epoch_seed, bids, executor, verifiers)
+            found = describe_election(request_id, epoch_seed, bids, executor, verifiers, excluded)
             with self._lock:
                 self._done[key] = found
                 while len(self._done) > self.size:
@@ -160,14 +171,39 @@ def request_from_failure(record: Any, me: str) -> dict[str, Any]:
     }
 
 
+NOT_SEEN = {"proof": "not-seen", "ranking": [], "bids": None, "invalid_bids": []}
+
+
+def receipt_bid_set(receipt: Receipt) -> BidSet | None:
+    """The election inside a receipt: a ``BidSet`` validly signed by the receipt's client for its request, or
+    None (absent, unparsable, or someone else's: a receipt's contents are another party's bytes)."""
+    if not receipt.bid_set:
+        return None
+    try:
+        signed = decode_signed(receipt.bid_set, expect=BidSet, max_size=MAX_BID_SET_BYTES)
+    except WireError:
+        return None
+    if signed.signer != receipt.client or signed.message.request_id != receipt.request_id:
+        return None
+    return signed.message
+
+
+def describe_bid_set(bid_set: BidSet, executor: str | None, verifiers: Sequence[str],
+                     cache: ElectionCache) -> dict[str, Any]:
+    return cache.describe(bid_set.request_id, bid_set.epoch_seed, bid_set.bids, executor, verifiers,
+                          bid_set.excluded)
+
+
 def request_from_receipt(receipt: Receipt, me: str, model_names: Mapping[bytes, str],
-                         elections: Mapping[bytes, tuple[bytes, tuple[Bid, ...]]],
-                         cache: ElectionCache) -> dict[str, Any]:
+                         elections: Mapping[bytes, "SeenElection"], cache: ElectionCache) -> dict[str, Any]:
     executor = peer_id_from_public_key(receipt.executor)
     verifiers = [peer_id_from_public_key(k) for k in receipt.verifiers]
-    evidence = elections.get(receipt.request_id)
-    election = (cache.describe(receipt.request_id, evidence[0], evidence[1], executor, verifiers)
-                if evidence else {"proof": "not-seen", "ranking": [], "bids": None, "invalid_bids": []})
+    election = cache.cached(receipt.request_id, executor, verifiers)
+    if election is None:
+        # the set this peer received itself, else the one the receipt carries (checked: signed by its client)
+        seen = elections.get(receipt.request_id)
+        bid_set = seen.bid_set if seen is not None else receipt_bid_set(receipt)
+        election = describe_bid_set(bid_set, executor, verifiers, cache) if bid_set is not None else NOT_SEEN
     return {
         "request_id": receipt.request_id.hex(), "at_ms": receipt.issued_at_ms,
         "model": model_names.get(receipt.model, receipt.model.hex()[:16]),
@@ -175,6 +211,21 @@ def request_from_receipt(receipt: Receipt, me: str, model_names: Mapping[bytes, 
         "via": "receipt", "client": peer_id_from_public_key(receipt.client), "executor": executor,
         "tokens": receipt.output_tokens, "outcome": receipt.outcome, "election": election,
         "verdicts": describe_verdicts(checked_receipt_verdicts(receipt), verifiers), "refusals": [],
+    }
+
+
+def request_from_election(seen: "SeenElection", me: str, model_names: Mapping[bytes, str],
+                          cache: ElectionCache) -> dict[str, Any]:
+    """A request this peer bid on (or executed) and holds no receipt for: the client's signed election, ranked
+    and every proof re-checked; the outcome is unknown here (receipts go to the executor and verifiers)."""
+    s = seen.bid_set
+    executor = me if seen.executed else None
+    return {
+        "request_id": s.request_id.hex(), "at_ms": s.issued_at_ms,
+        "model": model_names.get(seen.model, seen.model.hex()[:16]),
+        "role": "executor" if seen.executed else "bidder", "via": "bid-set",
+        "client": peer_id_from_public_key(seen.client), "executor": executor, "tokens": None,
+        "outcome": "unknown", "election": describe_bid_set(s, executor, (), cache), "verdicts": [], "refusals": [],
     }
 
 
@@ -286,11 +337,12 @@ def model_names(node: Any, server: Any) -> dict[bytes, str]:
 
 
 def merge_requests(from_gateway: Iterable[dict[str, Any]], from_receipts: Iterable[dict[str, Any]],
-                   limit: int = RECENT_REQUESTS) -> list[dict[str, Any]]:
-    """Newest first, one row per request: the gateway's own view wins (it saw the whole election)."""
+                   from_elections: Iterable[dict[str, Any]] = (), limit: int = RECENT_REQUESTS) -> list[dict[str, Any]]:
+    """Newest first, one row per request: the gateway's own view wins (it saw the whole election), then a
+    receipt's (it has the outcome), then a bare election (a bidder's view)."""
     rows: dict[str, dict[str, Any]] = {}
     for row in from_gateway:
         rows[row["request_id"]] = row
-    for row in from_receipts:
+    for row in (*from_receipts, *from_elections):
         rows.setdefault(row["request_id"], row)
     return sorted(rows.values(), key=lambda r: r["at_ms"], reverse=True)[:limit]

@@ -170,11 +170,11 @@ function verdictSummary(v) {
 
 function renderRequest(r) {
   const card = el("div", {class: "request", "data-request-id": r.request_id});
-  const known = ["accepted", "rejected", "unverified", "skipped"].includes(r.outcome);
+  const known = ["accepted", "rejected", "unverified", "skipped", "unknown"].includes(r.outcome);
   const outcome = el("span", {class: "badge outcome " + (known ? "" : "failed ") + r.outcome},
-                     known ? r.outcome : r.outcome.replace(/_/g, " "));
+                     r.outcome === "unknown" ? "outcome not told" : known ? r.outcome : r.outcome.replace(/_/g, " "));
   card.append(el("div", {class: "head"}, outcome, el("b", {}, r.model),
-    el("span", {class: "muted"}, plural(r.tokens, "token")), el("span", {class: "muted"}, ago(r.at_ms)),
+    el("span", {class: "muted"}, r.tokens === null ? "" : plural(r.tokens, "token")), el("span", {class: "muted"}, ago(r.at_ms)),
     el("span", {class: "muted"}, "you were the " + (r.role === "named" ? "peer named" : r.role)),
     el("span", {class: "mono muted", title: r.request_id}, "request " + r.request_id.slice(0, 12) + "…")));
   const e = r.election;
@@ -183,19 +183,23 @@ function renderRequest(r) {
                    (r.executor ? " (last executor tried: " + short(r.executor) + ")" : "")));
     return card;
   }
-  card.append(el("div", {}, "executed by ", who(r.executor)));
+  if (r.executor) card.append(el("div", {}, "executed by ", who(r.executor)));
+  else card.append(el("div", {}, "requested by ", who(r.client), el("span", {class: "muted"},
+                      " (this peer bid; the receipt goes to the executor and verifiers only)")));
   if (e.proof === "not-seen") {
-    card.append(el("div", {class: "muted election"}, "election: this peer did not see the bids (it only verified)"));
+    card.append(el("div", {class: "muted election"}, "election: this peer did not see the bids (its receipt carries no signed bid set)"));
   } else {
     const valid = e.ranking.length;
     const text = e.proof === "checked"
       ? "election: " + plural(valid, "VRF proof") + " checked here, all valid"
       : "election: " + valid + " of " + e.bids + " proofs valid; " + e.invalid_bids.length + " rejected";
+    const left = e.excluded ? "; " + plural(e.excluded, "bidder") + " left out by the client's signed exclusions" : "";
     card.append(el("div", {class: "election"}, el("span", {class: "badge " + (e.proof === "checked" ? "accept" : "reject")},
                                                     e.proof === "checked" ? "proofs checked" : "invalid bids"),
-                   " ", text));
+                   " ", text + left));
     card.append(rankingBar(e));
   }
+  if (r.via === "bid-set") return card;  // a bidder is told the election, not the verdicts
   const list = el("ul", {class: "verdicts"});
   if (r.verdicts.length === 0) list.append(el("li", {class: "muted"}, "no verifier was asked (no other peer serves this model)"));
   for (const v of r.verdicts) {

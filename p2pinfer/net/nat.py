@@ -60,6 +60,7 @@ from .addrs import PeerInfo
 from .errors import DialError
 from .keys import to_libp2p_id
 from .publicaddrs import CIRCUIT, announceable, ip_of
+from ..wording import plural
 
 log = get_logger("p2pinfer.net.nat")
 
@@ -276,10 +277,10 @@ class NatTraversal:
         if ok:
             where = _addr_text(ok[0][1])
             return ReachabilityStatus(Reachability.PUBLIC,
-                                      f"dialled back at {where} by {len(ok)} of {len(answers)} peers")
+                                      f"dialled back at {where} by {len(ok)} of {plural(len(answers), 'peer')}")
         if failed:
             return ReachabilityStatus(Reachability.UNREACHABLE,
-                                      f"behind NAT or firewall: {len(failed)} peers could not dial us back")
+                                      f"behind NAT or firewall: {plural(len(failed), 'peer')} could not dial us back")
         return None
 
     # ---- relays -------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from .text import TokenizerCache, VerifiedText
 from .protocol import MAX_TASK_FRAME, VERIFY_TIMEOUT_S
 from .settling import (Verification, ask_verifiers, build_fraud_proof, build_receipt, deliver_receipt,
                        fraud_proof_size_ok)
+from ..wording import plural
 
 VERIFY_MODES = ("async", "wait", "off")
 # What an assignment adds to the request: bids, the signed bid set, failover evidence (generous bound), so a
@@ -368,11 +369,11 @@ class AsyncClient:
         if v.outcome == Outcome.REJECTED:
             raise ResultRejected(
                 f"the result of {completion.executor} was rejected by {v.tally.rejects} of "
-                f"{len(v.verifiers)} verifiers; its output is withheld and the executor is "
+                f"{plural(len(v.verifiers), 'verifier')}; its output is withheld and the executor is "
                 f"now excluded by this client: retry to get another executor", v)
         if v.outcome != Outcome.ACCEPTED:
             raise QuorumNotReached(
-                f"no majority of the {len(v.verifiers)} verifiers accepted the result "
+                f"no majority of the {plural(len(v.verifiers), 'verifier')} accepted the result "
                 f"({v.tally.accepts if v.tally else 0} accepted, "
                 f"{len(v.refusals)} did not judge); the output is withheld as unverified: "
                 "retry, or use verify='async' to accept unverified output", v)

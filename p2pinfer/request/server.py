@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import trio
 
@@ -37,6 +37,7 @@ from ..net import FrameStream, NetError, Node
 from ..runtime import GeneratedToken, LoadedModel, SamplingParams, TokenStream, generate, sampling_seed
 from ..wire import (
     Assignment,
+    BidSet,
     InferenceResult,
     ModelOffer,
     Refusal,
@@ -117,6 +118,18 @@ class TaskRecord:
     finished_at_ms: int
 
 
+@dataclass(frozen=True)
+class SeenElection:
+    """A client's signed election this peer received: as a bidder (the ``BidSet`` the client sent every bidder)
+    or as the executor (the set inside the assignment). Its signature was checked; the network page re-checks
+    every VRF proof in it."""
+
+    bid_set: BidSet
+    client: bytes  # the public key that signed the offer and the set
+    model: bytes
+    executed: bool  # we accepted an assignment of this request
+
+
 class TaskServer:
     """Serves offers and assignments.
 
@@ -143,8 +156,9 @@ class TaskServer:
         self.max_busy = 0  # most requests ever run at once (observability; tests check concurrency)
         self.counters: Counter[str] = Counter()
         self.recent: deque[TaskRecord] = deque(maxlen=RECENT_TASKS)
-        # request ID -> (epoch seed, bids) of the assignments we accepted: anyone can re-check those elections
-        self.recent_elections: dict[bytes, tuple[bytes, tuple[Any, ...]]] = {}
+        # request ID -> the client's signed election as we received it (as a bidder, or in an assignment we
+        # accepted): the network page re-checks every VRF proof in it
+        self.recent_elections: OrderedDict[bytes, SeenElection] = OrderedDict()
         self._vrf_key = vrf.SecretKey(identity.seed)
         self._assignments = ReplayGuard()
         self.participation = participation if participation is not None else Participations()
@@ -220,6 +234,8 @@ class TaskServer:
             # set only to the bidders in it, so only a set the client itself delivered can accuse it.
             self.counters["bid_set.forwarded"] += 1
             return b""
+        # the election as its client told us (for the network page; a forwarded copy proves and shows nothing)
+        self._remember_election(signed.message, client.signer, client.message.model, executed=False)
         evidence = UnfairBidSet(offer=known[0], bid=known[1], bid_set=body)
         problem = check_unfair_bid_set(evidence)
         if problem is None:
@@ -231,6 +247,13 @@ class TaskServer:
         log.warning("bid_set.unfair", request_id=signed.message.request_id.hex()[:16], client=peer_id,
                     reason=problem)
         return b""
+
+    def _remember_election(self, bid_set: BidSet, client: bytes, model: bytes, *, executed: bool) -> None:
+        """Keep a client-signed election for the network page (bounded: the oldest are forgotten)."""
+        self.recent_elections[bid_set.request_id] = SeenElection(bid_set, client, model, executed)
+        self.recent_elections.move_to_end(bid_set.request_id)
+        while len(self.recent_elections) > RECENT_TASKS:
+            self.recent_elections.popitem(last=False)
 
     # ---- assignments -> tokens ----------------------------------------------------------------------
 
@@ -258,9 +281,8 @@ class TaskServer:
             await frames.send(self._refusal(request_id, code, message))
             return
         self.counters["elections.won"] += 1
-        self.recent_elections[request_id] = (assignment.epoch_seed, tuple(assignment.bids))  # for the network page
-        while len(self.recent_elections) > RECENT_TASKS:
-            del self.recent_elections[next(iter(self.recent_elections))]
+        self._remember_election(decode_bid_set(assignment.bid_set).message, request.client, request.model,
+                                executed=True)
         model = self.models[request.model]
         try:
             prompt_ids = model.prompt_ids(
