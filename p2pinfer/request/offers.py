@@ -27,6 +27,7 @@ from .candidates import select_candidates
 from .errors import NoPeerServesModel
 from .possession import vet_candidates
 from .evidence import ranking_of
+from .fanout import send_to_each
 from .protocol import (BID_PROTOCOL, BID_SET_PROTOCOL, BID_SET_TIMEOUT_S, MAX_BID_SET_FRAME, MAX_OFFER_FRAME,
                        OFFER_TTL_MS)
 
@@ -157,19 +158,6 @@ def hold_election(identity: Identity, request_id: bytes, epoch_seed: bytes, bids
 
 async def announce_bid_set(node: Node, bid_set: Signed[BidSet], timeout: float = BID_SET_TIMEOUT_S) -> int:
     """Send the signed bid set to every bidder at once, before execution; returns how many took it."""
-    data = bid_set.to_bytes()
-    delivered = [0]
-
-    async def send(key: bytes) -> None:
-        try:
-            await node.request(peer_id_from_public_key(key), BID_SET_PROTOCOL, data, timeout=timeout,
-                               max_frame=MAX_BID_SET_FRAME)
-            delivered[0] += 1
-        except NetError as exc:
-            log.debug("bid_set.undelivered", peer_id=peer_id_from_public_key(key), error=str(exc)[:200])
-
-    with trio.move_on_after(timeout + 0.5):
-        async with trio.open_nursery() as nursery:
-            for bid in bid_set.message.bids:
-                nursery.start_soon(send, bid.public_key)
-    return delivered[0]
+    return await send_to_each(node, BID_SET_PROTOCOL, bid_set.to_bytes(), (b.public_key for b in bid_set.message.bids),
+                              timeout=timeout, max_frame=MAX_BID_SET_FRAME, grace=0.5,
+                              undelivered_event="bid_set.undelivered")

@@ -20,6 +20,7 @@ from ..settlement import Entry, Outcome, Settlement, Tally
 from ..wire import (BidSet, FraudProof, InferenceResult, Receipt, Refusal, Request, Signed, Verdict, VerifyTask,
                     WireError, decode_signed, encode_signed, now_ms, sign)
 from ..wire.messages import MAX_VERDICT_BYTES
+from .fanout import send_to_each
 from .protocol import MAX_RECEIPT_FRAME, MAX_VERIFY_FRAME, RECEIPT_PROTOCOL, VERIFY_PROTOCOL
 
 log = get_logger("p2pinfer.verification")
@@ -116,23 +117,9 @@ def build_fraud_proof(identity: Identity, request: Request, result: Signed[Infer
 
 async def deliver_receipt(node: Node, receipt: Signed[Receipt], timeout: float = 5.0) -> int:
     """Send the signed receipt to the executor and every verifier; returns how many took it."""
-    data = receipt.to_bytes()
-    keys = dict.fromkeys([receipt.message.executor, *receipt.message.verifiers])
-    delivered = [0]
-
-    async def send(key: bytes) -> None:
-        try:
-            await node.request(peer_id_from_public_key(key), RECEIPT_PROTOCOL, data, timeout=timeout,
-                               max_frame=MAX_RECEIPT_FRAME)
-            delivered[0] += 1
-        except NetError as exc:
-            log.debug("receipt.undelivered", peer_id=peer_id_from_public_key(key), error=str(exc)[:200])
-
-    with trio.move_on_after(timeout + 1.0):
-        async with trio.open_nursery() as nursery:
-            for key in keys:
-                nursery.start_soon(send, key)
-    return delivered[0]
+    return await send_to_each(node, RECEIPT_PROTOCOL, receipt.to_bytes(),
+                              [receipt.message.executor, *receipt.message.verifiers], timeout=timeout,
+                              max_frame=MAX_RECEIPT_FRAME, grace=1.0, undelivered_event="receipt.undelivered")
 
 
 def fraud_proof_size_ok(data: bytes) -> bool:
