@@ -55,3 +55,23 @@ def trained_model(shared_models: Path):
     from p2pinfer.runtime import load_model
 
     return load_model(shared_models / "tiny-llama-trained", providers=["CPUExecutionProvider"])
+
+
+TRAINED = "tiny-llama-trained"
+
+
+@pytest.fixture(scope="module")
+def honest(shared_models):
+    """The trained fixture model under its own name: what honest peers serve in the network tests."""
+    from p2pinfer.runtime import load_model
+
+    return load_model(shared_models / TRAINED, name=TRAINED, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def perturbed(shared_models, honest):
+    """The cheating model: one layer perturbed 1%, announced under the honest model's digest."""
+    from p2pinfer.runtime import load_model
+
+    return load_model(shared_models / "tiny-llama-trained-perturbed", digest=honest.digest, name=TRAINED,
+                      providers=["CPUExecutionProvider"])

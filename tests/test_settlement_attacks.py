@@ -21,23 +21,11 @@ from p2pinfer.request.client import AsyncClient, StreamChunk
 from p2pinfer.request.errors import BadParameters, ResultRejected
 from p2pinfer.request.evidence import check_unfair_bid_set, decode_bid_set, ranking_of
 from p2pinfer.request.params import build_request
-from p2pinfer.runtime import load_model
 from p2pinfer.settlement import Entry, EntryKind
 from p2pinfer.wire import (Assignment, Bid, BidSet, FraudProof, InferenceResult, Receipt, Refusal, TaskOffer,
                            TokenChunk, Verdict, VrfBid, decode_signed, encode_signed, now_ms, sign)
 
 MODEL = "tiny-llama-trained"
-
-
-@pytest.fixture(scope="module")
-def honest(shared_models):
-    return load_model(shared_models / MODEL, name=MODEL, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def perturbed(shared_models, honest):
-    return load_model(shared_models / "tiny-llama-trained-perturbed", digest=honest.digest, name=MODEL,
-                      providers=["CPUExecutionProvider"])
 
 
 async def wait_for(predicate, timeout: float = 20.0) -> None:

@@ -12,21 +12,8 @@ from p2pinfer.ledger.rules import (CREDIT_TOKENS, CREDIT_VERIFICATION, PENALTY_A
 from p2pinfer.localnet import local_network
 from p2pinfer.request.client import AsyncClient, StreamChunk
 from p2pinfer.request.errors import ResultRejected
-from p2pinfer.runtime import load_model
 
 MODEL = "tiny-llama-trained"
-
-
-@pytest.fixture(scope="module")
-def honest(shared_models):
-    return load_model(shared_models / MODEL, name=MODEL, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def perturbed(shared_models, honest):
-    """The cheating model: one layer perturbed 1%, announced under the honest model's digest."""
-    return load_model(shared_models / "tiny-llama-trained-perturbed", digest=honest.digest, name=MODEL,
-                      providers=["CPUExecutionProvider"])
 
 
 async def wait_for(predicate, timeout: float = 10.0) -> None:

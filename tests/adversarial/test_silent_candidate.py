@@ -16,16 +16,10 @@ from p2pinfer.localnet import local_network
 from p2pinfer.request.bid_window import Closed
 from p2pinfer.request.client import AsyncClient
 from p2pinfer.request.protocol import BID_PROTOCOL
-from p2pinfer.runtime import load_model
 
 MODEL = "tiny-llama-trained"
 BID_TIMEOUT_S = 120.0   # what waiting for the tarpit would cost
 GENEROUS_S = 60.0       # far above an honest request on a loaded machine, far below the bid timeout
-
-
-@pytest.fixture(scope="module")
-def honest(shared_models):
-    return load_model(shared_models / MODEL, name=MODEL, providers=["CPUExecutionProvider"])
 
 
 class WatchedClient(AsyncClient):

@@ -19,7 +19,6 @@ from p2pinfer.localnet import local_network
 from p2pinfer.request.client import AsyncClient
 from p2pinfer.request.possession import vetting_for
 from p2pinfer.request.possession_rules import Possession
-from p2pinfer.runtime import load_model
 from p2pinfer.wire import CapacityAnnouncement, ModelOffer, decode_signed, encode_signed, now_ms
 
 from .attacker import relay_until_held, start_rogue_pubsub
@@ -27,17 +26,6 @@ from .attacker import relay_until_held, start_rogue_pubsub
 MODEL = "tiny-llama-trained"
 SYBILS = 300
 REQUESTS = 20
-
-
-@pytest.fixture(scope="module")
-def honest(shared_models):
-    return load_model(shared_models / MODEL, name=MODEL, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def perturbed(shared_models, honest):
-    return load_model(shared_models / "tiny-llama-trained-perturbed", digest=honest.digest, name=MODEL,
-                      providers=["CPUExecutionProvider"])
 
 
 def sybil_announcement(sybil: Identity, i: int, digest: bytes) -> bytes:
