@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..wire.hashing import tagged_hash
-from .sampling import SamplingParams, acceptable_rows, is_acceptable
+from .sampling import SamplingParams, is_acceptable
+from .tiebreak import ReferenceRow, check_rows as sampler_check_rows
 
 FORMAT = "topk8-q16/1"
 VERSION = 1
@@ -164,7 +165,9 @@ class FingerprintChecker:
     1. structure: IDs distinct and inside the vocabulary, claimed values non-increasing;
     2. every claimed value within ``a`` of ``lp[id]`` (a saturated value only needs ``lp[id] <= c + a``);
     3. no unclaimed token above the claimed k-th value by more than ``a``;
-    4. the emitted token is one the seeded sampler could have picked (:func:`sampling.is_acceptable`).
+    4. the emitted token is the seeded sampler's pick by :func:`.tiebreak.check_rows`: admissible under the
+       drift (:func:`sampling.is_acceptable`) and, where more than one token is, the float64 reference's pick
+       (``reference_row``: output index -> reference log-prob row; None leaves such rows open).
     """
 
     fingerprint: Fingerprint
@@ -178,6 +181,7 @@ class FingerprintChecker:
     failed: int = 0
     checked: int = 0
     stop_at_first: bool = False
+    reference_row: ReferenceRow | None = None
     _claimed: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -212,7 +216,8 @@ class FingerprintChecker:
         other = masked.max(axis=1)
         excess = np.maximum(other - claimed[:, -1], 0.0)
         tokens = np.asarray(self.output_ids[start:stop], dtype=np.int64)
-        sampler_ok = acceptable_rows(lp, self.params, self.seed_material, start, tokens, self.tolerance)
+        sampler_ok = sampler_check_rows(lp, self.params, self.seed_material, start, tokens, self.tolerance,
+                                        self.reference_row)
         good = ~malformed_ids
         if np.any(good):
             self.max_deviation = max(self.max_deviation, float(np.max(np.maximum(worst, excess)[good])))
@@ -239,7 +244,8 @@ class FingerprintChecker:
                            f"k-th log-prob {claimed[j, -1]:.6f} by {excess[j]:.3g}")
         else:
             _, why = is_acceptable(lp[j], self.params, self.seed_material, i, int(tokens[j]), self.tolerance)
-            self.reason = why or "seeded sampler would not pick this token"
+            self.reason = why or ("seeded sampler: a near tie at this index (more than one token within the "
+                                  "drift), and the float64 reference picks another token")
 
     def verdict(self) -> FingerprintVerdict:
         return FingerprintVerdict(

@@ -7,7 +7,8 @@ Two faces over the same step machine (:class:`Generation`):
   (``trio.to_thread.run_sync``), so the event loop never blocks; it yields :class:`GeneratedToken` and holds
   the :class:`GenerationResult` in ``.result`` when exhausted.
 
-Output index ``i`` is sampled from (seed material, i, the log-probs at that position, params) only, so
+Output index ``i`` is picked by :func:`.tiebreak.resolve` from (seed material, i, the log-probs at that
+position, params) — and, at a near tie only, the float64 reference row of prompt + output so far — so
 ``prefix_ids`` (tokens another executor already emitted) continue a request exactly where it stopped.
 The output includes the EOS token when one ends generation (its text does not); a stop string ends
 generation after the token that completes it, and the returned text is cut before the stop string.
@@ -25,7 +26,9 @@ import trio
 from ..log import get_logger
 from .fingerprint import FORMAT, Fingerprint, FingerprintBuilder, commitment
 from .model import KVCache, LoadedModel
-from .sampling import GREEDY, SamplingParams, log_softmax, sample
+from .reference import reference_for
+from .sampling import GREEDY, SamplingParams, log_softmax
+from .tiebreak import resolve
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.generate")
@@ -179,7 +182,7 @@ class Generation:
         t0 = time.perf_counter()
         i = len(self.output_ids)
         lp = self._next_logprobs
-        token = sample(lp, self.params, self.seed_material, i)
+        token = resolve(lp, self.params, self.seed_material, i, self.model.tolerance, self._reference_row)
         self._fp.add(lp)
         self.output_ids.append(token)
         is_eos = self.stop_at_eos and token in self.model.eos_token_ids
@@ -207,6 +210,11 @@ class Generation:
             self._next_logprobs = log_softmax(logits[-1])
         self._decode_s += time.perf_counter() - t0
         return GeneratedToken(i, token, text)
+
+    def _reference_row(self, index: int) -> np.ndarray:
+        """The float64 reference row predicting output index ``index`` (a near tie only; see tiebreak)."""
+        seq = [*self.prompt_ids, *self.output_ids[:index]]
+        return reference_for(self.model).logprobs(seq, last=1)[0]
 
     def _cut_at_stop(self, before: int) -> bool:
         """Cut the text at the first stop string that the newest text completes."""

@@ -2,7 +2,9 @@
 
 The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model (in chunks of
 :data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens over the KV cache, which bounds memory), takes the
-log-softmax rows that predicted each output token, and runs :class:`~.fingerprint.FingerprintChecker`.
+log-softmax rows that predicted each output token, and runs :class:`~.fingerprint.FingerprintChecker`. At a
+near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
+(:mod:`.reference`, run for that row only).
 Before that it checks what needs no model: format, commitment, row count, and that the finish reason fits
 the output (an output cut short, or running on past EOS or a stop string, is rejected).
 """
@@ -19,6 +21,7 @@ from .fingerprint import FORMAT, Fingerprint, FingerprintChecker, FingerprintFor
     commitment as fingerprint_commitment, unpack
 from .generate import PREFILL_CHUNK
 from .model import LoadedModel
+from .reference import reference_for
 from .sampling import SamplingParams, log_softmax
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -112,7 +115,11 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     if any(not 0 <= t < vocab for t in prompt_ids + output_ids):
         return _reject(None, "token ID outside the model's vocabulary")
 
-    checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first)
+    def reference_row(index: int) -> np.ndarray:  # only at near ties (see tiebreak)
+        return reference_for(model).logprobs(prompt_ids + output_ids[:index], last=1)[0]
+
+    checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
+                                 reference_row=reference_row)
     first_row = len(prompt_ids) - 1
     cache = model.empty_cache()
     for lo in range(0, len(seq), PREFILL_CHUNK):

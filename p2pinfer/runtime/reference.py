@@ -1,0 +1,312 @@
+"""A float64 forward pass of a served ONNX graph: the arbiter of near ties (see :mod:`.tiebreak`).
+
+onnxruntime computes in float32, and two honest configurations (threads, optimization levels, KV decode or
+one prefill, onnxruntime versions) differ by up to the calibrated tolerance per log-prob. Where the seeded
+sampler's decision is closer than that, :mod:`.tiebreak` asks this module instead: the same graph, the same
+weights, every floating-point value and every operation in float64. Two honest machines running it differ by
+float64 rounding (~1e-12 relative), so its pick is the same everywhere except at a true key gap below ~1e-10.
+
+How it runs:
+
+* the graph is read once, with the weights **not copied**: external data is memory-mapped read-only (the
+  page cache holds it once for every reader) and float32 weights are widened to float64 one node input at a
+  time, so only the matrix in use (and, for ``MatMulNBits``, one block of 4,096 dequantized rows) exists in
+  float64;
+* nodes run with ``onnx.reference``'s numpy operators, in graph order, pruned to what ``logits`` needs, and
+  every intermediate is freed after its last use;
+* ``Cast`` (and ``ConstantOfShape``) to a float type produce float64; the com.microsoft operators the GGUF
+  importer emits (``MatMulNBits``, ``GroupQueryAttention``) have float64 implementations here;
+* past key/value inputs are empty: one prefill over the whole sequence (no KV cache, so nothing can drift
+  between a decode path and a prefill path), and with ``logits_to_keep`` only the requested rows pay for the
+  LM head.
+
+Matrix products go through numpy's BLAS in float64. It is slow next to onnxruntime (seconds per row for
+SmolLM2 at a few hundred tokens; ``benchmarks/sampler_freedom.py`` reports it) and only ever runs at the few
+positions the float32 rule cannot decide. Callers in async code run it in a worker thread, as they do every
+forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from .digest import ModelFormatError
+
+CONTRIB_DOMAIN = "com.microsoft"
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+_WIDEN = (np.float32, np.float16)
+_DEQUANT_ROWS = 4096  # MatMulNBits output rows dequantized at a time (a float64 buffer of rows x K)
+
+
+class ReferenceUnsupported(ModelFormatError):
+    """The graph uses an operator or attribute the float64 reference does not implement."""
+
+
+# ---- com.microsoft operators in float64 ---------------------------------------------------------------
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., m]`` -> codes ``[..., 2m]``: element 2i is the low nibble of byte i, 2i+1 the high one."""
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = packed & 15
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+class MatMulNBits(OpRun):
+    """``A @ dequantize(B).T`` (4-bit codes, per-block scale and zero point), dequantized in float64."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(self, A, B, scales, zero_points=None, g_idx=None, bias=None, K=None, N=None, bits=None,  # noqa: N803
+             block_size=None, accuracy_level=None):
+        if bits != 4:
+            raise ReferenceUnsupported(f"MatMulNBits with bits={bits} (the reference implements 4)")
+        if g_idx is not None and g_idx.size:
+            raise ReferenceUnsupported("MatMulNBits with g_idx")
+        if zero_points is not None and zero_points.size and zero_points.dtype != np.uint8:
+            raise ReferenceUnsupported("MatMulNBits with float zero points")
+        k_, n_, bs = int(K), int(N), int(block_size)
+        n_blocks = (k_ + bs - 1) // bs
+        scale = np.asarray(scales, dtype=np.float64).reshape(n_, n_blocks, 1)
+        if zero_points is None or not zero_points.size:
+            zp = np.full((n_, n_blocks), 8, dtype=np.uint8)
+        else:
+            zp = _unpack_nibbles(zero_points.reshape(n_, -1))[:, :n_blocks]
+        uniform = bool(np.all(zp == zp.flat[0]))  # the GGUF importer writes one zero point per term
+        # byte -> (low nibble, high nibble) as float64, minus the zero point when it is the same everywhere
+        lut = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.float64)
+        if uniform:
+            lut -= float(zp.flat[0])
+        a = np.asarray(A, dtype=np.float64)
+        flat = a.reshape(-1, a.shape[-1])
+        out = np.empty((flat.shape[0], n_), dtype=np.float64)
+        packed = B.reshape(n_, n_blocks, -1)
+        for lo in range(0, n_, _DEQUANT_ROWS):
+            hi = min(n_, lo + _DEQUANT_ROWS)
+            w = lut[packed[lo:hi]].reshape(hi - lo, n_blocks, bs)  # one gather: exact small integers
+            if not uniform:
+                w -= zp[lo:hi, :, None]
+            w *= scale[lo:hi]
+            out[:, lo:hi] = flat @ w.reshape(hi - lo, -1)[:, :k_].T
+        if bias is not None:
+            out += np.asarray(bias, dtype=np.float64)
+        return (out.reshape(a.shape[:-1] + (n_,)),)
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
+    """RoPE on ``x [b, heads, s, d]`` with ``cos``/``sin`` ``[b, 1, s, d/2]``."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x2 * cos + x1 * sin
+        return out
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class GroupQueryAttention(OpRun):
+    """Causal grouped-query attention with optional rotary embedding, past KV in BNSH layout."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(self, query, key, value, past_key=None, past_value=None, seqlens_k=None, total_sequence_length=None,
+             cos_cache=None, sin_cache=None, *extra, num_heads=None, kv_num_heads=None, scale=None,
+             do_rotary=None, rotary_interleaved=None, local_window_size=None, softcap=None,
+             smooth_softmax=None):
+        if key is None or value is None:
+            raise ReferenceUnsupported("GroupQueryAttention with packed QKV")
+        if any(e is not None and getattr(e, "size", 0) for e in extra):
+            raise ReferenceUnsupported("GroupQueryAttention with position_ids, attention_bias or head_sink")
+        if (local_window_size not in (None, -1)) or (softcap not in (None, 0.0)) or smooth_softmax:
+            raise ReferenceUnsupported("GroupQueryAttention with a local window, softcap or smooth softmax")
+        nh, nkv = int(num_heads), int(kv_num_heads)
+        b, s, _ = query.shape
+        hd = query.shape[-1] // nh
+        q = np.asarray(query, np.float64).reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
+        k = np.asarray(key, np.float64).reshape(b, s, nkv, hd).transpose(0, 2, 1, 3)
+        v = np.asarray(value, np.float64).reshape(b, s, nkv, hd).transpose(0, 2, 1, 3)
+        total = np.asarray(seqlens_k, dtype=np.int64).reshape(b) + 1  # valid keys per batch row
+        past_len = total - s
+        if np.any(past_len < 0):
+            raise ReferenceUnsupported("GroupQueryAttention with seqlens_k shorter than the new tokens")
+        if do_rotary:
+            pos = past_len[:, None] + np.arange(s)[None, :]  # [b, s]
+            cos = np.asarray(cos_cache, np.float64)[pos][:, None]  # [b, 1, s, hd/2]
+            sin = np.asarray(sin_cache, np.float64)[pos][:, None]
+            q = _rotate(q, cos, sin, bool(rotary_interleaved))
+            k = _rotate(k, cos, sin, bool(rotary_interleaved))
+        past_k = np.zeros((b, nkv, 0, hd)) if past_key is None else np.asarray(past_key, np.float64)
+        past_v = np.zeros((b, nkv, 0, hd)) if past_value is None else np.asarray(past_value, np.float64)
+        if past_k.shape[2] and np.any(past_len != past_k.shape[2]):
+            raise ReferenceUnsupported("GroupQueryAttention with a past buffer longer than its sequence")
+        k_all = np.concatenate([past_k, k], axis=2)
+        v_all = np.concatenate([past_v, v], axis=2)
+        t = k_all.shape[2]
+        factor = float(scale) if scale else 1.0 / math.sqrt(hd)
+        groups = nh // nkv
+        qg = q.reshape(b, nkv, groups * s, hd)
+        scores = (qg @ k_all.transpose(0, 1, 3, 2)) * factor  # [b, nkv, groups*s, t]
+        query_pos = np.tile(np.arange(s), groups)[None, :] + past_len[:, None]  # [b, groups*s]
+        blocked = (np.arange(t)[None, None, :] > query_pos[:, :, None]) | \
+            (np.arange(t)[None, None, :] >= total[:, None, None])
+        scores = np.where(blocked[:, None], -np.inf, scores)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        ctx = (probs @ v_all).reshape(b, nh, s, hd).transpose(0, 2, 1, 3).reshape(b, s, nh * hd)
+        return ctx, k_all, v_all
+
+
+CONTRIB_OPS = (MatMulNBits, GroupQueryAttention)
+
+
+# ---- the graph --------------------------------------------------------------------------------------
+
+
+def _external_array(tensor: onnx.TensorProto, base: Path) -> np.ndarray:
+    """A read-only memory map of an initializer's external data (never a copy)."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = (base / info["location"]).resolve()
+    if base.resolve() not in location.parents:
+        raise ModelFormatError(f"initializer {tensor.name!r} points outside the model folder")
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(int(d) for d in tensor.dims)
+    offset = int(info.get("offset", 0))
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
+
+
+def _widen_attributes(graph: onnx.GraphProto) -> None:
+    """Casts and constant fills to a float type produce float64 instead."""
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i in _FLOAT_TYPES:
+                    attr.i = TensorProto.DOUBLE
+        elif node.domain in ("", "ai.onnx") and node.op_type == "ConstantOfShape":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+                    value = numpy_helper.to_array(attr.t).astype(np.float64)
+                    attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
+        for attr in node.attribute:
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise ReferenceUnsupported(f"control flow ({node.op_type}) in the graph")
+
+
+class ReferenceModel:
+    """The float64 evaluation of one ``model.onnx``. Thread-safe (one run at a time)."""
+
+    def __init__(self, onnx_path: Path | str, *, kv_heads: int, head_dim: int) -> None:
+        path = Path(onnx_path)
+        proto = onnx.load(str(path), load_external_data=False)
+        graph = proto.graph
+        self._inits: dict[str, np.ndarray] = {}
+        for tensor in graph.initializer:
+            if tensor.data_location == TensorProto.EXTERNAL:
+                self._inits[tensor.name] = _external_array(tensor, path.parent)
+            else:
+                self._inits[tensor.name] = numpy_helper.to_array(tensor)
+        del graph.initializer[:]
+        _widen_attributes(graph)
+        self._input_names = [i.name for i in graph.input]
+        self._ids_dtype = helper.tensor_dtype_to_np_dtype(
+            next(i for i in graph.input if i.name == "input_ids").type.tensor_type.elem_type)
+        self._kv_shape = (1, int(kv_heads), 0, int(head_dim))
+        try:
+            evaluator = ReferenceEvaluator(proto, new_ops=list(CONTRIB_OPS))
+        except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
+            raise ReferenceUnsupported(f"{path}: the float64 reference cannot run this graph: {exc}") from None
+        needed = self._prune(evaluator.rt_nodes_, "logits")
+        self._nodes = needed
+        self._last_use: dict[str, int] = {}
+        for k, node in enumerate(needed):
+            for name in node.input:
+                self._last_use[name] = k
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _prune(nodes: list[Any], output: str) -> list[Any]:
+        want = {output}
+        keep = []
+        for node in reversed(nodes):
+            if want.intersection(node.output):
+                keep.append(node)
+                want.update(n for n in node.input if n)
+        keep.reverse()
+        return keep
+
+    def logprobs(self, ids: Sequence[int], *, last: int = 1) -> np.ndarray:
+        """float64 log-softmax rows ``[last, vocab]``: the last ``last`` positions after one pass over ``ids``."""
+        s = len(ids)
+        if s == 0 or not 1 <= last <= s:
+            raise ValueError("logprobs needs at least one token and 1 <= last <= len(ids)")
+        feed: dict[str, Any] = {
+            "input_ids": np.asarray([ids], dtype=self._ids_dtype),
+            "attention_mask": np.ones((1, s), dtype=np.int64),
+        }
+        if "position_ids" in self._input_names:
+            feed["position_ids"] = np.arange(s, dtype=np.int64)[None]
+        if "logits_to_keep" in self._input_names or "logits_to_keep" in self._inits:
+            feed["logits_to_keep"] = np.array([last], dtype=np.int64)
+        for name in self._input_names:
+            if name.startswith("past_key_values."):
+                feed[name] = np.zeros(self._kv_shape, dtype=np.float64)
+        with self._lock:
+            logits = self._run(feed)
+        rows = np.asarray(logits, dtype=np.float64)[0][-last:]
+        rows = rows - rows.max(axis=-1, keepdims=True)
+        return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+
+    def _run(self, feed: dict[str, Any]) -> np.ndarray:
+        results: dict[str, Any] = {"": None, **self._inits, **feed}
+        for k, node in enumerate(self._nodes):
+            inputs = []
+            for name in node.input:
+                value = results[name]
+                if isinstance(value, np.ndarray) and value.dtype in _WIDEN:
+                    value = value.astype(np.float64)  # transient: this node's input only
+                inputs.append(value)
+            try:
+                outputs = node.run(*inputs, context=results) if node.need_context() else node.run(*inputs)
+            except ReferenceUnsupported:
+                raise
+            except Exception as exc:  # onnx.reference raises many types for what it cannot do
+                raise ReferenceUnsupported(f"float64 reference failed at {node.op_type} "
+                                           f"{getattr(node.onnx_node, 'name', '')!r}: {exc}") from None
+            for name, value in zip(node.output, outputs):
+                results[name] = value
+            for name in node.input:
+                if self._last_use.get(name) == k and name in results and name != "logits":
+                    del results[name]
+        return results["logits"]
+
+
+_cache_lock = threading.Lock()
+
+
+def reference_for(model: Any) -> ReferenceModel:
+    """The (lazily built, then kept) :class:`ReferenceModel` of a :class:`~.model.LoadedModel`.
+
+    Kept on the model object: building it parses the graph and maps the weights (no float64 copy is held).
+    """
+    with _cache_lock:
+        ref = getattr(model, "_reference_model", None)
+        if ref is None:
+            empty = model.empty_cache().arrays[0].shape
+            ref = ReferenceModel(Path(model.path) / "model.onnx", kv_heads=empty[1], head_dim=empty[3])
+            object.__setattr__(model, "_reference_model", ref)
+        return ref

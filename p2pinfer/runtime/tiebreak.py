@@ -1,0 +1,104 @@
+"""The one rule for which token an output index must hold: float32 where it decides, float64 where it cannot.
+
+Why a second computation at all. The seeded sampler (:mod:`.sampling`) is a deterministic function of the
+log-probs, and every honest party computes those in float32 with its own drift (threads, optimization levels,
+KV decode or prefill, onnxruntime versions), bounded by its calibrated tolerance ``tol``. Any decision taken
+from drifting values has an ambiguous band as wide as the drift: at a position whose two best Gumbel keys
+are closer than ``2*tol/T``, an honest executor and an honest verifier can pick different tokens, so a check
+that accepts every honest executor must accept both — and an executor that knows the noise can choose
+(issue 13: 3 such positions in 10,000 on SmolLM2 at T = 0.8, however the check is tuned). The only way to
+leave no choice is to decide those positions by a computation whose drift is negligible: the float64
+reference forward pass (:mod:`.reference`), run only there.
+
+The rule, at output index ``i`` with seed material ``seed`` and sampling params ``params``:
+
+* a party computes its own float32 log-prob row and :func:`.sampling.admissible_tokens` under its own
+  tolerance: the tokens some drift of at most ``tol`` could make the sampler's pick. That set is the
+  party's **ambiguity detector**;
+* one token ``t`` in it: the pick is ``t``;
+* more than one: the pick is :func:`.sampling.sample` on the float64 reference row (same seed, noise,
+  top-k/top-p, greedy too) for prompt + output so far.
+
+The executor emits the pick (:func:`resolve`); a verifier accepts a claimed token exactly when it is the pick
+by its own row (:func:`check_rows`).
+
+Proof sketch. Let ``E`` be the exact-arithmetic log-probs of the model and suppose each party's float32 row
+is within its ``tol`` of ``E`` (what calibration measures; ``tests/test_reference.py`` and
+``benchmarks/sampler_freedom.py`` check the float32-to-float64 distance against it). (1) If a party's set is
+``{t}``, then ``t`` is the sampler's pick on ``E``: ``E`` is one of the drifts the set ranges over, and the
+sampler picks exactly one token on it. (2) The reference row differs from ``E`` by float64 rounding
+(~1e-12), so its pick equals the pick on ``E`` unless the exact key gap is below ~1e-10 — probability
+~1e-10·(1/T) per position. (3) Hence every honest party's pick, by whichever branch, is the pick on ``E``:
+an honest executor and an honest verifier agree (no false reject), and a token other than that pick is
+rejected by every honest verifier (no choice), both except with negligible probability. The fingerprint's
+log-prob check is unchanged and still binds the claimed rows to the recomputed ones.
+
+Cost: the reference runs only at ambiguous positions (a share of ~``2*tol/T`` per position on each side;
+``benchmarks/sampler_freedom.py`` counts them), lazily, once per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..log import get_logger
+from .sampling import SamplingParams, acceptable_rows, admissible_tokens, sample
+
+ReferenceRow = Callable[[int], np.ndarray]
+"""Output index -> the float64 reference log-prob row that predicts that index."""
+
+
+def _log():  # bound per call, so that log.configure() made later still applies
+    return get_logger("p2pinfer.runtime.tiebreak")
+
+
+def is_ambiguous(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
+                 tolerance: float) -> bool:
+    """Could drift of at most ``tolerance`` change the sampler's pick from this row? (More than one token
+    admissible.)"""
+    return len(admissible_tokens(logprobs, params, seed_material, index, tolerance)) > 1
+
+
+def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, tolerance: float,
+            reference_row: ReferenceRow) -> int:
+    """The token an executor emits at ``index`` from its own float32 row (see the module docstring)."""
+    admitted = admissible_tokens(logprobs, params, seed_material, index, tolerance)
+    if len(admitted) == 1:
+        return int(admitted[0])
+    token = sample(reference_row(index), params, seed_material, index)
+    _log().info("tiebreak.reference", index=index, admitted=len(admitted), token=token,
+                fp32_pick=sample(logprobs, params, seed_material, index))
+    return token
+
+
+def check_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
+               tokens: np.ndarray, tolerance: float, reference_row: ReferenceRow | None) -> np.ndarray:
+    """Per row (output index ``start_index + r``): is ``tokens[r]`` the pick by this verifier's rows?
+
+    A token outside the admissible set is rejected at once; at an ambiguous row the token must equal the
+    reference pick. ``reference_row`` None (pure tooling without a model) accepts any admissible token —
+    the drift-only rule, which leaves a choice at ambiguous rows; :func:`.verify.verify_result` always
+    passes one.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    ok = acceptable_rows(lp, params, seed_material, start_index, tokens, tolerance)
+    if reference_row is None:
+        return ok
+    if params.greedy:  # vectorized: rows with a second log-prob within 2*tol of the best
+        crowded = np.sum(lp >= lp.max(axis=1, keepdims=True) - 2.0 * tolerance, axis=1) > 1
+        suspects = np.flatnonzero(ok & crowded)
+    else:
+        suspects = np.flatnonzero(ok)
+    for r in suspects:
+        i = start_index + int(r)
+        admitted = admissible_tokens(lp[r], params, seed_material, i, tolerance)
+        if len(admitted) <= 1:
+            continue
+        pick = sample(reference_row(i), params, seed_material, i)
+        ok[r] = int(tokens[r]) == pick
+        _log().info("tiebreak.checked", index=i, admitted=len(admitted), token=int(tokens[r]), reference=pick,
+                    accept=bool(ok[r]), reference_admitted=bool(pick in admitted))
+    return ok
