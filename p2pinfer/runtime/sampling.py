@@ -341,3 +341,40 @@ def acceptable_rows(logprobs: np.ndarray, params: SamplingParams, seed_material:
         if in_vocab[r]:
             ok[r] = is_acceptable(lp[r], params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
     return ok
+
+
+def sampled_verdicts(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
+                     tokens: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (output index ``start_index + r``) of a sampled (not greedy) request: ``ok`` as
+    :func:`acceptable_rows` gives it, and ``near_tie``: more than one token is admissible
+    (``len(admissible_tokens(...)) > 1``), which :mod:`.tiebreak` settles with the float64 reference.
+
+    Without top-k/top-p both come from one pass over the keys, so the near-tie test costs nothing extra: a
+    token is accepted when its key is within the slack of the best other key, and, given that, the row is a
+    near tie exactly when the two best keys are within the slack of each other. With top-k/top-p it is
+    :func:`is_acceptable` and :func:`admissible_tokens`.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    n, vocab = lp.shape
+    tokens = np.asarray(tokens, dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    near = np.zeros(n, dtype=bool)
+    slack = sampler_slack(params, tolerance)
+    plain = (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0
+    for r in range(n):
+        t, i = int(tokens[r]), start_index + r
+        if not 0 <= t < vocab:
+            continue
+        if not plain:
+            ok[r] = is_acceptable(lp[r], params, seed_material, i, t, tolerance)[0]
+            near[r] = ok[r] and len(admissible_tokens(lp[r], params, seed_material, i, tolerance)) > 1
+            continue
+        keys = gumbel_keys(lp[r] / params.temperature, seed_material, i, slack)
+        best = int(np.argmax(keys))
+        first = float(keys[best])
+        keys[best] = -np.inf
+        second = float(np.max(keys))
+        own = first if t == best else float(keys[t])
+        ok[r] = own >= (second if t == best else first) - slack
+        near[r] = ok[r] and second >= first - slack
+    return ok, near

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..log import get_logger
-from .sampling import SamplingParams, acceptable_rows, admissible_tokens, sample
+from .sampling import SamplingParams, acceptable_rows, admissible_tokens, sample, sampled_verdicts
 
 ReferenceRow = Callable[[int], np.ndarray]
 """Output index -> the float64 reference log-prob row that predicts that index."""
@@ -84,19 +84,16 @@ def check_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: byte
     """
     lp = np.asarray(logprobs, dtype=np.float64)
     tokens = np.asarray(tokens, dtype=np.int64)
-    ok = acceptable_rows(lp, params, seed_material, start_index, tokens, tolerance)
+    if params.greedy:  # vectorized: a near tie has a second log-prob within 2*tol of the best
+        ok = acceptable_rows(lp, params, seed_material, start_index, tokens, tolerance)
+        near = ok & (np.sum(lp >= lp.max(axis=1, keepdims=True) - 2.0 * tolerance, axis=1) > 1)
+    else:  # one pass over the keys gives both (no cost beyond the drift-only check)
+        ok, near = sampled_verdicts(lp, params, seed_material, start_index, tokens, tolerance)
     if reference_row is None:
         return ok
-    if params.greedy:  # vectorized: rows with a second log-prob within 2*tol of the best
-        crowded = np.sum(lp >= lp.max(axis=1, keepdims=True) - 2.0 * tolerance, axis=1) > 1
-        suspects = np.flatnonzero(ok & crowded)
-    else:
-        suspects = np.flatnonzero(ok)
-    for r in suspects:
+    for r in np.flatnonzero(near):
         i = start_index + int(r)
         admitted = admissible_tokens(lp[r], params, seed_material, i, tolerance)
-        if len(admitted) <= 1:
-            continue
         pick = sample(reference_row(i), params, seed_material, i)
         ok[r] = int(tokens[r]) == pick
         _log().info("tiebreak.checked", index=i, admitted=len(admitted), token=int(tokens[r]), reference=pick,
