@@ -70,7 +70,7 @@ def test_reference_is_one_pass_per_request_and_keeps_no_float64_weights(trained_
     all_rows = ref.logprobs(ids, last=len(ids))
     for n in (1, 5, len(ids)):
         np.testing.assert_allclose(ref.logprobs(ids[:n], last=1)[0], all_rows[n - 1], rtol=0, atol=1e-10)
-    assert all(arr.dtype != np.float64 for arr in ref._inits.values())
+    assert all(value.dtype != np.float64 for value in ref._inits.values())
     assert reference_for(trained_model) is ref
 
 

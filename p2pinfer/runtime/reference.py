@@ -8,10 +8,10 @@ float64 rounding (~1e-12 relative), so its pick is the same everywhere except at
 
 How it runs:
 
-* the graph is read once, with the weights **not copied**: external data is memory-mapped read-only (the
-  page cache holds it once for every reader) and float32 weights are widened to float64 one node input at a
-  time, so only the matrix in use (and, for ``MatMulNBits``, one block of 4,096 dequantized rows) exists in
-  float64;
+* the graph is read once, with the weights **not copied**: external data is memory-mapped read-only for the
+  length of one run (the page cache holds it once for every reader; an idle reference maps nothing) and
+  float32 weights are widened to float64 one node input at a time, so only the matrix in use (and, for
+  ``MatMulNBits``, one block of 4,096 dequantized rows) exists in float64;
 * nodes run with ``onnx.reference``'s numpy operators, in graph order, pruned to what ``logits`` needs, and
   every intermediate is freed after its last use;
 * ``Cast`` (and ``ConstantOfShape``) to a float type produce float64; the com.microsoft operators the GGUF
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -175,19 +176,31 @@ CONTRIB_OPS = (MatMulNBits, GroupQueryAttention)
 # ---- the graph --------------------------------------------------------------------------------------
 
 
-def _external_array(tensor: onnx.TensorProto, base: Path) -> np.ndarray:
-    """A read-only memory map of an initializer's external data (never a copy)."""
+@dataclass(frozen=True)
+class _External:
+    """Where an initializer's bytes are; mapped (read-only, never copied) for the length of one run only, so an
+    idle reference holds none of the weights."""
+
+    location: Path
+    dtype: np.dtype
+    offset: int
+    shape: tuple[int, ...]
+
+    def map(self) -> np.ndarray:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(self.shape, dtype=self.dtype)
+        return np.memmap(self.location, dtype=self.dtype, mode="r", offset=self.offset,
+                         shape=(count,)).reshape(self.shape)
+
+
+def _external(tensor: onnx.TensorProto, base: Path) -> _External:
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = (base / info["location"]).resolve()
     if base.resolve() not in location.parents:
         raise ModelFormatError(f"initializer {tensor.name!r} points outside the model folder")
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    shape = tuple(int(d) for d in tensor.dims)
-    offset = int(info.get("offset", 0))
-    count = int(np.prod(shape, dtype=np.int64))
-    if count == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
+    return _External(location, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)),
+                     int(info.get("offset", 0)), tuple(int(d) for d in tensor.dims))
 
 
 def _widen_attributes(graph: onnx.GraphProto) -> None:
@@ -214,10 +227,10 @@ class ReferenceModel:
         path = Path(onnx_path)
         proto = onnx.load(str(path), load_external_data=False)
         graph = proto.graph
-        self._inits: dict[str, np.ndarray] = {}
+        self._inits: dict[str, np.ndarray | _External] = {}
         for tensor in graph.initializer:
             if tensor.data_location == TensorProto.EXTERNAL:
-                self._inits[tensor.name] = _external_array(tensor, path.parent)
+                self._inits[tensor.name] = _external(tensor, path.parent)
             else:
                 self._inits[tensor.name] = numpy_helper.to_array(tensor)
         del graph.initializer[:]
@@ -272,7 +285,9 @@ class ReferenceModel:
         return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
 
     def _run(self, feed: dict[str, Any]) -> np.ndarray:
-        results: dict[str, Any] = {"": None, **self._inits, **feed}
+        results: dict[str, Any] = {"": None, **feed}
+        for name, value in self._inits.items():
+            results.setdefault(name, value.map() if isinstance(value, _External) else value)
         for k, node in enumerate(self._nodes):
             inputs = []
             for name in node.input:
