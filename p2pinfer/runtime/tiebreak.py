@@ -44,7 +44,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ..log import get_logger
-from .sampling import SamplingParams, acceptable_rows, admissible_tokens, sample, sampled_verdicts
+from .sampling import (SamplingParams, acceptable_rows, admissible_tokens, gumbel_keys, sample, sampled_verdicts,
+                       sampler_slack)
 
 ReferenceRow = Callable[[int], np.ndarray]
 """Output index -> the float64 reference log-prob row that predicts that index."""
@@ -61,12 +62,32 @@ def is_ambiguous(logprobs: np.ndarray, params: SamplingParams, seed_material: by
     return len(admissible_tokens(logprobs, params, seed_material, index, tolerance)) > 1
 
 
+def _plain_pick(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
+                tolerance: float) -> int | None:
+    """The sampler's pick when no drift of at most ``tolerance`` can change it, None at a near tie; for
+    sampling without top-k/top-p, in one pass over the keys (the cost of :func:`.sampling.sample`)."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    slack = sampler_slack(params, tolerance)
+    keys = gumbel_keys(lp / params.temperature, seed_material, index, slack)
+    best = int(np.argmax(keys))
+    first = float(keys[best])
+    keys[best] = -np.inf
+    return best if float(np.max(keys)) < first - slack else None
+
+
 def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, tolerance: float,
             reference_row: ReferenceRow) -> int:
     """The token an executor emits at ``index`` from its own float32 row (see the module docstring)."""
-    admitted = admissible_tokens(logprobs, params, seed_material, index, tolerance)
-    if len(admitted) == 1:
-        return int(admitted[0])
+    plain = not params.greedy and params.top_k == 0 and params.top_p >= 1.0
+    if plain:
+        token = _plain_pick(logprobs, params, seed_material, index, tolerance)
+        if token is not None:
+            return token
+        admitted = admissible_tokens(logprobs, params, seed_material, index, tolerance)
+    else:
+        admitted = admissible_tokens(logprobs, params, seed_material, index, tolerance)
+        if len(admitted) == 1:
+            return int(admitted[0])
     token = sample(reference_row(index), params, seed_material, index)
     _log().info("tiebreak.reference", index=index, admitted=len(admitted), token=token,
                 fp32_pick=sample(logprobs, params, seed_material, index))
