@@ -4,8 +4,7 @@ On every shared fixture, calibration measures honest drift (threads x optimizati
 prefill) and sets ``tolerance = max(1e-5, 4 x drift)``. An executor running the same model with its weights
 rounded to fp16, or with 0.1 % multiplicative weight noise (variants built here from the fixture's own
 weights), is rejected, by more than another safety factor (deviation > 4 x tolerance); honest variants are
-accepted. Before, the 1e-3 floor accepted both on tiny-qwen2 and
-tiny-gpt2.
+accepted. Before, the 1e-3 floor accepted both on tiny-qwen2 and tiny-gpt2.
 """
 
 from __future__ import annotations
