@@ -248,7 +248,7 @@ class LoadedModel:
         if self.tolerance is None:
             raise ModelNotCalibratedError(
                 f"model {self.name} ({self.digest_hex[:12]}) has no measured tolerance; calibrate it first: "
-                f"`p2pinfer models calibrate {self.digest_hex[:12]}`, or p2pinfer.runtime.calibrate(model)")
+                f"`p2pinfer models calibrate {self.digest_hex[:12]}`, or p2pinfer.runtime.ensure_tolerance(model)")
         return self.tolerance
 
     @property
