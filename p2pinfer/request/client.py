@@ -396,8 +396,12 @@ class AsyncClient:
         ranking = [r.public_key for r in election.ranking]
         executed = ranking[:ranking.index(result.signer) + 1]
         verifier_keys = pick_verifiers(ranking, executed, self.quorum)
+        # the lower ranks' last signed words: the verifiers re-check the failover as the executor did
+        lower = set(ranking[:ranking.index(result.signer)])
         verdicts, refusals = await ask_verifiers(self.node, self.identity, request, result, verifier_keys,
-                                                 inherited, self.verify_timeout)
+                                                 inherited, self.verify_timeout, bid_set=evidence.bid_set,
+                                                 evidence=[e for k, e in progress.evidence.items() if k in lower],
+                                                 quorum=self.quorum)
         t = tally(verdicts, verifiers=verifier_keys, request_id=result.message.request_id,
                   result_hash=result.message_id)
         s: Settlement = settle(t, executor=result.signer, output_tokens=len(result.message.output_ids),

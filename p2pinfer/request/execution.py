@@ -29,7 +29,7 @@ from ..wire import (Assignment, InferenceResult, Refusal, Request, Signed, Token
 from .evidence import chain_start, extend_chain
 from .offers import ElectionEvidence
 from .text import VerifiedText
-from .protocol import MAX_TASK_FRAME, TASK_PROTOCOL
+from .protocol import FAILOVER_STATUS_TIMEOUT_S, MAX_TASK_FRAME, TASK_PROTOCOL
 
 log = get_logger("p2pinfer.client")
 
@@ -110,8 +110,12 @@ async def run_attempt(node: Node, identity: Identity, request: Request, request_
         if before_assigning is not None:
             await before_assigning()
         await frames.send(assignment_bytes)
+        # At attempt k > 0 the executor may first ask lower ranks that left no signed word for their status
+        # (each within FAILOVER_STATUS_TIMEOUT_S, at once): its first frame may come that much later.
+        wait = stall_timeout + (FAILOVER_STATUS_TIMEOUT_S if attempt > 0 and len(progress.evidence) < attempt else 0.0)
         while True:
-            body = await frames.receive(timeout=stall_timeout)
+            body = await frames.receive(timeout=wait)
+            wait = stall_timeout
             if body is None:
                 raise _Failed("failed:closed-before-result", Fault.UNPROVEN)
             # The stream is authenticated (Noise): bytes on it are the peer's own.
