@@ -51,6 +51,12 @@ BID_SET_TIMEOUT_S = 2.0             # the client waits this long for bidders to 
 # this is a generous bound for a loaded peer, not a tight deadline; the client waits this much longer than its
 # stall timeout for the first frame of an attempt k > 0 (execution.py), so the bound fits the request's budget.
 FAILOVER_STATUS_TIMEOUT_S = 10.0
+# The client waits this long (at most its stall timeout) for an executor's first frame, its signed acceptance,
+# which an honest executor sends right after checking the election (a few ms of VRF checks in a worker thread).
+# An elected peer that reads the assignment and says nothing costs a request this long (plus the status wait
+# at the next rank), not the whole stall timeout; a slow honest executor that misses it loses the task to the
+# next rank (its acceptance, handed to that rank, lets it take over) and is never penalized.
+ACCEPT_TIMEOUT_S = 10.0
 
 OFFER_TTL_MS = 30_000               # an offer is valid this long after it is made
 REQUEST_MAX_AGE_MS = 10 * 60_000    # an executor refuses requests created longer ago than this
