@@ -123,5 +123,5 @@ class PeerRateLimiter:
         return 0.0 if bucket is None else bucket.retry_after(now)
 
 
-__all__ = ["Rate", "TokenBucket", "PeerRateLimiter", "OFFER_RATE", "VERIFY_RATE", "RECEIPT_RATE", "STATUS_RATE", "MAX_TRACKED_PEERS",
-           "OVER_LIMIT_DELAY_S"]
+__all__ = ["Rate", "TokenBucket", "PeerRateLimiter", "OFFER_RATE", "VERIFY_RATE", "RECEIPT_RATE", "STATUS_RATE",
+           "MAX_TRACKED_PEERS", "OVER_LIMIT_DELAY_S"]

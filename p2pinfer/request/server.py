@@ -382,7 +382,13 @@ class TaskServer:
         if not check.unanswered:
             return None, check.bid_set_id, (), state
         # A lower rank the client holds no signed word from: we ask it ourselves what became of the request.
-        answers = await self._ask_lower_ranks(check.unanswered, request_id, check.bid_set_id)
+        try:
+            answers = await self._ask_lower_ranks(check.unanswered, request_id, check.bid_set_id)
+        except BaseException:
+            if not state.last_word:  # abandoned while asking: never "pending" for good (that would block rank k+1)
+                state.last_word = self._refusal(request_id, "invalid", "the assignment was abandoned before this "
+                                                                       "peer answered; it did not run it")
+            raise
         alive = [k for k, a in answers.items() if a is StatusAnswer.NOT_FAILED]
         if alive:
             self.counters["refused.skipped-rank"] += 1

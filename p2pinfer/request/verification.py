@@ -153,7 +153,8 @@ class VerificationService:
             self.counters[f"verify.unbound.{check.problem}"] += 1
             log.info("verify.unbound", peer_id=peer_id, request_id=request_id.hex()[:16], reason=check.problem,
                      detail=check.detail[:200])
-            code = "invalid" if check.problem in (VerifyRefusal.NO_ELECTION, VerifyRefusal.BAD_ELECTION) else "not-winner"
+            unsigned = check.problem in (VerifyRefusal.NO_ELECTION, VerifyRefusal.BAD_ELECTION)
+            code = "invalid" if unsigned else "not-winner"
             return self._refusal(request_id, code, f"{check.problem}: {check.detail}; a verify task must carry the "
                                                    "client's signed bid set and go to the ranks right after the "
                                                    "executor's")
