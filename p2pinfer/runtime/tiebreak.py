@@ -75,9 +75,15 @@ def _plain_pick(logprobs: np.ndarray, params: SamplingParams, seed_material: byt
     return best if float(np.max(keys)) < first - slack else None
 
 
-def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, tolerance: float,
-            reference_row: ReferenceRow) -> int:
-    """The token an executor emits at ``index`` from its own float32 row (see the module docstring)."""
+def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
+            tolerance: float | None, reference_row: ReferenceRow) -> int:
+    """The token an executor emits at ``index`` from its own float32 row (see the module docstring).
+
+    ``tolerance`` None (a model not calibrated yet: calibration's own greedy runs, tooling) cannot tell a near
+    tie and takes the float32 pick; a peer serves only calibrated models, so no served output is made so.
+    """
+    if tolerance is None:
+        return sample(logprobs, params, seed_material, index)
     plain = not params.greedy and params.top_k == 0 and params.top_p >= 1.0
     if plain:
         token = _plain_pick(logprobs, params, seed_material, index, tolerance)
