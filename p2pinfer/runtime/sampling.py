@@ -159,6 +159,74 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class LogProbRows:
+    """Rows of log-probs, kept as the model's logits ``values`` ``[n, vocab]`` and two float64 numbers per row:
+    the log-prob of token ``v`` in row ``r`` is ``(float64(values[r, v]) - shift[r]) - log_norm[r]``.
+
+    :meth:`from_logits` takes ``shift`` (the row maximum) and ``log_norm`` (``log(sum(exp(x - max)))``) with
+    the very operations of :func:`log_softmax`, so every value read through :meth:`at`, :meth:`row` or
+    :meth:`best` has the same bits as the full matrix would — but a verifier reads 9 values per row at greedy
+    positions, not 49,152 (the full float64 matrix of 512 rows is 200 MB, and writing it cost more than the
+    check). Dense log-probs fit too (:meth:`from_logprobs`: shift and log_norm 0, which leave values alone).
+    """
+
+    values: np.ndarray  # [n, vocab], float32 logits or float64 log-probs
+    shift: np.ndarray  # float64 [n]
+    log_norm: np.ndarray  # float64 [n]
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray) -> "LogProbRows":
+        values = np.asarray(logits)
+        n, vocab = values.shape
+        shift, log_norm = np.empty(n), np.empty(n)
+        block = np.empty((min(_LOG_SOFTMAX_ROWS, n), vocab), dtype=np.float64)
+        scratch = np.empty_like(block)
+        for lo in range(0, n, _LOG_SOFTMAX_ROWS):  # log_softmax's loop, without writing the rows back
+            b = block[:min(_LOG_SOFTMAX_ROWS, n - lo)]
+            b[...] = values[lo:lo + b.shape[0]]
+            m = np.max(b, axis=-1, keepdims=True)
+            b -= m
+            tmp = np.exp(b, out=scratch[:b.shape[0]])
+            shift[lo:lo + b.shape[0]] = m[:, 0]
+            log_norm[lo:lo + b.shape[0]] = np.log(np.sum(tmp, axis=-1, keepdims=True))[:, 0]
+        return cls(values, shift, log_norm)
+
+    @classmethod
+    def from_logprobs(cls, logprobs: np.ndarray) -> "LogProbRows":
+        lp = np.asarray(logprobs, dtype=np.float64)
+        return cls(lp, np.zeros(lp.shape[0]), np.zeros(lp.shape[0]))
+
+    @property
+    def n(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def vocab(self) -> int:
+        return int(self.values.shape[1])
+
+    def at(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Log-probs of ``ids`` in ``rows`` (broadcast together, numpy fancy indexing)."""
+        return (self.values[rows, ids].astype(np.float64) - self.shift[rows]) - self.log_norm[rows]
+
+    def row(self, r: int) -> np.ndarray:
+        """One full row of log-probs (float64)."""
+        return (self.values[r].astype(np.float64) - self.shift[r]) - self.log_norm[r]
+
+    def best(self, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the lowest ID of the largest log-prob and that log-prob, leaving out the token IDs
+        ``exclude[r]`` (``[n, k]``, each in the vocabulary). The log-prob is a non-decreasing function of the
+        logit, so the largest logit's log-prob is the largest log-prob, bit for bit."""
+        ids = np.empty(self.n, dtype=np.int64)
+        for lo in range(0, self.n, _LOG_SOFTMAX_ROWS):
+            block = self.values[lo:lo + _LOG_SOFTMAX_ROWS]
+            if exclude is not None:
+                block = block.copy()
+                block[np.arange(block.shape[0])[:, None], exclude[lo:lo + block.shape[0]]] = -np.inf
+            ids[lo:lo + block.shape[0]] = np.argmax(block, axis=1)
+        return ids, self.at(np.arange(self.n), ids)
+
+
 def _rank_order(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Indices into ``ids`` sorted by (-value, id)."""
     return np.lexsort((ids, -values))
@@ -323,21 +391,22 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
                    f"(allowed drift {slack:.3g})")
 
 
-def acceptable_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
-                    tokens: np.ndarray, tolerance: float) -> np.ndarray:
+def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
+                    start_index: int, tokens: np.ndarray, tolerance: float) -> np.ndarray:
     """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
 
     Greedy is vectorized over rows; sampled rows each need their own noise, so they run row by row.
     """
-    lp = np.asarray(logprobs, dtype=np.float64)
-    n, vocab = lp.shape
+    rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
+    n, vocab = rows.n, rows.vocab
     tokens = np.asarray(tokens, dtype=np.int64)
     in_vocab = (tokens >= 0) & (tokens < vocab)
     tok = np.where(in_vocab, tokens, 0)
     if params.greedy:
-        return in_vocab & (lp[np.arange(n), tok] >= lp.max(axis=1) - 2.0 * tolerance)
+        _, best = rows.best()
+        return in_vocab & (rows.at(np.arange(n), tok) >= best - 2.0 * tolerance)
     ok = np.zeros(n, dtype=bool)
     for r in range(n):
         if in_vocab[r]:
-            ok[r] = is_acceptable(lp[r], params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
+            ok[r] = is_acceptable(rows.row(r), params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
     return ok
