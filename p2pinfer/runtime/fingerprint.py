@@ -211,7 +211,9 @@ class FingerprintChecker:
         other_id, other = rows.best(exclude=safe_ids)  # the best unclaimed token
         excess = np.maximum(other - claimed[:, -1], 0.0)
         tokens = np.asarray(self.output_ids[start:stop], dtype=np.int64)
-        sampler_ok = acceptable_rows(rows, self.params, self.seed_material, start, tokens, self.tolerance)
+        # the row maximum is the larger of the best unclaimed and the best claimed value (same bits, no pass)
+        sampler_ok = acceptable_rows(rows, self.params, self.seed_material, start, tokens, self.tolerance,
+                                     row_max=np.maximum(other, actual.max(axis=1)))
         good = ~malformed_ids
         if np.any(good):
             self.max_deviation = max(self.max_deviation, float(np.max(np.maximum(worst, excess)[good])))

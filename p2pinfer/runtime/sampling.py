@@ -222,13 +222,16 @@ class LogProbRows:
         ``exclude[r]`` (``[n, k]``, each in the vocabulary). The log-prob is a non-decreasing function of the
         logit, so the largest logit's log-prob is the largest log-prob, bit for bit."""
         ids = np.empty(self.n, dtype=np.int64)
+        nothing_left = np.zeros(self.n, dtype=bool)
         for lo in range(0, self.n, _LOG_SOFTMAX_ROWS):
             block = self.values[lo:lo + _LOG_SOFTMAX_ROWS]
             if exclude is not None:
                 block = block.copy()
                 block[np.arange(block.shape[0])[:, None], exclude[lo:lo + block.shape[0]]] = -np.inf
-            ids[lo:lo + block.shape[0]] = np.argmax(block, axis=1)
-        return ids, self.at(np.arange(self.n), ids)
+            ids[lo:lo + block.shape[0]] = top = np.argmax(block, axis=1)
+            nothing_left[lo:lo + block.shape[0]] = block[np.arange(block.shape[0]), top] == -np.inf
+        # a row whose every token is excluded has nothing left: -inf, as the max of a fully masked row
+        return ids, np.where(nothing_left, -np.inf, self.at(np.arange(self.n), ids))
 
 
 def _rank_order(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -431,10 +434,12 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
 
 
 def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
-                    start_index: int, tokens: np.ndarray, tolerance: float) -> np.ndarray:
+                    start_index: int, tokens: np.ndarray, tolerance: float,
+                    row_max: np.ndarray | None = None) -> np.ndarray:
     """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
 
     Greedy is vectorized over rows; sampled rows each need their own noise, so they run row by row.
+    ``row_max``: each row's largest log-prob when the caller has it already (greedy reads no other value).
     """
     rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
     n, vocab = rows.n, rows.vocab
@@ -442,7 +447,7 @@ def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams
     in_vocab = (tokens >= 0) & (tokens < vocab)
     tok = np.where(in_vocab, tokens, 0)
     if params.greedy:
-        _, best = rows.best()
+        best = rows.best()[1] if row_max is None else row_max
         return in_vocab & (rows.at(np.arange(n), tok) >= best - 2.0 * tolerance)
     ok = np.zeros(n, dtype=bool)
     for r in range(n):
