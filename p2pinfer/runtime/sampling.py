@@ -31,6 +31,7 @@ run.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass
@@ -316,7 +317,8 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
         neg = -desc  # ascending, for searchsorted
         cum0 = np.concatenate(([0.0], cum))
         q = np.exp(m_vals - top)
-        z_min = float(np.sum(np.exp(scaled[surely] - top))) * math.exp(-d)
+        every = m_ids.size == vocab and bool(surely.all())  # then the masses of z_min are q (same bits)
+        z_min = float(np.sum(q if every else np.exp(scaled[surely] - top))) * math.exp(-d)
         z_max = float(cum[-1]) * math.exp(d)
         head = _nucleus_head(m_vals, desc, q_desc, q, cum0, eps, d, z_min, z_max, params.top_p)
         h_vals = m_vals[head]
@@ -348,14 +350,21 @@ def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, q: n
     everything = np.arange(m_vals.shape[0])
     if not (np.isfinite(desc[0]) and not np.isnan(desc).any()):
         return everything
-    fails_maybe = ~(cum0 * math.exp(-d) / z_max < top_p)  # per count c: "maybe" fails for a value above c
-    q_next = np.concatenate((q_desc, [0.0]))  # the own mass of the largest value below the top c
-    fails_surely = ~(np.maximum(cum0 - q_next, 0.0) * math.exp(d) / z_min < top_p) if z_min > 0 else \
-        np.ones(cum0.shape[0], dtype=bool)
-    both = np.flatnonzero(fails_maybe & fails_surely & (np.arange(cum0.shape[0]) >= 1))
-    if both.size == 0:
+    e_minus, e_plus = math.exp(-d), math.exp(d)
+
+    def fails_maybe(c: int) -> bool:  # "maybe" fails for a value with c values above it (non-decreasing in c)
+        return not cum0[c] * e_minus / z_max < top_p
+
+    def fails_surely(c: int) -> bool:  # and "surely" for the largest value below the top c, own mass taken away
+        own = q_desc[c] if c < q_desc.shape[0] else 0.0
+        return z_min <= 0 or not max(cum0[c] - own, 0.0) * e_plus / z_min < top_p
+
+    counts = range(1, cum0.shape[0])
+    j = bisect.bisect_left(counts, True, key=fails_maybe)  # both grow with c: binary searches
+    j = j + bisect.bisect_left(counts[j:], True, key=fails_surely)
+    if j >= len(counts) or not (fails_maybe(counts[j]) and fails_surely(counts[j])):
         return everything
-    j = int(both[0])
+    j = counts[j]
     tail = (m_vals + eps) < desc[j - 1]
     if not tail.any():
         return everything
