@@ -132,7 +132,7 @@ def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: fl
         return keys
     probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
     best = float(np.max(scaled[probe] - np.log(-np.log(u[probe]))))
-    u_top = np.max(u[finite]) if finite.size < u.shape[0] else np.max(u)
+    u_top = np.max(u)  # over every token: still a bound for the finite ones, without gathering them
     g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)  # the pad covers log's rounding
     keep = finite[scaled[finite] >= best - margin - g_cap]
     keys[keep] = scaled[keep] - np.log(-np.log(u[keep]))
@@ -295,12 +295,12 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
     vocab = lp.shape[0]
     d = tolerance / params.temperature  # how far one scaled value may sit from the executor's
     eps = 2.0 * d  # how far two scaled values may move relative to each other
+    if (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0:
+        return np.ones(vocab, dtype=bool), np.ones(vocab, dtype=bool)  # every token, surely
     scaled = lp / params.temperature
     if params.top_k == 0 or params.top_k >= vocab:
         surely = np.ones(vocab, dtype=bool)
         maybe = np.ones(vocab, dtype=bool)
-        if params.top_p >= 1.0:
-            return maybe, surely
         sorted_desc = np.sort(scaled)[::-1]
     else:
         sorted_desc = np.sort(scaled)[::-1]
