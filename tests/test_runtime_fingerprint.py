@@ -149,7 +149,8 @@ def test_log_prob_rows_are_log_softmax_bit_for_bit(logits: np.ndarray, data: st.
     dense = log_softmax(logits)
     rows = LogProbRows.from_logits(logits)
     for r in range(logits.shape[0]):
-        assert np.array_equal(rows.row(r), dense[r])
+        assert np.array_equal(rows.row(r), dense[r]) and np.array_equal(rows[r], dense[r])
+    assert np.array_equal(np.asarray(rows, dtype=np.float64), dense) and len(rows) == logits.shape[0]
     ids = data.draw(hnp.arrays(np.int64, (logits.shape[0], 8), elements=st.integers(0, logits.shape[1] - 1)))
     r = np.arange(logits.shape[0])[:, None]
     assert np.array_equal(rows.at(r, ids), dense[r, ids])

@@ -218,6 +218,17 @@ class LogProbRows:
         """One full row of log-probs (float64)."""
         return (self.values[r].astype(np.float64) - self.shift[r]) - self.log_norm[r]
 
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, r: int) -> np.ndarray:
+        return self.row(r)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The full float64 matrix, for code that wants one (the same bits; the cost this class avoids)."""
+        dense = (self.values.astype(np.float64) - self.shift[:, None]) - self.log_norm[:, None]
+        return dense if dtype is None else dense.astype(dtype, copy=False)
+
     def best(self, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the lowest ID of the largest log-prob and that log-prob, leaving out the token IDs
         ``exclude[r]`` (``[n, k]``, each in the vocabulary). The log-prob is a non-decreasing function of the
