@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from p2pinfer.runtime.sampling import (
-    G_MAX, SamplingParams, candidate_bounds, gumbel_keys, is_acceptable, log_softmax, sampling_seed, uniforms,
+    G_MAX, SamplingParams, _nucleus_head, candidate_bounds, gumbel_keys, is_acceptable, log_softmax, sampling_seed, uniforms,
 )
 
 SEED = sampling_seed(bytes(32), 7)
@@ -112,6 +112,16 @@ def test_a_nucleus_check_over_the_real_vocabulary_size_agrees_with_the_plain_one
     maybe, surely = candidate_bounds(lp, p, 2.85e-4)
     plain = plain_candidate_bounds(lp, p, 2.85e-4)
     assert np.array_equal(maybe, plain[0]) and np.array_equal(surely, plain[1])
-    assert 0 < surely.sum() <= maybe.sum() < 49152  # a real nucleus: the tail was proven out, not tested
+    assert 0 < surely.sum() <= maybe.sum() < 49152
+    # the tail was proven out, not tested token by token: only a head goes through the binary searches
+    scaled = lp / p.temperature
+    desc = np.sort(scaled)[::-1]
+    d = 2.85e-4 / p.temperature
+    q_desc = np.exp(desc - desc[0])
+    cum0 = np.concatenate(([0.0], np.cumsum(q_desc)))
+    z = float(cum0[-1])
+    head = _nucleus_head(scaled, desc, q_desc, np.exp(scaled - desc[0]), cum0, 2 * d, d, z * math.exp(-d),
+                         z * math.exp(d), p.top_p)
+    assert maybe.sum() <= head.size < 49152 // 2
     token = int(np.flatnonzero(maybe)[0])
     assert isinstance(is_acceptable(lp, p, SEED, 0, token, 2.85e-4)[0], bool)
