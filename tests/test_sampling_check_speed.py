@@ -120,8 +120,7 @@ def test_a_nucleus_check_over_the_real_vocabulary_size_agrees_with_the_plain_one
     q_desc = np.exp(desc - desc[0])
     cum0 = np.concatenate(([0.0], np.cumsum(q_desc)))
     z = float(cum0[-1])
-    head = _nucleus_head(scaled, desc, q_desc, np.exp(scaled - desc[0]), cum0, 2 * d, d, z * math.exp(-d),
-                         z * math.exp(d), p.top_p)
+    head = _nucleus_head(scaled, desc, q_desc, cum0, 2 * d, d, z * math.exp(-d), z * math.exp(d), p.top_p)
     assert maybe.sum() <= head.size < 49152 // 2
     token = int(np.flatnonzero(maybe)[0])
     assert isinstance(is_acceptable(lp, p, SEED, 0, token, 2.85e-4)[0], bool)

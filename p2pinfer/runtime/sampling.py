@@ -320,33 +320,35 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
         surely = scaled > sorted_desc[k] + eps  # at most k-1 others can reach it
     if params.top_p < 1.0:
         top = float(sorted_desc[0])
-        m_ids = np.flatnonzero(maybe)
-        m_vals = scaled[m_ids]
-        desc = sorted_desc if m_ids.size == vocab else np.sort(m_vals)[::-1]
+        all_maybe = bool(maybe.all())  # no top-k cut: no gathering
+        m_ids = None if all_maybe else np.flatnonzero(maybe)
+        m_vals = scaled if all_maybe else scaled[m_ids]
+        desc = sorted_desc if all_maybe else np.sort(m_vals)[::-1]
         q_desc = np.exp(desc - top)
         cum = np.cumsum(q_desc)
         neg = -desc  # ascending, for searchsorted
         cum0 = np.concatenate(([0.0], cum))
         q = np.exp(m_vals - top)
-        every = m_ids.size == vocab and bool(surely.all())  # then the masses of z_min are q (same bits)
+        every = all_maybe and bool(surely.all())  # then the masses of z_min are q (same bits)
         z_min = float(np.sum(q if every else np.exp(scaled[surely] - top))) * math.exp(-d)
         z_max = float(cum[-1]) * math.exp(d)
-        head = _nucleus_head(m_vals, desc, q_desc, q, cum0, eps, d, z_min, z_max, params.top_p)
+        head = _nucleus_head(m_vals, desc, q_desc, cum0, eps, d, z_min, z_max, params.top_p)
         h_vals = m_vals[head]
         n_surely_above = np.searchsorted(neg, -(h_vals + eps), side="left")  # count of desc > v + eps
         n_maybe_above = np.searchsorted(neg, -(h_vals - eps), side="right")  # count of desc >= v - eps
         above_min = cum0[n_surely_above] * math.exp(-d)
         above_max = np.maximum(cum0[n_maybe_above] - q[head], 0.0) * math.exp(d)
+        ids_head = head if m_ids is None else m_ids[head]
         maybe = np.zeros(vocab, dtype=bool)
-        maybe[m_ids[head]] = above_min / z_max < params.top_p
+        maybe[ids_head] = above_min / z_max < params.top_p
         new_surely = np.zeros(vocab, dtype=bool)
         if z_min > 0:
-            new_surely[m_ids[head]] = above_max / z_min < params.top_p
+            new_surely[ids_head] = above_max / z_min < params.top_p
         surely &= new_surely
     return maybe, surely
 
 
-def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, q: np.ndarray, cum0: np.ndarray,
+def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, cum0: np.ndarray,
                   eps: float, d: float, z_min: float, z_max: float, top_p: float) -> np.ndarray:
     """Indices into ``m_vals`` that :func:`candidate_bounds` must test for nucleus membership one by one; every
     other value is provably neither "maybe" nor "surely" in the nucleus (exact: the bounds below use the
@@ -375,15 +377,17 @@ def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, q: n
     j = j + bisect.bisect_left(counts[j:], True, key=fails_surely)
     if j >= len(counts) or not (fails_maybe(counts[j]) and fails_surely(counts[j])):
         return everything
-    j = counts[j]
-    tail = (m_vals + eps) < desc[j - 1]
-    if not tail.any():
+    threshold = desc[counts[j] - 1]
+    # the tail, v + eps < threshold, is a suffix of desc (v + eps only falls along it): one more binary search
+    first_tail = bisect.bisect_left(range(desc.shape[0]), True, key=lambda k: desc[k] + eps < threshold)
+    if first_tail == desc.shape[0]:
         return everything
-    # the bound used q_desc[j]; the exact bound takes the tail's own largest mass
-    q_tail = float(np.max(q[tail]))
-    if z_min > 0 and max(float(cum0[j]) - q_tail, 0.0) * math.exp(d) / z_min < top_p:
+    # the bound used q_desc[j]; the exact one takes the tail's largest own mass (exp of the same values; the
+    # pad covers any last-bit difference between exp over the sorted and the unsorted array)
+    q_tail = float(np.max(q_desc[first_tail:])) * (1.0 + 1e-12)
+    if z_min > 0 and max(float(cum0[counts[j]]) - q_tail, 0.0) * e_plus / z_min < top_p:
         return everything
-    return np.flatnonzero(~tail)
+    return np.flatnonzero((m_vals + eps) >= threshold)
 
 
 def sampler_slack(params: SamplingParams, tolerance: float) -> float:
