@@ -124,3 +124,23 @@ def test_a_nucleus_check_over_the_real_vocabulary_size_agrees_with_the_plain_one
     assert maybe.sum() <= head.size < 49152 // 2
     token = int(np.flatnonzero(maybe)[0])
     assert isinstance(is_acceptable(lp, p, SEED, 0, token, 2.85e-4)[0], bool)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([SamplingParams(temperature=0.8, top_p=0.95),
+                                                   SamplingParams(temperature=1.0, top_k=40),
+                                                   SamplingParams(temperature=0.5, top_k=3, top_p=0.9)]),
+       st.integers(0, 10_000))
+def test_few_rivals_at_full_vocabulary_give_the_admissible_set(seed: int, p: SamplingParams, index: int) -> None:
+    """With top-k/top-p is_acceptable keys only the few rivals (noise up to the largest ID needed); its
+    verdicts must be admissible_tokens' (which keys the whole vocabulary)."""
+    from p2pinfer.runtime.sampling import admissible_tokens, sample
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 3.0, 49152)
+    logits[rng.choice(49152, 3, replace=False)] += 8.0
+    lp = log_softmax(logits.astype(np.float32))
+    admitted = set(admissible_tokens(lp, p, SEED, index, 1e-3).tolist())
+    assert sample(lp, p, SEED, index) in admitted
+    for token in {*admitted, *np.argsort(lp)[-60:].tolist(), *rng.integers(0, 49152, 20).tolist()}:
+        assert is_acceptable(lp, p, SEED, index, int(token), 1e-3)[0] == (token in admitted)

@@ -95,6 +95,7 @@ def noise_key(seed_material: bytes, index: int) -> int:
 _philox = threading.local()  # one generator per thread, re-keyed per position (constructing one costs more)
 G_MAX = -math.log(-math.log1p(-2.0**-54))  # the largest Gumbel value a u of this module can give (< 37.5)
 _PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed
+_FEW_RIVALS = 4096  # is_acceptable computes every rival's key directly up to this many rivals
 _G_PAD = 1e-6  # added to the largest noise of a position before it bounds keys (far above float64 rounding)
 
 
@@ -447,10 +448,20 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
     scaled = lp / params.temperature
     rivals = np.where(surely, scaled, -np.inf)
     rivals[token] = -np.inf
-    u = uniforms(seed_material, index, vocab)
-    rival = gumbel_keys(rivals, seed_material, index, slack, u)
-    winner = int(np.argmax(rival))
-    gap = float(rival[winner]) - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0])
+    rival_ids = np.flatnonzero(np.isfinite(rivals))
+    if rival_ids.size <= _FEW_RIVALS:
+        # top-k/top-p left few rivals: every key of theirs, and noise only up to the largest ID needed (the
+        # Philox stream is the same prefix whatever its length); gumbel_keys' winner, bit for bit
+        u = uniforms(seed_material, index, max(int(rival_ids.max(initial=0)), token) + 1)
+        keys = rivals[rival_ids] - np.log(-np.log(u[rival_ids]))
+        at = int(np.argmax(keys)) if keys.size else -1
+        winner, best_key = (int(rival_ids[at]), float(keys[at])) if keys.size else (0, -np.inf)
+    else:
+        u = uniforms(seed_material, index, vocab)
+        rival = gumbel_keys(rivals, seed_material, index, slack, u)
+        winner = int(np.argmax(rival))
+        best_key = float(rival[winner])
+    gap = best_key - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0])
     if gap <= slack:
         return True, ""
     return False, (f"seeded sampler: token {token}'s key is {gap:.3g} below token {winner}'s "
