@@ -172,7 +172,7 @@ class LogProbRows:
 
     :meth:`from_logits` takes ``shift`` (the row maximum) and ``log_norm`` (``log(sum(exp(x - max)))``) with
     the very operations of :func:`log_softmax`, so every value read through :meth:`at`, :meth:`row` or
-    :meth:`best` has the same bits as the full matrix would — but a verifier reads 9 values per row at greedy
+    :meth:`best` has the same bits as the full matrix would — but a verifier reads 10 values per row at greedy
     positions, not 49,152 (the full float64 matrix of 512 rows is 200 MB, and writing it cost more than the
     check). Dense log-probs fit too (:meth:`from_logprobs`: shift and log_norm 0, which leave values alone).
     """
