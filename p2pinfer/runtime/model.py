@@ -197,8 +197,10 @@ class KVDecoder:
         self._cache: KVCache | None = cache
         self._binding = None
         session = model.session
-        vocab = session.get_outputs()[0].shape[-1]
-        if not model.shares_kv_buffer or capacity <= cache.length or not isinstance(vocab, int):
+        logits_out = next(o for o in session.get_outputs() if o.name == "logits")
+        vocab = logits_out.shape[-1]
+        if not model.shares_kv_buffer or capacity <= cache.length or not isinstance(vocab, int) \
+                or logits_out.type not in _NP_TYPES:
             return
         shape = cache.arrays[0].shape
         # np.zeros maps untouched pages lazily: resident memory grows with the positions written, not capacity
@@ -208,7 +210,7 @@ class KVDecoder:
             buffer[:, :, :cache.length] = past
             self._buffers.append(buffer)
         values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
-        self._logits = np.zeros((1, 1, vocab), dtype=np.float32)
+        self._logits = np.zeros((1, 1, vocab), dtype=_NP_TYPES[logits_out.type])
         self._ids = np.zeros((1, 1), dtype=model.io.ids_dtype)
         self._positions = np.zeros((1, 1), dtype=np.int64)
         self._mask = np.ones((1, capacity), dtype=np.int64)
@@ -240,7 +242,7 @@ class KVDecoder:
         self._binding.bind_cpu_input("attention_mask", self._mask[:, :self.length + 1])
         self._model.session.run_with_iobinding(self._binding)
         self.length += 1
-        return self._logits[0, 0]
+        return np.asarray(self._logits[0, 0], dtype=np.float32)  # as forward() returns it (no copy for float32)
 
 
 @dataclass
