@@ -24,7 +24,7 @@ import trio
 
 from ..log import get_logger
 from .fingerprint import FORMAT, Fingerprint, FingerprintBuilder, commitment
-from .model import KVCache, LoadedModel
+from .model import KVDecoder, LoadedModel
 from .sampling import GREEDY, SamplingParams, log_softmax, sample
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -100,7 +100,7 @@ class Generation:
     stop_at_eos: bool = True
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    _cache: KVCache | None = None
+    _decoder_kv: KVDecoder | None = None
     _next_logprobs: np.ndarray | None = None
     _fp: FingerprintBuilder = field(default_factory=FingerprintBuilder)
     _decoder: IncrementalDecoder | None = None
@@ -146,7 +146,9 @@ class Generation:
             for r in range(max(first_row, lo), min(first_row + n_prefix, end)):
                 self._fp.add(log_softmax(logits[r - top]))
             last = logits[-1]
-        self._cache = cache
+        # every later position goes through the in-place decoder: room for all tokens this request can add
+        capacity = min(self.model.context_length, len(self.prompt_ids) + self.max_tokens)
+        self._decoder_kv = self.model.decoder(cache, capacity)
         assert last is not None
         replay: list[GeneratedToken] = []
         for i, token in enumerate(self.prefix_ids):
@@ -202,9 +204,8 @@ class Generation:
             text = self._release(final=True)
         else:
             text = self._release()
-            assert self._cache is not None
-            logits, self._cache = self.model.forward([token], self._cache)
-            self._next_logprobs = log_softmax(logits[-1])
+            assert self._decoder_kv is not None
+            self._next_logprobs = log_softmax(self._decoder_kv.step(token))
         self._decode_s += time.perf_counter() - t0
         return GeneratedToken(i, token, text)
 
