@@ -97,18 +97,10 @@ def demo_cmd(app: AppContext, max_tokens: int, prompt: str, max_rounds: int, bid
 
     if not verbose:
         log.configure(json=app.config.log_json, level="error")
-    from ..gguf.default_model import ensure_default_model
     from ..runtime import ModelStore, load_model
-    from .gguf import ClickProgress
+    from .gguf import ensure_default_model_with_progress
 
-    store = ModelStore(app.config.models_dir)
-    progress = ClickProgress("importing the default model (first run only)")
-    calibrating = ClickProgress("calibrating its tolerance (first run only)")
-    try:
-        record = ensure_default_model(store, progress=progress, calibration_progress=calibrating)
-    finally:
-        progress.close()
-        calibrating.close()
+    record = ensure_default_model_with_progress(ModelStore(app.config.models_dir), first="first run")
     honest = record.load(providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="p2pinfer-demo-") as tmp:
         tampered_dir = Path(tmp) / "tampered"
