@@ -15,15 +15,9 @@ from p2pinfer.request import protocol
 from p2pinfer.request.client import AsyncClient, StreamChunk
 from p2pinfer.request.errors import BadParameters, NoPeerServesModel
 from p2pinfer.request.params import build_request
-from p2pinfer.runtime import load_model
 from p2pinfer.wire import Assignment, BidSet, Refusal, decode_signed, encode_signed, now_ms, sign
 
 MODEL_NAME = "tiny-llama-trained"
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
