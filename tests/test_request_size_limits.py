@@ -13,7 +13,8 @@ from p2pinfer.request.params import build_request
 from p2pinfer.request.protocol import MAX_TASK_FRAME, MAX_VERIFY_FRAME
 from p2pinfer.runtime import load_model
 from p2pinfer.wire import Assignment, Bid, ChatMessage, Request, SchemaError, VerifyTask, encode_signed
-from p2pinfer.wire.messages import MAX_BIDS, MAX_NEW_TOKENS, MAX_SIGNED_RESULT_BYTES, MAX_TEXT_BYTES
+from p2pinfer.wire.messages import (MAX_BID_SET_BYTES, MAX_BIDS, MAX_NEW_TOKENS, MAX_QUORUM, MAX_SIGNED_RESULT_BYTES,
+                                    MAX_TEXT_BYTES, MAX_VERIFY_EVIDENCE_BYTES)
 
 MODEL = "tiny-llama-trained"
 
@@ -38,9 +39,20 @@ def test_the_largest_assignment_fits_its_frame():
 
 
 def test_the_largest_verify_task_fits_its_frame():
+    # the election and the failover evidence travel with the task: 64 items holding the evidence limit together
+    evidence = (b"\xff" * (MAX_VERIFY_EVIDENCE_BYTES // MAX_BIDS),) * MAX_BIDS
     task = VerifyTask(request=largest_request(), result=b"\xff" * MAX_SIGNED_RESULT_BYTES,
-                      inherited_tokens=MAX_NEW_TOKENS, issued_at_ms=(1 << 53) - 1)
+                      inherited_tokens=MAX_NEW_TOKENS, issued_at_ms=(1 << 53) - 1,
+                      bid_set=b"\xff" * MAX_BID_SET_BYTES, evidence=evidence, quorum=MAX_QUORUM)
     assert len(encode_signed(Identity.generate(), task)) <= MAX_VERIFY_FRAME
+
+
+def test_failover_evidence_beyond_its_total_is_refused_on_the_wire():
+    evidence = (b"\xff" * (MAX_VERIFY_EVIDENCE_BYTES // 4 + 1),) * 4
+    task = VerifyTask(request=largest_request(messages=None, prompt="x"), result=b"\xff",
+                      inherited_tokens=0, issued_at_ms=0, evidence=evidence)
+    with pytest.raises(SchemaError, match=f"at most {MAX_VERIFY_EVIDENCE_BYTES}"):
+        task.validate()
 
 
 def test_text_beyond_the_limit_is_refused_on_the_wire_even_in_small_messages():

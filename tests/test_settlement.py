@@ -185,7 +185,7 @@ def test_the_executor_is_the_elections():
     forged = sign(OTHER_CLIENT, BID_SET.message)
     assert "client" in assignment_problem(assignment(0, bid_set=forged), RID, winner.public_key).problem
     assert assignment_problem(assignment(0, bids=BIDS[1:]), RID, winner.public_key).problem is not None
-    # attempt 2 without evidence: both lower ranks are left to the executor's reachability probe
+    # attempt 2 without evidence: the executor asks both lower ranks for their status itself
     check = assignment_problem(assignment(2), RID, third.public_key)
     assert check.problem is None and check.unanswered == tuple(RANKING[:2])
     refusal = sign(winner, Refusal(request_id=RID, code="busy", message="")).to_bytes()

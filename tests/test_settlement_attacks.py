@@ -24,7 +24,8 @@ from p2pinfer.request.evidence import check_unfair_bid_set, decode_bid_set, rank
 from p2pinfer.request.params import build_request
 from p2pinfer.settlement import Entry, EntryKind
 from p2pinfer.wire import (Assignment, Bid, BidSet, FraudProof, InferenceResult, Receipt, Refusal, TaskOffer,
-                           TokenChunk, Verdict, VrfBid, decode_signed, encode_signed, now_ms, sign)
+                           TaskStatus, TaskStatusQuery, TokenChunk, Verdict, VrfBid, decode_signed, encode_signed,
+                           now_ms, sign)
 
 MODEL = "tiny-llama-trained"
 
@@ -233,6 +234,37 @@ async def test_the_executor_is_the_elections(honest):
             await a.announce(a.bid_set(request, zeroed))
             assert victim.server.counters["bid_set.unfair"] == before + 1
             assert check_unfair_bid_set(victim.server.unfair_bid_sets[-1]) == "our bid was altered"
+
+
+async def test_a_failover_candidate_asks_a_lower_rank_without_evidence_itself(honest):
+    """The client keeps no word from rank 0 (it walks away after the first tokens and withholds them): rank 1
+    asks rank 0 itself over /p2pinfer/task-status/1, gets its signed tokens and takes over; the tokens go to
+    no one else than a higher rank of that election."""
+    async with local_network([honest], peers=4) as net:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+            a = Attacker(client, net)
+            request = a.request(honest, prompt="w = ", max_tokens=8)
+            rid = request.request_id()
+            bid_set = a.bid_set(request, await a.bids(request))
+            await a.announce(bid_set)
+            ranking = ranked_peer_ids(request, bid_set)
+            first, second = net.peer(ranking[0]), net.peer(ranking[1])
+            refusal, chunks, result = await a.assign(ranking[0], request, bid_set, attempt=0, stop_after_chunks=1)
+            assert refusal is None and result is None and chunks
+            # the client asking (no rank of the election) gets no tokens, only an error
+            query = encode_signed(a.identity, TaskStatusQuery(request_id=rid, election=bid_set.message_id))
+            with pytest.raises(NetError, match="higher rank"):
+                await a.node.request(ranking[0], protocol.TASK_STATUS, query, timeout=10)
+            # a peer that was never assigned says so, signed
+            answer = decode_signed(await a.node.request(ranking[2], protocol.TASK_STATUS, query, timeout=10))
+            assert answer.signer == net.peer(ranking[2]).identity.public_key
+            assert isinstance(answer.message, TaskStatus) and answer.message.state == "not-assigned"
+            # rank 1 at attempt 1 with no evidence at all: it asks rank 0, which hands over its signed tokens
+            refusal, _, result = await a.assign(ranking[1], request, bid_set, attempt=1)
+            assert refusal is None and result is not None
+            assert result.message.attempt == 1 and result.message.witnessed == (first.identity.public_key,)
+            assert first.server.counters["status.answered"] == 1
+            assert second.server.counters["failover.witnessed_silent"] == 0  # it answered: not silent
 
 
 # ---- #13 attack 5: a rejected executor is excluded at once, whatever its history ----------------------

@@ -14,6 +14,8 @@ from p2pinfer.localnet import local_network
 from p2pinfer.request.client import AsyncClient, StreamChunk
 from p2pinfer.request.errors import ResultRejected
 
+from elections import key_at_rank, ranking_keys, real_bids, signed_bid_set
+
 MODEL = "tiny-llama-trained"
 
 
@@ -167,17 +169,23 @@ async def test_sampled_honest_result_accepted_and_off_sampler_tokens_rejected(ho
             off = await trio.to_thread.run_sync(lambda: generate(
                 honest, prompt_ids, max_tokens=16, params=params, seed_material=sampling_seed(rid, 8)))
             assert off.output_ids != list(completion.token_ids)
-            cheat = Identity.generate()
+            # The cheat is a real bidder of a real election (its own key, ranked first), so the peers are its
+            # verifiers: they judge its result (verify tasks are bound to the election).
+            bids = await real_bids(client.node, client.identity, request, [p.peer_id for p in net.peers])
+            cheat, cheat_bid = key_at_rank(rid, bids, 0)
+            bid_set = signed_bid_set(client.identity, request, [*bids, cheat_bid])
             forged = sign(cheat, InferenceResult(
                 request_id=rid, model=honest.digest, numeric_class=honest.numeric_class, executor=cheat.public_key,
                 prompt_ids=tuple(prompt_ids), output_ids=tuple(off.output_ids), finish_reason=off.finish_reason,
                 fingerprint_format=off.fingerprint_format, fingerprint=off.fingerprint_bytes,
-                commitment=off.commitment, started_at_ms=now_ms(), finished_at_ms=now_ms()))
-            keys = [p.identity.public_key for p in net.peers[:3]]
-            verdicts, refusals = await ask_verifiers(client.node, client.identity, request, forged, keys, 0, 30.0)
+                commitment=off.commitment, started_at_ms=now_ms(), finished_at_ms=now_ms(),
+                election=bid_set.message_id))
+            keys = ranking_keys(bid_set)[1:4]
+            verdicts, refusals = await ask_verifiers(client.node, client.identity, request, forged, keys, 0, 30.0,
+                                                     bid_set=bid_set)
             assert not refusals
             t = tally(verdicts, verifiers=keys, request_id=rid, result_hash=forged.message_id)
             assert t.outcome == "rejected" and t.rejects == 3
             assert all("sampl" in v.message.reason or "token" in v.message.reason for v in verdicts), \
                 [v.message.reason for v in verdicts]
-            assert {peer_id_from_public_key(v.signer) for v in verdicts} == {p.peer_id for p in net.peers[:3]}
+            assert {v.signer for v in verdicts} == set(keys)

@@ -44,7 +44,7 @@ from .bid_window import GRACE_S
 from .offers import ElectionEvidence, announce_bid_set, collect_bids, hold_election
 from .params import build_request
 from .text import TokenizerCache, VerifiedText
-from .protocol import MAX_TASK_FRAME, VERIFY_TIMEOUT_S
+from .protocol import ACCEPT_TIMEOUT_S, MAX_TASK_FRAME, VERIFY_TIMEOUT_S
 from .settling import (Verification, ask_verifiers, build_fraud_proof, build_receipt, deliver_receipt,
                        fraud_proof_size_ok)
 from ..wording import plural
@@ -98,6 +98,7 @@ class AsyncClient:
         bid_timeout: float = 3.0,
         bid_grace: float = GRACE_S,
         stall_timeout: float = 20.0,
+        accept_timeout: float = ACCEPT_TIMEOUT_S,
         discovery_timeout: float = 10.0,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
         epoch_seed: bytes = b"",
@@ -116,6 +117,7 @@ class AsyncClient:
         self.bid_timeout = bid_timeout
         self.bid_grace = bid_grace  # bids are awaited this long after the quorum-sized set (bid_window.py)
         self.stall_timeout = stall_timeout
+        self.accept_timeout = accept_timeout  # an executor's signed acceptance must come within this
         self.discovery_timeout = discovery_timeout
         self.max_candidates = max_candidates
         self.epoch_seed = epoch_seed
@@ -283,6 +285,7 @@ class AsyncClient:
                         result: Signed[InferenceResult] | None = None
                         async for item in run_attempt(self.node, self.identity, request, request_id, evidence,
                                                       attempt, peer_id, progress, stall_timeout=self.stall_timeout,
+                                                      accept_timeout=self.accept_timeout,
                                                       before_assigning=announced.wait):
                             if isinstance(item, StreamChunk):
                                 if progress.first_token_at is None:
@@ -396,8 +399,12 @@ class AsyncClient:
         ranking = [r.public_key for r in election.ranking]
         executed = ranking[:ranking.index(result.signer) + 1]
         verifier_keys = pick_verifiers(ranking, executed, self.quorum)
+        # the lower ranks' last signed words: the verifiers re-check the failover as the executor did
+        lower = set(ranking[:ranking.index(result.signer)])
         verdicts, refusals = await ask_verifiers(self.node, self.identity, request, result, verifier_keys,
-                                                 inherited, self.verify_timeout)
+                                                 inherited, self.verify_timeout, bid_set=evidence.bid_set,
+                                                 evidence=[e for k, e in progress.evidence.items() if k in lower],
+                                                 quorum=self.quorum)
         t = tally(verdicts, verifiers=verifier_keys, request_id=result.message.request_id,
                   result_hash=result.message_id)
         s: Settlement = settle(t, executor=result.signer, output_tokens=len(result.message.output_ids),

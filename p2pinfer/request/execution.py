@@ -29,7 +29,7 @@ from ..wire import (Assignment, InferenceResult, Refusal, Request, Signed, Token
 from .evidence import chain_start, extend_chain
 from .offers import ElectionEvidence
 from .text import VerifiedText
-from .protocol import MAX_TASK_FRAME, TASK_PROTOCOL
+from .protocol import ACCEPT_TIMEOUT_S, FAILOVER_STATUS_TIMEOUT_S, MAX_TASK_FRAME, TASK_PROTOCOL
 
 log = get_logger("p2pinfer.client")
 
@@ -73,7 +73,7 @@ class _Failed(Exception):
 
 async def run_attempt(node: Node, identity: Identity, request: Request, request_id: bytes,
                       election: ElectionEvidence, attempt: int, peer_id: str, progress: Progress, *,
-                      stall_timeout: float,
+                      stall_timeout: float, accept_timeout: float = ACCEPT_TIMEOUT_S,
                       before_assigning: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Any]:
     """Run attempt ``attempt`` on ``peer_id``: yields StreamChunks, then the signed result if it completed.
 
@@ -110,8 +110,15 @@ async def run_attempt(node: Node, identity: Identity, request: Request, request_
         if before_assigning is not None:
             await before_assigning()
         await frames.send(assignment_bytes)
+        # The first frame is the executor's signed acceptance (or refusal), sent right after its checks; at
+        # attempt k > 0 it may first ask lower ranks that left no signed word for their status (each within
+        # FAILOVER_STATUS_TIMEOUT_S, at once), so it may come that much later.
+        wait = min(accept_timeout, stall_timeout)
+        if attempt > 0 and len(progress.evidence) < attempt:
+            wait += FAILOVER_STATUS_TIMEOUT_S
         while True:
-            body = await frames.receive(timeout=stall_timeout)
+            body = await frames.receive(timeout=wait)
+            wait = stall_timeout
             if body is None:
                 raise _Failed("failed:closed-before-result", Fault.UNPROVEN)
             # The stream is authenticated (Noise): bytes on it are the peer's own.

@@ -19,6 +19,8 @@ verify tasks        4            16     one per verified request per verifier; a
 receipts            8            32     one per finished request per peer involved; each is a ledger write
 tokenizer queries   8            32     a client fetches a model's tokenizer once (SmolLM2: 12 queries, 3.5 MB);
                                         each answer is at most 512 KiB from memory
+status queries      4            16     a failover candidate asks each lower rank once per failover; each answer
+                                        is a lookup and at most one signature
 ==================  ===========  =====  =====================================================================
 
 A refusal for exceeding the rate is answered only after :data:`OVER_LIMIT_DELAY_S`: an attacker flooding
@@ -57,6 +59,7 @@ OFFER_RATE = Rate(per_second=20.0, burst=40)
 VERIFY_RATE = Rate(per_second=4.0, burst=16)
 RECEIPT_RATE = Rate(per_second=8.0, burst=32)
 TOKENIZER_RATE = Rate(per_second=8.0, burst=32)
+STATUS_RATE = Rate(per_second=4.0, burst=16)
 
 
 class TokenBucket:
@@ -120,5 +123,5 @@ class PeerRateLimiter:
         return 0.0 if bucket is None else bucket.retry_after(now)
 
 
-__all__ = ["Rate", "TokenBucket", "PeerRateLimiter", "OFFER_RATE", "VERIFY_RATE", "RECEIPT_RATE", "MAX_TRACKED_PEERS",
-           "OVER_LIMIT_DELAY_S"]
+__all__ = ["Rate", "TokenBucket", "PeerRateLimiter", "OFFER_RATE", "VERIFY_RATE", "RECEIPT_RATE", "STATUS_RATE",
+           "MAX_TRACKED_PEERS", "OVER_LIMIT_DELAY_S"]

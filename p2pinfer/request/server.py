@@ -12,8 +12,14 @@ A :class:`TaskServer` is installed on a running :class:`~p2pinfer.net.Node` and 
   ``BidSet`` and refuses (``not-winner``/``invalid``) unless it holds the rank the assignment names, with
   signed evidence that every lower rank failed and that ``prefix_ids`` are what they signed
   (:func:`~p2pinfer.request.evidence.assignment_problem`); a lower rank with no signed evidence must be
-  unreachable from here too. Then it streams ``TokenChunk``s (each with its token chain) and ends with the
-  signed ``InferenceResult``, which also signs the inherited token count, the election and the attempt.
+  asked by this peer itself on ``/p2pinfer/task-status/1``: a signed refusal or tokens, or no answer within
+  :data:`~p2pinfer.request.protocol.FAILOVER_STATUS_TIMEOUT_S`, let it take over; a signed "never assigned"
+  refuses the failover. Then it streams ``TokenChunk``s (each with its token chain) and ends with the signed
+  ``InferenceResult``, which also signs the inherited token count, the election, the attempt and the lower
+  ranks it asked itself (``witnessed``).
+* ``/p2pinfer/task-status/1``: a higher rank of an election asks what became of a request; the peer answers
+  its last signed ``TokenChunk`` or ``Refusal`` for it, or a signed ``TaskStatus`` (``not-assigned``,
+  ``pending``). Only a higher rank of that election gets the tokens (they are the client's output).
 
 Generation runs in worker threads (``TokenStream``), so one peer serves up to ``slots`` requests at once
 without blocking its event loop; beyond that it answers ``busy``. It also answers ``busy`` to a remote peer
@@ -38,6 +44,8 @@ from ..runtime import GeneratedToken, LoadedModel, SamplingParams, TokenStream, 
 from ..wire import (
     Assignment,
     BidSet,
+    TaskStatus,
+    TaskStatusQuery,
     InferenceResult,
     ModelOffer,
     Refusal,
@@ -55,14 +63,14 @@ from ..wire import (
 )
 from ..wire.messages import MAX_NEW_TOKENS
 from ..errors import P2PInferError
-from .evidence import (UnfairBidSet, assignment_problem, chain_start, check_unfair_bid_set, decode_bid_set,
-                       extend_chain)
+from .evidence import (StatusAnswer, UnfairBidSet, assignment_problem, chain_start, check_unfair_bid_set,
+                       classify_status_answer, decode_bid_set, extend_chain)
 from .participation import Participations
-from .limits import OFFER_RATE, OVER_LIMIT_DELAY_S, PeerRateLimiter
+from .limits import OFFER_RATE, OVER_LIMIT_DELAY_S, STATUS_RATE, PeerRateLimiter
 from .protocol import (
     BID_PROTOCOL,
     BID_SET_PROTOCOL,
-    FAILOVER_PROBE_TIMEOUT_S,
+    FAILOVER_STATUS_TIMEOUT_S,
     MAX_BID_SET_FRAME,
     MAX_OFFER_FRAME,
     MAX_TASK_FRAME,
@@ -70,6 +78,7 @@ from .protocol import (
     REQUEST_MAX_AGE_MS,
     REQUEST_MAX_SKEW_MS,
     TASK_PROTOCOL,
+    TASK_STATUS,
 )
 
 log = get_logger("p2pinfer.server")
@@ -77,6 +86,7 @@ log = get_logger("p2pinfer.server")
 MAX_TOKENS_PER_CHUNK = 256  # the TokenChunk schema's limit
 MAX_OPEN_BIDS = 4096        # bids remembered until their bid set arrives (oldest forgotten first)
 MAX_UNFAIR_BID_SETS = 64    # signed bid sets that omitted or altered our bid, kept as evidence
+MAX_TASK_STATES = 1024      # requests whose last signed word we keep for status queries (oldest forgotten)
 
 
 class InvalidOffer(P2PInferError):
@@ -130,6 +140,20 @@ class SeenElection:
     executed: bool  # we accepted an assignment of this request
 
 
+@dataclass
+class TaskState:
+    """What this peer last signed for one assignment it received: for a failover candidate's status query."""
+
+    election: bytes               # the BidSet's message ID the assignment was checked against
+    ranking: tuple[bytes, ...]    # that election's ranking (who may ask: a higher rank)
+    rank: int
+    last_word: bytes = b""        # our last signed TokenChunk or Refusal for it; empty while still checking
+
+
+class NotEntitled(P2PInferError):
+    """A status query from a peer that is no higher rank of the election it names."""
+
+
 class TaskServer:
     """Serves offers and assignments.
 
@@ -165,11 +189,14 @@ class TaskServer:
         self._open_bids: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # request ID -> (offer, our bid)
         self.unfair_bid_sets: deque[UnfairBidSet] = deque(maxlen=MAX_UNFAIR_BID_SETS)
         self._offer_rate = PeerRateLimiter(OFFER_RATE)
+        self._status_rate = PeerRateLimiter(STATUS_RATE)
+        self._task_states: OrderedDict[bytes, TaskState] = OrderedDict()  # request ID -> our last signed word
 
     def install(self) -> None:
         self.node.register_request_handler(BID_PROTOCOL, self._on_offer, max_frame=MAX_OFFER_FRAME)
         self.node.register_handler(TASK_PROTOCOL, self._on_task, max_frame=MAX_TASK_FRAME, timeout=30.0)
         self.node.register_request_handler(BID_SET_PROTOCOL, self._on_bid_set, max_frame=MAX_BID_SET_FRAME)
+        self.node.register_request_handler(TASK_STATUS, self._on_status)
         self.node.update_capacity(
             models=[model_offer(m, self.decode_speeds.get(d, 0.0)) for d, m in self.models.items()],
             free_slots=self.free_slots, total_slots=self.slots)
@@ -270,15 +297,19 @@ class TaskServer:
         request = assignment.request
         request_id = request.request_id()
         refusal = self._check_assignment(signed.signer, assignment, request_id)
-        election_id = b""
+        election_id, witnessed = b"", ()
+        state: TaskState | None = None
         if refusal is None:
-            refusal, election_id = await self._check_election(assignment, request_id)
+            refusal, election_id, witnessed, state = await self._check_election(assignment, request_id)
         if refusal is None:  # no await from here to taking the slot
             refusal = self._claim(assignment, request_id)
         if refusal is not None:
             code, message = refusal
             log.info("task.refused", request_id=request_id.hex()[:16], code=code, message=message)
-            await frames.send(self._refusal(request_id, code, message))
+            body = self._refusal(request_id, code, message)
+            if state is not None and not state.last_word:
+                state.last_word = body  # a failover candidate asking us later gets this signed refusal
+            await frames.send(body)
             return
         self.counters["elections.won"] += 1
         self._remember_election(decode_bid_set(assignment.bid_set).message, request.client, request.model,
@@ -295,11 +326,16 @@ class TaskServer:
                 seed_material=sampling_seed(request_id, request.seed), stop=request.stop,
                 prefix_ids=assignment.prefix_ids)
         except (ValueError, P2PInferError) as exc:
-            await frames.send(self._refusal(request_id, "invalid", f"cannot run this request: {exc}"))
+            body = self._refusal(request_id, "invalid", f"cannot run this request: {exc}")
+            if state is not None:
+                state.last_word = body
+            await frames.send(body)
             return
+        assert state is not None  # the election check passed
         self._take_slot()
         try:
-            await self._execute(frames, request, request_id, model, stream, assignment, election_id)
+            await self._execute(frames, request, request_id, model, stream, assignment, election_id, witnessed,
+                                state)
         finally:
             self._release_slot()
 
@@ -328,32 +364,107 @@ class TaskServer:
             return "invalid", "this assignment was already received (replay)"
         return None
 
-    async def _check_election(self, assignment: Assignment,
-                              request_id: bytes) -> tuple[tuple[str, str] | None, bytes]:
+    async def _check_election(self, assignment: Assignment, request_id: bytes
+                              ) -> tuple[tuple[str, str] | None, bytes, tuple[bytes, ...], TaskState | None]:
         """The executor is the election's: the client's signed bid set, our rank, the failover evidence.
 
-        Returns (refusal or None, the bid set's message ID, which our result signs).
+        Returns (refusal or None, the bid set's message ID, the lower ranks we asked ourselves, our task state).
         """
         # ranking the bid set verifies every VRF proof in it (~0.35 ms each): off the event loop
         check = await trio.to_thread.run_sync(assignment_problem, assignment, request_id, self.identity.public_key)
         if check.problem is not None:
-            return (check.code, f"refusing the task: {check.problem}"), b""
-        # A lower rank that left no signed refusal or chunk must be out of reach from here too: one that
-        # answers was skipped by the client, not failed. (Sending it the bid set again is harmless.)
-        for key in check.unanswered:
-            peer_id = peer_id_from_public_key(key)
-            try:
-                await self.node.request(peer_id, BID_SET_PROTOCOL, assignment.bid_set,
-                                        timeout=FAILOVER_PROBE_TIMEOUT_S, max_frame=MAX_BID_SET_FRAME)
-            except NetError:
-                continue  # out of reach: its failure is plausible
+            return (check.code, f"refusing the task: {check.problem}"), b"", (), None
+        assert check.election is not None
+        ranking = tuple(r.public_key for r in check.election.ranking)
+        state = self._task_states.get(request_id)
+        if state is None or state.election != check.bid_set_id:  # a replayed assignment keeps what we signed
+            state = self._task_state(request_id, TaskState(check.bid_set_id, ranking, assignment.attempt))
+        if not check.unanswered:
+            return None, check.bid_set_id, (), state
+        # A lower rank the client holds no signed word from: we ask it ourselves what became of the request.
+        try:
+            answers = await self._ask_lower_ranks(check.unanswered, request_id, check.bid_set_id)
+        except BaseException:
+            if not state.last_word:  # abandoned while asking: never "pending" for good (that would block rank k+1)
+                state.last_word = self._refusal(request_id, "invalid", "the assignment was abandoned before this "
+                                                                       "peer answered; it did not run it")
+            raise
+        alive = [k for k, a in answers.items() if a is StatusAnswer.NOT_FAILED]
+        if alive:
             self.counters["refused.skipped-rank"] += 1
-            return ("not-winner", f"refusing the task: lower rank {peer_id} is reachable and left no signed "
-                                  "refusal or tokens (failover needs evidence that lower ranks failed)"), b""
-        return None, check.bid_set_id
+            peer_id = peer_id_from_public_key(alive[0])
+            return ("not-winner", f"refusing the task: lower rank {peer_id} is reachable and says it was not "
+                                  "assigned this request or is still checking it (failover needs evidence "
+                                  "that lower ranks failed)"), b"", (), state
+        silent = [k for k, a in answers.items() if a is StatusAnswer.SILENT]
+        self.counters["failover.witnessed_silent"] += len(silent)
+        log.info("task.failover_witnessed", request_id=request_id.hex()[:16], attempt=assignment.attempt,
+                 silent=[peer_id_from_public_key(k) for k in silent], failed=len(answers) - len(silent))
+        # Our result signs that we asked these ranks (they refused, took the task, or stayed silent).
+        return None, check.bid_set_id, tuple(answers), state
+
+    async def _ask_lower_ranks(self, keys: Sequence[bytes], request_id: bytes,
+                               election: bytes) -> dict[bytes, StatusAnswer]:
+        """Ask each lower rank for its status at once, each within FAILOVER_STATUS_TIMEOUT_S."""
+        query = encode_signed(self.identity, TaskStatusQuery(request_id=request_id, election=election))
+        answers: dict[bytes, StatusAnswer] = {}
+
+        async def ask(key: bytes) -> None:
+            body: bytes | None = None
+            try:
+                body = await self.node.request(peer_id_from_public_key(key), TASK_STATUS, query,
+                                               timeout=FAILOVER_STATUS_TIMEOUT_S)
+            except NetError as exc:  # unreachable, no such protocol, an error answer, or nothing in time
+                log.debug("task.status_unanswered", peer_id=peer_id_from_public_key(key), reason=exc.reason)
+            answers[key] = classify_status_answer(body, lower=key, request_id=request_id, election=election)[0]
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(ask, key)
+        return {k: answers[k] for k in keys}  # in ranking order
+
+    def _task_state(self, request_id: bytes, state: TaskState) -> TaskState:
+        """Remember an assignment we hold a valid election for (bounded: the oldest are forgotten)."""
+        self._task_states[request_id] = state
+        self._task_states.move_to_end(request_id)
+        while len(self._task_states) > MAX_TASK_STATES:
+            self._task_states.popitem(last=False)
+        return state
+
+    # ---- a failover candidate's status query ---------------------------------------------------------
+
+    async def _on_status(self, peer_id: str, body: bytes) -> bytes:
+        if peer_id != self.node.peer_id and not self._status_rate.allow(peer_id, trio.current_time()):
+            await trio.sleep(OVER_LIMIT_DELAY_S)
+            self.counters["status.rate_limited"] += 1
+            raise InvalidOffer(f"busy: more than {STATUS_RATE.per_second:g} status queries/s (burst "
+                               f"{STATUS_RATE.burst}) from this peer; back off and ask again")
+        try:
+            signed = TASK_STATUS.decode_request(body)
+        except WireError as exc:
+            log.info("status.rejected", peer_id=peer_id, reason=exc.reason)
+            raise InvalidOffer(f"invalid status query: {exc}") from None
+        query: TaskStatusQuery = signed.message
+        state = self._task_states.get(query.request_id)
+        if state is None or state.election != query.election:
+            self.counters["status.not-assigned"] += 1
+            return encode_signed(self.identity, TaskStatus(request_id=query.request_id, election=query.election,
+                                                           state="not-assigned"))
+        asker = state.ranking.index(signed.signer) if signed.signer in state.ranking else -1
+        if asker <= state.rank or signed.signer_peer_id != peer_id:
+            # our tokens are the client's output: only a higher rank of that election, asking itself, gets them
+            self.counters["status.not-entitled"] += 1
+            raise NotEntitled("only a higher rank of that election may ask for this request's status")
+        if not state.last_word:
+            self.counters["status.pending"] += 1
+            return encode_signed(self.identity, TaskStatus(request_id=query.request_id, election=query.election,
+                                                           state="pending"))
+        self.counters["status.answered"] += 1
+        return state.last_word
 
     async def _execute(self, frames: FrameStream, request: Request, request_id: bytes, model: LoadedModel,
-                       stream: TokenStream, assignment: Assignment, election_id: bytes) -> None:
+                       stream: TokenStream, assignment: Assignment, election_id: bytes,
+                       witnessed: tuple[bytes, ...], state: TaskState) -> None:
         started_at = now_ms()
         log.info("task.started", request_id=request_id.hex()[:16], client=frames.remote_peer_id,
                  max_tokens=request.max_tokens)
@@ -365,8 +476,9 @@ class TaskServer:
             # First a chunk with no tokens: our signed acceptance, so that if we fail from here on, the client
             # holds evidence for a failover that we took the task (an executor that answers probes but left no
             # signed word would block it; see docs/election.md).
-            await frames.send(encode_signed(self.identity, TokenChunk(
-                request_id=request_id, index=len(assignment.prefix_ids), token_ids=(), text="", chain=chain)))
+            state.last_word = encode_signed(self.identity, TokenChunk(
+                request_id=request_id, index=len(assignment.prefix_ids), token_ids=(), text="", chain=chain))
+            await frames.send(state.last_word)
             # Generation runs ahead in its own task; each frame carries every token produced while the
             # previous frame was being signed and sent, so a slow link costs fewer frames, never added latency.
             send_tokens, receive_tokens = trio.open_memory_channel[GeneratedToken](MAX_NEW_TOKENS)
@@ -390,10 +502,11 @@ class TaskServer:
                         chain = extend_chain(chain, token_ids)
                         chunk = TokenChunk(request_id=request_id, index=first.index, token_ids=token_ids,
                                            text="".join(t.text for t in batch), chain=chain)
-                        await frames.send(encode_signed(self.identity, chunk))
+                        state.last_word = encode_signed(self.identity, chunk)
+                        await frames.send(state.last_word)
                         sent += len(batch)
             outcome = await self._finish(frames, request, request_id, model, stream, started_at, assignment,
-                                         election_id)
+                                         election_id, witnessed)
         except (NetError, WireError) as exc:
             outcome = f"failed:{exc.reason}"
             raise
@@ -404,7 +517,8 @@ class TaskServer:
                                           started_at, now_ms()))
 
     async def _finish(self, frames: FrameStream, request: Request, request_id: bytes, model: LoadedModel,
-                      stream: TokenStream, started_at: int, assignment: Assignment, election_id: bytes) -> str:
+                      stream: TokenStream, started_at: int, assignment: Assignment, election_id: bytes,
+                      witnessed: tuple[bytes, ...]) -> str:
         result = stream.result
         assert result is not None
         message = InferenceResult(
@@ -423,6 +537,7 @@ class TaskServer:
             inherited_tokens=len(assignment.prefix_ids),
             election=election_id,
             attempt=assignment.attempt,
+            witnessed=witnessed,
         )
         signed = sign(self.identity, message)
         self.participation.remember(request_id, request.client, signed.message_id)

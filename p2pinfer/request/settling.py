@@ -54,13 +54,26 @@ class Verification:
 
 async def ask_verifiers(node: Node, identity: Identity, request: Request, result: Signed[InferenceResult],
                         verifiers: Sequence[bytes], inherited_tokens: int,
-                        timeout: float) -> tuple[list[Signed[Verdict]], list[tuple[str, str]]]:
-    """Send the signed result to each verifier at once; collect signed verdicts until ``timeout``."""
-    task = encode_signed(identity, VerifyTask(request=request, result=result.to_bytes(),
-                                              inherited_tokens=inherited_tokens, issued_at_ms=now_ms()))
+                        timeout: float, *, bid_set: Signed[BidSet] | None = None, evidence: Sequence[bytes] = (),
+                        quorum: int | None = None) -> tuple[list[Signed[Verdict]], list[tuple[str, str]]]:
+    """Send the signed result to each verifier at once; collect signed verdicts until ``timeout``.
+
+    The task carries the election (``bid_set``), the failover evidence of the ranks below the executor and
+    the quorum size (default: ``len(verifiers)``): a verifier judges only a result of an election whose
+    verifier ranks it holds (:func:`p2pinfer.request.evidence.verify_task_problem`).
+    """
     verdicts: list[Signed[Verdict]] = []
     refusals: list[tuple[str, str]] = []
     pending = {peer_id_from_public_key(k): k for k in verifiers}
+    try:
+        task = encode_signed(identity, VerifyTask(request=request, result=result.to_bytes(),
+                                                  inherited_tokens=inherited_tokens, issued_at_ms=now_ms(),
+                                                  bid_set=bid_set.to_bytes() if bid_set is not None else b"",
+                                                  evidence=tuple(evidence),
+                                                  quorum=len(verifiers) if quorum is None else quorum))
+    except ValueError as exc:  # e.g. more failover evidence than a task carries: our own limit, nobody's fault
+        log.info("verify.not_sent", reason=str(exc)[:200])
+        return [], [(p, f"no verdict: the verify task could not be built ({str(exc)[:120]})") for p in pending]
 
     give_up_at = trio.current_time() + timeout
 

@@ -3,7 +3,12 @@
 :mod:`p2pinfer.request.settling`; every decision is :mod:`p2pinfer.settlement`'s.)
 
 * ``/p2pinfer/verify/1``: a ``VerifyTask`` signed by the request's client in; the peer checks that it holds
-  the result's model in the same numeric class and did not execute it, re-checks the result with one
+  the result's model in the same numeric class and did not execute it, that the task is bound to the
+  election (:func:`~p2pinfer.request.evidence.verify_task_problem`: the client's signed bid set, the result
+  naming it, its executor at rank ``attempt`` with the failover evidence, this peer among the ``quorum`` ranks
+  right after it; otherwise a signed refusal whose message starts with the
+  :class:`~p2pinfer.request.evidence.VerifyRefusal` code, logged once as ``verify.unbound``, and no prefill),
+  re-checks the result with one
   prefill in a worker thread (:func:`p2pinfer.fraud.recheck_result`), records and answers a signed
   ``Verdict``. It answers ``Refusal`` when it cannot judge (another model or numeric class), when all its
   verification slots are in use or the sender exceeds its rate (``busy``: it never queues; the client asks
@@ -55,6 +60,7 @@ from ..wire import (
     tagged_hash,
 )
 from ..wire.messages import MAX_BID_SET_BYTES, MAX_VERDICT_BYTES
+from .evidence import VerifyRefusal, verify_task_problem
 from .participation import Participations
 from ..errors import P2PInferError
 from .limits import OVER_LIMIT_DELAY_S, RECEIPT_RATE, VERIFY_RATE, PeerRateLimiter
@@ -140,6 +146,18 @@ class VerificationService:
             log.debug("verify.rate_limited", peer_id=peer_id)
             return self._refusal(request_id, "busy", f"more than {VERIFY_RATE.per_second:g} verify tasks/s (burst "
                                                      f"{VERIFY_RATE.burst}) from this peer; back off and retry")
+        # Only a verifier of the result's election judges it (ranking the bid set verifies its VRF proofs,
+        # ~0.35 ms each: off the event loop). Nothing is run or booked otherwise.
+        check = await trio.to_thread.run_sync(verify_task_problem, task, result, self.identity.public_key)
+        if check.problem is not None:
+            self.counters[f"verify.unbound.{check.problem}"] += 1
+            log.info("verify.unbound", peer_id=peer_id, request_id=request_id.hex()[:16], reason=check.problem,
+                     detail=check.detail[:200])
+            unsigned = check.problem in (VerifyRefusal.NO_ELECTION, VerifyRefusal.BAD_ELECTION)
+            code = "invalid" if unsigned else "not-winner"
+            return self._refusal(request_id, code, f"{check.problem}: {check.detail}; a verify task must carry the "
+                                                   "client's signed bid set and go to the ranks right after the "
+                                                   "executor's")
         try:  # refuse rather than queue: a queue of prefills is work nobody bounded
             self.slots.acquire_nowait()
         except trio.WouldBlock:

@@ -34,6 +34,8 @@ from .messages import (
     Refusal,
     Request,
     TaskOffer,
+    TaskStatus,
+    TaskStatusQuery,
     TokenChunk,
     Verdict,
     VerifyTask,

@@ -35,6 +35,8 @@ MAX_VERDICT_BYTES = 1024                      # a signed Verdict envelope is ~40
 MAX_SIGNED_RESULT_BYTES = 1 << 20             # a signed InferenceResult (prompt, output, fingerprints)
 MAX_BID_SET_BYTES = 16 * 1024                 # a signed BidSet: 64 bids of ~150 bytes and 64 keys
 MAX_EVIDENCE_BYTES = 66 * 1024                # one signed TokenChunk or Refusal of an earlier rank
+MAX_VERIFY_EVIDENCE_BYTES = 256 * 1024        # all failover evidence in one VerifyTask together
+MAX_QUORUM = 16                               # verifiers one request may ask (a receipt names at most 16)
 
 
 class Message(Record):
@@ -269,8 +271,12 @@ class InferenceResult(Message):
     inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS), default=0)
     election: bytes = spec(Bytes(0, 32), default=b"")
     attempt: int = spec(Int(0, MAX_BIDS), default=0)
+    witnessed: tuple[bytes, ...] = spec(List(PUBLIC_KEY, MAX_BIDS), default=())
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "witnessed": "lower ranks this executor asked for their status itself (/p2pinfer/task-status/1) before a "
+                     "failover, for which the client had no signed evidence: each answered with its signed "
+                     "refusal or tokens, or nothing within the bound (this executor's signed testimony)",
         "inherited_tokens": "leading output tokens continued from earlier executors (the assignment's prefix_ids)",
         "election": "message ID of the client's signed BidSet this executor won (the parameters are signed "
                     "through request_id, the hash of the whole request)",
@@ -349,12 +355,30 @@ class VerifyTask(Message):
     result: bytes = spec(Bytes(1, MAX_SIGNED_RESULT_BYTES))
     inherited_tokens: int = spec(Int(0, MAX_NEW_TOKENS))
     issued_at_ms: int = spec(TIME_MS)
+    bid_set: bytes = spec(Bytes(0, MAX_BID_SET_BYTES), default=b"")
+    evidence: tuple[bytes, ...] = spec(List(Bytes(1, MAX_EVIDENCE_BYTES), MAX_BIDS), default=())
+    quorum: int = spec(Int(0, MAX_QUORUM), default=0)
 
     FIELD_DOCS: ClassVar[dict[str, str]] = {
         "request": "the request the result answers (its hash must be the result's request_id)",
         "result": "the executor's signed InferenceResult envelope, as received",
         "inherited_tokens": "output tokens the executor continued from an earlier executor (failover)",
+        "bid_set": "the client's signed BidSet: the election the result names; the verifier must be one of the "
+                   "`quorum` ranks right after the executor's rank (the result's attempt)",
+        "evidence": "for a result of attempt k: the signed Refusal or last signed TokenChunk of each lower rank "
+                    "that answered the client (as in the Assignment); at most 262144 bytes together",
+        "quorum": "how many verifiers the client asks: the ranks attempt+1 .. attempt+quorum",
     }
+
+    @classmethod
+    def from_wire(cls, value: object, path: str = "") -> "VerifyTask":
+        # The largest task (request, signed result, bid set, evidence) must fit the verify frame.
+        task: VerifyTask = super().from_wire(value, path)
+        total = sum(len(e) for e in task.evidence)
+        if total > MAX_VERIFY_EVIDENCE_BYTES:
+            raise SchemaError(f"failover evidence of {total} bytes, expected at most {MAX_VERIFY_EVIDENCE_BYTES}",
+                              path=path or cls.__name__)
+        return task
 
 
 @dataclass(frozen=True)
@@ -484,6 +508,37 @@ class FileChunk(Message):
     data: bytes = spec(Bytes(0, MAX_FILE_CHUNK))
 
 
+@dataclass(frozen=True)
+class TaskStatusQuery(Message):
+    """Failover candidate (rank k) -> a lower rank of the same election: what became of this request?
+
+    Asked only for a lower rank the client holds no signed word from (docs/election.md, "Failover past a
+    silent rank"). The answer is the lower rank's last signed ``TokenChunk`` or its signed ``Refusal`` for the
+    request (either lets rank k take over), or a signed :class:`TaskStatus`.
+    """
+
+    TYPE: ClassVar[str] = "task-status-query"
+
+    request_id: bytes = spec(DIGEST)
+    election: bytes = spec(DIGEST)
+
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "election": "message ID of the client's signed BidSet the asker was assigned under",
+    }
+
+
+@dataclass(frozen=True)
+class TaskStatus(Message):
+    """Lower rank -> failover candidate: I did not fail this request: it was never assigned to me
+    (``not-assigned``), or I am still checking its assignment (``pending``). Rank k then refuses the failover."""
+
+    TYPE: ClassVar[str] = "task-status"
+
+    request_id: bytes = spec(DIGEST)
+    election: bytes = spec(DIGEST)
+    state: str = spec(Enum(("not-assigned", "pending")))
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -504,6 +559,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         TokenizerQuery,
         TokenizerManifest,
         FileChunk,
+        TaskStatusQuery,
+        TaskStatus,
     )
 }
 

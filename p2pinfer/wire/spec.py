@@ -189,6 +189,8 @@ def example_messages() -> list[Message]:
             messages.ModelFile(path="model.onnx", size=149633, sha256=bytes.fromhex("3c" * 32)),
             messages.ModelFile(path="tokenizer.json", size=3522763, sha256=bytes.fromhex("d0" * 32)))),
         messages.FileChunk(model=_REQUEST.model, path="tokenizer_config.json", offset=0, data=b'{"bos_token": "<s>"}'),
+        messages.TaskStatusQuery(request_id=_RID, election=bytes.fromhex("e1" * 32)),
+        messages.TaskStatus(request_id=_RID, election=bytes.fromhex("e1" * 32), state="not-assigned"),
     ]
 
 

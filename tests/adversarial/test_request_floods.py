@@ -23,6 +23,8 @@ from p2pinfer.wire import (InferenceResult, Receipt, Refusal, TaskOffer, Verdict
                            encode_signed, now_ms)
 from p2pinfer.wire.messages import MAX_VERDICT_BYTES
 
+from elections import key_at_rank, real_bids, signed_bid_set
+
 MODEL = "tiny-llama-trained"
 
 
@@ -34,19 +36,26 @@ class Attacker:
         self.identity = node.identity
         self.executor = executor
 
-    def verify_task(self, model, prompt: str, max_tokens: int = 8) -> bytes:
-        """A VerifyTask for a real generation of the attacker's own (so the verifier runs a real prefill)."""
+    async def verify_task(self, model, prompt: str, target: str, max_tokens: int = 8) -> bytes:
+        """A VerifyTask for a real generation of the attacker's own (so the verifier runs a real prefill), in a
+        real election where the attacker's executor key ranks first and the target second (its verifier)."""
         request = build_request(model_digest=model.digest, client_key=self.identity.public_key, prompt=prompt,
                                 max_tokens=max_tokens)
-        out = generate(model, model.prompt_ids(prompt=prompt), max_tokens=max_tokens, stop_at_eos=False)
+        bids = await real_bids(self.node, self.identity, request, [target])
+        self.executor, executor_bid = key_at_rank(request.request_id(), bids, 0)
+        bid_set = signed_bid_set(self.identity, request, [*bids, executor_bid])
+        out = await trio.to_thread.run_sync(lambda: generate(model, model.prompt_ids(prompt=prompt),
+                                                             max_tokens=max_tokens, stop_at_eos=False))
         now = now_ms()
         result = InferenceResult(
             request_id=request.request_id(), model=model.digest, numeric_class=model.numeric_class,
             executor=self.executor.public_key, prompt_ids=tuple(out.prompt_ids), output_ids=tuple(out.output_ids),
             finish_reason=out.finish_reason, fingerprint_format=out.fingerprint_format,
-            fingerprint=out.fingerprint_bytes, commitment=out.commitment, started_at_ms=now, finished_at_ms=now)
+            fingerprint=out.fingerprint_bytes, commitment=out.commitment, started_at_ms=now, finished_at_ms=now,
+            election=bid_set.message_id)
         return encode_signed(self.identity, VerifyTask(request=request, result=encode_signed(self.executor, result),
-                                                      inherited_tokens=0, issued_at_ms=now))
+                                                      inherited_tokens=0, issued_at_ms=now,
+                                                      bid_set=bid_set.to_bytes(), quorum=1))
 
     def offer(self, model) -> bytes:
         request = build_request(model_digest=model.digest, client_key=self.identity.public_key, prompt="x",
@@ -91,7 +100,7 @@ async def test_replayed_verify_task_costs_one_prefill_and_one_ledger_row(model):
         target = net.peers[0]
         async with attacker_node(net) as node:
             attacker = Attacker(node, Identity.generate())
-            task = await trio.to_thread.run_sync(attacker.verify_task, model, "def main(")
+            task = await attacker.verify_task(model, "def main(", target.peer_id)
             replies = await flood(attacker, target.peer_id, VERIFY_PROTOCOL, task, streams=40, each=5,
                                   max_frame=MAX_VERIFY_FRAME)
         messages = answers(replies, target.identity.public_key, (Verdict, Refusal))
@@ -116,7 +125,7 @@ async def test_verifier_refuses_busy_instead_of_queueing_and_a_refused_task_may_
         target = net.peers[0]
         async with attacker_node(net) as node:
             attacker = Attacker(node, Identity.generate())
-            task = await trio.to_thread.run_sync(attacker.verify_task, model, "class A:")
+            task = await attacker.verify_task(model, "class A:", target.peer_id)
             # The target's one verification slot is taken (as by another client's prefill in flight).
             await target.verification.slots.acquire()
             try:
