@@ -141,7 +141,7 @@ async def test_twenty_concurrent_requests_over_four_peers_all_complete(model):
     # Twenty requests queue for eight slots, and the five nodes share this one event loop with the
     # generations: every limit below is an upper bound far above any honest delay, so a loaded machine
     # makes the test slower, never a request fail (bids: all four peers answer).
-    async with local_network([model], peers=4, slots=2, wait_s=120) as net:
+    async with local_network([model], peers=4, slots=2, wait_s=120, stream_negotiation_timeout_s=120) as net:
         patient = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=net.bootstrap_addrs, role="client",
                              stream_negotiation_timeout_s=120)
         async with Node(Identity.generate(), patient) as node, \

@@ -72,6 +72,7 @@ def build_host(
         max_connections_per_peer=1,  # see module docstring: avoids the fixed 250 ms per dial
         dial_timeout=dial_timeout_s,
         outbound_stream_protocol_negotiation_timeout=stream_negotiation_timeout_s,
+        inbound_stream_protocol_negotiation_timeout=stream_negotiation_timeout_s,
         max_connections=max_connections,
         high_watermark=max_connections,
         min_connections=0,

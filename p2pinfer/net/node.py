@@ -93,7 +93,7 @@ class NodeConfig:
     dht_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     gossip_heartbeat_s: int = HEARTBEAT_S
     dial_timeout_s: float = 3.0              # TCP connect; an address that drops packets (NAT) costs this long
-    # how long a peer may take to accept a protocol on a stream we open (py-libp2p's default, 10 s)
+    # how long either side of a new stream may take to agree on its protocol (py-libp2p's default, 10 s)
     stream_negotiation_timeout_s: float = 10.0
     software: str = f"p2pinfer/{__version__}"
     extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
