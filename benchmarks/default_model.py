@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from p2pinfer import log  # noqa: E402
 from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
-from p2pinfer.runtime import GREEDY, generate, load_model, verify_result  # noqa: E402
+from p2pinfer.runtime import GREEDY, ensure_tolerance, generate, load_model, verify_result  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
 PREFILL_TEXT = ("The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40)
@@ -47,6 +47,7 @@ def folder_bytes(folder: Path) -> int:
 class Ours:
     def __init__(self, folder: Path, threads: int) -> None:
         self.model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
+        ensure_tolerance(self.model)  # it verifies below: only with a measured tolerance
         self.name = f"p2pinfer {self.model.runtime_numeric_class}"
 
     def decode(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
@@ -92,8 +93,9 @@ class LlamaCpp:
         return len(ids) / (time.perf_counter() - t)
 
 
-def memory_probe(folder: Path, threads: int, tokens: int) -> dict:
-    """Peak and final RSS of a fresh process that loads the model, generates and verifies once."""
+def memory_probe(folder: Path, threads: int, tokens: int, tolerance: float) -> dict:
+    """Peak and final RSS of a fresh process that loads the model, generates and verifies once (at the
+    ``tolerance`` measured here: calibrating in the probe would count the calibration's memory)."""
     code = f"""
 import json, sys
 sys.path.insert(0, {str(REPO)!r})
@@ -101,7 +103,7 @@ from pathlib import Path
 from p2pinfer import log
 from p2pinfer.runtime import GREEDY, generate, load_model, verify_result
 log.configure(level="warning")
-m = load_model(Path({str(folder)!r}), threads={threads}, providers=["CPUExecutionProvider"])
+m = load_model(Path({str(folder)!r}), threads={threads}, providers=["CPUExecutionProvider"], tolerance={tolerance!r})
 p = m.prompt_ids(messages={CHAT!r})
 r = generate(m, p, max_tokens={tokens}, stop_at_eos=False)
 v = verify_result(m, prompt_ids=p, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes, params=GREEDY,
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print("\n| class | model files MB | serving RSS MB | peak RSS MB | RSS - files MB (limit 300) |\n|---|---|---|---|---|")
         for weights, folder in folders.items():
-            mem = memory_probe(folder, args.threads, 32)
+            mem = memory_probe(folder, args.threads, 32, sides[0 if weights == "native" else 1].model.tolerance)
             files = folder_bytes(folder)
             print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {files / 1e6:.0f} | {mem['rss'] / 1e6:.0f} | "
                   f"{mem['peak'] / 1e6:.0f} | {(mem['rss'] - files) / 1e6:.0f} |")

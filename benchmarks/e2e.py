@@ -25,7 +25,7 @@ import trio
 
 from p2pinfer import AsyncClient, log
 from p2pinfer.localnet import local_network
-from p2pinfer.runtime import GREEDY, Generation, ModelStore, generate, load_model, verify_result
+from p2pinfer.runtime import GREEDY, Generation, ModelStore, ensure_tolerance, generate, load_model, verify_result
 
 VERIFY_PROMPT = [{"role": "user", "content": "Explain in detail how a peer-to-peer network shares work fairly."}]
 
@@ -33,7 +33,9 @@ VERIFY_PROMPT = [{"role": "user", "content": "Explain in detail how a peer-to-pe
 def load(args: argparse.Namespace):
     if args.model:
         path = Path(args.model)
-        return load_model(path, name=path.name, providers=["CPUExecutionProvider"])
+        model = load_model(path, name=path.name, providers=["CPUExecutionProvider"])
+        ensure_tolerance(model)  # it verifies: only with a measured tolerance
+        return model
     from p2pinfer.config import default_data_dir
     from p2pinfer.gguf.default_model import ensure_default_model
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from p2pinfer import log  # noqa: E402
 from p2pinfer.runtime import (  # noqa: E402
-    GREEDY, SamplingParams, generate, load_model, sampling_seed, verify_result,
+    GREEDY, SamplingParams, ensure_tolerance, generate, load_model, sampling_seed, verify_result,
 )
 from p2pinfer.runtime.fingerprint import FingerprintBuilder, bytes_per_token  # noqa: E402
 from p2pinfer.runtime.sampling import is_acceptable  # noqa: E402
@@ -75,6 +75,7 @@ def main() -> None:
     log.configure(level="warning")
     root = models_dir(args.models)
     model = load_model(root / args.model, threads=args.threads, providers=["CPUExecutionProvider"])
+    ensure_tolerance(model)  # it verifies below: only with a measured tolerance
     n = args.tokens
     prompt = model.encode(PROMPT)
     print(f"model {args.model}  digest {model.digest_hex[:16]}  threads {args.threads}  prompt {len(prompt)} tokens  "

@@ -1,6 +1,7 @@
 """A serving peer: a network node, the models it serves, and the task server that runs them.
 
-``async with ServingPeer(identity, config, models) as peer:`` joins the network, measures each model's decode
+``async with ServingPeer(identity, config, models) as peer:`` calibrates any model that has no measured
+tolerance yet (:func:`~p2pinfer.runtime.calibrate.ensure_tolerance`), joins the network, measures each model's decode
 speed, announces the models with free slots, and answers offers and assignments until the block exits. It
 also verifies other peers' results, books receipts in its ledger and re-checks gossiped fraud proofs
 (:class:`~p2pinfer.request.verification.VerificationService`).
@@ -26,7 +27,7 @@ from .request.server import TaskServer, measure_decode_speed
 from .request.possession import install_possession
 from .request.tokenizer_service import TokenizerService
 from .request.verification import VerificationService
-from .runtime import LoadedModel
+from .runtime import LoadedModel, ensure_tolerance
 
 log = get_logger("p2pinfer.peer")
 
@@ -61,6 +62,12 @@ class ServingPeer:
         return self.identity.peer_id
 
     async def __aenter__(self) -> "ServingPeer":
+        for model in self.models:  # nothing is announced, bid for or verified before its tolerance is measured
+            if model.tolerance is None:
+                log.info("peer.model_calibrating", model=model.name, digest=model.digest.hex()[:16])
+                tolerance = await trio.to_thread.run_sync(ensure_tolerance, model)
+                log.info("peer.model_calibrated", model=model.name, digest=model.digest.hex()[:16],
+                         tolerance=f"{tolerance:.3g}")
         speeds: dict[bytes, float] = {}
         if self.measure_speed:
             for model in self.models:

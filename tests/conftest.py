@@ -52,9 +52,12 @@ def shared_models() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(shared_models: Path):
-    from p2pinfer.runtime import load_model
+    """The trained fixture, calibrated (a model verifies only with a measured tolerance)."""
+    from p2pinfer.runtime import ensure_tolerance, load_model
 
-    return load_model(shared_models / "tiny-llama-trained", providers=["CPUExecutionProvider"])
+    model = load_model(shared_models / "tiny-llama-trained", providers=["CPUExecutionProvider"])
+    ensure_tolerance(model)
+    return model
 
 
 TRAINED = "tiny-llama-trained"

@@ -77,7 +77,7 @@ def test_store_import_list_get_remove(shared_models: Path, tmp_path: Path) -> No
     assert sorted(p.name for p in rec.path.iterdir()) == [
         "config.json", "generation_config.json", "model.onnx", "p2pinfer-model.json", "tokenizer.json"]
     meta = json.loads((rec.path / "p2pinfer-model.json").read_text())
-    assert meta["name"] == "trained" and meta["tolerance"] == 1e-3 and meta["numeric_class"] == "fp32-cpu"
+    assert meta["name"] == "trained" and meta["tolerance"] is None and meta["numeric_class"] == "fp32-cpu"
     again = store.import_dir(shared_models / "tiny-llama-trained")
     assert again.digest == rec.digest and len(store.list()) == 1
     other = store.import_dir(shared_models / "tiny-gpt2")
@@ -90,9 +90,11 @@ def test_store_import_list_get_remove(shared_models: Path, tmp_path: Path) -> No
     with pytest.raises(ModelNotFoundError, match=r"\(did you mean 'tiny-gpt2'\?\)"):
         store.get("tiny-gtp2")
     model = store.get("trained").load()
-    assert model.digest == rec.digest and model.tolerance == 1e-3
+    assert model.digest == rec.digest and model.tolerance is None  # imported, not measured: no tolerance
+    assert not store.get("trained").calibrated
     store.set_calibration("trained", 2e-3, {"worst_drift": 1e-4})
     assert store.get("trained").tolerance == 2e-3 and store.get("trained").load().tolerance == 2e-3
+    assert store.get("trained").calibrated
     store.remove(other.digest_hex)
     assert [r.name for r in store.list()] == ["trained"]
     assert not any(p.name.startswith(".import-") for p in (tmp_path / "store").iterdir())
@@ -113,6 +115,8 @@ def test_resolve_models_by_dir_and_digest(shared_models: Path, tmp_path: Path) -
     [a] = resolve_models(store, [str(shared_models / "tiny-qwen2")])
     [b, c] = resolve_models(store, [a.digest_hex[:10], "tiny-qwen2"])
     assert a.digest == b.digest == c.digest
+    record = store.get(a.digest_hex)  # never served without a measured tolerance: calibrated on first use
+    assert record.calibrated and a.tolerance == b.tolerance == record.tolerance == record.calibration["tolerance"]
     with pytest.raises(ModelNotFoundError):
         resolve_models(store, ["/no/such/dir"])
 
@@ -126,7 +130,7 @@ def test_models_cli(shared_models: Path, tmp_path: Path, monkeypatch: pytest.Mon
     digest = r.output.strip().splitlines()[-1]
     assert digest == compute_digest(shared_models / "tiny-llama-trained").hex()
     r = runner.invoke(cli, [*base, "models", "list"])
-    assert digest in r.output and " t " in r.output and "tol=0.001 (default)" in r.output
+    assert digest in r.output and " t " in r.output and f"tol=none (uncalibrated: `p2pinfer models calibrate {digest[:12]}`)" in r.output
     r = runner.invoke(cli, [*base, "models", "calibrate", digest[:12], "--tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "-> tolerance " in r.output and "tolerance 0.001" not in r.output  # measured, no 1e-3 floor
@@ -197,7 +201,7 @@ def test_interrupted_calibration_resumes_and_is_never_skipped(shared_models: Pat
     assert store.calibration_pending(record.digest_hex)
     partial = json.loads((record.path / CALIBRATION_PARTIAL_FILE).read_text())
     assert len(partial["done"]) == seen[-1][1] // 2
-    # serving the model resumes the calibration instead of using the default tolerance
+    # serving the model resumes the calibration: it is never served without a measured tolerance
     resumed: list[int] = []
     [model] = resolve_models(store, [record.digest_hex])
     record = store.get(record.digest_hex)

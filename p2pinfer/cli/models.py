@@ -41,9 +41,9 @@ def models_list(app: AppContext) -> None:
         click.echo(f"no models in {app.config.models_dir}; add one with `p2pinfer models import DIR`")
         return
     for r in records:
-        calibrated = "calibrated" if r.calibration else "default"
-        click.echo(f"{r.digest_hex}  {r.name}  {r.numeric_class}  tol={r.tolerance:.3g} ({calibrated})  "
-                   f"{r.size_bytes / 1e6:.1f} MB")
+        tolerance = (f"tol={r.tolerance:.3g} (calibrated)" if r.calibrated and r.tolerance is not None
+                     else f"tol=none (uncalibrated: `p2pinfer models calibrate {r.digest_hex[:12]}`)")
+        click.echo(f"{r.digest_hex}  {r.name}  {r.numeric_class}  {tolerance}  {r.size_bytes / 1e6:.1f} MB")
 
 
 @models.command("network")

@@ -55,7 +55,17 @@ def peer_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None, bo
     if not specs:
         record = ensure_default_model_with_progress(store, first="first start")
         specs = [record.digest_hex]
-    models = resolve_models(store, specs)
+    bars: list[ClickProgress] = []
+
+    def calibrating_bar(name: str) -> ClickProgress:  # a model is served only once its tolerance is measured
+        bars.append(ClickProgress(f"calibrating {name}'s tolerance (first start only)"))
+        return bars[-1]
+
+    try:
+        models = resolve_models(store, specs, calibration_progress=calibrating_bar)
+    finally:
+        for bar in bars:
+            bar.close()
     config = NodeConfig(listen=listen_addrs(app, listen), bootstrap=peers, role="peer", extra_addrs=announce)
     control = control_socket_path(app.config.data_dir)
     app.config.data_dir.mkdir(parents=True, exist_ok=True)

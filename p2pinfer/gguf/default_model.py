@@ -62,8 +62,9 @@ def ensure_default_model(store: Any, *, progress: Progress | None = None, numeri
     A copy already in ``store`` (found by :data:`DEFAULT_MODEL_NAME` and this importer's format) is reused.
     Otherwise the GGUF is converted into a temporary folder (its 4-bit weights kept as they are: numeric
     class ``q4_1-cpu``) and imported with ``store.import_dir``. Then its tolerance is calibrated unless it
-    already is (``calibration_tokens=0`` skips that and keeps the default tolerance); an interrupted
-    calibration resumes. Both steps hold the store's locks, so peers sharing the store do each once.
+    already is (``calibration_tokens=0`` skips that: the record then has no tolerance and is calibrated
+    before it is served); an interrupted calibration resumes. Both steps hold the store's locks, so peers
+    sharing the store do each once.
     ``progress`` / ``calibration_progress`` receive ``(done, total)``.
     """
     with store.locked("default-model"):

@@ -187,7 +187,7 @@ class PossessionVetting:
             return self._record(peer_id, digest, Possession.ANSWERED)
         tokens = challenge_tokens(nonce, vocab_size(model), CHALLENGE_POSITIONS)
         rows: np.ndarray = await trio.to_thread.run_sync(recompute_logprobs, model, tokens[:1], tokens[1:])
-        why = check_proof(claimed, rows, model.tolerance)
+        why = check_proof(claimed, rows, model.measured_tolerance())
         return self._record(peer_id, digest, Possession.WRONG if why else Possession.PROVEN, why or "")
 
     async def vet(self, digest: bytes, candidates: Sequence[PeerInfo], *, enough: int = 1) -> list[PeerInfo]:

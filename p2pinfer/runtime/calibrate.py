@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,8 @@ DEFAULT_PROMPTS = (
 )
 THREADS = (1, 2)
 OPTIMIZATIONS = ("disable", "basic", "all")
+#: Tokens per prompt when a model is calibrated because it is about to be served (store and peer start-up).
+SERVING_TOKENS = 16
 
 
 @dataclass
@@ -132,6 +135,9 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         saved.positions[str(index)] = len(out.output_ids)
         cases.append((prompt_ids, out.output_ids, base))
     steps = 0
+    # Each honest way to compute the same rows is one named step below; a new drift source (for example the
+    # float64 reference pass at ambiguous sampler positions, measured against this fp32 baseline) is one more
+    # step with its own name, so that it is saved, resumed and reported like these.
     for th, opt in keys:
         variant: LoadedModel | None = None
         for mode in ("kv", "prefill"):
@@ -163,3 +169,19 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     _log().info("calibrate.done", model=model.digest_hex[:16], worst_drift=f"{worst:.3g}",
              tolerance=f"{result.tolerance:.3g}", seconds=f"{result.seconds:.2f}")
     return result
+
+
+_one_at_a_time = threading.Lock()  # peers sharing a model object calibrate it once, not concurrently
+
+
+def ensure_tolerance(model: LoadedModel, *, new_tokens: int = SERVING_TOKENS,
+                     progress: Callable[[int, int], None] | None = None) -> float:
+    """The model's tolerance: measured now (and set on ``model``) when it has none, else the one it has.
+
+    For models loaded outside the store (the library API, tests); a store's models are calibrated once per
+    digest and numeric class by :meth:`~p2pinfer.runtime.store.ModelStore.ensure_calibrated` instead.
+    """
+    with _one_at_a_time:
+        if model.tolerance is None:
+            model.tolerance = calibrate(model, new_tokens=new_tokens, progress=progress).tolerance
+        return model.tolerance

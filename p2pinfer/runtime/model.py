@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from ..errors import P2PInferError
 from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
@@ -32,7 +33,6 @@ from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.model")
 
-DEFAULT_TOLERANCE = 1e-3
 LOGITS_TO_KEEP = "logits_to_keep"
 DEFAULT_CONTEXT = 2048
 OPTIMIZATION_LEVELS = {
@@ -50,6 +50,13 @@ _LAYOUT_HINT = ("expected Hugging Face Optimum's decoder-with-past layout (input
 
 class ModelLayoutError(ModelFormatError):
     """The ONNX graph's inputs or outputs are not the layout p2pinfer runs."""
+
+
+class ModelNotCalibratedError(P2PInferError):
+    """A tolerance was needed (to verify, or to check a possession proof) and the model has none measured.
+
+    There is no default: a tolerance is only ever a calibration's measurement (docs/models.md, "Tolerance").
+    """
 
 
 def default_providers() -> list[str]:
@@ -225,7 +232,7 @@ class LoadedModel:
     digest: bytes
     name: str
     numeric_class: str
-    tolerance: float
+    tolerance: float | None  # measured by calibration (runtime/calibrate.py); None until then
     session: ort.InferenceSession
     io: GraphIO
     tokenizer: Tokenizer
@@ -235,6 +242,14 @@ class LoadedModel:
     @property
     def digest_hex(self) -> str:
         return self.digest.hex()
+
+    def measured_tolerance(self) -> float:
+        """The calibrated tolerance; :class:`ModelNotCalibratedError` when it was never measured."""
+        if self.tolerance is None:
+            raise ModelNotCalibratedError(
+                f"model {self.name} ({self.digest_hex[:12]}) has no measured tolerance; calibrate it first: "
+                f"`p2pinfer models calibrate {self.digest_hex[:12]}`, or p2pinfer.runtime.ensure_tolerance(model)")
+        return self.tolerance
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -356,10 +371,13 @@ def _config_head_dim(config: Mapping[str, Any]) -> int:
 
 
 def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None = None,
-               numeric_class: str = "fp32-cpu", tolerance: float = DEFAULT_TOLERANCE,
+               numeric_class: str = "fp32-cpu", tolerance: float | None = None,
                providers: Sequence[str] | None = None, threads: int | None = None,
                optimization: str = "all") -> LoadedModel:
-    """Load a model folder. ``digest`` is computed when not given (the store passes its verified one)."""
+    """Load a model folder. ``digest`` is computed when not given (the store passes its verified one).
+
+    ``tolerance`` is the model's calibrated one (the store passes it); without it the model can run but not
+    verify until :func:`~p2pinfer.runtime.calibrate.ensure_tolerance` measures one."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelFormatError(f"{model_dir} is not a directory")

@@ -4,11 +4,12 @@ Each folder keeps the model's files (the digest's files, which include its JSON 
 ``special_tokens_map.json`` when present) and a metadata file ``p2pinfer-model.json``::
 
     {"format": "p2pinfer-model/1", "name": ..., "digest": <hex>, "numeric_class": "fp32-cpu",
-     "tolerance": 0.001, "calibration": null | {...}, "files": [{"path", "size", "sha256"}, ...],
+     "tolerance": null | <measured>, "calibration": null | {...}, "files": [{"path", "size", "sha256"}, ...],
      "imported_at_ms": ..., "source": <folder it came from>}
 
 Imports copy into a temporary folder under ``root``, hash the copy, and rename it into place, so a store
-never holds a half-copied model under a digest.
+never holds a half-copied model under a digest. A model is imported without a tolerance: only its calibration
+(:meth:`ModelStore.ensure_calibrated`) sets one, and :func:`resolve_models` calibrates before serving.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Any, Sequence
 from ..errors import P2PInferError
 from ..log import get_logger
 from .digest import DigestEntry, ModelFormatError, check_inside, digest_entries, digest_files, digest_from_entries
-from .model import DEFAULT_TOLERANCE, LoadedModel, load_model
+from .calibrate import SERVING_TOKENS
+from .model import LoadedModel, load_model
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.store")
@@ -60,7 +62,7 @@ class ModelRecord:
     digest: bytes
     name: str
     numeric_class: str
-    tolerance: float
+    tolerance: float | None  # None until calibrated
     files: list[DigestEntry]
     calibration: dict[str, Any] | None = None
     imported_at_ms: int = 0
@@ -70,6 +72,13 @@ class ModelRecord:
     @property
     def digest_hex(self) -> str:
         return self.digest.hex()
+
+    @property
+    def calibrated(self) -> bool:
+        """Its tolerance was measured, for the numeric class it is served as."""
+        done = self.calibration or {}
+        return (self.tolerance is not None and bool(done)
+                and done.get("numeric_class", self.numeric_class) == self.numeric_class)
 
     @property
     def size_bytes(self) -> int:
@@ -101,7 +110,7 @@ class ModelRecord:
                 digest=bytes.fromhex(data["digest"]),
                 name=str(data["name"]),
                 numeric_class=str(data["numeric_class"]),
-                tolerance=float(data["tolerance"]),
+                tolerance=_stored_tolerance(data),
                 files=[DigestEntry(f["path"], int(f["size"]), bytes.fromhex(f["sha256"])) for f in data["files"]],
                 calibration=data.get("calibration"),
                 imported_at_ms=int(data.get("imported_at_ms", 0)),
@@ -115,6 +124,14 @@ class ModelRecord:
         """Open the model (``providers``, ``threads``, ``optimization`` pass through to the session)."""
         return load_model(self.path, digest=self.digest, name=self.name, numeric_class=self.numeric_class,
                           tolerance=self.tolerance, **session_options)
+
+
+def _stored_tolerance(data: dict[str, Any]) -> float | None:
+    """The tolerance a metadata file holds, if a calibration measured it. Stores written before tolerances
+    were always measured hold the old default (0.001) beside ``"calibration": null``: that is no measurement."""
+    if not data.get("calibration") or data.get("tolerance") is None:
+        return None
+    return float(data["tolerance"])
 
 
 def release_freed_memory() -> None:
@@ -206,7 +223,7 @@ class ModelStore:
                 return self._read(target)
             # load once before accepting it: a graph we cannot run has no place in the store
             load_model(tmp, digest=digest, providers=["CPUExecutionProvider"], threads=1)
-            record = ModelRecord(tmp, digest, name or src.name, numeric_class, DEFAULT_TOLERANCE, entries,
+            record = ModelRecord(tmp, digest, name or src.name, numeric_class, None, entries,
                                  imported_at_ms=int(time.time() * 1000), source=str(src))
             _write_json_atomic(tmp / METADATA_FILE, record.to_json())
             if target.exists():  # a leftover without metadata
@@ -292,7 +309,7 @@ class ModelStore:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def ensure_calibrated(self, key: str, *, tokens: int = 16,
+    def ensure_calibrated(self, key: str, *, tokens: int = SERVING_TOKENS,
                           progress: Callable[[int, int], None] | None = None) -> ModelRecord:
         """Calibrate the model once per digest and numeric class; resume an interrupted calibration.
 
@@ -303,10 +320,11 @@ class ModelStore:
         from .calibrate import calibrate
 
         record = self.get(key)
+        if record.calibrated:
+            return record  # the common case, without waiting for a lock another process may hold
         with self.locked(record.digest_hex):
             record = self.get(record.digest_hex)
-            done = record.calibration or {}
-            if done and done.get("numeric_class", record.numeric_class) == record.numeric_class:
+            if record.calibrated:
                 return record
             result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
                                progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
@@ -321,9 +339,15 @@ class ModelStore:
         return (self.get(key).path / CALIBRATION_PARTIAL_FILE).is_file()
 
 
-def resolve_models(store: ModelStore, specs: Sequence[str], **session_options: Any) -> list[LoadedModel]:
+def resolve_models(store: ModelStore, specs: Sequence[str], *,
+                   calibration_progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+                   **session_options: Any) -> list[LoadedModel]:
     """Load the models a peer serves: each spec is a model folder (imported into the store first) or a
-    digest, digest prefix or name already in the store."""
+    digest, digest prefix or name already in the store.
+
+    A model is never served without a measured tolerance: one not yet calibrated (or whose calibration was
+    cut short) is calibrated here, once per digest and numeric class; ``calibration_progress(name)`` may
+    give a ``progress(done, total)`` callback for it."""
     models = []
     for spec in specs:
         path = Path(spec).expanduser()
@@ -331,7 +355,10 @@ def resolve_models(store: ModelStore, specs: Sequence[str], **session_options: A
             record = store.import_dir(path)
         else:
             record = store.get(spec)
-        if store.calibration_pending(record.digest_hex):  # never serve an interrupted calibration's default
-            record = store.ensure_calibrated(record.digest_hex)
+        if not record.calibrated:
+            _log().info("models.calibrating", digest=record.digest_hex, name=record.name,
+                        resumed=store.calibration_pending(record.digest_hex))
+            progress = calibration_progress(record.name) if calibration_progress is not None else None
+            record = store.ensure_calibrated(record.digest_hex, progress=progress)
         models.append(record.load(**session_options))
     return models

@@ -67,12 +67,13 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
                   finish_reason: str, stop: Sequence[str] = (), commitment: bytes | None = None,
                   fingerprint_format: str = FORMAT, tolerance: float | None = None,
                   stop_at_eos: bool = True, stop_at_first: bool = True) -> FingerprintVerdict:
-    """Re-check an executor's claimed output. ``tolerance`` defaults to the model's calibrated one.
+    """Re-check an executor's claimed output. ``tolerance`` defaults to the model's calibrated one
+    (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none).
 
     ``first_bad_position`` in the verdict is an output index (0-based).
     """
     t0 = time.perf_counter()
-    tol = model.tolerance if tolerance is None else tolerance
+    tol = model.measured_tolerance() if tolerance is None else tolerance  # never a default: measured or refused
     prompt_ids, output_ids = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
     verdict = _verify(model, prompt_ids, output_ids, fingerprint, params, seed_material, max_tokens,
                       finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first)
