@@ -15,7 +15,7 @@ from ..net import NodeConfig
 from ..peer import DEFAULT_SLOTS, ServingPeer
 from ..runtime import ModelStore, resolve_models
 from .common import AppContext
-from .gguf import ensure_default_model_with_progress
+from .gguf import ClickProgress, ensure_default_model_with_progress
 from .net import (PEERS_FILE, announce_addrs, check_bootstrap, listen_addrs, node_options, read_peers_file,
                   run_until_signal)
 
