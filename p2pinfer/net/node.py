@@ -179,7 +179,7 @@ class Node:
                 await self.discovery.bootstrap(bootstrap, connect=self.connect, refresh_nursery=self._nursery)
             async with trio.open_nursery() as sync_nursery:
                 for info in bootstrap:
-                    sync_nursery.start_soon(self.sync_announcements, info.peer_id)
+                    sync_nursery.start_soon(self.capacity.join_sync, info.peer_id, self._nursery)
                 if self.config.role != "client" and self.config.nat_traversal:
                     sync_nursery.start_soon(self.nat.establish, bootstrap)  # nat hook: reachability, relay
             if self.config.role != "client" and self.config.nat_traversal:  # nat hook
