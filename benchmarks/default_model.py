@@ -10,7 +10,8 @@ so that other load on the machine hits both sides alike:
 * decode tokens/s (greedy, ``--tokens`` new tokens after a chat prompt) and prefill tokens/s (a prompt of
   ``--prefill`` tokens) for ours 4-bit, ours fp32 and llama.cpp on the same GGUF with the same thread count,
   and the ratios ours / llama.cpp;
-* verification / generation time for ``--verify-tokens`` output tokens, 4-bit and fp32;
+* verification / generation time for ``--verify-tokens`` output tokens, 4-bit and fp32, greedy and sampled
+  (``--verify-sampling``), with the decode speed behind each ratio;
 * resident memory: a serving process (model loaded, warm, one generation and one verification done) against
   the model files + 300 MB, measured in a fresh subprocess per class.
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from p2pinfer import log  # noqa: E402
 from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
-from p2pinfer.runtime import GREEDY, ensure_tolerance, generate, load_model, verify_result  # noqa: E402
+from p2pinfer.runtime import GREEDY, SamplingParams, ensure_tolerance, generate, load_model, verify_result  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
 PREFILL_TEXT = ("The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40)
@@ -93,6 +94,19 @@ class LlamaCpp:
         return len(ids) / (time.perf_counter() - t)
 
 
+def verify_sampling(spec: str) -> list[tuple[str, SamplingParams]]:
+    """``greedy,1.0,0.8/0.95`` -> labelled sampling parameters."""
+    out = []
+    for item in spec.split(","):
+        if item == "greedy":
+            out.append(("greedy", GREEDY))
+        else:
+            t, _, p = item.partition("/")
+            params = SamplingParams(temperature=float(t), top_p=float(p) if p else 1.0)
+            out.append((f"T={params.temperature:g}" + (f" top-p {params.top_p:g}" if p else ""), params))
+    return out
+
+
 def memory_probe(folder: Path, threads: int, tokens: int, tolerance: float) -> dict:
     """Peak and final RSS of a fresh process that loads the model, generates and verifies once (at the
     ``tolerance`` measured here: calibrating in the probe would count the calibration's memory)."""
@@ -123,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per round")
     ap.add_argument("--prefill", type=int, default=256, help="prefill prompt tokens")
     ap.add_argument("--verify-tokens", default="128,512")
+    ap.add_argument("--verify-sampling", default="greedy,1.0,0.8/0.95",
+                    help="sampling of the verified requests: greedy or TEMPERATURE[/TOP_P], comma-separated "
+                         "(1.0 is the gateway's default, as OpenAI's)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="ours only, even when llama-cpp-python is installed")
     args = ap.parse_args(argv)
     log.configure(level="warning")
@@ -174,23 +191,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"greedy tokens identical to llama.cpp's: first {next((i for i, (a, b) in enumerate(zip(greedy[sides[0].name], greedy[base])) if a != b), args.tokens)} "
                   f"of {args.tokens} ({same} positions equal)")
 
-        print("\n| class | output tokens | generate s | verify s | verify / generate |\n|---|---|---|---|---|")
+        print("\n| class | sampling | output tokens | decode tok/s | generate s | verify s | verify / generate |\n"
+              "|---|---|---|---|---|---|---|")
         for s in sides[:2]:
             m = s.model
-            for n in (int(x) for x in args.verify_tokens.split(",")):
-                best_ratio, best = None, None
-                for _ in range(max(1, args.rounds // 2)):
-                    r = generate(m, prompt, max_tokens=n, params=GREEDY, stop_at_eos=False)
-                    g = r.prefill_seconds + r.decode_seconds
-                    t = time.perf_counter()
-                    v = verify_result(m, prompt_ids=prompt, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes,
-                                      params=GREEDY, seed_material=bytes(32), max_tokens=n,
-                                      finish_reason=r.finish_reason)
-                    ver = time.perf_counter() - t
-                    assert v.accept, v.reason
-                    if best_ratio is None or ver / g < best_ratio:
-                        best_ratio, best = ver / g, (g, ver)
-                print(f"| {m.runtime_numeric_class} | {n} | {best[0]:.2f} | {best[1]:.3f} | {best_ratio:.3f} |")
+            for label, params in verify_sampling(args.verify_sampling):
+                for n in (int(x) for x in args.verify_tokens.split(",")):
+                    best_ratio, best = None, None
+                    for _ in range(max(1, args.rounds // 2)):
+                        r = generate(m, prompt, max_tokens=n, params=params, seed_material=bytes(32),
+                                     stop_at_eos=False)
+                        g = r.prefill_seconds + r.decode_seconds
+                        t = time.perf_counter()
+                        v = verify_result(m, prompt_ids=prompt, output_ids=r.output_ids,
+                                          fingerprint=r.fingerprint_bytes, params=params, seed_material=bytes(32),
+                                          max_tokens=n, finish_reason=r.finish_reason, stop_at_eos=False)
+                        ver = time.perf_counter() - t
+                        assert v.accept, v.reason
+                        if best_ratio is None or ver / g < best_ratio:
+                            best_ratio, best = ver / g, (g, ver, (n - 1) / r.decode_seconds)
+                    print(f"| {m.runtime_numeric_class} | {label} | {n} | {best[2]:.1f} | {best[0]:.2f} | "
+                          f"{best[1]:.3f} | {best_ratio:.3f} |")
 
         print("\n| class | model files MB | serving RSS MB | peak RSS MB | RSS - files MB (limit 300) |\n|---|---|---|---|---|")
         for weights, folder in folders.items():

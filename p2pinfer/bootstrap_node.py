@@ -51,8 +51,8 @@ class BootstrapNode:
         return self
 
     async def _serve(self, nursery: trio.Nursery) -> None:
-        from .control import socket_in_use
-        from .gateway import Gateway, is_loopback, serve_tcp, serve_unix
+        from .control import serve_control_socket
+        from .gateway import Gateway, is_loopback, serve_tcp
 
         assert self.node is not None
         views = Gateway(self.node, self.identity)
@@ -66,18 +66,8 @@ class BootstrapNode:
                 log.warning("page.public", host=host, hint="anyone who can reach this address sees this node's "
                                                            "view of the network; set --page-key to restrict it")
         if self.control_socket is not None:
-            if socket_in_use(self.control_socket):
-                log.warning("control.in_use", path=str(self.control_socket),
-                            hint="another node runs with this data dir; `p2pinfer status` shows that one")
-                return
-            try:
-                url = await nursery.start(serve_unix, views.asgi(api_key=None, page_only=True), self.control_socket)
-            except OSError as exc:
-                log.warning("control.unavailable", path=str(self.control_socket), error=str(exc)[:200],
-                            hint="`p2pinfer status` will not reach this node; use a shorter --data-dir")
-            else:
-                views.urls["control"] = url
-                log.info("control.started", path=str(self.control_socket))
+            await serve_control_socket(nursery, views.asgi(api_key=None, page_only=True), self.control_socket,
+                                       views.urls, who="node", log=log)
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         stack, self._stack = self._stack, None

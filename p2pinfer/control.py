@@ -88,3 +88,27 @@ def read_status(data_dir: Path, *, timeout: float = 5.0) -> dict[str, Any]:
         return json.loads(body)
     except ValueError:
         raise P2PInferError(f"the peer's status is not valid JSON: {body[:200]!r}") from None
+
+
+async def serve_control_socket(nursery: Any, app: Any, path: Path, urls: dict[str, str], *, who: str,
+                               log: Any) -> None:
+    """Serve ``app`` on the control socket ``path`` in ``nursery`` and record its URL in ``urls["control"]``.
+
+    The node runs on without it (logged with a hint) when another process of the same data dir holds the
+    socket, or when it cannot be made (e.g. a data dir path too long for a Unix socket). ``who`` names the
+    running process in those hints ("peer", "node"); ``log`` is its logger.
+    """
+    from .gateway import serve_unix  # not at import time: ``p2pinfer status`` imports this module
+
+    if socket_in_use(path):
+        log.warning("control.in_use", path=str(path),
+                    hint=f"another {who} runs with this data dir; `p2pinfer status` shows that one")
+        return
+    try:
+        url = await nursery.start(serve_unix, app, path)
+    except OSError as exc:
+        log.warning("control.unavailable", path=str(path), error=str(exc)[:200],
+                    hint=f"`p2pinfer status` will not reach this {who}; use a shorter --data-dir")
+    else:
+        urls["control"] = url
+        log.info("control.started", path=str(path))

@@ -75,16 +75,20 @@ async def local_network(models: Sequence[LoadedModel], *, peers: int = 4, slots:
                         identities: Sequence[Identity] | None = None,
                         peer_models: Sequence[Sequence[LoadedModel]] | None = None,
                         measure_speed: bool = False, wait_s: float = 30.0,
-                        ledger_dir: Path | None = None) -> AsyncIterator[LocalNetwork]:
+                        ledger_dir: Path | None = None,
+                        stream_negotiation_timeout_s: float = 10.0) -> AsyncIterator[LocalNetwork]:
     """Start a bootstrap node and ``peers`` serving peers; yields once every peer sees all the others.
 
     Each peer keeps its ledger in memory, or in ``ledger_dir/<peer id>.sqlite`` when ``ledger_dir`` is given.
+    ``stream_negotiation_timeout_s`` is every node's :class:`~p2pinfer.net.NodeConfig` setting (tests that
+    load one process with many requests raise it).
     """
     identities = list(identities or [Identity.generate() for _ in range(peers)])
     served = list(peer_models or [models] * peers)
-    async with Node(Identity.generate(), NodeConfig(listen=LOOPBACK, role="bootstrap")) as bootstrap:
+    patience = {"stream_negotiation_timeout_s": stream_negotiation_timeout_s}
+    async with Node(Identity.generate(), NodeConfig(listen=LOOPBACK, role="bootstrap", **patience)) as bootstrap:
         net = LocalNetwork(bootstrap=bootstrap, peers=[])
-        config = NodeConfig(listen=LOOPBACK, bootstrap=tuple(bootstrap.addrs), role="peer")
+        config = NodeConfig(listen=LOOPBACK, bootstrap=tuple(bootstrap.addrs), role="peer", **patience)
         async with trio.open_nursery() as nursery:
             net._nursery, net._config, net._slots = nursery, config, slots
             for identity, its_models in zip(identities, served):

@@ -101,8 +101,8 @@ class ServingPeer:
         return self
 
     async def _start_http(self, nursery: trio.Nursery) -> None:
-        from .control import socket_in_use
-        from .gateway import Gateway, is_loopback, serve_tcp, serve_unix
+        from .control import serve_control_socket
+        from .gateway import Gateway, is_loopback, serve_tcp
 
         assert self.node is not None
         self.gateway = Gateway(self.node, self.identity, peer=self)
@@ -118,18 +118,8 @@ class ServingPeer:
                             hint="anyone who can reach this address can use the gateway"
                                  + ("" if self.gateway_key else "; set --gateway-key"))
         if self.control_socket is not None:
-            if socket_in_use(self.control_socket):
-                log.warning("control.in_use", path=str(self.control_socket),
-                            hint="another peer runs with this data dir; `p2pinfer status` shows that one")
-            else:
-                try:
-                    url = await nursery.start(serve_unix, self.gateway.asgi(api_key=None), self.control_socket)
-                except OSError as exc:  # e.g. a data dir path too long for a Unix socket: serve without it
-                    log.warning("control.unavailable", path=str(self.control_socket), error=str(exc)[:200],
-                                hint="`p2pinfer status` will not reach this peer; use a shorter --data-dir")
-                else:
-                    self.gateway.urls["control"] = url
-                    log.info("control.started", path=str(self.control_socket))
+            await serve_control_socket(nursery, self.gateway.asgi(api_key=None), self.control_socket,
+                                       self.gateway.urls, who="peer", log=log)
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         stack, self._stack = self._stack, None

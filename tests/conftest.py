@@ -78,3 +78,9 @@ def perturbed(shared_models, honest):
 
     return load_model(shared_models / "tiny-llama-trained-perturbed", digest=honest.digest, name=TRAINED,
                       providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def model(honest):
+    """The trained fixture model under its own name, as the request-path and gateway tests call it."""
+    return honest

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from p2pinfer.runtime import load_model
 from p2pinfer.runtime.chat import ChatTemplateError, render_chat_spans
 
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / "tiny-llama-trained", providers=["CPUExecutionProvider"])
 
 
 def _control_ids(model) -> set[int]:

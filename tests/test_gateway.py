@@ -7,7 +7,6 @@ from typing import Any, AsyncIterator
 
 import httpx
 import openai
-import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,18 +15,12 @@ from p2pinfer.localnet import LOOPBACK, local_network
 from p2pinfer.net import NodeConfig
 from p2pinfer.peer import ServingPeer
 from p2pinfer.request.client import AsyncClient
-from p2pinfer.runtime import load_model
 from p2pinfer.wire import now_ms
 
 MODEL_NAME = "tiny-llama-trained"
 PROMPT = "import os\nimport sys"
 CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def main("}]
 SAMPLING = dict(max_tokens=12, temperature=0.8, seed=1234)
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 @asynccontextmanager

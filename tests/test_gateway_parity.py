@@ -15,15 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from p2pinfer.localnet import local_network
 from p2pinfer.request.client import AsyncClient
-from p2pinfer.runtime import load_model
 from p2pinfer.runtime.fingerprint import unpack
 
 from test_gateway import CHAT, MODEL_NAME, PROMPT, gateway_peer, sdk
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 async def test_verified_logprobs_choices_models_usage_and_metrics(model):

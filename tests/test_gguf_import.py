@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer
 from p2pinfer.cli.gguf import import_gguf as import_gguf_cli
 from p2pinfer.gguf import (GGUFImportError, UnsupportedArchitectureError, UnsupportedTensorTypeError,
                            UnsupportedTokenizerError, import_gguf)
+from p2pinfer.runtime import load_model
 
 from gguf_fixtures import TinyLlama, reference_logits, tiny_vocab, write_tiny_llama
 
@@ -90,6 +92,24 @@ def test_kv_cache_steps_equal_full_pass(tmp_path: Path) -> None:
         rows.append(logits[0])
         assert past["past_key_values.0.key"].shape == (1, cfg.n_kv_heads, end, cfg.head_dim)
     np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-attention", "portable-attention"])
+def test_in_place_kv_decoder_equals_forward(tmp_path: Path, fused: bool) -> None:
+    """The decode loop's KVDecoder (one buffer bound as past and present) computes exactly what forward()
+    computes step by step; graphs whose attention cannot share the buffer fall back to forward()."""
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    out, _ = _import(tmp_path, cfg, fused_attention=fused)
+    model = load_model(out, threads=1, providers=["CPUExecutionProvider"])
+    assert model.shares_kv_buffer is fused
+    _, cache = model.forward(IDS[:4], model.empty_cache(), last=1)
+    decoder = model.decoder(cache, capacity=len(IDS))
+    for position, token in enumerate(IDS[4:], start=4):
+        logits, cache = model.forward([token], cache)
+        assert np.array_equal(decoder.step(token), logits[-1]), position
+        assert decoder.length == cache.length == position + 1
+    with pytest.raises(ValueError, match="no room") if fused else contextlib.nullcontext():
+        decoder.step(IDS[0])
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-attention", "portable-attention"])

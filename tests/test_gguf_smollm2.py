@@ -24,7 +24,7 @@ LOGPROB_TOLERANCE = 1e-3
 #: Files whose bytes only depend on the GGUF, numpy's IEEE float32 arithmetic and ONNX's protobuf encoding.
 #: A change here changes the model digest that peers agree on: bump importer.IMPORTER_FORMAT if intended.
 PINNED_SHA256 = {
-    "model.onnx": "99eaa08beda709f5363c354c7b1929178c56fa549b781e875085be86cb072097",
+    "model.onnx": "4462822ab20fa3bc705e3b44cea9d5e3634bc6a13ef2159c36288d4c2847eccd",
     "model.onnx.data": "4c55ef500309ec2666e2921a0f1ba43b7349aea4fa44886625ca4edf297af984",
     "config.json": "398e4389fd9e81803d8f2937cb6b8f62dc6861abed9ce605ad03e046bcc1cd6a",
     "generation_config.json": "8025b6679dcf077f5d339bd154238d70891decb48f35f294bfaa33a343140439",

@@ -16,13 +16,11 @@ import shutil
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 
 from p2pinfer.gateway.network_view import NETWORK_PATH
 from p2pinfer.localnet import local_network
 from p2pinfer.request.client import AsyncClient
-from p2pinfer.runtime import load_model
 
 from test_gateway import MODEL_NAME, gateway_peer
 
@@ -30,11 +28,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 MAX_ELECTIONS = 24  # (2/3)^24: the chance that the page's peer is never a mere bidder is about 6e-5
 PAGE_WAIT_S = 120  # generous: the machine may be loaded; the page polls every 2 s
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 def _browser():

@@ -8,21 +8,16 @@ import pytest
 import trio
 
 from p2pinfer.election import elect, make_bid
-from p2pinfer.identity import peer_id_from_public_key
+from p2pinfer.identity import Identity, peer_id_from_public_key
 from p2pinfer.localnet import local_network
+from p2pinfer.net import Node, NodeConfig
 from p2pinfer.request import protocol
 from p2pinfer.request.client import AsyncClient, StreamChunk
 from p2pinfer.request.errors import BadParameters, NoPeerServesModel
 from p2pinfer.request.params import build_request
-from p2pinfer.runtime import load_model
 from p2pinfer.wire import Assignment, BidSet, Refusal, decode_signed, encode_signed, now_ms, sign
 
 MODEL_NAME = "tiny-llama-trained"
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +138,15 @@ async def test_unknown_model_fails_fast_with_a_clear_error(model):
 
 
 async def test_twenty_concurrent_requests_over_four_peers_all_complete(model):
-    async with local_network([model], peers=4, slots=2) as net:
-        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+    # Twenty requests queue for eight slots, and the five nodes share this one event loop with the
+    # generations: every limit below is an upper bound far above any honest delay, so a loaded machine
+    # makes the test slower, never a request fail (bids: all four peers answer).
+    async with local_network([model], peers=4, slots=2, wait_s=120, stream_negotiation_timeout_s=120) as net:
+        patient = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=net.bootstrap_addrs, role="client",
+                             stream_negotiation_timeout_s=120)
+        async with Node(Identity.generate(), patient) as node, \
+                AsyncClient.on_node(node, bid_timeout=60, bid_grace=60, busy_timeout=600, stall_timeout=120,
+                                    discovery_timeout=60) as client:
             results = {}
 
             async def one(i: int) -> None:

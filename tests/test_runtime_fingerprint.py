@@ -132,3 +132,71 @@ def test_row_count_and_structure_checked() -> None:
     assert not v.accept and v.first_bad_position == 1 and "malformed" in v.reason
     with pytest.raises(ValueError):
         verify_fingerprint(fp, lp[:2], out, GREEDY, SEED, 1e-3)
+
+
+# The verifier checks from the logits (LogProbRows) instead of the full float64 log-softmax matrix: every
+# number it reads, and so every verdict, must be the same bits as the matrix's.
+
+logit_blocks = hnp.arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(2, 300)),
+                          elements=st.floats(-30, 30, width=32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(logit_blocks, st.data())
+def test_log_prob_rows_are_log_softmax_bit_for_bit(logits: np.ndarray, data: st.DataObject) -> None:
+    from p2pinfer.runtime.sampling import LogProbRows
+
+    dense = log_softmax(logits)
+    rows = LogProbRows.from_logits(logits)
+    for r in range(logits.shape[0]):
+        assert np.array_equal(rows.row(r), dense[r]) and np.array_equal(rows[r], dense[r])
+    assert np.array_equal(np.asarray(rows, dtype=np.float64), dense) and len(rows) == logits.shape[0]
+    ids = data.draw(hnp.arrays(np.int64, (logits.shape[0], 8), elements=st.integers(0, logits.shape[1] - 1)))
+    r = np.arange(logits.shape[0])[:, None]
+    assert np.array_equal(rows.at(r, ids), dense[r, ids])
+    masked = dense.copy()
+    masked[r, ids] = -np.inf  # with fewer than 9 tokens this may leave nothing
+    best_id, best = rows.best(exclude=ids)
+    assert np.array_equal(best, masked.max(axis=1))
+    assert np.array_equal(masked[r[:, 0], best_id], best)
+    assert np.array_equal(rows.best()[1], dense.max(axis=1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(logit_blocks, st.sampled_from([GREEDY, SamplingParams(temperature=0.8, top_p=0.9),
+                                      SamplingParams(temperature=1.0, top_k=5)]),
+       st.sampled_from([0.0, 1e-4, 1e-2]), st.data())
+def test_checking_from_logits_gives_the_dense_verdict(logits: np.ndarray, params: SamplingParams, tol: float,
+                                                      data: st.DataObject) -> None:
+    from p2pinfer.runtime.fingerprint import FingerprintChecker
+    from p2pinfer.runtime.sampling import LogProbRows
+
+    dense = log_softmax(logits)
+    builder = FingerprintBuilder()
+    for row in dense:
+        builder.add(row)
+    fp = builder.build()
+    tokens = [sample(row, params, SEED, i) for i, row in enumerate(dense)]
+    # tamper: claimed values, claimed IDs or tokens, at a drawn row
+    j = data.draw(st.integers(0, len(tokens) - 1))
+    how = data.draw(st.sampled_from(["none", "value", "id", "token"]))
+    ids, q = fp.ids.copy(), fp.q.copy()
+    if how == "value":
+        q[j, data.draw(st.integers(0, fp.k - 1))] += data.draw(st.integers(1, 5000))
+    elif how == "id":
+        ids[j, data.draw(st.integers(0, fp.k - 1))] = data.draw(st.integers(0, logits.shape[1] - 1))
+    elif how == "token":
+        tokens[j] = data.draw(st.integers(0, logits.shape[1] - 1))
+    fp = Fingerprint(ids, q)
+    verdicts = []
+    for rows in (dense, LogProbRows.from_logits(logits)):
+        checker = FingerprintChecker(fp, tokens, params, SEED, tol)
+        split = data.draw(st.integers(0, len(tokens)))
+        if split:
+            checker.check_rows(0, rows[:split] if isinstance(rows, np.ndarray) else
+                               LogProbRows(rows.values[:split], rows.shift[:split], rows.log_norm[:split]))
+        if split < len(tokens):
+            checker.check_rows(split, rows[split:] if isinstance(rows, np.ndarray) else
+                               LogProbRows(rows.values[split:], rows.shift[split:], rows.log_norm[split:]))
+        verdicts.append(checker.verdict())
+    assert verdicts[0] == verdicts[1]

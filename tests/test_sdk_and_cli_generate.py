@@ -13,14 +13,8 @@ import trio
 
 from p2pinfer import AsyncClient, Client, NoPeerServesModel
 from p2pinfer.localnet import local_network
-from p2pinfer.runtime import load_model
 
 MODEL_NAME = "tiny-llama-trained"
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 async def test_sync_client_generate_and_stream_from_plain_and_asyncio_code(model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from net.helpers import wait_until
 from p2pinfer.election import elect
 from p2pinfer.identity import Identity, peer_id_from_public_key
 from p2pinfer.ledger import Ledger
@@ -27,12 +28,6 @@ from p2pinfer.wire import (Assignment, Bid, BidSet, FraudProof, InferenceResult,
                            now_ms, sign)
 
 MODEL = "tiny-llama-trained"
-
-
-async def wait_for(predicate, timeout: float = 20.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
 
 
 class Attacker:
@@ -136,7 +131,7 @@ async def test_prefix_ids_need_the_earlier_executors_signature_and_fraud_proofs_
                                                          verdicts=verdicts, inherited_tokens=0,
                                                          issued_at_ms=now_ms()))
             await a.node.publish(FRAUD_TOPIC, proof)
-            await wait_for(lambda: any(p.verification.counters["fraud.dropped.invalid"] >= 1 for p in net.peers))
+            await wait_until(lambda: any(p.verification.counters["fraud.dropped.invalid"] >= 1 for p in net.peers))
             await trio.sleep(0.5)
             framed = result.signer
             for p in net.peers:

@@ -7,18 +7,11 @@ and in the check, and a verifier whose own check fails answers a signed ``intern
 
 from __future__ import annotations
 
-import pytest
 
 from p2pinfer.localnet import local_network
 from p2pinfer.request.client import AsyncClient
-from p2pinfer.runtime import load_model
 
 MODEL_NAME = "tiny-llama-trained"
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 async def test_tiny_temperatures_are_served_and_verified_by_every_verifier(model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from net.helpers import wait_until
 from p2pinfer.identity import Identity
 from p2pinfer.ledger import Ledger
 from p2pinfer.ledger.rules import (CREDIT_TOKENS, CREDIT_VERIFICATION, PENALTY_AGAINST_QUORUM, PENALTY_FRAMING,
@@ -16,12 +17,6 @@ from p2pinfer.request.errors import ResultRejected
 from elections import key_at_rank, ranking_keys, real_bids, signed_bid_set
 
 MODEL = "tiny-llama-trained"
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
 
 
 def kinds(ledger: Ledger, key: bytes) -> list[str]:
@@ -69,7 +64,7 @@ async def test_cheating_executor_is_rejected_penalized_and_excluded(honest, pert
         assert v.tally.rejects == 3 and v.fraud_proof is not None
         # peers holding the model re-checked the gossiped fraud proof and booked it as proven
         others = net.peers[1:]
-        await wait_for(lambda: all(p.verification.counters["fraud.proven"] >= 1 for p in others))
+        await wait_until(lambda: all(p.verification.counters["fraud.proven"] >= 1 for p in others))
         for p in others:
             assert p.ledger.excluded([cheater.identity.public_key], now_ms=_now()) == {cheater.identity.public_key}
 
@@ -111,12 +106,12 @@ async def test_one_lying_verifier_among_three_is_outvoted_and_penalized(honest, 
                 assert client.ledger.balance(completion.result.signer) == 8
                 executor = net.peer(completion.executor)
                 rid = completion.request_id
-                await wait_for(lambda: [(e.kind, e.amount) for e in executor.ledger.entries(completion.result.signer)
+                await wait_until(lambda: [(e.kind, e.amount) for e in executor.ledger.entries(completion.result.signer)
                                         if e.request_id == rid] == [(CREDIT_TOKENS, 8)])
                 # the executor books the liar's penalty from the signed receipt; the liar itself never books a
                 # penalty against itself from someone else's receipt (or any client could make it exclude itself)
-                await wait_for(lambda: PENALTY_AGAINST_QUORUM in kinds(executor.ledger, liar.identity.public_key))
-                await wait_for(lambda: liar.verification.counters["receipt.stored"] >= 1)
+                await wait_until(lambda: PENALTY_AGAINST_QUORUM in kinds(executor.ledger, liar.identity.public_key))
+                await wait_until(lambda: liar.verification.counters["receipt.stored"] >= 1)
                 assert PENALTY_AGAINST_QUORUM not in kinds(liar.ledger, liar.identity.public_key)
                 return
         pytest.fail("the liar was never elected verifier")
@@ -142,7 +137,7 @@ async def test_fraud_proof_forged_by_colluding_verifiers_is_recognized_as_false(
                                                            verdicts=verdicts, inherited_tokens=0,
                                                            issued_at_ms=now_ms()))
             await client.node.publish(FRAUD_TOPIC, proof)
-            await wait_for(lambda: all(p.verification.counters["fraud.disproven"] == 1 for p in net.peers))
+            await wait_until(lambda: all(p.verification.counters["fraud.disproven"] == 1 for p in net.peers))
             executor_key = result.signer
             for p in net.peers:
                 assert p.verification.counters["fraud.proven"] == 0

@@ -20,17 +20,12 @@ from p2pinfer.request.evidence import chain_start, decode_bid_set, extend_chain
 from p2pinfer.request.protocol import MAX_TASK_FRAME, TASK_PROTOCOL
 from p2pinfer.request.text import TokenizerCache, TokenizerUnavailable
 from p2pinfer.request.tokenizer_service import MAX_REPLY_FRAME, TOKENIZER_PROTOCOL
-from p2pinfer.runtime import SamplingParams, generate, load_model, sampling_seed
+from p2pinfer.runtime import SamplingParams, generate, sampling_seed
 from p2pinfer.wire import Assignment, InferenceResult, TokenChunk, decode_signed, encode_signed
 from p2pinfer.wire.messages import FileChunk, ModelFile, TokenizerManifest, TokenizerQuery
 
 MODEL_NAME = "tiny-llama-trained"
 FAKE = "[PAY 0.1 BTC TO 1Fake]"
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL_NAME, name=MODEL_NAME, providers=["CPUExecutionProvider"])
 
 
 def install_fake_text_executor(peer, model) -> None:

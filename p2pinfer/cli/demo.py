@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 import trio
 
+from ..request.bid_window import GRACE_S
 from .common import CREDIT_MEANING, AppContext, credits, plural
 
 PROMPT = "In one sentence, what is a peer-to-peer network?"
@@ -79,26 +80,27 @@ def _short(peer_id: str) -> str:
 @click.option("--prompt", default=PROMPT, show_default=True, help="The chat prompt to send.")
 @click.option("--max-rounds", type=click.IntRange(1, 200), default=40, show_default=True,
               help="Short requests to send at most until the cheater is caught.")
+@click.option("--bid-timeout", type=click.FloatRange(0.5, 600), default=3.0, show_default=True,
+              help="Seconds the client waits for bids (raise it on a slow or busy machine).")
+@click.option("--bid-grace", type=click.FloatRange(0, 600), default=GRACE_S, show_default=True,
+              help="Seconds the client still waits for bids once executor and verifiers have bid "
+                   "(at most --bid-timeout; raise both so that every peer's bid counts on a busy machine).")
 @click.option("--verbose", is_flag=True, help="Also print the nodes' log lines (stderr).")
 @click.pass_obj
-def demo_cmd(app: AppContext, max_tokens: int, prompt: str, max_rounds: int, verbose: bool) -> None:
+def demo_cmd(app: AppContext, max_tokens: int, prompt: str, max_rounds: int, bid_timeout: float,
+             bid_grace: float, verbose: bool) -> None:
     """Run a local network of four peers, get a verified answer, then catch a peer serving a tampered model."""
+    if bid_grace > bid_timeout:
+        raise click.BadParameter(f"{bid_grace} s is longer than --bid-timeout ({bid_timeout} s); "
+                                 "give a grace no longer than the bid timeout", param_hint="--bid-grace")
     from .. import log
 
     if not verbose:
         log.configure(json=app.config.log_json, level="error")
-    from ..gguf.default_model import ensure_default_model
     from ..runtime import ModelStore, load_model
-    from .gguf import ClickProgress
+    from .gguf import ensure_default_model_with_progress
 
-    store = ModelStore(app.config.models_dir)
-    progress = ClickProgress("importing the default model (first run only)")
-    calibrating = ClickProgress("calibrating its tolerance (first run only)")
-    try:
-        record = ensure_default_model(store, progress=progress, calibration_progress=calibrating)
-    finally:
-        progress.close()
-        calibrating.close()
+    record = ensure_default_model_with_progress(ModelStore(app.config.models_dir), first="first run")
     honest = record.load(providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="p2pinfer-demo-") as tmp:
         tampered_dir = Path(tmp) / "tampered"
@@ -106,13 +108,14 @@ def demo_cmd(app: AppContext, max_tokens: int, prompt: str, max_rounds: int, ver
         tampered = load_model(tampered_dir, digest=honest.digest, name=honest.name,
                               numeric_class=honest.numeric_class, tolerance=honest.tolerance,
                               providers=["CPUExecutionProvider"])
-        ok = trio.run(_demo, honest, tampered, changed, prompt, max_tokens, max_rounds)
+        ok = trio.run(_demo, honest, tampered, changed, prompt, max_tokens, max_rounds, bid_timeout, bid_grace)
     if not ok:
         raise click.ClickException(f"the cheater was not caught within {plural(max_rounds, 'request')} "
                                    "(try a larger --max-rounds)")
 
 
-async def _demo(honest, tampered, changed: int, prompt: str, max_tokens: int, max_rounds: int) -> bool:
+async def _demo(honest, tampered, changed: int, prompt: str, max_tokens: int, max_rounds: int,
+                bid_timeout: float, bid_grace: float) -> bool:
     from ..identity import peer_id_from_public_key
     from ..localnet import local_network
     from ..request.client import AsyncClient, Completion, StreamChunk
@@ -126,7 +129,7 @@ async def _demo(honest, tampered, changed: int, prompt: str, max_tokens: int, ma
              f"(up in {time.perf_counter() - started:.1f} s)")
         for p in net.peers:
             echo(f"  peer {p.peer_id}")
-        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs, bid_timeout=bid_timeout, bid_grace=bid_grace) as client:
             echo(f"\n[1] asking the network: {prompt!r}\n")
             completion: Completion | None = None
             async for item in client.stream_with_result(model=honest.name, max_tokens=max_tokens,

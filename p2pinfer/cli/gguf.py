@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,6 +34,20 @@ class ClickProgress:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None
+
+
+def ensure_default_model_with_progress(store: Any, *, first: str) -> Any:
+    """The bundled default model's record: imported and calibrated on ``first`` use ("first run", "first
+    start"), with a progress bar for each on stderr."""
+    from ..gguf.default_model import ensure_default_model
+
+    progress = ClickProgress(f"importing the default model ({first} only)")
+    calibrating = ClickProgress(f"calibrating its tolerance ({first} only)")
+    try:
+        return ensure_default_model(store, progress=progress, calibration_progress=calibrating)
+    finally:
+        progress.close()
+        calibrating.close()
 
 
 @click.command("import-gguf")

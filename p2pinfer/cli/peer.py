@@ -8,7 +8,6 @@ import click
 
 from ..control import control_socket_path
 from ..errors import ConfigError
-from ..gguf.default_model import ensure_default_model
 from ..identity import Identity
 from ..ledger import LEDGER_FILE
 from ..log import get_logger
@@ -16,7 +15,7 @@ from ..net import NodeConfig
 from ..peer import DEFAULT_SLOTS, ServingPeer
 from ..runtime import ModelStore, resolve_models
 from .common import AppContext
-from .gguf import ClickProgress
+from .gguf import ClickProgress, ensure_default_model_with_progress
 from .net import (PEERS_FILE, announce_addrs, check_bootstrap, listen_addrs, node_options, read_peers_file,
                   run_until_signal)
 
@@ -54,13 +53,7 @@ def peer_cmd(app: AppContext, listen: tuple[str, ...], key_file: Path | None, bo
     store = ModelStore(app.config.models_dir)
     specs = list(model_specs)
     if not specs:
-        progress = ClickProgress("importing the default model (first start only)")
-        calibrating = ClickProgress("calibrating its tolerance (first start only)")
-        try:
-            record = ensure_default_model(store, progress=progress, calibration_progress=calibrating)
-        finally:
-            progress.close()
-            calibrating.close()
+        record = ensure_default_model_with_progress(store, first="first start")
         specs = [record.digest_hex]
     bars: list[ClickProgress] = []
 

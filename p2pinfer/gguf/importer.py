@@ -44,7 +44,7 @@ from .tokenizer import TokenizerFiles, build_tokenizer
 log = get_logger("p2pinfer.gguf")
 
 #: Bump when the produced files change for the same GGUF input (the model digest changes with it).
-IMPORTER_FORMAT = "p2pinfer-gguf-import/2"
+IMPORTER_FORMAT = "p2pinfer-gguf-import/3"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ALIGNMENT = 4096

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = get_logger("p2pinfer.net.capacity")
 
 
+SYNC_RETRIES = 4  # a join sync that failed is retried after 1, 2, 4 and 8 s (in the background)
+
+
 class Capacity:
     def __init__(self, node: "Node", table: AnnouncementTable, gossip: CapacityGossip, discovery: Discovery,
                  stats: Counter[str]) -> None:
@@ -134,7 +137,32 @@ class Capacity:
         return build_sync_page(envelopes, after=cursor)
 
     async def sync_from(self, peer_id: str, *, timeout: float = 5.0) -> int:
+        """Pull the live announcements ``peer_id`` holds, page by page; returns how many were new."""
+        return (await self._sync_pages(peer_id, timeout))[0]
+
+    async def join_sync(self, peer_id: str, nursery: trio.Nursery, *, timeout: float = 5.0) -> None:
+        """The sync a join waits for; if it could not finish, :meth:`sync_until_done` goes on in ``nursery``."""
+        _, complete = await self._sync_pages(peer_id, timeout)
+        if not complete:
+            nursery.start_soon(self.sync_until_done, peer_id)
+
+    async def sync_until_done(self, peer_id: str, *, timeout: float = 5.0, retries: int = SYNC_RETRIES) -> None:
+        """A join's sync, retried in the background with backoff when a page could not be had: on a loaded
+        machine one protocol negotiation can time out, and a peer that missed its join sync would otherwise
+        lack every announcement made before it joined (gossip does not replay them)."""
+        delay = 1.0
+        for attempt in range(retries):
+            await trio.sleep(delay)
+            delay *= 2
+            _, complete = await self._sync_pages(peer_id, timeout)
+            if complete:
+                return
+            log.debug("sync.retry", peer_id=peer_id, attempt=attempt + 1)
+
+    async def _sync_pages(self, peer_id: str, timeout: float) -> tuple[int, bool]:
+        """(new announcements, whether every page came)."""
         accepted = received = 0
+        complete = False
         cursor = ""
         for _ in range(MAX_SYNC_PAGES):
             try:
@@ -158,11 +186,12 @@ class Capacity:
                 if signed.message.peer_id != self.peer_id:
                     accepted += 1
             if not next_cursor:
+                complete = True
                 break
             cursor = next_cursor
         self.stats["sync.accepted"] += accepted
-        log.debug("sync.done", peer_id=peer_id, received=received, accepted=accepted)
-        return accepted
+        log.debug("sync.done", peer_id=peer_id, received=received, accepted=accepted, complete=complete)
+        return accepted, complete
 
     # ---- lookups for the request path ---------------------------------------------------------------
 

@@ -53,6 +53,7 @@ def build_host(
     listen: Sequence[str] = DEFAULT_LISTEN,
     *,
     dial_timeout_s: float = 10.0,
+    stream_negotiation_timeout_s: float = 10.0,
     max_connections: int = 300,
     addrs_factory: Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]] | None = None,
 ) -> IHost:
@@ -70,6 +71,8 @@ def build_host(
     connection_config = ConnectionConfig(
         max_connections_per_peer=1,  # see module docstring: avoids the fixed 250 ms per dial
         dial_timeout=dial_timeout_s,
+        outbound_stream_protocol_negotiation_timeout=stream_negotiation_timeout_s,
+        inbound_stream_protocol_negotiation_timeout=stream_negotiation_timeout_s,
         max_connections=max_connections,
         high_watermark=max_connections,
         min_connections=0,

@@ -93,6 +93,8 @@ class NodeConfig:
     dht_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     gossip_heartbeat_s: int = HEARTBEAT_S
     dial_timeout_s: float = 3.0              # TCP connect; an address that drops packets (NAT) costs this long
+    # how long either side of a new stream may take to agree on its protocol (py-libp2p's default, 10 s)
+    stream_negotiation_timeout_s: float = 10.0
     software: str = f"p2pinfer/{__version__}"
     extra_addrs: Sequence[str] = field(default_factory=tuple)  # public addresses to announce (NAT)
     # NAT traversal (p2pinfer.net.nat): relay hop service (None: on for role "bootstrap"), its limits,
@@ -122,6 +124,7 @@ class Node:
         self.config = config
         self.peer_id = identity.peer_id
         self.host = build_host(identity, config.listen, dial_timeout_s=config.dial_timeout_s,
+                               stream_negotiation_timeout_s=config.stream_negotiation_timeout_s,
                                addrs_factory=self._advertised_addrs)  # nat hook: no wildcards in identify
         self.guard = PeerGuard(self.host)  # every inbound stream guarded; limits, faults, bans
         self.guard.install()
@@ -176,7 +179,7 @@ class Node:
                 await self.discovery.bootstrap(bootstrap, connect=self.connect, refresh_nursery=self._nursery)
             async with trio.open_nursery() as sync_nursery:
                 for info in bootstrap:
-                    sync_nursery.start_soon(self.sync_announcements, info.peer_id)
+                    sync_nursery.start_soon(self.capacity.join_sync, info.peer_id, self._nursery)
                 if self.config.role != "client" and self.config.nat_traversal:
                     sync_nursery.start_soon(self.nat.establish, bootstrap)  # nat hook: reachability, relay
             if self.config.role != "client" and self.config.nat_traversal:  # nat hook

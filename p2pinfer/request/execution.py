@@ -51,6 +51,7 @@ class Attempt:
     tokens: int
     key: bytes | None = None  # the executor's public key (from its bid)
     fault: Fault | None = None  # for failures: whose fault (only Fault.PEER is ever booked)
+    delivered: bool = True  # False when the task stream never opened: the peer never saw the assignment
 
 
 @dataclass
@@ -102,7 +103,8 @@ async def run_attempt(node: Node, identity: Identity, request: Request, request_
     try:
         frames = await node.open_stream(peer_id, TASK_PROTOCOL, timeout=stall_timeout, max_frame=MAX_TASK_FRAME)
     except NetError as exc:
-        progress.attempts.append(Attempt(peer_id, f"failed:{exc.reason}", 0, executor_key, Fault.UNPROVEN))
+        progress.attempts.append(Attempt(peer_id, f"failed:{exc.reason}", 0, executor_key, Fault.UNPROVEN,
+                                         delivered=False))
         log.info("task.failover", peer_id=peer_id, attempt=attempt, reason=str(exc)[:200])
         return
     outcome, fault = "failed:cancelled", Fault.CLIENT  # what a cancellation (ours) leaves behind

@@ -34,6 +34,7 @@ from ..net import NetError, Node
 from ..runtime.digest import TOKENIZER_FILE, DigestEntry, digest_from_entries
 from ..runtime.generate import IncrementalDecoder
 from ..runtime.model import read_model_info
+from ..runtime.stop_text import StopText
 from ..wire import WireError, decode_signed, encode_signed
 from ..wire.messages import FileChunk, TokenizerManifest, TokenizerQuery
 from .tokenizer_service import MAX_REPLY_FRAME, TEXT_FILES, TOKENIZER_PROTOCOL
@@ -73,9 +74,7 @@ class VerifiedText:
     def __init__(self, model: ModelText, stop: Sequence[str] = ()) -> None:
         self._decoder = IncrementalDecoder(model)  # type: ignore[arg-type]  # it only calls .decode
         self._eos = set(model.eos_token_ids)
-        self._stop = tuple(s for s in stop if s)
-        self._text = ""
-        self._released = 0
+        self._text = StopText(stop)
         self._ended = False
 
     def push(self, token_ids: Sequence[int]) -> str:
@@ -84,40 +83,20 @@ class VerifiedText:
             if self._ended:
                 break  # tokens after EOS or a stop string are never shown (verification rejects them)
             if token in self._eos:
-                self._text += self._decoder.flush()
+                self._text.append(self._decoder.flush())
                 self._ended = True
                 break
-            before = len(self._text)
-            self._text += self._decoder.push(int(token))
-            if self._stop and self._cut_at_stop(before):
+            if self._text.push(self._decoder.push(int(token))):
                 self._ended = True
-        return self._release(final=self._ended)
+        return self._text.release(final=self._ended)
 
     def finish(self) -> str:
         """The rest, once the output is complete."""
         if not self._ended:
-            self._text += self._decoder.flush()
-            if self._stop:
-                self._cut_at_stop(0)
+            self._text.append(self._decoder.flush())
+            self._text.cut_at_stop()
             self._ended = True
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        end = len(self._text)
-        if self._stop and not final:
-            end = max(self._released, len(self._text) - (max(map(len, self._stop)) - 1))
-        out = self._text[self._released:end]
-        self._released = end
-        return out
-
-    def _cut_at_stop(self, before: int) -> bool:
-        window = max(0, before - (max(map(len, self._stop)) - 1))
-        hits = [p for p in (self._text.find(s, window) for s in self._stop) if p >= 0]
-        if not hits:
-            return False
-        self._text = self._text[:min(hits)]
-        self._released = min(self._released, len(self._text))
-        return True
+        return self._text.release(final=True)
 
 
 def default_cache_dir() -> Path:

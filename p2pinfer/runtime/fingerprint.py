@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..wire.hashing import tagged_hash
-from .sampling import SamplingParams, is_acceptable
-from .tiebreak import ReferenceRow, check_rows as sampler_check_rows
+from .sampling import LogProbRows, SamplingParams, acceptable_rows, is_acceptable
+from .tiebreak import ReferenceRow, settle_near_ties
 
 FORMAT = "topk8-q16/1"
 VERSION = 1
@@ -191,13 +191,14 @@ class FingerprintChecker:
     def done(self) -> bool:
         return self.stop_at_first and self.first_bad is not None
 
-    def check_rows(self, start: int, logprobs: np.ndarray) -> None:
-        """Check output indices ``start .. start + len(logprobs) - 1`` (vectorized over the rows)."""
+    def check_rows(self, start: int, logprobs: "np.ndarray | LogProbRows") -> None:
+        """Check output indices ``start .. start + n - 1`` (vectorized over the rows): ``logprobs`` is the
+        float64 matrix ``[n, vocab]`` or, cheaper, :class:`~.sampling.LogProbRows` over the logits."""
         if self.done:
             return
         allowance = self.tolerance + QUANTUM
-        lp = np.asarray(logprobs, dtype=np.float64)
-        n, vocab = lp.shape
+        rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
+        n, vocab = rows.n, rows.vocab
         stop = start + n
         ids = self.fingerprint.ids[start:stop]
         claimed = self._claimed[start:stop]
@@ -207,17 +208,18 @@ class FingerprintChecker:
         malformed_ids = (ids.min(axis=1) < 0) | (ids.max(axis=1) >= vocab) | np.any(srt[:, 1:] == srt[:, :-1], axis=1)
         disordered = np.any(np.diff(claimed, axis=1) > 0, axis=1)
         safe_ids = np.clip(ids, 0, vocab - 1)
-        actual = lp[r, safe_ids]
+        actual = rows.at(r, safe_ids)
         dev = np.abs(actual - claimed)
         dev = np.where(saturated, np.maximum(actual - claimed, 0.0), dev)
         worst = dev.max(axis=1)
-        masked = lp.copy()
-        masked[r, safe_ids] = -np.inf
-        other = masked.max(axis=1)
+        other_id, other = rows.best(exclude=safe_ids)  # the best unclaimed token
         excess = np.maximum(other - claimed[:, -1], 0.0)
         tokens = np.asarray(self.output_ids[start:stop], dtype=np.int64)
-        sampler_ok = sampler_check_rows(lp, self.params, self.seed_material, start, tokens, self.tolerance,
-                                        self.reference_row)
+        # the row maximum is the larger of the best unclaimed and the best claimed value (same bits, no pass)
+        sampler_ok = acceptable_rows(rows, self.params, self.seed_material, start, tokens, self.tolerance,
+                                     row_max=np.maximum(other, actual.max(axis=1)))
+        sampler_ok = settle_near_ties(rows, self.params, self.seed_material, start, tokens, self.tolerance,
+                                      sampler_ok, self.reference_row)
         good = ~malformed_ids
         if np.any(good):
             self.max_deviation = max(self.max_deviation, float(np.max(np.maximum(worst, excess)[good])))
@@ -240,10 +242,10 @@ class FingerprintChecker:
             self.reason = (f"log-prob of token {int(ids[j, c])} claimed {claimed[j, c]:.6f}, recomputed "
                            f"{actual[j, c]:.6f} (deviation {worst[j]:.3g} > tolerance {self.tolerance:.3g})")
         elif excess[j] > allowance:
-            self.reason = (f"unclaimed token {int(masked[j].argmax())} at {other[j]:.6f} exceeds the claimed "
+            self.reason = (f"unclaimed token {int(other_id[j])} at {other[j]:.6f} exceeds the claimed "
                            f"k-th log-prob {claimed[j, -1]:.6f} by {excess[j]:.3g}")
         else:
-            _, why = is_acceptable(lp[j], self.params, self.seed_material, i, int(tokens[j]), self.tolerance)
+            _, why = is_acceptable(rows.row(j), self.params, self.seed_material, i, int(tokens[j]), self.tolerance)
             self.reason = why or ("seeded sampler: a near tie at this index (more than one token within the "
                                   "drift), and the float64 reference picks another token")
 

@@ -25,9 +25,10 @@ import trio
 
 from ..log import get_logger
 from .fingerprint import FORMAT, Fingerprint, FingerprintBuilder, commitment
-from .model import KVCache, LoadedModel
+from .model import KVDecoder, LoadedModel
 from .reference import reference_for
 from .sampling import GREEDY, SamplingParams, log_softmax
+from .stop_text import StopText
 from .tiebreak import resolve
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -103,12 +104,11 @@ class Generation:
     stop_at_eos: bool = True
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    _cache: KVCache | None = None
+    _decoder_kv: KVDecoder | None = None
     _next_logprobs: np.ndarray | None = None
     _fp: FingerprintBuilder = field(default_factory=FingerprintBuilder)
     _decoder: IncrementalDecoder | None = None
-    _text: str = ""
-    _released: int = 0
+    _text: StopText = field(default_factory=StopText)
     _prefill_s: float = 0.0
     _decode_s: float = 0.0
 
@@ -126,6 +126,7 @@ class Generation:
             raise ValueError(f"prompt of {len(self.prompt_ids)} tokens (+{len(self.prefix_ids)} emitted) leaves no "
                              f"room in the model's context of {self.model.context_length}")
         self._decoder = IncrementalDecoder(self.model)
+        self._text = StopText(self.stop)
 
     @property
     def finished(self) -> bool:
@@ -149,7 +150,9 @@ class Generation:
             for r in range(max(first_row, lo), min(first_row + n_prefix, end)):
                 self._fp.add(log_softmax(logits[r - top]))
             last = logits[-1]
-        self._cache = cache
+        # every later position goes through the in-place decoder: room for all tokens this request can add
+        capacity = min(self.model.context_length, len(self.prompt_ids) + self.max_tokens)
+        self._decoder_kv = self.model.decoder(cache, capacity)
         assert last is not None
         replay: list[GeneratedToken] = []
         for i, token in enumerate(self.prefix_ids):
@@ -161,17 +164,8 @@ class Generation:
 
     def _push_text(self, token: int) -> str:
         assert self._decoder is not None
-        self._text += self._decoder.push(token)
-        return self._release()
-
-    def _release(self, final: bool = False) -> str:
-        """Text that can no longer turn into a stop string."""
-        end = len(self._text)
-        if self.stop and not final:
-            end = max(self._released, len(self._text) - (max(map(len, self.stop)) - 1))
-        out = self._text[self._released:end]
-        self._released = end
-        return out
+        self._text.append(self._decoder.push(token))
+        return self._text.release()
 
     def step(self) -> GeneratedToken | None:
         """Sample the next token (and run the model on it unless generation ends). None once finished."""
@@ -186,13 +180,13 @@ class Generation:
         self._fp.add(lp)
         self.output_ids.append(token)
         is_eos = self.stop_at_eos and token in self.model.eos_token_ids
-        before = len(self._text)
+        piece = ""
         if not is_eos:
             assert self._decoder is not None
-            self._text += self._decoder.push(token)
+            piece = self._decoder.push(token)
         if is_eos:
             self.finish_reason = "eos"
-        elif self.stop and self._cut_at_stop(before):
+        elif self._text.push(piece):
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.max_tokens:
             self.finish_reason = "length"
@@ -201,13 +195,12 @@ class Generation:
         if self.finished:
             if self.finish_reason != "stop":
                 assert self._decoder is not None
-                self._text += self._decoder.flush()
-            text = self._release(final=True)
+                self._text.append(self._decoder.flush())
+            text = self._text.release(final=True)
         else:
-            text = self._release()
-            assert self._cache is not None
-            logits, self._cache = self.model.forward([token], self._cache)
-            self._next_logprobs = log_softmax(logits[-1])
+            text = self._text.release()
+            assert self._decoder_kv is not None
+            self._next_logprobs = log_softmax(self._decoder_kv.step(token))
         self._decode_s += time.perf_counter() - t0
         return GeneratedToken(i, token, text)
 
@@ -216,21 +209,10 @@ class Generation:
         seq = [*self.prompt_ids, *self.output_ids[:index]]
         return reference_for(self.model).logprobs(seq, last=1)[0]
 
-    def _cut_at_stop(self, before: int) -> bool:
-        """Cut the text at the first stop string that the newest text completes."""
-        window = max(0, before - (max(map(len, self.stop)) - 1))
-        positions = [p for p in (self._text.find(s, window) for s in self.stop) if p >= 0]
-        if not positions:
-            return False
-        cut = min(positions)
-        self._text = self._text[:cut]
-        self._released = min(self._released, cut)
-        return True
-
     def result(self) -> GenerationResult:
         if not self.finished:
             raise RuntimeError("generation has not finished")
-        return GenerationResult(list(self.prompt_ids), list(self.output_ids), self._text,
+        return GenerationResult(list(self.prompt_ids), list(self.output_ids), self._text.text,
                                 str(self.finish_reason), self._fp.build(), self._prefill_s, self._decode_s)
 
 

@@ -31,6 +31,7 @@ run.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ def noise_key(seed_material: bytes, index: int) -> int:
 _philox = threading.local()  # one generator per thread, re-keyed per position (constructing one costs more)
 G_MAX = -math.log(-math.log1p(-2.0**-54))  # the largest Gumbel value a u of this module can give (< 37.5)
 _PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed
+_FEW_RIVALS = 4096  # is_acceptable computes every rival's key directly up to this many rivals
+_G_PAD = 1e-6  # added to the largest noise of a position before it bounds keys (far above float64 rounding)
 
 
 def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
@@ -118,9 +121,10 @@ def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
                 u: np.ndarray | None = None) -> np.ndarray:
     """``scaled_v + g_v`` wherever ``scaled_v`` is finite, except that tokens whose key cannot come within
-    ``margin`` of the best are left at ``-inf`` (exact, not an approximation: ``g_v <= G_MAX``, so a token
-    with ``scaled_v + G_MAX < best - margin`` can neither win nor come within ``margin``). This skips the two
-    logarithms for most of the vocabulary at peaked positions."""
+    ``margin`` of the best are left at ``-inf`` (exact, not an approximation: no ``g_v`` exceeds ``g_cap``,
+    the noise of the largest ``u`` at this position (never above ``G_MAX``), so a token with ``scaled_v + g_cap
+    < best - margin`` can neither win nor come within ``margin``). This skips the two logarithms for most of
+    the vocabulary: at 49,152 tokens ``g_cap`` is about 11, where ``G_MAX`` is 37.5."""
     if u is None:
         u = uniforms(seed_material, index, scaled.shape[0])
     finite = np.flatnonzero(np.isfinite(scaled))
@@ -129,7 +133,9 @@ def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: fl
         return keys
     probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
     best = float(np.max(scaled[probe] - np.log(-np.log(u[probe]))))
-    keep = finite[scaled[finite] >= best - margin - G_MAX]
+    u_top = np.max(u)  # over every token: still a bound for the finite ones, without gathering them
+    g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)  # the pad covers log's rounding
+    keep = finite[scaled[finite] >= best - margin - g_cap]
     keys[keep] = scaled[keep] - np.log(-np.log(u[keep]))
     return keys
 
@@ -157,6 +163,88 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
         tmp = np.exp(block, out=scratch[:block.shape[0]])
         block -= np.log(np.sum(tmp, axis=-1, keepdims=True))
     return out
+
+
+@dataclass(frozen=True)
+class LogProbRows:
+    """Rows of log-probs, kept as the model's logits ``values`` ``[n, vocab]`` and two float64 numbers per row:
+    the log-prob of token ``v`` in row ``r`` is ``(float64(values[r, v]) - shift[r]) - log_norm[r]``.
+
+    :meth:`from_logits` takes ``shift`` (the row maximum) and ``log_norm`` (``log(sum(exp(x - max)))``) with
+    the very operations of :func:`log_softmax`, so every value read through :meth:`at`, :meth:`row` or
+    :meth:`best` has the same bits as the full matrix would — but a verifier reads 10 values per row at greedy
+    positions, not 49,152 (the full float64 matrix of 512 rows is 200 MB, and writing it cost more than the
+    check). Dense log-probs fit too (:meth:`from_logprobs`: shift and log_norm 0, which leave values alone).
+    """
+
+    values: np.ndarray  # [n, vocab], float32 logits or float64 log-probs
+    shift: np.ndarray  # float64 [n]
+    log_norm: np.ndarray  # float64 [n]
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray) -> "LogProbRows":
+        values = np.asarray(logits)
+        n, vocab = values.shape
+        shift, log_norm = np.empty(n), np.empty(n)
+        block = np.empty((min(_LOG_SOFTMAX_ROWS, n), vocab), dtype=np.float64)
+        scratch = np.empty_like(block)
+        for lo in range(0, n, _LOG_SOFTMAX_ROWS):  # log_softmax's loop, without writing the rows back
+            b = block[:min(_LOG_SOFTMAX_ROWS, n - lo)]
+            b[...] = values[lo:lo + b.shape[0]]
+            m = np.max(b, axis=-1, keepdims=True)
+            b -= m
+            tmp = np.exp(b, out=scratch[:b.shape[0]])
+            shift[lo:lo + b.shape[0]] = m[:, 0]
+            log_norm[lo:lo + b.shape[0]] = np.log(np.sum(tmp, axis=-1, keepdims=True))[:, 0]
+        return cls(values, shift, log_norm)
+
+    @classmethod
+    def from_logprobs(cls, logprobs: np.ndarray) -> "LogProbRows":
+        lp = np.asarray(logprobs, dtype=np.float64)
+        return cls(lp, np.zeros(lp.shape[0]), np.zeros(lp.shape[0]))
+
+    @property
+    def n(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def vocab(self) -> int:
+        return int(self.values.shape[1])
+
+    def at(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Log-probs of ``ids`` in ``rows`` (broadcast together, numpy fancy indexing)."""
+        return (self.values[rows, ids].astype(np.float64) - self.shift[rows]) - self.log_norm[rows]
+
+    def row(self, r: int) -> np.ndarray:
+        """One full row of log-probs (float64)."""
+        return (self.values[r].astype(np.float64) - self.shift[r]) - self.log_norm[r]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, r: int) -> np.ndarray:
+        return self.row(r)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The full float64 matrix, for code that wants one (the same bits; the cost this class avoids)."""
+        dense = (self.values.astype(np.float64) - self.shift[:, None]) - self.log_norm[:, None]
+        return dense if dtype is None else dense.astype(dtype, copy=False)
+
+    def best(self, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the lowest ID of the largest log-prob and that log-prob, leaving out the token IDs
+        ``exclude[r]`` (``[n, k]``, each in the vocabulary). The log-prob is a non-decreasing function of the
+        logit, so the largest logit's log-prob is the largest log-prob, bit for bit."""
+        ids = np.empty(self.n, dtype=np.int64)
+        nothing_left = np.zeros(self.n, dtype=bool)
+        for lo in range(0, self.n, _LOG_SOFTMAX_ROWS):
+            block = self.values[lo:lo + _LOG_SOFTMAX_ROWS]
+            if exclude is not None:
+                block = block.copy()
+                block[np.arange(block.shape[0])[:, None], exclude[lo:lo + block.shape[0]]] = -np.inf
+            ids[lo:lo + block.shape[0]] = top = np.argmax(block, axis=1)
+            nothing_left[lo:lo + block.shape[0]] = block[np.arange(block.shape[0]), top] == -np.inf
+        # a row whose every token is excluded has nothing left: -inf, as the max of a fully masked row
+        return ids, np.where(nothing_left, -np.inf, self.at(np.arange(self.n), ids))
 
 
 def _rank_order(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -219,12 +307,12 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
     vocab = lp.shape[0]
     d = tolerance / params.temperature  # how far one scaled value may sit from the executor's
     eps = 2.0 * d  # how far two scaled values may move relative to each other
+    if (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0:
+        return np.ones(vocab, dtype=bool), np.ones(vocab, dtype=bool)  # every token, surely
     scaled = lp / params.temperature
     if params.top_k == 0 or params.top_k >= vocab:
         surely = np.ones(vocab, dtype=bool)
         maybe = np.ones(vocab, dtype=bool)
-        if params.top_p >= 1.0:
-            return maybe, surely
         sorted_desc = np.sort(scaled)[::-1]
     else:
         sorted_desc = np.sort(scaled)[::-1]
@@ -233,27 +321,74 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
         surely = scaled > sorted_desc[k] + eps  # at most k-1 others can reach it
     if params.top_p < 1.0:
         top = float(sorted_desc[0])
-        m_ids = np.flatnonzero(maybe)
-        m_vals = scaled[m_ids]
-        desc = np.sort(m_vals)[::-1]
-        cum = np.cumsum(np.exp(desc - top))
+        all_maybe = bool(maybe.all())  # no top-k cut: no gathering
+        m_ids = None if all_maybe else np.flatnonzero(maybe)
+        m_vals = scaled if all_maybe else scaled[m_ids]
+        desc = sorted_desc if all_maybe else np.sort(m_vals)[::-1]
+        q_desc = np.exp(desc - top)
+        cum = np.cumsum(q_desc)
         neg = -desc  # ascending, for searchsorted
-        n_surely_above = np.searchsorted(neg, -(m_vals + eps), side="left")  # count of desc > v + eps
-        n_maybe_above = np.searchsorted(neg, -(m_vals - eps), side="right")  # count of desc >= v - eps
         cum0 = np.concatenate(([0.0], cum))
         q = np.exp(m_vals - top)
-        above_min = cum0[n_surely_above] * math.exp(-d)
-        above_max = np.maximum(cum0[n_maybe_above] - q, 0.0) * math.exp(d)
-        z_min = float(np.sum(np.exp(scaled[surely] - top))) * math.exp(-d)
+        every = all_maybe and bool(surely.all())  # then the masses of z_min are q (same bits)
+        z_min = float(np.sum(q if every else np.exp(scaled[surely] - top))) * math.exp(-d)
         z_max = float(cum[-1]) * math.exp(d)
-        nucleus_maybe = above_min / z_max < params.top_p
-        nucleus_surely = above_max / z_min < params.top_p if z_min > 0 else np.zeros_like(nucleus_maybe)
+        head = _nucleus_head(m_vals, desc, q_desc, cum0, eps, d, z_min, z_max, params.top_p)
+        h_vals = m_vals[head]
+        n_surely_above = np.searchsorted(neg, -(h_vals + eps), side="left")  # count of desc > v + eps
+        n_maybe_above = np.searchsorted(neg, -(h_vals - eps), side="right")  # count of desc >= v - eps
+        above_min = cum0[n_surely_above] * math.exp(-d)
+        above_max = np.maximum(cum0[n_maybe_above] - q[head], 0.0) * math.exp(d)
+        ids_head = head if m_ids is None else m_ids[head]
         maybe = np.zeros(vocab, dtype=bool)
-        maybe[m_ids] = nucleus_maybe
+        maybe[ids_head] = above_min / z_max < params.top_p
         new_surely = np.zeros(vocab, dtype=bool)
-        new_surely[m_ids] = nucleus_surely
+        if z_min > 0:
+            new_surely[ids_head] = above_max / z_min < params.top_p
         surely &= new_surely
     return maybe, surely
+
+
+def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, cum0: np.ndarray,
+                  eps: float, d: float, z_min: float, z_max: float, top_p: float) -> np.ndarray:
+    """Indices into ``m_vals`` that :func:`candidate_bounds` must test for nucleus membership one by one; every
+    other value is provably neither "maybe" nor "surely" in the nucleus (exact: the bounds below use the
+    very float operations of the test, and rounding is monotone).
+
+    The test of a value ``v`` reads ``cum0`` at the count of values above ``v + eps`` ("maybe") or at least
+    ``v - eps`` ("surely"); both counts reach ``J`` once ``v + eps < desc[J-1]``, and ``cum0`` only grows. So
+    when the mass of the top ``J`` already fails both tests (for "surely" after taking away the largest own
+    mass ``q`` of such a value), every such ``v`` fails them. Testing only the head skips two binary searches
+    per vocabulary entry (10 ms of the 11 ms per row that a top-p check cost over 49,152 tokens).
+    """
+    everything = np.arange(m_vals.shape[0])
+    if not (np.isfinite(desc[0]) and not np.isnan(desc).any()):
+        return everything
+    e_minus, e_plus = math.exp(-d), math.exp(d)
+
+    def fails_maybe(c: int) -> bool:  # "maybe" fails for a value with c values above it (non-decreasing in c)
+        return not cum0[c] * e_minus / z_max < top_p
+
+    def fails_surely(c: int) -> bool:  # and "surely" for the largest value below the top c, own mass taken away
+        own = q_desc[c] if c < q_desc.shape[0] else 0.0
+        return z_min <= 0 or not max(cum0[c] - own, 0.0) * e_plus / z_min < top_p
+
+    counts = range(1, cum0.shape[0])
+    j = bisect.bisect_left(counts, True, key=fails_maybe)  # both grow with c: binary searches
+    j = j + bisect.bisect_left(counts[j:], True, key=fails_surely)
+    if j >= len(counts) or not (fails_maybe(counts[j]) and fails_surely(counts[j])):
+        return everything
+    threshold = desc[counts[j] - 1]
+    # the tail, v + eps < threshold, is a suffix of desc (v + eps only falls along it): one more binary search
+    first_tail = bisect.bisect_left(range(desc.shape[0]), True, key=lambda k: desc[k] + eps < threshold)
+    if first_tail == desc.shape[0]:
+        return everything
+    # the bound used q_desc[j]; the exact one takes the tail's largest own mass (exp of the same values; the
+    # pad covers any last-bit difference between exp over the sorted and the unsorted array)
+    q_tail = float(np.max(q_desc[first_tail:])) * (1.0 + 1e-12)
+    if z_min > 0 and max(float(cum0[counts[j]]) - q_tail, 0.0) * e_plus / z_min < top_p:
+        return everything
+    return np.flatnonzero((m_vals + eps) >= threshold)
 
 
 def sampler_slack(params: SamplingParams, tolerance: float) -> float:
@@ -313,33 +448,46 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
     scaled = lp / params.temperature
     rivals = np.where(surely, scaled, -np.inf)
     rivals[token] = -np.inf
-    u = uniforms(seed_material, index, vocab)
-    rival = gumbel_keys(rivals, seed_material, index, slack, u)
-    winner = int(np.argmax(rival))
-    gap = float(rival[winner]) - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0])
+    rival_ids = np.flatnonzero(np.isfinite(rivals))
+    if rival_ids.size <= _FEW_RIVALS:
+        # top-k/top-p left few rivals: every key of theirs, and noise only up to the largest ID needed (the
+        # Philox stream is the same prefix whatever its length); gumbel_keys' winner, bit for bit
+        u = uniforms(seed_material, index, max(int(rival_ids.max(initial=0)), token) + 1)
+        keys = rivals[rival_ids] - np.log(-np.log(u[rival_ids]))
+        at = int(np.argmax(keys)) if keys.size else -1
+        winner, best_key = (int(rival_ids[at]), float(keys[at])) if keys.size else (0, -np.inf)
+    else:
+        u = uniforms(seed_material, index, vocab)
+        rival = gumbel_keys(rivals, seed_material, index, slack, u)
+        winner = int(np.argmax(rival))
+        best_key = float(rival[winner])
+    gap = best_key - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0])
     if gap <= slack:
         return True, ""
     return False, (f"seeded sampler: token {token}'s key is {gap:.3g} below token {winner}'s "
                    f"(allowed drift {slack:.3g})")
 
 
-def acceptable_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
-                    tokens: np.ndarray, tolerance: float) -> np.ndarray:
+def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
+                    start_index: int, tokens: np.ndarray, tolerance: float,
+                    row_max: np.ndarray | None = None) -> np.ndarray:
     """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
 
     Greedy is vectorized over rows; sampled rows each need their own noise, so they run row by row.
+    ``row_max``: each row's largest log-prob when the caller has it already (greedy reads no other value).
     """
-    lp = np.asarray(logprobs, dtype=np.float64)
-    n, vocab = lp.shape
+    rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
+    n, vocab = rows.n, rows.vocab
     tokens = np.asarray(tokens, dtype=np.int64)
     in_vocab = (tokens >= 0) & (tokens < vocab)
     tok = np.where(in_vocab, tokens, 0)
     if params.greedy:
-        return in_vocab & (lp[np.arange(n), tok] >= lp.max(axis=1) - 2.0 * tolerance)
+        best = rows.best()[1] if row_max is None else row_max
+        return in_vocab & (rows.at(np.arange(n), tok) >= best - 2.0 * tolerance)
     ok = np.zeros(n, dtype=bool)
     for r in range(n):
         if in_vocab[r]:
-            ok[r] = is_acceptable(lp[r], params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
+            ok[r] = is_acceptable(rows.row(r), params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
     return ok
 
 

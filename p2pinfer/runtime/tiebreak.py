@@ -100,29 +100,39 @@ def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, 
     return token
 
 
-def check_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
-               tokens: np.ndarray, tolerance: float, reference_row: ReferenceRow | None) -> np.ndarray:
-    """Per row (output index ``start_index + r``): is ``tokens[r]`` the pick by this verifier's rows?
-
-    A token outside the admissible set is rejected at once; at an ambiguous row the token must equal the
-    reference pick. ``reference_row`` None (pure tooling without a model) accepts any admissible token —
-    the drift-only rule, which leaves a choice at ambiguous rows; :func:`.verify.verify_result` always
-    passes one.
-    """
-    lp = np.asarray(logprobs, dtype=np.float64)
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if params.greedy:  # vectorized: a near tie has a second log-prob within 2*tol of the best
-        ok = acceptable_rows(lp, params, seed_material, start_index, tokens, tolerance)
-        near = ok & (np.sum(lp >= lp.max(axis=1, keepdims=True) - 2.0 * tolerance, axis=1) > 1)
-    else:  # one pass over the keys gives both (no cost beyond the drift-only check)
-        ok, near = sampled_verdicts(lp, params, seed_material, start_index, tokens, tolerance)
-    if reference_row is None:
+def settle_near_ties(rows, params: SamplingParams, seed_material: bytes, start_index: int, tokens: np.ndarray,
+                     tolerance: float, ok: np.ndarray, reference_row: ReferenceRow | None) -> np.ndarray:
+    """``ok`` (the drift-only check's verdicts, :func:`.sampling.acceptable_rows`) with every accepted near
+    tie re-judged: the token must be the reference's pick. ``rows``: a float64 matrix or
+    :class:`.sampling.LogProbRows`. ``reference_row`` None (pure tooling without a model) leaves ``ok`` as it
+    is — the drift-only rule, which leaves a choice at near ties; :func:`.verify.verify_result` always passes
+    one."""
+    ok = np.array(ok, dtype=bool)
+    if reference_row is None or not ok.any():
         return ok
-    for r in np.flatnonzero(near):
+    tokens = np.asarray(tokens, dtype=np.int64)
+    plain = not params.greedy and params.top_k == 0 and params.top_p >= 1.0
+    for r in np.flatnonzero(ok):
         i = start_index + int(r)
-        admitted = admissible_tokens(lp[r], params, seed_material, i, tolerance)
+        row = np.asarray(rows[int(r)], dtype=np.float64)
+        if params.greedy:
+            if int(np.sum(row >= float(np.max(row)) - 2.0 * tolerance)) <= 1:
+                continue
+        elif plain:
+            if _plain_pick(row, params, seed_material, i, tolerance) is not None:
+                continue
+        elif len(admissible_tokens(row, params, seed_material, i, tolerance)) <= 1:
+            continue
         pick = sample(reference_row(i), params, seed_material, i)
         ok[r] = int(tokens[r]) == pick
-        _log().info("tiebreak.checked", index=i, admitted=len(admitted), token=int(tokens[r]), reference=pick,
-                    accept=bool(ok[r]), reference_admitted=bool(pick in admitted))
+        _log().info("tiebreak.checked", index=i, token=int(tokens[r]), reference=pick, accept=bool(ok[r]))
     return ok
+
+
+def check_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, start_index: int,
+               tokens: np.ndarray, tolerance: float, reference_row: ReferenceRow | None) -> np.ndarray:
+    """Per row (output index ``start_index + r``): is ``tokens[r]`` the pick by this verifier's rows? A token
+    outside the admissible set is rejected; at a near tie it must equal the reference pick."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    ok = acceptable_rows(lp, params, seed_material, start_index, np.asarray(tokens, dtype=np.int64), tolerance)
+    return settle_near_ties(lp, params, seed_material, start_index, tokens, tolerance, ok, reference_row)

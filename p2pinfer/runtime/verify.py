@@ -22,7 +22,7 @@ from .fingerprint import FORMAT, Fingerprint, FingerprintChecker, FingerprintFor
 from .generate import PREFILL_CHUNK
 from .model import LoadedModel
 from .reference import reference_for
-from .sampling import SamplingParams, log_softmax
+from .sampling import LogProbRows, SamplingParams, log_softmax
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.verify")
@@ -129,7 +129,7 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
         # the LM head runs for the checked rows only (a prompt-only chunk still returns one row)
         logits, cache = model.forward(chunk, cache, last=max(1, lo + len(chunk) - start))
         if start < lo + len(chunk):
-            checker.check_rows(start - first_row, log_softmax(logits))
+            checker.check_rows(start - first_row, LogProbRows.from_logits(logits))
         if checker.done:
             break
     return checker.verdict()

@@ -7,7 +7,6 @@ the target runs real prefills and books into its real ledger. Nothing in our cod
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from p2pinfer.identity import Identity
@@ -18,7 +17,7 @@ from p2pinfer.request.limits import OFFER_RATE, OVER_LIMIT_DELAY_S, RECEIPT_RATE
 from p2pinfer.request.params import build_request
 from p2pinfer.request.protocol import (BID_PROTOCOL, MAX_OFFER_FRAME, MAX_RECEIPT_FRAME, MAX_VERIFY_FRAME,
                                        OFFER_TTL_MS, RECEIPT_PROTOCOL, VERIFY_PROTOCOL)
-from p2pinfer.runtime import generate, load_model
+from p2pinfer.runtime import generate
 from p2pinfer.net import RemoteError
 from p2pinfer.wire import (InferenceResult, Receipt, Refusal, TaskOffer, Verdict, VerifyTask, VrfBid, decode_signed,
                            encode_signed, now_ms)
@@ -27,11 +26,6 @@ from p2pinfer.wire.messages import MAX_VERDICT_BYTES
 from elections import key_at_rank, real_bids, signed_bid_set
 
 MODEL = "tiny-llama-trained"
-
-
-@pytest.fixture(scope="module")
-def model(shared_models):
-    return load_model(shared_models / MODEL, name=MODEL, providers=["CPUExecutionProvider"])
 
 
 class Attacker:

@@ -24,8 +24,11 @@ async def start(stack: AsyncExitStack, identity: Identity | None = None, **kwarg
     return await stack.enter_async_context(Node(identity or Identity.generate(), config(**kwargs)))
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll ``predicate`` every 20 ms; fail the test with ``what`` if it is not true within ``timeout``."""
+async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 20 ms; fail the test with ``what`` if it is not true within ``timeout``.
+
+    The default is far above any honest delay: it only bounds how long a broken test hangs, so a loaded
+    machine makes a test slower, never failing it."""
     with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(0.02)
