@@ -15,7 +15,8 @@ How it runs:
 * nodes run with ``onnx.reference``'s numpy operators, in graph order, pruned to what ``logits`` needs, and
   every intermediate is freed after its last use;
 * ``Cast`` (and ``ConstantOfShape``) to a float type produce float64; the com.microsoft operators the GGUF
-  importer emits (``MatMulNBits``, ``GroupQueryAttention``) have float64 implementations here;
+  importer emits (``MatMulNBits``, ``GroupQueryAttention``, ``SkipSimplifiedLayerNormalization``) have
+  float64 implementations here (another operator is refused with :class:`ReferenceUnsupported`);
 * past key/value inputs are empty: one prefill over the whole sequence (no KV cache, so nothing can drift
   between a decode path and a prefill path), and with ``logits_to_keep`` only the requested rows pay for the
   LM head.
@@ -126,13 +127,14 @@ class GroupQueryAttention(OpRun):
              cos_cache=None, sin_cache=None, *extra, num_heads=None, kv_num_heads=None, scale=None,
              do_rotary=None, rotary_interleaved=None, local_window_size=None, softcap=None,
              smooth_softmax=None):
-        if key is None or value is None:
-            raise ReferenceUnsupported("GroupQueryAttention with packed QKV")
+        nh, nkv = int(num_heads), int(kv_num_heads)
+        if key is None or value is None:  # packed: query holds Q, K and V one after the other
+            hd_packed = query.shape[-1] // (nh + 2 * nkv)
+            query, key, value = np.split(np.asarray(query), [nh * hd_packed, (nh + nkv) * hd_packed], axis=-1)
         if any(e is not None and getattr(e, "size", 0) for e in extra):
             raise ReferenceUnsupported("GroupQueryAttention with position_ids, attention_bias or head_sink")
         if (local_window_size not in (None, -1)) or (softcap not in (None, 0.0)) or smooth_softmax:
             raise ReferenceUnsupported("GroupQueryAttention with a local window, softcap or smooth softmax")
-        nh, nkv = int(num_heads), int(kv_num_heads)
         b, s, _ = query.shape
         hd = query.shape[-1] // nh
         q = np.asarray(query, np.float64).reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
@@ -170,7 +172,21 @@ class GroupQueryAttention(OpRun):
         return ctx, k_all, v_all
 
 
-CONTRIB_OPS = (MatMulNBits, GroupQueryAttention)
+class SkipSimplifiedLayerNormalization(OpRun):
+    """RMSNorm of ``input + skip (+ bias)``; outputs (normed, mean: unused, inverse std, the sum)."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(self, x, skip, gamma, bias=None, epsilon=None):
+        total = np.asarray(x, np.float64) + np.asarray(skip, np.float64)
+        if bias is not None:
+            total = total + np.asarray(bias, np.float64)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        inv_std = 1.0 / np.sqrt(np.mean(total * total, axis=-1, keepdims=True) + eps)
+        return total * inv_std * np.asarray(gamma, np.float64), np.zeros_like(inv_std), inv_std, total
+
+
+CONTRIB_OPS = (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization)
 
 
 # ---- the graph --------------------------------------------------------------------------------------
@@ -303,7 +319,8 @@ class ReferenceModel:
                 raise ReferenceUnsupported(f"float64 reference failed at {node.op_type} "
                                            f"{getattr(node.onnx_node, 'name', '')!r}: {exc}") from None
             for name, value in zip(node.output, outputs):
-                results[name] = value
+                if name:  # an omitted optional output
+                    results[name] = value
             for name in node.input:
                 if self._last_use.get(name) == k and name in results and name != "logits":
                     del results[name]
