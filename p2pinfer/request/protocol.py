@@ -67,3 +67,5 @@ RECEIPT_PROTOCOL = RECEIPT.id
 MAX_VERIFY_FRAME = VERIFY.max_frame
 MAX_RECEIPT_FRAME = RECEIPT.max_frame
 VERIFY_TIMEOUT_S = 60.0                   # a verifier that has not answered by then counts as silent
+HEARTBEAT_S = 5.0                         # an executor with no new token for this long sends a chunk with none,
+                                          # so a slow step (a near tie's float64 pass) is not taken for a stall

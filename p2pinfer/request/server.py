@@ -71,6 +71,7 @@ from .protocol import (
     BID_PROTOCOL,
     BID_SET_PROTOCOL,
     FAILOVER_STATUS_TIMEOUT_S,
+    HEARTBEAT_S,
     MAX_BID_SET_FRAME,
     MAX_OFFER_FRAME,
     MAX_TASK_FRAME,
@@ -491,7 +492,21 @@ class TaskServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(produce)
                 async with receive_tokens:
-                    async for first in receive_tokens:
+                    while True:
+                        with trio.move_on_after(HEARTBEAT_S) as quiet:
+                            try:
+                                first = await receive_tokens.receive()
+                            except trio.EndOfChannel:
+                                break
+                        if quiet.cancelled_caught:
+                            # A step can take seconds (a near tie runs the float64 reference pass): a chunk
+                            # with no tokens re-signs what we sent so far and keeps the client's stall timer
+                            # from failing over an executor that is working.
+                            state.last_word = encode_signed(self.identity, TokenChunk(
+                                request_id=request_id, index=len(assignment.prefix_ids) + sent, token_ids=(),
+                                text="", chain=chain))
+                            await frames.send(state.last_word)
+                            continue
                         batch = [first]
                         while len(batch) < MAX_TOKENS_PER_CHUNK:
                             try:

@@ -244,7 +244,8 @@ class TokenChunk(Message):
     FIELD_DOCS: ClassVar[dict[str, str]] = {
         "index": "position in the output of the first token of this chunk",
         "token_ids": "the executor's first frame has none: its signed acceptance of the assignment (failover "
-                     "evidence that it took the task)",
+                     "evidence that it took the task); later frames with none are keep-alives, sent after "
+                     "HEARTBEAT_S (5 s) without a new token",
         "chain": "token chain over every output token up to the end of this chunk (see docs/election.md): the "
                  "executor's signature on the whole prefix, so a failover can prove what it inherited",
     }
