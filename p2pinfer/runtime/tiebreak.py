@@ -44,8 +44,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..log import get_logger
-from .sampling import (SamplingParams, acceptable_rows, admissible_tokens, gumbel_keys, sample, sampled_verdicts,
-                       sampler_slack)
+from .sampling import SamplingParams, acceptable_rows, admissible_tokens, gumbel_keys, sample, sampler_slack
 
 ReferenceRow = Callable[[int], np.ndarray]
 """Output index -> the float64 reference log-prob row that predicts that index."""
@@ -57,9 +56,20 @@ def _log():  # bound per call, so that log.configure() made later still applies
 
 def is_ambiguous(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
                  tolerance: float) -> bool:
-    """Could drift of at most ``tolerance`` change the sampler's pick from this row? (More than one token
-    admissible.)"""
-    return len(admissible_tokens(logprobs, params, seed_material, index, tolerance)) > 1
+    """Could drift of at most ``tolerance`` change the sampler's pick from this row? Exactly
+    ``len(admissible_tokens(...)) > 1``, with the admissible set built only under top-k/top-p: greedy needs one
+    comparison with the row's maximum and plain sampling one pass over the keys."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if params.greedy:  # admissible_tokens' greedy set: within 2 * tolerance of the best log-prob
+        return int(np.sum(lp >= float(np.max(lp)) - 2.0 * tolerance)) > 1
+    if _is_plain(params):
+        return _plain_pick(lp, params, seed_material, index, tolerance) is None
+    return len(admissible_tokens(lp, params, seed_material, index, tolerance)) > 1
+
+
+def _is_plain(params: SamplingParams) -> bool:
+    """Sampling without top-k/top-p: every token is a candidate under any drift."""
+    return not params.greedy and params.top_k == 0 and params.top_p >= 1.0
 
 
 def _plain_pick(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int,
@@ -84,8 +94,7 @@ def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, 
     """
     if tolerance is None:
         return sample(logprobs, params, seed_material, index)
-    plain = not params.greedy and params.top_k == 0 and params.top_p >= 1.0
-    if plain:
+    if _is_plain(params):
         token = _plain_pick(logprobs, params, seed_material, index, tolerance)
         if token is not None:
             return token
@@ -111,17 +120,9 @@ def settle_near_ties(rows, params: SamplingParams, seed_material: bytes, start_i
     if reference_row is None or not ok.any():
         return ok
     tokens = np.asarray(tokens, dtype=np.int64)
-    plain = not params.greedy and params.top_k == 0 and params.top_p >= 1.0
     for r in np.flatnonzero(ok):
         i = start_index + int(r)
-        row = np.asarray(rows[int(r)], dtype=np.float64)
-        if params.greedy:
-            if int(np.sum(row >= float(np.max(row)) - 2.0 * tolerance)) <= 1:
-                continue
-        elif plain:
-            if _plain_pick(row, params, seed_material, i, tolerance) is not None:
-                continue
-        elif len(admissible_tokens(row, params, seed_material, i, tolerance)) <= 1:
+        if not is_ambiguous(rows[int(r)], params, seed_material, i, tolerance):
             continue
         pick = sample(reference_row(i), params, seed_material, i)
         ok[r] = int(tokens[r]) == pick
