@@ -1,4 +1,4 @@
-"""The order in which a client assigns the ranks of an election (``AsyncClient._attempt_order``).
+"""The order in which a client assigns the ranks of an election (``execution.attempt_order``).
 
 A rank whose task stream never opened did not see the assignment; a higher rank then asks it for its status,
 gets a true signed "not assigned" and refuses as ``not-winner``. The client must try the undelivered rank once
@@ -7,8 +7,7 @@ more, or a request among honest peers fails on one slow protocol negotiation.
 
 from __future__ import annotations
 
-from p2pinfer.request.client import AsyncClient
-from p2pinfer.request.execution import Attempt, Progress
+from p2pinfer.request.execution import Attempt, Progress, attempt_order
 from p2pinfer.settlement import Fault
 
 RANKING = ("peer-a", "peer-b", "peer-c")
@@ -17,7 +16,7 @@ RANKING = ("peer-a", "peer-b", "peer-c")
 def _run(progress: Progress, outcomes: dict[int, Attempt]) -> list[tuple[int, str]]:
     """Drive the generator as the client does: each yielded attempt appends its outcome."""
     order = []
-    for attempt, peer in AsyncClient._attempt_order(RANKING, progress, 0):
+    for attempt, peer in attempt_order(RANKING, progress, 0):
         order.append((attempt, peer))
         if len(order) > 10:
             break

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import trio
 
@@ -39,7 +39,7 @@ from ..wire import InferenceResult, Request, Signed, codec, now_ms
 from .candidates import DEFAULT_MAX_CANDIDATES
 from .errors import (AllCandidatesFailed, BadParameters, NoBidsInTime, NoPeerServesModel, NotConnected,
                      QuorumNotReached, ResultRejected)
-from .execution import Attempt, Progress, StreamChunk, run_attempt
+from .execution import Attempt, Progress, StreamChunk, attempt_order, run_attempt
 from .bid_window import GRACE_S
 from .offers import ElectionEvidence, announce_bid_set, collect_bids, hold_election
 from .params import build_request
@@ -281,7 +281,7 @@ class AsyncClient:
                     round_start = len(progress.attempts)
                     progress.evidence.clear()  # evidence is per election
                     # ---- stage 2: execution and failover
-                    for attempt, peer_id in self._attempt_order(evidence.ranking, progress, round_start):
+                    for attempt, peer_id in attempt_order(evidence.ranking, progress, round_start):
                         result: Signed[InferenceResult] | None = None
                         async for item in run_attempt(self.node, self.identity, request, request_id, evidence,
                                                       attempt, peer_id, progress, stall_timeout=self.stall_timeout,
@@ -339,23 +339,6 @@ class AsyncClient:
                                f"(all candidates busy, unreachable or sent invalid proofs){hint}")
         summary = "; ".join(f"{a.peer_id[-8:]}: {a.outcome}" for a in progress.attempts[-8:])
         raise AllCandidatesFailed(f"all elected candidates failed ({summary})")
-
-    @staticmethod
-    def _attempt_order(ranking: Sequence[str], progress: Progress, round_start: int) -> Iterator[tuple[int, str]]:
-        """The ranks to assign, in order: each once, then once more from the lowest rank whose assignment was
-        never delivered (its task stream did not open, e.g. a protocol negotiation that timed out under load)
-        if a higher rank then refused as ``not-winner``. That rank is reachable enough to answer the higher
-        rank's status query with a signed "not assigned", which is true: without a second try nobody could
-        take the request and it would fail although every peer is honest. The retry only happens while no
-        tokens have come, since attempt 0 takes no prefix."""
-        yield from enumerate(ranking)
-        this_round = progress.attempts[round_start:]
-        undelivered = [i for i, a in enumerate(this_round) if not a.delivered]
-        if (undelivered and not progress.token_ids
-                and any(a.outcome == "refused:not-winner" for a in this_round[undelivered[0] + 1:])):
-            log.info("task.redeliver", peer_id=ranking[undelivered[0]], attempt=undelivered[0])
-            progress.evidence.clear()  # the higher ranks' refusals are no evidence for a lower attempt
-            yield from ((i, ranking[i]) for i in range(undelivered[0], len(ranking)))
 
     async def _model_text(self, digest: bytes) -> Any:
         """The model's verified tokenizer: cached, or fetched by digest from the peers serving it."""

@@ -15,7 +15,7 @@ cancellation) and unattributable ones (closed connection, stall, failed dial) ne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import trio
 
@@ -70,6 +70,23 @@ class Progress:
 class _Failed(Exception):
     def __init__(self, outcome: str, fault: Fault) -> None:
         self.outcome, self.fault = outcome, fault
+
+
+def attempt_order(ranking: Sequence[str], progress: Progress, round_start: int) -> Iterator[tuple[int, str]]:
+    """The ranks to assign, in order: each once, then once more from the lowest rank whose assignment was
+    never delivered (its task stream did not open, e.g. a protocol negotiation that timed out under load)
+    if a higher rank then refused as ``not-winner``. That rank is reachable enough to answer the higher
+    rank's status query with a signed "not assigned", which is true: without a second try nobody could
+    take the request and it would fail although every peer is honest. The retry only happens while no
+    tokens have come, since attempt 0 takes no prefix."""
+    yield from enumerate(ranking)
+    this_round = progress.attempts[round_start:]
+    undelivered = [i for i, a in enumerate(this_round) if not a.delivered]
+    if (undelivered and not progress.token_ids
+            and any(a.outcome == "refused:not-winner" for a in this_round[undelivered[0] + 1:])):
+        log.info("task.redeliver", peer_id=ranking[undelivered[0]], attempt=undelivered[0])
+        progress.evidence.clear()  # the higher ranks' refusals are no evidence for a lower attempt
+        yield from ((i, ranking[i]) for i in range(undelivered[0], len(ranking)))
 
 
 async def run_attempt(node: Node, identity: Identity, request: Request, request_id: bytes,
