@@ -31,8 +31,9 @@ from typing import Sequence
 import numpy as np
 
 from ..log import get_logger
-from .generate import generate
+from .generate import PREFILL_CHUNK, generate
 from .model import LoadedModel
+from .reference import ReferenceUnsupported, reference_for
 from .sampling import log_softmax
 from .verify import recompute_logprobs
 
@@ -49,6 +50,8 @@ THREADS = (1, 2)
 OPTIMIZATIONS = ("disable", "basic", "all")
 #: Tokens per prompt when a model is calibrated because it is about to be served (store and peer start-up).
 SERVING_TOKENS = 16
+#: The checkpointed step that runs one float64 reference row (see :func:`reference_drift`).
+REFERENCE_STEP = "reference"
 
 
 @dataclass
@@ -77,6 +80,46 @@ def kv_decode_logprobs(model: LoadedModel, ids: Sequence[int], first_row: int) -
         logits, cache = model.forward([t], cache)
         rows.append(log_softmax(logits[-1]))
     return np.stack(rows)
+
+
+def executor_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
+    """The rows ``[len(output_ids), vocab]`` that predict each output token, computed the way a serving executor
+    computes them (:class:`~.generate.Generation`): the prompt prefilled in chunks of ``PREFILL_CHUNK`` (its last
+    row only), then one token a step through the in-place KV decoder."""
+    prompt_ids, output_ids = list(prompt_ids), list(output_ids)
+    cache = model.empty_cache()
+    for lo in range(0, len(prompt_ids), PREFILL_CHUNK):
+        logits, cache = model.forward(prompt_ids[lo:lo + PREFILL_CHUNK], cache, last=1)
+    rows = [log_softmax(logits[-1])]
+    decoder = model.decoder(cache, min(model.context_length, len(prompt_ids) + len(output_ids)))
+    for t in output_ids[:-1]:
+        rows.append(log_softmax(decoder.step(t)))
+    return np.stack(rows)
+
+
+def reference_drift(model: LoadedModel, prompt_ids: Sequence[int]) -> float:
+    """Run the float64 reference (:mod:`.reference`, the arbiter of near ties) on one row, the last of
+    ``prompt_ids``, and return its largest distance to the session's float32 row over the vocabulary.
+
+    A model whose graph the reference cannot run would otherwise fail only at its first near tie, in the middle
+    of serving a request; calibration runs this first, so such a model is refused before it is ever served
+    (:class:`~.reference.ReferenceUnsupported`, one line naming the model and the reason).
+    """
+    prompt_ids = list(prompt_ids)
+    cache = model.empty_cache()
+    for lo in range(0, len(prompt_ids), PREFILL_CHUNK):
+        logits, cache = model.forward(prompt_ids[lo:lo + PREFILL_CHUNK], cache, last=1)
+    try:
+        exact = reference_for(model).logprobs(prompt_ids, last=1)[0]
+    except ReferenceUnsupported as exc:
+        _log().warning("calibrate.refused", model=model.digest_hex[:16], reason="reference_unsupported",
+                       detail=str(exc))
+        reason = " ".join(str(exc).split())  # one line, whatever the operator's message holds
+        raise ReferenceUnsupported(
+            f"model {model.name!r} ({model.digest_hex[:12]}) cannot be served: {reason} (near ties are settled by "
+            f"a float64 pass of the graph, which runs standard ONNX operators and the com.microsoft "
+            f"MatMulNBits, GroupQueryAttention and SkipSimplifiedLayerNormalization)") from None
+    return float(np.max(np.abs(log_softmax(logits[-1]) - exact)))
 
 
 class _Checkpoint:
@@ -120,7 +163,14 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     t0 = time.perf_counter()
     saved = _Checkpoint(checkpoint, model, prompts, new_tokens)
     keys = [(th, opt) for th in THREADS for opt in OPTIMIZATIONS]
-    total = len(keys) * 2 * len(prompts)
+    total = 1 + len(keys) * 2 * len(prompts)
+    # first, before anything slow: a graph the float64 reference cannot run is refused here, not at its first
+    # near tie while serving; its distance to the float32 row is one more honest drift
+    if REFERENCE_STEP not in saved.done:
+        saved.done[REFERENCE_STEP] = reference_drift(model, model.encode(prompts[0]))
+        saved.save()
+    if progress is not None:
+        progress(1, total)
     cases = []  # (prompt_ids, output_ids, baseline rows) per prompt, only when a step still needs them
     for index, prompt in enumerate(prompts):
         if all(f"{index}|threads={th},opt={opt},{mode}" in saved.done
@@ -134,7 +184,7 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         base = kv_decode_logprobs(model, seq, len(prompt_ids) - 1)[: len(out.output_ids)]
         saved.positions[str(index)] = len(out.output_ids)
         cases.append((prompt_ids, out.output_ids, base))
-    steps = 0
+    steps = 1
     # Each honest way to compute the same rows is one named step below; a new drift source (for example the
     # float64 reference pass at ambiguous sampler positions, measured against this fp32 baseline) is one more
     # step with its own name, so that it is saved, resumed and reported like these.
@@ -160,7 +210,7 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         del variant  # free this session's weights before the next one loads
     variants: dict[str, float] = {}
     for name, drift in saved.done.items():
-        key = name.split("|", 1)[1]
+        key = name.split("|", 1)[-1]
         variants[key] = max(variants.get(key, 0.0), drift)
     positions = sum(saved.positions.values())
     worst = max(variants.values())
