@@ -254,6 +254,7 @@ def main() -> None:
     ap.add_argument("--verifiers", default=DEFAULT_VERIFIERS, help="tTHREADS:OPT, comma-separated")
     ap.add_argument("--tolerance", action="append", default=None, help="CLASS=TOL: skip calibration")
     ap.add_argument("--cache", default=None, help="JSON-lines file of finished requests (resume)")
+    ap.add_argument("--only", default=None, help="comma-separated request numbers to run (default: all)")
     args = ap.parse_args()
     log.configure(level="warning")
     given = dict(m.split("=", 1) for m in (args.model or []))
@@ -292,7 +293,10 @@ def main() -> None:
                     if rec.get("class") == model.numeric_class and rec.get("tol") == tol:
                         done[rec["k"]] = rec
             records = []
+            only = {int(k) for k in args.only.split(",")} if args.only else None
             for req in build_requests(model, args.requests):
+                if only is not None and req["k"] not in only:
+                    continue
                 rec = done.get(req["k"])
                 if rec is None:
                     rec = measure(model, sessions_exec, sessions_ver, memo, req, tol, args.exec_cross_every)

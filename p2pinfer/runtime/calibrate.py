@@ -4,7 +4,7 @@ The baseline is the loaded session generating as a serving executor does (chunke
 KV decoder), over three built-in prompts (prose, code, a longer letter) with 48 new tokens each, greedy and
 sampled, its rows kept as it goes. Each honest variant recomputes the same positions in its own session
 (intra-op threads 1 and 2 x graph optimization levels disable/basic/all): as a KV decode (another executor; the
-first 16 positions of each output) and as one teacher-forced prefill (a verifier; every position). A step's
+first 8 positions of each output) and as one teacher-forced prefill (a verifier; every position). A step's
 drift is the largest absolute difference of any log-prob in the full vocabulary between its rows and the
 baseline's. An executor and a verifier are never compared through the baseline only: for any honest pair,
 ``|e - v| <= |e - baseline| + |baseline - v|``, so the worst drift is bounded by
@@ -76,7 +76,7 @@ MODES = ("kv", "prefill")
 SERVING_TOKENS = 48
 #: Positions per prompt that the other executors (KV decode in another session) recompute: a KV step costs a
 #: decode step per position, a verifier's prefill covers every position at once.
-EXECUTOR_ROWS = 16
+EXECUTOR_ROWS = 8
 #: The checkpointed step that runs one float64 reference row (see :func:`reference_drift`).
 REFERENCE_STEP = "reference"
 
