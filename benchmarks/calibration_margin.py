@@ -255,6 +255,7 @@ def main() -> None:
     ap.add_argument("--tolerance", action="append", default=None, help="CLASS=TOL: skip calibration")
     ap.add_argument("--cache", default=None, help="JSON-lines file of finished requests (resume)")
     ap.add_argument("--only", default=None, help="comma-separated request numbers to run (default: all)")
+    ap.add_argument("--report-only", action="store_true", help="summarize the requests in --cache, run none")
     args = ap.parse_args()
     log.configure(level="warning")
     given = dict(m.split("=", 1) for m in (args.model or []))
@@ -278,12 +279,13 @@ def main() -> None:
                 print(f"{weights}: {model.numeric_class}, calibration as served: worst drift {cal.worst_drift:.3g} "
                       f"over {cal.positions} positions -> tolerance {tol:.3g} [{cal.seconds:.0f} s]", flush=True)
             model.tolerance = tol
-            memo = MemoReference(model)
-            sessions_exec = {int(t): model.with_session(threads=int(t)) for t in args.exec_threads.split(",")}
+            memo = None if args.report_only else MemoReference(model)
+            threads = [] if args.report_only else args.exec_threads.split(",")
+            sessions_exec = {int(t): model.with_session(threads=int(t)) for t in threads}
             for s in sessions_exec.values():
                 s.tolerance = tol
             sessions_ver = {}
-            for spec in args.verifiers.split(","):
+            for spec in [] if args.report_only else args.verifiers.split(","):
                 th, opt = spec.split(":")
                 sessions_ver[f"prefill {th} {opt}"] = model.with_session(threads=int(th[1:]), optimization=opt)
             done = {}
@@ -298,6 +300,8 @@ def main() -> None:
                 if only is not None and req["k"] not in only:
                     continue
                 rec = done.get(req["k"])
+                if rec is None and args.report_only:
+                    continue
                 if rec is None:
                     rec = measure(model, sessions_exec, sessions_ver, memo, req, tol, args.exec_cross_every)
                     rec["class"] = model.numeric_class
@@ -311,7 +315,8 @@ def main() -> None:
                       f"rejects {sum(not p['accept'] for p in rec['pairs'].values())} [{rec['seconds']} s]",
                       flush=True)
                 records.append(rec)
-            summarize(model.numeric_class, tol, records)
+            if records:
+                summarize(model.numeric_class, tol, records)
             del sessions_exec, sessions_ver, model, memo
 
 
