@@ -98,9 +98,10 @@ def build_requests(model, count: int) -> list[dict]:
         start = (len(doc) * 7919) % max(1, len(docs) - n)
         doc.append((f"doc{n}", docs[start:start + n]))
     prompts = []  # interleaved, so that a short run still sees every kind
-    for group in zip(chat[:len(doc)], doc, code + chat[len(doc):]):
+    rest = code + chat[len(doc):]
+    for group in zip(chat[:len(doc)], doc, rest):
         prompts.extend(group)
-    prompts.extend(chat[len(doc) + len(code) - len(doc):][len(code):])
+    prompts.extend(rest[len(doc):])
     requests = []
     for k in range(count):
         kind, ids = prompts[k % len(prompts)]
