@@ -92,7 +92,11 @@ class FaultOnlyScorer(PeerScorer):
 
 
 class PatientPubsub(Pubsub):
-    """Pubsub that keeps trying to open its stream to a connected peer (see "Abandoned peer streams" above)."""
+    """Pubsub that keeps trying to open its stream to a connected peer (see "Abandoned peer streams" above).
+
+    ``stream_failures`` counts the attempts that failed and are tried again."""
+
+    stream_failures = 0
 
     async def _handle_new_peer(self, peer_id: ID) -> None:
         try:
@@ -100,6 +104,7 @@ class PatientPubsub(Pubsub):
         except (StreamFailure, StreamError) as exc:
             if "protocols not supported" in str(exc.__cause__ or ""):
                 raise  # the peer answered "na": it does not speak GossipSub, asking again would not help
+            self.stream_failures += 1
             log.debug("gossip.peer_stream_failed", peer=peer_id.to_base58(), error=repr(exc.__cause__ or exc)[:200])
             raise SwarmException(f"pubsub stream to {peer_id} not established: {exc}") from exc
 

@@ -43,7 +43,10 @@ async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
         def all_learned() -> bool:  # every node holds every peer's announcement *with* its model
             return all({a.peer_id for a in n.table.live(now_ms()) if a.models} >= everyone for n in [boot, *peers])
 
-        await wait_until(all_learned, timeout=120, what="every node to hold all 10 announcements")
+        try:
+            await wait_until(all_learned, timeout=120, what="every node to hold all 10 announcements")
+        except AssertionError as exc:  # say which node missed what, and how it was connected (to find the cause)
+            raise AssertionError(f"{exc}; " + "; ".join(_gossip_state(n, everyone) for n in [boot, *peers])) from None
         # The bootstrap node announces nothing; the table says who serves what, with how many free slots.
         assert boot.peer_id not in peers[0].table
         for i, peer in enumerate(peers):
@@ -65,6 +68,14 @@ async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
         await wait_until(lambda: all(len(n.serving(bytes([4]) * 32, include_self=True)) == 1 for n in peers),
                          timeout=120, what="the changed announcement to spread")
     # Leaving the AsyncExitStack shut all 11 nodes down; reaching this line means nothing raised.
+
+
+def _gossip_state(node: Node, everyone: set[str]) -> str:
+    learned = {a.peer_id for a in node.table.live(now_ms()) if a.models}
+    missing = sorted(p[-6:] for p in everyone - learned)
+    return (f"{node.peer_id[-6:]}: missing {missing}, connected {len(node.host.get_connected_peers())}, "
+            f"pubsub streams {len(node.pubsub.peers)}, topic peers {len(node.gossip.topic_peers())}, "
+            f"mesh {node.gossip.mesh_size()}, counters {dict(node.counters)}")
 
 
 async def _rogue(stack: AsyncExitStack, identity: Identity, target: Node):
@@ -250,3 +261,40 @@ async def test_a_late_joiner_learns_live_announcements_at_once_from_its_bootstra
         counters = client.counters
         assert counters.get("sync.accepted", 0) + counters.get("sync.known", 0) == 3, counters
         assert not any(key.startswith("sync.rejected") for key in counters)
+
+
+async def test_a_pubsub_stream_whose_negotiation_failed_is_opened_again() -> None:
+    """Under load a pubsub stream's protocol negotiation can time out while the connection stays up.
+    py-libp2p 0.8.1 then gave the peer up for good: it never learned we subscribe, we never sent it anything.
+    Here the other side is a real GossipSub host that leaves every stream from us unanswered until our node
+    has seen one pubsub negotiation fail; our node must open the stream again and tell it our subscription."""
+    async with AsyncExitStack() as stack:
+        node = await start(stack, stream_negotiation_timeout_s=2.0, nat_traversal=False)
+        other = build_host(Identity.generate(), LOCAL)
+        await stack.enter_async_context(other.run([multiaddr.Multiaddr(LOCAL[0])]))
+        unanswered = trio.Event()  # set: streams from our node are negotiated normally again
+        network = other.get_network()
+        negotiate = network.common_stream_handler
+
+        async def leave_unanswered_at_first(stream) -> None:  # type: ignore[no-untyped-def]
+            if unanswered.is_set():
+                return await negotiate(stream)
+            try:
+                while await stream.read(1024):  # never answer; our node gives up and resets the stream
+                    pass
+            except Exception:
+                pass
+
+        network.common_stream_handler = leave_unanswered_at_first
+        pubsub, router = build_pubsub(other)
+        await stack.enter_async_context(background_trio_service(pubsub))
+        await stack.enter_async_context(background_trio_service(router))
+        await pubsub.wait_until_ready()
+        await pubsub.subscribe(CAPACITY_TOPIC)
+        await other.connect(info_from_p2p_addr(multiaddr.Multiaddr(node.addrs[0])))
+        await wait_until(lambda: node.pubsub.stream_failures >= 1, what="our pubsub stream's negotiation to fail")
+        assert other.get_id() not in node.pubsub.peers
+        unanswered.set()
+        await wait_until(lambda: node.host.get_id() in pubsub.peer_topics.get(CAPACITY_TOPIC, ()),
+                         what="the other side to learn our subscription")
+        assert other.get_id() in node.pubsub.peers
