@@ -78,8 +78,8 @@ def _gossip_state(node: Node, everyone: set[str]) -> str:
             f"mesh {node.gossip.mesh_size()}, counters {dict(node.counters)}")
 
 
-async def _rogue(stack: AsyncExitStack, identity: Identity, target: Node):
-    """A peer running plain GossipSub with no validator: it can publish anything."""
+async def _gossip_host(stack: AsyncExitStack, identity: Identity):  # type: ignore[no-untyped-def]
+    """A host running plain GossipSub with no validator, subscribed to the capacity topic, not connected yet."""
     host = build_host(identity, LOCAL)
     await stack.enter_async_context(host.run([multiaddr.Multiaddr(LOCAL[0])]))
     pubsub, router = build_pubsub(host)
@@ -87,6 +87,12 @@ async def _rogue(stack: AsyncExitStack, identity: Identity, target: Node):
     await stack.enter_async_context(background_trio_service(router))
     await pubsub.wait_until_ready()
     await pubsub.subscribe(CAPACITY_TOPIC)
+    return host, pubsub
+
+
+async def _rogue(stack: AsyncExitStack, identity: Identity, target: Node):
+    """A peer running plain GossipSub with no validator: it can publish anything."""
+    host, pubsub = await _gossip_host(stack, identity)
     await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(target.addrs[0])))
     target_id = info_from_p2p_addr(multiaddr.Multiaddr(target.addrs[0])).peer_id
     await wait_until(lambda: target_id in pubsub.peer_topics.get(CAPACITY_TOPIC, ()), what="rogue to see the relay")
@@ -270,8 +276,7 @@ async def test_a_pubsub_stream_whose_negotiation_failed_is_opened_again() -> Non
     has seen one pubsub negotiation fail; our node must open the stream again and tell it our subscription."""
     async with AsyncExitStack() as stack:
         node = await start(stack, stream_negotiation_timeout_s=2.0, nat_traversal=False)
-        other = build_host(Identity.generate(), LOCAL)
-        await stack.enter_async_context(other.run([multiaddr.Multiaddr(LOCAL[0])]))
+        other, pubsub = await _gossip_host(stack, Identity.generate())
         unanswered = trio.Event()  # set: streams from our node are negotiated normally again
         network = other.get_network()
         negotiate = network.common_stream_handler
@@ -286,11 +291,6 @@ async def test_a_pubsub_stream_whose_negotiation_failed_is_opened_again() -> Non
                 pass
 
         network.common_stream_handler = leave_unanswered_at_first
-        pubsub, router = build_pubsub(other)
-        await stack.enter_async_context(background_trio_service(pubsub))
-        await stack.enter_async_context(background_trio_service(router))
-        await pubsub.wait_until_ready()
-        await pubsub.subscribe(CAPACITY_TOPIC)
         await other.connect(info_from_p2p_addr(multiaddr.Multiaddr(node.addrs[0])))
         await wait_until(lambda: node.pubsub.stream_failures >= 1, what="our pubsub stream's negotiation to fail")
         assert other.get_id() not in node.pubsub.peers
