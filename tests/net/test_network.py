@@ -28,8 +28,9 @@ DIGEST_Y = b"\x02" * 32
 
 async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
     # Eleven nodes share this process: the limits below are upper bounds far above an honest delay, so a
-    # loaded machine makes the test slower. (With py-libp2p's 10 s stream negotiation, a starved event loop
-    # once left a node connected to all ten yet with no GossipSub topic peer, so it never joined the mesh.)
+    # loaded machine makes the test slower. (A starved event loop once left a node connected to all ten yet
+    # with no GossipSub topic peer: py-libp2p gave up the pubsub stream after one failed negotiation;
+    # gossip.PatientPubsub opens it again, see test_a_pubsub_stream_whose_negotiation_failed_is_opened_again.)
     patient = {"stream_negotiation_timeout_s": 120.0, "bootstrap_timeout_s": 60.0}
     async with AsyncExitStack() as stack:
         boot = await start(stack, role="bootstrap", **patient)
