@@ -94,7 +94,9 @@ def noise_key(seed_material: bytes, index: int) -> int:
 
 _philox = threading.local()  # one generator per thread, re-keyed per position (constructing one costs more)
 G_MAX = -math.log(-math.log1p(-2.0**-54))  # the largest Gumbel value a u of this module can give (< 37.5)
-_PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed
+_PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed (rows with NaN/+inf)
+_PROBE_NATS = 4.0  # otherwise the tokens this close to the row's best value probe it (one comparison, no sort)
+_PROBE_MAX = 1024  # at most this many of them (a flat row has them all; any subset is a valid probe)
 _FEW_RIVALS = 4096  # is_acceptable computes every rival's key directly up to this many rivals
 _G_PAD = 1e-6  # added to the largest noise of a position before it bounds keys (far above float64 rounding)
 
@@ -115,7 +117,11 @@ def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
                                  "key": np.array([key & (2**64 - 1), key >> 64], np.uint64)},
                        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
     raw = generator.random_raw(vocab)
-    return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    raw >>= np.uint64(11)
+    u = raw.astype(np.float64)  # in place from here: the same operations, hence the same bits, with no temporaries
+    u += 0.5
+    u *= 2.0**-53
+    return u
 
 
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
@@ -127,15 +133,23 @@ def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: fl
     the vocabulary: at 49,152 tokens ``g_cap`` is about 11, where ``G_MAX`` is 37.5."""
     if u is None:
         u = uniforms(seed_material, index, scaled.shape[0])
-    finite = np.flatnonzero(np.isfinite(scaled))
     keys = np.full(scaled.shape[0], -np.inf)
-    if finite.size == 0:
-        return keys
-    probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
+    top = float(np.max(scaled)) if scaled.shape[0] else -math.inf
+    if math.isfinite(top):
+        # no NaN and no +inf (either would be the max): "finite" is "above -inf", which one comparison tests.
+        # Any finite tokens probe the best key from below; those near the top probe it tightly.
+        probe = np.flatnonzero(scaled >= top - _PROBE_NATS)[:_PROBE_MAX]
+        finite = None
+    else:
+        finite = np.flatnonzero(np.isfinite(scaled))
+        if finite.size == 0:
+            return keys
+        probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
     best = float(np.max(scaled[probe] - np.log(-np.log(u[probe]))))
     u_top = np.max(u)  # over every token: still a bound for the finite ones, without gathering them
     g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)  # the pad covers log's rounding
-    keep = finite[scaled[finite] >= best - margin - g_cap]
+    threshold = best - margin - g_cap
+    keep = np.flatnonzero(scaled >= threshold) if finite is None else finite[scaled[finite] >= threshold]
     keys[keep] = scaled[keep] - np.log(-np.log(u[keep]))
     return keys
 
@@ -299,10 +313,14 @@ def sample(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, i
     return int(np.argmax(gumbel_keys(scaled, seed_material, index)))  # ties go to the lower ID
 
 
-def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: float,
+                     sorted_scaled: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks over the vocabulary: tokens that are a candidate under *some* drift of at most
     ``tolerance`` per log-prob ("maybe"), and under *every* such drift ("surely"). Interval arithmetic,
-    conservative towards "maybe"."""
+    conservative towards "maybe".
+
+    ``sorted_scaled``: ``np.sort(logprobs / temperature)`` when the caller has it cheaper (see
+    :func:`judge_rows`: sorting the float32 logits and mapping them is the same array)."""
     lp = np.asarray(logprobs, dtype=np.float64)
     vocab = lp.shape[0]
     d = tolerance / params.temperature  # how far one scaled value may sit from the executor's
@@ -310,12 +328,12 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
     if (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0:
         return np.ones(vocab, dtype=bool), np.ones(vocab, dtype=bool)  # every token, surely
     scaled = lp / params.temperature
+    # contiguous, not a reversed view: exp and cumsum over it below run several times faster
+    sorted_desc = (np.sort(scaled) if sorted_scaled is None else sorted_scaled)[::-1].copy()
     if params.top_k == 0 or params.top_k >= vocab:
         surely = np.ones(vocab, dtype=bool)
         maybe = np.ones(vocab, dtype=bool)
-        sorted_desc = np.sort(scaled)[::-1]
     else:
-        sorted_desc = np.sort(scaled)[::-1]
         k = params.top_k
         maybe = scaled >= sorted_desc[k - 1] - eps  # fewer than k tokens surely above it
         surely = scaled > sorted_desc[k] + eps  # at most k-1 others can reach it
@@ -326,9 +344,10 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
         m_vals = scaled if all_maybe else scaled[m_ids]
         desc = sorted_desc if all_maybe else np.sort(m_vals)[::-1]
         q_desc = np.exp(desc - top)
-        cum = np.cumsum(q_desc)
+        cum0 = np.empty(q_desc.shape[0] + 1)
+        cum0[0] = 0.0
+        cum = np.cumsum(q_desc, out=cum0[1:])  # the running sums, written once (bits as a plain cumsum)
         neg = -desc  # ascending, for searchsorted
-        cum0 = np.concatenate(([0.0], cum))
         q = np.exp(m_vals - top)
         every = all_maybe and bool(surely.all())  # then the masses of z_min are q (same bits)
         z_min = float(np.sum(q if every else np.exp(scaled[surely] - top))) * math.exp(-d)
@@ -468,6 +487,91 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
                    f"(allowed drift {slack:.3g})")
 
 
+def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, token: int,
+              tolerance: float, sorted_scaled: np.ndarray | None = None) -> tuple[bool, bool]:
+    """``(is_acceptable(...)[0], tiebreak.is_ambiguous(...))`` for a sampled row, from one pass: the candidate
+    bounds, the noise and the rivals' keys are computed once and serve both (a verifier needs both for every
+    accepted row; computing them apart built the bounds and drew the noise twice).
+
+    Exactly the two verdicts, not an approximation (``tests/test_judge_rows.py`` compares them on random
+    rows): both compare keys against the best and second-best rival key, which the pruned
+    :func:`gumbel_keys` gives bit for bit wherever a comparison can turn on them.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    vocab = lp.shape[0]
+    if not 0 <= token < vocab:
+        raise ValueError(f"token {token} outside the vocabulary")
+    if params.greedy:
+        raise ValueError("judge_row is for sampled rows; judge_rows vectorizes greedy ones")
+    slack = sampler_slack(params, tolerance)
+    scaled = lp / params.temperature
+    plain = params.top_k == 0 and params.top_p >= 1.0  # tiebreak's plain sampling: every token surely
+    u = uniforms(seed_material, index, vocab)
+    if plain:
+        maybe = None
+        keys = gumbel_keys(scaled, seed_material, index, slack, u)
+    else:
+        maybe, surely = candidate_bounds(lp, params, tolerance, sorted_scaled)
+        keys = gumbel_keys(np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
+    best = int(np.argmax(keys))
+    first = float(keys[best])
+    keys[best] = -np.inf
+    second = float(np.max(keys))
+    ok = False
+    if maybe is None or maybe[token]:
+        # is_acceptable: the best rival key other than the token's own, and the token's key, the same ops
+        rival_key = second if best == token else first
+        ok = bool(rival_key - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0]) <= slack)
+    if plain:
+        return ok, not second < first - slack  # tiebreak._plain_pick
+    # admissible_tokens, over the "maybe" tokens only (the others are never admissible)
+    m_ids = np.flatnonzero(maybe)
+    m_scaled = scaled[m_ids]
+    hopeful = m_scaled >= first - slack - G_MAX
+    m_keys = np.full(m_ids.shape[0], -np.inf)
+    m_keys[hopeful] = m_scaled[hopeful] - np.log(-np.log(u[m_ids[hopeful]]))
+    best_other = np.where(m_ids == best, second, first)
+    return ok, int(np.count_nonzero(m_keys >= best_other - slack)) > 1
+
+
+def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
+               start_index: int, tokens: np.ndarray, tolerance: float,
+               row_max: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (output index ``start_index + r``): whether ``tokens[r]`` is acceptable (:func:`is_acceptable`)
+    and whether the row is a near tie (``tiebreak.is_ambiguous``: more than one admissible token), in one
+    pass. Greedy is vectorized over rows; sampled rows each need their own noise (:func:`judge_row`).
+    ``row_max``: each row's largest log-prob when the caller has it already.
+    """
+    rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
+    n, vocab = rows.n, rows.vocab
+    tokens = np.asarray(tokens, dtype=np.int64)
+    in_vocab = (tokens >= 0) & (tokens < vocab)
+    tok = np.where(in_vocab, tokens, 0)
+    everything = np.arange(n)
+    if params.greedy:
+        top_ids, best = rows.best()
+        ok = in_vocab & (rows.at(everything, tok) >= (best if row_max is None else row_max) - 2.0 * tolerance)
+        # a near tie: another token within 2 * tolerance of the best, i.e. the runner-up is (same bits as
+        # is_ambiguous's count over the row, since the runner-up is the largest of the others)
+        runner_up = rows.best(exclude=top_ids[:, None])[1]
+        return ok, runner_up >= best - 2.0 * tolerance
+    ok = np.zeros(n, dtype=bool)
+    near = np.zeros(n, dtype=bool)
+    sort_logits = params.top_k != 0 or params.top_p < 1.0  # only the candidate bounds sort
+    for r in range(n):
+        if not in_vocab[r]:
+            continue
+        sorted_scaled = None
+        if sort_logits:
+            # the float32 logits sort in half the time of float64 values, and the log-prob and the division
+            # by T are non-decreasing maps, so mapping the sorted logits gives np.sort(scaled), bit for bit
+            sorted_scaled = ((np.sort(rows.values[r]).astype(np.float64) - rows.shift[r]) - rows.log_norm[r])
+            sorted_scaled /= params.temperature
+        ok[r], near[r] = judge_row(rows.row(r), params, seed_material, start_index + r, int(tok[r]), tolerance,
+                                   sorted_scaled)
+    return ok, near
+
+
 def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
                     start_index: int, tokens: np.ndarray, tolerance: float,
                     row_max: np.ndarray | None = None) -> np.ndarray:
@@ -484,8 +588,4 @@ def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams
     if params.greedy:
         best = rows.best()[1] if row_max is None else row_max
         return in_vocab & (rows.at(np.arange(n), tok) >= best - 2.0 * tolerance)
-    ok = np.zeros(n, dtype=bool)
-    for r in range(n):
-        if in_vocab[r]:
-            ok[r] = is_acceptable(rows.row(r), params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
-    return ok
+    return judge_rows(rows, params, seed_material, start_index, tokens, tolerance)[0]
