@@ -128,3 +128,27 @@ def test_greedy_near_tie_at_exactly_twice_the_tolerance() -> None:
     assert ok.tolist() == [True, False]
     assert near.tolist() == [True, False]
     assert near.tolist() == [is_ambiguous(lp[r], SamplingParams(), SEED, r, tol) for r in range(2)]
+
+
+def test_the_unsorted_nucleus_serves_peaked_rows_and_declines_what_it_cannot_prove() -> None:
+    """Top-p without top-k: the head-only computation answers for a language-model-like row, declines a flat
+    49,152-token row (its head would be the whole vocabulary) and a row whose verdict sits exactly on top_p
+    (only the exact z_max decides it); candidate_bounds gives the sorted computation's masks in every case."""
+    from p2pinfer.runtime.sampling import _nucleus_unsorted
+
+    from test_sampling_check_speed import plain_candidate_bounds
+
+    rng = np.random.default_rng(8)
+    peaked = rng.normal(0.0, 2.0, 49152)  # a few strong tokens over a long tail, as at most LM positions
+    peaked[:4] += 16.0
+    flat = rng.normal(0.0, 0.01, 49152)
+    # masses 1, 1/2, 1/2 with no drift: the mass above each 1/2 is exactly top_p of the total (1/2 of 2)
+    on_the_edge = np.array([0.0, -np.log(2.0), -np.log(2.0)])
+    cases = [(log_softmax(peaked.astype(np.float32)), SamplingParams(temperature=0.8, top_p=0.95), 6.41e-4, True),
+             (log_softmax(flat.astype(np.float32)), SamplingParams(temperature=0.8, top_p=0.95), 6.41e-4, False),
+             (on_the_edge, SamplingParams(temperature=1.0, top_p=0.5), 0.0, False)]
+    for lp, p, tol, served in cases:
+        d = tol / p.temperature
+        assert (_nucleus_unsorted(lp / p.temperature, d, 2 * d, p.top_p) is not None) == served
+        for a, b in zip(candidate_bounds(lp, p, tol), plain_candidate_bounds(lp, p, tol)):
+            np.testing.assert_array_equal(a, b)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,13 +315,15 @@ def sample(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, i
 
 
 def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: float,
-                     sorted_scaled: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     sorted_scaled: "np.ndarray | Callable[[], np.ndarray] | None" = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks over the vocabulary: tokens that are a candidate under *some* drift of at most
     ``tolerance`` per log-prob ("maybe"), and under *every* such drift ("surely"). Interval arithmetic,
     conservative towards "maybe".
 
-    ``sorted_scaled``: ``np.sort(logprobs / temperature)`` when the caller has it cheaper (see
-    :func:`judge_rows`: sorting the float32 logits and mapping them is the same array)."""
+    Top-p without top-k is first tried without sorting the vocabulary (:func:`_nucleus_unsorted`, exact or
+    nothing). ``sorted_scaled``: ``np.sort(logprobs / temperature)``, or a function giving it, when the caller
+    has it cheaper (see :func:`judge_rows`: sorting the float32 logits and mapping them is the same array)."""
     lp = np.asarray(logprobs, dtype=np.float64)
     vocab = lp.shape[0]
     d = tolerance / params.temperature  # how far one scaled value may sit from the executor's
@@ -328,6 +331,10 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
     if (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0:
         return np.ones(vocab, dtype=bool), np.ones(vocab, dtype=bool)  # every token, surely
     scaled = lp / params.temperature
+    if (params.top_k == 0 or params.top_k >= vocab) and (fast := _nucleus_unsorted(scaled, d, eps, params.top_p)):
+        return fast
+    if callable(sorted_scaled):
+        sorted_scaled = sorted_scaled()
     # contiguous, not a reversed view: exp and cumsum over it below run several times faster
     sorted_desc = (np.sort(scaled) if sorted_scaled is None else sorted_scaled)[::-1].copy()
     if params.top_k == 0 or params.top_k >= vocab:
@@ -365,6 +372,81 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
         if z_min > 0:
             new_surely[ids_head] = above_max / z_min < params.top_p
         surely &= new_surely
+    return maybe, surely
+
+
+_HEAD_NATS = 8.0  # how far below the top (scaled nats) _nucleus_unsorted first looks for the nucleus
+_HEAD_MAX = 4096  # it gives up (and candidate_bounds sorts) when the head needs more tokens than this
+
+
+def _nucleus_unsorted(scaled: np.ndarray, d: float, eps: float, top_p: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`candidate_bounds`' top-p masks when no top-k cut applies, from the head of the distribution
+    only; None when it cannot prove them equal (the caller then runs the sorted computation).
+
+    What the sorted computation needs the whole vocabulary for: ``z_max``, the sum of all masses in
+    descending order. Every other value it reads for a head token is a prefix sum over the tokens above
+    ``thr`` (sorted here: a few hundred, not 49,152), and the same bits. ``z_max`` is bracketed instead:
+    the pairwise sum that ``z_min`` already takes and the sequential one both lie within ``vocab * 2**-53``
+    (relative) of the exact sum (Higham, "Accuracy and Stability of Numerical Algorithms", 4.2), so
+    ``[z_lo, z_hi]`` below holds it; each "maybe" verdict is monotone in ``z_max``, so one that is the same at
+    both ends is the exact verdict, and a row where any verdict differs (a ratio within ~1e-11 of top_p)
+    returns None. Tokens below the head are ruled out as in :func:`_nucleus_head`: the mass above them
+    already fails both tests, whatever their exact counts.
+    """
+    vocab = scaled.shape[0]
+    top = float(np.max(scaled))
+    if not math.isfinite(top):  # NaN or +inf somewhere: leave it to the general computation
+        return None
+    q = np.exp(scaled - top)
+    total = float(np.sum(q))  # candidate_bounds' z_min sum: the same expression, the same bits
+    e_minus, e_plus = math.exp(-d), math.exp(d)
+    z_min = total * e_minus
+    rel = 4.0 * vocab * 2.0**-53 + 2.0**-50  # twice the two sums' error bounds, and this line's rounding
+    z_lo = total * (1.0 - rel) * e_plus
+    z_hi = total * (1.0 + rel) * e_plus
+    reach = _HEAD_NATS
+    while True:
+        thr = top - reach
+        k_ids = np.flatnonzero(scaled >= thr)
+        if k_ids.size > _HEAD_MAX:
+            return None
+        k_vals = scaled[k_ids]
+        desc = -np.sort(-k_vals)  # the largest values of the vocabulary, descending: a prefix of its desc
+        cum0 = np.empty(desc.shape[0] + 1)
+        cum0[0] = 0.0
+        np.cumsum(np.exp(desc - top), out=cum0[1:])  # the sorted computation's cum0, as far as it goes
+        neg = -desc
+        everything = k_ids.size == vocab
+        head = np.ones(k_ids.size, dtype=bool) if everything else (k_vals - eps) >= thr
+        n_head = int(np.count_nonzero(head))
+        if everything:
+            break
+        # A token v below the head has v - eps < thr. "maybe" counts the values above v + eps <= thr + 2 eps:
+        # at least those above thr + 2 eps, so its mass is at least theirs. "surely" counts the values at or
+        # above v - eps: the head and v itself, and subtracts v's own mass, at most the next value's; what
+        # is left is at least the head's mass less two roundings (2**-51 relative; 2**-48 is a wide pad).
+        # Each test is a chain of monotone float operations, so these bounds decide it for every such v.
+        above_min = cum0[int(np.searchsorted(neg, -(thr + 2.0 * eps), side="left"))] * e_minus
+        tail_not_maybe = not above_min / z_hi < top_p
+        tail_not_surely = z_min <= 0 or (n_head > 0 and not float(cum0[n_head]) * (1.0 - 2.0**-48) * e_plus
+                                         / z_min < top_p)
+        if tail_not_maybe and tail_not_surely:
+            break
+        reach = reach * 2.0 if reach < 1e6 else math.inf  # then thr is -inf: the whole vocabulary, or None
+    h_ids = k_ids[head]
+    h_vals = k_vals[head]
+    n_surely_above = np.searchsorted(neg, -(h_vals + eps), side="left")  # count of desc > v + eps
+    n_maybe_above = np.searchsorted(neg, -(h_vals - eps), side="right")  # count of desc >= v - eps
+    above_min = cum0[n_surely_above] * e_minus
+    maybe_lo, maybe_hi = above_min / z_lo < top_p, above_min / z_hi < top_p
+    if not np.array_equal(maybe_lo, maybe_hi):
+        return None  # a verdict within z_max's rounding of top_p: only the exact sum decides it
+    maybe = np.zeros(vocab, dtype=bool)
+    maybe[h_ids] = maybe_lo
+    surely = np.zeros(vocab, dtype=bool)
+    if z_min > 0:
+        above_max = np.maximum(cum0[n_maybe_above] - q[h_ids], 0.0) * e_plus
+        surely[h_ids] = above_max / z_min < top_p
     return maybe, surely
 
 
@@ -488,7 +570,8 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
 
 
 def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, token: int,
-              tolerance: float, sorted_scaled: np.ndarray | None = None) -> tuple[bool, bool]:
+              tolerance: float, sorted_scaled: "np.ndarray | Callable[[], np.ndarray] | None" = None
+              ) -> tuple[bool, bool]:
     """``(is_acceptable(...)[0], tiebreak.is_ambiguous(...))`` for a sampled row, from one pass: the candidate
     bounds, the noise and the rivals' keys are computed once and serve both (a verifier needs both for every
     accepted row; computing them apart built the bounds and drew the noise twice).
@@ -506,17 +589,29 @@ def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes
     slack = sampler_slack(params, tolerance)
     scaled = lp / params.temperature
     plain = params.top_k == 0 and params.top_p >= 1.0  # tiebreak's plain sampling: every token surely
-    u = uniforms(seed_material, index, vocab)
-    if plain:
-        maybe = None
-        keys = gumbel_keys(scaled, seed_material, index, slack, u)
-    else:
+    maybe = m_ids = None
+    if not plain:
         maybe, surely = candidate_bounds(lp, params, tolerance, sorted_scaled)
-        keys = gumbel_keys(np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
-    best = int(np.argmax(keys))
-    first = float(keys[best])
-    keys[best] = -np.inf
-    second = float(np.max(keys))
+        m_ids = np.flatnonzero(maybe)
+        r_ids = np.flatnonzero(surely & np.isfinite(scaled))  # gumbel_keys keys finite values only
+    if not plain and max(m_ids.size, r_ids.size) <= _FEW_RIVALS:
+        # top-k/top-p left few candidates: every rival's key directly, and noise only up to the largest ID
+        # needed (the Philox stream is the same prefix whatever its length); gumbel_keys' best and second best
+        u = uniforms(seed_material, index, max(int(m_ids.max(initial=0)), int(r_ids.max(initial=0)), token) + 1)
+        r_keys = scaled[r_ids] - np.log(-np.log(u[r_ids]))
+        at = int(np.argmax(r_keys)) if r_keys.size else 0
+        first = float(r_keys[at]) if r_keys.size else -math.inf
+        best = int(r_ids[at]) if r_keys.size and first != -math.inf else 0  # argmax of all -inf: ID 0
+        if r_keys.size:
+            r_keys[at] = -np.inf
+        second = float(np.max(r_keys)) if r_keys.size else -math.inf
+    else:
+        u = uniforms(seed_material, index, vocab)
+        keys = gumbel_keys(scaled if plain else np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
+        best = int(np.argmax(keys))
+        first = float(keys[best])
+        keys[best] = -np.inf
+        second = float(np.max(keys))
     ok = False
     if maybe is None or maybe[token]:
         # is_acceptable: the best rival key other than the token's own, and the token's key, the same ops
@@ -525,13 +620,20 @@ def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes
     if plain:
         return ok, not second < first - slack  # tiebreak._plain_pick
     # admissible_tokens, over the "maybe" tokens only (the others are never admissible)
-    m_ids = np.flatnonzero(maybe)
     m_scaled = scaled[m_ids]
     hopeful = m_scaled >= first - slack - G_MAX
     m_keys = np.full(m_ids.shape[0], -np.inf)
     m_keys[hopeful] = m_scaled[hopeful] - np.log(-np.log(u[m_ids[hopeful]]))
     best_other = np.where(m_ids == best, second, first)
     return ok, int(np.count_nonzero(m_keys >= best_other - slack)) > 1
+
+
+def _sorted_scaled(rows: LogProbRows, r: int, temperature: float) -> np.ndarray:
+    """``np.sort(rows.row(r) / temperature)``, bit for bit, at half the cost: the float32 logits sort in half
+    the time of float64 values, and the log-prob and the division by T are non-decreasing maps."""
+    out = (np.sort(rows.values[r]).astype(np.float64) - rows.shift[r]) - rows.log_norm[r]
+    out /= temperature
+    return out
 
 
 def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
@@ -561,14 +663,8 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
     for r in range(n):
         if not in_vocab[r]:
             continue
-        sorted_scaled = None
-        if sort_logits:
-            # the float32 logits sort in half the time of float64 values, and the log-prob and the division
-            # by T are non-decreasing maps, so mapping the sorted logits gives np.sort(scaled), bit for bit
-            sorted_scaled = ((np.sort(rows.values[r]).astype(np.float64) - rows.shift[r]) - rows.log_norm[r])
-            sorted_scaled /= params.temperature
         ok[r], near[r] = judge_row(rows.row(r), params, seed_material, start_index + r, int(tok[r]), tolerance,
-                                   sorted_scaled)
+                                   (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits else None)
     return ok, near
 
 
