@@ -152,3 +152,14 @@ def test_the_unsorted_nucleus_serves_peaked_rows_and_declines_what_it_cannot_pro
         assert (_nucleus_unsorted(lp / p.temperature, d, 2 * d, p.top_p) is not None) == served
         for a, b in zip(candidate_bounds(lp, p, tol), plain_candidate_bounds(lp, p, tol)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_noise_read_on_demand_is_the_noise() -> None:
+    from p2pinfer.runtime.sampling import _LazyUniforms, uniforms
+
+    for index, vocab in ((0, 1), (3, 7), (12345, 49152)):
+        u, lazy = uniforms(SEED, index, vocab), _LazyUniforms(SEED, index, vocab)
+        ids = np.arange(vocab)[::3]
+        np.testing.assert_array_equal(lazy[ids], u[ids])
+        np.testing.assert_array_equal(lazy[vocab - 1:vocab], u[vocab - 1:vocab])
+        assert lazy.max() == u.max()

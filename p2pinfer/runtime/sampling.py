@@ -109,6 +109,29 @@ def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
     64-bit stream is a pure function of the key, so every peer and every numpy version computes the same
     values (``tests/test_runtime_sampling.py`` pins a vector).
     """
+    u = _raw_noise(seed_material, index, vocab).astype(np.float64)
+    u += 0.5  # in place: the same operations as ((raw >> 11) + 0.5) * 2**-53, hence the same bits
+    u *= 2.0**-53
+    return u
+
+
+class _LazyUniforms:
+    """:func:`uniforms` read on demand: ``u[ids]`` and ``u.max()`` convert only the draws asked for (the
+    same operations on the same raw draws, hence the same bits), so a check that needs a few hundred noise
+    values, and the largest one, does not convert all 49,152."""
+
+    def __init__(self, seed_material: bytes, index: int, vocab: int) -> None:
+        self._raw = _raw_noise(seed_material, index, vocab)
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return (self._raw[ids].astype(np.float64) + 0.5) * 2.0**-53
+
+    def max(self) -> float:  # the conversion is non-decreasing: the largest u is that of the largest draw
+        return float(self[int(np.argmax(self._raw))])
+
+
+def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
+    """The top 53 bits of the first ``vocab`` Philox draws of output index ``index`` (uint64)."""
     key = noise_key(seed_material, index)
     generator = getattr(_philox, "generator", None)
     if generator is None:
@@ -119,14 +142,11 @@ def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
                        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
     raw = generator.random_raw(vocab)
     raw >>= np.uint64(11)
-    u = raw.astype(np.float64)  # in place from here: the same operations, hence the same bits, with no temporaries
-    u += 0.5
-    u *= 2.0**-53
-    return u
+    return raw
 
 
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
-                u: np.ndarray | None = None) -> np.ndarray:
+                u: "np.ndarray | _LazyUniforms | None" = None) -> np.ndarray:
     """``scaled_v + g_v`` wherever ``scaled_v`` is finite, except that tokens whose key cannot come within
     ``margin`` of the best are left at ``-inf`` (exact, not an approximation: no ``g_v`` exceeds ``g_cap``,
     the noise of the largest ``u`` at this position (never above ``G_MAX``), so a token with ``scaled_v + g_cap
@@ -147,7 +167,7 @@ def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: fl
             return keys
         probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
     best = float(np.max(scaled[probe] - np.log(-np.log(u[probe]))))
-    u_top = np.max(u)  # over every token: still a bound for the finite ones, without gathering them
+    u_top = u.max()  # over every token: still a bound for the finite ones, without gathering them
     g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)  # the pad covers log's rounding
     threshold = best - margin - g_cap
     keep = np.flatnonzero(scaled >= threshold) if finite is None else finite[scaled[finite] >= threshold]
@@ -597,7 +617,7 @@ def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes
     if not plain and max(m_ids.size, r_ids.size) <= _FEW_RIVALS:
         # top-k/top-p left few candidates: every rival's key directly, and noise only up to the largest ID
         # needed (the Philox stream is the same prefix whatever its length); gumbel_keys' best and second best
-        u = uniforms(seed_material, index, max(int(m_ids.max(initial=0)), int(r_ids.max(initial=0)), token) + 1)
+        u = _LazyUniforms(seed_material, index, max(int(m_ids.max(initial=0)), int(r_ids.max(initial=0)), token) + 1)
         r_keys = scaled[r_ids] - np.log(-np.log(u[r_ids]))
         at = int(np.argmax(r_keys)) if r_keys.size else 0
         first = float(r_keys[at]) if r_keys.size else -math.inf
@@ -606,7 +626,7 @@ def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes
             r_keys[at] = -np.inf
         second = float(np.max(r_keys)) if r_keys.size else -math.inf
     else:
-        u = uniforms(seed_material, index, vocab)
+        u = _LazyUniforms(seed_material, index, vocab)
         keys = gumbel_keys(scaled if plain else np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
         best = int(np.argmax(keys))
         first = float(keys[best])
