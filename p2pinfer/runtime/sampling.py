@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..wire.hashing import tagged_hash
+from . import philox
 
 NOISE_DOMAIN = "p2pinfer/v2/sampling-noise"
 SEED_DOMAIN = "p2pinfer/v1/sampling-seed"
@@ -601,45 +602,90 @@ def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes
     :func:`gumbel_keys` gives bit for bit wherever a comparison can turn on them.
     """
     lp = np.asarray(logprobs, dtype=np.float64)
-    vocab = lp.shape[0]
-    if not 0 <= token < vocab:
+    if not 0 <= token < lp.shape[0]:
         raise ValueError(f"token {token} outside the vocabulary")
     if params.greedy:
         raise ValueError("judge_row is for sampled rows; judge_rows vectorizes greedy ones")
-    slack = sampler_slack(params, tolerance)
     scaled = lp / params.temperature
-    plain = params.top_k == 0 and params.top_p >= 1.0  # tiebreak's plain sampling: every token surely
-    maybe = m_ids = None
-    if not plain:
-        maybe, surely = candidate_bounds(lp, params, tolerance, sorted_scaled)
-        m_ids = np.flatnonzero(maybe)
-        r_ids = np.flatnonzero(surely & np.isfinite(scaled))  # gumbel_keys keys finite values only
-    if not plain and max(m_ids.size, r_ids.size) <= _FEW_RIVALS:
-        # top-k/top-p left few candidates: every rival's key directly, and noise only up to the largest ID
-        # needed (the Philox stream is the same prefix whatever its length); gumbel_keys' best and second best
-        u = _LazyUniforms(seed_material, index, max(int(m_ids.max(initial=0)), int(r_ids.max(initial=0)), token) + 1)
-        r_keys = scaled[r_ids] - np.log(-np.log(u[r_ids]))
+    few = _row_candidates(lp, scaled, params, tolerance, token, sorted_scaled)
+    if not isinstance(few, _FewCandidates):
+        return _judge_all(scaled, params, seed_material, index, token, tolerance, *few)
+    # noise only up to the largest ID needed: the Philox stream of a shorter draw is a prefix of the longer one
+    return few.judge(_LazyUniforms(seed_material, index, int(few.ids[-1]) + 1)[few.ids], params, tolerance)
+
+
+@dataclass(frozen=True)
+class _FewCandidates:
+    """A top-k/top-p row whose candidates are few: what the check needs of it, without the row itself."""
+
+    token: int
+    ids: np.ndarray  # ascending: every "maybe" and finite "surely" token, and the emitted one
+    scaled: np.ndarray  # scaled log-probs at ids
+    m_pos: np.ndarray  # positions in ids of the "maybe" tokens
+    r_pos: np.ndarray  # ... of the finite "surely" tokens (the rivals; gumbel_keys keys finite values only)
+    t_pos: int  # ... of the emitted token
+    token_maybe: bool
+
+    def judge(self, u: np.ndarray, params: SamplingParams, tolerance: float) -> tuple[bool, bool]:
+        """The verdicts from the noise ``u`` at ``ids``: every rival's key directly (gumbel_keys' best and
+        second best, bit for bit), then is_acceptable's and admissible_tokens' comparisons."""
+        slack = sampler_slack(params, tolerance)
+        r_keys = self.scaled[self.r_pos] - np.log(-np.log(u[self.r_pos]))
         at = int(np.argmax(r_keys)) if r_keys.size else 0
         first = float(r_keys[at]) if r_keys.size else -math.inf
-        best = int(r_ids[at]) if r_keys.size and first != -math.inf else 0  # argmax of all -inf: ID 0
+        best = int(self.ids[self.r_pos[at]]) if r_keys.size and first != -math.inf else 0  # argmax of -infs: 0
         if r_keys.size:
             r_keys[at] = -np.inf
         second = float(np.max(r_keys)) if r_keys.size else -math.inf
-    else:
-        u = _LazyUniforms(seed_material, index, vocab)
-        keys = gumbel_keys(scaled if plain else np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
-        best = int(np.argmax(keys))
-        first = float(keys[best])
-        keys[best] = -np.inf
-        second = float(np.max(keys))
+        ok = False
+        if self.token_maybe:
+            rival_key = second if best == self.token else first
+            t = slice(self.t_pos, self.t_pos + 1)
+            ok = bool(rival_key - float((self.scaled[t] - np.log(-np.log(u[t])))[0]) <= slack)
+        m_scaled = self.scaled[self.m_pos]
+        hopeful = m_scaled >= first - slack - G_MAX
+        m_keys = np.full(self.m_pos.shape[0], -np.inf)
+        m_keys[hopeful] = m_scaled[hopeful] - np.log(-np.log(u[self.m_pos[hopeful]]))
+        best_other = np.where(self.ids[self.m_pos] == best, second, first)
+        return ok, int(np.count_nonzero(m_keys >= best_other - slack)) > 1
+
+
+def _row_candidates(lp: np.ndarray, scaled: np.ndarray, params: SamplingParams, tolerance: float, token: int,
+                    sorted_scaled) -> "_FewCandidates | tuple[np.ndarray | None, np.ndarray | None]":
+    """The row's candidates when top-k/top-p leave at most :data:`_FEW_RIVALS` of them; otherwise the masks
+    ``(maybe, surely)``, both None for plain sampling (every token a candidate, surely)."""
+    if params.top_k == 0 and params.top_p >= 1.0:  # tiebreak's plain sampling
+        return None, None
+    maybe, surely = candidate_bounds(lp, params, tolerance, sorted_scaled)
+    m_ids = np.flatnonzero(maybe)
+    r_ids = np.flatnonzero(surely & np.isfinite(scaled))
+    if max(m_ids.size, r_ids.size) > _FEW_RIVALS:
+        return maybe, surely
+    ids = np.union1d(np.union1d(m_ids, r_ids), [token])
+    return _FewCandidates(token, ids, scaled[ids], np.searchsorted(ids, m_ids), np.searchsorted(ids, r_ids),
+                          int(np.searchsorted(ids, token)), bool(maybe[token]))
+
+
+def _judge_all(scaled: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, token: int,
+               tolerance: float, maybe: np.ndarray | None, surely: np.ndarray | None) -> tuple[bool, bool]:
+    """judge_row when every token (``maybe`` None: plain sampling), or more than :data:`_FEW_RIVALS`, may be a
+    rival: the pruned :func:`gumbel_keys` over the whole row, then the same comparisons."""
+    slack = sampler_slack(params, tolerance)
+    u = _LazyUniforms(seed_material, index, scaled.shape[0])
+    keys = gumbel_keys(scaled if maybe is None else np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
+    best = int(np.argmax(keys))
+    first = float(keys[best])
+    keys[best] = -np.inf
+    second = float(np.max(keys))
     ok = False
     if maybe is None or maybe[token]:
         # is_acceptable: the best rival key other than the token's own, and the token's key, the same ops
         rival_key = second if best == token else first
         ok = bool(rival_key - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0]) <= slack)
-    if plain:
+    if maybe is None:
         return ok, not second < first - slack  # tiebreak._plain_pick
     # admissible_tokens, over the "maybe" tokens only (the others are never admissible)
+    m_ids = np.flatnonzero(maybe)
     m_scaled = scaled[m_ids]
     hopeful = m_scaled >= first - slack - G_MAX
     m_keys = np.full(m_ids.shape[0], -np.inf)
@@ -680,11 +726,31 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
     ok = np.zeros(n, dtype=bool)
     near = np.zeros(n, dtype=bool)
     sort_logits = params.top_k != 0 or params.top_p < 1.0  # only the candidate bounds sort
+    few: dict[int, _FewCandidates] = {}
     for r in range(n):
         if not in_vocab[r]:
             continue
-        ok[r], near[r] = judge_row(rows.row(r), params, seed_material, start_index + r, int(tok[r]), tolerance,
-                                   (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits else None)
+        lp = rows.row(r)
+        scaled = lp / params.temperature
+        cands = _row_candidates(lp, scaled, params, tolerance, int(tok[r]),
+                                (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits else None)
+        if isinstance(cands, _FewCandidates):
+            few[r] = cands  # its noise comes below, with every other such row's
+        else:
+            ok[r], near[r] = _judge_all(scaled, params, seed_material, start_index + r, int(tok[r]), tolerance,
+                                        *cands)
+    if few:
+        # the noise of every few-candidate row at just its candidates' IDs, in one vectorized Philox pass
+        keys = [noise_key(seed_material, start_index + r) for r in few]
+        pairs = np.repeat(np.array([[k & (2**64 - 1), k >> 64] for k in keys], dtype=np.uint64),
+                          [c.ids.shape[0] for c in few.values()], axis=0)
+        raw = philox.draws(pairs, np.concatenate([c.ids for c in few.values()])) >> np.uint64(11)
+        u_all = (raw.astype(np.float64) + 0.5) * 2.0**-53  # uniforms' operations, hence its bits
+        lo = 0
+        for r, cands in few.items():
+            hi = lo + cands.ids.shape[0]
+            ok[r], near[r] = cands.judge(u_all[lo:hi], params, tolerance)
+            lo = hi
     return ok, near
 
 
