@@ -707,8 +707,9 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
                row_max: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row (output index ``start_index + r``): whether ``tokens[r]`` is acceptable (:func:`is_acceptable`)
     and whether the row is a near tie (``tiebreak.is_ambiguous``: more than one admissible token), in one
-    pass. Greedy is vectorized over rows; sampled rows each need their own noise (:func:`judge_row`).
-    ``row_max``: each row's largest log-prob when the caller has it already.
+    pass. Greedy is vectorized over rows. Sampled rows are judged one by one as :func:`judge_row` does, except
+    that the rows whose top-k/top-p candidates are few get their noise together, at just those candidates'
+    IDs (:mod:`.philox`). ``row_max``: each row's largest log-prob when the caller has it already.
     """
     rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
     n, vocab = rows.n, rows.vocab
@@ -759,8 +760,9 @@ def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams
                     row_max: np.ndarray | None = None) -> np.ndarray:
     """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
 
-    Greedy is vectorized over rows; sampled rows each need their own noise, so they run row by row.
-    ``row_max``: each row's largest log-prob when the caller has it already (greedy reads no other value).
+    Greedy is vectorized over rows; sampled rows go through :func:`judge_rows` (which also gives the near-tie
+    flags). ``row_max``: each row's largest log-prob when the caller has it already (greedy reads no other
+    value).
     """
     rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
     n, vocab = rows.n, rows.vocab
