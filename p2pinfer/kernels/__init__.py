@@ -18,6 +18,7 @@ graph (logged once as ``kernel.unavailable``).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -41,6 +42,7 @@ _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
 _built: dict[str, Path | None] = {}
 _reported: set[str] = set()
+_held: list = []  # the loaded library, never unloaded (see _build)
 
 
 def _log():
@@ -81,7 +83,13 @@ def library_path() -> Path | None:
         if cc in _built:
             return _built[cc]
         _built[cc] = path = _build(cc)
+        if path is not None:
+            _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
         return path
+
+
+#: changes whenever the compile flags below change (part of the cache key)
+_BUILD_RECIPE = "O3 march=native z-nodelete pthread v1"
 
 
 def _build(cc: str) -> Path | None:
@@ -90,7 +98,8 @@ def _build(cc: str) -> Path | None:
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + version.encode() + b"\0" + _cpu_identity().encode()).hexdigest()
+    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + version.encode() + b"\0" + _cpu_identity().encode()
+                         + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
     target = cache_dir() / f"qmatmul-{key[:24]}.so"
     if target.is_file():
         return target
@@ -98,7 +107,9 @@ def _build(cc: str) -> Path | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
             out = Path(tmp) / target.name
-            for flags in (["-march=native"], []):  # a compiler without -march=native gets the portable path
+            # -z nodelete: onnxruntime dlcloses the library with each session's options; the kernel's worker
+            # threads live on, so its code and state must stay loaded (a reload would reset the pool under them)
+            for flags in (["-march=native", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
                 done = subprocess.run([cc, "-O3", *flags, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", str(out)],
                                       capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:

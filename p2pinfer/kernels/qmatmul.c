@@ -98,15 +98,18 @@ typedef OrtStatus *(*fn_create_domain)(const char *, OrtCustomOpDomain **);
 typedef OrtStatus *(*fn_domain_add)(OrtCustomOpDomain *, const OrtCustomOp *);
 typedef OrtStatus *(*fn_add_domain)(OrtSessionOptions *, OrtCustomOpDomain *);
 
-/* ---- a small thread pool: workers spin briefly, then sleep ----------------------------------------------- */
+/* ---- a small thread pool: workers spin briefly, then sleep; every hand-over under one mutex ------------ */
 #define MAX_THREADS 64
+#define SPINS 2000
 typedef void (*task_fn)(void *arg, int part, int parts);
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* one dispatch at a time */
-static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static atomic_uint generation;
-static atomic_int pending;
+static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;  /* guards everything below */
+static pthread_cond_t work_ready = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t work_done = PTHREAD_COND_INITIALIZER;
+static atomic_uint generation;   /* written under state_lock; read without it only to spin */
+static atomic_int remaining;     /* parts still running; written under state_lock */
 static int pool_workers;
+static unsigned created_at[MAX_THREADS];  /* the generation when each worker was created */
 static task_fn job_fn;
 static void *job_arg;
 static int job_parts;
@@ -119,18 +122,25 @@ static inline void cpu_relax(void) {
 
 static void *worker_main(void *p) {
     int id = (int)(intptr_t)p;  /* part id 1..pool_workers */
-    unsigned seen = 0;
+    pthread_mutex_lock(&state_lock);
+    unsigned seen = created_at[id];  /* it must not run a job dispatched before it existed */
+    pthread_mutex_unlock(&state_lock);
     for (;;) {
-        int spins = 0;
-        while (atomic_load_explicit(&generation, memory_order_acquire) == seen && spins < 4000) { cpu_relax(); spins++; }
-        if (atomic_load_explicit(&generation, memory_order_acquire) == seen) {
-            pthread_mutex_lock(&wake_lock);
-            while (atomic_load_explicit(&generation, memory_order_acquire) == seen) pthread_cond_wait(&wake, &wake_lock);
-            pthread_mutex_unlock(&wake_lock);
+        for (int spins = 0; spins < SPINS && atomic_load_explicit(&generation, memory_order_acquire) == seen; spins++)
+            cpu_relax();
+        pthread_mutex_lock(&state_lock);
+        while (atomic_load_explicit(&generation, memory_order_relaxed) == seen) pthread_cond_wait(&work_ready, &state_lock);
+        seen = atomic_load_explicit(&generation, memory_order_relaxed);
+        task_fn fn = job_fn;
+        void *arg = job_arg;
+        int parts = job_parts;
+        pthread_mutex_unlock(&state_lock);
+        if (id < parts) {
+            fn(arg, id, parts);
+            pthread_mutex_lock(&state_lock);
+            if (atomic_fetch_sub_explicit(&remaining, 1, memory_order_acq_rel) == 1) pthread_cond_signal(&work_done);
+            pthread_mutex_unlock(&state_lock);
         }
-        seen = atomic_load_explicit(&generation, memory_order_acquire);
-        if (id < job_parts) job_fn(job_arg, id, job_parts);
-        atomic_fetch_sub_explicit(&pending, 1, memory_order_acq_rel);
     }
     return NULL;
 }
@@ -138,10 +148,11 @@ static void *worker_main(void *p) {
 /* a forked child has none of the parent's workers: start over (else it would wait for them forever) */
 static void pool_after_fork_child(void) {
     pthread_mutex_init(&pool_lock, NULL);
-    pthread_mutex_init(&wake_lock, NULL);
-    pthread_cond_init(&wake, NULL);
+    pthread_mutex_init(&state_lock, NULL);
+    pthread_cond_init(&work_ready, NULL);
+    pthread_cond_init(&work_done, NULL);
     pool_workers = 0;
-    atomic_store(&pending, 0);
+    atomic_store(&remaining, 0);
 }
 static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 static void install_fork_hook(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
@@ -151,24 +162,29 @@ static void install_fork_hook(void) { pthread_atfork(NULL, NULL, pool_after_fork
 static void run_parallel(task_fn fn, void *arg, int parts) {
     pthread_once(&fork_hook_once, install_fork_hook);
     if (parts <= 1 || pthread_mutex_trylock(&pool_lock) != 0) { fn(arg, 0, 1); return; }
+    pthread_mutex_lock(&state_lock);
     while (pool_workers < parts - 1 && pool_workers < MAX_THREADS - 1) {
         pthread_t t;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(pool_workers + 1)) != 0) break;
+        created_at[pool_workers + 1] = atomic_load(&generation);
+        int failed = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(pool_workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
         pool_workers++;
     }
     if (parts > pool_workers + 1) parts = pool_workers + 1;
     job_fn = fn; job_arg = arg; job_parts = parts;
-    atomic_store_explicit(&pending, pool_workers, memory_order_release);
-    pthread_mutex_lock(&wake_lock);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_acq_rel);
-    pthread_cond_broadcast(&wake);
-    pthread_mutex_unlock(&wake_lock);
+    atomic_store_explicit(&remaining, parts - 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    pthread_cond_broadcast(&work_ready);
+    pthread_mutex_unlock(&state_lock);
     fn(arg, 0, parts);
-    int spins = 0;
-    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) { if (++spins < 4000) cpu_relax(); else sched_yield(); }
+    for (int spins = 0; spins < SPINS && atomic_load_explicit(&remaining, memory_order_acquire) > 0; spins++) cpu_relax();
+    pthread_mutex_lock(&state_lock);
+    while (atomic_load_explicit(&remaining, memory_order_acquire) > 0) pthread_cond_wait(&work_done, &state_lock);
+    pthread_mutex_unlock(&state_lock);
     pthread_mutex_unlock(&pool_lock);
 }
 
