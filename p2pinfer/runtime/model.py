@@ -194,6 +194,8 @@ class KVDecoder:
     appends the new position in place (``past_present_share_buffer``), and the logits land in a reused
     buffer. Each step computes exactly what ``forward([token], cache)`` computes (the attention reads the
     same positions; tests compare the two). Other graphs, and non-CPU providers, fall back to ``forward``.
+    The steps run :attr:`LoadedModel.decode_session`: the decode kernel's rewrite of the same graph when it is
+    available (same weights; float32 rounding apart from ``forward``), else the model's own session.
     """
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int) -> None:
