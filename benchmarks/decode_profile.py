@@ -39,10 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2pinfer import log  # noqa: E402
-from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
 from p2pinfer.runtime import GREEDY, load_model  # noqa: E402
 from p2pinfer.runtime.fingerprint import FingerprintBuilder  # noqa: E402
 from p2pinfer.runtime.sampling import log_softmax, sample  # noqa: E402
+
+from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
 
 TEXT = "The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.threads} threads, {args.steps} decode steps after {args.context} positions; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start")
     with tempfile.TemporaryDirectory(prefix="p2pinfer-bench-") as tmp:
-        folders = args.folder or [import_gguf(find_default_gguf(), Path(tmp) / "native").out_dir]
+        folders = args.folder or [model_folder(None, tmp, name="native")]
         profiles = [kernel_profile(f, args.threads, args.steps, args.context) for f in folders]
         ops = sorted(set().union(*(p[0] for p in profiles)), key=lambda o: -max(p[0].get(o, 0) for p in profiles))
         print("\n| operator | " + " | ".join(f"{f.name}: nodes, µs" for f in folders) + " |")

@@ -48,6 +48,8 @@ from p2pinfer.runtime.sampling import admissible_tokens  # noqa: E402
 from p2pinfer.runtime.tiebreak import check_rows  # noqa: E402
 from p2pinfer.runtime.verify import recompute_logprobs  # noqa: E402
 
+from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
+
 PROMPTS = (
     "Write a short story about a dragon who learns to bake bread.",
     "List some ideas for a birthday party for a ten year old.",
@@ -152,12 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     log.configure(level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else None
-        if folder is None:
-            from p2pinfer.gguf.default_model import find_default_gguf
-            from p2pinfer.gguf.importer import import_gguf
-            folder = Path(tmp) / "smollm2"
-            import_gguf(find_default_gguf(), folder)
+        folder = model_folder(args.model, tmp)
         model = load_model(folder)
         t0 = time.perf_counter()
         if args.tolerance is None:
