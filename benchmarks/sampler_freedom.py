@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from p2pinfer import log  # noqa: E402
 from p2pinfer.runtime import SamplingParams, calibrate, load_model, sampling_seed  # noqa: E402
-from p2pinfer.runtime.calibrate import kv_decode_logprobs  # noqa: E402
+from p2pinfer.runtime.calibrate import executor_logprobs  # noqa: E402
 from p2pinfer.runtime.generate import Generation  # noqa: E402
 from p2pinfer.runtime.reference import reference_for  # noqa: E402
 from p2pinfer.runtime.sampling import admissible_tokens  # noqa: E402
@@ -113,7 +113,7 @@ def measure_request(model, memo, variants, temperature, k, n_tokens, tol):
         if mode == "prefill":
             rows = recompute_logprobs(session, prompt_ids, output_ids)
         else:
-            rows = kv_decode_logprobs(session, prompt_ids + output_ids, len(prompt_ids) - 1)[:len(output_ids)]
+            rows = executor_logprobs(session, prompt_ids, output_ids)
         s = dict(ambiguous=0, admitted=0, new_pos=0, new_alts=0, false=0, drift=0.0, ref_drift=0.0)
         s["drift"] = float(np.max(np.abs(rows - exec_rows)))
 
