@@ -35,6 +35,7 @@ import onnxruntime  # noqa: E402
 
 import ort_version_worker as worker  # noqa: E402
 from conftest import find_shared_models  # noqa: E402
+from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
 
 FIXTURES = ("tiny-llama-trained", "tiny-qwen2", "tiny-gpt2", "tiny-llama")
 PROMPTS = ("def parse_args(argv):\n    parser = argparse.", "The history of the lighthouse begins",
@@ -66,14 +67,7 @@ def main() -> None:
     dirs = args.model or [str(find_shared_models() / name) for name in FIXTURES]
     with tempfile.TemporaryDirectory(prefix="p2pinfer-ortv-") as tmp:
         if not args.no_default_model:
-            folder = args.default_model
-            if folder is None:
-                from p2pinfer.gguf import import_gguf
-                from p2pinfer.gguf.default_model import find_default_gguf
-
-                folder = Path(tmp) / "smollm2"
-                import_gguf(find_default_gguf(), folder)
-            dirs.append(str(folder))
+            dirs.append(str(model_folder(args.default_model, tmp)))
         print(f"installed onnxruntime {onnxruntime.__version__}; {args.tokens} tokens x {len(PROMPTS)} prompts x "
               f"T in {{0, 0.8, 1.5}} per model and direction")
         for d in dirs:

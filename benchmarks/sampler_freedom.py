@@ -41,12 +41,14 @@ sys.path.insert(0, str(REPO))
 
 from p2pinfer import log  # noqa: E402
 from p2pinfer.runtime import SamplingParams, calibrate, load_model, sampling_seed  # noqa: E402
-from p2pinfer.runtime.calibrate import kv_decode_logprobs  # noqa: E402
+from p2pinfer.runtime.calibrate import executor_logprobs  # noqa: E402
 from p2pinfer.runtime.generate import Generation  # noqa: E402
 from p2pinfer.runtime.reference import reference_for  # noqa: E402
 from p2pinfer.runtime.sampling import admissible_tokens  # noqa: E402
 from p2pinfer.runtime.tiebreak import check_rows  # noqa: E402
 from p2pinfer.runtime.verify import recompute_logprobs  # noqa: E402
+
+from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
 
 PROMPTS = (
     "Write a short story about a dragon who learns to bake bread.",
@@ -111,7 +113,7 @@ def measure_request(model, memo, variants, temperature, k, n_tokens, tol):
         if mode == "prefill":
             rows = recompute_logprobs(session, prompt_ids, output_ids)
         else:
-            rows = kv_decode_logprobs(session, prompt_ids + output_ids, len(prompt_ids) - 1)[:len(output_ids)]
+            rows = executor_logprobs(session, prompt_ids, output_ids)
         s = dict(ambiguous=0, admitted=0, new_pos=0, new_alts=0, false=0, drift=0.0, ref_drift=0.0)
         s["drift"] = float(np.max(np.abs(rows - exec_rows)))
 
@@ -152,12 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     log.configure(level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else None
-        if folder is None:
-            from p2pinfer.gguf.default_model import find_default_gguf
-            from p2pinfer.gguf.importer import import_gguf
-            folder = Path(tmp) / "smollm2"
-            import_gguf(find_default_gguf(), folder)
+        folder = model_folder(args.model, tmp)
         model = load_model(folder)
         t0 = time.perf_counter()
         if args.tolerance is None:

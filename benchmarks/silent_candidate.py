@@ -32,11 +32,12 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from p2pinfer import AsyncClient, log  # noqa: E402
+from p2pinfer import log  # noqa: E402
 from p2pinfer.localnet import local_network  # noqa: E402
 from p2pinfer.request.bid_window import GRACE_S  # noqa: E402
 from p2pinfer.request.protocol import BID_PROTOCOL  # noqa: E402
 from p2pinfer.runtime import load_model  # noqa: E402
+from tests.adversarial.watched_client import WatchedClient  # noqa: E402
 
 HONEST = 5
 
@@ -46,18 +47,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-class WatchedClient(AsyncClient):
-    rounds: list
-
-    async def _offer(self, request, request_id):  # type: ignore[no-untyped-def]
-        bids = await super()._offer(request, request_id)
-        self.rounds.append(bids)
-        return bids
-
-
 async def phase(net, model: str, n: int, grace: float, honest: set[str]):  # type: ignore[no-untyped-def]
     async with WatchedClient(bootstrap=net.bootstrap_addrs, bid_grace=grace) as client:
-        client.rounds = []
         await client.generate(model=model, prompt="warm up", max_tokens=2)  # vetting + tokenizer, not timed
         client.rounds.clear()
         latencies = []
@@ -87,7 +78,6 @@ async def run(model_name: str, n: int) -> None:
         tarpit.node.register_request_handler(BID_PROTOCOL, never_bid)
         dead = await net.add_peer([model])
         async with WatchedClient(bootstrap=net.bootstrap_addrs) as primer:  # the dead peer is announced...
-            primer.rounds = []
             await primer.generate(model=model_name, prompt="prime", max_tokens=2)
         await net.kill(dead.peer_id)  # ...then gone: its announcement lives on, its dials fail
         rule = await phase(net, model_name, n, GRACE_S, honest)

@@ -31,6 +31,8 @@ from p2pinfer.request.client import AsyncClient  # noqa: E402
 from p2pinfer.request.text import TokenizerCache  # noqa: E402
 from p2pinfer.runtime import load_model  # noqa: E402
 
+from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
+
 
 async def run(model, tokens: int, cache_dir: Path) -> None:
     async with local_network([model], peers=1) as net:
@@ -71,12 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     log.configure(level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else None
-        if folder is None:
-            from p2pinfer.gguf.default_model import find_default_gguf
-            from p2pinfer.gguf.importer import import_gguf
-            folder = Path(tmp) / "smollm2"
-            import_gguf(find_default_gguf(), folder)
+        folder = model_folder(args.model, tmp)
         model = load_model(folder, name="smollm2")
         trio.run(run, model, args.tokens, Path(tmp) / "tokenizers")
 

@@ -6,7 +6,7 @@ Two kinds of metrics, both cheap on the hot path:
   between tokens, verification outcomes): ``prometheus_client`` counters and histograms, updated once per
   request or per token chunk;
 * what other parts already count (the node's gossip drop reasons, the task server's bids, elections won,
-  tasks and tokens; the announcement table's known peers): read only when ``/metrics`` is scraped, by
+  tasks and tokens, failover silence witnessed and task-status answers; the announcement table's known peers): read only when ``/metrics`` is scraped, by
   :class:`_PeerCollector`, so the network and task code keep their plain integer counters.
 
 Each :class:`PeerMetrics` has its own registry (never the process-wide default), so several peers in one
@@ -35,6 +35,8 @@ __all__ = ["CONTENT_TYPE", "PeerMetrics", "RequestRecord", "describe_verificatio
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 RECENT_REQUESTS = 32
+# How the task server answers a status query (its counters "status.<answer>"): always exposed, 0 included.
+STATUS_ANSWERS = ("answered", "pending", "not-assigned", "not-entitled", "rate_limited", "invalid")
 
 # Seconds. Time to first token includes the election (a few round trips) and the prompt's prefill.
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
@@ -171,6 +173,17 @@ class _PeerCollector:
             if key.startswith("refused."):
                 refusals.add_metric([key.removeprefix("refused.")], count)
         yield refusals
+        silent = CounterMetricFamily("p2pinfer_failover_witnessed_silent", "Lower ranks this peer found silent "
+                                     "(no answer to its task-status query) before taking a task over")
+        silent.add_metric([], counters.get("failover.witnessed_silent", 0))
+        yield silent
+        status = CounterMetricFamily("p2pinfer_status_queries", "Task-status queries from failover candidates, "
+                                     "by answer", labels=["answer"])
+        answers = dict.fromkeys(STATUS_ANSWERS, 0)
+        answers.update((k.removeprefix("status."), c) for k, c in counters.items() if k.startswith("status."))
+        for answer, count in sorted(answers.items()):
+            status.add_metric([answer], count)
+        yield status
         slots = GaugeMetricFamily("p2pinfer_slots", "Request slots of this peer", labels=["state"])
         slots.add_metric(["free"], server.free_slots)
         slots.add_metric(["total"], server.slots)

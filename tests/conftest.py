@@ -45,6 +45,19 @@ def user_model_store(tmp_path_factory: pytest.TempPathFactory):
         os.environ[MODELS_DIR_ENV] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The decode kernel is compiled once per test session into a temporary cache (never the user's)."""
+    path = tmp_path_factory.mktemp("kernel-cache")
+    before = os.environ.get("P2PINFER_KERNEL_CACHE")
+    os.environ["P2PINFER_KERNEL_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("P2PINFER_KERNEL_CACHE", None)
+    else:
+        os.environ["P2PINFER_KERNEL_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def shared_models() -> Path:
     return find_shared_models()

@@ -45,12 +45,12 @@ def seed_of(job: dict[str, Any]) -> bytes:
 def execute(model: Any, job: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Generate as an executor does (KV-cache decode, fingerprints); also its KV log-prob rows."""
     from p2pinfer.runtime import generate
-    from p2pinfer.runtime.calibrate import kv_decode_logprobs
+    from p2pinfer.runtime.calibrate import executor_logprobs
 
     prompt_ids = model.encode(job["prompt"])
     out = generate(model, prompt_ids, max_tokens=job["max_tokens"], params=params_of(job),
                    seed_material=seed_of(job), stop_at_eos=False)
-    rows = kv_decode_logprobs(model, prompt_ids + out.output_ids, len(prompt_ids) - 1)[: len(out.output_ids)]
+    rows = executor_logprobs(model, prompt_ids, out.output_ids)
     claim = {**job, "prompt_ids": prompt_ids, "output_ids": out.output_ids, "finish_reason": out.finish_reason,
              "fingerprint": out.fingerprint_bytes.hex(), "commitment": out.commitment.hex()}
     return claim, rows

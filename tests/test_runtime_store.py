@@ -209,7 +209,7 @@ def test_interrupted_calibration_resumes_and_is_never_skipped(shared_models: Pat
     assert model.tolerance == record.tolerance
     assert not store.calibration_pending(record.digest_hex)
     assert not (record.path / CALIBRATION_PARTIAL_FILE).exists()
-    assert len(record.calibration["variants"]) == 12
+    assert len(record.calibration["variants"]) == 13  # 12 session variants and the float64 reference row
     # once calibrated, it is not measured again
     again = store.ensure_calibrated(record.digest_hex, progress=lambda d, t: resumed.append(d))
     assert resumed == [] and again.calibration == record.calibration
@@ -235,4 +235,7 @@ def test_resumed_calibration_keeps_the_measured_steps(shared_models: Path, tmp_p
     done = store.ensure_calibrated(record.digest_hex, tokens=4)
     from p2pinfer.runtime.calibrate import tolerance_from_drift
 
-    assert done.calibration["worst_drift"] == 0.25 and done.tolerance == tolerance_from_drift(0.25) == 1.0
+    # the kept step is an executor's: the worst pair is it plus the worst verifier's drift (triangle inequality)
+    assert first.endswith(",kv") and done.calibration["worst_executor_drift"] == 0.25
+    assert done.calibration["worst_drift"] == 0.25 + done.calibration["worst_verifier_drift"]
+    assert done.tolerance == tolerance_from_drift(done.calibration["worst_drift"]) > 1.0

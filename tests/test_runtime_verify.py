@@ -151,5 +151,10 @@ def test_calibration_sets_tolerance_from_drift(trained_model) -> None:
     result = calibrate(trained_model, new_tokens=8)
     assert 0 < result.worst_drift < 1e-4
     assert result.tolerance == max(1e-5, 4 * result.worst_drift)
-    assert set(result.variants) == {f"threads={t},opt={o},{m}" for t in (1, 2)
-                                    for o in ("disable", "basic", "all") for m in ("kv", "prefill")}
+    assert set(result.variants) == {"reference"} | {f"threads={t},opt={o},{m}" for t in (1, 2)
+                                                    for o in ("disable", "basic", "all") for m in ("kv", "prefill")}
+    # the worst honest executor/verifier pair, bounded through the baseline (triangle inequality)
+    assert result.worst_drift == max(result.worst_executor_drift + result.worst_verifier_drift,
+                                     result.variants["reference"])
+    assert result.worst_executor_drift == max(d for k, d in result.variants.items() if k.endswith(",kv"))
+    assert result.worst_verifier_drift == max(d for k, d in result.variants.items() if k.endswith(",prefill"))

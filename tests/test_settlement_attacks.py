@@ -7,10 +7,13 @@ the request path before the settlement restructure (issue #13 attacks 2-5, issue
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from net.helpers import wait_until
+from test_gateway import gateway_peer
 from p2pinfer.election import elect
 from p2pinfer.identity import Identity, peer_id_from_public_key
 from p2pinfer.ledger import Ledger
@@ -41,13 +44,13 @@ class Attacker:
     def request(self, model, **params):
         return build_request(model_digest=model.digest, client_key=self.identity.public_key, **params)
 
-    async def bids(self, request) -> list[Bid]:
+    async def bids(self, request, peers=None) -> list[Bid]:
         rid = request.request_id()
         offer = encode_signed(self.identity, TaskOffer(request_id=rid, model=request.model,
                                                        max_tokens=request.max_tokens, epoch_seed=b"",
                                                        expires_at_ms=now_ms() + 20_000))
         out = []
-        for p in self.net.peers:
+        for p in peers or self.net.peers:
             reply = decode_signed(await self.node.request(p.peer_id, protocol.BID_PROTOCOL, offer, timeout=10))
             assert isinstance(reply.message, VrfBid)
             out.append(reply.message.bid)
@@ -57,8 +60,8 @@ class Attacker:
         return sign(self.identity, BidSet(request_id=request.request_id(), epoch_seed=b"", bids=tuple(bids),
                                           excluded=tuple(excluded), issued_at_ms=now_ms()))
 
-    async def announce(self, bid_set) -> None:
-        for p in self.net.peers:
+    async def announce(self, bid_set, peers=None) -> None:
+        for p in peers or self.net.peers:
             await self.node.request(p.peer_id, protocol.BID_SET_PROTOCOL, bid_set.to_bytes(), timeout=10)
 
     async def assign(self, peer_id: str, request, bid_set, *, attempt: int, prefix=(), evidence=(),
@@ -265,6 +268,46 @@ async def test_a_failover_candidate_asks_a_lower_rank_without_evidence_itself(ho
             assert result.message.attempt == 1 and result.message.witnessed == (first.identity.public_key,)
             assert first.server.counters["status.answered"] == 1
             assert second.server.counters["failover.witnessed_silent"] == 0  # it answered: not silent
+
+
+async def test_witnessed_silence_and_status_answers_are_in_the_metrics(honest):
+    """A rank that takes a task over past a lower rank that died, and the status queries it answers, show in
+    its gateway's /metrics (read over HTTP, as Prometheus would)."""
+    async with local_network([honest], peers=1) as net, gateway_peer(net, [honest]) as taker:
+        lower = net.peers[0]
+        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+            a = Attacker(client, net)
+            both = [lower, taker]
+            for i in range(64):  # until the VRF ranks the gateway peer second (one chance in two each time)
+                request = a.request(honest, prompt=f"v{i} = ", max_tokens=4)
+                bid_set = a.bid_set(request, await a.bids(request, both))
+                if ranked_peer_ids(request, bid_set) == [lower.peer_id, taker.peer_id]:
+                    break
+            else:
+                raise AssertionError("the gateway peer was never ranked second in 64 requests")
+            await a.announce(bid_set, both)
+            await net.kill(lower.peer_id)
+            refusal, _, result = await a.assign(taker.peer_id, request, bid_set, attempt=1)
+            assert refusal is None and result is not None
+            assert result.message.witnessed == (lower.identity.public_key,)
+            # status queries: one for an election this peer never held, one from no rank of it, one junk
+            stranger = encode_signed(a.identity, TaskStatusQuery(request_id=b"\x01" * 32, election=b"\x02" * 32))
+            answer = decode_signed(await a.node.request(taker.peer_id, protocol.TASK_STATUS, stranger, timeout=10))
+            assert answer.message.state == "not-assigned"
+            query = encode_signed(a.identity, TaskStatusQuery(request_id=request.request_id(),
+                                                              election=bid_set.message_id))
+            with pytest.raises(NetError, match="higher rank"):
+                await a.node.request(taker.peer_id, protocol.TASK_STATUS, query, timeout=10)
+            with pytest.raises(NetError, match="invalid status query"):
+                await a.node.request(taker.peer_id, protocol.TASK_STATUS, b"\x00junk", timeout=10)
+        text = await trio.to_thread.run_sync(lambda: httpx.get(f"{taker.gateway_url}/metrics").text)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("p2pinfer_failover_witnessed_silent_total", ())] == 1
+    status = {dict(labels)["answer"]: value for (name, labels), value in samples.items()
+              if name == "p2pinfer_status_queries_total"}
+    assert status == {"not-assigned": 1, "not-entitled": 1, "invalid": 1, "answered": 0, "pending": 0,
+                      "rate_limited": 0}
 
 
 # ---- #13 attack 5: a rejected executor is excluded at once, whatever its history ----------------------

@@ -74,6 +74,34 @@ def test_a_store_never_serves_the_old_default(shared_models: Path, tmp_path: Pat
     assert served.tolerance == tolerance_from_drift(record.calibration["worst_drift"]) < 1e-3
 
 
+def test_a_calibration_of_an_older_format_is_measured_again(shared_models: Path, tmp_path: Path) -> None:
+    """A record calibrated by an older p2pinfer (format 1: distances to one baseline over 32 positions, no
+    "format" field) is no measurement of today's calibration: not served with it, calibrated again, and a
+    partial file of the older format is not resumed."""
+    from p2pinfer.runtime.calibrate import CALIBRATION_FORMAT
+    from p2pinfer.runtime.store import CALIBRATION_PARTIAL_FILE
+
+    store = ModelStore(tmp_path / "store")
+    record = store.import_dir(shared_models / MODEL_NAME)
+    meta_path = record.path / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["tolerance"] = 0.25  # no honest run of this fixture measures that much: it must not survive
+    meta["calibration"] = {"worst_drift": 0.0625, "tolerance": 0.25, "variants": {"threads=1,opt=all,kv": 0.0625},
+                           "positions": 32, "new_tokens": 16, "seconds": 1.0, "numeric_class": "fp32-cpu"}
+    meta_path.write_text(json.dumps(meta))
+    (record.path / CALIBRATION_PARTIAL_FILE).write_text(json.dumps(
+        {"key": {"digest": record.digest_hex}, "done": {"0|threads=1,opt=all,kv": 0.0625}, "positions": {"0": 16}}))
+    old = store.get(record.digest_hex)
+    assert not old.calibrated and old.calibration_outdated and old.tolerance is None
+    assert old.load().tolerance is None  # never served with the old measurement
+    [served] = resolve_models(store, [record.digest_hex])
+    record = store.get(record.digest_hex)
+    assert record.calibrated and not record.calibration_outdated
+    assert record.calibration["format"] == CALIBRATION_FORMAT and "reference" in record.calibration["variants"]
+    assert served.tolerance == record.tolerance == tolerance_from_drift(record.calibration["worst_drift"]) < 1e-3
+    assert not (record.path / CALIBRATION_PARTIAL_FILE).exists()
+
+
 async def test_a_peer_measures_the_tolerance_before_it_announces_or_verifies(shared_models: Path) -> None:
     model = _uncalibrated(shared_models)
     lines = io.StringIO()

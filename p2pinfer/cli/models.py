@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..runtime.calibrate import SERVING_TOKENS
 from ..runtime.store import NUMERIC_CLASSES, ModelStore
 from .common import AppContext
 
@@ -41,8 +42,13 @@ def models_list(app: AppContext) -> None:
         click.echo(f"no models in {app.config.models_dir}; add one with `p2pinfer models import DIR`")
         return
     for r in records:
-        tolerance = (f"tol={r.tolerance:.3g} (calibrated)" if r.calibrated and r.tolerance is not None
-                     else f"tol=none (uncalibrated: `p2pinfer models calibrate {r.digest_hex[:12]}`)")
+        if r.calibrated and r.tolerance is not None:
+            tolerance = f"tol={r.tolerance:.3g} (calibrated)"
+        elif r.calibration_outdated:
+            tolerance = (f"tol=none (calibrated by an older p2pinfer; measured again when served, or "
+                         f"`p2pinfer models calibrate {r.digest_hex[:12]}`)")
+        else:
+            tolerance = f"tol=none (uncalibrated: `p2pinfer models calibrate {r.digest_hex[:12]}`)"
         click.echo(f"{r.digest_hex}  {r.name}  {r.numeric_class}  {tolerance}  {r.size_bytes / 1e6:.1f} MB")
 
 
@@ -108,7 +114,7 @@ def models_remove(app: AppContext, digest: str) -> None:
 
 @models.command("calibrate")
 @click.argument("digest")
-@click.option("--tokens", type=click.IntRange(1, 512), default=32, show_default=True,
+@click.option("--tokens", type=click.IntRange(1, 512), default=SERVING_TOKENS, show_default=True,
               help="Tokens generated per calibration prompt.")
 @click.pass_obj
 def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:

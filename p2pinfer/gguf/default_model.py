@@ -17,6 +17,7 @@ from typing import Any
 
 from ..log import get_logger
 from .errors import DefaultModelMissingError
+from ..runtime.calibrate import SERVING_TOKENS
 from ..runtime.memory import release_freed_memory
 from .importer import IMPORTER_FORMAT, Progress, import_gguf
 
@@ -56,7 +57,7 @@ def find_default_gguf() -> Path:
 
 
 def ensure_default_model(store: Any, *, progress: Progress | None = None, numeric_class: str | None = None,
-                         calibration_tokens: int = 16, calibration_progress: Progress | None = None) -> Any:
+                         calibration_tokens: int = SERVING_TOKENS, calibration_progress: Progress | None = None) -> Any:
     """The store's record of the default model, importing and calibrating it on first use.
 
     A copy already in ``store`` (found by :data:`DEFAULT_MODEL_NAME` and this importer's format) is reused.

@@ -42,6 +42,8 @@ log = get_logger("p2pinfer.net.capacity")
 
 
 SYNC_RETRIES = 4  # a join sync that failed is retried after 1, 2, 4 and 8 s (in the background)
+JOIN_SYNC_WAIT_S = 5.0  # how long a join waits for its sync; an unfinished sync goes on in the background
+SYNC_REPLY_S = 20.0  # a sync page's reply, once its stream is negotiated (see Capacity.sync_page_timeout)
 
 
 class Capacity:
@@ -140,24 +142,42 @@ class Capacity:
         """Pull the live announcements ``peer_id`` holds, page by page; returns how many were new."""
         return (await self._sync_pages(peer_id, timeout))[0]
 
-    async def join_sync(self, peer_id: str, nursery: trio.Nursery, *, timeout: float = 5.0) -> None:
-        """The sync a join waits for; if it could not finish, :meth:`sync_until_done` goes on in ``nursery``."""
-        _, complete = await self._sync_pages(peer_id, timeout)
-        if not complete:
-            nursery.start_soon(self.sync_until_done, peer_id)
+    @property
+    def sync_page_timeout(self) -> float:
+        """How long a join sync waits for one page: as long as a stream negotiation may take, plus the reply.
 
-    async def sync_until_done(self, peer_id: str, *, timeout: float = 5.0, retries: int = SYNC_RETRIES) -> None:
-        """A join's sync, retried in the background with backoff when a page could not be had: on a loaded
-        machine one protocol negotiation can time out, and a peer that missed its join sync would otherwise
-        lack every announcement made before it joined (gossip does not replay them)."""
+        A short limit here is a wall-clock deadline a loaded machine misses: the page request is then reset
+        on the serving peer (which counts ``handler.reset``) and asked again from the start."""
+        return self.node.config.stream_negotiation_timeout_s + SYNC_REPLY_S
+
+    async def join_sync(self, peer_id: str, nursery: trio.Nursery, *, wait_s: float = JOIN_SYNC_WAIT_S) -> None:
+        """Sync from ``peer_id`` (:meth:`sync_until_done`, in ``nursery``); the join waits for it at most
+        ``wait_s``, and a sync that takes longer goes on in the background, not cancelled."""
+        finished = trio.Event()
+
+        async def sync_then_signal() -> None:
+            try:
+                await self.sync_until_done(peer_id)
+            finally:
+                finished.set()
+
+        nursery.start_soon(sync_then_signal)
+        with trio.move_on_after(wait_s):
+            await finished.wait()
+
+    async def sync_until_done(self, peer_id: str, *, retries: int = SYNC_RETRIES) -> None:
+        """A join's sync, retried with backoff when a page could not be had (the connection dropped, the peer
+        refused): a peer that missed its join sync would otherwise lack every announcement made before it
+        joined (gossip does not replay them)."""
         delay = 1.0
-        for attempt in range(retries):
-            await trio.sleep(delay)
-            delay *= 2
-            _, complete = await self._sync_pages(peer_id, timeout)
+        for attempt in range(retries + 1):
+            if attempt:
+                log.debug("sync.retry", peer_id=peer_id, attempt=attempt)
+                await trio.sleep(delay)
+                delay *= 2
+            _, complete = await self._sync_pages(peer_id, self.sync_page_timeout)
             if complete:
                 return
-            log.debug("sync.retry", peer_id=peer_id, attempt=attempt + 1)
 
     async def _sync_pages(self, peer_id: str, timeout: float) -> tuple[int, bool]:
         """(new announcements, whether every page came)."""

@@ -24,6 +24,15 @@ Workarounds for py-libp2p 0.8.1 that live here:
   of late (``stale``) messages.
 * Pubsub's own message signing (``strict_signing``) stays on: it authenticates the message *source*, which
   the validator compares with the announcement's signer (``source-mismatch``).
+* **Abandoned peer streams.** Pubsub opens one outbound stream to every connected peer and sends its
+  subscriptions on it; ``Pubsub._handle_new_peer_with_retry`` retries that while the peer stays connected,
+  but only on ``SwarmException``/``StreamClosed``. Under load the multistream negotiation fails with
+  ``StreamFailure`` (the other side reset a negotiation it waited too long for) or the hello write with a
+  ``StreamError``, and py-libp2p gives up on the peer for good while the connection stays up: the peer never
+  learns we subscribe and we never send it anything, so a node can be connected to everyone and still be
+  missing from every mesh. :class:`PatientPubsub` turns those two failures into the ``SwarmException`` the
+  retry loop expects, so registration goes on (backoff 0.5 s doubling to 10 s) until the stream is up or the
+  peer disconnects; only a peer that answers "protocols not supported" is left alone.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ from typing import Any, Callable
 
 import trio
 from libp2p.abc import IHost
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.exceptions import SwarmException
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -79,6 +91,24 @@ class FaultOnlyScorer(PeerScorer):
         super().on_invalid_message(peer, topic)
 
 
+class PatientPubsub(Pubsub):
+    """Pubsub that keeps trying to open its stream to a connected peer (see "Abandoned peer streams" above).
+
+    ``stream_failures`` counts the attempts that failed and are tried again."""
+
+    stream_failures = 0
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        try:
+            await super()._handle_new_peer(peer_id)
+        except (StreamFailure, StreamError) as exc:
+            if "protocols not supported" in str(exc.__cause__ or ""):
+                raise  # the peer answered "na": it does not speak GossipSub, asking again would not help
+            self.stream_failures += 1
+            log.debug("gossip.peer_stream_failed", peer=peer_id.to_base58(), error=repr(exc.__cause__ or exc)[:200])
+            raise SwarmException(f"pubsub stream to {peer_id} not established: {exc}") from exc
+
+
 def score_params() -> ScoreParams:
     decay_per_heartbeat = 0.5 ** (HEARTBEAT_S / FAULT_HALF_LIFE_S)
     threshold = -(INVALID_GOSSIP_LIMIT - 0.5)
@@ -106,7 +136,7 @@ def build_pubsub(host: IHost, *, heartbeat_s: int = HEARTBEAT_S) -> tuple[Pubsub
         score_params=score_params(),
     )
     router.scorer = FaultOnlyScorer(router.scorer.params if router.scorer else score_params())
-    pubsub = Pubsub(
+    pubsub = PatientPubsub(
         host,
         router,
         # Workaround: py-libp2p 0.8.1 identifies messages by (source, seqno) and seeds each node's seqno

@@ -443,6 +443,7 @@ class TaskServer:
         try:
             signed = TASK_STATUS.decode_request(body)
         except WireError as exc:
+            self.counters["status.invalid"] += 1
             log.info("status.rejected", peer_id=peer_id, reason=exc.reason)
             raise InvalidOffer(f"invalid status query: {exc}") from None
         query: TaskStatusQuery = signed.message

@@ -1,24 +1,36 @@
 """Calibration: measure honest numeric drift and set a model's tolerance from it.
 
-The baseline is the loaded session decoding greedily over the KV cache (what an executor does). Each honest
-variant recomputes the same positions: intra-op threads 1 and 2, graph optimization levels
-disable/basic/all, each as a KV-cache decode and as one full prefill (what a verifier does). The drift is the
-largest absolute difference of any log-prob in the full vocabulary between a variant and the baseline.
+The baseline is the loaded session generating as a serving executor does (chunked prefill, then the in-place
+KV decoder), over three built-in prompts (prose, code, a longer letter) with 48 new tokens each, greedy and
+sampled, its rows kept as it goes. Each honest variant recomputes the same positions in its own session
+(intra-op threads 1 and 2 x graph optimization levels disable/basic/all): as a KV decode (another executor; the
+first 8 positions of each output) and as one teacher-forced prefill (a verifier; every position). A step's
+drift is the largest absolute difference of any log-prob in the full vocabulary between its rows and the
+baseline's. An executor and a verifier are never compared through the baseline only: for any honest pair,
+``|e - v| <= |e - baseline| + |baseline - v|``, so the worst drift is bounded by
 
-    tolerance = max(MIN_TOLERANCE, SAFETY_FACTOR * worst drift) = max(1e-5, 4 * worst drift)
+    worst = max over KV steps + max over prefill steps     (and never below the float64 reference row's drift)
+    tolerance = max(MIN_TOLERANCE, SAFETY_FACTOR * worst) = max(1e-5, 4 * worst)
 
 Why these numbers. The tolerance is both the allowance for each claimed log-prob and, through the sampler
 check, the executor's only freedom (``2 * tolerance / T`` of key slack), so it must cover honest drift and no
-more. The safety factor 4 covers what a 64-position calibration does not see: on SmolLM2, 800 sampled
-positions drift up to 8.9e-5 where the built-in prompts measure 3.4e-5 (2.6x), and onnxruntime 1.19 vs 1.32
-drifted 5.1e-5. The 1e-5 floor is float32 rounding, not a policy: a logit of magnitude 64 is stored to
-7.6e-6, so two exact-but-differently-ordered float32 sums can differ by that much on another CPU (the random
-fixtures measure 3e-7 here). Weights in fp16 or 0.1 % weight noise move log-probs by 1.4e-4 or more on every
-shared fixture, an order of magnitude above both floors' reach (tests/test_tolerance_measured.py).
+more. On SmolLM2 (``benchmarks/calibration_margin.py``, docs/models.md) the drift is a property of the rows,
+not of the position or the thread count: KV decode gives bit-identical rows at 1, 2 and 4 threads, prefill
+likewise, and only the optimization level and KV-vs-prefill move them; the worst row over thousands of
+served positions is 1.5-3x the worst of a few dozen. So calibration looks at more rows (144 positions, from
+sampled text too) and the factor 4 covers the tail beyond them, another onnxruntime version (cross-version
+drift 0.36x of the tolerance) and the summation order of another CPU. The 1e-5 floor is float32 rounding,
+not a policy: a logit of magnitude 64 is stored to 7.6e-6. Weights in fp16 or 0.1 % weight noise move
+log-probs by 1.4e-4 or more on every shared fixture, an order of magnitude above both floors' reach
+(tests/test_tolerance_measured.py, tests/test_quantized_verification.py).
+
+Before any of this, one float64 reference row (:mod:`.reference`) is run: a graph the near-tie arbiter cannot
+run is refused here (:class:`~.reference.ReferenceUnsupported`), not at its first near tie while serving.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -31,9 +43,10 @@ from typing import Sequence
 import numpy as np
 
 from ..log import get_logger
-from .generate import generate
+from .generate import PREFILL_CHUNK
 from .model import LoadedModel
-from .sampling import log_softmax
+from .reference import ReferenceUnsupported, reference_for
+from .sampling import GREEDY, SamplingParams, log_softmax, sample
 from .verify import recompute_logprobs
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -41,55 +54,122 @@ def _log():  # bound per call, so that log.configure() made later still applies
 
 MIN_TOLERANCE = 1e-5
 SAFETY_FACTOR = 4.0
+#: Bumped whenever what calibration measures changes: a stored calibration of another format counts as none,
+#: so the model is calibrated again before it is next served (and a partial file of another format restarts).
+CALIBRATION_FORMAT = 2
 DEFAULT_PROMPTS = (
     "The history of the lighthouse begins with fires lit on hills to guide ships home.",
     "def parse_args(argv):\n    parser = argparse.ArgumentParser()",
+    "Dear neighbours,\n\nThe village library will be closed on Monday while the roof is repaired. Books "
+    "borrowed before the closure can be returned on Tuesday without a late fee, and the reading group will meet "
+    "in the school hall instead. We are also looking for volunteers to help move the children's shelves back "
+    "into place on Wednesday morning; tea and cake will be provided. If you have questions about the repairs, "
+    "the opening hours or the summer reading programme, please write to",
 )
+#: How each prompt's output is picked (cycled): greedy text is peaked; sampled text reaches flatter rows,
+#: where a verifier sees more of the distribution.
+CALIBRATION_SAMPLING = (GREEDY, SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.95))
 THREADS = (1, 2)
 OPTIMIZATIONS = ("disable", "basic", "all")
+MODES = ("kv", "prefill")
 #: Tokens per prompt when a model is calibrated because it is about to be served (store and peer start-up).
-SERVING_TOKENS = 16
+SERVING_TOKENS = 48
+#: Positions per prompt that the other executors (KV decode in another session) recompute: a KV step costs a
+#: decode step per position, a verifier's prefill covers every position at once.
+EXECUTOR_ROWS = 8
+#: The checkpointed step that runs one float64 reference row (see :func:`reference_drift`).
+REFERENCE_STEP = "reference"
 
 
 @dataclass
 class CalibrationResult:
-    worst_drift: float
+    worst_drift: float  # the bound on any honest executor/verifier pair (see calibrate)
     tolerance: float
     variants: dict[str, float] = field(default_factory=dict)
     positions: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    worst_executor_drift: float = 0.0  # the KV steps' largest distance to the baseline
+    worst_verifier_drift: float = 0.0  # the prefill steps' largest distance to the baseline
+    format: int = CALIBRATION_FORMAT
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
+
+
+def _step_name(index: int, threads: int, optimization: str, mode: str) -> str:
+    return f"{index}|threads={threads},opt={optimization},{mode}"
 
 
 def tolerance_from_drift(drift: float) -> float:
     return max(MIN_TOLERANCE, SAFETY_FACTOR * drift)
 
 
-def kv_decode_logprobs(model: LoadedModel, ids: Sequence[int], first_row: int) -> np.ndarray:
-    """Rows ``first_row ..`` computed the executor's way: prefill ``ids[:first_row+1]``, then one token a step."""
+def _executor_rows(model: LoadedModel, prompt_ids: Sequence[int], n: int, pick: Callable[[int, np.ndarray], int],
+                   capacity: int | None = None) -> tuple[list[int], np.ndarray]:
+    """``n`` output tokens and the rows ``[n, vocab]`` they were picked from, computed the way a serving executor
+    computes them (:class:`~.generate.Generation`): the prompt prefilled in chunks of ``PREFILL_CHUNK`` (its last
+    row only), then one token a step through the in-place KV decoder. ``pick(index, row)`` gives each token;
+    ``capacity`` the decoder's room (as a request of that many positions in all would have it)."""
+    prompt_ids = list(prompt_ids)
     cache = model.empty_cache()
-    logits, cache = model.forward(list(ids[:first_row + 1]), cache, last=1)
-    rows = [log_softmax(logits[-1])]
-    for t in ids[first_row + 1:]:
-        logits, cache = model.forward([t], cache)
-        rows.append(log_softmax(logits[-1]))
-    return np.stack(rows)
+    for lo in range(0, len(prompt_ids), PREFILL_CHUNK):
+        logits, cache = model.forward(prompt_ids[lo:lo + PREFILL_CHUNK], cache, last=1)
+    decoder = model.decoder(cache, min(model.context_length, capacity or len(prompt_ids) + n))
+    row = log_softmax(logits[-1])
+    output_ids, rows = [], []
+    for i in range(n):
+        rows.append(row)
+        output_ids.append(int(pick(i, row)))
+        if i + 1 < n:
+            row = log_softmax(decoder.step(output_ids[-1]))
+    return output_ids, np.stack(rows)
+
+
+def executor_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
+    """The rows ``[len(output_ids), vocab]`` that predict each output token, computed as a serving executor
+    computes them (chunked prefill, then the in-place KV decoder)."""
+    output_ids = list(output_ids)
+    return _executor_rows(model, prompt_ids, len(output_ids), lambda i, row: output_ids[i])[1]
+
+
+def reference_drift(model: LoadedModel, prompt_ids: Sequence[int]) -> float:
+    """Run the float64 reference (:mod:`.reference`, the arbiter of near ties) on one row, the last of
+    ``prompt_ids``, and return its largest distance to the session's float32 row over the vocabulary.
+
+    A model whose graph the reference cannot run would otherwise fail only at its first near tie, in the middle
+    of serving a request; calibration runs this first, so such a model is refused before it is ever served
+    (:class:`~.reference.ReferenceUnsupported`, one line naming the model and the reason).
+    """
+    prompt_ids = list(prompt_ids)
+    cache = model.empty_cache()
+    for lo in range(0, len(prompt_ids), PREFILL_CHUNK):
+        logits, cache = model.forward(prompt_ids[lo:lo + PREFILL_CHUNK], cache, last=1)
+    try:
+        exact = reference_for(model).logprobs(prompt_ids, last=1)[0]
+    except ReferenceUnsupported as exc:
+        _log().warning("calibrate.refused", model=model.digest_hex[:16], reason="reference_unsupported",
+                       detail=str(exc))
+        reason = " ".join(str(exc).split())  # one line, whatever the operator's message holds
+        raise ReferenceUnsupported(
+            f"model {model.name!r} ({model.digest_hex[:12]}) cannot be served: {reason} (near ties are settled by "
+            f"a float64 pass of the graph, which runs standard ONNX operators and the com.microsoft "
+            f"MatMulNBits, GroupQueryAttention and SkipSimplifiedLayerNormalization)") from None
+    return float(np.max(np.abs(log_softmax(logits[-1]) - exact)))
 
 
 class _Checkpoint:
     """Measurements saved after every step, so that an interrupted calibration resumes where it stopped.
 
-    The file names the model digest, numeric class, prompts and token count it belongs to; any mismatch
+    The file names the calibration format, model digest, numeric class, prompts and token counts it belongs to;
+    any mismatch
     (or an unreadable file) starts over.
     """
 
     def __init__(self, path: Path | None, model: LoadedModel, prompts: Sequence[str], new_tokens: int) -> None:
         self.path = path
-        self.key = {"digest": model.digest_hex, "numeric_class": model.numeric_class, "prompts": list(prompts),
-                    "new_tokens": new_tokens}
+        self.key = {"format": CALIBRATION_FORMAT, "digest": model.digest_hex, "numeric_class": model.numeric_class,
+                    "prompts": list(prompts), "new_tokens": new_tokens, "executor_rows": EXECUTOR_ROWS}
         self.done: dict[str, float] = {}
         self.positions: dict[str, int] = {}
         if path is not None and path.is_file():
@@ -110,47 +190,56 @@ class _Checkpoint:
         os.replace(tmp, self.path)
 
 
-def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, new_tokens: int = 32,
+def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, new_tokens: int = SERVING_TOKENS,
               progress: Callable[[int, int], None] | None = None, checkpoint: Path | None = None) -> CalibrationResult:
-    """Measure the worst honest drift. ``progress(done, total)`` after every step; with ``checkpoint`` (a
-    file path) every step's result is saved there and a later call resumes from it.
+    """Measure the worst honest executor/verifier drift. ``progress(done, total)`` after every step; with
+    ``checkpoint`` (a file path) every step's result is saved there and a later call resumes from it.
 
     One variant session exists at a time (each holds a copy of the weights), so memory stays at two sessions.
     """
     t0 = time.perf_counter()
     saved = _Checkpoint(checkpoint, model, prompts, new_tokens)
     keys = [(th, opt) for th in THREADS for opt in OPTIMIZATIONS]
-    total = len(keys) * 2 * len(prompts)
-    cases = []  # (prompt_ids, output_ids, baseline rows) per prompt, only when a step still needs them
+    total = 1 + len(keys) * 2 * len(prompts)
+    # first, before anything slow: a graph the float64 reference cannot run is refused here, not at its first
+    # near tie while serving; its distance to the float32 row is one more honest drift
+    if REFERENCE_STEP not in saved.done:
+        saved.done[REFERENCE_STEP] = reference_drift(model, model.encode(prompts[0]))
+        saved.save()
+    if progress is not None:
+        progress(1, total)
+    cases = []  # (prompt_ids, output_ids, executor rows) per prompt, only when a step still needs them
     for index, prompt in enumerate(prompts):
-        if all(f"{index}|threads={th},opt={opt},{mode}" in saved.done
-               for th, opt in keys for mode in ("kv", "prefill")):
+        if all(_step_name(index, th, opt, mode) in saved.done for th, opt in keys for mode in MODES):
             cases.append(None)
             continue
         prompt_ids = model.encode(prompt)
         room = model.context_length - len(prompt_ids) - 1
-        out = generate(model, prompt_ids, max_tokens=max(1, min(new_tokens, room)), stop_at_eos=False)
-        seq = prompt_ids + out.output_ids
-        base = kv_decode_logprobs(model, seq, len(prompt_ids) - 1)[: len(out.output_ids)]
-        saved.positions[str(index)] = len(out.output_ids)
-        cases.append((prompt_ids, out.output_ids, base))
-    steps = 0
-    # Each honest way to compute the same rows is one named step below; a new drift source (for example the
-    # float64 reference pass at ambiguous sampler positions, measured against this fp32 baseline) is one more
-    # step with its own name, so that it is saved, resumed and reported like these.
+        params = CALIBRATION_SAMPLING[index % len(CALIBRATION_SAMPLING)]
+        seed = hashlib.sha256(f"p2pinfer/calibration/{index}".encode()).digest()
+        # the baseline: this session generating as a serving executor does, its rows kept as it goes
+        output_ids, rows = _executor_rows(model, prompt_ids, max(1, min(new_tokens, room)),
+                                          lambda i, row: sample(row, params, seed, i))
+        saved.positions[str(index)] = len(output_ids)
+        cases.append((prompt_ids, output_ids, rows))
+    steps = 1
+    # Each honest way to compute the same rows is one named, checkpointed step: a KV decode in another session
+    # (another executor, over the first EXECUTOR_ROWS positions) and one prefill (a verifier, every position).
     for th, opt in keys:
         variant: LoadedModel | None = None
-        for mode in ("kv", "prefill"):
+        for mode in MODES:
             for index, case in enumerate(cases):
                 steps += 1
-                name = f"{index}|threads={th},opt={opt},{mode}"
+                name = _step_name(index, th, opt, mode)
                 if name not in saved.done:
                     assert case is not None
                     prompt_ids, output_ids, base = case
                     variant = variant or model.with_session(threads=th, optimization=opt)
                     if mode == "kv":
-                        rows = kv_decode_logprobs(variant, prompt_ids + output_ids, len(prompt_ids) - 1)
-                        rows = rows[: len(output_ids)]
+                        head = output_ids[:EXECUTOR_ROWS]
+                        rows = _executor_rows(variant, prompt_ids, len(head), lambda i, row: head[i],
+                                              capacity=len(prompt_ids) + len(output_ids))[1]
+                        base = base[:len(head)]
                     else:
                         rows = recompute_logprobs(variant, prompt_ids, output_ids)
                     saved.done[name] = float(np.max(np.abs(rows - base)))
@@ -160,14 +249,19 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         del variant  # free this session's weights before the next one loads
     variants: dict[str, float] = {}
     for name, drift in saved.done.items():
-        key = name.split("|", 1)[1]
+        key = name.split("|", 1)[-1]
         variants[key] = max(variants.get(key, 0.0), drift)
+    executors = max((d for k, d in variants.items() if k.endswith(",kv")), default=0.0)
+    verifiers = max((d for k, d in variants.items() if k.endswith(",prefill")), default=0.0)
+    # any honest executor e and verifier v: |e - v| <= |e - baseline| + |baseline - v| (triangle inequality)
+    worst = max(executors + verifiers, variants.get(REFERENCE_STEP, 0.0))
     positions = sum(saved.positions.values())
-    worst = max(variants.values())
     result = CalibrationResult(worst, tolerance_from_drift(worst), variants, positions, new_tokens,
-                               time.perf_counter() - t0)
+                               time.perf_counter() - t0, worst_executor_drift=executors,
+                               worst_verifier_drift=verifiers)
     _log().info("calibrate.done", model=model.digest_hex[:16], worst_drift=f"{worst:.3g}",
-             tolerance=f"{result.tolerance:.3g}", seconds=f"{result.seconds:.2f}")
+                executors=f"{executors:.3g}", verifiers=f"{verifiers:.3g}", positions=positions,
+                tolerance=f"{result.tolerance:.3g}", seconds=f"{result.seconds:.2f}")
     return result
 
 

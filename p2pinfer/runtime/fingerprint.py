@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..wire.hashing import tagged_hash
-from .sampling import LogProbRows, SamplingParams, acceptable_rows, is_acceptable
+from .sampling import LogProbRows, SamplingParams, is_acceptable, judge_rows
 from .tiebreak import ReferenceRow, settle_near_ties
 
 FORMAT = "topk8-q16/1"
@@ -216,10 +216,10 @@ class FingerprintChecker:
         excess = np.maximum(other - claimed[:, -1], 0.0)
         tokens = np.asarray(self.output_ids[start:stop], dtype=np.int64)
         # the row maximum is the larger of the best unclaimed and the best claimed value (same bits, no pass)
-        sampler_ok = acceptable_rows(rows, self.params, self.seed_material, start, tokens, self.tolerance,
-                                     row_max=np.maximum(other, actual.max(axis=1)))
+        sampler_ok, near_tie = judge_rows(rows, self.params, self.seed_material, start, tokens, self.tolerance,
+                                          row_max=np.maximum(other, actual.max(axis=1)))
         sampler_ok = settle_near_ties(rows, self.params, self.seed_material, start, tokens, self.tolerance,
-                                      sampler_ok, self.reference_row)
+                                      sampler_ok, self.reference_row, near_tie)
         good = ~malformed_ids
         if np.any(good):
             self.max_deviation = max(self.max_deviation, float(np.max(np.maximum(worst, excess)[good])))

@@ -203,6 +203,8 @@ class KVDecoder:
     appends the new position in place (``past_present_share_buffer``), and the logits land in a reused
     buffer. Each step computes exactly what ``forward([token], cache)`` computes (the attention reads the
     same positions; tests compare the two). Other graphs, and non-CPU providers, fall back to ``forward``.
+    The steps run :attr:`LoadedModel.decode_session`: the decode kernel's rewrite of the same graph when it is
+    available (same weights; float32 rounding apart from ``forward``), else the model's own session.
     """
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int) -> None:
@@ -231,6 +233,7 @@ class KVDecoder:
         self._positions = np.zeros((1, 1), dtype=np.int64)
         self._mask = np.ones((1, capacity), dtype=np.int64)
         self._capacity = capacity
+        session = model.decode_session
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", self._ids)
         if model.io.has_position_ids:
@@ -241,6 +244,7 @@ class KVDecoder:
         for name, value in zip(model.io.present_names, values):
             binding.bind_ortvalue_output(name, value)
         self._binding = binding
+        self._session = session
         self._cache = None  # the buffers hold it now
 
     def step(self, token: int) -> np.ndarray:
@@ -256,7 +260,7 @@ class KVDecoder:
         self._positions[0, 0] = self.length
         # the mask's length tells GroupQueryAttention the total sequence length (a contiguous view, no copy)
         self._binding.bind_cpu_input("attention_mask", self._mask[:, :self.length + 1])
-        self._model.session.run_with_iobinding(self._binding)
+        self._session.run_with_iobinding(self._binding)
         self.length += 1
         return np.asarray(self._logits[0, 0], dtype=np.float32)  # as forward() returns it (no copy for float32)
 
@@ -351,6 +355,20 @@ class LoadedModel:
         dtype = "fp16" if self.io.kv_dtype == np.float16 else "fp32"
         device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
         return f"{dtype}-{device}"
+
+    @cached_property
+    def decode_session(self) -> ort.InferenceSession:
+        """The session :class:`KVDecoder` runs: the same graph with the decode kernel (:mod:`p2pinfer.kernels`,
+        one custom node per 4-bit layer, same weights and numeric class) when it applies, else :attr:`session`."""
+        if self.providers[:1] == ["CPUExecutionProvider"] and self.shares_kv_buffer:
+            from .. import kernels  # compiles the kernel on first use
+
+            level = OPTIMIZATION_LEVELS[self.session_options.get("optimization") or "all"]
+            session = kernels.decode_session(self.path / ONNX_FILE, threads=self.session_options.get("threads"),
+                                             graph_optimization_level=level)
+            if session is not None:
+                return session
+        return self.session
 
     @cached_property
     def shares_kv_buffer(self) -> bool:

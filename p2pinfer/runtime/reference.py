@@ -258,7 +258,7 @@ class ReferenceModel:
         try:
             evaluator = ReferenceEvaluator(proto, new_ops=list(CONTRIB_OPS))
         except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
-            raise ReferenceUnsupported(f"{path}: the float64 reference cannot run this graph: {exc}") from None
+            raise ReferenceUnsupported(f"the float64 reference cannot run {path}: {exc}") from None
         needed = self._prune(evaluator.rt_nodes_, "logits")
         self._nodes = needed
         self._last_use: dict[str, int] = {}

@@ -34,11 +34,13 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..wire.hashing import tagged_hash
+from . import philox
 
 NOISE_DOMAIN = "p2pinfer/v2/sampling-noise"
 SEED_DOMAIN = "p2pinfer/v1/sampling-seed"
@@ -94,7 +96,9 @@ def noise_key(seed_material: bytes, index: int) -> int:
 
 _philox = threading.local()  # one generator per thread, re-keyed per position (constructing one costs more)
 G_MAX = -math.log(-math.log1p(-2.0**-54))  # the largest Gumbel value a u of this module can give (< 37.5)
-_PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed
+_PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed (rows with NaN/+inf)
+_PROBE_NATS = 4.0  # otherwise the tokens this close to the row's best value probe it (one comparison, no sort)
+_PROBE_MAX = 1024  # at most this many of them (a flat row has them all; any subset is a valid probe)
 _FEW_RIVALS = 4096  # is_acceptable computes every rival's key directly up to this many rivals
 _G_PAD = 1e-6  # added to the largest noise of a position before it bounds keys (far above float64 rounding)
 
@@ -106,6 +110,29 @@ def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
     64-bit stream is a pure function of the key, so every peer and every numpy version computes the same
     values (``tests/test_runtime_sampling.py`` pins a vector).
     """
+    u = _raw_noise(seed_material, index, vocab).astype(np.float64)
+    u += 0.5  # in place: the same operations as ((raw >> 11) + 0.5) * 2**-53, hence the same bits
+    u *= 2.0**-53
+    return u
+
+
+class _LazyUniforms:
+    """:func:`uniforms` read on demand: ``u[ids]`` and ``u.max()`` convert only the draws asked for (the
+    same operations on the same raw draws, hence the same bits), so a check that needs a few hundred noise
+    values, and the largest one, does not convert all 49,152."""
+
+    def __init__(self, seed_material: bytes, index: int, vocab: int) -> None:
+        self._raw = _raw_noise(seed_material, index, vocab)
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return (self._raw[ids].astype(np.float64) + 0.5) * 2.0**-53
+
+    def max(self) -> float:  # the conversion is non-decreasing: the largest u is that of the largest draw
+        return float(self[int(np.argmax(self._raw))])
+
+
+def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
+    """The top 53 bits of the first ``vocab`` Philox draws of output index ``index`` (uint64)."""
     key = noise_key(seed_material, index)
     generator = getattr(_philox, "generator", None)
     if generator is None:
@@ -115,11 +142,12 @@ def uniforms(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
                                  "key": np.array([key & (2**64 - 1), key >> 64], np.uint64)},
                        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
     raw = generator.random_raw(vocab)
-    return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    raw >>= np.uint64(11)
+    return raw
 
 
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
-                u: np.ndarray | None = None) -> np.ndarray:
+                u: "np.ndarray | _LazyUniforms | None" = None) -> np.ndarray:
     """``scaled_v + g_v`` wherever ``scaled_v`` is finite, except that tokens whose key cannot come within
     ``margin`` of the best are left at ``-inf`` (exact, not an approximation: no ``g_v`` exceeds ``g_cap``,
     the noise of the largest ``u`` at this position (never above ``G_MAX``), so a token with ``scaled_v + g_cap
@@ -127,15 +155,23 @@ def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: fl
     the vocabulary: at 49,152 tokens ``g_cap`` is about 11, where ``G_MAX`` is 37.5."""
     if u is None:
         u = uniforms(seed_material, index, scaled.shape[0])
-    finite = np.flatnonzero(np.isfinite(scaled))
     keys = np.full(scaled.shape[0], -np.inf)
-    if finite.size == 0:
-        return keys
-    probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
+    top = float(np.max(scaled)) if scaled.shape[0] else -math.inf
+    if math.isfinite(top):
+        # no NaN and no +inf (either would be the max): "finite" is "above -inf", which one comparison tests.
+        # Any finite tokens probe the best key from below; those near the top probe it tightly.
+        probe = np.flatnonzero(scaled >= top - _PROBE_NATS)[:_PROBE_MAX]
+        finite = None
+    else:
+        finite = np.flatnonzero(np.isfinite(scaled))
+        if finite.size == 0:
+            return keys
+        probe = finite[np.argpartition(-scaled[finite], min(_PROBE, finite.size) - 1)[:_PROBE]]
     best = float(np.max(scaled[probe] - np.log(-np.log(u[probe]))))
-    u_top = np.max(u)  # over every token: still a bound for the finite ones, without gathering them
+    u_top = u.max()  # over every token: still a bound for the finite ones, without gathering them
     g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)  # the pad covers log's rounding
-    keep = finite[scaled[finite] >= best - margin - g_cap]
+    threshold = best - margin - g_cap
+    keep = np.flatnonzero(scaled >= threshold) if finite is None else finite[scaled[finite] >= threshold]
     keys[keep] = scaled[keep] - np.log(-np.log(u[keep]))
     return keys
 
@@ -299,10 +335,16 @@ def sample(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, i
     return int(np.argmax(gumbel_keys(scaled, seed_material, index)))  # ties go to the lower ID
 
 
-def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: float,
+                     sorted_scaled: "np.ndarray | Callable[[], np.ndarray] | None" = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks over the vocabulary: tokens that are a candidate under *some* drift of at most
     ``tolerance`` per log-prob ("maybe"), and under *every* such drift ("surely"). Interval arithmetic,
-    conservative towards "maybe"."""
+    conservative towards "maybe".
+
+    Top-p without top-k is first tried without sorting the vocabulary (:func:`_nucleus_unsorted`, exact or
+    nothing). ``sorted_scaled``: ``np.sort(logprobs / temperature)``, or a function giving it, when the caller
+    has it cheaper (see :func:`judge_rows`: sorting the float32 logits and mapping them is the same array)."""
     lp = np.asarray(logprobs, dtype=np.float64)
     vocab = lp.shape[0]
     d = tolerance / params.temperature  # how far one scaled value may sit from the executor's
@@ -310,12 +352,16 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
     if (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0:
         return np.ones(vocab, dtype=bool), np.ones(vocab, dtype=bool)  # every token, surely
     scaled = lp / params.temperature
+    if (params.top_k == 0 or params.top_k >= vocab) and (fast := _nucleus_unsorted(scaled, d, eps, params.top_p)):
+        return fast
+    if callable(sorted_scaled):
+        sorted_scaled = sorted_scaled()
+    # contiguous, not a reversed view: exp and cumsum over it below run several times faster
+    sorted_desc = (np.sort(scaled) if sorted_scaled is None else sorted_scaled)[::-1].copy()
     if params.top_k == 0 or params.top_k >= vocab:
         surely = np.ones(vocab, dtype=bool)
         maybe = np.ones(vocab, dtype=bool)
-        sorted_desc = np.sort(scaled)[::-1]
     else:
-        sorted_desc = np.sort(scaled)[::-1]
         k = params.top_k
         maybe = scaled >= sorted_desc[k - 1] - eps  # fewer than k tokens surely above it
         surely = scaled > sorted_desc[k] + eps  # at most k-1 others can reach it
@@ -326,9 +372,10 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
         m_vals = scaled if all_maybe else scaled[m_ids]
         desc = sorted_desc if all_maybe else np.sort(m_vals)[::-1]
         q_desc = np.exp(desc - top)
-        cum = np.cumsum(q_desc)
+        cum0 = np.empty(q_desc.shape[0] + 1)
+        cum0[0] = 0.0
+        cum = np.cumsum(q_desc, out=cum0[1:])  # the running sums, written once (bits as a plain cumsum)
         neg = -desc  # ascending, for searchsorted
-        cum0 = np.concatenate(([0.0], cum))
         q = np.exp(m_vals - top)
         every = all_maybe and bool(surely.all())  # then the masses of z_min are q (same bits)
         z_min = float(np.sum(q if every else np.exp(scaled[surely] - top))) * math.exp(-d)
@@ -346,6 +393,81 @@ def candidate_bounds(logprobs: np.ndarray, params: SamplingParams, tolerance: fl
         if z_min > 0:
             new_surely[ids_head] = above_max / z_min < params.top_p
         surely &= new_surely
+    return maybe, surely
+
+
+_HEAD_NATS = 8.0  # how far below the top (scaled nats) _nucleus_unsorted first looks for the nucleus
+_HEAD_MAX = 4096  # it gives up (and candidate_bounds sorts) when the head needs more tokens than this
+
+
+def _nucleus_unsorted(scaled: np.ndarray, d: float, eps: float, top_p: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`candidate_bounds`' top-p masks when no top-k cut applies, from the head of the distribution
+    only; None when it cannot prove them equal (the caller then runs the sorted computation).
+
+    What the sorted computation needs the whole vocabulary for: ``z_max``, the sum of all masses in
+    descending order. Every other value it reads for a head token is a prefix sum over the tokens above
+    ``thr`` (sorted here: a few hundred, not 49,152), and the same bits. ``z_max`` is bracketed instead:
+    the pairwise sum that ``z_min`` already takes and the sequential one both lie within ``vocab * 2**-53``
+    (relative) of the exact sum (Higham, "Accuracy and Stability of Numerical Algorithms", 4.2), so
+    ``[z_lo, z_hi]`` below holds it; each "maybe" verdict is monotone in ``z_max``, so one that is the same at
+    both ends is the exact verdict, and a row where any verdict differs (a ratio within ~1e-11 of top_p)
+    returns None. Tokens below the head are ruled out as in :func:`_nucleus_head`: the mass above them
+    already fails both tests, whatever their exact counts.
+    """
+    vocab = scaled.shape[0]
+    top = float(np.max(scaled))
+    if not math.isfinite(top):  # NaN or +inf somewhere: leave it to the general computation
+        return None
+    q = np.exp(scaled - top)
+    total = float(np.sum(q))  # candidate_bounds' z_min sum: the same expression, the same bits
+    e_minus, e_plus = math.exp(-d), math.exp(d)
+    z_min = total * e_minus
+    rel = 4.0 * vocab * 2.0**-53 + 2.0**-50  # twice the two sums' error bounds, and this line's rounding
+    z_lo = total * (1.0 - rel) * e_plus
+    z_hi = total * (1.0 + rel) * e_plus
+    reach = _HEAD_NATS
+    while True:
+        thr = top - reach
+        k_ids = np.flatnonzero(scaled >= thr)
+        if k_ids.size > _HEAD_MAX:
+            return None
+        k_vals = scaled[k_ids]
+        desc = -np.sort(-k_vals)  # the largest values of the vocabulary, descending: a prefix of its desc
+        cum0 = np.empty(desc.shape[0] + 1)
+        cum0[0] = 0.0
+        np.cumsum(np.exp(desc - top), out=cum0[1:])  # the sorted computation's cum0, as far as it goes
+        neg = -desc
+        everything = k_ids.size == vocab
+        head = np.ones(k_ids.size, dtype=bool) if everything else (k_vals - eps) >= thr
+        n_head = int(np.count_nonzero(head))
+        if everything:
+            break
+        # A token v below the head has v - eps < thr. "maybe" counts the values above v + eps <= thr + 2 eps:
+        # at least those above thr + 2 eps, so its mass is at least theirs. "surely" counts the values at or
+        # above v - eps: the head and v itself, and subtracts v's own mass, at most the next value's; what
+        # is left is at least the head's mass less two roundings (2**-51 relative; 2**-48 is a wide pad).
+        # Each test is a chain of monotone float operations, so these bounds decide it for every such v.
+        above_min = cum0[int(np.searchsorted(neg, -(thr + 2.0 * eps), side="left"))] * e_minus
+        tail_not_maybe = not above_min / z_hi < top_p
+        tail_not_surely = z_min <= 0 or (n_head > 0 and not float(cum0[n_head]) * (1.0 - 2.0**-48) * e_plus
+                                         / z_min < top_p)
+        if tail_not_maybe and tail_not_surely:
+            break
+        reach = reach * 2.0 if reach < 1e6 else math.inf  # then thr is -inf: the whole vocabulary, or None
+    h_ids = k_ids[head]
+    h_vals = k_vals[head]
+    n_surely_above = np.searchsorted(neg, -(h_vals + eps), side="left")  # count of desc > v + eps
+    n_maybe_above = np.searchsorted(neg, -(h_vals - eps), side="right")  # count of desc >= v - eps
+    above_min = cum0[n_surely_above] * e_minus
+    maybe_lo, maybe_hi = above_min / z_lo < top_p, above_min / z_hi < top_p
+    if not np.array_equal(maybe_lo, maybe_hi):
+        return None  # a verdict within z_max's rounding of top_p: only the exact sum decides it
+    maybe = np.zeros(vocab, dtype=bool)
+    maybe[h_ids] = maybe_lo
+    surely = np.zeros(vocab, dtype=bool)
+    if z_min > 0:
+        above_max = np.maximum(cum0[n_maybe_above] - q[h_ids], 0.0) * e_plus
+        surely[h_ids] = above_max / z_min < top_p
     return maybe, surely
 
 
@@ -468,13 +590,179 @@ def is_acceptable(logprobs: np.ndarray, params: SamplingParams, seed_material: b
                    f"(allowed drift {slack:.3g})")
 
 
+def judge_row(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, token: int,
+              tolerance: float, sorted_scaled: "np.ndarray | Callable[[], np.ndarray] | None" = None
+              ) -> tuple[bool, bool]:
+    """``(is_acceptable(...)[0], tiebreak.is_ambiguous(...))`` for a sampled row, from one pass: the candidate
+    bounds, the noise and the rivals' keys are computed once and serve both (a verifier needs both for every
+    accepted row; computing them apart built the bounds and drew the noise twice).
+
+    Exactly the two verdicts, not an approximation (``tests/test_judge_rows.py`` compares them on random
+    rows): both compare keys against the best and second-best rival key, which the pruned
+    :func:`gumbel_keys` gives bit for bit wherever a comparison can turn on them.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if not 0 <= token < lp.shape[0]:
+        raise ValueError(f"token {token} outside the vocabulary")
+    if params.greedy:
+        raise ValueError("judge_row is for sampled rows; judge_rows vectorizes greedy ones")
+    scaled = lp / params.temperature
+    few = _row_candidates(lp, scaled, params, tolerance, token, sorted_scaled)
+    if not isinstance(few, _FewCandidates):
+        return _judge_all(scaled, params, seed_material, index, token, tolerance, *few)
+    # noise only up to the largest ID needed: the Philox stream of a shorter draw is a prefix of the longer one
+    return few.judge(_LazyUniforms(seed_material, index, int(few.ids[-1]) + 1)[few.ids], params, tolerance)
+
+
+@dataclass(frozen=True)
+class _FewCandidates:
+    """A top-k/top-p row whose candidates are few: what the check needs of it, without the row itself."""
+
+    token: int
+    ids: np.ndarray  # ascending: every "maybe" and finite "surely" token, and the emitted one
+    scaled: np.ndarray  # scaled log-probs at ids
+    m_pos: np.ndarray  # positions in ids of the "maybe" tokens
+    r_pos: np.ndarray  # ... of the finite "surely" tokens (the rivals; gumbel_keys keys finite values only)
+    t_pos: int  # ... of the emitted token
+    token_maybe: bool
+
+    def judge(self, u: np.ndarray, params: SamplingParams, tolerance: float) -> tuple[bool, bool]:
+        """The verdicts from the noise ``u`` at ``ids``: every rival's key directly (gumbel_keys' best and
+        second best, bit for bit), then is_acceptable's and admissible_tokens' comparisons."""
+        slack = sampler_slack(params, tolerance)
+        r_keys = self.scaled[self.r_pos] - np.log(-np.log(u[self.r_pos]))
+        at = int(np.argmax(r_keys)) if r_keys.size else 0
+        first = float(r_keys[at]) if r_keys.size else -math.inf
+        best = int(self.ids[self.r_pos[at]]) if r_keys.size and first != -math.inf else 0  # argmax of -infs: 0
+        if r_keys.size:
+            r_keys[at] = -np.inf
+        second = float(np.max(r_keys)) if r_keys.size else -math.inf
+        ok = False
+        if self.token_maybe:
+            rival_key = second if best == self.token else first
+            t = slice(self.t_pos, self.t_pos + 1)
+            ok = bool(rival_key - float((self.scaled[t] - np.log(-np.log(u[t])))[0]) <= slack)
+        m_scaled = self.scaled[self.m_pos]
+        hopeful = m_scaled >= first - slack - G_MAX
+        m_keys = np.full(self.m_pos.shape[0], -np.inf)
+        m_keys[hopeful] = m_scaled[hopeful] - np.log(-np.log(u[self.m_pos[hopeful]]))
+        best_other = np.where(self.ids[self.m_pos] == best, second, first)
+        return ok, int(np.count_nonzero(m_keys >= best_other - slack)) > 1
+
+
+def _row_candidates(lp: np.ndarray, scaled: np.ndarray, params: SamplingParams, tolerance: float, token: int,
+                    sorted_scaled) -> "_FewCandidates | tuple[np.ndarray | None, np.ndarray | None]":
+    """The row's candidates when top-k/top-p leave at most :data:`_FEW_RIVALS` of them; otherwise the masks
+    ``(maybe, surely)``, both None for plain sampling (every token a candidate, surely)."""
+    if params.top_k == 0 and params.top_p >= 1.0:  # tiebreak's plain sampling
+        return None, None
+    maybe, surely = candidate_bounds(lp, params, tolerance, sorted_scaled)
+    m_ids = np.flatnonzero(maybe)
+    r_ids = np.flatnonzero(surely & np.isfinite(scaled))
+    if max(m_ids.size, r_ids.size) > _FEW_RIVALS:
+        return maybe, surely
+    ids = np.union1d(np.union1d(m_ids, r_ids), [token])
+    return _FewCandidates(token, ids, scaled[ids], np.searchsorted(ids, m_ids), np.searchsorted(ids, r_ids),
+                          int(np.searchsorted(ids, token)), bool(maybe[token]))
+
+
+def _judge_all(scaled: np.ndarray, params: SamplingParams, seed_material: bytes, index: int, token: int,
+               tolerance: float, maybe: np.ndarray | None, surely: np.ndarray | None) -> tuple[bool, bool]:
+    """judge_row when every token (``maybe`` None: plain sampling), or more than :data:`_FEW_RIVALS`, may be a
+    rival: the pruned :func:`gumbel_keys` over the whole row, then the same comparisons."""
+    slack = sampler_slack(params, tolerance)
+    u = _LazyUniforms(seed_material, index, scaled.shape[0])
+    keys = gumbel_keys(scaled if maybe is None else np.where(surely, scaled, -np.inf), seed_material, index, slack, u)
+    best = int(np.argmax(keys))
+    first = float(keys[best])
+    keys[best] = -np.inf
+    second = float(np.max(keys))
+    ok = False
+    if maybe is None or maybe[token]:
+        # is_acceptable: the best rival key other than the token's own, and the token's key, the same ops
+        rival_key = second if best == token else first
+        ok = bool(rival_key - float((scaled[token] - np.log(-np.log(u[token:token + 1])))[0]) <= slack)
+    if maybe is None:
+        return ok, not second < first - slack  # tiebreak._plain_pick
+    # admissible_tokens, over the "maybe" tokens only (the others are never admissible)
+    m_ids = np.flatnonzero(maybe)
+    m_scaled = scaled[m_ids]
+    hopeful = m_scaled >= first - slack - G_MAX
+    m_keys = np.full(m_ids.shape[0], -np.inf)
+    m_keys[hopeful] = m_scaled[hopeful] - np.log(-np.log(u[m_ids[hopeful]]))
+    best_other = np.where(m_ids == best, second, first)
+    return ok, int(np.count_nonzero(m_keys >= best_other - slack)) > 1
+
+
+def _sorted_scaled(rows: LogProbRows, r: int, temperature: float) -> np.ndarray:
+    """``np.sort(rows.row(r) / temperature)``, bit for bit, at half the cost: the float32 logits sort in half
+    the time of float64 values, and the log-prob and the division by T are non-decreasing maps."""
+    out = (np.sort(rows.values[r]).astype(np.float64) - rows.shift[r]) - rows.log_norm[r]
+    out /= temperature
+    return out
+
+
+def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
+               start_index: int, tokens: np.ndarray, tolerance: float,
+               row_max: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (output index ``start_index + r``): whether ``tokens[r]`` is acceptable (:func:`is_acceptable`)
+    and whether the row is a near tie (``tiebreak.is_ambiguous``: more than one admissible token), in one
+    pass. Greedy is vectorized over rows. Sampled rows are judged one by one as :func:`judge_row` does, except
+    that the rows whose top-k/top-p candidates are few get their noise together, at just those candidates'
+    IDs (:mod:`.philox`). ``row_max``: each row's largest log-prob when the caller has it already.
+    """
+    rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
+    n, vocab = rows.n, rows.vocab
+    tokens = np.asarray(tokens, dtype=np.int64)
+    in_vocab = (tokens >= 0) & (tokens < vocab)
+    tok = np.where(in_vocab, tokens, 0)
+    everything = np.arange(n)
+    if params.greedy:
+        top_ids, best = rows.best()
+        ok = in_vocab & (rows.at(everything, tok) >= (best if row_max is None else row_max) - 2.0 * tolerance)
+        # a near tie: another token within 2 * tolerance of the best, i.e. the runner-up is (same bits as
+        # is_ambiguous's count over the row, since the runner-up is the largest of the others)
+        runner_up = rows.best(exclude=top_ids[:, None])[1]
+        return ok, runner_up >= best - 2.0 * tolerance
+    ok = np.zeros(n, dtype=bool)
+    near = np.zeros(n, dtype=bool)
+    sort_logits = params.top_k != 0 or params.top_p < 1.0  # only the candidate bounds sort
+    few: dict[int, _FewCandidates] = {}
+    for r in range(n):
+        if not in_vocab[r]:
+            continue
+        lp = rows.row(r)
+        scaled = lp / params.temperature
+        cands = _row_candidates(lp, scaled, params, tolerance, int(tok[r]),
+                                (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits else None)
+        if isinstance(cands, _FewCandidates):
+            few[r] = cands  # its noise comes below, with every other such row's
+        else:
+            ok[r], near[r] = _judge_all(scaled, params, seed_material, start_index + r, int(tok[r]), tolerance,
+                                        *cands)
+    if few:
+        # the noise of every few-candidate row at just its candidates' IDs, in one vectorized Philox pass
+        keys = [noise_key(seed_material, start_index + r) for r in few]
+        pairs = np.repeat(np.array([[k & (2**64 - 1), k >> 64] for k in keys], dtype=np.uint64),
+                          [c.ids.shape[0] for c in few.values()], axis=0)
+        raw = philox.draws(pairs, np.concatenate([c.ids for c in few.values()])) >> np.uint64(11)
+        u_all = (raw.astype(np.float64) + 0.5) * 2.0**-53  # uniforms' operations, hence its bits
+        lo = 0
+        for r, cands in few.items():
+            hi = lo + cands.ids.shape[0]
+            ok[r], near[r] = cands.judge(u_all[lo:hi], params, tolerance)
+            lo = hi
+    return ok, near
+
+
 def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, seed_material: bytes,
                     start_index: int, tokens: np.ndarray, tolerance: float,
                     row_max: np.ndarray | None = None) -> np.ndarray:
     """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
 
-    Greedy is vectorized over rows; sampled rows each need their own noise, so they run row by row.
-    ``row_max``: each row's largest log-prob when the caller has it already (greedy reads no other value).
+    Greedy is vectorized over rows; sampled rows go through :func:`judge_rows` (which also gives the near-tie
+    flags). ``row_max``: each row's largest log-prob when the caller has it already (greedy reads no other
+    value).
     """
     rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
     n, vocab = rows.n, rows.vocab
@@ -484,8 +772,4 @@ def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams
     if params.greedy:
         best = rows.best()[1] if row_max is None else row_max
         return in_vocab & (rows.at(np.arange(n), tok) >= best - 2.0 * tolerance)
-    ok = np.zeros(n, dtype=bool)
-    for r in range(n):
-        if in_vocab[r]:
-            ok[r] = is_acceptable(rows.row(r), params, seed_material, start_index + r, int(tok[r]), tolerance)[0]
-    return ok
+    return judge_rows(rows, params, seed_material, start_index, tokens, tolerance)[0]

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from ..errors import P2PInferError
 from ..log import get_logger
 from .digest import DigestEntry, ModelFormatError, check_inside, digest_entries, digest_files, digest_from_entries
-from .calibrate import SERVING_TOKENS
+from .calibrate import CALIBRATION_FORMAT, SERVING_TOKENS
 from .memory import release_freed_memory
 from .model import LoadedModel, load_model
 
@@ -76,10 +76,17 @@ class ModelRecord:
 
     @property
     def calibrated(self) -> bool:
-        """Its tolerance was measured, for the numeric class it is served as."""
+        """Its tolerance was measured, for the numeric class it is served as, by this calibration format."""
         done = self.calibration or {}
         return (self.tolerance is not None and bool(done)
-                and done.get("numeric_class", self.numeric_class) == self.numeric_class)
+                and done.get("numeric_class", self.numeric_class) == self.numeric_class
+                and done.get("format") == CALIBRATION_FORMAT)
+
+    @property
+    def calibration_outdated(self) -> bool:
+        """A calibration is stored, but an older p2pinfer measured it another way: it is measured again."""
+        done = self.calibration or {}
+        return bool(done) and done.get("format") != CALIBRATION_FORMAT
 
     @property
     def size_bytes(self) -> int:
@@ -128,9 +135,12 @@ class ModelRecord:
 
 
 def _stored_tolerance(data: dict[str, Any]) -> float | None:
-    """The tolerance a metadata file holds, if a calibration measured it. Stores written before tolerances
-    were always measured hold the old default (0.001) beside ``"calibration": null``: that is no measurement."""
-    if not data.get("calibration") or data.get("tolerance") is None:
+    """The tolerance a metadata file holds, if the current calibration format measured it. Stores written before
+    tolerances were always measured hold the old default (0.001) beside ``"calibration": null``: that is no
+    measurement; a calibration of an older format is not this one's (the model is calibrated again)."""
+    calibration = data.get("calibration")
+    if not isinstance(calibration, dict) or calibration.get("format") != CALIBRATION_FORMAT \
+            or data.get("tolerance") is None:
         return None
     return float(data["tolerance"])
 
@@ -268,7 +278,7 @@ class ModelStore:
     def set_calibration(self, key: str, tolerance: float, calibration: dict[str, Any]) -> ModelRecord:
         record = self.get(key)
         record.tolerance = float(tolerance)
-        record.calibration = {**calibration, "numeric_class": record.numeric_class}
+        record.calibration = {"format": CALIBRATION_FORMAT, **calibration, "numeric_class": record.numeric_class}
         _write_json_atomic(record.path / METADATA_FILE, record.to_json())
         with contextlib.suppress(FileNotFoundError):
             (record.path / CALIBRATION_PARTIAL_FILE).unlink()
@@ -340,7 +350,8 @@ def resolve_models(store: ModelStore, specs: Sequence[str], *,
             record = store.get(spec)
         if not record.calibrated:
             _log().info("models.calibrating", digest=record.digest_hex, name=record.name,
-                        resumed=store.calibration_pending(record.digest_hex))
+                        resumed=store.calibration_pending(record.digest_hex),
+                        outdated=record.calibration_outdated)
             progress = calibration_progress(record.name) if calibration_progress is not None else None
             record = store.ensure_calibrated(record.digest_hex, progress=progress)
         models.append(record.load(**session_options))

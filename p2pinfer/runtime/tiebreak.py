@@ -44,7 +44,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..log import get_logger
-from .sampling import SamplingParams, acceptable_rows, admissible_tokens, gumbel_keys, sample, sampler_slack
+from .sampling import SamplingParams, admissible_tokens, gumbel_keys, judge_rows, sample, sampler_slack
 
 ReferenceRow = Callable[[int], np.ndarray]
 """Output index -> the float64 reference log-prob row that predicts that index."""
@@ -110,19 +110,21 @@ def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, 
 
 
 def settle_near_ties(rows, params: SamplingParams, seed_material: bytes, start_index: int, tokens: np.ndarray,
-                     tolerance: float, ok: np.ndarray, reference_row: ReferenceRow | None) -> np.ndarray:
+                     tolerance: float, ok: np.ndarray, reference_row: ReferenceRow | None,
+                     near: np.ndarray | None = None) -> np.ndarray:
     """``ok`` (the drift-only check's verdicts, :func:`.sampling.acceptable_rows`) with every accepted near
     tie re-judged: the token must be the reference's pick. ``rows``: a float64 matrix or
     :class:`.sampling.LogProbRows`. ``reference_row`` None (pure tooling without a model) leaves ``ok`` as it
     is — the drift-only rule, which leaves a choice at near ties; :func:`.verify.verify_result` always passes
-    one."""
+    one. ``near``: :func:`is_ambiguous` per row when the caller has it already (:func:`.sampling.judge_rows`
+    gives it from the same pass as ``ok``); otherwise it is computed here for every accepted row."""
     ok = np.array(ok, dtype=bool)
     if reference_row is None or not ok.any():
         return ok
     tokens = np.asarray(tokens, dtype=np.int64)
     for r in np.flatnonzero(ok):
         i = start_index + int(r)
-        if not is_ambiguous(rows[int(r)], params, seed_material, i, tolerance):
+        if not (near[r] if near is not None else is_ambiguous(rows[int(r)], params, seed_material, i, tolerance)):
             continue
         pick = sample(reference_row(i), params, seed_material, i)
         ok[r] = int(tokens[r]) == pick
@@ -135,5 +137,5 @@ def check_rows(logprobs: np.ndarray, params: SamplingParams, seed_material: byte
     """Per row (output index ``start_index + r``): is ``tokens[r]`` the pick by this verifier's rows? A token
     outside the admissible set is rejected; at a near tie it must equal the reference pick."""
     lp = np.asarray(logprobs, dtype=np.float64)
-    ok = acceptable_rows(lp, params, seed_material, start_index, np.asarray(tokens, dtype=np.int64), tolerance)
-    return settle_near_ties(lp, params, seed_material, start_index, tokens, tolerance, ok, reference_row)
+    ok, near = judge_rows(lp, params, seed_material, start_index, np.asarray(tokens, dtype=np.int64), tolerance)
+    return settle_near_ties(lp, params, seed_material, start_index, tokens, tolerance, ok, reference_row, near)

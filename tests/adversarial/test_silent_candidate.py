@@ -14,23 +14,13 @@ import trio
 
 from p2pinfer.localnet import local_network
 from p2pinfer.request.bid_window import Closed
-from p2pinfer.request.client import AsyncClient
 from p2pinfer.request.protocol import BID_PROTOCOL
+
+from .watched_client import WatchedClient
 
 MODEL = "tiny-llama-trained"
 BID_TIMEOUT_S = 120.0   # what waiting for the tarpit would cost
 GENEROUS_S = 60.0       # far above an honest request on a loaded machine, far below the bid timeout
-
-
-class WatchedClient(AsyncClient):
-    """Keeps what each offer round returned (the closing reason and the silent candidates)."""
-
-    rounds: list
-
-    async def _offer(self, request, request_id):  # type: ignore[no-untyped-def]
-        bids = await super()._offer(request, request_id)
-        self.rounds.append(bids)
-        return bids
 
 
 async def test_a_silent_bidder_does_not_hold_the_election(honest) -> None:
@@ -46,7 +36,6 @@ async def test_a_silent_bidder_does_not_hold_the_election(honest) -> None:
         tarpit.node.register_request_handler(BID_PROTOCOL, never_bid)  # the attacker's own node, its own key
         honest_ids = {p.peer_id for p in net.peers} - {tarpit.peer_id}
         async with WatchedClient(bootstrap=net.bootstrap_addrs, bid_timeout=BID_TIMEOUT_S) as client:
-            client.rounds = []
             for i in range(3):
                 with trio.fail_after(GENEROUS_S):
                     completion = await client.generate(model=MODEL, prompt=f"def s{i}(", max_tokens=4)

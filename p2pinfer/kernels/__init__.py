@@ -1,0 +1,290 @@
+"""The decode kernel: a 4-bit x float32 matmul (``qmatmul.c``) as an onnxruntime custom op, built on first use.
+
+onnxruntime 1.32's ``MatMulNBits`` hardly uses a second thread for ONE activation row at small shapes, and a
+Q4_1 layer costs the standard graph five nodes (the 4-bit term, block sums, minimums, Sum). For token-by-token
+decoding, :func:`decode_model` rewrites each such group into one ``p2pinfer`` custom node that reads the SAME
+initializers (the model files and digest are unchanged) and splits the output rows over its own threads.
+Prefill and verification keep the standard graph (onnxruntime's blocked GEMM is the right tool for many rows).
+
+Numerics: float32 activations and accumulation, the same weight values as ``MatMulNBits`` (``(q - zp) *
+scale`` plus ``min * block sum``), summed in another order: float32 rounding drift, the same numeric class.
+Each output element is computed by one instruction sequence whatever the thread count (row-deterministic).
+
+The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``)
+into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
+compiler and the CPU. Without a compiler, or with ``P2PINFER_DECODE_KERNEL=0``, decoding uses the standard
+graph (logged once as ``kernel.unavailable``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import log
+
+SOURCE = Path(__file__).with_name("qmatmul.c")
+DOMAIN = "p2pinfer"
+_CONTRIB = "com.microsoft"
+_lock = threading.Lock()
+_built: dict[str, Path | None] = {}
+_reported: set[str] = set()
+_held: list = []  # the loaded library, never unloaded (see _build)
+
+
+def _log():
+    return log.get_logger("p2pinfer.kernels")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("P2PINFER_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "p2pinfer" / "kernels"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def library_path() -> Path | None:
+    """The compiled custom-op library, building it on first use; None (reason logged once) when unavailable."""
+    if os.environ.get("P2PINFER_DECODE_KERNEL", "1") == "0":
+        _unavailable("disabled", "P2PINFER_DECODE_KERNEL=0")
+        return None
+    cc = _compiler()
+    if cc is None:
+        _unavailable("no_compiler", "no C compiler found; install gcc (or set CC) for faster decoding")
+        return None
+    with _lock:
+        if cc in _built:
+            return _built[cc]
+        _built[cc] = path = _build(cc)
+        if path is not None:
+            _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
+        return path
+
+
+#: changes whenever the compile flags below change (part of the cache key)
+_BUILD_RECIPE = "O3 march=native z-nodelete pthread v1"
+
+
+def _build(cc: str) -> Path | None:
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + version.encode() + b"\0" + _cpu_identity().encode()
+                         + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
+    target = cache_dir() / f"qmatmul-{key[:24]}.so"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+            out = Path(tmp) / target.name
+            # -z nodelete: onnxruntime dlcloses the library with each session's options; the kernel's worker
+            # threads live on, so its code and state must stay loaded (a reload would reset the pool under them)
+            for flags in (["-march=native", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
+                done = subprocess.run([cc, "-O3", *flags, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", str(out)],
+                                      capture_output=True, text=True, timeout=300)
+                if done.returncode == 0:
+                    break
+            else:
+                _unavailable("compile_failed", done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+                return None
+            os.replace(out, target)  # atomic: concurrent builders each write their own file
+    except (OSError, subprocess.SubprocessError) as exc:
+        _unavailable("compile_failed", str(exc))
+        return None
+    _log().info("kernel.built", path=str(target))
+    return target
+
+
+def _unavailable(reason: str, detail: str) -> None:
+    if reason not in _reported:
+        _reported.add(reason)
+        level = "info" if reason == "disabled" else "warning"
+        getattr(_log(), level)("kernel.unavailable", reason=reason, detail=detail)
+
+
+# ---- graph rewrite ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Term:
+    a: str
+    qweight: str
+    scales: str
+    zero_point: int
+    n: int
+    k: int
+    node: onnx.NodeProto
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def decode_model(model: onnx.ModelProto, folder: Path, threads: int) -> int:
+    """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place for decoding: every group
+    of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
+    ``p2pinfer`` custom node over the same initializers. Returns the number of nodes rewritten."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    uses = Counter(i for n in g.node for i in n.input)
+    uses.update(o.name for o in g.output)
+
+    def const_ints(name: str) -> list[int] | None:
+        t = inits.get(name)
+        return None if t is None or t.data_type != onnx.TensorProto.INT64 else numpy_helper.to_array(t).tolist()
+
+    def term(name: str) -> _Term | None:
+        node = producer.get(name)
+        if node is None or node.op_type != "MatMulNBits" or node.domain != _CONTRIB or len(node.input) not in (3, 4):
+            return None
+        at = _attrs(node)
+        if at.get("bits") != 4 or at.get("block_size") != 32 or at.get("accuracy_level", 0) != 0:
+            return None
+        n, k = int(at["N"]), int(at["K"])
+        q, s = inits.get(node.input[1]), inits.get(node.input[2])
+        if q is None or s is None or list(q.dims) != [n, k // 32, 16] or list(s.dims) != [n * (k // 32)] \
+                or q.data_type != onnx.TensorProto.UINT8 or s.data_type != onnx.TensorProto.FLOAT or k % 32:
+            return None
+        zp = 8
+        if len(node.input) == 4 and node.input[3]:
+            zt = inits.get(node.input[3])
+            if zt is None:
+                return None
+            packed = numpy_helper.to_array(zt, base_dir=str(folder)).reshape(n, -1)
+            nibbles = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, -1)[:, :k // 32]
+            if nibbles.size == 0 or (nibbles != nibbles.flat[0]).any():
+                return None  # one zero point for every block is what the kernel takes
+            zp = int(nibbles.flat[0])
+        return _Term(node.input[0], node.input[1], node.input[2], zp, n, k, node)
+
+    def mins_term(name: str, a: str, n: int, k: int) -> tuple[str, list[onnx.NodeProto]] | None:
+        mm = producer.get(name)
+        if mm is None or mm.op_type != "MatMul" or mm.input[1] not in inits:
+            return None
+        mins = inits[mm.input[1]]
+        rs = producer.get(mm.input[0])
+        if list(mins.dims) != [k // 32, n] or mins.data_type != onnx.TensorProto.FLOAT or rs is None \
+                or rs.op_type != "ReduceSum" or _attrs(rs).get("keepdims", 1) != 0 or len(rs.input) < 2 \
+                or const_ints(rs.input[1]) != [-1]:
+            return None
+        rh = producer.get(rs.input[0])
+        if rh is None or rh.op_type != "Reshape" or rh.input[0] != a or const_ints(rh.input[1]) != [0, 0, k // 32, 32]:
+            return None
+        if uses[mm.input[0]] != 1 or uses[rs.input[0]] != 1 or uses[name] != 1:
+            return None
+        return mins.name, [mm, rs, rh]
+
+    replace: dict[int, onnx.NodeProto] = {}  # id(old node) -> new node
+    drop: set[int] = set()
+    for node in g.node:
+        if node.op_type == "Sum" and len(node.input) in (2, 3):
+            terms = [term(i) for i in node.input]
+            found = [t for t in terms if t is not None]
+            if not found or len({t.a for t in found}) != 1 or len({(t.n, t.k) for t in found}) != 1:
+                continue
+            t0 = found[0]
+            rest = [i for i, t in zip(node.input, terms) if t is None]
+            mins = None
+            if len(rest) == 1:
+                mins = mins_term(rest[0], t0.a, t0.n, t0.k)
+                if mins is None:
+                    continue
+            elif rest:
+                continue
+            if any(uses[t.node.output[0]] != 1 for t in found) or (len(found), mins is not None) not in ((1, True), (2, False)):
+                continue
+            inputs = [t0.a]
+            for t in found:
+                inputs += [t.qweight, t.scales]
+            op = "QMatMul2" if len(found) == 2 else "QMatMul1M"
+            if mins is not None:
+                inputs.append(mins[0])
+                drop.update(id(x) for x in mins[1])
+            zps = {f"zp{j}": t.zero_point for j, t in enumerate(found)}
+            replace[id(node)] = helper.make_node(op, inputs, [node.output[0]], name=node.name or node.output[0],
+                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, **zps)
+            drop.update(id(t.node) for t in found)
+    for node in g.node:  # a lone term: its own node
+        t = term(node.output[0]) if node.op_type == "MatMulNBits" else None
+        if t is not None and id(node) not in drop:
+            replace[id(node)] = helper.make_node("QMatMul1", [t.a, t.qweight, t.scales], [node.output[0]],
+                                                 name=node.name or node.output[0], domain=DOMAIN, K=t.k, N=t.n,
+                                                 threads=threads, zp0=t.zero_point)
+    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    if replace and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return len(replace)
+
+
+def kernel_threads(threads: int | None) -> int:
+    """The kernel's thread count: the session's intra-op threads, else the CPUs this process may use."""
+    if threads:
+        return int(threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_session(onnx_path: Path, *, threads: int | None, graph_optimization_level) -> "ort.InferenceSession | None":
+    """An onnxruntime session of ``onnx_path`` with the decode kernel, or None (reason logged) when the
+    library is unavailable or the graph has nothing it applies to. Its inputs and outputs are the graph's own."""
+    import onnxruntime as ort
+
+    lib = library_path()
+    if lib is None:
+        return None
+    folder = Path(onnx_path).parent
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    rewritten = decode_model(model, folder, kernel_threads(threads))
+    if rewritten == 0:
+        return None
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = graph_optimization_level
+    # the kernel splits its rows over its own threads; onnxruntime's remaining ops at one decode row are small,
+    # and a second spinning pool would compete with the kernel's for the same cores
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.register_custom_ops_library(str(lib))
+    # the weights stay in the model folder: external data is resolved there, not copied
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types; the standard graph still serves
+        _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return None
+    _log().info("kernel.decode_session", nodes=rewritten, threads=kernel_threads(threads), path=str(onnx_path))
+    return session

@@ -1,0 +1,436 @@
+/* p2pinfer decode kernel: y = x @ W.T for W stored as onnxruntime MatMulNBits 4-bit terms (+ block minimums),
+ * as an onnxruntime custom op library.
+ *
+ * Why: onnxruntime 1.32's MatMulNBits barely uses a second thread for one activation row at SmolLM2's shapes
+ * (576->960 54 -> 52 us from 1 to 2 threads) and a Q4_1 layer costs it 5 nodes (terms, block sums, minimums,
+ * Sum). This kernel reads the SAME initializers (no new weights, same model digest), computes one node per
+ * layer and splits output rows over its own threads.
+ *
+ * Numerics: float32 activations, float32 accumulation (never int8 activations). Per output row n and block b
+ *   y[n] = sum_b ( sum_t scale_t[n,b] * sum_i (q_t[n,b,i] - zp_t) * x[b,i] )  +  sum_b mins[b,n] * sum_i x[b,i]
+ * (q - zp) is exact in float32, so this is MatMulNBits' value sum in another order: float32 rounding drift.
+ * Each output element is computed by the same instruction sequence whatever the thread count and the number
+ * of rows: row-deterministic.
+ *
+ * ABI: no onnxruntime header is needed or shipped. The few declarations below are onnxruntime's stable C ABI,
+ * pinned at ORT_API_VERSION 1 (OrtApi slots 0..101 never change; see onnxruntime_c_api.cc, "Shipped as version
+ * 1 - DO NOT MODIFY"), and OrtCustomOp's version-1 fields (inputs all required, fixed count per op name).
+ * Ops (domain "p2pinfer"): QMatMul1 (x, q, s), QMatMul1M (x, q, s, mins), QMatMul2 (x, q0, s0, q1, s1);
+ * attributes K, N, zp0, zp1, threads.
+ */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* ---- onnxruntime C ABI, version 1 (declared here, not included) ------------------------------------------ */
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtApi OrtApi;  /* a table of function pointers; we index it by slot */
+typedef struct OrtApiBase {
+    const OrtApi *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} OrtApiBase;
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2 };
+/* OrtApi slots (version 1) */
+enum {
+    SLOT_CreateStatus = 0, SLOT_CreateCustomOpDomain = 26, SLOT_CustomOpDomain_Add = 27, SLOT_AddCustomOpDomain = 28,
+    SLOT_GetTensorMutableData = 51, SLOT_GetDimensionsCount = 61, SLOT_GetDimensions = 62,
+    SLOT_GetTensorTypeAndShape = 65, SLOT_KernelInfoGetAttribute_int64 = 86, SLOT_KernelContext_GetInputCount = 88,
+    SLOT_KernelContext_GetInput = 90, SLOT_KernelContext_GetOutput = 91, SLOT_ReleaseStatus = 93,
+    SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+};
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void *(*CreateKernel)(const struct OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info);
+    const char *(*GetName)(const struct OrtCustomOp *op);
+    const char *(*GetExecutionProviderType)(const struct OrtCustomOp *op);
+    int (*GetInputType)(const struct OrtCustomOp *op, size_t index);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp *op);
+    int (*GetOutputType)(const struct OrtCustomOp *op, size_t index);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp *op);
+    void (*KernelCompute)(void *op_kernel, OrtKernelContext *context);
+    void (*KernelDestroy)(void *op_kernel);
+    /* later versions' fields: onnxruntime 1.32 calls some of them whatever the declared version, so all are set */
+    int (*GetInputCharacteristic)(const struct OrtCustomOp *op, size_t index);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp *op, size_t index);
+    int (*GetInputMemoryType)(const struct OrtCustomOp *op, size_t index);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp *op);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *op);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *op);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *op);
+    OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel);
+    OrtStatus *(*KernelComputeV2)(void *op_kernel, OrtKernelContext *context);
+    OrtStatus *(*InferOutputShapeFn)(const struct OrtCustomOp *op, void *shape_infer_context);
+    int (*GetStartVersion)(const struct OrtCustomOp *op);
+    int (*GetEndVersion)(const struct OrtCustomOp *op);
+    size_t (*GetMayInplace)(int **input_index, int **output_index);
+    void (*ReleaseMayInplace)(int *input_index, int *output_index);
+    size_t (*GetAliasMap)(int **input_index, int **output_index);
+    void (*ReleaseAliasMap)(int *input_index, int *output_index);
+} OrtCustomOp;
+
+static const OrtApi *g_api;
+#define API(slot, type) ((type)(((void *const *)g_api)[slot]))
+typedef OrtStatus *(*fn_create_status)(int, const char *);
+typedef OrtStatus *(*fn_attr_i64)(const OrtKernelInfo *, const char *, int64_t *);
+typedef OrtStatus *(*fn_input_count)(const OrtKernelContext *, size_t *);
+typedef OrtStatus *(*fn_get_input)(const OrtKernelContext *, size_t, const OrtValue **);
+typedef OrtStatus *(*fn_get_output)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
+typedef OrtStatus *(*fn_mutable_data)(OrtValue *, void **);
+typedef OrtStatus *(*fn_type_shape)(const OrtValue *, OrtTensorTypeAndShapeInfo **);
+typedef OrtStatus *(*fn_dims_count)(const OrtTensorTypeAndShapeInfo *, size_t *);
+typedef OrtStatus *(*fn_dims)(const OrtTensorTypeAndShapeInfo *, int64_t *, size_t);
+typedef void (*fn_release_shape)(OrtTensorTypeAndShapeInfo *);
+typedef void (*fn_release_status)(OrtStatus *);
+typedef OrtStatus *(*fn_create_domain)(const char *, OrtCustomOpDomain **);
+typedef OrtStatus *(*fn_domain_add)(OrtCustomOpDomain *, const OrtCustomOp *);
+typedef OrtStatus *(*fn_add_domain)(OrtSessionOptions *, OrtCustomOpDomain *);
+
+/* ---- a small thread pool: workers spin briefly, then sleep; every hand-over under one mutex ------------ */
+#define MAX_THREADS 64
+#define SPINS 2000
+typedef void (*task_fn)(void *arg, int part, int parts);
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* one dispatch at a time */
+static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;  /* guards everything below */
+static pthread_cond_t work_ready = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t work_done = PTHREAD_COND_INITIALIZER;
+static atomic_uint generation;   /* written under state_lock; read without it only to spin */
+static atomic_int remaining;     /* parts still running; written under state_lock */
+static int pool_workers;
+static unsigned created_at[MAX_THREADS];  /* the generation when each worker was created */
+static task_fn job_fn;
+static void *job_arg;
+static int job_parts;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *p) {
+    int id = (int)(intptr_t)p;  /* part id 1..pool_workers */
+    pthread_mutex_lock(&state_lock);
+    unsigned seen = created_at[id];  /* it must not run a job dispatched before it existed */
+    pthread_mutex_unlock(&state_lock);
+    for (;;) {
+        for (int spins = 0; spins < SPINS && atomic_load_explicit(&generation, memory_order_acquire) == seen; spins++)
+            cpu_relax();
+        pthread_mutex_lock(&state_lock);
+        while (atomic_load_explicit(&generation, memory_order_relaxed) == seen) pthread_cond_wait(&work_ready, &state_lock);
+        seen = atomic_load_explicit(&generation, memory_order_relaxed);
+        task_fn fn = job_fn;
+        void *arg = job_arg;
+        int parts = job_parts;
+        pthread_mutex_unlock(&state_lock);
+        if (id < parts) {
+            fn(arg, id, parts);
+            pthread_mutex_lock(&state_lock);
+            if (atomic_fetch_sub_explicit(&remaining, 1, memory_order_acq_rel) == 1) pthread_cond_signal(&work_done);
+            pthread_mutex_unlock(&state_lock);
+        }
+    }
+    return NULL;
+}
+
+/* a forked child has none of the parent's workers: start over (else it would wait for them forever) */
+static void pool_after_fork_child(void) {
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&state_lock, NULL);
+    pthread_cond_init(&work_ready, NULL);
+    pthread_cond_init(&work_done, NULL);
+    pool_workers = 0;
+    atomic_store(&remaining, 0);
+}
+static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
+static void install_fork_hook(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
+
+/* run fn(arg, part, parts) for part in 0..parts-1, part 0 on the calling thread; another thread's dispatch
+   in progress (two sessions at once) makes this one run on the calling thread alone */
+static void run_parallel(task_fn fn, void *arg, int parts) {
+    pthread_once(&fork_hook_once, install_fork_hook);
+    if (parts <= 1 || pthread_mutex_trylock(&pool_lock) != 0) { fn(arg, 0, 1); return; }
+    pthread_mutex_lock(&state_lock);
+    while (pool_workers < parts - 1 && pool_workers < MAX_THREADS - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        created_at[pool_workers + 1] = atomic_load(&generation);
+        int failed = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(pool_workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool_workers++;
+    }
+    if (parts > pool_workers + 1) parts = pool_workers + 1;
+    job_fn = fn; job_arg = arg; job_parts = parts;
+    atomic_store_explicit(&remaining, parts - 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    pthread_cond_broadcast(&work_ready);
+    pthread_mutex_unlock(&state_lock);
+    fn(arg, 0, parts);
+    for (int spins = 0; spins < SPINS && atomic_load_explicit(&remaining, memory_order_acquire) > 0; spins++) cpu_relax();
+    pthread_mutex_lock(&state_lock);
+    while (atomic_load_explicit(&remaining, memory_order_acquire) > 0) pthread_cond_wait(&work_done, &state_lock);
+    pthread_mutex_unlock(&state_lock);
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* ---- the product ----------------------------------------------------------------------------------------- */
+typedef struct {
+    int M, N, K, nb, terms;
+    const float *xd;      /* [M, K]: per block, the 16 even-index values, then the 16 odd-index ones */
+    const float *xsum;    /* [M, nb] block sums of x (NULL without mins) */
+    const uint8_t *q[2];  /* [N, nb, 16] */
+    const float *s[2];    /* [N * nb] */
+    int zp[2];
+    const float *mins;    /* [nb, N] or NULL */
+    float *y;             /* [M, N] */
+} job_t;
+
+#if defined(__AVX512F__)
+static inline __m512 codes_lo(__m128i packed, __m512i zp) {
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(15))), zp));
+}
+static inline __m512 codes_hi(__m128i packed, __m512i zp) {
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(
+        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15))), zp));
+}
+/* rows n..n+R-1 (R <= 4) of one activation row */
+static void rows_simd(const job_t *j, int m, int n, int R) {
+    const float *x = j->xd + (size_t)m * j->K;
+    __m512 acc[4];
+    float macc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < j->nb; b++) {
+        __m512 xe = _mm512_loadu_ps(x + 32 * b), xo = _mm512_loadu_ps(x + 32 * b + 16);
+        for (int r = 0; r < R; r++) {
+            size_t blk = (size_t)(n + r) * j->nb + b;
+            for (int t = 0; t < j->terms; t++) {
+                __m128i packed = _mm_loadu_si128((const __m128i *)(j->q[t] + blk * 16));
+                __m512i zp = _mm512_set1_epi32(j->zp[t]);
+                __m512 dot = _mm512_fmadd_ps(codes_hi(packed, zp), xo, _mm512_mul_ps(codes_lo(packed, zp), xe));
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(j->s[t][blk]), dot, acc[r]);
+            }
+            if (j->mins) macc[r] += j->mins[(size_t)b * j->N + n + r] * j->xsum[(size_t)m * j->nb + b];
+        }
+    }
+    for (int r = 0; r < R; r++) j->y[(size_t)m * j->N + n + r] = _mm512_reduce_add_ps(acc[r]) + macc[r];
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static void rows_simd(const job_t *j, int m, int n, int R) {
+    const float *x = j->xd + (size_t)m * j->K;
+    __m256 acc[4];
+    float macc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    const __m128i nib = _mm_set1_epi8(15);
+    for (int b = 0; b < j->nb; b++) {
+        const float *xb = x + 32 * b;
+        for (int r = 0; r < R; r++) {
+            size_t blk = (size_t)(n + r) * j->nb + b;
+            for (int t = 0; t < j->terms; t++) {
+                __m128i packed = _mm_loadu_si128((const __m128i *)(j->q[t] + blk * 16));
+                __m128i lo = _mm_and_si128(packed, nib), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), nib);
+                __m256i zp = _mm256_set1_epi32(j->zp[t]);
+                __m256 c0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), zp));
+                __m256 c1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), zp));
+                __m256 c2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), zp));
+                __m256 c3 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), zp));
+                __m256 dot = _mm256_mul_ps(c0, _mm256_loadu_ps(xb));
+                dot = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xb + 8), dot);
+                dot = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xb + 16), dot);
+                dot = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xb + 24), dot);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(j->s[t][blk]), dot, acc[r]);
+            }
+            if (j->mins) macc[r] += j->mins[(size_t)b * j->N + n + r] * j->xsum[(size_t)m * j->nb + b];
+        }
+    }
+    for (int r = 0; r < R; r++) j->y[(size_t)m * j->N + n + r] = hsum256(acc[r]) + macc[r];
+}
+#else
+static void rows_simd(const job_t *j, int m, int n, int R) {  /* portable */
+    const float *x = j->xd + (size_t)m * j->K;
+    for (int r = 0; r < R; r++) {
+        float acc = 0.f, macc = 0.f;
+        for (int b = 0; b < j->nb; b++) {
+            size_t blk = (size_t)(n + r) * j->nb + b;
+            for (int t = 0; t < j->terms; t++) {
+                const uint8_t *q = j->q[t] + blk * 16;
+                float dot = 0.f;
+                for (int i = 0; i < 16; i++)
+                    dot += (float)((q[i] & 15) - j->zp[t]) * x[32 * b + i] + (float)((q[i] >> 4) - j->zp[t]) * x[32 * b + 16 + i];
+                acc += j->s[t][blk] * dot;
+            }
+            if (j->mins) macc += j->mins[(size_t)b * j->N + n + r] * j->xsum[(size_t)m * j->nb + b];
+        }
+        j->y[(size_t)m * j->N + n + r] = acc + macc;
+    }
+}
+#endif
+
+static void job_part(void *arg, int part, int parts) {
+    const job_t *j = (const job_t *)arg;
+    int groups = (j->N + 3) / 4, per = (groups + parts - 1) / parts;
+    int n0 = part * per * 4, n1 = n0 + per * 4;
+    if (n1 > j->N) n1 = j->N;
+    for (int m = 0; m < j->M; m++)
+        for (int n = n0; n < n1; n += 4) rows_simd(j, m, n, n1 - n < 4 ? n1 - n : 4);
+}
+
+/* ---- the custom op ----------------------------------------------------------------------------------------- */
+typedef struct { int64_t K, N, zp0, zp1, threads; int terms, has_mins; } kernel_t;
+typedef struct { OrtCustomOp op; const char *name; int terms, has_mins; } op_def_t;
+
+static int64_t attr(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+    int64_t v = fallback;
+    OrtStatus *st = API(SLOT_KernelInfoGetAttribute_int64, fn_attr_i64)(info, name, &v);
+    if (st) { API(SLOT_ReleaseStatus, fn_release_status)(st); return fallback; }
+    return v;
+}
+
+static void *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) {
+    (void)api;
+    const op_def_t *def = (const op_def_t *)op;
+    kernel_t *k = calloc(1, sizeof(kernel_t));
+    if (!k) return NULL;
+    k->K = attr(info, "K", 0); k->N = attr(info, "N", 0);
+    k->zp0 = attr(info, "zp0", 8); k->zp1 = attr(info, "zp1", 8);
+    k->threads = attr(info, "threads", 1);
+    k->terms = def->terms; k->has_mins = def->has_mins;
+    return k;
+}
+
+/* dims of input i; returns rank or -1 */
+static int input_dims(OrtKernelContext *ctx, size_t i, const OrtValue **value, int64_t *dims, int max_rank) {
+    if (API(SLOT_KernelContext_GetInput, fn_get_input)(ctx, i, value)) return -1;
+    OrtTensorTypeAndShapeInfo *info;
+    if (API(SLOT_GetTensorTypeAndShape, fn_type_shape)(*value, &info)) return -1;
+    size_t rank = 0;
+    int ok = !API(SLOT_GetDimensionsCount, fn_dims_count)(info, &rank) && rank <= (size_t)max_rank
+             && !API(SLOT_GetDimensions, fn_dims)(info, dims, rank);
+    API(SLOT_ReleaseTensorTypeAndShapeInfo, fn_release_shape)(info);
+    return ok ? (int)rank : -1;
+}
+
+static void *data_of(const OrtValue *v) {
+    void *p = NULL;
+    if (API(SLOT_GetTensorMutableData, fn_mutable_data)((OrtValue *)v, &p)) return NULL;
+    return p;
+}
+
+static void kernel_compute(void *opk, OrtKernelContext *ctx) {
+    kernel_t *k = (kernel_t *)opk;
+    const OrtValue *xv, *v;
+    int64_t xdims[8], d[8];
+    int rank = input_dims(ctx, 0, &xv, xdims, 8);
+    /* shapes were checked when the graph was rewritten; a mismatch here leaves the output unwritten (onnxruntime
+       then fails the run) rather than reading out of bounds */
+    if (rank < 1 || xdims[rank - 1] != k->K || k->K % 32 || k->N <= 0) return;
+    int nb = (int)(k->K / 32);
+    job_t j = {0};
+    j.K = (int)k->K; j.N = (int)k->N; j.nb = nb; j.terms = k->terms;
+    j.zp[0] = (int)k->zp0; j.zp[1] = (int)k->zp1;
+    int64_t rows = 1;
+    for (int i = 0; i < rank - 1; i++) rows *= xdims[i];
+    j.M = (int)rows;
+    for (int t = 0; t < k->terms; t++) {
+        if (input_dims(ctx, 1 + 2 * t, &v, d, 8) != 3 || d[0] != k->N || d[1] != nb || d[2] != 16) return;
+        j.q[t] = data_of(v);
+        if (input_dims(ctx, 2 + 2 * t, &v, d, 8) != 1 || d[0] != k->N * nb) return;
+        j.s[t] = data_of(v);
+    }
+    if (k->has_mins) {
+        if (input_dims(ctx, 3, &v, d, 8) != 2 || d[0] != nb || d[1] != k->N) return;
+        j.mins = data_of(v);
+    }
+    int64_t ydims[8];
+    memcpy(ydims, xdims, sizeof(int64_t) * rank);
+    ydims[rank - 1] = k->N;
+    OrtValue *yv;
+    if (API(SLOT_KernelContext_GetOutput, fn_get_output)(ctx, 0, ydims, (size_t)rank, &yv)) return;
+    j.y = data_of(yv);
+    const float *x = data_of(xv);
+    float *scratch = malloc(sizeof(float) * (size_t)j.M * (j.K + nb));
+    if (!scratch || !x || !j.y) { free(scratch); return; }
+    float *xd = scratch, *xs = scratch + (size_t)j.M * j.K;
+    for (int m = 0; m < j.M; m++)
+        for (int b = 0; b < nb; b++) {
+            const float *src = x + (size_t)m * j.K + 32 * b;
+            float *dst = xd + (size_t)m * j.K + 32 * b, sum = 0.f;
+            for (int i = 0; i < 16; i++) { dst[i] = src[2 * i]; dst[16 + i] = src[2 * i + 1]; }
+            for (int i = 0; i < 32; i++) sum += src[i];
+            xs[(size_t)m * nb + b] = sum;
+        }
+    j.xd = xd; j.xsum = xs;
+    int parts = (int)k->threads;
+    if (parts > (j.N + 3) / 4) parts = (j.N + 3) / 4;
+    run_parallel(job_part, &j, parts < 1 ? 1 : parts);
+    free(scratch);
+}
+
+static void kernel_destroy(void *opk) { free(opk); }
+static const char *op_name(const OrtCustomOp *op) { return ((const op_def_t *)op)->name; }
+static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int op_input_type(const OrtCustomOp *op, size_t i) {
+    const op_def_t *def = (const op_def_t *)op;
+    if (i == 0) return ELEM_FLOAT;
+    if (def->has_mins && i == 3) return ELEM_FLOAT;
+    return (i % 2) ? ELEM_UINT8 : ELEM_FLOAT;  /* q at odd positions, scales at even */
+}
+static size_t op_input_count(const OrtCustomOp *op) {
+    const op_def_t *def = (const op_def_t *)op;
+    return 1 + 2 * (size_t)def->terms + (size_t)def->has_mins;
+}
+static int op_output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static size_t op_output_count(const OrtCustomOp *op) { (void)op; return 1; }
+
+static int op_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }  /* required */
+static int op_mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int op_one(const OrtCustomOp *op) { (void)op; return 1; }
+static int op_end_version(const OrtCustomOp *op) { (void)op; return 2147483647; }
+static size_t no_pairs(int **a, int **b) { *a = NULL; *b = NULL; return 0; }
+static void release_pairs(int *a, int *b) { (void)a; (void)b; }
+#define OP(nm, t, m) {{1, create_kernel, op_name, op_provider, op_input_type, op_input_count, op_output_type, \
+                       op_output_count, kernel_compute, kernel_destroy, op_required, op_required, op_mem_default, \
+                       op_one, op_one, op_one, op_one, NULL, NULL, NULL, op_one, op_end_version, no_pairs, \
+                       release_pairs, no_pairs, release_pairs}, nm, t, m}
+static op_def_t ops[] = {OP("QMatMul1", 1, 0), OP("QMatMul1M", 1, 1), OP("QMatMul2", 2, 0)};
+
+OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    g_api = base->GetApi(1);
+    if (!g_api) return NULL;  /* cannot even make a status; onnxruntime then fails on the unknown ops */
+    OrtCustomOpDomain *domain;
+    OrtStatus *st = API(SLOT_CreateCustomOpDomain, fn_create_domain)("p2pinfer", &domain);
+    if (st) return st;
+    for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
+        if ((st = API(SLOT_CustomOpDomain_Add, fn_domain_add)(domain, &ops[i].op))) return st;
+    return API(SLOT_AddCustomOpDomain, fn_add_domain)(options, domain);
+}
+
+/* build identity, for the cache key and the log */
+const char *p2pinfer_qmatmul_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
