@@ -12,8 +12,10 @@ so that other load on the machine hits both sides alike:
   and the ratios ours / llama.cpp;
 * verification / generation time for ``--verify-tokens`` output tokens, 4-bit and fp32, greedy and sampled
   (``--verify-sampling``), with the decode speed behind each ratio;
-* resident memory: a serving process (model loaded, warm, one generation and one verification done) against
-  the model files + 300 MB, measured in a fresh subprocess per class.
+* resident memory: a serving process (the peer's modules, the model loaded, a greedy and a sampled request
+  of ``--memory-tokens`` tokens generated and verified) against the model files + 300 MB, measured in a fresh
+  subprocess per class, stage by stage; and the peak of a first-run ``p2pinfer demo`` (empty home) against
+  1.5 GB (``--no-demo`` skips it).
 
 llama.cpp comes from ``llama-cpp-python`` when it is installed (never a dependency of p2pinfer: install the
 wheel from ``../shared/wheels/`` by hand); without it the benchmark prints our figures only.
@@ -108,26 +110,68 @@ def verify_sampling(spec: str) -> list[tuple[str, SamplingParams]]:
 
 
 def memory_probe(folder: Path, threads: int, tokens: int, tolerance: float) -> dict:
-    """Peak and final RSS of a fresh process that loads the model, generates and verifies once (at the
-    ``tolerance`` measured here: calibrating in the probe would count the calibration's memory)."""
+    """Resident memory of a fresh process that serves like a peer: the peer's modules imported, the model
+    loaded, then a greedy and a sampled (T = 0.8, top-p 0.95) request of ``tokens`` tokens each generated and
+    verified as the verifier service does (``recheck_and_release``: the check, then freed memory handed back).
+    The ``tolerance`` is the one measured here (calibrating in the probe would count calibration's memory).
+
+    Each stage's ``VmRSS`` (split into anonymous and file-backed pages by ``smaps_rollup``) and the peak
+    (``VmHWM``, not ``ru_maxrss``: a child's ``ru_maxrss`` starts at its parent's high-water mark)."""
     code = f"""
-import json, sys
+import json, sys, time
 sys.path.insert(0, {str(REPO)!r})
 from pathlib import Path
+
+def memory():
+    rollup = {{l.split()[0].rstrip(":"): int(l.split()[1]) * 1024 for l in open("/proc/self/smaps_rollup")
+              if l.strip().endswith("kB")}}
+    status = {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}}
+    return {{"rss": status["VmRSS"], "anon": rollup["Anonymous"], "peak": status["VmHWM"]}}
+
+stages = {{"start": memory()}}
+import p2pinfer.peer  # everything a serving peer imports (libp2p, onnxruntime, ...)
 from p2pinfer import log
-from p2pinfer.runtime import GREEDY, generate, load_model, verify_result
+from p2pinfer.runtime.memory import release_freed_memory
+from p2pinfer.runtime import GREEDY, SamplingParams, generate, load_model, verify_result
 log.configure(level="warning")
+stages["imports"] = memory()
 m = load_model(Path({str(folder)!r}), threads={threads}, providers=["CPUExecutionProvider"], tolerance={tolerance!r})
+stages["loaded"] = memory()
 p = m.prompt_ids(messages={CHAT!r})
-r = generate(m, p, max_tokens={tokens}, stop_at_eos=False)
-v = verify_result(m, prompt_ids=p, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes, params=GREEDY,
-                  seed_material=bytes(32), max_tokens={tokens}, finish_reason=r.finish_reason)
-status = {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}}
-# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's high-water mark
-print(json.dumps({{"rss": status["VmRSS"], "peak": status["VmHWM"], "accept": v.accept}}))
+generate(m, p, max_tokens=4, stop_at_eos=False)
+stages["warm"] = memory()
+accepted, trim = [], 0.0
+for label, params in (("greedy", GREEDY), ("sampled", SamplingParams(temperature=0.8, top_p=0.95))):
+    r = generate(m, p, max_tokens={tokens}, params=params, seed_material=bytes(32), stop_at_eos=False)
+    stages["generated " + label] = memory()
+    v = verify_result(m, prompt_ids=p, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes, params=params,
+                      seed_material=bytes(32), max_tokens={tokens}, finish_reason=r.finish_reason, stop_at_eos=False)
+    stages["verified " + label] = memory()
+    t = time.perf_counter()
+    release_freed_memory()
+    trim = max(trim, time.perf_counter() - t)
+    stages["released " + label] = memory()
+    accepted.append(v.accept)
+print(json.dumps({{"stages": stages, "accept": accepted, "trim_s": trim}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def demo_peak() -> tuple[int, float]:
+    """Peak resident memory (bytes) and seconds of ``p2pinfer demo`` run as a user's first run: an empty home,
+    so that it imports and calibrates the default model. It runs before any other child process: the peak is
+    read from ``ru_maxrss`` of the waited-for children, which is the largest child so far."""
+    import resource
+
+    with tempfile.TemporaryDirectory(prefix="p2pinfer-demo-home-") as home:
+        env = {**os.environ, "HOME": home, "XDG_DATA_HOME": f"{home}/.local/share", "XDG_CACHE_HOME": f"{home}/.cache",
+               "XDG_CONFIG_HOME": f"{home}/.config"}
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "p2pinfer", "demo", "--bid-timeout", "30", "--bid-grace", "10"],
+                       env=env, capture_output=True, text=True, check=True, cwd=home)
+        seconds = time.perf_counter() - t
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,12 +185,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="sampling of the verified requests: greedy or TEMPERATURE[/TOP_P], comma-separated "
                          "(1.0 is the gateway's default, as OpenAI's)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="ours only, even when llama-cpp-python is installed")
+    ap.add_argument("--memory-tokens", type=int, default=512,
+                    help="output tokens of each request in the serving-memory probe (greedy and sampled)")
+    ap.add_argument("--no-demo", action="store_true", help="skip the first-run demo's peak memory (a minute or more)")
     args = ap.parse_args(argv)
     log.configure(level="warning")
     gguf = find_default_gguf()
     load = os.getloadavg()
     print(f"default model {gguf.name}; {args.threads} threads; best of {args.rounds} interleaved rounds; "
           f"load average {load[0]:.1f} on {os.cpu_count()} CPUs at start")
+    demo = None if args.no_demo else demo_peak()  # first: its peak is read as the largest child so far
     with tempfile.TemporaryDirectory(prefix="p2pinfer-bench-") as tmp:
         folders = {}
         for weights in ("native", "fp32"):
@@ -213,12 +261,27 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"| {m.runtime_numeric_class} | {label} | {n} | {best[2]:.1f} | {best[0]:.2f} | "
                           f"{best[1]:.3f} | {best_ratio:.3f} |")
 
-        print("\n| class | model files MB | serving RSS MB | peak RSS MB | RSS - files MB (limit 300) |\n|---|---|---|---|---|")
+        print(f"\nServing memory: a fresh process per class, the peer's modules imported, a greedy and a sampled "
+              f"request of {args.memory_tokens} tokens generated and verified, freed memory released after each "
+              f"verification (as the verifier service does). MB; file = file-backed pages (weights, libraries).\n")
+        print("| class | files | imports | loaded | after greedy | after sampled | anon / file at end | peak | "
+              "serving RSS - files (limit 300) | peak - files |\n|---|---|---|---|---|---|---|---|---|---|")
         for weights, folder in folders.items():
-            mem = memory_probe(folder, args.threads, 32, sides[0 if weights == "native" else 1].model.tolerance)
-            files = folder_bytes(folder)
-            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {files / 1e6:.0f} | {mem['rss'] / 1e6:.0f} | "
-                  f"{mem['peak'] / 1e6:.0f} | {(mem['rss'] - files) / 1e6:.0f} |")
+            mem = memory_probe(folder, args.threads, args.memory_tokens,
+                               sides[0 if weights == "native" else 1].model.tolerance)
+            assert all(mem["accept"]), mem
+            st, files = mem["stages"], folder_bytes(folder)
+            end = st["released sampled"]
+            mb = lambda n: f"{n / 1e6:.0f}"  # noqa: E731
+            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {mb(files)} | {mb(st['imports']['rss'])} | "
+                  f"{mb(st['loaded']['rss'])} | {mb(st['released greedy']['rss'])} | {mb(end['rss'])} | "
+                  f"{mb(end['anon'])} / {mb(end['rss'] - end['anon'])} | {mb(end['peak'])} | "
+                  f"**{mb(end['rss'] - files)}** | {mb(end['peak'] - files)} |")
+            print(f"  stages ({weights}): " + ", ".join(f"{k} {mb(v['rss'])}" for k, v in st.items())
+                  + f"; malloc_trim took at most {mem['trim_s'] * 1000:.0f} ms")
+        if demo is not None:
+            print(f"\nfirst-run demo (empty home: import, calibration, five peers): peak {demo[0] / 1e9:.2f} GB "
+                  f"(limit 1.5 GB), {demo[1]:.0f} s")
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} at the end (the machine is shared: figures are rough)")
 

@@ -18,7 +18,7 @@ from typing import Any
 from ..log import get_logger
 from .errors import DefaultModelMissingError
 from ..runtime.calibrate import SERVING_TOKENS
-from ..runtime.store import release_freed_memory
+from ..runtime.memory import release_freed_memory
 from .importer import IMPORTER_FORMAT, Progress, import_gguf
 
 log = get_logger("p2pinfer.gguf")

@@ -36,6 +36,7 @@ from typing import Sequence
 import trio
 
 from ..fraud import InvalidProof, ProofParts, check_proof_shape, decode_result, recheck_result
+from ..runtime.memory import release_freed_memory
 from ..identity import Identity, peer_id_from_public_key
 from ..ledger import UNCHECKED, FraudRecord, Ledger
 from ..log import get_logger
@@ -79,6 +80,15 @@ from .settling import BUSY_BACKOFF_MAX_S, BUSY_BACKOFF_S, MAX_FRAUD_PROOF_BYTES 
 FRAUD_PER_SOURCE_PER_MIN = 6          # proofs accepted from one gossip source per minute (fraud is rare)
 FRAUD_RECHECK_QUEUE = 16              # re-checks waiting at once; beyond that new proofs wait for gossip again
 
+
+
+def recheck_and_release(model, request, result):
+    """:func:`~p2pinfer.fraud.recheck_result`, then the memory its prefill freed handed back to the OS: glibc
+    keeps tens of MB of a 512-token verification's freed buffers otherwise (docs/models.md, "Memory")."""
+    try:
+        return recheck_result(model, request, result)
+    finally:
+        release_freed_memory()
 
 class InvalidTask(P2PInferError):
     """A verify task or receipt that cannot be answered at all."""
@@ -174,7 +184,7 @@ class VerificationService:
         try:
             started = time.perf_counter()
             try:
-                verdict = await trio.to_thread.run_sync(recheck_result, model, task.request, result)
+                verdict = await trio.to_thread.run_sync(recheck_and_release, model, task.request, result)
             except Exception as exc:  # noqa: BLE001 - our own bug or resource failure, never the executor's fault
                 # A verifier that cannot finish its own check says so, signed, as an "internal" refusal: it is
                 # neither a verdict (the executor did nothing provably wrong) nor silence (this peer answered).
@@ -296,7 +306,7 @@ class VerificationService:
             model = self.models[parts.result.message.model]
             request_id = parts.result.message.request_id
             try:
-                verdict = await trio.to_thread.run_sync(recheck_result, model, parts.request, parts.result)
+                verdict = await trio.to_thread.run_sync(recheck_and_release, model, parts.request, parts.result)
             except Exception as exc:  # noqa: BLE001 - our own failure: book nothing, keep the loop alive
                 self.counters["fraud.recheck-failed"] += 1
                 log.warning("fraud.recheck_failed", request_id=request_id.hex()[:16], error=type(exc).__name__,

@@ -29,6 +29,7 @@ from ..errors import P2PInferError
 from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
+from .memory import drop_clean_file_pages
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.model")
@@ -80,11 +81,19 @@ def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, t
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # No CPU arena: onnxruntime's arena keeps every region it ever grew to, so one 512-token verification
+    # (LM-head buffers of 100 MB each) left a serving peer ~330 MB larger for good (docs/models.md, "Memory").
+    # Without it the big buffers go straight back to the OS; decode and verify speed are unchanged (measured).
+    opts.enable_cpu_mem_arena = False
     chosen = list(providers) if providers is not None else default_providers()
     try:
-        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
+        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelFormatError(f"onnxruntime could not load {onnx_path}: {exc}") from None
+    # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
+    # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
+    drop_clean_file_pages(p for p in Path(onnx_path).parent.iterdir() if p.name.startswith(Path(onnx_path).name))
+    return session
 
 
 @dataclass(frozen=True)

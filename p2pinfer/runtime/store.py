@@ -31,6 +31,7 @@ from ..errors import P2PInferError
 from ..log import get_logger
 from .digest import DigestEntry, ModelFormatError, check_inside, digest_entries, digest_files, digest_from_entries
 from .calibrate import CALIBRATION_FORMAT, SERVING_TOKENS
+from .memory import release_freed_memory
 from .model import LoadedModel, load_model
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -142,24 +143,6 @@ def _stored_tolerance(data: dict[str, Any]) -> float | None:
             or data.get("tolerance") is None:
         return None
     return float(data["tolerance"])
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by finished work (an import, calibration sessions) back to the OS.
-
-    glibc keeps freed heap pages; without this a peer that imported and calibrated its model at start keeps
-    ~150 MB more resident for as long as it serves. A no-op where ``malloc_trim`` does not exist.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
 
 
 def declared_numeric_class(model_dir: Path) -> str | None:

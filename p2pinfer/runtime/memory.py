@@ -1,0 +1,101 @@
+"""Handing memory a serving process no longer needs back to the operating system (Linux; no-ops elsewhere).
+
+Two kinds of resident memory outlive their use in a process that runs onnxruntime:
+
+* **freed heap.** glibc keeps pages that ``free`` returned (below its trim threshold, and in the per-thread
+  arenas of onnxruntime's worker threads); a verification frees ~100 MB of logits and activations per chunk.
+  :func:`release_freed_memory` (``malloc_trim``) returns them.
+* **weight pages already copied.** onnxruntime maps external weights (``model.onnx.data``) into memory and, for
+  the MatMul/Gemm/MatMulNBits weights, builds a pre-packed copy in its own memory at session creation,
+  reading every page of the mapping. A weight that a ``Gather`` also reads (the embedding, tied to the LM
+  head) keeps its mapping, so all its pages stay resident beside the packed copy although a token's
+  embedding row is a few KB. :func:`drop_clean_file_pages` unmaps those pages from the process (they stay in
+  the page cache, which the kernel reclaims as it needs); a later read faults the page back in from the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+from typing import Iterable
+
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux (every architecture Python runs on)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by finished work (an import, calibration sessions, a verification's logits) back to
+    the OS. glibc keeps freed heap pages; without this a peer that imported and calibrated its model at start
+    keeps ~150 MB more resident for as long as it serves. A no-op where ``malloc_trim`` does not exist."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def drop_clean_file_pages(paths: Iterable[Path]) -> int:
+    """Unmap the resident pages of every mapping of ``paths`` in this process that holds only clean file pages
+    (no page of it was ever written, so the file has exactly its content); returns the bytes unmapped.
+
+    A mapping with any private (written, copy-on-write) page is left alone: dropping would lose the writes.
+    Reading a dropped page later faults it back in from the page cache or the file, with the same bytes."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return 0
+    files = set()
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        files.add((info.st_dev, info.st_ino))
+    try:
+        regions = _clean_mappings(files) if files else []
+    except OSError:
+        return 0
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    dropped = 0
+    for start, end, resident in regions:
+        if resident and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
+            dropped += resident
+    return dropped
+
+
+def _clean_mappings(files: set[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of each mapping of the files (dev, inode) with no anonymous (written) page."""
+    found: list[tuple[int, int, int]] = []
+    current: list[int] | None = None  # start, end, resident, anonymous
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if not head:
+                continue
+            if not head[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+                if current is not None and current[3] == 0:
+                    found.append((current[0], current[1], current[2]))
+                current = None
+                if len(head) >= 5 and head[4] != "0" and (_device(head[3]), int(head[4])) in files:
+                    start, _, end = head[0].partition("-")
+                    current = [int(start, 16), int(end, 16), 0, 0]
+            elif current is not None and head[0] in ("Rss:", "Anonymous:"):
+                current[2 if head[0] == "Rss:" else 3] = int(head[1]) * 1024
+    if current is not None and current[3] == 0:
+        found.append((current[0], current[1], current[2]))
+    return [(s, e, r) for s, e, r in found if s % mmap.PAGESIZE == 0]
+
+
+def _device(text: str) -> int:
+    major, _, minor = text.partition(":")
+    try:
+        return os.makedev(int(major, 16), int(minor, 16))
+    except ValueError:
+        return -1
