@@ -278,6 +278,7 @@ def decode_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # as in runtime.model.create_session: an arena keeps its peak for good
     opts.register_custom_ops_library(str(lib))
     # the weights stay in the model folder: external data is resolved there, not copied
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
