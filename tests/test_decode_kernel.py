@@ -23,6 +23,12 @@ from gguf_fixtures import TinyLlama, write_tiny_llama
 BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}
 
 
+@pytest.fixture(autouse=True)
+def _kernel_enabled(monkeypatch) -> None:
+    """The kernel is opt-in (P2PINFER_DECODE_KERNEL=1); these tests are about it, so they turn it on."""
+    monkeypatch.setenv("P2PINFER_DECODE_KERNEL", "1")
+
+
 def _random_gguf_rows(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Raw GGUF blocks with sane float16 scales (and minimums) and random codes."""
     nb = cols // 32
