@@ -72,9 +72,9 @@ def _compiler() -> str | None:
 
 def library_path() -> Path | None:
     """The compiled custom-op library, building it on first use; None (reason logged once) when unavailable."""
-    # Opt-in: on a quiet 2-core machine the kernel's step is 0.87-0.94x the standard graph's (15.7-17.0 vs
-    # 14.4-14.8 ms, benchmarks/decode_profile.py), and its session keeps the 4-bit weights resident beside the
-    # standard session's packed copy (+50 MB); it wins only when onnxruntime's own pool is starved (under load)
+    # Opt-in: its session keeps the 4-bit weights resident (read from the mapped file every token) beside the
+    # standard session's packed copy, so a 4-bit peer's RSS goes from files + 240 MB to files + 367 MB, over the
+    # 300 MB budget; for that it gives 1.10-1.13x generation speed on a quiet 2-core machine (more under load)
     if os.environ.get("P2PINFER_DECODE_KERNEL", "0") != "1":
         _unavailable("disabled", "the decode kernel is opt-in: set P2PINFER_DECODE_KERNEL=1 to use it")
         return None
