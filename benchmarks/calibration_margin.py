@@ -51,6 +51,8 @@ from p2pinfer.runtime.calibrate import executor_logprobs  # noqa: E402
 from p2pinfer.runtime.store import declared_numeric_class  # noqa: E402
 from p2pinfer.runtime.verify import recompute_logprobs  # noqa: E402
 
+from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
+
 CHAT = (
     "Write a short story about a dragon who learns to bake bread.",
     "Explain how the tides work, in simple words.",
@@ -264,12 +266,7 @@ def main() -> None:
     cache = Path(args.cache) if args.cache else None
     with tempfile.TemporaryDirectory(prefix="p2pinfer-margin-") as tmp:
         for weights in args.classes.split(","):
-            folder = Path(given[weights]) if weights in given else None
-            if folder is None:
-                from p2pinfer.gguf import find_default_gguf, import_gguf
-
-                folder = Path(tmp) / weights
-                import_gguf(find_default_gguf(), folder, weights=weights)
+            folder = model_folder(given.get(weights), tmp, name=weights, weights=weights)
             model = load_model(folder, threads=2, numeric_class=declared_numeric_class(folder) or "fp32-cpu")
             if weights in tolerances:
                 tol = tolerances[weights]

@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def model_folder(given: str | Path | None, tmp: str | Path, *, name: str = "smollm2") -> Path:
-    """``given`` as a path, or the default GGUF imported into ``tmp/name`` (the caller owns ``tmp``)."""
+def model_folder(given: str | Path | None, tmp: str | Path, *, name: str = "smollm2",
+                 weights: str = "native") -> Path:
+    """``given`` as a path, or the default GGUF imported into ``tmp/name`` with ``weights`` ("native": as
+    shipped, "fp32": dequantized) (the caller owns ``tmp``)."""
     if given is not None:
         return Path(given)
     from p2pinfer.gguf import find_default_gguf, import_gguf  # only when importing: it loads the importer
 
-    return import_gguf(find_default_gguf(), Path(tmp) / name).out_dir
+    return import_gguf(find_default_gguf(), Path(tmp) / name, weights=weights).out_dir

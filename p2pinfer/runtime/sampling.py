@@ -760,16 +760,7 @@ def acceptable_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams
                     row_max: np.ndarray | None = None) -> np.ndarray:
     """:func:`is_acceptable` for many rows at once (row ``r`` is output index ``start_index + r``).
 
-    Greedy is vectorized over rows; sampled rows go through :func:`judge_rows` (which also gives the near-tie
-    flags). ``row_max``: each row's largest log-prob when the caller has it already (greedy reads no other
-    value).
+    The verdicts of :func:`judge_rows` (one rule, one implementation), without its near-tie flags. ``row_max``:
+    each row's largest log-prob when the caller has it already (greedy reads no other value).
     """
-    rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
-    n, vocab = rows.n, rows.vocab
-    tokens = np.asarray(tokens, dtype=np.int64)
-    in_vocab = (tokens >= 0) & (tokens < vocab)
-    tok = np.where(in_vocab, tokens, 0)
-    if params.greedy:
-        best = rows.best()[1] if row_max is None else row_max
-        return in_vocab & (rows.at(np.arange(n), tok) >= best - 2.0 * tolerance)
-    return judge_rows(rows, params, seed_material, start_index, tokens, tolerance)[0]
+    return judge_rows(logprobs, params, seed_material, start_index, tokens, tolerance, row_max)[0]
