@@ -81,7 +81,6 @@ FRAUD_PER_SOURCE_PER_MIN = 6          # proofs accepted from one gossip source p
 FRAUD_RECHECK_QUEUE = 16              # re-checks waiting at once; beyond that new proofs wait for gossip again
 
 
-
 def recheck_and_release(model, request, result):
     """:func:`~p2pinfer.fraud.recheck_result`, then the memory its prefill freed handed back to the OS: glibc
     keeps tens of MB of a 512-token verification's freed buffers otherwise (docs/models.md, "Memory")."""
@@ -89,6 +88,7 @@ def recheck_and_release(model, request, result):
         return recheck_result(model, request, result)
     finally:
         release_freed_memory()
+
 
 class InvalidTask(P2PInferError):
     """A verify task or receipt that cannot be answered at all."""
