@@ -11,6 +11,7 @@ from p2pinfer import vrf
 from p2pinfer.election import make_bid
 from p2pinfer.identity import Identity
 from p2pinfer.net import Node
+from p2pinfer.request.params import build_request
 from p2pinfer.request import protocol
 from p2pinfer.request.evidence import ranking_of
 from p2pinfer.wire import Bid, BidSet, Request, Signed, TaskOffer, VrfBid, decode_signed, encode_signed, now_ms, sign
@@ -48,3 +49,17 @@ def signed_bid_set(client: Identity, request: Request, bids: Sequence[Bid]) -> S
 
 def ranking_keys(bid_set: Signed[BidSet]) -> list[bytes]:
     return [r.public_key for r in ranking_of(bid_set.message).ranking]
+
+
+# ---- one fixed, signed election for the pure (no I/O) rule tests ------------------------------------------
+# Seven bidders, a client and another client, all with fixed keys, so that a property test's failure replays.
+POOL = [Identity(bytes([i + 1]) * 32) for i in range(7)]
+CLIENT = Identity(b"\xcc" * 32)
+OTHER_CLIENT = Identity(b"\xdd" * 32)
+REQUEST = build_request(model_digest=b"\x07" * 32, client_key=CLIENT.public_key, prompt="hi", max_tokens=8,
+                        nonce=b"\x00" * 16, created_at_ms=1_790_000_000_000)
+RID = REQUEST.request_id()
+BIDS = tuple(make_bid(i.seed, RID) for i in POOL)
+BID_SET = sign(CLIENT, BidSet(request_id=RID, epoch_seed=b"", bids=BIDS, excluded=(), issued_at_ms=1))
+RANKING = [r.public_key for r in ranking_of(BID_SET.message).ranking]
+BY_KEY = {i.public_key: i for i in POOL}

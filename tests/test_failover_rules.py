@@ -6,25 +6,14 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pinfer.election import make_bid
-from p2pinfer.identity import Identity
-from p2pinfer.request.evidence import (StatusAnswer, VerifyRefusal, classify_status_answer, ranking_of, token_chain,
+from p2pinfer.request.evidence import (StatusAnswer, VerifyRefusal, classify_status_answer, token_chain,
                                        verify_task_problem)
-from p2pinfer.request.params import build_request
-from p2pinfer.wire import (BidSet, InferenceResult, Refusal, TaskStatus, TokenChunk, VerifyTask, decode_signed,
+from p2pinfer.wire import (InferenceResult, Refusal, TaskStatus, TokenChunk, VerifyTask, decode_signed,
                            encode_signed, sign)
 
-POOL = [Identity(bytes([i + 1]) * 32) for i in range(7)]
-CLIENT = Identity(b"\xcc" * 32)
-OTHER = Identity(b"\xdd" * 32)
-REQUEST = build_request(model_digest=b"\x07" * 32, client_key=CLIENT.public_key, prompt="hi", max_tokens=8,
-                        nonce=b"\x00" * 16, created_at_ms=1_790_000_000_000)
-RID = REQUEST.request_id()
-BID_SET = sign(CLIENT, BidSet(request_id=RID, epoch_seed=b"", bids=tuple(make_bid(i.seed, RID) for i in POOL),
-                              excluded=(), issued_at_ms=1))
+from elections import BID_SET, BY_KEY, CLIENT, OTHER_CLIENT, POOL, RANKING, REQUEST, RID
+
 ELECTION = BID_SET.message_id
-RANKING = [r.public_key for r in ranking_of(BID_SET.message).ranking]
-BY_KEY = {i.public_key: i for i in POOL}
 OUTPUT = (11, 12, 13, 14)
 
 
@@ -78,7 +67,7 @@ def test_a_verify_task_names_the_election_its_result_signs():
     assert verify_task_problem(task(r), r, me).problem is None
     assert verify_task_problem(task(r, bid_set=b""), r, me).problem is VerifyRefusal.NO_ELECTION
     assert verify_task_problem(task(r, bid_set=b"\x00junk"), r, me).problem is VerifyRefusal.BAD_ELECTION
-    forged = sign(OTHER, BID_SET.message).to_bytes()  # the same election, signed by another than the client
+    forged = sign(OTHER_CLIENT, BID_SET.message).to_bytes()  # the same election, signed by another than the client
     assert verify_task_problem(task(r, bid_set=forged), r, me).problem is VerifyRefusal.BAD_ELECTION
     other = result(0, election=b"\x01" * 32)
     assert verify_task_problem(task(other), other, me).problem is VerifyRefusal.RESULT_NOT_OF_ELECTION

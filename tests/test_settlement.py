@@ -5,26 +5,16 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pinfer.election import make_bid
 from p2pinfer.identity import Identity
 from p2pinfer.ledger import Ledger
-from p2pinfer.request.evidence import (assignment_problem, bidder_problem, ranking_of, token_chain)
-from p2pinfer.request.params import build_request
+from p2pinfer.request.evidence import (assignment_problem, bidder_problem, token_chain)
 from p2pinfer.settlement import (EXCLUDING_FRAUD, Fault, FraudStatus, Outcome, Participation, ReceiptProblem,
                                  book_receipt, entries_for_failed_attempts, entries_for_tally,
                                  settle_fraud_recheck, tally)
 from p2pinfer.wire import Assignment, BidSet, Receipt, Refusal, TokenChunk, Verdict, sign
 
-POOL = [Identity(bytes([i + 1]) * 32) for i in range(7)]
-CLIENT = Identity(b"\xcc" * 32)
-OTHER_CLIENT = Identity(b"\xdd" * 32)
-REQUEST = build_request(model_digest=b"\x07" * 32, client_key=CLIENT.public_key, prompt="hi", max_tokens=8,
-                        nonce=b"\x00" * 16, created_at_ms=1_790_000_000_000)
-RID = REQUEST.request_id()
-BIDS = tuple(make_bid(i.seed, RID) for i in POOL)
-BID_SET = sign(CLIENT, BidSet(request_id=RID, epoch_seed=b"", bids=BIDS, excluded=(), issued_at_ms=1))
-RANKING = [r.public_key for r in ranking_of(BID_SET.message).ranking]
-BY_KEY = {i.public_key: i for i in POOL}
+from elections import BID_SET, BIDS, BY_KEY, CLIENT, OTHER_CLIENT, POOL, RANKING, REQUEST, RID
+
 RESULT_HASH = b"\x42" * 32
 
 
