@@ -10,8 +10,10 @@ cannot be slotted in.
 
 The fix, in one place: :func:`bound_yamux_buffers` wraps the host's upgrader so that every new Yamux
 connection gets a :class:`_BoundedBuffers` table before it starts reading. Each stream's buffer checks
-every append: more than the stream's remaining receive window (plus a little slack) or more than the
-connection's total buffer limit is a window overrun. The buffer then refuses the bytes and raises
+every append against the stream's remaining receive window (``recv_window``: what we granted and the peer has
+not yet used; py-libp2p raises it before it sends the WINDOW_UPDATE, so an honest sender never exceeds it).
+The bytes beyond it add up per stream, because py-libp2p resets the window to zero after an overrun; more
+than a little slack in all, or more than the connection's total buffer limit, is a window overrun. The buffer then refuses the bytes and raises
 :class:`WindowOverrun`; ``handle_incoming`` answers that by closing the connection and clearing every
 buffer (its own cleanup path), so the memory is returned at once. The peer gets a
 ``window-overrun`` fault (a ban: nothing honest does this).
@@ -22,6 +24,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import trio
+
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE as INITIAL_WINDOW
 
 from ..log import get_logger
 from .resources import ResourceLimits
@@ -39,7 +43,7 @@ class WindowOverrun(trio.TooSlowError):
 
 
 class _BoundedBuffer(bytearray):
-    __slots__ = ("_table", "_stream_id")
+    __slots__ = ("_table", "_stream_id", "beyond_window")
 
     def extend(self, data: Any) -> None:  # type: ignore[override]
         self._table.check(self, self._stream_id, len(data))
@@ -64,19 +68,21 @@ class _BoundedBuffers(dict):  # type: ignore[type-arg]
         bounded = _BoundedBuffer(buffer)
         bounded._table = self
         bounded._stream_id = stream_id
+        bounded.beyond_window = 0
         super().__setitem__(stream_id, bounded)
 
-    def check(self, buffer: bytearray, stream_id: Any, incoming: int) -> None:
-        # An honest sender never has more unread bytes in flight than the window we granted, which is at
-        # most the stream's target window (py-libp2p grows it up to 16 MiB for fast readers).
+    def check(self, buffer: _BoundedBuffer, stream_id: Any, incoming: int) -> None:
+        # Checked before py-libp2p subtracts ``incoming`` from the window. A stream not (yet) in the table
+        # gets the initial window every Yamux peer assumes.
         stream = self._conn.streams.get(stream_id)
-        granted = max(getattr(stream, "target_recv_window", 0), getattr(stream, "recv_window", 0) + len(buffer))
-        allowed = granted + self._limits.yamux_stream_buffer_slack
+        window = max(getattr(stream, "recv_window", INITIAL_WINDOW), 0)
+        beyond = buffer.beyond_window + max(incoming - window, 0)
         total = sum(len(b) for b in self.values()) + incoming
-        if len(buffer) + incoming <= allowed and total <= self._limits.yamux_connection_buffer:
+        if beyond <= self._limits.yamux_stream_buffer_slack and total <= self._limits.yamux_connection_buffer:
+            buffer.beyond_window = beyond
             return
-        why = (f"{len(buffer) + incoming} bytes unread on stream {stream_id}, window granted {granted}"
-               if len(buffer) + incoming > allowed
+        why = (f"{beyond} bytes beyond the receive window on stream {stream_id}"
+               if beyond > self._limits.yamux_stream_buffer_slack
                else f"{total} bytes buffered on one connection (limit {self._limits.yamux_connection_buffer})")
         if not self._tripped:
             self._tripped = True

@@ -78,7 +78,9 @@ class Attacker:
         frame = YAMUX_HEADER.pack(0, YAMUX_DATA, 0, sid, len(payload)) + payload
         sent = 0
         try:
-            while sent < total:
+            # py-libp2p's TCP write returns silently once our own side has closed the socket (after it read
+            # the target's close), so the muxer's shutdown flag, not an exception, is what says "closed".
+            while sent < total and not yamux.event_shutting_down.is_set():  # type: ignore[attr-defined]
                 await yamux.secured_conn.write(frame)  # type: ignore[attr-defined]
                 sent += len(payload)
         except Exception:

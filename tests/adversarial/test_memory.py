@@ -27,7 +27,9 @@ from .attacker import Attacker
 
 BUSY = "/test/busy/1"
 ECHO = "/test/echo/1"
-FLOOD_BYTES = 1 << 30        # 1 GiB past the window in all, over as many connections as it takes
+FLOOD_BYTES = 1 << 30        # what each flooder tries to send past the window
+FLOODERS = 16                # one after another, each with a new key (each is banned)
+MAX_ACCEPTED = 16 << 20      # what a flooder gets onto the wire before the close reaches it (TCP buffers)
 MAX_RSS_GROWTH = 64 << 20
 TARGET_SCRIPT = Path(__file__).with_name("flood_target.py")
 
@@ -93,22 +95,21 @@ async def test_yamux_window_overrun_closes_the_connection_and_bounds_memory() ->
         target_id, target_addr = hello["peer_id"], hello["addrs"][0]
         honest = await start(stack, bootstrap=[target_addr])
         before = (await target.ask("reset-peak"))["rss_kib"] << 10
-        sent = connections = 0
-        while sent < FLOOD_BYTES:  # each flooder is banned, so the next one comes with a new key
+        sent = 0
+        for _ in range(FLOODERS):  # each flooder is banned, so the next one comes with a new key
             async with AsyncExitStack() as attack:
                 attacker = await Attacker.start(attack)
                 await attacker.connect(target_addr)
                 stream = await attacker.open(target_id, BUSY)
                 got = await attacker.flood_past_window(stream, FLOOD_BYTES)
-                assert got < FLOOD_BYTES, "the target never closed the flooding connection"
+                assert got < MAX_ACCEPTED, f"the target took {got >> 20} MiB past the window before closing"
                 await target.wait_for(attacker.peer_id, lambda s: s["banned"], "the flooder banned")
                 await target.wait_for(attacker.peer_id, lambda s: not s["connected"], "connection closed")
             sent += got
-            connections += 1
         state = await target.state(honest.peer_id)
         growth = (state["peak_kib"] << 10) - before
         assert growth <= MAX_RSS_GROWTH, f"the target's RSS grew by {growth >> 20} MiB for {sent >> 20} MiB sent"
-        assert state["counters"]["fault.window-overrun"] >= connections
+        assert state["counters"]["fault.window-overrun"] >= FLOODERS
         with trio.fail_after(60):
             assert await honest.request(target_id, ECHO, b"ok", timeout=45) == b"ok"
         assert not (await target.state(honest.peer_id))["banned"]
