@@ -1,7 +1,7 @@
 """Honest service under attack: a 4-peer network with and without one hostile peer, in one run.
 
     python benchmarks/hostile.py                          # fixture model tiny-llama-trained
-    python benchmarks/hostile.py --requests 40 --flood-mib 1024
+    python benchmarks/hostile.py --requests 40 --flooders 16
 
 Phases (same network, same client, sequential honest requests of a few tokens each):
 
@@ -13,9 +13,9 @@ Phases (same network, same client, sequential honest requests of a few tokens ea
      ``/p2pinfer/task/1`` (with a fresh key whenever its last one is banned);
    * relays 300 fake announcements, each signed by its own Sybil key, pointing at loopback ports nobody
      listens on.
-3. **yamux flood** (separate target node): the attacker writes ``--flood-mib`` MiB of Yamux DATA past the
-   receive window on a stream whose handler is busy, reconnecting with a fresh key each time it is banned;
-   reports the target process's peak RSS growth.
+3. **yamux flood** (separate target node): ``--flooders`` attackers, one after another, each with a fresh
+   key, try to write 1 GiB of Yamux DATA past the receive window on a stream whose handler is busy;
+   reports what they got onto the wire before the target closed them and the target's peak RSS growth.
 
 Prints the honest success rate and median/p99 latency per phase and the attack/baseline ratios. Everything
 runs in this process on 127.0.0.1 (real sockets, Noise, Yamux, real model).
@@ -158,7 +158,7 @@ async def network_phases(model, requests: int) -> dict[str, object]:
     return out
 
 
-async def yamux_flood(total_mib: int) -> dict[str, float]:
+async def yamux_flood(flooders: int) -> dict[str, float]:
     async with AsyncExitStack() as stack:
         target = await stack.enter_async_context(Node(Identity.generate(), NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",))))
         release = trio.Event()
@@ -168,7 +168,7 @@ async def yamux_flood(total_mib: int) -> dict[str, float]:
 
         target.register_handler("/bench/busy/1", busy)
         before = peak = rss_bytes()
-        sent = connections = 0
+        sent = connections = most = 0
         started = time.perf_counter()
 
         async def sample() -> None:
@@ -179,19 +179,18 @@ async def yamux_flood(total_mib: int) -> dict[str, float]:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sample)
-            while sent < total_mib << 20:
+            for _ in range(flooders):  # each one is banned, so the next comes with a fresh key
                 async with AsyncExitStack() as attack:
                     attacker = await Attacker.start(attack)
                     await attacker.connect(target.addrs[0])
                     stream = await attacker.open(target.peer_id, "/bench/busy/1")
-                    got = await attacker.flood_past_window(stream, (total_mib << 20) - sent)
+                    got = await attacker.flood_past_window(stream, 1 << 30)
                     sent += got
+                    most = max(most, got)
                     connections += 1
-                    if got == 0:
-                        break
             nursery.cancel_scope.cancel()
         release.set()
-        return {"sent_mib": sent / 2**20, "connections": connections, "peak_growth_mib": (peak - before) / 2**20,
+        return {"sent_mib": sent / 2**20, "connections": connections, "most_mib": most / 2**20, "peak_growth_mib": (peak - before) / 2**20,
                 "seconds": time.perf_counter() - started, "banned": target.counters.get("banned", 0)}
 
 
@@ -199,7 +198,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "tiny-llama-trained"))
     parser.add_argument("--requests", type=int, default=30)
-    parser.add_argument("--flood-mib", type=int, default=1024)
+    parser.add_argument("--flooders", type=int, default=16, help="Yamux flooders, one after another")
     args = parser.parse_args()
     log.configure(level="error")
     model_dir = Path(args.model)
@@ -220,8 +219,9 @@ def main() -> int:
     print(f"first request with {result['sybils_seen']} unvetted fakes among the candidates: "
           f"{result['first_request_s'] * 1000:.0f} ms (challenges every candidate once); "
           f"possession outcomes: {result['vetting']}")
-    flood = trio.run(yamux_flood, args.flood_mib)
-    print(f"yamux flood: {flood['sent_mib']:.0f} MiB sent past the window over {flood['connections']} connections "
+    flood = trio.run(yamux_flood, args.flooders)
+    print(f"yamux flood: {flood['connections']} flooders each trying 1 GiB past the window got "
+          f"{flood['sent_mib']:.1f} MiB onto the wire in all (at most {flood['most_mib']:.2f} MiB each) "
           f"in {flood['seconds']:.1f} s; target peak RSS growth {flood['peak_growth_mib']:.1f} MiB "
           f"(goal <= 64); bans {flood['banned']}")
     return 0
