@@ -84,3 +84,31 @@ def test_the_verdict_does_not_depend_on_the_rows_per_pass(trained_model, cheater
         assert (v.accept, v.first_bad_position, v.positions_checked, v.positions_failed) == \
             (first.accept, first.first_bad_position, first.positions_checked, first.positions_failed)
         assert abs(v.max_deviation - first.max_deviation) <= trained_model.tolerance
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-attention", "portable-attention"])
+def test_in_place_passes_equal_forward(tmp_path, fused: bool) -> None:
+    """KVPasses (one KV buffer bound as past and present, passes of several tokens) computes exactly what
+    forward() computes over a growing cache; graphs whose attention cannot share the buffer fall back to it."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf_fixtures import TinyLlama, write_tiny_llama
+
+    from p2pinfer.gguf import import_gguf
+
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    write_tiny_llama(tmp_path / "m.gguf", cfg)
+    import_gguf(tmp_path / "m.gguf", tmp_path / "m", fused_attention=fused)
+    model = load_model(tmp_path / "m", threads=1, providers=["CPUExecutionProvider"])
+    assert model.shares_kv_buffer is fused
+    ids = [5, 77, 200, 3, 260, 261, 99, 12, 140, 33, 7, 18, 64]
+    _, cache = model.forward(ids[:3], model.empty_cache(), last=1)
+    passes = model.passes(cache, capacity=len(ids), rows=4)
+    for lo, hi in ((3, 7), (7, 8), (8, 12), (12, 13)):
+        logits, cache = model.forward(ids[lo:hi], cache)
+        assert np.array_equal(passes.run(ids[lo:hi]), logits), (lo, hi)
+        assert passes.length == cache.length == hi
+    if fused:
+        with pytest.raises(ValueError):
+            passes.run([1])  # no room left
+        with pytest.raises(ValueError):
+            model.passes(model.empty_cache(), capacity=len(ids), rows=4).run(ids[:5])  # more than 4 rows

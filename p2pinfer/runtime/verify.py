@@ -149,25 +149,31 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
 
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
                                  reference_row=reference_row)
-    first_row = len(prompt_ids) - 1
-    cache = model.empty_cache()
-    for lo, hi, keep in verification_passes(len(prompt_ids), len(seq), rows=rows):
-        logits, cache = model.forward(seq[lo:hi], cache, last=keep)
-        if hi > first_row:  # a checked pass: its rows are those from lo on
-            checker.check_rows(lo - first_row, LogProbRows.from_logits(logits))
-            del logits  # the next pass's buffers take its place, not join it
+    for start, logits in _checked_rows(model, prompt_ids, seq, rows):
+        checker.check_rows(start, LogProbRows.from_logits(logits))
         if checker.done:
             break
     return checker.verdict()
 
 
+def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int):
+    """(output index of the first row, float32 logits rows) of each checked pass, in order. The prompt-only
+    passes go through ``forward`` (one row kept: no LM head where the graph allows); the checked passes extend
+    the KV cache in place (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
+    first_row = len(prompt_ids) - 1
+    cache = model.empty_cache()
+    passes = verification_passes(len(prompt_ids), len(seq), rows=rows)
+    checked = [p for p in passes if p[1] > first_row]
+    for lo, hi, keep in passes[:len(passes) - len(checked)]:
+        _, cache = model.forward(seq[lo:hi], cache, last=keep)
+    extend = model.passes(cache, len(seq), rows)
+    del cache  # the passes' buffers hold it now
+    for lo, hi, _ in checked:
+        yield lo - first_row, extend.run(seq[lo:hi])
+
+
 def recompute_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
     """The teacher-forced log-prob rows ``[len(output_ids), vocab]`` (for tests and calibration)."""
     seq = [*prompt_ids, *output_ids[:-1]]
-    cache = model.empty_cache()
-    rows = []
-    for lo, hi, keep in verification_passes(len(prompt_ids), len(seq)):
-        logits, cache = model.forward(seq[lo:hi], cache, last=keep)
-        if hi > len(prompt_ids) - 1:
-            rows.append(log_softmax(logits))
-    return np.concatenate(rows)
+    return np.concatenate([log_softmax(logits) for _, logits in _checked_rows(model, list(prompt_ids), seq,
+                                                                                 VERIFY_ROWS)])
