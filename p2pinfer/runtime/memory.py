@@ -11,6 +11,8 @@ Two kinds of resident memory outlive their use in a process that runs onnxruntim
   head) keeps its mapping, so all its pages stay resident beside the packed copy although a token's
   embedding row is a few KB. :func:`drop_clean_file_pages` unmaps those pages from the process (they stay in
   the page cache, which the kernel reclaims as it needs); a later read faults the page back in from the file.
+  :func:`drop_read_only_mapped_pages` does the same for one block of a read-only ``np.memmap`` (the float64
+  reference reads a large weight a block at a time).
 """
 
 from __future__ import annotations

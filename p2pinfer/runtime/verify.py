@@ -31,10 +31,11 @@ def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.verify")
 
 #: Checked rows computed per forward pass. A pass's transient memory grows with its rows: the logits (49,152
-#: float32 values a row on SmolLM2; the 4-bit head holds two terms and their sum) and onnxruntime's output
-#: copy, ~1 MB a row in all, where the rest of the pass is tens of MB. Measured on SmolLM2 (docs/models.md,
-#: "Serving memory"): a 512-token verification's peak fell from files + 607 MB (4-bit) in one pass to
-#: the figure given there, at no measurable cost in time; a row's values do not depend on the pass size.
+#: float32 values a row on SmolLM2; the 4-bit head holds two terms and their sum) and activations, ~1 MB a row.
+#: On SmolLM2 a 512-token verification peaked at files + 595-631 MB in one pass and at files + 291-355 MB in
+#: passes of 64 (docs/models.md, "Serving memory"), in about the same time on 4-bit and ~15 % more forward
+#: time on fp32; 32 rows would save ~40 MB more at ~1.4x the forward time. A row's values do not depend on
+#: the pass it is computed in (measured bit for bit), so neither does the verdict.
 VERIFY_ROWS = 64
 
 
