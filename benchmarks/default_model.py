@@ -202,14 +202,17 @@ def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> No
     requests; with ``--compare-rows`` each request is verified both ways, interleaved (the order alternates)."""
     ways = [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else [])
     cols = " | ".join(f"verify s ({w} rows) | verify / generate ({w} rows)" for w in ways)
-    print(f"\n| class | sampling | output tokens | decode tok/s | generate s | {cols} |\n"
-          "|---|---|---|---|---|" + "---|---|" * len(ways))
+    same = f" verify time {ways[0]} / {ways[-1]} rows, same requests |" if len(ways) > 1 else ""
+    print(f"\n| class | sampling | output tokens | decode tok/s | generate s | {cols} |{same}\n"
+          "|---|---|---|---|---|" + "---|---|" * len(ways) + ("---|" if same else ""))
     for side in sides:
         m = side.model
         for label, params in verify_sampling(args.verify_sampling):
             for n in (int(x) for x in args.verify_tokens.split(",")):
                 best: dict[int, tuple[float, float, float, float]] = {}  # rows -> (ratio, gen s, verify s, tok/s)
+                pairs = []  # verify time with the first way / with the last, per request
                 for round_ in range(max(1, args.rounds // 2)):
+                    took = {}
                     r = generate(m, prompt, max_tokens=n, params=params, seed_material=bytes(32), stop_at_eos=False)
                     g = r.prefill_seconds + r.decode_seconds
                     for rows in (ways if round_ % 2 == 0 else ways[::-1]):
@@ -218,13 +221,15 @@ def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> No
                                           fingerprint=r.fingerprint_bytes, params=params, seed_material=bytes(32),
                                           max_tokens=n, finish_reason=r.finish_reason, stop_at_eos=False,
                                           rows_per_pass=rows)
-                        ver = time.perf_counter() - t
+                        ver = took[rows] = time.perf_counter() - t
                         assert v.accept, v.reason
                         if rows not in best or ver / g < best[rows][0]:
                             best[rows] = (ver / g, g, ver, (n - 1) / r.decode_seconds)
+                    pairs.append(took[ways[0]] / took[ways[-1]])
                 first = best[ways[0]]
                 print(f"| {m.runtime_numeric_class} | {label} | {n} | {first[3]:.1f} | {first[1]:.2f} | "
-                      + " | ".join(f"{best[w][2]:.3f} | {best[w][0]:.3f}" for w in ways) + " |")
+                      + " | ".join(f"{best[w][2]:.3f} | {best[w][0]:.3f}" for w in ways) + " |"
+                      + (f" {min(pairs):.2f}–{max(pairs):.2f} |" if same else ""))
 
 
 def memory_table(folders: dict[str, Path], sides: list, args: argparse.Namespace) -> None:
