@@ -12,8 +12,9 @@ What it prints, per folder:
   its MINIMUM over ``--steps`` decode steps (onnxruntime ``enable_profiling``), so that load from other
   processes inflates the figures as little as it can; the sum is the kernel time of one step on a quiet core;
 * the step as the runtime serves it (:class:`~p2pinfer.runtime.model.KVDecoder`, KV cache in place, with
-  the decode kernel of :mod:`p2pinfer.kernels`), the same with the standard graph, and as ``forward()`` runs
-  it (the KV cache copied in and out), wall time, best of ``--steps``, interleaved. The per-operator profile
+  the kernel of :mod:`p2pinfer.kernels`), the same with the standard graph (``P2PINFER_DECODE_KERNEL=0``),
+  and as the standard graph's ``forward()`` runs it (the KV cache copied in and out), wall time, best of
+  ``--steps``, interleaved. The per-operator profile
   is the standard graph's (the kernel is one custom node per layer);
 * the Python work per generated token outside onnxruntime: log-softmax (float64, the whole vocabulary), the
   fingerprint row, greedy sampling, best of 200.
@@ -34,8 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-os.environ.setdefault("P2PINFER_DECODE_KERNEL", "1")  # the kernel is opt-in; this benchmark compares it
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,7 +60,6 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int) -> tupl
         options.profile_file_prefix = str(Path(tmp) / "decode")
         options.log_severity_level = 3
         model.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        model.__dict__["decode_session"] = model.session  # profile the standard graph's decode (not the kernel's)
         ids = model.encode(TEXT)[:context]
         _, cache = model.forward(ids, model.empty_cache(), last=1)
         decoder = model.decoder(cache, context + steps)
@@ -85,18 +83,17 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int) -> tupl
 
 
 def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[float, float, float]:
-    """Best wall seconds of one decode step: in place (KVDecoder) with the decode kernel (p2pinfer.kernels;
-    inf when it is unavailable), in place with the standard graph, and through forward()."""
+    """Best wall seconds of one decode step: in place (KVDecoder) with the kernel (p2pinfer.kernels, the
+    default; inf when it is unavailable), in place with the standard graph, and through forward()."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
+    plain = model.with_session(threads=threads, providers=["CPUExecutionProvider"], kernel=False)
     ids = model.encode(TEXT)[:context]
-    _, cache = model.forward(ids, model.empty_cache(), last=1)
+    _, cache = plain.forward(ids, plain.empty_cache(), last=1)
     with_kernel = model.decoder(cache, context + steps)
-    kernel_used = model.decode_session is not model.session
-    model.__dict__["decode_session"] = model.session
-    standard = model.decoder(cache, context + steps)
+    standard = plain.decoder(cache, context + steps)
     kernel, in_place, copied = float("inf"), float("inf"), float("inf")
     for _ in range(steps):  # interleaved, so that load hits all alike
-        if kernel_used:
+        if model.runs_kernel:
             t = time.perf_counter()
             with_kernel.step(42)
             kernel = min(kernel, time.perf_counter() - t)
@@ -104,7 +101,7 @@ def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[fl
         standard.step(42)
         in_place = min(in_place, time.perf_counter() - t)
         t = time.perf_counter()
-        _, cache = model.forward([42], cache)
+        _, cache = plain.forward([42], cache)
         copied = min(copied, time.perf_counter() - t)
     return kernel, in_place, copied
 
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                                                for p in profiles) + " |")
         for f in folders:
             kernel, in_place, copied = step_times(f, args.threads, args.steps, args.context)
-            print(f"\n{f.name}: one decode step {1e3 * kernel:.2f} ms in place with the decode kernel (opt-in), "
+            print(f"\n{f.name}: one decode step {1e3 * kernel:.2f} ms in place with the kernel (default), "
                   f"{1e3 * in_place:.2f} ms in place with the standard graph (KVDecoder), "
                   f"{1e3 * copied:.2f} ms through forward() (KV copied); best of {args.steps}")
         per_token = python_per_token(folders[0])
