@@ -14,8 +14,8 @@ What it prints, per folder:
 * the step as the runtime serves it (:class:`~p2pinfer.runtime.model.KVDecoder`, KV cache in place, with
   the kernel of :mod:`p2pinfer.kernels`), the same with the standard graph (``P2PINFER_DECODE_KERNEL=0``),
   and as the standard graph's ``forward()`` runs it (the KV cache copied in and out), wall time, best of
-  ``--steps``, interleaved. The per-operator profile
-  is the standard graph's (the kernel is one custom node per layer);
+  ``--steps``, interleaved. The per-operator profile is printed for both sessions (the kernel is one custom
+  node per 4-bit layer: ``QMatMul1M``, ``QMatMul2``);
 * the Python work per generated token outside onnxruntime: log-softmax (float64, the whole vocabulary), the
   fingerprint row, greedy sampling, best of 200.
 
@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from p2pinfer import log  # noqa: E402
+from p2pinfer import kernels, log  # noqa: E402
 from p2pinfer.runtime import GREEDY, load_model  # noqa: E402
 from p2pinfer.runtime.fingerprint import FingerprintBuilder  # noqa: E402
 from p2pinfer.runtime.sampling import log_softmax, sample  # noqa: E402
@@ -49,8 +50,9 @@ from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/mode
 TEXT = "The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40
 
 
-def kernel_profile(folder: Path, threads: int, steps: int, context: int) -> tuple[dict, dict]:
-    """Per op type: (summed minimum kernel microseconds, node count) of one decode step."""
+def kernel_profile(folder: Path, threads: int, steps: int, context: int, kernel: bool) -> tuple[dict, dict]:
+    """Per op type: (summed minimum kernel microseconds, node count) of one decode step, through the kernel
+    session (the 4-bit layers as p2pinfer custom nodes) or the standard graph."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="p2pinfer-profile-") as tmp:
         options = ort.SessionOptions()
@@ -59,7 +61,15 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int) -> tupl
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "decode")
         options.log_severity_level = 3
-        model.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        source: str | bytes = str(folder / "model.onnx")
+        if kernel:  # as kernels.kernel_session builds it, with profiling on
+            graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+            kernels.kernel_model(graph, folder, threads)
+            source = graph.SerializeToString()
+            options.register_custom_ops_library(str(kernels.library_path()))
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        model.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         ids = model.encode(TEXT)[:context]
         _, cache = model.forward(ids, model.empty_cache(), last=1)
         decoder = model.decoder(cache, context + steps)
@@ -135,10 +145,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start")
     with tempfile.TemporaryDirectory(prefix="p2pinfer-bench-") as tmp:
         folders = args.folder or [model_folder(None, tmp, name="native")]
-        profiles = [kernel_profile(f, args.threads, args.steps, args.context) for f in folders]
+        runs = [(f, kernel) for f in folders for kernel in ((True, False) if kernels.library_path() else (False,))]
+        profiles = [kernel_profile(f, args.threads, args.steps, args.context, kernel) for f, kernel in runs]
         ops = sorted(set().union(*(p[0] for p in profiles)), key=lambda o: -max(p[0].get(o, 0) for p in profiles))
-        print("\n| operator | " + " | ".join(f"{f.name}: nodes, µs" for f in folders) + " |")
-        print("|---|" + "---|" * len(folders))
+        print("\n| operator | " + " | ".join(f"{f.name} {'kernel' if k else 'standard'}: nodes, µs" for f, k in runs)
+              + " |")
+        print("|---|" + "---|" * len(runs))
         for op in ops:
             print(f"| {op} | " + " | ".join(f"{p[1].get(op, 0)}, {p[0].get(op, 0):.0f}" for p in profiles) + " |")
         print("| **all kernels** | " + " | ".join(f"{sum(p[1].values())}, {sum(p[0].values()):.0f}"
