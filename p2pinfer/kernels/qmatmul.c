@@ -201,27 +201,25 @@ typedef struct {
 } job_t;
 
 #if defined(__AVX512F__)
-static inline __m512 codes_lo(__m128i packed, __m512i zp) {
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(15))), zp));
-}
-static inline __m512 codes_hi(__m128i packed, __m512i zp) {
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(
-        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15))), zp));
-}
 /* rows n..n+R-1 (R <= 4) of one activation row */
 static void rows_simd(const job_t *j, int m, int n, int R) {
     const float *x = j->xd + (size_t)m * j->K;
     __m512 acc[4];
     float macc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi32(15);
     for (int b = 0; b < j->nb; b++) {
         __m512 xe = _mm512_loadu_ps(x + 32 * b), xo = _mm512_loadu_ps(x + 32 * b + 16);
         for (int r = 0; r < R; r++) {
             size_t blk = (size_t)(n + r) * j->nb + b;
             for (int t = 0; t < j->terms; t++) {
-                __m128i packed = _mm_loadu_si128((const __m128i *)(j->q[t] + blk * 16));
+                /* one widening of the 16 bytes: each lane holds a byte, its low nibble the even element and its
+                   high nibble (the lane shifted right by 4: the upper bits are zero) the odd one */
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->q[t] + blk * 16)));
                 __m512i zp = _mm512_set1_epi32(j->zp[t]);
-                __m512 dot = _mm512_fmadd_ps(codes_hi(packed, zp), xo, _mm512_mul_ps(codes_lo(packed, zp), xe));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, nib), zp));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), zp));
+                __m512 dot = _mm512_fmadd_ps(hi, xo, _mm512_mul_ps(lo, xe));
                 acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(j->s[t][blk]), dot, acc[r]);
             }
             if (j->mins) macc[r] += j->mins[(size_t)b * j->N + n + r] * j->xsum[(size_t)m * j->nb + b];
