@@ -14,8 +14,8 @@ What it prints, per folder:
 * the step as the runtime serves it (:class:`~p2pinfer.runtime.model.KVDecoder`, KV cache in place, with
   the kernel of :mod:`p2pinfer.kernels`), the same with the standard graph (``P2PINFER_DECODE_KERNEL=0``),
   and as the standard graph's ``forward()`` runs it (the KV cache copied in and out), wall time, best of
-  ``--steps``, interleaved. The per-operator profile is printed for both sessions (the kernel is one custom
-  node per 4-bit layer: ``QMatMul1M``, ``QMatMul2``);
+  ``--steps``, interleaved in blocks of 8 steps. The per-operator profile is printed for both sessions
+  (the kernel is one custom node per 4-bit layer: ``QMatMul1M``, ``QMatMul2``);
 * the Python work per generated token outside onnxruntime: log-softmax (float64, the whole vocabulary), the
   fingerprint row, greedy sampling, best of 200.
 
@@ -47,6 +47,7 @@ from p2pinfer.runtime.sampling import log_softmax, sample  # noqa: E402
 
 from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
 
+BLOCK = 8  # decode steps per session before switching (see step_times)
 TEXT = "The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40
 
 
@@ -94,7 +95,12 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int, kernel:
 
 def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[float, float, float]:
     """Best wall seconds of one decode step: in place (KVDecoder) with the kernel (p2pinfer.kernels, the
-    default; inf when it is unavailable), in place with the standard graph, and through forward()."""
+    default; inf when it is unavailable), in place with the standard graph, and through forward().
+
+    The three alternate in blocks of ``BLOCK`` steps, not step by step: after its run, the standard session's
+    onnxruntime workers spin for a while, and a kernel step started right then shares the cores with them
+    (measured at load 13: 24 ms alone, 39-61 ms when each kernel step follows a standard one). A peer runs one
+    session; the best step of each block is the one without the other session's spinning."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
     plain = model.with_session(threads=threads, providers=["CPUExecutionProvider"], kernel=False)
     ids = model.encode(TEXT)[:context]
@@ -102,17 +108,19 @@ def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[fl
     with_kernel = model.decoder(cache, context + steps)
     standard = plain.decoder(cache, context + steps)
     kernel, in_place, copied = float("inf"), float("inf"), float("inf")
-    for _ in range(steps):  # interleaved, so that load hits all alike
-        if model.runs_kernel:
+    for _ in range(max(1, steps // BLOCK)):  # interleaved by blocks, so that load hits all alike
+        for _ in range(BLOCK if model.runs_kernel else 0):
             t = time.perf_counter()
             with_kernel.step(42)
             kernel = min(kernel, time.perf_counter() - t)
-        t = time.perf_counter()
-        standard.step(42)
-        in_place = min(in_place, time.perf_counter() - t)
-        t = time.perf_counter()
-        _, cache = plain.forward([42], cache)
-        copied = min(copied, time.perf_counter() - t)
+        for _ in range(BLOCK):
+            t = time.perf_counter()
+            standard.step(42)
+            in_place = min(in_place, time.perf_counter() - t)
+        for _ in range(BLOCK):
+            t = time.perf_counter()
+            plain.forward([42], cache)
+            copied = min(copied, time.perf_counter() - t)
     return kernel, in_place, copied
 
 
