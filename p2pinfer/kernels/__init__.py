@@ -270,8 +270,12 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     if lib is None:
         return None
     folder = Path(onnx_path).parent
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    rewritten = kernel_model(model, folder, kernel_threads(threads))
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        rewritten = kernel_model(model, folder, kernel_threads(threads))
+    except Exception as exc:  # an unreadable graph: the standard path reports it to the user (ModelFormatError)
+        _log().debug("kernel.graph_unreadable", path=str(onnx_path), error=type(exc).__name__)
+        return None
     if rewritten == 0:
         return None
     opts = ort.SessionOptions()

@@ -88,8 +88,10 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
     chosen = list(providers) if providers is not None else default_providers()
-    weight_files = lambda: (p for p in Path(onnx_path).parent.iterdir()  # noqa: E731
-                            if p.name.startswith(Path(onnx_path).name))
+
+    def weight_files():  # model.onnx and its external data files
+        return (p for p in Path(onnx_path).parent.iterdir() if p.name.startswith(Path(onnx_path).name))
+
     if kernel and chosen[:1] == ["CPUExecutionProvider"]:
         from .. import kernels  # compiles the kernel on first use
 
