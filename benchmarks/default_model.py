@@ -11,11 +11,16 @@ so that other load on the machine hits both sides alike:
   ``--prefill`` tokens) for ours 4-bit, ours fp32 and llama.cpp on the same GGUF with the same thread count,
   and the ratios ours / llama.cpp;
 * verification / generation time for ``--verify-tokens`` output tokens, 4-bit and fp32, greedy and sampled
-  (``--verify-sampling``), with the decode speed behind each ratio;
+  (``--verify-sampling``), with the decode speed behind each ratio; with ``--compare-rows N`` each request is
+  also verified with N rows per forward pass (e.g. 4096: one pass, as before row-bounded passes), interleaved
+  with the default (:data:`~p2pinfer.runtime.verify.VERIFY_ROWS`), and both ratios are printed;
 * resident memory: a serving process (the peer's modules, the model loaded, a greedy and a sampled request
   of ``--memory-tokens`` tokens generated and verified) against the model files + 300 MB, measured in a fresh
-  subprocess per class, stage by stage; and the peak of a first-run ``p2pinfer demo`` (empty home) against
-  1.5 GB (``--no-demo`` skips it).
+  subprocess per class, stage by stage, with the peak of each verification (``VmHWM`` reset before it, where
+  ``/proc/self/clear_refs`` allows); with ``--compare-rows`` once more per class with that many rows per pass;
+  and the peak of a first-run ``p2pinfer demo`` (empty home) against 1.5 GB (``--no-demo`` skips it).
+
+``--parts speed,verify,memory`` chooses what runs (all by default).
 
 llama.cpp comes from ``llama-cpp-python`` when it is installed (never a dependency of p2pinfer: install the
 wheel from ``../shared/wheels/`` by hand); without it the benchmark prints our figures only.
@@ -38,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from p2pinfer import log  # noqa: E402
 from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
 from p2pinfer.runtime import GREEDY, SamplingParams, ensure_tolerance, generate, load_model, verify_result  # noqa: E402
+from p2pinfer.runtime.verify import VERIFY_ROWS  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
 PREFILL_TEXT = ("The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40)
@@ -109,17 +115,22 @@ def verify_sampling(spec: str) -> list[tuple[str, SamplingParams]]:
     return out
 
 
-def memory_probe(folder: Path, threads: int, tokens: int, tolerance: float) -> dict:
+def memory_probe(folder: Path, threads: int, tokens: int, tolerance: float, rows: int | None = VERIFY_ROWS,
+                 repo: Path = REPO) -> dict:
     """Resident memory of a fresh process that serves like a peer: the peer's modules imported, the model
     loaded, then a greedy and a sampled (T = 0.8, top-p 0.95) request of ``tokens`` tokens each generated and
     verified as the verifier service does (``recheck_and_release``: the check, then freed memory handed back).
     The ``tolerance`` is the one measured here (calibrating in the probe would count calibration's memory).
 
     Each stage's ``VmRSS`` (split into anonymous and file-backed pages by ``smaps_rollup``) and the peak
-    (``VmHWM``, not ``ru_maxrss``: a child's ``ru_maxrss`` starts at its parent's high-water mark)."""
+    (``VmHWM``, not ``ru_maxrss``: a child's ``ru_maxrss`` starts at its parent's high-water mark). The
+    high-water mark is reset before each verification (``/proc/self/clear_refs``), so that its own peak is
+    read; the process's peak is the largest of the stages' peaks. ``rows``: rows per verification pass (None:
+    verify_result's default, also for a tree without the parameter); ``repo``: the tree whose code it runs."""
+    rows_arg = "" if rows is None else f", rows_per_pass={rows}"
     code = f"""
 import json, sys, time
-sys.path.insert(0, {str(REPO)!r})
+sys.path.insert(0, {str(repo)!r})
 from pathlib import Path
 
 def memory():
@@ -127,6 +138,14 @@ def memory():
               if l.strip().endswith("kB")}}
     status = {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}}
     return {{"rss": status["VmRSS"], "anon": rollup["Anonymous"], "peak": status["VmHWM"]}}
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
 
 stages = {{"start": memory()}}
 import p2pinfer.peer  # everything a serving peer imports (libp2p, onnxruntime, ...)
@@ -144,15 +163,19 @@ accepted, trim = [], 0.0
 for label, params in (("greedy", GREEDY), ("sampled", SamplingParams(temperature=0.8, top_p=0.95))):
     r = generate(m, p, max_tokens={tokens}, params=params, seed_material=bytes(32), stop_at_eos=False)
     stages["generated " + label] = memory()
+    reset = reset_peak()
     v = verify_result(m, prompt_ids=p, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes, params=params,
-                      seed_material=bytes(32), max_tokens={tokens}, finish_reason=r.finish_reason, stop_at_eos=False)
+                      seed_material=bytes(32), max_tokens={tokens}, finish_reason=r.finish_reason, stop_at_eos=False
+                      {rows_arg})
     stages["verified " + label] = memory()
+    stages["verified " + label]["reset"] = reset
     t = time.perf_counter()
     release_freed_memory()
     trim = max(trim, time.perf_counter() - t)
     stages["released " + label] = memory()
     accepted.append(v.accept)
-print(json.dumps({{"stages": stages, "accept": accepted, "trim_s": trim}}))
+print(json.dumps({{"stages": stages, "accept": accepted, "trim_s": trim,
+                  "peak": max(v["peak"] for v in stages.values())}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -174,6 +197,68 @@ def demo_peak() -> tuple[int, float]:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, seconds
 
 
+def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> None:
+    """Verification / generation time per class, sampling and output length, best of ``rounds // 2``
+    requests; with ``--compare-rows`` each request is verified both ways, interleaved (the order alternates)."""
+    ways = [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else [])
+    cols = " | ".join(f"verify s ({w} rows) | verify / generate ({w} rows)" for w in ways)
+    same = f" verify time {ways[0]} / {ways[-1]} rows, same requests |" if len(ways) > 1 else ""
+    print(f"\n| class | sampling | output tokens | decode tok/s | generate s | {cols} |{same}\n"
+          "|---|---|---|---|---|" + "---|---|" * len(ways) + ("---|" if same else ""))
+    for side in sides:
+        m = side.model
+        for label, params in verify_sampling(args.verify_sampling):
+            for n in (int(x) for x in args.verify_tokens.split(",")):
+                best: dict[int, tuple[float, float, float, float]] = {}  # rows -> (ratio, gen s, verify s, tok/s)
+                pairs = []  # verify time with the first way / with the last, per request
+                for round_ in range(max(1, args.rounds // 2)):
+                    took = {}
+                    r = generate(m, prompt, max_tokens=n, params=params, seed_material=bytes(32), stop_at_eos=False)
+                    g = r.prefill_seconds + r.decode_seconds
+                    for rows in (ways if round_ % 2 == 0 else ways[::-1]):
+                        t = time.perf_counter()
+                        v = verify_result(m, prompt_ids=prompt, output_ids=r.output_ids,
+                                          fingerprint=r.fingerprint_bytes, params=params, seed_material=bytes(32),
+                                          max_tokens=n, finish_reason=r.finish_reason, stop_at_eos=False,
+                                          rows_per_pass=rows)
+                        ver = took[rows] = time.perf_counter() - t
+                        assert v.accept, v.reason
+                        if rows not in best or ver / g < best[rows][0]:
+                            best[rows] = (ver / g, g, ver, (n - 1) / r.decode_seconds)
+                    pairs.append(took[ways[0]] / took[ways[-1]])
+                first = best[ways[0]]
+                print(f"| {m.runtime_numeric_class} | {label} | {n} | {first[3]:.1f} | {first[1]:.2f} | "
+                      + " | ".join(f"{best[w][2]:.3f} | {best[w][0]:.3f}" for w in ways) + " |"
+                      + (f" {min(pairs):.2f}–{max(pairs):.2f} |" if same else ""))
+
+
+def memory_table(folders: dict[str, Path], sides: list, args: argparse.Namespace) -> None:
+    """The serving probe per class (and per rows-per-pass setting with ``--compare-rows``)."""
+    print(f"\nServing memory: a fresh process per class, the peer's modules imported, a greedy and a sampled "
+          f"request of {args.memory_tokens} tokens generated and verified, freed memory released after each "
+          f"verification (as the verifier service does). MB; file = file-backed pages (weights, libraries); "
+          f"verify peak: the high-water mark during each verification (greedy / sampled).\n")
+    print("| class | rows per pass | files | imports | loaded | after greedy | after sampled | anon / file at end | "
+          "verify peak - files | peak | serving RSS - files (limit 300) | peak - files |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    mb = lambda n: f"{n / 1e6:.0f}"  # noqa: E731
+    for weights, folder in folders.items():
+        for rows in [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else []):
+            mem = memory_probe(folder, args.threads, args.memory_tokens,
+                               sides[0 if weights == "native" else 1].model.tolerance, rows)
+            assert all(mem["accept"]), mem
+            st, files = mem["stages"], folder_bytes(folder)
+            end = st["released sampled"]
+            verify_peaks = " / ".join(mb(st[f"verified {k}"]["peak"] - files) if st[f"verified {k}"]["reset"]
+                                      else "n/a" for k in ("greedy", "sampled"))
+            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {rows} | {mb(files)} | "
+                  f"{mb(st['imports']['rss'])} | {mb(st['loaded']['rss'])} | {mb(st['released greedy']['rss'])} | "
+                  f"{mb(end['rss'])} | {mb(end['anon'])} / {mb(end['rss'] - end['anon'])} | {verify_peaks} | "
+                  f"{mb(mem['peak'])} | **{mb(end['rss'] - files)}** | {mb(mem['peak'] - files)} |")
+            print(f"  stages ({weights}, {rows} rows): " + ", ".join(f"{k} {mb(v['rss'])}" for k, v in st.items())
+                  + f"; malloc_trim took at most {mem['trim_s'] * 1000:.0f} ms")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -188,13 +273,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-tokens", type=int, default=512,
                     help="output tokens of each request in the serving-memory probe (greedy and sampled)")
     ap.add_argument("--no-demo", action="store_true", help="skip the first-run demo's peak memory (a minute or more)")
+    ap.add_argument("--compare-rows", type=int, default=None,
+                    help=f"also verify with this many rows per forward pass (default passes: {VERIFY_ROWS} rows), "
+                         "interleaved, and probe memory with it")
+    ap.add_argument("--parts", default="speed,verify,memory",
+                    help="what to measure, comma-separated: speed (decode/prefill), verify (ratios), memory")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     log.configure(level="warning")
     gguf = find_default_gguf()
     load = os.getloadavg()
     print(f"default model {gguf.name}; {args.threads} threads; best of {args.rounds} interleaved rounds; "
           f"load average {load[0]:.1f} on {os.cpu_count()} CPUs at start")
-    demo = None if args.no_demo else demo_peak()  # first: its peak is read as the largest child so far
+    demo = None if args.no_demo or "memory" not in parts else demo_peak()  # first: read as the largest child so far
     with tempfile.TemporaryDirectory(prefix="p2pinfer-bench-") as tmp:
         folders = {}
         for weights in ("native", "fp32"):
@@ -205,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"({folder_bytes(result.out_dir) / gguf.stat().st_size:.2f}x the GGUF's "
                   f"{gguf.stat().st_size / 1e6:.1f} MB), {time.perf_counter() - t:.1f} s")
         sides = [Ours(folders["native"], args.threads), Ours(folders["fp32"], args.threads)]
-        if not args.no_llama_cpp:
+        if not args.no_llama_cpp and "speed" in parts:
             try:
                 sides.append(LlamaCpp(gguf, args.threads))
             except ImportError:
@@ -219,66 +310,32 @@ def main(argv: list[str] | None = None) -> None:
         for s in sides:  # warm-up (first-run allocations, prepacking)
             s.decode(prompt, 4)
             s.prefill(long_ids[:32])
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if "speed" in parts else 0):
             for s in sides:
                 rate, ids = s.decode(prompt, args.tokens)
                 decode[s.name] = max(decode[s.name], rate)
                 greedy[s.name] = ids
                 prefill[s.name] = max(prefill[s.name], s.prefill(long_ids))
-        base = sides[-1].name if isinstance(sides[-1], LlamaCpp) else None
-        print(f"\n| runtime | decode tokens/s | prefill tokens/s ({len(long_ids)} tokens) |"
-              + (" decode / llama.cpp | prefill / llama.cpp |" if base else ""))
-        print("|---|---|---|" + ("---|---|" if base else ""))
-        for s in sides:
-            row = f"| {s.name} | {decode[s.name]:.1f} | {prefill[s.name]:.0f} |"
+        if "speed" in parts:
+            base = sides[-1].name if isinstance(sides[-1], LlamaCpp) else None
+            print(f"\n| runtime | decode tokens/s | prefill tokens/s ({len(long_ids)} tokens) |"
+                  + (" decode / llama.cpp | prefill / llama.cpp |" if base else ""))
+            print("|---|---|---|" + ("---|---|" if base else ""))
+            for s in sides:
+                row = f"| {s.name} | {decode[s.name]:.1f} | {prefill[s.name]:.0f} |"
+                if base:
+                    row += f" {decode[s.name] / decode[base]:.2f} | {prefill[s.name] / prefill[base]:.2f} |"
+                print(row)
             if base:
-                row += f" {decode[s.name] / decode[base]:.2f} | {prefill[s.name] / prefill[base]:.2f} |"
-            print(row)
-        if base:
-            same = sum(a == b for a, b in zip(greedy[sides[0].name], greedy[base]))
-            print(f"greedy tokens identical to llama.cpp's: first {next((i for i, (a, b) in enumerate(zip(greedy[sides[0].name], greedy[base])) if a != b), args.tokens)} "
-                  f"of {args.tokens} ({same} positions equal)")
+                same = sum(a == b for a, b in zip(greedy[sides[0].name], greedy[base]))
+                print(f"greedy tokens identical to llama.cpp's: first {next((i for i, (a, b) in enumerate(zip(greedy[sides[0].name], greedy[base])) if a != b), args.tokens)} "
+                      f"of {args.tokens} ({same} positions equal)")
 
-        print("\n| class | sampling | output tokens | decode tok/s | generate s | verify s | verify / generate |\n"
-              "|---|---|---|---|---|---|---|")
-        for s in sides[:2]:
-            m = s.model
-            for label, params in verify_sampling(args.verify_sampling):
-                for n in (int(x) for x in args.verify_tokens.split(",")):
-                    best_ratio, best = None, None
-                    for _ in range(max(1, args.rounds // 2)):
-                        r = generate(m, prompt, max_tokens=n, params=params, seed_material=bytes(32),
-                                     stop_at_eos=False)
-                        g = r.prefill_seconds + r.decode_seconds
-                        t = time.perf_counter()
-                        v = verify_result(m, prompt_ids=prompt, output_ids=r.output_ids,
-                                          fingerprint=r.fingerprint_bytes, params=params, seed_material=bytes(32),
-                                          max_tokens=n, finish_reason=r.finish_reason, stop_at_eos=False)
-                        ver = time.perf_counter() - t
-                        assert v.accept, v.reason
-                        if best_ratio is None or ver / g < best_ratio:
-                            best_ratio, best = ver / g, (g, ver, (n - 1) / r.decode_seconds)
-                    print(f"| {m.runtime_numeric_class} | {label} | {n} | {best[2]:.1f} | {best[0]:.2f} | "
-                          f"{best[1]:.3f} | {best_ratio:.3f} |")
+        if "verify" in parts:
+            verify_table(sides[:2], prompt, args)
 
-        print(f"\nServing memory: a fresh process per class, the peer's modules imported, a greedy and a sampled "
-              f"request of {args.memory_tokens} tokens generated and verified, freed memory released after each "
-              f"verification (as the verifier service does). MB; file = file-backed pages (weights, libraries).\n")
-        print("| class | files | imports | loaded | after greedy | after sampled | anon / file at end | peak | "
-              "serving RSS - files (limit 300) | peak - files |\n|---|---|---|---|---|---|---|---|---|---|")
-        for weights, folder in folders.items():
-            mem = memory_probe(folder, args.threads, args.memory_tokens,
-                               sides[0 if weights == "native" else 1].model.tolerance)
-            assert all(mem["accept"]), mem
-            st, files = mem["stages"], folder_bytes(folder)
-            end = st["released sampled"]
-            mb = lambda n: f"{n / 1e6:.0f}"  # noqa: E731
-            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {mb(files)} | {mb(st['imports']['rss'])} | "
-                  f"{mb(st['loaded']['rss'])} | {mb(st['released greedy']['rss'])} | {mb(end['rss'])} | "
-                  f"{mb(end['anon'])} / {mb(end['rss'] - end['anon'])} | {mb(end['peak'])} | "
-                  f"**{mb(end['rss'] - files)}** | {mb(end['peak'] - files)} |")
-            print(f"  stages ({weights}): " + ", ".join(f"{k} {mb(v['rss'])}" for k, v in st.items())
-                  + f"; malloc_trim took at most {mem['trim_s'] * 1000:.0f} ms")
+        if "memory" in parts:
+            memory_table(folders, sides, args)
         if demo is not None:
             print(f"\nfirst-run demo (empty home: import, calibration, five peers): peak {demo[0] / 1e9:.2f} GB "
                   f"(limit 1.5 GB), {demo[1]:.0f} s")

@@ -11,6 +11,8 @@ Two kinds of resident memory outlive their use in a process that runs onnxruntim
   head) keeps its mapping, so all its pages stay resident beside the packed copy although a token's
   embedding row is a few KB. :func:`drop_clean_file_pages` unmaps those pages from the process (they stay in
   the page cache, which the kernel reclaims as it needs); a later read faults the page back in from the file.
+  :func:`drop_read_only_mapped_pages` does the same for one block of a read-only ``np.memmap`` (the float64
+  reference reads a large weight a block at a time).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import mmap
 import os
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
 
 _MADV_DONTNEED = 4  # <sys/mman.h> on Linux (every architecture Python runs on)
 
@@ -68,6 +72,25 @@ def drop_clean_file_pages(paths: Iterable[Path]) -> int:
         if resident and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
             dropped += resident
     return dropped
+
+
+def drop_read_only_mapped_pages(view: np.ndarray) -> None:
+    """Drop this process's resident pages under ``view`` when it lies in a read-only file mapping
+    (``np.memmap`` opened with mode ``"r"``): nothing can have written them, and a later read faults them back
+    in from the page cache with the same bytes. Pages only partly under ``view`` are kept; any other array is
+    left alone. The float64 reference reads a weight matrix once, a block at a time, and calls this after each
+    block, so that the matrix is never resident whole in the process."""
+    if not isinstance(view, np.memmap) or getattr(view, "mode", None) != "r" or not view.flags.c_contiguous:
+        return
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return
+    address = view.__array_interface__["data"][0]
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def _clean_mappings(files: set[tuple[int, int]]) -> list[tuple[int, int, int]]:

@@ -290,6 +290,71 @@ class KVDecoder:
         return np.asarray(self._logits[0, 0], dtype=np.float32)  # as forward() returns it (no copy for float32)
 
 
+class KVPasses:
+    """Multi-token passes that extend the KV cache in place, every row's logits returned: a verifier's
+    row-bounded passes over the output (:func:`~p2pinfer.runtime.verify.verification_passes`).
+
+    ``forward`` hands onnxruntime the whole past and gets a grown copy back: past, present and onnxruntime's
+    output copy exist together, ~50 MB at 557 SmolLM2 positions and growing with the sequence, which was most of
+    a row-bounded pass's transient memory. Where :class:`KVDecoder` shares the KV buffer (a GroupQueryAttention
+    graph on CPU), this binds one buffer per key/value ``[1, kv_heads, capacity, head_dim]`` as past and present
+    (GroupQueryAttention appends a pass of any length in place) and the logits land in a reused buffer of
+    ``rows`` rows. Each pass computes what ``forward(ids, cache)`` computes (tests compare them bit for bit).
+    Other graphs fall back to ``forward``. Runs :attr:`LoadedModel.session` (the graph prefill uses)."""
+
+    def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int, rows: int) -> None:
+        if capacity > model.context_length:
+            raise ValueError(f"capacity {capacity} exceeds the model's context length {model.context_length}")
+        self._model = model
+        self.length = cache.length
+        self._cache: KVCache | None = cache
+        self._binding = None
+        session = model.session
+        logits_out = next(o for o in session.get_outputs() if o.name == "logits")
+        vocab = logits_out.shape[-1]
+        if not model.shares_kv_buffer or capacity <= cache.length or not isinstance(vocab, int) \
+                or logits_out.type not in _NP_TYPES:
+            return
+        shape = cache.arrays[0].shape
+        self._buffers = []
+        for past in cache.arrays:  # np.zeros maps pages lazily: resident as positions are written
+            buffer = np.zeros((shape[0], shape[1], capacity, shape[3]), dtype=past.dtype)
+            buffer[:, :, :cache.length] = past
+            self._buffers.append(buffer)
+        self._logits = np.zeros((1, rows, vocab), dtype=_NP_TYPES[logits_out.type])
+        self._mask = np.ones((1, capacity), dtype=np.int64)
+        self._capacity, self._rows = capacity, rows
+        binding = session.io_binding()
+        for name, buffer in zip(model.io.past_names, self._buffers):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buffer))
+        for name, buffer in zip(model.io.present_names, self._buffers):
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer))
+        self._binding, self._session = binding, session
+        self._cache = None  # the buffers hold it now
+
+    def run(self, ids: Sequence[int]) -> np.ndarray:
+        """Run ``ids`` (at most ``rows`` of them) after the cache; float32 logits ``[len(ids), vocab]``, valid
+        until the next run."""
+        n = len(ids)
+        if self._binding is None:
+            assert self._cache is not None
+            logits, self._cache = self._model.forward(ids, self._cache)
+            self.length = self._cache.length
+            return logits
+        if not 1 <= n <= self._rows or self.length + n > self._capacity:
+            raise ValueError(f"a pass runs 1..{self._rows} tokens within {self._capacity} positions; got {n} "
+                             f"after {self.length}")
+        self._binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=self._model.io.ids_dtype))
+        if self._model.io.has_position_ids:
+            self._binding.bind_cpu_input("position_ids", np.arange(self.length, self.length + n, dtype=np.int64)[None])
+        self._binding.bind_cpu_input("attention_mask", self._mask[:, :self.length + n])  # its length: the total
+        logits = self._logits[:, :n]  # the first n rows: contiguous
+        self._binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self._session.run_with_iobinding(self._binding)
+        self.length += n
+        return np.asarray(logits[0], dtype=np.float32)  # as forward() returns it (no copy for float32)
+
+
 @dataclass
 class ModelInfo:
     """Static facts read from the folder's JSON files and tokenizer."""
@@ -428,6 +493,10 @@ class LoadedModel:
         out = self.session.run(["logits", *self.io.present_names], feed)
         logits = np.asarray(out[0][0][-keep:], dtype=np.float32)
         return logits, KVCache(list(out[1:]), past + s)
+
+    def passes(self, cache: KVCache, capacity: int, rows: int) -> KVPasses:
+        """A :class:`KVPasses` continuing ``cache``: passes of up to ``rows`` tokens, ``capacity`` positions."""
+        return KVPasses(self, cache, capacity, rows)
 
     def decoder(self, cache: KVCache, capacity: int) -> KVDecoder:
         """A :class:`KVDecoder` continuing ``cache``, with room for ``capacity`` positions in all."""

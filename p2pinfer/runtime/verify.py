@@ -1,8 +1,11 @@
 """Verifying a claimed result: one teacher-forced prefill over prompt + output, then the fingerprint check.
 
-The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model (in chunks of
-:data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens over the KV cache, which bounds memory), takes the
-log-softmax rows that predicted each output token, and runs :class:`~.fingerprint.FingerprintChecker`. At a
+The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the KV cache in passes that
+:func:`verification_passes` plans: the prompt-only positions in chunks of
+:data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``),
+then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM head's intermediates and the
+log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
+log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
 near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
 (:mod:`.reference`, run for that row only).
 Before that it checks what needs no model: format, commitment, row count, and that the finish reason fits
@@ -26,6 +29,29 @@ from .sampling import LogProbRows, SamplingParams, log_softmax
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.verify")
+
+#: Checked rows computed per forward pass. A pass's transient memory grows with its rows: the logits (49,152
+#: float32 values a row on SmolLM2; the 4-bit head holds two terms and their sum) and activations, ~1 MB a row.
+#: On SmolLM2 a 512-token verification peaked at files + 595-631 MB in one pass and at files + 291-355 MB in
+#: passes of 64 (docs/models.md, "Serving memory"), in about the same time on 4-bit and ~15 % more forward
+#: time on fp32; 32 rows would save ~40 MB more at ~1.4x the forward time. A row's values do not depend on
+#: the pass it is computed in (measured bit for bit), so neither does the verdict.
+VERIFY_ROWS = 64
+
+
+def verification_passes(prompt_len: int, seq_len: int, *, rows: int = VERIFY_ROWS,
+                        prefill: int = PREFILL_CHUNK) -> list[tuple[int, int, int]]:
+    """The forward passes of a teacher-forced prefill over ``seq_len`` positions whose rows from
+    ``prompt_len - 1`` on are checked: ``(lo, hi, keep)`` runs positions ``lo..hi-1`` and computes the last
+    ``keep`` rows. Positions before the first checked row go ``prefill`` at a time keeping one row (it is not
+    used); the checked rows go ``rows`` at a time keeping all. Together the passes run every position once,
+    in order, and their kept checked rows are exactly rows ``prompt_len - 1 .. seq_len - 1``."""
+    if prompt_len < 1 or seq_len < prompt_len or rows < 1 or prefill < 1:
+        raise ValueError("need 1 <= prompt_len <= seq_len, rows >= 1 and prefill >= 1")
+    first_row = prompt_len - 1
+    passes = [(lo, min(lo + prefill, first_row), 1) for lo in range(0, first_row, prefill)]
+    passes += [(lo, min(lo + rows, seq_len), min(lo + rows, seq_len) - lo) for lo in range(first_row, seq_len, rows)]
+    return passes
 
 
 def _reject(position: int | None, reason: str) -> FingerprintVerdict:
@@ -69,9 +95,11 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
                   fingerprint: bytes, params: SamplingParams, seed_material: bytes, max_tokens: int,
                   finish_reason: str, stop: Sequence[str] = (), commitment: bytes | None = None,
                   fingerprint_format: str = FORMAT, tolerance: float | None = None,
-                  stop_at_eos: bool = True, stop_at_first: bool = True) -> FingerprintVerdict:
+                  stop_at_eos: bool = True, stop_at_first: bool = True,
+                  rows_per_pass: int = VERIFY_ROWS) -> FingerprintVerdict:
     """Re-check an executor's claimed output. ``tolerance`` defaults to the model's calibrated one
-    (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none).
+    (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none). ``rows_per_pass`` bounds the
+    log-prob rows one forward pass computes (memory against per-pass overhead; the verdict does not depend on it).
 
     ``first_bad_position`` in the verdict is an output index (0-based).
     """
@@ -79,7 +107,8 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
     tol = model.measured_tolerance() if tolerance is None else tolerance  # never a default: measured or refused
     prompt_ids, output_ids = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
     verdict = _verify(model, prompt_ids, output_ids, fingerprint, params, seed_material, max_tokens,
-                      finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first)
+                      finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first,
+                      rows_per_pass)
     _log().info("verify.done", model=model.digest_hex[:16], accept=verdict.accept,
              first_bad=verdict.first_bad_position, reason=verdict.reason or None,
              max_deviation=f"{verdict.max_deviation:.3g}", tokens=len(output_ids),
@@ -90,7 +119,7 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
 def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fingerprint: bytes,
             params: SamplingParams, seed_material: bytes, max_tokens: int, finish_reason: str,
             stop: Sequence[str], commitment: bytes | None, fingerprint_format: str, tol: float,
-            stop_at_eos: bool, stop_at_first: bool) -> FingerprintVerdict:
+            stop_at_eos: bool, stop_at_first: bool, rows: int) -> FingerprintVerdict:
     if fingerprint_format != FORMAT:
         return _reject(None, f"unsupported fingerprint format {fingerprint_format!r}")
     if commitment is not None and fingerprint_commitment(fingerprint, fingerprint_format) != commitment:
@@ -121,30 +150,31 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
 
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
                                  reference_row=reference_row)
-    first_row = len(prompt_ids) - 1
-    cache = model.empty_cache()
-    for lo in range(0, len(seq), PREFILL_CHUNK):
-        chunk = seq[lo:lo + PREFILL_CHUNK]
-        start = max(first_row, lo)
-        # the LM head runs for the checked rows only (a prompt-only chunk still returns one row)
-        logits, cache = model.forward(chunk, cache, last=max(1, lo + len(chunk) - start))
-        if start < lo + len(chunk):
-            checker.check_rows(start - first_row, LogProbRows.from_logits(logits))
+    for start, logits in _checked_rows(model, prompt_ids, seq, rows):
+        checker.check_rows(start, LogProbRows.from_logits(logits))
         if checker.done:
             break
     return checker.verdict()
 
 
+def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int):
+    """(output index of the first row, float32 logits rows) of each checked pass, in order. The prompt-only
+    passes go through ``forward`` (one row kept: no LM head where the graph allows); the checked passes extend
+    the KV cache in place (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
+    first_row = len(prompt_ids) - 1
+    cache = model.empty_cache()
+    passes = verification_passes(len(prompt_ids), len(seq), rows=rows)
+    checked = [p for p in passes if p[1] > first_row]
+    for lo, hi, keep in passes[:len(passes) - len(checked)]:
+        _, cache = model.forward(seq[lo:hi], cache, last=keep)
+    extend = model.passes(cache, len(seq), rows)
+    del cache  # the passes' buffers hold it now
+    for lo, hi, _ in checked:
+        yield lo - first_row, extend.run(seq[lo:hi])
+
+
 def recompute_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
     """The teacher-forced log-prob rows ``[len(output_ids), vocab]`` (for tests and calibration)."""
     seq = [*prompt_ids, *output_ids[:-1]]
-    first_row = len(prompt_ids) - 1
-    cache = model.empty_cache()
-    rows = []
-    for lo in range(0, len(seq), PREFILL_CHUNK):
-        chunk = seq[lo:lo + PREFILL_CHUNK]
-        start = max(first_row, lo)
-        logits, cache = model.forward(chunk, cache, last=max(1, lo + len(chunk) - start))
-        if start < lo + len(chunk):
-            rows.append(log_softmax(logits))
-    return np.concatenate(rows)
+    return np.concatenate([log_softmax(logits) for _, logits in _checked_rows(model, list(prompt_ids), seq,
+                                                                                 VERIFY_ROWS)])

@@ -1,0 +1,114 @@
+"""Verification in row-bounded passes: the plan covers every position once, and the check's result does not
+depend on how many rows a pass computes (docs/models.md, "Serving memory")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from p2pinfer.runtime import GREEDY, SamplingParams, generate, load_model, sampling_seed, verify_result
+from p2pinfer.runtime.sampling import log_softmax
+from p2pinfer.runtime.verify import recompute_logprobs, verification_passes
+
+SEED = sampling_seed(bytes(range(32)), None)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.95)
+PROMPT = "def parse_args(argv):\n    parser = argparse."
+N = 40
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt_len=st.integers(1, 3000), extra=st.integers(0, 3000), rows=st.integers(1, 700),
+       prefill=st.integers(1, 700))
+def test_passes_run_every_position_once_and_keep_exactly_the_checked_rows(prompt_len, extra, rows, prefill) -> None:
+    seq_len = prompt_len + extra
+    passes = verification_passes(prompt_len, seq_len, rows=rows, prefill=prefill)
+    assert passes[0][0] == 0 and passes[-1][1] == seq_len
+    assert all(a[1] == b[0] for a, b in zip(passes, passes[1:]))  # contiguous, in order: each position once
+    first_row = prompt_len - 1
+    kept = []
+    for lo, hi, keep in passes:
+        assert lo < hi and 1 <= keep <= hi - lo
+        if hi <= first_row:  # a prompt-only pass: one row, not used
+            assert keep == 1 and hi - lo <= prefill
+        else:  # a checked pass starts at or after the first checked row and computes at most `rows` rows
+            assert lo >= first_row and keep == hi - lo <= rows
+            kept.extend(range(hi - keep, hi))
+    assert kept == list(range(first_row, seq_len))
+
+
+@pytest.mark.parametrize("bad", [(0, 5, 10), (3, 2, 10), (3, 5, 0)])
+def test_a_plan_that_cannot_exist_is_refused(bad) -> None:
+    prompt_len, seq_len, rows = bad
+    with pytest.raises(ValueError):
+        verification_passes(prompt_len, seq_len, rows=rows)
+
+
+def _one_pass_rows(model, prompt_ids, output_ids) -> np.ndarray:
+    seq = [*prompt_ids, *output_ids[:-1]]
+    logits, _ = model.forward(seq, model.empty_cache(), last=len(output_ids))
+    return log_softmax(logits)
+
+
+def test_row_bounded_passes_match_one_pass_within_the_calibrated_tolerance(trained_model) -> None:
+    prompt = trained_model.encode(PROMPT)
+    result = generate(trained_model, prompt, max_tokens=N, params=SAMPLED, seed_material=SEED, stop_at_eos=False)
+    whole = _one_pass_rows(trained_model, prompt, result.output_ids)
+    passes = recompute_logprobs(trained_model, prompt, result.output_ids)
+    assert passes.shape == whole.shape == (N, trained_model.info.vocab_size)
+    drift = float(np.max(np.abs(passes - whole)))
+    assert drift <= trained_model.tolerance, drift
+
+
+@pytest.fixture(scope="module")
+def cheater(shared_models, trained_model):
+    """The 1 %-perturbed model under the honest digest."""
+    return load_model(shared_models / "tiny-llama-trained-perturbed", digest=trained_model.digest,
+                      providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("who", ["honest", "cheater"])
+def test_the_verdict_does_not_depend_on_the_rows_per_pass(trained_model, cheater, params, who) -> None:
+    executor = trained_model if who == "honest" else cheater
+    prompt = trained_model.encode(PROMPT)
+    result = generate(executor, prompt, max_tokens=N, params=params, seed_material=SEED, stop_at_eos=False)
+    verdicts = [verify_result(trained_model, prompt_ids=prompt, output_ids=result.output_ids,
+                              fingerprint=result.fingerprint_bytes, params=params, seed_material=SEED, max_tokens=N,
+                              finish_reason=result.finish_reason, stop_at_eos=False, stop_at_first=False,
+                              rows_per_pass=rows)
+                for rows in (1, 7, 64, 4096)]
+    assert all(v.accept == (who == "honest") for v in verdicts), [v.reason for v in verdicts]
+    first = verdicts[0]
+    for v in verdicts[1:]:
+        assert (v.accept, v.first_bad_position, v.positions_checked, v.positions_failed) == \
+            (first.accept, first.first_bad_position, first.positions_checked, first.positions_failed)
+        assert abs(v.max_deviation - first.max_deviation) <= trained_model.tolerance
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-attention", "portable-attention"])
+def test_in_place_passes_equal_forward(tmp_path, fused: bool) -> None:
+    """KVPasses (one KV buffer bound as past and present, passes of several tokens) computes exactly what
+    forward() computes over a growing cache; graphs whose attention cannot share the buffer fall back to it."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf_fixtures import TinyLlama, write_tiny_llama
+
+    from p2pinfer.gguf import import_gguf
+
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    write_tiny_llama(tmp_path / "m.gguf", cfg)
+    import_gguf(tmp_path / "m.gguf", tmp_path / "m", fused_attention=fused)
+    model = load_model(tmp_path / "m", threads=1, providers=["CPUExecutionProvider"])
+    assert model.shares_kv_buffer is fused
+    ids = [5, 77, 200, 3, 260, 261, 99, 12, 140, 33, 7, 18, 64]
+    _, cache = model.forward(ids[:3], model.empty_cache(), last=1)
+    passes = model.passes(cache, capacity=len(ids), rows=4)
+    for lo, hi in ((3, 7), (7, 8), (8, 12), (12, 13)):
+        logits, cache = model.forward(ids[lo:hi], cache)
+        assert np.array_equal(passes.run(ids[lo:hi]), logits), (lo, hi)
+        assert passes.length == cache.length == hi
+    if fused:
+        with pytest.raises(ValueError):
+            passes.run([1])  # no room left
+        with pytest.raises(ValueError):
+            model.passes(model.empty_cache(), capacity=len(ids), rows=4).run(ids[:5])  # more than 4 rows
