@@ -109,10 +109,14 @@ def _announcement(identity: Identity, *, seq: int, issued: int | None = None, tt
 
 
 async def test_bad_announcements_are_dropped_and_never_forwarded() -> None:
+    # No reachability check: it makes a peer announce again at once (its addresses changed), and two
+    # announcements of the honest peer in flight over two paths (via the relay, and directly once the DHT
+    # connects the two) can arrive out of order: an honest "stale" at the watcher, indistinguishable from a
+    # forwarded one.
     async with AsyncExitStack() as stack:
         relay = await start(stack, role="bootstrap")
-        watcher = await start(stack, bootstrap=relay.addrs)  # connected to the relay only
-        honest = await start(stack, bootstrap=relay.addrs)
+        watcher = await start(stack, bootstrap=relay.addrs, nat_traversal=False)  # the rogues reach it only via the relay
+        honest = await start(stack, bootstrap=relay.addrs, nat_traversal=False)
         await wait_until(lambda: honest.peer_id in watcher.table, what="honest announcement")
         honest_envelope = encode_signed(honest.identity, honest.table.get(honest.peer_id, now_ms()) or
                                         honest.build_announcement())
@@ -153,10 +157,17 @@ async def test_bad_announcements_are_dropped_and_never_forwarded() -> None:
 
         await pubsub.publish(CAPACITY_TOPIC, bytes(tampered))  # the flipped byte may hit payload or signature
         await wait_until(lambda: signature_or_format_rejections() >= 3, what="tampered rejection")
-        # The watcher only ever saw what the relay accepted: honest + the one valid rogue announcement.
-        await trio.sleep(1.0)  # a few heartbeats for any (wrongly) forwarded message to arrive
-        assert set(watcher.counters) <= {"accepted", "announcements.sent"}, watcher.counters
-        assert watcher.table.get(rogue_id.peer_id, now_ms()).seq == 10
+        # The relay has handled every bad message; a valid marker goes out after them on the same
+        # relay-to-watcher stream, so once the watcher holds it, anything wrongly forwarded has arrived.
+        await pubsub.publish(CAPACITY_TOPIC, encode_signed(rogue_id, _announcement(rogue_id, seq=11)))
+        await wait_until(lambda: getattr(watcher.table.get(rogue_id.peer_id, now_ms()), "seq", 0) == 11,
+                         what="the marker at the watcher")
+        # The watcher only ever saw what the relay accepted: it rejected nothing, by gossip or by sync, and
+        # recorded no fault. (Other counters, such as sync.failed, say how a loaded machine treated honest
+        # traffic.)
+        rejected = {k: v for k, v in watcher.gossip.counters.items() if k != "accepted"}
+        rejected |= {k: v for k, v in watcher.counters.items() if k.startswith(("sync.rejected", "fault.", "banned"))}
+        assert rejected == {}, watcher.counters
         assert watcher.table.get(honest.peer_id, now_ms()).software.startswith("p2pinfer/")
         assert not relay.guard.is_banned(honest.peer_id) and not relay.guard.is_banned(watcher.peer_id)
 
