@@ -118,8 +118,11 @@ async def peers(stack: AsyncExitStack, first: Identity, second: Identity) -> tup
 
 async def echo(peer_id: str, body: bytes) -> bytes:
     if body == b"wait":
-        await trio.sleep(1.0)  # long enough for the other end's duplicate dial to arrive meanwhile
+        await RELEASE[0].wait()  # held until the duplicate connection has been settled at both ends
     return body.upper()
+
+
+RELEASE: list[trio.Event] = []
 
 
 async def answer_which(stream: INetStream) -> None:
@@ -205,16 +208,24 @@ async def test_a_request_on_the_losing_connection_completes_before_it_closes() -
         a, b, log_a, log_b = await peers(stack, first, second)
         await b.connect(info(a))
         losing = table(b, a)[0]
+        # Both pubsub streams are up, so on the only connection there is: the one that will lose.
+        await wait_until(lambda: pubsub_conn(a, b) is not None and pubsub_conn(b, a) is losing.muxed_conn,
+                         what="both pubsub streams")
+        RELEASE[:] = [trio.Event()]
         async with trio.open_nursery() as nursery:
             replies: list[bytes] = []
 
-            async def slow_request() -> None:
-                replies.append(await b.request(a.peer_id, ECHO, b"wait", timeout=60))
+            async def held_request() -> None:
+                replies.append(await b.request(a.peer_id, ECHO, b"wait", timeout=600))
 
-            nursery.start_soon(slow_request)
+            nursery.start_soon(held_request)
             await wait_until(lambda: len(losing.get_streams()) >= 1, what="b's request stream")
             # a's own dial, although it is already connected (as a simultaneous dial would have raced it)
             await a.host.get_network().dial_addr(multiaddr.Multiaddr(info(b).addrs[0]), to_libp2p_id(b.peer_id))
+            await wait_until(lambda: dialers(a, b) == ["OUTBOUND"] and dialers(b, a) == ["INBOUND"],
+                             what="both ends to use only the connection a dialled")
+            assert not losing.is_closed and not replies  # the request on it is still running: not cut off
+            RELEASE[0].set()
         assert replies == [b"WAIT"]
         await wait_until(lambda: outcome(a, b, log_a, log_b) == SETTLED, what="one connection left at each end")
         assert losing.is_closed
@@ -225,7 +236,12 @@ async def test_a_request_on_the_losing_connection_completes_before_it_closes() -
         # anything was published (a stream left on it would only fail, and lose a message, at the next write).
         for node, other, kept in ((a, b, kept_a), (b, a, kept_b)):
             await wait_until(lambda: pubsub_conn(node, other) is kept.muxed_conn, what="pubsub on the kept connection")
+            assert node.pubsub.streams_moved == 1  # moved as the connection closed, not after a failed write
         await gossip_flows_both_ways(a, b, 50)
+
+
+def dialers(node: Node, other: Node) -> list[str]:
+    return [c.direction.name for c in table(node, other)]
 
 
 def pubsub_conn(node: Node, other: Node) -> Any:
