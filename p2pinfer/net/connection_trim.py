@@ -15,6 +15,9 @@ period at 0 both connections died in every round of a simultaneous dial (tests/n
   closed when the streams it already carries have ended (a request the race placed on it still completes),
   after at most :data:`DRAIN_LIMIT_S`. Pubsub's long-lived streams do not hold it open: pubsub moves its
   stream to the kept connection when the loser closes (:class:`p2pinfer.net.gossip.PatientPubsub`).
+  If the kept connection goes away first, the losing one is taken back into use at once (in
+  ``remove_conn``, before anyone is told of a disconnection): the other end may never have completed the
+  kept one (its inbound upgrade timed out on a loaded machine), and then uses the loser.
 * Anything left over (several direct connections dialled by the same peer, relayed ones) goes to
   py-libp2p's own trim as before.
 """
@@ -47,7 +50,9 @@ def install_duplicate_trim(host: IHost) -> None:
     """Settle duplicate connections on ``host``'s swarm by the shared rule (see the module docstring)."""
     swarm: Any = host.get_network()
     upstream_trim = swarm._trim_connections
+    upstream_remove = swarm.remove_conn
     local = swarm.get_peer_id().to_bytes()
+    draining: dict[ID, list[INetConn]] = {}  # losing connections still open, per peer
 
     def trim_connections(peer_id: ID) -> None:
         conns = [c for c in swarm.connections.get(peer_id, []) if not c.is_closed]
@@ -58,11 +63,50 @@ def install_duplicate_trim(host: IHost) -> None:
                 log.debug("connection.duplicate_closing", peer=peer_id.to_base58(), dialer=dialer_of(conn).value,
                           streams=len(conn.get_streams()))
                 swarm.cleanup_connection_health(peer_id, conn)
-                swarm.manager.run_task(_drain_then_close, conn)
+                draining.setdefault(peer_id, []).append(conn)
+                swarm.manager.run_task(drain_then_close, peer_id, conn)
         if len(swarm.connections.get(peer_id, [])) > swarm.connection_config.max_connections_per_peer:
             upstream_trim(peer_id)
 
+    def remove_conn(swarm_conn: Any) -> None:
+        """py-libp2p's, then: when the last connection in use to a peer is gone while a losing one is still
+        open, that one is used again. In the same step, before anyone is told of the disconnection, so the
+        peer never looks disconnected (pubsub would drop it and forget its subscriptions)."""
+        upstream_remove(swarm_conn)
+        peer_id = swarm_conn.muxed_conn.peer_id
+        if any(not c.is_closed for c in swarm.connections.get(peer_id, [])):
+            return
+        for conn in draining.get(peer_id, []):
+            if conn is not swarm_conn and not conn.is_closed:
+                forget_draining(peer_id, conn)
+                swarm.connections.setdefault(peer_id, []).append(conn)
+                swarm.initialize_connection_health(peer_id, conn)
+                log.debug("connection.duplicate_restored", peer=peer_id.to_base58())
+                return
+
+    def forget_draining(peer_id: ID, conn: INetConn) -> None:
+        rest = [c for c in draining.get(peer_id, []) if c is not conn]
+        if rest:
+            draining[peer_id] = rest
+        else:
+            draining.pop(peer_id, None)
+
+    async def drain_then_close(peer_id: ID, conn: INetConn) -> None:
+        try:
+            with trio.move_on_after(DRAIN_LIMIT_S):
+                while not conn.is_closed and carries_work(conn) and conn not in swarm.connections.get(peer_id, []):
+                    await trio.sleep(DRAIN_POLL_S)
+        finally:
+            forget_draining(peer_id, conn)
+            if conn not in swarm.connections.get(peer_id, []):  # not taken back into use meanwhile
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await conn.close()
+                    except Exception as exc:
+                        log.debug("connection.duplicate_close_failed", error=repr(exc)[:200])
+
     swarm._trim_connections = trim_connections
+    swarm.remove_conn = remove_conn
 
 
 def dialer_of(conn: INetConn) -> Dialer:
@@ -87,16 +131,3 @@ def carries_work(conn: INetConn) -> bool:
         if not protocol.startswith(LONG_LIVED_PROTOCOL_PREFIXES):
             return True
     return False
-
-
-async def _drain_then_close(conn: INetConn) -> None:
-    try:
-        with trio.move_on_after(DRAIN_LIMIT_S):
-            while not conn.is_closed and carries_work(conn):
-                await trio.sleep(DRAIN_POLL_S)
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await conn.close()
-            except Exception as exc:
-                log.debug("connection.duplicate_close_failed", error=repr(exc)[:200])

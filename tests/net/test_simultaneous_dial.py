@@ -146,8 +146,8 @@ async def carried_by(opener: Node, other: Node) -> tuple[Any, Any]:
 
 def outcome(a: Node, b: Node, log_a: ConnectionLog, log_b: ConnectionLog) -> str:
     ta, tb = table(a, b), table(b, a)
-    open_a = len([c for c in log_a.conns if not c.is_closed])
-    open_b = len([c for c in log_b.conns if not c.is_closed])
+    open_a = len({id(c) for c in log_a.conns if not c.is_closed})  # a restored connection is announced again
+    open_b = len({id(c) for c in log_b.conns if not c.is_closed})
     return f"a holds {open_a} (uses {len(ta)}), b holds {open_b} (uses {len(tb)})"
 
 
@@ -208,9 +208,11 @@ async def test_a_request_on_the_losing_connection_completes_before_it_closes() -
         a, b, log_a, log_b = await peers(stack, first, second)
         await b.connect(info(a))
         losing = table(b, a)[0]
-        # Both pubsub streams are up, so on the only connection there is: the one that will lose.
+        # Both pubsub streams are up, so on the only connection there is: the one that will lose; and both
+        # start-up announcements have arrived, so nothing is written on them until the next one (60 s).
         await wait_until(lambda: pubsub_conn(a, b) is not None and pubsub_conn(b, a) is losing.muxed_conn,
                          what="both pubsub streams")
+        await wait_until(lambda: a.peer_id in b.table and b.peer_id in a.table, what="the start-up announcements")
         RELEASE[:] = [trio.Event()]
         async with trio.open_nursery() as nursery:
             replies: list[bytes] = []
@@ -296,3 +298,37 @@ def reset_the_first(handler: Any, seen: list[INetStream]) -> Any:
         await stream.reset()
 
     return handle
+
+
+async def test_when_the_kept_connection_dies_first_the_losing_one_is_used_again() -> None:
+    """The other end may never complete the connection the rule keeps (its inbound upgrade timed out on a
+    loaded machine), or the network drops it: a losing connection still open then goes back into use, at
+    both ends, instead of leaving the pair with no connection in use."""
+    async with AsyncExitStack() as stack:
+        first, second = ordered_identities()
+        a, b, log_a, log_b = await peers(stack, first, second)
+        await b.connect(info(a))
+        losing = table(b, a)[0]
+        await wait_until(lambda: pubsub_conn(a, b) is not None and pubsub_conn(b, a) is losing.muxed_conn,
+                         what="both pubsub streams")
+        RELEASE[:] = [trio.Event()]
+        async with trio.open_nursery() as nursery:
+            replies: list[bytes] = []
+
+            async def held_request() -> None:
+                replies.append(await b.request(a.peer_id, ECHO, b"wait", timeout=600))
+
+            nursery.start_soon(held_request)
+            await wait_until(lambda: len(losing.get_streams()) >= 1, what="b's request stream")
+            await a.host.get_network().dial_addr(multiaddr.Multiaddr(info(b).addrs[0]), to_libp2p_id(b.peer_id))
+            await wait_until(lambda: dialers(a, b) == ["OUTBOUND"] and dialers(b, a) == ["INBOUND"],
+                             what="both ends to use only the connection a dialled")
+            await table(a, b)[0].close()  # the kept connection dies while the losing one still drains
+            await wait_until(lambda: dialers(a, b) == ["INBOUND"] and dialers(b, a) == ["OUTBOUND"],
+                             what="both ends to use the losing connection again")
+            assert table(b, a)[0] is losing
+            RELEASE[0].set()
+        assert replies == [b"WAIT"]
+        assert outcome(a, b, log_a, log_b) == SETTLED and not losing.is_closed
+        assert await a.request(b.peer_id, ECHO, b"back", timeout=30) == b"BACK"
+        await gossip_flows_both_ways(a, b, 60)
