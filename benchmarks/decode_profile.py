@@ -12,9 +12,10 @@ What it prints, per folder:
   its MINIMUM over ``--steps`` decode steps (onnxruntime ``enable_profiling``), so that load from other
   processes inflates the figures as little as it can; the sum is the kernel time of one step on a quiet core;
 * the step as the runtime serves it (:class:`~p2pinfer.runtime.model.KVDecoder`, KV cache in place, with
-  the decode kernel of :mod:`p2pinfer.kernels`), the same with the standard graph, and as ``forward()`` runs
-  it (the KV cache copied in and out), wall time, best of ``--steps``, interleaved. The per-operator profile
-  is the standard graph's (the kernel is one custom node per layer);
+  the kernel of :mod:`p2pinfer.kernels`), the same with the standard graph (``P2PINFER_DECODE_KERNEL=0``),
+  and as the standard graph's ``forward()`` runs it (the KV cache copied in and out), wall time, best of
+  ``--steps``, interleaved in blocks of 8 steps. The per-operator profile is printed for both sessions
+  (the kernel is one custom node per 4-bit layer: ``QMatMul1M``, ``QMatMul2``);
 * the Python work per generated token outside onnxruntime: log-softmax (float64, the whole vocabulary), the
   fingerprint row, greedy sampling, best of 200.
 
@@ -33,25 +34,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
-
-os.environ.setdefault("P2PINFER_DECODE_KERNEL", "1")  # the kernel is opt-in; this benchmark compares it
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from p2pinfer import log  # noqa: E402
+from p2pinfer import kernels, log  # noqa: E402
 from p2pinfer.runtime import GREEDY, load_model  # noqa: E402
 from p2pinfer.runtime.fingerprint import FingerprintBuilder  # noqa: E402
 from p2pinfer.runtime.sampling import log_softmax, sample  # noqa: E402
 
 from model_folder import model_folder  # noqa: E402  (a sibling: benchmarks/model_folder.py)
 
+BLOCK = 8  # decode steps per session before switching (see step_times)
 TEXT = "The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40
 
 
-def kernel_profile(folder: Path, threads: int, steps: int, context: int) -> tuple[dict, dict]:
-    """Per op type: (summed minimum kernel microseconds, node count) of one decode step."""
+def kernel_profile(folder: Path, threads: int, steps: int, context: int, kernel: bool) -> tuple[dict, dict]:
+    """Per op type: (summed minimum kernel microseconds, node count) of one decode step, through the kernel
+    session (the 4-bit layers as p2pinfer custom nodes) or the standard graph."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="p2pinfer-profile-") as tmp:
         options = ort.SessionOptions()
@@ -60,8 +62,15 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int) -> tupl
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "decode")
         options.log_severity_level = 3
-        model.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        model.__dict__["decode_session"] = model.session  # profile the standard graph's decode (not the kernel's)
+        source: str | bytes = str(folder / "model.onnx")
+        if kernel:  # as kernels.kernel_session builds it, with profiling on
+            graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+            kernels.kernel_model(graph, folder, threads)
+            source = graph.SerializeToString()
+            options.register_custom_ops_library(str(kernels.library_path()))
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        model.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         ids = model.encode(TEXT)[:context]
         _, cache = model.forward(ids, model.empty_cache(), last=1)
         decoder = model.decoder(cache, context + steps)
@@ -85,27 +94,33 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int) -> tupl
 
 
 def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[float, float, float]:
-    """Best wall seconds of one decode step: in place (KVDecoder) with the decode kernel (p2pinfer.kernels;
-    inf when it is unavailable), in place with the standard graph, and through forward()."""
+    """Best wall seconds of one decode step: in place (KVDecoder) with the kernel (p2pinfer.kernels, the
+    default; inf when it is unavailable), in place with the standard graph, and through forward().
+
+    The three alternate in blocks of ``BLOCK`` steps, not step by step: after its run, the standard session's
+    onnxruntime workers spin for a while, and a kernel step started right then shares the cores with them
+    (measured at load 13: 24 ms alone, 39-61 ms when each kernel step follows a standard one). A peer runs one
+    session; the best step of each block is the one without the other session's spinning."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
+    plain = model.with_session(threads=threads, providers=["CPUExecutionProvider"], kernel=False)
     ids = model.encode(TEXT)[:context]
-    _, cache = model.forward(ids, model.empty_cache(), last=1)
+    _, cache = plain.forward(ids, plain.empty_cache(), last=1)
     with_kernel = model.decoder(cache, context + steps)
-    kernel_used = model.decode_session is not model.session
-    model.__dict__["decode_session"] = model.session
-    standard = model.decoder(cache, context + steps)
+    standard = plain.decoder(cache, context + steps)
     kernel, in_place, copied = float("inf"), float("inf"), float("inf")
-    for _ in range(steps):  # interleaved, so that load hits all alike
-        if kernel_used:
+    for _ in range(max(1, steps // BLOCK)):  # interleaved by blocks, so that load hits all alike
+        for _ in range(BLOCK if model.runs_kernel else 0):
             t = time.perf_counter()
             with_kernel.step(42)
             kernel = min(kernel, time.perf_counter() - t)
-        t = time.perf_counter()
-        standard.step(42)
-        in_place = min(in_place, time.perf_counter() - t)
-        t = time.perf_counter()
-        _, cache = model.forward([42], cache)
-        copied = min(copied, time.perf_counter() - t)
+        for _ in range(BLOCK):
+            t = time.perf_counter()
+            standard.step(42)
+            in_place = min(in_place, time.perf_counter() - t)
+        for _ in range(BLOCK):
+            t = time.perf_counter()
+            plain.forward([42], cache)
+            copied = min(copied, time.perf_counter() - t)
     return kernel, in_place, copied
 
 
@@ -138,17 +153,19 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start")
     with tempfile.TemporaryDirectory(prefix="p2pinfer-bench-") as tmp:
         folders = args.folder or [model_folder(None, tmp, name="native")]
-        profiles = [kernel_profile(f, args.threads, args.steps, args.context) for f in folders]
+        runs = [(f, kernel) for f in folders for kernel in ((True, False) if kernels.library_path() else (False,))]
+        profiles = [kernel_profile(f, args.threads, args.steps, args.context, kernel) for f, kernel in runs]
         ops = sorted(set().union(*(p[0] for p in profiles)), key=lambda o: -max(p[0].get(o, 0) for p in profiles))
-        print("\n| operator | " + " | ".join(f"{f.name}: nodes, µs" for f in folders) + " |")
-        print("|---|" + "---|" * len(folders))
+        print("\n| operator | " + " | ".join(f"{f.name} {'kernel' if k else 'standard'}: nodes, µs" for f, k in runs)
+              + " |")
+        print("|---|" + "---|" * len(runs))
         for op in ops:
             print(f"| {op} | " + " | ".join(f"{p[1].get(op, 0)}, {p[0].get(op, 0):.0f}" for p in profiles) + " |")
         print("| **all kernels** | " + " | ".join(f"{sum(p[1].values())}, {sum(p[0].values()):.0f}"
                                                for p in profiles) + " |")
         for f in folders:
             kernel, in_place, copied = step_times(f, args.threads, args.steps, args.context)
-            print(f"\n{f.name}: one decode step {1e3 * kernel:.2f} ms in place with the decode kernel (opt-in), "
+            print(f"\n{f.name}: one decode step {1e3 * kernel:.2f} ms in place with the kernel (default), "
                   f"{1e3 * in_place:.2f} ms in place with the standard graph (KVDecoder), "
                   f"{1e3 * copied:.2f} ms through forward() (KV copied); best of {args.steps}")
         per_token = python_per_token(folders[0])

@@ -1,5 +1,6 @@
-"""The decode kernel (p2pinfer/kernels): the custom op against a float64 product and against MatMulNBits,
-row determinism, the rewritten decode graph against forward(), and the fallback without a compiler."""
+"""The 4-bit kernel (p2pinfer/kernels): the custom op (decode rows and the many-row GEMM) against a float64
+product and against MatMulNBits, row determinism, the kernel session against the standard graph, and the
+fallback without a compiler or when turned off."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}
 
 @pytest.fixture(autouse=True)
 def _kernel_enabled(monkeypatch) -> None:
-    """The kernel is opt-in (P2PINFER_DECODE_KERNEL=1); these tests are about it, so they turn it on."""
-    monkeypatch.setenv("P2PINFER_DECODE_KERNEL", "1")
+    """The kernel is on by default; a developer's P2PINFER_DECODE_KERNEL=0 must not turn these tests off."""
+    monkeypatch.delenv("P2PINFER_DECODE_KERNEL", raising=False)
 
 
 def _random_gguf_rows(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -75,7 +76,7 @@ def _standard_graph(qtype: QT, raw: np.ndarray, cols: int, folder: Path) -> Path
 
 def _kernel_session(path: Path, threads: int) -> tuple[ort.InferenceSession, int]:
     model = onnx.load(str(path), load_external_data=False)
-    rewritten = kernels.decode_model(model, path.parent, threads)
+    rewritten = kernels.kernel_model(model, path.parent, threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.register_custom_ops_library(str(kernels.library_path()))
@@ -85,27 +86,32 @@ def _kernel_session(path: Path, threads: int) -> tuple[ort.InferenceSession, int
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
 def test_kernel_matches_the_weights_and_is_row_deterministic(tmp_path: Path, qtype: QT) -> None:
-    """Per output, the kernel is as close to the exact product as MatMulNBits is (float32 rounding); every row
-    is bit-identical whatever the number of rows in the call and the thread count."""
+    """Per output, both paths of the kernel (one decode row; the GEMM over >= 4 rows) are as close to the exact
+    product as MatMulNBits is (float32 rounding); within each path every row is bit-identical whatever the
+    number of rows in the call, where the row falls in the GEMM's row blocks, and the thread count."""
     assert kernels.library_path() is not None, "the C compiler should be present (CI installs gcc)"
     rng = np.random.default_rng(int(qtype))
-    rows, cols = 70, 96  # 70 rows: not a multiple of the kernel's 4-row groups nor of the thread split
+    rows, cols = 70, 96  # 70 output columns: not a multiple of the 4-row groups, the 32-column panels, the split
     raw = _random_gguf_rows(qtype, rows, cols, rng)
     path = _standard_graph(qtype, raw, cols, tmp_path / qtype.name)
     standard = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     one, rewritten = _kernel_session(path, threads=1)
     three, _ = _kernel_session(path, threads=3)
     assert rewritten == 1
-    x = rng.standard_normal((1, 5, cols)).astype(np.float32)
+    x = rng.standard_normal((1, 13, cols)).astype(np.float32)  # 13 rows: two 6-row blocks and a remainder
     exact = x[0].astype(np.float64) @ from_gguf(raw, qtype, cols).dequantize().astype(np.float64).T
-    ours = one.run(None, {"x": x})[0][0]
+    many = one.run(None, {"x": x})[0][0]
     theirs = standard.run(None, {"x": x})[0][0]
+    single = np.stack([one.run(None, {"x": x[:, r:r + 1]})[0][0, 0] for r in range(13)])
     scale = np.abs(exact).max()
     assert np.abs(theirs - exact).max() < 1e-5 * scale  # the reference itself is right
-    assert np.abs(ours - exact).max() < 1e-5 * scale
-    assert np.array_equal(three.run(None, {"x": x})[0][0], ours)
-    for r in range(5):
-        assert np.array_equal(one.run(None, {"x": x[:, r:r + 1]})[0][0, 0], ours[r]), r
+    assert np.abs(many - exact).max() < 1e-5 * scale
+    assert np.abs(single - exact).max() < 1e-5 * scale
+    assert np.array_equal(three.run(None, {"x": x})[0][0], many)
+    for r in range(13):
+        assert np.array_equal(three.run(None, {"x": x[:, r:r + 1]})[0][0, 0], single[r]), r
+    for start, stop in ((0, 4), (5, 9), (3, 13), (7, 12)):  # other row counts, rows at other block offsets
+        assert np.array_equal(three.run(None, {"x": x[:, start:stop]})[0][0], many[start:stop]), (start, stop)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q4_0, QT.Q8_0], ids=lambda q: q.name)
@@ -114,14 +120,22 @@ def test_decoder_runs_the_kernel_within_float32_rounding_of_forward(tmp_path: Pa
     write_tiny_llama(tmp_path / "m.gguf", cfg)
     import_gguf(tmp_path / "m.gguf", tmp_path / "m")
     model = load_model(tmp_path / "m", threads=2, providers=["CPUExecutionProvider"])
-    assert model.decode_session is not model.session
+    standard = model.with_session(threads=2, providers=["CPUExecutionProvider"], kernel=False)
+    assert model.runs_kernel and not standard.runs_kernel
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops  # the model file is the standard graph: the rewrite is in memory only
     ids = [5, 77, 200, 3, 260, 261, 99, 12, 140, 33, 7]
-    _, cache = model.forward(ids[:4], model.empty_cache(), last=1)
-    decoder = model.decoder(cache, capacity=len(ids))
+    # prefill and verification rows (the GEMM path) against the standard graph
+    ours, _ = model.forward(ids, model.empty_cache())
+    theirs, _ = standard.forward(ids, standard.empty_cache())
+    np.testing.assert_allclose(ours, theirs, atol=5e-5, rtol=1e-5)
+    assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
+    # decode rows through the in-place KV decoder, against the standard graph's forward()
+    _, cache = standard.forward(ids[:4], standard.empty_cache(), last=1)
+    _, mine = model.forward(ids[:4], model.empty_cache(), last=1)
+    decoder = model.decoder(mine, capacity=len(ids))
     for token in ids[4:]:
-        expected, cache = model.forward([token], cache)
+        expected, cache = standard.forward([token], cache)
         got = decoder.step(token)
         np.testing.assert_allclose(got, expected[-1], atol=5e-5, rtol=1e-5)
         assert int(got.argmax()) == int(expected[-1].argmax())
@@ -137,7 +151,7 @@ def test_without_a_compiler_decoding_uses_the_standard_graph(tmp_path: Path, mon
     import_gguf(tmp_path / "m.gguf", tmp_path / "m")
     model = load_model(tmp_path / "m", threads=1, providers=["CPUExecutionProvider"])
     assert kernels.library_path() is None
-    assert model.decode_session is model.session
+    assert not model.runs_kernel
     ids = [5, 77, 200, 3, 260]
     _, cache = model.forward(ids[:4], model.empty_cache(), last=1)
     expected, _ = model.forward(ids[4:], cache)
@@ -147,6 +161,10 @@ def test_without_a_compiler_decoding_uses_the_standard_graph(tmp_path: Path, mon
 def test_disabled_by_environment(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("P2PINFER_DECODE_KERNEL", "0")
     assert kernels.library_path() is None
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    write_tiny_llama(tmp_path / "m.gguf", cfg)
+    import_gguf(tmp_path / "m.gguf", tmp_path / "m")
+    assert not load_model(tmp_path / "m", threads=1, providers=["CPUExecutionProvider"]).runs_kernel
 
 
 def test_rewrite_leaves_unsupported_groups_alone(tmp_path: Path) -> None:
@@ -158,4 +176,4 @@ def test_rewrite_leaves_unsupported_groups_alone(tmp_path: Path) -> None:
     zp = numpy_helper.from_array(np.array([0x18] * 8, np.uint8), "w.zp")  # blocks alternate 8 and 1
     model.graph.initializer.append(zp)
     node.input.append("w.zp")
-    assert kernels.decode_model(model, path.parent, 1) == 0
+    assert kernels.kernel_model(model, path.parent, 1) == 0

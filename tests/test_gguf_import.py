@@ -94,16 +94,18 @@ def test_kv_cache_steps_equal_full_pass(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["kernel", "standard-graph"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-attention", "portable-attention"])
-def test_in_place_kv_decoder_equals_forward(tmp_path: Path, fused: bool, monkeypatch) -> None:
+def test_in_place_kv_decoder_equals_forward(tmp_path: Path, fused: bool, kernel: str, monkeypatch) -> None:
     """The decode loop's KVDecoder (one buffer bound as past and present) computes exactly what forward()
-    computes step by step; graphs whose attention cannot share the buffer fall back to forward(). (Without the
-    decode kernel, whose float32 sums differ in order: tests/test_decode_kernel.py checks that one.)"""
-    monkeypatch.setenv("P2PINFER_DECODE_KERNEL", "0")
+    computes step by step, with the 4-bit kernel and without (one session serves both); graphs whose attention
+    cannot share the buffer fall back to forward()."""
+    monkeypatch.setenv("P2PINFER_DECODE_KERNEL", kernel)
     cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
     out, _ = _import(tmp_path, cfg, fused_attention=fused)
     model = load_model(out, threads=1, providers=["CPUExecutionProvider"])
     assert model.shares_kv_buffer is fused
+    assert model.runs_kernel is (kernel == "1")
     _, cache = model.forward(IDS[:4], model.empty_cache(), last=1)
     decoder = model.decoder(cache, capacity=len(IDS))
     for position, token in enumerate(IDS[4:], start=4):

@@ -66,12 +66,22 @@ def _claim(folder: Path, verifier, **session):
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("threads,optimization", [(1, "disable"), (2, "basic")])
-def test_honest_4bit_variants_are_accepted(verifier, prompt, params, threads, optimization) -> None:
-    executor = verifier.with_session(threads=threads, optimization=optimization)
+@pytest.mark.parametrize("threads,optimization,kernel", [(1, "disable", True), (2, "basic", True),
+                                                         (2, "all", False)])
+def test_honest_4bit_variants_are_accepted(verifier, prompt, params, threads, optimization, kernel) -> None:
+    """Another session, and the standard graph (a peer without the 4-bit kernel) against the kernel's verifier,
+    and the other way round."""
+    assert verifier.runs_kernel, "the 4-bit kernel should be available here (CI installs gcc)"
+    executor = verifier.with_session(threads=threads, optimization=optimization, kernel=kernel)
+    assert executor.runs_kernel == kernel
     r = generate(executor, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
     v = _verify(verifier, r, params)
     assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
+    if not kernel:  # a verifier without the kernel accepts the kernel's output
+        theirs = generate(verifier, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
+        executor.tolerance = verifier.tolerance
+        v = _verify(executor, theirs, params)
+        assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
 
 
 def test_prefill_fingerprint_is_accepted(verifier, prompt) -> None:

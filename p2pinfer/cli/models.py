@@ -119,19 +119,13 @@ def models_remove(app: AppContext, digest: str) -> None:
 @click.pass_obj
 def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:
     """Measure honest numeric drift and store tolerance = max(1e-5, 4 x worst drift)."""
-    from ..runtime.calibrate import calibrate
-
-    from ..runtime.store import CALIBRATION_PARTIAL_FILE
     from .gguf import ClickProgress
 
     store = _store(app)
     record = store.get(digest)
     progress = ClickProgress(f"calibrating {record.name}")
     try:
-        with store.locked(record.digest_hex):  # resumes a calibration of this model cut short before
-            result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
-                               progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
-            store.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+        result = store.calibrate(record.digest_hex, tokens=tokens, progress=progress)
     finally:
         progress.close()
     for variant, drift in sorted(result.variants.items()):

@@ -1,19 +1,22 @@
-"""The decode kernel: a 4-bit x float32 matmul (``qmatmul.c``) as an onnxruntime custom op, built on first use.
+"""The 4-bit kernel: a 4-bit x float32 matmul (``qmatmul.c``) as an onnxruntime custom op, built on first use.
 
-onnxruntime 1.32's ``MatMulNBits`` hardly uses a second thread for ONE activation row at small shapes, and a
-Q4_1 layer costs the standard graph five nodes (the 4-bit term, block sums, minimums, Sum). For token-by-token
-decoding, :func:`decode_model` rewrites each such group into one ``p2pinfer`` custom node that reads the SAME
-initializers (the model files and digest are unchanged) and splits the output rows over its own threads.
-Prefill and verification keep the standard graph (onnxruntime's blocked GEMM is the right tool for many rows).
+onnxruntime 1.32's ``MatMulNBits`` hardly uses a second thread for ONE activation row at small shapes, a Q4_1
+layer costs the standard graph five nodes (the 4-bit term, block sums, minimums, Sum), and its session keeps a
+pre-packed anonymous copy of every 4-bit weight. :func:`kernel_model` rewrites each such group into one
+``p2pinfer`` custom node that reads the SAME initializers (the model files and digest are unchanged) straight
+from onnxruntime's mapping of the weights file: decode rows split the output rows over the kernel's own
+threads; many rows (prefill, verification) run a cache-blocked GEMM over dequantized float32 panels. One
+session then serves decode, prefill and verification, and the 4-bit weights are resident once, as file pages.
 
-Numerics: float32 activations and accumulation, the same weight values as ``MatMulNBits`` (``(q - zp) *
-scale`` plus ``min * block sum``), summed in another order: float32 rounding drift, the same numeric class.
-Each output element is computed by one instruction sequence whatever the thread count (row-deterministic).
+Numerics: float32 activations and accumulation (never int8), the same weight values as ``MatMulNBits``
+(``(q - zp) * scale`` plus ``min * block sum``), summed in another order: float32 rounding drift, the same
+numeric class. Each output element is computed by one instruction sequence whatever the thread count
+(row-deterministic within the decode path and within the many-row path).
 
 The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``)
 into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
-compiler and the CPU. It is opt-in (``P2PINFER_DECODE_KERNEL=1``); without it or without a compiler, decoding uses the standard
-graph (logged once as ``kernel.unavailable``).
+compiler and the CPU. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
+compiler the model runs the standard graph (logged once as ``kernel.unavailable``).
 """
 
 from __future__ import annotations
@@ -72,11 +75,8 @@ def _compiler() -> str | None:
 
 def library_path() -> Path | None:
     """The compiled custom-op library, building it on first use; None (reason logged once) when unavailable."""
-    # Opt-in: its session keeps the 4-bit weights resident (read from the mapped file every token) beside the
-    # standard session's packed copy, so a 4-bit peer's RSS goes from files + 240 MB to files + 367 MB, over the
-    # 300 MB budget; for that it gives 1.10-1.13x generation speed on a quiet 2-core machine (more under load)
-    if os.environ.get("P2PINFER_DECODE_KERNEL", "0") != "1":
-        _unavailable("disabled", "the decode kernel is opt-in: set P2PINFER_DECODE_KERNEL=1 to use it")
+    if os.environ.get("P2PINFER_DECODE_KERNEL", "1") == "0":
+        _unavailable("disabled", "P2PINFER_DECODE_KERNEL=0: the standard graph runs")
         return None
     cc = _compiler()
     if cc is None:
@@ -152,8 +152,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def decode_model(model: onnx.ModelProto, folder: Path, threads: int) -> int:
-    """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place for decoding: every group
+def kernel_model(model: onnx.ModelProto, folder: Path, threads: int) -> int:
+    """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
     ``p2pinfer`` custom node over the same initializers. Returns the number of nodes rewritten."""
     g = model.graph
@@ -261,34 +261,40 @@ def kernel_threads(threads: int | None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def decode_session(onnx_path: Path, *, threads: int | None, graph_optimization_level) -> "ort.InferenceSession | None":
-    """An onnxruntime session of ``onnx_path`` with the decode kernel, or None (reason logged) when the
-    library is unavailable or the graph has nothing it applies to. Its inputs and outputs are the graph's own."""
+def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_level) -> "ort.InferenceSession | None":
+    """An onnxruntime session of ``onnx_path`` with the kernel, or None (reason logged) when the library is
+    unavailable or the graph has nothing it applies to. Its inputs and outputs are the graph's own."""
     import onnxruntime as ort
 
     lib = library_path()
     if lib is None:
         return None
     folder = Path(onnx_path).parent
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    rewritten = decode_model(model, folder, kernel_threads(threads))
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        rewritten = kernel_model(model, folder, kernel_threads(threads))
+    except Exception as exc:  # an unreadable graph: the standard path reports it to the user (ModelFormatError)
+        _log().debug("kernel.graph_unreadable", path=str(onnx_path), error=type(exc).__name__)
+        return None
     if rewritten == 0:
         return None
     opts = ort.SessionOptions()
     opts.graph_optimization_level = graph_optimization_level
-    # the kernel splits its rows over its own threads; onnxruntime's remaining ops at one decode row are small,
-    # and a second spinning pool would compete with the kernel's for the same cores
-    opts.intra_op_num_threads = 1
+    if threads is not None:
+        opts.intra_op_num_threads = threads  # the other operators (attention over many rows above all)
     opts.inter_op_num_threads = 1
+    # onnxruntime's workers sleep between operators instead of spinning: the kernel's own pool runs on the same
+    # cores between them (measured: decode as fast as with one onnxruntime thread, prefill faster)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False  # as in runtime.model.create_session: an arena keeps its peak for good
     opts.register_custom_ops_library(str(lib))
-    # the weights stay in the model folder: external data is resolved there, not copied
+    # the weights stay in the model folder: external data is resolved (mapped) there, not copied
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
         session = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types; the standard graph still serves
         _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
-    _log().info("kernel.decode_session", nodes=rewritten, threads=kernel_threads(threads), path=str(onnx_path))
+    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), path=str(onnx_path))
     return session

@@ -201,27 +201,25 @@ typedef struct {
 } job_t;
 
 #if defined(__AVX512F__)
-static inline __m512 codes_lo(__m128i packed, __m512i zp) {
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(15))), zp));
-}
-static inline __m512 codes_hi(__m128i packed, __m512i zp) {
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(
-        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15))), zp));
-}
 /* rows n..n+R-1 (R <= 4) of one activation row */
 static void rows_simd(const job_t *j, int m, int n, int R) {
     const float *x = j->xd + (size_t)m * j->K;
     __m512 acc[4];
     float macc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi32(15);
     for (int b = 0; b < j->nb; b++) {
         __m512 xe = _mm512_loadu_ps(x + 32 * b), xo = _mm512_loadu_ps(x + 32 * b + 16);
         for (int r = 0; r < R; r++) {
             size_t blk = (size_t)(n + r) * j->nb + b;
             for (int t = 0; t < j->terms; t++) {
-                __m128i packed = _mm_loadu_si128((const __m128i *)(j->q[t] + blk * 16));
+                /* one widening of the 16 bytes: each lane holds a byte, its low nibble the even element and its
+                   high nibble (the lane shifted right by 4: the upper bits are zero) the odd one */
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(j->q[t] + blk * 16)));
                 __m512i zp = _mm512_set1_epi32(j->zp[t]);
-                __m512 dot = _mm512_fmadd_ps(codes_hi(packed, zp), xo, _mm512_mul_ps(codes_lo(packed, zp), xe));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, nib), zp));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), zp));
+                __m512 dot = _mm512_fmadd_ps(hi, xo, _mm512_mul_ps(lo, xe));
                 acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(j->s[t][blk]), dot, acc[r]);
             }
             if (j->mins) macc[r] += j->mins[(size_t)b * j->N + n + r] * j->xsum[(size_t)m * j->nb + b];
@@ -292,6 +290,141 @@ static void job_part(void *arg, int part, int parts) {
     if (n1 > j->N) n1 = j->N;
     for (int m = 0; m < j->M; m++)
         for (int n = n0; n < n1; n += 4) rows_simd(j, m, n, n1 - n < 4 ? n1 - n : 4);
+}
+
+/* ---- many rows (prefill, verification): a cache-blocked GEMM over dequantized float32 panels -------------
+ * For M >= GEMM_MIN_ROWS rows the weights are dequantized, PANEL_COLS output columns at a time, into a float32
+ * panel laid out [micro-panel][k][MICRO_COLS] (it stays in L2), and a register-blocked micro-kernel computes
+ * MICRO_ROWS x MICRO_COLS outputs at a time: for k = 0..K-1, acc += x[m][k] * w[k][n] (float32 FMA), then one
+ * store. The dequantized weight is  sum_t scale_t * (q_t - zp_t)  (+ the block minimum): the value MatMulNBits
+ * uses, rounded once more when terms are added. Every output element is ONE sequential chain over k whatever
+ * the thread count, the number of rows or where the row falls in a block (row-deterministic among calls of
+ * >= GEMM_MIN_ROWS rows); a single decode row takes the path above, whose summation order differs (float32
+ * rounding). Each weight is dequantized once per call, by the thread that owns its columns: the cost is one
+ * pass over the 4-bit weights, amortized over the M rows. */
+#define GEMM_MIN_ROWS 4
+#define MICRO_ROWS 6
+#define MICRO_COLS 32
+#define PANEL_MICROS 4   /* 128 columns x K float32 per panel: 288 KB at K = 576, 768 KB at K = 1536 */
+
+typedef float vec16 __attribute__((vector_size(64)));
+
+typedef struct {
+    int M, N, K, nb, terms;
+    const float *x;       /* [M, K] as given */
+    const uint8_t *q[2];  /* [N, nb, 16]: byte i of a block holds element 2i (low nibble) and 2i+1 (high) */
+    const float *s[2];    /* [N * nb] */
+    int zp[2];
+    const float *mins;    /* [nb, N] or NULL */
+    float *y;             /* [M, N] */
+} gemm_t;
+
+/* panel[p][k][j] for the columns n0 + p * MICRO_COLS + j < n1 (zero beyond n1) */
+static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
+    int micros = (n1 - n0 + MICRO_COLS - 1) / MICRO_COLS;
+    for (int p = 0; p < micros; p++) {
+        float *w = panel + (size_t)p * g->K * MICRO_COLS;
+        for (int j16 = 0; j16 < MICRO_COLS; j16 += 16) {
+            int c0 = n0 + p * MICRO_COLS + j16;
+            int valid = n1 - c0;
+            if (valid > 16) valid = 16;
+#if defined(__AVX512F__)
+            __mmask16 live = valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1u);
+            __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            __m512i rows_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(g->nb));  /* block index of column c0+lane */
+            __m512i bytes_at = _mm512_slli_epi32(rows_at, 4);
+            for (int b = 0; b < g->nb; b++) {
+                __m512 scale[2];
+                __m512i codes[2][4];
+                for (int t = 0; t < g->terms; t++) {
+                    const uint8_t *base = g->q[t] + ((size_t)c0 * g->nb + b) * 16;
+                    const float *sb = g->s[t] + (size_t)c0 * g->nb + b;
+                    scale[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows_at, sb, 4);
+                    for (int w4 = 0; w4 < 4; w4++)
+                        codes[t][w4] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, bytes_at, base + 4 * w4, 1);
+                }
+                __m512 mn = g->mins ? _mm512_maskz_loadu_ps(live, g->mins + (size_t)b * g->N + c0) : _mm512_setzero_ps();
+                float *dst = w + (size_t)(32 * b) * MICRO_COLS + j16;
+                for (int w4 = 0; w4 < 4; w4++)
+                    for (int half = 0; half < 8; half++) {  /* element 8 * w4 + half: byte half/2, nibble half%2 */
+                        __m512 v = _mm512_setzero_ps();
+                        for (int t = 0; t < g->terms; t++) {
+                            __m512i c = _mm512_and_si512(_mm512_srli_epi32(codes[t][w4], 4 * half), _mm512_set1_epi32(15));
+                            __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(g->zp[t])));
+                            v = t == 0 ? _mm512_mul_ps(scale[t], f) : _mm512_add_ps(v, _mm512_mul_ps(scale[t], f));
+                        }
+                        if (g->mins) v = _mm512_add_ps(v, mn);
+                        _mm512_storeu_ps(dst + (size_t)(8 * w4 + half) * MICRO_COLS, _mm512_maskz_mov_ps(live, v));
+                    }
+            }
+#else
+            for (int j = 0; j < 16; j++) {
+                int n = c0 + j;
+                for (int b = 0; b < g->nb; b++)
+                    for (int i = 0; i < 32; i++) {
+                        float v = 0.f;
+                        if (j < valid) {
+                            for (int t = 0; t < g->terms; t++) {
+                                uint8_t byte = g->q[t][((size_t)n * g->nb + b) * 16 + i / 2];
+                                float f = (float)(((i & 1) ? byte >> 4 : byte & 15) - g->zp[t]);
+                                float term = g->s[t][(size_t)n * g->nb + b] * f;
+                                v = t == 0 ? term : v + term;
+                            }
+                            if (g->mins) v += g->mins[(size_t)b * g->N + n];
+                        }
+                        w[(size_t)(32 * b + i) * MICRO_COLS + j16 + j] = v;
+                    }
+            }
+#endif
+        }
+    }
+}
+
+/* rows m0 .. m0+rows-1 (rows <= MICRO_ROWS) x one micro-panel; rows past the end repeat the last (not stored) */
+static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
+    const float *xr[MICRO_ROWS];
+    for (int r = 0; r < MICRO_ROWS; r++) xr[r] = g->x + (size_t)(m0 + (r < rows ? r : rows - 1)) * g->K;
+    vec16 acc[MICRO_ROWS][2];
+    for (int r = 0; r < MICRO_ROWS; r++) acc[r][0] = acc[r][1] = (vec16){0};
+    for (int k = 0; k < g->K; k++) {
+        vec16 w0, w1;
+        memcpy(&w0, w + (size_t)k * MICRO_COLS, 64);
+        memcpy(&w1, w + (size_t)k * MICRO_COLS + 16, 64);
+        for (int r = 0; r < MICRO_ROWS; r++) {
+            float a = xr[r][k];  /* broadcast to the vector by the product */
+            acc[r][0] += a * w0;  /* one fused multiply-add where the CPU has it (-ffp-contract) */
+            acc[r][1] += a * w1;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *dst = g->y + (size_t)(m0 + r) * g->N + n;
+        if (cols == MICRO_COLS) { memcpy(dst, &acc[r][0], 64); memcpy(dst + 16, &acc[r][1], 64); }
+        else for (int j = 0; j < cols; j++) dst[j] = j < 16 ? acc[r][0][j] : acc[r][1][j - 16];
+    }
+}
+
+static void gemm_part(void *arg, int part, int parts) {
+    const gemm_t *g = (const gemm_t *)arg;
+    int micros = (g->N + MICRO_COLS - 1) / MICRO_COLS, per = (micros + parts - 1) / parts;
+    int c0 = part * per * MICRO_COLS, c1 = c0 + per * MICRO_COLS;
+    if (c1 > g->N) c1 = g->N;
+    if (c0 >= c1) return;
+    float *panel = aligned_alloc(64, sizeof(float) * (size_t)g->K * MICRO_COLS * PANEL_MICROS);
+    if (!panel) {  /* out of memory: NaN, never a plausible wrong number (a verifier then rejects, loudly) */
+        for (int m = 0; m < g->M; m++)
+            for (int n = c0; n < c1; n++) g->y[(size_t)m * g->N + n] = __builtin_nanf("");
+        return;
+    }
+    for (int n0 = c0; n0 < c1; n0 += MICRO_COLS * PANEL_MICROS) {
+        int n1 = n0 + MICRO_COLS * PANEL_MICROS < c1 ? n0 + MICRO_COLS * PANEL_MICROS : c1;
+        dequantize_panel(g, n0, n1, panel);
+        for (int m = 0; m < g->M; m += MICRO_ROWS) {
+            int rows = g->M - m < MICRO_ROWS ? g->M - m : MICRO_ROWS;
+            for (int n = n0, p = 0; n < n1; n += MICRO_COLS, p++)
+                micro_kernel(g, m, rows, panel + (size_t)p * g->K * MICRO_COLS, n, n1 - n < MICRO_COLS ? n1 - n : MICRO_COLS);
+        }
+    }
+    free(panel);
 }
 
 /* ---- the custom op ----------------------------------------------------------------------------------------- */
@@ -367,6 +500,14 @@ static void kernel_compute(void *opk, OrtKernelContext *ctx) {
     if (API(SLOT_KernelContext_GetOutput, fn_get_output)(ctx, 0, ydims, (size_t)rank, &yv)) return;
     j.y = data_of(yv);
     const float *x = data_of(xv);
+    if (!x || !j.y) return;
+    if (j.M >= GEMM_MIN_ROWS) {
+        gemm_t g = {j.M, j.N, j.K, nb, j.terms, x, {j.q[0], j.q[1]}, {j.s[0], j.s[1]}, {j.zp[0], j.zp[1]}, j.mins, j.y};
+        int parts = (int)k->threads, micros = (j.N + MICRO_COLS - 1) / MICRO_COLS;
+        if (parts > micros) parts = micros;
+        run_parallel(gemm_part, &g, parts < 1 ? 1 : parts);
+        return;
+    }
     float *scratch = malloc(sizeof(float) * (size_t)j.M * (j.K + nb));
     if (!scratch || !x || !j.y) { free(scratch); return; }
     float *xd = scratch, *xs = scratch + (size_t)j.M * j.K;

@@ -86,8 +86,13 @@ class PeerGuard:
         network.register_notifee(_BanNotifee(self))
         bound_yamux_buffers(self.host, self.limits, self._on_window_overrun)
 
-    def _on_window_overrun(self, peer_id: str, detail: str) -> None:
-        self.fault(peer_id, FaultKind.WINDOW_OVERRUN, detail, protocol="/yamux/1.0.0")
+    def _on_window_overrun(self, peer_id: str, detail: str, provable: bool) -> None:
+        if provable:
+            self.fault(peer_id, FaultKind.WINDOW_OVERRUN, detail, protocol="/yamux/1.0.0")
+            return
+        # our own unread streams filled the connection's buffer: closed for our memory, no fault of the peer
+        self.counters["closed.connection-buffer-full"] += 1
+        self._log_once(peer_id, "connection-buffer-full", "guard.connection_closed", detail=detail)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Close connections of peers as they get banned (owned by the node's nursery)."""

@@ -13,10 +13,12 @@ connection gets a :class:`_BoundedBuffers` table before it starts reading. Each 
 every append against the stream's remaining receive window (``recv_window``: what we granted and the peer has
 not yet used; py-libp2p raises it before it sends the WINDOW_UPDATE, so an honest sender never exceeds it).
 The bytes beyond it add up per stream, because py-libp2p resets the window to zero after an overrun; more
-than a little slack in all, or more than the connection's total buffer limit, is a window overrun. The buffer then refuses the bytes and raises
+than a little slack in all is a window overrun, and so is more than the connection's total buffer limit. The buffer then refuses the bytes and raises
 :class:`WindowOverrun`; ``handle_incoming`` answers that by closing the connection and clearing every
-buffer (its own cleanup path), so the memory is returned at once. The peer gets a
-``window-overrun`` fault (a ban: nothing honest does this).
+buffer (its own cleanup path), so the memory is returned at once. Bytes beyond a stream's window are the peer's
+provable fault (nothing honest sends them): a ``window-overrun`` fault, a ban. A full connection buffer is
+not: an honest peer whose streams we leave unread could fill many windows at once, so that connection is
+only closed (``on_overrun(..., provable=False)``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from ..log import get_logger
 from .resources import ResourceLimits
 
 log = get_logger("p2pinfer.net.yamux")
+
+OverrunHandler = Callable[[str, str, bool], None]
+"""``(peer_id, why, provable)``: called once per connection that is closed for its buffers."""
 
 
 class WindowOverrun(trio.TooSlowError):
@@ -57,7 +62,7 @@ class _BoundedBuffer(bytearray):
 class _BoundedBuffers(dict):  # type: ignore[type-arg]
     """Yamux's ``stream_id -> bytearray`` table, with every buffer bounded."""
 
-    def __init__(self, conn: Any, limits: ResourceLimits, on_overrun: Callable[[str, str], None]) -> None:
+    def __init__(self, conn: Any, limits: ResourceLimits, on_overrun: OverrunHandler) -> None:
         super().__init__()
         self._conn = conn
         self._limits = limits
@@ -81,17 +86,17 @@ class _BoundedBuffers(dict):  # type: ignore[type-arg]
         if beyond <= self._limits.yamux_stream_buffer_slack and total <= self._limits.yamux_connection_buffer:
             buffer.beyond_window = beyond
             return
-        why = (f"{beyond} bytes beyond the receive window on stream {stream_id}"
-               if beyond > self._limits.yamux_stream_buffer_slack
+        provable = beyond > self._limits.yamux_stream_buffer_slack
+        why = (f"{beyond} bytes beyond the receive window on stream {stream_id}" if provable
                else f"{total} bytes buffered on one connection (limit {self._limits.yamux_connection_buffer})")
         if not self._tripped:
             self._tripped = True
             peer = getattr(self._conn, "peer_id", None)
-            self._on_overrun(peer.to_base58() if peer is not None else "unknown", why)
+            self._on_overrun(peer.to_base58() if peer is not None else "unknown", why, provable)
         raise WindowOverrun(why)
 
 
-def bound_yamux_buffers(host: Any, limits: ResourceLimits, on_overrun: Callable[[str, str], None]) -> None:
+def bound_yamux_buffers(host: Any, limits: ResourceLimits, on_overrun: OverrunHandler) -> None:
     """Give every Yamux connection ``host`` makes or accepts bounded receive buffers (this host only)."""
     muxers = host.get_network().upgrader.muxer_multistream
     inner = muxers.new_conn

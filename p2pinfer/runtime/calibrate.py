@@ -56,7 +56,7 @@ MIN_TOLERANCE = 1e-5
 SAFETY_FACTOR = 4.0
 #: Bumped whenever what calibration measures changes: a stored calibration of another format counts as none,
 #: so the model is calibrated again before it is next served (and a partial file of another format restarts).
-CALIBRATION_FORMAT = 2
+CALIBRATION_FORMAT = 3  # 3: a model that runs the 4-bit kernel also measures the standard graph's variants
 DEFAULT_PROMPTS = (
     "The history of the lighthouse begins with fires lit on hills to guide ships home.",
     "def parse_args(argv):\n    parser = argparse.ArgumentParser()",
@@ -97,8 +97,9 @@ class CalibrationResult:
         return asdict(self)
 
 
-def _step_name(index: int, threads: int, optimization: str, mode: str) -> str:
-    return f"{index}|threads={threads},opt={optimization},{mode}"
+def _step_name(index: int, threads: int, optimization: str, mode: str, kernel: bool = True) -> str:
+    graph = "" if kernel else "graph=standard,"
+    return f"{index}|threads={threads},opt={optimization},{graph}{mode}"
 
 
 def tolerance_from_drift(drift: float) -> float:
@@ -199,7 +200,10 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     """
     t0 = time.perf_counter()
     saved = _Checkpoint(checkpoint, model, prompts, new_tokens)
-    keys = [(th, opt) for th in THREADS for opt in OPTIMIZATIONS]
+    # a model served through the 4-bit kernel (p2pinfer.kernels) is also served by peers without it (no compiler,
+    # P2PINFER_DECODE_KERNEL=0): both graphs are honest executors and verifiers of it
+    graphs = (True, False) if model.runs_kernel else (True,)
+    keys = [(th, opt, kernel) for kernel in graphs for th in THREADS for opt in OPTIMIZATIONS]
     total = 1 + len(keys) * 2 * len(prompts)
     # first, before anything slow: a graph the float64 reference cannot run is refused here, not at its first
     # near tie while serving; its distance to the float32 row is one more honest drift
@@ -210,7 +214,7 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         progress(1, total)
     cases = []  # (prompt_ids, output_ids, executor rows) per prompt, only when a step still needs them
     for index, prompt in enumerate(prompts):
-        if all(_step_name(index, th, opt, mode) in saved.done for th, opt in keys for mode in MODES):
+        if all(_step_name(index, th, opt, mode, kernel) in saved.done for th, opt, kernel in keys for mode in MODES):
             cases.append(None)
             continue
         prompt_ids = model.encode(prompt)
@@ -225,16 +229,16 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     steps = 1
     # Each honest way to compute the same rows is one named, checkpointed step: a KV decode in another session
     # (another executor, over the first EXECUTOR_ROWS positions) and one prefill (a verifier, every position).
-    for th, opt in keys:
+    for th, opt, kernel in keys:
         variant: LoadedModel | None = None
         for mode in MODES:
             for index, case in enumerate(cases):
                 steps += 1
-                name = _step_name(index, th, opt, mode)
+                name = _step_name(index, th, opt, mode, kernel)
                 if name not in saved.done:
                     assert case is not None
                     prompt_ids, output_ids, base = case
-                    variant = variant or model.with_session(threads=th, optimization=opt)
+                    variant = variant or model.with_session(threads=th, optimization=opt, kernel=kernel)
                     if mode == "kv":
                         head = output_ids[:EXECUTOR_ROWS]
                         rows = _executor_rows(variant, prompt_ids, len(head), lambda i, row: head[i],

@@ -71,11 +71,37 @@ def default_providers() -> list[str]:
 
 
 def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                   optimization: str = "all") -> ort.InferenceSession:
-    """An onnxruntime session. ``threads`` is the intra-op thread count (None: onnxruntime's default)."""
+                   optimization: str = "all", kernel: bool = True) -> ort.InferenceSession:
+    """An onnxruntime session. ``threads`` is the intra-op thread count (None: onnxruntime's default).
+
+    On the CPU provider the 4-bit layers run the kernel of :mod:`p2pinfer.kernels` (one session for decode,
+    prefill and verification, the weights read from the mapped file) when it is available and ``kernel`` is
+    true; else, and for every other graph, the standard graph."""
+    return open_session(onnx_path, providers=providers, threads=threads, optimization=optimization,
+                        kernel=kernel)[0]
+
+
+def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                 optimization: str = "all", kernel: bool = True) -> tuple[ort.InferenceSession, bool]:
+    """:func:`create_session`, and whether the session runs the kernel."""
     opts = ort.SessionOptions()
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
+    chosen = list(providers) if providers is not None else default_providers()
+
+    def weight_files():  # model.onnx and its external data files
+        return (p for p in Path(onnx_path).parent.iterdir() if p.name.startswith(Path(onnx_path).name))
+
+    if kernel and chosen[:1] == ["CPUExecutionProvider"]:
+        from .. import kernels  # compiles the kernel on first use
+
+        session = kernels.kernel_session(Path(onnx_path), threads=threads,
+                                         graph_optimization_level=OPTIMIZATION_LEVELS[optimization])
+        if session is not None:
+            # the kernel reads the 4-bit weights from the mapping on every run; what else session creation read
+            # (the few pre-packed non-4-bit weights) is dropped as below and faults back in when used
+            drop_clean_file_pages(weight_files())
+            return session, True
     opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -85,15 +111,14 @@ def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, t
     # (LM-head buffers of 100 MB each) left a serving peer ~330 MB larger for good (docs/models.md, "Memory").
     # Without it the big buffers go straight back to the OS; decode and verify speed are unchanged (measured).
     opts.enable_cpu_mem_arena = False
-    chosen = list(providers) if providers is not None else default_providers()
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelFormatError(f"onnxruntime could not load {onnx_path}: {exc}") from None
     # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
     # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
-    drop_clean_file_pages(p for p in Path(onnx_path).parent.iterdir() if p.name.startswith(Path(onnx_path).name))
-    return session
+    drop_clean_file_pages(weight_files())
+    return session, False
 
 
 @dataclass(frozen=True)
@@ -203,8 +228,9 @@ class KVDecoder:
     appends the new position in place (``past_present_share_buffer``), and the logits land in a reused
     buffer. Each step computes exactly what ``forward([token], cache)`` computes (the attention reads the
     same positions; tests compare the two). Other graphs, and non-CPU providers, fall back to ``forward``.
-    The steps run :attr:`LoadedModel.decode_session`: the decode kernel's rewrite of the same graph when it is
-    available (same weights; float32 rounding apart from ``forward``), else the model's own session.
+    The steps run the model's session, the same one ``forward`` runs: with the kernel (:mod:`p2pinfer.kernels`)
+    a decode row takes the kernel's one-row path and ``forward`` over many rows its GEMM path (float32 rounding
+    apart); without it each step is ``forward``'s, bit for bit.
     """
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int) -> None:
@@ -233,7 +259,6 @@ class KVDecoder:
         self._positions = np.zeros((1, 1), dtype=np.int64)
         self._mask = np.ones((1, capacity), dtype=np.int64)
         self._capacity = capacity
-        session = model.decode_session
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", self._ids)
         if model.io.has_position_ids:
@@ -356,19 +381,10 @@ class LoadedModel:
         device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
         return f"{dtype}-{device}"
 
-    @cached_property
-    def decode_session(self) -> ort.InferenceSession:
-        """The session :class:`KVDecoder` runs: the same graph with the decode kernel (:mod:`p2pinfer.kernels`,
-        one custom node per 4-bit layer, same weights and numeric class) when it applies, else :attr:`session`."""
-        if self.providers[:1] == ["CPUExecutionProvider"] and self.shares_kv_buffer:
-            from .. import kernels  # compiles the kernel on first use
-
-            level = OPTIMIZATION_LEVELS[self.session_options.get("optimization") or "all"]
-            session = kernels.decode_session(self.path / ONNX_FILE, threads=self.session_options.get("threads"),
-                                             graph_optimization_level=level)
-            if session is not None:
-                return session
-        return self.session
+    @property
+    def runs_kernel(self) -> bool:
+        """Whether the session runs the 4-bit kernel of :mod:`p2pinfer.kernels` (else the standard graph)."""
+        return bool(self.session_options.get("kernel"))
 
     @cached_property
     def shares_kv_buffer(self) -> bool:
@@ -449,13 +465,14 @@ class LoadedModel:
         return plain
 
     def with_session(self, *, threads: int | None = None, optimization: str = "all",
-                     providers: Sequence[str] | None = None) -> "LoadedModel":
-        """The same model with a new session (other threads / optimization level / providers)."""
-        session = create_session(self.path / ONNX_FILE, providers=providers, threads=threads,
-                                 optimization=optimization)
+                     providers: Sequence[str] | None = None, kernel: bool = True) -> "LoadedModel":
+        """The same model with a new session (other threads / optimization level / providers; ``kernel=False``:
+        the standard graph even where the kernel is available)."""
+        session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
+                                     optimization=optimization, kernel=kernel)
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
                            self.io, self.tokenizer, self.info,
-                           {"threads": threads, "optimization": optimization, "providers": providers})
+                           {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used})
 
 
 def graph_shares_kv_buffer(onnx_path: Path, io: GraphIO) -> bool:
@@ -505,7 +522,7 @@ def _config_head_dim(config: Mapping[str, Any]) -> int:
 def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None = None,
                numeric_class: str = "fp32-cpu", tolerance: float | None = None,
                providers: Sequence[str] | None = None, threads: int | None = None,
-               optimization: str = "all") -> LoadedModel:
+               optimization: str = "all", kernel: bool = True) -> LoadedModel:
     """Load a model folder. ``digest`` is computed when not given (the store passes its verified one).
 
     ``tolerance`` is the model's calibrated one (the store passes it); without it the model can run but not
@@ -522,13 +539,14 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
     except Exception as exc:
         raise ModelFormatError(f"{model_dir}/tokenizer.json does not load: {exc}") from None
     info = read_model_info(model_dir, tokenizer)
-    session = create_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
-                             optimization=optimization)
+    session, used = open_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
+                                 optimization=optimization, kernel=kernel)
     io = inspect_graph(session, str(model_dir / ONNX_FILE))
     if digest is None:
         digest = compute_digest(model_dir)
     model = LoadedModel(model_dir, digest, name or model_dir.name, numeric_class, tolerance, session, io,
-                        tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers})
+                        tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers,
+                                          "kernel": used})
     _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
-             position_ids=io.has_position_ids, providers=",".join(model.providers))
+             position_ids=io.has_position_ids, providers=",".join(model.providers), kernel=used)
     return model

@@ -30,7 +30,8 @@ from typing import Any, Sequence
 from ..errors import P2PInferError
 from ..log import get_logger
 from .digest import DigestEntry, ModelFormatError, check_inside, digest_entries, digest_files, digest_from_entries
-from .calibrate import CALIBRATION_FORMAT, SERVING_TOKENS
+from .calibrate import CALIBRATION_FORMAT, SERVING_TOKENS, CalibrationResult
+from .calibrate import calibrate as measure_tolerance
 from .memory import release_freed_memory
 from .model import LoadedModel, load_model
 
@@ -310,22 +311,33 @@ class ModelStore:
         Measurements are saved after every step in ``p2pinfer-calibration.partial.json`` in the model's
         folder; a calibration killed half-way continues from there. ``progress(done, total)`` reports steps.
         """
-        from .calibrate import calibrate
-
         record = self.get(key)
         if record.calibrated:
             return record  # the common case, without waiting for a lock another process may hold
         with self.locked(record.digest_hex):
             record = self.get(record.digest_hex)
-            if record.calibrated:
-                return record
-            result = calibrate(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
-                               progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
-            release_freed_memory()
-            _log().info("models.calibrated", digest=record.digest_hex, numeric_class=record.numeric_class,
-                        worst_drift=f"{result.worst_drift:.3g}", tolerance=f"{result.tolerance:.3g}",
-                        seconds=round(result.seconds, 1))
-            return self.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+            if not record.calibrated:
+                self._calibrate_locked(record, tokens, progress)
+        return self.get(record.digest_hex)
+
+    def calibrate(self, key: str, *, tokens: int = SERVING_TOKENS,
+                  progress: Callable[[int, int], None] | None = None) -> CalibrationResult:
+        """Measure the model's honest drift again (or finish a measurement cut short) and store its tolerance,
+        whether or not it was calibrated before (``p2pinfer models calibrate``)."""
+        record = self.get(key)
+        with self.locked(record.digest_hex):
+            return self._calibrate_locked(record, tokens, progress)
+
+    def _calibrate_locked(self, record: ModelRecord, tokens: int,
+                          progress: Callable[[int, int], None] | None) -> CalibrationResult:
+        result = measure_tolerance(record.load(providers=["CPUExecutionProvider"]), new_tokens=tokens,
+                                   progress=progress, checkpoint=record.path / CALIBRATION_PARTIAL_FILE)
+        release_freed_memory()
+        _log().info("models.calibrated", digest=record.digest_hex, numeric_class=record.numeric_class,
+                    worst_drift=f"{result.worst_drift:.3g}", tolerance=f"{result.tolerance:.3g}",
+                    seconds=round(result.seconds, 1))
+        self.set_calibration(record.digest_hex, result.tolerance, result.to_json())
+        return result
 
     def calibration_pending(self, key: str) -> bool:
         """True when a calibration of this model was started and not finished."""
