@@ -19,7 +19,9 @@ Workarounds for py-libp2p 0.8.1 that live here:
   if it holds anything for the key (e.g. just ourselves when we also serve the model) and caches remote
   answers there forever (48 h). :meth:`Discovery.find_providers` does its own lookup: the k closest peers
   to the key (where ADD_PROVIDER stored the records) are all asked, results are merged and de-duplicated,
-  and nothing is cached.
+  and nothing is cached. The closest peers already in our routing table are asked at once, beside the
+  network lookup, so a lookup cut short by its timeout still returns what they hold; likewise a provider
+  record goes to those peers at once, beside ``provide()``'s own lookup.
 * Validation is strict: only the standard ``/pk/`` namespace is accepted; every other key is refused
   instead of stored unvalidated (py-libp2p's default). (Earlier versions also stored each peer's capacity
   announcement under ``/p2pcap/``; nothing read it, since gossip and capacity sync carry announcements,
@@ -54,6 +56,7 @@ PROTOCOL_ID = "/p2pinfer/kad/1.0.0"
 DEFAULT_REFRESH_INTERVAL_S = 300.0
 SEED_INTERVAL_S = 1.0
 QUERY_TIMEOUT_S = 10.0
+FIND_PROVIDERS_PEERS = 20  # Kademlia's k: ADD_PROVIDER stores a record on the k peers closest to the key
 
 
 def provider_key(model_digest: bytes) -> bytes:
@@ -235,12 +238,31 @@ class Discovery:
         return [p.to_base58() for p in self.dht.routing_table.get_peer_ids()]
 
     async def _provide_once(self, digest: bytes) -> bool:
+        key = provider_key(digest)
+        store = self.dht.provider_store
+        local = self.host.get_id()
+        sent_to_known = [False]
+
+        async def tell(peer: ID) -> None:
+            try:  # a private method: the public provide() sends only after its network lookup
+                if await store._send_add_provider(peer, key):
+                    sent_to_known[0] = True
+            except Exception as exc:
+                log.debug("dht.add_provider_failed", peer=peer.to_base58(), error=repr(exc)[:200])
+
         with trio.move_on_after(QUERY_TIMEOUT_S * 2):
             try:
-                return await self.dht.provider_store.provide(provider_key(digest))
+                async with trio.open_nursery() as nursery:
+                    # As in find_providers: the closest peers we already know get the record at once, so a
+                    # network lookup that runs out of time still leaves it where lookups look first.
+                    for peer in self.dht.routing_table.find_local_closest_peers(key, FIND_PROVIDERS_PEERS):
+                        if peer != local:
+                            nursery.start_soon(tell, peer)
+                    stored = await store.provide(key)
+                return stored or sent_to_known[0]
             except Exception as exc:
                 log.warning("dht.provide_failed", model=digest.hex()[:16], error=repr(exc)[:200])
-        return False
+        return sent_to_known[0]
 
     async def provide(self, model_digest: bytes) -> bool:
         """Announce in the DHT that we serve ``model_digest`` (re-announced on every refresh)."""
@@ -270,17 +292,24 @@ class Discovery:
                     found[ours.peer_id] = ours
 
         add(store.get_providers(key))  # records stored here (we are a DHT server) and our own
+        local = self.host.get_id()
+        asked: set[ID] = set()
+
+        async def ask(peer: ID) -> None:
+            if peer == local or peer in asked:
+                return
+            asked.add(peer)
+            # A private method, but the public find_providers has the short-circuit described above.
+            providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+            add(providers)
+
         with trio.move_on_after(timeout):
-            closest = await self.dht.peer_routing.find_closest_peers_network(key)
-            local = self.host.get_id()
-
-            async def ask(peer: ID) -> None:
-                # A private method, but the public find_providers has the short-circuit described above.
-                providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
-                add(providers)
-
             async with trio.open_nursery() as nursery:
-                for peer in closest:
-                    if peer != local:
-                        nursery.start_soon(ask, peer)
+                # The peers we already know nearest the key are asked at once, beside the network lookup: a
+                # lookup that runs out of time (a loaded machine, peers behind NAT) still returns what they
+                # hold. For a client that just joined, those are its bootstrap nodes.
+                for peer in self.dht.routing_table.find_local_closest_peers(key, FIND_PROVIDERS_PEERS):
+                    nursery.start_soon(ask, peer)
+                for peer in await self.dht.peer_routing.find_closest_peers_network(key, FIND_PROVIDERS_PEERS):
+                    nursery.start_soon(ask, peer)
         return sorted(found.values(), key=lambda p: p.peer_id)[:limit]

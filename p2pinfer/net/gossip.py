@@ -33,6 +33,18 @@ Workarounds for py-libp2p 0.8.1 that live here:
   missing from every mesh. :class:`PatientPubsub` turns those two failures into the ``SwarmException`` the
   retry loop expects, so registration goes on (backoff 0.5 s doubling to 10 s) until the stream is up or the
   peer disconnects; only a peer that answers "protocols not supported" is left alone.
+* **Streams on a closing connection.** A peer can have two connections for a while (a simultaneous dial
+  settled by :mod:`p2pinfer.net.connection_trim`, a relayed one that DCUtR closes once a direct one is up).
+  When the one carrying our pubsub stream closes, py-libp2p noticed only at the next write, which was lost,
+  and then forgot the peer's subscriptions although they came on the peer's own stream, which may well be
+  alive: we would never send that peer anything again. :class:`PatientPubsub` moves its stream to the
+  remaining connection as soon as the old one closes, and keeps a still-connected peer's subscriptions.
+* **No flood publishing.** py-libp2p 0.8.1 sends our own messages to our mesh peers only. A peer that is
+  subscribed but not (or no longer, for a heartbeat while a stream is re-opened) in the mesh misses the
+  message for good: IHAVE gossip goes to non-mesh peers only, and the peer is back in the mesh by the next
+  heartbeat. GossipSub v1.1 specifies flood publishing for this (go-libp2p's default):
+  :class:`FloodPublishGossipSub` sends our own messages to every subscribed peer whose score is above the
+  publish threshold. Forwarded messages still go to the mesh only; our own are at most 2/s.
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamError
@@ -97,6 +109,34 @@ class PatientPubsub(Pubsub):
     ``stream_failures`` counts the attempts that failed and are tried again."""
 
     stream_failures = 0
+    streams_moved = 0
+
+    def __init__(self, host: IHost, *args: Any, **kwargs: Any) -> None:
+        super().__init__(host, *args, **kwargs)
+        host.get_network().register_notifee(_StreamMover(self))
+
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        # Subscriptions arrive on the peer's stream to us, not on ours to it; while the peer is connected
+        # they stay valid (a peer whose own stream died opens a new one and sends them again).
+        if not self._peer_is_connected(peer_id):
+            return super()._handle_dead_peer(peer_id)
+        topics = [topic for topic, peers in self.peer_topics.items() if peer_id in peers]
+        count = self._peer_subscription_count.get(peer_id)
+        super()._handle_dead_peer(peer_id)
+        for topic in topics:
+            self.peer_topics.setdefault(topic, set()).add(peer_id)
+        if count is not None:
+            self._peer_subscription_count[peer_id] = count
+
+    def connection_closed(self, conn: INetConn) -> None:
+        """Open our stream again at once when it was on ``conn`` and the peer is still connected otherwise."""
+        peer_id = conn.muxed_conn.peer_id
+        stream = self.peers.get(peer_id)
+        if stream is None or stream.muxed_conn is not conn.muxed_conn or not self._peer_is_connected(peer_id):
+            return
+        self.streams_moved += 1
+        log.debug("gossip.stream_moved", peer=peer_id.to_base58())
+        self._handle_dead_peer(peer_id)  # drops the old stream, opens one on a live connection (retrying)
 
     async def _handle_new_peer(self, peer_id: ID) -> None:
         try:
@@ -107,6 +147,51 @@ class PatientPubsub(Pubsub):
             self.stream_failures += 1
             log.debug("gossip.peer_stream_failed", peer=peer_id.to_base58(), error=repr(exc.__cause__ or exc)[:200])
             raise SwarmException(f"pubsub stream to {peer_id} not established: {exc}") from exc
+
+
+class _StreamMover(INotifee):
+    """Tells :class:`PatientPubsub` when a connection closes."""
+
+    def __init__(self, pubsub: PatientPubsub) -> None:
+        self.pubsub = pubsub
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        try:
+            self.pubsub.connection_closed(conn)
+        except Exception as exc:  # a notifee must never break the swarm's connection cleanup
+            log.debug("gossip.stream_move_failed", error=repr(exc)[:200])
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
+        pass
+
+
+class FloodPublishGossipSub(GossipSub):
+    """GossipSub with v1.1 flood publishing of our own messages (see "No flood publishing" above)."""
+
+    def _get_peers_to_send(self, topic_ids: Any, msg_forwarder: ID, origin: ID,
+                           msg_id: bytes | None = None) -> Any:
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        if self.pubsub is None or msg_forwarder != self.pubsub.my_id:
+            return peers
+        for topic in topic_ids:
+            for peer in self.pubsub.peer_topics.get(topic, ()):
+                if peer == origin or peer not in self.peer_protocol:
+                    continue
+                if self.scorer is None or self.scorer.allow_publish(peer, [topic]):
+                    peers.add(peer)
+        return peers
 
 
 def score_params() -> ScoreParams:
@@ -124,7 +209,7 @@ def score_params() -> ScoreParams:
 def build_pubsub(host: IHost, *, heartbeat_s: int = HEARTBEAT_S) -> tuple[Pubsub, GossipSub]:
     """GossipSub (v1.2/v1.1 protocol IDs, interoperable with go/js/rust) and the Pubsub service around it."""
     degree, degree_low, degree_high = MESH_DEGREE
-    router = GossipSub(
+    router = FloodPublishGossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
         degree=degree,
         degree_low=degree_low,

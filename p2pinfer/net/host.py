@@ -16,6 +16,9 @@ Workarounds for py-libp2p 0.8.1 that live here:
 * Every failed dial is retried 3 times with backoff (``RetryConfig``), so an address that drops packets
   (a peer behind NAT) costs four dial timeouts. We dial once (``max_retries=0``): the callers have their
   own fallbacks (other addresses, relays, other peers).
+* When two peers dial each other at once, ``Swarm._trim_connections`` leaves both connections up for its
+  20 s grace period, then may close a different one at each end (both die). :mod:`p2pinfer.net.connection_trim`
+  replaces it on this host: both ends close the same one, at once, after the streams on it have ended.
 * The default muxer list also offers Mplex (deprecated, no flow control); we offer Yamux only.
 
 Identify (``/ipfs/id/1.0.0`` and push) and ping (``/ipfs/ping/1.0.0``) are registered by ``BasicHost``
@@ -41,6 +44,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from ..identity import Identity
 from .addrs import parse_multiaddr
+from .connection_trim import install_duplicate_trim
 from .keys import keypair_from_identity
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
@@ -93,6 +97,7 @@ def build_host(
     auto_connector = getattr(host.get_network(), "auto_connector", None)
     if auto_connector is not None:
         auto_connector.maybe_connect = _no_auto_connect  # see module docstring
+    install_duplicate_trim(host)  # see module docstring
     return host
 
 

@@ -109,10 +109,14 @@ def _announcement(identity: Identity, *, seq: int, issued: int | None = None, tt
 
 
 async def test_bad_announcements_are_dropped_and_never_forwarded() -> None:
+    # No reachability check: it makes a peer announce again at once (its addresses changed), and two
+    # announcements of the honest peer in flight over two paths (via the relay, and directly once the DHT
+    # connects the two) can arrive out of order: an honest "stale" at the watcher, indistinguishable from a
+    # forwarded one.
     async with AsyncExitStack() as stack:
         relay = await start(stack, role="bootstrap")
-        watcher = await start(stack, bootstrap=relay.addrs)  # connected to the relay only
-        honest = await start(stack, bootstrap=relay.addrs)
+        watcher = await start(stack, bootstrap=relay.addrs, nat_traversal=False)  # the rogues reach it only via the relay
+        honest = await start(stack, bootstrap=relay.addrs, nat_traversal=False)
         await wait_until(lambda: honest.peer_id in watcher.table, what="honest announcement")
         honest_envelope = encode_signed(honest.identity, honest.table.get(honest.peer_id, now_ms()) or
                                         honest.build_announcement())
@@ -153,10 +157,17 @@ async def test_bad_announcements_are_dropped_and_never_forwarded() -> None:
 
         await pubsub.publish(CAPACITY_TOPIC, bytes(tampered))  # the flipped byte may hit payload or signature
         await wait_until(lambda: signature_or_format_rejections() >= 3, what="tampered rejection")
-        # The watcher only ever saw what the relay accepted: honest + the one valid rogue announcement.
-        await trio.sleep(1.0)  # a few heartbeats for any (wrongly) forwarded message to arrive
-        assert set(watcher.counters) <= {"accepted", "announcements.sent"}, watcher.counters
-        assert watcher.table.get(rogue_id.peer_id, now_ms()).seq == 10
+        # The relay has handled every bad message; a valid marker goes out after them on the same
+        # relay-to-watcher stream, so once the watcher holds it, anything wrongly forwarded has arrived.
+        await pubsub.publish(CAPACITY_TOPIC, encode_signed(rogue_id, _announcement(rogue_id, seq=11)))
+        await wait_until(lambda: getattr(watcher.table.get(rogue_id.peer_id, now_ms()), "seq", 0) == 11,
+                         what="the marker at the watcher")
+        # The watcher only ever saw what the relay accepted: it rejected nothing, by gossip or by sync, and
+        # recorded no fault. (Other counters, such as sync.failed, say how a loaded machine treated honest
+        # traffic.)
+        rejected = {k: v for k, v in watcher.gossip.counters.items() if k != "accepted"}
+        rejected |= {k: v for k, v in watcher.counters.items() if k.startswith(("sync.rejected", "fault.", "banned"))}
+        assert rejected == {}, watcher.counters
         assert watcher.table.get(honest.peer_id, now_ms()).software.startswith("p2pinfer/")
         assert not relay.guard.is_banned(honest.peer_id) and not relay.guard.is_banned(watcher.peer_id)
 
@@ -203,9 +214,11 @@ async def test_restarted_peer_with_higher_seq_replaces_its_announcement() -> Non
 
 
 async def test_dht_provider_lookup_finds_exactly_the_serving_peers() -> None:
+    # Eight nodes share this process: every limit below only bounds how long a broken test hangs.
+    patient = {"stream_negotiation_timeout_s": 60.0, "bootstrap_timeout_s": 60.0}
     async with AsyncExitStack() as stack:
-        boot = await start(stack, role="bootstrap")
-        peers = [await start(stack, bootstrap=boot.addrs) for _ in range(6)]
+        boot = await start(stack, role="bootstrap", **patient)
+        peers = [await start(stack, bootstrap=boot.addrs, **patient) for _ in range(6)]
         for p in peers[:3]:
             p.update_capacity(models=[offer(DIGEST_X)], free_slots=1, total_slots=1)
         for p in peers[3:5]:
@@ -215,18 +228,18 @@ async def test_dht_provider_lookup_finds_exactly_the_serving_peers() -> None:
         serving_x = {p.peer_id for p in peers[:3]}
         serving_y = {p.peer_id for p in peers[3:5]}
         # A client joining now has heard no gossip yet, but finds the servers through the DHT.
-        client = await start(stack, role="client", bootstrap=boot.addrs)
+        client = await start(stack, role="client", bootstrap=boot.addrs, **patient)
         found: dict[bytes, set[str]] = {}
 
-        async def lookups_converge() -> None:
+        async def lookups_converge() -> None:  # records spread as each server provides and re-provides
             while True:
-                found[DIGEST_X] = {i.peer_id for i in await client.find_providers(DIGEST_X, timeout=5)}
-                found[DIGEST_Y] = {i.peer_id for i in await client.find_providers(DIGEST_Y, timeout=5)}
+                found[DIGEST_X] = {i.peer_id for i in await client.find_providers(DIGEST_X, timeout=30)}
+                found[DIGEST_Y] = {i.peer_id for i in await client.find_providers(DIGEST_Y, timeout=30)}
                 if found[DIGEST_X] == serving_x and found[DIGEST_Y] == serving_y:
                     return
                 await trio.sleep(0.2)
 
-        with trio.move_on_after(30):
+        with trio.move_on_after(180):
             await lookups_converge()
         assert found[DIGEST_X] == serving_x and found[DIGEST_Y] == serving_y
         infos = await client.find_providers(DIGEST_X)
