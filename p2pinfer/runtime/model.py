@@ -217,6 +217,27 @@ class KVCache:
     length: int
 
 
+def _in_place_kv_buffers(model: "LoadedModel", cache: KVCache,
+                         capacity: int) -> tuple[list[np.ndarray], int, type] | None:
+    """For :class:`KVDecoder` and :class:`KVPasses`: one buffer per key/value of ``capacity`` positions holding
+    ``cache``, to bind as past and present, with the logits output's vocabulary size and numpy type; None where
+    the session cannot update the cache in place (they fall back to ``forward``)."""
+    if capacity > model.context_length:
+        raise ValueError(f"capacity {capacity} exceeds the model's context length {model.context_length}")
+    logits_out = next(o for o in model.session.get_outputs() if o.name == "logits")
+    vocab = logits_out.shape[-1]
+    if not model.shares_kv_buffer or capacity <= cache.length or not isinstance(vocab, int) \
+            or logits_out.type not in _NP_TYPES:
+        return None
+    shape = cache.arrays[0].shape
+    buffers = []
+    for past in cache.arrays:  # np.zeros maps pages lazily: resident memory grows with the positions written
+        buffer = np.zeros((shape[0], shape[1], capacity, shape[3]), dtype=past.dtype)
+        buffer[:, :, :cache.length] = past
+        buffers.append(buffer)
+    return buffers, vocab, _NP_TYPES[logits_out.type]
+
+
 class KVDecoder:
     """Token-by-token decoding that keeps the KV cache in place.
 
@@ -234,27 +255,17 @@ class KVDecoder:
     """
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int) -> None:
-        if capacity > model.context_length:
-            raise ValueError(f"capacity {capacity} exceeds the model's context length {model.context_length}")
+        shared = _in_place_kv_buffers(model, cache, capacity)
         self._model = model
         self.length = cache.length
         self._cache: KVCache | None = cache
         self._binding = None
-        session = model.session
-        logits_out = next(o for o in session.get_outputs() if o.name == "logits")
-        vocab = logits_out.shape[-1]
-        if not model.shares_kv_buffer or capacity <= cache.length or not isinstance(vocab, int) \
-                or logits_out.type not in _NP_TYPES:
+        if shared is None:
             return
-        shape = cache.arrays[0].shape
-        # np.zeros maps untouched pages lazily: resident memory grows with the positions written, not capacity
-        self._buffers = []
-        for past in cache.arrays:
-            buffer = np.zeros((shape[0], shape[1], capacity, shape[3]), dtype=past.dtype)
-            buffer[:, :, :cache.length] = past
-            self._buffers.append(buffer)
+        self._buffers, vocab, logits_dtype = shared
+        session = model.session
         values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
-        self._logits = np.zeros((1, 1, vocab), dtype=_NP_TYPES[logits_out.type])
+        self._logits = np.zeros((1, 1, vocab), dtype=logits_dtype)
         self._ids = np.zeros((1, 1), dtype=model.io.ids_dtype)
         self._positions = np.zeros((1, 1), dtype=np.int64)
         self._mask = np.ones((1, capacity), dtype=np.int64)
@@ -303,25 +314,16 @@ class KVPasses:
     Other graphs fall back to ``forward``. Runs :attr:`LoadedModel.session` (the graph prefill uses)."""
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int, rows: int) -> None:
-        if capacity > model.context_length:
-            raise ValueError(f"capacity {capacity} exceeds the model's context length {model.context_length}")
+        shared = _in_place_kv_buffers(model, cache, capacity)
         self._model = model
         self.length = cache.length
         self._cache: KVCache | None = cache
         self._binding = None
-        session = model.session
-        logits_out = next(o for o in session.get_outputs() if o.name == "logits")
-        vocab = logits_out.shape[-1]
-        if not model.shares_kv_buffer or capacity <= cache.length or not isinstance(vocab, int) \
-                or logits_out.type not in _NP_TYPES:
+        if shared is None:
             return
-        shape = cache.arrays[0].shape
-        self._buffers = []
-        for past in cache.arrays:  # np.zeros maps pages lazily: resident as positions are written
-            buffer = np.zeros((shape[0], shape[1], capacity, shape[3]), dtype=past.dtype)
-            buffer[:, :, :cache.length] = past
-            self._buffers.append(buffer)
-        self._logits = np.zeros((1, rows, vocab), dtype=_NP_TYPES[logits_out.type])
+        self._buffers, vocab, logits_dtype = shared
+        session = model.session
+        self._logits = np.zeros((1, rows, vocab), dtype=logits_dtype)
         self._mask = np.ones((1, capacity), dtype=np.int64)
         self._capacity, self._rows = capacity, rows
         binding = session.io_binding()
