@@ -55,7 +55,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetwork
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamError
@@ -68,6 +68,7 @@ from ..log import get_logger
 from ..wire import now_ms
 from .announcements import SENDER_FAULT_REASONS, AnnouncementRejected, AnnouncementTable
 from .faults import FAULT_HALF_LIFE_S, FaultKind
+from .notifee import Notifee
 
 log = get_logger("p2pinfer.net.gossip")
 
@@ -149,7 +150,7 @@ class PatientPubsub(Pubsub):
             raise SwarmException(f"pubsub stream to {peer_id} not established: {exc}") from exc
 
 
-class _StreamMover(INotifee):
+class _StreamMover(Notifee):
     """Tells :class:`PatientPubsub` when a connection closes."""
 
     def __init__(self, pubsub: PatientPubsub) -> None:
@@ -160,21 +161,6 @@ class _StreamMover(INotifee):
             self.pubsub.connection_closed(conn)
         except Exception as exc:  # a notifee must never break the swarm's connection cleanup
             log.debug("gossip.stream_move_failed", error=repr(exc)[:200])
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
-        pass
 
 
 class FloodPublishGossipSub(GossipSub):

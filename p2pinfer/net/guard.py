@@ -26,10 +26,11 @@ from collections import Counter
 from typing import Any, Awaitable, Callable
 
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
 
 from ..log import get_logger
 from .faults import FaultBook, FaultKind
+from .notifee import Notifee
 from .resources import DEFAULT_LIMITS, ResourceLimits, ResourceScopes
 from .yamux_bounds import bound_yamux_buffers
 
@@ -217,7 +218,7 @@ class _GuardedHandlers(dict):  # type: ignore[type-arg]
         super().__setitem__(protocol, handler)
 
 
-class _BanNotifee(INotifee):
+class _BanNotifee(Notifee):
     """Closes connections from banned peers as soon as they are made."""
 
     def __init__(self, guard: PeerGuard) -> None:
@@ -228,21 +229,6 @@ class _BanNotifee(INotifee):
         if self.guard.is_banned(peer_id):
             self.guard.counters["refused.banned-connection"] += 1
             self.guard.request_disconnect(peer_id)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
-        pass
 
 
 async def _reset(stream: INetStream) -> None:

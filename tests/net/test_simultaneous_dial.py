@@ -18,7 +18,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import INetConn, INetStream, INetwork
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
@@ -30,6 +30,7 @@ from p2pinfer.net.duplicates import Dialer, duplicates_to_close, keeping_dialer
 from p2pinfer.net.gossip import CAPACITY_TOPIC, build_pubsub
 from p2pinfer.net.host import build_host
 from p2pinfer.net.keys import to_libp2p_id
+from p2pinfer.net.notifee import Notifee
 
 from .helpers import LOCAL, offer, start, wait_until
 
@@ -60,7 +61,7 @@ def test_both_ends_close_the_same_connections_and_keep_one(a: bytes, b: bytes, c
 
 # ---- real hosts ------------------------------------------------------------------------------------------
 
-class ConnectionLog(INotifee):
+class ConnectionLog(Notifee):
     """Every connection a host registered, to check afterwards that the losers really closed."""
 
     def __init__(self) -> None:
@@ -68,21 +69,6 @@ class ConnectionLog(INotifee):
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self.conns.append(conn)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
-        pass
 
 
 def ordered_identities() -> tuple[Identity, Identity]:
