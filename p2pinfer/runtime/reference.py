@@ -52,8 +52,9 @@ from .memory import drop_read_only_mapped_pages
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 _WIDEN = (np.float32, np.float16)
-_DEQUANT_ROWS = 4096  # MatMulNBits output rows dequantized at a time (a float64 buffer of rows x K)
+_DEQUANT_BLOCK_BYTES = 4 << 20  # MatMulNBits: float64 weights dequantized at a time (a reused buffer)
 _WIDE_BLOCK_BYTES = 16 << 20  # a float weight whose float64 copy is larger is widened a block at a time
+_ATTENTION_QUERY_BLOCK = 64  # attention query positions per block (each reads only the keys it may see)
 
 
 class ReferenceUnsupported(ModelFormatError):
@@ -72,7 +73,13 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 
 class MatMulNBits(OpRun):
-    """``A @ dequantize(B).T`` (4-bit codes, per-block scale and zero point), dequantized in float64."""
+    """``A @ dequantize(B).T`` (4-bit codes, per-block scale and zero point), dequantized in float64.
+
+    Every dequantized weight ``scale * (code - zero_point)`` is exact in float64 (a float32 scale times a
+    4-bit integer needs at most 29 significant bits), however it is computed. So the codes are unpacked with
+    integer operations into a reused buffer and widened by one subtraction and one multiplication per weight,
+    a block of at most :data:`_DEQUANT_BLOCK_BYTES` of float64 at a time (it stays in cache for the product),
+    instead of a float64 table lookup per byte."""
 
     op_domain = CONTRIB_DOMAIN
 
@@ -92,21 +99,24 @@ class MatMulNBits(OpRun):
         else:
             zp = _unpack_nibbles(zero_points.reshape(n_, -1))[:, :n_blocks]
         uniform = bool(np.all(zp == zp.flat[0]))  # the GGUF importer writes one zero point per term
-        # byte -> (low nibble, high nibble) as float64, minus the zero point when it is the same everywhere
-        lut = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.float64)
-        if uniform:
-            lut -= float(zp.flat[0])
         a = np.asarray(A, dtype=np.float64)
         flat = a.reshape(-1, a.shape[-1])
         out = np.empty((flat.shape[0], n_), dtype=np.float64)
-        packed = B.reshape(n_, n_blocks, -1)
-        for lo in range(0, n_, _DEQUANT_ROWS):
-            hi = min(n_, lo + _DEQUANT_ROWS)
-            w = lut[packed[lo:hi]].reshape(hi - lo, n_blocks, bs)  # one gather: exact small integers
-            if not uniform:
-                w -= zp[lo:hi, :, None]
-            w *= scale[lo:hi]
-            out[:, lo:hi] = flat @ w.reshape(hi - lo, -1)[:, :k_].T
+        packed = B.reshape(n_, n_blocks, bs // 2)
+        step = max(1, min(n_, _DEQUANT_BLOCK_BYTES // (8 * n_blocks * bs)))
+        codes = np.empty((step, n_blocks, bs // 2, 2), dtype=np.uint8)
+        w = np.empty((step, n_blocks, bs), dtype=np.float64)
+        for lo in range(0, n_, step):
+            hi = min(n_, lo + step)
+            c, wb = codes[:hi - lo], w[:hi - lo]
+            np.bitwise_and(packed[lo:hi], 15, out=c[..., 0])  # element 2i: the low nibble of byte i
+            np.right_shift(packed[lo:hi], 4, out=c[..., 1])
+            if uniform:
+                np.subtract(c.reshape(hi - lo, n_blocks, bs), float(zp.flat[0]), out=wb)
+            else:
+                np.subtract(c.reshape(hi - lo, n_blocks, bs), zp[lo:hi, :, None], out=wb, dtype=np.float64)
+            wb *= scale[lo:hi]
+            out[:, lo:hi] = flat @ wb.reshape(hi - lo, -1)[:, :k_].T
         if bias is not None:
             out += np.asarray(bias, dtype=np.float64)
         return (out.reshape(a.shape[:-1] + (n_,)),)
@@ -169,21 +179,24 @@ class GroupQueryAttention(OpRun):
         k_t = k_all.transpose(0, 1, 3, 2)
         ctx = np.empty((b, nh, s, hd))
         # query positions a block at a time: the scores of all of them are nh x s x t float64 values (5.4 GB at
-        # SmolLM2's 8,192 positions); each row's softmax and products are the same in a block as in the whole
-        step = max(1, _WIDE_BLOCK_BYTES // (8 * nh * t))
+        # SmolLM2's 8,192 positions); each row's softmax and products are the same in a block as in the whole.
+        # A block reads only the keys its last query may see (causal): the keys after it have probability 0
+        # exactly, so leaving them out changes a sum's order only (float64 rounding), and halves the work.
+        step = max(1, min(_ATTENTION_QUERY_BLOCK, _WIDE_BLOCK_BYTES // (8 * nh * t)))
         for lo in range(0, s, step):
             hi = min(s, lo + step)
+            seen = int(min(t, np.max(np.minimum(past_len + hi, total))))  # keys any query of the block may read
             qg = q[:, :, lo:hi].reshape(b, nkv, groups * (hi - lo), hd)
-            scores = qg @ k_t  # [b, nkv, groups*(hi-lo), t]
+            scores = qg @ k_t[..., :seen]  # [b, nkv, groups*(hi-lo), seen]
             scores *= factor
             query_pos = np.tile(np.arange(lo, hi), groups)[None, :] + past_len[:, None]  # [b, groups*(hi-lo)]
-            blocked = (np.arange(t)[None, None, :] > query_pos[:, :, None]) | \
-                (np.arange(t)[None, None, :] >= total[:, None, None])
-            scores[np.broadcast_to(blocked[:, None], scores.shape)] = -np.inf
+            keys = np.arange(seen)[None, None, :]
+            blocked = (keys > query_pos[:, :, None]) | (keys >= total[:, None, None])
+            np.copyto(scores, -np.inf, where=blocked[:, None])
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores, out=scores)
             probs /= probs.sum(axis=-1, keepdims=True)
-            ctx[:, :, lo:hi] = (probs @ v_all).reshape(b, nh, hi - lo, hd)
+            ctx[:, :, lo:hi] = (probs @ v_all[:, :, :seen]).reshape(b, nh, hi - lo, hd)
             del scores, probs  # freed before the next block's scores exist
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, nh * hd)
         return ctx, k_all, v_all
@@ -203,7 +216,29 @@ class SkipSimplifiedLayerNormalization(OpRun):
         return total * inv_std * np.asarray(gamma, np.float64), np.zeros_like(inv_std), inv_std, total
 
 
+class Sigmoid(OpRun):
+    """``onnx.reference``'s stable sigmoid with one exponential instead of two: ``exp(-|x|)`` is the
+    ``exp(-x)`` of its positive branch and the ``exp(x)`` of the other, so the values are the same bits."""
+
+    def _run(self, x):
+        x = np.asarray(x)
+        e = np.exp(-np.abs(x))
+        return (np.where(x > 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False),)
+
+
+class Sum(OpRun):
+    """Element-wise sum in input order without ``onnx.reference``'s ``0 +`` start and final copy (same bits)."""
+
+    def _run(self, *args):
+        out = args[0] + args[1] if len(args) > 1 else np.array(args[0], copy=True)
+        for term in args[2:]:
+            out += term
+        return (out.astype(args[0].dtype, copy=False),)
+
+
 CONTRIB_OPS = (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization)
+#: standard operators replaced by faster float64-identical versions
+FAST_OPS = (Sigmoid, Sum)
 
 
 # ---- the graph --------------------------------------------------------------------------------------
@@ -273,7 +308,7 @@ class ReferenceModel:
             next(i for i in graph.input if i.name == "input_ids").type.tensor_type.elem_type)
         self._kv_shape = (1, int(kv_heads), 0, int(head_dim))
         try:
-            evaluator = ReferenceEvaluator(proto, new_ops=list(CONTRIB_OPS))
+            evaluator = ReferenceEvaluator(proto, new_ops=list(CONTRIB_OPS + FAST_OPS))
         except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
             raise ReferenceUnsupported(f"the float64 reference cannot run {path}: {exc}") from None
         needed = self._prune(evaluator.rt_nodes_, "logits")
