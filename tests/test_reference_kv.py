@@ -132,3 +132,49 @@ def test_executor_and_verifier_sessions_agree_at_every_near_tie(trained_model, t
                             max_tokens=24, finish_reason=result.finish_reason, commitment=result.commitment,
                             stop_at_eos=False)
     assert verdict.accept, verdict.reason
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), temperature=st.sampled_from([0.7, 1.0, 1.5]),
+       top_p=st.sampled_from([1.0, 0.9]), stop_at_first=st.booleans(), split=st.integers(1, 11))
+def test_deferred_near_ties_give_the_same_verdict(seed, temperature, top_p, stop_at_first, split) -> None:
+    """The verifier decides near ties after its forward passes (``defer_near_ties``): the verdict (accept,
+    first bad position, reason) is the one of deciding them inside each pass, for claims that pick any
+    admissible token at near ties, or an inadmissible or tampered one. The reference row here is a fixed
+    function of the index (the rule is pure; the real reference is tested above)."""
+    from p2pinfer.runtime.fingerprint import Fingerprint, FingerprintBuilder, FingerprintChecker
+
+    rng = np.random.default_rng(seed)
+    n, vocab, tol = 12, 40, 0.3  # a wide tolerance: near ties on most rows
+    logits = rng.standard_normal((n, vocab)) * 1.5
+    rows = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    reference = {i: rows[i] + rng.standard_normal(vocab) * 0.05 for i in range(n)}
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    seed_material = seed.to_bytes(4, "big") * 8
+    tokens = []
+    for i in range(n):
+        admitted = admissible_tokens(rows[i], params, seed_material, i, tol)
+        tokens.append(int(admitted[rng.integers(len(admitted))]))
+    if rng.random() < 0.3:
+        tokens[int(rng.integers(n))] = int(rng.integers(vocab))  # perhaps inadmissible
+    builder = FingerprintBuilder()
+    for row in rows:
+        builder.add(row)
+    fp = builder.build()
+    if rng.random() < 0.3:  # a tampered claimed value
+        q = fp.q.copy()
+        q[int(rng.integers(n)), 0] += 30000
+        fp = Fingerprint(fp.ids, q)
+    verdicts = []
+    for defer in (False, True):
+        checker = FingerprintChecker(fp, tokens, params, seed_material, tol, stop_at_first=stop_at_first,
+                                     reference_row=None if defer else reference.__getitem__,
+                                     defer_near_ties=defer)
+        for lo, hi in ((0, split), (split, n)):
+            if not checker.done:
+                checker.check_rows(lo, rows[lo:hi])
+        if defer:
+            checker.settle_near_ties(reference.__getitem__)
+        v = checker.verdict()
+        verdicts.append((v.accept, v.first_bad_position, v.reason))
+    assert verdicts[0] == verdicts[1]
