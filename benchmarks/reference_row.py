@@ -38,7 +38,10 @@ from p2pinfer import log  # noqa: E402
 from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
 from p2pinfer.runtime import load_model  # noqa: E402
 from p2pinfer.runtime import reference as reference_module  # noqa: E402
-from p2pinfer.runtime.reference import ReferenceSession, reference_for  # noqa: E402
+from p2pinfer.runtime.reference import reference_for  # noqa: E402
+
+# absent from trees before the per-request cache (run from such a tree for a before/after): no extend columns
+ReferenceSession = getattr(reference_module, "ReferenceSession", None)
 
 TEXT = "The history of the lighthouse begins with fires lit on hills to guide ships home. " * 80
 GEMM_OPS = ("MatMul", "MatMulNBits", "Gemm")
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                         flops[(name, n)] = ops.flops
                         gemm_s[(name, n)] = sum(ops.seconds[o] for o in GEMM_OPS)
                     keep((name, "row", n), took)
+                    if ReferenceSession is None:
+                        continue
                     session = ReferenceSession(ref)
                     session.row(ids[:n])
                     for k in extends:
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                 rate = flops[(name, n)] / gemm_s[(name, n)] / 1e9
                 print(f"| {m.runtime_numeric_class} | {n} | {best[(name, 'ort', n)]:.3f} | "
                       f"{best[(name, 'row', n)]:.2f} | {best[(name, 'row', n)] / best[(name, 'ort', n)]:.1f} | "
-                      + " | ".join(f"{best[(name, f'+{k}', n)]:.2f}" for k in extends)
+                      + " | ".join(f"{best[(name, f'+{k}', n)]:.2f}" if (name, f"+{k}", n) in best else "n/a"
+                                   for k in extends)
                       + f" | {rate:.1f} | {rate / ceiling:.0%} |")
         for name, m in models.items():
             with OpTimes() as ops:
