@@ -59,8 +59,11 @@ _ATTENTION_QUERY_BLOCK = 64  # attention query positions per block (each reads o
 #: positions per pass of the reference over its own float64 KV cache: bounds a pass's activations (~40 MB of
 #: float64 on SmolLM2) while the 4-bit weights are dequantized once per chunk
 REFERENCE_CHUNK = 256
-#: the most a :class:`ReferenceSession` keeps of its float64 KV cache between rows (92 KB a position on SmolLM2)
-REFERENCE_KV_BYTES = 64 << 20
+#: the most a :class:`ReferenceSession` keeps of its float64 KV cache between rows (92 KB a position on SmolLM2:
+#: ~360 positions). It is held while its request generates or verifies, on top of the serving memory (files +
+#: ~250 MB on SmolLM2 while a request runs, against the 300 MB limit); a later near tie past it recomputes the
+#: positions after the kept ones
+REFERENCE_KV_BYTES = 32 << 20
 #: BLAS threads of a reference pass. One: a pass makes hundreds of BLAS calls (a block of dequantized weights
 #: each), and with two threads each call waits for the other thread; on the shared 2-core machine (load 10) a
 #: SmolLM2 row took 4-10x longer with two threads than with one (41-59 s against 10 s at 600 positions)
@@ -450,12 +453,13 @@ class ReferenceSession:
     :data:`REFERENCE_CHUNK`). Thread-safe (one row at a time)."""
 
     def __init__(self, reference: "ReferenceModel | Callable[[], ReferenceModel]", *,
-                 max_bytes: int = REFERENCE_KV_BYTES, chunk: int = REFERENCE_CHUNK) -> None:
+                 max_bytes: int | None = None, chunk: int | None = None) -> None:
+        chunk = REFERENCE_CHUNK if chunk is None else int(chunk)
         if chunk < 1:
             raise ValueError("chunk must be >= 1")
         self._reference = reference
-        self._max_bytes = int(max_bytes)
-        self._chunk = int(chunk)
+        self._max_bytes = REFERENCE_KV_BYTES if max_bytes is None else int(max_bytes)
+        self._chunk = chunk
         self._ids: list[int] = []  # the tokens whose positions self._kv holds
         self._kv: dict[str, np.ndarray] | None = None
         self._lock = threading.Lock()
