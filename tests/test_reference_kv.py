@@ -178,3 +178,19 @@ def test_deferred_near_ties_give_the_same_verdict(seed, temperature, top_p, stop
         v = checker.verdict()
         verdicts.append((v.accept, v.first_bad_position, v.reason))
     assert verdicts[0] == verdicts[1]
+
+
+def test_fast_operators_give_onnx_reference_bits() -> None:
+    """The reference's own ``Sigmoid`` and ``Sum`` are ``onnx.reference``'s, bit for bit (only faster)."""
+    from onnx.reference.ops.op_sigmoid import sigmoid
+    from onnx.reference.ops.op_sum import Sum as OnnxSum
+
+    from p2pinfer.runtime.reference import Sigmoid, Sum
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((64, 300)) * 10
+    x[0, :6] = [0.0, -0.0, 750.0, -750.0, 1e-300, -1e-300]
+    assert np.array_equal(Sigmoid._run(None, x)[0].view(np.int64), sigmoid(x).view(np.int64))
+    terms = [rng.standard_normal((5, 7)) for _ in range(3)]
+    for k in (1, 2, 3):
+        assert np.array_equal(Sum._run(None, *terms[:k])[0], OnnxSum._run(None, *terms[:k])[0])

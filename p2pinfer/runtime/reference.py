@@ -236,7 +236,10 @@ class Sigmoid(OpRun):
     def _run(self, x):
         x = np.asarray(x)
         e = np.exp(-np.abs(x))
-        return (np.where(x > 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False),)
+        denominator = 1.0 + e
+        out = np.divide(e, denominator)  # exp(x) / (1 + exp(x)) where x <= 0
+        np.divide(1.0, denominator, out=out, where=x > 0)  # 1 / (1 + exp(-x)) where x > 0
+        return (out.astype(x.dtype, copy=False),)
 
 
 class Sum(OpRun):
