@@ -190,7 +190,9 @@ def test_fast_operators_give_onnx_reference_bits() -> None:
     rng = np.random.default_rng(11)
     x = rng.standard_normal((64, 300)) * 10
     x[0, :6] = [0.0, -0.0, 750.0, -750.0, 1e-300, -1e-300]
-    assert np.array_equal(Sigmoid._run(None, x)[0].view(np.int64), sigmoid(x).view(np.int64))
+    with np.errstate(over="ignore", invalid="ignore"):  # onnx.reference's overflows in the branch it drops
+        expected = sigmoid(x)
+    assert np.array_equal(Sigmoid._run(None, x)[0].view(np.int64), expected.view(np.int64))
     terms = [rng.standard_normal((5, 7)) for _ in range(3)]
     for k in (1, 2, 3):
         assert np.array_equal(Sum._run(None, *terms[:k])[0], OnnxSum._run(None, *terms[:k])[0])
