@@ -305,7 +305,7 @@ def _widen_attributes(graph: onnx.GraphProto) -> None:
 
 
 class ReferenceModel:
-    """The float64 evaluation of one ``model.onnx``. Thread-safe (one run at a time)."""
+    """The float64 evaluation of one ``model.onnx``. Thread-safe (one pass at a time in the process)."""
 
     def __init__(self, onnx_path: Path | str, *, kv_heads: int, head_dim: int) -> None:
         path = Path(onnx_path)
@@ -336,7 +336,6 @@ class ReferenceModel:
         presents = frozenset(self._present_of.values())
         self._row_plan = _Plan(self._prune(evaluator.rt_nodes_, {"logits", *presents}), {"logits", *presents})
         self._kv_plan = _Plan(self._prune(evaluator.rt_nodes_, set(presents)), presents)  # no LM head
-        self._lock = threading.Lock()
 
     @staticmethod
     def _prune(nodes: list[Any], wanted: set[str]) -> list[Any]:
@@ -375,7 +374,8 @@ class ReferenceModel:
         kv = {} if kv is None else kv
         chunk = chunk or REFERENCE_CHUNK
         lo = start
-        with self._lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
+        # one process-wide lock: BLAS's thread count is global, and overlapping limits would restore it wrongly
+        with _blas_lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
             while self.caches and n - lo - chunk >= last:
                 _, kv = self._run(self._feed(kv, ids, lo, lo + chunk, 1), self._kv_plan)
                 lo += chunk
@@ -575,6 +575,7 @@ def _attribute(node: Any, name: str, default: Any) -> Any:
 
 
 _cache_lock = threading.Lock()
+_blas_lock = threading.Lock()  # one reference pass at a time in the process (see ReferenceModel.extend)
 
 
 def reference_session(model: Any) -> ReferenceSession:
