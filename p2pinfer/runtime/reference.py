@@ -12,23 +12,28 @@ How it runs:
   node that reads it only (the page cache holds it once for every reader; an idle reference maps nothing),
   and float32 weights are widened to float64 one node input at a time. A large weight is never widened whole
   (:func:`_run_node`): ``Gather`` widens the rows it picked, ``Gemm``/``MatMul`` widen at most 16 MB of it
-  at a time and drop each mapped block's pages after use, ``MatMulNBits`` dequantizes 4,096 rows at a time,
-  and attention scores exist for a block of query positions at a time. Each value is the same float64
+  at a time and drop each mapped block's pages after use, ``MatMulNBits`` dequantizes 4 MB of float64 at a
+  time into a reused buffer (integer unpacking, exact values), and attention scores exist for a block of 64
+  query positions at a time, each block reading only the keys it may see. Each value is the same float64
   operation as on the whole matrix (BLAS may block a product differently: float64 rounding, ~1e-14 in a
   SmolLM2 log-prob). Measured on SmolLM2 at 557 positions: the transient memory of one row fell from 447 to
   ~60 MiB (fp32) and from 157 to ~80 MiB (4-bit);
-* nodes run with ``onnx.reference``'s numpy operators, in graph order, pruned to what ``logits`` needs, and
-  every intermediate is freed after its last use (outputs nothing reads, such as ``present.N``, are not kept);
+* nodes run with ``onnx.reference``'s numpy operators (``Sigmoid`` and ``Sum`` replaced by faster versions
+  with the same bits), in graph order, pruned to what ``logits`` and the ``present.N`` outputs need, and
+  every intermediate is freed after its last use;
 * ``Cast`` (and ``ConstantOfShape``) to a float type produce float64; the com.microsoft operators the GGUF
   importer emits (``MatMulNBits``, ``GroupQueryAttention``, ``SkipSimplifiedLayerNormalization``) have
   float64 implementations here (another operator is refused with :class:`ReferenceUnsupported`);
-* past key/value inputs are empty: one prefill over the whole sequence (no KV cache, so nothing can drift
-  between a decode path and a prefill path), and with ``logits_to_keep`` only the requested rows pay for the
-  LM head.
+* positions go :data:`REFERENCE_CHUNK` at a time over the graph's own past/present inputs, in float64 (a
+  float64 KV cache: chunks and cached prefixes change a row by float64 rounding only, nothing like the
+  float32 drift between a decode path and a prefill path); with ``logits_to_keep`` only the requested rows
+  pay for the LM head, and chunks before the last skip it;
+* a :class:`ReferenceSession` per request keeps that cache between its near-tie rows (bounded by
+  :data:`REFERENCE_KV_BYTES`), so a later row computes only the positions after the cached prefix.
 
-Matrix products go through numpy's BLAS in float64. It is slow next to onnxruntime (seconds per row for
-SmolLM2 at a few hundred tokens; ``benchmarks/sampler_freedom.py`` reports it) and only ever runs at the few
-positions the float32 rule cannot decide. Callers in async code run it in a worker thread, as they do every
+Matrix products go through numpy's BLAS in float64, on one thread (:data:`REFERENCE_BLAS_THREADS`). It is
+slow next to onnxruntime (2-5x its prefill of the same tokens on SmolLM2; ``benchmarks/reference_row.py``
+measures it) and only ever runs at the few positions the float32 rule cannot decide. Callers in async code run it in a worker thread, as they do every
 forward pass.
 """
 
