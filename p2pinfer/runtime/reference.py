@@ -53,7 +53,7 @@ from onnx.reference.op_run import OpRun
 from threadpoolctl import threadpool_limits
 
 from .digest import ModelFormatError
-from .memory import drop_read_only_mapped_pages, release_freed_memory
+from .memory import drop_read_only_mapped_pages
 
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -361,7 +361,7 @@ class ReferenceModel:
     def logprobs(self, ids: Sequence[int], *, last: int = 1) -> np.ndarray:
         """float64 log-softmax rows ``[last, vocab]``: the last ``last`` positions of ``ids``, computed from
         scratch (a :class:`ReferenceSession` of its own, dropped after the call)."""
-        return ReferenceSession(self).logprobs(ids, last=last)
+        return ReferenceSession(self, max_bytes=0).logprobs(ids, last=last)  # nothing kept after the call
 
     def extend(self, kv: dict[str, np.ndarray] | None, ids: Sequence[int], start: int, last: int, *,
                chunk: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -490,10 +490,6 @@ class ReferenceSession:
         with self._lock:
             ref = self._reference if isinstance(self._reference, ReferenceModel) else self._reference()
             self._reference = ref
-            # memory other threads freed (onnxruntime's workers' glibc arenas: the forward passes' logits and
-            # activations) goes back to the OS first, so that this row's float64 cache is not added on top of
-            # it; ~10-30 ms, against seconds for the row
-            release_freed_memory()
             start = 0
             if ref.caches:
                 limit = min(len(self._ids), n - last)
