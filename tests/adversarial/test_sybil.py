@@ -21,6 +21,7 @@ from p2pinfer.request.possession import vetting_for
 from p2pinfer.request.possession_rules import Possession
 from p2pinfer.wire import CapacityAnnouncement, ModelOffer, decode_signed, encode_signed, now_ms
 
+from net.helpers import wait_until
 from .attacker import relay_until_held, start_rogue_pubsub
 
 MODEL = "tiny-llama-trained"
@@ -88,7 +89,10 @@ async def test_300_fake_announcements_do_not_stop_honest_requests(honest) -> Non
 
 async def test_fakes_that_accept_connections_and_never_answer_cannot_hold_requests(honest) -> None:
     """Tarpit Sybils: their announced address accepts TCP and then says nothing. Challenges to them time out
-    (each within its timeout, all within the vetting budget); honest requests go through."""
+    (each within its timeout, all within the vetting budget); honest requests go through, and the first
+    request's vetting reaches *every* honest peer: a tarpit's dial holds a dial slot of the client's node
+    until the challenge times out, and 40 of them once left an honest peer's dial queued behind them until
+    its own challenge timed out (a first request failed when both honest peers were queued there)."""
     held: list[trio.SocketStream] = []
 
     async def tarpit(stream: trio.SocketStream) -> None:
@@ -107,6 +111,16 @@ async def test_fakes_that_accept_connections_and_never_answer_cannot_hold_reques
             await relay_until_held(rogue, sybil, data, net.bootstrap)
         async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
             assert len(client.node.serving(honest.digest)) >= 40
+            vetting = vetting_for(client.node)
+            completion = await client.generate(model=MODEL, prompt="def g(", max_tokens=4)
+            assert completion.executor in {p.peer_id for p in net.peers}
+            # Every honest peer was challenged in the first request's round, none queued behind the tarpits:
+            # its outcome is known (waited for as an event: the first request may close before the slower
+            # honest answer arrives, by the vetting's closing rule) and it answered.
+            await wait_until(lambda: all(vetting.status(p.peer_id, honest.digest) is not None for p in net.peers),
+                             what="both honest peers' challenges to end")
+            outcomes = {p.peer_id: vetting.status(p.peer_id, honest.digest) for p in net.peers}
+            assert set(outcomes.values()) == {Possession.ANSWERED}, (outcomes, vetting.counters)
             for i in range(3):
                 completion = await client.generate(model=MODEL, prompt=f"def g{i}(", max_tokens=4)
                 assert completion.executor in {p.peer_id for p in net.peers}
