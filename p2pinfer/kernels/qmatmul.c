@@ -430,7 +430,7 @@ static void gemm_part(void *arg, int part, int parts) {
 #include "qgemm_amx.c"  /* the same product on AMX tiles where the CPU has them (amx_gemm) */
 
 /* ---- the custom op ----------------------------------------------------------------------------------------- */
-typedef struct { int64_t K, N, zp0, zp1, threads, amx; int terms, has_mins; } kernel_t;
+typedef struct { int64_t K, N, zp0, zp1, threads, amx; int terms, has_mins, amx_limbs; } kernel_t;
 typedef struct { OrtCustomOp op; const char *name; int terms, has_mins; } op_def_t;
 
 static int64_t attr(const OrtKernelInfo *info, const char *name, int64_t fallback) {
@@ -508,7 +508,7 @@ static void kernel_compute(void *opk, OrtKernelContext *ctx) {
         gemm_t g = {j.M, j.N, j.K, nb, j.terms, x, {j.q[0], j.q[1]}, {j.s[0], j.s[1]}, {j.zp[0], j.zp[1]}, j.mins, j.y};
         int parts = (int)k->threads, micros = (j.N + MICRO_COLS - 1) / MICRO_COLS;
         if (parts > micros) parts = micros;
-        if (!(k->amx && amx_gemm(&g, parts < 1 ? 1 : parts))) run_parallel(gemm_part, &g, parts < 1 ? 1 : parts);
+        if (!(k->amx && amx_gemm(&g, parts < 1 ? 1 : parts, &k->amx_limbs))) run_parallel(gemm_part, &g, parts < 1 ? 1 : parts);
         return;
     }
     float *scratch = malloc(sizeof(float) * (size_t)j.M * (j.K + nb));
