@@ -121,14 +121,17 @@ static inline void store_limbs(__m512 ev, __m512 od, uint16_t *o1, uint16_t *o2,
 
 /* the weights of columns n0 .. n1-1 (n1 - n0 <= 32; zero beyond n1) as limb panels [limb][16-column half]
    [(K + extra) / 2][16][2]. Two limbs: w = scale (q - zp), exact, and after K the block minimums (extra > 0);
-   three: w = sum_t scale_t (q_t - zp_t) + minimum with fused multiply-adds (one rounding). */
-static void weight_limbs(const gemm_t *g, int n0, int n1, int two, int extra, uint16_t *out) {
+   three: w = sum_t scale_t (q_t - zp_t) + minimum with fused multiply-adds (one rounding). terms and two are
+   constants in each caller below (the loops then unroll into registers). */
+static inline __attribute__((always_inline)) void weight_limbs_of(const gemm_t *g, int n0, int n1, int extra,
+                                                                   uint16_t *out, const int terms, const int two) {
     const int kx = g->K + extra;
     const size_t half = (size_t)kx * 16;
-    const __m512i nib = _mm512_set1_epi32(15);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i rows_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(g->nb));  /* block index of column c0+lane */
     const __m512i bytes_at = _mm512_slli_epi32(rows_at, 4);
+    __m512 code_value[2];  /* code c -> c - zp as float32, looked up by the low 4 bits of a lane */
+    for (int t = 0; t < terms; t++) code_value[t] = _mm512_sub_ps(_mm512_cvtepi32_ps(lane), _mm512_set1_ps((float)g->zp[t]));
     for (int j = 0; j < 2; j++) {
         int c0 = n0 + 16 * j, valid = n1 - c0;
         if (valid > 16) valid = 16;
@@ -136,23 +139,23 @@ static void weight_limbs(const gemm_t *g, int n0, int n1, int two, int extra, ui
         uint16_t *o1 = out + (size_t)j * half, *o2 = out + (size_t)(2 + j) * half;
         uint16_t *o3 = two ? NULL : out + (size_t)(4 + j) * half;
         for (int b = 0; b < g->nb; b++) {
-            __m512 scale[2], zps[2];
+            __m512 scale[2];
             __m512i codes[2][4];
-            for (int t = 0; t < g->terms; t++) {
+            for (int t = 0; t < terms; t++) {
                 const uint8_t *base = g->q[t] + ((size_t)c0 * g->nb + b) * 16;
                 scale[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows_at, g->s[t] + (size_t)c0 * g->nb + b, 4);
-                zps[t] = _mm512_set1_ps((float)g->zp[t]);
                 for (int w4 = 0; w4 < 4; w4++)
                     codes[t][w4] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, bytes_at, base + 4 * w4, 1);
             }
             __m512 mn = g->mins && !two ? _mm512_maskz_loadu_ps(live, g->mins + (size_t)b * g->N + c0) : _mm512_setzero_ps();
+#pragma GCC unroll 16
             for (int i = 0; i < 16; i++) {  /* byte i of each column's block: elements 32b + 2i (low nibble), +1 (high) */
                 __m512 v[2];
                 for (int h = 0; h < 2; h++) {
                     v[h] = mn;
-                    for (int t = 0; t < g->terms; t++) {
-                        __m512i c = _mm512_and_si512(_mm512_srli_epi32(codes[t][i >> 2], 8 * (i & 3) + 4 * h), nib);
-                        v[h] = _mm512_fmadd_ps(scale[t], _mm512_sub_ps(_mm512_cvtepi32_ps(c), zps[t]), v[h]);
+                    for (int t = 0; t < terms; t++) {
+                        __m512 c = _mm512_permutexvar_ps(_mm512_srli_epi32(codes[t][i >> 2], 8 * (i & 3) + 4 * h), code_value[t]);
+                        v[h] = two ? _mm512_mul_ps(scale[t], c) : _mm512_fmadd_ps(scale[t], c, v[h]);
                     }
                 }
                 store_limbs(v[0], v[1], o1, o2, o3, (size_t)(32 * b + 2 * i) * 16);  /* pair row 16b + i */
@@ -164,6 +167,12 @@ static void weight_limbs(const gemm_t *g, int n0, int n1, int two, int extra, ui
             store_limbs(ev, od, o1, o2, NULL, (size_t)(g->K + e) * 16);
         }
     }
+}
+
+static void weight_limbs(const gemm_t *g, int n0, int n1, int two, int extra, uint16_t *out) {
+    if (two) weight_limbs_of(g, n0, n1, extra, out, 1, 1);  /* two limbs: one term (amx_weight_limbs) */
+    else if (g->terms == 1) weight_limbs_of(g, n0, n1, extra, out, 1, 0);
+    else weight_limbs_of(g, n0, n1, extra, out, 2, 0);
 }
 
 typedef struct {
@@ -212,28 +221,28 @@ static void amx_part(void *arg, int part, int parts) {
             }
             /* tiles: 0..3 accumulators (row group a/b x column half 0/1), 4, 5 activation limbs of groups a, b,
                6, 7 weight limbs of halves 0, 1. The products' order is fixed (the same for every row, row count
-               and thread count): per 32 k, x1 w1, x2 w1, x3 w1, x1 w2, x2 w2 (and x1 w3 with three weight limbs). */
+               and thread count): per 32 k, x1 w1, x1 w2, (x1 w3 with three weight limbs,) x2 w2, x2 w1, x3 w1. */
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (int k = 0; k < kx; k += 32) {
                 size_t wk = (size_t)k * 16;
 #define AMX_PRODUCTS() do { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); } while (0)
+                /* each limb tile loaded once where it can be (two weight limbs: 12 loads for 20 products) */
                 _tile_loadd(4, xa[0] + k, xs); _tile_loadd(5, xb[0] + k, xs);
                 _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
-                AMX_PRODUCTS();
-                _tile_loadd(4, xa[1] + k, xs); _tile_loadd(5, xb[1] + k, xs);
-                AMX_PRODUCTS();
-                _tile_loadd(4, xa[2] + k, xs); _tile_loadd(5, xb[2] + k, xs);
-                AMX_PRODUCTS();
-                _tile_loadd(4, xa[0] + k, xs); _tile_loadd(5, xb[0] + k, xs);
+                AMX_PRODUCTS();                                                  /* x1 w1 */
                 _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
-                AMX_PRODUCTS();
-                _tile_loadd(4, xa[1] + k, xs); _tile_loadd(5, xb[1] + k, xs);
-                AMX_PRODUCTS();
+                AMX_PRODUCTS();                                                  /* x1 w2 */
                 if (!a->two) {
-                    _tile_loadd(4, xa[0] + k, xs); _tile_loadd(5, xb[0] + k, xs);
                     _tile_loadd(6, w3a + wk, 64); _tile_loadd(7, w3b + wk, 64);
-                    AMX_PRODUCTS();
+                    AMX_PRODUCTS();                                              /* x1 w3 */
+                    _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
                 }
+                _tile_loadd(4, xa[1] + k, xs); _tile_loadd(5, xb[1] + k, xs);
+                AMX_PRODUCTS();                                                  /* x2 w2 */
+                _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
+                AMX_PRODUCTS();                                                  /* x2 w1 */
+                _tile_loadd(4, xa[2] + k, xs); _tile_loadd(5, xb[2] + k, xs);
+                AMX_PRODUCTS();                                                  /* x3 w1 */
 #undef AMX_PRODUCTS
             }
             _tile_stored(0, out[0], 64);
