@@ -62,7 +62,7 @@ def layer(k: int, n: int, terms: int, rng: np.random.Generator):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=64, help="activation rows per call (64: one verification pass)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                 t = time.perf_counter()
                 sessions[amx].run(None, {"x": x})
                 best[(name, amx)] = min(best[(name, amx)], time.perf_counter() - t)
-    print("\n| layer | AMX ms | float32 FMA ms | AMX / FMA (speed) | error AMX | error FMA |\n|---|---|---|---|---|---|")
+    print("\n| layer | AMX ms | float32 FMA ms | AMX / FMA (speed) | error AMX | error FMA |\n"
+          "|---|---|---|---|---|---|")
     for name, _, _, errors in cases:
         a, f = best[(name, 1)], best[(name, 0)]
         print(f"| {name} | {a * 1e3:.3f} | {f * 1e3:.3f} | {f / a:.2f} | {errors[1]:.1e} | {errors[0]:.1e} |")

@@ -6,9 +6,9 @@ pre-packed anonymous copy of every 4-bit weight. :func:`kernel_model` rewrites e
 ``p2pinfer`` custom node that reads the SAME initializers (the model files and digest are unchanged) straight
 from onnxruntime's mapping of the weights file: decode rows split the output rows over the kernel's own
 threads; many rows (prefill, verification) run a cache-blocked GEMM over dequantized float32 panels, or, where
-the CPU has AMX tiles (``qgemm_amx.c``), the same product on bfloat16 tiles with every float32 value split into
-three exact bfloat16 limbs (float32-grade results). One session then serves decode, prefill and verification,
-and the 4-bit weights are resident once, as file pages.
+the CPU has AMX tiles (``qgemm_amx.c``), the same product on bfloat16 tiles with every float32 value split
+exactly into two or three bfloat16 limbs (float32-grade results). One session then serves decode, prefill and
+verification, and the 4-bit weights are resident once, as file pages.
 
 Numerics: float32 activations and accumulation (never int8), the same weight values as ``MatMulNBits``
 (``(q - zp) * scale`` plus ``min * block sum``), summed in another order: float32 rounding drift, the same
@@ -105,8 +105,8 @@ def _build(cc: str) -> Path | None:
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + version.encode() + b"\0" + _cpu_identity().encode()
-                         + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
+    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + version.encode()
+                         + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
     target = cache_dir() / f"qmatmul-{key[:24]}.so"
     if target.is_file():
         return target

@@ -508,7 +508,8 @@ static void kernel_compute(void *opk, OrtKernelContext *ctx) {
         gemm_t g = {j.M, j.N, j.K, nb, j.terms, x, {j.q[0], j.q[1]}, {j.s[0], j.s[1]}, {j.zp[0], j.zp[1]}, j.mins, j.y};
         int parts = (int)k->threads, micros = (j.N + MICRO_COLS - 1) / MICRO_COLS;
         if (parts > micros) parts = micros;
-        if (!(k->amx && amx_gemm(&g, parts < 1 ? 1 : parts, &k->amx_limbs))) run_parallel(gemm_part, &g, parts < 1 ? 1 : parts);
+        if (parts < 1) parts = 1;
+        if (!(k->amx && amx_gemm(&g, parts, &k->amx_limbs))) run_parallel(gemm_part, &g, parts);  /* no AMX here */
         return;
     }
     float *scratch = malloc(sizeof(float) * (size_t)j.M * (j.K + nb));
