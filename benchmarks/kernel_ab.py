@@ -5,7 +5,7 @@
 
 Both sessions of the default model (SmolLM2-135M-Instruct Q4_1, imported into a temporary folder unless
 ``--model`` is given) live in this one process; every round runs each measurement on the kernel session,
-then on the standard session, so that load hits both alike. Per measurement it prints the best of
+then on the standard session (the order alternates round by round), so that load hits both alike. Per measurement it prints the best of
 ``--rounds`` for each and the ratio (kernel / standard; above 1 means the kernel is faster):
 
 * decode: ``generate``, ``--tokens`` greedy tokens after the chat prompt (the whole loop: sampling, log-softmax,
@@ -101,11 +101,12 @@ def main(argv: list[str] | None = None) -> None:
             llama.decode(prompt, 4)
         for side in sides.values():  # warm-up
             generate(side, prompt, max_tokens=4, stop_at_eos=False)
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             if llama is not None:
                 keep("decode tok/s", "llama.cpp", llama.decode(prompt, args.tokens)[0], True)
                 keep(f"prefill tok/s ({len(long_ids)})", "llama.cpp", llama.prefill(long_ids), True)
-            for name, m in sides.items():
+            order = list(sides.items())
+            for name, m in (order if round_ % 2 == 0 else order[::-1]):  # neither side always goes first
                 r = generate(m, prompt, max_tokens=args.tokens, stop_at_eos=False)
                 keep("decode tok/s", name, (len(r.output_ids) - 1) / r.decode_seconds, True)
                 t = time.perf_counter()
