@@ -4,9 +4,10 @@
                                    [--model DIR] [--llama-cpp] [--against standard|no-amx]
 
 Both sessions of the default model (SmolLM2-135M-Instruct Q4_1, imported into a temporary folder unless
-``--model`` is given) live in this one process; every round runs each measurement on the kernel session,
-then on the standard session (the order alternates round by round), so that load hits both alike. Per measurement it prints the best of
-``--rounds`` for each and the ratio (kernel / standard; above 1 means the kernel is faster):
+``--model`` is given) live in this one process; every round runs each measurement on both sessions, the
+kernel session first in even rounds and the other first in odd ones, so that load hits both alike. Per
+measurement it prints the best of ``--rounds`` for each and the ratio (kernel / standard; above 1 means the
+kernel is faster):
 
 * decode: ``generate``, ``--tokens`` greedy tokens after the chat prompt (the whole loop: sampling, log-softmax,
   fingerprint), tokens/s;
