@@ -2,7 +2,8 @@
 
 The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the KV cache in passes that
 :func:`verification_passes` plans: the prompt-only positions in chunks of
-:data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``),
+:data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``;
+a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has),
 then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM head's intermediates and the
 log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
