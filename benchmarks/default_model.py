@@ -18,7 +18,10 @@ so that other load on the machine hits both sides alike:
   of ``--memory-tokens`` tokens generated and verified) against the model files + 300 MB, measured in a fresh
   subprocess per class, stage by stage, with the peak of each verification (``VmHWM`` reset before it, where
   ``/proc/self/clear_refs`` allows); with ``--compare-rows`` once more per class with that many rows per pass;
-  and the peak of a first-run ``p2pinfer demo`` (empty home) against 1.5 GB (``--no-demo`` skips it).
+  and the peak of a first-run ``p2pinfer demo`` (empty home) against 1.5 GB (``--no-demo`` skips it);
+* with ``--compare-amx``, where the 4-bit kernel runs its many-row path on AMX tiles, every request is also
+  verified by a session with ``amx=False`` (float32 FMA, as on a peer without AMX): both ratios and their
+  time ratio on the same requests (before/after in one run; ``P2PINFER_AMX=0`` turns AMX off everywhere).
 
 ``--parts speed,verify,memory`` chooses what runs (all by default).
 
@@ -199,14 +202,23 @@ def demo_peak() -> tuple[int, float]:
 
 def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> None:
     """Verification / generation time per class, sampling and output length, best of ``rounds // 2``
-    requests; with ``--compare-rows`` each request is verified both ways, interleaved (the order alternates)."""
+    requests; with ``--compare-rows`` each request is verified both ways, interleaved (the order alternates);
+    with ``--compare-amx`` a class whose kernel runs on AMX tiles is also verified by a session of the same model
+    with ``amx=False`` (float32 FMA, the path of a peer without AMX), interleaved, on the same requests."""
     ways = [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else [])
-    cols = " | ".join(f"verify s ({w} rows) | verify / generate ({w} rows)" for w in ways)
-    same = f" verify time {ways[0]} / {ways[-1]} rows, same requests |" if len(ways) > 1 else ""
+    if args.compare_amx:
+        ways = [VERIFY_ROWS, "no-amx"]
+    named = lambda w: "float32 FMA" if w == "no-amx" else f"{w} rows"  # noqa: E731
+    cols = " | ".join(f"verify s ({named(w)}) | verify / generate ({named(w)})" for w in ways)
+    same = f" verify time {named(ways[0])} / {named(ways[-1])}, same requests |" if len(ways) > 1 else ""
     print(f"\n| class | sampling | output tokens | decode tok/s | generate s | {cols} |{same}\n"
           "|---|---|---|---|---|" + "---|---|" * len(ways) + ("---|" if same else ""))
     for side in sides:
         m = side.model
+        plain = m.with_session(threads=args.threads, amx=False) if args.compare_amx and m.runs_amx else m
+        if args.compare_amx:
+            print(f"  ({m.runtime_numeric_class}: the serving session {'runs' if m.runs_amx else 'does not run'} "
+                  f"AMX tiles; float32 FMA column: {'a session with amx=False' if m.runs_amx else 'the same session'})")
         for label, params in verify_sampling(args.verify_sampling):
             for n in (int(x) for x in args.verify_tokens.split(",")):
                 best: dict[int, tuple[float, float, float, float]] = {}  # rows -> (ratio, gen s, verify s, tok/s)
@@ -216,11 +228,12 @@ def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> No
                     r = generate(m, prompt, max_tokens=n, params=params, seed_material=bytes(32), stop_at_eos=False)
                     g = r.prefill_seconds + r.decode_seconds
                     for rows in (ways if round_ % 2 == 0 else ways[::-1]):
+                        verifier = plain if rows == "no-amx" else m
                         t = time.perf_counter()
-                        v = verify_result(m, prompt_ids=prompt, output_ids=r.output_ids,
+                        v = verify_result(verifier, prompt_ids=prompt, output_ids=r.output_ids,
                                           fingerprint=r.fingerprint_bytes, params=params, seed_material=bytes(32),
                                           max_tokens=n, finish_reason=r.finish_reason, stop_at_eos=False,
-                                          rows_per_pass=rows)
+                                          rows_per_pass=VERIFY_ROWS if rows == "no-amx" else rows)
                         ver = took[rows] = time.perf_counter() - t
                         assert v.accept, v.reason
                         if rows not in best or ver / g < best[rows][0]:
@@ -276,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare-rows", type=int, default=None,
                     help=f"also verify with this many rows per forward pass (default passes: {VERIFY_ROWS} rows), "
                          "interleaved, and probe memory with it")
+    ap.add_argument("--compare-amx", action="store_true",
+                    help="also verify each request with the kernel's many-row path on float32 FMA (amx=False, "
+                         "the path of a peer without AMX), interleaved; replaces --compare-rows in the verify table")
     ap.add_argument("--parts", default="speed,verify,memory",
                     help="what to measure, comma-separated: speed (decode/prefill), verify (ratios), memory")
     args = ap.parse_args(argv)

@@ -1,12 +1,13 @@
 """The 4-bit kernel (the default) against the standard graph (``P2PINFER_DECODE_KERNEL=0``), interleaved.
 
     python benchmarks/kernel_ab.py [--threads 2] [--rounds 3] [--tokens 128] [--prefill 256] [--verify 128,512]
-                                   [--model DIR] [--llama-cpp]
+                                   [--model DIR] [--llama-cpp] [--against standard|no-amx]
 
 Both sessions of the default model (SmolLM2-135M-Instruct Q4_1, imported into a temporary folder unless
-``--model`` is given) live in this one process; every round runs each measurement on the kernel session,
-then on the standard session, so that load hits both alike. Per measurement it prints the best of
-``--rounds`` for each and the ratio (kernel / standard; above 1 means the kernel is faster):
+``--model`` is given) live in this one process; every round runs each measurement on both sessions, the
+kernel session first in even rounds and the other first in odd ones, so that load hits both alike. Per
+measurement it prints the best of ``--rounds`` for each and the ratio (kernel / standard; above 1 means the
+kernel is faster):
 
 * decode: ``generate``, ``--tokens`` greedy tokens after the chat prompt (the whole loop: sampling, log-softmax,
   fingerprint), tokens/s;
@@ -16,6 +17,10 @@ then on the standard session, so that load hits both alike. Per measurement it p
 
 With ``--llama-cpp`` (the benchmark-only ``llama-cpp-python``), llama.cpp on the same GGUF decodes and
 prefills in the same rounds (``default_model.LlamaCpp``), and the table gets its column and our ratios to it.
+
+With ``--against no-amx`` the other side is the kernel with its many-row path on float32 FMA (``amx=False``,
+what a peer without AMX runs) instead of the standard graph: the AMX tiles' gain on prefill and verification
+(decode does not use them), and the drift between the two paths.
 
 It also prints the largest log-prob difference between the two sessions' verification rows and the model's
 calibrated tolerance (measured here, on the kernel session). On a loaded machine only the ratios mean
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--verify", default="128,512")
     ap.add_argument("--model", type=Path, help="an imported 4-bit model folder (default: import the default GGUF)")
     ap.add_argument("--llama-cpp", action="store_true", help="llama.cpp's decode and prefill in the same rounds")
+    ap.add_argument("--against", choices=("standard", "no-amx"), default="standard",
+                    help="the other side: the standard graph, or the kernel without AMX tiles (float32 FMA)")
     args = ap.parse_args(argv)
     log.configure(level="warning")
     print(f"{args.threads} threads, best of {args.rounds} interleaved rounds; load average "
@@ -64,7 +71,14 @@ def main(argv: list[str] | None = None) -> None:
         kernel = load_model(folder, threads=args.threads, providers=["CPUExecutionProvider"])
         if not kernel.runs_kernel:
             sys.exit("kernel_ab: the kernel is unavailable here (see the kernel.unavailable log line)")
-        standard = kernel.with_session(threads=args.threads, providers=["CPUExecutionProvider"], kernel=False)
+        if args.against == "no-amx":
+            if not kernel.runs_amx:
+                sys.exit("kernel_ab: the kernel does not run AMX tiles here (CPU, compiler or P2PINFER_AMX=0)")
+            standard = kernel.with_session(threads=args.threads, providers=["CPUExecutionProvider"], amx=False)
+        else:
+            standard = kernel.with_session(threads=args.threads, providers=["CPUExecutionProvider"], kernel=False)
+        print(f"kernel side runs AMX tiles: {kernel.runs_amx}; other side: "
+              f"{'the kernel on float32 FMA (amx=False)' if args.against == 'no-amx' else 'the standard graph'}")
         t = time.perf_counter()
         standard.tolerance = ensure_tolerance(kernel)
         print(f"calibrated tolerance {kernel.tolerance:.3g} ({time.perf_counter() - t:.0f} s)")
@@ -88,11 +102,12 @@ def main(argv: list[str] | None = None) -> None:
             llama.decode(prompt, 4)
         for side in sides.values():  # warm-up
             generate(side, prompt, max_tokens=4, stop_at_eos=False)
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             if llama is not None:
                 keep("decode tok/s", "llama.cpp", llama.decode(prompt, args.tokens)[0], True)
                 keep(f"prefill tok/s ({len(long_ids)})", "llama.cpp", llama.prefill(long_ids), True)
-            for name, m in sides.items():
+            order = list(sides.items())
+            for name, m in (order if round_ % 2 == 0 else order[::-1]):  # neither side always goes first
                 r = generate(m, prompt, max_tokens=args.tokens, stop_at_eos=False)
                 keep("decode tok/s", name, (len(r.output_ids) - 1) / r.decode_seconds, True)
                 t = time.perf_counter()
@@ -105,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                                       finish_reason=r.finish_reason, stop_at_eos=False)
                     keep(f"verify {n} tokens, s", name, time.perf_counter() - t, False)
                     assert v.accept, (name, n, v.reason)
-        print("\n| measurement | kernel | standard graph | kernel / standard (speed) |"
+        other = "kernel, float32 FMA" if args.against == "no-amx" else "standard graph"
+        print(f"\n| measurement | kernel | {other} | kernel / other (speed) |"
               + (" llama.cpp Q4_1 | kernel / llama.cpp | standard / llama.cpp |" if llama else "")
               + "\n|---|---|---|---|" + ("---|---|---|" if llama else ""))
         for what in dict.fromkeys(w for w, _ in best):
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             print(row)
         n = max(lengths)
         rows = [recompute_logprobs(m, prompt, requests[n].output_ids) for m in sides.values()]
-        print(f"\nlargest log-prob difference kernel vs standard over {n} verified rows: "
+        print(f"\nlargest log-prob difference kernel vs {other} over {n} verified rows: "
               f"{float(np.max(np.abs(rows[0] - rows[1]))):.3g} (tolerance {kernel.tolerance:.3g})")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (the machine is shared: figures are rough)")
 

@@ -66,18 +66,20 @@ def _claim(folder: Path, verifier, **session):
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("threads,optimization,kernel", [(1, "disable", True), (2, "basic", True),
-                                                         (2, "all", False)])
-def test_honest_4bit_variants_are_accepted(verifier, prompt, params, threads, optimization, kernel) -> None:
-    """Another session, and the standard graph (a peer without the 4-bit kernel) against the kernel's verifier,
-    and the other way round."""
+@pytest.mark.parametrize("threads,optimization,kernel,amx", [(1, "disable", True, True), (2, "basic", True, True),
+                                                             (2, "all", True, False), (2, "all", False, False)])
+def test_honest_4bit_variants_are_accepted(verifier, prompt, params, threads, optimization, kernel, amx) -> None:
+    """Another session, the kernel without AMX tiles (a peer whose CPU lacks them: float32 FMA for many rows) and
+    the standard graph (a peer without the 4-bit kernel) against the kernel's verifier (on AMX tiles where this
+    CPU has them), and the other way round."""
     assert verifier.runs_kernel, "the 4-bit kernel should be available here (CI installs gcc)"
-    executor = verifier.with_session(threads=threads, optimization=optimization, kernel=kernel)
+    executor = verifier.with_session(threads=threads, optimization=optimization, kernel=kernel, amx=amx)
     assert executor.runs_kernel == kernel
+    assert executor.runs_amx == (amx and verifier.runs_amx)
     r = generate(executor, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
     v = _verify(verifier, r, params)
     assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
-    if not kernel:  # a verifier without the kernel accepts the kernel's output
+    if not kernel or not amx:  # a verifier without the kernel (or without AMX) accepts the kernel's output
         theirs = generate(verifier, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
         executor.tolerance = verifier.tolerance
         v = _verify(executor, theirs, params)

@@ -19,10 +19,11 @@ N = 40
 
 @settings(max_examples=300, deadline=None)
 @given(prompt_len=st.integers(1, 3000), extra=st.integers(0, 3000), rows=st.integers(1, 700),
-       prefill=st.integers(1, 700))
-def test_passes_run_every_position_once_and_keep_exactly_the_checked_rows(prompt_len, extra, rows, prefill) -> None:
+       prefill=st.integers(1, 700), lead=st.integers(0, 700))
+def test_passes_run_every_position_once_and_keep_exactly_the_checked_rows(prompt_len, extra, rows, prefill,
+                                                                          lead) -> None:
     seq_len = prompt_len + extra
-    passes = verification_passes(prompt_len, seq_len, rows=rows, prefill=prefill)
+    passes = verification_passes(prompt_len, seq_len, rows=rows, prefill=prefill, lead=lead)
     assert passes[0][0] == 0 and passes[-1][1] == seq_len
     assert all(a[1] == b[0] for a, b in zip(passes, passes[1:]))  # contiguous, in order: each position once
     first_row = prompt_len - 1
@@ -31,10 +32,15 @@ def test_passes_run_every_position_once_and_keep_exactly_the_checked_rows(prompt
         assert lo < hi and 1 <= keep <= hi - lo
         if hi <= first_row:  # a prompt-only pass: one row, not used
             assert keep == 1 and hi - lo <= prefill
+        elif lo < first_row:  # the first checked pass also runs a prompt of at most `lead` positions
+            assert lo == 0 and not kept and first_row <= lead  # the first pass of all
+            assert keep == hi - first_row <= rows
+            kept.extend(range(hi - keep, hi))
         else:  # a checked pass starts at or after the first checked row and computes at most `rows` rows
             assert lo >= first_row and keep == hi - lo <= rows
             kept.extend(range(hi - keep, hi))
     assert kept == list(range(first_row, seq_len))
+    assert (passes[0][1] > first_row) == (first_row <= lead or first_row == 0)  # with a short prompt: no prompt-only pass
 
 
 @pytest.mark.parametrize("bad", [(0, 5, 10), (3, 2, 10), (3, 5, 0)])

@@ -5,18 +5,21 @@ layer costs the standard graph five nodes (the 4-bit term, block sums, minimums,
 pre-packed anonymous copy of every 4-bit weight. :func:`kernel_model` rewrites each such group into one
 ``p2pinfer`` custom node that reads the SAME initializers (the model files and digest are unchanged) straight
 from onnxruntime's mapping of the weights file: decode rows split the output rows over the kernel's own
-threads; many rows (prefill, verification) run a cache-blocked GEMM over dequantized float32 panels. One
-session then serves decode, prefill and verification, and the 4-bit weights are resident once, as file pages.
+threads; many rows (prefill, verification) run a cache-blocked GEMM over dequantized float32 panels, or, where
+the CPU has AMX tiles (``qgemm_amx.c``), the same product on bfloat16 tiles with every float32 value split
+exactly into two or three bfloat16 limbs (float32-grade results). One session then serves decode, prefill and
+verification, and the 4-bit weights are resident once, as file pages.
 
 Numerics: float32 activations and accumulation (never int8), the same weight values as ``MatMulNBits``
 (``(q - zp) * scale`` plus ``min * block sum``), summed in another order: float32 rounding drift, the same
 numeric class. Each output element is computed by one instruction sequence whatever the thread count
-(row-deterministic within the decode path and within the many-row path).
+(row-deterministic within the decode path and within each many-row path).
 
 The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``)
 into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
 compiler and the CPU. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
-compiler the model runs the standard graph (logged once as ``kernel.unavailable``).
+compiler the model runs the standard graph (logged once as ``kernel.unavailable``). ``P2PINFER_AMX=0`` keeps
+the many-row path on float32 FMA even where AMX is available (the path of a peer without AMX).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from onnx import helper, numpy_helper
 from .. import log
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
+AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
@@ -101,8 +105,8 @@ def _build(cc: str) -> Path | None:
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + version.encode() + b"\0" + _cpu_identity().encode()
-                         + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
+    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + version.encode()
+                         + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
     target = cache_dir() / f"qmatmul-{key[:24]}.so"
     if target.is_file():
         return target
@@ -126,6 +130,24 @@ def _build(cc: str) -> Path | None:
         return None
     _log().info("kernel.built", path=str(target))
     return target
+
+
+def amx_wanted() -> bool:
+    """Whether sessions may run the many-row path on AMX tiles (``P2PINFER_AMX=0``: never)."""
+    return os.environ.get("P2PINFER_AMX", "1") != "0"
+
+
+def amx_available() -> bool:
+    """Whether the built kernel runs its many-row path on AMX tiles in this process: compiled for them, the CPU
+    has them and Linux granted this process the tile state. False without the kernel."""
+    if library_path() is None or not _held:
+        return False
+    try:
+        probe = _held[0].p2pinfer_qmatmul_amx
+    except AttributeError:
+        return False
+    probe.restype = ctypes.c_int
+    return bool(probe())
 
 
 def _unavailable(reason: str, detail: str) -> None:
@@ -152,10 +174,11 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def kernel_model(model: onnx.ModelProto, folder: Path, threads: int) -> int:
+def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, amx: bool = True) -> int:
     """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
-    ``p2pinfer`` custom node over the same initializers. Returns the number of nodes rewritten."""
+    ``p2pinfer`` custom node over the same initializers (``amx=False``: its many-row path never uses AMX tiles).
+    Returns the number of nodes rewritten."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -235,14 +258,15 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int) -> int:
                 drop.update(id(x) for x in mins[1])
             zps = {f"zp{j}": t.zero_point for j, t in enumerate(found)}
             replace[id(node)] = helper.make_node(op, inputs, [node.output[0]], name=node.name or node.output[0],
-                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, **zps)
+                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, amx=int(amx),
+                                                 **zps)
             drop.update(id(t.node) for t in found)
     for node in g.node:  # a lone term: its own node
         t = term(node.output[0]) if node.op_type == "MatMulNBits" else None
         if t is not None and id(node) not in drop:
             replace[id(node)] = helper.make_node("QMatMul1", [t.a, t.qweight, t.scales], [node.output[0]],
                                                  name=node.name or node.output[0], domain=DOMAIN, K=t.k, N=t.n,
-                                                 threads=threads, zp0=t.zero_point)
+                                                 threads=threads, zp0=t.zero_point, amx=int(amx))
     nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)
@@ -261,9 +285,11 @@ def kernel_threads(threads: int | None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_level) -> "ort.InferenceSession | None":
+def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_level,
+                   amx: bool = True) -> "ort.InferenceSession | None":
     """An onnxruntime session of ``onnx_path`` with the kernel, or None (reason logged) when the library is
-    unavailable or the graph has nothing it applies to. Its inputs and outputs are the graph's own."""
+    unavailable or the graph has nothing it applies to. Its inputs and outputs are the graph's own. ``amx``
+    (and :func:`amx_wanted`) allow the many-row path on AMX tiles where the CPU has them."""
     import onnxruntime as ort
 
     lib = library_path()
@@ -272,7 +298,7 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     folder = Path(onnx_path).parent
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
-        rewritten = kernel_model(model, folder, kernel_threads(threads))
+        rewritten = kernel_model(model, folder, kernel_threads(threads), amx=amx and amx_wanted())
     except Exception as exc:  # an unreadable graph: the standard path reports it to the user (ModelFormatError)
         _log().debug("kernel.graph_unreadable", path=str(onnx_path), error=type(exc).__name__)
         return None
@@ -296,5 +322,6 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     except Exception as exc:  # onnxruntime raises its own types; the standard graph still serves
         _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
-    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), path=str(onnx_path))
+    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads),
+                amx=amx and amx_wanted() and amx_available(), path=str(onnx_path))
     return session

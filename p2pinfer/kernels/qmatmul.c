@@ -427,8 +427,10 @@ static void gemm_part(void *arg, int part, int parts) {
     free(panel);
 }
 
+#include "qgemm_amx.c"  /* the same product on AMX tiles where the CPU has them (amx_gemm) */
+
 /* ---- the custom op ----------------------------------------------------------------------------------------- */
-typedef struct { int64_t K, N, zp0, zp1, threads; int terms, has_mins; } kernel_t;
+typedef struct { int64_t K, N, zp0, zp1, threads, amx; int terms, has_mins, amx_limbs; } kernel_t;
 typedef struct { OrtCustomOp op; const char *name; int terms, has_mins; } op_def_t;
 
 static int64_t attr(const OrtKernelInfo *info, const char *name, int64_t fallback) {
@@ -446,6 +448,7 @@ static void *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKe
     k->K = attr(info, "K", 0); k->N = attr(info, "N", 0);
     k->zp0 = attr(info, "zp0", 8); k->zp1 = attr(info, "zp1", 8);
     k->threads = attr(info, "threads", 1);
+    k->amx = attr(info, "amx", 1);
     k->terms = def->terms; k->has_mins = def->has_mins;
     return k;
 }
@@ -505,7 +508,8 @@ static void kernel_compute(void *opk, OrtKernelContext *ctx) {
         gemm_t g = {j.M, j.N, j.K, nb, j.terms, x, {j.q[0], j.q[1]}, {j.s[0], j.s[1]}, {j.zp[0], j.zp[1]}, j.mins, j.y};
         int parts = (int)k->threads, micros = (j.N + MICRO_COLS - 1) / MICRO_COLS;
         if (parts > micros) parts = micros;
-        run_parallel(gemm_part, &g, parts < 1 ? 1 : parts);
+        if (parts < 1) parts = 1;
+        if (!(k->amx && amx_gemm(&g, parts, &k->amx_limbs))) run_parallel(gemm_part, &g, parts);  /* no AMX here */
         return;
     }
     float *scratch = malloc(sizeof(float) * (size_t)j.M * (j.K + nb));
@@ -573,5 +577,15 @@ const char *p2pinfer_qmatmul_isa(void) {
     return "avx2";
 #else
     return "portable";
+#endif
+}
+
+/* 1 when the many-row path runs on AMX tiles in this process (compiled for them, the CPU has them and Linux
+   granted the tile state), else 0; for the log and for calibration (which measures both paths where it is 1) */
+int p2pinfer_qmatmul_amx(void) {
+#if defined(HAVE_AMX)
+    return amx_available();
+#else
+    return 0;
 #endif
 }

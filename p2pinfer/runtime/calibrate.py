@@ -97,8 +97,8 @@ class CalibrationResult:
         return asdict(self)
 
 
-def _step_name(index: int, threads: int, optimization: str, mode: str, kernel: bool = True) -> str:
-    graph = "" if kernel else "graph=standard,"
+def _step_name(index: int, threads: int, optimization: str, mode: str, kernel: bool = True, amx: bool = True) -> str:
+    graph = ("" if amx else "graph=no-amx,") if kernel else "graph=standard,"
     return f"{index}|threads={threads},opt={optimization},{graph}{mode}"
 
 
@@ -201,9 +201,14 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     t0 = time.perf_counter()
     saved = _Checkpoint(checkpoint, model, prompts, new_tokens)
     # a model served through the 4-bit kernel (p2pinfer.kernels) is also served by peers without it (no compiler,
-    # P2PINFER_DECODE_KERNEL=0): both graphs are honest executors and verifiers of it
-    graphs = (True, False) if model.runs_kernel else (True,)
-    keys = [(th, opt, kernel) for kernel in graphs for th in THREADS for opt in OPTIMIZATIONS]
+    # P2PINFER_DECODE_KERNEL=0): both graphs are honest executors and verifiers of it; where this machine runs the
+    # kernel's many-row path on AMX tiles, peers without AMX (or with P2PINFER_AMX=0) run it on float32 FMA
+    graphs = [(True, True)]
+    if model.runs_amx:
+        graphs.append((True, False))
+    if model.runs_kernel:
+        graphs.append((False, False))
+    keys = [(th, opt, kernel, amx) for kernel, amx in graphs for th in THREADS for opt in OPTIMIZATIONS]
     total = 1 + len(keys) * 2 * len(prompts)
     # first, before anything slow: a graph the float64 reference cannot run is refused here, not at its first
     # near tie while serving; its distance to the float32 row is one more honest drift
@@ -214,7 +219,8 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         progress(1, total)
     cases = []  # (prompt_ids, output_ids, executor rows) per prompt, only when a step still needs them
     for index, prompt in enumerate(prompts):
-        if all(_step_name(index, th, opt, mode, kernel) in saved.done for th, opt, kernel in keys for mode in MODES):
+        if all(_step_name(index, th, opt, mode, kernel, amx) in saved.done for th, opt, kernel, amx in keys
+               for mode in MODES):
             cases.append(None)
             continue
         prompt_ids = model.encode(prompt)
@@ -229,16 +235,16 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     steps = 1
     # Each honest way to compute the same rows is one named, checkpointed step: a KV decode in another session
     # (another executor, over the first EXECUTOR_ROWS positions) and one prefill (a verifier, every position).
-    for th, opt, kernel in keys:
+    for th, opt, kernel, amx in keys:
         variant: LoadedModel | None = None
         for mode in MODES:
             for index, case in enumerate(cases):
                 steps += 1
-                name = _step_name(index, th, opt, mode, kernel)
+                name = _step_name(index, th, opt, mode, kernel, amx)
                 if name not in saved.done:
                     assert case is not None
                     prompt_ids, output_ids, base = case
-                    variant = variant or model.with_session(threads=th, optimization=opt, kernel=kernel)
+                    variant = variant or model.with_session(threads=th, optimization=opt, kernel=kernel, amx=amx)
                     if mode == "kv":
                         head = output_ids[:EXECUTOR_ROWS]
                         rows = _executor_rows(variant, prompt_ids, len(head), lambda i, row: head[i],

@@ -71,18 +71,19 @@ def default_providers() -> list[str]:
 
 
 def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                   optimization: str = "all", kernel: bool = True) -> ort.InferenceSession:
+                   optimization: str = "all", kernel: bool = True, amx: bool = True) -> ort.InferenceSession:
     """An onnxruntime session. ``threads`` is the intra-op thread count (None: onnxruntime's default).
 
     On the CPU provider the 4-bit layers run the kernel of :mod:`p2pinfer.kernels` (one session for decode,
     prefill and verification, the weights read from the mapped file) when it is available and ``kernel`` is
-    true; else, and for every other graph, the standard graph."""
+    true (``amx=False``: its many-row path on float32 FMA even where the CPU has AMX tiles); else, and for every
+    other graph, the standard graph."""
     return open_session(onnx_path, providers=providers, threads=threads, optimization=optimization,
-                        kernel=kernel)[0]
+                        kernel=kernel, amx=amx)[0]
 
 
 def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 optimization: str = "all", kernel: bool = True) -> tuple[ort.InferenceSession, bool]:
+                 optimization: str = "all", kernel: bool = True, amx: bool = True) -> tuple[ort.InferenceSession, bool]:
     """:func:`create_session`, and whether the session runs the kernel."""
     opts = ort.SessionOptions()
     if optimization not in OPTIMIZATION_LEVELS:
@@ -96,7 +97,7 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
         from .. import kernels  # compiles the kernel on first use
 
         session = kernels.kernel_session(Path(onnx_path), threads=threads,
-                                         graph_optimization_level=OPTIMIZATION_LEVELS[optimization])
+                                         graph_optimization_level=OPTIMIZATION_LEVELS[optimization], amx=amx)
         if session is not None:
             # the kernel reads the 4-bit weights from the mapping on every run; what else session creation read
             # (the few pre-packed non-4-bit weights) is dropped as below and faults back in when used
@@ -453,6 +454,11 @@ class LoadedModel:
         """Whether the session runs the 4-bit kernel of :mod:`p2pinfer.kernels` (else the standard graph)."""
         return bool(self.session_options.get("kernel"))
 
+    @property
+    def runs_amx(self) -> bool:
+        """Whether the kernel's many-row path runs on AMX tiles in this session (else float32 FMA)."""
+        return bool(self.session_options.get("amx"))
+
     @cached_property
     def shares_kv_buffer(self) -> bool:
         """True when the session can update the KV cache in place (see :class:`KVDecoder`)."""
@@ -536,14 +542,16 @@ class LoadedModel:
         return plain
 
     def with_session(self, *, threads: int | None = None, optimization: str = "all",
-                     providers: Sequence[str] | None = None, kernel: bool = True) -> "LoadedModel":
+                     providers: Sequence[str] | None = None, kernel: bool = True, amx: bool = True) -> "LoadedModel":
         """The same model with a new session (other threads / optimization level / providers; ``kernel=False``:
-        the standard graph even where the kernel is available)."""
+        the standard graph even where the kernel is available; ``amx=False``: the kernel's many-row path on
+        float32 FMA even where the CPU has AMX tiles)."""
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
-                                     optimization=optimization, kernel=kernel)
+                                     optimization=optimization, kernel=kernel, amx=amx)
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
                            self.io, self.tokenizer, self.info,
-                           {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used})
+                           {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used,
+                            "amx": _runs_amx(used, amx)})
 
 
 def graph_shares_kv_buffer(onnx_path: Path, io: GraphIO) -> bool:
@@ -590,10 +598,19 @@ def _config_head_dim(config: Mapping[str, Any]) -> int:
                            "config.json has no head_dim")
 
 
+def _runs_amx(kernel_used: bool, amx: bool) -> bool:
+    """Whether a kernel session opened with ``amx`` runs its many-row path on AMX tiles."""
+    if not (kernel_used and amx):
+        return False
+    from .. import kernels
+
+    return kernels.amx_wanted() and kernels.amx_available()
+
+
 def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None = None,
                numeric_class: str = "fp32-cpu", tolerance: float | None = None,
                providers: Sequence[str] | None = None, threads: int | None = None,
-               optimization: str = "all", kernel: bool = True) -> LoadedModel:
+               optimization: str = "all", kernel: bool = True, amx: bool = True) -> LoadedModel:
     """Load a model folder. ``digest`` is computed when not given (the store passes its verified one).
 
     ``tolerance`` is the model's calibrated one (the store passes it); without it the model can run but not
@@ -611,13 +628,13 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
         raise ModelFormatError(f"{model_dir}/tokenizer.json does not load: {exc}") from None
     info = read_model_info(model_dir, tokenizer)
     session, used = open_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
-                                 optimization=optimization, kernel=kernel)
+                                 optimization=optimization, kernel=kernel, amx=amx)
     io = inspect_graph(session, str(model_dir / ONNX_FILE))
     if digest is None:
         digest = compute_digest(model_dir)
     model = LoadedModel(model_dir, digest, name or model_dir.name, numeric_class, tolerance, session, io,
                         tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers,
-                                          "kernel": used})
+                                          "kernel": used, "amx": _runs_amx(used, amx)})
     _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
-             position_ids=io.has_position_ids, providers=",".join(model.providers), kernel=used)
+             position_ids=io.has_position_ids, providers=",".join(model.providers), kernel=used, amx=model.runs_amx)
     return model

@@ -2,7 +2,8 @@
 
 The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the KV cache in passes that
 :func:`verification_passes` plans: the prompt-only positions in chunks of
-:data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``),
+:data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``;
+a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has),
 then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM head's intermediates and the
 log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
@@ -42,17 +43,21 @@ VERIFY_ROWS = 64
 
 
 def verification_passes(prompt_len: int, seq_len: int, *, rows: int = VERIFY_ROWS,
-                        prefill: int = PREFILL_CHUNK) -> list[tuple[int, int, int]]:
+                        prefill: int = PREFILL_CHUNK, lead: int = 0) -> list[tuple[int, int, int]]:
     """The forward passes of a teacher-forced prefill over ``seq_len`` positions whose rows from
     ``prompt_len - 1`` on are checked: ``(lo, hi, keep)`` runs positions ``lo..hi-1`` and computes the last
     ``keep`` rows. Positions before the first checked row go ``prefill`` at a time keeping one row (it is not
-    used); the checked rows go ``rows`` at a time keeping all. Together the passes run every position once,
-    in order, and their kept checked rows are exactly rows ``prompt_len - 1 .. seq_len - 1``."""
-    if prompt_len < 1 or seq_len < prompt_len or rows < 1 or prefill < 1:
-        raise ValueError("need 1 <= prompt_len <= seq_len, rows >= 1 and prefill >= 1")
+    used); the checked rows go ``rows`` at a time keeping all. With ``lead``, up to that many positions before
+    the first checked row run in the first checked pass instead (one pass fewer for a short prompt: each pass
+    of the 4-bit kernel dequantizes every weight once). Together the passes run every position once, in
+    order, and their kept checked rows are exactly rows ``prompt_len - 1 .. seq_len - 1``."""
+    if prompt_len < 1 or seq_len < prompt_len or rows < 1 or prefill < 1 or lead < 0:
+        raise ValueError("need 1 <= prompt_len <= seq_len, rows >= 1, prefill >= 1 and lead >= 0")
     first_row = prompt_len - 1
-    passes = [(lo, min(lo + prefill, first_row), 1) for lo in range(0, first_row, prefill)]
-    passes += [(lo, min(lo + rows, seq_len), min(lo + rows, seq_len) - lo) for lo in range(first_row, seq_len, rows)]
+    start = 0 if first_row <= lead else first_row  # where the first checked pass starts
+    passes = [(lo, min(lo + prefill, start), 1) for lo in range(0, start, prefill)]
+    passes += [(start if lo == first_row else lo, min(lo + rows, seq_len), min(lo + rows, seq_len) - lo)
+               for lo in range(first_row, seq_len, rows)]
     return passes
 
 
@@ -173,14 +178,23 @@ def _check_passes(checker: FingerprintChecker, model: LoadedModel, prompt_ids: l
 
 def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int):
     """(output index of the first row, float32 logits rows) of each checked pass, in order. The prompt-only
-    passes go through ``forward`` (one row kept: no LM head where the graph allows); the checked passes extend
-    the KV cache in place (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
+    passes go through ``forward`` (one row kept: no LM head where the graph allows); so does the first checked
+    pass when a prompt of up to ``rows`` positions shares it (where the graph has ``logits_to_keep``: only the
+    checked rows get the LM head); the other checked passes extend the KV cache in place
+    (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
     first_row = len(prompt_ids) - 1
     cache = model.empty_cache()
-    passes = verification_passes(len(prompt_ids), len(seq), rows=rows)
+    lead = rows if model.io.has_logits_to_keep else 0
+    passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
     checked = [p for p in passes if p[1] > first_row]
     for lo, hi, keep in passes[:len(passes) - len(checked)]:
         _, cache = model.forward(seq[lo:hi], cache, last=keep)
+    if checked[0][0] < first_row:  # the prompt shares the first checked pass
+        lo, hi, keep = checked.pop(0)
+        logits, cache = model.forward(seq[lo:hi], cache, last=keep)
+        yield 0, logits
+        if not checked:
+            return
     extend = model.passes(cache, len(seq), rows)
     del cache  # the passes' buffers hold it now
     for lo, hi, _ in checked:
