@@ -17,6 +17,14 @@ The library is compiled with the system C compiler (``$CC``, else ``gcc``, else 
 into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
 compiler and the CPU. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
 compiler the model runs the standard graph (logged once as ``kernel.unavailable``).
+
+Decode rows on a CPU with AVX-512 VNNI take the integer path (:attr:`DecodePath.INTEGER`): the activation is
+rounded per 32-element block to a 22-23-bit fixed-point integer (the only rounding beyond float32's, at most
+2^-22 of the block's largest value), split into three signed bytes, and multiplied by the 4-bit codes with
+``vpdpbusd``, exactly; scales and minimums then apply in float32, read from float16 copies (the same values:
+GGUF stores them as float16; a matrix whose values are not all float16 keeps float32). Other CPUs, and
+``P2PINFER_DECODE_KERNEL=float``, take the float32 one-row path (:attr:`DecodePath.FLOAT`). Both are honest
+executors of the same numeric class; calibration measures both.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +55,27 @@ _lock = threading.Lock()
 _built: dict[str, Path | None] = {}
 _reported: set[str] = set()
 _held: list = []  # the loaded library, never unloaded (see _build)
+
+
+class DecodePath(Enum):
+    """How the kernel computes a decode row (one activation row)."""
+
+    INTEGER = "integer"  # integer dot products (AVX-512 VNNI) where the library was built with them, else FLOAT
+    FLOAT = "float"      # float32 products and sums
+
+
+def decode_path_from_env() -> DecodePath:
+    """``P2PINFER_DECODE_KERNEL=float`` asks for the float32 one-row path; anything else the integer one."""
+    return DecodePath.FLOAT if os.environ.get("P2PINFER_DECODE_KERNEL", "1").strip().lower() == "float" \
+        else DecodePath.INTEGER
+
+
+def library_has_integer_path(lib: Path) -> bool:
+    """Whether the compiled library has the integer decode path (it was built for a CPU with AVX-512 VNNI)."""
+    try:
+        return bool(ctypes.CDLL(str(lib)).p2pinfer_qmatmul_int_dot())
+    except (OSError, AttributeError):
+        return False
 
 
 def _log():
@@ -75,7 +105,7 @@ def _compiler() -> str | None:
 
 def library_path() -> Path | None:
     """The compiled custom-op library, building it on first use; None (reason logged once) when unavailable."""
-    if os.environ.get("P2PINFER_DECODE_KERNEL", "1") == "0":
+    if os.environ.get("P2PINFER_DECODE_KERNEL", "1").strip() == "0":
         _unavailable("disabled", "P2PINFER_DECODE_KERNEL=0: the standard graph runs")
         return None
     cc = _compiler()
@@ -152,10 +182,12 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def kernel_model(model: onnx.ModelProto, folder: Path, threads: int) -> int:
+def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: DecodePath = DecodePath.INTEGER) -> int:
     """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
-    ``p2pinfer`` custom node over the same initializers. Returns the number of nodes rewritten."""
+    ``p2pinfer`` custom node over the same initializers (``decode``: how its decode rows are computed; the
+    library takes FLOAT where it has no integer path). Returns the number of nodes rewritten."""
+    int_dot = int(decode is DecodePath.INTEGER)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -235,14 +267,15 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int) -> int:
                 drop.update(id(x) for x in mins[1])
             zps = {f"zp{j}": t.zero_point for j, t in enumerate(found)}
             replace[id(node)] = helper.make_node(op, inputs, [node.output[0]], name=node.name or node.output[0],
-                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, **zps)
+                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, int_dot=int_dot,
+                                                 **zps)
             drop.update(id(t.node) for t in found)
     for node in g.node:  # a lone term: its own node
         t = term(node.output[0]) if node.op_type == "MatMulNBits" else None
         if t is not None and id(node) not in drop:
             replace[id(node)] = helper.make_node("QMatMul1", [t.a, t.qweight, t.scales], [node.output[0]],
                                                  name=node.name or node.output[0], domain=DOMAIN, K=t.k, N=t.n,
-                                                 threads=threads, zp0=t.zero_point)
+                                                 threads=threads, zp0=t.zero_point, int_dot=int_dot)
     nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)
@@ -261,18 +294,24 @@ def kernel_threads(threads: int | None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_level) -> "ort.InferenceSession | None":
-    """An onnxruntime session of ``onnx_path`` with the kernel, or None (reason logged) when the library is
-    unavailable or the graph has nothing it applies to. Its inputs and outputs are the graph's own."""
+def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_level,
+                   decode: DecodePath | None = None) -> "tuple[ort.InferenceSession, DecodePath] | None":
+    """An onnxruntime session of ``onnx_path`` with the kernel and the decode path it runs, or None (reason
+    logged) when the library is unavailable or the graph has nothing it applies to. Its inputs and outputs are
+    the graph's own. ``decode`` None: :func:`decode_path_from_env`; INTEGER falls back to FLOAT where the
+    library has no integer path."""
     import onnxruntime as ort
 
     lib = library_path()
     if lib is None:
         return None
+    decode = decode or decode_path_from_env()
+    if not library_has_integer_path(lib):
+        decode = DecodePath.FLOAT
     folder = Path(onnx_path).parent
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
-        rewritten = kernel_model(model, folder, kernel_threads(threads))
+        rewritten = kernel_model(model, folder, kernel_threads(threads), decode)
     except Exception as exc:  # an unreadable graph: the standard path reports it to the user (ModelFormatError)
         _log().debug("kernel.graph_unreadable", path=str(onnx_path), error=type(exc).__name__)
         return None
@@ -296,5 +335,6 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     except Exception as exc:  # onnxruntime raises its own types; the standard graph still serves
         _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
-    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), path=str(onnx_path))
-    return session
+    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), decode=decode.value,
+                path=str(onnx_path))
+    return session, decode

@@ -71,19 +71,20 @@ def default_providers() -> list[str]:
 
 
 def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                   optimization: str = "all", kernel: bool = True) -> ort.InferenceSession:
+                   optimization: str = "all", kernel: bool = True, decode=None) -> ort.InferenceSession:
     """An onnxruntime session. ``threads`` is the intra-op thread count (None: onnxruntime's default).
 
     On the CPU provider the 4-bit layers run the kernel of :mod:`p2pinfer.kernels` (one session for decode,
     prefill and verification, the weights read from the mapped file) when it is available and ``kernel`` is
-    true; else, and for every other graph, the standard graph."""
+    true (``decode``: its :class:`~p2pinfer.kernels.DecodePath`, None: from the environment); else, and for
+    every other graph, the standard graph."""
     return open_session(onnx_path, providers=providers, threads=threads, optimization=optimization,
-                        kernel=kernel)[0]
+                        kernel=kernel, decode=decode)[0]
 
 
 def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 optimization: str = "all", kernel: bool = True) -> tuple[ort.InferenceSession, bool]:
-    """:func:`create_session`, and whether the session runs the kernel."""
+                 optimization: str = "all", kernel: bool = True, decode=None) -> tuple[ort.InferenceSession, Any]:
+    """:func:`create_session`, and the kernel's decode path where the session runs the kernel (else None)."""
     opts = ort.SessionOptions()
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -95,13 +96,14 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
     if kernel and chosen[:1] == ["CPUExecutionProvider"]:
         from .. import kernels  # compiles the kernel on first use
 
-        session = kernels.kernel_session(Path(onnx_path), threads=threads,
-                                         graph_optimization_level=OPTIMIZATION_LEVELS[optimization])
-        if session is not None:
+        made = kernels.kernel_session(Path(onnx_path), threads=threads,
+                                      graph_optimization_level=OPTIMIZATION_LEVELS[optimization], decode=decode)
+        if made is not None:
+            session, path = made
             # the kernel reads the 4-bit weights from the mapping on every run; what else session creation read
             # (the few pre-packed non-4-bit weights) is dropped as below and faults back in when used
             drop_clean_file_pages(weight_files())
-            return session, True
+            return session, path
     opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -118,7 +120,7 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
     # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
     # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
     drop_clean_file_pages(weight_files())
-    return session, False
+    return session, None
 
 
 @dataclass(frozen=True)
@@ -451,7 +453,12 @@ class LoadedModel:
     @property
     def runs_kernel(self) -> bool:
         """Whether the session runs the 4-bit kernel of :mod:`p2pinfer.kernels` (else the standard graph)."""
-        return bool(self.session_options.get("kernel"))
+        return self.session_options.get("kernel") is not None
+
+    @property
+    def decode_path(self):
+        """The kernel's :class:`~p2pinfer.kernels.DecodePath` for decode rows, None without the kernel."""
+        return self.session_options.get("kernel")
 
     @cached_property
     def shares_kv_buffer(self) -> bool:
@@ -536,11 +543,11 @@ class LoadedModel:
         return plain
 
     def with_session(self, *, threads: int | None = None, optimization: str = "all",
-                     providers: Sequence[str] | None = None, kernel: bool = True) -> "LoadedModel":
+                     providers: Sequence[str] | None = None, kernel: bool = True, decode=None) -> "LoadedModel":
         """The same model with a new session (other threads / optimization level / providers; ``kernel=False``:
-        the standard graph even where the kernel is available)."""
+        the standard graph even where the kernel is available; ``decode``: the kernel's decode path)."""
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
-                                     optimization=optimization, kernel=kernel)
+                                     optimization=optimization, kernel=kernel, decode=decode)
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
                            self.io, self.tokenizer, self.info,
                            {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used})
@@ -593,7 +600,7 @@ def _config_head_dim(config: Mapping[str, Any]) -> int:
 def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None = None,
                numeric_class: str = "fp32-cpu", tolerance: float | None = None,
                providers: Sequence[str] | None = None, threads: int | None = None,
-               optimization: str = "all", kernel: bool = True) -> LoadedModel:
+               optimization: str = "all", kernel: bool = True, decode=None) -> LoadedModel:
     """Load a model folder. ``digest`` is computed when not given (the store passes its verified one).
 
     ``tolerance`` is the model's calibrated one (the store passes it); without it the model can run but not
@@ -611,7 +618,7 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
         raise ModelFormatError(f"{model_dir}/tokenizer.json does not load: {exc}") from None
     info = read_model_info(model_dir, tokenizer)
     session, used = open_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
-                                 optimization=optimization, kernel=kernel)
+                                 optimization=optimization, kernel=kernel, decode=decode)
     io = inspect_graph(session, str(model_dir / ONNX_FILE))
     if digest is None:
         digest = compute_digest(model_dir)
@@ -619,5 +626,6 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
                         tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers,
                                           "kernel": used})
     _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
-             position_ids=io.has_position_ids, providers=",".join(model.providers), kernel=used)
+             position_ids=io.has_position_ids, providers=",".join(model.providers),
+             kernel=used.value if used is not None else "off")
     return model
