@@ -13,8 +13,8 @@ Numerics: float32 activations and accumulation (never int8), the same weight val
 numeric class. Each output element is computed by one instruction sequence whatever the thread count
 (row-deterministic within the decode path and within the many-row path).
 
-The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``)
-into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
+The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``,
+or ``-march=$P2PINFER_KERNEL_MARCH``, e.g. ``x86-64-v3`` to build for an older CPU) into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
 compiler and the CPU. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
 compiler the model runs the standard graph (logged once as ``kernel.unavailable``).
 
@@ -52,7 +52,7 @@ SOURCE = Path(__file__).with_name("qmatmul.c")
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
-_built: dict[str, Path | None] = {}
+_built: dict[tuple[str, str], Path | None] = {}  # (compiler, -march) -> library
 _reported: set[str] = set()
 _held: list = []  # the loaded library, never unloaded (see _build)
 
@@ -113,9 +113,10 @@ def library_path() -> Path | None:
         _unavailable("no_compiler", "no C compiler found; install gcc (or set CC) for faster decoding")
         return None
     with _lock:
-        if cc in _built:
-            return _built[cc]
-        _built[cc] = path = _build(cc)
+        march = _march()
+        if (cc, march) in _built:
+            return _built[(cc, march)]
+        _built[(cc, march)] = path = _build(cc, march)
         if path is not None:
             _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
         return path
@@ -125,14 +126,19 @@ def library_path() -> Path | None:
 _BUILD_RECIPE = "O3 march=native z-nodelete pthread v1"
 
 
-def _build(cc: str) -> Path | None:
+def _march() -> str:
+    """The CPU the library is built for: this one, unless ``P2PINFER_KERNEL_MARCH`` names another."""
+    return os.environ.get("P2PINFER_KERNEL_MARCH", "").strip() or "native"
+
+
+def _build(cc: str, march: str = "native") -> Path | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + version.encode() + b"\0" + _cpu_identity().encode()
-                         + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
+                         + b"\0" + _BUILD_RECIPE.encode() + b"\0" + march.encode()).hexdigest()
     target = cache_dir() / f"qmatmul-{key[:24]}.so"
     if target.is_file():
         return target
@@ -142,7 +148,7 @@ def _build(cc: str) -> Path | None:
             out = Path(tmp) / target.name
             # -z nodelete: onnxruntime dlcloses the library with each session's options; the kernel's worker
             # threads live on, so its code and state must stay loaded (a reload would reset the pool under them)
-            for flags in (["-march=native", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
+            for flags in ([f"-march={march}", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
                 done = subprocess.run([cc, "-O3", *flags, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", str(out)],
                                       capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
