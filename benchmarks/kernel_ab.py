@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         standard.tolerance = ensure_tolerance(kernel)
         print(f"calibrated tolerance {kernel.tolerance:.3g} ({time.perf_counter() - t:.0f} s)")
         sides = {"kernel": kernel, "standard": standard}
-        float_decode = kernel.with_session(threads=args.threads, providers=["CPUExecutionProvider"],
-                                           decode=DecodePath.FLOAT) if kernel.decode_path is DecodePath.INTEGER else None
+        float_decode = None  # the float32 decode path beside the integer one (a peer without AVX-512 VNNI)
+        if kernel.decode_path is DecodePath.INTEGER:
+            float_decode = kernel.with_session(threads=args.threads, providers=["CPUExecutionProvider"],
+                                               decode=DecodePath.FLOAT)
         prompt = kernel.prompt_ids(messages=CHAT)
         long_ids = kernel.encode(PREFILL_TEXT)[:args.prefill]
         lengths = [int(n) for n in args.verify.split(",") if n]

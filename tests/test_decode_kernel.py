@@ -76,7 +76,8 @@ def _standard_graph(qtype: QT, raw: np.ndarray, cols: int, folder: Path, factor:
     return folder / "model.onnx"
 
 
-def _kernel_session(path: Path, threads: int, decode: DecodePath = DecodePath.INTEGER) -> tuple[ort.InferenceSession, int]:
+def _kernel_session(path: Path, threads: int,
+                    decode: DecodePath = DecodePath.INTEGER) -> tuple[ort.InferenceSession, int]:
     model = onnx.load(str(path), load_external_data=False)
     rewritten = kernels.kernel_model(model, path.parent, threads, decode)
     options = ort.SessionOptions()
@@ -197,8 +198,8 @@ def test_a_library_built_without_vnni_decodes_on_the_float_path(tmp_path: Path, 
     rng = np.random.default_rng(9)
     raw = _random_gguf_rows(QT.Q4_1, 40, 96, rng)
     path = _standard_graph(QT.Q4_1, raw, 96, tmp_path / "m")
-    session, decode = kernels.kernel_session(path, threads=2, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                             decode=DecodePath.INTEGER)
+    session, decode = kernels.kernel_session(path, threads=2, decode=DecodePath.INTEGER,
+                                             graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     assert decode is DecodePath.FLOAT
     x = rng.standard_normal((1, 1, 96)).astype(np.float32)
     exact = _exact(raw, QT.Q4_1, 96, x[0])

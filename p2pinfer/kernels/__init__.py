@@ -14,8 +14,9 @@ numeric class. Each output element is computed by one instruction sequence whate
 (row-deterministic within the decode path and within the many-row path).
 
 The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``,
-or ``-march=$P2PINFER_KERNEL_MARCH``, e.g. ``x86-64-v3`` to build for an older CPU) into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
-compiler and the CPU. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
+or ``-march=$P2PINFER_KERNEL_MARCH``, e.g. ``x86-64-v3`` to build for an older CPU) into
+``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the compiler, the
+CPU and ``-march``. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
 compiler the model runs the standard graph (logged once as ``kernel.unavailable``).
 
 Decode rows on a CPU with AVX-512 VNNI take the integer path (:attr:`DecodePath.INTEGER`): the activation is

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +30,9 @@ from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 from .memory import drop_clean_file_pages
+
+if TYPE_CHECKING:  # the kernels module is imported when a session is made (it loads onnx)
+    from ..kernels import DecodePath
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.model")
@@ -71,7 +74,8 @@ def default_providers() -> list[str]:
 
 
 def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                   optimization: str = "all", kernel: bool = True, decode=None) -> ort.InferenceSession:
+                   optimization: str = "all", kernel: bool = True,
+                   decode: DecodePath | None = None) -> ort.InferenceSession:
     """An onnxruntime session. ``threads`` is the intra-op thread count (None: onnxruntime's default).
 
     On the CPU provider the 4-bit layers run the kernel of :mod:`p2pinfer.kernels` (one session for decode,
@@ -83,7 +87,8 @@ def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, t
 
 
 def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 optimization: str = "all", kernel: bool = True, decode=None) -> tuple[ort.InferenceSession, Any]:
+                 optimization: str = "all", kernel: bool = True,
+                 decode: DecodePath | None = None) -> tuple[ort.InferenceSession, DecodePath | None]:
     """:func:`create_session`, and the kernel's decode path where the session runs the kernel (else None)."""
     opts = ort.SessionOptions()
     if optimization not in OPTIMIZATION_LEVELS:
@@ -456,7 +461,7 @@ class LoadedModel:
         return self.session_options.get("kernel") is not None
 
     @property
-    def decode_path(self):
+    def decode_path(self) -> DecodePath | None:
         """The kernel's :class:`~p2pinfer.kernels.DecodePath` for decode rows, None without the kernel."""
         return self.session_options.get("kernel")
 
@@ -543,7 +548,8 @@ class LoadedModel:
         return plain
 
     def with_session(self, *, threads: int | None = None, optimization: str = "all",
-                     providers: Sequence[str] | None = None, kernel: bool = True, decode=None) -> "LoadedModel":
+                     providers: Sequence[str] | None = None, kernel: bool = True,
+                     decode: DecodePath | None = None) -> "LoadedModel":
         """The same model with a new session (other threads / optimization level / providers; ``kernel=False``:
         the standard graph even where the kernel is available; ``decode``: the kernel's decode path)."""
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
@@ -600,7 +606,7 @@ def _config_head_dim(config: Mapping[str, Any]) -> int:
 def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None = None,
                numeric_class: str = "fp32-cpu", tolerance: float | None = None,
                providers: Sequence[str] | None = None, threads: int | None = None,
-               optimization: str = "all", kernel: bool = True, decode=None) -> LoadedModel:
+               optimization: str = "all", kernel: bool = True, decode: DecodePath | None = None) -> LoadedModel:
     """Load a model folder. ``digest`` is computed when not given (the store passes its verified one).
 
     ``tolerance`` is the model's calibrated one (the store passes it); without it the model can run but not
