@@ -8,9 +8,10 @@ from onnxruntime's mapping of the weights file: decode rows split the output row
 threads; many rows (prefill, verification) run a cache-blocked GEMM over dequantized float32 panels. One
 session then serves decode, prefill and verification, and the 4-bit weights are resident once, as file pages.
 
-Numerics: float32 activations and accumulation (never int8), the same weight values as ``MatMulNBits``
-(``(q - zp) * scale`` plus ``min * block sum``), summed in another order: float32 rounding drift, the same
-numeric class. Each output element is computed by one instruction sequence whatever the thread count
+Numerics: float32 activations and accumulation (never int8; the integer decode path below rounds each
+activation block to 22-23 bits, float32's own resolution at the block's largest value), the same weight values
+as ``MatMulNBits`` (``(q - zp) * scale`` plus ``min * block sum``), summed in another order: float32 rounding
+drift, the same numeric class. Each output element is computed by one instruction sequence whatever the thread count
 (row-deterministic within the decode path and within the many-row path).
 
 The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``,

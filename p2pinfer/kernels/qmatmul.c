@@ -9,6 +9,8 @@
  * Numerics: float32 activations, float32 accumulation (never int8 activations). Per output row n and block b
  *   y[n] = sum_b ( sum_t scale_t[n,b] * sum_i (q_t[n,b,i] - zp_t) * x[b,i] )  +  sum_b mins[b,n] * sum_i x[b,i]
  * (q - zp) is exact in float32, so this is MatMulNBits' value sum in another order: float32 rounding drift.
+ * Decode rows on a CPU with AVX-512 VNNI take the integer path below (INT_DOT): x rounded per block to a
+ * 22-23-bit fixed-point value (at most 2^-22 of the block's largest |x|), the block sums then exact.
  * Each output element is computed by the same instruction sequence whatever the thread count and the number
  * of rows: row-deterministic.
  *
