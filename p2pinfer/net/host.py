@@ -20,6 +20,13 @@ Workarounds for py-libp2p 0.8.1 that live here:
   20 s grace period, then may close a different one at each end (both die). :mod:`p2pinfer.net.connection_trim`
   replaces it on this host: both ends close the same one, at once, after the streams on it have ended.
 * The default muxer list also offers Mplex (deprecated, no flow control); we offer Yamux only.
+* The swarm lets 32 dials run at once (go-libp2p's default) and queues the rest, first come first served;
+  a dial holds its slot until its Noise handshake completes, which has no timeout of its own. A tarpit
+  (accepts TCP, never answers) therefore holds a slot for as long as the caller waits (10 s for a possession
+  challenge), and 32 tarpit candidates challenged at once left every other dial of the node waiting behind
+  them: an honest candidate queued there timed out unanswered (tests/adversarial/test_sybil.py). We allow
+  :data:`MAX_CONCURRENT_DIALS`; possession vetting uses at most half of them
+  (``p2pinfer.request.possession.MAX_CONCURRENT_CHALLENGES``), so the node's other dials never queue behind it.
 
 Identify (``/ipfs/id/1.0.0`` and push) and ping (``/ipfs/ping/1.0.0``) are registered by ``BasicHost``
 itself. QUIC is not enabled: py-libp2p's QUIC transport needs its own TLS identity setup and is not yet
@@ -50,6 +57,9 @@ from .keys import keypair_from_identity
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
 MUXER_PROTOCOLS = (str(YAMUX_PROTOCOL_ID),)
+# Dials in flight at once (each a socket and a task until TCP, Noise and Yamux are done or the caller gives up):
+# cheap, and high enough that possession vetting (half of it) never starves the node's other dials.
+MAX_CONCURRENT_DIALS = 128
 
 
 def build_host(
@@ -81,6 +91,8 @@ def build_host(
         high_watermark=max_connections,
         min_connections=0,
     )
+    # Not a field of py-libp2p's ConnectionConfig; its Swarm reads it with getattr (default 32): see module docstring.
+    connection_config.max_concurrent_dials = MAX_CONCURRENT_DIALS  # type: ignore[attr-defined]
     host = libp2p.new_host(
         key_pair=keypair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},

@@ -21,7 +21,9 @@ Fixes for py-libp2p 0.8.1 that live here (see docs/network.md):
 * AutoNAT's server dials back with ``host.connect()``, which returns at once when the requester is already
   connected (it always is: it just sent the request), so every node is told it is reachable.
   :class:`DialBackAutoNAT` opens a *fresh* TCP connection and completes a Noise handshake that proves the
-  requester's peer ID, then closes it, within :data:`DIAL_BACK_TIMEOUT_S` and at most
+  requester's peer ID, then closes it: the TCP connection within :data:`DIAL_BACK_CONNECT_S` (a NAT drops
+  the SYN: no connection is the evidence), the handshake within :data:`DIAL_BACK_HANDSHAKE_S` more (a NAT
+  never gets that far, but a loaded requester is slow to answer it), at most
   :data:`MAX_CONCURRENT_DIAL_BACKS` at a time.
 * AutoNAT's client wants 4 agreeing servers before it flips; a young network has one bootstrap node. We
   take each answer as evidence and decide ourselves (any success: public).
@@ -64,10 +66,13 @@ from ..wording import plural
 
 log = get_logger("p2pinfer.net.nat")
 
-DIAL_BACK_TIMEOUT_S = 3.0          # a home NAT drops the SYN: the dial-back waits this long, then fails
+DIAL_BACK_CONNECT_S = 3.0          # a home NAT drops the SYN: the dial-back's TCP connect waits this long
+# Once TCP is up the address reaches a machine: its Noise handshake may take this much longer. One limit for
+# both (3 s) told a public peer on a loaded machine that it was behind NAT, so it went relayed for good.
+DIAL_BACK_HANDSHAKE_S = 10.0
 MAX_CONCURRENT_DIAL_BACKS = 8      # AutoNAT server: dial-backs in flight at once (each is a TCP + Noise)
 MAX_DIAL_BACK_ADDRS = 4            # AutoNAT server: addresses tried per request
-AUTONAT_QUERY_TIMEOUT_S = 8.0
+AUTONAT_QUERY_TIMEOUT_S = 15.0     # the requester's wait for the verdict: one address's connect + handshake
 IDENTIFY_WAIT_S = 2.0              # how long to wait for identify to tell us our observed address
 RESERVE_TIMEOUT_S = 5.0
 RECHECK_FIRST_S = 5.0             # while never checked (nobody to ask yet), look for peers to ask this often
@@ -146,15 +151,19 @@ class DialBackAutoNAT(AutoNATService):
                 addr = multiaddr.Multiaddr(raw)
             except Exception:
                 continue
-            if await fresh_handshake(self.host, peer_id, addr, timeout=DIAL_BACK_TIMEOUT_S):
+            if await fresh_handshake(self.host, peer_id, addr, connect_timeout=DIAL_BACK_CONNECT_S,
+                                     handshake_timeout=DIAL_BACK_HANDSHAKE_S):
                 return bytes(raw)
         return None
 
 
-async def fresh_handshake(host: IHost, peer_id: ID, addr: multiaddr.Multiaddr, *, timeout: float) -> bool:
-    """Open a new TCP connection to ``addr`` and prove it reaches ``peer_id`` (Noise handshake); close it."""
+async def fresh_handshake(host: IHost, peer_id: ID, addr: multiaddr.Multiaddr, *, connect_timeout: float,
+                          handshake_timeout: float) -> bool:
+    """Open a new TCP connection to ``addr`` (within ``connect_timeout``) and prove it reaches ``peer_id``
+    (a Noise handshake, within ``handshake_timeout`` more); close it."""
     network: Any = host.get_network()
-    with trio.move_on_after(timeout):
+    raw = None
+    with trio.move_on_after(connect_timeout):
         try:
             transport = network.transport_manager.transport_for_dialing(addr)
             if transport is None:
@@ -162,6 +171,9 @@ async def fresh_handshake(host: IHost, peer_id: ID, addr: multiaddr.Multiaddr, *
             raw = await transport.dial(addr)
         except Exception:
             return False
+    if raw is None:
+        return False
+    with trio.move_on_after(handshake_timeout):
         try:
             secured = await network.upgrader.upgrade_security(raw, True, peer_id)
         except Exception:
@@ -169,6 +181,7 @@ async def fresh_handshake(host: IHost, peer_id: ID, addr: multiaddr.Multiaddr, *
             return False
         await _quiet_close(secured)
         return True
+    await _quiet_close(raw)
     return False
 
 

@@ -43,6 +43,7 @@ from .execution import Attempt, Progress, StreamChunk, attempt_order, run_attemp
 from .bid_window import GRACE_S
 from .offers import ElectionEvidence, announce_bid_set, collect_bids, hold_election
 from .params import build_request
+from .possession import vet_candidates
 from .text import TokenizerCache, VerifiedText
 from .protocol import ACCEPT_TIMEOUT_S, MAX_TASK_FRAME, VERIFY_TIMEOUT_S
 from .settling import (Verification, ask_verifiers, build_fraud_proof, build_receipt, deliver_receipt,
@@ -346,7 +347,14 @@ class AsyncClient:
                                            min_free_slots=0)
         if not infos:
             raise NoPeerServesModel(f"no peer serves model {digest.hex()[:16]}…")
-        return await self.tokenizers.get(self.node, self.identity, digest, [i.peer_id for i in infos])
+        peers = [i.peer_id for i in infos]
+        if not self.tokenizers.has(digest):
+            # Peers that answered a possession challenge first (the outcomes are cached for the offer that
+            # follows): a tarpit Sybil holds a fetch for its whole timeout, and fakes announce the most free
+            # slots, so in table order every one of them would be tried before any honest peer.
+            vetted = {i.peer_id for i in await vet_candidates(self.node, self.identity, digest, infos, enough=1)}
+            peers = [p for p in peers if p in vetted] + [p for p in peers if p not in vetted]
+        return await self.tokenizers.get(self.node, self.identity, digest, peers)
 
     async def _announce(self, evidence: ElectionEvidence) -> "_Announcement":
         """Send the signed bid set to every bidder; the first assignment waits for it (see run_attempt), so

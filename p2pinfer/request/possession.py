@@ -38,6 +38,7 @@ from ..identity import Identity
 from ..log import get_logger
 from ..net import Node, PeerInfo
 from ..net.errors import NetError
+from ..net.host import MAX_CONCURRENT_DIALS
 from ..net.protocol import Exchange, Protocol
 from ..runtime.fingerprint import FingerprintBuilder
 from ..runtime.model import LoadedModel
@@ -54,7 +55,11 @@ POSSESSION = Protocol("/p2pinfer/possession/1", 32 * 1024, (PossessionChallenge,
 CHALLENGE_TTL_MS = 30_000
 CHALLENGE_TIMEOUT_S = 10.0
 VET_BUDGET_S = 12.0                # at most this long challenging unknown candidates before one request
-MAX_CONCURRENT_CHALLENGES = 64
+# Each challenge of an unknown candidate may be a dial, and a tarpit's dial holds the node's dial slot for the
+# whole challenge timeout: challenges take at most half the node's dial slots, so they never queue behind
+# each other's tarpits in the swarm (every unknown candidate up to this many is dialled at once) and never
+# make the node's other dials (bids, tasks, verification, DHT) wait behind them. Beyond it, random order.
+MAX_CONCURRENT_CHALLENGES = MAX_CONCURRENT_DIALS // 2
 CACHE_S = {Possession.PROVEN: 600.0, Possession.ANSWERED: 600.0, Possession.WRONG: 1800.0,
            Possession.UNREACHABLE: 60.0}
 ACCEPTABLE = frozenset({Possession.PROVEN, Possession.ANSWERED})

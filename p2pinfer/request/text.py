@@ -128,6 +128,10 @@ class TokenizerCache:
         self._lock = trio.Lock()
         self.fetched_bytes = 0  # bytes received from peers by this cache (for benchmarks and the CLI)
 
+    def has(self, digest: bytes) -> bool:
+        """Whether ``digest``'s tokenizer is held here (memory or disk), so :meth:`get` asks no peer."""
+        return digest in self._memory or (self.cache_dir / digest.hex() / TOKENIZER_FILE).is_file()
+
     async def get(self, node: Node, identity: Identity, digest: bytes, peers: Sequence[str]) -> ModelText:
         async with self._lock:  # concurrent requests for one model fetch it once
             if digest in self._memory:

@@ -21,6 +21,7 @@ from p2pinfer.request.possession import vetting_for
 from p2pinfer.request.possession_rules import Possession
 from p2pinfer.wire import CapacityAnnouncement, ModelOffer, decode_signed, encode_signed, now_ms
 
+from net.helpers import wait_until
 from .attacker import relay_until_held, start_rogue_pubsub
 
 MODEL = "tiny-llama-trained"
@@ -86,9 +87,14 @@ async def test_300_fake_announcements_do_not_stop_honest_requests(honest) -> Non
         assert not net.bootstrap.guard.is_banned(net.peers[0].peer_id)
 
 
-async def test_fakes_that_accept_connections_and_never_answer_cannot_hold_requests(honest) -> None:
+async def test_fakes_that_accept_connections_and_never_answer_cannot_hold_requests(honest, tmp_path) -> None:
     """Tarpit Sybils: their announced address accepts TCP and then says nothing. Challenges to them time out
-    (each within its timeout, all within the vetting budget); honest requests go through."""
+    (each within its timeout, all within the vetting budget); honest requests go through, and the first
+    request's vetting reaches *every* honest peer: a tarpit's dial holds a dial slot of the client's node
+    until the challenge times out, and 40 of them once left an honest peer's dial queued behind them until
+    its own challenge timed out (a first request failed when both honest peers were queued there). The client
+    starts without the model's tokenizer: it fetches it from a vetted peer, not from the fakes (which announce
+    the most free slots, so they come first in the table: 40 fetches timing out one after the other)."""
     held: list[trio.SocketStream] = []
 
     async def tarpit(stream: trio.SocketStream) -> None:
@@ -105,8 +111,19 @@ async def test_fakes_that_accept_connections_and_never_answer_cannot_hold_reques
             fake = decode_signed(sybil_announcement(sybil, i, honest.digest)).message
             data = encode_signed(sybil, replace(fake, addrs=(f"/ip4/127.0.0.1/tcp/{port}",)))
             await relay_until_held(rogue, sybil, data, net.bootstrap)
-        async with AsyncClient(bootstrap=net.bootstrap_addrs) as client:
+        async with AsyncClient(bootstrap=net.bootstrap_addrs, tokenizer_cache=tmp_path) as client:
             assert len(client.node.serving(honest.digest)) >= 40
+            assert not client.tokenizers.has(honest.digest)
+            vetting = vetting_for(client.node)
+            completion = await client.generate(model=MODEL, prompt="def g(", max_tokens=4)
+            assert completion.executor in {p.peer_id for p in net.peers}
+            # Every honest peer was challenged in the first request's round, none queued behind the tarpits:
+            # its outcome is known (waited for as an event: the first request may close before the slower
+            # honest answer arrives, by the vetting's closing rule) and it answered.
+            await wait_until(lambda: all(vetting.status(p.peer_id, honest.digest) is not None for p in net.peers),
+                             what="both honest peers' challenges to end")
+            outcomes = {p.peer_id: vetting.status(p.peer_id, honest.digest) for p in net.peers}
+            assert set(outcomes.values()) == {Possession.ANSWERED}, (outcomes, vetting.counters)
             for i in range(3):
                 completion = await client.generate(model=MODEL, prompt=f"def g{i}(", max_tokens=4)
                 assert completion.executor in {p.peer_id for p in net.peers}
