@@ -72,7 +72,6 @@ class MemoReference:
         self.rows: dict[tuple[int, ...], np.ndarray] = {}
         self.timings: list[tuple[int, float]] = []  # (prefix length, seconds)
         self._inner = self.ref.logprobs
-        self.ref.logprobs = self.logprobs  # the executor's Generation asks reference_for(model) too
 
     def logprobs(self, ids, *, last: int = 1) -> np.ndarray:
         key = tuple(int(t) for t in ids)
@@ -87,6 +86,9 @@ class MemoReference:
     def row(self, ids) -> np.ndarray:
         return self.logprobs(ids)[0]
 
+    def close(self) -> None:  # stands in for the executor's ReferenceSession (rows shared with the verifiers)
+        pass
+
 
 def honest_run(model, memo: MemoReference, temperature: float, k: int, n_tokens: int):
     """One request: (prompt_ids, output_ids, executor rows, seed, executor reference positions)."""
@@ -94,6 +96,7 @@ def honest_run(model, memo: MemoReference, temperature: float, k: int, n_tokens:
     prompt_ids = model.prompt_ids(messages=[{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}])
     seed = sampling_seed(k.to_bytes(4, "big") * 8, None)
     gen = Generation(model, prompt_ids, n_tokens, params, seed, stop_at_eos=False)
+    gen._reference = memo  # the executor's near-tie rows, memoized for the verifiers (same rows as its session)
     gen.start()
     rows = []
     used = 0

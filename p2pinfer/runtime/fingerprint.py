@@ -155,6 +155,10 @@ class FingerprintVerdict:
     positions_failed: int = 0
 
 
+_NEAR_TIE_REASON = ("seeded sampler: a near tie at this index (more than one token within the drift), and the "
+                    "float64 reference picks another token")
+
+
 @dataclass
 class FingerprintChecker:
     """Checks a claimed fingerprint against recomputed log-probs, row chunk by row chunk.
@@ -168,6 +172,12 @@ class FingerprintChecker:
     4. the emitted token is the seeded sampler's pick by :func:`.tiebreak.check_rows`: admissible under the
        drift (:func:`sampling.is_acceptable`) and, where more than one token is, the float64 reference's pick
        (``reference_row``: output index -> reference log-prob row; None leaves such rows open).
+
+    ``defer_near_ties``: rule 4's reference rows are not computed during :meth:`check_rows`; the near ties
+    that passed every other test are listed, and :meth:`settle_near_ties` decides them afterwards, in index
+    order. The verdict is the same (first bad position and reason); a verifier uses it so that the float64
+    reference runs after the forward passes' buffers are freed (its memory peak is then not added to theirs).
+    With ``stop_at_first``, near ties after the first bad index are not decided (they cannot change it).
     """
 
     fingerprint: Fingerprint
@@ -182,7 +192,9 @@ class FingerprintChecker:
     checked: int = 0
     stop_at_first: bool = False
     reference_row: ReferenceRow | None = None
+    defer_near_ties: bool = False
     _claimed: np.ndarray = field(init=False)
+    _deferred: list[tuple[int, int]] = field(init=False, default_factory=list)  # (index, token) to decide
 
     def __post_init__(self) -> None:
         self._claimed = self.fingerprint.logprobs
@@ -218,14 +230,19 @@ class FingerprintChecker:
         # the row maximum is the larger of the best unclaimed and the best claimed value (same bits, no pass)
         sampler_ok, near_tie = judge_rows(rows, self.params, self.seed_material, start, tokens, self.tolerance,
                                           row_max=np.maximum(other, actual.max(axis=1)))
-        sampler_ok = settle_near_ties(rows, self.params, self.seed_material, start, tokens, self.tolerance,
-                                      sampler_ok, self.reference_row, near_tie)
+        other_bad = malformed_ids | disordered | (worst > allowance) | (excess > allowance)
+        if self.defer_near_ties:  # decided by settle_near_ties: the near ties nothing else rejects
+            self._deferred += [(start + int(r), int(tokens[r])) for r in np.flatnonzero(sampler_ok & near_tie
+                                                                                         & ~other_bad)]
+        else:
+            sampler_ok = settle_near_ties(rows, self.params, self.seed_material, start, tokens, self.tolerance,
+                                          sampler_ok, self.reference_row, near_tie)
         good = ~malformed_ids
         if np.any(good):
             self.max_deviation = max(self.max_deviation, float(np.max(np.maximum(worst, excess)[good])))
         if np.any(malformed_ids):
             self.max_deviation = float("inf")
-        bad = malformed_ids | disordered | (worst > allowance) | (excess > allowance) | ~sampler_ok
+        bad = other_bad | ~sampler_ok
         self.checked += n
         self.failed += int(bad.sum())
         if self.first_bad is not None or not bad.any():
@@ -246,8 +263,22 @@ class FingerprintChecker:
                            f"k-th log-prob {claimed[j, -1]:.6f} by {excess[j]:.3g}")
         else:
             _, why = is_acceptable(rows.row(j), self.params, self.seed_material, i, int(tokens[j]), self.tolerance)
-            self.reason = why or ("seeded sampler: a near tie at this index (more than one token within the "
-                                  "drift), and the float64 reference picks another token")
+            self.reason = why or _NEAR_TIE_REASON
+
+    def settle_near_ties(self, reference_row: ReferenceRow) -> None:
+        """Decide the near ties :meth:`check_rows` deferred (``defer_near_ties``), in index order: a token that
+        is not the reference's pick is a bad row (the first bad index moves to it when it is earlier)."""
+        deferred, self._deferred = self._deferred, []
+        for i, token in deferred:
+            if self.stop_at_first and self.first_bad is not None and i > self.first_bad:
+                break
+            yes = np.ones(1, dtype=bool)  # accepted by the drift-only check, and a near tie (hence deferred)
+            if settle_near_ties(None, self.params, self.seed_material, i, np.asarray([token]), self.tolerance, yes,
+                                reference_row, yes)[0]:
+                continue
+            self.failed += 1
+            if self.first_bad is None or i < self.first_bad:
+                self.first_bad, self.reason = i, _NEAR_TIE_REASON
 
     def verdict(self) -> FingerprintVerdict:
         return FingerprintVerdict(

@@ -26,7 +26,7 @@ import trio
 from ..log import get_logger
 from .fingerprint import FORMAT, Fingerprint, FingerprintBuilder, commitment
 from .model import KVDecoder, LoadedModel
-from .reference import reference_for
+from .reference import ReferenceSession, reference_session
 from .sampling import GREEDY, SamplingParams, log_softmax
 from .stop_text import StopText
 from .tiebreak import resolve
@@ -111,6 +111,7 @@ class Generation:
     _text: StopText = field(default_factory=StopText)
     _prefill_s: float = 0.0
     _decode_s: float = 0.0
+    _reference: ReferenceSession | None = None  # this request's float64 reference (near ties only)
 
     def __post_init__(self) -> None:
         self.prompt_ids = [int(t) for t in self.prompt_ids]
@@ -127,6 +128,7 @@ class Generation:
                              f"room in the model's context of {self.model.context_length}")
         self._decoder = IncrementalDecoder(self.model)
         self._text = StopText(self.stop)
+        self._reference = reference_session(self.model)  # builds nothing until a near tie asks for a row
 
     @property
     def finished(self) -> bool:
@@ -193,6 +195,8 @@ class Generation:
         elif len(self.prompt_ids) + len(self.output_ids) >= self.model.context_length:
             self.finish_reason = "length"
         if self.finished:
+            assert self._reference is not None
+            self._reference.close()  # its float64 KV cache is this request's only
             if self.finish_reason != "stop":
                 assert self._decoder is not None
                 self._text.append(self._decoder.flush())
@@ -205,9 +209,10 @@ class Generation:
         return GeneratedToken(i, token, text)
 
     def _reference_row(self, index: int) -> np.ndarray:
-        """The float64 reference row predicting output index ``index`` (a near tie only; see tiebreak)."""
-        seq = [*self.prompt_ids, *self.output_ids[:index]]
-        return reference_for(self.model).logprobs(seq, last=1)[0]
+        """The float64 reference row predicting output index ``index`` (a near tie only; see tiebreak), over
+        this request's float64 KV cache (a later near tie computes only the positions after the last one)."""
+        assert self._reference is not None
+        return self._reference.row([*self.prompt_ids, *self.output_ids[:index]])
 
     def result(self) -> GenerationResult:
         if not self.finished:

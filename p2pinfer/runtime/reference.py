@@ -12,23 +12,28 @@ How it runs:
   node that reads it only (the page cache holds it once for every reader; an idle reference maps nothing),
   and float32 weights are widened to float64 one node input at a time. A large weight is never widened whole
   (:func:`_run_node`): ``Gather`` widens the rows it picked, ``Gemm``/``MatMul`` widen at most 16 MB of it
-  at a time and drop each mapped block's pages after use, ``MatMulNBits`` dequantizes 4,096 rows at a time,
-  and attention scores exist for a block of query positions at a time. Each value is the same float64
+  at a time and drop each mapped block's pages after use, ``MatMulNBits`` dequantizes 4 MB of float64 at a
+  time into a reused buffer (integer unpacking, exact values), and attention scores exist for a block of 64
+  query positions at a time, each block reading only the keys it may see. Each value is the same float64
   operation as on the whole matrix (BLAS may block a product differently: float64 rounding, ~1e-14 in a
   SmolLM2 log-prob). Measured on SmolLM2 at 557 positions: the transient memory of one row fell from 447 to
   ~60 MiB (fp32) and from 157 to ~80 MiB (4-bit);
-* nodes run with ``onnx.reference``'s numpy operators, in graph order, pruned to what ``logits`` needs, and
-  every intermediate is freed after its last use (outputs nothing reads, such as ``present.N``, are not kept);
+* nodes run with ``onnx.reference``'s numpy operators (``Sigmoid`` and ``Sum`` replaced by faster versions
+  with the same bits), in graph order, pruned to what ``logits`` and the ``present.N`` outputs need, and
+  every intermediate is freed after its last use;
 * ``Cast`` (and ``ConstantOfShape``) to a float type produce float64; the com.microsoft operators the GGUF
   importer emits (``MatMulNBits``, ``GroupQueryAttention``, ``SkipSimplifiedLayerNormalization``) have
   float64 implementations here (another operator is refused with :class:`ReferenceUnsupported`);
-* past key/value inputs are empty: one prefill over the whole sequence (no KV cache, so nothing can drift
-  between a decode path and a prefill path), and with ``logits_to_keep`` only the requested rows pay for the
-  LM head.
+* positions go :data:`REFERENCE_CHUNK` at a time over the graph's own past/present inputs, in float64 (a
+  float64 KV cache: chunks and cached prefixes change a row by float64 rounding only, nothing like the
+  float32 drift between a decode path and a prefill path); with ``logits_to_keep`` only the requested rows
+  pay for the LM head, and chunks before the last skip it;
+* a :class:`ReferenceSession` per request keeps that cache between its near-tie rows (bounded by
+  :data:`REFERENCE_KV_BYTES`), so a later row computes only the positions after the cached prefix.
 
-Matrix products go through numpy's BLAS in float64. It is slow next to onnxruntime (seconds per row for
-SmolLM2 at a few hundred tokens; ``benchmarks/sampler_freedom.py`` reports it) and only ever runs at the few
-positions the float32 rule cannot decide. Callers in async code run it in a worker thread, as they do every
+Matrix products go through numpy's BLAS in float64, on one thread (:data:`REFERENCE_BLAS_THREADS`). It is
+slow next to onnxruntime (2-5x its prefill of the same tokens on SmolLM2; ``benchmarks/reference_row.py``
+measures it) and only ever runs at the few positions the float32 rule cannot decide. Callers in async code run it in a worker thread, as they do every
 forward pass.
 """
 
@@ -38,13 +43,14 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from threadpoolctl import threadpool_limits
 
 from .digest import ModelFormatError
 from .memory import drop_read_only_mapped_pages
@@ -52,8 +58,21 @@ from .memory import drop_read_only_mapped_pages
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 _WIDEN = (np.float32, np.float16)
-_DEQUANT_ROWS = 4096  # MatMulNBits output rows dequantized at a time (a float64 buffer of rows x K)
+_DEQUANT_BLOCK_BYTES = 4 << 20  # MatMulNBits: float64 weights dequantized at a time (a reused buffer)
 _WIDE_BLOCK_BYTES = 16 << 20  # a float weight whose float64 copy is larger is widened a block at a time
+_ATTENTION_QUERY_BLOCK = 64  # attention query positions per block (each reads only the keys it may see)
+#: positions per pass of the reference over its own float64 KV cache: bounds a pass's activations (~40 MB of
+#: float64 on SmolLM2) while the 4-bit weights are dequantized once per chunk
+REFERENCE_CHUNK = 256
+#: the most a :class:`ReferenceSession` keeps of its float64 KV cache between rows (92 KB a position on SmolLM2:
+#: ~360 positions). It is held while its request generates or verifies, on top of the serving memory (files +
+#: ~250 MB on SmolLM2 while a request runs, against the 300 MB limit); a later near tie past it recomputes the
+#: positions after the kept ones
+REFERENCE_KV_BYTES = 32 << 20
+#: BLAS threads of a reference pass. One: a pass makes hundreds of BLAS calls (a block of dequantized weights
+#: each), and with two threads each call waits for the other thread; on the shared 2-core machine (load 10) a
+#: SmolLM2 row took 4-10x longer with two threads than with one (41-59 s against 10 s at 600 positions)
+REFERENCE_BLAS_THREADS = 1
 
 
 class ReferenceUnsupported(ModelFormatError):
@@ -72,7 +91,13 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 
 class MatMulNBits(OpRun):
-    """``A @ dequantize(B).T`` (4-bit codes, per-block scale and zero point), dequantized in float64."""
+    """``A @ dequantize(B).T`` (4-bit codes, per-block scale and zero point), dequantized in float64.
+
+    Every dequantized weight ``scale * (code - zero_point)`` is exact in float64 (a float32 scale times a
+    4-bit integer needs at most 29 significant bits), however it is computed. So the codes are unpacked with
+    integer operations into a reused buffer and widened by one subtraction and one multiplication per weight,
+    a block of at most :data:`_DEQUANT_BLOCK_BYTES` of float64 at a time (it stays in cache for the product),
+    instead of a float64 table lookup per byte."""
 
     op_domain = CONTRIB_DOMAIN
 
@@ -92,21 +117,24 @@ class MatMulNBits(OpRun):
         else:
             zp = _unpack_nibbles(zero_points.reshape(n_, -1))[:, :n_blocks]
         uniform = bool(np.all(zp == zp.flat[0]))  # the GGUF importer writes one zero point per term
-        # byte -> (low nibble, high nibble) as float64, minus the zero point when it is the same everywhere
-        lut = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.float64)
-        if uniform:
-            lut -= float(zp.flat[0])
         a = np.asarray(A, dtype=np.float64)
         flat = a.reshape(-1, a.shape[-1])
         out = np.empty((flat.shape[0], n_), dtype=np.float64)
-        packed = B.reshape(n_, n_blocks, -1)
-        for lo in range(0, n_, _DEQUANT_ROWS):
-            hi = min(n_, lo + _DEQUANT_ROWS)
-            w = lut[packed[lo:hi]].reshape(hi - lo, n_blocks, bs)  # one gather: exact small integers
-            if not uniform:
-                w -= zp[lo:hi, :, None]
-            w *= scale[lo:hi]
-            out[:, lo:hi] = flat @ w.reshape(hi - lo, -1)[:, :k_].T
+        packed = B.reshape(n_, n_blocks, bs // 2)
+        step = max(1, min(n_, _DEQUANT_BLOCK_BYTES // (8 * n_blocks * bs)))
+        codes = np.empty((step, n_blocks, bs // 2, 2), dtype=np.uint8)
+        w = np.empty((step, n_blocks, bs), dtype=np.float64)
+        for lo in range(0, n_, step):
+            hi = min(n_, lo + step)
+            c, wb = codes[:hi - lo], w[:hi - lo]
+            np.bitwise_and(packed[lo:hi], 15, out=c[..., 0])  # element 2i: the low nibble of byte i
+            np.right_shift(packed[lo:hi], 4, out=c[..., 1])
+            if uniform:
+                np.subtract(c.reshape(hi - lo, n_blocks, bs), float(zp.flat[0]), out=wb)
+            else:
+                np.subtract(c.reshape(hi - lo, n_blocks, bs), zp[lo:hi, :, None], out=wb, dtype=np.float64)
+            wb *= scale[lo:hi]
+            out[:, lo:hi] = flat @ wb.reshape(hi - lo, -1)[:, :k_].T
         if bias is not None:
             out += np.asarray(bias, dtype=np.float64)
         return (out.reshape(a.shape[:-1] + (n_,)),)
@@ -169,21 +197,24 @@ class GroupQueryAttention(OpRun):
         k_t = k_all.transpose(0, 1, 3, 2)
         ctx = np.empty((b, nh, s, hd))
         # query positions a block at a time: the scores of all of them are nh x s x t float64 values (5.4 GB at
-        # SmolLM2's 8,192 positions); each row's softmax and products are the same in a block as in the whole
-        step = max(1, _WIDE_BLOCK_BYTES // (8 * nh * t))
+        # SmolLM2's 8,192 positions); each row's softmax and products are the same in a block as in the whole.
+        # A block reads only the keys its last query may see (causal): the keys after it have probability 0
+        # exactly, so leaving them out changes a sum's order only (float64 rounding), and halves the work.
+        step = max(1, min(_ATTENTION_QUERY_BLOCK, _WIDE_BLOCK_BYTES // (8 * nh * t)))
         for lo in range(0, s, step):
             hi = min(s, lo + step)
+            seen = int(min(t, np.max(np.minimum(past_len + hi, total))))  # keys any query of the block may read
             qg = q[:, :, lo:hi].reshape(b, nkv, groups * (hi - lo), hd)
-            scores = qg @ k_t  # [b, nkv, groups*(hi-lo), t]
+            scores = qg @ k_t[..., :seen]  # [b, nkv, groups*(hi-lo), seen]
             scores *= factor
             query_pos = np.tile(np.arange(lo, hi), groups)[None, :] + past_len[:, None]  # [b, groups*(hi-lo)]
-            blocked = (np.arange(t)[None, None, :] > query_pos[:, :, None]) | \
-                (np.arange(t)[None, None, :] >= total[:, None, None])
-            scores[np.broadcast_to(blocked[:, None], scores.shape)] = -np.inf
+            keys = np.arange(seen)[None, None, :]
+            blocked = (keys > query_pos[:, :, None]) | (keys >= total[:, None, None])
+            np.copyto(scores, -np.inf, where=blocked[:, None])
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores, out=scores)
             probs /= probs.sum(axis=-1, keepdims=True)
-            ctx[:, :, lo:hi] = (probs @ v_all).reshape(b, nh, hi - lo, hd)
+            ctx[:, :, lo:hi] = (probs @ v_all[:, :, :seen]).reshape(b, nh, hi - lo, hd)
             del scores, probs  # freed before the next block's scores exist
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, nh * hd)
         return ctx, k_all, v_all
@@ -203,7 +234,32 @@ class SkipSimplifiedLayerNormalization(OpRun):
         return total * inv_std * np.asarray(gamma, np.float64), np.zeros_like(inv_std), inv_std, total
 
 
+class Sigmoid(OpRun):
+    """``onnx.reference``'s stable sigmoid with one exponential instead of two: ``exp(-|x|)`` is the
+    ``exp(-x)`` of its positive branch and the ``exp(x)`` of the other, so the values are the same bits."""
+
+    def _run(self, x):
+        x = np.asarray(x)
+        e = np.exp(-np.abs(x))
+        denominator = 1.0 + e
+        out = np.divide(e, denominator)  # exp(x) / (1 + exp(x)) where x <= 0
+        np.divide(1.0, denominator, out=out, where=x > 0)  # 1 / (1 + exp(-x)) where x > 0
+        return (out.astype(x.dtype, copy=False),)
+
+
+class Sum(OpRun):
+    """Element-wise sum in input order without ``onnx.reference``'s ``0 +`` start and final copy (same bits)."""
+
+    def _run(self, *args):
+        out = args[0] + args[1] if len(args) > 1 else np.array(args[0], copy=True)
+        for term in args[2:]:
+            out += term
+        return (out.astype(args[0].dtype, copy=False),)
+
+
 CONTRIB_OPS = (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization)
+#: standard operators replaced by faster float64-identical versions
+FAST_OPS = (Sigmoid, Sum)
 
 
 # ---- the graph --------------------------------------------------------------------------------------
@@ -254,7 +310,7 @@ def _widen_attributes(graph: onnx.GraphProto) -> None:
 
 
 class ReferenceModel:
-    """The float64 evaluation of one ``model.onnx``. Thread-safe (one run at a time)."""
+    """The float64 evaluation of one ``model.onnx``. Thread-safe (one pass at a time in the process)."""
 
     def __init__(self, onnx_path: Path | str, *, kv_heads: int, head_dim: int) -> None:
         path = Path(onnx_path)
@@ -273,20 +329,22 @@ class ReferenceModel:
             next(i for i in graph.input if i.name == "input_ids").type.tensor_type.elem_type)
         self._kv_shape = (1, int(kv_heads), 0, int(head_dim))
         try:
-            evaluator = ReferenceEvaluator(proto, new_ops=list(CONTRIB_OPS))
+            evaluator = ReferenceEvaluator(proto, new_ops=list(CONTRIB_OPS + FAST_OPS))
         except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
             raise ReferenceUnsupported(f"the float64 reference cannot run {path}: {exc}") from None
-        needed = self._prune(evaluator.rt_nodes_, "logits")
-        self._nodes = needed
-        self._last_use: dict[str, int] = {}
-        for k, node in enumerate(needed):
-            for name in node.input:
-                self._last_use[name] = k
-        self._lock = threading.Lock()
+        outputs = {o.name for o in graph.output}
+        # past input -> the present output that extends it (the graph's KV cache, kept by ReferenceSession)
+        self._present_of = {name: "present." + name[len("past_key_values."):] for name in self._input_names
+                            if name.startswith("past_key_values.")}
+        if not set(self._present_of.values()) <= outputs:
+            self._present_of = {}  # no present for every past: no cache, one pass over the whole sequence
+        presents = frozenset(self._present_of.values())
+        self._row_plan = _Plan(self._prune(evaluator.rt_nodes_, {"logits", *presents}), {"logits", *presents})
+        self._kv_plan = _Plan(self._prune(evaluator.rt_nodes_, set(presents)), presents)  # no LM head
 
     @staticmethod
-    def _prune(nodes: list[Any], output: str) -> list[Any]:
-        want = {output}
+    def _prune(nodes: list[Any], wanted: set[str]) -> list[Any]:
+        want = set(wanted)
         keep = []
         for node in reversed(nodes):
             if want.intersection(node.output):
@@ -295,32 +353,65 @@ class ReferenceModel:
         keep.reverse()
         return keep
 
+    @property
+    def caches(self) -> bool:
+        """Whether the graph's presents extend its pasts (so a :class:`ReferenceSession` can keep them)."""
+        return bool(self._present_of)
+
     def logprobs(self, ids: Sequence[int], *, last: int = 1) -> np.ndarray:
-        """float64 log-softmax rows ``[last, vocab]``: the last ``last`` positions after one pass over ``ids``."""
-        s = len(ids)
-        if s == 0 or not 1 <= last <= s:
-            raise ValueError("logprobs needs at least one token and 1 <= last <= len(ids)")
+        """float64 log-softmax rows ``[last, vocab]``: the last ``last`` positions of ``ids``, computed from
+        scratch (a :class:`ReferenceSession` of its own, dropped after the call)."""
+        return ReferenceSession(self, max_bytes=0).logprobs(ids, last=last)  # nothing kept after the call
+
+    def extend(self, kv: dict[str, np.ndarray] | None, ids: Sequence[int], start: int, last: int, *,
+               chunk: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows ``[last, vocab]`` of the last ``last`` positions of ``ids`` and the float64 KV cache of all of
+        ``ids``, given ``kv``: the cache of ``ids[:start]`` (None when ``start`` is 0; its arrays are handed
+        over: each is freed once its layer has read it). Positions go ``chunk`` (default
+        :data:`REFERENCE_CHUNK`) at a time, the last chunk holding the ``last`` rows; chunks before it skip the
+        LM head. A graph without a cache
+        (:attr:`caches` False) runs ``ids`` in one pass (``start`` must be 0)."""
+        n = len(ids)
+        if n == 0 or not 1 <= last <= n - start or start < 0 or (start and kv is None):
+            raise ValueError("extend needs 1 <= last <= len(ids) - start and the cache of ids[:start]")
+        if not self.caches and start:
+            raise ValueError("this graph has no KV cache to extend")
+        kv = {} if kv is None else kv
+        chunk = chunk or REFERENCE_CHUNK
+        lo = start
+        # one process-wide lock: BLAS's thread count is global, and overlapping limits would restore it wrongly
+        with _blas_lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
+            while self.caches and n - lo - chunk >= last:
+                _, kv = self._run(self._feed(kv, ids, lo, lo + chunk, 1), self._kv_plan)
+                lo += chunk
+            logits, kv = self._run(self._feed(kv, ids, lo, n, last), self._row_plan)
+        rows = np.asarray(logits, dtype=np.float64)[0][-last:]
+        rows = rows - rows.max(axis=-1, keepdims=True)
+        return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True)), kv
+
+    def _feed(self, kv: dict[str, np.ndarray], ids: Sequence[int], lo: int, hi: int, last: int) -> dict[str, Any]:
+        """Inputs for positions ``lo..hi-1`` over the cache of ``ids[:lo]``, whose arrays move out of ``kv``."""
         feed: dict[str, Any] = {
-            "input_ids": np.asarray([ids], dtype=self._ids_dtype),
-            "attention_mask": np.ones((1, s), dtype=np.int64),
+            "input_ids": np.asarray([ids[lo:hi]], dtype=self._ids_dtype),
+            "attention_mask": np.ones((1, hi), dtype=np.int64),
         }
         if "position_ids" in self._input_names:
-            feed["position_ids"] = np.arange(s, dtype=np.int64)[None]
+            feed["position_ids"] = np.arange(lo, hi, dtype=np.int64)[None]
         if "logits_to_keep" in self._input_names or "logits_to_keep" in self._inits:
             feed["logits_to_keep"] = np.array([last], dtype=np.int64)
         for name in self._input_names:
             if name.startswith("past_key_values."):
-                feed[name] = np.zeros(self._kv_shape, dtype=np.float64)
-        with self._lock:
-            logits = self._run(feed)
-        rows = np.asarray(logits, dtype=np.float64)[0][-last:]
-        rows = rows - rows.max(axis=-1, keepdims=True)
-        return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+                feed[name] = kv.pop(name) if lo else np.zeros(self._kv_shape, dtype=np.float64)
+        kv.clear()
+        return feed
 
-    def _run(self, feed: dict[str, Any]) -> np.ndarray:
+    def _run(self, feed: dict[str, Any], plan: "_Plan") -> tuple[Any, dict[str, np.ndarray]]:
+        """(logits or None, the next cache: each present renamed to its past) of one pass. The feed's arrays
+        move into the run (``feed`` is emptied), so that a past is freed once its layer has read it."""
         # external weights stay descriptors until a node reads them: mapped for that node only
         results: dict[str, Any] = {"": None, **self._inits, **feed}
-        for k, node in enumerate(self._nodes):
+        feed.clear()
+        for k, node in enumerate(plan.nodes):
             raw = [results[name] for name in node.input]
             raw = [value.map() if isinstance(value, _External) else value for value in raw]
             try:
@@ -332,12 +423,100 @@ class ReferenceModel:
                                            f"{getattr(node.onnx_node, 'name', '')!r}: {exc}") from None
             del raw  # a mapped weight is unmapped here, not at the end of the run
             for name, value in zip(node.output, outputs):
-                if name and (name in self._last_use or name == "logits"):  # not omitted, and read (not present.N)
+                if name and (name in plan.last_use or name in plan.outputs):  # not omitted, and read or kept
                     results[name] = value
             for name in node.input:
-                if self._last_use.get(name) == k and name in results and name != "logits":
+                if plan.last_use.get(name) == k and name in results and name not in plan.outputs:
                     del results[name]
-        return results["logits"]
+        kv = {past: np.asarray(results.pop(present), dtype=np.float64) for past, present in self._present_of.items()}
+        return results.get("logits"), kv
+
+
+class _Plan:
+    """The nodes one kind of pass runs, in graph order, the outputs it keeps, and where each value is read last
+    (it is freed after that node)."""
+
+    def __init__(self, nodes: list[Any], outputs: set[str]) -> None:
+        self.nodes = nodes
+        self.outputs = frozenset(outputs)
+        self.last_use: dict[str, int] = {}
+        for k, node in enumerate(nodes):
+            for name in node.input:
+                self.last_use[name] = k
+
+
+class ReferenceSession:
+    """One request's float64 reference: the rows it asks for, over a float64 KV cache kept between them.
+
+    A request meets its near ties in order (the executor while it generates, the verifier while it checks), and
+    each asks for the row after prompt + output so far. The first row computes its prefix once; a later one
+    reuses the cache of the longest common prefix and computes only the positions after it. The cache holds at
+    most ``max_bytes`` (:data:`REFERENCE_KV_BYTES`): its first positions, as many as fit, the rest recomputed
+    when asked again. :meth:`close` (the end of the generation or verification) frees it.
+
+    Rows equal :meth:`ReferenceModel.logprobs` over the whole sequence to float64 rounding: the same
+    operations, grouped into other chunks (BLAS blocks and attention sums in another order;
+    ``tests/test_reference_kv.py``). ``reference``: the model's reference, or a function building it at the
+    first row (an idle session costs nothing); ``chunk``: positions per pass (default
+    :data:`REFERENCE_CHUNK`). Thread-safe (one row at a time)."""
+
+    def __init__(self, reference: "ReferenceModel | Callable[[], ReferenceModel]", *,
+                 max_bytes: int | None = None, chunk: int | None = None) -> None:
+        chunk = REFERENCE_CHUNK if chunk is None else int(chunk)
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        self._reference = reference
+        self._max_bytes = REFERENCE_KV_BYTES if max_bytes is None else int(max_bytes)
+        self._chunk = chunk
+        self._ids: list[int] = []  # the tokens whose positions self._kv holds
+        self._kv: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self.computed_positions = 0  # positions run so far (cached positions are not run again)
+
+    @property
+    def cached_positions(self) -> int:
+        return len(self._ids)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(v.nbytes for v in self._kv.values()) if self._kv else 0
+
+    def logprobs(self, ids: Sequence[int], *, last: int = 1) -> np.ndarray:
+        """float64 log-softmax rows ``[last, vocab]`` of the last ``last`` positions of ``ids``."""
+        ids = [int(t) for t in ids]
+        n = len(ids)
+        if n == 0 or not 1 <= last <= n:
+            raise ValueError("logprobs needs at least one token and 1 <= last <= len(ids)")
+        with self._lock:
+            ref = self._reference if isinstance(self._reference, ReferenceModel) else self._reference()
+            self._reference = ref
+            start = 0
+            if ref.caches:
+                limit = min(len(self._ids), n - last)
+                while start < limit and self._ids[start] == ids[start]:
+                    start += 1
+            held = len(self._ids)
+            kv, self._kv, self._ids = self._kv, None, []  # handed over: freed layer by layer during the run
+            if kv is not None and start < held:  # the request's tokens differ after `start`: its prefix only
+                kv = {name: value[:, :, :start] for name, value in kv.items()}
+            rows, kv = ref.extend(kv if start else None, ids, start, last, chunk=self._chunk)
+            self.computed_positions += n - start
+            if ref.caches and kv:
+                per_position = sum(v.nbytes for v in kv.values()) // n
+                keep = min(n, self._max_bytes // max(1, per_position))
+                if keep < n:  # a copy, so that the positions beyond are freed
+                    kv = {name: value[:, :, :keep].copy() for name, value in kv.items()} if keep else None
+                self._kv, self._ids = (kv, ids[:keep]) if keep else (None, [])
+            return rows
+
+    def row(self, ids: Sequence[int]) -> np.ndarray:
+        """The float64 reference row after ``ids`` (what :data:`.tiebreak.ReferenceRow` returns)."""
+        return self.logprobs(ids, last=1)[0]
+
+    def close(self) -> None:
+        """Free the cache (the session stays usable: a later row recomputes its prefix)."""
+        with self._lock:
+            self._kv, self._ids = None, []
 
 
 def _widen(value: Any) -> Any:
@@ -397,6 +576,13 @@ def _attribute(node: Any, name: str, default: Any) -> Any:
 
 
 _cache_lock = threading.Lock()
+_blas_lock = threading.Lock()  # one reference pass at a time in the process (see ReferenceModel.extend)
+
+
+def reference_session(model: Any) -> ReferenceSession:
+    """A new :class:`ReferenceSession` for one request on a :class:`~.model.LoadedModel` (builds nothing until
+    its first row)."""
+    return ReferenceSession(lambda: reference_for(model))
 
 
 def reference_for(model: Any) -> ReferenceModel:

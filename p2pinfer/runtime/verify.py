@@ -7,7 +7,9 @@ then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM 
 log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
 near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
-(:mod:`.reference`, run for that row only).
+(:mod:`.reference`, run for that row only). Those rows are computed after the forward passes, once their
+buffers are freed (the two memory peaks are not added), in index order over one float64 KV cache (a later
+near tie computes only the positions after the earlier one).
 Before that it checks what needs no model: format, commitment, row count, and that the finish reason fits
 the output (an output cut short, or running on past EOS or a stop string, is rejected).
 """
@@ -24,7 +26,7 @@ from .fingerprint import FORMAT, Fingerprint, FingerprintChecker, FingerprintFor
     commitment as fingerprint_commitment, unpack
 from .generate import PREFILL_CHUNK
 from .model import LoadedModel
-from .reference import reference_for
+from .reference import reference_session
 from .sampling import LogProbRows, SamplingParams, log_softmax
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -145,16 +147,28 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     if any(not 0 <= t < vocab for t in prompt_ids + output_ids):
         return _reject(None, "token ID outside the model's vocabulary")
 
-    def reference_row(index: int) -> np.ndarray:  # only at near ties (see tiebreak)
-        return reference_for(model).logprobs(prompt_ids + output_ids[:index], last=1)[0]
-
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
-                                 reference_row=reference_row)
-    for start, logits in _checked_rows(model, prompt_ids, seq, rows):
-        checker.check_rows(start, LogProbRows.from_logits(logits))
-        if checker.done:
-            break
+                                 defer_near_ties=True)
+    _check_passes(checker, model, prompt_ids, seq, rows)  # its KV buffers and logits are freed when it returns
+    # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last
+    reference = reference_session(model)
+    try:
+        checker.settle_near_ties(lambda index: reference.row(prompt_ids + output_ids[:index]))
+    finally:
+        reference.close()
     return checker.verdict()
+
+
+def _check_passes(checker: FingerprintChecker, model: LoadedModel, prompt_ids: list[int], seq: list[int],
+                  rows: int) -> None:
+    passes = _checked_rows(model, prompt_ids, seq, rows)
+    try:
+        for start, logits in passes:
+            checker.check_rows(start, LogProbRows.from_logits(logits))
+            if checker.done:
+                break
+    finally:
+        passes.close()
 
 
 def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int):
