@@ -12,9 +12,10 @@ What it prints, per folder:
   its MINIMUM over ``--steps`` decode steps (onnxruntime ``enable_profiling``), so that load from other
   processes inflates the figures as little as it can; the sum is the kernel time of one step on a quiet core;
 * the step as the runtime serves it (:class:`~p2pinfer.runtime.model.KVDecoder`, KV cache in place, with
-  the kernel of :mod:`p2pinfer.kernels`), the same with the standard graph (``P2PINFER_DECODE_KERNEL=0``),
+  the kernel of :mod:`p2pinfer.kernels`: its integer decode path where built, and its float32 one
+  (``P2PINFER_DECODE_KERNEL=float``)), the same with the standard graph (``P2PINFER_DECODE_KERNEL=0``),
   and as the standard graph's ``forward()`` runs it (the KV cache copied in and out), wall time, best of
-  ``--steps``, interleaved in blocks of 8 steps. The per-operator profile is printed for both sessions
+  ``--steps``, interleaved in blocks of 8 steps. The per-operator profile is printed for each session
   (the kernel is one custom node per 4-bit layer: ``QMatMul1M``, ``QMatMul2``);
 * the Python work per generated token outside onnxruntime: log-softmax (float64, the whole vocabulary), the
   fingerprint row, greedy sampling, best of 200.
@@ -41,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2pinfer import kernels, log  # noqa: E402
+from p2pinfer.kernels import DecodePath  # noqa: E402
 from p2pinfer.runtime import GREEDY, load_model  # noqa: E402
 from p2pinfer.runtime.fingerprint import FingerprintBuilder  # noqa: E402
 from p2pinfer.runtime.sampling import log_softmax, sample  # noqa: E402
@@ -51,9 +53,11 @@ BLOCK = 8  # decode steps per session before switching (see step_times)
 TEXT = "The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40
 
 
-def kernel_profile(folder: Path, threads: int, steps: int, context: int, kernel: bool) -> tuple[dict, dict]:
+def kernel_profile(folder: Path, threads: int, steps: int, context: int,
+                   kernel: DecodePath | None) -> tuple[dict, dict]:
     """Per op type: (summed minimum kernel microseconds, node count) of one decode step, through the kernel
-    session (the 4-bit layers as p2pinfer custom nodes) or the standard graph."""
+    session (the 4-bit layers as p2pinfer custom nodes, decode rows on the path ``kernel``) or (None) the
+    standard graph."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="p2pinfer-profile-") as tmp:
         options = ort.SessionOptions()
@@ -65,7 +69,7 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int, kernel:
         source: str | bytes = str(folder / "model.onnx")
         if kernel:  # as kernels.kernel_session builds it, with profiling on
             graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-            kernels.kernel_model(graph, folder, threads)
+            kernels.kernel_model(graph, folder, threads, kernel)
             source = graph.SerializeToString()
             options.register_custom_ops_library(str(kernels.library_path()))
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -93,26 +97,33 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int, kernel:
     return dict(micros), dict(count)
 
 
-def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[float, float, float]:
+def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[float, float, float, float]:
     """Best wall seconds of one decode step: in place (KVDecoder) with the kernel (p2pinfer.kernels, the
-    default; inf when it is unavailable), in place with the standard graph, and through forward().
+    default; inf when it is unavailable), the same on the kernel's float32 decode path, in place with the
+    standard graph, and through forward().
 
     The three alternate in blocks of ``BLOCK`` steps, not step by step: after its run, the standard session's
     onnxruntime workers spin for a while, and a kernel step started right then shares the cores with them
     (measured at load 13: 24 ms alone, 39-61 ms when each kernel step follows a standard one). A peer runs one
     session; the best step of each block is the one without the other session's spinning."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
+    floats = model.with_session(threads=threads, providers=["CPUExecutionProvider"], decode=DecodePath.FLOAT)
     plain = model.with_session(threads=threads, providers=["CPUExecutionProvider"], kernel=False)
     ids = model.encode(TEXT)[:context]
     _, cache = plain.forward(ids, plain.empty_cache(), last=1)
     with_kernel = model.decoder(cache, context + steps)
+    float_kernel = floats.decoder(cache, context + steps)
     standard = plain.decoder(cache, context + steps)
-    kernel, in_place, copied = float("inf"), float("inf"), float("inf")
+    kernel, float_path, in_place, copied = float("inf"), float("inf"), float("inf"), float("inf")
     for _ in range(max(1, steps // BLOCK)):  # interleaved by blocks, so that load hits all alike
         for _ in range(BLOCK if model.runs_kernel else 0):
             t = time.perf_counter()
             with_kernel.step(42)
             kernel = min(kernel, time.perf_counter() - t)
+        for _ in range(BLOCK if floats.runs_kernel else 0):
+            t = time.perf_counter()
+            float_kernel.step(42)
+            float_path = min(float_path, time.perf_counter() - t)
         for _ in range(BLOCK):
             t = time.perf_counter()
             standard.step(42)
@@ -121,7 +132,7 @@ def step_times(folder: Path, threads: int, steps: int, context: int) -> tuple[fl
             t = time.perf_counter()
             plain.forward([42], cache)
             copied = min(copied, time.perf_counter() - t)
-    return kernel, in_place, copied
+    return kernel, float_path, in_place, copied
 
 
 def python_per_token(folder: Path) -> dict[str, float]:
@@ -153,19 +164,21 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start")
     with tempfile.TemporaryDirectory(prefix="p2pinfer-bench-") as tmp:
         folders = args.folder or [model_folder(None, tmp, name="native")]
-        runs = [(f, kernel) for f in folders for kernel in ((True, False) if kernels.library_path() else (False,))]
+        paths = (DecodePath.INTEGER, DecodePath.FLOAT, None) if kernels.library_path() else (None,)
+        runs = [(f, kernel) for f in folders for kernel in paths]
         profiles = [kernel_profile(f, args.threads, args.steps, args.context, kernel) for f, kernel in runs]
         ops = sorted(set().union(*(p[0] for p in profiles)), key=lambda o: -max(p[0].get(o, 0) for p in profiles))
-        print("\n| operator | " + " | ".join(f"{f.name} {'kernel' if k else 'standard'}: nodes, µs" for f, k in runs)
-              + " |")
+        print("\n| operator | " + " | ".join(f"{f.name} {'kernel ' + k.value if k else 'standard'}: nodes, µs"
+                                            for f, k in runs) + " |")
         print("|---|" + "---|" * len(runs))
         for op in ops:
             print(f"| {op} | " + " | ".join(f"{p[1].get(op, 0)}, {p[0].get(op, 0):.0f}" for p in profiles) + " |")
         print("| **all kernels** | " + " | ".join(f"{sum(p[1].values())}, {sum(p[0].values()):.0f}"
                                                for p in profiles) + " |")
         for f in folders:
-            kernel, in_place, copied = step_times(f, args.threads, args.steps, args.context)
+            kernel, float_path, in_place, copied = step_times(f, args.threads, args.steps, args.context)
             print(f"\n{f.name}: one decode step {1e3 * kernel:.2f} ms in place with the kernel (default), "
+                  f"{1e3 * float_path:.2f} ms with the kernel's float32 decode path, "
                   f"{1e3 * in_place:.2f} ms in place with the standard graph (KVDecoder), "
                   f"{1e3 * copied:.2f} ms through forward() (KV copied); best of {args.steps}")
         per_token = python_per_token(folders[0])

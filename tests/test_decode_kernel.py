@@ -1,6 +1,6 @@
-"""The 4-bit kernel (p2pinfer/kernels): the custom op (decode rows and the many-row GEMM) against a float64
-product and against MatMulNBits, row determinism, the kernel session against the standard graph, and the
-fallback without a compiler or when turned off."""
+"""The 4-bit kernel (p2pinfer/kernels): the custom op (decode rows on the integer and the float32 path, and the
+many-row GEMM) against a float64 product and against MatMulNBits, row determinism, the kernel session against the
+standard graph, and the fallbacks: a library built for a CPU without AVX-512 VNNI, no compiler, turned off."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from onnx import TensorProto, helper, numpy_helper
 
 from p2pinfer import kernels
+from p2pinfer.kernels import DecodePath
 from p2pinfer.gguf import import_gguf
 from p2pinfer.gguf.blockquant import from_gguf
 from p2pinfer.runtime import load_model
@@ -40,9 +41,10 @@ def _random_gguf_rows(qtype: QT, rows: int, cols: int, rng: np.random.Generator)
     return raw.reshape(rows, -1)
 
 
-def _standard_graph(qtype: QT, raw: np.ndarray, cols: int, folder: Path) -> Path:
-    """One linear layer written as the importer writes it (MatMulNBits terms, Q4_1 block sums x minimums)."""
-    bq = from_gguf(raw, qtype, cols)
+def _standard_graph(qtype: QT, raw: np.ndarray, cols: int, folder: Path, factor: float = 1.0) -> Path:
+    """One linear layer written as the importer writes it (MatMulNBits terms, Q4_1 block sums x minimums), its
+    scales and minimums multiplied by ``factor``."""
+    bq = from_gguf(raw, qtype, cols).scaled(np.float32(factor))
     n, nb = bq.rows, cols // 32
     inits, nodes, terms = [], [], []
     for j, t in enumerate(bq.terms):
@@ -74,9 +76,10 @@ def _standard_graph(qtype: QT, raw: np.ndarray, cols: int, folder: Path) -> Path
     return folder / "model.onnx"
 
 
-def _kernel_session(path: Path, threads: int) -> tuple[ort.InferenceSession, int]:
+def _kernel_session(path: Path, threads: int,
+                    decode: DecodePath = DecodePath.INTEGER) -> tuple[ort.InferenceSession, int]:
     model = onnx.load(str(path), load_external_data=False)
-    rewritten = kernels.kernel_model(model, path.parent, threads)
+    rewritten = kernels.kernel_model(model, path.parent, threads, decode)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.register_custom_ops_library(str(kernels.library_path()))
@@ -114,12 +117,117 @@ def test_kernel_matches_the_weights_and_is_row_deterministic(tmp_path: Path, qty
         assert np.array_equal(three.run(None, {"x": x[:, start:stop]})[0][0], many[start:stop]), (start, stop)
 
 
+def _exact(raw: np.ndarray, qtype: QT, cols: int, x: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    weights = from_gguf(raw, qtype, cols).scaled(np.float32(factor)).dequantize().astype(np.float64)
+    return x.astype(np.float64) @ weights.T
+
+
+def _integer_path_built() -> bool:
+    return kernels.library_has_integer_path(kernels.library_path())
+
+
+@pytest.mark.parametrize("cols", [96, 128], ids=["odd-blocks", "even-blocks"])
+@pytest.mark.parametrize("factor", [1.0, 1.0001], ids=["float16-scales", "float32-scales"])
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
+def test_integer_decode_rows_match_the_weights_and_are_row_deterministic(tmp_path: Path, qtype: QT, factor: float,
+                                                                       cols: int) -> None:
+    """Decode rows (1 to 3 activation rows a call) on the integer path: as close to the exact product as the float32
+    path, the same bits whatever the thread count and the other rows of the call. Scales that are not float16
+    values (factor 1.0001) must be read as float32, not rounded (a perturbed model stays perturbed)."""
+    rng = np.random.default_rng(int(qtype) + cols)
+    rows = 70
+    raw = _random_gguf_rows(qtype, rows, cols, rng)
+    path = _standard_graph(qtype, raw, cols, tmp_path / "m", factor)
+    integer, _ = _kernel_session(path, threads=1)
+    integer3, _ = _kernel_session(path, threads=3)
+    floats, _ = _kernel_session(path, threads=1, decode=DecodePath.FLOAT)
+    x = rng.standard_normal((1, 3, cols)).astype(np.float32)
+    x[0, 1, :32] *= 1e-3  # blocks of very different sizes: each is scaled to integers on its own
+    x[0, 1, 5] = 40.0
+    x[0, 2, 32:64] = 0.0
+    exact = _exact(raw, qtype, cols, x[0], factor)
+    scale = np.abs(exact).max()
+    ours = np.stack([integer.run(None, {"x": x[:, r:r + 1]})[0][0, 0] for r in range(3)])
+    theirs = np.stack([floats.run(None, {"x": x[:, r:r + 1]})[0][0, 0] for r in range(3)])
+    assert np.abs(theirs - exact).max() < 1e-5 * scale
+    assert np.abs(ours - exact).max() < 1e-5 * scale
+    for start, stop in ((0, 2), (0, 3), (1, 3)):  # 2 and 3 rows a call still take the one-row path
+        assert np.array_equal(integer3.run(None, {"x": x[:, start:stop]})[0][0], ours[start:stop]), (start, stop)
+    if _integer_path_built():  # the integer path ran: its sums are not the float path's, bit for bit
+        assert not np.array_equal(ours, theirs)
+
+
+def test_integer_decode_error_is_within_its_stated_bound(tmp_path: Path) -> None:
+    """The only rounding beyond float32's: x to a multiple of 2^-e per block, at most 2^-22 of the block's
+    largest |x| per element. Measured against the float64 product over wide dynamic ranges."""
+    rng = np.random.default_rng(11)
+    cols, rows = 256, 64
+    raw = _random_gguf_rows(QT.Q4_1, rows, cols, rng)
+    path = _standard_graph(QT.Q4_1, raw, cols, tmp_path / "m")
+    integer, _ = _kernel_session(path, threads=2)
+    weights = from_gguf(raw, QT.Q4_1, cols).dequantize().astype(np.float64)
+    for trial in range(20):
+        x = (rng.standard_normal(cols) * np.exp(rng.uniform(-12, 12, cols))).astype(np.float32)
+        blocks = np.abs(x.astype(np.float64)).reshape(-1, 32).max(axis=1)
+        step = np.repeat(blocks * 2.0 ** -22, 32)  # per element, the bound on its rounding
+        bound = np.abs(weights) @ step + 1e-6 * np.abs(weights) @ np.abs(x)  # + float32 rounding of the sums
+        got = integer.run(None, {"x": x[None, None]})[0][0, 0]
+        assert np.all(np.abs(got - weights @ x.astype(np.float64)) <= bound), trial
+
+
+def test_integer_decode_of_a_non_finite_activation_is_not_a_number(tmp_path: Path) -> None:
+    """An inf or NaN in the activation gives NaN outputs, never a plausible number."""
+    rng = np.random.default_rng(5)
+    raw = _random_gguf_rows(QT.Q4_1, 16, 64, rng)
+    integer, _ = _kernel_session(_standard_graph(QT.Q4_1, raw, 64, tmp_path / "m"), threads=1)
+    for bad in (np.inf, np.nan):
+        x = rng.standard_normal((1, 1, 64)).astype(np.float32)
+        x[0, 0, 40] = bad
+        assert not np.isfinite(integer.run(None, {"x": x})[0]).any()
+
+
+def test_a_library_built_without_vnni_decodes_on_the_float_path(tmp_path: Path, monkeypatch) -> None:
+    """A CPU without AVX-512 VNNI (here: the library built for x86-64-v3, AVX2) still serves: the integer path
+    asked for, the float32 one-row path runs, within float32 rounding of the standard graph."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    monkeypatch.setenv("P2PINFER_KERNEL_MARCH", "x86-64-v3" if " avx2" in flags and " fma" in flags else "x86-64")
+    monkeypatch.setenv("P2PINFER_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_built", {})
+    lib = kernels.library_path()
+    assert lib is not None and not kernels.library_has_integer_path(lib)
+    rng = np.random.default_rng(9)
+    raw = _random_gguf_rows(QT.Q4_1, 40, 96, rng)
+    path = _standard_graph(QT.Q4_1, raw, 96, tmp_path / "m")
+    session, decode = kernels.kernel_session(path, threads=2, decode=DecodePath.INTEGER,
+                                             graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert decode is DecodePath.FLOAT
+    x = rng.standard_normal((1, 1, 96)).astype(np.float32)
+    exact = _exact(raw, QT.Q4_1, 96, x[0])
+    assert np.abs(session.run(None, {"x": x})[0][0] - exact).max() < 1e-5 * np.abs(exact).max()
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    write_tiny_llama(tmp_path / "t.gguf", cfg)
+    import_gguf(tmp_path / "t.gguf", tmp_path / "t")
+    model = load_model(tmp_path / "t", threads=2, providers=["CPUExecutionProvider"])
+    assert model.decode_path is DecodePath.FLOAT
+    standard = model.with_session(threads=2, providers=["CPUExecutionProvider"], kernel=False)
+    ids = [5, 77, 200, 3, 260, 261]
+    _, cache = standard.forward(ids[:4], standard.empty_cache(), last=1)
+    _, mine = model.forward(ids[:4], model.empty_cache(), last=1)
+    decoder = model.decoder(mine, capacity=len(ids))
+    for token in ids[4:]:
+        expected, cache = standard.forward([token], cache)
+        np.testing.assert_allclose(decoder.step(token), expected[-1], atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decode", [DecodePath.INTEGER, DecodePath.FLOAT], ids=lambda d: d.value)
 @pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q4_0, QT.Q8_0], ids=lambda q: q.name)
-def test_decoder_runs_the_kernel_within_float32_rounding_of_forward(tmp_path: Path, qtype: QT) -> None:
+def test_decoder_runs_the_kernel_within_float32_rounding_of_forward(tmp_path: Path, qtype: QT,
+                                                                    decode: DecodePath) -> None:
     cfg = TinyLlama(matrix_type=qtype, n_kv_heads=2)
     write_tiny_llama(tmp_path / "m.gguf", cfg)
     import_gguf(tmp_path / "m.gguf", tmp_path / "m")
-    model = load_model(tmp_path / "m", threads=2, providers=["CPUExecutionProvider"])
+    model = load_model(tmp_path / "m", threads=2, providers=["CPUExecutionProvider"], decode=decode)
+    assert model.decode_path is (decode if _integer_path_built() else DecodePath.FLOAT)
     standard = model.with_session(threads=2, providers=["CPUExecutionProvider"], kernel=False)
     assert model.runs_kernel and not standard.runs_kernel
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph.node}
@@ -156,6 +264,15 @@ def test_without_a_compiler_decoding_uses_the_standard_graph(tmp_path: Path, mon
     _, cache = model.forward(ids[:4], model.empty_cache(), last=1)
     expected, _ = model.forward(ids[4:], cache)
     assert np.array_equal(model.decoder(cache, capacity=8).step(ids[4]), expected[-1])  # bit for bit, as before
+
+
+def test_float_decode_chosen_by_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("P2PINFER_DECODE_KERNEL", "float")
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    write_tiny_llama(tmp_path / "m.gguf", cfg)
+    import_gguf(tmp_path / "m.gguf", tmp_path / "m")
+    model = load_model(tmp_path / "m", threads=1, providers=["CPUExecutionProvider"])
+    assert model.runs_kernel and model.decode_path is DecodePath.FLOAT
 
 
 def test_disabled_by_environment(tmp_path: Path, monkeypatch) -> None:

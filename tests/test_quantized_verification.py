@@ -18,8 +18,11 @@ import onnx
 import pytest
 
 from p2pinfer.gguf import DefaultModelMissingError, find_default_gguf, import_gguf
+from p2pinfer.kernels import DecodePath
 from p2pinfer.runtime import GREEDY, SamplingParams, calibrate, generate, load_model, sampling_seed, verify_result
 from p2pinfer.runtime.fingerprint import FingerprintBuilder
+from p2pinfer.runtime.reference import reference_for
+from p2pinfer.runtime.sampling import log_softmax
 from p2pinfer.runtime.verify import recompute_logprobs
 
 SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.95)
@@ -66,24 +69,44 @@ def _claim(folder: Path, verifier, **session):
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("threads,optimization,kernel,amx", [(1, "disable", True, True), (2, "basic", True, True),
-                                                             (2, "all", True, False), (2, "all", False, False)])
-def test_honest_4bit_variants_are_accepted(verifier, prompt, params, threads, optimization, kernel, amx) -> None:
-    """Another session, the kernel without AMX tiles (a peer whose CPU lacks them: float32 FMA for many rows) and
-    the standard graph (a peer without the 4-bit kernel) against the kernel's verifier (on AMX tiles where this
-    CPU has them), and the other way round."""
+@pytest.mark.parametrize("threads,optimization,kernel,amx,decode", [
+    (1, "disable", True, True, None), (2, "basic", True, True, None), (2, "all", True, False, None),
+    (2, "all", False, False, None), (2, "all", True, True, DecodePath.FLOAT)])
+def test_honest_4bit_variants_are_accepted(verifier, prompt, params, threads, optimization, kernel, amx,
+                                           decode) -> None:
+    """Another session, the kernel without AMX tiles (a peer whose CPU lacks them: float32 FMA for many rows), the
+    standard graph (a peer without the 4-bit kernel) and the kernel's float32 decode path (a peer without AVX-512
+    VNNI) against the kernel's verifier (on AMX tiles where this CPU has them), and the other way round."""
     assert verifier.runs_kernel, "the 4-bit kernel should be available here (CI installs gcc)"
-    executor = verifier.with_session(threads=threads, optimization=optimization, kernel=kernel, amx=amx)
+    executor = verifier.with_session(threads=threads, optimization=optimization, kernel=kernel, amx=amx,
+                                     decode=decode)
     assert executor.runs_kernel == kernel
     assert executor.runs_amx == (amx and verifier.runs_amx)
     r = generate(executor, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
     v = _verify(verifier, r, params)
     assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
-    if not kernel or not amx:  # a verifier without the kernel (or without AMX) accepts the kernel's output
+    if not kernel or not amx or decode is not None:  # a verifier without the kernel (or AMX, or the integer
+        # decode path) accepts the kernel's output
         theirs = generate(verifier, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
         executor.tolerance = verifier.tolerance
         v = _verify(executor, theirs, params)
         assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
+
+
+def test_decode_rows_are_within_tolerance_of_the_float64_reference(verifier, prompt) -> None:
+    """Each decode path's KV rows against the float64 reference pass of the same graph: well inside the calibrated
+    tolerance (the integer path rounds the activation to 2^-22 of each block's largest value, nothing else)."""
+    tokens = generate(verifier, prompt, max_tokens=3, stop_at_eos=False).output_ids
+    reference = reference_for(verifier)
+    exact = [reference.logprobs(prompt + tokens[:k], last=1)[0] for k in (1, 3)]
+    paths = [verifier] + ([verifier.with_session(threads=2, decode=DecodePath.FLOAT)]
+                          if verifier.decode_path is DecodePath.INTEGER else [])
+    for model in paths:
+        _, cache = model.forward(prompt, model.empty_cache(), last=1)
+        decoder = model.decoder(cache, capacity=len(prompt) + len(tokens))
+        rows = [decoder.step(token).copy() for token in tokens]  # the row predicting the next token
+        drift = max(float(np.abs(log_softmax(rows[i]) - exact[j]).max()) for i, j in ((0, 0), (2, 1)))
+        assert drift < verifier.tolerance / 2, (model.decode_path, drift, verifier.tolerance)
 
 
 def test_prefill_fingerprint_is_accepted(verifier, prompt) -> None:

@@ -10,16 +10,28 @@ the CPU has AMX tiles (``qgemm_amx.c``), the same product on bfloat16 tiles with
 exactly into two or three bfloat16 limbs (float32-grade results). One session then serves decode, prefill and
 verification, and the 4-bit weights are resident once, as file pages.
 
-Numerics: float32 activations and accumulation (never int8), the same weight values as ``MatMulNBits``
-(``(q - zp) * scale`` plus ``min * block sum``), summed in another order: float32 rounding drift, the same
-numeric class. Each output element is computed by one instruction sequence whatever the thread count
-(row-deterministic within the decode path and within each many-row path).
+Numerics: float32 activations and accumulation (never int8; the integer decode path below rounds each
+activation block to 22-23 bits, float32's own resolution at the block's largest value), the same weight values
+as ``MatMulNBits`` (``(q - zp) * scale`` plus ``min * block sum``), summed in another order: float32 rounding
+drift, the same numeric class. Each output element is computed by one instruction sequence whatever the thread count
+(row-deterministic within the decode path and within the many-row path).
 
-The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``)
-into ``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the
-compiler and the CPU. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
-compiler the model runs the standard graph (logged once as ``kernel.unavailable``). ``P2PINFER_AMX=0`` keeps
-the many-row path on float32 FMA even where AMX is available (the path of a peer without AMX).
+The library is compiled with the system C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``,
+or ``-march=$P2PINFER_KERNEL_MARCH``, e.g. ``x86-64-v3`` to build for an older CPU) into
+``$P2PINFER_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/p2pinfer/kernels``), keyed by the source, the compiler, the
+CPU and ``-march``. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
+compiler the model runs the standard graph (logged once as ``kernel.unavailable``).
+
+Decode rows on a CPU with AVX-512 VNNI take the integer path (:attr:`DecodePath.INTEGER`): the activation is
+rounded per 32-element block to a 22-23-bit fixed-point integer (the only rounding beyond float32's, at most
+2^-22 of the block's largest value), split into three signed bytes, and multiplied by the 4-bit codes with
+``vpdpbusd``, exactly; scales and minimums then apply in float32, read from float16 copies (the same values:
+GGUF stores them as float16; a matrix whose values are not all float16 keeps float32). Other CPUs, and
+``P2PINFER_DECODE_KERNEL=float``, take the float32 one-row path (:attr:`DecodePath.FLOAT`). Both are honest
+executors of the same numeric class; calibration measures both.
+
+On CPUs with AMX tiles the many-row path runs on bfloat16 tiles (``qgemm_amx.c``); ``P2PINFER_AMX=0``
+keeps it on float32 FMA even where AMX is available (the path of a peer without AMX).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +60,30 @@ AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
-_built: dict[str, Path | None] = {}
+_built: dict[tuple[str, str], Path | None] = {}  # (compiler, -march) -> library
 _reported: set[str] = set()
 _held: list = []  # the loaded library, never unloaded (see _build)
+
+
+class DecodePath(Enum):
+    """How the kernel computes a decode row (one activation row)."""
+
+    INTEGER = "integer"  # integer dot products (AVX-512 VNNI) where the library was built with them, else FLOAT
+    FLOAT = "float"      # float32 products and sums
+
+
+def decode_path_from_env() -> DecodePath:
+    """``P2PINFER_DECODE_KERNEL=float`` asks for the float32 one-row path; anything else the integer one."""
+    return DecodePath.FLOAT if os.environ.get("P2PINFER_DECODE_KERNEL", "1").strip().lower() == "float" \
+        else DecodePath.INTEGER
+
+
+def library_has_integer_path(lib: Path) -> bool:
+    """Whether the compiled library has the integer decode path (it was built for a CPU with AVX-512 VNNI)."""
+    try:
+        return bool(ctypes.CDLL(str(lib)).p2pinfer_qmatmul_int_dot())
+    except (OSError, AttributeError):
+        return False
 
 
 def _log():
@@ -79,7 +113,7 @@ def _compiler() -> str | None:
 
 def library_path() -> Path | None:
     """The compiled custom-op library, building it on first use; None (reason logged once) when unavailable."""
-    if os.environ.get("P2PINFER_DECODE_KERNEL", "1") == "0":
+    if os.environ.get("P2PINFER_DECODE_KERNEL", "1").strip() == "0":
         _unavailable("disabled", "P2PINFER_DECODE_KERNEL=0: the standard graph runs")
         return None
     cc = _compiler()
@@ -87,9 +121,10 @@ def library_path() -> Path | None:
         _unavailable("no_compiler", "no C compiler found; install gcc (or set CC) for faster decoding")
         return None
     with _lock:
-        if cc in _built:
-            return _built[cc]
-        _built[cc] = path = _build(cc)
+        march = _march()
+        if (cc, march) in _built:
+            return _built[(cc, march)]
+        _built[(cc, march)] = path = _build(cc, march)
         if path is not None:
             _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
         return path
@@ -99,14 +134,20 @@ def library_path() -> Path | None:
 _BUILD_RECIPE = "O3 march=native z-nodelete pthread v1"
 
 
-def _build(cc: str) -> Path | None:
+def _march() -> str:
+    """The CPU the library is built for: this one, unless ``P2PINFER_KERNEL_MARCH`` names another."""
+    return os.environ.get("P2PINFER_KERNEL_MARCH", "").strip() or "native"
+
+
+def _build(cc: str, march: str = "native") -> Path | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + version.encode()
-                         + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()).hexdigest()
+                         + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()
+                         + b"\0" + march.encode()).hexdigest()
     target = cache_dir() / f"qmatmul-{key[:24]}.so"
     if target.is_file():
         return target
@@ -116,7 +157,7 @@ def _build(cc: str) -> Path | None:
             out = Path(tmp) / target.name
             # -z nodelete: onnxruntime dlcloses the library with each session's options; the kernel's worker
             # threads live on, so its code and state must stay loaded (a reload would reset the pool under them)
-            for flags in (["-march=native", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
+            for flags in ([f"-march={march}", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
                 done = subprocess.run([cc, "-O3", *flags, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", str(out)],
                                       capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
@@ -174,11 +215,14 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, amx: bool = True) -> int:
+def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, amx: bool = True,
+                 decode: DecodePath = DecodePath.INTEGER) -> int:
     """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
-    ``p2pinfer`` custom node over the same initializers (``amx=False``: its many-row path never uses AMX tiles).
+    ``p2pinfer`` custom node over the same initializers (``amx=False``: its many-row path never uses AMX tiles;
+    ``decode``: how its decode rows are computed; the library takes FLOAT where it has no integer path).
     Returns the number of nodes rewritten."""
+    int_dot = int(decode is DecodePath.INTEGER)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -258,7 +302,7 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, amx: bool =
                 drop.update(id(x) for x in mins[1])
             zps = {f"zp{j}": t.zero_point for j, t in enumerate(found)}
             replace[id(node)] = helper.make_node(op, inputs, [node.output[0]], name=node.name or node.output[0],
-                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, amx=int(amx),
+                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, amx=int(amx), int_dot=int_dot,
                                                  **zps)
             drop.update(id(t.node) for t in found)
     for node in g.node:  # a lone term: its own node
@@ -266,7 +310,8 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, amx: bool =
         if t is not None and id(node) not in drop:
             replace[id(node)] = helper.make_node("QMatMul1", [t.a, t.qweight, t.scales], [node.output[0]],
                                                  name=node.name or node.output[0], domain=DOMAIN, K=t.k, N=t.n,
-                                                 threads=threads, zp0=t.zero_point, amx=int(amx))
+                                                 threads=threads, zp0=t.zero_point, amx=int(amx),
+                                                 int_dot=int_dot)
     nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)
@@ -286,19 +331,25 @@ def kernel_threads(threads: int | None) -> int:
 
 
 def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_level,
-                   amx: bool = True) -> "ort.InferenceSession | None":
-    """An onnxruntime session of ``onnx_path`` with the kernel, or None (reason logged) when the library is
-    unavailable or the graph has nothing it applies to. Its inputs and outputs are the graph's own. ``amx``
-    (and :func:`amx_wanted`) allow the many-row path on AMX tiles where the CPU has them."""
+                   amx: bool = True, decode: DecodePath | None = None,
+                   ) -> "tuple[ort.InferenceSession, DecodePath] | None":
+    """An onnxruntime session of ``onnx_path`` with the kernel and the decode path it runs, or None (reason
+    logged) when the library is unavailable or the graph has nothing it applies to. Its inputs and outputs are
+    the graph's own. ``amx`` (and :func:`amx_wanted`) allow the many-row path on AMX tiles where the CPU has
+    them. ``decode`` None: :func:`decode_path_from_env`; INTEGER falls back to FLOAT where the library has no
+    integer path."""
     import onnxruntime as ort
 
     lib = library_path()
     if lib is None:
         return None
+    decode = decode or decode_path_from_env()
+    if not library_has_integer_path(lib):
+        decode = DecodePath.FLOAT
     folder = Path(onnx_path).parent
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
-        rewritten = kernel_model(model, folder, kernel_threads(threads), amx=amx and amx_wanted())
+        rewritten = kernel_model(model, folder, kernel_threads(threads), amx=amx and amx_wanted(), decode=decode)
     except Exception as exc:  # an unreadable graph: the standard path reports it to the user (ModelFormatError)
         _log().debug("kernel.graph_unreadable", path=str(onnx_path), error=type(exc).__name__)
         return None
@@ -322,6 +373,6 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     except Exception as exc:  # onnxruntime raises its own types; the standard graph still serves
         _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
-    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads),
+    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), decode=decode.value,
                 amx=amx and amx_wanted() and amx_available(), path=str(onnx_path))
-    return session
+    return session, decode

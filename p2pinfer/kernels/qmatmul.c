@@ -9,6 +9,8 @@
  * Numerics: float32 activations, float32 accumulation (never int8 activations). Per output row n and block b
  *   y[n] = sum_b ( sum_t scale_t[n,b] * sum_i (q_t[n,b,i] - zp_t) * x[b,i] )  +  sum_b mins[b,n] * sum_i x[b,i]
  * (q - zp) is exact in float32, so this is MatMulNBits' value sum in another order: float32 rounding drift.
+ * Decode rows on a CPU with AVX-512 VNNI take the integer path below (INT_DOT): x rounded per block to a
+ * 22-23-bit fixed-point value (at most 2^-22 of the block's largest |x|), the block sums then exact.
  * Each output element is computed by the same instruction sequence whatever the thread count and the number
  * of rows: row-deterministic.
  *
@@ -198,11 +200,41 @@ typedef struct {
     int zp[2];
     const float *mins;    /* [nb, N] or NULL */
     float *y;             /* [M, N] */
+    /* the integer one-row path (INT_DOT): the activation as fixed-point limbs, see prepare_int_rows */
+    int pairs;              /* ceil(nb / 2): blocks are taken two at a time */
+    const int8_t *limbs;    /* [M, pairs, LIMBS, 64] or NULL (the float path) */
+    const float *invc;      /* [M, pairs, 16]: per lane, 2^-e of the lane's block */
+    const int32_t *zpx[2];  /* [M, pairs, 16]: zp_t * the lane's sum of integers, or NULL when zp_t == 0 */
+    const uint16_t *s16[2]; /* float16 copies of s[t] (the same values), or NULL: read s[t] */
+    const uint16_t *mins16; /* a float16 copy of mins TRANSPOSED, [N, nb] (beside the codes), or NULL */
 } job_t;
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+/* The hardware prefetcher alone leaves the core waiting on memory (measured: the one-row paths are 1.2-1.4x
+   faster on one thread with this): ask for the codes and scales of the rows PREFETCH_ROWS ahead (contiguous with
+   these), and for the integer path's float16 minimums ([N, nb]: contiguous too), while these rows are computed. */
+#define PREFETCH_ROWS 8  /* two groups of four rows; 8, 16 and 32 measured alike */
+static inline __attribute__((always_inline)) void prefetch_ahead(const job_t *j, int n) {
+    if (n + PREFETCH_ROWS < j->N) {
+        int ahead = j->N - n - PREFETCH_ROWS < 4 ? j->N - n - PREFETCH_ROWS : 4;
+        size_t first = (size_t)(n + PREFETCH_ROWS) * j->nb, blocks = (size_t)ahead * j->nb;
+        for (int t = 0; t < j->terms; t++) {
+            const char *q = (const char *)(j->q[t] + first * 16);
+            for (size_t off = 0; off < blocks * 16; off += 64) _mm_prefetch(q + off, _MM_HINT_T0);
+            const char *s = j->s16[t] ? (const char *)(j->s16[t] + first) : (const char *)(j->s[t] + first);
+            size_t sbytes = blocks * (j->s16[t] ? 2 : 4);
+            for (size_t off = 0; off < sbytes; off += 64) _mm_prefetch(s + off, _MM_HINT_T0);
+        }
+        if (j->mins16)
+            for (size_t off = 0; off < blocks * 2; off += 64) _mm_prefetch((const char *)(j->mins16 + first) + off, _MM_HINT_T0);
+    }
+}
+#endif
 
 #if defined(__AVX512F__)
 /* rows n..n+R-1 (R <= 4) of one activation row */
 static void rows_simd(const job_t *j, int m, int n, int R) {
+    prefetch_ahead(j, n);
     const float *x = j->xd + (size_t)m * j->K;
     __m512 acc[4];
     float macc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -234,6 +266,7 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 static void rows_simd(const job_t *j, int m, int n, int R) {
+    prefetch_ahead(j, n);
     const float *x = j->xd + (size_t)m * j->K;
     __m256 acc[4];
     float macc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -283,13 +316,212 @@ static void rows_simd(const job_t *j, int m, int n, int R) {  /* portable */
 }
 #endif
 
+/* ---- one row with integer dot products (AVX-512 VNNI), float32-grade -----------------------------------------
+ * Per activation row and 32-element block b, x is scaled by a power of two 2^e_b (the largest that keeps
+ * |x| * 2^e_b <= X_LIMIT) and rounded to an integer x_int; that is the ONLY rounding beyond float32's:
+ * |x - x_int * 2^-e_b| <= 2^-e_b / 2 <= 2^-(8 * LIMBS - 2) * max|x over the block|, about float32's own
+ * resolution at the block's largest value (LIMBS = 3: 2^-22). x_int is split into LIMBS signed bytes
+ * (x_int = sum_k a_k * 256^k, each a_k in -128..127) and vpdpbusd multiplies the 4-bit codes (unsigned bytes
+ * 0..15) by each limb, four products per int32 lane; the limbs are recombined in int32 (exact: a lane holds
+ * four products, at most 4 * 15 * X_LIMIT < 2^29), the zero point is taken off as zp * (the lane's sum of x_int)
+ * (exact), and only then is the lane converted to float32 (one rounding, relative 2^-24) and multiplied by
+ * scale * 2^-e_b (exact: a power of two). So per block the integer part sum_i (q_i - zp) * x_int_i is EXACT.
+ * The block minimum term is float32, as in the float path. Blocks go two at a time (one zmm of codes:
+ * 128-bit lanes = even elements of b, of b+1, odd elements of b, of b+1 — the nibble order); every output
+ * element is one instruction sequence whatever the thread count: row-deterministic. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define INT_DOT 1
+#ifndef LIMBS
+#define LIMBS 3
+#endif
+#define X_LIMIT (127 << (8 * (LIMBS - 1)))  /* the top limb stays in -127..127 */
+
+/* 2^e for -126 <= e <= 127, exactly */
+static inline float pow2i(int e) {
+    uint32_t bits = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* rows m of x [M, K] -> limbs, 2^-e per lane, zp_t * lane sums (for the terms whose zero point is not 0) */
+static void prepare_int_rows(job_t *j, const float *x, int8_t *limbs, float *invc, int32_t *zpx0, int32_t *zpx1) {
+    const __m512i lane = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for (int m = 0; m < j->M; m++)
+        for (int p = 0; p < j->pairs; p++) {
+            int8_t *dst = limbs + ((size_t)m * j->pairs + p) * LIMBS * 64;
+            float *ic = invc + ((size_t)m * j->pairs + p) * 16;
+            __m512i sums = _mm512_setzero_si512();  /* lanes: [b even, b+1 even, b odd, b+1 odd] x 4 */
+            for (int h = 0; h < 2; h++) {  /* block b = 2p + h */
+                int b = 2 * p + h;
+                if (b >= j->nb) {
+                    for (int k = 0; k < LIMBS; k++) {
+                        memset(dst + k * 64 + 16 * h, 0, 16);
+                        memset(dst + k * 64 + 32 + 16 * h, 0, 16);
+                    }
+                    for (int u = 0; u < 4; u++) ic[4 * h + u] = ic[8 + 4 * h + u] = 0.f;
+                    continue;
+                }
+                const float *src = x + (size_t)m * j->K + 32 * b;
+                __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+                float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                float inv;
+                __m512 scale;
+                if (!(amax <= 3.0e38f)) {  /* inf or NaN in the block: the output is NaN, never a plausible number */
+                    inv = __builtin_nanf("");
+                    scale = _mm512_setzero_ps();
+                } else {
+                    uint32_t bits;
+                    memcpy(&bits, &amax, 4);
+                    int biased = (int)(bits >> 23);
+                    int ex = biased ? biased - 126 : -126;  /* amax < 2^ex */
+                    int e = 8 * LIMBS - 1 - ex;  /* amax * 2^e < 2^(8 * LIMBS - 1) */
+                    if (e > 126) e = 126;  /* a block of values below 2^-103: kept in steps of 2^-126 (or 0) */
+                    if (amax * pow2i(e) > (float)X_LIMIT) e--;
+                    inv = pow2i(-e);
+                    scale = _mm512_set1_ps(pow2i(e));
+                }
+                /* even elements (0, 2, ..) then odd ones (1, 3, ..): the order of the low and high nibbles */
+                for (int odd = 0; odd < 2; odd++) {
+                    __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(odd));
+                    __m512 v = _mm512_permutex2var_ps(v0, idx, v1);
+                    __m512i xi = _mm512_cvtps_epi32(_mm512_mul_ps(v, scale));  /* exact product, round to nearest */
+                    /* lane sums of 4 consecutive values: even/odd half, block h */
+                    __m512i s4 = _mm512_add_epi32(xi, _mm512_bsrli_epi128(xi, 4));
+                    s4 = _mm512_add_epi32(s4, _mm512_bsrli_epi128(s4, 8));  /* lane 4g holds sum of group g */
+                    int32_t tmp[16];
+                    _mm512_storeu_si512(tmp, s4);
+                    int32_t grp[4] = {tmp[0], tmp[4], tmp[8], tmp[12]};
+                    __m512i r = xi;
+                    for (int k = 0; k < LIMBS; k++) {
+                        __m512i a = _mm512_srai_epi32(_mm512_slli_epi32(r, 24), 24);  /* signed low byte */
+                        _mm_storeu_si128((__m128i *)(dst + k * 64 + 32 * odd + 16 * h), _mm512_cvtepi32_epi8(a));
+                        r = _mm512_srai_epi32(_mm512_sub_epi32(r, a), 8);
+                    }
+                    int32_t all[16];
+                    _mm512_storeu_si512(all, sums);
+                    for (int u = 0; u < 4; u++) all[8 * odd + 4 * h + u] = grp[u];
+                    sums = _mm512_loadu_si512(all);
+                    for (int u = 0; u < 4; u++) ic[8 * odd + 4 * h + u] = inv;
+                }
+            }
+            int32_t *z[2] = {zpx0, zpx1};
+            for (int t = 0; t < j->terms; t++)
+                if (z[t]) _mm512_storeu_si512(z[t] + ((size_t)m * j->pairs + p) * 16,
+                                              _mm512_mullo_epi32(sums, _mm512_set1_epi32(j->zp[t])));
+        }
+}
+
+/* rows n..n+R-1 (R <= 4) of activation row m */
+static void rows_int(const job_t *j, int m, int n, int R) {
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    __m128 macc = _mm_setzero_ps(), macc2[4];  /* minimums x block sums: [nb, N] float32 / [N, nb] float16 */
+    for (int r = 0; r < 4; r++) macc2[r] = _mm_setzero_ps();
+    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    const __mmask8 live = (__mmask8)((1u << R) - 1u);
+    prefetch_ahead(j, n);
+    const int8_t *lm = j->limbs + (size_t)m * j->pairs * LIMBS * 64;
+    const float *icm = j->invc + (size_t)m * j->pairs * 16;
+    const float *xs = j->xsum ? j->xsum + (size_t)m * j->nb : NULL;
+    for (int p = 0; p < j->pairs; p++) {
+        int b = 2 * p, both = b + 1 < j->nb;
+        __m512i a[LIMBS];
+        for (int k = 0; k < LIMBS; k++) a[k] = _mm512_loadu_si512(lm + ((size_t)p * LIMBS + k) * 64);
+        __m512 ic = _mm512_loadu_ps(icm + (size_t)p * 16);
+        for (int r = 0; r < R; r++) {
+            size_t blk = (size_t)(n + r) * j->nb + b;
+            for (int t = 0; t < j->terms; t++) {
+                const uint8_t *q = j->q[t] + blk * 16;
+                __m512i codes = both ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q))
+                                     : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q));
+                codes = _mm512_and_si512(_mm512_mask_srli_epi16(codes, 0xFFFF0000u, codes, 4), nib);
+                __m512i acc_i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, a[LIMBS - 1]);
+                for (int k = LIMBS - 2; k >= 0; k--)
+                    acc_i = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc_i, 8), codes, a[k]);
+                if (j->zpx[t]) acc_i = _mm512_sub_epi32(acc_i, _mm512_loadu_si512(j->zpx[t] + ((size_t)m * j->pairs + p) * 16));
+                __m128 s2;
+                if (j->s16[t]) {  /* the same values from half the bytes */
+                    const uint16_t *sp = j->s16[t] + blk;
+                    s2 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(both ? 3 : 1, sp));
+                } else {
+                    const float *sp = j->s[t] + blk;
+                    s2 = both ? _mm_castpd_ps(_mm_load_sd((const double *)sp)) : _mm_load_ss(sp);
+                }
+                __m512 sc = _mm512_mul_ps(_mm512_permutexvar_ps(pick, _mm512_castps128_ps512(s2)), ic);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_i), sc, acc[r]);
+            }
+        }
+        if (j->mins16) {  /* rows n..n+3, blocks b, b+1: [N, nb], read in order like the codes */
+            __m128 x2 = both ? _mm_castpd_ps(_mm_load_sd((const double *)(xs + b))) : _mm_load_ss(xs + b);
+            for (int r = 0; r < R; r++)
+                macc2[r] = _mm_fmadd_ps(_mm_cvtph_ps(_mm_maskz_loadu_epi16(both ? 3 : 1, j->mins16 + (size_t)(n + r) * j->nb + b)),
+                                        x2, macc2[r]);
+        } else if (j->mins) {
+            for (int h = 0; h < 1 + both; h++)
+                macc = _mm_fmadd_ps(_mm_maskz_loadu_ps(live, j->mins + (size_t)(b + h) * j->N + n), _mm_set1_ps(xs[b + h]), macc);
+        }
+    }
+    float mm[4];
+    _mm_storeu_ps(mm, macc);
+    for (int r = 0; r < R; r++) {
+        __m128 two = macc2[r];
+        float mr = mm[r] + (_mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_movehdup_ps(two)));
+        j->y[(size_t)m * j->N + n + r] = _mm512_reduce_add_ps(acc[r]) + mr;
+    }
+}
+
+/* a float16 copy of n float32 values, or NULL when one of them is not exactly a float16 (Q4_K / Q6_K scales
+   are float32 products) or memory is short: then the float32 values are read */
+static uint16_t *half_copy(const float *src, size_t n) {
+    uint16_t *dst = malloc(n * sizeof(uint16_t) + 64);
+    if (!dst) return NULL;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(src + i);
+        __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (_mm512_cmpneq_ps_mask(_mm512_cvtph_ps(h), v)) { free(dst); return NULL; }  /* NaN too */
+        _mm256_storeu_si256((__m256i *)(dst + i), h);
+    }
+    for (; i < n; i++) {
+        __m128 v = _mm_set_ss(src[i]);
+        __m128i h = _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (_mm_cvtss_f32(_mm_cvtph_ps(h)) != src[i]) { free(dst); return NULL; }
+        dst[i] = (uint16_t)_mm_extract_epi16(h, 0);
+    }
+    return dst;
+}
+
+/* the same for [rows, cols] float32, written transposed: [cols, rows] */
+static uint16_t *half_copy_transposed(const float *src, size_t rows, size_t cols) {
+    uint16_t *flat = half_copy(src, rows * cols);
+    if (!flat) return NULL;
+    uint16_t *dst = malloc(rows * cols * sizeof(uint16_t) + 64);
+    if (dst)
+        for (size_t r = 0; r < rows; r++)
+            for (size_t c = 0; c < cols; c++) dst[c * rows + r] = flat[r * cols + c];
+    free(flat);
+    return dst;
+}
+#define LIMBS_OR_0 LIMBS
+#else
+#define INT_DOT 0
+#define LIMBS_OR_0 0
+#endif
+
 static void job_part(void *arg, int part, int parts) {
     const job_t *j = (const job_t *)arg;
     int groups = (j->N + 3) / 4, per = (groups + parts - 1) / parts;
     int n0 = part * per * 4, n1 = n0 + per * 4;
     if (n1 > j->N) n1 = j->N;
     for (int m = 0; m < j->M; m++)
-        for (int n = n0; n < n1; n += 4) rows_simd(j, m, n, n1 - n < 4 ? n1 - n : 4);
+        for (int n = n0; n < n1; n += 4) {
+#if INT_DOT
+            if (j->limbs) { rows_int(j, m, n, n1 - n < 4 ? n1 - n : 4); continue; }
+#endif
+            rows_simd(j, m, n, n1 - n < 4 ? n1 - n : 4);
+        }
 }
 
 /* ---- many rows (prefill, verification): a cache-blocked GEMM over dequantized float32 panels -------------
@@ -429,8 +661,88 @@ static void gemm_part(void *arg, int part, int parts) {
 
 #include "qgemm_amx.c"  /* the same product on AMX tiles where the CPU has them (amx_gemm) */
 
+/* the one-row path (M < GEMM_MIN_ROWS rows): activation preparation, then the output rows split over threads */
+static void one_row_product(job_t *j, const float *x, int int_dot, int threads) {
+    int nb = j->nb;
+    /* float path: the deinterleaved row and block sums; integer path: block sums, limbs, 2^-e and zp * sums */
+    j->pairs = (nb + 1) / 2;
+    size_t per_row = INT_DOT && int_dot
+        ? (size_t)nb * 4 + (size_t)j->pairs * (LIMBS_OR_0 * 64 + 16 * 4 * 3) : (size_t)(j->K + nb) * 4;
+    char *scratch = aligned_alloc(64, (per_row * (size_t)j->M + 63) / 64 * 64);
+    if (!scratch) {  /* out of memory: NaN, never a plausible wrong number */
+        for (size_t i = 0; i < (size_t)j->M * j->N; i++) j->y[i] = __builtin_nanf("");
+        return;
+    }
+    float *xs = (float *)scratch;
+    for (int m = 0; m < j->M; m++)
+        for (int b = 0; b < nb; b++) {
+            const float *src = x + (size_t)m * j->K + 32 * b;
+            float sum = 0.f;
+            for (int i = 0; i < 32; i++) sum += src[i];
+            xs[(size_t)m * nb + b] = sum;
+        }
+    j->xsum = xs;
+#if INT_DOT
+    if (int_dot) {
+        float *invc = xs + (size_t)j->M * nb;
+        int32_t *zpx0 = (int32_t *)(invc + (size_t)j->M * j->pairs * 16), *zpx1 = zpx0 + (size_t)j->M * j->pairs * 16;
+        int8_t *limbs = (int8_t *)(zpx1 + (size_t)j->M * j->pairs * 16);
+        j->zpx[0] = j->zp[0] ? zpx0 : NULL;
+        j->zpx[1] = j->terms > 1 && j->zp[1] ? zpx1 : NULL;
+        prepare_int_rows(j, x, limbs, invc, (int32_t *)j->zpx[0], (int32_t *)j->zpx[1]);
+        j->limbs = limbs; j->invc = invc;
+    } else
+#endif
+    {
+        float *xd = xs + (size_t)j->M * nb;
+        for (int m = 0; m < j->M; m++)
+            for (int b = 0; b < nb; b++) {
+                const float *src = x + (size_t)m * j->K + 32 * b;
+                float *dst = xd + (size_t)m * j->K + 32 * b;
+                for (int i = 0; i < 16; i++) { dst[i] = src[2 * i]; dst[16 + i] = src[2 * i + 1]; }
+            }
+        j->xd = xd;
+    }
+    int parts = threads;
+    if (parts > (j->N + 3) / 4) parts = (j->N + 3) / 4;
+    run_parallel(job_part, j, parts < 1 ? 1 : parts);
+    free(scratch);
+}
+
 /* ---- the custom op ----------------------------------------------------------------------------------------- */
-typedef struct { int64_t K, N, zp0, zp1, threads, amx; int terms, has_mins, amx_limbs; } kernel_t;
+typedef struct {
+    int64_t K, N, zp0, zp1, threads, amx, int_dot;
+    int terms, has_mins, amx_limbs;
+    /* the integer path's float16 copies of the scales and minimums, made on the first decode row */
+    pthread_mutex_t half_lock;
+    atomic_int half_made;
+    const void *half_of[3];  /* the float32 arrays they copy (s0, s1, mins): used only for those */
+    uint16_t *half[3];
+} kernel_t;
+
+/* point j at float16 copies of its scales and minimums (same values, half the bytes a token reads) */
+static void use_halves(kernel_t *k, job_t *j) {
+#if INT_DOT
+    const void *src[3] = {j->s[0], j->terms > 1 ? j->s[1] : NULL, j->mins};
+    if (!atomic_load_explicit(&k->half_made, memory_order_acquire)) {
+        pthread_mutex_lock(&k->half_lock);
+        if (!atomic_load_explicit(&k->half_made, memory_order_relaxed)) {
+            size_t count = (size_t)j->N * j->nb;
+            for (int i = 0; i < 3; i++) {
+                k->half_of[i] = src[i];
+                k->half[i] = !src[i] ? NULL : i < 2 ? half_copy(src[i], count) : half_copy_transposed(src[i], j->nb, j->N);
+            }
+            atomic_store_explicit(&k->half_made, 1, memory_order_release);
+        }
+        pthread_mutex_unlock(&k->half_lock);
+    }
+    const uint16_t *h[3];
+    for (int i = 0; i < 3; i++) h[i] = k->half[i] && k->half_of[i] == src[i] ? k->half[i] : NULL;
+    j->s16[0] = h[0]; j->s16[1] = h[1]; j->mins16 = h[2];
+#else
+    (void)k; (void)j;
+#endif
+}
 typedef struct { OrtCustomOp op; const char *name; int terms, has_mins; } op_def_t;
 
 static int64_t attr(const OrtKernelInfo *info, const char *name, int64_t fallback) {
@@ -449,7 +761,9 @@ static void *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKe
     k->zp0 = attr(info, "zp0", 8); k->zp1 = attr(info, "zp1", 8);
     k->threads = attr(info, "threads", 1);
     k->amx = attr(info, "amx", 1);
+    k->int_dot = attr(info, "int_dot", 1) && INT_DOT;  /* 0: the float32 one-row path (P2PINFER_DECODE_KERNEL=float) */
     k->terms = def->terms; k->has_mins = def->has_mins;
+    pthread_mutex_init(&k->half_lock, NULL);
     return k;
 }
 
@@ -512,25 +826,16 @@ static void kernel_compute(void *opk, OrtKernelContext *ctx) {
         if (!(k->amx && amx_gemm(&g, parts, &k->amx_limbs))) run_parallel(gemm_part, &g, parts);  /* no AMX here */
         return;
     }
-    float *scratch = malloc(sizeof(float) * (size_t)j.M * (j.K + nb));
-    if (!scratch || !x || !j.y) { free(scratch); return; }
-    float *xd = scratch, *xs = scratch + (size_t)j.M * j.K;
-    for (int m = 0; m < j.M; m++)
-        for (int b = 0; b < nb; b++) {
-            const float *src = x + (size_t)m * j.K + 32 * b;
-            float *dst = xd + (size_t)m * j.K + 32 * b, sum = 0.f;
-            for (int i = 0; i < 16; i++) { dst[i] = src[2 * i]; dst[16 + i] = src[2 * i + 1]; }
-            for (int i = 0; i < 32; i++) sum += src[i];
-            xs[(size_t)m * nb + b] = sum;
-        }
-    j.xd = xd; j.xsum = xs;
-    int parts = (int)k->threads;
-    if (parts > (j.N + 3) / 4) parts = (j.N + 3) / 4;
-    run_parallel(job_part, &j, parts < 1 ? 1 : parts);
-    free(scratch);
+    if (k->int_dot) use_halves(k, &j);
+    one_row_product(&j, x, (int)k->int_dot, (int)k->threads);
 }
 
-static void kernel_destroy(void *opk) { free(opk); }
+static void kernel_destroy(void *opk) {
+    kernel_t *k = (kernel_t *)opk;
+    for (int i = 0; i < 3; i++) free(k->half[i]);
+    pthread_mutex_destroy(&k->half_lock);
+    free(k);
+}
 static const char *op_name(const OrtCustomOp *op) { return ((const op_def_t *)op)->name; }
 static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_input_type(const OrtCustomOp *op, size_t i) {
@@ -571,7 +876,9 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
 
 /* build identity, for the cache key and the log */
 const char *p2pinfer_qmatmul_isa(void) {
-#if defined(__AVX512F__)
+#if INT_DOT
+    return "avx512-vnni";
+#elif defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
@@ -589,3 +896,6 @@ int p2pinfer_qmatmul_amx(void) {
     return 0;
 #endif
 }
+
+/* whether decode rows can take the integer path (built for a CPU with AVX-512 VNNI) */
+int p2pinfer_qmatmul_int_dot(void) { return INT_DOT; }

@@ -42,6 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..kernels import DecodePath
 from ..log import get_logger
 from .generate import PREFILL_CHUNK
 from .model import LoadedModel
@@ -56,7 +57,9 @@ MIN_TOLERANCE = 1e-5
 SAFETY_FACTOR = 4.0
 #: Bumped whenever what calibration measures changes: a stored calibration of another format counts as none,
 #: so the model is calibrated again before it is next served (and a partial file of another format restarts).
-CALIBRATION_FORMAT = 3  # 3: a model that runs the 4-bit kernel also measures the standard graph's variants
+# 3: a model that runs the 4-bit kernel also measures the standard graph's variants; 4: and, where its decode rows
+# take the kernel's integer path, the float32 one-row path's KV decode (peers without AVX-512 VNNI)
+CALIBRATION_FORMAT = 4
 DEFAULT_PROMPTS = (
     "The history of the lighthouse begins with fires lit on hills to guide ships home.",
     "def parse_args(argv):\n    parser = argparse.ArgumentParser()",
@@ -97,8 +100,15 @@ class CalibrationResult:
         return asdict(self)
 
 
-def _step_name(index: int, threads: int, optimization: str, mode: str, kernel: bool = True, amx: bool = True) -> str:
-    graph = ("" if amx else "graph=no-amx,") if kernel else "graph=standard,"
+#: The kernel's float32 one-row path, measured where the model's own session decodes on the integer path: only as a
+#: KV executor (its prefill and verification rows are the GEMM's, measured by the kernel's own variants) and only
+#: at the optimization level "all" (the level changes the other operators, measured by the other variants).
+FLOAT_DECODE_OPTIMIZATIONS = ("all",)
+
+
+def _step_name(index: int, threads: int, optimization: str, mode: str, kernel: bool = True, amx: bool = True,
+               float_decode: bool = False) -> str:
+    graph = ("decode=float," if float_decode else "" if amx else "graph=no-amx,") if kernel else "graph=standard,"
     return f"{index}|threads={threads},opt={optimization},{graph}{mode}"
 
 
@@ -202,14 +212,18 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     saved = _Checkpoint(checkpoint, model, prompts, new_tokens)
     # a model served through the 4-bit kernel (p2pinfer.kernels) is also served by peers without it (no compiler,
     # P2PINFER_DECODE_KERNEL=0): both graphs are honest executors and verifiers of it; where this machine runs the
-    # kernel's many-row path on AMX tiles, peers without AMX (or with P2PINFER_AMX=0) run it on float32 FMA
-    graphs = [(True, True)]
+    # kernel's many-row path on AMX tiles, peers without AMX (or with P2PINFER_AMX=0) run it on float32 FMA; where
+    # it decodes on the integer path, peers without AVX-512 VNNI decode on the float32 one-row path
+    graphs = [(True, True)]  # (kernel, amx)
     if model.runs_amx:
         graphs.append((True, False))
     if model.runs_kernel:
         graphs.append((False, False))
-    keys = [(th, opt, kernel, amx) for kernel, amx in graphs for th in THREADS for opt in OPTIMIZATIONS]
-    total = 1 + len(keys) * 2 * len(prompts)
+    # (threads, optimization, kernel, amx, float_decode, modes)
+    keys = [(th, opt, kernel, amx, False, MODES) for kernel, amx in graphs for th in THREADS for opt in OPTIMIZATIONS]
+    if model.decode_path is DecodePath.INTEGER:
+        keys += [(th, opt, True, True, True, ("kv",)) for th in THREADS for opt in FLOAT_DECODE_OPTIMIZATIONS]
+    total = 1 + sum(len(modes) for *_, modes in keys) * len(prompts)
     # first, before anything slow: a graph the float64 reference cannot run is refused here, not at its first
     # near tie while serving; its distance to the float32 row is one more honest drift
     if REFERENCE_STEP not in saved.done:
@@ -219,8 +233,8 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         progress(1, total)
     cases = []  # (prompt_ids, output_ids, executor rows) per prompt, only when a step still needs them
     for index, prompt in enumerate(prompts):
-        if all(_step_name(index, th, opt, mode, kernel, amx) in saved.done for th, opt, kernel, amx in keys
-               for mode in MODES):
+        if all(_step_name(index, th, opt, mode, kernel, amx, fd) in saved.done
+               for th, opt, kernel, amx, fd, modes in keys for mode in modes):
             cases.append(None)
             continue
         prompt_ids = model.encode(prompt)
@@ -235,16 +249,17 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     steps = 1
     # Each honest way to compute the same rows is one named, checkpointed step: a KV decode in another session
     # (another executor, over the first EXECUTOR_ROWS positions) and one prefill (a verifier, every position).
-    for th, opt, kernel, amx in keys:
+    for th, opt, kernel, amx, float_decode, modes in keys:
         variant: LoadedModel | None = None
-        for mode in MODES:
+        for mode in modes:
             for index, case in enumerate(cases):
                 steps += 1
-                name = _step_name(index, th, opt, mode, kernel, amx)
+                name = _step_name(index, th, opt, mode, kernel, amx, float_decode)
                 if name not in saved.done:
                     assert case is not None
                     prompt_ids, output_ids, base = case
-                    variant = variant or model.with_session(threads=th, optimization=opt, kernel=kernel, amx=amx)
+                    variant = variant or model.with_session(threads=th, optimization=opt, kernel=kernel, amx=amx,
+                                                            decode=DecodePath.FLOAT if float_decode else None)
                     if mode == "kv":
                         head = output_ids[:EXECUTOR_ROWS]
                         rows = _executor_rows(variant, prompt_ids, len(head), lambda i, row: head[i],

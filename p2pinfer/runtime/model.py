@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +30,9 @@ from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 from .memory import drop_clean_file_pages
+
+if TYPE_CHECKING:  # the kernels module is imported when a session is made (it loads onnx)
+    from ..kernels import DecodePath
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.model")
@@ -71,20 +74,23 @@ def default_providers() -> list[str]:
 
 
 def create_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                   optimization: str = "all", kernel: bool = True, amx: bool = True) -> ort.InferenceSession:
+                   optimization: str = "all", kernel: bool = True, amx: bool = True,
+                   decode: DecodePath | None = None) -> ort.InferenceSession:
     """An onnxruntime session. ``threads`` is the intra-op thread count (None: onnxruntime's default).
 
     On the CPU provider the 4-bit layers run the kernel of :mod:`p2pinfer.kernels` (one session for decode,
     prefill and verification, the weights read from the mapped file) when it is available and ``kernel`` is
-    true (``amx=False``: its many-row path on float32 FMA even where the CPU has AMX tiles); else, and for every
-    other graph, the standard graph."""
+    true (``amx=False``: its many-row path on float32 FMA even where the CPU has AMX tiles; ``decode``: its
+    :class:`~p2pinfer.kernels.DecodePath`, None: from the environment); else, and for every other graph, the
+    standard graph."""
     return open_session(onnx_path, providers=providers, threads=threads, optimization=optimization,
-                        kernel=kernel, amx=amx)[0]
+                        kernel=kernel, amx=amx, decode=decode)[0]
 
 
 def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 optimization: str = "all", kernel: bool = True, amx: bool = True) -> tuple[ort.InferenceSession, bool]:
-    """:func:`create_session`, and whether the session runs the kernel."""
+                 optimization: str = "all", kernel: bool = True, amx: bool = True,
+                 decode: DecodePath | None = None) -> tuple[ort.InferenceSession, DecodePath | None]:
+    """:func:`create_session`, and the kernel's decode path where the session runs the kernel (else None)."""
     opts = ort.SessionOptions()
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -96,13 +102,15 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
     if kernel and chosen[:1] == ["CPUExecutionProvider"]:
         from .. import kernels  # compiles the kernel on first use
 
-        session = kernels.kernel_session(Path(onnx_path), threads=threads,
-                                         graph_optimization_level=OPTIMIZATION_LEVELS[optimization], amx=amx)
-        if session is not None:
+        made = kernels.kernel_session(Path(onnx_path), threads=threads,
+                                      graph_optimization_level=OPTIMIZATION_LEVELS[optimization], amx=amx,
+                                      decode=decode)
+        if made is not None:
+            session, path = made
             # the kernel reads the 4-bit weights from the mapping on every run; what else session creation read
             # (the few pre-packed non-4-bit weights) is dropped as below and faults back in when used
             drop_clean_file_pages(weight_files())
-            return session, True
+            return session, path
     opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -119,7 +127,7 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
     # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
     # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
     drop_clean_file_pages(weight_files())
-    return session, False
+    return session, None
 
 
 @dataclass(frozen=True)
@@ -452,7 +460,12 @@ class LoadedModel:
     @property
     def runs_kernel(self) -> bool:
         """Whether the session runs the 4-bit kernel of :mod:`p2pinfer.kernels` (else the standard graph)."""
-        return bool(self.session_options.get("kernel"))
+        return self.session_options.get("kernel") is not None
+
+    @property
+    def decode_path(self) -> DecodePath | None:
+        """The kernel's :class:`~p2pinfer.kernels.DecodePath` for decode rows, None without the kernel."""
+        return self.session_options.get("kernel")
 
     @property
     def runs_amx(self) -> bool:
@@ -542,12 +555,13 @@ class LoadedModel:
         return plain
 
     def with_session(self, *, threads: int | None = None, optimization: str = "all",
-                     providers: Sequence[str] | None = None, kernel: bool = True, amx: bool = True) -> "LoadedModel":
+                     providers: Sequence[str] | None = None, kernel: bool = True, amx: bool = True,
+                     decode: DecodePath | None = None) -> "LoadedModel":
         """The same model with a new session (other threads / optimization level / providers; ``kernel=False``:
         the standard graph even where the kernel is available; ``amx=False``: the kernel's many-row path on
-        float32 FMA even where the CPU has AMX tiles)."""
+        float32 FMA even where the CPU has AMX tiles; ``decode``: the kernel's decode path)."""
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
-                                     optimization=optimization, kernel=kernel, amx=amx)
+                                     optimization=optimization, kernel=kernel, amx=amx, decode=decode)
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
                            self.io, self.tokenizer, self.info,
                            {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used,
@@ -598,9 +612,9 @@ def _config_head_dim(config: Mapping[str, Any]) -> int:
                            "config.json has no head_dim")
 
 
-def _runs_amx(kernel_used: bool, amx: bool) -> bool:
+def _runs_amx(kernel_used: DecodePath | None, amx: bool) -> bool:
     """Whether a kernel session opened with ``amx`` runs its many-row path on AMX tiles."""
-    if not (kernel_used and amx):
+    if kernel_used is None or not amx:
         return False
     from .. import kernels
 
@@ -610,7 +624,8 @@ def _runs_amx(kernel_used: bool, amx: bool) -> bool:
 def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None = None,
                numeric_class: str = "fp32-cpu", tolerance: float | None = None,
                providers: Sequence[str] | None = None, threads: int | None = None,
-               optimization: str = "all", kernel: bool = True, amx: bool = True) -> LoadedModel:
+               optimization: str = "all", kernel: bool = True, amx: bool = True,
+               decode: DecodePath | None = None) -> LoadedModel:
     """Load a model folder. ``digest`` is computed when not given (the store passes its verified one).
 
     ``tolerance`` is the model's calibrated one (the store passes it); without it the model can run but not
@@ -628,7 +643,7 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
         raise ModelFormatError(f"{model_dir}/tokenizer.json does not load: {exc}") from None
     info = read_model_info(model_dir, tokenizer)
     session, used = open_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
-                                 optimization=optimization, kernel=kernel, amx=amx)
+                                 optimization=optimization, kernel=kernel, amx=amx, decode=decode)
     io = inspect_graph(session, str(model_dir / ONNX_FILE))
     if digest is None:
         digest = compute_digest(model_dir)
@@ -636,5 +651,6 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
                         tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers,
                                           "kernel": used, "amx": _runs_amx(used, amx)})
     _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
-             position_ids=io.has_position_ids, providers=",".join(model.providers), kernel=used, amx=model.runs_amx)
+             position_ids=io.has_position_ids, providers=",".join(model.providers),
+             kernel=used.value if used is not None else "off", amx=model.runs_amx)
     return model
