@@ -215,8 +215,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, amx: bool = True,
-                 decode: DecodePath = DecodePath.INTEGER) -> int:
+def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: DecodePath = DecodePath.INTEGER,
+                 amx: bool = True) -> int:
     """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
     ``p2pinfer`` custom node over the same initializers (``amx=False``: its many-row path never uses AMX tiles;
@@ -302,8 +302,8 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, amx: bool =
                 drop.update(id(x) for x in mins[1])
             zps = {f"zp{j}": t.zero_point for j, t in enumerate(found)}
             replace[id(node)] = helper.make_node(op, inputs, [node.output[0]], name=node.name or node.output[0],
-                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, amx=int(amx), int_dot=int_dot,
-                                                 **zps)
+                                                 domain=DOMAIN, K=t0.k, N=t0.n, threads=threads, amx=int(amx),
+                                                 int_dot=int_dot, **zps)
             drop.update(id(t.node) for t in found)
     for node in g.node:  # a lone term: its own node
         t = term(node.output[0]) if node.op_type == "MatMulNBits" else None
