@@ -247,7 +247,42 @@ def _in_place_kv_buffers(model: "LoadedModel", cache: KVCache,
     return buffers, vocab, _NP_TYPES[logits_out.type]
 
 
-class KVDecoder:
+class _InPlaceKV:
+    """What :class:`KVDecoder` and :class:`KVPasses` share: the KV cache moved into buffers of ``capacity``
+    positions (:func:`_in_place_kv_buffers`), each bound as both its past input and its present output of one
+    I/O binding of the model's session, and the attention mask whose length tells GroupQueryAttention the total
+    sequence length. Where the session cannot update the cache in place, ``_binding`` is None and
+    :meth:`_forward` runs ``forward`` on the cache instead."""
+
+    def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int) -> None:
+        shared = _in_place_kv_buffers(model, cache, capacity)
+        self._model = model
+        self.length = cache.length
+        self._capacity = capacity
+        self._cache: KVCache | None = cache
+        self._binding = None
+        if shared is None:
+            return
+        self._buffers, self._vocab, self._logits_dtype = shared
+        self._mask = np.ones((1, capacity), dtype=np.int64)
+        self._session = model.session
+        binding = self._session.io_binding()
+        for past, present, buffer in zip(model.io.past_names, model.io.present_names, self._buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self._binding = binding
+        self._cache = None  # the buffers hold it now
+
+    def _forward(self, ids: Sequence[int]) -> np.ndarray:
+        """The fallback: ``forward`` over the cache, which it replaces with the grown copy."""
+        assert self._cache is not None
+        logits, self._cache = self._model.forward(ids, self._cache)
+        self.length = self._cache.length
+        return logits
+
+
+class KVDecoder(_InPlaceKV):
     """Token-by-token decoding that keeps the KV cache in place.
 
     ``forward`` hands every past key/value to onnxruntime and gets a grown copy back on every step (for a
@@ -264,41 +299,21 @@ class KVDecoder:
     """
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int) -> None:
-        shared = _in_place_kv_buffers(model, cache, capacity)
-        self._model = model
-        self.length = cache.length
-        self._cache: KVCache | None = cache
-        self._binding = None
-        if shared is None:
+        super().__init__(model, cache, capacity)
+        if self._binding is None:
             return
-        self._buffers, vocab, logits_dtype = shared
-        session = model.session
-        values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
-        self._logits = np.zeros((1, 1, vocab), dtype=logits_dtype)
+        self._logits = np.zeros((1, 1, self._vocab), dtype=self._logits_dtype)
         self._ids = np.zeros((1, 1), dtype=model.io.ids_dtype)
         self._positions = np.zeros((1, 1), dtype=np.int64)
-        self._mask = np.ones((1, capacity), dtype=np.int64)
-        self._capacity = capacity
-        binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", self._ids)
+        self._binding.bind_cpu_input("input_ids", self._ids)
         if model.io.has_position_ids:
-            binding.bind_cpu_input("position_ids", self._positions)
-        for name, value in zip(model.io.past_names, values):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
-        for name, value in zip(model.io.present_names, values):
-            binding.bind_ortvalue_output(name, value)
-        self._binding = binding
-        self._session = session
-        self._cache = None  # the buffers hold it now
+            self._binding.bind_cpu_input("position_ids", self._positions)
+        self._binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
 
     def step(self, token: int) -> np.ndarray:
         """Run one token; returns its float32 logits row (valid until the next step)."""
         if self._binding is None:
-            assert self._cache is not None
-            logits, self._cache = self._model.forward([token], self._cache)
-            self.length = self._cache.length
-            return logits[-1]
+            return self._forward([token])[-1]
         if self.length >= self._capacity:
             raise ValueError(f"the KV buffer holds {self._capacity} positions; no room for another token")
         self._ids[0, 0] = token
@@ -310,7 +325,7 @@ class KVDecoder:
         return np.asarray(self._logits[0, 0], dtype=np.float32)  # as forward() returns it (no copy for float32)
 
 
-class KVPasses:
+class KVPasses(_InPlaceKV):
     """Multi-token passes that extend the KV cache in place, every row's logits returned: a verifier's
     row-bounded passes over the output (:func:`~p2pinfer.runtime.verify.verification_passes`).
 
@@ -323,35 +338,17 @@ class KVPasses:
     Other graphs fall back to ``forward``. Runs :attr:`LoadedModel.session` (the graph prefill uses)."""
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int, rows: int) -> None:
-        shared = _in_place_kv_buffers(model, cache, capacity)
-        self._model = model
-        self.length = cache.length
-        self._cache: KVCache | None = cache
-        self._binding = None
-        if shared is None:
-            return
-        self._buffers, vocab, logits_dtype = shared
-        session = model.session
-        self._logits = np.zeros((1, rows, vocab), dtype=logits_dtype)
-        self._mask = np.ones((1, capacity), dtype=np.int64)
-        self._capacity, self._rows = capacity, rows
-        binding = session.io_binding()
-        for name, buffer in zip(model.io.past_names, self._buffers):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buffer))
-        for name, buffer in zip(model.io.present_names, self._buffers):
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer))
-        self._binding, self._session = binding, session
-        self._cache = None  # the buffers hold it now
+        super().__init__(model, cache, capacity)
+        self._rows = rows
+        if self._binding is not None:
+            self._logits = np.zeros((1, rows, self._vocab), dtype=self._logits_dtype)
 
     def run(self, ids: Sequence[int]) -> np.ndarray:
         """Run ``ids`` (at most ``rows`` of them) after the cache; float32 logits ``[len(ids), vocab]``, valid
         until the next run."""
         n = len(ids)
         if self._binding is None:
-            assert self._cache is not None
-            logits, self._cache = self._model.forward(ids, self._cache)
-            self.length = self._cache.length
-            return logits
+            return self._forward(ids)
         if not 1 <= n <= self._rows or self.length + n > self._capacity:
             raise ValueError(f"a pass runs 1..{self._rows} tokens within {self._capacity} positions; got {n} "
                              f"after {self.length}")
