@@ -80,10 +80,17 @@ def decode_path_from_env() -> DecodePath:
 
 def library_has_integer_path(lib: Path) -> bool:
     """Whether the compiled library has the integer decode path (it was built for a CPU with AVX-512 VNNI)."""
+    return _library_flag(lib, "p2pinfer_qmatmul_int_dot")
+
+
+def _library_flag(lib: Path, symbol: str) -> bool:
+    """The answer of one of the library's ``int f(void)`` probes; False where it cannot load or lacks it."""
     try:
-        return bool(ctypes.CDLL(str(lib)).p2pinfer_qmatmul_int_dot())
+        probe = getattr(ctypes.CDLL(str(lib)), symbol)  # already loaded: dlopen hands back the same handle
     except (OSError, AttributeError):
         return False
+    probe.restype = ctypes.c_int
+    return bool(probe())
 
 
 def _log():
@@ -181,14 +188,8 @@ def amx_wanted() -> bool:
 def amx_available() -> bool:
     """Whether the built kernel runs its many-row path on AMX tiles in this process: compiled for them, the CPU
     has them and Linux granted this process the tile state. False without the kernel."""
-    if library_path() is None or not _held:
-        return False
-    try:
-        probe = _held[0].p2pinfer_qmatmul_amx
-    except AttributeError:
-        return False
-    probe.restype = ctypes.c_int
-    return bool(probe())
+    lib = library_path()
+    return lib is not None and _library_flag(lib, "p2pinfer_qmatmul_amx")
 
 
 def _unavailable(reason: str, detail: str) -> None:
