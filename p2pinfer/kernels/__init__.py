@@ -57,6 +57,7 @@ from .. import log
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
 AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
+AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
@@ -152,7 +153,8 @@ def _build(cc: str, march: str = "native") -> Path | None:
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + version.encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + AVX2_SOURCE.read_bytes()
+                         + b"\0" + version.encode()
                          + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()
                          + b"\0" + march.encode()).hexdigest()
     target = cache_dir() / f"qmatmul-{key[:24]}.so"

@@ -9,7 +9,7 @@
  * Numerics: float32 activations, float32 accumulation (never int8 activations). Per output row n and block b
  *   y[n] = sum_b ( sum_t scale_t[n,b] * sum_i (q_t[n,b,i] - zp_t) * x[b,i] )  +  sum_b mins[b,n] * sum_i x[b,i]
  * (q - zp) is exact in float32, so this is MatMulNBits' value sum in another order: float32 rounding drift.
- * Decode rows on a CPU with AVX-512 VNNI take the integer path below (INT_DOT): x rounded per block to a
+ * Decode rows on a CPU with AVX-512 VNNI (or AVX2, qdecode_avx2.c) take the integer path below (INT_DOT): x rounded per block to a
  * 22-23-bit fixed-point value (at most 2^-22 of the block's largest |x|), the block sums then exact.
  * Each output element is computed by the same instruction sequence whatever the thread count and the number
  * of rows: row-deterministic.
@@ -505,6 +505,8 @@ static uint16_t *half_copy_transposed(const float *src, size_t rows, size_t cols
     return dst;
 }
 #define LIMBS_OR_0 LIMBS
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "qdecode_avx2.c"  /* the same integer path, bit for bit, on AVX2 (and AVX-VNNI where built with it) */
 #else
 #define INT_DOT 0
 #define LIMBS_OR_0 0
@@ -876,12 +878,16 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
 
 /* build identity, for the cache key and the log */
 const char *p2pinfer_qmatmul_isa(void) {
-#if INT_DOT
+#if INT_DOT && defined(__AVX512F__)
     return "avx512-vnni";
 #elif defined(__AVX512F__)
     return "avx512";
+#elif INT_DOT && defined(__AVXVNNI__)
+    return "avx-vnni";  /* AVX2 with 256-bit vpdpbusd */
+#elif INT_DOT
+    return "avx2";      /* with F16C: the integer decode path on vpmaddubsw */
 #elif defined(__AVX2__) && defined(__FMA__)
-    return "avx2";
+    return "avx2-float";  /* no F16C: float32 decode rows only */
 #else
     return "portable";
 #endif
@@ -897,5 +903,5 @@ int p2pinfer_qmatmul_amx(void) {
 #endif
 }
 
-/* whether decode rows can take the integer path (built for a CPU with AVX-512 VNNI) */
+/* whether decode rows can take the integer path (built for a CPU with AVX-512 VNNI, or AVX2 + FMA + F16C) */
 int p2pinfer_qmatmul_int_dot(void) { return INT_DOT; }
