@@ -417,3 +417,35 @@ def test_avx2_build_forced_to_the_float_path(tmp_path: Path, monkeypatch) -> Non
     exact = _exact(raw, QT.Q4_1, 96, x[0])
     assert np.abs(float_rows[0] - exact).max() < 1e-5 * np.abs(exact).max()
     assert not np.array_equal(float_rows, _session_with(path, libs["x86-64-v3"], 2).run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("source", ["tiny-llama-q4_0", "smollm2"])
+def test_decode_steps_of_a_model_are_bit_identical_on_every_instruction_set(tmp_path: Path, monkeypatch, source: str,
+                                                                            request) -> None:
+    """Whole models (a tiny Llama with Q4_0 weights; the default model, SmolLM2-135M Q4_1): sessions built on the
+    AVX-512 VNNI, AVX-VNNI and AVX2 libraries, continuing the same KV cache, give the same logits bit for bit at
+    every decode step (1 and 2 threads): an AVX2 peer is not a new numeric variant."""
+    libs = _integer_libraries(monkeypatch)
+    if source == "smollm2":
+        folder = import_gguf(request.getfixturevalue("smollm2_gguf"), tmp_path / "m", weights="native").out_dir
+    else:
+        write_tiny_llama(tmp_path / "m.gguf", TinyLlama(matrix_type=QT.Q4_0, n_kv_heads=2))
+        folder = import_gguf(tmp_path / "m.gguf", tmp_path / "m").out_dir
+    models = {}
+    for march in libs:
+        monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
+        for threads in (1, 2):
+            models[(march, threads)] = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
+            assert models[(march, threads)].decode_path is DecodePath.INTEGER
+    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
+    base = models[("native", 2)]
+    prompt, tokens = [1, 5, 77, 200, 3, 260, 12], [261, 99, 140, 33, 7]
+    _, cache = base.forward(prompt, base.empty_cache(), last=1)
+    steps = {}
+    for key, model in models.items():
+        decoder = model.decoder(type(cache)([a.copy() for a in cache.arrays], cache.length),
+                                capacity=len(prompt) + len(tokens))
+        steps[key] = np.stack([decoder.step(t).copy() for t in tokens])
+    assert np.isfinite(steps[("native", 2)]).all()
+    for key, rows in steps.items():
+        assert np.array_equal(_bits(rows), _bits(steps[("native", 2)])), key
