@@ -143,8 +143,8 @@ static inline __m128 two_halves(const uint16_t *src, int both) {
     return _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
 }
 
-/* rows n..n+R-1 (R <= 4) of activation row m */
-static void rows_int(const job_t *j, int m, int n, int R) {
+/* rows n..n+R-1 (R <= 4) of activation row m (inlined twice: R = 4 a constant keeps the accumulators in registers) */
+static inline __attribute__((always_inline)) void rows_int_of(const job_t *j, int m, int n, int R) {
     __m256 acc[4][2];  /* [row][lanes 0-7, lanes 8-15] */
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     __m128 macc = _mm_setzero_ps(), macc2[4];  /* minimums x block sums: [nb, N] float32 / [N, nb] float16 */
@@ -213,6 +213,11 @@ static void rows_int(const job_t *j, int m, int n, int R) {
         float sum = _mm_cvtss_f32(t2) + _mm_cvtss_f32(_mm_movehdup_ps(t2));
         j->y[(size_t)m * j->N + n + r] = sum + mr;
     }
+}
+
+static void rows_int(const job_t *j, int m, int n, int R) {
+    if (R == 4) rows_int_of(j, m, n, 4);
+    else rows_int_of(j, m, n, R);
 }
 
 /* a float16 copy of n float32 values, or NULL when one of them is not exactly a float16 (Q4_K / Q6_K scales
