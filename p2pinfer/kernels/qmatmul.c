@@ -365,9 +365,11 @@ static void prepare_int_rows(job_t *j, const float *x, int8_t *limbs, float *inv
                 const float *src = x + (size_t)m * j->K + 32 * b;
                 __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
                 float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                /* maxps drops a NaN operand: look for one separately (else Q4_0 / Q8_0 rows came out finite) */
+                __mmask16 nan = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q);
                 float inv;
                 __m512 scale;
-                if (!(amax <= 3.0e38f)) {  /* inf or NaN in the block: the output is NaN, never a plausible number */
+                if (nan || !(amax <= 3.0e38f)) {  /* inf or NaN in the block: the output is NaN, never a plausible number */
                     inv = __builtin_nanf("");
                     scale = _mm512_setzero_ps();
                 } else {
