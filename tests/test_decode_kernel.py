@@ -307,10 +307,12 @@ def _cpu_flags() -> set[str]:
 def _integer_libraries(monkeypatch) -> dict[str, Path]:
     """Every build of the kernel this CPU can run that has the integer decode path, by -march: this CPU's own
     (AVX-512 VNNI here), x86-64-v3 (AVX2 + FMA + F16C: vpmaddubsw), alderlake (AVX-VNNI: 256-bit vpdpbusd, no
-    AVX-512). At least two: the AVX2 build runs on every CPU these tests run on (x86-64-v3 or newer)."""
+    AVX-512), skylake-avx512 (AVX-512 without VNNI: the AVX2 integer path beside AVX-512 float code). At least
+    two: the AVX2 build runs on every CPU these tests run on (x86-64-v3 or newer)."""
     flags = _cpu_flags()
     assert {"avx2", "fma", "f16c"} <= flags, "these tests need an x86-64-v3 CPU (AVX2, FMA, F16C)"
-    marches = ["native", "x86-64-v3"] + (["alderlake"] if "avx_vnni" in flags else [])
+    marches = ["native", "x86-64-v3"] + (["alderlake"] if "avx_vnni" in flags else []) \
+        + (["skylake-avx512"] if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags else [])
     libs = {}
     for march in marches:
         monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
@@ -319,7 +321,8 @@ def _integer_libraries(monkeypatch) -> dict[str, Path]:
         libs[march] = lib
     monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
     isas = {march: kernels.library_isa(lib) for march, lib in libs.items()}
-    assert isas["x86-64-v3"] == "avx2" and isas.get("alderlake", "avx-vnni") == "avx-vnni", isas
+    assert isas["x86-64-v3"] == isas.get("skylake-avx512", "avx2") == "avx2", isas
+    assert isas.get("alderlake", "avx-vnni") == "avx-vnni", isas
     return libs
 
 

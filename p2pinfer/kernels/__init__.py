@@ -90,8 +90,8 @@ def library_has_integer_path(lib: Path) -> bool:
 
 def library_isa(lib: Path) -> str:
     """The instruction set the library's one-row path was built for: ``avx512-vnni``, ``avx-vnni`` or ``avx2``
-    (integer decode path), ``avx512``, ``avx2-float`` or ``portable`` (float32 only); ``unknown`` where it cannot
-    say."""
+    (integer decode path; ``avx2`` also on AVX-512 without VNNI), ``avx2-float`` (AVX2 without F16C) or
+    ``portable`` (float32 only); ``unknown`` where it cannot say."""
     try:
         probe = ctypes.CDLL(str(lib)).p2pinfer_qmatmul_isa
     except (OSError, AttributeError):

@@ -880,14 +880,14 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
 
 /* build identity, for the cache key and the log */
 const char *p2pinfer_qmatmul_isa(void) {
-#if INT_DOT && defined(__AVX512F__)
+#if INT_DOT && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
     return "avx512-vnni";
+#elif INT_DOT && defined(__AVXVNNI__)
+    return "avx-vnni";  /* qdecode_avx2.c with 256-bit vpdpbusd */
+#elif INT_DOT
+    return "avx2";      /* qdecode_avx2.c on vpmaddubsw (also AVX-512 without VNNI: Skylake-SP / X) */
 #elif defined(__AVX512F__)
     return "avx512";
-#elif INT_DOT && defined(__AVXVNNI__)
-    return "avx-vnni";  /* AVX2 with 256-bit vpdpbusd */
-#elif INT_DOT
-    return "avx2";      /* with F16C: the integer decode path on vpmaddubsw */
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2-float";  /* no F16C: float32 decode rows only */
 #else
