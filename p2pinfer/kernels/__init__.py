@@ -72,7 +72,7 @@ _held: list = []  # the loaded library, never unloaded (see _build)
 class DecodePath(Enum):
     """How the kernel computes a decode row (one activation row)."""
 
-    INTEGER = "integer"  # integer dot products (AVX-512 VNNI) where the library was built with them, else FLOAT
+    INTEGER = "integer"  # integer dot products (AVX-512 VNNI, AVX-VNNI, AVX2) where the library has them, else FLOAT
     FLOAT = "float"      # float32 products and sums
 
 
