@@ -470,7 +470,13 @@ static void rows_int(const job_t *j, int m, int n, int R) {
     for (int r = 0; r < R; r++) {
         __m128 two = macc2[r];
         float mr = mm[r] + (_mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_movehdup_ps(two)));
-        j->y[(size_t)m * j->N + n + r] = _mm512_reduce_add_ps(acc[r]) + mr;
+        /* the reduction tree spelled out (GCC's _mm512_reduce_add_ps: lanes i + i+8, + 4, + 2, + 1), whatever the
+           compiler: qdecode_avx2.c adds its two ymm halves the same way, for the same bits */
+        __m256 t8 = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)),
+                                  _mm512_castps512_ps256(acc[r]));
+        __m128 t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
+        __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        j->y[(size_t)m * j->N + n + r] = (_mm_cvtss_f32(t2) + _mm_cvtss_f32(_mm_movehdup_ps(t2))) + mr;
     }
 }
 
