@@ -452,3 +452,102 @@ def test_decode_steps_of_a_model_are_bit_identical_on_every_instruction_set(tmp_
     assert np.isfinite(steps[("native", 2)]).all()
     for key, rows in steps.items():
         assert np.array_equal(_bits(rows), _bits(steps[("native", 2)])), key
+
+
+# ---- the integer path's specification, in numpy: what every build must compute, bit for bit ----------------------
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 a * b + c with ONE rounding (the vfmadd instructions), for finite values: the product is exact in
+    float64, the sum's float64 rounding error is recovered exactly (two-sum), and a float64 sum that lands on a
+    float32 midpoint is settled by the sign of that error (elsewhere float64 -> float32 rounding is already right)."""
+    a64, b64, c64 = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    p = a64 * b64
+    s = p + c64
+    back = s - c64
+    err = (p - back) + (c64 - (s - back))
+    r = s.astype(np.float32)
+    other = np.nextafter(r, np.where(s > r.astype(np.float64), np.float32(np.inf), np.float32(-np.inf)))
+    midpoint = (r.astype(np.float64) != s) & ((r.astype(np.float64) + other.astype(np.float64)) / 2 == s) & (err != 0)
+    toward_other = np.sign(err) == np.sign(other.astype(np.float64) - r.astype(np.float64))
+    return np.where(midpoint & toward_other, other, r).astype(np.float32)
+
+
+def _is_half(values: np.ndarray) -> bool:
+    return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
+
+
+def _integer_decode_row(bq, x: np.ndarray) -> np.ndarray:
+    """One activation row through the integer decode path as docs/models.md states it, in numpy: per block the
+    power of two and the rounding, exact int sums per 4-value lane, then float32 operations lane by lane in the
+    kernel's order (16 lanes per pair of blocks; fused multiply-adds; the reduction tree; block minimums)."""
+    f32 = np.float32
+    x = np.asarray(x, f32)
+    nb, n_rows = x.size // 32, bq.rows
+    blocks = x.reshape(nb, 32)
+    xsum = np.zeros(nb, f32)
+    for b in range(nb):
+        for v in blocks[b]:
+            xsum[b] = f32(xsum[b] + v)
+    ints, inv = np.zeros((nb, 32), np.int64), np.zeros(nb, f32)
+    for b in range(nb):
+        amax = f32(np.abs(blocks[b]).max())
+        biased = int(amax.view(np.uint32)) >> 23
+        e = min(23 - (biased - 126 if biased else -126), 126)
+        if f32(amax * f32(2.0 ** e)) > f32(127 << 16):
+            e -= 1
+        ints[b] = np.rint(blocks[b] * f32(2.0 ** e)).astype(np.int64)
+        inv[b] = f32(2.0 ** -e)
+    y = np.zeros(n_rows, f32)
+    for n in range(n_rows):
+        acc = np.zeros(16, f32)
+        for p in range((nb + 1) // 2):
+            for t in bq.terms:
+                lane_int, lane_scale = np.zeros(16, np.int64), np.zeros(16, f32)
+                for h in range(2):
+                    b = 2 * p + h
+                    if b >= nb:
+                        continue
+                    for odd in range(2):
+                        q = t.q[n, b, odd::2].astype(np.int64) - t.zero_point  # even (odd) elements
+                        lanes = slice(8 * odd + 4 * h, 8 * odd + 4 * h + 4)
+                        lane_int[lanes] = (q * ints[b, odd::2]).reshape(4, 4).sum(axis=1)
+                        lane_scale[lanes] = f32(t.scales[n, b]) * inv[b]
+                acc = _fma32(lane_int.astype(f32), lane_scale, acc)
+        t8 = acc[8:] + acc[:8]
+        t4 = t8[4:] + t8[:4]
+        t2 = t4[:2] + t4[2:]
+        total = f32(t2[0] + t2[1])
+        mr = f32(0)
+        if bq.mins is not None:
+            if _is_half(bq.mins):  # float16 copies: even and odd blocks in two lanes
+                two = np.zeros(2, f32)
+                for b in range(nb):
+                    two[b % 2] = _fma32(bq.mins[n, b], xsum[b], two[b % 2])
+                mr = f32(f32(0) + f32(two[0] + two[1]))
+            else:  # float32: one sequential chain
+                chain = f32(0)
+                for b in range(nb):
+                    chain = _fma32(bq.mins[n, b], xsum[b], chain)
+                mr = f32(chain + f32(0))
+        y[n] = f32(total + mr)
+    return y
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
+def test_every_integer_build_computes_the_stated_algorithm_bit_for_bit(tmp_path: Path, monkeypatch, qtype: QT) -> None:
+    """Independent of which instruction sets this CPU has: each integer build's rows equal a numpy model of the
+    algorithm as documented (quantization, exact lane sums, float32 order), bit for bit."""
+    libs = _integer_libraries(monkeypatch)
+    rng = np.random.default_rng(40 + int(qtype))
+    for cols, factor in ((96, 1.0), (128, 1.0001)):
+        raw = _random_gguf_rows(qtype, 9, cols, rng)
+        bq = from_gguf(raw, qtype, cols).scaled(np.float32(factor))
+        path = _standard_graph(qtype, raw, cols, tmp_path / f"{cols}", factor)
+        sessions = {march: _session_with(path, lib, 2) for march, lib in libs.items()}
+        for trial in range(4):
+            x = (rng.standard_normal(cols) * np.exp(rng.uniform(-8, 8, cols))).astype(np.float32)
+            x[rng.integers(0, cols, 3)] = 0.0
+            expected = _integer_decode_row(bq, x)
+            for march, session in sessions.items():
+                got = session.run(None, {"x": x[None, None]})[0][0, 0]
+                assert np.array_equal(_bits(got), _bits(expected)), (march, cols, factor, trial)
