@@ -427,7 +427,7 @@ def test_decode_steps_of_a_model_are_bit_identical_on_every_instruction_set(tmp_
                                                                             request) -> None:
     """Whole models (a tiny Llama with Q4_0 weights; the default model, SmolLM2-135M Q4_1): sessions built on the
     AVX-512 VNNI, AVX-VNNI and AVX2 libraries, continuing the same KV cache, give the same logits bit for bit at
-    every decode step (1 and 2 threads): an AVX2 peer is not a new numeric variant."""
+    every decode step (2 threads; the AVX2 build on 1 thread too): an AVX2 peer is not a new numeric variant."""
     libs = _integer_libraries(monkeypatch)
     if source == "smollm2":
         folder = import_gguf(request.getfixturevalue("smollm2_gguf"), tmp_path / "m", weights="native").out_dir
@@ -437,7 +437,7 @@ def test_decode_steps_of_a_model_are_bit_identical_on_every_instruction_set(tmp_
     models = {}
     for march in libs:
         monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
-        for threads in (1, 2):
+        for threads in (1, 2) if march == "x86-64-v3" else (2,):  # a session of SmolLM2 each: a few seconds
             models[(march, threads)] = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
             assert models[(march, threads)].decode_path is DecodePath.INTEGER
     monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
