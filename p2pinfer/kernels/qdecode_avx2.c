@@ -1,6 +1,7 @@
 /* The integer one-row path (INT_DOT) for CPUs without AVX-512 VNNI: AVX2 + FMA + F16C (x86-64-v3: Intel since
- * Haswell, AMD since Excavator / Zen), with AVX-VNNI (256-bit vpdpbusd: Alder Lake and later, Zen 5) where the
- * build has it. #included by qmatmul.c in place of its AVX-512 VNNI version; the same job_t and helpers.
+ * Haswell, AMD since Excavator / Zen; also AVX-512 CPUs without VNNI), with AVX-VNNI (256-bit vpdpbusd: Intel
+ * Alder Lake and later cores without AVX-512) where the build has it. #included by qmatmul.c in place of its
+ * AVX-512 VNNI version; the same job_t and helpers.
  *
  * It is the SAME algorithm as the AVX-512 VNNI version, not an approximation of it: the same activation
  * quantization (per block the power of two 2^e, x_int = round-to-nearest(x * 2^e), three signed-byte limbs),
