@@ -14,7 +14,10 @@ alike; it prints the best of ``--rounds`` per session and the ratios to the x86-
 CPU ran before the AVX2 integer path) and to this CPU's integer path. With ``--llama-cpp`` (the benchmark-only
 ``llama-cpp-python``), llama.cpp decodes the same GGUF in the same rounds (its own build, for this CPU). The
 sessions' greedy tokens must agree (the integer paths' rows are bit-identical; it says where they do not).
-On a loaded machine only the ratios mean anything.
+On a loaded machine only the ratios mean anything, and even they move with the load: each round also times
+``--steps`` bare KV decode steps per session in CPU time of this process (``time.process_time``: all its threads,
+spinning included), which the other engineers' processes disturb less than wall-clock tokens/s; with
+``--threads 1`` that is the kernel's own cost per token.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--model", type=Path, help="an imported 4-bit model folder (default: import the default GGUF)")
     ap.add_argument("--llama-cpp", action="store_true", help="llama.cpp's decode in the same rounds")
+    ap.add_argument("--steps", type=int, default=32, help="bare decode steps timed in CPU time per round")
     args = ap.parse_args(argv)
     log.configure(level="warning")
     flags = _cpu_flags()
@@ -86,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         for model in sessions.values():  # warm-up
             generate(model, prompt, max_tokens=4, stop_at_eos=False)
         best: dict[str, float] = {}
+        cpu: dict[str, float] = {}  # best decode steps per CPU-second
         tokens: dict[str, list[int]] = {}
+        _, cache = any_model.forward(prompt, any_model.empty_cache(), last=1)  # one cache for the bare steps
         names = list(sessions) + (["llama.cpp"] if llama else [])
         for round_ in range(args.rounds):
             shift = round_ % len(names)
@@ -97,14 +106,25 @@ def main(argv: list[str] | None = None) -> None:
                     r = generate(sessions[name], prompt, max_tokens=args.tokens, stop_at_eos=False)
                     speed = (len(r.output_ids) - 1) / r.decode_seconds
                     tokens[name] = r.output_ids
+                    model = sessions[name]
+                    decoder = model.decoder(type(cache)([a.copy() for a in cache.arrays], cache.length),
+                                            capacity=cache.length + args.steps)
+                    token, t = prompt[-1], time.process_time()
+                    for _ in range(args.steps):
+                        token = int(np.argmax(decoder.step(token)))
+                    cpu[name] = max(cpu.get(name, 0.0), args.steps / (time.process_time() - t))
                 best[name] = max(best.get(name, 0.0), speed)
     base = next((n for n in best if n.startswith("x86-64-v3") and n.endswith("float")), None)
     top = next(n for n in best if n.startswith("native"))
-    print(f"\n| decode path (-march, one-row ISA, path) | tok/s (best of {args.rounds}) | / {base or '-'} | / {top} |"
-          "\n|---|---|---|---|")
+    print(f"\n| decode path (-march, one-row ISA, path) | tok/s (best of {args.rounds}) | / {base or '-'} | / {top} "
+          f"| steps per CPU-s | / {base or '-'} | / {top} |\n|---|---|---|---|---|---|---|")
     for name, speed in best.items():
-        print(f"| {name} | {speed:.1f} | {speed / best[base]:.2f} |" if base else f"| {name} | {speed:.1f} | - |",
-              f"{speed / best[top]:.2f} |")
+        row = f"| {name} | {speed:.1f} | {speed / best[base]:.2f} | " if base else f"| {name} | {speed:.1f} | - | "
+        row += f"{speed / best[top]:.2f} |"
+        if name in cpu:
+            c = cpu[name]
+            row += f" {c:.1f} | {c / cpu[base]:.2f} | {c / cpu[top]:.2f} |" if base else f" {c:.1f} | - | {c / cpu[top]:.2f} |"
+        print(row)
     integer = {n: t for n, t in tokens.items() if n.endswith("integer")}
     agree = len({tuple(t) for t in integer.values()}) <= 1
     print(f"\ngreedy tokens of the integer paths {'identical' if agree else 'DIFFER'} across builds "
