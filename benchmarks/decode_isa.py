@@ -1,6 +1,6 @@
 """Decode speed of the kernel built for each instruction set this CPU can run, interleaved in one process.
 
-    python benchmarks/decode_isa.py [--threads 2] [--rounds 5] [--tokens 128] [--model DIR] [--llama-cpp]
+    python benchmarks/decode_isa.py [--threads 2] [--rounds 5] [--tokens 128] [--steps 32] [--model DIR] [--llama-cpp]
 
 What an older CPU runs, measured on this one: the kernel library built with ``-march=x86-64-v3`` (AVX2 + FMA +
 F16C, no AVX-512: Intel Haswell to 11th-gen laptops, AMD Zen 1-4) and ``-march=alderlake`` (AVX2 with AVX-VNNI's
