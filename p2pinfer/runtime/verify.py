@@ -155,10 +155,12 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
                                  defer_near_ties=True)
     _check_passes(checker, model, prompt_ids, seq, rows)  # its KV buffers and logits are freed when it returns
-    # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last
+    # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last;
+    # the last one builds no cache (nothing asks for a row after it: a lower memory peak)
     reference = reference_session(model)
+    last = max(checker.deferred_indices, default=-1)
     try:
-        checker.settle_near_ties(lambda index: reference.row(prompt_ids + output_ids[:index]))
+        checker.settle_near_ties(lambda index: reference.row(prompt_ids + output_ids[:index], final=index == last))
     finally:
         reference.close()
     return checker.verdict()
