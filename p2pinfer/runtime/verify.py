@@ -3,7 +3,8 @@
 The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the KV cache in passes that
 :func:`verification_passes` plans: the prompt-only positions in chunks of
 :data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``;
-a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has),
+a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has and
+the session runs the 4-bit kernel),
 then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM head's intermediates and the
 log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
@@ -182,11 +183,15 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
     """(output index of the first row, float32 logits rows) of each checked pass, in order. The prompt-only
     passes go through ``forward`` (one row kept: no LM head where the graph allows); so does the first checked
     pass when a prompt of up to ``rows`` positions shares it (where the graph has ``logits_to_keep``: only the
-    checked rows get the LM head); the other checked passes extend the KV cache in place
-    (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
+    checked rows get the LM head; and the session runs the 4-bit kernel); the other checked passes extend the KV
+    cache in place (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
     first_row = len(prompt_ids) - 1
     cache = model.empty_cache()
-    lead = rows if model.io.has_logits_to_keep else 0
+    # a short prompt shares the first checked pass only where that saves work: the 4-bit kernel dequantizes every
+    # weight once per pass. It runs through `forward`, whose logits and cache copy sit beside the in-place
+    # passes' buffers: +17-20 MB at an fp32 verification's peak (files + 306 / 317 MB before it, 323 / 357
+    # after), for no saving on the standard graph
+    lead = rows if model.io.has_logits_to_keep and model.runs_kernel else 0
     passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
     checked = [p for p in passes if p[1] > first_row]
     for lo, hi, keep in passes[:len(passes) - len(checked)]:
