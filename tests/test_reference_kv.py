@@ -104,6 +104,29 @@ def test_extend_keeps_exactly_the_cache_asked_for(trained_model, data) -> None:
         np.testing.assert_allclose(value, full_kv[name][:, :, :keep], rtol=0, atol=ROUNDING)
 
 
+@settings(max_examples=300, deadline=None)
+@given(start=st.integers(0, 600), extra=st.integers(1, 900), last=st.integers(1, 8), chunk=st.integers(1, 300),
+       at=st.floats(0, 1))
+def test_pass_count_is_the_chunk_loop(start, extra, last, chunk, at) -> None:
+    """``_pass_count`` (which decides whether a chunk may end at the kept prefix without costing a pass) counts
+    the passes of ``extend``'s chunk loop, with and without a cut."""
+    from p2pinfer.runtime.reference import _pass_count
+
+    n = start + max(extra, last)
+    cut = start + int(at * (n - last - start))
+
+    def loop(cut_at):
+        count, lo = 0, start
+        while cut_at is not None and lo < cut_at:
+            lo, count = min(lo + chunk, cut_at), count + 1
+        while n - lo - chunk >= last:
+            lo, count = lo + chunk, count + 1
+        return count + 1
+
+    assert _pass_count(start, n, last, chunk, None) == loop(None)
+    assert _pass_count(start, n, last, chunk, cut) == loop(cut)
+
+
 def test_a_final_row_equals_a_kept_row_and_leaves_no_cache(trained_model) -> None:
     """The verifier's last near tie (``final``): the same row as with the cache kept, and nothing held after."""
     ids = trained_model.encode(PROMPT * 8)[:150]

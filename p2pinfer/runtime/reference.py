@@ -380,12 +380,14 @@ class ReferenceModel:
         before it skip the LM head. A graph without a cache (:attr:`caches` False) runs ``ids`` in one pass
         (``start`` must be 0) and returns no cache.
 
-        What is not kept is not built whole: where ``start <= keep <= len(ids) - last``, a chunk ends at
-        ``keep``, the cache there is what is returned, and the chunks after it run over it without building
+        What is not kept is not built whole: where ``start <= keep <= len(ids) - last`` and it costs no extra
+        pass (each pass dequantizes every 4-bit weight), a chunk ends at ``keep``, the cache there is what is
+        returned, and the chunks after it run over it without building
         a cache of their own beyond what the next chunk reads: the last chunk builds none, and frees each
         layer's keys and values once read. So a row's peak holds the kept cache and one chunk's activations,
         never the float64 cache of every position (92 KB a position on SmolLM2) beside it. Chunks are a
-        grouping of the same operations: the rows change by float64 rounding only."""
+        grouping of the same operations: the rows change by float64 rounding only. Otherwise the kept part is
+        copied out of the whole cache one layer at a time."""
         n = len(ids)
         keep = n if keep is None else keep
         if n == 0 or not 1 <= last <= n - start or start < 0 or (start and kv is None) or not 0 <= keep <= n:
@@ -398,7 +400,9 @@ class ReferenceModel:
         kv = {} if kv is None else kv
         chunk = chunk or REFERENCE_CHUNK
         keep = keep if self.caches else 0
-        cut = keep if start <= keep <= n - last else None  # a chunk ends where the kept cache does
+        cut = keep if start <= keep <= n - last else None  # a chunk ends where the kept cache does ...
+        if cut is not None and _pass_count(start, n, last, chunk, cut) > _pass_count(start, n, last, chunk, None):
+            cut = None  # ... unless that costs a pass (on 4-bit, a dequantization of every weight)
         kept: dict[str, np.ndarray] | None = None
         lo = start
         # one process-wide lock: BLAS's thread count is global, and overlapping limits would restore it wrongly
@@ -465,6 +469,14 @@ class ReferenceModel:
         kv = {past: np.asarray(results.pop(present), dtype=np.float64) for past, present in self._present_of.items()
               if present in plan.outputs}
         return results.get("logits"), kv
+
+
+def _pass_count(start: int, n: int, last: int, chunk: int, cut: int | None) -> int:
+    """Passes :meth:`ReferenceModel.extend` runs over positions ``start..n-1`` (with a chunk ending at ``cut``)."""
+    count, lo = 0, start
+    if cut is not None:
+        count, lo = -(-(cut - start) // chunk), cut
+    return count + max(0, n - lo - last) // chunk + 1
 
 
 class _Plan:
