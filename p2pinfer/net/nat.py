@@ -21,8 +21,8 @@ Fixes for py-libp2p 0.8.1 that live here (see docs/network.md):
 * AutoNAT's server dials back with ``host.connect()``, which returns at once when the requester is already
   connected (it always is: it just sent the request), so every node is told it is reachable.
   :class:`DialBackAutoNAT` opens a *fresh* TCP connection and completes a Noise handshake that proves the
-  requester's peer ID, then closes it: the TCP connection within :data:`DIAL_BACK_CONNECT_S` (a NAT drops
-  the SYN: no connection is the evidence), the handshake within :data:`DIAL_BACK_HANDSHAKE_S` more (a NAT
+  requester's peer ID, then closes it: the TCP connection within :data:`DIAL_BACK_CONNECT_S` (3 s; a NAT drops
+  the SYN: no connection is the evidence), the handshake within :data:`DIAL_BACK_HANDSHAKE_S` (10 s) more (a NAT
   never gets that far, but a loaded requester is slow to answer it), at most
   :data:`MAX_CONCURRENT_DIAL_BACKS` at a time.
 * AutoNAT's client wants 4 agreeing servers before it flips; a young network has one bootstrap node. We
@@ -67,10 +67,9 @@ from ..wording import plural
 
 log = get_logger("p2pinfer.net.nat")
 
-DIAL_BACK_CONNECT_S = 3.0          # a home NAT drops the SYN: the dial-back's TCP connect waits this long
-# Once TCP is up the address reaches a machine: its Noise handshake may take this much longer. One limit for
-# both (3 s) told a public peer on a loaded machine that it was behind NAT, so it went relayed for good.
-DIAL_BACK_HANDSHAKE_S = 10.0
+# The dial-back's limits (defaults; a node's own are in its NatTiming): TCP connect, then Noise handshake.
+DIAL_BACK_CONNECT_S = NatTiming.dial_back_connect_s
+DIAL_BACK_HANDSHAKE_S = NatTiming.dial_back_handshake_s
 MAX_CONCURRENT_DIAL_BACKS = 8      # AutoNAT server: dial-backs in flight at once (each is a TCP + Noise)
 MAX_DIAL_BACK_ADDRS = 4            # AutoNAT server: addresses tried per request
 AUTONAT_QUERY_TIMEOUT_S = 15.0     # the requester's wait for the verdict: one address's connect + handshake
@@ -122,8 +121,11 @@ def is_circuit(addr: str) -> bool:
 class DialBackAutoNAT(AutoNATService):
     """py-libp2p's AutoNAT server, with a dial-back that really dials (see the module docstring)."""
 
-    def __init__(self, host: IHost) -> None:
+    def __init__(self, host: IHost, *, connect_timeout_s: float = DIAL_BACK_CONNECT_S,
+                 handshake_timeout_s: float = DIAL_BACK_HANDSHAKE_S) -> None:
         super().__init__(host, serve=True)  # type: ignore[arg-type]
+        self.connect_timeout_s = connect_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self._slots = trio.Semaphore(MAX_CONCURRENT_DIAL_BACKS)
         self.dial_backs = 0
         self.refused_busy = 0
@@ -150,8 +152,8 @@ class DialBackAutoNAT(AutoNATService):
                 addr = multiaddr.Multiaddr(raw)
             except Exception:
                 continue
-            if await fresh_handshake(self.host, peer_id, addr, connect_timeout=DIAL_BACK_CONNECT_S,
-                                     handshake_timeout=DIAL_BACK_HANDSHAKE_S):
+            if await fresh_handshake(self.host, peer_id, addr, connect_timeout=self.connect_timeout_s,
+                                     handshake_timeout=self.handshake_timeout_s):
                 return bytes(raw)
         return None
 
@@ -203,7 +205,8 @@ class NatTraversal:
         self.announce = tuple(announce)
         self.relay_hop = relay_hop
         self.relay_limits = relay_limits
-        self.autonat = DialBackAutoNAT(host)
+        self.autonat = DialBackAutoNAT(host, connect_timeout_s=timing.dial_back_connect_s,
+                                       handshake_timeout_s=timing.dial_back_handshake_s)
         self.relay_protocol = CircuitV2Protocol(host, limits=relay_limits.to_libp2p(), allow_hop=relay_hop)
         # No CLIENT role: with it, every dial through a relay first takes a reservation there (a slot wasted per
         # dialler); we reserve explicitly, only when we need to be reachable.

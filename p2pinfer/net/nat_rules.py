@@ -43,6 +43,11 @@ class NatTiming:
     public_confirmations: int = 3       # successful dial-backs within the last public_window rounds to flip
     public_window: int = 4
     reannounce_min_interval_s: float = 10.0  # address changes are announced at most this often (coalesced)
+    # AutoNAT server: a home NAT drops the dial-back's SYN, so the TCP connect waits dial_back_connect_s; once
+    # TCP is up the address reaches a machine, and its Noise handshake may take dial_back_handshake_s more
+    # (one 3 s limit for both told a public peer on a loaded machine that it was behind NAT).
+    dial_back_connect_s: float = 3.0
+    dial_back_handshake_s: float = 10.0
 
 
 class RelayAction(enum.Enum):

@@ -76,7 +76,8 @@ def _gossip_state(node: Node, everyone: set[str]) -> str:
     missing = sorted(p[-6:] for p in everyone - learned)
     return (f"{node.peer_id[-6:]}: missing {missing}, connected {len(node.host.get_connected_peers())}, "
             f"pubsub streams {len(node.pubsub.peers)}, topic peers {len(node.gossip.topic_peers())}, "
-            f"mesh {node.gossip.mesh_size()}, counters {dict(node.counters)}")
+            f"mesh {node.gossip.mesh_size()}, {node.reachability}, nat {node.nat.stats}, "
+            f"counters {dict(node.counters)}")
 
 
 async def _gossip_host(stack: AsyncExitStack, identity: Identity):  # type: ignore[no-untyped-def]
