@@ -61,7 +61,7 @@ from ..log import get_logger
 from .addrs import PeerInfo, strip_p2p
 from .errors import DialError
 from .keys import to_libp2p_id
-from .nat_rules import DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth, reannounce_wait
+from .nat_rules import Backoff, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth, reannounce_wait
 from .publicaddrs import CIRCUIT, announceable, ip_of
 from ..wording import plural
 
@@ -234,6 +234,7 @@ class NatTraversal:
         self.relay_health = RelayHealth(timing.relay_tries_before_lost, timing.relay_retry, timing.relay_check_s)
         self.public_evidence = PublicEvidence(timing.public_confirmations, timing.public_window)
         self._next_public_check = 0.0
+        self._unanswered_rounds = 0  # re-checks in a row that asked peers and got no verdict
         self.stats: dict[str, int] = {"relay_restored": 0, "relay_replaced": 0, "reannounced": 0,
                                       "public_rechecks": 0}
 
@@ -407,12 +408,19 @@ class NatTraversal:
         if self.status.state is not Reachability.UNREACHABLE:
             return self.timing.recheck_interval_s
         candidates = servers()[:MAX_RECHECK_SERVERS]
-        if candidates:
-            before = self.status
-            await self.establish(candidates)
-            if self.status != before:
-                log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
-        return self.timing.recheck_interval_s if self.status.checked else self.timing.recheck_first_s
+        if not candidates:
+            return self.timing.recheck_first_s  # nobody to ask yet: look again soon
+        before = self.status
+        await self.establish(candidates)
+        if self.status != before:
+            log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
+        if self.status.checked:
+            self._unanswered_rounds = 0
+            return self.timing.recheck_interval_s
+        # Asked, and nobody answered (loaded servers, busy refusals): back off instead of asking every 5 s,
+        # each round a dial-back (TCP + Noise) for every server asked.
+        self._unanswered_rounds += 1
+        return Backoff(self.timing.recheck_first_s, self.timing.recheck_interval_s).delay(self._unanswered_rounds)
 
     async def _reconnect_and_reserve(self, relay: PeerInfo) -> bool:
         network: Any = self.host.get_network()
