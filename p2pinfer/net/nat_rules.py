@@ -129,4 +129,4 @@ def reannounce_wait(addrs_before: Sequence[str], addrs_now: Sequence[str], last_
         return None
     if last_at is None:
         return 0.0
-    return max(0.0, last_at + min_interval_s - now)
+    return min(min_interval_s, max(0.0, min_interval_s - (now - last_at)))
