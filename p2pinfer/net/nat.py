@@ -13,6 +13,11 @@ A peer at home sits behind a router that drops unsolicited inbound connections. 
    one (unilateral dial first, then TCP simultaneous open from the listen port); streams then prefer the
    direct connection and the relayed one is closed after a grace period.
 
+Afterwards :meth:`NatTraversal.recheck_loop` keeps that true: a relayed node keeps its reservation (retrying
+with backoff, moving to another connected relay after a few failures) and re-checks now and then whether it
+is public after all; the pure rules are in :mod:`p2pinfer.net.nat_rules`. Announcements follow only a
+change of the announced addresses, at most every ``NatTiming.reannounce_min_interval_s``.
+
 :meth:`NatTraversal.connect` dials ``/p2p-circuit`` addresses itself, because py-libp2p 0.8.1's
 ``Swarm.dial_peer`` silently drops them.
 
