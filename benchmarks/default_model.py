@@ -15,7 +15,8 @@ so that other load on the machine hits both sides alike:
   also verified with N rows per forward pass (e.g. 4096: one pass, as before row-bounded passes), interleaved
   with the default (:data:`~p2pinfer.runtime.verify.VERIFY_ROWS`), and both ratios are printed;
 * resident memory: a serving process (the peer's modules, the model loaded, a greedy and a sampled request
-  of ``--memory-tokens`` tokens generated and verified) against the model files + 300 MB, measured in a fresh
+  of ``--memory-tokens`` tokens, 128 and 512 by default, generated and verified) against the model files + 300 MB
+  (each over it marked OVER), measured in a fresh
   subprocess per class, stage by stage, with the peak of each verification (``VmHWM`` reset before it, where
   ``/proc/self/clear_refs`` allows); with ``--compare-rows`` once more per class with that many rows per pass;
   and the peak of a first-run ``p2pinfer demo`` (empty home) against 1.5 GB (``--no-demo`` skips it);
@@ -247,28 +248,31 @@ def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> No
 
 def memory_table(folders: dict[str, Path], sides: list, args: argparse.Namespace) -> None:
     """The serving probe per class (and per rows-per-pass setting with ``--compare-rows``)."""
-    print(f"\nServing memory: a fresh process per class, the peer's modules imported, a greedy and a sampled "
-          f"request of {args.memory_tokens} tokens generated and verified, freed memory released after each "
-          f"verification (as the verifier service does). MB; file = file-backed pages (weights, libraries); "
-          f"verify peak: the high-water mark during each verification (greedy / sampled).\n")
-    print("| class | rows per pass | files | imports | loaded | after greedy | after sampled | anon / file at end | "
-          "verify peak - files | peak | serving RSS - files (limit 300) | peak - files |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nServing memory: a fresh process per class and request length, the peer's modules imported, a "
+          f"greedy and a sampled request of {args.memory_tokens} tokens generated and verified, freed memory "
+          f"released after each verification (as the verifier service does). MB; file = file-backed pages "
+          f"(weights, libraries); verify peak: the high-water mark during each verification (greedy / sampled); "
+          f"every figure - files against the limit of 300 (OVER where it is above).\n")
+    print("| class | tokens | rows per pass | files | imports | loaded | after greedy | after sampled | anon / file at end | "
+          "verify peak - files (limit 300) | peak | serving RSS - files (limit 300) | peak - files (limit 300) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mb = lambda n: f"{n / 1e6:.0f}"  # noqa: E731
+    limit = lambda n: f"{n / 1e6:.0f}" + (" OVER" if n > 300e6 else "")  # noqa: E731
     for weights, folder in folders.items():
-        for rows in [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else []):
-            mem = memory_probe(folder, args.threads, args.memory_tokens,
+        for tokens, rows in [(t, r) for t in (int(x) for x in str(args.memory_tokens).split(","))
+                             for r in [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else [])]:
+            mem = memory_probe(folder, args.threads, tokens,
                                sides[0 if weights == "native" else 1].model.tolerance, rows)
             assert all(mem["accept"]), mem
             st, files = mem["stages"], folder_bytes(folder)
             end = st["released sampled"]
-            verify_peaks = " / ".join(mb(st[f"verified {k}"]["peak"] - files) if st[f"verified {k}"]["reset"]
+            verify_peaks = " / ".join(limit(st[f"verified {k}"]["peak"] - files) if st[f"verified {k}"]["reset"]
                                       else "n/a" for k in ("greedy", "sampled"))
-            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {rows} | {mb(files)} | "
+            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {tokens} | {rows} | {mb(files)} | "
                   f"{mb(st['imports']['rss'])} | {mb(st['loaded']['rss'])} | {mb(st['released greedy']['rss'])} | "
                   f"{mb(end['rss'])} | {mb(end['anon'])} / {mb(end['rss'] - end['anon'])} | {verify_peaks} | "
-                  f"{mb(mem['peak'])} | **{mb(end['rss'] - files)}** | {mb(mem['peak'] - files)} |")
-            print(f"  stages ({weights}, {rows} rows): " + ", ".join(f"{k} {mb(v['rss'])}" for k, v in st.items())
+                  f"{mb(mem['peak'])} | **{limit(end['rss'] - files)}** | {limit(mem['peak'] - files)} |")
+            print(f"  stages ({weights}, {tokens} tokens, {rows} rows): " + ", ".join(f"{k} {mb(v['rss'])}" for k, v in st.items())
                   + f"; malloc_trim took at most {mem['trim_s'] * 1000:.0f} ms")
 
 
@@ -283,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="sampling of the verified requests: greedy or TEMPERATURE[/TOP_P], comma-separated "
                          "(1.0 is the gateway's default, as OpenAI's)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="ours only, even when llama-cpp-python is installed")
-    ap.add_argument("--memory-tokens", type=int, default=512,
-                    help="output tokens of each request in the serving-memory probe (greedy and sampled)")
+    ap.add_argument("--memory-tokens", default="128,512",
+                    help="output tokens of each request in the serving-memory probe (greedy and sampled), "
+                         "comma-separated: a fresh probe per length")
     ap.add_argument("--no-demo", action="store_true", help="skip the first-run demo's peak memory (a minute or more)")
     ap.add_argument("--compare-rows", type=int, default=None,
                     help=f"also verify with this many rows per forward pass (default passes: {VERIFY_ROWS} rows), "

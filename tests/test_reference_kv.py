@@ -79,6 +79,67 @@ def test_rows_across_chunks_and_a_bounded_cache(trained_model) -> None:
         session.close()
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_extend_keeps_exactly_the_cache_asked_for(trained_model, data) -> None:
+    """``extend(..., keep=k)`` (the cache of the first k positions only, or none): the rows are the full
+    prefill's to float64 rounding, the returned cache holds exactly k positions of every layer, and they equal
+    the prefix of the cache of all positions (to float64 rounding: other chunk boundaries group the same
+    operations differently), wherever k falls: before the last rows (a chunk ends there and the chunks after
+    it build no cache to keep), among them, at the end, or 0."""
+    ref = reference_for(trained_model)
+    ids = trained_model.encode(PROMPT * 8)[:150]
+    n = data.draw(st.integers(2, len(ids)), label="n")
+    last = data.draw(st.integers(1, min(4, n - 1)), label="last")
+    start = data.draw(st.integers(0, n - last), label="start")
+    keep = data.draw(st.one_of(st.just(0), st.integers(start, n)), label="keep")
+    chunk = data.draw(st.sampled_from([16, 40, 256]), label="chunk")
+    full_rows, full_kv = ref.extend(None, ids[:n], 0, n, chunk=256)  # one pass, every position kept
+    prefix = ref.extend(None, ids[:start], 0, 1, chunk=chunk)[1] if start else None
+    rows, kv = ref.extend(prefix, ids[:n], start, last, chunk=chunk, keep=keep)
+    np.testing.assert_allclose(rows, full_rows[n - last:], rtol=0, atol=ROUNDING)
+    assert set(kv) == (set(full_kv) if keep else set())
+    for name, value in kv.items():
+        assert value.shape[2] == keep and value.dtype == np.float64
+        np.testing.assert_allclose(value, full_kv[name][:, :, :keep], rtol=0, atol=ROUNDING)
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.integers(0, 600), extra=st.integers(1, 900), last=st.integers(1, 8), chunk=st.integers(1, 300),
+       at=st.floats(0, 1))
+def test_pass_count_is_the_chunk_loop(start, extra, last, chunk, at) -> None:
+    """``_pass_count`` (which decides whether a chunk may end at the kept prefix without costing a pass) counts
+    the passes of ``extend``'s chunk loop, with and without a cut."""
+    from p2pinfer.runtime.reference import _pass_count
+
+    n = start + max(extra, last)
+    cut = start + int(at * (n - last - start))
+
+    def loop(cut_at):
+        count, lo = 0, start
+        while cut_at is not None and lo < cut_at:
+            lo, count = min(lo + chunk, cut_at), count + 1
+        while n - lo - chunk >= last:
+            lo, count = lo + chunk, count + 1
+        return count + 1
+
+    assert _pass_count(start, n, last, chunk, None) == loop(None)
+    assert _pass_count(start, n, last, chunk, cut) == loop(cut)
+
+
+def test_a_final_row_equals_a_kept_row_and_leaves_no_cache(trained_model) -> None:
+    """The verifier's last near tie (``final``): the same row as with the cache kept, and nothing held after."""
+    ids = trained_model.encode(PROMPT * 8)[:150]
+    kept, final = ReferenceSession(reference_for(trained_model), chunk=32), ReferenceSession(
+        reference_for(trained_model), chunk=32)
+    for session in (kept, final):
+        session.row(ids[:90])
+    np.testing.assert_allclose(final.row(ids, final=True), kept.row(ids), rtol=0, atol=ROUNDING)
+    assert final.cached_positions == 0 and final.cached_bytes == 0 and kept.cached_positions == len(ids)
+    assert final.computed_positions == kept.computed_positions == len(ids)  # the final row reused the cache
+    kept.close()
+
+
 @pytest.fixture(scope="module")
 def smollm2_q4(tmp_path_factory, smollm2_gguf):
     folder = tmp_path_factory.mktemp("smollm2-kv") / "SmolLM2-135M-Instruct"
@@ -95,6 +156,42 @@ def test_smollm2_session_rows_equal_the_full_prefill(smollm2_q4) -> None:
     for n in (len(ids) - 12, len(ids) - 11, len(ids)):
         np.testing.assert_allclose(session.row(ids[:n]), _full(model, ids[:n]), rtol=0, atol=ROUNDING)
     assert session.computed_positions == len(ids)
+
+
+def test_smollm2_row_memory_holds_only_the_kept_cache(smollm2_q4) -> None:
+    """A row's float64 cache is built whole only when it is kept: on SmolLM2 (30 layers, 92 KB of float64 cache
+    a position), a row of 320 positions whose session keeps its first 200 ends a chunk there and builds no cache
+    after it, so it peaks below the row that keeps all 320 (before, it built the whole cache and then copied
+    the kept part beside it: the whole cache plus 200 positions); the verifier's last row (``final``) keeps
+    nothing and peaks no higher either. Python-heap peaks, traced: deterministic, whatever the machine's load."""
+    import tracemalloc
+
+    model = smollm2_q4
+    ids = (model.prompt_ids(messages=[{"role": "user", "content": "Tell me about lighthouses. " * 50}]))[:320]
+    assert len(ids) == 320
+    ref = reference_for(model)
+    per_position = ref.cache_bytes_per_position
+    assert per_position == 30 * 2 * 3 * 64 * 8
+
+    def peak(max_bytes: int, final: bool = False) -> tuple[int, np.ndarray]:
+        session = ReferenceSession(ref, max_bytes=max_bytes, chunk=128)
+        tracemalloc.start()
+        try:
+            row = session.row(ids, final=final)
+            return tracemalloc.get_traced_memory()[1], row
+        finally:
+            tracemalloc.stop()
+            assert session.cached_positions == (0 if final else min(len(ids), max_bytes // per_position))
+            session.close()
+
+    everything, row_all = peak(1 << 40)
+    bounded, row_bounded = peak(200 * per_position)
+    nothing, row_final = peak(1 << 40, final=True)
+    for row in (row_bounded, row_final):
+        np.testing.assert_allclose(row, row_all, rtol=0, atol=ROUNDING)
+    whole = len(ids) * per_position  # 29.5 MB
+    assert bounded <= everything and nothing <= everything, (bounded, nothing, everything)
+    assert bounded < whole + 200 * per_position - 10 * 2**20, (bounded, whole)  # the old build-then-copy peak
 
 
 WIDE = 0.2  # the executor and verifier tolerance: near ties on most sampled positions of the fixture

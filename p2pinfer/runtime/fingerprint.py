@@ -265,6 +265,11 @@ class FingerprintChecker:
             _, why = is_acceptable(rows.row(j), self.params, self.seed_material, i, int(tokens[j]), self.tolerance)
             self.reason = why or _NEAR_TIE_REASON
 
+    @property
+    def deferred_indices(self) -> list[int]:
+        """The output indices of the near ties waiting for :meth:`settle_near_ties`, in order."""
+        return [i for i, _ in self._deferred]
+
     def settle_near_ties(self, reference_row: ReferenceRow) -> None:
         """Decide the near ties :meth:`check_rows` deferred (``defer_near_ties``), in index order: a token that
         is not the reference's pick is a bad row (the first bad index moves to it when it is earlier)."""

@@ -53,7 +53,7 @@ from onnx.reference.op_run import OpRun
 from threadpoolctl import threadpool_limits
 
 from .digest import ModelFormatError
-from .memory import drop_read_only_mapped_pages
+from .memory import drop_read_only_mapped_pages, release_freed_memory
 
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -341,6 +341,9 @@ class ReferenceModel:
         presents = frozenset(self._present_of.values())
         self._row_plan = _Plan(self._prune(evaluator.rt_nodes_, {"logits", *presents}), {"logits", *presents})
         self._kv_plan = _Plan(self._prune(evaluator.rt_nodes_, set(presents)), presents)  # no LM head
+        # a row whose cache nobody keeps: each layer's keys/values are freed once its attention has read them,
+        # instead of the float64 cache of every layer and position existing at the end of the pass
+        self._logits_plan = _Plan(self._prune(evaluator.rt_nodes_, {"logits"}), {"logits"})
 
     @staticmethod
     def _prune(nodes: list[Any], wanted: set[str]) -> list[Any]:
@@ -363,28 +366,63 @@ class ReferenceModel:
         scratch (a :class:`ReferenceSession` of its own, dropped after the call)."""
         return ReferenceSession(self, max_bytes=0).logprobs(ids, last=last)  # nothing kept after the call
 
+    @property
+    def cache_bytes_per_position(self) -> int:
+        """Bytes of the float64 KV cache per position (every layer's key and value; 0 without a cache)."""
+        return len(self._present_of) * self._kv_shape[1] * self._kv_shape[3] * 8
+
     def extend(self, kv: dict[str, np.ndarray] | None, ids: Sequence[int], start: int, last: int, *,
-               chunk: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Rows ``[last, vocab]`` of the last ``last`` positions of ``ids`` and the float64 KV cache of all of
-        ``ids``, given ``kv``: the cache of ``ids[:start]`` (None when ``start`` is 0; its arrays are handed
-        over: each is freed once its layer has read it). Positions go ``chunk`` (default
-        :data:`REFERENCE_CHUNK`) at a time, the last chunk holding the ``last`` rows; chunks before it skip the
-        LM head. A graph without a cache
-        (:attr:`caches` False) runs ``ids`` in one pass (``start`` must be 0)."""
+               chunk: int = 0, keep: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows ``[last, vocab]`` of the last ``last`` positions of ``ids`` and the float64 KV cache of
+        ``ids[:keep]`` (default: all of ``ids``; 0: none), given ``kv``: the cache of ``ids[:start]`` (None when
+        ``start`` is 0; its arrays are handed over: each is freed once its layer has read it). Positions go
+        ``chunk`` (default :data:`REFERENCE_CHUNK`) at a time, the last chunk holding the ``last`` rows; chunks
+        before it skip the LM head. A graph without a cache (:attr:`caches` False) runs ``ids`` in one pass
+        (``start`` must be 0) and returns no cache.
+
+        What is not kept is not built whole: where ``start <= keep <= len(ids) - last`` and it costs no extra
+        pass (each pass dequantizes every 4-bit weight), a chunk ends at ``keep``, the cache there is what is
+        returned, and the chunks after it run over it without building
+        a cache of their own beyond what the next chunk reads: the last chunk builds none, and frees each
+        layer's keys and values once read. So a row's peak holds the kept cache and one chunk's activations,
+        never the float64 cache of every position (92 KB a position on SmolLM2) beside it. Chunks are a
+        grouping of the same operations: the rows change by float64 rounding only. Otherwise the kept part is
+        copied out of the whole cache one layer at a time."""
         n = len(ids)
-        if n == 0 or not 1 <= last <= n - start or start < 0 or (start and kv is None):
-            raise ValueError("extend needs 1 <= last <= len(ids) - start and the cache of ids[:start]")
+        keep = n if keep is None else keep
+        if n == 0 or not 1 <= last <= n - start or start < 0 or (start and kv is None) or not 0 <= keep <= n:
+            raise ValueError("extend needs 1 <= last <= len(ids) - start, 0 <= keep <= len(ids) and the cache of "
+                             "ids[:start]")
         if not self.caches and start:
             raise ValueError("this graph has no KV cache to extend")
+        if self.caches and 0 < keep < start:
+            raise ValueError("extend keeps at least the cache it was given (keep >= start) or none")
         kv = {} if kv is None else kv
         chunk = chunk or REFERENCE_CHUNK
+        keep = keep if self.caches else 0
+        cut = keep if start <= keep <= n - last else None  # a chunk ends where the kept cache does ...
+        if cut is not None and _pass_count(start, n, last, chunk, cut) > _pass_count(start, n, last, chunk, None):
+            cut = None  # ... unless that costs a pass (on 4-bit, a dequantization of every weight)
+        kept: dict[str, np.ndarray] | None = None
         lo = start
         # one process-wide lock: BLAS's thread count is global, and overlapping limits would restore it wrongly
         with _blas_lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
+            if cut is not None:
+                while lo < cut:
+                    hi = min(lo + chunk, cut)
+                    _, kv = self._run(self._feed(kv, ids, lo, hi, 1), self._kv_plan)
+                    lo = hi
+                kept = dict(kv) if cut else {}  # held: the passes after it read these arrays without freeing them
             while self.caches and n - lo - chunk >= last:
                 _, kv = self._run(self._feed(kv, ids, lo, lo + chunk, 1), self._kv_plan)
                 lo += chunk
-            logits, kv = self._run(self._feed(kv, ids, lo, n, last), self._row_plan)
+            plan = self._row_plan if kept is None and keep else self._logits_plan
+            logits, kv = self._run(self._feed(kv, ids, lo, n, last), plan)
+        if kept is not None:
+            kv = kept
+        elif keep < n and kv:  # the cut fell inside the last rows: a copy, one layer at a time, so that the
+            for name in list(kv):  # positions beyond are freed without the whole cache and its copy together
+                kv[name] = kv[name][:, :, :keep].copy()
         rows = np.asarray(logits, dtype=np.float64)[0][-last:]
         rows = rows - rows.max(axis=-1, keepdims=True)
         return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True)), kv
@@ -428,8 +466,17 @@ class ReferenceModel:
             for name in node.input:
                 if plan.last_use.get(name) == k and name in results and name not in plan.outputs:
                     del results[name]
-        kv = {past: np.asarray(results.pop(present), dtype=np.float64) for past, present in self._present_of.items()}
+        kv = {past: np.asarray(results.pop(present), dtype=np.float64) for past, present in self._present_of.items()
+              if present in plan.outputs}
         return results.get("logits"), kv
+
+
+def _pass_count(start: int, n: int, last: int, chunk: int, cut: int | None) -> int:
+    """Passes :meth:`ReferenceModel.extend` runs over positions ``start..n-1`` (with a chunk ending at ``cut``)."""
+    count, lo = 0, start
+    if cut is not None:
+        count, lo = -(-(cut - start) // chunk), cut
+    return count + max(0, n - lo - last) // chunk + 1
 
 
 class _Plan:
@@ -481,8 +528,11 @@ class ReferenceSession:
     def cached_bytes(self) -> int:
         return sum(v.nbytes for v in self._kv.values()) if self._kv else 0
 
-    def logprobs(self, ids: Sequence[int], *, last: int = 1) -> np.ndarray:
-        """float64 log-softmax rows ``[last, vocab]`` of the last ``last`` positions of ``ids``."""
+    def logprobs(self, ids: Sequence[int], *, last: int = 1, final: bool = False) -> np.ndarray:
+        """float64 log-softmax rows ``[last, vocab]`` of the last ``last`` positions of ``ids``. ``final``: the
+        caller asks no later row (the verifier's last near tie): the cache is dropped, and the run builds none
+        (:meth:`ReferenceModel.extend` with ``keep=0``: each layer's float64 keys and values are freed once
+        read)."""
         ids = [int(t) for t in ids]
         n = len(ids)
         if n == 0 or not 1 <= last <= n:
@@ -499,19 +549,24 @@ class ReferenceSession:
             kv, self._kv, self._ids = self._kv, None, []  # handed over: freed layer by layer during the run
             if kv is not None and start < held:  # the request's tokens differ after `start`: its prefix only
                 kv = {name: value[:, :, :start] for name, value in kv.items()}
-            rows, kv = ref.extend(kv if start else None, ids, start, last, chunk=self._chunk)
+            # positions kept after the row (at most max_bytes of cache; never fewer than it was given)
+            keep = 0 if final or not ref.caches or self._max_bytes <= 0 else \
+                max(start, min(n, self._max_bytes // max(1, ref.cache_bytes_per_position)))
+            # freed heap pages handed back before and after the row (tens of ms against a row's seconds): the
+            # forward passes' buffers before it, its own float64 intermediates after it; glibc would keep both
+            # resident, and the row's peak and the request's memory after it would include them
+            release_freed_memory()
+            rows, kv = ref.extend(kv if start else None, ids, start, last, chunk=self._chunk, keep=keep)
             self.computed_positions += n - start
-            if ref.caches and kv:
-                per_position = sum(v.nbytes for v in kv.values()) // n
-                keep = min(n, self._max_bytes // max(1, per_position))
-                if keep < n:  # a copy, so that the positions beyond are freed
-                    kv = {name: value[:, :, :keep].copy() for name, value in kv.items()} if keep else None
-                self._kv, self._ids = (kv, ids[:keep]) if keep else (None, [])
+            self._kv, self._ids = (kv, ids[:keep]) if keep and kv else (None, [])
+            del kv
+            release_freed_memory()
             return rows
 
-    def row(self, ids: Sequence[int]) -> np.ndarray:
-        """The float64 reference row after ``ids`` (what :data:`.tiebreak.ReferenceRow` returns)."""
-        return self.logprobs(ids, last=1)[0]
+    def row(self, ids: Sequence[int], *, final: bool = False) -> np.ndarray:
+        """The float64 reference row after ``ids`` (what :data:`.tiebreak.ReferenceRow` returns); ``final`` as
+        in :meth:`logprobs`."""
+        return self.logprobs(ids, last=1, final=final)[0]
 
     def close(self) -> None:
         """Free the cache (the session stays usable: a later row recomputes its prefix)."""

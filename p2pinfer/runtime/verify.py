@@ -3,7 +3,8 @@
 The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the KV cache in passes that
 :func:`verification_passes` plans: the prompt-only positions in chunks of
 :data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``;
-a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has),
+a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has and
+the session runs the 4-bit kernel),
 then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM head's intermediates and the
 log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
@@ -155,10 +156,12 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
                                  defer_near_ties=True)
     _check_passes(checker, model, prompt_ids, seq, rows)  # its KV buffers and logits are freed when it returns
-    # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last
+    # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last;
+    # the last one builds no cache (nothing asks for a row after it: a lower memory peak)
     reference = reference_session(model)
+    last = max(checker.deferred_indices, default=-1)
     try:
-        checker.settle_near_ties(lambda index: reference.row(prompt_ids + output_ids[:index]))
+        checker.settle_near_ties(lambda index: reference.row(prompt_ids + output_ids[:index], final=index == last))
     finally:
         reference.close()
     return checker.verdict()
@@ -180,11 +183,15 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
     """(output index of the first row, float32 logits rows) of each checked pass, in order. The prompt-only
     passes go through ``forward`` (one row kept: no LM head where the graph allows); so does the first checked
     pass when a prompt of up to ``rows`` positions shares it (where the graph has ``logits_to_keep``: only the
-    checked rows get the LM head); the other checked passes extend the KV cache in place
-    (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
+    checked rows get the LM head; and the session runs the 4-bit kernel); the other checked passes extend the KV
+    cache in place (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
     first_row = len(prompt_ids) - 1
     cache = model.empty_cache()
-    lead = rows if model.io.has_logits_to_keep else 0
+    # a short prompt shares the first checked pass only where that saves work: the 4-bit kernel dequantizes every
+    # weight once per pass. It runs through `forward`, whose logits and cache copy sit beside the in-place
+    # passes' buffers: +17-20 MB at an fp32 verification's peak (files + 306 / 317 MB before it, 323 / 357
+    # after), for no saving on the standard graph
+    lead = rows if model.io.has_logits_to_keep and model.runs_kernel else 0
     passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
     checked = [p for p in passes if p[1] > first_row]
     for lo, hi, keep in passes[:len(passes) - len(checked)]:
