@@ -1,6 +1,7 @@
 """The 4-bit kernel (p2pinfer/kernels): the custom op (decode rows on the integer and the float32 path, and the
 many-row GEMM) against a float64 product and against MatMulNBits, row determinism, the kernel session against the
-standard graph, and the fallbacks: a library built for a CPU without AVX-512 VNNI, no compiler, turned off."""
+standard graph, the integer path's rows bit for bit the same on AVX-512 VNNI, AVX-VNNI and AVX2 builds, and the
+fallbacks: a library built for a CPU without AVX2, no compiler, turned off, the float path forced."""
 
 from __future__ import annotations
 
@@ -186,15 +187,14 @@ def test_integer_decode_of_a_non_finite_activation_is_not_a_number(tmp_path: Pat
         assert not np.isfinite(integer.run(None, {"x": x})[0]).any()
 
 
-def test_a_library_built_without_vnni_decodes_on_the_float_path(tmp_path: Path, monkeypatch) -> None:
-    """A CPU without AVX-512 VNNI (here: the library built for x86-64-v3, AVX2) still serves: the integer path
-    asked for, the float32 one-row path runs, within float32 rounding of the standard graph."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    monkeypatch.setenv("P2PINFER_KERNEL_MARCH", "x86-64-v3" if " avx2" in flags and " fma" in flags else "x86-64")
+def test_a_library_built_without_avx2_decodes_on_the_float_path(tmp_path: Path, monkeypatch) -> None:
+    """A CPU without AVX2 (here: the library built for x86-64-v2, SSE4.2) still serves: the integer path asked
+    for, the float32 one-row path runs, within float32 rounding of the standard graph."""
+    monkeypatch.setenv("P2PINFER_KERNEL_MARCH", "x86-64-v2")
     monkeypatch.setenv("P2PINFER_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(kernels, "_built", {})
     lib = kernels.library_path()
-    assert lib is not None and not kernels.library_has_integer_path(lib)
+    assert lib is not None and not kernels.library_has_integer_path(lib) and kernels.library_isa(lib) == "portable"
     rng = np.random.default_rng(9)
     raw = _random_gguf_rows(QT.Q4_1, 40, 96, rng)
     path = _standard_graph(QT.Q4_1, raw, 96, tmp_path / "m")
@@ -294,3 +294,260 @@ def test_rewrite_leaves_unsupported_groups_alone(tmp_path: Path) -> None:
     model.graph.initializer.append(zp)
     node.input.append("w.zp")
     assert kernels.kernel_model(model, path.parent, 1) == 0
+
+
+# ---- the integer path on every instruction set: AVX-512 VNNI, AVX-VNNI (256-bit) and AVX2 give the same bits ----
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _integer_libraries(monkeypatch) -> dict[str, Path]:
+    """Every build of the kernel this CPU can run that has the integer decode path, by -march: this CPU's own
+    (AVX-512 VNNI here), x86-64-v3 (AVX2 + FMA + F16C: vpmaddubsw), alderlake (AVX-VNNI: 256-bit vpdpbusd, no
+    AVX-512), skylake-avx512 (AVX-512 without VNNI: the AVX2 integer path beside AVX-512 float code). At least
+    two: the AVX2 build runs on every CPU these tests run on (x86-64-v3 or newer)."""
+    flags = _cpu_flags()
+    assert {"avx2", "fma", "f16c"} <= flags, "these tests need an x86-64-v3 CPU (AVX2, FMA, F16C)"
+    marches = ["native", "x86-64-v3"] + (["alderlake"] if "avx_vnni" in flags else []) \
+        + (["skylake-avx512"] if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags else [])
+    libs = {}
+    for march in marches:
+        monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
+        lib = kernels.library_path()
+        assert lib is not None and kernels.library_has_integer_path(lib), march
+        libs[march] = lib
+    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
+    isas = {march: kernels.library_isa(lib) for march, lib in libs.items()}
+    assert isas["x86-64-v3"] == isas.get("skylake-avx512", "avx2") == "avx2", isas
+    assert isas.get("alderlake", "avx-vnni") == "avx-vnni", isas
+    return libs
+
+
+def _session_with(path: Path, lib: Path, threads: int, decode: DecodePath = DecodePath.INTEGER) -> ort.InferenceSession:
+    model = onnx.load(str(path), load_external_data=False)
+    kernels.kernel_model(model, path.parent, threads, decode)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.register_custom_ops_library(str(lib))
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
+def test_integer_decode_rows_are_bit_identical_on_every_instruction_set(tmp_path: Path, monkeypatch,
+                                                                          qtype: QT) -> None:
+    """The AVX2 (vpmaddubsw) and AVX-VNNI builds compute the AVX-512 VNNI path's rows bit for bit: layers with
+    odd and even block counts, float16 and float32 scales, 1 and 3 threads, over activations of any finite
+    float32 values (hypothesis: wide exponent ranges, zeros, subnormals, blocks of very different sizes)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    libs = _integer_libraries(monkeypatch)
+    rng = np.random.default_rng(int(qtype))
+    layers = []
+    for cols, factor in ((96, 1.0), (128, 1.0001), (64, 1.0)):
+        raw = _random_gguf_rows(qtype, 37, cols, rng)  # 37 rows: a partial group of 4 at the end
+        path = _standard_graph(qtype, raw, cols, tmp_path / f"{cols}-{factor}", factor)
+        layers.append((cols, {(march, threads): _session_with(path, lib, threads)
+                              for march, lib in libs.items() for threads in (1, 3)},
+                       _session_with(path, libs["native"], 1, DecodePath.FLOAT)))
+    finite = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(layer=st.sampled_from(range(len(layers))), data=st.data())
+    def check(layer: int, data) -> None:
+        cols, sessions, floats = layers[layer]
+        x = data.draw(arrays(np.float32, (1, 1, cols), elements=finite | st.sampled_from([0.0, -0.0, 1e-40, 3e38])))
+        scale = data.draw(st.sampled_from([None, 1e-30, 1e-8, 1.0, 1e12]))
+        if scale is not None:  # magnitudes of ordinary activations too, not only hypothesis' extremes
+            x = (rng.standard_normal(x.shape) * scale).astype(np.float32)
+        rows = {key: s.run(None, {"x": x})[0] for key, s in sessions.items()}
+        first = rows[("native", 1)]
+        for key, row in rows.items():
+            assert np.array_equal(_bits(row), _bits(first)), key
+        if scale is not None and np.isfinite(first).all():  # the integer path ran on every build: not the float one
+            assert not np.array_equal(first, floats.run(None, {"x": x})[0]) or not first.any()
+
+    check()
+
+
+def test_integer_decode_of_a_non_finite_value_is_not_a_number_on_every_build(tmp_path: Path, monkeypatch) -> None:
+    """An inf or NaN anywhere in a block gives NaN outputs on every build, whatever the zero point and with or
+    without block minimums (a NaN that maxps drops once gave Q4_0 and Q8_0 finite rows on AVX-512 VNNI)."""
+    libs = _integer_libraries(monkeypatch)
+    rng = np.random.default_rng(6)
+    for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
+        raw = _random_gguf_rows(qtype, 16, 64, rng)
+        path = _standard_graph(qtype, raw, 64, tmp_path / qtype.name)
+        for march in libs:
+            session = _session_with(path, libs[march], 1)
+            for bad in (np.inf, -np.inf, np.nan):
+                for where in (0, 9, 17, 40, 63):
+                    x = rng.standard_normal((1, 1, 64)).astype(np.float32)
+                    x[0, 0, where] = bad
+                    assert np.isnan(session.run(None, {"x": x})[0]).all(), (qtype.name, march, bad, where)
+
+
+def test_avx2_build_forced_to_the_float_path(tmp_path: Path, monkeypatch) -> None:
+    """P2PINFER_DECODE_KERNEL=float still forces the float32 one-row path on a build with the AVX2 integer path:
+    the model reports it, and its rows are the float path's, not the integer path's."""
+    libs = _integer_libraries(monkeypatch)
+    monkeypatch.setenv("P2PINFER_KERNEL_MARCH", "x86-64-v3")
+    monkeypatch.setenv("P2PINFER_DECODE_KERNEL", "float")
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    write_tiny_llama(tmp_path / "t.gguf", cfg)
+    import_gguf(tmp_path / "t.gguf", tmp_path / "t")
+    model = load_model(tmp_path / "t", threads=2, providers=["CPUExecutionProvider"])
+    assert model.runs_kernel and model.decode_path is DecodePath.FLOAT
+    monkeypatch.delenv("P2PINFER_DECODE_KERNEL")
+    integer = model.with_session(threads=2, providers=["CPUExecutionProvider"])
+    assert integer.decode_path is DecodePath.INTEGER
+    rng = np.random.default_rng(2)
+    raw = _random_gguf_rows(QT.Q4_1, 40, 96, rng)
+    path = _standard_graph(QT.Q4_1, raw, 96, tmp_path / "m")
+    x = rng.standard_normal((1, 1, 96)).astype(np.float32)
+    forced = kernels.kernel_session(path, threads=2, decode=DecodePath.FLOAT,
+                                    graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert forced is not None and forced[1] is DecodePath.FLOAT
+    float_rows = forced[0].run(None, {"x": x})[0]
+    exact = _exact(raw, QT.Q4_1, 96, x[0])
+    assert np.abs(float_rows[0] - exact).max() < 1e-5 * np.abs(exact).max()
+    assert not np.array_equal(float_rows, _session_with(path, libs["x86-64-v3"], 2).run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("source", ["tiny-llama-q4_0", "smollm2"])
+def test_decode_steps_of_a_model_are_bit_identical_on_every_instruction_set(tmp_path: Path, monkeypatch, source: str,
+                                                                            request) -> None:
+    """Whole models (a tiny Llama with Q4_0 weights; the default model, SmolLM2-135M Q4_1): sessions built on the
+    AVX-512 VNNI, AVX-VNNI and AVX2 libraries, continuing the same KV cache, give the same logits bit for bit at
+    every decode step (2 threads; the AVX2 build on 1 thread too): an AVX2 peer is not a new numeric variant."""
+    libs = _integer_libraries(monkeypatch)
+    if source == "smollm2":
+        folder = import_gguf(request.getfixturevalue("smollm2_gguf"), tmp_path / "m", weights="native").out_dir
+    else:
+        write_tiny_llama(tmp_path / "m.gguf", TinyLlama(matrix_type=QT.Q4_0, n_kv_heads=2))
+        folder = import_gguf(tmp_path / "m.gguf", tmp_path / "m").out_dir
+    models = {}
+    for march in libs:
+        monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
+        for threads in (1, 2) if march == "x86-64-v3" else (2,):  # a session of SmolLM2 each: a few seconds
+            models[(march, threads)] = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
+            assert models[(march, threads)].decode_path is DecodePath.INTEGER
+    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
+    base = models[("native", 2)]
+    prompt, tokens = [1, 5, 77, 200, 3, 260, 12], [261, 99, 140, 33, 7]
+    _, cache = base.forward(prompt, base.empty_cache(), last=1)
+    steps = {}
+    for key, model in models.items():
+        decoder = model.decoder(type(cache)([a.copy() for a in cache.arrays], cache.length),
+                                capacity=len(prompt) + len(tokens))
+        steps[key] = np.stack([decoder.step(t).copy() for t in tokens])
+    assert np.isfinite(steps[("native", 2)]).all()
+    for key, rows in steps.items():
+        assert np.array_equal(_bits(rows), _bits(steps[("native", 2)])), key
+
+
+# ---- the integer path's specification, in numpy: what every build must compute, bit for bit ----------------------
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 a * b + c with ONE rounding (the vfmadd instructions), for finite values: the product is exact in
+    float64, the sum's float64 rounding error is recovered exactly (two-sum), and a float64 sum that lands on a
+    float32 midpoint is settled by the sign of that error (elsewhere float64 -> float32 rounding is already right)."""
+    a64, b64, c64 = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    p = a64 * b64
+    s = p + c64
+    back = s - c64
+    err = (p - back) + (c64 - (s - back))
+    r = s.astype(np.float32)
+    other = np.nextafter(r, np.where(s > r.astype(np.float64), np.float32(np.inf), np.float32(-np.inf)))
+    midpoint = (r.astype(np.float64) != s) & ((r.astype(np.float64) + other.astype(np.float64)) / 2 == s) & (err != 0)
+    toward_other = np.sign(err) == np.sign(other.astype(np.float64) - r.astype(np.float64))
+    return np.where(midpoint & toward_other, other, r).astype(np.float32)
+
+
+def _is_half(values: np.ndarray) -> bool:
+    return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
+
+
+def _integer_decode_row(bq, x: np.ndarray) -> np.ndarray:
+    """One activation row through the integer decode path as docs/models.md states it, in numpy: per block the
+    power of two and the rounding, exact int sums per 4-value lane, then float32 operations lane by lane in the
+    kernel's order (16 lanes per pair of blocks; fused multiply-adds; the reduction tree; block minimums)."""
+    f32 = np.float32
+    x = np.asarray(x, f32)
+    nb, n_rows = x.size // 32, bq.rows
+    blocks = x.reshape(nb, 32)
+    xsum = np.zeros(nb, f32)
+    for b in range(nb):
+        for v in blocks[b]:
+            xsum[b] = f32(xsum[b] + v)
+    ints, inv = np.zeros((nb, 32), np.int64), np.zeros(nb, f32)
+    for b in range(nb):
+        amax = f32(np.abs(blocks[b]).max())
+        biased = int(amax.view(np.uint32)) >> 23
+        e = min(23 - (biased - 126 if biased else -126), 126)
+        if f32(amax * f32(2.0 ** e)) > f32(127 << 16):
+            e -= 1
+        ints[b] = np.rint(blocks[b] * f32(2.0 ** e)).astype(np.int64)
+        inv[b] = f32(2.0 ** -e)
+    y = np.zeros(n_rows, f32)
+    for n in range(n_rows):
+        acc = np.zeros(16, f32)
+        for p in range((nb + 1) // 2):
+            for t in bq.terms:
+                lane_int, lane_scale = np.zeros(16, np.int64), np.zeros(16, f32)
+                for h in range(2):
+                    b = 2 * p + h
+                    if b >= nb:
+                        continue
+                    for odd in range(2):
+                        q = t.q[n, b, odd::2].astype(np.int64) - t.zero_point  # even (odd) elements
+                        lanes = slice(8 * odd + 4 * h, 8 * odd + 4 * h + 4)
+                        lane_int[lanes] = (q * ints[b, odd::2]).reshape(4, 4).sum(axis=1)
+                        lane_scale[lanes] = f32(t.scales[n, b]) * inv[b]
+                acc = _fma32(lane_int.astype(f32), lane_scale, acc)
+        t8 = acc[8:] + acc[:8]
+        t4 = t8[4:] + t8[:4]
+        t2 = t4[:2] + t4[2:]
+        total = f32(t2[0] + t2[1])
+        mr = f32(0)
+        if bq.mins is not None:
+            if _is_half(bq.mins):  # float16 copies: even and odd blocks in two lanes
+                two = np.zeros(2, f32)
+                for b in range(nb):
+                    two[b % 2] = _fma32(bq.mins[n, b], xsum[b], two[b % 2])
+                mr = f32(f32(0) + f32(two[0] + two[1]))
+            else:  # float32: one sequential chain
+                chain = f32(0)
+                for b in range(nb):
+                    chain = _fma32(bq.mins[n, b], xsum[b], chain)
+                mr = f32(chain + f32(0))
+        y[n] = f32(total + mr)
+    return y
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
+def test_every_integer_build_computes_the_stated_algorithm_bit_for_bit(tmp_path: Path, monkeypatch, qtype: QT) -> None:
+    """Independent of which instruction sets this CPU has: each integer build's rows equal a numpy model of the
+    algorithm as documented (quantization, exact lane sums, float32 order), bit for bit."""
+    libs = _integer_libraries(monkeypatch)
+    rng = np.random.default_rng(40 + int(qtype))
+    for cols, factor in ((96, 1.0), (128, 1.0001)):
+        raw = _random_gguf_rows(qtype, 9, cols, rng)
+        bq = from_gguf(raw, qtype, cols).scaled(np.float32(factor))
+        path = _standard_graph(qtype, raw, cols, tmp_path / f"{cols}", factor)
+        sessions = {march: _session_with(path, lib, 2) for march, lib in libs.items()}
+        for trial in range(4):
+            x = (rng.standard_normal(cols) * np.exp(rng.uniform(-8, 8, cols))).astype(np.float32)
+            x[rng.integers(0, cols, 3)] = 0.0
+            expected = _integer_decode_row(bq, x)
+            for march, session in sessions.items():
+                got = session.run(None, {"x": x[None, None]})[0][0, 0]
+                assert np.array_equal(_bits(got), _bits(expected)), (march, cols, factor, trial)

@@ -89,6 +89,27 @@ def test_honest_4bit_variants_are_accepted(verifier, prompt, params, threads, op
         assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
 
 
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_an_avx2_peer_decoding_on_the_integer_path_is_accepted(verifier, folders, prompt, params,
+                                                               monkeypatch) -> None:
+    """A peer whose CPU has AVX2 but not AVX-512 (the kernel built for x86-64-v3: integer decode rows on
+    vpmaddubsw, many rows on float32 FMA) serves and is verified by this CPU's verifier, and verifies it back."""
+    from p2pinfer import kernels
+
+    monkeypatch.setenv("P2PINFER_KERNEL_MARCH", "x86-64-v3")
+    executor = _claim(folders["native"], verifier, threads=2)
+    assert kernels.library_isa(kernels.library_path()) == "avx2"
+    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
+    assert executor.decode_path is DecodePath.INTEGER and not executor.runs_amx
+    r = generate(executor, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
+    v = _verify(verifier, r, params)
+    assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
+    theirs = generate(verifier, prompt, max_tokens=TOKENS, params=params, seed_material=SEED, stop_at_eos=False)
+    executor.tolerance = verifier.tolerance
+    v = _verify(executor, theirs, params)
+    assert v.accept, (v.reason, v.max_deviation, verifier.tolerance)
+
+
 def test_decode_rows_are_within_tolerance_of_the_float64_reference(verifier, prompt) -> None:
     """Each decode path's KV rows against the float64 reference pass of the same graph: well inside the calibrated
     tolerance (the integer path rounds the activation to 2^-22 of each block's largest value, nothing else)."""

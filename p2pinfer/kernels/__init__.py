@@ -22,13 +22,16 @@ or ``-march=$P2PINFER_KERNEL_MARCH``, e.g. ``x86-64-v3`` to build for an older C
 CPU and ``-march``. It is on by default; ``P2PINFER_DECODE_KERNEL=0`` turns it off. Without it or without a
 compiler the model runs the standard graph (logged once as ``kernel.unavailable``).
 
-Decode rows on a CPU with AVX-512 VNNI take the integer path (:attr:`DecodePath.INTEGER`): the activation is
+Decode rows on a CPU with AVX-512 VNNI, or AVX2 + FMA + F16C (x86-64-v3; ``qdecode_avx2.c``: ``vpmaddubsw``, or
+AVX-VNNI's 256-bit ``vpdpbusd`` where built with it, the same algorithm and the same rows bit for bit), take the
+integer path (:attr:`DecodePath.INTEGER`): the activation is
 rounded per 32-element block to a 22-23-bit fixed-point integer (the only rounding beyond float32's, at most
 2^-22 of the block's largest value), split into three signed bytes, and multiplied by the 4-bit codes with
 ``vpdpbusd``, exactly; scales and minimums then apply in float32, read from float16 copies (the same values:
 GGUF stores them as float16; a matrix whose values are not all float16 keeps float32). Other CPUs, and
 ``P2PINFER_DECODE_KERNEL=float``, take the float32 one-row path (:attr:`DecodePath.FLOAT`). Both are honest
-executors of the same numeric class; calibration measures both.
+executors of the same numeric class; calibration measures both. The ``kernel.session`` log line says which
+(``decode=``, and ``isa=`` from :func:`library_isa`).
 
 On CPUs with AMX tiles the many-row path runs on bfloat16 tiles (``qgemm_amx.c``); ``P2PINFER_AMX=0``
 keeps it on float32 FMA even where AMX is available (the path of a peer without AMX).
@@ -57,6 +60,7 @@ from .. import log
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
 AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
+AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
@@ -68,7 +72,7 @@ _held: list = []  # the loaded library, never unloaded (see _build)
 class DecodePath(Enum):
     """How the kernel computes a decode row (one activation row)."""
 
-    INTEGER = "integer"  # integer dot products (AVX-512 VNNI) where the library was built with them, else FLOAT
+    INTEGER = "integer"  # integer dot products (AVX-512 VNNI, AVX-VNNI, AVX2) where the library has them, else FLOAT
     FLOAT = "float"      # float32 products and sums
 
 
@@ -79,8 +83,21 @@ def decode_path_from_env() -> DecodePath:
 
 
 def library_has_integer_path(lib: Path) -> bool:
-    """Whether the compiled library has the integer decode path (it was built for a CPU with AVX-512 VNNI)."""
+    """Whether the compiled library has the integer decode path (built for a CPU with AVX-512 VNNI, or with
+    AVX2 + FMA + F16C: ``qdecode_avx2.c``, the same rows bit for bit)."""
     return _library_flag(lib, "p2pinfer_qmatmul_int_dot")
+
+
+def library_isa(lib: Path) -> str:
+    """The instruction set the library's one-row path was built for: ``avx512-vnni``, ``avx-vnni`` or ``avx2``
+    (integer decode path; ``avx2`` also on AVX-512 without VNNI), ``avx2-float`` (AVX2 without F16C) or
+    ``portable`` (float32 only); ``unknown`` where it cannot say."""
+    try:
+        probe = ctypes.CDLL(str(lib)).p2pinfer_qmatmul_isa
+    except (OSError, AttributeError):
+        return "unknown"
+    probe.restype = ctypes.c_char_p
+    return (probe() or b"unknown").decode("ascii", "replace")
 
 
 def _library_flag(lib: Path, symbol: str) -> bool:
@@ -152,7 +169,8 @@ def _build(cc: str, march: str = "native") -> Path | None:
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + version.encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + AVX2_SOURCE.read_bytes()
+                         + b"\0" + version.encode()
                          + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()
                          + b"\0" + march.encode()).hexdigest()
     target = cache_dir() / f"qmatmul-{key[:24]}.so"
@@ -375,5 +393,5 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
         _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
     _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), decode=decode.value,
-                amx=amx and amx_wanted() and amx_available(), path=str(onnx_path))
+                isa=library_isa(lib), amx=amx and amx_wanted() and amx_available(), path=str(onnx_path))
     return session, decode

@@ -9,7 +9,7 @@
  * Numerics: float32 activations, float32 accumulation (never int8 activations). Per output row n and block b
  *   y[n] = sum_b ( sum_t scale_t[n,b] * sum_i (q_t[n,b,i] - zp_t) * x[b,i] )  +  sum_b mins[b,n] * sum_i x[b,i]
  * (q - zp) is exact in float32, so this is MatMulNBits' value sum in another order: float32 rounding drift.
- * Decode rows on a CPU with AVX-512 VNNI take the integer path below (INT_DOT): x rounded per block to a
+ * Decode rows on a CPU with AVX-512 VNNI (or AVX2, qdecode_avx2.c) take the integer path below (INT_DOT): x rounded per block to a
  * 22-23-bit fixed-point value (at most 2^-22 of the block's largest |x|), the block sums then exact.
  * Each output element is computed by the same instruction sequence whatever the thread count and the number
  * of rows: row-deterministic.
@@ -365,9 +365,11 @@ static void prepare_int_rows(job_t *j, const float *x, int8_t *limbs, float *inv
                 const float *src = x + (size_t)m * j->K + 32 * b;
                 __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
                 float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                /* maxps drops a NaN operand: look for one separately (else Q4_0 / Q8_0 rows came out finite) */
+                __mmask16 nan = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q);
                 float inv;
                 __m512 scale;
-                if (!(amax <= 3.0e38f)) {  /* inf or NaN in the block: the output is NaN, never a plausible number */
+                if (nan || !(amax <= 3.0e38f)) {  /* inf or NaN in the block: the output is NaN, never a plausible number */
                     inv = __builtin_nanf("");
                     scale = _mm512_setzero_ps();
                 } else {
@@ -468,7 +470,13 @@ static void rows_int(const job_t *j, int m, int n, int R) {
     for (int r = 0; r < R; r++) {
         __m128 two = macc2[r];
         float mr = mm[r] + (_mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_movehdup_ps(two)));
-        j->y[(size_t)m * j->N + n + r] = _mm512_reduce_add_ps(acc[r]) + mr;
+        /* the reduction tree spelled out (GCC's _mm512_reduce_add_ps: lanes i + i+8, + 4, + 2, + 1), whatever the
+           compiler: qdecode_avx2.c adds its two ymm halves the same way, for the same bits */
+        __m256 t8 = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)),
+                                  _mm512_castps512_ps256(acc[r]));
+        __m128 t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
+        __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        j->y[(size_t)m * j->N + n + r] = (_mm_cvtss_f32(t2) + _mm_cvtss_f32(_mm_movehdup_ps(t2))) + mr;
     }
 }
 
@@ -505,6 +513,8 @@ static uint16_t *half_copy_transposed(const float *src, size_t rows, size_t cols
     return dst;
 }
 #define LIMBS_OR_0 LIMBS
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "qdecode_avx2.c"  /* the same integer path, bit for bit, on AVX2 (and AVX-VNNI where built with it) */
 #else
 #define INT_DOT 0
 #define LIMBS_OR_0 0
@@ -876,12 +886,16 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
 
 /* build identity, for the cache key and the log */
 const char *p2pinfer_qmatmul_isa(void) {
-#if INT_DOT
+#if INT_DOT && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
     return "avx512-vnni";
+#elif INT_DOT && defined(__AVXVNNI__)
+    return "avx-vnni";  /* qdecode_avx2.c with 256-bit vpdpbusd */
+#elif INT_DOT
+    return "avx2";      /* qdecode_avx2.c on vpmaddubsw (also AVX-512 without VNNI: Skylake-SP / X) */
 #elif defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
-    return "avx2";
+    return "avx2-float";  /* no F16C: float32 decode rows only */
 #else
     return "portable";
 #endif
@@ -897,5 +911,5 @@ int p2pinfer_qmatmul_amx(void) {
 #endif
 }
 
-/* whether decode rows can take the integer path (built for a CPU with AVX-512 VNNI) */
+/* whether decode rows can take the integer path (built for a CPU with AVX-512 VNNI, or AVX2 + FMA + F16C) */
 int p2pinfer_qmatmul_int_dot(void) { return INT_DOT; }

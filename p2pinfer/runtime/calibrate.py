@@ -58,7 +58,7 @@ SAFETY_FACTOR = 4.0
 #: Bumped whenever what calibration measures changes: a stored calibration of another format counts as none,
 #: so the model is calibrated again before it is next served (and a partial file of another format restarts).
 # 3: a model that runs the 4-bit kernel also measures the standard graph's variants; 4: and, where its decode rows
-# take the kernel's integer path, the float32 one-row path's KV decode (peers without AVX-512 VNNI)
+# take the kernel's integer path, the float32 one-row path's KV decode (peers without AVX2, or forced to it)
 CALIBRATION_FORMAT = 4
 DEFAULT_PROMPTS = (
     "The history of the lighthouse begins with fires lit on hills to guide ships home.",
@@ -213,7 +213,8 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     # a model served through the 4-bit kernel (p2pinfer.kernels) is also served by peers without it (no compiler,
     # P2PINFER_DECODE_KERNEL=0): both graphs are honest executors and verifiers of it; where this machine runs the
     # kernel's many-row path on AMX tiles, peers without AMX (or with P2PINFER_AMX=0) run it on float32 FMA; where
-    # it decodes on the integer path, peers without AVX-512 VNNI decode on the float32 one-row path
+    # it decodes on the integer path (AVX-512 VNNI, AVX-VNNI or AVX2: the same rows), peers without AVX2 (or with
+    # P2PINFER_DECODE_KERNEL=float) decode on the float32 one-row path
     graphs = [(True, True)]  # (kernel, amx)
     if model.runs_amx:
         graphs.append((True, False))
