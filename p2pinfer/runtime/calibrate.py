@@ -58,8 +58,10 @@ SAFETY_FACTOR = 4.0
 #: Bumped whenever what calibration measures changes: a stored calibration of another format counts as none,
 #: so the model is calibrated again before it is next served (and a partial file of another format restarts).
 # 3: a model that runs the 4-bit kernel also measures the standard graph's variants; 4: and, where its decode rows
-# take the kernel's integer path, the float32 one-row path's KV decode (peers without AVX2, or forced to it)
-CALIBRATION_FORMAT = 4
+# take the kernel's integer path, the float32 one-row path's KV decode (peers without AVX2, or forced to it); 5: the
+# same steps, bumped because AVX2 / AVX-VNNI CPUs now decode on the integer path: their format-4 calibration had the
+# float32 decode path as its baseline and no `decode=float` steps
+CALIBRATION_FORMAT = 5
 DEFAULT_PROMPTS = (
     "The history of the lighthouse begins with fires lit on hills to guide ships home.",
     "def parse_args(argv):\n    parser = argparse.ArgumentParser()",
