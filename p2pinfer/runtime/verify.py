@@ -170,6 +170,7 @@ def _check_passes(checker: FingerprintChecker, model: LoadedModel, prompt_ids: l
     try:
         for start, logits in passes:
             checker.check_rows(start, LogProbRows.from_logits(logits))
+            del logits  # not held while the next pass runs
             if checker.done:
                 break
     finally:
@@ -177,15 +178,25 @@ def _check_passes(checker: FingerprintChecker, model: LoadedModel, prompt_ids: l
 
 
 def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int):
-    """(output index of the first row, float32 logits rows) of each checked pass, in order. The prompt-only
-    passes go through ``forward`` (one row kept: no LM head where the graph allows); so does the first checked
-    pass when a prompt of up to ``rows`` positions shares it (where the graph has ``logits_to_keep``: only the
-    checked rows get the LM head); the other checked passes extend the KV cache in place
-    (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
+    """(output index of the first row, float32 logits rows) of each checked pass, in order. Where the graph has
+    ``logits_to_keep`` and the session shares the KV buffer, every pass extends one in-place cache
+    (:class:`~.model.KVPasses`) keeping only the rows it needs: one row of a prompt-only pass (it is not used),
+    the checked rows of the first checked pass (a prompt of up to ``rows`` positions shares it). Otherwise the
+    prompt-only passes, and a first checked pass that includes prompt positions, go through ``forward`` and the
+    rest extend the cache in place. A pass's logits are valid until the next is asked for."""
     first_row = len(prompt_ids) - 1
-    cache = model.empty_cache()
     lead = rows if model.io.has_logits_to_keep else 0
     passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
+    extend = model.passes(model.empty_cache(), len(seq), rows) if model.shares_kv_buffer else None
+    if extend is not None and extend.keeps_rows:
+        # no forward copies of the cache, no second logits buffer: less memory than the forward path below
+        for lo, hi, keep in passes:
+            logits = extend.run(seq[lo:hi], keep=keep)
+            if hi > first_row:
+                yield hi - keep - first_row, logits
+        return
+    del extend
+    cache = model.empty_cache()
     checked = [p for p in passes if p[1] > first_row]
     for lo, hi, keep in passes[:len(passes) - len(checked)]:
         _, cache = model.forward(seq[lo:hi], cache, last=keep)
@@ -193,6 +204,7 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
         lo, hi, keep = checked.pop(0)
         logits, cache = model.forward(seq[lo:hi], cache, last=keep)
         yield 0, logits
+        del logits  # before the in-place buffers are made
         if not checked:
             return
     extend = model.passes(cache, len(seq), rows)
