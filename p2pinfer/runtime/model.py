@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -580,8 +580,10 @@ class LoadedModel:
         float32 FMA even where the CPU has AMX tiles; ``decode``: the kernel's decode path)."""
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
                                      optimization=optimization, kernel=kernel, amx=amx, decode=decode)
+        # the kernel's graph has logits_to_keep as a plain input, the standard graph as a default: as this session has it
+        io = replace(self.io, logits_to_keep_required=any(i.name == LOGITS_TO_KEEP for i in session.get_inputs()))
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
-                           self.io, self.tokenizer, self.info,
+                           io, self.tokenizer, self.info,
                            {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used,
                             "amx": _runs_amx(used, amx)})
 

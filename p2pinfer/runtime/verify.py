@@ -5,7 +5,8 @@ The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the K
 :data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``;
 a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has),
 then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM head's intermediates and the
-log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
+log-softmax pass never exist for all rows at once (what bounds a verification's memory peak); where the kernel's
+graph allows, every pass extends one in-place KV cache (:class:`~.model.KVPasses`). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
 near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
 (:mod:`.reference`, run for that row only). Those rows are computed after the forward passes, once their
@@ -34,12 +35,14 @@ def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.verify")
 
 #: Checked rows computed per forward pass. A pass's transient memory grows with its rows: the logits (49,152
-#: float32 values a row on SmolLM2; the 4-bit head holds two terms and their sum) and activations, ~1 MB a row.
-#: On SmolLM2 a 512-token verification peaked at files + 595-631 MB in one pass and at files + 291-355 MB in
-#: passes of 64 (docs/models.md, "Serving memory"), in about the same time on 4-bit and ~15 % more forward
-#: time on fp32; 32 rows would save ~40 MB more at ~1.4x the forward time. A row's values do not depend on
-#: the pass it is computed in (measured bit for bit), so neither does the verdict.
-VERIFY_ROWS = 64
+#: float32 values a row on SmolLM2) and activations. On SmolLM2 a 512-token verification peaked at files +
+#: 595-631 MB in one pass and at files + 291-355 MB in passes of 64 (docs/models.md, "Serving memory"). Since
+#: every pass extends one in-place KV cache (no forward copies of it, one logits buffer), passes of 128 rows peak
+#: no higher than passes of 64 did before (files + 307 / 339 MB greedy / sampled against 311 / 344, 4-bit, 512
+#: tokens) and pay the per-pass costs (the 4-bit kernel dequantizes every weight once a pass) half as often:
+#: 3-8 % less forward time than 64 rows, while 256 rows were slower again (docs/models.md, "Verification speed").
+#: A row's values do not depend on the pass it is computed in (measured bit for bit), so neither does the verdict.
+VERIFY_ROWS = 128
 
 
 def verification_passes(prompt_len: int, seq_len: int, *, rows: int = VERIFY_ROWS,
