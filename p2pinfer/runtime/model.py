@@ -347,7 +347,7 @@ class KVPasses(_InPlaceKV):
         super().__init__(model, cache, capacity)
         self._rows = rows
         if self._binding is not None:
-            self._logits = np.zeros((1, rows, self._vocab), dtype=self._logits_dtype)
+            self._logits = np.zeros((1, min(rows, capacity), self._vocab), dtype=self._logits_dtype)
         # logits_to_keep as an input that I/O binding accepts (an overridable initializer is fed by run() only)
         self._keep = np.zeros(1, dtype=np.int64) if self._binding is not None and model.io.logits_to_keep_required \
             else None
