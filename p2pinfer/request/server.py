@@ -66,7 +66,8 @@ from ..errors import P2PInferError
 from .evidence import (StatusAnswer, UnfairBidSet, assignment_problem, chain_start, check_unfair_bid_set,
                        classify_status_answer, decode_bid_set, extend_chain)
 from .participation import Participations
-from .limits import OFFER_RATE, OVER_LIMIT_DELAY_S, STATUS_RATE, PeerRateLimiter
+from .limits import OFFER_RATE, STATUS_RATE, PeerRateLimiter
+from .rate_gate import within_rate
 from .protocol import (
     BID_PROTOCOL,
     BID_SET_PROTOCOL,
@@ -206,9 +207,7 @@ class TaskServer:
 
     async def _on_offer(self, peer_id: str, body: bytes) -> bytes:
         # The rate is checked before any signature work; an over-limit offer is answered late (see limits.py).
-        over_limit = peer_id != self.node.peer_id and not self._offer_rate.allow(peer_id, trio.current_time())
-        if over_limit:
-            await trio.sleep(OVER_LIMIT_DELAY_S)
+        over_limit = not await within_rate(self._offer_rate, peer_id, self.node.peer_id)
         try:
             signed_offer = decode_signed(body, expect=TaskOffer, max_size=MAX_OFFER_FRAME)
             offer: TaskOffer = signed_offer.message
@@ -435,8 +434,7 @@ class TaskServer:
     # ---- a failover candidate's status query ---------------------------------------------------------
 
     async def _on_status(self, peer_id: str, body: bytes) -> bytes:
-        if peer_id != self.node.peer_id and not self._status_rate.allow(peer_id, trio.current_time()):
-            await trio.sleep(OVER_LIMIT_DELAY_S)
+        if not await within_rate(self._status_rate, peer_id, self.node.peer_id):
             self.counters["status.rate_limited"] += 1
             raise InvalidOffer(f"busy: more than {STATUS_RATE.per_second:g} status queries/s (burst "
                                f"{STATUS_RATE.burst}) from this peer; back off and ask again")

@@ -32,7 +32,8 @@ from ..runtime import LoadedModel
 from ..runtime.digest import CONFIG_FILES, TOKENIZER_FILE, DigestEntry, digest_entries, digest_from_entries
 from ..wire import WireError, decode_signed, encode_signed
 from ..wire.messages import MAX_FILE_CHUNK, FileChunk, ModelFile, TokenizerManifest, TokenizerQuery
-from .limits import OVER_LIMIT_DELAY_S, TOKENIZER_RATE, PeerRateLimiter
+from .limits import TOKENIZER_RATE, PeerRateLimiter
+from .rate_gate import within_rate
 
 log = get_logger("p2pinfer.tokenizer")
 
@@ -99,8 +100,7 @@ class TokenizerService:
         return self._served[digest]
 
     async def _on_query(self, peer_id: str, body: bytes) -> bytes:
-        if peer_id != self.node.peer_id and not self._rate.allow(peer_id, trio.current_time()):
-            await trio.sleep(OVER_LIMIT_DELAY_S)
+        if not await within_rate(self._rate, peer_id, self.node.peer_id):
             raise TokenizerQueryError(f"busy: more than {TOKENIZER_RATE.per_second:g} tokenizer queries/s (burst "
                                       f"{TOKENIZER_RATE.burst}) from this peer; back off and retry")
         try:

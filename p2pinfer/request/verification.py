@@ -64,7 +64,8 @@ from ..wire.messages import MAX_BID_SET_BYTES, MAX_VERDICT_BYTES
 from .evidence import VerifyRefusal, verify_task_problem
 from .participation import Participations
 from ..errors import P2PInferError
-from .limits import OVER_LIMIT_DELAY_S, RECEIPT_RATE, VERIFY_RATE, PeerRateLimiter
+from .limits import RECEIPT_RATE, VERIFY_RATE, PeerRateLimiter
+from .rate_gate import within_rate
 from .protocol import (
     MAX_RECEIPT_FRAME,
     MAX_VERIFY_FRAME,
@@ -127,9 +128,7 @@ class VerificationService:
 
     async def _on_verify(self, peer_id: str, body: bytes) -> bytes:
         # The rate is checked before any signature work; an over-limit task is answered late (see limits.py).
-        over_limit = peer_id != self.node.peer_id and not self._verify_rate.allow(peer_id, trio.current_time())
-        if over_limit:
-            await trio.sleep(OVER_LIMIT_DELAY_S)
+        over_limit = not await within_rate(self._verify_rate, peer_id, self.node.peer_id)
         try:
             signed = decode_signed(body, expect=VerifyTask, max_size=MAX_VERIFY_FRAME)
             task: VerifyTask = signed.message
@@ -217,8 +216,7 @@ class VerificationService:
     # ---- receipts -------------------------------------------------------------------------------------
 
     async def _on_receipt(self, peer_id: str, body: bytes) -> bytes:
-        if peer_id != self.node.peer_id and not self._receipt_rate.allow(peer_id, trio.current_time()):
-            await trio.sleep(OVER_LIMIT_DELAY_S)
+        if not await within_rate(self._receipt_rate, peer_id, self.node.peer_id):
             self.counters["receipt.rate_limited"] += 1
             raise InvalidTask(f"busy: more than {RECEIPT_RATE.per_second:g} receipts/s (burst {RECEIPT_RATE.burst}) "
                               "from this peer; back off and send it again")

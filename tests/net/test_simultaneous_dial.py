@@ -10,7 +10,9 @@ the losing connection finish before it is closed.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import multiaddr
@@ -185,37 +187,57 @@ async def gossip_flows_both_ways(a: Node, b: Node, round_: int) -> None:
         assert other.host.get_id() in node.pubsub.peer_topics.get(CAPACITY_TOPIC, ())
 
 
+@dataclass
+class HeldRequest:
+    a: Node
+    b: Node
+    log_a: ConnectionLog
+    log_b: ConnectionLog
+    losing: INetConn
+    replies: list[bytes] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def request_held_on_the_losing_connection(stack: AsyncExitStack) -> AsyncIterator[HeldRequest]:
+    """b (the larger peer ID) dials a and starts a request on that connection, held by the echo handler; a
+    then dials b (a duplicate that wins). Yields once both ends use only a's connection, the request still
+    running on the losing one; on leaving, releases the request and checks that it completed."""
+    first, second = ordered_identities()
+    a, b, log_a, log_b = await peers(stack, first, second)
+    await b.connect(info(a))
+    losing = table(b, a)[0]
+    # Both pubsub streams are up, so on the only connection there is: the one that will lose; and both
+    # start-up announcements have arrived, so nothing is written on them until the next one (60 s).
+    await wait_until(lambda: pubsub_conn(a, b) is not None and pubsub_conn(b, a) is losing.muxed_conn,
+                     what="both pubsub streams")
+    await wait_until(lambda: a.peer_id in b.table and b.peer_id in a.table, what="the start-up announcements")
+    RELEASE[:] = [trio.Event()]
+    held = HeldRequest(a, b, log_a, log_b, losing)
+    async with trio.open_nursery() as nursery:
+
+        async def held_request() -> None:
+            held.replies.append(await b.request(a.peer_id, ECHO, b"wait", timeout=600))
+
+        nursery.start_soon(held_request)
+        await wait_until(lambda: len(losing.get_streams()) >= 1, what="b's request stream")
+        # a's own dial, although it is already connected (as a simultaneous dial would have raced it)
+        await a.host.get_network().dial_addr(multiaddr.Multiaddr(info(b).addrs[0]), to_libp2p_id(b.peer_id))
+        await wait_until(lambda: dialers(a, b) == ["OUTBOUND"] and dialers(b, a) == ["INBOUND"],
+                         what="both ends to use only the connection a dialled")
+        yield held
+        RELEASE[0].set()
+    assert held.replies == [b"WAIT"]
+
+
 async def test_a_request_on_the_losing_connection_completes_before_it_closes() -> None:
-    """b (the larger peer ID) dials a and starts a request on that connection; a then dials b (a duplicate
-    that wins). The request on the losing connection still completes; then only a's connection is left,
-    and both ends use it."""
+    """The request on the losing connection still completes; then only a's connection is left, and both
+    ends use it."""
     async with AsyncExitStack() as stack:
-        first, second = ordered_identities()
-        a, b, log_a, log_b = await peers(stack, first, second)
-        await b.connect(info(a))
-        losing = table(b, a)[0]
-        # Both pubsub streams are up, so on the only connection there is: the one that will lose; and both
-        # start-up announcements have arrived, so nothing is written on them until the next one (60 s).
-        await wait_until(lambda: pubsub_conn(a, b) is not None and pubsub_conn(b, a) is losing.muxed_conn,
-                         what="both pubsub streams")
-        await wait_until(lambda: a.peer_id in b.table and b.peer_id in a.table, what="the start-up announcements")
-        RELEASE[:] = [trio.Event()]
-        async with trio.open_nursery() as nursery:
-            replies: list[bytes] = []
-
-            async def held_request() -> None:
-                replies.append(await b.request(a.peer_id, ECHO, b"wait", timeout=600))
-
-            nursery.start_soon(held_request)
-            await wait_until(lambda: len(losing.get_streams()) >= 1, what="b's request stream")
-            # a's own dial, although it is already connected (as a simultaneous dial would have raced it)
-            await a.host.get_network().dial_addr(multiaddr.Multiaddr(info(b).addrs[0]), to_libp2p_id(b.peer_id))
-            await wait_until(lambda: dialers(a, b) == ["OUTBOUND"] and dialers(b, a) == ["INBOUND"],
-                             what="both ends to use only the connection a dialled")
-            assert not losing.is_closed and not replies  # the request on it is still running: not cut off
-            RELEASE[0].set()
-        assert replies == [b"WAIT"]
-        await wait_until(lambda: outcome(a, b, log_a, log_b) == SETTLED, what="one connection left at each end")
+        async with request_held_on_the_losing_connection(stack) as held:
+            assert not held.losing.is_closed and not held.replies  # the request on it is still running
+        a, b, losing = held.a, held.b, held.losing
+        await wait_until(lambda: outcome(a, b, held.log_a, held.log_b) == SETTLED,
+                         what="one connection left at each end")
         assert losing.is_closed
         kept_a, kept_b = table(a, b)[0], table(b, a)[0]
         assert (kept_a.direction.name, kept_b.direction.name) == ("OUTBOUND", "INBOUND")
@@ -291,30 +313,12 @@ async def test_when_the_kept_connection_dies_first_the_losing_one_is_used_again(
     loaded machine), or the network drops it: a losing connection still open then goes back into use, at
     both ends, instead of leaving the pair with no connection in use."""
     async with AsyncExitStack() as stack:
-        first, second = ordered_identities()
-        a, b, log_a, log_b = await peers(stack, first, second)
-        await b.connect(info(a))
-        losing = table(b, a)[0]
-        await wait_until(lambda: pubsub_conn(a, b) is not None and pubsub_conn(b, a) is losing.muxed_conn,
-                         what="both pubsub streams")
-        RELEASE[:] = [trio.Event()]
-        async with trio.open_nursery() as nursery:
-            replies: list[bytes] = []
-
-            async def held_request() -> None:
-                replies.append(await b.request(a.peer_id, ECHO, b"wait", timeout=600))
-
-            nursery.start_soon(held_request)
-            await wait_until(lambda: len(losing.get_streams()) >= 1, what="b's request stream")
-            await a.host.get_network().dial_addr(multiaddr.Multiaddr(info(b).addrs[0]), to_libp2p_id(b.peer_id))
-            await wait_until(lambda: dialers(a, b) == ["OUTBOUND"] and dialers(b, a) == ["INBOUND"],
-                             what="both ends to use only the connection a dialled")
+        async with request_held_on_the_losing_connection(stack) as held:
+            a, b, losing = held.a, held.b, held.losing
             await table(a, b)[0].close()  # the kept connection dies while the losing one still drains
             await wait_until(lambda: dialers(a, b) == ["INBOUND"] and dialers(b, a) == ["OUTBOUND"],
                              what="both ends to use the losing connection again")
             assert table(b, a)[0] is losing
-            RELEASE[0].set()
-        assert replies == [b"WAIT"]
-        assert outcome(a, b, log_a, log_b) == SETTLED and not losing.is_closed
+        assert outcome(a, b, held.log_a, held.log_b) == SETTLED and not losing.is_closed
         assert await a.request(b.peer_id, ECHO, b"back", timeout=30) == b"BACK"
         await gossip_flows_both_ways(a, b, 60)
