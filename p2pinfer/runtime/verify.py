@@ -193,22 +193,20 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
     prompt-only passes, and a first checked pass that includes prompt positions, go through ``forward`` and the
     rest extend the cache in place. A pass's logits are valid until the next is asked for."""
     first_row = len(prompt_ids) - 1
-    # the in-place buffers map their pages lazily: nothing is resident until a pass writes it
-    extend = model.passes(model.empty_cache(), len(seq), rows if rows is not None else VERIFY_ROWS) \
-        if model.shares_kv_buffer else None
-    in_place = extend is not None and extend.keeps_rows
+    # as KVPasses.keeps_rows will say, without making its buffers (zeroed heap memory stays resident once freed)
+    in_place = model.shares_kv_buffer and model.io.logits_to_keep_required
     if rows is None:
         rows = VERIFY_ROWS if in_place else VERIFY_ROWS_FORWARD
     lead = rows if model.io.has_logits_to_keep else 0
     passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
     if in_place:
         # no forward copies of the cache, no second logits buffer: less memory than the forward path below
+        extend = model.passes(model.empty_cache(), len(seq), rows)
         for lo, hi, keep in passes:
             logits = extend.run(seq[lo:hi], keep=keep)
             if hi > first_row:
                 yield hi - keep - first_row, logits
         return
-    del extend
     cache = model.empty_cache()
     checked = [p for p in passes if p[1] > first_row]
     for lo, hi, keep in passes[:len(passes) - len(checked)]:
