@@ -39,6 +39,7 @@ from .host import build_host
 from .keys import keypair_from_identity
 from .faults import FaultKind
 from .nat import Reachability, ReachabilityStatus, RelayLimits
+from .nat_rules import Backoff, NatTiming
 from .node import Node, NodeConfig
 from .protocol import Exchange, Protocol
 from .resources import ResourceLimits
@@ -47,7 +48,8 @@ from .streams import DEFAULT_MAX_FRAME, FrameStream
 __all__ = [
     "AnnouncementRejected", "AnnouncementTable", "BootstrapUnreachable", "CAPACITY_TOPIC", "DEFAULT_MAX_FRAME",
     "DHT_PROTOCOL_ID", "DialError", "Discovery", "Exchange", "FaultKind", "FrameStream", "FrameTooLargeError",
-    "MAX_ANNOUNCEMENT_BYTES", "MalformedFrameError", "NetError", "Node", "NodeConfig", "PeerInfo", "Protocol",
+    "MAX_ANNOUNCEMENT_BYTES", "MalformedFrameError", "NatTiming", "NetError", "Node", "NodeConfig", "PeerInfo",
+    "Protocol", "Backoff",
     "ProtocolNotSupported", "Reachability", "ReachabilityStatus", "RelayLimits", "RemoteError", "RequestTimeout",
     "ResourceLimits",
     "ServingEntry", "StreamClosedError", "StreamResetError", "build_host", "keypair_from_identity",

@@ -62,6 +62,7 @@ class Capacity:
         self._changed = trio.Event()
         self._announced_once = trio.Event()
         self.last_announcement: tuple[bytes, int] | None = None  # (signed envelope, expiry ms)
+        self.last_addrs: tuple[str, ...] = ()  # the addresses in the last announcement (nat re-announces on change)
 
     # ---- announcing ---------------------------------------------------------------------------------
 
@@ -95,6 +96,7 @@ class Capacity:
         announcement = self.build_announcement()
         envelope = encode_signed(self.node.identity, announcement)
         self.last_announcement = (envelope, announcement.expires_at_ms)
+        self.last_addrs = tuple(announcement.addrs)
         await self.gossip.publish(envelope)
         self.stats["announcements.sent"] += 1
         log.debug("gossip.announced", seq=announcement.seq, models=len(announcement.models),

@@ -13,6 +13,11 @@ A peer at home sits behind a router that drops unsolicited inbound connections. 
    one (unilateral dial first, then TCP simultaneous open from the listen port); streams then prefer the
    direct connection and the relayed one is closed after a grace period.
 
+Afterwards :meth:`NatTraversal.recheck_loop` keeps that true: a relayed node keeps its reservation (retrying
+with backoff, moving to another connected relay after a few failures) and re-checks now and then whether it
+is public after all; the pure rules are in :mod:`p2pinfer.net.nat_rules`. Announcements follow only a
+change of the announced addresses, at most every ``NatTiming.reannounce_min_interval_s``.
+
 :meth:`NatTraversal.connect` dials ``/p2p-circuit`` addresses itself, because py-libp2p 0.8.1's
 ``Swarm.dial_peer`` silently drops them.
 
@@ -21,8 +26,8 @@ Fixes for py-libp2p 0.8.1 that live here (see docs/network.md):
 * AutoNAT's server dials back with ``host.connect()``, which returns at once when the requester is already
   connected (it always is: it just sent the request), so every node is told it is reachable.
   :class:`DialBackAutoNAT` opens a *fresh* TCP connection and completes a Noise handshake that proves the
-  requester's peer ID, then closes it: the TCP connection within :data:`DIAL_BACK_CONNECT_S` (a NAT drops
-  the SYN: no connection is the evidence), the handshake within :data:`DIAL_BACK_HANDSHAKE_S` more (a NAT
+  requester's peer ID, then closes it: the TCP connection within :data:`DIAL_BACK_CONNECT_S` (3 s; a NAT drops
+  the SYN: no connection is the evidence), the handshake within :data:`DIAL_BACK_HANDSHAKE_S` (10 s) more (a NAT
   never gets that far, but a loaded requester is slow to answer it), at most
   :data:`MAX_CONCURRENT_DIAL_BACKS` at a time.
 * AutoNAT's client wants 4 agreeing servers before it flips; a young network has one bootstrap node. We
@@ -58,27 +63,25 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..log import get_logger
-from .addrs import PeerInfo
+from .addrs import PeerInfo, strip_p2p
 from .errors import DialError
 from .keys import to_libp2p_id
+from .nat_rules import Backoff, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth, reannounce_wait
 from .publicaddrs import CIRCUIT, announceable, ip_of
 from ..wording import plural
 
 log = get_logger("p2pinfer.net.nat")
 
-DIAL_BACK_CONNECT_S = 3.0          # a home NAT drops the SYN: the dial-back's TCP connect waits this long
-# Once TCP is up the address reaches a machine: its Noise handshake may take this much longer. One limit for
-# both (3 s) told a public peer on a loaded machine that it was behind NAT, so it went relayed for good.
-DIAL_BACK_HANDSHAKE_S = 10.0
+# The dial-back's limits (defaults; a node's own are in its NatTiming): TCP connect, then Noise handshake.
+DIAL_BACK_CONNECT_S = NatTiming.dial_back_connect_s
+DIAL_BACK_HANDSHAKE_S = NatTiming.dial_back_handshake_s
 MAX_CONCURRENT_DIAL_BACKS = 8      # AutoNAT server: dial-backs in flight at once (each is a TCP + Noise)
 MAX_DIAL_BACK_ADDRS = 4            # AutoNAT server: addresses tried per request
 AUTONAT_QUERY_TIMEOUT_S = 15.0     # the requester's wait for the verdict: one address's connect + handshake
 IDENTIFY_WAIT_S = 2.0              # how long to wait for identify to tell us our observed address
 RESERVE_TIMEOUT_S = 5.0
-RECHECK_FIRST_S = 5.0             # while never checked (nobody to ask yet), look for peers to ask this often
-RECHECK_INTERVAL_S = 120.0         # an unreachable peer re-checks this often
-RELAY_CHECK_S = 10.0               # a relayed peer checks this often that it is still connected to its relay
-MAX_RECHECK_SERVERS = 3
+MAX_RECHECK_SERVERS = 3            # peers asked per re-check (the intervals: NatTiming in nat_rules.py)
+MAX_RELAY_CANDIDATES = 8           # connected peers asked for a reservation when our relay is lost
 NOT_CHECKED = "not checked yet: no other peer to dial us back"
 HOLE_PUNCH_DIAL_TIMEOUT_S = 2      # DCUtR's own default (10 s) makes a failed round take 10 s
 
@@ -123,8 +126,11 @@ def is_circuit(addr: str) -> bool:
 class DialBackAutoNAT(AutoNATService):
     """py-libp2p's AutoNAT server, with a dial-back that really dials (see the module docstring)."""
 
-    def __init__(self, host: IHost) -> None:
+    def __init__(self, host: IHost, *, connect_timeout_s: float = DIAL_BACK_CONNECT_S,
+                 handshake_timeout_s: float = DIAL_BACK_HANDSHAKE_S) -> None:
         super().__init__(host, serve=True)  # type: ignore[arg-type]
+        self.connect_timeout_s = connect_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self._slots = trio.Semaphore(MAX_CONCURRENT_DIAL_BACKS)
         self.dial_backs = 0
         self.refused_busy = 0
@@ -151,8 +157,8 @@ class DialBackAutoNAT(AutoNATService):
                 addr = multiaddr.Multiaddr(raw)
             except Exception:
                 continue
-            if await fresh_handshake(self.host, peer_id, addr, connect_timeout=DIAL_BACK_CONNECT_S,
-                                     handshake_timeout=DIAL_BACK_HANDSHAKE_S):
+            if await fresh_handshake(self.host, peer_id, addr, connect_timeout=self.connect_timeout_s,
+                                     handshake_timeout=self.handshake_timeout_s):
                 return bytes(raw)
         return None
 
@@ -197,13 +203,15 @@ class NatTraversal:
     """AutoNAT server and client, relay (hop when ``relay_hop``, always stop/client), DCUtR; one per Node."""
 
     def __init__(self, host: IHost, *, listen: Sequence[str], announce: Sequence[str], relay_hop: bool,
-                 relay_limits: RelayLimits, hole_punch: bool = True) -> None:
+                 relay_limits: RelayLimits, hole_punch: bool = True, timing: NatTiming = NatTiming()) -> None:
         self.host = host
+        self.timing = timing
         self.listen = tuple(listen)
         self.announce = tuple(announce)
         self.relay_hop = relay_hop
         self.relay_limits = relay_limits
-        self.autonat = DialBackAutoNAT(host)
+        self.autonat = DialBackAutoNAT(host, connect_timeout_s=timing.dial_back_connect_s,
+                                       handshake_timeout_s=timing.dial_back_handshake_s)
         self.relay_protocol = CircuitV2Protocol(host, limits=relay_limits.to_libp2p(), allow_hop=relay_hop)
         # No CLIENT role: with it, every dial through a relay first takes a reservation there (a slot wasted per
         # dialler); we reserve explicitly, only when we need to be reachable.
@@ -218,8 +226,22 @@ class NatTraversal:
         self.relayed_addrs: tuple[str, ...] = ()
         self.reserved_on: tuple[str, ...] = ()
         self._nursery: trio.Nursery | None = None
+        # Our announced addresses depend on the reachability: the node tells us what it would announce now
+        # (``addresses``) and what it announced last (``announced``); ``on_change`` makes it announce.
         self.on_change: Callable[[], None] = lambda: None
+        self.addresses: Callable[[], Sequence[str]] = lambda: ()
+        self.announced: Callable[[], Sequence[str]] = lambda: ()
+        self._reannounced_at: float | None = None
+        self._reannounce_pending = False
         self._relays: list[PeerInfo] = []  # where we hold reservations (first: the one we announce)
+        self._relay_up = False  # connected to self._relays[0] with a reservation, as far as we know
+        self._relay_conns: list[Any] = []  # the connections to it when we reserved (one closing: reserve again)
+        self.relay_health = RelayHealth(timing.relay_tries_before_lost, timing.relay_retry, timing.relay_check_s)
+        self.public_evidence = PublicEvidence(timing.public_confirmations, timing.public_window)
+        self._next_public_check = 0.0
+        self._unanswered_rounds = 0  # re-checks in a row that asked peers and got no verdict
+        self.stats: dict[str, int] = {"relay_restored": 0, "relay_replaced": 0, "reannounced": 0,
+                                      "public_rechecks": 0}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -260,12 +282,9 @@ class NatTraversal:
             while not all(i in identified for i in ids):
                 await trio.sleep(0.02)
 
-    async def check_reachability(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus | None:
-        """Ask ``servers`` (connected peers) to dial us back. None when no server answered."""
-        await self._wait_identified(servers)
-        candidates = self.dial_back_candidates()
-        if not candidates:
-            return ReachabilityStatus(Reachability.UNREACHABLE, "no address to be dialled on")
+    async def _ask_dial_backs(self, servers: Sequence[PeerInfo], candidates: Sequence[str]
+                              ) -> dict[str, tuple[int, bytes | None]]:
+        """Ask each of ``servers`` at once to dial us back on ``candidates``: peer ID -> (status, address)."""
         raw = [multiaddr.Multiaddr(a).to_bytes() for a in candidates]
         answers: dict[str, tuple[int, bytes | None]] = {}
 
@@ -281,10 +300,19 @@ class NatTraversal:
         async with trio.open_nursery() as nursery:
             for server in servers:
                 nursery.start_soon(ask, server)
-        ok = [(pid, addr) for pid, (code, addr) in answers.items() if code == int(AutoNATMessage.OK)]
+        return answers
+
+    async def check_reachability(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus | None:
+        """Ask ``servers`` (connected peers) to dial us back. None when no server answered."""
+        await self._wait_identified(servers)
+        candidates = self.dial_back_candidates()
+        if not candidates:
+            return ReachabilityStatus(Reachability.UNREACHABLE, "no address to be dialled on")
+        answers = await self._ask_dial_backs(servers, candidates)
+        ok = [(pid, addr) for pid, (code, addr) in answers.items() if _answer(code) is DialBackAnswer.REACHED]
         # Only "I dialled and failed" is evidence against us; a refusal (busy, relayed, no address on our
         # observed IP) says nothing about our reachability.
-        failed = [pid for pid, (code, _) in answers.items() if code == int(AutoNATMessage.E_DIAL_ERROR)]
+        failed = [pid for pid, (code, _) in answers.items() if _answer(code) is DialBackAnswer.FAILED]
         log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
                  candidates=",".join(candidates)[:300])
         if ok:
@@ -319,9 +347,19 @@ class NatTraversal:
         log.info("nat.relay_refused", relay=relay.peer_id, error=f"no answer within {RESERVE_TIMEOUT_S} s")
         return []
 
+    def _use_relay(self, relay: PeerInfo, addrs: Sequence[str]) -> None:
+        """From now on we are reachable through ``relay`` (and announce only its addresses)."""
+        self.relayed_addrs = tuple(dict.fromkeys(addrs))
+        self.reserved_on = (relay.peer_id,)
+        self._relays = [relay]
+        self._relay_up = True
+        self._relay_conns = self._open_connections(relay.peer_id)
+        self.relay_health.record(True)
+        self.public_evidence.reset()
+        self._next_public_check = trio.current_time() + self.timing.public_recheck.delay(0)
+
     async def establish(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus:
         """Join-time: find out whether we are reachable; if not, reserve on a relay. Sets :attr:`status`."""
-        before = self.status
         checked = await self.check_reachability(servers) if servers else None
         if checked is not None and checked.state is Reachability.PUBLIC:
             self.status = checked
@@ -331,9 +369,7 @@ class NatTraversal:
             for relay in servers:
                 addrs = await self.reserve(relay)
                 if addrs:
-                    self.relayed_addrs = tuple(dict.fromkeys([*self.relayed_addrs, *addrs]))
-                    self.reserved_on = (*self.reserved_on, relay.peer_id)
-                    self._relays.append(relay)
+                    self._use_relay(relay, addrs)
                     break
             if self.relayed_addrs:
                 self.status = ReachabilityStatus(Reachability.RELAYED,
@@ -344,71 +380,168 @@ class NatTraversal:
                 self.status = ReachabilityStatus(Reachability.UNREACHABLE, f"{why}; no relay granted a reservation")
         log.info("nat.reachability", state=self.status.state.value, reason=self.status.reason,
                  relayed=",".join(self.relayed_addrs)[:300])
-        if self.status.state is not before.state:
-            self.on_change()  # our announced addresses depend on it
+        self.addresses_may_have_changed()
         return self.status
 
-    async def recheck_loop(self, servers: Callable[[], list[PeerInfo]], *, first_s: float = RECHECK_FIRST_S,
-                           interval_s: float = RECHECK_INTERVAL_S) -> None:
-        """While unreachable, ask connected peers again (a first bootstrap node has nobody to ask at start).
+    async def recheck_loop(self, servers: Callable[[], list[PeerInfo]]) -> None:
+        """Keep our reachability true while we run.
 
-        ``servers()`` gives peers we hold direct connections to. Relayed and public peers are not re-checked.
+        ``servers()`` gives peers we hold direct connections to. A relayed peer keeps its relay (or finds
+        another) and now and then asks whether it is public after all; an unreachable one asks again (a
+        first bootstrap node has nobody to ask at start); a public peer is not re-checked.
         """
-        wait = first_s
+        wait = self.timing.recheck_first_s
         while True:
             await trio.sleep(wait)
-            if self._relays:  # we hold (or held) a reservation: keep it
-                wait = RELAY_CHECK_S
-                try:
-                    await self._keep_reservation()
-                except Exception as exc:  # never take the node down; try again at the next check
-                    log.warning("nat.relay_check_failed", error=repr(exc)[:200])
-                continue
-            wait = interval_s if self.status.checked else first_s
-            if self.status.state is not Reachability.UNREACHABLE:
-                continue
             try:
-                candidates = servers()[:MAX_RECHECK_SERVERS]
-                if candidates:
-                    before = self.status
-                    await self.establish(candidates)
-                    if self.status != before:
-                        log.info("nat.reachability_changed", state=self.status.state.value,
-                                 reason=self.status.reason)
+                wait = await self._recheck_once(servers)
             except Exception as exc:  # a failed re-check must never take the node down; try again later
                 log.warning("nat.recheck_failed", error=repr(exc)[:200])
+                wait = self.timing.relay_check_s
 
-    async def _keep_reservation(self) -> None:
-        """A relay that went away (restart, network) took our reservation with it: reconnect and reserve
-        again (every RELAY_CHECK_S), instead of staying unreachable until the next refresh (up to an hour).
-        The relayed address stays announced meanwhile: it works again as soon as the relay is back."""
-        relay = self._relays[0]
-        lost = self.status.state is not Reachability.RELAYED
-        if self.is_connected(relay.peer_id) and not lost:
-            return
-        if not lost:
-            log.info("nat.relay_lost", relay=relay.peer_id)
+    async def _recheck_once(self, servers: Callable[[], list[PeerInfo]]) -> float:
+        """One round of upkeep; returns how long to sleep before the next."""
+        if self._relays:  # we hold (or held) a reservation: keep it, and see whether we are public after all
+            wait = await self._keep_reservation(servers)
+            if self._relays and self.status.state is not Reachability.PUBLIC:
+                until_public_check = self._next_public_check - trio.current_time()
+                if until_public_check <= 0:
+                    await self._recheck_public(servers)
+                    until_public_check = self._next_public_check - trio.current_time()
+                wait = min(wait, max(until_public_check, 0.0))
+            return wait
+        if self.status.state is not Reachability.UNREACHABLE:
+            return self.timing.recheck_interval_s
+        candidates = servers()[:MAX_RECHECK_SERVERS]
+        if not candidates:
+            return self.timing.recheck_first_s  # nobody to ask yet: look again soon
+        before = self.status
+        await self.establish(candidates)
+        if self.status != before:
+            log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
+        if self.status.checked:
+            self._unanswered_rounds = 0
+            return self.timing.recheck_interval_s
+        # Asked, and nobody answered (loaded servers, busy refusals): back off instead of asking every 5 s,
+        # each round a dial-back (TCP + Noise) for every server asked.
+        self._unanswered_rounds += 1
+        return Backoff(self.timing.recheck_first_s, self.timing.recheck_interval_s).delay(self._unanswered_rounds)
+
+    async def _reconnect_and_reserve(self, relay: PeerInfo) -> bool:
         network: Any = self.host.get_network()
         negative = getattr(network, "_negative_peer_cache", None)
         if negative is not None:  # py-libp2p refuses to redial a peer for 60 s after a failed dial
             negative.evict(relay.peer_id)
-        with trio.move_on_after(RESERVE_TIMEOUT_S):
-            try:
-                await self.host.connect(relay.to_libp2p())
-            except Exception as exc:
-                log.debug("nat.relay_reconnect_failed", relay=relay.peer_id, error=repr(exc)[:200])
-        before = self.status
-        if self.is_connected(relay.peer_id) and await self.reserve(relay):
-            self.status = ReachabilityStatus(Reachability.RELAYED, f"reachable through relay {relay.peer_id}")
+        if not self.is_connected(relay.peer_id):
+            with trio.move_on_after(RESERVE_TIMEOUT_S):
+                try:
+                    await self.host.connect(relay.to_libp2p())
+                except Exception as exc:
+                    log.debug("nat.relay_reconnect_failed", relay=relay.peer_id, error=repr(exc)[:200])
+        return self.is_connected(relay.peer_id) and bool(await self.reserve(relay))
+
+    async def _keep_reservation(self, servers: Callable[[], list[PeerInfo]]) -> float:
+        """A relay that went away (restart, network) took our reservation with it: reconnect and reserve again,
+        instead of staying unreachable until the next refresh (up to an hour). Returns the next check's delay.
+
+        A failed try is retried with backoff; only :attr:`NatTiming.relay_tries_before_lost` failures in a row
+        make the relay lost, and then another connected relay is asked. Our relayed address stays announced
+        meanwhile (it works again as soon as the relay is back), and nothing is announced unless our
+        addresses change: a relay that comes back under the same address costs the network no gossip."""
+        relay = self._relays[0]
+        if self._relay_up and any(not getattr(c, "is_closed", False) for c in self._relay_conns):
+            self.relay_health.record(True)
+            return self.relay_health.next_check_s()
+        if self._relay_up:
+            log.info("nat.relay_lost", relay=relay.peer_id)
+            self._relay_up = False
+        ok = await self._reconnect_and_reserve(relay)
+        action = self.relay_health.record(ok)
+        if action is RelayAction.KEEP:
+            self._relay_up = True
+            self._relay_conns = self._open_connections(relay.peer_id)
+            self.stats["relay_restored"] += 1
             log.info("nat.relay_restored", relay=relay.peer_id)
-            self.on_change()  # announce again: a restarted relay (a bootstrap node) lost its announcement table
+            if self.status.state is not Reachability.RELAYED:
+                self.status = ReachabilityStatus(Reachability.RELAYED, f"reachable through relay {relay.peer_id}")
+            self.addresses_may_have_changed()
+            return self.relay_health.next_check_s()
+        if action is RelayAction.RETRY:
+            log.info("nat.relay_retry", relay=relay.peer_id, failures=self.relay_health.failures,
+                     retry_in_s=self.relay_health.next_check_s())
+            return self.relay_health.next_check_s()
+        for other in servers()[:MAX_RELAY_CANDIDATES]:
+            if other.peer_id == relay.peer_id or not other.addrs:
+                continue
+            addrs = await self.reserve(other)
+            if addrs:
+                self._use_relay(other, addrs)
+                self.stats["relay_replaced"] += 1
+                self.status = ReachabilityStatus(Reachability.RELAYED,
+                                                 f"relay {relay.peer_id} lost; reachable through relay {other.peer_id}")
+                log.info("nat.relay_replaced", lost=relay.peer_id, relay=other.peer_id)
+                self.addresses_may_have_changed()
+                return self.relay_health.next_check_s()
+        wait = self.relay_health.next_check_s()
+        if self.status.state is not Reachability.UNREACHABLE:
+            log.info("nat.relay_gone", relay=relay.peer_id, failures=self.relay_health.failures)
+        self.status = ReachabilityStatus(Reachability.UNREACHABLE,
+                                         f"lost relay {relay.peer_id}; trying again every {wait:.0f} s", checked=False)
+        self.addresses_may_have_changed()
+        return wait
+
+    async def _recheck_public(self, servers: Callable[[], list[PeerInfo]]) -> None:
+        """Ask again whether we are dialable: a public peer once told it was behind NAT (its dial-backs failed
+        on a loaded machine) would otherwise stay relayed for good. Public after several confirmations."""
+        self.stats["public_rechecks"] += 1
+        now = trio.current_time()
+        candidates = servers()[:MAX_RECHECK_SERVERS]
+        addrs = self.dial_back_candidates()
+        if not candidates or not addrs:
+            self._next_public_check = now + self.public_evidence.next_check_s(self.timing.public_recheck)
             return
-        else:
-            self.status = ReachabilityStatus(Reachability.UNREACHABLE,
-                                             f"lost relay {relay.peer_id}; reconnecting every {RELAY_CHECK_S:.0f} s",
-                                             checked=False)
-        if self.status.state is not before.state:
-            self.on_change()
+        answers = await self._ask_dial_backs(candidates, addrs)
+        verdicts = [_answer(code) for code, _ in answers.values()]
+        self.public_evidence.record_round(verdicts)
+        self._next_public_check = trio.current_time() + self.public_evidence.next_check_s(self.timing.public_recheck)
+        log.info("nat.public_recheck", asked=len(candidates), reached=verdicts.count(DialBackAnswer.REACHED),
+                 failed=verdicts.count(DialBackAnswer.FAILED), confirmations=self.public_evidence.reached(),
+                 needed=self.public_evidence.needed)
+        if not self.public_evidence.confirmed():
+            return
+        where = next((_addr_text(addr) for code, addr in answers.values()
+                      if _answer(code) is DialBackAnswer.REACHED), "an address")
+        self.status = ReachabilityStatus(
+            Reachability.PUBLIC, f"dialled back at {where} {self.public_evidence.reached()} times on re-check")
+        self.relayed_addrs, self.reserved_on, self._relays, self._relay_up, self._relay_conns = (), (), [], False, []
+        self.public_evidence.reset()
+        log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
+        self.addresses_may_have_changed()
+
+    # ---- announcing address changes -------------------------------------------------------------------
+
+    def addresses_may_have_changed(self) -> None:
+        """Announce when the addresses we would announce differ from the last announced ones, at most every
+        ``reannounce_min_interval_s`` (a later change waits, and is announced once, with the latest state)."""
+        now = trio.current_time()
+        wait = reannounce_wait(self.announced(), self.addresses(), self._reannounced_at, now,
+                               self.timing.reannounce_min_interval_s)
+        if wait is None:
+            return
+        if wait > 0:
+            if not self._reannounce_pending and self._nursery is not None:
+                self._reannounce_pending = True
+                self._nursery.start_soon(self._reannounce_later, wait)
+            return
+        self._reannounced_at = now
+        self.stats["reannounced"] += 1
+        log.info("nat.reannounce", addrs=",".join(self.addresses())[:300])
+        self.on_change()
+
+    async def _reannounce_later(self, wait: float) -> None:
+        await trio.sleep(wait)
+        self._reannounce_pending = False
+        self.addresses_may_have_changed()
 
     def direct_peers(self) -> list[PeerInfo]:
         """Peers we hold a direct (not relayed) connection to, with their peerstore addresses."""
@@ -420,14 +553,18 @@ class NatTraversal:
                     known = self.host.get_peerstore().addrs(pid)
                 except Exception:  # PeerStoreError: connected, but identify has not told us its addresses
                     known = []
-                out.append(PeerInfo(peer_id, tuple(str(a) for a in known if not is_circuit(str(a)))))
+                direct = dict.fromkeys(strip_p2p(str(a)) for a in known if not is_circuit(str(a)))
+                out.append(PeerInfo(peer_id, tuple(direct)))
         return out
 
     # ---- dialling -----------------------------------------------------------------------------------
 
-    def is_connected(self, peer_id: str) -> bool:
+    def _open_connections(self, peer_id: str) -> list[Any]:
         conns = self.host.get_network().get_connections(to_libp2p_id(peer_id))  # type: ignore[attr-defined]
-        return any(not getattr(c, "is_closed", False) for c in conns or [])
+        return [c for c in conns or [] if not getattr(c, "is_closed", False)]
+
+    def is_connected(self, peer_id: str) -> bool:
+        return bool(self._open_connections(peer_id))
 
     async def dial_circuit(self, peer_id: str, circuit_addrs: Sequence[str], *, timeout: float) -> None:
         """Connect to ``peer_id`` through the relays named in ``circuit_addrs`` (tried in order)."""
@@ -477,6 +614,14 @@ class NatTraversal:
             if addrs and all(CIRCUIT not in str(a) for a in addrs):
                 return True
         return False
+
+
+def _answer(code: int) -> DialBackAnswer:
+    if code == int(AutoNATMessage.OK):
+        return DialBackAnswer.REACHED
+    if code == int(AutoNATMessage.E_DIAL_ERROR):
+        return DialBackAnswer.FAILED
+    return DialBackAnswer.NO_VERDICT
 
 
 def _addr_text(raw: bytes | None) -> str:

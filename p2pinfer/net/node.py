@@ -62,6 +62,7 @@ from .keys import to_libp2p_id
 from .listen import check_listen_ports
 from .loopback import loopback_pair
 from .nat import NatTraversal, Reachability, RelayLimits, is_circuit
+from .nat_rules import NatTiming
 from .protocol import Protocol, frame_limit
 from .protocol import protocol_id as protocol_id_of
 from .publicaddrs import announceable
@@ -104,6 +105,7 @@ class NodeConfig:
     nat_traversal: bool = True
     hole_punch: bool = True                  # DCUtR: upgrade relayed connections to direct ones
     bootstrap_timeout_s: float = 5.0
+    nat_timing: NatTiming = field(default_factory=NatTiming)  # re-check, relay upkeep and re-announce intervals
 
 
 def quiet_libp2p_logging() -> None:
@@ -135,8 +137,11 @@ class Node:
         relay_hop = config.role == "bootstrap" if config.relay_hop is None else config.relay_hop
         self.nat = NatTraversal(self.host, listen=config.listen, announce=config.extra_addrs,
                                 relay_hop=relay_hop, relay_limits=config.relay_limits,
-                                hole_punch=config.hole_punch)
-        self.nat.on_change = lambda: self.capacity.update()  # re-announce when our addresses change
+                                hole_punch=config.hole_punch, timing=config.nat_timing)
+        # re-announce when the addresses we would announce differ from the last announced ones
+        self.nat.on_change = lambda: self.capacity.update()
+        self.nat.addresses = self.announce_addrs if config.role != "bootstrap" else tuple  # bootstrap: none
+        self.nat.announced = lambda: self.capacity.last_addrs
         self.table = AnnouncementTable()
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id,
                                      on_fault=self.guard.fault)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from typing import Callable
+from typing import Callable, Hashable
 
 import trio
 
@@ -39,3 +39,24 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what:
 def offer(digest: bytes, name: str = "test-model") -> ModelOffer:
     return ModelOffer(digest=digest, name=name, numeric_class="fp32-cpu", context_length=2048,
                       max_new_tokens=256, decode_tokens_per_s=12.5)
+
+
+async def wait_while_progressing(state: Callable[[], Hashable], done: Callable[[], bool], *, stall_s: float = 240.0,
+                                 limit_s: float = 900.0, what: str = "condition") -> None:
+    """Wait until ``done()``; fail only when ``state()`` (a measure of progress, e.g. announcements learned)
+    has not changed for ``stall_s``.
+
+    Many nodes in one process on a loaded machine make progress slowly, but they make it: a fixed limit over
+    the whole wait is a deadline the machine can miss, while a network that stopped making progress is stuck
+    whatever the load. ``limit_s`` only bounds how long a test whose state keeps changing can hang."""
+    last, since = state(), trio.current_time()
+    started = since
+    while not done():
+        if trio.current_time() - started > limit_s:
+            raise AssertionError(f"not done after {limit_s} s waiting for {what}")
+        now_state = state()
+        if now_state != last:
+            last, since = now_state, trio.current_time()
+        elif trio.current_time() - since > stall_s:
+            raise AssertionError(f"no progress for {stall_s} s waiting for {what}")
+        await trio.sleep(0.05)

@@ -20,7 +20,7 @@ from p2pinfer.net.gossip import build_pubsub
 from p2pinfer.net.host import build_host
 from p2pinfer.wire import CapacityAnnouncement, codec, encode_signed, now_ms
 
-from .helpers import LOCAL, offer, start, wait_until
+from .helpers import LOCAL, offer, start, wait_until, wait_while_progressing
 
 DIGEST_X = b"\x01" * 32
 DIGEST_Y = b"\x02" * 32
@@ -31,7 +31,9 @@ async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
     # loaded machine makes the test slower. (A starved event loop once left a node connected to all ten yet
     # with no GossipSub topic peer: py-libp2p gave up the pubsub stream after one failed negotiation;
     # gossip.PatientPubsub opens it again, see test_a_pubsub_stream_whose_negotiation_failed_is_opened_again.)
-    patient = {"stream_negotiation_timeout_s": 120.0, "bootstrap_timeout_s": 60.0}
+    # The DHT refresh at the product's interval: nothing here uses the DHT, and the helpers' 5 s refresh of
+    # eleven nodes in one process is CPU a loaded machine does not have.
+    patient = {"stream_negotiation_timeout_s": 120.0, "bootstrap_timeout_s": 60.0, "dht_refresh_interval_s": 300.0}
     async with AsyncExitStack() as stack:
         boot = await start(stack, role="bootstrap", **patient)
         peers: list[Node] = []
@@ -41,11 +43,17 @@ async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
             peer.update_capacity(models=[offer(bytes([i + 1]) * 32, f"model-{i}")], free_slots=i % 3, total_slots=2)
         everyone = {p.peer_id for p in peers}
 
-        def all_learned() -> bool:  # every node holds every peer's announcement *with* its model
-            return all({a.peer_id for a in n.table.live(now_ms()) if a.models} >= everyone for n in [boot, *peers])
+        def learned() -> tuple[int, ...]:  # for each node, how many peers' announcements *with* a model it holds
+            return tuple(len({a.peer_id for a in n.table.live(now_ms()) if a.models} & everyone)
+                         for n in [boot, *peers])
+
+        def all_learned() -> bool:
+            return all(count == len(everyone) for count in learned())
 
         try:
-            await wait_until(all_learned, timeout=120, what="every node to hold all 10 announcements")
+            # Eleven nodes share one process: on a loaded machine they learn slowly (at load 12 some took
+            # minutes), so the wait fails only when nothing new was learned for a long time.
+            await wait_while_progressing(learned, all_learned, what="every node to hold all 10 announcements")
         except AssertionError as exc:  # say which node missed what, and how it was connected (to find the cause)
             raise AssertionError(f"{exc}; " + "; ".join(_gossip_state(n, everyone) for n in [boot, *peers])) from None
         # The bootstrap node announces nothing; the table says who serves what, with how many free slots.
@@ -66,8 +74,11 @@ async def test_bootstrap_and_ten_peers_learn_every_announcement() -> None:
             assert set(node.counters) <= allowed, node.counters
         # A change is announced promptly and replaces the old announcement everywhere.
         peers[3].update_capacity(free_slots=2)
-        await wait_until(lambda: all(len(n.serving(bytes([4]) * 32, include_self=True)) == 1 for n in peers),
-                         timeout=120, what="the changed announcement to spread")
+        def changed() -> tuple[int, ...]:
+            return tuple(len(n.serving(bytes([4]) * 32, include_self=True)) for n in peers)
+
+        await wait_while_progressing(changed, lambda: all(count == 1 for count in changed()),
+                                     what="the changed announcement to spread")
     # Leaving the AsyncExitStack shut all 11 nodes down; reaching this line means nothing raised.
 
 
@@ -76,7 +87,8 @@ def _gossip_state(node: Node, everyone: set[str]) -> str:
     missing = sorted(p[-6:] for p in everyone - learned)
     return (f"{node.peer_id[-6:]}: missing {missing}, connected {len(node.host.get_connected_peers())}, "
             f"pubsub streams {len(node.pubsub.peers)}, topic peers {len(node.gossip.topic_peers())}, "
-            f"mesh {node.gossip.mesh_size()}, counters {dict(node.counters)}")
+            f"mesh {node.gossip.mesh_size()}, {node.reachability}, nat {node.nat.stats}, "
+            f"counters {dict(node.counters)}")
 
 
 async def _gossip_host(stack: AsyncExitStack, identity: Identity):  # type: ignore[no-untyped-def]
@@ -232,16 +244,24 @@ async def test_dht_provider_lookup_finds_exactly_the_serving_peers() -> None:
         found: dict[bytes, set[str]] = {}
 
         async def lookups_converge() -> None:  # records spread as each server provides and re-provides
-            while True:
+            # On a loaded machine the records spread slowly: fail only when the lookups' answers stopped
+            # changing for a long time, not at a fixed deadline.
+            last, since = None, trio.current_time()
+            started = since
+            while trio.current_time() - started < 900:  # only bounds how long a broken test hangs
                 found[DIGEST_X] = {i.peer_id for i in await client.find_providers(DIGEST_X, timeout=30)}
                 found[DIGEST_Y] = {i.peer_id for i in await client.find_providers(DIGEST_Y, timeout=30)}
                 if found[DIGEST_X] == serving_x and found[DIGEST_Y] == serving_y:
                     return
+                now = (frozenset(found[DIGEST_X]), frozenset(found[DIGEST_Y]))
+                if now != last:
+                    last, since = now, trio.current_time()
+                elif trio.current_time() - since > 240:
+                    return  # stuck: the assertion below says what was found
                 await trio.sleep(0.2)
 
-        with trio.move_on_after(180):
-            await lookups_converge()
-        assert found[DIGEST_X] == serving_x and found[DIGEST_Y] == serving_y
+        await lookups_converge()
+        assert found[DIGEST_X] == serving_x and found[DIGEST_Y] == serving_y, found
         infos = await client.find_providers(DIGEST_X)
         assert all(i.addrs for i in infos)  # dialable
         # The DHT speaks only our private protocol, never the public IPFS one.

@@ -1,0 +1,132 @@
+"""Pure rules of NAT traversal (no I/O, no clock of their own): when to try again, when a relay is lost,
+when dial-backs prove we are public, when our addresses changed enough to announce.
+
+:mod:`p2pinfer.net.nat` applies them; ``tests/nat/test_nat_rules.py`` checks them with hypothesis.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """``first_s``, then doubling after each failure, never above ``max_s``."""
+
+    first_s: float
+    max_s: float
+
+    def delay(self, failures: int) -> float:
+        if failures <= 0:
+            return self.first_s
+        # min() before the power would overflow: 2.0 ** 2000 is an OverflowError
+        return min(self.max_s, self.first_s * 2.0 ** min(failures, 64))
+
+
+@dataclass(frozen=True)
+class NatTiming:
+    """Every interval of the reachability and relay upkeep, declared once (tests shorten them)."""
+
+    recheck_first_s: float = 5.0        # never checked (nobody to ask yet): look for peers to ask this often
+    recheck_interval_s: float = 120.0   # an unreachable peer re-checks this often
+    relay_check_s: float = 10.0         # a relayed peer checks this often that it is still connected to its relay
+    # A relay that did not answer is tried again after 2, 4, 8 s ...; after this many failed tries in a row it
+    # is lost and another known relay is asked. One failed try used to count as lost: under load that flapped.
+    relay_retry: Backoff = Backoff(2.0, 30.0)
+    relay_tries_before_lost: int = 3
+    # A relayed peer asks again whether it is public after all (dial-backs that failed on a loaded machine
+    # told it NAT): after 60 s, then doubling to 30 min while nobody reaches it.
+    public_recheck: Backoff = Backoff(60.0, 1800.0)
+    public_confirmations: int = 3       # successful dial-backs within the last public_window rounds to flip
+    public_window: int = 4
+    reannounce_min_interval_s: float = 10.0  # address changes are announced at most this often (coalesced)
+    # AutoNAT server: a home NAT drops the dial-back's SYN, so the TCP connect waits dial_back_connect_s; once
+    # TCP is up the address reaches a machine, and its Noise handshake may take dial_back_handshake_s more
+    # (one 3 s limit for both told a public peer on a loaded machine that it was behind NAT).
+    dial_back_connect_s: float = 3.0
+    dial_back_handshake_s: float = 10.0
+
+
+class RelayAction(enum.Enum):
+    KEEP = "keep"            # the relay answered: nothing changes
+    RETRY = "retry"          # it did not, but a few failures in a row are a loaded machine or a blip: try again
+    REPLACE = "replace"      # it failed too often: the relay is lost, look for another
+
+
+@dataclass
+class RelayHealth:
+    """Consecutive failed tries to reach (and reserve on) our relay."""
+
+    tries_before_lost: int
+    retry: Backoff
+    check_s: float
+    failures: int = 0
+
+    def record(self, ok: bool) -> RelayAction:
+        if ok:
+            self.failures = 0
+            return RelayAction.KEEP
+        self.failures += 1
+        return RelayAction.REPLACE if self.failures >= self.tries_before_lost else RelayAction.RETRY
+
+    def next_check_s(self) -> float:
+        """Healthy: the regular check. Failing: back off (1st retry after retry.first_s, then doubling)."""
+        return self.check_s if self.failures == 0 else self.retry.delay(self.failures - 1)
+
+
+class DialBackAnswer(enum.Enum):
+    REACHED = "reached"      # the server dialled us back and proved our peer ID
+    FAILED = "failed"        # the server dialled and could not reach us
+    NO_VERDICT = "no-verdict"  # refused, busy, no answer: says nothing about us
+
+
+@dataclass
+class PublicEvidence:
+    """Dial-back answers collected by a relayed peer's re-check rounds.
+
+    It turns public on ``needed`` successful dial-backs within the last ``window`` rounds, from at least two
+    of those rounds (one moment of luck is not enough). Failures do not veto: a loaded honest server, or one
+    lying server, cannot keep a public peer relayed; a lying "reached" would have to repeat itself round
+    after round (and the join already trusts a single one).
+    """
+
+    needed: int
+    window: int
+    _rounds: deque[int] = field(default_factory=deque)  # successful dial-backs per round, newest last
+    rounds_without_reach: int = 0
+
+    def record_round(self, answers: Sequence[DialBackAnswer]) -> None:
+        reached = sum(1 for a in answers if a is DialBackAnswer.REACHED)
+        self._rounds.append(reached)
+        while len(self._rounds) > max(self.window, 1):
+            self._rounds.popleft()
+        self.rounds_without_reach = 0 if reached else self.rounds_without_reach + 1
+
+    def reached(self) -> int:
+        return sum(self._rounds)
+
+    def confirmed(self) -> bool:
+        rounds_with_reach = sum(1 for r in self._rounds if r)
+        return self.reached() >= self.needed and rounds_with_reach >= min(2, self.needed)
+
+    def next_check_s(self, backoff: Backoff) -> float:
+        """Soon while some dial-backs reach us (to confirm), backing off while none does."""
+        return backoff.delay(self.rounds_without_reach)
+
+    def reset(self) -> None:
+        self._rounds.clear()
+        self.rounds_without_reach = 0
+
+
+def reannounce_wait(addrs_before: Sequence[str], addrs_now: Sequence[str], last_at: float | None,
+                    now: float, min_interval_s: float) -> float | None:
+    """None: nothing to announce (our announced addresses did not change). Otherwise how long to wait before
+    announcing: 0 now, or until ``min_interval_s`` after the previous address-change announcement."""
+    if tuple(addrs_before) == tuple(addrs_now):
+        return None
+    if last_at is None:
+        return 0.0
+    return min(min_interval_s, max(0.0, min_interval_s - (now - last_at)))
