@@ -13,7 +13,8 @@ so that other load on the machine hits both sides alike:
 * verification / generation time for ``--verify-tokens`` output tokens, 4-bit and fp32, greedy and sampled
   (``--verify-sampling``), with the decode speed behind each ratio; with ``--compare-rows N`` each request is
   also verified with N rows per forward pass (e.g. 4096: one pass, as before row-bounded passes), interleaved
-  with the default (:data:`~p2pinfer.runtime.verify.VERIFY_ROWS`), and both ratios are printed;
+  with the default (:data:`~p2pinfer.runtime.verify.VERIFY_ROWS` where the passes run in place, else
+  ``VERIFY_ROWS_FORWARD``), and both ratios are printed;
 * resident memory: a serving process (the peer's modules, the model loaded, a greedy and a sampled request
   of ``--memory-tokens`` tokens, 128 and 512 by default, generated and verified) against the model files + 300 MB
   (each over it marked OVER), measured in a fresh
@@ -47,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from p2pinfer import log  # noqa: E402
 from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
 from p2pinfer.runtime import GREEDY, SamplingParams, ensure_tolerance, generate, load_model, verify_result  # noqa: E402
-from p2pinfer.runtime.verify import VERIFY_ROWS  # noqa: E402
+from p2pinfer.runtime.verify import VERIFY_ROWS, VERIFY_ROWS_FORWARD  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
 PREFILL_TEXT = ("The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40)
@@ -119,7 +120,7 @@ def verify_sampling(spec: str) -> list[tuple[str, SamplingParams]]:
     return out
 
 
-def memory_probe(folder: Path, threads: int, tokens: int, tolerance: float, rows: int | None = VERIFY_ROWS,
+def memory_probe(folder: Path, threads: int, tokens: int, tolerance: float, rows: int | None = None,
                  repo: Path = REPO) -> dict:
     """Resident memory of a fresh process that serves like a peer: the peer's modules imported, the model
     loaded, then a greedy and a sampled (T = 0.8, top-p 0.95) request of ``tokens`` tokens each generated and
@@ -206,10 +207,10 @@ def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> No
     requests; with ``--compare-rows`` each request is verified both ways, interleaved (the order alternates);
     with ``--compare-amx`` a class whose kernel runs on AMX tiles is also verified by a session of the same model
     with ``amx=False`` (float32 FMA, the path of a peer without AMX), interleaved, on the same requests."""
-    ways = [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else [])
+    ways = [None] + ([args.compare_rows] if args.compare_rows else [])  # None: verify_result's default
     if args.compare_amx:
-        ways = [VERIFY_ROWS, "no-amx"]
-    named = lambda w: "float32 FMA" if w == "no-amx" else f"{w} rows"  # noqa: E731
+        ways = [None, "no-amx"]
+    named = lambda w: "float32 FMA" if w == "no-amx" else "default rows" if w is None else f"{w} rows"  # noqa: E731
     cols = " | ".join(f"verify s ({named(w)}) | verify / generate ({named(w)})" for w in ways)
     same = f" verify time {named(ways[0])} / {named(ways[-1])}, same requests |" if len(ways) > 1 else ""
     print(f"\n| class | sampling | output tokens | decode tok/s | generate s | {cols} |{same}\n"
@@ -222,7 +223,7 @@ def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> No
                   f"AMX tiles; float32 FMA column: {'a session with amx=False' if m.runs_amx else 'the same session'})")
         for label, params in verify_sampling(args.verify_sampling):
             for n in (int(x) for x in args.verify_tokens.split(",")):
-                best: dict[int, tuple[float, float, float, float]] = {}  # rows -> (ratio, gen s, verify s, tok/s)
+                best: dict[int | None, tuple[float, float, float, float]] = {}  # rows -> (ratio, gen s, verify s, tok/s)
                 pairs = []  # verify time with the first way / with the last, per request
                 for round_ in range(max(1, args.rounds // 2)):
                     took = {}
@@ -234,7 +235,7 @@ def verify_table(sides: list, prompt: list[int], args: argparse.Namespace) -> No
                         v = verify_result(verifier, prompt_ids=prompt, output_ids=r.output_ids,
                                           fingerprint=r.fingerprint_bytes, params=params, seed_material=bytes(32),
                                           max_tokens=n, finish_reason=r.finish_reason, stop_at_eos=False,
-                                          rows_per_pass=VERIFY_ROWS if rows == "no-amx" else rows)
+                                          rows_per_pass=None if rows == "no-amx" else rows)
                         ver = took[rows] = time.perf_counter() - t
                         assert v.accept, v.reason
                         if rows not in best or ver / g < best[rows][0]:
@@ -260,7 +261,7 @@ def memory_table(folders: dict[str, Path], sides: list, args: argparse.Namespace
     limit = lambda n: f"{n / 1e6:.0f}" + (" OVER" if n > 300e6 else "")  # noqa: E731
     for weights, folder in folders.items():
         for tokens, rows in [(t, r) for t in (int(x) for x in str(args.memory_tokens).split(","))
-                             for r in [VERIFY_ROWS] + ([args.compare_rows] if args.compare_rows else [])]:
+                             for r in [None] + ([args.compare_rows] if args.compare_rows else [])]:
             mem = memory_probe(folder, args.threads, tokens,
                                sides[0 if weights == "native" else 1].model.tolerance, rows)
             assert all(mem["accept"]), mem
@@ -268,11 +269,11 @@ def memory_table(folders: dict[str, Path], sides: list, args: argparse.Namespace
             end = st["released sampled"]
             verify_peaks = " / ".join(limit(st[f"verified {k}"]["peak"] - files) if st[f"verified {k}"]["reset"]
                                       else "n/a" for k in ("greedy", "sampled"))
-            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {tokens} | {rows} | {mb(files)} | "
+            print(f"| {'q4_1-cpu' if weights == 'native' else 'fp32-cpu'} | {tokens} | {rows or 'default'} | {mb(files)} | "
                   f"{mb(st['imports']['rss'])} | {mb(st['loaded']['rss'])} | {mb(st['released greedy']['rss'])} | "
                   f"{mb(end['rss'])} | {mb(end['anon'])} / {mb(end['rss'] - end['anon'])} | {verify_peaks} | "
                   f"{mb(mem['peak'])} | **{limit(end['rss'] - files)}** | {limit(mem['peak'] - files)} |")
-            print(f"  stages ({weights}, {tokens} tokens, {rows} rows): " + ", ".join(f"{k} {mb(v['rss'])}" for k, v in st.items())
+            print(f"  stages ({weights}, {tokens} tokens, {rows or 'default'} rows): " + ", ".join(f"{k} {mb(v['rss'])}" for k, v in st.items())
                   + f"; malloc_trim took at most {mem['trim_s'] * 1000:.0f} ms")
 
 
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                          "comma-separated: a fresh probe per length")
     ap.add_argument("--no-demo", action="store_true", help="skip the first-run demo's peak memory (a minute or more)")
     ap.add_argument("--compare-rows", type=int, default=None,
-                    help=f"also verify with this many rows per forward pass (default passes: {VERIFY_ROWS} rows), "
+                    help=f"also verify with this many rows per forward pass (default passes: {VERIFY_ROWS} rows in "
+                         f"place, {VERIFY_ROWS_FORWARD} where the first pass runs forward), "
                          "interleaved, and probe memory with it")
     ap.add_argument("--compare-amx", action="store_true",
                     help="also verify each request with the kernel's many-row path on float32 FMA (amx=False, "

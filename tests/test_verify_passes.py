@@ -113,6 +113,14 @@ def test_in_place_passes_equal_forward(tmp_path, fused: bool) -> None:
         logits, cache = model.forward(ids[lo:hi], cache)
         assert np.array_equal(passes.run(ids[lo:hi]), logits), (lo, hi)
         assert passes.length == cache.length == hi
+    # from an empty cache, keeping the last rows only (a verifier's prompt chunk and its first checked pass)
+    fresh = model.passes(model.empty_cache(), capacity=len(ids), rows=4)
+    assert fresh.keeps_rows is (fused and model.io.logits_to_keep_required)
+    cache = model.empty_cache()
+    for lo, hi, keep in ((0, 6, 1), (6, 10, 3), (10, 13, 3)):
+        logits, cache = model.forward(ids[lo:hi], cache, last=keep)
+        assert np.array_equal(fresh.run(ids[lo:hi], keep=keep), logits), (lo, hi, keep)
+        assert fresh.length == cache.length == hi
     if fused:
         with pytest.raises(ValueError):
             passes.run([1])  # no room left

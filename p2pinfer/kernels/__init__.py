@@ -234,12 +234,16 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+LOGITS_TO_KEEP = "logits_to_keep"  # as runtime.model names it (that module imports this one lazily)
+
+
 def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: DecodePath = DecodePath.INTEGER,
                  amx: bool = True) -> int:
     """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
     ``p2pinfer`` custom node over the same initializers (``amx=False``: its many-row path never uses AMX tiles;
-    ``decode``: how its decode rows are computed; the library takes FLOAT where it has no integer path).
+    ``decode``: how its decode rows are computed; the library takes FLOAT where it has no integer path). A
+    ``logits_to_keep`` input loses its default: callers feed it on every run (runtime.model does).
     Returns the number of nodes rewritten."""
     int_dot = int(decode is DecodePath.INTEGER)
     g = model.graph
@@ -336,6 +340,13 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
     g.node.extend(nodes)
     if replace and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if replace and any(i.name == LOGITS_TO_KEEP for i in g.input):
+        # an input with a default (an initializer) cannot be bound through onnxruntime's I/O binding, which the
+        # verifier's in-place passes use (runtime.model.KVPasses): here it is a plain input every run feeds
+        kept = [t for t in g.initializer if t.name != LOGITS_TO_KEEP]
+        if len(kept) < len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(kept)
     return len(replace)
 
 

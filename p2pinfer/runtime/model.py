@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -143,6 +143,7 @@ class GraphIO:
     kv_heads: int | None
     head_dim: int | None
     has_logits_to_keep: bool = False
+    logits_to_keep_required: bool = False  # a plain input (the kernel's graph), fed on every run; else a default
 
 
 def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> GraphIO:
@@ -187,7 +188,7 @@ def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> G
     head_dim = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else None
     keep = LOGITS_TO_KEEP in inputs or LOGITS_TO_KEEP in overridable
     return GraphIO(n, "position_ids" in inputs, _NP_TYPES[ids_type], _NP_TYPES[kv_type], past, present,
-                   kv_heads, head_dim, keep)
+                   kv_heads, head_dim, keep, LOGITS_TO_KEEP in inputs)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -274,10 +275,10 @@ class _InPlaceKV:
         self._binding = binding
         self._cache = None  # the buffers hold it now
 
-    def _forward(self, ids: Sequence[int]) -> np.ndarray:
+    def _forward(self, ids: Sequence[int], last: int | None = None) -> np.ndarray:
         """The fallback: ``forward`` over the cache, which it replaces with the grown copy."""
         assert self._cache is not None
-        logits, self._cache = self._model.forward(ids, self._cache)
+        logits, self._cache = self._model.forward(ids, self._cache, last=last)
         self.length = self._cache.length
         return logits
 
@@ -308,6 +309,9 @@ class KVDecoder(_InPlaceKV):
         self._binding.bind_cpu_input("input_ids", self._ids)
         if model.io.has_position_ids:
             self._binding.bind_cpu_input("position_ids", self._positions)
+        if model.io.logits_to_keep_required:  # the one row of a step (held: the binding reads this array)
+            self._keep_one = np.ones(1, dtype=np.int64)
+            self._binding.bind_cpu_input(LOGITS_TO_KEEP, self._keep_one)
         self._binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
 
     def step(self, token: int) -> np.ndarray:
@@ -326,37 +330,54 @@ class KVDecoder(_InPlaceKV):
 
 
 class KVPasses(_InPlaceKV):
-    """Multi-token passes that extend the KV cache in place, every row's logits returned: a verifier's
-    row-bounded passes over the output (:func:`~p2pinfer.runtime.verify.verification_passes`).
+    """Multi-token passes that extend the KV cache in place, the logits of a pass's last rows returned: a
+    verifier's row-bounded passes over prompt and output (:func:`~p2pinfer.runtime.verify.verification_passes`).
 
     ``forward`` hands onnxruntime the whole past and gets a grown copy back: past, present and onnxruntime's
     output copy exist together, ~50 MB at 557 SmolLM2 positions and growing with the sequence, which was most of
     a row-bounded pass's transient memory. Where :class:`KVDecoder` shares the KV buffer (a GroupQueryAttention
     graph on CPU), this binds one buffer per key/value ``[1, kv_heads, capacity, head_dim]`` as past and present
-    (GroupQueryAttention appends a pass of any length in place) and the logits land in a reused buffer of
-    ``rows`` rows. Each pass computes what ``forward(ids, cache)`` computes (tests compare them bit for bit).
-    Other graphs fall back to ``forward``. Runs :attr:`LoadedModel.session` (the graph prefill uses)."""
+    (GroupQueryAttention appends a pass of any length in place, from an empty cache too) and the logits land in a
+    reused buffer of ``rows`` rows; where the graph has ``logits_to_keep`` it is bound on every pass, so that a
+    pass of more tokens than ``rows`` (a prompt chunk) computes the LM head for the rows it keeps only. Each pass
+    computes what ``forward(ids, cache, last=keep)`` computes (tests compare them bit for bit). Other graphs fall
+    back to ``forward``. Runs :attr:`LoadedModel.session` (the graph prefill uses)."""
 
     def __init__(self, model: "LoadedModel", cache: KVCache, capacity: int, rows: int) -> None:
         super().__init__(model, cache, capacity)
         self._rows = rows
         if self._binding is not None:
-            self._logits = np.zeros((1, rows, self._vocab), dtype=self._logits_dtype)
+            self._logits = np.zeros((1, min(rows, capacity), self._vocab), dtype=self._logits_dtype)
+        # logits_to_keep as an input that I/O binding accepts (an overridable initializer is fed by run() only)
+        self._keep = np.zeros(1, dtype=np.int64) if self._binding is not None and model.io.logits_to_keep_required \
+            else None
 
-    def run(self, ids: Sequence[int]) -> np.ndarray:
-        """Run ``ids`` (at most ``rows`` of them) after the cache; float32 logits ``[len(ids), vocab]``, valid
-        until the next run."""
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether a pass can keep fewer rows than it runs in place (``run(ids, keep=...)``)."""
+        return self._keep is not None
+
+    def run(self, ids: Sequence[int], keep: int | None = None) -> np.ndarray:
+        """Run ``ids`` after the cache; float32 logits of the last ``keep`` of them (default: all, at most
+        ``rows``) ``[keep, vocab]``, valid until the next run. More tokens than ``rows`` only where the graph has
+        ``logits_to_keep`` (the LM head runs for the kept rows only)."""
         n = len(ids)
+        keep = n if keep is None else keep
         if self._binding is None:
-            return self._forward(ids)
-        if not 1 <= n <= self._rows or self.length + n > self._capacity:
-            raise ValueError(f"a pass runs 1..{self._rows} tokens within {self._capacity} positions; got {n} "
-                             f"after {self.length}")
+            return self._forward(ids, last=keep)
+        if not 1 <= keep <= min(n, self._rows) or self.length + n > self._capacity \
+                or (keep < n and self._keep is None):
+            raise ValueError(f"a pass keeps 1..{self._rows} rows of its tokens within {self._capacity} positions "
+                             f"(more tokens than kept rows only with logits_to_keep); got {keep} of {n} after "
+                             f"{self.length}")
         self._binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=self._model.io.ids_dtype))
         if self._model.io.has_position_ids:
             self._binding.bind_cpu_input("position_ids", np.arange(self.length, self.length + n, dtype=np.int64)[None])
         self._binding.bind_cpu_input("attention_mask", self._mask[:, :self.length + n])  # its length: the total
-        logits = self._logits[:, :n]  # the first n rows: contiguous
+        if self._keep is not None:  # bound on every pass (a binding stays): keep == n computes every row's head
+            self._keep[0] = keep
+            self._binding.bind_cpu_input(LOGITS_TO_KEEP, self._keep)
+        logits = self._logits[:, :keep]  # the first keep rows: contiguous
         self._binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self._session.run_with_iobinding(self._binding)
         self.length += n
@@ -505,7 +526,7 @@ class LoadedModel:
         }
         if self.io.has_position_ids:
             feed["position_ids"] = np.arange(past, past + s, dtype=np.int64)[None]
-        if self.io.has_logits_to_keep and keep < s:
+        if self.io.has_logits_to_keep and (keep < s or self.io.logits_to_keep_required):
             feed[LOGITS_TO_KEEP] = np.array([keep], dtype=np.int64)
         feed.update(zip(self.io.past_names, cache.arrays))
         out = self.session.run(["logits", *self.io.present_names], feed)
@@ -559,8 +580,10 @@ class LoadedModel:
         float32 FMA even where the CPU has AMX tiles; ``decode``: the kernel's decode path)."""
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
                                      optimization=optimization, kernel=kernel, amx=amx, decode=decode)
+        # the kernel's graph has logits_to_keep as a plain input, the standard graph as a default: as this session has it
+        io = replace(self.io, logits_to_keep_required=any(i.name == LOGITS_TO_KEEP for i in session.get_inputs()))
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
-                           self.io, self.tokenizer, self.info,
+                           io, self.tokenizer, self.info,
                            {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used,
                             "amx": _runs_amx(used, amx)})
 

@@ -3,10 +3,12 @@
 The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the KV cache in passes that
 :func:`verification_passes` plans: the prompt-only positions in chunks of
 :data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``;
-a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has and
-the session runs the 4-bit kernel),
-then the checked rows :data:`VERIFY_ROWS` at a time, so that the logits, the LM head's intermediates and the
-log-softmax pass never exist for all rows at once (what bounds a verification's memory peak). It takes the
+a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has and the
+passes run in place or the session runs the 4-bit kernel),
+then the checked rows :data:`VERIFY_ROWS` (in place) or :data:`VERIFY_ROWS_FORWARD` at a time, so that the logits,
+the LM head's intermediates and the log-softmax pass never exist for all rows at once (what bounds a
+verification's memory peak); where the kernel's graph allows, every pass extends one in-place KV cache
+(:class:`~.model.KVPasses`). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
 near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
 (:mod:`.reference`, run for that row only). Those rows are computed after the forward passes, once their
@@ -34,13 +36,19 @@ from .sampling import LogProbRows, SamplingParams, log_softmax
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.verify")
 
-#: Checked rows computed per forward pass. A pass's transient memory grows with its rows: the logits (49,152
-#: float32 values a row on SmolLM2; the 4-bit head holds two terms and their sum) and activations, ~1 MB a row.
-#: On SmolLM2 a 512-token verification peaked at files + 595-631 MB in one pass and at files + 291-355 MB in
-#: passes of 64 (docs/models.md, "Serving memory"), in about the same time on 4-bit and ~15 % more forward
-#: time on fp32; 32 rows would save ~40 MB more at ~1.4x the forward time. A row's values do not depend on
-#: the pass it is computed in (measured bit for bit), so neither does the verdict.
-VERIFY_ROWS = 64
+#: Checked rows computed per forward pass where every pass extends one in-place KV cache (the kernel's graph:
+#: :attr:`~.model.KVPasses.keeps_rows`). A pass's transient memory grows with its rows: the logits (49,152
+#: float32 values a row on SmolLM2) and activations. On SmolLM2 a 512-token verification peaked at files +
+#: 595-631 MB in one pass and at files + 291-355 MB in passes of 64 (docs/models.md, "Serving memory"). In place
+#: (no forward copies of the cache, one logits buffer), passes of 128 rows peak no higher than passes of 64 did
+#: before (4-bit, 512 tokens: files + 307 / 339 MB greedy / sampled against 311 / 344) and pay the per-pass
+#: costs (the 4-bit kernel dequantizes every weight once a pass) half as often: 0.80-0.85 of the 64-row time
+#: on the same requests; 256 rows were slower again (docs/models.md, "Verification speed").
+#: A row's values do not depend on the pass it is computed in (measured bit for bit), so neither does the verdict.
+VERIFY_ROWS = 128
+#: Checked rows per pass where the first pass goes through ``forward`` (the standard graph: fp32 and any session
+#: without the kernel). 128 rows raised the fp32 verification peak there (files + 407 MB greedy against 369).
+VERIFY_ROWS_FORWARD = 64
 
 
 def verification_passes(prompt_len: int, seq_len: int, *, rows: int = VERIFY_ROWS,
@@ -104,10 +112,11 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
                   finish_reason: str, stop: Sequence[str] = (), commitment: bytes | None = None,
                   fingerprint_format: str = FORMAT, tolerance: float | None = None,
                   stop_at_eos: bool = True, stop_at_first: bool = True,
-                  rows_per_pass: int = VERIFY_ROWS) -> FingerprintVerdict:
+                  rows_per_pass: int | None = None) -> FingerprintVerdict:
     """Re-check an executor's claimed output. ``tolerance`` defaults to the model's calibrated one
     (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none). ``rows_per_pass`` bounds the
-    log-prob rows one forward pass computes (memory against per-pass overhead; the verdict does not depend on it).
+    log-prob rows one forward pass computes (memory against per-pass overhead; the verdict does not depend on it;
+    None: :data:`VERIFY_ROWS` where the passes run in place, else :data:`VERIFY_ROWS_FORWARD`).
 
     ``first_bad_position`` in the verdict is an output index (0-based).
     """
@@ -127,7 +136,7 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
 def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fingerprint: bytes,
             params: SamplingParams, seed_material: bytes, max_tokens: int, finish_reason: str,
             stop: Sequence[str], commitment: bytes | None, fingerprint_format: str, tol: float,
-            stop_at_eos: bool, stop_at_first: bool, rows: int) -> FingerprintVerdict:
+            stop_at_eos: bool, stop_at_first: bool, rows: int | None) -> FingerprintVerdict:
     if fingerprint_format != FORMAT:
         return _reject(None, f"unsupported fingerprint format {fingerprint_format!r}")
     if commitment is not None and fingerprint_commitment(fingerprint, fingerprint_format) != commitment:
@@ -168,31 +177,45 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
 
 
 def _check_passes(checker: FingerprintChecker, model: LoadedModel, prompt_ids: list[int], seq: list[int],
-                  rows: int) -> None:
+                  rows: int | None) -> None:
     passes = _checked_rows(model, prompt_ids, seq, rows)
     try:
         for start, logits in passes:
             checker.check_rows(start, LogProbRows.from_logits(logits))
+            del logits  # not held while the next pass runs
             if checker.done:
                 break
     finally:
         passes.close()
 
 
-def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int):
-    """(output index of the first row, float32 logits rows) of each checked pass, in order. The prompt-only
-    passes go through ``forward`` (one row kept: no LM head where the graph allows); so does the first checked
-    pass when a prompt of up to ``rows`` positions shares it (where the graph has ``logits_to_keep``: only the
-    checked rows get the LM head; and the session runs the 4-bit kernel); the other checked passes extend the KV
-    cache in place (:class:`~.model.KVPasses`). A pass's logits are valid until the next is asked for."""
+def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int | None):
+    """(output index of the first row, float32 logits rows) of each checked pass, in order. Where the graph has
+    ``logits_to_keep`` and the session shares the KV buffer, every pass extends one in-place cache
+    (:class:`~.model.KVPasses`) keeping only the rows it needs: one row of a prompt-only pass (it is not used),
+    the checked rows of the first checked pass (a prompt of up to ``rows`` positions shares it). Otherwise the
+    prompt-only passes, and a first checked pass that includes prompt positions, go through ``forward`` and the
+    rest extend the cache in place. A pass's logits are valid until the next is asked for."""
     first_row = len(prompt_ids) - 1
-    cache = model.empty_cache()
-    # a short prompt shares the first checked pass only where that saves work: the 4-bit kernel dequantizes every
-    # weight once per pass. It runs through `forward`, whose logits and cache copy sit beside the in-place
-    # passes' buffers: +17-20 MB at an fp32 verification's peak (files + 306 / 317 MB before it, 323 / 357
+    # as KVPasses.keeps_rows will say, without making its buffers (zeroed heap memory stays resident once freed)
+    in_place = model.shares_kv_buffer and model.io.logits_to_keep_required
+    if rows is None:
+        rows = VERIFY_ROWS if in_place else VERIFY_ROWS_FORWARD
+    # a short prompt shares the first checked pass where that costs no memory (in place) or saves work (the 4-bit
+    # kernel dequantizes every weight once per pass). Through `forward` its logits and cache copy sit beside the
+    # in-place passes' buffers: +17-20 MB at an fp32 verification's peak (files + 306 / 317 MB before it, 323 / 357
     # after), for no saving on the standard graph
-    lead = rows if model.io.has_logits_to_keep and model.runs_kernel else 0
+    lead = rows if in_place or (model.io.has_logits_to_keep and model.runs_kernel) else 0
     passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
+    if in_place:
+        # no forward copies of the cache, no second logits buffer: less memory than the forward path below
+        extend = model.passes(model.empty_cache(), len(seq), rows)
+        for lo, hi, keep in passes:
+            logits = extend.run(seq[lo:hi], keep=keep)
+            if hi > first_row:
+                yield hi - keep - first_row, logits
+        return
+    cache = model.empty_cache()
     checked = [p for p in passes if p[1] > first_row]
     for lo, hi, keep in passes[:len(passes) - len(checked)]:
         _, cache = model.forward(seq[lo:hi], cache, last=keep)
@@ -200,6 +223,7 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
         lo, hi, keep = checked.pop(0)
         logits, cache = model.forward(seq[lo:hi], cache, last=keep)
         yield 0, logits
+        del logits  # before the in-place buffers are made
         if not checked:
             return
     extend = model.passes(cache, len(seq), rows)
@@ -211,5 +235,4 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
 def recompute_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
     """The teacher-forced log-prob rows ``[len(output_ids), vocab]`` (for tests and calibration)."""
     seq = [*prompt_ids, *output_ids[:-1]]
-    return np.concatenate([log_softmax(logits) for _, logits in _checked_rows(model, list(prompt_ids), seq,
-                                                                                 VERIFY_ROWS)])
+    return np.concatenate([log_softmax(logits) for _, logits in _checked_rows(model, list(prompt_ids), seq, None)])
