@@ -106,7 +106,7 @@ def test_reannounce_only_on_changed_addresses_and_at_most_once_per_interval(
         assert wait is None
         return
     assert wait is not None and 0.0 <= wait <= interval
-    if last_at is None or elapsed >= interval:
+    if last_at is None or now - last_at >= interval:  # now - last_at, not elapsed: the sum rounds
         assert wait == 0.0
     else:
         assert abs(now + wait - (last_at + interval)) < 1e-6
