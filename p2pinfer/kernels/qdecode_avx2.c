@@ -241,16 +241,4 @@ static uint16_t *half_copy(const float *src, size_t n) {
     }
     return dst;
 }
-
-/* the same for [rows, cols] float32, written transposed: [cols, rows] */
-static uint16_t *half_copy_transposed(const float *src, size_t rows, size_t cols) {
-    uint16_t *flat = half_copy(src, rows * cols);
-    if (!flat) return NULL;
-    uint16_t *dst = malloc(rows * cols * sizeof(uint16_t) + 64);
-    if (dst)
-        for (size_t r = 0; r < rows; r++)
-            for (size_t c = 0; c < cols; c++) dst[c * rows + r] = flat[r * cols + c];
-    free(flat);
-    return dst;
-}
 #define LIMBS_OR_0 LIMBS

@@ -500,8 +500,16 @@ static uint16_t *half_copy(const float *src, size_t n) {
     }
     return dst;
 }
+#define LIMBS_OR_0 LIMBS
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "qdecode_avx2.c"  /* the same integer path, bit for bit, on AVX2 (and AVX-VNNI where built with it) */
+#else
+#define INT_DOT 0
+#define LIMBS_OR_0 0
+#endif
 
-/* the same for [rows, cols] float32, written transposed: [cols, rows] */
+#if INT_DOT
+/* half_copy (each build's own, above) for [rows, cols] float32, written transposed: [cols, rows] */
 static uint16_t *half_copy_transposed(const float *src, size_t rows, size_t cols) {
     uint16_t *flat = half_copy(src, rows * cols);
     if (!flat) return NULL;
@@ -512,12 +520,6 @@ static uint16_t *half_copy_transposed(const float *src, size_t rows, size_t cols
     free(flat);
     return dst;
 }
-#define LIMBS_OR_0 LIMBS
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include "qdecode_avx2.c"  /* the same integer path, bit for bit, on AVX2 (and AVX-VNNI where built with it) */
-#else
-#define INT_DOT 0
-#define LIMBS_OR_0 0
 #endif
 
 static void job_part(void *arg, int part, int parts) {
