@@ -20,18 +20,6 @@
  * 0-7 (the low nibbles of the 32 code bytes of b and b+1, which are contiguous), the high ymm lanes 8-15 (their
  * high nibbles). */
 #define INT_DOT 1
-#ifndef LIMBS
-#define LIMBS 3
-#endif
-#define X_LIMIT (127 << (8 * (LIMBS - 1)))  /* the top limb stays in -127..127 */
-
-/* 2^e for -126 <= e <= 127, exactly */
-static inline float pow2i(int e) {
-    uint32_t bits = (uint32_t)(e + 127) << 23;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* the 16 even- (odd = 0) or odd-index (odd = 1) int32 values of a block's 32, in order, as two ymm */
 static inline void deinterleave(const __m256i xi[4], int odd, __m256i *lo, __m256i *hi) {
@@ -87,13 +75,7 @@ static void prepare_int_rows(job_t *j, const float *x, int8_t *limbs, float *inv
                     inv = __builtin_nanf("");
                     scale = _mm256_setzero_ps();
                 } else {
-                    uint32_t bits;
-                    memcpy(&bits, &amax, 4);
-                    int biased = (int)(bits >> 23);
-                    int ex = biased ? biased - 126 : -126;  /* amax < 2^ex */
-                    int e = 8 * LIMBS - 1 - ex;  /* amax * 2^e < 2^(8 * LIMBS - 1) */
-                    if (e > 126) e = 126;  /* a block of values below 2^-103: kept in steps of 2^-126 (or 0) */
-                    if (amax * pow2i(e) > (float)X_LIMIT) e--;
+                    int e = block_exponent(amax);
                     inv = pow2i(-e);
                     scale = _mm256_set1_ps(pow2i(e));
                 }

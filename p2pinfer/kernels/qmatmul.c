@@ -329,8 +329,9 @@ static void rows_simd(const job_t *j, int m, int n, int R) {  /* portable */
  * The block minimum term is float32, as in the float path. Blocks go two at a time (one zmm of codes:
  * 128-bit lanes = even elements of b, of b+1, odd elements of b, of b+1 — the nibble order); every output
  * element is one instruction sequence whatever the thread count: row-deterministic. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define INT_DOT 1
+/* The integer decode path's rule for a block, shared by its AVX-512 and AVX2 builds (the same bits on both). */
+#if (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)) \
+    || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #ifndef LIMBS
 #define LIMBS 3
 #endif
@@ -343,6 +344,23 @@ static inline float pow2i(int e) {
     memcpy(&f, &bits, 4);
     return f;
 }
+
+/* The power of two e_b for a block of finite values whose largest magnitude is amax: amax * 2^e_b fits the
+   limbs (<= X_LIMIT) with the most bits kept */
+static inline int block_exponent(float amax) {
+    uint32_t bits;
+    memcpy(&bits, &amax, 4);
+    int biased = (int)(bits >> 23);
+    int ex = biased ? biased - 126 : -126;  /* amax < 2^ex */
+    int e = 8 * LIMBS - 1 - ex;  /* amax * 2^e < 2^(8 * LIMBS - 1) */
+    if (e > 126) e = 126;  /* a block of values below 2^-103: kept in steps of 2^-126 (or 0) */
+    if (amax * pow2i(e) > (float)X_LIMIT) e--;
+    return e;
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define INT_DOT 1
 
 /* rows m of x [M, K] -> limbs, 2^-e per lane, zp_t * lane sums (for the terms whose zero point is not 0) */
 static void prepare_int_rows(job_t *j, const float *x, int8_t *limbs, float *invc, int32_t *zpx0, int32_t *zpx1) {
@@ -373,13 +391,7 @@ static void prepare_int_rows(job_t *j, const float *x, int8_t *limbs, float *inv
                     inv = __builtin_nanf("");
                     scale = _mm512_setzero_ps();
                 } else {
-                    uint32_t bits;
-                    memcpy(&bits, &amax, 4);
-                    int biased = (int)(bits >> 23);
-                    int ex = biased ? biased - 126 : -126;  /* amax < 2^ex */
-                    int e = 8 * LIMBS - 1 - ex;  /* amax * 2^e < 2^(8 * LIMBS - 1) */
-                    if (e > 126) e = 126;  /* a block of values below 2^-103: kept in steps of 2^-126 (or 0) */
-                    if (amax * pow2i(e) > (float)X_LIMIT) e--;
+                    int e = block_exponent(amax);
                     inv = pow2i(-e);
                     scale = _mm512_set1_ps(pow2i(e));
                 }
