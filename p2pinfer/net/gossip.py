@@ -38,7 +38,8 @@ Workarounds for py-libp2p 0.8.1 that live here:
   When the one carrying our pubsub stream closes, py-libp2p noticed only at the next write, which was lost,
   and then forgot the peer's subscriptions although they came on the peer's own stream, which may well be
   alive: we would never send that peer anything again. :class:`PatientPubsub` moves its stream to the
-  remaining connection as soon as the old one closes, and keeps a still-connected peer's subscriptions.
+  remaining connection as soon as the old one closes (a losing duplicate: as soon as both ends agree on the
+  kept one, before the loser closes), and keeps a still-connected peer's subscriptions.
 * **No flood publishing.** py-libp2p 0.8.1 sends our own messages to our mesh peers only. A peer that is
   subscribed but not (or no longer, for a heartbeat while a stream is re-opened) in the mesh misses the
   message for good: IHAVE gossip goes to non-mesh peers only, and the peer is back in the mesh by the next
@@ -67,6 +68,7 @@ from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
 from ..log import get_logger
 from ..wire import now_ms
 from .announcements import SENDER_FAULT_REASONS, AnnouncementRejected, AnnouncementTable
+from .connection_trim import on_duplicate_settled
 from .faults import FAULT_HALF_LIFE_S, FaultKind
 from .notifee import Notifee
 
@@ -115,6 +117,7 @@ class PatientPubsub(Pubsub):
     def __init__(self, host: IHost, *args: Any, **kwargs: Any) -> None:
         super().__init__(host, *args, **kwargs)
         host.get_network().register_notifee(_StreamMover(self))
+        on_duplicate_settled(host, self.connection_closing)
         # Called with (peer, topic) when a peer becomes a partner on a topic: it subscribes to it and our
         # stream to it is up (whichever of the two comes last), i.e. from now on our publishes reach it.
         self.on_new_partner: Callable[[ID, str], None] | None = None
@@ -149,6 +152,12 @@ class PatientPubsub(Pubsub):
             self.peer_topics.setdefault(topic, set()).add(peer_id)
         if count is not None:
             self._peer_subscription_count[peer_id] = count
+
+    def connection_closing(self, conn: INetConn) -> None:
+        """A losing duplicate ``conn`` will close once its streams end: move our stream off it now."""
+        peer_id = conn.muxed_conn.peer_id
+        if any(c is not conn and not c.is_closed for c in self.host.get_network().get_connections(peer_id)):
+            self.connection_closed(conn)
 
     def connection_closed(self, conn: INetConn) -> None:
         """Open our stream again at once when it was on ``conn`` and the peer is still connected otherwise."""
