@@ -120,14 +120,49 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
     # (LM-head buffers of 100 MB each) left a serving peer ~330 MB larger for good (docs/models.md, "Memory").
     # Without it the big buffers go straight back to the OS; decode and verify speed are unchanged (measured).
     opts.enable_cpu_mem_arena = False
+    source: str | bytes = str(onnx_path)
+    plain = _logits_to_keep_as_plain_input(Path(onnx_path))
+    if plain is not None:
+        source = plain
+        # the weights stay in the model folder: external data is resolved (mapped) there, not copied
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(Path(onnx_path).parent))
     try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
+        session = ort.InferenceSession(source, sess_options=opts, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelFormatError(f"onnxruntime could not load {onnx_path}: {exc}") from None
+    del source, plain
     # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
     # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
     drop_clean_file_pages(weight_files())
     return session, None
+
+
+def _logits_to_keep_as_plain_input(onnx_path: Path) -> bytes | None:
+    """The graph of ``onnx_path`` serialized with its ``logits_to_keep`` default removed (a plain input that every
+    run feeds, as the kernel's graph has it: :func:`p2pinfer.kernels.kernel_model`), or None where the graph has
+    no such default or cannot be read here (onnxruntime then loads the file and reports what is wrong).
+
+    Why: onnxruntime's I/O binding accepts graph inputs only, and an input with a default is an overridable
+    initializer to it, fed by ``run()`` alone. As a plain input it binds, so the verifier's passes on the standard
+    graph extend one in-place KV cache keeping only the rows they need (:class:`KVPasses`), as on the kernel's.
+    The stored file, and so the model digest, is unchanged; the graph computes the same values (the default
+    selected every row, which ``forward`` and ``KVPasses`` now ask for by feeding the row count)."""
+    import onnx  # the graph structure only: external weights are not read
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:
+        return None
+    g = model.graph
+    if not any(i.name == LOGITS_TO_KEEP for i in g.input):
+        return None
+    kept = [t for t in g.initializer if t.name != LOGITS_TO_KEEP]
+    if len(kept) == len(g.initializer):
+        return None  # already a plain input
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return model.SerializeToString()
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,9 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
             logits = extend.run(seq[lo:hi], keep=keep)
             if hi > first_row:
                 yield hi - keep - first_row, logits
+            # not held while the next pass runs: where onnxruntime allocates each pass's logits (the standard
+            # graph's head, see KVPasses) two passes' logits would coexist
+            del logits
         return
     cache = model.empty_cache()
     checked = [p for p in passes if p[1] > first_row]
