@@ -30,6 +30,7 @@ from .memory import release_freed_memory
 from .reference import ReferenceSession, reference_session
 from .sampling import GREEDY, SamplingParams, log_softmax
 from .stop_text import StopText
+from .tie_tolerance import tie_tolerance
 from .tiebreak import resolve
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -179,7 +180,7 @@ class Generation:
         t0 = time.perf_counter()
         i = len(self.output_ids)
         lp = self._next_logprobs
-        token = resolve(lp, self.params, self.seed_material, i, self.model.tolerance, self._reference_row)
+        token = resolve(lp, self.params, self.seed_material, i, tie_tolerance(self.model), self._reference_row)
         self._fp.add(lp)
         self.output_ids.append(token)
         is_eos = self.stop_at_eos and token in self.model.eos_token_ids
