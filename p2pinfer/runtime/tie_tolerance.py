@@ -15,8 +15,9 @@ The record of one calibration (:attr:`.calibrate.CalibrationResult.tie_tolerance
 kept here per model digest, numeric class and pair tolerance: a session of that model with that pair tolerance
 uses its path's entry. Anything else — a model loaded with a tolerance given by hand, a path the calibration did
 not measure (the kernel built after calibrating, ``P2PINFER_DECODE_KERNEL=float`` on a machine without AMX, ...)
-— uses the pair tolerance, the wider bound of the earlier rule: it covers the party's drift from the baseline
-plus the other side's, and the baseline's own distance to the float64 row (calibration's ``reference`` step).
+— uses the pair tolerance: the single-width rule of calibration format 5, wider than every path's own distance
+to the reference wherever both were measured (2.3-3.9x on SmolLM2, docs/models.md), at the cost of as many times
+more near ties.
 """
 
 from __future__ import annotations

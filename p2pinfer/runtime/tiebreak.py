@@ -100,7 +100,7 @@ def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, 
             tolerance: float | None, reference_row: ReferenceRow) -> int:
     """The token an executor emits at ``index`` from its own float32 row (see the module docstring).
 
-    ``tolerance`` None (a model not calibrated yet: calibration's own greedy runs, tooling) cannot tell a near
+    ``tolerance`` is the executor's own tie tolerance (:func:`.tie_tolerance.tie_tolerance`). None (a model not calibrated yet: calibration's own greedy runs, tooling) cannot tell a near
     tie and takes the float32 pick; a peer serves only calibrated models, so no served output is made so.
     """
     if tolerance is None:
