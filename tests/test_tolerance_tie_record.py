@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from p2pinfer.runtime import ModelStore, calibrate, load_model
 from p2pinfer.runtime.calibrate import CALIBRATION_FORMAT, MIN_TOLERANCE, SAFETY_FACTOR, tie_tolerances
 from p2pinfer.runtime.store import METADATA_FILE
-from p2pinfer.runtime.tie_tolerance import (STANDARD, many_row_path, path_label, remember, session_path,
+from p2pinfer.runtime.tie_tolerance import (STANDARD, many_row_path, path_label, session_path,
                                            tie_tolerance)
+from p2pinfer.runtime.tie_tolerance import record as tie_record
 from p2pinfer.kernels import DecodePath
 
 PATHS = [STANDARD] + [path_label(True, amx, decode) for amx in (True, False) for decode in DecodePath]
@@ -62,9 +63,9 @@ def test_the_record_keeps_the_widths_and_a_session_uses_its_paths(shared_models,
     # the premise, as calibration measured it: every step's rows within the width of the float64 reference
     assert max(result.reference_drifts.values()) * SAFETY_FACTOR <= result.tie_tolerances[STANDARD]
 
-    remember(served, served.tolerance, {path_label(True, True, DecodePath.INTEGER): 1e-5})
+    tie_record(served, served.tolerance, {path_label(True, True, DecodePath.INTEGER): 1e-5})
     assert tie_tolerance(served) == served.tolerance  # a record without this session's path: the pair tolerance
-    remember(served, served.tolerance, result.tie_tolerances)
+    tie_record(served, served.tolerance, result.tie_tolerances)
 
     by_hand = load_model(shared_models / "tiny-llama-trained", digest=record.digest, numeric_class=record.numeric_class,
                          tolerance=0.2)

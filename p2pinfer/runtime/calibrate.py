@@ -61,7 +61,7 @@ from .generate import PREFILL_CHUNK
 from .model import LoadedModel
 from .reference import ReferenceUnsupported, reference_for
 from .sampling import GREEDY, SamplingParams, log_softmax, sample
-from .tie_tolerance import many_row_path, remember, session_path
+from .tie_tolerance import many_row_path, record, session_path
 from .verify import recompute_logprobs
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -334,7 +334,7 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
                                time.perf_counter() - t0, worst_executor_drift=executors,
                                worst_verifier_drift=verifiers, tie_tolerances=tie_tolerances(reference_drifts, paths),
                                reference_drifts=reference_drifts, paths=paths)
-    remember(model, result.tolerance, result.tie_tolerances)
+    record(model, result.tolerance, result.tie_tolerances)
     _log().info("calibrate.done", model=model.digest_hex[:16], worst_drift=f"{worst:.3g}",
                 executors=f"{executors:.3g}", verifiers=f"{verifiers:.3g}", positions=positions,
                 tolerance=f"{result.tolerance:.3g}", tie_tolerance=f"{result.tie_tolerances.get(session_path(model))}",

@@ -39,7 +39,7 @@ from .calibrate import CALIBRATION_FORMAT, SERVING_TOKENS, CalibrationResult
 from .calibrate import calibrate as measure_tolerance
 from .memory import release_freed_memory
 from .model import LoadedModel, load_model
-from .tie_tolerance import remember as remember_tie_tolerances
+from .tie_tolerance import record as record_tie_tolerances
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.store")
@@ -146,7 +146,7 @@ class ModelRecord:
         session's near-tie detector uses the tie tolerance calibrated for the path it runs."""
         model = load_model(self.path, digest=self.digest, name=self.name, numeric_class=self.numeric_class,
                            tolerance=self.tolerance, **session_options)
-        remember_tie_tolerances(model, self.tolerance, self.tie_tolerances)
+        record_tie_tolerances(model, self.tolerance, self.tie_tolerances)
         return model
 
 

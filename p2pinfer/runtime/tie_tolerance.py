@@ -12,8 +12,9 @@ A model has two tolerances (docs/models.md, "Numeric classes and tolerance"):
   ``max(MIN_TOLERANCE, SAFETY_FACTOR * worst distance of that path's rows to the float64 reference)``.
 
 The record of one calibration (:attr:`.calibrate.CalibrationResult.tie_tolerances`, stored in the model record) is
-kept here per model digest, numeric class and pair tolerance: a session of that model with that pair tolerance
-uses its path's entry. Anything else — a model loaded with a tolerance given by hand, a path the calibration did
+kept on the model itself (:attr:`.model.LoadedModel.tie_tolerances`, :func:`record`) beside the pair tolerance
+measured with it, and carried to its other sessions: a session uses its path's entry while the model's pair
+tolerance is still the one measured beside it. Anything else — a model loaded with a tolerance given by hand, a path the calibration did
 not measure (the kernel built after calibrating, ``P2PINFER_DECODE_KERNEL=float`` on a machine without AMX, ...)
 — uses the pair tolerance: the single-width rule of calibration format 5, wider than every path's own distance
 to the reference wherever both were measured (2.3-3.9x on SmolLM2, docs/models.md), at the cost of as many times
@@ -22,8 +23,8 @@ more near ties.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..kernels import DecodePath
@@ -48,23 +49,31 @@ def many_row_path(label: str) -> str:
     return label.split(",decode=", 1)[0]
 
 
-_lock = threading.Lock()
-_recorded: dict[tuple[bytes, str, float], dict[str, float]] = {}
+@dataclass(frozen=True)
+class TieTolerances:
+    """One calibration's near-tie detector widths per path, and the pair tolerance it measured beside them."""
+
+    pair: float
+    by_path: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def measured(cls, tolerance: float | None, tie_tolerances: Any) -> "TieTolerances | None":
+        """From a calibration's (or a stored record's) path -> value mapping. Malformed entries (a hand-edited
+        record) are left out: their path then uses the pair tolerance."""
+        if tolerance is None or not isinstance(tie_tolerances, Mapping):
+            return None
+        clean: dict[str, float] = {}
+        for path, value in tie_tolerances.items():
+            if isinstance(path, str) and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and 0.0 < float(value) < float("inf"):
+                clean[path] = float(value)
+        return cls(float(tolerance), clean)
 
 
-def remember(model: Any, tolerance: float | None, tie_tolerances: Mapping[str, Any] | None) -> None:
-    """Record a calibration's tie tolerances (path -> value) for ``model``'s digest, numeric class and the pair
-    ``tolerance`` measured with them. Malformed entries (a hand-edited record) are left out: their path then
-    uses the pair tolerance."""
-    if tolerance is None or not isinstance(tie_tolerances, Mapping):
-        return
-    clean: dict[str, float] = {}
-    for path, value in tie_tolerances.items():
-        if isinstance(path, str) and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and 0.0 < float(value) < float("inf"):
-            clean[path] = float(value)
-    with _lock:
-        _recorded[(bytes(model.digest), str(model.numeric_class), float(tolerance))] = clean
+def record(model: Any, tolerance: float | None, tie_tolerances: Mapping[str, Any] | None) -> None:
+    """Keep a calibration's tie tolerances (path -> value) on ``model``, with the pair ``tolerance`` measured
+    with them."""
+    model.tie_tolerances = TieTolerances.measured(tolerance, tie_tolerances)
 
 
 def tie_tolerance(model: Any) -> float | None:
@@ -72,6 +81,7 @@ def tie_tolerance(model: Any) -> float | None:
     tolerance (see the module docstring); None when the model has no tolerance at all (uncalibrated)."""
     if model.tolerance is None:
         return None
-    with _lock:
-        recorded = _recorded.get((bytes(model.digest), str(model.numeric_class), float(model.tolerance)), {})
-    return recorded.get(session_path(model), float(model.tolerance))
+    widths: TieTolerances | None = model.tie_tolerances
+    if widths is None or widths.pair != float(model.tolerance):  # a tolerance given by hand since: its own rule
+        return float(model.tolerance)
+    return widths.by_path.get(session_path(model), float(model.tolerance))
