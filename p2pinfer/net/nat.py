@@ -66,7 +66,9 @@ from ..log import get_logger
 from .addrs import PeerInfo, strip_p2p
 from .errors import DialError
 from .keys import to_libp2p_id
-from .nat_rules import Backoff, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth, reannounce_wait
+from .inbound import InboundHandshakes, watch_inbound
+from .nat_rules import (Backoff, DialBack, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth,
+                        dial_back_answer, netgroup, reannounce_wait)
 from .publicaddrs import CIRCUIT, announceable, ip_of
 from ..wording import plural
 
@@ -223,6 +225,9 @@ class NatTraversal:
         self.relay_transport = CircuitV2Transport(host, self.relay_protocol, relay_config)
         self.dcutr = DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_TIMEOUT_S) if hole_punch else None
         self.status = ReachabilityStatus(Reachability.UNREACHABLE, NOT_CHECKED, checked=False)
+        # Dial-backs count only when we saw them arrive ourselves (see p2pinfer/net/inbound.py).
+        self.inbound = InboundHandshakes()
+        watch_inbound(host, self.inbound)
         self.relayed_addrs: tuple[str, ...] = ()
         self.reserved_on: tuple[str, ...] = ()
         self._nursery: trio.Nursery | None = None
@@ -283,38 +288,52 @@ class NatTraversal:
                 await trio.sleep(0.02)
 
     async def _ask_dial_backs(self, servers: Sequence[PeerInfo], candidates: Sequence[str]
-                              ) -> dict[str, tuple[int, bytes | None]]:
-        """Ask each of ``servers`` at once to dial us back on ``candidates``: peer ID -> (status, address)."""
+                              ) -> dict[str, tuple[DialBack, bytes | None]]:
+        """Ask each of ``servers`` at once to dial us back on ``candidates``: peer ID -> (what the answer is
+        worth, the address it names). A "reached" counts only if that server's connection reached our own
+        listener (:func:`~p2pinfer.net.nat_rules.dial_back_answer`)."""
         raw = [multiaddr.Multiaddr(a).to_bytes() for a in candidates]
-        answers: dict[str, tuple[int, bytes | None]] = {}
+        answers: dict[str, tuple[DialBack, bytes | None]] = {}
 
         async def ask(server: PeerInfo) -> None:
             try:
-                answers[server.peer_id] = await self.autonat.query_server(
+                code, addr = await self.autonat.query_server(
                     to_libp2p_id(server.peer_id), raw, timeout=AUTONAT_QUERY_TIMEOUT_S)
             except BaseException as exc:  # noqa: BLE001 - any failure means "no answer from this server"
                 if isinstance(exc, trio.Cancelled):
                     raise
                 log.debug("nat.autonat_no_answer", peer=server.peer_id, error=repr(exc)[:200])
+                return
+            says_reached = code == int(AutoNATMessage.OK)
+            seen_from = (await watch.wait_for(server.peer_id, self.timing.dial_back_confirm_s)
+                         if says_reached else None)
+            answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from)
+            if answer is DialBackAnswer.UNCONFIRMED:
+                log.info("nat.dial_back_unconfirmed", peer=server.peer_id, claimed=_addr_text(addr),
+                         reason="no connection from this server reached us")
+            group = _group(seen_from) if answer is DialBackAnswer.REACHED else None
+            answers[server.peer_id] = (DialBack(answer, group), addr)
 
-        async with trio.open_nursery() as nursery:
-            for server in servers:
-                nursery.start_soon(ask, server)
+        with self.inbound.watching([s.peer_id for s in servers]) as watch:
+            async with trio.open_nursery() as nursery:
+                for server in servers:
+                    nursery.start_soon(ask, server)
         return answers
 
     async def check_reachability(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus | None:
-        """Ask ``servers`` (connected peers) to dial us back. None when no server answered."""
+        """Ask ``servers`` (connected peers) to dial us back. None when no server gave a verdict."""
         await self._wait_identified(servers)
         candidates = self.dial_back_candidates()
         if not candidates:
             return ReachabilityStatus(Reachability.UNREACHABLE, "no address to be dialled on")
         answers = await self._ask_dial_backs(servers, candidates)
-        ok = [(pid, addr) for pid, (code, addr) in answers.items() if _answer(code) is DialBackAnswer.REACHED]
+        ok = [(pid, addr) for pid, (d, addr) in answers.items() if d.answer is DialBackAnswer.REACHED]
         # Only "I dialled and failed" is evidence against us; a refusal (busy, relayed, no address on our
-        # observed IP) says nothing about our reachability.
-        failed = [pid for pid, (code, _) in answers.items() if _answer(code) is DialBackAnswer.FAILED]
+        # observed IP) says nothing about our reachability, nor does a "reached" we did not see arrive.
+        failed = [pid for pid, (d, _) in answers.items() if d.answer is DialBackAnswer.FAILED]
+        unconfirmed = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.UNCONFIRMED)
         log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
-                 candidates=",".join(candidates)[:300])
+                 unconfirmed=unconfirmed, candidates=",".join(candidates)[:300])
         if ok:
             where = _addr_text(ok[0][1])
             return ReachabilityStatus(Reachability.PUBLIC,
@@ -347,16 +366,23 @@ class NatTraversal:
         log.info("nat.relay_refused", relay=relay.peer_id, error=f"no answer within {RESERVE_TIMEOUT_S} s")
         return []
 
-    def _use_relay(self, relay: PeerInfo, addrs: Sequence[str]) -> None:
-        """From now on we are reachable through ``relay`` (and announce only its addresses)."""
+    def _use_relay(self, relay: PeerInfo, addrs: Sequence[str], *, told_failed: bool = True) -> None:
+        """From now on we are reachable through ``relay`` (and announce only its addresses). ``told_failed``:
+        a dial-back said we are behind NAT (False: nobody gave a verdict, so ask again soon)."""
         self.relayed_addrs = tuple(dict.fromkeys(addrs))
         self.reserved_on = (relay.peer_id,)
         self._relays = [relay]
         self._relay_up = True
         self._relay_conns = self._open_connections(relay.peer_id)
         self.relay_health.record(True)
-        self.public_evidence.reset()
-        self._next_public_check = trio.current_time() + self.timing.public_recheck.delay(0)
+        self.public_evidence.reset(told_failed=told_failed)
+        self._next_public_check = trio.current_time() + self._public_check_s()
+
+    def _public_check_s(self) -> float:
+        """Delay to the next public re-check: the public_recheck backoff after a failed dial-back; while nobody
+        has given a verdict, the shorter backoff of unanswered checks (10, 20, 40 s ... up to 120 s)."""
+        no_verdict = Backoff(self.timing.recheck_first_s, self.timing.recheck_interval_s)
+        return self.public_evidence.next_check_s(self.timing.public_recheck, no_verdict)
 
     async def establish(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus:
         """Join-time: find out whether we are reachable; if not, reserve on a relay. Sets :attr:`status`."""
@@ -369,7 +395,7 @@ class NatTraversal:
             for relay in servers:
                 addrs = await self.reserve(relay)
                 if addrs:
-                    self._use_relay(relay, addrs)
+                    self._use_relay(relay, addrs, told_failed=checked is not None)
                     break
             if self.relayed_addrs:
                 self.status = ReachabilityStatus(Reachability.RELAYED,
@@ -498,21 +524,24 @@ class NatTraversal:
         candidates = servers()[:MAX_RECHECK_SERVERS]
         addrs = self.dial_back_candidates()
         if not candidates or not addrs:
-            self._next_public_check = now + self.public_evidence.next_check_s(self.timing.public_recheck)
+            self._next_public_check = now + self._public_check_s()
             return
         answers = await self._ask_dial_backs(candidates, addrs)
-        verdicts = [_answer(code) for code, _ in answers.values()]
-        self.public_evidence.record_round(verdicts)
-        self._next_public_check = trio.current_time() + self.public_evidence.next_check_s(self.timing.public_recheck)
+        dial_backs = [d for d, _ in answers.values()]
+        verdicts = [d.answer for d in dial_backs]
+        self.public_evidence.record_round(dial_backs)
+        self._next_public_check = trio.current_time() + self._public_check_s()
+        needed = self.public_evidence.needed if self.public_evidence.told_failed else 1
         log.info("nat.public_recheck", asked=len(candidates), reached=verdicts.count(DialBackAnswer.REACHED),
-                 failed=verdicts.count(DialBackAnswer.FAILED), confirmations=self.public_evidence.reached(),
-                 needed=self.public_evidence.needed)
+                 failed=verdicts.count(DialBackAnswer.FAILED), unconfirmed=verdicts.count(DialBackAnswer.UNCONFIRMED),
+                 confirmations=self.public_evidence.reached(), needed=needed)
         if not self.public_evidence.confirmed():
             return
-        where = next((_addr_text(addr) for code, addr in answers.values()
-                      if _answer(code) is DialBackAnswer.REACHED), "an address")
+        where = next((_addr_text(addr) for d, addr in answers.values()
+                      if d.answer is DialBackAnswer.REACHED), "an address")
         self.status = ReachabilityStatus(
-            Reachability.PUBLIC, f"dialled back at {where} {self.public_evidence.reached()} times on re-check")
+            Reachability.PUBLIC,
+            f"dialled back at {where}, confirmed {plural(self.public_evidence.reached(), 'time')} on re-check")
         self.relayed_addrs, self.reserved_on, self._relays, self._relay_up, self._relay_conns = (), (), [], False, []
         self.public_evidence.reset()
         log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
@@ -616,12 +645,11 @@ class NatTraversal:
         return False
 
 
-def _answer(code: int) -> DialBackAnswer:
-    if code == int(AutoNATMessage.OK):
-        return DialBackAnswer.REACHED
-    if code == int(AutoNATMessage.E_DIAL_ERROR):
-        return DialBackAnswer.FAILED
-    return DialBackAnswer.NO_VERDICT
+def _group(ip: str | None) -> str | None:
+    try:
+        return netgroup(ip) if ip is not None else None
+    except ValueError:  # our socket's own report; not an IP would be a py-libp2p oddity: its own group
+        return ip
 
 
 def _addr_text(raw: bytes | None) -> str:
