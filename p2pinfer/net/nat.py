@@ -391,7 +391,8 @@ class NatTraversal:
             self.status = checked
         else:
             why = checked.reason if checked is not None else (
-                "no peer answered the dial-back request" if servers else NOT_CHECKED)
+                "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived"
+                if servers else NOT_CHECKED)
             for relay in servers:
                 addrs = await self.reserve(relay)
                 if addrs:
