@@ -180,10 +180,11 @@ class PublicEvidence:
 
 
 def reannounce_wait(addrs_before: Sequence[str], addrs_now: Sequence[str], last_at: float | None,
-                    now: float, min_interval_s: float) -> float | None:
-    """None: nothing to announce (our announced addresses did not change). Otherwise how long to wait before
-    announcing: 0 now, or until ``min_interval_s`` after the previous address-change announcement."""
-    if tuple(addrs_before) == tuple(addrs_now):
+                    now: float, min_interval_s: float, *, forced: bool = False) -> float | None:
+    """None: nothing to announce (our announced addresses did not change, and nobody who must hear it lacks
+    our announcement: ``forced``). Otherwise how long to wait before announcing: 0 now, or until
+    ``min_interval_s`` after the previous re-announcement (forced ones included: the same rate limit)."""
+    if tuple(addrs_before) == tuple(addrs_now) and not forced:
         return None
     if last_at is None:
         return 0.0

@@ -4,6 +4,11 @@
 servers say "I reached you" without dialling (``tests/nat/liar.py``: one attacker's servers); it prints
 ``{"liars": [multiaddr, ...]}`` and runs until terminated.
 
+``python reach_driver.py relay KEY_FILE LISTEN`` runs one bootstrap node (relay) with the key in KEY_FILE,
+whose AutoNAT server says "dial failed" to everyone (so that a peer on loopback is relayed); it prints
+``{"relay": [multiaddr, ...]}``, then ``{"holds": [peer ID, ...]}`` whenever the set of peers whose
+announcements it holds changes, until terminated (a restart: run it again with the same key and address).
+
 ``python reach_driver.py peer BOOTSTRAP...`` joins as a peer and prints
 ``{"rechecks": n, "state": ..., "reason": ..., "addrs": [...]}`` once joined (n = 0) and after every public
 re-check round, until terminated. Intervals are short (``FAST``) so that rounds follow each other quickly.
@@ -20,11 +25,12 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from liar import make_reached_liar  # noqa: E402
+from liar import make_liar, make_reached_liar  # noqa: E402
 
 from p2pinfer import log  # noqa: E402
 from p2pinfer.identity import Identity  # noqa: E402
 from p2pinfer.net import Backoff, NatTiming, Node, NodeConfig  # noqa: E402
+from p2pinfer.wire import now_ms  # noqa: E402
 
 FAST = NatTiming(recheck_first_s=0.5, recheck_interval_s=2.0, relay_check_s=0.5, relay_retry=Backoff(0.5, 2.0),
                  public_recheck=Backoff(0.5, 2.0), reannounce_min_interval_s=1.0, dial_back_confirm_s=3.0)
@@ -46,6 +52,20 @@ async def liars(count: int) -> None:
         await trio.sleep_forever()
 
 
+async def relay(key_file: str, listen: str) -> None:
+    config = NodeConfig(listen=[listen], role="bootstrap", nat_timing=FAST, dht_refresh_interval_s=5.0)
+    async with Node(Identity.load(Path(key_file)), config) as node:
+        make_liar(node)
+        emit(relay=list(node.addrs))
+        held: list[str] = []
+        while True:
+            now = sorted(a.peer_id for a in node.table.live(now_ms()))
+            if now != held:
+                held = now
+                emit(holds=held)
+            await trio.sleep(0.05)
+
+
 async def peer(bootstrap: list[str]) -> None:
     config = NodeConfig(listen=["/ip4/0.0.0.0/tcp/4001"], bootstrap=bootstrap, nat_timing=FAST,
                         announce_interval_s=600.0)
@@ -64,5 +84,7 @@ if __name__ == "__main__":
     log.configure(level="info", stream=sys.stderr)
     if sys.argv[1] == "liars":
         trio.run(liars, int(sys.argv[2]))
+    elif sys.argv[1] == "relay":
+        trio.run(relay, sys.argv[2], sys.argv[3])
     else:
         trio.run(peer, sys.argv[2:])
