@@ -57,6 +57,8 @@ async def test_a_restarted_relay_gets_the_announcement_at_once_and_a_peer_announ
         async with AsyncExitStack() as stack:
             home = await start(stack, bootstrap=addrs, **QUIET)
             assert home.nat.status.state is Reachability.RELAYED, home.nat.status
+            # announce once the relay is known to subscribe (an earlier publish goes nowhere)
+            await wait_until(lambda: bool(home.gossip.topic_peers()), what="home to see the relay's subscription")
             home.update_capacity(models=[offer(DIGEST)], free_slots=1, total_slots=1)
             await _holds(first, home.peer_id)
             reannounced = home.nat.stats["reannounced"]
