@@ -67,8 +67,8 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..log import get_logger
 from .addrs import PeerInfo, strip_p2p
-from .capacity_sync import CAPACITY_SYNC, SyncPageError, encode_sync_request, parse_sync_page
-from .errors import DialError, NetError
+from .capacity_sync import CAPACITY_SYNC, encode_sync_request, parse_sync_page
+from .errors import DialError
 from .keys import to_libp2p_id
 from .inbound import InboundHandshakes, watch_inbound
 from .nat_rules import (Backoff, DialBack, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth,
@@ -605,7 +605,7 @@ class NatTraversal:
         try:
             reply = await self.request(relay_id, CAPACITY_SYNC, encode_sync_request(cursor), timeout=RELAY_HOLDS_US_S)
             envelopes, _ = parse_sync_page(reply, after=cursor)
-        except (NetError, SyncPageError, Exception) as exc:  # a background task: nothing may end the node
+        except Exception as exc:  # NetError, SyncPageError, anything: a background task must not end the node
             log.info("nat.relay_sync_check_failed", relay=relay_id, error=repr(exc)[:200])
             return
         if self.own_announcement() in envelopes:
