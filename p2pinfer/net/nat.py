@@ -599,6 +599,7 @@ class NatTraversal:
         request and no gossip; a restart one announcement per relayed peer, which the relay needs."""
         own = self.own_announcement()
         if own is None or self.request is None:
+            log.debug("nat.relay_check_skipped", relay=relay_id, announced=own is not None)
             return
         me = self.host.get_id().to_base58()
         cursor = me[:-1]  # a prefix sorts just before us: the page starts with our entry if the relay has it
@@ -609,6 +610,7 @@ class NatTraversal:
             log.info("nat.relay_sync_check_failed", relay=relay_id, error=repr(exc)[:200])
             return
         if self.own_announcement() in envelopes:
+            log.debug("nat.relay_holds_announcement", relay=relay_id)
             return
         with trio.move_on_after(RELAY_SUBSCRIBED_WAIT_S):
             while relay_id not in self.gossip_peers():

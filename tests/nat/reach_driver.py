@@ -7,7 +7,7 @@ servers say "I reached you" without dialling (``tests/nat/liar.py``: one attacke
 ``python reach_driver.py relay KEY_FILE LISTEN`` runs one bootstrap node (relay) with the key in KEY_FILE,
 whose AutoNAT server says "dial failed" to everyone (so that a peer on loopback is relayed); it prints
 ``{"relay": [multiaddr, ...]}``, then ``{"holds": [peer ID, ...]}`` whenever the set of peers whose
-announcements it holds changes, until terminated (a restart: run it again with the same key and address).
+announcements (offering a model) it holds changes, until terminated (a restart: run it again with the same key and address).
 
 ``python reach_driver.py peer BOOTSTRAP...`` joins as a peer and prints
 ``{"rechecks": n, "state": ..., "reason": ..., "addrs": [...]}`` once joined (n = 0) and after every public
@@ -59,7 +59,7 @@ async def relay(key_file: str, listen: str) -> None:
         emit(relay=list(node.addrs))
         held: list[str] = []
         while True:
-            now = sorted(a.peer_id for a in node.table.live(now_ms()))
+            now = sorted(a.peer_id for a in node.table.live(now_ms()) if a.models)
             if now != held:
                 held = now
                 emit(holds=held)
