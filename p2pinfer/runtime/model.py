@@ -30,6 +30,7 @@ from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 from .memory import drop_clean_file_pages
+from .tie_tolerance import TieTolerances
 
 if TYPE_CHECKING:  # the kernels module is imported when a session is made (it loads onnx)
     from ..kernels import DecodePath
@@ -527,6 +528,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     info: ModelInfo
     session_options: dict[str, Any] = field(default_factory=dict)
+    #: the calibration's near-tie detector widths per path (runtime/tie_tolerance.py), None until calibrated
+    tie_tolerances: TieTolerances | None = None
 
     @property
     def digest_hex(self) -> str:
@@ -674,7 +677,7 @@ class LoadedModel:
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
                            io, self.tokenizer, self.info,
                            {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used,
-                            "amx": _runs_amx(used, amx)})
+                            "amx": _runs_amx(used, amx)}, self.tie_tolerances)
 
 
 def graph_shares_kv_buffer(onnx_path: Path, io: GraphIO) -> bool:

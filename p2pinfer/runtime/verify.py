@@ -33,6 +33,7 @@ from .generate import PREFILL_CHUNK
 from .model import LoadedModel
 from .reference import reference_session
 from .sampling import LogProbRows, SamplingParams, log_softmax
+from .tie_tolerance import tie_tolerance as model_tie_tolerance
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.verify")
@@ -129,9 +130,11 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
                   finish_reason: str, stop: Sequence[str] = (), commitment: bytes | None = None,
                   fingerprint_format: str = FORMAT, tolerance: float | None = None,
                   stop_at_eos: bool = True, stop_at_first: bool = True,
-                  rows_per_pass: int | None = None) -> FingerprintVerdict:
-    """Re-check an executor's claimed output. ``tolerance`` defaults to the model's calibrated one
-    (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none). ``rows_per_pass`` bounds the
+                  rows_per_pass: int | None = None, tie_tolerance: float | None = None) -> FingerprintVerdict:
+    """Re-check an executor's claimed output. ``tolerance`` (the pair tolerance, the log-prob allowance) defaults
+    to the model's calibrated one (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none);
+    ``tie_tolerance`` (this verifier's near-tie detector) to its session path's calibrated one
+    (:mod:`.tie_tolerance`), or to ``tolerance`` when that is given by hand. ``rows_per_pass`` bounds the
     log-prob rows one forward pass computes (memory against per-pass overhead; the verdict does not depend on it;
     None: :func:`verify_rows`).
 
@@ -139,10 +142,12 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
     """
     t0 = time.perf_counter()
     tol = model.measured_tolerance() if tolerance is None else tolerance  # never a default: measured or refused
+    if tie_tolerance is None:
+        tie_tolerance = tol if tolerance is not None else model_tie_tolerance(model)
     prompt_ids, output_ids = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
     verdict = _verify(model, prompt_ids, output_ids, fingerprint, params, seed_material, max_tokens,
                       finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first,
-                      rows_per_pass)
+                      rows_per_pass, tie_tolerance)
     _log().info("verify.done", model=model.digest_hex[:16], accept=verdict.accept,
              first_bad=verdict.first_bad_position, reason=verdict.reason or None,
              max_deviation=f"{verdict.max_deviation:.3g}", tokens=len(output_ids),
@@ -153,7 +158,7 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
 def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fingerprint: bytes,
             params: SamplingParams, seed_material: bytes, max_tokens: int, finish_reason: str,
             stop: Sequence[str], commitment: bytes | None, fingerprint_format: str, tol: float,
-            stop_at_eos: bool, stop_at_first: bool, rows: int | None) -> FingerprintVerdict:
+            stop_at_eos: bool, stop_at_first: bool, rows: int | None, tie: float) -> FingerprintVerdict:
     if fingerprint_format != FORMAT:
         return _reject(None, f"unsupported fingerprint format {fingerprint_format!r}")
     if commitment is not None and fingerprint_commitment(fingerprint, fingerprint_format) != commitment:
@@ -180,7 +185,7 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
         return _reject(None, "token ID outside the model's vocabulary")
 
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
-                                 defer_near_ties=True)
+                                 defer_near_ties=True, tie_tolerance=tie)
     _check_passes(checker, model, prompt_ids, seq, rows)  # its KV buffers and logits are freed when it returns
     # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last;
     # the last one builds no cache (nothing asks for a row after it: a lower memory peak)
