@@ -13,8 +13,7 @@ so that other load on the machine hits both sides alike:
 * verification / generation time for ``--verify-tokens`` output tokens, 4-bit and fp32, greedy and sampled
   (``--verify-sampling``), with the decode speed behind each ratio; with ``--compare-rows N`` each request is
   also verified with N rows per forward pass (e.g. 4096: one pass, as before row-bounded passes), interleaved
-  with the default (:data:`~p2pinfer.runtime.verify.VERIFY_ROWS` where the passes run in place, else
-  ``VERIFY_ROWS_FORWARD``), and both ratios are printed;
+  with the default (:func:`~p2pinfer.runtime.verify.verify_rows`), and both ratios are printed;
 * resident memory: a serving process (the peer's modules, the model loaded, a greedy and a sampled request
   of ``--memory-tokens`` tokens, 128 and 512 by default, generated and verified) against the model files + 300 MB
   (each over it marked OVER), measured in a fresh
@@ -48,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from p2pinfer import log  # noqa: E402
 from p2pinfer.gguf import find_default_gguf, import_gguf  # noqa: E402
 from p2pinfer.runtime import GREEDY, SamplingParams, ensure_tolerance, generate, load_model, verify_result  # noqa: E402
-from p2pinfer.runtime.verify import VERIFY_ROWS, VERIFY_ROWS_FORWARD  # noqa: E402
+from p2pinfer.runtime.verify import VERIFY_ROWS, VERIFY_ROWS_STANDARD, VERIFY_SHORT  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message in a bottle."}]
 PREFILL_TEXT = ("The history of the lighthouse begins with fires lit on hills to guide ships home. " * 40)
@@ -293,8 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                          "comma-separated: a fresh probe per length")
     ap.add_argument("--no-demo", action="store_true", help="skip the first-run demo's peak memory (a minute or more)")
     ap.add_argument("--compare-rows", type=int, default=None,
-                    help=f"also verify with this many rows per forward pass (default passes: {VERIFY_ROWS} rows in "
-                         f"place, {VERIFY_ROWS_FORWARD} where the first pass runs forward), "
+                    help=f"also verify with this many rows per forward pass (default passes: {VERIFY_ROWS} rows on "
+                         f"the 4-bit kernel and up to {VERIFY_SHORT} positions, else {VERIFY_ROWS_STANDARD}), "
                          "interleaved, and probe memory with it")
     ap.add_argument("--compare-amx", action="store_true",
                     help="also verify each request with the kernel's many-row path on float32 FMA (amx=False, "

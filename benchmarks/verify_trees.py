@@ -2,12 +2,13 @@
 
     python benchmarks/verify_trees.py OLD_TREE [NEW_TREE] [--requests greedy:128,greedy:512,1.0:128]
                                       [--rounds 3] [--rows 64,128] [--tolerance 1.79e-3] [--threads 2]
+                                      [--weights native|fp32]
 
 ``OLD_TREE`` is a checkout of the code to compare against (e.g. ``git archive main | tar -x -C /tmp/old``);
 ``NEW_TREE`` defaults to this one. The default model (SmolLM2-135M-Instruct Q4_1 GGUF) is imported once into a
 temporary folder (``--weights fp32`` for the float32 class). Each round runs one fresh subprocess per side
 (the order alternates between rounds, so load hits both alike); a side loads the model from its own tree,
-generates each request (``greedy`` or a temperature, and the output length) and verifies it 3 times,
+generates each request (``greedy``, a temperature or ``TEMPERATURE/TOP_P``, and the output length) and verifies it 3 times,
 keeping the best time. ``--rows`` also runs the NEW tree with those rows per pass (``rows_per_pass``).
 
 It prints, per request and side, the verification seconds and verify / generate of each round, and the time
@@ -44,7 +45,8 @@ prompt = m.prompt_ids(messages=[{"role": "user", "content": "Write a long story 
 out = {}
 for spec in sys.argv[5].split(","):
     label, n = spec.split(":")
-    params = GREEDY if label == "greedy" else SamplingParams(temperature=float(label))
+    t, _, top_p = label.partition("/")  # TEMPERATURE or TEMPERATURE/TOP_P
+    params = GREEDY if label == "greedy" else SamplingParams(temperature=float(t), top_p=float(top_p or 1.0))
     r = generate(m, prompt, max_tokens=int(n), params=params, seed_material=bytes(32), stop_at_eos=False)
     best, ties = 1e9, 0
     for _ in range(3):

@@ -126,3 +126,68 @@ def test_in_place_passes_equal_forward(tmp_path, fused: bool) -> None:
             passes.run([1])  # no room left
         with pytest.raises(ValueError):
             model.passes(model.empty_cache(), capacity=len(ids), rows=4).run(ids[:5])  # more than 4 rows
+
+
+@pytest.mark.parametrize("weights", ["F32", "Q4_1"])
+def test_standard_graph_binds_logits_to_keep_and_its_rows_are_unchanged(tmp_path, weights: str) -> None:
+    """The standard graph's session takes ``logits_to_keep`` as a plain input (its default removed at load time,
+    the stored file and digest untouched), so that every verification pass runs in place. Its rows are bit for
+    bit those of the session loaded from the file as stored (the default kept) through the route it took before
+    (``forward`` for the prompt chunks and a first checked pass shared with the prompt, in-place passes after
+    that), at the same rows per pass; and the new default (VERIFY_ROWS up to VERIFY_SHORT positions, the prompt
+    sharing the first checked pass) gives the rows of the old default (64 rows) where no pass is a single row (a one-row pass
+    takes onnxruntime's matrix-vector path, which rounds differently on either session)."""
+    import dataclasses
+
+    import onnxruntime as ort
+    from gguf import GGMLQuantizationType as QT
+    from gguf_fixtures import TinyLlama, write_tiny_llama
+
+    from p2pinfer.gguf import import_gguf
+    from p2pinfer.runtime.digest import compute_digest
+    from p2pinfer.runtime.verify import _checked_rows
+
+    write_tiny_llama(tmp_path / "m.gguf", TinyLlama(matrix_type=getattr(QT, weights), n_kv_heads=2))
+    import_gguf(tmp_path / "m.gguf", tmp_path / "m", fused_attention=True)
+    stored = (tmp_path / "m" / "model.onnx").read_bytes()
+    model = load_model(tmp_path / "m", threads=1, providers=["CPUExecutionProvider"], kernel=False)
+    assert not model.runs_kernel
+    assert (tmp_path / "m" / "model.onnx").read_bytes() == stored
+    assert model.digest == compute_digest(tmp_path / "m")
+    assert model.io.has_logits_to_keep and model.io.logits_to_keep_required and model.shares_kv_buffer
+    assert model.passes(model.empty_cache(), capacity=8, rows=4).keeps_rows
+    # the float head's Gemm writes the logits (no Reshape copying them into a second buffer); a 4-bit head is a
+    # sum of terms, left as it is
+    assert model.io.logits_flat is (weights == "F32")
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.enable_cpu_mem_arena = 1, 1, False
+    opts.log_severity_level = 3
+    as_stored = ort.InferenceSession(str(tmp_path / "m" / "model.onnx"), sess_options=opts,
+                                     providers=["CPUExecutionProvider"])
+    assert "logits_to_keep" in {i.name for i in as_stored.get_overridable_initializers()}
+    before = dataclasses.replace(model, session=as_stored,
+                                 io=dataclasses.replace(model.io, logits_to_keep_required=False, logits_flat=False))
+
+    def rows_of(m, prompt, seq, rows):
+        return np.concatenate([r.copy() for _, r in _checked_rows(m, prompt, seq, rows)])
+
+    rng = np.random.default_rng(7)
+    ids = [int(t) for t in rng.integers(3, model.info.vocab_size or 256, 24)]
+    for last in (None, 1, 5):  # forward, and the decode loop's steps, as before
+        new_logits, new_cache = model.forward(ids[:20], model.empty_cache(), last=last)
+        old_logits, old_cache = before.forward(ids[:20], before.empty_cache(), last=last)
+        assert np.array_equal(new_logits, old_logits) and new_logits.shape == old_logits.shape
+    decoder = model.decoder(new_cache, capacity=24)
+    for token in ids[20:]:
+        old_logits, old_cache = before.forward([token], old_cache)
+        assert np.array_equal(decoder.step(token), old_logits[-1])
+    for prompt_len, seq_len in ((3, 250), (40, 200), (130, 255)):  # no single-row pass at 64 or 128 rows
+        seq = [int(t) for t in rng.integers(3, model.info.vocab_size or 256, seq_len)]
+        prompt = seq[:prompt_len]
+        for rows in (7, 32, 64, 128):
+            assert np.array_equal(rows_of(model, prompt, seq, rows), rows_of(before, prompt, seq, rows)), \
+                (prompt_len, rows)
+        old = rows_of(before, prompt, seq, 64)  # the standard graph's default before
+        assert old.shape[0] == seq_len - prompt_len + 1
+        assert np.array_equal(rows_of(model, prompt, seq, None), old), prompt_len

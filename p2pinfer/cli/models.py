@@ -118,7 +118,8 @@ def models_remove(app: AppContext, digest: str) -> None:
               help="Tokens generated per calibration prompt.")
 @click.pass_obj
 def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:
-    """Measure honest numeric drift and store tolerance = max(1e-5, 4 x worst drift)."""
+    """Measure honest numeric drift and store tolerance = max(1e-5, 4 x worst drift), and per path the near-tie
+    detector's width = max(1e-5, 4 x that path's worst distance to the float64 reference)."""
     from .gguf import ClickProgress
 
     store = _store(app)
@@ -131,6 +132,8 @@ def models_calibrate(app: AppContext, digest: str, tokens: int) -> None:
     for variant, drift in sorted(result.variants.items()):
         click.echo(f"  {variant:32s} drift {drift:.3g}")
     click.echo(f"worst drift {result.worst_drift:.3g} -> tolerance {result.tolerance:.3g} for {record.digest_hex}")
+    for path, width in sorted(result.tie_tolerances.items()):
+        click.echo(f"  near-tie width {width:.3g} on {path}")
 
 
 from .gguf import import_gguf  # noqa: E402  (defined in its own module; attached to this group)

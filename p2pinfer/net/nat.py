@@ -5,7 +5,8 @@ A peer at home sits behind a router that drops unsolicited inbound connections. 
 
 1. asks the bootstrap nodes it reached to **dial it back** (AutoNAT, ``/libp2p/autonat/1.0.0``) on the
    addresses it could be reached at: its observed IP (identify) with its listen ports, its interface
-   addresses and ``--announce``. One successful dial-back makes it ``public``.
+   addresses and ``--announce``. One dial-back that our own listener saw arrive (:mod:`p2pinfer.net.inbound`;
+   a server's "reached" alone is no evidence) makes it ``public``.
 2. Otherwise it **reserves a slot** on a relay (Circuit Relay v2 hop, ``/libp2p/circuit/relay/0.2.0/hop``;
    bootstrap nodes are relays by default) and announces its relayed address
    ``<relay addr>/p2p/<relay id>/p2p-circuit``: it is ``relayed``. With no relay it is ``unreachable``.
@@ -31,7 +32,9 @@ Fixes for py-libp2p 0.8.1 that live here (see docs/network.md):
   never gets that far, but a loaded requester is slow to answer it), at most
   :data:`MAX_CONCURRENT_DIAL_BACKS` at a time.
 * AutoNAT's client wants 4 agreeing servers before it flips; a young network has one bootstrap node. We
-  take each answer as evidence and decide ourselves (any success: public).
+  take each answer as evidence and decide ourselves (any success we saw arrive: public).
+* The circuit transport's reservation refresher has no call to release a reservation: a relay we left is
+  removed from the table it reads (:meth:`NatTraversal._stop_refreshing`).
 * The relay's default limits allow 4 reservations; :class:`RelayLimits` makes them volunteer-settable.
 * ``RelayDiscovery`` runs before the peer has connected to anyone and then sleeps 300 s; we never start
   it and reserve explicitly at join.
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import multiaddr
 import trio
@@ -64,9 +67,12 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..log import get_logger
 from .addrs import PeerInfo, strip_p2p
+from .capacity_sync import CAPACITY_SYNC, encode_sync_request, parse_sync_page
 from .errors import DialError
 from .keys import to_libp2p_id
-from .nat_rules import Backoff, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth, reannounce_wait
+from .inbound import InboundHandshakes, watch_inbound
+from .nat_rules import (Backoff, DialBack, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth,
+                        dial_back_answer, netgroup, reannounce_wait)
 from .publicaddrs import CIRCUIT, announceable, ip_of
 from ..wording import plural
 
@@ -84,6 +90,8 @@ MAX_RECHECK_SERVERS = 3            # peers asked per re-check (the intervals: Na
 MAX_RELAY_CANDIDATES = 8           # connected peers asked for a reservation when our relay is lost
 NOT_CHECKED = "not checked yet: no other peer to dial us back"
 HOLE_PUNCH_DIAL_TIMEOUT_S = 2      # DCUtR's own default (10 s) makes a failed round take 10 s
+RELAY_HOLDS_US_S = 20.0            # a restored relay: one capacity-sync page from it (stream negotiation + reply)
+RELAY_SUBSCRIBED_WAIT_S = 30.0     # ... and, if it lacks our announcement, its gossip subscription before we announce
 
 
 class Reachability(enum.Enum):
@@ -223,6 +231,9 @@ class NatTraversal:
         self.relay_transport = CircuitV2Transport(host, self.relay_protocol, relay_config)
         self.dcutr = DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_TIMEOUT_S) if hole_punch else None
         self.status = ReachabilityStatus(Reachability.UNREACHABLE, NOT_CHECKED, checked=False)
+        # Dial-backs count only when we saw them arrive ourselves (see p2pinfer/net/inbound.py).
+        self.inbound = InboundHandshakes()
+        watch_inbound(host, self.inbound)
         self.relayed_addrs: tuple[str, ...] = ()
         self.reserved_on: tuple[str, ...] = ()
         self._nursery: trio.Nursery | None = None
@@ -231,8 +242,14 @@ class NatTraversal:
         self.on_change: Callable[[], None] = lambda: None
         self.addresses: Callable[[], Sequence[str]] = lambda: ()
         self.announced: Callable[[], Sequence[str]] = lambda: ()
+        # After our relay connection was lost and restored: our last signed announcement (None before the
+        # first), a request to a peer (Node.request) and the peers subscribed to our gossip topic.
+        self.own_announcement: Callable[[], bytes | None] = lambda: None
+        self.request: Callable[..., Awaitable[bytes]] | None = None
+        self.gossip_peers: Callable[[], Sequence[str]] = lambda: ()
         self._reannounced_at: float | None = None
         self._reannounce_pending = False
+        self._reannounce_forced = False
         self._relays: list[PeerInfo] = []  # where we hold reservations (first: the one we announce)
         self._relay_up = False  # connected to self._relays[0] with a reservation, as far as we know
         self._relay_conns: list[Any] = []  # the connections to it when we reserved (one closing: reserve again)
@@ -283,38 +300,52 @@ class NatTraversal:
                 await trio.sleep(0.02)
 
     async def _ask_dial_backs(self, servers: Sequence[PeerInfo], candidates: Sequence[str]
-                              ) -> dict[str, tuple[int, bytes | None]]:
-        """Ask each of ``servers`` at once to dial us back on ``candidates``: peer ID -> (status, address)."""
+                              ) -> dict[str, tuple[DialBack, bytes | None]]:
+        """Ask each of ``servers`` at once to dial us back on ``candidates``: peer ID -> (what the answer is
+        worth, the address it names). A "reached" counts only if that server's connection reached our own
+        listener (:func:`~p2pinfer.net.nat_rules.dial_back_answer`)."""
         raw = [multiaddr.Multiaddr(a).to_bytes() for a in candidates]
-        answers: dict[str, tuple[int, bytes | None]] = {}
+        answers: dict[str, tuple[DialBack, bytes | None]] = {}
 
         async def ask(server: PeerInfo) -> None:
             try:
-                answers[server.peer_id] = await self.autonat.query_server(
+                code, addr = await self.autonat.query_server(
                     to_libp2p_id(server.peer_id), raw, timeout=AUTONAT_QUERY_TIMEOUT_S)
             except BaseException as exc:  # noqa: BLE001 - any failure means "no answer from this server"
                 if isinstance(exc, trio.Cancelled):
                     raise
                 log.debug("nat.autonat_no_answer", peer=server.peer_id, error=repr(exc)[:200])
+                return
+            says_reached = code == int(AutoNATMessage.OK)
+            seen_from = (await watch.wait_for(server.peer_id, self.timing.dial_back_confirm_s)
+                         if says_reached else None)
+            answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from)
+            if answer is DialBackAnswer.UNCONFIRMED:
+                log.info("nat.dial_back_unconfirmed", peer=server.peer_id, claimed=_addr_text(addr),
+                         reason="no connection from this server reached us")
+            group = _group(seen_from) if answer is DialBackAnswer.REACHED else None
+            answers[server.peer_id] = (DialBack(answer, group), addr)
 
-        async with trio.open_nursery() as nursery:
-            for server in servers:
-                nursery.start_soon(ask, server)
+        with self.inbound.watching([s.peer_id for s in servers]) as watch:
+            async with trio.open_nursery() as nursery:
+                for server in servers:
+                    nursery.start_soon(ask, server)
         return answers
 
     async def check_reachability(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus | None:
-        """Ask ``servers`` (connected peers) to dial us back. None when no server answered."""
+        """Ask ``servers`` (connected peers) to dial us back. None when no server gave a verdict."""
         await self._wait_identified(servers)
         candidates = self.dial_back_candidates()
         if not candidates:
             return ReachabilityStatus(Reachability.UNREACHABLE, "no address to be dialled on")
         answers = await self._ask_dial_backs(servers, candidates)
-        ok = [(pid, addr) for pid, (code, addr) in answers.items() if _answer(code) is DialBackAnswer.REACHED]
+        ok = [(pid, addr) for pid, (d, addr) in answers.items() if d.answer is DialBackAnswer.REACHED]
         # Only "I dialled and failed" is evidence against us; a refusal (busy, relayed, no address on our
-        # observed IP) says nothing about our reachability.
-        failed = [pid for pid, (code, _) in answers.items() if _answer(code) is DialBackAnswer.FAILED]
+        # observed IP) says nothing about our reachability, nor does a "reached" we did not see arrive.
+        failed = [pid for pid, (d, _) in answers.items() if d.answer is DialBackAnswer.FAILED]
+        unconfirmed = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.UNCONFIRMED)
         log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
-                 candidates=",".join(candidates)[:300])
+                 unconfirmed=unconfirmed, candidates=",".join(candidates)[:300])
         if ok:
             where = _addr_text(ok[0][1])
             return ReachabilityStatus(Reachability.PUBLIC,
@@ -347,16 +378,47 @@ class NatTraversal:
         log.info("nat.relay_refused", relay=relay.peer_id, error=f"no answer within {RESERVE_TIMEOUT_S} s")
         return []
 
-    def _use_relay(self, relay: PeerInfo, addrs: Sequence[str]) -> None:
-        """From now on we are reachable through ``relay`` (and announce only its addresses)."""
+    def _use_relay(self, relay: PeerInfo, addrs: Sequence[str], *, told_failed: bool = True) -> None:
+        """From now on we are reachable through ``relay`` (and announce only its addresses). ``told_failed``:
+        a dial-back said we are behind NAT (False: nobody gave a verdict, so ask again soon)."""
+        for old in self._relays:
+            if old.peer_id != relay.peer_id:
+                self._stop_refreshing(old.peer_id)
         self.relayed_addrs = tuple(dict.fromkeys(addrs))
         self.reserved_on = (relay.peer_id,)
         self._relays = [relay]
         self._relay_up = True
         self._relay_conns = self._open_connections(relay.peer_id)
         self.relay_health.record(True)
-        self.public_evidence.reset()
-        self._next_public_check = trio.current_time() + self.timing.public_recheck.delay(0)
+        self.public_evidence.reset(told_failed=told_failed)
+        self._next_public_check = trio.current_time() + self._public_check_s()
+
+    def _stop_refreshing(self, relay_peer_id: str) -> None:
+        """Stop refreshing our reservation on a relay we moved away from.
+
+        py-libp2p 0.8.1 runs one refresher for all reservations: it re-reserves every entry of the transport's
+        reservation table shortly before it expires, and drops an entry only once expired; there is no call
+        to release one, and the relay protocol has no "unreserve" message. Without this, a relay we left
+        (we turned public, or moved to another relay) kept one of its ``max_reservations`` slots for us for
+        as long as it ran. Removing the entry from the table the refresher reads every pass is what stops it;
+        the relay frees the slot when the reservation expires (``reservation_ttl_s``, 1 h by default)."""
+        pid = to_libp2p_id(relay_peer_id)
+        for table in ("_reservations", "_reservation_proofs"):
+            entries = getattr(self.relay_transport, table, None)
+            if isinstance(entries, dict):
+                entries.pop(pid, None)
+        log.info("nat.relay_released", relay=relay_peer_id)
+
+    def refreshed_relays(self) -> list[str]:
+        """The relays py-libp2p's refresher keeps a reservation on for us (see :meth:`_stop_refreshing`)."""
+        entries = getattr(self.relay_transport, "_reservations", {})
+        return sorted(pid.to_base58() for pid in entries)
+
+    def _public_check_s(self) -> float:
+        """Delay to the next public re-check: the public_recheck backoff after a failed dial-back; while nobody
+        has given a verdict, the shorter backoff of unanswered checks (10, 20, 40 s ... up to 120 s)."""
+        no_verdict = Backoff(self.timing.recheck_first_s, self.timing.recheck_interval_s)
+        return self.public_evidence.next_check_s(self.timing.public_recheck, no_verdict)
 
     async def establish(self, servers: Sequence[PeerInfo]) -> ReachabilityStatus:
         """Join-time: find out whether we are reachable; if not, reserve on a relay. Sets :attr:`status`."""
@@ -365,11 +427,12 @@ class NatTraversal:
             self.status = checked
         else:
             why = checked.reason if checked is not None else (
-                "no peer answered the dial-back request" if servers else NOT_CHECKED)
+                "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived"
+                if servers else NOT_CHECKED)
             for relay in servers:
                 addrs = await self.reserve(relay)
                 if addrs:
-                    self._use_relay(relay, addrs)
+                    self._use_relay(relay, addrs, told_failed=checked is not None)
                     break
             if self.relayed_addrs:
                 self.status = ReachabilityStatus(Reachability.RELAYED,
@@ -465,6 +528,8 @@ class NatTraversal:
             if self.status.state is not Reachability.RELAYED:
                 self.status = ReachabilityStatus(Reachability.RELAYED, f"reachable through relay {relay.peer_id}")
             self.addresses_may_have_changed()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._relay_holds_our_announcement, relay.peer_id)
             return self.relay_health.next_check_s()
         if action is RelayAction.RETRY:
             log.info("nat.relay_retry", relay=relay.peer_id, failures=self.relay_health.failures,
@@ -498,34 +563,71 @@ class NatTraversal:
         candidates = servers()[:MAX_RECHECK_SERVERS]
         addrs = self.dial_back_candidates()
         if not candidates or not addrs:
-            self._next_public_check = now + self.public_evidence.next_check_s(self.timing.public_recheck)
+            self._next_public_check = now + self._public_check_s()
             return
         answers = await self._ask_dial_backs(candidates, addrs)
-        verdicts = [_answer(code) for code, _ in answers.values()]
-        self.public_evidence.record_round(verdicts)
-        self._next_public_check = trio.current_time() + self.public_evidence.next_check_s(self.timing.public_recheck)
+        dial_backs = [d for d, _ in answers.values()]
+        verdicts = [d.answer for d in dial_backs]
+        self.public_evidence.record_round(dial_backs)
+        self._next_public_check = trio.current_time() + self._public_check_s()
+        needed = self.public_evidence.needed if self.public_evidence.told_failed else 1
         log.info("nat.public_recheck", asked=len(candidates), reached=verdicts.count(DialBackAnswer.REACHED),
-                 failed=verdicts.count(DialBackAnswer.FAILED), confirmations=self.public_evidence.reached(),
-                 needed=self.public_evidence.needed)
+                 failed=verdicts.count(DialBackAnswer.FAILED), unconfirmed=verdicts.count(DialBackAnswer.UNCONFIRMED),
+                 confirmations=self.public_evidence.reached(), needed=needed)
         if not self.public_evidence.confirmed():
             return
-        where = next((_addr_text(addr) for code, addr in answers.values()
-                      if _answer(code) is DialBackAnswer.REACHED), "an address")
+        where = next((_addr_text(addr) for d, addr in answers.values()
+                      if d.answer is DialBackAnswer.REACHED), "an address")
         self.status = ReachabilityStatus(
-            Reachability.PUBLIC, f"dialled back at {where} {self.public_evidence.reached()} times on re-check")
+            Reachability.PUBLIC,
+            f"dialled back at {where}, confirmed {plural(self.public_evidence.reached(), 'time')} on re-check")
+        for old in self._relays:
+            self._stop_refreshing(old.peer_id)
         self.relayed_addrs, self.reserved_on, self._relays, self._relay_up, self._relay_conns = (), (), [], False, []
         self.public_evidence.reset()
         log.info("nat.reachability_changed", state=self.status.state.value, reason=self.status.reason)
         self.addresses_may_have_changed()
 
+    async def _relay_holds_our_announcement(self, relay_id: str) -> None:
+        """Our relay connection closed and we reserved again. A blip leaves the relay as it was; a restarted
+        relay (a bootstrap node, where clients join) lost every announcement it held, ours too, and would show
+        clients nothing of us until our next periodic announcement (up to ``announce_interval_s``, 60 s).
+
+        So we ask it for one capacity-sync page starting at our peer ID: it holds our last announcement, or
+        it does not. If not, we announce once, through the same rate limit as address changes, after the relay
+        subscribed to our gossip topic (a flood publish before that would miss it). A blip costs one small
+        request and no gossip; a restart one announcement per relayed peer, which the relay needs."""
+        own = self.own_announcement()
+        if own is None or self.request is None:
+            log.debug("nat.relay_check_skipped", relay=relay_id, announced=own is not None)
+            return
+        me = self.host.get_id().to_base58()
+        cursor = me[:-1]  # a prefix sorts just before us: the page starts with our entry if the relay has it
+        try:
+            reply = await self.request(relay_id, CAPACITY_SYNC, encode_sync_request(cursor), timeout=RELAY_HOLDS_US_S)
+            envelopes, _ = parse_sync_page(reply, after=cursor)
+        except Exception as exc:  # NetError, SyncPageError, anything: a background task must not end the node
+            log.info("nat.relay_sync_check_failed", relay=relay_id, error=repr(exc)[:200])
+            return
+        if self.own_announcement() in envelopes:
+            log.debug("nat.relay_holds_announcement", relay=relay_id)
+            return
+        with trio.move_on_after(RELAY_SUBSCRIBED_WAIT_S):
+            while relay_id not in self.gossip_peers():
+                await trio.sleep(0.1)
+        log.info("nat.relay_lacks_announcement", relay=relay_id)
+        self.addresses_may_have_changed(forced=True)
+
     # ---- announcing address changes -------------------------------------------------------------------
 
-    def addresses_may_have_changed(self) -> None:
-        """Announce when the addresses we would announce differ from the last announced ones, at most every
-        ``reannounce_min_interval_s`` (a later change waits, and is announced once, with the latest state)."""
+    def addresses_may_have_changed(self, *, forced: bool = False) -> None:
+        """Announce when the addresses we would announce differ from the last announced ones (or ``forced``: a
+        relay lacks our announcement), at most every ``reannounce_min_interval_s`` (a later change waits, and
+        is announced once, with the latest state)."""
         now = trio.current_time()
+        self._reannounce_forced = self._reannounce_forced or forced
         wait = reannounce_wait(self.announced(), self.addresses(), self._reannounced_at, now,
-                               self.timing.reannounce_min_interval_s)
+                               self.timing.reannounce_min_interval_s, forced=self._reannounce_forced)
         if wait is None:
             return
         if wait > 0:
@@ -534,6 +636,7 @@ class NatTraversal:
                 self._nursery.start_soon(self._reannounce_later, wait)
             return
         self._reannounced_at = now
+        self._reannounce_forced = False
         self.stats["reannounced"] += 1
         log.info("nat.reannounce", addrs=",".join(self.addresses())[:300])
         self.on_change()
@@ -616,12 +719,11 @@ class NatTraversal:
         return False
 
 
-def _answer(code: int) -> DialBackAnswer:
-    if code == int(AutoNATMessage.OK):
-        return DialBackAnswer.REACHED
-    if code == int(AutoNATMessage.E_DIAL_ERROR):
-        return DialBackAnswer.FAILED
-    return DialBackAnswer.NO_VERDICT
+def _group(ip: str | None) -> str | None:
+    try:
+        return netgroup(ip) if ip is not None else None
+    except ValueError:  # our socket's own report; not an IP would be a py-libp2p oddity: its own group
+        return ip
 
 
 def _addr_text(raw: bytes | None) -> str:

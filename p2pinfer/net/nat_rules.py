@@ -1,5 +1,6 @@
 """Pure rules of NAT traversal (no I/O, no clock of their own): when to try again, when a relay is lost,
-when dial-backs prove we are public, when our addresses changed enough to announce.
+which dial-backs count and when they prove we are public (network groups), when our addresses changed
+enough to announce.
 
 :mod:`p2pinfer.net.nat` applies them; ``tests/nat/test_nat_rules.py`` checks them with hypothesis.
 """
@@ -7,6 +8,7 @@ when dial-backs prove we are public, when our addresses changed enough to announ
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -48,6 +50,10 @@ class NatTiming:
     # (one 3 s limit for both told a public peer on a loaded machine that it was behind NAT).
     dial_back_connect_s: float = 3.0
     dial_back_handshake_s: float = 10.0
+    # Requester: after a server says "reached", how long to wait for its connection to show up on our own
+    # listener (the server answers only after its handshake completed: an honest one is seen at once; the
+    # limit is for a loaded machine). A lying server costs each round this long.
+    dial_back_confirm_s: float = 10.0
 
 
 class RelayAction(enum.Enum):
@@ -78,54 +84,107 @@ class RelayHealth:
 
 
 class DialBackAnswer(enum.Enum):
-    REACHED = "reached"      # the server dialled us back and proved our peer ID
+    REACHED = "reached"      # the server said it reached us AND we saw its connection arrive (confirmed)
+    UNCONFIRMED = "unconfirmed"  # the server said it reached us, but no connection from it arrived: ignored
     FAILED = "failed"        # the server dialled and could not reach us
     NO_VERDICT = "no-verdict"  # refused, busy, no answer: says nothing about us
+
+
+def dial_back_answer(server_says_reached: bool, server_says_failed: bool, seen_from_ip: str | None) -> DialBackAnswer:
+    """What one server's answer is worth. A "reached" counts only when our own listener saw a direct connection
+    from that server's peer ID (Noise proves the ID) while we asked: any number of servers can claim to have
+    reached us, only the peer itself can see that they did (a peer behind NAT sees nothing)."""
+    if server_says_reached:
+        return DialBackAnswer.REACHED if seen_from_ip is not None else DialBackAnswer.UNCONFIRMED
+    return DialBackAnswer.FAILED if server_says_failed else DialBackAnswer.NO_VERDICT
+
+
+IPV4_GROUP_PREFIX = 16   # Bitcoin's netgroups: one /16 is one operator's reach, however many addresses it holds
+IPV6_GROUP_PREFIX = 32
+
+
+def netgroup(ip: str) -> str:
+    """The network group of an address: its IPv4 /16 or IPv6 /32 (an IPv4-mapped IPv6 address is IPv4).
+
+    The same masks for every address, global or not: all of 127.0.0.0/16 (every node on one machine, as in
+    tests) is one group, and so is one LAN. Servers in one group count as one server. Raises ValueError for
+    text that is not an IP address."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    prefix = IPV4_GROUP_PREFIX if addr.version == 4 else IPV6_GROUP_PREFIX
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+@dataclass(frozen=True)
+class DialBack:
+    """One server's answer in a round; ``group``: the network group the confirming connection came from."""
+
+    answer: DialBackAnswer
+    group: str | None = None
 
 
 @dataclass
 class PublicEvidence:
     """Dial-back answers collected by a relayed peer's re-check rounds.
 
-    It turns public on ``needed`` successful dial-backs within the last ``window`` rounds, from at least two
-    of those rounds (one moment of luck is not enough). Failures do not veto: a loaded honest server, or one
-    lying server, cannot keep a public peer relayed; a lying "reached" would have to repeat itself round
-    after round (and the join already trusts a single one).
+    Only confirmed answers count (:func:`dial_back_answer`), and within one round all servers of one network
+    group count once: colluding servers of one operator are worth one server. After a dial-back said we are
+    behind NAT (``told_failed``) we turn public on ``needed`` group-confirmations within the last ``window``
+    rounds, from at least two of those rounds (one moment of luck is not enough). While no server has given
+    a verdict at all (``told_failed`` False: the join's servers were busy or silent) one confirmation is
+    enough, as at the join. Failures do not veto: a loaded honest server, or one lying server, cannot keep a
+    public peer relayed.
     """
 
     needed: int
     window: int
-    _rounds: deque[int] = field(default_factory=deque)  # successful dial-backs per round, newest last
+    told_failed: bool = True
+    _rounds: deque[int] = field(default_factory=deque)  # confirming network groups per round, newest last
     rounds_without_reach: int = 0
+    rounds_without_verdict: int = 0  # while not told_failed: rounds in a row that gave no verdict
 
-    def record_round(self, answers: Sequence[DialBackAnswer]) -> None:
-        reached = sum(1 for a in answers if a is DialBackAnswer.REACHED)
+    def record_round(self, answers: Sequence[DialBack | DialBackAnswer]) -> None:
+        dial_backs = [a if isinstance(a, DialBack) else DialBack(a) for a in answers]
+        groups = {d.group for d in dial_backs if d.answer is DialBackAnswer.REACHED}
+        reached = len(groups)
+        if any(d.answer is DialBackAnswer.FAILED for d in dial_backs):
+            self.told_failed = True
         self._rounds.append(reached)
         while len(self._rounds) > max(self.window, 1):
             self._rounds.popleft()
         self.rounds_without_reach = 0 if reached else self.rounds_without_reach + 1
+        self.rounds_without_verdict = 0 if reached else self.rounds_without_verdict + 1
 
     def reached(self) -> int:
         return sum(self._rounds)
 
     def confirmed(self) -> bool:
+        if not self.told_failed:
+            return self.reached() >= 1
         rounds_with_reach = sum(1 for r in self._rounds if r)
         return self.reached() >= self.needed and rounds_with_reach >= min(2, self.needed)
 
-    def next_check_s(self, backoff: Backoff) -> float:
-        """Soon while some dial-backs reach us (to confirm), backing off while none does."""
+    def next_check_s(self, backoff: Backoff, no_verdict: Backoff | None = None) -> float:
+        """Soon while some dial-backs reach us (to confirm), backing off while none does; while nobody has
+        given a verdict yet, on the shorter ``no_verdict`` backoff (a busy moment, not evidence of NAT)."""
+        if not self.told_failed and no_verdict is not None:
+            return no_verdict.delay(self.rounds_without_verdict)
         return backoff.delay(self.rounds_without_reach)
 
-    def reset(self) -> None:
+    def reset(self, *, told_failed: bool = True) -> None:
         self._rounds.clear()
         self.rounds_without_reach = 0
+        self.told_failed = told_failed
+        self.rounds_without_verdict = 0 if told_failed else 1
 
 
 def reannounce_wait(addrs_before: Sequence[str], addrs_now: Sequence[str], last_at: float | None,
-                    now: float, min_interval_s: float) -> float | None:
-    """None: nothing to announce (our announced addresses did not change). Otherwise how long to wait before
-    announcing: 0 now, or until ``min_interval_s`` after the previous address-change announcement."""
-    if tuple(addrs_before) == tuple(addrs_now):
+                    now: float, min_interval_s: float, *, forced: bool = False) -> float | None:
+    """None: nothing to announce (our announced addresses did not change, and nobody who must hear it lacks
+    our announcement: ``forced``). Otherwise how long to wait before announcing: 0 now, or until
+    ``min_interval_s`` after the previous re-announcement (forced ones included: the same rate limit)."""
+    if tuple(addrs_before) == tuple(addrs_now) and not forced:
         return None
     if last_at is None:
         return 0.0

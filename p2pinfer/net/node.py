@@ -142,6 +142,10 @@ class Node:
         self.nat.on_change = lambda: self.capacity.update()
         self.nat.addresses = self.announce_addrs if config.role != "bootstrap" else tuple  # bootstrap: none
         self.nat.announced = lambda: self.capacity.last_addrs
+        # a restored relay may have restarted: does it still hold our announcement? (nat.py)
+        self.nat.own_announcement = lambda: (self.capacity.last_announcement or (None, 0))[0]
+        self.nat.request = self.request
+        self.nat.gossip_peers = lambda: self.gossip.topic_peers()
         self.table = AnnouncementTable()
         self.gossip = CapacityGossip(self.pubsub, self.table, local_peer_id=self.peer_id,
                                      on_fault=self.guard.fault)

@@ -26,6 +26,19 @@ log-probs by 1.4e-4 or more on every shared fixture, an order of magnitude above
 
 Before any of this, one float64 reference row (:mod:`.reference`) is run: a graph the near-tie arbiter cannot
 run is refused here (:class:`~.reference.ReferenceUnsupported`), not at its first near tie while serving.
+
+The tie tolerances. The near-tie detector (:mod:`.tiebreak`) needs less than the pair bound: only that each
+party's own float32 row is within its detector's width of the exact-arithmetic row. So the float64 reference
+also runs once per prompt over all its output positions (one pass, ~2-5x one float32 prefill of the same tokens),
+every step above measures its rows' distance to those reference rows too, and per path a session can run
+(:mod:`.tie_tolerance`: standard graph, or kernel with AMX / FMA many-row and integer / float decode rows)
+
+    own drift(path) = max over that path's KV steps (and the baseline's own rows, when it runs that path)
+                      and over the prefill steps of its many-row path (and the ``reference`` row)
+    tie tolerance(path) = max(MIN_TOLERANCE, SAFETY_FACTOR * own drift(path))
+
+the same factor and floor, for the same reasons (the tail beyond the rows measured, another onnxruntime version).
+A path with no measured KV or prefill steps gets no entry: it uses the pair tolerance.
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from .generate import PREFILL_CHUNK
 from .model import LoadedModel
 from .reference import ReferenceUnsupported, reference_for
 from .sampling import GREEDY, SamplingParams, log_softmax, sample
+from .tie_tolerance import many_row_path, record, session_path
 from .verify import recompute_logprobs
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -60,8 +74,9 @@ SAFETY_FACTOR = 4.0
 # 3: a model that runs the 4-bit kernel also measures the standard graph's variants; 4: and, where its decode rows
 # take the kernel's integer path, the float32 one-row path's KV decode (peers without AVX2, or forced to it); 5: the
 # same steps, bumped because AVX2 / AVX-VNNI CPUs now decode on the integer path: their format-4 calibration had the
-# float32 decode path as its baseline and no `decode=float` steps
-CALIBRATION_FORMAT = 5
+# float32 decode path as its baseline and no `decode=float` steps; 6: every step also measures its distance to the
+# float64 reference rows, and the record holds the tie tolerances per path (format 5 records have none)
+CALIBRATION_FORMAT = 6
 DEFAULT_PROMPTS = (
     "The history of the lighthouse begins with fires lit on hills to guide ships home.",
     "def parse_args(argv):\n    parser = argparse.ArgumentParser()",
@@ -84,6 +99,8 @@ SERVING_TOKENS = 48
 EXECUTOR_ROWS = 8
 #: The checkpointed step that runs one float64 reference row (see :func:`reference_drift`).
 REFERENCE_STEP = "reference"
+#: The step name (after ``<prompt index>|``) of the baseline's own rows, measured against the reference only.
+BASELINE_STEP = "baseline,kv"
 
 
 @dataclass
@@ -97,6 +114,12 @@ class CalibrationResult:
     worst_executor_drift: float = 0.0  # the KV steps' largest distance to the baseline
     worst_verifier_drift: float = 0.0  # the prefill steps' largest distance to the baseline
     format: int = CALIBRATION_FORMAT
+    #: path (:mod:`.tie_tolerance`) -> that path's near-tie detector width (see the module docstring)
+    tie_tolerances: dict[str, float] = field(default_factory=dict)
+    #: step (variant) -> its rows' largest distance to the float64 reference rows
+    reference_drifts: dict[str, float] = field(default_factory=dict)
+    #: step (variant) -> the path its session ran (:func:`.tie_tolerance.session_path`)
+    paths: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -183,23 +206,27 @@ class _Checkpoint:
         self.path = path
         self.key = {"format": CALIBRATION_FORMAT, "digest": model.digest_hex, "numeric_class": model.numeric_class,
                     "prompts": list(prompts), "new_tokens": new_tokens, "executor_rows": EXECUTOR_ROWS}
-        self.done: dict[str, float] = {}
+        self.done: dict[str, float] = {}  # step -> distance to the baseline's rows
+        self.own: dict[str, float] = {}  # step -> distance to the float64 reference rows
+        self.paths: dict[str, str] = {}  # step -> the path its session ran (tie_tolerance.session_path)
         self.positions: dict[str, int] = {}
         if path is not None and path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 if data.get("key") == self.key:
                     self.done = {str(k): float(v) for k, v in data["done"].items()}
+                    self.own = {str(k): float(v) for k, v in data["own"].items()}
+                    self.paths = {str(k): str(v) for k, v in data["paths"].items()}
                     self.positions = {str(k): int(v) for k, v in data["positions"].items()}
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                self.done, self.positions = {}, {}
+                self.done, self.own, self.paths, self.positions = {}, {}, {}, {}
 
     def save(self) -> None:
         if self.path is None:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "done": self.done, "positions": self.positions}),
-                       encoding="utf-8")
+        tmp.write_text(json.dumps({"key": self.key, "done": self.done, "own": self.own, "paths": self.paths,
+                                   "positions": self.positions}), encoding="utf-8")
         os.replace(tmp, self.path)
 
 
@@ -230,14 +257,17 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     # first, before anything slow: a graph the float64 reference cannot run is refused here, not at its first
     # near tie while serving; its distance to the float32 row is one more honest drift
     if REFERENCE_STEP not in saved.done:
-        saved.done[REFERENCE_STEP] = reference_drift(model, model.encode(prompts[0]))
+        saved.done[REFERENCE_STEP] = saved.own[REFERENCE_STEP] = reference_drift(model, model.encode(prompts[0]))
+        saved.paths[REFERENCE_STEP] = session_path(model)  # the session's own prefill row
         saved.save()
     if progress is not None:
         progress(1, total)
-    cases = []  # (prompt_ids, output_ids, executor rows) per prompt, only when a step still needs them
+    # (prompt_ids, output_ids, executor rows, reference rows - executor rows) per prompt, only when a step needs them
+    cases = []
     for index, prompt in enumerate(prompts):
         if all(_step_name(index, th, opt, mode, kernel, amx, fd) in saved.done
-               for th, opt, kernel, amx, fd, modes in keys for mode in modes):
+               for th, opt, kernel, amx, fd, modes in keys for mode in modes) \
+                and f"{index}|{BASELINE_STEP}" in saved.own:
             cases.append(None)
             continue
         prompt_ids = model.encode(prompt)
@@ -248,7 +278,14 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
         output_ids, rows = _executor_rows(model, prompt_ids, max(1, min(new_tokens, room)),
                                           lambda i, row: sample(row, params, seed, i))
         saved.positions[str(index)] = len(output_ids)
-        cases.append((prompt_ids, output_ids, rows))
+        # the exact rows (float64 reference, ~1e-12 from exact arithmetic) of the same positions, in one pass
+        exact = reference_for(model).logprobs(prompt_ids + output_ids[:-1], last=len(output_ids)) - rows
+        baseline = f"{index}|{BASELINE_STEP}"
+        saved.own[baseline] = float(np.max(np.abs(exact)))
+        saved.paths[baseline] = session_path(model)
+        saved.save()
+        # kept as its small difference to the baseline, in float32 (~1e-4 nats: rounded to ~1e-11, half the memory)
+        cases.append((prompt_ids, output_ids, rows, exact.astype(np.float32)))
     steps = 1
     # Each honest way to compute the same rows is one named, checkpointed step: a KV decode in another session
     # (another executor, over the first EXECUTOR_ROWS positions) and one prefill (a verifier, every position).
@@ -260,17 +297,20 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
                 name = _step_name(index, th, opt, mode, kernel, amx, float_decode)
                 if name not in saved.done:
                     assert case is not None
-                    prompt_ids, output_ids, base = case
+                    prompt_ids, output_ids, base, exact_offset = case
                     variant = variant or model.with_session(threads=th, optimization=opt, kernel=kernel, amx=amx,
                                                             decode=DecodePath.FLOAT if float_decode else None)
                     if mode == "kv":
                         head = output_ids[:EXECUTOR_ROWS]
                         rows = _executor_rows(variant, prompt_ids, len(head), lambda i, row: head[i],
                                               capacity=len(prompt_ids) + len(output_ids))[1]
-                        base = base[:len(head)]
+                        base, exact_offset = base[:len(head)], exact_offset[:len(head)]
                     else:
                         rows = recompute_logprobs(variant, prompt_ids, output_ids)
-                    saved.done[name] = float(np.max(np.abs(rows - base)))
+                    drift = rows - base
+                    saved.done[name] = float(np.max(np.abs(drift)))
+                    saved.own[name] = float(np.max(np.abs(drift - exact_offset)))  # rows - reference rows
+                    saved.paths[name] = session_path(variant)
                     saved.save()
                 if progress is not None:
                     progress(steps, total)
@@ -284,13 +324,39 @@ def calibrate(model: LoadedModel, *, prompts: Sequence[str] = DEFAULT_PROMPTS, n
     # any honest executor e and verifier v: |e - v| <= |e - baseline| + |baseline - v| (triangle inequality)
     worst = max(executors + verifiers, variants.get(REFERENCE_STEP, 0.0))
     positions = sum(saved.positions.values())
+    reference_drifts: dict[str, float] = {}
+    paths: dict[str, str] = {}
+    for name, drift in saved.own.items():
+        key = name.split("|", 1)[-1]
+        reference_drifts[key] = max(reference_drifts.get(key, 0.0), drift)
+        paths[key] = saved.paths[name]
     result = CalibrationResult(worst, tolerance_from_drift(worst), variants, positions, new_tokens,
                                time.perf_counter() - t0, worst_executor_drift=executors,
-                               worst_verifier_drift=verifiers)
+                               worst_verifier_drift=verifiers, tie_tolerances=tie_tolerances(reference_drifts, paths),
+                               reference_drifts=reference_drifts, paths=paths)
+    record(model, result.tolerance, result.tie_tolerances)
     _log().info("calibrate.done", model=model.digest_hex[:16], worst_drift=f"{worst:.3g}",
                 executors=f"{executors:.3g}", verifiers=f"{verifiers:.3g}", positions=positions,
-                tolerance=f"{result.tolerance:.3g}", seconds=f"{result.seconds:.2f}")
+                tolerance=f"{result.tolerance:.3g}", tie_tolerance=f"{result.tie_tolerances.get(session_path(model))}",
+                seconds=f"{result.seconds:.2f}")
     return result
+
+
+def tie_tolerances(reference_drifts: dict[str, float], paths: dict[str, str]) -> dict[str, float]:
+    """Per path: ``tolerance_from_drift`` of the worst distance to the float64 reference of its own KV rows and of
+    its many-row path's prefill rows (the module docstring). ``reference_drifts`` and ``paths`` are keyed by step;
+    a step is a KV step when its name ends in ``,kv``, else a prefill (a verifier's rows, or the reference row)."""
+    kv: dict[str, float] = {}
+    prefill: dict[str, float] = {}
+    for step, drift in reference_drifts.items():
+        path = paths[step]
+        if step.endswith(",kv"):
+            kv[path] = max(kv.get(path, 0.0), drift)
+        else:
+            many = many_row_path(path)
+            prefill[many] = max(prefill.get(many, 0.0), drift)
+    return {path: tolerance_from_drift(max(drift, prefill[many_row_path(path)]))
+            for path, drift in sorted(kv.items()) if many_row_path(path) in prefill}
 
 
 _one_at_a_time = threading.Lock()  # peers sharing a model object calibrate it once, not concurrently

@@ -169,9 +169,13 @@ class FingerprintChecker:
     1. structure: IDs distinct and inside the vocabulary, claimed values non-increasing;
     2. every claimed value within ``a`` of ``lp[id]`` (a saturated value only needs ``lp[id] <= c + a``);
     3. no unclaimed token above the claimed k-th value by more than ``a``;
-    4. the emitted token is the seeded sampler's pick by :func:`.tiebreak.check_rows`: admissible under the
-       drift (:func:`sampling.is_acceptable`) and, where more than one token is, the float64 reference's pick
-       (``reference_row``: output index -> reference log-prob row; None leaves such rows open).
+    4. the emitted token is the seeded sampler's pick by :func:`.tiebreak.check_rows`: admissible under this
+       verifier's own drift from exact arithmetic (:func:`sampling.is_acceptable` with ``tie_tolerance``) and,
+       where more than one token is, the float64 reference's pick (``reference_row``: output index -> reference
+       log-prob row; None leaves such rows open).
+
+    ``tolerance`` is the pair tolerance (rules 2-3); ``tie_tolerance`` the verifier's near-tie detector width
+    (:mod:`.tie_tolerance`), None: the pair tolerance (the earlier single-width rule, for tooling).
 
     ``defer_near_ties``: rule 4's reference rows are not computed during :meth:`check_rows`; the near ties
     that passed every other test are listed, and :meth:`settle_near_ties` decides them afterwards, in index
@@ -193,11 +197,16 @@ class FingerprintChecker:
     stop_at_first: bool = False
     reference_row: ReferenceRow | None = None
     defer_near_ties: bool = False
+    tie_tolerance: float | None = None
     _claimed: np.ndarray = field(init=False)
     _deferred: list[tuple[int, int]] = field(init=False, default_factory=list)  # (index, token) to decide
 
     def __post_init__(self) -> None:
         self._claimed = self.fingerprint.logprobs
+
+    @property
+    def _tie(self) -> float:
+        return self.tolerance if self.tie_tolerance is None else self.tie_tolerance
 
     @property
     def done(self) -> bool:
@@ -228,14 +237,14 @@ class FingerprintChecker:
         excess = np.maximum(other - claimed[:, -1], 0.0)
         tokens = np.asarray(self.output_ids[start:stop], dtype=np.int64)
         # the row maximum is the larger of the best unclaimed and the best claimed value (same bits, no pass)
-        sampler_ok, near_tie = judge_rows(rows, self.params, self.seed_material, start, tokens, self.tolerance,
+        sampler_ok, near_tie = judge_rows(rows, self.params, self.seed_material, start, tokens, self._tie,
                                           row_max=np.maximum(other, actual.max(axis=1)))
         other_bad = malformed_ids | disordered | (worst > allowance) | (excess > allowance)
         if self.defer_near_ties:  # decided by settle_near_ties: the near ties nothing else rejects
             self._deferred += [(start + int(r), int(tokens[r])) for r in np.flatnonzero(sampler_ok & near_tie
                                                                                          & ~other_bad)]
         else:
-            sampler_ok = settle_near_ties(rows, self.params, self.seed_material, start, tokens, self.tolerance,
+            sampler_ok = settle_near_ties(rows, self.params, self.seed_material, start, tokens, self._tie,
                                           sampler_ok, self.reference_row, near_tie)
         good = ~malformed_ids
         if np.any(good):
@@ -262,7 +271,7 @@ class FingerprintChecker:
             self.reason = (f"unclaimed token {int(other_id[j])} at {other[j]:.6f} exceeds the claimed "
                            f"k-th log-prob {claimed[j, -1]:.6f} by {excess[j]:.3g}")
         else:
-            _, why = is_acceptable(rows.row(j), self.params, self.seed_material, i, int(tokens[j]), self.tolerance)
+            _, why = is_acceptable(rows.row(j), self.params, self.seed_material, i, int(tokens[j]), self._tie)
             self.reason = why or _NEAR_TIE_REASON
 
     @property
@@ -278,7 +287,7 @@ class FingerprintChecker:
             if self.stop_at_first and self.first_bad is not None and i > self.first_bad:
                 break
             yes = np.ones(1, dtype=bool)  # accepted by the drift-only check, and a near tie (hence deferred)
-            if settle_near_ties(None, self.params, self.seed_material, i, np.asarray([token]), self.tolerance, yes,
+            if settle_near_ties(None, self.params, self.seed_material, i, np.asarray([token]), self._tie, yes,
                                 reference_row, yes)[0]:
                 continue
             self.failed += 1

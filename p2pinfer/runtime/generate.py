@@ -30,6 +30,7 @@ from .memory import release_freed_memory
 from .reference import ReferenceSession, reference_session
 from .sampling import GREEDY, SamplingParams, log_softmax
 from .stop_text import StopText
+from .tie_tolerance import tie_tolerance as model_tie_tolerance
 from .tiebreak import resolve
 
 def _log():  # bound per call, so that log.configure() made later still applies
@@ -113,6 +114,9 @@ class Generation:
     _prefill_s: float = 0.0
     _decode_s: float = 0.0
     _reference: ReferenceSession | None = None  # this request's float64 reference (near ties only)
+    #: the near-tie detector's width; None: the model's, for the path its session runs (runtime/tie_tolerance.py).
+    #: Given by hand only by tooling (benchmarks/sampler_freedom.py measures the single-width rule with it)
+    tie_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         self.prompt_ids = [int(t) for t in self.prompt_ids]
@@ -179,7 +183,8 @@ class Generation:
         t0 = time.perf_counter()
         i = len(self.output_ids)
         lp = self._next_logprobs
-        token = resolve(lp, self.params, self.seed_material, i, self.model.tolerance, self._reference_row)
+        tie = model_tie_tolerance(self.model) if self.tie_tolerance is None else self.tie_tolerance
+        token = resolve(lp, self.params, self.seed_material, i, tie, self._reference_row)
         self._fp.add(lp)
         self.output_ids.append(token)
         is_eos = self.stop_at_eos and token in self.model.eos_token_ids
@@ -227,9 +232,11 @@ class Generation:
 
 def generate(model: LoadedModel, prompt_ids: Sequence[int], *, max_tokens: int,
              params: SamplingParams = GREEDY, seed_material: bytes = bytes(32), stop: Sequence[str] = (),
-             prefix_ids: Sequence[int] = (), stop_at_eos: bool = True) -> GenerationResult:
-    """Generate synchronously (blocks the calling thread)."""
-    gen = Generation(model, prompt_ids, max_tokens, params, seed_material, stop, prefix_ids, stop_at_eos)
+             prefix_ids: Sequence[int] = (), stop_at_eos: bool = True,
+             tie_tolerance: float | None = None) -> GenerationResult:
+    """Generate synchronously (blocks the calling thread). ``tie_tolerance``: see :class:`Generation`."""
+    gen = Generation(model, prompt_ids, max_tokens, params, seed_material, stop, prefix_ids, stop_at_eos,
+                     tie_tolerance=tie_tolerance)
     gen.start()
     while gen.step() is not None:
         pass

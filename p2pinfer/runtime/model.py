@@ -30,6 +30,7 @@ from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 from .memory import drop_clean_file_pages
+from .tie_tolerance import TieTolerances
 
 if TYPE_CHECKING:  # the kernels module is imported when a session is made (it loads onnx)
     from ..kernels import DecodePath
@@ -120,14 +121,97 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
     # (LM-head buffers of 100 MB each) left a serving peer ~330 MB larger for good (docs/models.md, "Memory").
     # Without it the big buffers go straight back to the OS; decode and verify speed are unchanged (measured).
     opts.enable_cpu_mem_arena = False
+    source: str | bytes = str(onnx_path)
+    rewritten = _standard_graph(Path(onnx_path))
+    if rewritten is not None:
+        source = rewritten
+        # the weights stay in the model folder: external data is resolved (mapped) there, not copied
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(Path(onnx_path).parent))
     try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
+        session = ort.InferenceSession(source, sess_options=opts, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelFormatError(f"onnxruntime could not load {onnx_path}: {exc}") from None
+    del source, rewritten  # the serialized graph is not needed once the session exists
     # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
     # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
     drop_clean_file_pages(weight_files())
     return session, None
+
+
+def _standard_graph(onnx_path: Path) -> bytes | None:
+    """The graph of ``onnx_path`` as the standard session runs it, serialized, or None where it is the file's own
+    (or cannot be read here: onnxruntime then loads the file and reports what is wrong). Two rewrites, in memory:
+    the stored file, and so the model digest, is unchanged, and every value computed is the same (tests compare
+    the rows bit for bit with a session of the file as stored).
+
+    * ``logits_to_keep`` loses its default and becomes a plain input that every run feeds, as the kernel's graph
+      has it (:func:`p2pinfer.kernels.kernel_model`). onnxruntime's I/O binding accepts graph inputs only, and an
+      input with a default is an overridable initializer to it, fed by ``run()`` alone. As a plain input it
+      binds, so the verifier's passes extend one in-place KV cache keeping only the rows they need
+      (:class:`KVPasses`). The default selected every row, which ``forward`` and ``KVPasses`` ask for by feeding
+      the row count.
+    * ``logits`` is the LM head's ``Gemm`` output itself, ``[rows, vocab]``, where the graph had it reshaped to
+      ``[1, rows, vocab]`` (the GGUF importer's float head: a Gemm over the flattened rows). A graph output is
+      written into its own buffer: the Reshape copied the Gemm's buffer into it, so two buffers of logits existed
+      at a verification pass's peak (12.6 MB each at 64 SmolLM2 rows, 25 MB at 128). The Gemm now writes the
+      bound buffer. :attr:`GraphIO.logits_flat` tells the callers."""
+    import onnx  # the graph structure only: external weights are not read
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:
+        return None
+    changed = _drop_logits_to_keep_default(model.graph)
+    changed = _flatten_logits(model.graph) or changed
+    return model.SerializeToString() if changed else None
+
+
+def _drop_logits_to_keep_default(g) -> bool:
+    if not any(i.name == LOGITS_TO_KEEP for i in g.input):
+        return False
+    kept = [t for t in g.initializer if t.name != LOGITS_TO_KEEP]
+    if len(kept) == len(g.initializer):
+        return False  # already a plain input
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return True
+
+
+def _flatten_logits(g) -> bool:
+    """``Gemm -> Reshape -> logits`` (the Gemm's output read by the Reshape alone) becomes ``Gemm -> logits``
+    ``[rows, vocab]``; the nodes that only computed the Reshape's shape go too."""
+    import onnx
+
+    producer = {o: n for n in g.node for o in n.output}
+    reshape = producer.get("logits")
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain not in ("", "ai.onnx"):
+        return False
+    gemm = producer.get(reshape.input[0])
+    readers = [n for n in g.node if gemm is not None and gemm.output[0] in n.input]
+    if gemm is None or gemm.op_type != "Gemm" or gemm.domain not in ("", "ai.onnx") or readers != [reshape] \
+            or any(o.name == gemm.output[0] for o in g.output):
+        return False
+    out = next(o for o in g.output if o.name == "logits")
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) != 3:
+        return False
+    vocab = onnx.TensorShapeProto.Dimension()
+    vocab.CopyFrom(dims[2])
+    gemm.output[0] = "logits"
+    nodes = [n for n in g.node if n is not reshape]
+    while True:  # drop what no longer feeds anything (the Reshape's shape computation)
+        used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+        live = [n for n in nodes if any(o in used for o in n.output if o)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
+    del g.node[:]
+    g.node.extend(nodes)
+    rows = onnx.TensorShapeProto.Dimension(dim_param="logits_rows")
+    del dims[:]
+    dims.extend([rows, vocab])
+    return True
 
 
 @dataclass(frozen=True)
@@ -144,6 +228,7 @@ class GraphIO:
     head_dim: int | None
     has_logits_to_keep: bool = False
     logits_to_keep_required: bool = False  # a plain input (the kernel's graph), fed on every run; else a default
+    logits_flat: bool = False  # logits [rows, vocab] (the standard session's rewrite: _flatten_logits), else [1, rows, vocab]
 
 
 def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> GraphIO:
@@ -188,7 +273,7 @@ def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> G
     head_dim = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else None
     keep = LOGITS_TO_KEEP in inputs or LOGITS_TO_KEEP in overridable
     return GraphIO(n, "position_ids" in inputs, _NP_TYPES[ids_type], _NP_TYPES[kv_type], past, present,
-                   kv_heads, head_dim, keep, LOGITS_TO_KEEP in inputs)
+                   kv_heads, head_dim, keep, LOGITS_TO_KEEP in inputs, len(outputs["logits"].shape) == 2)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -303,7 +388,8 @@ class KVDecoder(_InPlaceKV):
         super().__init__(model, cache, capacity)
         if self._binding is None:
             return
-        self._logits = np.zeros((1, 1, self._vocab), dtype=self._logits_dtype)
+        self._logits = np.zeros((1, self._vocab) if model.io.logits_flat else (1, 1, self._vocab),
+                                dtype=self._logits_dtype)
         self._ids = np.zeros((1, 1), dtype=model.io.ids_dtype)
         self._positions = np.zeros((1, 1), dtype=np.int64)
         self._binding.bind_cpu_input("input_ids", self._ids)
@@ -326,7 +412,8 @@ class KVDecoder(_InPlaceKV):
         self._binding.bind_cpu_input("attention_mask", self._mask[:, :self.length + 1])
         self._session.run_with_iobinding(self._binding)
         self.length += 1
-        return np.asarray(self._logits[0, 0], dtype=np.float32)  # as forward() returns it (no copy for float32)
+        row = self._logits[0] if self._model.io.logits_flat else self._logits[0, 0]
+        return np.asarray(row, dtype=np.float32)  # as forward() returns it (no copy for float32)
 
 
 class KVPasses(_InPlaceKV):
@@ -347,7 +434,8 @@ class KVPasses(_InPlaceKV):
         super().__init__(model, cache, capacity)
         self._rows = rows
         if self._binding is not None:
-            self._logits = np.zeros((1, min(rows, capacity), self._vocab), dtype=self._logits_dtype)
+            shape = (min(rows, capacity), self._vocab)
+            self._logits = np.zeros(shape if model.io.logits_flat else (1, *shape), dtype=self._logits_dtype)
         # logits_to_keep as an input that I/O binding accepts (an overridable initializer is fed by run() only)
         self._keep = np.zeros(1, dtype=np.int64) if self._binding is not None and model.io.logits_to_keep_required \
             else None
@@ -377,11 +465,12 @@ class KVPasses(_InPlaceKV):
         if self._keep is not None:  # bound on every pass (a binding stays): keep == n computes every row's head
             self._keep[0] = keep
             self._binding.bind_cpu_input(LOGITS_TO_KEEP, self._keep)
-        logits = self._logits[:, :keep]  # the first keep rows: contiguous
+        flat = self._model.io.logits_flat
+        logits = self._logits[:keep] if flat else self._logits[:, :keep]  # the first keep rows: contiguous
         self._binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self._session.run_with_iobinding(self._binding)
         self.length += n
-        return np.asarray(logits[0], dtype=np.float32)  # as forward() returns it (no copy for float32)
+        return np.asarray(logits if flat else logits[0], dtype=np.float32)  # as forward() returns it (no copy for float32)
 
 
 @dataclass
@@ -439,6 +528,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     info: ModelInfo
     session_options: dict[str, Any] = field(default_factory=dict)
+    #: the calibration's near-tie detector widths per path (runtime/tie_tolerance.py), None until calibrated
+    tie_tolerances: TieTolerances | None = None
 
     @property
     def digest_hex(self) -> str:
@@ -530,7 +621,7 @@ class LoadedModel:
             feed[LOGITS_TO_KEEP] = np.array([keep], dtype=np.int64)
         feed.update(zip(self.io.past_names, cache.arrays))
         out = self.session.run(["logits", *self.io.present_names], feed)
-        logits = np.asarray(out[0][0][-keep:], dtype=np.float32)
+        logits = np.asarray((out[0] if self.io.logits_flat else out[0][0])[-keep:], dtype=np.float32)
         return logits, KVCache(list(out[1:]), past + s)
 
     def passes(self, cache: KVCache, capacity: int, rows: int) -> KVPasses:
@@ -581,11 +672,12 @@ class LoadedModel:
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
                                      optimization=optimization, kernel=kernel, amx=amx, decode=decode)
         # the kernel's graph has logits_to_keep as a plain input, the standard graph as a default: as this session has it
-        io = replace(self.io, logits_to_keep_required=any(i.name == LOGITS_TO_KEEP for i in session.get_inputs()))
+        io = replace(self.io, logits_to_keep_required=any(i.name == LOGITS_TO_KEEP for i in session.get_inputs()),
+                     logits_flat=len(next(o for o in session.get_outputs() if o.name == "logits").shape) == 2)
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
                            io, self.tokenizer, self.info,
                            {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used,
-                            "amx": _runs_amx(used, amx)})
+                            "amx": _runs_amx(used, amx)}, self.tie_tolerances)
 
 
 def graph_shares_kv_buffer(onnx_path: Path, io: GraphIO) -> bool:

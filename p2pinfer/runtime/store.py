@@ -7,6 +7,11 @@ Each folder keeps the model's files (the digest's files, which include its JSON 
      "tolerance": null | <measured>, "calibration": null | {...}, "files": [{"path", "size", "sha256"}, ...],
      "imported_at_ms": ..., "source": <folder it came from>}
 
+``tolerance`` is the pair tolerance; ``calibration`` is :class:`~.calibrate.CalibrationResult` as JSON, with the
+tie tolerances per path (``"tie_tolerances": {"kernel,amx,decode=integer": ..., "standard": ...}``). A record
+calibrated by an older format holds no tie tolerances: it counts as uncalibrated and is calibrated again before it
+is served (:attr:`ModelRecord.calibrated`), so a served model always has them.
+
 Imports copy into a temporary folder under ``root``, hash the copy, and rename it into place, so a store
 never holds a half-copied model under a digest. A model is imported without a tolerance: only its calibration
 (:meth:`ModelStore.ensure_calibrated`) sets one, and :func:`resolve_models` calibrates before serving.
@@ -34,6 +39,7 @@ from .calibrate import CALIBRATION_FORMAT, SERVING_TOKENS, CalibrationResult
 from .calibrate import calibrate as measure_tolerance
 from .memory import release_freed_memory
 from .model import LoadedModel, load_model
+from .tie_tolerance import record as record_tie_tolerances
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.store")
@@ -129,10 +135,19 @@ class ModelRecord:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{path / METADATA_FILE} is malformed: {exc}") from None
 
+    @property
+    def tie_tolerances(self) -> dict[str, Any]:
+        """The calibration's near-tie detector widths per path (:mod:`.tie_tolerance`); empty when uncalibrated."""
+        found = (self.calibration or {}).get("tie_tolerances") if self.calibrated else None
+        return dict(found) if isinstance(found, dict) else {}
+
     def load(self, **session_options: Any) -> LoadedModel:
-        """Open the model (``providers``, ``threads``, ``optimization`` pass through to the session)."""
-        return load_model(self.path, digest=self.digest, name=self.name, numeric_class=self.numeric_class,
-                          tolerance=self.tolerance, **session_options)
+        """Open the model (``providers``, ``threads``, ``optimization`` pass through to the session); its
+        session's near-tie detector uses the tie tolerance calibrated for the path it runs."""
+        model = load_model(self.path, digest=self.digest, name=self.name, numeric_class=self.numeric_class,
+                           tolerance=self.tolerance, **session_options)
+        record_tie_tolerances(model, self.tolerance, self.tie_tolerances)
+        return model
 
 
 def _stored_tolerance(data: dict[str, Any]) -> float | None:

@@ -10,31 +10,42 @@ that accepts every honest executor must accept both — and an executor that kno
 leave no choice is to decide those positions by a computation whose drift is negligible: the float64
 reference forward pass (:mod:`.reference`), run only there.
 
+Two tolerances. The fingerprint's log-prob check compares an executor's values with a verifier's, so its
+allowance is the **pair tolerance** (``LoadedModel.tolerance``: 4 x (worst honest executor drift + worst honest
+verifier drift), both against one baseline). The near-tie rule needs less: each party's **tie tolerance**
+(:mod:`.tie_tolerance`) bounds only its OWN float32 row's distance to the exact-arithmetic row, measured by
+calibration against the float64 reference for the path the party runs (standard graph, or the 4-bit kernel on
+AMX / FMA with integer / float decode rows), ``max(1e-5, 4 x worst own distance)``.
+
 The rule, at output index ``i`` with seed material ``seed`` and sampling params ``params``:
 
-* a party computes its own float32 log-prob row and :func:`.sampling.admissible_tokens` under its own
-  tolerance: the tokens some drift of at most ``tol`` could make the sampler's pick. That set is the
-  party's **ambiguity detector**;
+* a party computes its own float32 log-prob row and :func:`.sampling.admissible_tokens` under its own tie
+  tolerance ``tie``: the tokens the sampler could pick on some row within ``tie`` of it. That set is the party's
+  **ambiguity detector**;
 * one token ``t`` in it: the pick is ``t``;
 * more than one: the pick is :func:`.sampling.sample` on the float64 reference row (same seed, noise,
   top-k/top-p, greedy too) for prompt + output so far.
 
-The executor emits the pick (:func:`resolve`); a verifier accepts a claimed token exactly when it is the pick
-by its own row (:func:`check_rows`).
+The executor emits the pick (:func:`resolve`, with its own ``tie``); a verifier accepts a claimed token exactly
+when it is the pick by its own row and its own ``tie`` (:func:`check_rows`; :class:`.fingerprint.FingerprintChecker`
+checks the claimed log-prob values against the pair tolerance, apart).
 
-Proof sketch. Let ``E`` be the exact-arithmetic log-probs of the model and suppose each party's float32 row
-is within its ``tol`` of ``E`` (what calibration measures; ``tests/test_reference.py`` and
-``benchmarks/sampler_freedom.py`` check the float32-to-float64 distance against it). (1) If a party's set is
-``{t}``, then ``t`` is the sampler's pick on ``E``: ``E`` is one of the drifts the set ranges over, and the
-sampler picks exactly one token on it. (2) The reference row differs from ``E`` by float64 rounding
-(~1e-12), so its pick equals the pick on ``E`` unless the exact key gap is below ~1e-10 — probability
-~1e-10·(1/T) per position. (3) Hence every honest party's pick, by whichever branch, is the pick on ``E``:
-an honest executor and an honest verifier agree (no false reject), and a token other than that pick is
-rejected by every honest verifier (no choice), both except with negligible probability. The fingerprint's
-log-prob check is unchanged and still binds the claimed rows to the recomputed ones.
+Proof sketch. Let ``E`` be the exact-arithmetic log-probs of the model and suppose each party's float32 row is
+within its own ``tie`` of ``E`` (what calibration measures, with a factor 4 for the positions it did not see;
+``tests/test_tiebreak_own_drift.py`` and ``benchmarks/sampler_freedom.py`` check the float32-to-float64 distance
+against it). (1) If a party's set is ``{t}``, then ``t`` is the sampler's pick on ``E``: ``E`` is one of the rows
+the set ranges over, and the sampler picks exactly one token on it. This uses the party's own ``tie`` only,
+never the other party's: the two sides may have different widths. (2) The reference row differs from ``E`` by
+float64 rounding (~1e-12), so its pick equals the pick on ``E`` unless the exact key gap is below ~1e-10 —
+probability ~1e-10·(1/T) per position. (3) Hence every honest party's pick, by whichever branch, is the pick on
+``E``: an honest executor and an honest verifier agree (no false reject), and a token other than that pick is
+rejected by every honest verifier (no choice), both except with negligible probability. Nothing here needs the
+pair bound: it bounds executor-to-verifier distances, which decide nothing once each side's pick is ``E``'s. The
+fingerprint's log-prob check is unchanged and still binds the claimed rows to the recomputed ones.
 
-Cost: the reference runs only at ambiguous positions (a share of ~``2*tol/T`` per position on each side;
-``benchmarks/sampler_freedom.py`` counts them), lazily, once per row.
+Cost: the reference runs only at ambiguous positions (a share of ~``2*tie/T`` per position on each side;
+``benchmarks/sampler_freedom.py`` counts them), lazily, once per row. The tie tolerance is smaller than the pair
+tolerance (on SmolLM2's kernel path about a quarter of it, docs/models.md), and so is the share of near ties.
 """
 
 from __future__ import annotations
@@ -89,7 +100,7 @@ def resolve(logprobs: np.ndarray, params: SamplingParams, seed_material: bytes, 
             tolerance: float | None, reference_row: ReferenceRow) -> int:
     """The token an executor emits at ``index`` from its own float32 row (see the module docstring).
 
-    ``tolerance`` None (a model not calibrated yet: calibration's own greedy runs, tooling) cannot tell a near
+    ``tolerance`` is the executor's own tie tolerance (:func:`.tie_tolerance.tie_tolerance`). None (a model not calibrated yet: calibration's own greedy runs, tooling) cannot tell a near
     tie and takes the float32 pick; a peer serves only calibrated models, so no served output is made so.
     """
     if tolerance is None:

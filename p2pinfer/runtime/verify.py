@@ -3,12 +3,13 @@
 The verifier feeds ``prompt_ids + output_ids[:-1]`` through the model over the KV cache in passes that
 :func:`verification_passes` plans: the prompt-only positions in chunks of
 :data:`~p2pinfer.runtime.generate.PREFILL_CHUNK` tokens (no LM head where the graph has ``logits_to_keep``;
-a prompt of at most :data:`VERIFY_ROWS` positions runs in the first checked pass instead, where it has and the
+a prompt of at most that many positions runs in the first checked pass instead, where it has and the
 passes run in place or the session runs the 4-bit kernel),
-then the checked rows :data:`VERIFY_ROWS` (in place) or :data:`VERIFY_ROWS_FORWARD` at a time, so that the logits,
-the LM head's intermediates and the log-softmax pass never exist for all rows at once (what bounds a
-verification's memory peak); where the kernel's graph allows, every pass extends one in-place KV cache
-(:class:`~.model.KVPasses`). It takes the
+then the checked rows :data:`VERIFY_ROWS` or :data:`VERIFY_ROWS_STANDARD` at a time (:func:`verify_rows`), so
+that the logits, the LM head's intermediates and the log-softmax pass never exist for all rows at once (what
+bounds a verification's memory peak); where the session shares the KV buffer (a GroupQueryAttention graph on
+CPU: the kernel's graph and the standard one, which both take ``logits_to_keep`` as a plain input), every pass
+extends one in-place KV cache (:class:`~.model.KVPasses`). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
 near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
 (:mod:`.reference`, run for that row only). Those rows are computed after the forward passes, once their
@@ -32,23 +33,40 @@ from .generate import PREFILL_CHUNK
 from .model import LoadedModel
 from .reference import reference_session
 from .sampling import LogProbRows, SamplingParams, log_softmax
+from .tie_tolerance import tie_tolerance as model_tie_tolerance
 
 def _log():  # bound per call, so that log.configure() made later still applies
     return get_logger("p2pinfer.runtime.verify")
 
-#: Checked rows computed per forward pass where every pass extends one in-place KV cache (the kernel's graph:
-#: :attr:`~.model.KVPasses.keeps_rows`). A pass's transient memory grows with its rows: the logits (49,152
-#: float32 values a row on SmolLM2) and activations. On SmolLM2 a 512-token verification peaked at files +
-#: 595-631 MB in one pass and at files + 291-355 MB in passes of 64 (docs/models.md, "Serving memory"). In place
-#: (no forward copies of the cache, one logits buffer), passes of 128 rows peak no higher than passes of 64 did
-#: before (4-bit, 512 tokens: files + 307 / 339 MB greedy / sampled against 311 / 344) and pay the per-pass
-#: costs (the 4-bit kernel dequantizes every weight once a pass) half as often: 0.80-0.85 of the 64-row time
-#: on the same requests; 256 rows were slower again (docs/models.md, "Verification speed").
+#: Checked rows computed per pass on the 4-bit kernel's graph (every pass extends one in-place KV cache:
+#: :class:`~.model.KVPasses`). A pass's transient memory grows with its rows: the logits (49,152 float32 values
+#: a row on SmolLM2) and activations. On SmolLM2 a 512-token verification peaked at files + 595-631 MB in one pass
+#: and at files + 291-355 MB in passes of 64 (docs/models.md, "Serving memory"). In place (no forward copies of
+#: the cache, one logits buffer), passes of 128 rows peak no higher than passes of 64 did before (4-bit, 512
+#: tokens: files + 307 / 339 MB greedy / sampled against 311 / 344) and pay the per-pass costs (the 4-bit kernel
+#: dequantizes every weight once a pass) half as often: 0.80-0.85 of the 64-row time on the same requests; 256
+#: rows were slower again (docs/models.md, "Verification speed").
 #: A row's values do not depend on the pass it is computed in (measured bit for bit), so neither does the verdict.
 VERIFY_ROWS = 128
-#: Checked rows per pass where the first pass goes through ``forward`` (the standard graph: fp32 and any session
-#: without the kernel). 128 rows raised the fp32 verification peak there (files + 407 MB greedy against 369).
-VERIFY_ROWS_FORWARD = 64
+#: Checked rows per pass on the standard graph (fp32, and any session without the kernel) once the sequence is
+#: longer than :data:`VERIFY_SHORT` positions (up to it: :data:`VERIFY_ROWS`). Its passes run in place too, but
+#: a pass of 128 rows at the end of a 512-token check held its logits (25 MB) beside the full KV cache (26 MB)
+#: and the float head's activations: the transient rose from 46-48 to ~77 MiB (fp32, 557 positions), over the
+#: serving peer's limit, for a forward that pays no per-pass dequantization to amortize.
+VERIFY_ROWS_STANDARD = 64
+#: Sequence length (positions) up to which the standard graph also takes :data:`VERIFY_ROWS` rows a pass: the KV
+#: cache is small there (46 KB a SmolLM2 position), and a 128-token check runs in one or two passes.
+VERIFY_SHORT = 256
+
+
+def verify_rows(model: LoadedModel, seq_len: int) -> int:
+    """Checked rows per pass for a teacher-forced pass over ``seq_len`` positions on ``model``'s session: passes
+    that do not run in place (through ``forward``: a graph whose attention cannot share the KV buffer, a GPU)
+    take :data:`VERIFY_ROWS_STANDARD`."""
+    in_place = model.shares_kv_buffer and model.io.logits_to_keep_required
+    if in_place and (model.runs_kernel or seq_len <= VERIFY_SHORT):
+        return VERIFY_ROWS
+    return VERIFY_ROWS_STANDARD
 
 
 def verification_passes(prompt_len: int, seq_len: int, *, rows: int = VERIFY_ROWS,
@@ -112,20 +130,24 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
                   finish_reason: str, stop: Sequence[str] = (), commitment: bytes | None = None,
                   fingerprint_format: str = FORMAT, tolerance: float | None = None,
                   stop_at_eos: bool = True, stop_at_first: bool = True,
-                  rows_per_pass: int | None = None) -> FingerprintVerdict:
-    """Re-check an executor's claimed output. ``tolerance`` defaults to the model's calibrated one
-    (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none). ``rows_per_pass`` bounds the
+                  rows_per_pass: int | None = None, tie_tolerance: float | None = None) -> FingerprintVerdict:
+    """Re-check an executor's claimed output. ``tolerance`` (the pair tolerance, the log-prob allowance) defaults
+    to the model's calibrated one (:class:`~p2pinfer.runtime.model.ModelNotCalibratedError` when it has none);
+    ``tie_tolerance`` (this verifier's near-tie detector) to its session path's calibrated one
+    (:mod:`.tie_tolerance`), or to ``tolerance`` when that is given by hand. ``rows_per_pass`` bounds the
     log-prob rows one forward pass computes (memory against per-pass overhead; the verdict does not depend on it;
-    None: :data:`VERIFY_ROWS` where the passes run in place, else :data:`VERIFY_ROWS_FORWARD`).
+    None: :func:`verify_rows`).
 
     ``first_bad_position`` in the verdict is an output index (0-based).
     """
     t0 = time.perf_counter()
     tol = model.measured_tolerance() if tolerance is None else tolerance  # never a default: measured or refused
+    if tie_tolerance is None:
+        tie_tolerance = tol if tolerance is not None else model_tie_tolerance(model)
     prompt_ids, output_ids = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
     verdict = _verify(model, prompt_ids, output_ids, fingerprint, params, seed_material, max_tokens,
                       finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first,
-                      rows_per_pass)
+                      rows_per_pass, tie_tolerance)
     _log().info("verify.done", model=model.digest_hex[:16], accept=verdict.accept,
              first_bad=verdict.first_bad_position, reason=verdict.reason or None,
              max_deviation=f"{verdict.max_deviation:.3g}", tokens=len(output_ids),
@@ -136,7 +158,7 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
 def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fingerprint: bytes,
             params: SamplingParams, seed_material: bytes, max_tokens: int, finish_reason: str,
             stop: Sequence[str], commitment: bytes | None, fingerprint_format: str, tol: float,
-            stop_at_eos: bool, stop_at_first: bool, rows: int | None) -> FingerprintVerdict:
+            stop_at_eos: bool, stop_at_first: bool, rows: int | None, tie: float) -> FingerprintVerdict:
     if fingerprint_format != FORMAT:
         return _reject(None, f"unsupported fingerprint format {fingerprint_format!r}")
     if commitment is not None and fingerprint_commitment(fingerprint, fingerprint_format) != commitment:
@@ -163,7 +185,7 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
         return _reject(None, "token ID outside the model's vocabulary")
 
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
-                                 defer_near_ties=True)
+                                 defer_near_ties=True, tie_tolerance=tie)
     _check_passes(checker, model, prompt_ids, seq, rows)  # its KV buffers and logits are freed when it returns
     # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last;
     # the last one builds no cache (nothing asks for a row after it: a lower memory peak)
@@ -200,11 +222,11 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
     # as KVPasses.keeps_rows will say, without making its buffers (zeroed heap memory stays resident once freed)
     in_place = model.shares_kv_buffer and model.io.logits_to_keep_required
     if rows is None:
-        rows = VERIFY_ROWS if in_place else VERIFY_ROWS_FORWARD
+        rows = verify_rows(model, len(seq))
     # a short prompt shares the first checked pass where that costs no memory (in place) or saves work (the 4-bit
     # kernel dequantizes every weight once per pass). Through `forward` its logits and cache copy sit beside the
     # in-place passes' buffers: +17-20 MB at an fp32 verification's peak (files + 306 / 317 MB before it, 323 / 357
-    # after), for no saving on the standard graph
+    # after)
     lead = rows if in_place or (model.io.has_logits_to_keep and model.runs_kernel) else 0
     passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
     if in_place:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pinfer.net.nat_rules import (
     Backoff,
+    DialBack,
     DialBackAnswer,
     NatTiming,
     PublicEvidence,
     RelayAction,
     RelayHealth,
+    dial_back_answer,
+    netgroup,
     reannounce_wait,
 )
 
 seconds = st.floats(min_value=0.01, max_value=3600, allow_nan=False, allow_infinity=False)
-answers = st.lists(st.sampled_from(list(DialBackAnswer)), max_size=5)
 
 
 @given(seconds, seconds, st.integers(min_value=0, max_value=10_000))
@@ -49,33 +54,98 @@ def test_the_default_timing_tolerates_transient_failures() -> None:
     assert health.record(False) is RelayAction.RETRY  # one failure is not a lost relay (it used to be)
 
 
-@given(st.lists(answers, max_size=30), st.integers(min_value=1, max_value=5), st.integers(min_value=1, max_value=6))
-def test_public_needs_enough_reached_dial_backs_from_more_than_one_round(rounds: list[list[DialBackAnswer]],
-                                                                        needed: int, window: int) -> None:
+GROUPS = ["198.51.0.0/16", "203.0.0.0/16", "2001:db8::/32"]
+dial_backs = st.builds(DialBack, st.sampled_from(list(DialBackAnswer)), st.sampled_from(GROUPS))
+rounds_of = st.lists(st.lists(dial_backs, max_size=5), max_size=30)
+
+
+def _groups_reached(round_: list[DialBack]) -> int:
+    return len({d.group for d in round_ if d.answer is DialBackAnswer.REACHED})
+
+
+@given(rounds_of, st.integers(min_value=1, max_value=5), st.integers(min_value=1, max_value=6))
+def test_public_needs_enough_confirmed_network_groups_from_more_than_one_round(rounds: list[list[DialBack]],
+                                                                               needed: int, window: int) -> None:
     evidence = PublicEvidence(needed, window)
     for i, answered in enumerate(rounds):
         evidence.record_round(answered)
         recent = rounds[max(0, i + 1 - window):i + 1]
-        reached = [sum(a is DialBackAnswer.REACHED for a in r) for r in recent]
+        reached = [_groups_reached(r) for r in recent]
         assert evidence.reached() == sum(reached)
         assert evidence.confirmed() == (sum(reached) >= needed and sum(1 for r in reached if r) >= min(2, needed))
 
 
-@given(st.lists(answers, min_size=1, max_size=30))
+@given(rounds_of, st.integers(min_value=1, max_value=20))
+def test_colluding_servers_of_one_group_are_worth_one_server(rounds: list[list[DialBack]], copies: int) -> None:
+    """Any number of extra confirmed answers from a group already confirming in that round change nothing."""
+    plain, colluding = PublicEvidence(3, 4), PublicEvidence(3, 4)
+    for answered in rounds:
+        plain.record_round(answered)
+        extra = [d for d in answered if d.answer is DialBackAnswer.REACHED] * copies
+        colluding.record_round([*answered, *extra])
+        assert colluding.reached() == plain.reached() and colluding.confirmed() == plain.confirmed()
+
+
+@given(rounds_of, st.integers(min_value=0, max_value=20))
+def test_unconfirmed_claims_never_count(rounds: list[list[DialBack]], claims: int) -> None:
+    """An attacker's "reached" that never arrived is worth nothing, however many servers send it."""
+    plain, lied_to = PublicEvidence(3, 4), PublicEvidence(3, 4)
+    for answered in rounds:
+        plain.record_round(answered)
+        lied_to.record_round([*answered, *[DialBack(DialBackAnswer.UNCONFIRMED, "10.0.0.0/16")] * claims])
+    assert lied_to.reached() == plain.reached() and lied_to.confirmed() == plain.confirmed()
+    only_lies = PublicEvidence(1, 1, told_failed=False)  # even the most trusting rule
+    for _ in rounds:
+        only_lies.record_round([DialBack(DialBackAnswer.UNCONFIRMED)] * claims)
+    assert not only_lies.confirmed()
+
+
+@given(st.booleans(), st.booleans(), st.one_of(st.none(), st.sampled_from(["10.1.0.2", "::1"])))
+def test_a_reached_answer_counts_only_when_its_connection_arrived(says_reached: bool, says_failed: bool,
+                                                                    seen: str | None) -> None:
+    answer = dial_back_answer(says_reached, says_failed, seen)
+    if says_reached:
+        assert answer is (DialBackAnswer.REACHED if seen is not None else DialBackAnswer.UNCONFIRMED)
+    else:
+        assert answer is (DialBackAnswer.FAILED if says_failed else DialBackAnswer.NO_VERDICT)
+
+
+@given(st.lists(st.lists(st.sampled_from([DialBackAnswer.NO_VERDICT, DialBackAnswer.UNCONFIRMED]), max_size=4),
+                max_size=10))
+def test_without_any_verdict_one_confirmation_is_enough_and_checks_come_sooner(
+        silent_rounds: list[list[DialBackAnswer]]) -> None:
+    evidence = PublicEvidence(3, 4)
+    evidence.reset(told_failed=False)  # the join's servers gave no verdict
+    no_verdict, public = Backoff(5.0, 120.0), Backoff(60.0, 1800.0)
+    for i, answered in enumerate(silent_rounds):
+        evidence.record_round(answered)
+        assert not evidence.confirmed()
+        assert evidence.next_check_s(public, no_verdict) == no_verdict.delay(i + 2) <= 120.0
+    evidence.record_round([DialBack(DialBackAnswer.REACHED, GROUPS[0])])
+    assert evidence.confirmed()
+    told = PublicEvidence(3, 4)
+    told.reset(told_failed=False)
+    told.record_round([DialBack(DialBackAnswer.FAILED)])  # a verdict against us: the careful rule from now on
+    told.record_round([DialBack(DialBackAnswer.REACHED, GROUPS[0])])
+    assert told.told_failed and not told.confirmed()
+    assert told.next_check_s(public, no_verdict) == public.delay(0)
+
+
+@given(rounds_of)
 def test_failures_never_veto_and_the_check_backs_off_only_while_nothing_reaches_us(
-        rounds: list[list[DialBackAnswer]]) -> None:
+        rounds: list[list[DialBack]]) -> None:
     evidence = PublicEvidence(3, 4)
     backoff = Backoff(60.0, 1800.0)
     quiet = 0
     for answered in rounds:
         evidence.record_round(answered)
-        quiet = 0 if DialBackAnswer.REACHED in answered else quiet + 1
+        quiet = 0 if _groups_reached(answered) else quiet + 1
         assert evidence.next_check_s(backoff) == backoff.delay(quiet)
     with_failures = PublicEvidence(3, 4)  # extra failed answers in every round change nothing
     plain = PublicEvidence(3, 4)
     for answered in rounds:
         plain.record_round(answered)
-        with_failures.record_round([*answered, DialBackAnswer.FAILED, DialBackAnswer.FAILED])
+        with_failures.record_round([*answered, DialBack(DialBackAnswer.FAILED), DialBack(DialBackAnswer.FAILED)])
     assert with_failures.confirmed() == plain.confirmed()
     evidence.reset()
     assert not evidence.confirmed() and evidence.reached() == 0
@@ -83,15 +153,52 @@ def test_failures_never_veto_and_the_check_backs_off_only_while_nothing_reaches_
 
 def test_one_lucky_round_is_not_enough_but_three_rounds_of_one_honest_server_are() -> None:
     evidence = PublicEvidence(3, 4)
-    evidence.record_round([DialBackAnswer.REACHED] * 3)
-    assert not evidence.confirmed()  # three at once: one moment, one round
-    lying = [DialBackAnswer.REACHED, DialBackAnswer.FAILED, DialBackAnswer.FAILED]  # one honest, two liars
+    evidence.record_round([DialBack(DialBackAnswer.REACHED, g) for g in GROUPS])
+    assert not evidence.confirmed()  # three groups at once: one moment, one round
+    honest = DialBack(DialBackAnswer.REACHED, GROUPS[0])
+    lying = [honest, DialBack(DialBackAnswer.FAILED), DialBack(DialBackAnswer.UNCONFIRMED)]  # one honest, two liars
     evidence = PublicEvidence(3, 4)
     for _ in range(2):
         evidence.record_round(lying)
         assert not evidence.confirmed()
     evidence.record_round(lying)
     assert evidence.confirmed()
+
+
+ipv4s = st.ip_addresses(v=4)
+ipv6s = st.ip_addresses(v=6)
+
+
+@given(ipv4s, st.integers(min_value=0, max_value=2**16 - 1))
+def test_ipv4_addresses_share_a_group_exactly_when_they_share_their_slash_16(ip: ipaddress.IPv4Address,
+                                                                            low: int) -> None:
+    same = ipaddress.IPv4Address((int(ip) & ~0xFFFF) | low)
+    assert netgroup(str(ip)) == netgroup(str(same))
+    other = ipaddress.IPv4Address(int(ip) ^ 0x10000)  # another /16
+    assert netgroup(str(ip)) != netgroup(str(other))
+    assert netgroup(f"::ffff:{ip}") == netgroup(str(ip))  # IPv4-mapped IPv6 is the IPv4 address
+
+
+@given(ipv6s, st.integers(min_value=0, max_value=2**96 - 1))
+def test_ipv6_addresses_share_a_group_exactly_when_they_share_their_slash_32(ip: ipaddress.IPv6Address,
+                                                                            low: int) -> None:
+    if ip.ipv4_mapped is not None:
+        return
+    same = ipaddress.IPv6Address((int(ip) & ~(2**96 - 1)) | low)
+    if same.ipv4_mapped is None:
+        assert netgroup(str(ip)) == netgroup(str(same))
+    other = ipaddress.IPv6Address(int(ip) ^ 2**96)
+    if other.ipv4_mapped is None:
+        assert netgroup(str(ip)) != netgroup(str(other))
+
+
+def test_the_group_rule_for_loopback_and_lan_test_addresses() -> None:
+    # One machine (every test node on 127.0.0.1) or one LAN is one group: its servers count once.
+    assert netgroup("127.0.0.1") == netgroup("127.0.5.9") == "127.0.0.0/16"
+    assert netgroup("198.51.100.10") == netgroup("198.51.100.20")  # the namespace topology's public segment
+    assert netgroup("::1") == "::/32"
+    with pytest.raises(ValueError):
+        netgroup("not-an-ip")
 
 
 addrs = st.lists(st.sampled_from(["/ip4/1.2.3.4/tcp/1", "/ip4/5.6.7.8/tcp/2/p2p/R/p2p-circuit"]), max_size=3)

@@ -28,6 +28,11 @@ DIGEST = b"\x07" * 32
 QUIET = {"announce_interval_s": 600.0, "nat_timing": FAST}  # announcements only when something changes
 
 
+def _refreshed(home: Node) -> list[str]:
+    """The relays py-libp2p's reservation refresher keeps re-reserving on for ``home``: the table it reads."""
+    return sorted(pid.to_base58() for pid in home.nat.relay_transport._reservations)
+
+
 def _announced_addrs(watcher: Node, peer: Node) -> tuple[str, ...] | None:
     entry = watcher.table.get(peer.peer_id, now_ms())
     return tuple(entry.addrs) if entry is not None and entry.models else None
@@ -94,6 +99,7 @@ async def test_a_relay_that_is_gone_is_replaced_by_another_and_announced_once() 
         await wait_until(lambda: _announced_addrs(other, home) == expected, what="the new address to be announced")
         assert home.nat.stats["reannounced"] == reannounced + 1
         assert home.nat.stats["relay_replaced"] == 1
+        assert _refreshed(home) == [other.peer_id]  # the lost relay's reservation is no longer refreshed
 
 
 async def test_a_public_peer_told_it_is_behind_nat_finds_out_and_announces_once() -> None:
@@ -110,3 +116,5 @@ async def test_a_public_peer_told_it_is_behind_nat_finds_out_and_announces_once(
                          what="home's direct addresses to be announced")
         assert not any("/p2p-circuit" in a for a in home.announce_addrs())
         assert home.nat.stats["reannounced"] == reannounced + 1
+        assert _refreshed(home) == []  # public: the liar's relay slot is no longer refreshed for us
+
