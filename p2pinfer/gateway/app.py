@@ -192,12 +192,14 @@ class GatewayApp:
         try:
             await self._route(scope, receive, counted_send)
         except ApiError as exc:
-            await _send_json(counted_send, exc.status, exc.body())
+            if not status:  # once a response has started, a second one is refused: the first is cut short
+                await _send_json(counted_send, exc.status, exc.body())
         except Exception as exc:  # never let one request take the server down; never show Python's text
             log.error("gateway.internal_error", path=scope.get("path"), error=repr(exc)[:300])
-            await _send_json(counted_send, 500, ApiError(500, "internal error in the gateway (logged on the peer as "
-                                                              "gateway.internal_error); try again", type="server_error",
-                                                         code="internal_error").body())
+            if not status:
+                await _send_json(counted_send, 500, ApiError(
+                    500, "internal error in the gateway (logged on the peer as gateway.internal_error); try again",
+                    type="server_error", code="internal_error").body())
         finally:
             # Every answer is counted, errors included (a cancelled request that never answered is not one).
             if status:
@@ -348,18 +350,28 @@ class _Output:
         self.gateway = gateway
         self.spec = spec
         self.id = id
-        self.send = send
+        self._send = send
+        # The choices (n > 1) send from their own tasks. One message at a time, in order: the server takes
+        # the response start as sent only once its write completes, and a body message that slipped in
+        # while that write was waiting on the socket was refused (hypercorn's UnexpectedMessageError,
+        # "body in state REQUEST"), failing the whole response on a loaded machine.
+        self._sending = trio.Lock()
         self.created = int(time.time())
         self.started = False  # a streamed response's headers went out
         self.finished = False  # the response is complete (a disconnect now is the client's normal hang-up)
 
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self._sending:
+            await self._send(message)
+
     async def start_stream(self, executor: str) -> None:
-        if self.started:
-            return
-        self.started = True
-        await self.send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-            (b"x-p2pinfer-executor", executor.encode()), (b"x-accel-buffering", b"no")]})
+        async with self._sending:
+            if self.started:
+                return
+            self.started = True
+            await self._send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-p2pinfer-executor", executor.encode()), (b"x-accel-buffering", b"no")]})
 
     async def event(self, obj: dict[str, Any]) -> None:
         await self.send({"type": "http.response.body", "body": api.sse(obj), "more_body": True})

@@ -2,7 +2,8 @@
 
 * **Announcing.** :meth:`Capacity.update` records what we serve; :meth:`Capacity.announce_loop` signs and
   publishes a :class:`~p2pinfer.wire.CapacityAnnouncement` on start, on every change (bursts coalesced by
-  the gossip rate limit) and every ``announce_interval_s``, and keeps each served model's DHT provider
+  the gossip rate limit), every ``announce_interval_s``, and once more when the first gossip partner appears
+  after a publish that reached none; it keeps each served model's DHT provider
   record up (``p2pinfer.net.dht``).
 * **Learning.** Gossip fills the :class:`~p2pinfer.net.announcements.AnnouncementTable` from its validator
   (``p2pinfer.net.gossip``); a joining node also pages through its bootstrap nodes' tables
@@ -63,6 +64,8 @@ class Capacity:
         self._announced_once = trio.Event()
         self.last_announcement: tuple[bytes, int] | None = None  # (signed envelope, expiry ms)
         self.last_addrs: tuple[str, ...] = ()  # the addresses in the last announcement (nat re-announces on change)
+        # Our last announcement went to no partner: announce again when the first one appears.
+        gossip.on_unheard_partner = lambda: self._changed.set()
 
     # ---- announcing ---------------------------------------------------------------------------------
 
@@ -118,11 +121,10 @@ class Capacity:
             except Exception as exc:  # keep announcing; one failed publish is not fatal
                 log.warning("gossip.announce_failed", error=repr(exc)[:200])
             self._announced_once.set()
-            # A publish made before any peer has told us it subscribes goes nowhere (GossipSub has no one
-            # to send it to, and announcements are not replayed to later joiners), so retry soon until
-            # someone on the topic has heard it.
-            wait = self.node.config.announce_interval_s if self.gossip.topic_peers() else 1.0
-            with trio.move_on_after(wait):
+            # Next: on a change, at the refresh interval, or when a publish that went to no partner (none
+            # subscribed yet) can reach one: CapacityGossip calls on_unheard_partner when the first appears.
+            # Never on a timer of its own: a peer left without partners stays quiet, whatever the load.
+            with trio.move_on_after(self.node.config.announce_interval_s):
                 await self._changed.wait()
 
     async def wait_announced(self) -> None:

@@ -11,10 +11,17 @@ period at 0 both connections died in every round of a simultaneous dial (tests/n
 
 * Direct duplicates are settled by :func:`~p2pinfer.net.duplicates.duplicates_to_close`, which both ends
   compute alike, at once (no grace period needed: both ends close the same connection).
-* A losing connection leaves the swarm's table at once, so every new stream goes to the kept one, and is
-  closed when the streams it already carries have ended (a request the race placed on it still completes),
-  after at most :data:`DRAIN_LIMIT_S`. Pubsub's long-lived streams do not hold it open: pubsub moves its
-  stream to the kept connection when the loser closes (:class:`p2pinfer.net.gossip.PatientPubsub`).
+* A losing connection leaves the swarm's table at once, so every new stream goes to the kept one. It is
+  closed only once the other end answers a ping over the kept connection, and when the streams it already
+  carries have ended (a request the race placed on it still completes), after at most :data:`DRAIN_LIMIT_S`.
+  The ping matters on a loaded machine: the other end may still be setting up (upgrading) the kept
+  connection while it dials us, and uses the losing one meanwhile; closed at once, the loser left it with no
+  connection in use, so its next stream dialled again, and that dial was closed as a duplicate in turn, over
+  and over until its upgrade finished. An answer on the kept connection proves the other end runs it, so it
+  has applied the same rule and put its new streams there: the pair converges, no redial. Pubsub's
+  long-lived streams do not hold it open: once the kept connection answered, pubsub moves its stream there
+  (:func:`on_duplicate_settled`, :class:`p2pinfer.net.gossip.PatientPubsub`), before the loser closes, so no
+  write is lost on it.
   If the kept connection goes away first, the losing one is taken back into use at once (in
   ``remove_conn``, before anyone is told of a disconnection): the other end may never have completed the
   kept one (its inbound upgrade timed out on a loaded machine), and then uses the loser.
@@ -24,12 +31,18 @@ period at 0 both connections died in every round of a simultaneous dial (tests/n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetConn
 from libp2p.peer.id import ID
 from libp2p.rcmgr import Direction
+
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
 from ..log import get_logger
 from .duplicates import Dialer, duplicates_to_close
@@ -42,8 +55,23 @@ log = get_logger("p2pinfer.net.connection_trim")
 # attacker could grow: streams count against the per-peer stream limits on whichever connection they are.
 DRAIN_LIMIT_S = 120.0
 DRAIN_POLL_S = 0.25
+# Between pings over the kept connection that were not answered (the other end is still setting it up).
+CONFIRM_RETRY_S = 1.0
 # Streams that live as long as the connection: they would hold a loser open until the drain limit.
 LONG_LIVED_PROTOCOL_PREFIXES = ("/meshsub/",)
+
+
+LoserHook = Callable[[INetConn], None]
+
+
+def on_duplicate_settled(host: IHost, hook: LoserHook) -> None:
+    """Call ``hook(conn)`` when a losing connection ``conn`` is about to drain (still open, out of use, the
+    kept connection answered at the other end): the moment to move long-lived streams off it, before it
+    closes (a write on it while it closes would be lost)."""
+    swarm: Any = host.get_network()
+    hooks: list[LoserHook] = getattr(swarm, "_p2pinfer_loser_hooks", [])
+    hooks.append(hook)
+    swarm._p2pinfer_loser_hooks = hooks
 
 
 def install_duplicate_trim(host: IHost) -> None:
@@ -91,10 +119,29 @@ def install_duplicate_trim(host: IHost) -> None:
         else:
             draining.pop(peer_id, None)
 
+    def in_use(peer_id: ID, conn: INetConn) -> bool:
+        return conn in swarm.connections.get(peer_id, [])
+
+    async def other_end_runs_kept(peer_id: ID, loser: INetConn) -> None:
+        """Returns once the other end answered a ping over the connection kept in ``loser``'s place (or the
+        loser is closed or back in use)."""
+        while not loser.is_closed and not in_use(peer_id, loser):
+            kept = [c for c in swarm.connections.get(peer_id, []) if not c.is_closed]
+            if kept and await answers_ping(kept[0]):
+                return
+            await trio.sleep(CONFIRM_RETRY_S)
+
     async def drain_then_close(peer_id: ID, conn: INetConn) -> None:
         try:
             with trio.move_on_after(DRAIN_LIMIT_S):
-                while not conn.is_closed and carries_work(conn) and conn not in swarm.connections.get(peer_id, []):
+                await other_end_runs_kept(peer_id, conn)
+                if not conn.is_closed and not in_use(peer_id, conn):
+                    for hook in list(getattr(swarm, "_p2pinfer_loser_hooks", [])):
+                        try:
+                            hook(conn)
+                        except Exception as exc:  # a hook must never keep a loser open
+                            log.debug("connection.loser_hook_failed", error=repr(exc)[:200])
+                while not conn.is_closed and carries_work(conn) and not in_use(peer_id, conn):
                     await trio.sleep(DRAIN_POLL_S)
         finally:
             forget_draining(peer_id, conn)
@@ -107,6 +154,30 @@ def install_duplicate_trim(host: IHost) -> None:
 
     swarm._trim_connections = trim_connections
     swarm.remove_conn = remove_conn
+
+
+async def answers_ping(conn: INetConn) -> bool:
+    """One ping over ``conn`` itself (not whichever connection the swarm would pick): True when the other end
+    answered, which it does only once it runs the connection (its upgrade done, the connection registered)."""
+    try:
+        stream = await conn.new_stream()  # type: ignore[attr-defined]
+    except Exception as exc:
+        log.debug("connection.confirm_failed", error=repr(exc)[:200])
+        return False
+    try:
+        await MultiselectClient().select_one_of([PING_PROTOCOL], MultiselectCommunicator(stream))
+        stream.set_protocol(PING_PROTOCOL)
+        await perform_ping_roundtrip(stream)
+        await stream.close()
+        return True
+    except Exception as exc:  # reset, closed, timed out: not (yet) running at the other end
+        log.debug("connection.confirm_failed", error=repr(exc)[:200])
+        with trio.CancelScope(shield=True):
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+        return False
 
 
 def dialer_of(conn: INetConn) -> Dialer:

@@ -38,7 +38,8 @@ Workarounds for py-libp2p 0.8.1 that live here:
   When the one carrying our pubsub stream closes, py-libp2p noticed only at the next write, which was lost,
   and then forgot the peer's subscriptions although they came on the peer's own stream, which may well be
   alive: we would never send that peer anything again. :class:`PatientPubsub` moves its stream to the
-  remaining connection as soon as the old one closes, and keeps a still-connected peer's subscriptions.
+  remaining connection as soon as the old one closes (a losing duplicate: as soon as both ends agree on the
+  kept one, before the loser closes), and keeps a still-connected peer's subscriptions.
 * **No flood publishing.** py-libp2p 0.8.1 sends our own messages to our mesh peers only. A peer that is
   subscribed but not (or no longer, for a heartbeat while a stream is re-opened) in the mesh misses the
   message for good: IHAVE gossip goes to non-mesh peers only, and the peer is back in the mesh by the next
@@ -67,6 +68,7 @@ from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
 from ..log import get_logger
 from ..wire import now_ms
 from .announcements import SENDER_FAULT_REASONS, AnnouncementRejected, AnnouncementTable
+from .connection_trim import on_duplicate_settled
 from .faults import FAULT_HALF_LIFE_S, FaultKind
 from .notifee import Notifee
 
@@ -115,6 +117,28 @@ class PatientPubsub(Pubsub):
     def __init__(self, host: IHost, *args: Any, **kwargs: Any) -> None:
         super().__init__(host, *args, **kwargs)
         host.get_network().register_notifee(_StreamMover(self))
+        on_duplicate_settled(host, self.connection_closing)
+        # Called with (peer, topic) when a peer becomes a partner on a topic: it subscribes to it and our
+        # stream to it is up (whichever of the two comes last), i.e. from now on our publishes reach it.
+        self.on_new_partner: Callable[[ID, str], None] | None = None
+
+    def partners(self, topic: str) -> set[ID]:
+        """Peers subscribed to ``topic`` that our stream reaches: those a publish right now is sent to."""
+        return {peer for peer in self.peer_topics.get(topic, ()) if peer in self.peers}
+
+    def _partner_appeared(self, peer_id: ID, topic: str) -> None:
+        if self.on_new_partner is not None:
+            try:
+                self.on_new_partner(peer_id, topic)
+            except Exception as exc:  # a hook must never break the pubsub service
+                log.warning("gossip.partner_hook_failed", error=repr(exc)[:200])
+
+    def handle_subscription(self, origin_id: ID, sub_message: Any) -> None:
+        topic = sub_message.topicid
+        known = origin_id in self.peer_topics.get(topic, ())
+        super().handle_subscription(origin_id, sub_message)
+        if sub_message.subscribe and not known and origin_id in self.partners(topic):
+            self._partner_appeared(origin_id, topic)
 
     def _handle_dead_peer(self, peer_id: ID) -> None:
         # Subscriptions arrive on the peer's stream to us, not on ours to it; while the peer is connected
@@ -129,6 +153,12 @@ class PatientPubsub(Pubsub):
         if count is not None:
             self._peer_subscription_count[peer_id] = count
 
+    def connection_closing(self, conn: INetConn) -> None:
+        """A losing duplicate ``conn`` will close once its streams end: move our stream off it now."""
+        peer_id = conn.muxed_conn.peer_id
+        if any(c is not conn and not c.is_closed for c in self.host.get_network().get_connections(peer_id)):
+            self.connection_closed(conn)
+
     def connection_closed(self, conn: INetConn) -> None:
         """Open our stream again at once when it was on ``conn`` and the peer is still connected otherwise."""
         peer_id = conn.muxed_conn.peer_id
@@ -140,6 +170,7 @@ class PatientPubsub(Pubsub):
         self._handle_dead_peer(peer_id)  # drops the old stream, opens one on a live connection (retrying)
 
     async def _handle_new_peer(self, peer_id: ID) -> None:
+        writable = peer_id in self.peers
         try:
             await super()._handle_new_peer(peer_id)
         except (StreamFailure, StreamError) as exc:
@@ -148,6 +179,9 @@ class PatientPubsub(Pubsub):
             self.stream_failures += 1
             log.debug("gossip.peer_stream_failed", peer=peer_id.to_base58(), error=repr(exc.__cause__ or exc)[:200])
             raise SwarmException(f"pubsub stream to {peer_id} not established: {exc}") from exc
+        if not writable and peer_id in self.peers:
+            for topic in [t for t, subscribers in self.peer_topics.items() if peer_id in subscribers]:
+                self._partner_appeared(peer_id, topic)
 
 
 class _StreamMover(Notifee):
@@ -246,6 +280,12 @@ class CapacityGossip:
         self._last_publish = -float("inf")
         self._publish_lock = trio.Lock()
         self.accepted_event = trio.Event()  # set (and replaced) whenever an announcement is accepted
+        # True while our last announcement was published to no partner: it went nowhere, and the first
+        # partner to appear calls on_unheard_partner (once) so that we announce again.
+        self.unheard = False
+        self.on_unheard_partner: Callable[[], None] | None = None
+        if isinstance(pubsub, PatientPubsub):
+            pubsub.on_new_partner = self._new_partner
 
     def _validate(self, forwarder: ID, msg: Any) -> bool:
         source = ID(msg.from_id).to_base58() if msg.from_id else None
@@ -293,14 +333,33 @@ class CapacityGossip:
         while True:
             await self._subscription.get()
 
-    async def publish(self, envelope: bytes) -> None:
-        """Publish signed announcement bytes, never faster than MIN_PUBLISH_INTERVAL_S."""
+    async def publish(self, envelope: bytes) -> int:
+        """Publish signed announcement bytes, never faster than MIN_PUBLISH_INTERVAL_S; returns how many
+        partners it was sent to (0: it went nowhere, see :attr:`unheard`)."""
         async with self._publish_lock:
             wait = self._last_publish + MIN_PUBLISH_INTERVAL_S - trio.current_time()
             if wait > 0:
                 await trio.sleep(wait)
             self._last_publish = trio.current_time()
+            # Counted before the send: a partner that appears from here on is told by _new_partner.
+            reached = len(self.partners())
+            self.unheard = reached == 0
             await self.pubsub.publish(CAPACITY_TOPIC, envelope)
+            return reached
+
+    def partners(self) -> set[ID]:
+        """Peers our announcements are sent to: subscribed to the capacity topic, our stream to them up."""
+        if isinstance(self.pubsub, PatientPubsub):
+            return self.pubsub.partners(CAPACITY_TOPIC)
+        return {p for p in self.pubsub.peer_topics.get(CAPACITY_TOPIC, ()) if p in self.pubsub.peers}
+
+    def _new_partner(self, peer_id: ID, topic: str) -> None:
+        if topic != CAPACITY_TOPIC or not self.unheard:
+            return
+        self.unheard = False
+        log.debug("gossip.first_partner", peer=peer_id.to_base58())
+        if self.on_unheard_partner is not None:
+            self.on_unheard_partner()
 
     def mesh_size(self) -> int:
         mesh = getattr(self.pubsub.router, "mesh", {})

@@ -18,7 +18,7 @@ from p2pinfer.identity import Identity
 from p2pinfer.net import CAPACITY_TOPIC, DHT_PROTOCOL_ID, Node
 from p2pinfer.net.gossip import build_pubsub
 from p2pinfer.net.host import build_host
-from p2pinfer.wire import CapacityAnnouncement, codec, encode_signed, now_ms
+from p2pinfer.wire import CapacityAnnouncement, codec, decode_signed, encode_signed, now_ms
 
 from .helpers import LOCAL, offer, start, wait_until, wait_while_progressing
 
@@ -332,3 +332,45 @@ async def test_a_pubsub_stream_whose_negotiation_failed_is_opened_again() -> Non
         await wait_until(lambda: node.host.get_id() in pubsub.peer_topics.get(CAPACITY_TOPIC, ()),
                          what="the other side to learn our subscription")
         assert other.get_id() in node.pubsub.peers
+
+
+# How long a peer without partners is watched for re-publishes. Not a deadline: a slower machine only makes
+# the old behaviour (a re-publish every second) show fewer repeats, and the new one none at all.
+QUIET_WATCH_S = 5.0
+
+
+async def test_a_peer_without_partners_stays_quiet_and_announces_again_when_the_first_appears() -> None:
+    """A peer that nobody subscribes to used to re-sign and re-publish its announcement every second, for as
+    long as it stayed alone. Now its publish waits for a change, the refresh interval (far away here), or
+    the first partner; that partner learns the announcement by gossip alone (nobody joins through the other,
+    so no capacity sync brings it), and each side announces exactly once more."""
+    quiet = {"nat_traversal": False, "announce_interval_s": 3600.0}
+    async with AsyncExitStack() as stack:
+        lone = await start(stack, **quiet)
+        other = await start(stack, **quiet)
+        lone.update_capacity(models=[offer(DIGEST_X)], free_slots=1, total_slots=1)
+        other.update_capacity(models=[offer(DIGEST_Y)], free_slots=1, total_slots=1)
+        for node in (lone, other):
+            await wait_until(lambda: _published_models(node) and node.gossip.unheard,
+                             what="the announcements with the models to be published, heard by no one")
+        sent = {node.peer_id: node.stats["announcements.sent"] for node in (lone, other)}
+        await trio.sleep(QUIET_WATCH_S)
+        assert {node.peer_id: node.stats["announcements.sent"] for node in (lone, other)} == sent, \
+            "a peer without partners re-published its announcement"
+        assert lone.gossip.partners() == set()
+
+        await lone.connect(other.addrs[0])
+        await wait_until(lambda: other.table.get(lone.peer_id, now_ms()) is not None
+                         and lone.table.get(other.peer_id, now_ms()) is not None,
+                         timeout=120, what="each to learn the other's announcement by gossip")
+        for node in (lone, other):
+            assert node.stats["announcements.sent"] == sent[node.peer_id] + 1
+            assert not node.gossip.unheard
+            assert node.counters.get("sync.accepted", 0) == 0
+
+
+def _published_models(node: Node) -> bool:
+    """The node's announcement with its models is published, and its announce loop is waiting."""
+    last = node.capacity.last_announcement
+    return (last is not None and bool(decode_signed(last[0], expect=CapacityAnnouncement).message.models)
+            and not node.gossip._publish_lock.locked() and not node.capacity._changed.is_set())
