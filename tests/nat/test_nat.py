@@ -23,23 +23,11 @@ from typing import Iterator
 import pytest
 
 from .procs import Proc, addrs_of, cli, client
-from .topology import Topology, TopologyUnavailable
+from .topology import Topology
 
 START_S = 240.0   # a peer process imports its model and measures its speed first; the machine may be loaded
 REQUEST_S = 180.0
 LISTEN = "/ip4/0.0.0.0/tcp/4001"
-
-
-@pytest.fixture(scope="module")
-def topology() -> Iterator[Topology]:
-    try:
-        topo = Topology().create()
-    except TopologyUnavailable as exc:
-        pytest.skip(f"NAT namespace test skipped: {exc}")
-    try:
-        yield topo
-    finally:
-        topo.remove()
 
 
 class Network:

@@ -14,28 +14,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from .procs import Proc
-from .topology import Topology, TopologyUnavailable
+from .topology import Topology
 
 DRIVER = Path(__file__).resolve().parent / "reach_driver.py"
 START_S = 180.0   # a loaded machine: imports, three nodes, the join's dial-back round
 ROUNDS_S = 180.0
-
-
-@pytest.fixture(scope="module")
-def topology() -> Iterator[Topology]:
-    try:
-        topo = Topology().create()
-    except TopologyUnavailable as exc:
-        pytest.skip(f"NAT namespace test skipped: {exc}")
-    try:
-        yield topo
-    finally:
-        topo.remove()
 
 
 def _driver(topology: Topology, role: str, log: Path, *args: str) -> Proc:
