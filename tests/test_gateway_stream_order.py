@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import trio
 
-from p2pinfer.gateway.app import _Output
+from p2pinfer.gateway.app import _lifespan, _Output
 from p2pinfer.gateway.http import serve_tcp
 
 CHOICES = 4
@@ -21,13 +21,8 @@ CHOICES = 4
 
 async def streamed_by_concurrent_choices(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await _lifespan(receive, send)
+        return
     out = _Output(None, None, "cmpl-test", send)  # type: ignore[arg-type]  # (gateway, spec): unused here
 
     async def choice(index: int) -> None:
