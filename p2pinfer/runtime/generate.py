@@ -215,6 +215,7 @@ class Generation:
         if self.finished:  # the request's KV buffers and what decoding freed go back to the OS, not held until
             self._decoder_kv = None  # the next request (glibc keeps freed heap: ~35 MB after 512 tokens)
             release_freed_memory()
+            self.model.drop_weight_pages()  # the embedding rows its tokens faulted in (standard graph)
         return GeneratedToken(i, token, text)
 
     def _reference_row(self, index: int) -> np.ndarray:
