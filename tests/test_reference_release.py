@@ -81,7 +81,8 @@ def _resident_weight_bytes(model) -> int:
 
 def test_a_finished_request_keeps_no_embedding_pages(shared_models, tmp_path) -> None:
     """The standard graph's Gather faults in the embedding rows of every token a request reads or writes; the
-    request's end (generation and verification) unmaps them, and the next request reads the same rows. (The
+    generation's end unmaps them, and the next request reads the same rows. (Not a verification's end: the 20-40 ms
+    of the unmapping would add 10-15 % to an fp32 verification, and the pages do not set its peak.) (The
     trained fixture with its weights moved to external data, as an imported model stores them.)"""
     import shutil
 
@@ -108,9 +109,4 @@ def test_a_finished_request_keeps_no_embedding_pages(shared_models, tmp_path) ->
     result = gen.result()
     assert _resident_weight_bytes(model) == 0
     model.forward(ids, model.empty_cache(), last=1)
-    assert _resident_weight_bytes(model) > 0
-    verdict = verify_result(model, prompt_ids=ids, output_ids=result.output_ids,
-                            fingerprint=result.fingerprint_bytes, params=params, seed_material=seed,
-                            max_tokens=12, finish_reason=result.finish_reason, stop_at_eos=False, tolerance=WIDE)
-    assert verdict.accept, verdict.reason
-    assert _resident_weight_bytes(model) == 0
+    assert _resident_weight_bytes(model) > 0  # the next request reads the same rows again

@@ -148,7 +148,6 @@ def verify_result(model: LoadedModel, *, prompt_ids: Sequence[int], output_ids: 
     verdict = _verify(model, prompt_ids, output_ids, fingerprint, params, seed_material, max_tokens,
                       finish_reason, stop, commitment, fingerprint_format, tol, stop_at_eos, stop_at_first,
                       rows_per_pass, tie_tolerance)
-    model.drop_weight_pages()  # the embedding rows its passes faulted in (standard graph): not held after it
     _log().info("verify.done", model=model.digest_hex[:16], accept=verdict.accept,
              first_bad=verdict.first_bad_position, reason=verdict.reason or None,
              max_deviation=f"{verdict.max_deviation:.3g}", tokens=len(output_ids),
