@@ -32,7 +32,10 @@ Workarounds for py-libp2p 0.8.1 that live here:
   learns we subscribe and we never send it anything, so a node can be connected to everyone and still be
   missing from every mesh. :class:`PatientPubsub` turns those two failures into the ``SwarmException`` the
   retry loop expects, so registration goes on (backoff 0.5 s doubling to 10 s) until the stream is up or the
-  peer disconnects; only a peer that answers "protocols not supported" is left alone.
+  peer disconnects; only a peer that answers "protocols not supported" is left alone. (Most such failures
+  under load were whole connections dropped after a cancelled write skipped a Noise nonce:
+  :mod:`p2pinfer.net.whole_writes` fixes that; ``event=gossip.peer_stream_failed`` names the local peer, the
+  whole cause chain and the peer's connections, to tell the two apart.)
 * **Streams on a closing connection.** A peer can have two connections for a while (a simultaneous dial
   settled by :mod:`p2pinfer.net.connection_trim`, a relayed one that DCUtR closes once a direct one is up).
   When the one carrying our pubsub stream closes, py-libp2p noticed only at the next write, which was lost,
