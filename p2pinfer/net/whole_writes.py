@@ -12,9 +12,11 @@ streams of the same connection failed. tests/net/test_cancelled_write.py reprodu
 
 :func:`make_writes_whole` wraps the upgrader on one host (no global patching): every secured connection's
 ``write`` runs shielded from the caller's cancellation, so a message that was encrypted is also sent whole. A
-caller that was cancelled meanwhile sees its cancellation at its next checkpoint, after the write. The
-shield is bounded: a peer that takes nothing for :data:`WRITE_LIMIT_S` (its receive window is open but it
-does not read the socket) gets its connection closed, which a cut-off write would have broken anyway.
+caller cancelled before its write starts gets its ``Cancelled`` at once (nothing was encrypted); one
+cancelled while its write is under way sees the cancellation at its next checkpoint, after the write. So a
+write to a peer that does not read its socket can outlast the caller's timeout (only then: Yamux flow
+control waits for the window before anything is encrypted, and that wait stays cancellable), up to
+:data:`WRITE_LIMIT_S`; then the connection is closed, which a cut-off write would have broken anyway.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def shield_writes(conn: Any) -> None:
     write = conn.write
 
     async def whole_write(data: bytes) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # a caller cancelled already: nothing encrypted, nothing lost
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + WRITE_LIMIT_S
             await write(data)
