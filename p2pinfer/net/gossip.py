@@ -32,7 +32,10 @@ Workarounds for py-libp2p 0.8.1 that live here:
   learns we subscribe and we never send it anything, so a node can be connected to everyone and still be
   missing from every mesh. :class:`PatientPubsub` turns those two failures into the ``SwarmException`` the
   retry loop expects, so registration goes on (backoff 0.5 s doubling to 10 s) until the stream is up or the
-  peer disconnects; only a peer that answers "protocols not supported" is left alone.
+  peer disconnects; only a peer that answers "protocols not supported" is left alone. (Most such failures
+  under load were whole connections dropped after a cancelled write skipped a Noise nonce:
+  :mod:`p2pinfer.net.whole_writes` fixes that; ``event=gossip.peer_stream_failed`` names the local peer, the
+  whole cause chain and the peer's connections, to tell the two apart.)
 * **Streams on a closing connection.** A peer can have two connections for a while (a simultaneous dial
   settled by :mod:`p2pinfer.net.connection_trim`, a relayed one that DCUtR closes once a direct one is up).
   When the one carrying our pubsub stream closes, py-libp2p noticed only at the next write, which was lost,
@@ -177,11 +180,35 @@ class PatientPubsub(Pubsub):
             if "protocols not supported" in str(exc.__cause__ or ""):
                 raise  # the peer answered "na": it does not speak GossipSub, asking again would not help
             self.stream_failures += 1
-            log.debug("gossip.peer_stream_failed", peer=peer_id.to_base58(), error=repr(exc.__cause__ or exc)[:200])
+            log.debug("gossip.peer_stream_failed", local=self.my_id.to_base58(), peer=peer_id.to_base58(),
+                      error=_cause_chain(exc), connections=_connection_states(self.host, peer_id))
             raise SwarmException(f"pubsub stream to {peer_id} not established: {exc}") from exc
         if not writable and peer_id in self.peers:
             for topic in [t for t, subscribers in self.peer_topics.items() if peer_id in subscribers]:
                 self._partner_appeared(peer_id, topic)
+
+
+def _cause_chain(exc: BaseException) -> str:
+    """``exc`` and the exceptions that caused it, outermost first: py-libp2p wraps the one that tells why
+    (a reset stream, a closed connection) two or three levels deep."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(parts) < 6:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}({str(current)[:120]!r})")
+        current = current.__cause__ or current.__context__
+    return " <- ".join(parts)
+
+
+def _connection_states(host: IHost, peer_id: ID) -> str:
+    """The peer's connections as the swarm sees them (closed flag, stream count): is the stream's connection
+    on its way out?"""
+    try:
+        conns = host.get_network().get_connections(peer_id)
+        return ",".join(f"{'closed' if c.is_closed else 'open'}/{len(c.get_streams())}" for c in conns) or "none"
+    except Exception as exc:
+        return f"unknown:{type(exc).__name__}"
 
 
 class _StreamMover(Notifee):

@@ -19,6 +19,8 @@ Workarounds for py-libp2p 0.8.1 that live here:
 * When two peers dial each other at once, ``Swarm._trim_connections`` leaves both connections up for its
   20 s grace period, then may close a different one at each end (both die). :mod:`p2pinfer.net.connection_trim`
   replaces it on this host: both ends close the same one, at once, after the streams on it have ended.
+* A write cancelled between Noise's encryption and the socket skipped a nonce, and the other end dropped the
+  whole connection at its next message: :mod:`p2pinfer.net.whole_writes` makes every secured write complete.
 * The default muxer list also offers Mplex (deprecated, no flow control); we offer Yamux only.
 * The swarm lets 32 dials run at once (go-libp2p's default) and queues the rest, first come first served;
   a dial holds its slot until its Noise handshake completes, which has no timeout of its own. A tarpit
@@ -53,6 +55,7 @@ from ..identity import Identity
 from .addrs import parse_multiaddr
 from .connection_trim import install_duplicate_trim
 from .keys import keypair_from_identity
+from .whole_writes import make_writes_whole
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
@@ -110,6 +113,7 @@ def build_host(
     if auto_connector is not None:
         auto_connector.maybe_connect = _no_auto_connect  # see module docstring
     install_duplicate_trim(host)  # see module docstring
+    make_writes_whole(host)  # see module docstring
     return host
 
 

@@ -233,6 +233,9 @@ class Node:
                 # py-libp2p's nurseries wrap the exception that ended the `async with` block in nested
                 # ExceptionGroups; let the original propagate as it was, so callers (and tests) see it.
                 return False
+            # The cause sits under ten or more levels of py-libp2p's nested groups, deeper than a traceback
+            # prints (max_group_depth): name each one in the log.
+            log.warning("node.shutdown_failed", peer_id=self.peer_id, errors=_leaf_summaries(rest))
             raise rest from None
         finally:
             log.info("node.stopped", peer_id=self.peer_id)
@@ -625,6 +628,26 @@ class Node:
 
 def _dialable(addrs: Sequence[str] | dict[str, None]) -> tuple[str, ...]:
     return tuple(a for a in addrs if dialable_problem(a) is None)
+
+
+def _leaf_summaries(error: BaseException, limit: int = 5) -> list[str]:
+    """The innermost exceptions of ``error`` (groups flattened), each with the frame that raised it."""
+    leaves: list[BaseException] = []
+    pending = [error]
+    while pending and len(leaves) < limit:
+        current = pending.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    summaries = []
+    for leaf in leaves:
+        tb = leaf.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+        summaries.append(f"{type(leaf).__name__}({str(leaf)[:160]!r}) at {where}")
+    return summaries
 
 
 def _only_contains(error: BaseException, original: BaseException) -> bool:
