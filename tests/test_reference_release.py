@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 
-from p2pinfer.runtime import SamplingParams, sampling_seed, verify_result
+from p2pinfer.runtime import SamplingParams, generate, sampling_seed, verify_result
 from p2pinfer.runtime.generate import Generation
 from p2pinfer.runtime.reference import ReferenceModel, reference_for, reference_session
 
@@ -102,11 +102,7 @@ def test_a_finished_request_keeps_no_embedding_pages(shared_models, tmp_path) ->
     assert _resident_weight_bytes(model) > 0
     params = SamplingParams(temperature=0.8)
     seed = sampling_seed(bytes([9]) * 32, None)
-    gen = Generation(model, ids, 12, params, seed, stop_at_eos=False)
-    gen.start()
-    while gen.step() is not None:
-        pass
-    result = gen.result()
+    generate(model, ids, max_tokens=12, params=params, seed_material=seed, stop_at_eos=False)
     assert _resident_weight_bytes(model) == 0
     model.forward(ids, model.empty_cache(), last=1)
     assert _resident_weight_bytes(model) > 0  # the next request reads the same rows again
