@@ -273,7 +273,15 @@ def inspect_graph(session: ort.InferenceSession, where: str = "model.onnx") -> G
     head_dim = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else None
     keep = LOGITS_TO_KEEP in inputs or LOGITS_TO_KEEP in overridable
     return GraphIO(n, "position_ids" in inputs, _NP_TYPES[ids_type], _NP_TYPES[kv_type], past, present,
-                   kv_heads, head_dim, keep, LOGITS_TO_KEEP in inputs, len(outputs["logits"].shape) == 2)
+                   kv_heads, head_dim, keep, **session_binding(session))
+
+
+def session_binding(session: ort.InferenceSession) -> dict[str, bool]:
+    """The :class:`GraphIO` fields that differ between sessions of one model (the kernel's graph, the standard
+    graph as rewritten at load: :func:`_standard_graph`): whether ``logits_to_keep`` is a plain input, and
+    whether ``logits`` is ``[rows, vocab]``."""
+    return {"logits_to_keep_required": any(i.name == LOGITS_TO_KEEP for i in session.get_inputs()),
+            "logits_flat": len(next(o for o in session.get_outputs() if o.name == "logits").shape) == 2}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -684,9 +692,7 @@ class LoadedModel:
         float32 FMA even where the CPU has AMX tiles; ``decode``: the kernel's decode path)."""
         session, used = open_session(self.path / ONNX_FILE, providers=providers, threads=threads,
                                      optimization=optimization, kernel=kernel, amx=amx, decode=decode)
-        # the kernel's graph has logits_to_keep as a plain input, the standard graph as a default: as this session has it
-        io = replace(self.io, logits_to_keep_required=any(i.name == LOGITS_TO_KEEP for i in session.get_inputs()),
-                     logits_flat=len(next(o for o in session.get_outputs() if o.name == "logits").shape) == 2)
+        io = replace(self.io, **session_binding(session))  # as this session's graph has them
         return LoadedModel(self.path, self.digest, self.name, self.numeric_class, self.tolerance, session,
                            io, self.tokenizer, self.info,
                            {"threads": threads, "optimization": optimization, "providers": providers, "kernel": used,
