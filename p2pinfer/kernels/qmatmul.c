@@ -887,6 +887,8 @@ static void release_pairs(int *a, int *b) { (void)a; (void)b; }
                        release_pairs, no_pairs, release_pairs}, nm, t, m}
 static op_def_t ops[] = {OP("QMatMul1", 1, 0), OP("QMatMul1M", 1, 1), OP("QMatMul2", 2, 0)};
 
+#include "qattn.c"  /* GQAttention: GroupQueryAttention on the same thread pool (qattn_op) */
+
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     g_api = base->GetApi(1);
     if (!g_api) return NULL;  /* cannot even make a status; onnxruntime then fails on the unknown ops */
@@ -895,6 +897,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     if (st) return st;
     for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
         if ((st = API(SLOT_CustomOpDomain_Add, fn_domain_add)(domain, &ops[i].op))) return st;
+    if ((st = API(SLOT_CustomOpDomain_Add, fn_domain_add)(domain, &qattn_op))) return st;
     return API(SLOT_AddCustomOpDomain, fn_add_domain)(options, domain);
 }
 
