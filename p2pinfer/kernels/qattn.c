@@ -39,12 +39,13 @@ typedef OrtStatus *(*fn_attr_f32)(const OrtKernelInfo *, const char *, float *);
 #define SLOT_KernelInfoGetAttribute_float 85
 
 typedef struct {
-    int B, S, nh, nkv, hd, units, blocks;
+    int B, S, nh, nkv, hd, units, blocks, chunks;
     int64_t present_len;
     const float *qkv;      /* [B, S, (nh + 2 nkv) hd] */
     const float *cosc, *sinc;
     const int64_t *past;   /* [B]: positions before the pass */
     float *pk, *pv;        /* [B, nkv, present_len, hd] */
+    float *kt;             /* [B, nkv, chunks, hd, 16]: the keys transposed (qa_transpose_part) */
     float *out;            /* [B, S, nh hd]: first the rotated queries, then the result, row by row */
     float alpha;
     atomic_int next;       /* the next work unit (dynamic: rows late in the pass cost more) */
@@ -90,33 +91,73 @@ static inline __attribute__((always_inline)) float qa_lanes_sum(vec16f v) {
     return t[0] + t[1];
 }
 
-/* scores[k] = q . K[k] for k < cnt <= 16 (16 written; those past cnt are 0). Key k's 16 lane partials (lane l:
-   q[16c + l] K[k][16c + l] summed over c in order) are added in a transpose-and-add tree that only ever adds lanes
-   of the same key: the fixed tree the comment at the top describes, whatever cnt. */
-static inline __attribute__((always_inline)) void qa_scores16(const float *q, const float *K, int cnt, int hd, float *scores) {
-    /* the keys in bit-reversed order: after the four halving steps the sums come out in key order */
-    static const int rev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-    vec16f a[16];
-    for (int i = 0; i < 16; i++) {
-        int k = rev[i];
-        vec16f acc = (vec16f){0};
-        if (k < cnt)
-            for (int c = 0; c < hd / 16; c++) acc += qa_load(q + 16 * c) * qa_load(K + (size_t)k * hd + 16 * c);
-        a[i] = acc;
+/* the 16 x 16 block r[0..15] transposed in place (r[i][l] becomes r[l][i]): four butterfly stages that swap the
+   off-diagonal halves, quarters, pairs and single lanes of pairs of vectors */
+static inline __attribute__((always_inline)) void qa_stage(vec16f r[16], const int S, vec16i lo, vec16i hi) {
+    for (int i = 0; i < 16; i++)
+        if (!(i & S)) {
+            vec16f a = r[i], b = r[i + S];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + S] = __builtin_shuffle(a, b, hi);
+        }
+}
+static inline __attribute__((always_inline)) void qa_transpose16(vec16f r[16]) {
+    qa_stage(r, 8, (vec16i){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+             (vec16i){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    qa_stage(r, 4, (vec16i){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+             (vec16i){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+    qa_stage(r, 2, (vec16i){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+             (vec16i){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    qa_stage(r, 1, (vec16i){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+             (vec16i){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+/* phase 1b: the keys of (batch, kv head) transposed, 16 positions at a time: chunk c is [hd][16] (dimension d of
+   positions 16c .. 16c + 15; zeros past the keys), so that 16 scores are one vector per dimension */
+static void qa_transpose_part(void *arg, int part, int parts) {
+    qattn_job_t *j = (qattn_job_t *)arg;
+    int total = j->B * j->nkv * j->chunks, per = (total + parts - 1) / parts;
+    int c0 = part * per, c1 = c0 + per < total ? c0 + per : total;
+    int hd = j->hd;
+    for (int u = c0; u < c1; u++) {
+        int bg = u / j->chunks, c = u % j->chunks;
+        int64_t keys = j->past[bg / j->nkv] + j->S;
+        const float *K = j->pk + (size_t)bg * j->present_len * hd;
+        float *dst = j->kt + ((size_t)bg * j->chunks + c) * hd * 16;
+        for (int d0 = 0; d0 < hd; d0 += 16) {
+            vec16f r[16];
+            for (int l = 0; l < 16; l++)
+                r[l] = 16 * (int64_t)c + l < keys ? qa_load(K + (16 * (size_t)c + l) * hd + d0) : (vec16f){0};
+            qa_transpose16(r);
+            for (int l = 0; l < 16; l++) qa_store(dst + (size_t)(d0 + l) * 16, r[l]);
+        }
     }
-    const vec16i h0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    const vec16i h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-    const vec16i q0 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-    const vec16i q1 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-    const vec16i p0 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-    const vec16i p1 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-    const vec16i e0 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-    const vec16i e1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-    vec16f b[8], c4[4], d[2];
-    for (int i = 0; i < 8; i++) b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], h0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], h1);
-    for (int i = 0; i < 4; i++) c4[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], q0) + __builtin_shuffle(b[2 * i], b[2 * i + 1], q1);
-    for (int i = 0; i < 2; i++) d[i] = __builtin_shuffle(c4[2 * i], c4[2 * i + 1], p0) + __builtin_shuffle(c4[2 * i], c4[2 * i + 1], p1);
-    qa_store(scores, __builtin_shuffle(d[0], d[1], e0) + __builtin_shuffle(d[0], d[1], e1));
+}
+
+/* scores of rows 0 .. R-1 (queries q[r], hd wide) for the 16 C keys of chunks c0 .. c0 + C - 1: per score one
+   sequential chain of fused multiply-adds over the dimensions d = 0 .. hd - 1 (a lane of one accumulator) */
+static inline __attribute__((always_inline)) void qa_scores_block(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t c0,
+                                                                  const int R, const int C, const int hd, float *scratch,
+                                                                  int64_t stride) {
+    vec16f acc[4][8];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = (vec16f){0};
+    for (int d = 0; d < hd; d++)
+        for (int c = 0; c < C; c++) {
+            vec16f k = qa_load(kt + ((size_t)(c0 + c) * hd + d) * 16);
+            for (int r = 0; r < R; r++) acc[r][c] += q[r][d] * k;
+        }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) qa_store(scratch + r * stride + 16 * (c0 + c), acc[r][c]);
+}
+
+/* the scores of R rows against chunks 0 .. chunks - 1, eight accumulators at a time (the FMA latency hidden) */
+static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t chunks,
+                                                            const int R, const int hd, float *scratch, int64_t stride) {
+    const int C = 8 / R;
+    int64_t c = 0;
+    for (; c + C <= chunks; c += C) qa_scores_block(q, kt, c, R, C, hd, scratch, stride);
+    for (; c < chunks; c++) qa_scores_block(q, kt, c, R, 1, hd, scratch, stride);
 }
 
 /* e^x for x <= 0 (Cephes expf: x = n ln2 + r, a degree-7 polynomial in r, times 2^n; x below -87.3 is taken as
@@ -140,12 +181,27 @@ static inline __attribute__((always_inline)) vec16f qa_exp(vec16f x) {
     return p * (vec16f)((n + 127) << 23);
 }
 
+/* acc[r] = sum_{t < n0} e[r][t] v_t for the rows r < rows (e: row r at scratch + r * stride), sequential over t */
+static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
+                                                            int64_t stride, const float *V, int64_t n0, const int rows,
+                                                            const int hd) {
+    vec16f a[QA_ROWS][QA_MAX_HEAD / 16];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < hd / 16; c++) a[r][c] = (vec16f){0};
+    for (int64_t t = 0; t < n0; t++)
+        for (int c = 0; c < hd / 16; c++) {
+            vec16f vv = qa_load(V + t * hd + 16 * c);
+            for (int r = 0; r < rows; r++) a[r][c] += scratch[r * stride + t] * vv;
+        }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < hd / 16; c++) acc[r][c] = a[r][c];
+}
+
 /* one unit: positions s0 .. s0 + rows - 1 of head h of batch b */
 static inline __attribute__((always_inline)) void qa_unit(qattn_job_t *j, float *scratch, int b, int h, int s0, int rows, const int hd) {
     int g = h / (j->nh / j->nkv);
     int64_t stride = (int64_t)j->present_len;  /* scratch row stride: present_len rounded up to 16, + 16 */
     stride = (stride + 15) / 16 * 16 + 16;
-    const float *K = j->pk + ((size_t)b * j->nkv + g) * j->present_len * hd;
     const float *V = j->pv + ((size_t)b * j->nkv + g) * j->present_len * hd;
     float q[QA_ROWS][QA_MAX_HEAD];
     int64_t n[QA_ROWS];
@@ -155,10 +211,15 @@ static inline __attribute__((always_inline)) void qa_unit(qattn_job_t *j, float 
         memcpy(q[r], outrow[r], sizeof(float) * hd);  /* the rotated query (phase 1) */
         n[r] = j->past[b] + s0 + r + 1;
     }
-    /* scores, chunk by chunk of 16 keys: the chunk is read once for every row of the unit */
-    for (int64_t t0 = 0; t0 < n[rows - 1]; t0 += 16)
-        for (int r = 0; r < rows; r++)
-            if (t0 < n[r]) qa_scores16(q[r], K + t0 * hd, n[r] - t0 < 16 ? (int)(n[r] - t0) : 16, hd, scratch + r * stride + t0);
+    /* scores: every row against the chunks up to its own last key's (those of later keys are then ignored) */
+    const float *kt = j->kt + ((size_t)b * j->nkv + g) * j->chunks * hd * 16;
+    int64_t chunks = (n[rows - 1] + 15) / 16;
+    switch (rows) {  /* a constant row count: the accumulators stay in registers */
+        case QA_ROWS: qa_scores(q, kt, chunks, QA_ROWS, hd, scratch, stride); break;
+        case 3: qa_scores(q, kt, chunks, 3, hd, scratch, stride); break;
+        case 2: qa_scores(q, kt, chunks, 2, hd, scratch, stride); break;
+        default: qa_scores(q, kt, chunks, 1, hd, scratch, stride); break;
+    }
     float sum[QA_ROWS];
     int bad[QA_ROWS];
     for (int r = 0; r < rows; r++) {
@@ -193,14 +254,11 @@ static inline __attribute__((always_inline)) void qa_unit(qattn_job_t *j, float 
     }
     /* out = sum_t e_t v_t: for every row, sequential over t; the keys all rows share first, then each row's last */
     vec16f acc[QA_ROWS][QA_MAX_HEAD / 16];
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < hd / 16; c++) acc[r][c] = (vec16f){0};
-    for (int64_t t = 0; t < n[0]; t++) {
-        const float *v = V + t * hd;
-        for (int c = 0; c < hd / 16; c++) {
-            vec16f vv = qa_load(v + 16 * c);
-            for (int r = 0; r < rows; r++) acc[r][c] += scratch[r * stride + t] * vv;
-        }
+    switch (rows) {  /* a constant row count: the accumulators stay in registers */
+        case QA_ROWS: qa_values(acc, scratch, stride, V, n[0], QA_ROWS, hd); break;
+        case 3: qa_values(acc, scratch, stride, V, n[0], 3, hd); break;
+        case 2: qa_values(acc, scratch, stride, V, n[0], 2, hd); break;
+        default: qa_values(acc, scratch, stride, V, n[0], 1, hd); break;
     }
     for (int r = 1; r < rows; r++)
         for (int64_t t = n[0]; t < n[r]; t++)
@@ -228,6 +286,11 @@ static void qa_attend_part(void *arg, int part, int parts) {
     }
     free(scratch);
 }
+
+/* the transposed keys' buffer of the calling thread: grown, never shrunk (at most the longest sequence's keys of one
+   layer: 6 MB for SmolLM2's 8192 positions), so that a decode step allocates nothing */
+static __thread float *qa_kt_buffer;
+static __thread size_t qa_kt_capacity;
 
 /* ---- the custom op ----------------------------------------------------------------------------------------- */
 typedef struct { int64_t nh, nkv, hd, threads; float scale; } qattn_kernel_t;
@@ -345,11 +408,29 @@ static OrtStatus *qa_compute(void *opk, OrtKernelContext *ctx) {
     j.alpha = k->scale == 0.f ? 1.0f / __builtin_sqrtf((float)hd) : k->scale;
     j.blocks = (int)((S + QA_ROWS - 1) / QA_ROWS);
     j.units = j.blocks * (int)(B * nh);
+    int64_t keys = 0;
+    for (int64_t b = 0; b < B; b++) keys = pastp[b] + S > keys ? pastp[b] + S : keys;
+    j.chunks = (int)((keys + 15) / 16);
+    size_t kt_floats = (size_t)B * nkv * j.chunks * hd * 16;
+    if (kt_floats > qa_kt_capacity) {  /* this thread's buffer, grown to the longest sequence it has seen */
+        free(qa_kt_buffer);
+        qa_kt_capacity = 0;
+        if (!(qa_kt_buffer = aligned_alloc(64, kt_floats * sizeof(float)))) {
+            if (pastp != past) free(pastp);
+            return API(SLOT_CreateStatus, fn_create_status)(ORT_FAIL, "GQAttention: out of memory");
+        }
+        qa_kt_capacity = kt_floats;
+    }
+    j.kt = qa_kt_buffer;
     int threads = (int)(k->threads < 1 ? 1 : k->threads);
-    int parts = threads < (int)(B * S) ? threads : (int)(B * S);
-    run_parallel(qa_prepare_part, &j, parts);
+    /* small work (a decode step's rows, its transposes and its attention up to ~2000 positions) runs on this thread:
+       a dispatch to the pool would cost more than it saves (results are the same bits either way) */
+    run_parallel(qa_prepare_part, &j, B * S < 8 ? 1 : threads < (int)(B * S) ? threads : (int)(B * S));
+    int transposes = (int)(B * nkv) * j.chunks;
+    run_parallel(qa_transpose_part, &j, transposes < 256 ? 1 : threads < transposes ? threads : transposes);
     atomic_store(&j.next, 0);
-    parts = threads < j.units ? threads : j.units;
+    int parts = threads < j.units ? threads : j.units;
+    if (B * nh * S * keys < 16384) parts = 1;
     run_parallel(qa_attend_part, &j, parts);
     if (pastp != past) free(pastp);
     if (atomic_load(&j.next) < j.units)  /* no part could allocate its scratch: no row was computed */
