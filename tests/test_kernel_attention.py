@@ -309,3 +309,38 @@ def test_rewrite_turned_off_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("P2PINFER_KERNEL_ATTENTION", "1")
     assert kernels.kernel_attention(model, 2) == 1
     assert model.graph.node[0].op_type == "GQAttention" and model.graph.node[0].domain == kernels.DOMAIN
+
+
+def test_a_4bit_model_runs_the_kernels_attention_within_float32_rounding(tmp_path: Path, monkeypatch) -> None:
+    """A GGUF-imported 4-bit model: its kernel session runs GQAttention in every layer (the model file keeps
+    GroupQueryAttention), and its rows, prefill and decode, are within float32 rounding of the same kernel session
+    with onnxruntime's attention (``P2PINFER_KERNEL_ATTENTION=0``), the same tokens chosen."""
+    from gguf import GGMLQuantizationType as QT
+
+    from gguf_fixtures import TinyLlama, write_tiny_llama
+    from p2pinfer.gguf import import_gguf
+    from p2pinfer.runtime import load_model
+
+    cfg = TinyLlama(matrix_type=QT.Q4_1, n_kv_heads=2)
+    write_tiny_llama(tmp_path / "m.gguf", cfg)
+    import_gguf(tmp_path / "m.gguf", tmp_path / "m")
+    stored = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "GroupQueryAttention" for n in stored.graph.node) == cfg.n_layers
+    rewritten = onnx.ModelProto.FromString(stored.SerializeToString())
+    kernels.kernel_model(rewritten, tmp_path / "m", 2)
+    assert sum(n.op_type == "GQAttention" for n in rewritten.graph.node) == cfg.n_layers
+    assert not any(n.op_type == "GroupQueryAttention" for n in rewritten.graph.node)
+    ours = load_model(tmp_path / "m", threads=2, providers=["CPUExecutionProvider"])
+    monkeypatch.setenv("P2PINFER_KERNEL_ATTENTION", "0")
+    theirs = ours.with_session(threads=2, providers=["CPUExecutionProvider"])
+    assert ours.runs_kernel and theirs.runs_kernel
+    ids = [5, 77, 200, 3, 260, 261, 99, 12, 140, 33, 7, 18, 250, 41]
+    a, cache_a = ours.forward(ids, ours.empty_cache())
+    b, cache_b = theirs.forward(ids, theirs.empty_cache())
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
+    assert np.array_equal(a.argmax(-1), b.argmax(-1))
+    dec_a, dec_b = ours.decoder(cache_a, capacity=len(ids) + 6), theirs.decoder(cache_b, capacity=len(ids) + 6)
+    for token in (9, 30, 2, 71, 64, 128):
+        x, y = dec_a.step(token), dec_b.step(token)
+        np.testing.assert_allclose(x, y, atol=5e-5, rtol=1e-5)
+        assert int(x.argmax()) == int(y.argmax())

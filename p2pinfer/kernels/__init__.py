@@ -35,6 +35,13 @@ executors of the same numeric class; calibration measures both. The ``kernel.ses
 
 On CPUs with AMX tiles the many-row path runs on bfloat16 tiles (``qgemm_amx.c``); ``P2PINFER_AMX=0``
 keeps it on float32 FMA even where AMX is available (the path of a peer without AMX).
+
+Attention (``qattn.c``, :func:`kernel_attention`): in a graph the kernel applies to, each com.microsoft
+``GroupQueryAttention`` node of the importer's form becomes the library's ``GQAttention`` (same inputs, outputs
+and semantics): each query row against the keys before it only (onnxruntime's CPU node multiplies by every key of
+the pass), on the kernel's threads, float32, every row computed by the same instruction sequence whatever the pass
+(a decode step's row equals the same position's row of a many-row pass, bit for bit). ``P2PINFER_KERNEL_ATTENTION=0``
+keeps onnxruntime's node. The ``kernel.session`` log line counts the rewritten attention nodes (``attention=``).
 """
 
 from __future__ import annotations
@@ -462,6 +469,8 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     except Exception as exc:  # onnxruntime raises its own types; the standard graph still serves
         _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
-    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), decode=decode.value,
-                isa=library_isa(lib), amx=amx and amx_wanted() and amx_available(), path=str(onnx_path))
+    attention = sum(n.op_type == "GQAttention" and n.domain == DOMAIN for n in model.graph.node)
+    _log().info("kernel.session", nodes=rewritten, attention=attention, threads=kernel_threads(threads),
+                decode=decode.value, isa=library_isa(lib), amx=amx and amx_wanted() and amx_available(),
+                path=str(onnx_path))
     return session, decode
