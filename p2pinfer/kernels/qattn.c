@@ -288,9 +288,35 @@ static void qa_attend_part(void *arg, int part, int parts) {
 }
 
 /* the transposed keys' buffer of the calling thread: grown, never shrunk (at most the longest sequence's keys of one
-   layer: 6 MB for SmolLM2's 8192 positions), so that a decode step allocates nothing */
-static __thread float *qa_kt_buffer;
-static __thread size_t qa_kt_capacity;
+   layer: 6 MB for SmolLM2's 8192 positions), so that a decode step allocates nothing; freed when the thread exits
+   (a pthread key's destructor: callers' worker threads come and go) */
+typedef struct { float *data; size_t capacity; } qa_buffer_t;
+static pthread_key_t qa_buffer_key;
+static pthread_once_t qa_buffer_once = PTHREAD_ONCE_INIT;
+static int qa_buffer_key_ok;
+static void qa_buffer_free(void *p) {
+    qa_buffer_t *b = (qa_buffer_t *)p;
+    if (b) { free(b->data); free(b); }
+}
+static void qa_buffer_key_make(void) { qa_buffer_key_ok = pthread_key_create(&qa_buffer_key, qa_buffer_free) == 0; }
+
+/* this thread's buffer of at least `floats` floats, or NULL (out of memory) */
+static float *qa_thread_buffer(size_t floats) {
+    pthread_once(&qa_buffer_once, qa_buffer_key_make);
+    if (!qa_buffer_key_ok) return NULL;
+    qa_buffer_t *b = pthread_getspecific(qa_buffer_key);
+    if (!b) {
+        if (!(b = calloc(1, sizeof(*b)))) return NULL;
+        if (pthread_setspecific(qa_buffer_key, b)) { free(b); return NULL; }
+    }
+    if (floats > b->capacity) {
+        free(b->data);
+        b->capacity = 0;
+        if (!(b->data = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64))) return NULL;
+        b->capacity = floats;
+    }
+    return b->data;
+}
 
 /* ---- the custom op ----------------------------------------------------------------------------------------- */
 typedef struct { int64_t nh, nkv, hd, threads; float scale; } qattn_kernel_t;
@@ -411,17 +437,10 @@ static OrtStatus *qa_compute(void *opk, OrtKernelContext *ctx) {
     int64_t keys = 0;
     for (int64_t b = 0; b < B; b++) keys = pastp[b] + S > keys ? pastp[b] + S : keys;
     j.chunks = (int)((keys + 15) / 16);
-    size_t kt_floats = (size_t)B * nkv * j.chunks * hd * 16;
-    if (kt_floats > qa_kt_capacity) {  /* this thread's buffer, grown to the longest sequence it has seen */
-        free(qa_kt_buffer);
-        qa_kt_capacity = 0;
-        if (!(qa_kt_buffer = aligned_alloc(64, kt_floats * sizeof(float)))) {
-            if (pastp != past) free(pastp);
-            return API(SLOT_CreateStatus, fn_create_status)(ORT_FAIL, "GQAttention: out of memory");
-        }
-        qa_kt_capacity = kt_floats;
+    if (!(j.kt = qa_thread_buffer((size_t)B * nkv * j.chunks * hd * 16))) {
+        if (pastp != past) free(pastp);
+        return API(SLOT_CreateStatus, fn_create_status)(ORT_FAIL, "GQAttention: out of memory");
     }
-    j.kt = qa_kt_buffer;
     int threads = (int)(k->threads < 1 ? 1 : k->threads);
     /* small work (a decode step's rows, its transposes and its attention up to ~2000 positions) runs on this thread:
        a dispatch to the pool would cost more than it saves (results are the same bits either way) */
