@@ -16,7 +16,7 @@ in two kernel sessions, one with the kernel's attention and one with onnxruntime
 when it is made). Per output length: a greedy generation, then its verification on each session in turn, ``--reps``
 times (best of each, both must accept), and ``--reps`` x 16 decode steps after the prompt on each in turn (best and
 median step). Prints seconds and the ratio onnxruntime / kernel. ``--profile``: onnxruntime's per-operator kernel
-time of the verification's forward passes on each (per pass and operator, the minimum over ``--reps`` runs).
+time of the verification's forward passes on each (each node's minimum over ``--reps`` runs of its pass).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def session(model: onnx.ModelProto, threads: int, ours: bool) -> ort.InferenceSe
 
 def profile_forward(model, folder: Path, ids: list[int], threads: int, attention: bool, reps: int) -> str:
     """onnxruntime's per-operator kernel time of the forward passes over ``ids`` (128 rows a pass) in a profiling
-    session of the kernel graph (with or without the kernel's attention): per pass and operator type the minimum
-    over ``reps`` runs (load from other processes inflates it least), summed over the passes."""
+    session of the kernel graph (with or without the kernel's attention): each node's minimum over ``reps`` runs of
+    the same pass (load from other processes inflates it least), summed per operator type over nodes and passes."""
     import collections
     import json
     import os
@@ -111,16 +111,14 @@ def profile_forward(model, folder: Path, ids: list[int], threads: int, attention
             model.session = saved
         events = json.loads(Path(session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"][-reps * len(chunks):]
-    per: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+    per: dict[tuple[int, str, str], list[float]] = collections.defaultdict(list)  # (pass, node, op) -> times
     for k, run in enumerate(runs):
-        sums: collections.Counter = collections.Counter()
         for e in events:
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
-                sums[e["args"]["op_name"]] += e["dur"]
-        for op, dur in sums.items():
-            per[(k % len(chunks), op)].append(dur)
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") \
+                    and run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
+                per[(k % len(chunks), e["name"], e["args"]["op_name"])].append(e["dur"])
     totals: collections.Counter = collections.Counter()
-    for (_, op), durs in per.items():
+    for (_, _, op), durs in per.items():
         totals[op] += min(durs)
     whole = sum(totals.values())
     return f"{whole / 1e3:.1f} ms kernel time: " + ", ".join(f"{op} {t / 1e3:.1f}" for op, t in totals.most_common(6))
