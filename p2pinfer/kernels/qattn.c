@@ -139,7 +139,7 @@ static void qa_transpose_part(void *arg, int part, int parts) {
 static inline __attribute__((always_inline)) void qa_scores_block(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t c0,
                                                                   const int R, const int C, const int hd, float *scratch,
                                                                   int64_t stride) {
-    vec16f acc[4][8];
+    vec16f acc[4][16];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = (vec16f){0};
     for (int d = 0; d < hd; d++)
@@ -154,7 +154,7 @@ static inline __attribute__((always_inline)) void qa_scores_block(const float (*
 /* the scores of R rows against chunks 0 .. chunks - 1, eight accumulators at a time (the FMA latency hidden) */
 static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t chunks,
                                                             const int R, const int hd, float *scratch, int64_t stride) {
-    const int C = 8 / R;
+    const int C = 16 / R;
     int64_t c = 0;
     for (; c + C <= chunks; c += C) qa_scores_block(q, kt, c, R, C, hd, scratch, stride);
     for (; c < chunks; c++) qa_scores_block(q, kt, c, R, 1, hd, scratch, stride);
