@@ -3,8 +3,8 @@
  * "GQAttention" of the kernel library (#included by qmatmul.c, registered beside the QMatMul ops).
  *
  * Why: onnxruntime's CPU GroupQueryAttention multiplies every query row by EVERY key of the pass (future ones too,
- * then zeroed by the causal softmax) and by every value, one head at a time through its GEMM: at 174 positions it was
- * ~1 ms per SmolLM2 layer, 18 % of a verification pass. Here each row touches the keys before it only, the heads of
+ * then zeroed by the causal softmax) and by every value, one head at a time through its GEMM: at 174 positions it
+ * was ~1 ms per SmolLM2 layer, 18 % of a verification pass. Here each row touches the keys before it only, the heads of
  * a pass are split over the kernel's own threads (run_parallel), and rotary, KV writes and the output land in place.
  *
  * Semantics (those of onnxruntime's GroupQueryAttention for this attribute set; the rewrite checks the set):
@@ -17,13 +17,15 @@
  *   its rotated key and its value are written at position past_b + s, and it attends to positions 0 .. past_b + s
  *   with scores alpha * q.k (alpha = scale, or 1/sqrt(hd) where scale is 0).
  *
- * Numerics: float32 throughout. Per (row, key) the score is one fixed sequence: lane l of a 16-lane accumulator sums
- * q[16c + l] k[16c + l] over c in order, then the 16 lanes are added in one fixed tree. The softmax's maximum is
- * exact; exp is one polynomial (Cephes' expf: about 1 ulp); the sum of exps is a 16-lane sequential accumulation over
- * the keys in order, then the same lane tree; the output is sum_t e_t v_t, sequential over t per element, divided by
- * that sum. So a row's result depends on its own q, the keys and values before it and nothing else: not on the
- * other rows of its pass, the pass's length, the row's place in it, nor the thread count. A decode step (one row)
- * runs the very same code as a row of a many-row pass: the two agree bit for bit.
+ * Numerics: float32 throughout. Per (row, key) the score is one chain of fused multiply-adds over the dimensions
+ * d = 0 .. hd - 1 in order (the keys transposed once per call, 16 positions a vector: no lane reductions). The
+ * softmax's maximum is exact; exp is one polynomial (Cephes' expf: about 1 ulp); the sum of exps is a 16-lane
+ * sequential accumulation over the keys in order, then one fixed tree over the lanes; the output is sum_t e_t v_t,
+ * sequential over t per element, divided by that sum. So a row's result depends on its own q, the keys and values
+ * before it and nothing else: not on the other rows of its pass, the pass's length, the row's place in it, nor the
+ * thread count. A decode step (one row) runs the very same code as a row of a many-row pass: the two agree bit for
+ * bit. (Where the compiler fuses a * b + c, as on every x86-64-v3 or newer build, the builds agree too; an
+ * x86-64-v2 build, without FMA, rounds the products separately.)
  *
  * Bounds: every length is checked against the buffers before anything is read or written; a mismatch is an
  * onnxruntime error status (the run fails with its message), never an out-of-bounds access. */
@@ -32,7 +34,7 @@ typedef int32_t vec16i __attribute__((vector_size(64)));
 typedef float vec16f __attribute__((vector_size(64)));
 
 #define QA_MAX_HEAD 256  /* head sizes up to this (multiples of 16) */
-#define QA_ROWS 4        /* positions per work unit: their keys and values are read once for all four */
+#define QA_ROWS 4        /* positions per work unit: their transposed keys and values are read once for all four */
 #define QA_ELEM_INT32 6
 
 typedef OrtStatus *(*fn_attr_f32)(const OrtKernelInfo *, const char *, float *);
@@ -151,7 +153,8 @@ static inline __attribute__((always_inline)) void qa_scores_block(const float (*
         for (int c = 0; c < C; c++) qa_store(scratch + r * stride + 16 * (c0 + c), acc[r][c]);
 }
 
-/* the scores of R rows against chunks 0 .. chunks - 1, eight accumulators at a time (the FMA latency hidden) */
+/* the scores of R rows against chunks 0 .. chunks - 1, sixteen accumulators at a time (the FMA latency hidden, and
+   the broadcast queries' loads spread over four chunks) */
 static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t chunks,
                                                             const int R, const int hd, float *scratch, int64_t stride) {
     const int C = 16 / R;
