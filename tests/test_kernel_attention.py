@@ -349,3 +349,24 @@ def test_a_4bit_model_runs_the_kernels_attention_within_float32_rounding(tmp_pat
         x, y = dec_a.step(token), dec_b.step(token)
         np.testing.assert_allclose(x, y, atol=5e-5, rtol=1e-5)
         assert int(x.argmax()) == int(y.argmax())
+
+
+def test_a_batch_of_two_matches_onnxruntime(libraries) -> None:
+    """The runtime feeds one sequence at a time, but the node takes a batch: two sequences of the same length, as a
+    first pass and then as a decode step, give onnxruntime's rows (float32 rounding) and each sequence's rows alone."""
+    nh, nkv, head = 4, 2, 32
+    model = _graph(nh, nkv, head)
+    theirs, ours = _session(model), _session(model, libraries["native"], 2)
+    rng = np.random.default_rng(11)
+    qkv = rng.standard_normal((2, 9, (nh + 2 * nkv) * head)).astype(np.float32)
+    empty = np.zeros((2, nkv, 0, head), np.float32)
+    a, k, v = ours.run(None, _feed(qkv, empty, empty, 0))
+    b = theirs.run(None, _feed(qkv, empty, empty, 0))[0]
+    assert np.abs(a - b).max() < 2e-5 * np.abs(qkv).max()
+    for i in range(2):
+        alone = ours.run(None, _feed(qkv[i:i + 1], empty[:1], empty[:1], 0))[0]
+        assert np.array_equal(alone[0], a[i])
+    step = rng.standard_normal((2, 1, (nh + 2 * nkv) * head)).astype(np.float32)
+    a = ours.run(None, _feed(step, k, v, 9))[0]
+    b = theirs.run(None, _feed(step, k, v, 9))[0]
+    assert np.abs(a - b).max() < 2e-5 * np.abs(qkv).max()
