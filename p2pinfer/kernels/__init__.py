@@ -240,14 +240,16 @@ LOGITS_TO_KEEP = "logits_to_keep"  # as runtime.model names it (that module impo
 
 
 def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: DecodePath = DecodePath.INTEGER,
-                 amx: bool = True, swiglu: bool = True) -> int:
+                 amx: bool = True, swiglu: bool = True, quick_gelu: bool = True) -> int:
     """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
     ``p2pinfer`` custom node over the same initializers (``amx=False``: its many-row path never uses AMX tiles;
     ``decode``: how its decode rows are computed; the library takes FLOAT where it has no integer path). A
     ``logits_to_keep`` input loses its default: callers feed it on every run (runtime.model does). Where that
-    rewrote anything, each MLP activation after such a node becomes one ``SwiGLU`` node (:func:`_fuse_swiglu`,
-    the same bits; ``swiglu=False``: not). Returns the number of nodes rewritten."""
+    rewrote anything, each MLP activation after such a node becomes one ``SwiGLU`` node (:func:`_fuse_swiglu`;
+    ``swiglu=False``: not) with the bits of the onnxruntime nodes it replaces: ``quick_gelu`` says which those
+    are (True: the session's optimization level is ORT_ENABLE_EXTENDED or above, where onnxruntime fuses
+    ``gate * Sigmoid(gate)`` into ``QuickGelu``). Returns the number of nodes rewritten."""
     int_dot = int(decode is DecodePath.INTEGER)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -341,7 +343,7 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
     nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)
-    fused = _fuse_swiglu(g, threads) if replace and swiglu else 0
+    fused = _fuse_swiglu(g, threads, quick_gelu) if replace and swiglu else 0
     if replace and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if replace and any(i.name == LOGITS_TO_KEEP for i in g.input):
@@ -357,12 +359,13 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
 _ONNX_DOMAINS = ("", "ai.onnx")
 
 
-def _fuse_swiglu(g: onnx.GraphProto, threads: int) -> int:
+def _fuse_swiglu(g: onnx.GraphProto, threads: int, quick_gelu: bool) -> int:
     """Replace each ``Split(h) -> gate, up;  Mul(Mul(gate, Sigmoid(gate)), up)`` (the MLP activation
-    gguf.graph emits) whose ``h`` is a 4-bit kernel node's output by one ``SwiGLU`` node (swiglu.c): the same
-    float32 bits as onnxruntime's nodes (it fuses ``gate * Sigmoid(gate)`` into ``QuickGelu``), in one pass.
-    Only that exact pattern: two equal halves of the last axis, every intermediate used by the pattern alone
-    and no graph output; anything else stays as it is. Returns the number of activations fused."""
+    gguf.graph emits) whose ``h`` is a 4-bit kernel node's output by one ``SwiGLU`` node (swiglu.c): in one
+    pass, the float32 bits of onnxruntime's own nodes (``quick_gelu``: as it runs them fused into
+    ``QuickGelu``, else as ``Sigmoid`` and ``Mul``). Only that exact pattern: two equal halves of the last axis,
+    every intermediate used by the pattern alone and no graph output; anything else stays as it is. Returns
+    the number of activations fused."""
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     uses = Counter(i for n in g.node for i in n.input)
@@ -375,7 +378,7 @@ def _fuse_swiglu(g: onnx.GraphProto, threads: int) -> int:
         return node if ok else None
 
     def halves(split: onnx.NodeProto) -> tuple[int, int] | None:
-        """(inter, rank the axis implies or 0 for the last axis of any rank) of a Split into two equal
+        """(inter, the rank the op checks: 3 for axis 2, 0 for axis -1) of a Split into two equal
         halves of the last axis of a kernel node's output, else None."""
         if split.op_type != "Split" or split.domain not in _ONNX_DOMAINS or len(split.input) != 2 \
                 or len(split.output) != 2 or set(_attrs(split)) - {"axis"}:
@@ -388,8 +391,8 @@ def _fuse_swiglu(g: onnx.GraphProto, threads: int) -> int:
         if len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] <= 0 or source is None or source.domain != DOMAIN \
                 or not source.op_type.startswith("QMatMul") or _attrs(source).get("N") != 2 * sizes[0]:
             return None
-        axis = _attrs(split).get("axis", 0)
-        return (sizes[0], 0 if axis == -1 else axis + 1) if axis >= -1 else None
+        axis = _attrs(split).get("axis", 0)  # the last axis of the [batch, rows, 2 * inter] gguf.graph emits
+        return (sizes[0], 0 if axis == -1 else 3) if axis in (-1, 2) else None
 
     def pattern(mul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], int, int] | None:
         """([split, sigmoid, inner Mul], inter, rank) where ``mul`` ends the pattern, else None."""
@@ -418,7 +421,7 @@ def _fuse_swiglu(g: onnx.GraphProto, threads: int) -> int:
         parts, inter, rank = found
         replace[id(node)] = helper.make_node("SwiGLU", [parts[0].input[0]], [node.output[0]],
                                              name=node.name or node.output[0], domain=DOMAIN, inter=inter, rank=rank,
-                                             threads=threads)
+                                             threads=threads, quick_gelu=int(quick_gelu))
         drop.update(id(n) for n in parts)
     if replace:
         nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
@@ -456,7 +459,8 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     folder = Path(onnx_path).parent
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
-        rewritten = kernel_model(model, folder, kernel_threads(threads), amx=amx and amx_wanted(), decode=decode)
+        rewritten = kernel_model(model, folder, kernel_threads(threads), amx=amx and amx_wanted(), decode=decode,
+                                 quick_gelu=int(graph_optimization_level) >= int(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED))
     except Exception as exc:  # an unreadable graph: the standard path reports it to the user (ModelFormatError)
         _log().debug("kernel.graph_unreadable", path=str(onnx_path), error=type(exc).__name__)
         return None

@@ -3,26 +3,28 @@
  *   input  [..., 2 * inter]: the fused gate/up projection (gate first, then up, on the last axis)
  *   output [..., inter]:     silu(gate) * up
  *
- * It replaces the three onnxruntime nodes the graph otherwise runs per layer (Split, QuickGelu with alpha 1 —
- * onnxruntime's fusion of gate * Sigmoid(gate) — and Mul): one pass over the rows instead of three, and in a
- * decode step 30 nodes instead of 90 (onnxruntime's per-node cost).
+ * It replaces the nodes onnxruntime otherwise runs per layer (Split, QuickGelu with alpha 1 — its fusion of
+ * gate * Sigmoid(gate) at ORT_ENABLE_EXTENDED and above — and Mul): one pass over the rows instead of three, and
+ * in a decode step 30 nodes instead of 90 (onnxruntime's per-node cost).
  *
- * Numerics: BIT-IDENTICAL to those onnxruntime CPU nodes. onnxruntime computes the sigmoid with MLAS's
- * logistic kernel (a rational polynomial of the input clamped to [-18, 18], Eigen's coefficients); on x86-64 with
- * AVX2 + FMA3 it runs the kernel MlasLogisticKernelFma3 (also on AVX-512 CPUs), whose arithmetic is, per element:
+ * Numerics: BIT-IDENTICAL to the onnxruntime 1.32 CPU nodes it replaces, on the CPU it runs on. Both of
+ * onnxruntime's sigmoids are MLAS's rational approximation (Eigen's coefficients) of the input clamped to
+ * [-18, 18]:
  *   v  = max(-18, x) then min(18, v)           (vmaxps / vminps: a NaN input passes through)
  *   x2 = v * v
  *   p  = fma chain over x2 (alpha_9 .. alpha_1), then p = v * p
  *   q  = fma chain over x2 (beta_10 .. beta_0)
- *   s  = max(0, p / q + 0.5)                   (a lower clamp only)
- * QuickGelu then multiplies x * s (its alpha 1 scaling x * 1 is exact), and Mul (x * s) * up: every step one
- * IEEE-754 float32 operation in that order, which this file repeats exactly (the fused multiply-adds as fused,
- * max/min with their operand order, so NaN and signed zeros come out the same). Other CPUs run MLAS's portable
- * kernel (plain multiply then add, and a clamp to [0, 1]); the scalar path below follows that where the CPU has
- * no AVX2 + FMA3 (x86) — untested here, as no such CPU is at hand. Element-wise: the thread count and the row
- * count never change a value.
+ *   s  = p / q + 0.5, then clamped
+ * and differ in the clamp (SWIGLU_* below): onnxruntime's QuickGelu on a CPU with AVX-512F runs a fused SiLU
+ * kernel that clamps s to [0, 1] and returns a NaN input itself; its Sigmoid node (and QuickGelu without
+ * AVX-512F: logistic, then the product) runs the FMA3 logistic kernel, which clamps below only (near |x| = 17.5
+ * s exceeds 1 by an ulp: 20 of the 2^32 inputs differ). The rewrite says which node it replaces (attribute
+ * quick_gelu) and the CPU decides the rest, as it does for onnxruntime. Then act = x * s and the Mul act * up:
+ * every step one IEEE-754 float32 operation in that order, as here. Checked over all 2^32 gate values against
+ * onnxruntime on an AVX-512 CPU (tests/test_swiglu.py samples them). CPUs without AVX2 + FMA3 run MLAS's portable
+ * kernel (separate multiply and add, clamp to [0, 1]); SWIGLU_PORTABLE follows it, untested here (no such CPU
+ * at hand). Element-wise: the thread count and the row count never change a value.
  */
-
 #include <math.h>
 
 /* MLAS's logistic constants (onnxruntime/core/mlas/lib/logistic.cpp, Eigen's coefficients) */
@@ -34,26 +36,47 @@ static const float swiglu_beta[6] = {6.10247389755681e-13f, 5.76102136993427e-09
                                      1.70198817374094e-03f, 1.16817656904453e-01f, 9.93151921023180e-01f};
                                      /* beta_10 .. beta_0 */
 
-/* 1: onnxruntime on this CPU takes the FMA3 logistic kernel (fused multiply-adds, no upper clamp); 0: its
-   portable kernel (separate multiply and add, clamp to [0, 1]) */
-static int swiglu_fused_logistic(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    static int known = -1;
-    if (known < 0) known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return known;
-#elif defined(__aarch64__)
-    return 1;  /* NEON's multiply-add is fused (vfmaq_f32); the clamp to [0, 1] stays */
+/* up * act with up as the FIRST operand of the multiply: where both are NaN, x86 returns the first operand's
+   NaN, and onnxruntime's Mul returns up's. Written in assembly because a compiler may swap a product's
+   operands (it does: the NaN payloads then differ from onnxruntime's). */
+static inline float swiglu_mul_up_first(float up, float act) {
+#if defined(__AVX__)
+    float r;
+    __asm__("vmulss %2, %1, %0" : "=x"(r) : "x"(up), "x"(act));
+    return r;
+#elif defined(__SSE__) && (defined(__x86_64__) || defined(__i386__))
+    __asm__("mulss %1, %0" : "+x"(up) : "x"(act));
+    return up;
 #else
-    return 0;
+    return up * act;
 #endif
 }
 
-/* one element, the arithmetic above; `fused` as swiglu_fused_logistic() */
-static inline float swiglu_one(float x, float up, int fused) {
+/* what onnxruntime computes on this CPU, see above */
+typedef enum {
+    SWIGLU_CLAMPED = 0,   /* QuickGelu on AVX-512F: s clamped to [0, 1], a NaN gate is its own result */
+    SWIGLU_FMA3 = 1,      /* the FMA3 logistic (Sigmoid; QuickGelu without AVX-512F): s clamped below only */
+    SWIGLU_PORTABLE = 2,  /* MLAS's portable logistic: multiply, then add; s clamped to [0, 1] */
+} swiglu_variant_t;
+
+static swiglu_variant_t swiglu_variant(int quick_gelu) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    /* as MLAS decides: AVX-512F with the OS saving its state (gcc's check includes XCR0), AVX2 + FMA3 */
+    if (quick_gelu && __builtin_cpu_supports("avx512f")) return SWIGLU_CLAMPED;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SWIGLU_FMA3;
+#else
+    (void)quick_gelu;
+#endif
+    return SWIGLU_PORTABLE;
+}
+
+/* one element, the arithmetic above */
+static inline float swiglu_one(float x, float up, swiglu_variant_t variant) {
     float v = SWIGLU_LOWER > x ? SWIGLU_LOWER : x;   /* vmaxps(lower, x): x when either is NaN */
     v = SWIGLU_UPPER < v ? SWIGLU_UPPER : v;         /* vminps(upper, v) */
     float x2 = v * v, p, q, s;
-    if (fused) {
+    if (variant != SWIGLU_PORTABLE) {
         p = fmaf(x2, swiglu_alpha[0], swiglu_alpha[1]);
         for (int i = 2; i < 5; i++) p = fmaf(x2, p, swiglu_alpha[i]);
         q = fmaf(x2, swiglu_beta[0], swiglu_beta[1]);
@@ -69,14 +92,15 @@ static inline float swiglu_one(float x, float up, int fused) {
     p = v * p;
     s = p / q + 0.5f;
     s = 0.0f > s ? 0.0f : s;                         /* vmaxps(0, s) */
-    if (!fused) s = 1.0f < s ? 1.0f : s;             /* MlasClampFloat32x4's upper bound */
+    if (variant != SWIGLU_FMA3) s = 1.0f < s ? 1.0f : s;
     float act = x * s;                               /* QuickGelu: input * logistic */
-    return act * up;                                 /* Mul(act, up) */
+    if (variant == SWIGLU_CLAMPED && x != x) act = x;
+    return swiglu_mul_up_first(up, act);             /* Mul(act, up) */
 }
 
 #if defined(__AVX512F__)
-/* 16 elements at a time; `live` masks the lanes of a partial vector */
-static inline void swiglu_vec16(const float *g, const float *u, float *y, __mmask16 live) {
+/* 16 elements at a time (SWIGLU_CLAMPED or SWIGLU_FMA3); `live` masks the lanes of a partial vector */
+static inline void swiglu_vec16(const float *g, const float *u, float *y, __mmask16 live, int clamped) {
     __m512 x = _mm512_maskz_loadu_ps(live, g), up = _mm512_maskz_loadu_ps(live, u);
     __m512 v = _mm512_min_ps(_mm512_set1_ps(SWIGLU_UPPER), _mm512_max_ps(_mm512_set1_ps(SWIGLU_LOWER), x));
     __m512 x2 = _mm512_mul_ps(v, v);
@@ -85,12 +109,21 @@ static inline void swiglu_vec16(const float *g, const float *u, float *y, __mmas
     __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(swiglu_beta[0]), _mm512_set1_ps(swiglu_beta[1]));
     for (int i = 2; i < 6; i++) q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(swiglu_beta[i]));
     p = _mm512_mul_ps(v, p);
-    __m512 s = _mm512_add_ps(_mm512_div_ps(p, q), _mm512_set1_ps(0.5f));
-    s = _mm512_max_ps(_mm512_setzero_ps(), s);
-    _mm512_mask_storeu_ps(y, live, _mm512_mul_ps(_mm512_mul_ps(x, s), up));
+    __m512 s = _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(_mm512_div_ps(p, q), _mm512_set1_ps(0.5f)));
+    __m512 act;
+    if (clamped) {
+        s = _mm512_min_ps(_mm512_set1_ps(1.0f), s);
+        act = _mm512_mask_mov_ps(_mm512_mul_ps(x, s), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+    } else {
+        act = _mm512_mul_ps(x, s);
+    }
+    __m512 out;
+    __asm__("vmulps %2, %1, %0" : "=v"(out) : "v"(up), "v"(act));  /* up first, as swiglu_mul_up_first */
+    _mm512_mask_storeu_ps(y, live, out);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-static inline void swiglu_vec8(const float *g, const float *u, float *y) {
+/* 8 elements at a time (SWIGLU_CLAMPED or SWIGLU_FMA3) */
+static inline void swiglu_vec8(const float *g, const float *u, float *y, int clamped) {
     __m256 x = _mm256_loadu_ps(g), up = _mm256_loadu_ps(u);
     __m256 v = _mm256_min_ps(_mm256_set1_ps(SWIGLU_UPPER), _mm256_max_ps(_mm256_set1_ps(SWIGLU_LOWER), x));
     __m256 x2 = _mm256_mul_ps(v, v);
@@ -99,44 +132,52 @@ static inline void swiglu_vec8(const float *g, const float *u, float *y) {
     __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(swiglu_beta[0]), _mm256_set1_ps(swiglu_beta[1]));
     for (int i = 2; i < 6; i++) q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(swiglu_beta[i]));
     p = _mm256_mul_ps(v, p);
-    __m256 s = _mm256_add_ps(_mm256_div_ps(p, q), _mm256_set1_ps(0.5f));
-    s = _mm256_max_ps(_mm256_setzero_ps(), s);
-    _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_mul_ps(x, s), up));
+    __m256 s = _mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps(_mm256_div_ps(p, q), _mm256_set1_ps(0.5f)));
+    __m256 act;
+    if (clamped) {
+        s = _mm256_min_ps(_mm256_set1_ps(1.0f), s);
+        act = _mm256_blendv_ps(_mm256_mul_ps(x, s), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    } else {
+        act = _mm256_mul_ps(x, s);
+    }
+    __m256 out;
+    __asm__("vmulps %2, %1, %0" : "=x"(out) : "x"(up), "x"(act));  /* up first, as swiglu_mul_up_first */
+    _mm256_storeu_ps(y, out);
 }
 #endif
 
 /* rows [r0, r1) of x [rows, 2 * inter] into y [rows, inter] */
-static void swiglu_rows(const float *x, float *y, int64_t inter, int64_t r0, int64_t r1) {
-    int fused = swiglu_fused_logistic();
+static void swiglu_rows(const float *x, float *y, int64_t inter, int64_t r0, int64_t r1, swiglu_variant_t variant) {
+    int clamped = variant == SWIGLU_CLAMPED;
     for (int64_t r = r0; r < r1; r++) {
         const float *g = x + r * 2 * inter, *u = g + inter;
         float *out = y + r * inter;
         int64_t i = 0;
 #if defined(__AVX512F__)
-        if (fused) {  /* always so: an AVX-512 CPU has AVX2 and FMA3 */
-            for (; i + 16 <= inter; i += 16) swiglu_vec16(g + i, u + i, out + i, 0xFFFF);
-            if (i < inter) swiglu_vec16(g + i, u + i, out + i, (__mmask16)((1u << (inter - i)) - 1));
+        if (variant != SWIGLU_PORTABLE) {  /* always so: an AVX-512 CPU has AVX2 and FMA3 */
+            for (; i + 16 <= inter; i += 16) swiglu_vec16(g + i, u + i, out + i, 0xFFFF, clamped);
+            if (i < inter) swiglu_vec16(g + i, u + i, out + i, (__mmask16)((1u << (inter - i)) - 1), clamped);
             continue;
         }
 #elif defined(__AVX2__) && defined(__FMA__)
-        if (fused)
-            for (; i + 8 <= inter; i += 8) swiglu_vec8(g + i, u + i, out + i);
+        if (variant != SWIGLU_PORTABLE)
+            for (; i + 8 <= inter; i += 8) swiglu_vec8(g + i, u + i, out + i, clamped);
 #endif
-        for (; i < inter; i++) out[i] = swiglu_one(g[i], u[i], fused);
+        for (; i < inter; i++) out[i] = swiglu_one(g[i], u[i], variant);
     }
 }
 
-typedef struct { const float *x; float *y; int64_t inter, rows; } swiglu_job_t;
+typedef struct { const float *x; float *y; int64_t inter, rows; swiglu_variant_t variant; } swiglu_job_t;
 
 static void swiglu_part(void *arg, int part, int parts) {
     const swiglu_job_t *j = (const swiglu_job_t *)arg;
-    swiglu_rows(j->x, j->y, j->inter, j->rows * part / parts, j->rows * (part + 1) / parts);
+    swiglu_rows(j->x, j->y, j->inter, j->rows * part / parts, j->rows * (part + 1) / parts, j->variant);
 }
 
 /* rows per thread below which another thread costs more than it saves (a decode row: the calling thread) */
 #define SWIGLU_MIN_ELEMENTS_PER_PART 16384
 
-typedef struct { int64_t inter, threads, rank; } swiglu_kernel_t;
+typedef struct { int64_t inter, threads, rank; swiglu_variant_t variant; } swiglu_kernel_t;
 
 static void *swiglu_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) {
     (void)op; (void)api;
@@ -145,6 +186,9 @@ static void *swiglu_create(const OrtCustomOp *op, const OrtApi *api, const OrtKe
     k->inter = attr(info, "inter", 0);
     k->threads = attr(info, "threads", 1);
     k->rank = attr(info, "rank", 0);  /* 0: any rank (the split was on the last axis, -1) */
+    /* 1: the nodes replaced run as onnxruntime's QuickGelu (sessions at ORT_ENABLE_EXTENDED and above), 0: as
+       its Sigmoid and Mul */
+    k->variant = swiglu_variant((int)attr(info, "quick_gelu", 1));
     return k;
 }
 
@@ -167,7 +211,7 @@ static void swiglu_compute(void *opk, OrtKernelContext *ctx) {
     int64_t parts = rows * k->inter / SWIGLU_MIN_ELEMENTS_PER_PART;
     if (parts > k->threads) parts = k->threads;
     if (parts > rows) parts = rows;
-    swiglu_job_t job = {x, y, k->inter, rows};
+    swiglu_job_t job = {x, y, k->inter, rows, k->variant};
     run_parallel(swiglu_part, &job, parts < 1 ? 1 : (int)parts);
 }
 
