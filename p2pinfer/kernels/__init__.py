@@ -35,6 +35,11 @@ executors of the same numeric class; calibration measures both. The ``kernel.ses
 
 On CPUs with AMX tiles the many-row path runs on bfloat16 tiles (``qgemm_amx.c``); ``P2PINFER_AMX=0``
 keeps it on float32 FMA even where AMX is available (the path of a peer without AMX).
+
+The same library has a ``SwiGLU`` op (``swiglu.c``): each MLP activation after a kernel node (onnxruntime's
+Split, QuickGelu and Mul) becomes one node (:func:`_fuse_swiglu`) that computes onnxruntime's own bits (its
+sigmoid's rational approximation, clamps and operation order, as onnxruntime runs them at the session's
+optimization level on this CPU): the kernel session's rows do not change.
 """
 
 from __future__ import annotations
