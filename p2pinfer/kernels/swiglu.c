@@ -174,7 +174,7 @@ static void swiglu_part(void *arg, int part, int parts) {
     swiglu_rows(j->x, j->y, j->inter, j->rows * part / parts, j->rows * (part + 1) / parts, j->variant);
 }
 
-/* rows per thread below which another thread costs more than it saves (a decode row: the calling thread) */
+/* elements per thread below which another thread costs more than it saves (a decode row: the calling thread) */
 #define SWIGLU_MIN_ELEMENTS_PER_PART 16384
 
 typedef struct { int64_t inter, threads, rank; swiglu_variant_t variant; } swiglu_kernel_t;
