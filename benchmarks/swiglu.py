@@ -14,8 +14,10 @@ the ratios (onnxruntime / SwiGLU: above 1 means SwiGLU is faster) hold on a load
   kernel session with the rewrite against the same session without it (``kernel_model(swiglu=False)``), both
   profiled by onnxruntime: per pass of ``--passes`` rows (a verification pass of 46 prompt + 128 output
   tokens is 174 rows) and per decode step (after a 100-token prompt, ``--steps`` steps), the summed kernel
-  time of the activation's nodes (the minimum of each node over the rounds) and the best wall time of the
-  pass / step. The logits of both sessions must be the same bits (they are compared every round).
+  time of the activation's nodes and of all nodes (the minimum of each node over the rounds) and the best wall
+  time of the pass / step. The logits of both sessions must be the same bits (they are compared every round).
+  Then the same two sessions on ONE thread: the CPU time of the calling thread per pass and decode step (best
+  and median of the rounds): the work itself, which load disturbs far less than wall time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -92,14 +95,16 @@ def bench_op(args) -> None:
         print(f"{rows:>6} {best['ours'] * 1e6:>10.1f} {best['theirs'] * 1e6:>20.1f} {best['theirs'] / best['ours']:>7.2f}")
 
 
-def profiled(folder: Path, threads: int, swiglu: bool, prefix: str):
-    """The model with its kernel session (as kernels.kernel_session builds it) profiled by onnxruntime."""
+def profiled(folder: Path, threads: int, swiglu: bool, prefix: str | None):
+    """The model with its kernel session (as kernels.kernel_session builds it), profiled by onnxruntime into
+    ``prefix`` (None: not profiled)."""
     model = load_model(folder, threads=threads, providers=["CPUExecutionProvider"])
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     kernels.kernel_model(graph, folder, threads, swiglu=swiglu)
     options = _options(threads)
-    options.enable_profiling = True
-    options.profile_file_prefix = prefix
+    if prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = prefix
     options.enable_cpu_mem_arena = False
     options.register_custom_ops_library(str(kernels.library_path()))
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
@@ -158,7 +163,7 @@ def bench_model(args) -> None:
                 nodes[(side, what)] = node_minimums(events, labels[side], what)
     print(f"\nthe default model, {args.threads} threads: the activation's nodes (those the other side has not; "
           f"summed minimum kernel time of each node) and the whole pass / step (best wall time)")
-    print(f"{'':>12} {'side':>12} {'activation nodes':>26} {'kernel ms':>10} {'wall ms':>9}")
+    print(f"{'':>12} {'side':>12} {'activation nodes':>26} {'kernel ms':>10} {'all nodes ms':>13} {'wall ms':>9}")
     for what in whats:
         total = {}
         for side, other in (("SwiGLU", "onnxruntime"), ("onnxruntime", "SwiGLU")):
@@ -166,10 +171,44 @@ def bench_model(args) -> None:
             ops = collections.Counter(op for _, op in own)
             total[side] = sum(own.values())
             label = " + ".join(f"{n} {op}" for op, n in sorted(ops.items()))
-            print(f"{what:>12} {side:>12} {label:>26} {total[side] / 1e3:>10.3f} {wall[(side, what)] * 1e3:>9.2f}")
+            every = sum(nodes[(side, what)].values())
+            print(f"{what:>12} {side:>12} {label:>26} {total[side] / 1e3:>10.3f} {every / 1e3:>13.3f} "
+                  f"{wall[(side, what)] * 1e3:>9.2f}")
+        every = {side: sum(nodes[(side, what)].values()) for side in total}
         print(f"{what:>12} {'ratio':>12} {'onnxruntime / SwiGLU':>26} "
               f"{total['onnxruntime'] / total['SwiGLU'] if total['SwiGLU'] else float('nan'):>10.2f} "
-              f"{wall[('onnxruntime', what)] / wall[('SwiGLU', what)]:>9.3f}")
+              f"{every['onnxruntime'] / every['SwiGLU']:>13.3f} {wall[('onnxruntime', what)] / wall[('SwiGLU', what)]:>9.3f}")
+
+
+def bench_cpu(args) -> None:
+    """One thread: a pass and a decode step run entirely on the calling thread, so its CPU time is the work
+    done, which other processes' load disturbs far less than wall time."""
+    with tempfile.TemporaryDirectory(prefix="p2pinfer-swiglu-") as tmp:
+        folder = model_folder(args.model, tmp)
+        sides = {"SwiGLU": profiled(folder, 1, True, None), "onnxruntime": profiled(folder, 1, False, None)}
+        ids = sides["SwiGLU"].encode(TEXT)
+        whats = [f"pass {rows}" for rows in args.passes] + ["decode step"]
+        cpu: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+        for r in range(args.rounds):
+            for side in (("SwiGLU", "onnxruntime") if r % 2 == 0 else ("onnxruntime", "SwiGLU")):
+                model = sides[side]
+                for rows, what in zip(args.passes, whats):
+                    t = time.thread_time()
+                    model.forward(ids[:rows], model.empty_cache())
+                    cpu[(side, what)].append(time.thread_time() - t)
+                _, cache = model.forward(ids[:100], model.empty_cache(), last=1)
+                decoder = model.decoder(cache, 100 + args.steps)
+                t = time.thread_time()
+                for _ in range(args.steps):
+                    decoder.step(42)
+                cpu[(side, "decode step")].append((time.thread_time() - t) / args.steps)
+    print(f"\nthe default model, 1 thread: CPU time of the calling thread (ms), best and median of {args.rounds} rounds")
+    print(f"{'':>12} {'SwiGLU':>16} {'onnxruntime':>16} {'ratio of medians':>17} {'ratio of bests':>15}")
+    for what in whats:
+        a, b = cpu[("SwiGLU", what)], cpu[("onnxruntime", what)]
+        print(f"{what:>12} {min(a) * 1e3:>7.2f} {statistics.median(a) * 1e3:>8.2f} "
+              f"{min(b) * 1e3:>7.2f} {statistics.median(b) * 1e3:>8.2f} "
+              f"{statistics.median(b) / statistics.median(a):>17.3f} {min(b) / min(a):>15.3f}")
 
 
 def main() -> None:
@@ -189,6 +228,7 @@ def main() -> None:
     bench_op(args)
     if not args.no_model:
         bench_model(args)
+        bench_cpu(args)
 
 
 if __name__ == "__main__":
