@@ -36,6 +36,13 @@ executors of the same numeric class; calibration measures both. The ``kernel.ses
 On CPUs with AMX tiles the many-row path runs on bfloat16 tiles (``qgemm_amx.c``); ``P2PINFER_AMX=0``
 keeps it on float32 FMA even where AMX is available (the path of a peer without AMX).
 
+Attention (``qattn.c``, :func:`kernel_attention`): in a graph the kernel applies to, each com.microsoft
+``GroupQueryAttention`` node of the importer's form becomes the library's ``GQAttention`` (same inputs, outputs
+and semantics): each query row against the keys before it only (onnxruntime's CPU node multiplies by every key of
+the pass), on the kernel's threads, float32, every row computed by the same instruction sequence whatever the pass
+(a decode step's row equals the same position's row of a many-row pass, bit for bit). ``P2PINFER_KERNEL_ATTENTION=0``
+keeps onnxruntime's node. The ``kernel.session`` log line counts the rewritten attention nodes (``attention=``).
+
 The same library has a ``SwiGLU`` op (``swiglu.c``): each MLP activation after a kernel node (onnxruntime's
 Split, QuickGelu and Mul) becomes one node (:func:`_fuse_swiglu`) that computes onnxruntime's own bits (its
 sigmoid's rational approximation, clamps and operation order, as onnxruntime runs them at the session's
@@ -66,6 +73,7 @@ from .. import log
 SOURCE = Path(__file__).with_name("qmatmul.c")
 AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
 AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
+ATTENTION_SOURCE = Path(__file__).with_name("qattn.c")  # #included by SOURCE
 SWIGLU_SOURCE = Path(__file__).with_name("swiglu.c")  # #included by SOURCE
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
@@ -176,7 +184,7 @@ def _build(cc: str, march: str = "native") -> Path | None:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + AVX2_SOURCE.read_bytes()
-                         + b"\0" + SWIGLU_SOURCE.read_bytes()
+                         + b"\0" + ATTENTION_SOURCE.read_bytes() + b"\0" + SWIGLU_SOURCE.read_bytes()
                          + b"\0" + version.encode()
                          + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()
                          + b"\0" + march.encode()).hexdigest()
@@ -349,6 +357,7 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
     del g.node[:]
     g.node.extend(nodes)
     fused = _fuse_swiglu(g, threads, quick_gelu) if replace and swiglu else 0
+    attention = kernel_attention(model, threads) if replace else 0  # a 4-bit kernel session's attention only
     if replace and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if replace and any(i.name == LOGITS_TO_KEEP for i in g.input):
@@ -358,7 +367,7 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
         if len(kept) < len(g.initializer):
             del g.initializer[:]
             g.initializer.extend(kept)
-    return len(replace) + fused
+    return len(replace) + fused + attention
 
 
 _ONNX_DOMAINS = ("", "ai.onnx")
@@ -435,6 +444,63 @@ def _fuse_swiglu(g: onnx.GraphProto, threads: int, quick_gelu: bool) -> int:
     return len(replace)
 
 
+#: GroupQueryAttention attributes :func:`kernel_attention` takes, with the values it supports (None: any)
+_GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": 1, "rotary_interleaved": 0,
+                   "local_window_size": -1, "softcap": 0.0, "smooth_softmax": 0, "qk_output": 0}
+
+
+def attention_wanted() -> bool:
+    """Whether kernel sessions run attention on the kernel's ``GQAttention`` (``P2PINFER_KERNEL_ATTENTION=0``: on
+    onnxruntime's GroupQueryAttention, as before)."""
+    return os.environ.get("P2PINFER_KERNEL_ATTENTION", "1").strip() != "0"
+
+
+def kernel_attention(model: onnx.ModelProto, threads: int) -> int:
+    """Rewrite ``model`` in place: every com.microsoft ``GroupQueryAttention`` node in the form the GGUF importer
+    writes (packed QKV, past and present KV whose declared shape states the head size, rotate-half rotary from
+    constant cos/sin caches covering the whole head, no softcap / local window / smooth softmax / extra inputs) becomes the kernel's ``GQAttention`` over the
+    same inputs and outputs (``qattn.c``: the same semantics; causal work only, on the kernel's threads). Any other
+    GroupQueryAttention stays as it is. Returns the number of nodes rewritten (0 with
+    ``P2PINFER_KERNEL_ATTENTION=0``)."""
+    if not attention_wanted():
+        return 0
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    shapes = {v.name: v.type.tensor_type.shape for v in [*g.input, *g.value_info]}
+
+    def declared_head(name: str) -> int | None:
+        """The head size a past key's declared shape [batch, kv_heads, positions, head] states, if it does."""
+        shape = shapes.get(name)
+        if shape is None or len(shape.dim) != 4 or not shape.dim[3].HasField("dim_value"):
+            return None
+        return int(shape.dim[3].dim_value)
+
+    count = 0
+    for i, node in enumerate(g.node):
+        if node.op_type != "GroupQueryAttention" or node.domain != _CONTRIB or len(node.input) != 9 \
+                or len(node.output) != 3 or node.input[1] or node.input[2] \
+                or not all(node.input[j] for j in (0, 3, 4, 5, 6, 7, 8)) or not all(node.output):
+            continue
+        at = _attrs(node)
+        if at.get("do_rotary") != 1 or any(name not in _GQA_ATTRIBUTES or _GQA_ATTRIBUTES[name] not in (None, value)
+                                           for name, value in at.items()):
+            continue
+        nh, nkv = int(at.get("num_heads", 0)), int(at.get("kv_num_heads", 0))
+        cos, sin = inits.get(node.input[7]), inits.get(node.input[8])
+        if nh <= 0 or nkv <= 0 or nh % nkv or cos is None or sin is None or len(cos.dims) != 2 \
+                or list(cos.dims) != list(sin.dims) or {cos.data_type, sin.data_type} != {onnx.TensorProto.FLOAT}:
+            continue
+        head = 2 * int(cos.dims[1])  # rotary over the whole head (a partial rotary_dim is not supported)
+        if head <= 0 or head % 16 or head > 256 or declared_head(node.input[3]) != head:
+            continue
+        g.node[i].CopyFrom(helper.make_node(
+            "GQAttention", [node.input[j] for j in (0, 3, 4, 5, 6, 7, 8)], list(node.output),
+            name=node.name or node.output[0], domain=DOMAIN, num_heads=nh, kv_num_heads=nkv, head_size=head,
+            scale=float(at.get("scale", 0.0)), threads=threads))
+        count += 1
+    return count
+
+
 def kernel_threads(threads: int | None) -> int:
     """The kernel's thread count: the session's intra-op threads, else the CPUs this process may use."""
     if threads:
@@ -489,6 +555,8 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     except Exception as exc:  # onnxruntime raises its own types; the standard graph still serves
         _unavailable("session_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
-    _log().info("kernel.session", nodes=rewritten, threads=kernel_threads(threads), decode=decode.value,
-                isa=library_isa(lib), amx=amx and amx_wanted() and amx_available(), path=str(onnx_path))
+    attention = sum(n.op_type == "GQAttention" and n.domain == DOMAIN for n in model.graph.node)
+    _log().info("kernel.session", nodes=rewritten, attention=attention, threads=kernel_threads(threads),
+                decode=decode.value, isa=library_isa(lib), amx=amx and amx_wanted() and amx_available(),
+                path=str(onnx_path))
     return session, decode
