@@ -187,14 +187,19 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     checker = FingerprintChecker(fp, output_ids, params, seed_material, tol, stop_at_first=stop_at_first,
                                  defer_near_ties=True, tie_tolerance=tie)
     _check_passes(checker, model, prompt_ids, seq, rows)  # its KV buffers and logits are freed when it returns
-    # near ties (see tiebreak), in index order: one float64 session, each row extending the cache of the last;
-    # the last one builds no cache (nothing asks for a row after it: a lower memory peak)
-    reference = reference_session(model)
-    last = max(checker.deferred_indices, default=-1)
-    try:
-        checker.settle_near_ties(lambda index: reference.row(prompt_ids + output_ids[:index], final=index == last))
-    finally:
-        reference.close()
+    # near ties (see tiebreak): all known now, so their float64 rows come from one reference run over the
+    # sequence that keeps no cache between them (a lower memory peak than a row at a time over a kept cache);
+    # those after a bad row already found are not settled (stop_at_first), so not computed
+    indices = [i for i in checker.deferred_indices
+               if not (stop_at_first and checker.first_bad is not None and i > checker.first_bad)]
+    if indices:
+        reference = reference_session(model)
+        try:
+            seq = prompt_ids + output_ids
+            rows = reference.rows_at(seq, [len(prompt_ids) + i for i in indices])
+        finally:
+            reference.close()
+        checker.settle_near_ties(lambda index: rows[len(prompt_ids) + index])
     return checker.verdict()
 
 
