@@ -28,6 +28,9 @@ How it runs:
   float64 KV cache: chunks and cached prefixes change a row by float64 rounding only, nothing like the
   float32 drift between a decode path and a prefill path); with ``logits_to_keep`` only the requested rows
   pay for the LM head, and chunks before the last skip it;
+* the chunks run **layer-major** (:meth:`ReferenceModel._run_chunks`): a layer runs over every chunk before the
+  next layer starts, so one layer's float64 keys/values exist at a time, not every layer's (92 KB a position on
+  SmolLM2); a verifier asks for all its near-tie rows in one such run that keeps no cache (:meth:`rows_at`);
 * a :class:`ReferenceSession` per request keeps that cache between its near-tie rows (bounded by
   :data:`REFERENCE_KV_BYTES`), so a later row computes only the positions after the cached prefix.
 

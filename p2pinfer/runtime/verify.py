@@ -13,8 +13,9 @@ extends one in-place KV cache (:class:`~.model.KVPasses`). It takes the
 log-softmax rows that predicted each output token and runs :class:`~.fingerprint.FingerprintChecker`. At a
 near tie of the sampler (:mod:`.tiebreak`) the token must be the float64 reference's pick
 (:mod:`.reference`, run for that row only). Those rows are computed after the forward passes, once their
-buffers are freed (the two memory peaks are not added), in index order over one float64 KV cache (a later
-near tie computes only the positions after the earlier one).
+buffers are freed (the two memory peaks are not added), all in one float64 run over the sequence that keeps no
+cache (:meth:`~.reference.ReferenceSession.rows_at`). Freed heap is handed back after each pass (glibc keeps
+onnxruntime's freed intermediates otherwise, and the heap grew pass by pass).
 Before that it checks what needs no model: format, commitment, row count, and that the finish reason fits
 the output (an output cut short, or running on past EOS or a stop string, is rejected).
 """
