@@ -1,6 +1,6 @@
 """The 4-bit kernel's many-row path per layer: AMX tiles against float32 FMA, interleaved, in one process.
 
-    python benchmarks/amx_layers.py [--rows 64] [--rounds 20] [--threads 1]
+    python benchmarks/amx_layers.py [--rows 64] [--rounds 20] [--threads 1] [--against-tree OLD_TREE]
 
 One ``p2pinfer`` custom node per SmolLM2-135M layer shape (Q4_1 with block minimums: q/k/v 576 -> 960,
 o 576 -> 576, gate/up 576 -> 3,072, down 1,536 -> 576; the Q8_0 head as two 4-bit terms 576 -> 49,152), random
@@ -10,12 +10,17 @@ verification pass) by two sessions of the same node: ``amx=1`` (AMX bfloat16 til
 alternating order; it prints the best time of each, the ratio (above 1: the tiles are faster), and each path's
 largest error against a float64 product of the same weights, relative to ``sum |w x|`` of the row. On a loaded
 machine only the ratios mean anything.
+
+``--against-tree OLD_TREE`` (an export of another commit, e.g. ``git archive main | tar -x -C /tmp/old``) compares
+this tree's AMX path with that tree's instead, each node through both libraries in alternating order, and says
+whether their outputs are bit-identical.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,10 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=64, help="activation rows per call (64: one verification pass)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--against-tree", type=Path, help="compare with the AMX path of this tree's kernel library")
     args = ap.parse_args(argv)
     lib = kernels.library_path()
     if lib is None:
         sys.exit("amx_layers: the kernel is unavailable here (see the kernel.unavailable log line)")
+    if args.against_tree:
+        compare_trees(args, lib)
+        return
     print(f"AMX tiles available: {kernels.amx_available()}; {args.rows} rows, {args.threads} kernel thread(s), "
           f"best of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at start")
     rng = np.random.default_rng(0)
@@ -98,6 +107,48 @@ def main(argv: list[str] | None = None) -> None:
     for name, _, _, errors in cases:
         a, f = best[(name, 1)], best[(name, 0)]
         print(f"| {name} | {a * 1e3:.3f} | {f * 1e3:.3f} | {f / a:.2f} | {errors[1]:.1e} | {errors[0]:.1e} |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end (the machine is shared: figures are rough)")
+
+
+def library_of(tree: Path) -> str:
+    """The kernel library built from ``tree``'s source (in a subprocess: that tree's own build recipe)."""
+    code = f"import sys; sys.path.insert(0, {str(tree)!r}); from p2pinfer import kernels; print(kernels.library_path())"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    if not out or out[-1] == "None":
+        sys.exit(f"amx_layers: no kernel library could be built from {tree}")
+    return out[-1]
+
+
+def compare_trees(args: argparse.Namespace, lib: Path) -> None:
+    old_lib = library_of(args.against_tree)
+    print(f"this tree's AMX path against {args.against_tree}'s; {args.rows} rows, {args.threads} kernel "
+          f"thread(s), best of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at start")
+    rng = np.random.default_rng(0)
+    cases = []
+    for name, k, n, terms in SHAPES:
+        model, _ = layer(k, n, terms, rng)
+        x = rng.standard_normal((args.rows, k)).astype(np.float32)
+        sessions = {}
+        for side, path in (("new", str(lib)), ("old", old_lib)):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.log_severity_level = 3
+            opts.register_custom_ops_library(path)
+            sessions[side] = ort.InferenceSession(model(1, args.threads), opts, providers=["CPUExecutionProvider"])
+        same = np.array_equal(sessions["new"].run(None, {"x": x})[0].view(np.uint32),
+                              sessions["old"].run(None, {"x": x})[0].view(np.uint32))
+        cases.append((name, sessions, x, same))
+    best = {(name, side): float("inf") for name, *_ in cases for side in ("new", "old")}
+    for r in range(args.rounds):
+        for name, sessions, x, _ in cases:
+            for side in (("new", "old") if r % 2 == 0 else ("old", "new")):
+                t = time.perf_counter()
+                sessions[side].run(None, {"x": x})
+                best[(name, side)] = min(best[(name, side)], time.perf_counter() - t)
+    print("\n| layer | this tree ms | other tree ms | other / this (speed) | bit-identical |\n|---|---|---|---|---|")
+    for name, _, _, same in cases:
+        a, b = best[(name, "new")], best[(name, "old")]
+        print(f"| {name} | {a * 1e3:.3f} | {b * 1e3:.3f} | {b / a:.2f} | {'yes' if same else 'NO'} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end (the machine is shared: figures are rough)")
 
 

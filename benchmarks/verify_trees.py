@@ -9,7 +9,8 @@
 temporary folder (``--weights fp32`` for the float32 class). Each round runs one fresh subprocess per side
 (the order alternates between rounds, so load hits both alike); a side loads the model from its own tree,
 generates each request (``greedy``, a temperature or ``TEMPERATURE/TOP_P``, and the output length) and verifies it 3 times,
-keeping the best time. ``--rows`` also runs the NEW tree with those rows per pass (``rows_per_pass``).
+keeping the best time; before each, a tree that keeps prompt prefixes (runtime/prefix_kv) holds another user's
+request's (only the chat template shared), as a verifier serving many users does. ``--rows`` also runs the NEW tree with those rows per pass (``rows_per_pass``).
 
 It prints, per request and side, the verification seconds and verify / generate of each round, and the time
 ratio OLD / NEW of the same request in the same round (the figure that holds under load: the two sides
@@ -50,6 +51,10 @@ for spec in sys.argv[5].split(","):
     r = generate(m, prompt, max_tokens=int(n), params=params, seed_material=bytes(32), stop_at_eos=False)
     best, ties = 1e9, 0
     for _ in range(3):
+        if hasattr(m, "prefix_kv"):  # as after another user's request: only the chat template kept (prefix_kv)
+            from p2pinfer.runtime.verify import recompute_logprobs
+            m.prefix_kv.clear()
+            recompute_logprobs(m, m.prompt_ids(messages=[{"role": "user", "content": "Explain how tides work."}]), [0])
         t = time.perf_counter()
         v = verify_result(m, prompt_ids=prompt, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes,
                           params=params, seed_material=bytes(32), max_tokens=int(n), finish_reason=r.finish_reason,

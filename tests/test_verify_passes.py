@@ -170,6 +170,7 @@ def test_standard_graph_binds_logits_to_keep_and_its_rows_are_unchanged(tmp_path
                                  io=dataclasses.replace(model.io, logits_to_keep_required=False, logits_flat=False))
 
     def rows_of(m, prompt, seq, rows):
+        m.prefix_kv.clear()  # every call from position 0 (a kept prefix is tests/test_prefix_kv.py's subject)
         return np.concatenate([r.copy() for _, r in _checked_rows(m, prompt, seq, rows)])
 
     rng = np.random.default_rng(7)

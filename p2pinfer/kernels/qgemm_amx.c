@@ -180,9 +180,9 @@ static void weight_limbs(const gemm_t *g, int n0, int n1, int two, int extra, ui
 
 typedef struct {
     const gemm_t *g;
-    int m0, rows, padded;   /* the chunk: rows m0 .. m0 + rows - 1 of g->x, padded to a multiple of 16 */
     int two, extra;         /* two weight limbs (amx_weight_limbs); extra k: block sums x minimums (or 0) */
-    uint16_t *xl[3];        /* limbs of those rows, tile-major (split_rows) */
+    uint16_t *xbuf;         /* per part: the limbs of up to AMX_CHUNK_ROWS rows (split_rows), xsize values */
+    size_t xsize;
 } amx_job_t;
 
 static void amx_fail(const gemm_t *g, int m0, int rows, int c0, int c1) {
@@ -198,9 +198,13 @@ static void amx_part(void *arg, int part, int parts) {
     int c0 = part * per * MICRO_COLS, c1 = c0 + per * MICRO_COLS;
     if (c1 > g->N) c1 = g->N;
     if (c0 >= c1) return;
+    /* Each thread splits the activation rows itself, into its own part of the buffer: the split is cheap (35 us
+       for 176 rows at K = 576, one core), and limbs one thread wrote cost the other a cross-core transfer of the
+       whole buffer (0.6 MB at 176 rows) on its first pass over them. Every thread computes the same limbs. */
+    uint16_t *xbuf = a->xbuf + (size_t)part * a->xsize;
     uint16_t *wl = aligned_alloc(64, sizeof(uint16_t) * 3 * (size_t)kx * MICRO_COLS);
     if (!wl) {  /* out of memory: NaN, never a plausible wrong number */
-        amx_fail(g, a->m0, a->rows, c0, c1);
+        amx_fail(g, 0, g->M, c0, c1);
         return;
     }
     amx_config_t cfg;
@@ -210,27 +214,36 @@ static void amx_part(void *arg, int part, int parts) {
     _tile_loadconfig(&cfg);
     const size_t half = (size_t)kx * 16, xs = 64;  /* a tile's rows: 64 bytes apart (split_rows) */
     float out[4][16][16] __attribute__((aligned(64)));
+    for (int m0 = 0; m0 < g->M; m0 += AMX_CHUNK_ROWS) {
+    const int rows = g->M - m0 < AMX_CHUNK_ROWS ? g->M - m0 : AMX_CHUNK_ROWS, padded = (rows + 15) / 16 * 16;
+    uint16_t *xl[3];
+    for (int l = 0; l < 3; l++) xl[l] = xbuf + (size_t)l * padded * kx;
+    split_rows(g->x + (size_t)m0 * g->K, rows, padded, g->K, g->nb, a->extra, xl);
     for (int n0 = c0; n0 < c1; n0 += MICRO_COLS) {
         int n1 = n0 + MICRO_COLS < c1 ? n0 + MICRO_COLS : c1;
         weight_limbs(g, n0, n1, a->two, a->extra, wl);
         const uint16_t *w1a = wl, *w1b = wl + half, *w2a = wl + 2 * half, *w2b = wl + 3 * half, *w3a = wl + 4 * half,
                        *w3b = wl + 5 * half;
-        for (int m = 0; m < a->padded; m += 32) {
-            int pair = m + 16 < a->padded;  /* a second 16-row group */
+        for (int m = 0; m < padded; m += 32) {
+            int pair = m + 16 < padded;  /* a second 16-row group */
             const uint16_t *xa[3], *xb[3];
             for (int l = 0; l < 3; l++) {
-                xa[l] = a->xl[l] + (size_t)m * kx;
-                xb[l] = pair ? xa[l] + (size_t)16 * kx : xa[l];  /* a lone group computes its rows twice, stores once */
+                xa[l] = xl[l] + (size_t)m * kx;
+                xb[l] = pair ? xa[l] + (size_t)16 * kx : xa[l];
             }
             /* tiles: 0..3 accumulators (row group a/b x column half 0/1), 4, 5 activation limbs of groups a, b,
                6, 7 weight limbs of halves 0, 1. The products' order is fixed (the same for every row, row count
-               and thread count): per 32 k, x1 w1, x1 w2, (x1 w3 with three weight limbs,) x2 w2, x2 w1, x3 w1. */
+               and thread count): per 32 k, x1 w1, x1 w2, (x1 w3 with three weight limbs,) x2 w2, x2 w1, x3 w1. A lone
+               16-row group (the last, when the padded rows are an odd number of groups) runs accumulators 0 and 1
+               only: the same products in the same order, so the same bits, without computing its rows twice. */
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (int k = 0; k < kx; k += 32) {
                 size_t wk = (size_t)k * 16;
-#define AMX_PRODUCTS() do { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); } while (0)
+#define AMX_PRODUCTS() do { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);                           \
+                                if (pair) { _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); } } while (0)
+#define AMX_LOAD_X(l) do { _tile_loadd(4, xa[l] + wk, xs); if (pair) _tile_loadd(5, xb[l] + wk, xs); } while (0)
                 /* each limb tile loaded once where it can be (two weight limbs: 12 loads for 20 products) */
-                _tile_loadd(4, xa[0] + wk, xs); _tile_loadd(5, xb[0] + wk, xs);
+                AMX_LOAD_X(0);
                 _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
                 AMX_PRODUCTS();                                                  /* x1 w1 */
                 _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
@@ -240,26 +253,30 @@ static void amx_part(void *arg, int part, int parts) {
                     AMX_PRODUCTS();                                              /* x1 w3 */
                     _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
                 }
-                _tile_loadd(4, xa[1] + wk, xs); _tile_loadd(5, xb[1] + wk, xs);
+                AMX_LOAD_X(1);
                 AMX_PRODUCTS();                                                  /* x2 w2 */
                 _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
                 AMX_PRODUCTS();                                                  /* x2 w1 */
-                _tile_loadd(4, xa[2] + wk, xs); _tile_loadd(5, xb[2] + wk, xs);
+                AMX_LOAD_X(2);
                 AMX_PRODUCTS();                                                  /* x3 w1 */
 #undef AMX_PRODUCTS
+#undef AMX_LOAD_X
             }
             _tile_stored(0, out[0], 64);
             _tile_stored(1, out[1], 64);
-            _tile_stored(2, out[2], 64);
-            _tile_stored(3, out[3], 64);
+            if (pair) {
+                _tile_stored(2, out[2], 64);
+                _tile_stored(3, out[3], 64);
+            }
             for (int h = 0; h < 2 && n0 + 16 * h < n1; h++) {
                 int n = n0 + 16 * h, cols = n1 - n < 16 ? n1 - n : 16;
                 __mmask16 live = (__mmask16)((1u << cols) - 1u);
-                for (int r = 0; r < 32 && m + r < a->rows; r++)
-                    _mm512_mask_storeu_ps(g->y + (size_t)(a->m0 + m + r) * g->N + n, live,
+                for (int r = 0; r < 32 && m + r < rows; r++)
+                    _mm512_mask_storeu_ps(g->y + (size_t)(m0 + m + r) * g->N + n, live,
                                           _mm512_load_ps(out[(r >= 16) * 2 + h][r & 15]));
             }
         }
+    }
     }
     _tile_release();
     free(wl);
@@ -282,24 +299,15 @@ static int amx_gemm(const gemm_t *g, int parts, int *limbs) {
     if (!amx_available()) return 0;
     int known = __atomic_load_n(limbs, __ATOMIC_RELAXED);
     if (!known) __atomic_store_n(limbs, known = amx_weight_limbs(g), __ATOMIC_RELAXED);
-    int two = known == 2, extra = two && g->mins ? (g->nb + 31) / 32 * 32 : 0;
-    int chunk = g->M < AMX_CHUNK_ROWS ? g->M : AMX_CHUNK_ROWS;
-    int padded_max = (chunk + 15) / 16 * 16;
-    uint16_t *buf = aligned_alloc(64, sizeof(uint16_t) * 3 * (size_t)padded_max * (g->K + extra));
-    if (!buf) return 0;
-    for (int m0 = 0; m0 < g->M; m0 += AMX_CHUNK_ROWS) {
-        amx_job_t a;
-        a.g = g;
-        a.m0 = m0;
-        a.rows = g->M - m0 < AMX_CHUNK_ROWS ? g->M - m0 : AMX_CHUNK_ROWS;
-        a.padded = (a.rows + 15) / 16 * 16;
-        a.two = two;
-        a.extra = extra;
-        for (int l = 0; l < 3; l++) a.xl[l] = buf + (size_t)l * a.padded * (g->K + extra);
-        split_rows(g->x + (size_t)m0 * g->K, a.rows, a.padded, g->K, g->nb, extra, a.xl);
-        run_parallel(amx_part, &a, parts);
-    }
-    free(buf);
+    int extra = known == 2 && g->mins ? (g->nb + 31) / 32 * 32 : 0, chunk = g->M < AMX_CHUNK_ROWS ? g->M : AMX_CHUNK_ROWS;
+    size_t xsize = (size_t)3 * ((chunk + 15) / 16 * 16) * (g->K + extra);
+    /* allocated here, on the calling thread, once for all parts: the workers' own malloc arenas handed such
+       buffers back to the kernel at every free (148 page faults a call at 176 rows, K = 1,536) */
+    uint16_t *xbuf = aligned_alloc(64, sizeof(uint16_t) * xsize * (size_t)parts);
+    if (!xbuf) return 0;
+    amx_job_t a = {g, known == 2, extra, xbuf, xsize};
+    run_parallel(amx_part, &a, parts);
+    free(xbuf);
     return 1;
 }
 #else

@@ -30,6 +30,7 @@ from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
 from .memory import drop_clean_file_pages
+from .prefix_kv import PrefixStore
 from .tie_tolerance import TieTolerances
 
 if TYPE_CHECKING:  # the kernels module is imported when a session is made (it loads onnx)
@@ -368,6 +369,16 @@ class _InPlaceKV:
         self._binding = binding
         self._cache = None  # the buffers hold it now
 
+    def keys_values(self, n: int) -> list[np.ndarray]:
+        """Copies of the keys and values of the first ``n`` positions (``n <= length``), in the past inputs'
+        order."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"{n} positions asked of a cache of {self.length}")
+        if self._binding is None:
+            assert self._cache is not None
+            return [a[:, :, :n].copy() for a in self._cache.arrays]
+        return [b[:, :, :n].copy() for b in self._buffers]
+
     def _forward(self, ids: Sequence[int], last: int | None = None) -> np.ndarray:
         """The fallback: ``forward`` over the cache, which it replaces with the grown copy."""
         assert self._cache is not None
@@ -538,6 +549,9 @@ class LoadedModel:
     session_options: dict[str, Any] = field(default_factory=dict)
     #: the calibration's near-tie detector widths per path (runtime/tie_tolerance.py), None until calibrated
     tie_tolerances: TieTolerances | None = None
+    #: the keys and values of a recent prompt's start, for the next verification that starts alike (prefix_kv);
+    #: every LoadedModel (so every session: the bits are the session's) has its own
+    prefix_kv: PrefixStore = field(default_factory=PrefixStore, init=False, repr=False, compare=False)
 
     @property
     def digest_hex(self) -> str:

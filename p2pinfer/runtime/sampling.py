@@ -41,6 +41,7 @@ import numpy as np
 
 from ..wire.hashing import tagged_hash
 from . import philox
+from .row_halves import over_rows
 
 NOISE_DOMAIN = "p2pinfer/v2/sampling-noise"
 SEED_DOMAIN = "p2pinfer/v1/sampling-seed"
@@ -226,14 +227,19 @@ class LogProbRows:
         # is the maximum of their float64 copies (exact), and float64(x) - max is computed straight from the
         # float32 rows into the float64 block (numpy converts each value exactly before subtracting); exp in place;
         # the sum over the same contiguous row (the same pairwise order). Small blocks stay in the L2 cache.
-        shift = np.max(values, axis=-1).astype(np.float64)
+        shift = np.empty(n)
         log_norm = np.empty(n)
-        block = np.empty((min(_NORMALIZER_ROWS, n), vocab), dtype=np.float64)
-        for lo in range(0, n, _NORMALIZER_ROWS):
-            b = block[:min(_NORMALIZER_ROWS, n - lo)]
-            np.subtract(values[lo:lo + b.shape[0]], shift[lo:lo + b.shape[0], None], out=b)
-            np.exp(b, out=b)
-            log_norm[lo:lo + b.shape[0]] = np.log(np.sum(b, axis=-1))
+
+        def normalise(lo: int, hi: int) -> None:
+            shift[lo:hi] = np.max(values[lo:hi], axis=-1)  # float32 -> float64: exact
+            block = np.empty((min(_NORMALIZER_ROWS, hi - lo), vocab), dtype=np.float64)
+            for a in range(lo, hi, _NORMALIZER_ROWS):
+                b = block[:min(_NORMALIZER_ROWS, hi - a)]
+                np.subtract(values[a:a + b.shape[0]], shift[a:a + b.shape[0], None], out=b)
+                np.exp(b, out=b)
+                log_norm[a:a + b.shape[0]] = np.log(np.sum(b, axis=-1))
+
+        over_rows(n, normalise)  # two threads, the same bits (row_halves)
         return cls(values, shift, log_norm)
 
     @classmethod
@@ -274,13 +280,17 @@ class LogProbRows:
         logit, so the largest logit's log-prob is the largest log-prob, bit for bit."""
         ids = np.empty(self.n, dtype=np.int64)
         nothing_left = np.zeros(self.n, dtype=bool)
-        for lo in range(0, self.n, _LOG_SOFTMAX_ROWS):
-            block = self.values[lo:lo + _LOG_SOFTMAX_ROWS]
-            if exclude is not None:
-                block = block.copy()
-                block[np.arange(block.shape[0])[:, None], exclude[lo:lo + block.shape[0]]] = -np.inf
-            ids[lo:lo + block.shape[0]] = top = np.argmax(block, axis=1)
-            nothing_left[lo:lo + block.shape[0]] = block[np.arange(block.shape[0]), top] == -np.inf
+
+        def pick(lo: int, hi: int) -> None:
+            for a in range(lo, hi, _LOG_SOFTMAX_ROWS):
+                block = self.values[a:min(a + _LOG_SOFTMAX_ROWS, hi)]
+                if exclude is not None:
+                    block = block.copy()
+                    block[np.arange(block.shape[0])[:, None], exclude[a:a + block.shape[0]]] = -np.inf
+                ids[a:a + block.shape[0]] = top = np.argmax(block, axis=1)
+                nothing_left[a:a + block.shape[0]] = block[np.arange(block.shape[0]), top] == -np.inf
+
+        over_rows(self.n, pick, align=_LOG_SOFTMAX_ROWS)  # two threads, the same bits (row_halves)
         # a row whose every token is excluded has nothing left: -inf, as the max of a fully masked row
         return ids, np.where(nothing_left, -np.inf, self.at(np.arange(self.n), ids))
 

@@ -32,7 +32,11 @@ from .fingerprint import FORMAT, Fingerprint, FingerprintChecker, FingerprintFor
     commitment as fingerprint_commitment, unpack
 from .generate import PREFILL_CHUNK
 from .memory import release_freed_memory
-from .model import LoadedModel
+from .model import KVCache, LoadedModel
+from .prefix_kv import PREFIX_POSITIONS
+
+#: The fewest rows the first pass after a kept prefix computes (see _checked_rows_in_place).
+MIN_PASS_ROWS = 4
 from .reference import reference_session
 from .sampling import LogProbRows, SamplingParams, log_softmax
 from .tie_tolerance import tie_tolerance as model_tie_tolerance
@@ -240,15 +244,10 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
     # in-place passes' buffers: +17-20 MB at an fp32 verification's peak (files + 306 / 317 MB before it, 323 / 357
     # after)
     lead = rows if in_place or (model.io.has_logits_to_keep and model.runs_kernel) else 0
-    passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
     if in_place:
-        # no forward copies of the cache, no second logits buffer: less memory than the forward path below
-        extend = model.passes(model.empty_cache(), len(seq), rows)
-        for lo, hi, keep in passes:
-            logits = extend.run(seq[lo:hi], keep=keep)
-            if hi > first_row:
-                yield hi - keep - first_row, logits
+        yield from _checked_rows_in_place(model, prompt_ids, seq, rows, lead)
         return
+    passes = verification_passes(len(prompt_ids), len(seq), rows=rows, lead=lead)
     cache = model.empty_cache()
     checked = [p for p in passes if p[1] > first_row]
     for lo, hi, keep in passes[:len(passes) - len(checked)]:
@@ -264,6 +263,29 @@ def _checked_rows(model: LoadedModel, prompt_ids: list[int], seq: list[int], row
     del cache  # the passes' buffers hold it now
     for lo, hi, _ in checked:
         yield lo - first_row, extend.run(seq[lo:hi])
+
+
+def _checked_rows_in_place(model: LoadedModel, prompt_ids: list[int], seq: list[int], rows: int, lead: int):
+    """:func:`_checked_rows` where every pass extends one in-place cache: no forward copies of the cache, no second
+    logits buffer. The passes start after the longest prefix of the prompt whose keys and values this session
+    kept from an earlier request (:mod:`.prefix_kv`: the same bits as computing them again), and the sequence's
+    first positions are kept for the next request."""
+    first_row = len(prompt_ids) - 1
+    # the first pass keeps at least MIN_PASS_ROWS rows: a pass of fewer rows takes the one-row path (the kernel's
+    # decode rows, onnxruntime's matrix-vector product), whose rounding differs from a many-row pass's
+    skip, arrays = model.prefix_kv.lookup(model.session, prompt_ids, limit=first_row + 1 - MIN_PASS_ROWS)
+    empty = model.empty_cache()
+    extend = model.passes(KVCache(arrays, skip) if skip else empty, len(seq), rows)
+    del arrays  # copied into the passes' buffers
+    keep_positions = min(len(seq), PREFIX_POSITIONS)
+    for lo, hi, keep in verification_passes(len(prompt_ids) - skip, len(seq) - skip, rows=rows, lead=lead):
+        lo, hi = lo + skip, hi + skip
+        logits = extend.run(seq[lo:hi], keep=keep)
+        if lo < keep_positions <= hi:  # those positions are in the buffers now
+            position_bytes = sum(a.shape[1] * a.shape[3] * a.itemsize for a in empty.arrays)
+            model.prefix_kv.remember(model.session, seq[:keep_positions], position_bytes, extend.keys_values)
+        if hi > first_row:
+            yield hi - keep - first_row, logits
 
 
 def recompute_logprobs(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
