@@ -139,7 +139,6 @@ class MatMulNBits(OpRun):
                 np.subtract(c.reshape(hi - lo, n_blocks, bs), zp[lo:hi, :, None], out=wb, dtype=np.float64)
             wb *= scale[lo:hi]
             out[:, lo:hi] = flat @ wb.reshape(hi - lo, -1)[:, :k_].T
-            drop_read_only_mapped_pages(packed[lo:hi])  # read once: not resident beside the session's own copy
         if bias is not None:
             out += np.asarray(bias, dtype=np.float64)
         return (out.reshape(a.shape[:-1] + (n_,)),)
