@@ -35,6 +35,11 @@ executors of the same numeric class; calibration measures both. The ``kernel.ses
 
 On CPUs with AMX tiles the many-row path runs on bfloat16 tiles (``qgemm_amx.c``); ``P2PINFER_AMX=0``
 keeps it on float32 FMA even where AMX is available (the path of a peer without AMX).
+
+The same library has a ``SwiGLU`` op (``swiglu.c``): each MLP activation after a kernel node (onnxruntime's
+Split, QuickGelu and Mul) becomes one node (:func:`_fuse_swiglu`) that computes onnxruntime's own bits (its
+sigmoid's rational approximation, clamps and operation order, as onnxruntime runs them at the session's
+optimization level on this CPU): the kernel session's rows do not change.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from .. import log
 SOURCE = Path(__file__).with_name("qmatmul.c")
 AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
 AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
+SWIGLU_SOURCE = Path(__file__).with_name("swiglu.c")  # #included by SOURCE
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
@@ -170,6 +176,7 @@ def _build(cc: str, march: str = "native") -> Path | None:
         _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + AVX2_SOURCE.read_bytes()
+                         + b"\0" + SWIGLU_SOURCE.read_bytes()
                          + b"\0" + version.encode()
                          + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()
                          + b"\0" + march.encode()).hexdigest()
@@ -238,13 +245,16 @@ LOGITS_TO_KEEP = "logits_to_keep"  # as runtime.model names it (that module impo
 
 
 def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: DecodePath = DecodePath.INTEGER,
-                 amx: bool = True) -> int:
+                 amx: bool = True, swiglu: bool = True, quick_gelu: bool = True) -> int:
     """Rewrite ``model`` (loaded without external data; ``folder`` holds it) in place: every group
     of 4-bit ``MatMulNBits`` terms (block 32, accuracy 0) summed with at most one block-minimum term becomes one
     ``p2pinfer`` custom node over the same initializers (``amx=False``: its many-row path never uses AMX tiles;
     ``decode``: how its decode rows are computed; the library takes FLOAT where it has no integer path). A
-    ``logits_to_keep`` input loses its default: callers feed it on every run (runtime.model does).
-    Returns the number of nodes rewritten."""
+    ``logits_to_keep`` input loses its default: callers feed it on every run (runtime.model does). Where that
+    rewrote anything, each MLP activation after such a node becomes one ``SwiGLU`` node (:func:`_fuse_swiglu`;
+    ``swiglu=False``: not) with the bits of the onnxruntime nodes it replaces: ``quick_gelu`` says which those
+    are (True: the session's optimization level is ORT_ENABLE_EXTENDED or above, where onnxruntime fuses
+    ``gate * Sigmoid(gate)`` into ``QuickGelu``). Returns the number of nodes rewritten."""
     int_dot = int(decode is DecodePath.INTEGER)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -338,6 +348,7 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
     nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)
+    fused = _fuse_swiglu(g, threads, quick_gelu) if replace and swiglu else 0
     if replace and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if replace and any(i.name == LOGITS_TO_KEEP for i in g.input):
@@ -347,6 +358,80 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
         if len(kept) < len(g.initializer):
             del g.initializer[:]
             g.initializer.extend(kept)
+    return len(replace) + fused
+
+
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def _fuse_swiglu(g: onnx.GraphProto, threads: int, quick_gelu: bool) -> int:
+    """Replace each ``Split(h) -> gate, up;  Mul(Mul(gate, Sigmoid(gate)), up)`` (the MLP activation
+    gguf.graph emits) whose ``h`` is a 4-bit kernel node's output by one ``SwiGLU`` node (swiglu.c): in one
+    pass, the float32 bits of onnxruntime's own nodes (``quick_gelu``: as it runs them fused into
+    ``QuickGelu``, else as ``Sigmoid`` and ``Mul``). Only that exact pattern: two equal halves of the last axis,
+    every intermediate used by the pattern alone and no graph output; anything else stays as it is. Returns
+    the number of activations fused."""
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    uses = Counter(i for n in g.node for i in n.input)
+    uses.update(o.name for o in g.output)
+
+    def made_by(name: str, op_type: str, inputs: int) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        ok = node is not None and node.op_type == op_type and node.domain in _ONNX_DOMAINS \
+            and len(node.input) == inputs and len(node.output) == 1
+        return node if ok else None
+
+    def halves(split: onnx.NodeProto) -> tuple[int, int] | None:
+        """(inter, the rank the op checks: 3 for axis 2, 0 for axis -1) of a Split into two equal
+        halves of the last axis of a kernel node's output, else None."""
+        if split.op_type != "Split" or split.domain not in _ONNX_DOMAINS or len(split.input) != 2 \
+                or len(split.output) != 2 or set(_attrs(split)) - {"axis"}:
+            return None
+        sizes = inits.get(split.input[1])
+        if sizes is None or sizes.data_type != onnx.TensorProto.INT64:
+            return None
+        sizes = numpy_helper.to_array(sizes).tolist()
+        source = producer.get(split.input[0])
+        if len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] <= 0 or source is None or source.domain != DOMAIN \
+                or not source.op_type.startswith("QMatMul") or _attrs(source).get("N") != 2 * sizes[0]:
+            return None
+        axis = _attrs(split).get("axis", 0)  # the last axis of the [batch, rows, 2 * inter] gguf.graph emits
+        return (sizes[0], 0 if axis == -1 else 3) if axis in (-1, 2) else None
+
+    def pattern(mul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], int, int] | None:
+        """([split, sigmoid, inner Mul], inter, rank) where ``mul`` ends the pattern, else None."""
+        if mul.op_type != "Mul" or mul.domain not in _ONNX_DOMAINS or len(mul.input) != 2:
+            return None
+        for act_name, up in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):  # a product: either order
+            act = made_by(act_name, "Mul", 2)
+            for gate, sig_name in ((act.input[0], act.input[1]), (act.input[1], act.input[0])) if act else ():
+                sigmoid = made_by(sig_name, "Sigmoid", 1)
+                split = producer.get(gate)
+                if sigmoid is None or sigmoid.input[0] != gate or split is None or list(split.output) != [gate, up]:
+                    continue
+                shape = halves(split)
+                if shape is None or uses[gate] != 2 or uses[up] != 1 or uses[sig_name] != 1 or uses[act_name] != 1 \
+                        or uses[split.input[0]] != 1:
+                    return None
+                return [split, sigmoid, act], *shape
+        return None
+
+    replace: dict[int, onnx.NodeProto] = {}
+    drop: set[int] = set()
+    for node in g.node:
+        found = pattern(node)
+        if found is None:
+            continue
+        parts, inter, rank = found
+        replace[id(node)] = helper.make_node("SwiGLU", [parts[0].input[0]], [node.output[0]],
+                                             name=node.name or node.output[0], domain=DOMAIN, inter=inter, rank=rank,
+                                             threads=threads, quick_gelu=int(quick_gelu))
+        drop.update(id(n) for n in parts)
+    if replace:
+        nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(nodes)
     return len(replace)
 
 
@@ -379,7 +464,8 @@ def kernel_session(onnx_path: Path, *, threads: int | None, graph_optimization_l
     folder = Path(onnx_path).parent
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
-        rewritten = kernel_model(model, folder, kernel_threads(threads), amx=amx and amx_wanted(), decode=decode)
+        rewritten = kernel_model(model, folder, kernel_threads(threads), amx=amx and amx_wanted(), decode=decode,
+                                 quick_gelu=int(graph_optimization_level) >= int(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED))
     except Exception as exc:  # an unreadable graph: the standard path reports it to the user (ModelFormatError)
         _log().debug("kernel.graph_unreadable", path=str(onnx_path), error=type(exc).__name__)
         return None

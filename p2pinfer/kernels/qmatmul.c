@@ -18,7 +18,7 @@
  * pinned at ORT_API_VERSION 1 (OrtApi slots 0..101 never change; see onnxruntime_c_api.cc, "Shipped as version
  * 1 - DO NOT MODIFY"), and OrtCustomOp's version-1 fields (inputs all required, fixed count per op name).
  * Ops (domain "p2pinfer"): QMatMul1 (x, q, s), QMatMul1M (x, q, s, mins), QMatMul2 (x, q0, s0, q1, s1);
- * attributes K, N, zp0, zp1, threads.
+ * attributes K, N, zp0, zp1, threads. And SwiGLU (swiglu.c), the MLP's activation.
  */
 #include <pthread.h>
 #include <sched.h>
@@ -912,6 +912,8 @@ static void release_pairs(int *a, int *b) { (void)a; (void)b; }
                        release_pairs, no_pairs, release_pairs}, nm, t, m}
 static op_def_t ops[] = {OP("QMatMul1", 1, 0), OP("QMatMul1M", 1, 1), OP("QMatMul2", 2, 0)};
 
+#include "swiglu.c"  /* SwiGLU: the MLP's Split + QuickGelu + Mul as one op (swiglu_op) */
+
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     g_api = base->GetApi(1);
     if (!g_api) return NULL;  /* cannot even make a status; onnxruntime then fails on the unknown ops */
@@ -920,6 +922,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     if (st) return st;
     for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
         if ((st = API(SLOT_CustomOpDomain_Add, fn_domain_add)(domain, &ops[i].op))) return st;
+    if ((st = API(SLOT_CustomOpDomain_Add, fn_domain_add)(domain, &swiglu_op))) return st;
     return API(SLOT_AddCustomOpDomain, fn_add_domain)(options, domain);
 }
 
