@@ -140,6 +140,24 @@ def test_a_final_row_equals_a_kept_row_and_leaves_no_cache(trained_model) -> Non
     kept.close()
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_rows_at_equal_rows_from_scratch(trained_model, data) -> None:
+    """A verifier's near ties in one run (``rows_at``: chunks end at every asked-for position, nothing kept):
+    each row is the row of that prefix computed from scratch, to float64 rounding, at any chunk size, and the
+    session holds no cache afterwards."""
+    ids = trained_model.encode(PROMPT * 8)[:150]
+    ends = data.draw(st.lists(st.integers(1, len(ids)), min_size=1, max_size=5), label="ends")
+    chunk = data.draw(st.sampled_from([7, 32, 256]), label="chunk")
+    session = ReferenceSession(reference_for(trained_model), chunk=chunk)
+    session.row(ids[:20])  # a cache it had: dropped
+    rows = session.rows_at(ids, ends)
+    assert sorted(rows) == sorted(set(ends))
+    for end, row in rows.items():
+        np.testing.assert_allclose(row, _full(trained_model, ids[:end]), rtol=0, atol=ROUNDING)
+    assert session.cached_positions == 0 and session.cached_bytes == 0
+
+
 @pytest.fixture(scope="module")
 def smollm2_q4(tmp_path_factory, smollm2_gguf):
     folder = tmp_path_factory.mktemp("smollm2-kv") / "SmolLM2-135M-Instruct"
@@ -192,6 +210,21 @@ def test_smollm2_row_memory_holds_only_the_kept_cache(smollm2_q4) -> None:
     whole = len(ids) * per_position  # 29.5 MB
     assert bounded <= everything and nothing <= everything, (bounded, nothing, everything)
     assert bounded < whole + 200 * per_position - 10 * 2**20, (bounded, whole)  # the old build-then-copy peak
+    # layer-major passes: one layer's float64 cache at a time, never every layer's. A row that keeps nothing
+    # peaks below the cache of all its positions (it built that cache whole before: the chunks before the last
+    # ran every layer), and one that keeps its cache below twice it (measured 14 / 44 MB against 29.5)
+    assert nothing < whole - 5 * 2**20, (nothing, whole)
+    assert everything < 2 * whole - 5 * 2**20, (everything, whole)
+    # all of a verifier's near ties at once: no more than one row from scratch
+    session = ReferenceSession(ref, chunk=128)
+    tracemalloc.start()
+    try:
+        rows = session.rows_at(ids, [100, 250, len(ids)])
+        together = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(rows[len(ids)], row_all, rtol=0, atol=ROUNDING)
+    assert together < whole - 5 * 2**20, (together, whole)
 
 
 WIDE = 0.2  # the executor and verifier tolerance: near ties on most sampled positions of the fixture

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 from pathlib import Path
@@ -29,7 +30,10 @@ import numpy as np
 _MADV_DONTNEED = 4  # <sys/mman.h> on Linux (every architecture Python runs on)
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once: ``find_library`` runs a subprocess (``ldconfig -p``) on every call, which
+    cost more than the ``malloc_trim`` it was looked up for."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name, use_errno=True) if name else None

@@ -28,6 +28,9 @@ How it runs:
   float64 KV cache: chunks and cached prefixes change a row by float64 rounding only, nothing like the
   float32 drift between a decode path and a prefill path); with ``logits_to_keep`` only the requested rows
   pay for the LM head, and chunks before the last skip it;
+* the chunks run **layer-major** (:meth:`ReferenceModel._run_chunks`): a layer runs over every chunk before the
+  next layer starts, so one layer's float64 keys/values exist at a time, not every layer's (92 KB a position on
+  SmolLM2); a verifier asks for all its near-tie rows in one such run that keeps no cache (:meth:`rows_at`);
 * a :class:`ReferenceSession` per request keeps that cache between its near-tie rows (bounded by
   :data:`REFERENCE_KV_BYTES`), so a later row computes only the positions after the cached prefix.
 
@@ -340,11 +343,12 @@ class ReferenceModel:
         if not set(self._present_of.values()) <= outputs:
             self._present_of = {}  # no present for every past: no cache, one pass over the whole sequence
         presents = frozenset(self._present_of.values())
-        self._row_plan = _Plan(self._prune(evaluator.rt_nodes_, {"logits", *presents}), {"logits", *presents})
-        self._kv_plan = _Plan(self._prune(evaluator.rt_nodes_, set(presents)), presents)  # no LM head
-        # a row whose cache nobody keeps: each layer's keys/values are freed once its attention has read them,
-        # instead of the float64 cache of every layer and position existing at the end of the pass
-        self._logits_plan = _Plan(self._prune(evaluator.rt_nodes_, {"logits"}), {"logits"})
+        nodes = self._prune(evaluator.rt_nodes_, {"logits", *presents})  # every node any pass runs, in graph order
+        self._nodes = nodes
+        self._kv_plan = _Plan(nodes, self._prune(nodes, set(presents)))  # a chunk without rows: no LM head
+        self._logits_plan = _Plan(nodes, self._prune(nodes, {"logits"}))  # the last chunk
+        self._row_plan = _Plan(nodes, nodes)  # a chunk with rows that a later chunk extends
+        self._stages = _stages(nodes, self._present_of)
 
     @staticmethod
     def _prune(nodes: list[Any], wanted: set[str]) -> list[Any]:
@@ -404,32 +408,44 @@ class ReferenceModel:
         cut = keep if start <= keep <= n - last else None  # a chunk ends where the kept cache does ...
         if cut is not None and _pass_count(start, n, last, chunk, cut) > _pass_count(start, n, last, chunk, None):
             cut = None  # ... unless that costs a pass (on 4-bit, a dequantization of every weight)
-        kept: dict[str, np.ndarray] | None = None
-        lo = start
+        bounds, lo = [], start
+        while cut is not None and lo < cut:
+            bounds.append((lo, min(lo + chunk, cut)))
+            lo = bounds[-1][1]
+        while self.caches and n - lo - chunk >= last:
+            bounds.append((lo, lo + chunk))
+            lo += chunk
+        bounds.append((lo, n))
         # one process-wide lock: BLAS's thread count is global, and overlapping limits would restore it wrongly
         with _blas_lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
-            if cut is not None:
-                while lo < cut:
-                    hi = min(lo + chunk, cut)
-                    _, kv = self._run(self._feed(kv, ids, lo, hi, 1), self._kv_plan)
-                    lo = hi
-                kept = dict(kv) if cut else {}  # held: the passes after it read these arrays without freeing them
-            while self.caches and n - lo - chunk >= last:
-                _, kv = self._run(self._feed(kv, ids, lo, lo + chunk, 1), self._kv_plan)
-                lo += chunk
-            plan = self._row_plan if kept is None and keep else self._logits_plan
-            logits, kv = self._run(self._feed(kv, ids, lo, n, last), plan)
-        if kept is not None:
-            kv = kept
-        elif keep < n and kv:  # the cut fell inside the last rows: a copy, one layer at a time, so that the
-            for name in list(kv):  # positions beyond are freed without the whole cache and its copy together
-                kv[name] = kv[name][:, :, :keep].copy()
-        rows = np.asarray(logits, dtype=np.float64)[0][-last:]
-        rows = rows - rows.max(axis=-1, keepdims=True)
-        return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True)), kv
+            logits, kv = self._run_chunks(kv, ids, bounds, [0] * (len(bounds) - 1) + [last], keep)
+        return _log_softmax(np.asarray(logits[-1], dtype=np.float64)[0][-last:]), kv
 
-    def _feed(self, kv: dict[str, np.ndarray], ids: Sequence[int], lo: int, hi: int, last: int) -> dict[str, Any]:
-        """Inputs for positions ``lo..hi-1`` over the cache of ``ids[:lo]``, whose arrays move out of ``kv``."""
+    def rows_at(self, ids: Sequence[int], ends: Sequence[int], *, chunk: int = 0) -> dict[int, np.ndarray]:
+        """float64 log-softmax rows after ``ids[:end]`` for each of ``ends`` (the row of position ``end - 1``),
+        computed from scratch in **one** run over ``ids[:max(ends)]``: its chunks (at most ``chunk``, default
+        :data:`REFERENCE_CHUNK`, positions) end at every requested end, and those chunks run the LM head for
+        their last position only. Nothing is kept, so no float64 cache of a prefix is held between rows: the
+        verifier, which knows all its near ties before it settles them, asks for them together. Each row equals
+        :meth:`logprobs` of ``ids[:end]`` to float64 rounding (other chunk boundaries)."""
+        wanted = sorted({int(e) for e in ends})
+        if not wanted or wanted[0] < 1 or wanted[-1] > len(ids):
+            raise ValueError("rows_at needs ends within 1..len(ids)")
+        chunk = chunk or REFERENCE_CHUNK
+        if not self.caches:  # no cache to carry from one chunk to the next: one pass per row
+            return {e: self.logprobs(ids[:e])[0] for e in wanted}
+        bounds, lo = [], 0
+        for end in wanted:
+            while lo < end:
+                bounds.append((lo, min(lo + chunk, end)))
+                lo = bounds[-1][1]
+        heads = [1 if hi in wanted else 0 for _, hi in bounds]
+        with _blas_lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
+            logits, _ = self._run_chunks({}, ids, bounds, heads, 0)
+        return {end: _log_softmax(np.asarray(row, dtype=np.float64)[0][-1:])[0] for end, row in zip(wanted, logits)}
+
+    def _inputs(self, ids: Sequence[int], lo: int, hi: int, last: int) -> dict[str, Any]:
+        """The graph inputs other than the past keys/values for positions ``lo..hi-1``."""
         feed: dict[str, Any] = {
             "input_ids": np.asarray([ids[lo:hi]], dtype=self._ids_dtype),
             "attention_mask": np.ones((1, hi), dtype=np.int64),
@@ -438,38 +454,76 @@ class ReferenceModel:
             feed["position_ids"] = np.arange(lo, hi, dtype=np.int64)[None]
         if "logits_to_keep" in self._input_names or "logits_to_keep" in self._inits:
             feed["logits_to_keep"] = np.array([last], dtype=np.int64)
-        for name in self._input_names:
-            if name.startswith("past_key_values."):
-                feed[name] = kv.pop(name) if lo else np.zeros(self._kv_shape, dtype=np.float64)
-        kv.clear()
         return feed
 
-    def _run(self, feed: dict[str, Any], plan: "_Plan") -> tuple[Any, dict[str, np.ndarray]]:
-        """(logits or None, the next cache: each present renamed to its past) of one pass. The feed's arrays
-        move into the run (``feed`` is emptied), so that a past is freed once its layer has read it."""
-        # external weights stay descriptors until a node reads them: mapped for that node only
-        results: dict[str, Any] = {"": None, **self._inits, **feed}
-        feed.clear()
-        for k, node in enumerate(plan.nodes):
-            raw = [results[name] for name in node.input]
-            raw = [value.map() if isinstance(value, _External) else value for value in raw]
-            try:
-                outputs = _run_node(node, raw, results)
-            except ReferenceUnsupported:
-                raise
-            except Exception as exc:  # onnx.reference raises many types for what it cannot do
-                raise ReferenceUnsupported(f"float64 reference failed at {node.op_type} "
-                                           f"{getattr(node.onnx_node, 'name', '')!r}: {exc}") from None
-            del raw  # a mapped weight is unmapped here, not at the end of the run
-            for name, value in zip(node.output, outputs):
-                if name and (name in plan.last_use or name in plan.outputs):  # not omitted, and read or kept
-                    results[name] = value
-            for name in node.input:
-                if plan.last_use.get(name) == k and name in results and name not in plan.outputs:
-                    del results[name]
-        kv = {past: np.asarray(results.pop(present), dtype=np.float64) for past, present in self._present_of.items()
-              if present in plan.outputs}
-        return results.get("logits"), kv
+    def _run_chunks(self, kv: dict[str, np.ndarray], ids: Sequence[int], bounds: list[tuple[int, int]],
+                    rows: list[int], keep: int) -> tuple[list[Any], dict[str, np.ndarray]]:
+        """(the logits of each chunk with ``rows[j] > 0``: its last ``rows[j]`` positions, in chunk order; the
+        float64 cache of ``ids[:keep]``) of the passes over positions ``bounds`` (consecutive ``(lo, hi)`` chunks,
+        the first starting where ``kv``'s cache ends; its arrays move into the run). A chunk with no rows runs
+        without the LM head.
+
+        **Layer-major**: the nodes go a stage at a time (:func:`_stages`: a stage ends after the node that writes
+        a layer's ``present``), and each stage runs over every chunk before the next stage starts. A chunk's nodes
+        and inputs are those of chunk-by-chunk passes (the same operations on the same values: the same bits);
+        only the order differs. So one layer's keys and values exist at a time (the next chunk reads them as
+        its past, then they are freed), not the float64 cache of every layer (92 KB a position on SmolLM2): a
+        row's peak holds the values that cross from one layer to the next for every position (the residual
+        stream: 2 x hidden float64 values a position), one chunk's activations within a layer, and the cache it
+        keeps (``keep`` positions, copied out layer by layer as each layer finishes the chunk that reaches it)."""
+        start = bounds[0][0]
+        plans = [self._kv_plan if not r else self._logits_plan if j == len(bounds) - 1 else self._row_plan
+                 for j, r in enumerate(rows)]
+        chunks = [{"": None, **self._inputs(ids, lo, hi, r or 1)} for (lo, hi), r in zip(bounds, rows)]
+        pasts: dict[str, Any] = {name: kv.pop(name) if start else np.zeros(self._kv_shape, dtype=np.float64)
+                                 for name in self._present_of}
+        kv.clear()
+        kept: dict[str, np.ndarray] = {}
+        if 0 < keep <= start:  # the cache handed in is the part kept (keep >= start): held as it is
+            kept = {name: value for name, value in pasts.items()}
+        past_of = {present: past for past, present in self._present_of.items()}
+        for first, end in self._stages:
+            for j, (lo, hi) in enumerate(bounds):
+                plan, results = plans[j], chunks[j]
+                for k in range(first, end):
+                    if k not in plan.runs:
+                        continue
+                    node = self._nodes[k]
+                    raw = [pasts[name] if name in pasts else results[name] if name in results else self._inits[name]
+                           for name in node.input]
+                    # external weights stay descriptors until a node reads them: mapped for that node only
+                    raw = [value.map() if isinstance(value, _External) else value for value in raw]
+                    try:
+                        outputs = _run_node(node, raw, {**self._inits, **results} if node.need_context() else results)
+                    except ReferenceUnsupported:
+                        raise
+                    except Exception as exc:  # onnx.reference raises many types for what it cannot do
+                        raise ReferenceUnsupported(f"float64 reference failed at {node.op_type} "
+                                                   f"{getattr(node.onnx_node, 'name', '')!r}: {exc}") from None
+                    del raw  # a mapped weight is unmapped here, not at the end of the run
+                    for name, value in zip(node.output, outputs):
+                        if name in past_of:  # this layer's cache after the chunk: the next chunk's past
+                            past = past_of[name]
+                            pasts[past] = value = np.asarray(value, dtype=np.float64)
+                            if keep > start and hi >= keep and past not in kept:
+                                kept[past] = value if hi == keep else value[:, :, :keep].copy()
+                        if name and (plan.last_use.get(name, -1) > k or name == "logits"):  # read later, or kept
+                            results[name] = value
+                    for name in node.input:
+                        if plan.last_use.get(name) == k and name in results:
+                            del results[name]
+            for past, present in self._present_of.items():  # each layer is done with its cache: freed
+                if pasts.get(past) is not None and _producer_in(self._nodes, present, first, end):
+                    pasts[past] = None
+            # the stage's float64 temporaries handed back: glibc keeps freed blocks, and the next stage's blocks
+            # of other sizes do not all fit them (SmolLM2, 557 positions: a row's resident peak +70 MB over the
+            # heap it started on without this, +52 with it, for 28 MB of live arrays; ~2-7 ms a stage)
+            release_freed_memory()
+        return [results["logits"] for results, r in zip(chunks, rows) if r], kept
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    rows = rows - rows.max(axis=-1, keepdims=True)
+    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
 
 
 def _pass_count(start: int, n: int, last: int, chunk: int, cut: int | None) -> int:
@@ -481,16 +535,37 @@ def _pass_count(start: int, n: int, last: int, chunk: int, cut: int | None) -> i
 
 
 class _Plan:
-    """The nodes one kind of pass runs, in graph order, the outputs it keeps, and where each value is read last
-    (it is freed after that node)."""
+    """Which nodes (indices into the graph-ordered node list) one kind of pass runs, and where each value is read
+    last within it (it is freed after that node)."""
 
-    def __init__(self, nodes: list[Any], outputs: set[str]) -> None:
-        self.nodes = nodes
-        self.outputs = frozenset(outputs)
+    def __init__(self, nodes: list[Any], runs: list[Any]) -> None:
+        chosen = {id(node) for node in runs}
+        self.runs = frozenset(k for k, node in enumerate(nodes) if id(node) in chosen)
         self.last_use: dict[str, int] = {}
-        for k, node in enumerate(nodes):
-            for name in node.input:
+        for k in sorted(self.runs):
+            for name in nodes[k].input:
                 self.last_use[name] = k
+
+
+def _stages(nodes: list[Any], present_of: dict[str, str]) -> list[tuple[int, int]]:
+    """The graph-ordered ``nodes`` cut into consecutive stages ``(first, end)``, each ending after a node that
+    writes a ``present`` output (a layer's attention), where every reader of that layer's ``past`` is in the
+    same stage as the writer of its ``present``: then a stage can run over every chunk of positions before the
+    next stage starts (:meth:`ReferenceModel._run_chunks`), each chunk reading the cache the stage wrote for the
+    chunk before it. A graph where that does not hold runs as one stage (chunk by chunk)."""
+    writer = {out: k for k, node in enumerate(nodes) for out in node.output if out}
+    spans = []
+    for past, present in present_of.items():
+        at = [k for k, node in enumerate(nodes) if past in node.input] + [writer[present]]
+        spans.append((min(at), max(at)))
+    cuts = sorted({writer[present] + 1 for present in present_of.values()})
+    cuts = [c for c in cuts if 0 < c < len(nodes) and not any(lo < c <= hi for lo, hi in spans)]
+    bounds = [0, *cuts, len(nodes)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _producer_in(nodes: list[Any], name: str, first: int, end: int) -> bool:
+    return any(name in nodes[k].output for k in range(first, end))
 
 
 class ReferenceSession:
@@ -540,6 +615,11 @@ class ReferenceSession:
         if n == 0 or not 1 <= last <= n:
             raise ValueError("logprobs needs at least one token and 1 <= last <= len(ids)")
         with self._lock:
+            # freed heap pages handed back before and after the row (tens of ms against a row's seconds): the
+            # forward passes' buffers before it (and before the graph is parsed, which stays beside them), its own
+            # float64 intermediates after it; glibc would keep both resident, and the row's peak and the request's
+            # memory after it would include them
+            release_freed_memory()
             ref = self._reference if isinstance(self._reference, ReferenceModel) else self._reference()
             self._reference = ref
             start = 0
@@ -554,14 +634,25 @@ class ReferenceSession:
             # positions kept after the row (at most max_bytes of cache; never fewer than it was given)
             keep = 0 if final or not ref.caches or self._max_bytes <= 0 else \
                 max(start, min(n, self._max_bytes // max(1, ref.cache_bytes_per_position)))
-            # freed heap pages handed back before and after the row (tens of ms against a row's seconds): the
-            # forward passes' buffers before it, its own float64 intermediates after it; glibc would keep both
-            # resident, and the row's peak and the request's memory after it would include them
-            release_freed_memory()
             rows, kv = ref.extend(kv if start else None, ids, start, last, chunk=self._chunk, keep=keep)
             self.computed_positions += n - start
             self._kv, self._ids = (kv, ids[:keep]) if keep and kv else (None, [])
             del kv
+            release_freed_memory()
+            return rows
+
+    def rows_at(self, ids: Sequence[int], ends: Sequence[int]) -> dict[int, np.ndarray]:
+        """The float64 reference rows after ``ids[:end]`` for every ``end`` in ``ends``, in one run that keeps no
+        cache (:meth:`ReferenceModel.rows_at`): a verifier's near ties, all known before they are settled. The
+        session's cache, if any, is dropped."""
+        ids = [int(t) for t in ids]
+        with self._lock:
+            self._kv, self._ids = None, []
+            release_freed_memory()  # the forward passes' freed buffers (see logprobs), before the graph is parsed
+            ref = self._reference if isinstance(self._reference, ReferenceModel) else self._reference()
+            self._reference = ref
+            rows = ref.rows_at(ids, ends, chunk=self._chunk)
+            self.computed_positions += max(rows)
             release_freed_memory()
             return rows
 
