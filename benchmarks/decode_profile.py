@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from p2pinfer import kernels, log  # noqa: E402
 from p2pinfer.kernels import DecodePath  # noqa: E402
 from p2pinfer.runtime import GREEDY, load_model  # noqa: E402
+from p2pinfer.runtime.model import session_binding  # noqa: E402
 from p2pinfer.runtime.fingerprint import FingerprintBuilder  # noqa: E402
 from p2pinfer.runtime.sampling import log_softmax, sample  # noqa: E402
 
@@ -75,6 +77,7 @@ def kernel_profile(folder: Path, threads: int, steps: int, context: int,
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         model.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        model.io = dataclasses.replace(model.io, **session_binding(model.session))  # as this session's graph has them
         ids = model.encode(TEXT)[:context]
         _, cache = model.forward(ids, model.empty_cache(), last=1)
         decoder = model.decoder(cache, context + steps)
