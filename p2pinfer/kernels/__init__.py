@@ -458,8 +458,9 @@ def attention_wanted() -> bool:
 def kernel_attention(model: onnx.ModelProto, threads: int) -> int:
     """Rewrite ``model`` in place: every com.microsoft ``GroupQueryAttention`` node in the form the GGUF importer
     writes (packed QKV, past and present KV whose declared shape states the head size, rotate-half rotary from
-    constant cos/sin caches covering the whole head, no softcap / local window / smooth softmax / extra inputs) becomes the kernel's ``GQAttention`` over the
-    same inputs and outputs (``qattn.c``: the same semantics; causal work only, on the kernel's threads). Any other
+    constant cos/sin caches covering the whole head, no softcap / local window / smooth softmax / extra inputs)
+    becomes the kernel's ``GQAttention`` over the same inputs and outputs (``qattn.c``: the same semantics; causal
+    work only, on the kernel's threads). Any other
     GroupQueryAttention stays as it is. Returns the number of nodes rewritten (0 with
     ``P2PINFER_KERNEL_ATTENTION=0``)."""
     if not attention_wanted():

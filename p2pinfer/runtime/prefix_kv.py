@@ -5,10 +5,10 @@ Requests through the chat template share their first tokens: on SmolLM2 the syst
 and a conversation's next turn repeats the whole of the last one. A key or value at position ``p`` depends only
 on the tokens up to ``p``, so the positions a verifier computed for one request are what it would compute for
 the next: it starts the next one after the longest prefix the two share, and its passes read the kept keys and
-values from their past, as every pass after a verification's first does. On the default model the rows
-are then bit for bit those of passes from position 0 (4-bit: tests/test_prefix_kv.py; fp32 measured alike); where onnxruntime's
-attention rounds a row differently with its keys in the past than within the pass (seen on a tiny fixture
-model), they are still the session's own honest rows, the kind calibration measures.
+values from their past, as every pass after a verification's first does. On the default model the rows are
+then bit for bit those of passes from position 0 (4-bit: tests/test_prefix_kv.py; fp32 measured alike); where
+onnxruntime's attention rounds a row differently with its keys in the past than within the pass (seen on a tiny
+fixture model), they are still the session's own honest rows, the kind calibration measures.
 
 One entry per session (the bits are the session's: another graph or many-row path computes other rounding),
 at most :data:`PREFIX_POSITIONS` positions and :data:`PREFIX_BYTES` bytes, replaced by the newest prompt that

@@ -58,6 +58,7 @@ from threadpoolctl import threadpool_limits
 
 from .digest import ModelFormatError
 from .memory import drop_read_only_mapped_pages, release_freed_memory
+from .sampling import log_softmax
 
 CONTRIB_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -419,7 +420,7 @@ class ReferenceModel:
         # one process-wide lock: BLAS's thread count is global, and overlapping limits would restore it wrongly
         with _blas_lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
             logits, kv = self._run_chunks(kv, ids, bounds, [0] * (len(bounds) - 1) + [last], keep)
-        return _log_softmax(np.asarray(logits[-1], dtype=np.float64)[0][-last:]), kv
+        return log_softmax(np.asarray(logits[-1], dtype=np.float64)[0][-last:]), kv
 
     def rows_at(self, ids: Sequence[int], ends: Sequence[int], *, chunk: int = 0) -> dict[int, np.ndarray]:
         """float64 log-softmax rows after ``ids[:end]`` for each of ``ends`` (the row of position ``end - 1``),
@@ -442,7 +443,7 @@ class ReferenceModel:
         heads = [1 if hi in wanted else 0 for _, hi in bounds]
         with _blas_lock, threadpool_limits(limits=REFERENCE_BLAS_THREADS, user_api="blas"):
             logits, _ = self._run_chunks({}, ids, bounds, heads, 0)
-        return {end: _log_softmax(np.asarray(row, dtype=np.float64)[0][-1:])[0] for end, row in zip(wanted, logits)}
+        return {end: log_softmax(np.asarray(row, dtype=np.float64)[0][-1:])[0] for end, row in zip(wanted, logits)}
 
     def _inputs(self, ids: Sequence[int], lo: int, hi: int, last: int) -> dict[str, Any]:
         """The graph inputs other than the past keys/values for positions ``lo..hi-1``."""
@@ -480,7 +481,7 @@ class ReferenceModel:
         kv.clear()
         kept: dict[str, np.ndarray] = {}
         if 0 < keep <= start:  # the cache handed in is the part kept (keep >= start): held as it is
-            kept = {name: value for name, value in pasts.items()}
+            kept = dict(pasts)
         past_of = {present: past for past, present in self._present_of.items()}
         for first, end in self._stages:
             for j, (lo, hi) in enumerate(bounds):
@@ -520,11 +521,6 @@ class ReferenceModel:
             # heap it started on without this, +52 with it, for 28 MB of live arrays; ~2-7 ms a stage)
             release_freed_memory()
         return [results["logits"] for results, r in zip(chunks, rows) if r], kept
-
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    rows = rows - rows.max(axis=-1, keepdims=True)
-    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
-
 
 def _pass_count(start: int, n: int, last: int, chunk: int, cut: int | None) -> int:
     """Passes :meth:`ReferenceModel.extend` runs over positions ``start..n-1`` (with a chunk ending at ``cut``)."""
@@ -620,8 +616,7 @@ class ReferenceSession:
             # float64 intermediates after it; glibc would keep both resident, and the row's peak and the request's
             # memory after it would include them
             release_freed_memory()
-            ref = self._reference if isinstance(self._reference, ReferenceModel) else self._reference()
-            self._reference = ref
+            ref = self._model()
             start = 0
             if ref.caches:
                 limit = min(len(self._ids), n - last)
@@ -641,6 +636,12 @@ class ReferenceSession:
             release_freed_memory()
             return rows
 
+    def _model(self) -> ReferenceModel:
+        """The reference, built by the factory on first use (held until :meth:`close`). Call with the lock held."""
+        if not isinstance(self._reference, ReferenceModel):
+            self._reference = self._reference()
+        return self._reference
+
     def rows_at(self, ids: Sequence[int], ends: Sequence[int]) -> dict[int, np.ndarray]:
         """The float64 reference rows after ``ids[:end]`` for every ``end`` in ``ends``, in one run that keeps no
         cache (:meth:`ReferenceModel.rows_at`): a verifier's near ties, all known before they are settled. The
@@ -649,8 +650,7 @@ class ReferenceSession:
         with self._lock:
             self._kv, self._ids = None, []
             release_freed_memory()  # the forward passes' freed buffers (see logprobs), before the graph is parsed
-            ref = self._reference if isinstance(self._reference, ReferenceModel) else self._reference()
-            self._reference = ref
+            ref = self._model()
             rows = ref.rows_at(ids, ends, chunk=self._chunk)
             self.computed_positions += max(rows)
             release_freed_memory()

@@ -34,9 +34,6 @@ from .generate import PREFILL_CHUNK
 from .memory import release_freed_memory
 from .model import KVCache, LoadedModel
 from .prefix_kv import PREFIX_POSITIONS
-
-#: The fewest rows the first pass after a kept prefix computes (see _checked_rows_in_place).
-MIN_PASS_ROWS = 4
 from .reference import reference_session
 from .sampling import LogProbRows, SamplingParams, log_softmax
 from .tie_tolerance import tie_tolerance as model_tie_tolerance
@@ -63,6 +60,8 @@ VERIFY_ROWS_STANDARD = 64
 #: Sequence length (positions) up to which the standard graph also takes :data:`VERIFY_ROWS` rows a pass: the KV
 #: cache is small there (46 KB a SmolLM2 position), and a 128-token check runs in one or two passes.
 VERIFY_SHORT = 256
+#: The fewest rows the first pass after a kept prefix computes (see _checked_rows_in_place).
+MIN_PASS_ROWS = 4
 
 
 def verify_rows(model: LoadedModel, seq_len: int) -> int:
@@ -201,8 +200,7 @@ def _verify(model: LoadedModel, prompt_ids: list[int], output_ids: list[int], fi
     if indices:
         reference = reference_session(model)
         try:
-            seq = prompt_ids + output_ids
-            rows = reference.rows_at(seq, [len(prompt_ids) + i for i in indices])
+            rows = reference.rows_at(prompt_ids + output_ids, [len(prompt_ids) + i for i in indices])
         finally:
             reference.close()
         checker.settle_near_ties(lambda index: rows[len(prompt_ids) + index])
