@@ -215,68 +215,68 @@ static void amx_part(void *arg, int part, int parts) {
     const size_t half = (size_t)kx * 16, xs = 64;  /* a tile's rows: 64 bytes apart (split_rows) */
     float out[4][16][16] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < g->M; m0 += AMX_CHUNK_ROWS) {
-    const int rows = g->M - m0 < AMX_CHUNK_ROWS ? g->M - m0 : AMX_CHUNK_ROWS, padded = (rows + 15) / 16 * 16;
-    uint16_t *xl[3];
-    for (int l = 0; l < 3; l++) xl[l] = xbuf + (size_t)l * padded * kx;
-    split_rows(g->x + (size_t)m0 * g->K, rows, padded, g->K, g->nb, a->extra, xl);
-    for (int n0 = c0; n0 < c1; n0 += MICRO_COLS) {
-        int n1 = n0 + MICRO_COLS < c1 ? n0 + MICRO_COLS : c1;
-        weight_limbs(g, n0, n1, a->two, a->extra, wl);
-        const uint16_t *w1a = wl, *w1b = wl + half, *w2a = wl + 2 * half, *w2b = wl + 3 * half, *w3a = wl + 4 * half,
-                       *w3b = wl + 5 * half;
-        for (int m = 0; m < padded; m += 32) {
-            int pair = m + 16 < padded;  /* a second 16-row group */
-            const uint16_t *xa[3], *xb[3];
-            for (int l = 0; l < 3; l++) {
-                xa[l] = xl[l] + (size_t)m * kx;
-                xb[l] = pair ? xa[l] + (size_t)16 * kx : xa[l];
-            }
-            /* tiles: 0..3 accumulators (row group a/b x column half 0/1), 4, 5 activation limbs of groups a, b,
-               6, 7 weight limbs of halves 0, 1. The products' order is fixed (the same for every row, row count
-               and thread count): per 32 k, x1 w1, x1 w2, (x1 w3 with three weight limbs,) x2 w2, x2 w1, x3 w1. A lone
-               16-row group (the last, when the padded rows are an odd number of groups) runs accumulators 0 and 1
-               only: the same products in the same order, so the same bits, without computing its rows twice. */
-            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-            for (int k = 0; k < kx; k += 32) {
-                size_t wk = (size_t)k * 16;
-#define AMX_PRODUCTS() do { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);                           \
-                                if (pair) { _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); } } while (0)
-#define AMX_LOAD_X(l) do { _tile_loadd(4, xa[l] + wk, xs); if (pair) _tile_loadd(5, xb[l] + wk, xs); } while (0)
-                /* each limb tile loaded once where it can be (two weight limbs: 12 loads for 20 products) */
-                AMX_LOAD_X(0);
-                _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
-                AMX_PRODUCTS();                                                  /* x1 w1 */
-                _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
-                AMX_PRODUCTS();                                                  /* x1 w2 */
-                if (!a->two) {
-                    _tile_loadd(6, w3a + wk, 64); _tile_loadd(7, w3b + wk, 64);
-                    AMX_PRODUCTS();                                              /* x1 w3 */
-                    _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
+        const int rows = g->M - m0 < AMX_CHUNK_ROWS ? g->M - m0 : AMX_CHUNK_ROWS, padded = (rows + 15) / 16 * 16;
+        uint16_t *xl[3];
+        for (int l = 0; l < 3; l++) xl[l] = xbuf + (size_t)l * padded * kx;
+        split_rows(g->x + (size_t)m0 * g->K, rows, padded, g->K, g->nb, a->extra, xl);
+        for (int n0 = c0; n0 < c1; n0 += MICRO_COLS) {
+            int n1 = n0 + MICRO_COLS < c1 ? n0 + MICRO_COLS : c1;
+            weight_limbs(g, n0, n1, a->two, a->extra, wl);
+            const uint16_t *w1a = wl, *w1b = wl + half, *w2a = wl + 2 * half, *w2b = wl + 3 * half, *w3a = wl + 4 * half,
+                           *w3b = wl + 5 * half;
+            for (int m = 0; m < padded; m += 32) {
+                int pair = m + 16 < padded;  /* a second 16-row group */
+                const uint16_t *xa[3], *xb[3];
+                for (int l = 0; l < 3; l++) {
+                    xa[l] = xl[l] + (size_t)m * kx;
+                    xb[l] = pair ? xa[l] + (size_t)16 * kx : xa[l];
                 }
-                AMX_LOAD_X(1);
-                AMX_PRODUCTS();                                                  /* x2 w2 */
-                _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
-                AMX_PRODUCTS();                                                  /* x2 w1 */
-                AMX_LOAD_X(2);
-                AMX_PRODUCTS();                                                  /* x3 w1 */
-#undef AMX_PRODUCTS
-#undef AMX_LOAD_X
-            }
-            _tile_stored(0, out[0], 64);
-            _tile_stored(1, out[1], 64);
-            if (pair) {
-                _tile_stored(2, out[2], 64);
-                _tile_stored(3, out[3], 64);
-            }
-            for (int h = 0; h < 2 && n0 + 16 * h < n1; h++) {
-                int n = n0 + 16 * h, cols = n1 - n < 16 ? n1 - n : 16;
-                __mmask16 live = (__mmask16)((1u << cols) - 1u);
-                for (int r = 0; r < 32 && m + r < rows; r++)
-                    _mm512_mask_storeu_ps(g->y + (size_t)(m0 + m + r) * g->N + n, live,
-                                          _mm512_load_ps(out[(r >= 16) * 2 + h][r & 15]));
+                /* tiles: 0..3 accumulators (row group a/b x column half 0/1), 4, 5 activation limbs of groups a, b,
+                   6, 7 weight limbs of halves 0, 1. The products' order is fixed (the same for every row, row count
+                   and thread count): per 32 k, x1 w1, x1 w2, (x1 w3 with three weight limbs,) x2 w2, x2 w1, x3 w1. A lone
+                   16-row group (the last, when the padded rows are an odd number of groups) runs accumulators 0 and 1
+                   only: the same products in the same order, so the same bits, without computing its rows twice. */
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int k = 0; k < kx; k += 32) {
+                    size_t wk = (size_t)k * 16;
+    #define AMX_PRODUCTS() do { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);                           \
+                                    if (pair) { _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); } } while (0)
+    #define AMX_LOAD_X(l) do { _tile_loadd(4, xa[l] + wk, xs); if (pair) _tile_loadd(5, xb[l] + wk, xs); } while (0)
+                    /* each limb tile loaded once where it can be (two weight limbs: 12 loads for 20 products) */
+                    AMX_LOAD_X(0);
+                    _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
+                    AMX_PRODUCTS();                                                  /* x1 w1 */
+                    _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
+                    AMX_PRODUCTS();                                                  /* x1 w2 */
+                    if (!a->two) {
+                        _tile_loadd(6, w3a + wk, 64); _tile_loadd(7, w3b + wk, 64);
+                        AMX_PRODUCTS();                                              /* x1 w3 */
+                        _tile_loadd(6, w2a + wk, 64); _tile_loadd(7, w2b + wk, 64);
+                    }
+                    AMX_LOAD_X(1);
+                    AMX_PRODUCTS();                                                  /* x2 w2 */
+                    _tile_loadd(6, w1a + wk, 64); _tile_loadd(7, w1b + wk, 64);
+                    AMX_PRODUCTS();                                                  /* x2 w1 */
+                    AMX_LOAD_X(2);
+                    AMX_PRODUCTS();                                                  /* x3 w1 */
+    #undef AMX_PRODUCTS
+    #undef AMX_LOAD_X
+                }
+                _tile_stored(0, out[0], 64);
+                _tile_stored(1, out[1], 64);
+                if (pair) {
+                    _tile_stored(2, out[2], 64);
+                    _tile_stored(3, out[3], 64);
+                }
+                for (int h = 0; h < 2 && n0 + 16 * h < n1; h++) {
+                    int n = n0 + 16 * h, cols = n1 - n < 16 ? n1 - n : 16;
+                    __mmask16 live = (__mmask16)((1u << cols) - 1u);
+                    for (int r = 0; r < 32 && m + r < rows; r++)
+                        _mm512_mask_storeu_ps(g->y + (size_t)(m0 + m + r) * g->N + n, live,
+                                              _mm512_load_ps(out[(r >= 16) * 2 + h][r & 15]));
+                }
             }
         }
-    }
     }
     _tile_release();
     free(wl);
