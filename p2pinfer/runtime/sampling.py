@@ -424,63 +424,96 @@ def _nucleus_unsorted(scaled: np.ndarray, d: float, eps: float, top_p: float) ->
     ``[z_lo, z_hi]`` below holds it; each "maybe" verdict is monotone in ``z_max``, so one that is the same at
     both ends is the exact verdict, and a row where any verdict differs (a ratio within ~1e-11 of top_p)
     returns None. Tokens below the head are ruled out as in :func:`_nucleus_head`: the mass above them
-    already fails both tests, whatever their exact counts.
+    already fails both tests, whatever their exact counts (:func:`_nucleus_from_head`).
     """
     vocab = scaled.shape[0]
     top = float(np.max(scaled))
     if not math.isfinite(top):  # NaN or +inf somewhere: leave it to the general computation
         return None
-    q = np.exp(scaled - top)
-    total = float(np.sum(q))  # candidate_bounds' z_min sum: the same expression, the same bits
+    total = float(np.sum(np.exp(scaled - top)))  # candidate_bounds' z_min sum: the same expression, the same bits
+    z_min = total * math.exp(-d)
+
+    def head(thr: float) -> tuple[np.ndarray, np.ndarray] | None:
+        k_ids = np.flatnonzero(scaled >= thr)
+        return None if k_ids.size > _HEAD_MAX else (k_ids, scaled[k_ids])
+
+    found = _nucleus_from_head(head, vocab, top, total, total, z_min, z_min, d, eps, top_p)
+    if found is None:
+        return None
+    h_ids, h_maybe, h_surely = found
+    maybe = np.zeros(vocab, dtype=bool)
+    maybe[h_ids] = h_maybe
+    surely = np.zeros(vocab, dtype=bool)
+    surely[h_ids] = h_surely
+    return maybe, surely
+
+
+def _nucleus_from_head(head: Callable[[float], "tuple[np.ndarray, np.ndarray] | None"], vocab: int, top: float,
+                       total_lo: float, total_hi: float, z_min_lo: float, z_min_hi: float, d: float, eps: float,
+                       top_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The top-p verdicts (no top-k) of the head tokens ``h_ids``: ``(h_ids, maybe, surely)``; every other token
+    is neither. None where they cannot be proven equal to the sorted computation's.
+
+    ``head(thr)``: the IDs (ascending) and scaled values of every token whose scaled value is at least ``thr``
+    (None: too many). ``total_lo <= total <= total_hi`` brackets ``sum(exp(scaled - top))`` as the sorted
+    computation's ``z_min`` sum takes it (pairwise, over the vocabulary), and ``z_min_lo <= z_min <= z_min_hi``
+    its ``z_min = total * exp(-d)``. Each verdict is monotone in ``z_min`` and ``z_max``, so one that is the
+    same at both ends of their brackets is the exact verdict; a row where one differs returns None.
+    """
     e_minus, e_plus = math.exp(-d), math.exp(d)
-    z_min = total * e_minus
+    if z_min_lo <= 0 < z_min_hi or not (math.isfinite(total_hi) and math.isfinite(z_min_hi)):
+        return None
     rel = 4.0 * vocab * 2.0**-53 + 2.0**-50  # twice the two sums' error bounds, and this line's rounding
-    z_lo = total * (1.0 - rel) * e_plus
-    z_hi = total * (1.0 + rel) * e_plus
+    z_lo = total_lo * (1.0 - rel) * e_plus
+    z_hi = total_hi * (1.0 + rel) * e_plus
+    if not math.isfinite(z_hi):
+        return None
     reach = _HEAD_NATS
     while True:
         thr = top - reach
-        k_ids = np.flatnonzero(scaled >= thr)
-        if k_ids.size > _HEAD_MAX:
+        got = head(thr)
+        if got is None:
             return None
-        k_vals = scaled[k_ids]
+        k_ids, k_vals = got
         desc = -np.sort(-k_vals)  # the largest values of the vocabulary, descending: a prefix of its desc
         cum0 = np.empty(desc.shape[0] + 1)
         cum0[0] = 0.0
         np.cumsum(np.exp(desc - top), out=cum0[1:])  # the sorted computation's cum0, as far as it goes
         neg = -desc
         everything = k_ids.size == vocab
-        head = np.ones(k_ids.size, dtype=bool) if everything else (k_vals - eps) >= thr
-        n_head = int(np.count_nonzero(head))
+        in_head = np.ones(k_ids.size, dtype=bool) if everything else (k_vals - eps) >= thr
+        n_head = int(np.count_nonzero(in_head))
         if everything:
             break
         # A token v below the head has v - eps < thr. "maybe" counts the values above v + eps <= thr + 2 eps:
         # at least those above thr + 2 eps, so its mass is at least theirs. "surely" counts the values at or
         # above v - eps: the head and v itself, and subtracts v's own mass, at most the next value's; what
         # is left is at least the head's mass less two roundings (2**-51 relative; 2**-48 is a wide pad).
-        # Each test is a chain of monotone float operations, so these bounds decide it for every such v.
+        # Each test is a chain of monotone float operations, so these bounds decide it for every such v, and at
+        # the bracket's far end (the largest z) for every z in it.
         above_min = cum0[int(np.searchsorted(neg, -(thr + 2.0 * eps), side="left"))] * e_minus
         tail_not_maybe = not above_min / z_hi < top_p
-        tail_not_surely = z_min <= 0 or (n_head > 0 and not float(cum0[n_head]) * (1.0 - 2.0**-48) * e_plus
-                                         / z_min < top_p)
+        tail_not_surely = z_min_hi <= 0 or (n_head > 0 and not float(cum0[n_head]) * (1.0 - 2.0**-48) * e_plus
+                                            / z_min_hi < top_p)
         if tail_not_maybe and tail_not_surely:
             break
         reach = reach * 2.0 if reach < 1e6 else math.inf  # then thr is -inf: the whole vocabulary, or None
-    h_ids = k_ids[head]
-    h_vals = k_vals[head]
+    h_ids = k_ids[in_head]
+    h_vals = k_vals[in_head]
     n_surely_above = np.searchsorted(neg, -(h_vals + eps), side="left")  # count of desc > v + eps
     n_maybe_above = np.searchsorted(neg, -(h_vals - eps), side="right")  # count of desc >= v - eps
     above_min = cum0[n_surely_above] * e_minus
-    maybe_lo, maybe_hi = above_min / z_lo < top_p, above_min / z_hi < top_p
-    if not np.array_equal(maybe_lo, maybe_hi):
+    maybe = above_min / z_lo < top_p
+    if not np.array_equal(maybe, above_min / z_hi < top_p):
         return None  # a verdict within z_max's rounding of top_p: only the exact sum decides it
-    maybe = np.zeros(vocab, dtype=bool)
-    maybe[h_ids] = maybe_lo
-    surely = np.zeros(vocab, dtype=bool)
-    if z_min > 0:
-        above_max = np.maximum(cum0[n_maybe_above] - q[h_ids], 0.0) * e_plus
-        surely[h_ids] = above_max / z_min < top_p
-    return maybe, surely
+    if z_min_hi <= 0:
+        return h_ids, maybe, np.zeros(h_ids.size, dtype=bool)
+    # exp of the same values as over the whole row: numpy's exp is elementwise, the same bits at any position
+    above_max = np.maximum(cum0[n_maybe_above] - np.exp(h_vals - top), 0.0) * e_plus
+    surely = above_max / z_min_lo < top_p
+    if z_min_hi != z_min_lo and not np.array_equal(surely, above_max / z_min_hi < top_p):
+        return None  # the same for z_min
+    return h_ids, maybe, surely
 
 
 def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, cum0: np.ndarray,
