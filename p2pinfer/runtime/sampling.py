@@ -134,6 +134,13 @@ class _LazyUniforms:
 
 def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
     """The top 53 bits of the first ``vocab`` Philox draws of output index ``index`` (uint64)."""
+    raw = _philox_draws(seed_material, index, vocab)
+    raw >>= np.uint64(11)
+    return raw
+
+
+def _philox_draws(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
+    """The first ``vocab`` raw 64-bit Philox draws of output index ``index``."""
     key = noise_key(seed_material, index)
     generator = getattr(_philox, "generator", None)
     if generator is None:
@@ -142,9 +149,7 @@ def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
                        "state": {"counter": np.zeros(4, np.uint64),
                                  "key": np.array([key & (2**64 - 1), key >> 64], np.uint64)},
                        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
-    raw = generator.random_raw(vocab)
-    raw >>= np.uint64(11)
-    return raw
+    return generator.random_raw(vocab)
 
 
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
@@ -739,6 +744,188 @@ def _judge_all(scaled: np.ndarray, params: SamplingParams, seed_material: bytes,
     return ok, int(np.count_nonzero(m_keys >= best_other - slack)) > 1
 
 
+_MASS_NATS = 22.0  # top-p masses are summed over the tokens this close to the top (scaled nats); the rest bounded
+_MASS_REL = 1e-5  # the float32 mass sum's relative bracket (the proof in _mass_bracket)
+
+
+class _Head:
+    """One row of a :class:`LogProbRows` read at chosen tokens only: their scaled log-probs with the very
+    operations of ``rows.row(r) / temperature`` (the same bits), and the tokens at or above a scaled value
+    found with one comparison over the row's own values (no float64 row, no mask over the vocabulary)."""
+
+    def __init__(self, rows: LogProbRows, r: int, temperature: float) -> None:
+        self.x = rows.values[r]
+        self.shift = float(rows.shift[r])
+        self.log_norm = float(rows.log_norm[r])
+        self.temperature = temperature
+        self._near: "tuple[object, np.ndarray, np.ndarray] | None" = None  # (floor, ids, values) of a selection
+
+    def select(self, c) -> tuple[np.ndarray, np.ndarray]:
+        """IDs (ascending) and values of the tokens whose value is ``>= c``; kept, and later selections at or
+        above ``c`` are taken from it instead of the whole row."""
+        ids = self._ids_at_least(c)
+        self._near = (c, ids, self.x[ids])
+        return ids, self._near[2]
+
+    def _ids_at_least(self, c) -> np.ndarray:
+        if self._near is not None and c >= self._near[0]:
+            return self._near[1][self._near[2] >= c]
+        return np.flatnonzero(self.x >= c)
+
+    def scaled(self, ids: np.ndarray) -> np.ndarray:
+        return ((self.x[ids].astype(np.float64) - self.shift) - self.log_norm) / self.temperature
+
+    def _scaled_of(self, value) -> float:  # the same operations on one value (Python floats are IEEE doubles)
+        return ((float(value) - self.shift) - self.log_norm) / self.temperature
+
+    def floor(self, thr: float):
+        """A value ``c`` of the row's dtype such that every ``x < c`` has a scaled value below ``thr``: the map
+        from ``x`` to its scaled value is a chain of rounded, non-decreasing operations, so it is enough that
+        the largest representable value below ``c`` maps below ``thr`` (checked here, not assumed)."""
+        kind = self.x.dtype.type
+        if not thr > -math.inf:
+            return kind(-np.inf)
+        c = kind(self.shift + self.log_norm + thr * self.temperature)  # the inverse map, up to rounding
+        step = 2.0**-20 * (1.0 + abs(float(c)))
+        for _ in range(64):
+            below = np.nextafter(c, kind(-np.inf))
+            if not self._scaled_of(below) >= thr:
+                return c
+            c = kind(float(c) - step)
+            step *= 2.0
+        return kind(-np.inf)
+
+    def at_least(self, thr: float, limit: int) -> "tuple[np.ndarray, np.ndarray] | None":
+        """IDs (ascending) and scaled values of every token whose scaled value is ``>= thr``, exactly
+        ``np.flatnonzero(scaled >= thr)``; None if more than ``limit``."""
+        ids = self._ids_at_least(self.floor(thr))  # a superset: one comparison over the row
+        if ids.size > 4 * limit:
+            return None
+        vals = self.scaled(ids)
+        keep = vals >= thr
+        ids, vals = ids[keep], vals[keep]
+        return None if ids.size > limit else (ids, vals)
+
+
+def _mass_bracket(head: _Head, top_id: int, top: float) -> tuple[float, float]:
+    """``(lo, hi)`` holding ``sum(exp(scaled - top))`` as the sorted top-p computation takes it (float64, over
+    the whole row), from the tokens within :data:`_MASS_NATS` of the top only, in float32.
+
+    The proof. Let ``a = (x - x_top) / T`` exactly; the exact mass of a token is ``exp(a)``, and the float64
+    computation's is that up to ``1e-10`` relative where ``a >= -80`` (its argument ``scaled - top`` is off by
+    at most ``4u (|a| + 2 L / T)``, ``u = 2**-53``, ``0 <= L <= log vocab`` the normaliser, ``T >= 1e-3``; exp
+    adds a few ulp), and its pairwise sum adds ``vocab * u`` relative. The kept tokens (``scaled >= top - 22``,
+    a superset found as :meth:`_Head.at_least` finds one) are summed here as ``exp(float32((x - x_top) *
+    float32(1/T)))``: the argument is ``a (1 + e)`` with ``|e| <= 3 * 2**-24 (1 + u)`` (the subtraction,
+    ``float32(1/T)`` and the product), so with ``|a| <= 22.01`` each mass is off by a factor within
+    ``exp(+-22.01 * 1.8e-7) = 1 +- 4e-6``; numpy's float32 exp is within a few ulp (``< 1e-6``), and the float64
+    sum of the float32 values adds ``vocab * u``. The top token's mass is exactly 1 on both sides, so the total
+    is at least 1 and these relative errors stay well under ``1e-5`` (``_MASS_REL``). Every other token has
+    ``scaled < top - 22``: its float64 mass is at most ``exp(-22) (1 + 1e-9)``, so the rest adds between 0 and
+    ``n_rest * exp(-22) * (1 + 1e-6)`` (at most ``1.4e-5`` of the total at 49,152 tokens).
+    ``tests/test_sampling_check_speed.py`` checks the bracket against the float64 sum on real-shaped rows.
+    """
+    ids, x = head.select(head.floor(top - _MASS_NATS))
+    y = x - head.x[top_id]  # float32
+    y *= np.float32(1.0 / head.temperature)
+    np.exp(y, out=y)
+    kept = float(np.add.reduce(y, dtype=np.float64))
+    rest = (head.x.shape[0] - ids.size) * math.exp(-_MASS_NATS) * (1.0 + 1e-6)
+    return kept * (1.0 - _MASS_REL), kept * (1.0 + _MASS_REL) + rest
+
+
+def _few_from_head(head: _Head, h_ids: np.ndarray, h_maybe: np.ndarray, h_surely: np.ndarray,
+                   h_vals: np.ndarray, token: int) -> "_FewCandidates | None":
+    """:func:`_row_candidates`' result from the head tokens' verdicts (every other token neither "maybe" nor
+    "surely"); None when the candidates are too many for it (the caller then takes the whole row)."""
+    m_ids = h_ids[h_maybe]
+    r_ids = h_ids[h_surely & np.isfinite(h_vals)]
+    if max(m_ids.size, r_ids.size) > _FEW_RIVALS:
+        return None
+    ids = np.unique(np.concatenate((m_ids, r_ids, [token])))  # union1d's result
+    at = int(np.searchsorted(m_ids, token))
+    return _FewCandidates(token, ids, head.scaled(ids), np.searchsorted(ids, m_ids), np.searchsorted(ids, r_ids),
+                          int(np.searchsorted(ids, token)), at < m_ids.size and int(m_ids[at]) == token)
+
+
+def _head_candidates(head: _Head, params: SamplingParams, tolerance: float, token: int, top_id: int, top: float,
+                     masses: bool) -> "_FewCandidates | None":
+    """:func:`_row_candidates` for a top-k/top-p row from its head alone; None where that is not proven (the
+    caller then builds the row). ``top_id``, ``top``: the row's largest value's ID and scaled value; ``masses``:
+    whether :func:`_mass_bracket`'s proof holds for the row (top-p without top-k needs it)."""
+    vocab = head.x.shape[0]
+    d = tolerance / params.temperature
+    eps = 2.0 * d
+    if params.top_k == 0:
+        if not masses:
+            return None
+        total = _mass_bracket(head, top_id, top)
+        e_minus = math.exp(-d)
+        found = _nucleus_from_head(lambda thr: head.at_least(thr, _HEAD_MAX), vocab, top, total[0], total[1],
+                                   total[0] * e_minus, total[1] * e_minus, d, eps, params.top_p)
+        if found is None:
+            return None
+        h_ids, h_maybe, h_surely = found
+        return _few_from_head(head, h_ids, h_maybe, h_surely, head.scaled(h_ids), token)
+    # top-k (and top-p over its candidates): candidate_bounds reads only the tokens at or above the k-th value
+    # less eps: "maybe" is that set, "surely" a part of it above the (k+1)-th plus eps, and top-p then reads
+    # those two sets only. So candidate_bounds over the head alone, a prefix of the sorted row holding those
+    # tokens and at least k + 1 of them, gives the same verdicts (top_k stays below the head's size)
+    k = params.top_k
+    reach = _HEAD_NATS
+    while True:
+        got = head.at_least(top - reach, _FEW_RIVALS)
+        if got is None:
+            return None
+        ids, vals = got
+        if ids.size == vocab:
+            return None  # the whole row: no head to take
+        if ids.size > k:
+            kth = float(-np.partition(-vals, k - 1)[k - 1])
+            if kth - eps >= top - reach:
+                break
+        reach = reach * 2.0 if reach < 1e6 else math.inf
+    lp = (head.x[ids].astype(np.float64) - head.shift) - head.log_norm  # rows.row(r)[ids], the same bits
+    maybe, surely = candidate_bounds(lp, params, tolerance)
+    return _few_from_head(head, ids, maybe, surely, vals, token)
+
+
+def _judge_plain(head: _Head, params: SamplingParams, seed_material: bytes, index: int, token: int,
+                 tolerance: float, top_id: int, top: float) -> tuple[bool, bool]:
+    """:func:`_judge_all` for plain sampling (no top-k/top-p) without a float64 row: the noise of every token
+    (its largest value bounds every key), but keys only for the tokens that can come within the slack of the
+    best, found with one comparison over the row's values.
+
+    Exact: no key exceeds ``scaled + g_cap`` (``g_cap`` the noise of the position's largest draw, as in
+    :func:`gumbel_keys`), and the best key is at least the top token's, so a token below ``key(top) - slack -
+    g_cap`` is more than ``slack`` below the best. The tokens kept are then narrowed with the best key among
+    the kept ones near the top, by the same argument. Every key within ``slack`` of the best is kept, with
+    gumbel_keys' bits, so the best and second-best keys, the best's ID (the lowest among equal keys) and the
+    token's key, hence both verdicts, are those of :func:`_judge_all`."""
+    slack = sampler_slack(params, tolerance)
+    draws = _philox_draws(seed_material, index, head.x.shape[0])  # not shifted: only the draws read are
+
+    def noise(ids: np.ndarray) -> np.ndarray:  # g at ids: uniforms' and gumbel_keys' operations, the same bits
+        return np.log(-np.log(((draws[ids] >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53))
+
+    u_top = (float(draws.max() >> np.uint64(11)) + 0.5) * 2.0**-53  # the largest u (the shift is monotone)
+    g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)
+    top_key = float((head.scaled(np.array([top_id])) - noise(np.array([top_id])))[0])
+    ids, vals = head.at_least(top_key - slack - g_cap, head.x.shape[0])
+    near_top = vals >= top - _PROBE_NATS  # the best key among these bounds the best from below, more tightly
+    threshold = float(np.max(vals[near_top] - noise(ids[near_top]))) - slack - g_cap
+    keep = vals >= threshold
+    ids, vals = ids[keep], vals[keep]
+    keys = vals - noise(ids)
+    at = int(np.argmax(keys))  # the lowest ID among equal keys, as over the whole row (ids ascend)
+    best, first = int(ids[at]), float(keys[at])
+    keys[at] = -np.inf
+    second = float(np.max(keys)) if keys.size > 1 else -math.inf
+    token_key = float((head.scaled(np.array([token])) - noise(np.array([token])))[0])
+    rival_key = second if best == token else first
+    return bool(rival_key - token_key <= slack), not second < first - slack
+
+
 def _sorted_scaled(rows: LogProbRows, r: int, temperature: float) -> np.ndarray:
     """``np.sort(rows.row(r) / temperature)``, bit for bit, at half the cost: the float32 logits sort in half
     the time of float64 values, and the log-prob and the division by T are non-decreasing maps."""
@@ -772,19 +959,51 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
     ok = np.zeros(n, dtype=bool)
     near = np.zeros(n, dtype=bool)
     sort_logits = params.top_k != 0 or params.top_p < 1.0  # only the candidate bounds sort
-    few: dict[int, _FewCandidates] = {}
-    for r in range(n):
-        if not in_vocab[r]:
-            continue
-        lp = rows.row(r)
-        scaled = lp / params.temperature
-        cands = _row_candidates(lp, scaled, params, tolerance, int(tok[r]),
-                                (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits else None)
-        if isinstance(cands, _FewCandidates):
-            few[r] = cands  # its noise comes below, with every other such row's
-        else:
-            ok[r], near[r] = _judge_all(scaled, params, seed_material, start_index + r, int(tok[r]), tolerance,
-                                        *cands)
+    plain = params.top_k == 0 and params.top_p >= 1.0
+    # the head-only paths: each row's largest value (the lowest ID of it) on the row's own values, its scaled
+    # value with the row's operations; for top-p without top-k, the bracket of the masses' total (float32 rows)
+    top_ids, top_lp = rows.best()
+    tops = top_lp / params.temperature
+    # _mass_bracket's proof takes float32 rows as from_logits makes them: shift the row maximum, 0 <= L <= log V
+    masses = ((rows.values.dtype == np.float32) & (rows.shift == rows.values[everything, top_ids])
+              & (rows.log_norm >= 0.0) & (rows.log_norm <= math.log(vocab) + 1.0))
+    halves: dict[int, dict[int, _FewCandidates]] = {}
+
+    def judge(lo: int, hi: int) -> None:
+        few = halves[lo] = {}
+        for r in range(lo, hi):
+            if not in_vocab[r]:
+                continue
+            token = int(tok[r])
+            cands = None
+            if math.isfinite(tops[r]):  # no NaN, no +inf, not every token -inf
+                head = _Head(rows, r, params.temperature)
+                if plain:
+                    ok[r], near[r] = _judge_plain(head, params, seed_material, start_index + r, token, tolerance,
+                                                  int(top_ids[r]), float(tops[r]))
+                    continue
+                if params.top_k < vocab:
+                    cands = _head_candidates(head, params, tolerance, token, int(top_ids[r]), float(tops[r]),
+                                             bool(masses[r]))
+            if cands is None:  # the whole row, as judge_row takes it
+                lp = rows.row(r)
+                scaled = lp / params.temperature
+                cands = _row_candidates(lp, scaled, params, tolerance, token,
+                                        (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits
+                                        else None)
+            if isinstance(cands, _FewCandidates):
+                few[r] = cands  # its noise comes below, with every other such row's
+            else:
+                ok[r], near[r] = _judge_all(scaled, params, seed_material, start_index + r, token, tolerance,
+                                            *cands)
+
+    if plain:  # rows are independent: two threads (row_halves) judge them, each row with the same operations, the
+        # same bits; the Philox draws (most of a plain row's cost) run without the GIL. The other paths are mostly
+        # small numpy calls, which hold it: one thread (measured: two were slower)
+        over_rows(n, judge)
+    else:
+        judge(0, n)
+    few = {r: c for lo in sorted(halves) for r, c in halves[lo].items()}
     if few:
         # the noise of every few-candidate row at just its candidates' IDs, in one vectorized Philox pass
         keys = [noise_key(seed_material, start_index + r) for r in few]
