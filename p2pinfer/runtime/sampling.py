@@ -870,21 +870,24 @@ def _head_candidates(head: _Head, params: SamplingParams, tolerance: float, toke
     # top-k (and top-p over its candidates): candidate_bounds reads only the tokens at or above the k-th value
     # less eps: "maybe" is that set, "surely" a part of it above the (k+1)-th plus eps, and top-p then reads
     # those two sets only. So candidate_bounds over the head alone, a prefix of the sorted row holding those
-    # tokens and at least k + 1 of them, gives the same verdicts (top_k stays below the head's size)
+    # tokens and the k + 1 largest, gives the same verdicts (top_k stays below the head's size)
     k = params.top_k
-    reach = _HEAD_NATS
-    while True:
-        got = head.at_least(top - reach, _FEW_RIVALS)
-        if got is None:
-            return None
-        ids, vals = got
-        if ids.size == vocab:
-            return None  # the whole row: no head to take
+    reach = 2.0 * _HEAD_NATS  # one comparison over the row: the k + 1 largest of a 49,152-token row are rarely lower
+    while True:  # a prefix of the sorted row with more than k tokens
+        ids, x = head.select(head.floor(top - reach))
         if ids.size > k:
-            kth = float(-np.partition(-vals, k - 1)[k - 1])
-            if kth - eps >= top - reach:
-                break
+            break
+        if ids.size == vocab or reach == math.inf:
+            return None
         reach = reach * 2.0 if reach < 1e6 else math.inf
+    # the k-th and (k+1)-th largest values: the row's map to scaled values is non-decreasing, so they are the
+    # sorted scaled row's [k - 1] and [k]
+    part = np.partition(x, (ids.size - k - 1, ids.size - k))
+    kth, after = head._scaled_of(part[ids.size - k]), head._scaled_of(part[ids.size - k - 1])
+    got = head.at_least(min(kth - eps, after), _FEW_RIVALS)
+    if got is None or got[0].size == vocab:
+        return None
+    ids, vals = got
     lp = (head.x[ids].astype(np.float64) - head.shift) - head.log_norm  # rows.row(r)[ids], the same bits
     maybe, surely = candidate_bounds(lp, params, tolerance)
     return _few_from_head(head, ids, maybe, surely, vals, token)
