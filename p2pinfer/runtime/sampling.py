@@ -445,7 +445,7 @@ def _nucleus_unsorted(scaled: np.ndarray, d: float, eps: float, top_p: float) ->
     found = _nucleus_from_head(head, vocab, top, total, total, z_min, z_min, d, eps, top_p)
     if found is None:
         return None
-    h_ids, h_maybe, h_surely = found
+    h_ids, h_maybe, h_surely, _ = found
     maybe = np.zeros(vocab, dtype=bool)
     maybe[h_ids] = h_maybe
     surely = np.zeros(vocab, dtype=bool)
@@ -455,9 +455,9 @@ def _nucleus_unsorted(scaled: np.ndarray, d: float, eps: float, top_p: float) ->
 
 def _nucleus_from_head(head: Callable[[float], "tuple[np.ndarray, np.ndarray] | None"], vocab: int, top: float,
                        total_lo: float, total_hi: float, z_min_lo: float, z_min_hi: float, d: float, eps: float,
-                       top_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The top-p verdicts (no top-k) of the head tokens ``h_ids``: ``(h_ids, maybe, surely)``; every other token
-    is neither. None where they cannot be proven equal to the sorted computation's.
+                       top_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The top-p verdicts (no top-k) of the head tokens ``h_ids``: ``(h_ids, maybe, surely, scaled values)``;
+    every other token is neither. None where they cannot be proven equal to the sorted computation's.
 
     ``head(thr)``: the IDs (ascending) and scaled values of every token whose scaled value is at least ``thr``
     (None: too many). ``total_lo <= total <= total_hi`` brackets ``sum(exp(scaled - top))`` as the sorted
@@ -512,13 +512,13 @@ def _nucleus_from_head(head: Callable[[float], "tuple[np.ndarray, np.ndarray] | 
     if not np.array_equal(maybe, above_min / z_hi < top_p):
         return None  # a verdict within z_max's rounding of top_p: only the exact sum decides it
     if z_min_hi <= 0:
-        return h_ids, maybe, np.zeros(h_ids.size, dtype=bool)
+        return h_ids, maybe, np.zeros(h_ids.size, dtype=bool), h_vals
     # exp of the same values as over the whole row: numpy's exp is elementwise, the same bits at any position
     above_max = np.maximum(cum0[n_maybe_above] - np.exp(h_vals - top), 0.0) * e_plus
     surely = above_max / z_min_lo < top_p
     if z_min_hi != z_min_lo and not np.array_equal(surely, above_max / z_min_hi < top_p):
         return None  # the same for z_min
-    return h_ids, maybe, surely
+    return h_ids, maybe, surely, h_vals
 
 
 def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, cum0: np.ndarray,
@@ -836,16 +836,25 @@ def _mass_bracket(head: _Head, top_id: int, top: float) -> tuple[float, float]:
 
 def _few_from_head(head: _Head, h_ids: np.ndarray, h_maybe: np.ndarray, h_surely: np.ndarray,
                    h_vals: np.ndarray, token: int) -> "_FewCandidates | None":
-    """:func:`_row_candidates`' result from the head tokens' verdicts (every other token neither "maybe" nor
-    "surely"); None when the candidates are too many for it (the caller then takes the whole row)."""
-    m_ids = h_ids[h_maybe]
-    r_ids = h_ids[h_surely & np.isfinite(h_vals)]
-    if max(m_ids.size, r_ids.size) > _FEW_RIVALS:
+    """:func:`_row_candidates`' result from the head tokens' verdicts (``h_ids`` ascending; every other token
+    neither "maybe" nor "surely"); None when the candidates are too many for it (the caller then takes the
+    whole row)."""
+    rival = h_surely & np.isfinite(h_vals)
+    chosen = h_maybe | rival
+    ids = h_ids[chosen]  # union1d of the "maybe" and rival IDs: ascending, each once
+    m_pos = np.flatnonzero(h_maybe[chosen])
+    r_pos = np.flatnonzero(rival[chosen])
+    if max(m_pos.size, r_pos.size) > _FEW_RIVALS:
         return None
-    ids = np.unique(np.concatenate((m_ids, r_ids, [token])))  # union1d's result
-    at = int(np.searchsorted(m_ids, token))
-    return _FewCandidates(token, ids, head.scaled(ids), np.searchsorted(ids, m_ids), np.searchsorted(ids, r_ids),
-                          int(np.searchsorted(ids, token)), at < m_ids.size and int(m_ids[at]) == token)
+    t_pos = int(np.searchsorted(ids, token))
+    if t_pos < ids.size and int(ids[t_pos]) == token:
+        token_maybe = bool(h_maybe[chosen][t_pos])
+    else:  # the emitted token joins them (union1d with [token]): the positions at or after it move up by one
+        ids = np.insert(ids, t_pos, token)
+        m_pos[m_pos >= t_pos] += 1
+        r_pos[r_pos >= t_pos] += 1
+        token_maybe = False
+    return _FewCandidates(token, ids, head.scaled(ids), m_pos, r_pos, t_pos, token_maybe)
 
 
 def _head_candidates(head: _Head, params: SamplingParams, tolerance: float, token: int, top_id: int, top: float,
@@ -865,8 +874,7 @@ def _head_candidates(head: _Head, params: SamplingParams, tolerance: float, toke
                                    total[0] * e_minus, total[1] * e_minus, d, eps, params.top_p)
         if found is None:
             return None
-        h_ids, h_maybe, h_surely = found
-        return _few_from_head(head, h_ids, h_maybe, h_surely, head.scaled(h_ids), token)
+        return _few_from_head(head, *found, token)
     # top-k (and top-p over its candidates): candidate_bounds reads only the tokens at or above the k-th value
     # less eps: "maybe" is that set, "surely" a part of it above the (k+1)-th plus eps, and top-p then reads
     # those two sets only. So candidate_bounds over the head alone, a prefix of the sorted row holding those
