@@ -950,9 +950,12 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
                row_max: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row (output index ``start_index + r``): whether ``tokens[r]`` is acceptable (:func:`is_acceptable`)
     and whether the row is a near tie (``tiebreak.is_ambiguous``: more than one admissible token), in one
-    pass. Greedy is vectorized over rows. Sampled rows are judged one by one as :func:`judge_row` does, except
-    that the rows whose top-k/top-p candidates are few get their noise together, at just those candidates'
-    IDs (:mod:`.philox`). ``row_max``: each row's largest log-prob when the caller has it already.
+    pass. Greedy is vectorized over rows. Sampled rows get :func:`judge_row`'s verdicts without its float64
+    row: each is read at the tokens near its top only (:class:`_Head`; top-p masses' total bracketed by
+    :func:`_mass_bracket`, top-k from its head, plain sampling's keys in :func:`_judge_plain`), and where that
+    cannot prove the verdicts, from the whole row as judge_row does. The rows whose top-k/top-p candidates are
+    few get their noise together, at just those candidates' IDs (:mod:`.philox`). ``row_max``: each greedy
+    row's largest log-prob when the caller has it already.
     """
     rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
     n, vocab = rows.n, rows.vocab
