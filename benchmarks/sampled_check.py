@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             np.savez(args.logits, **data)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; tolerance {args.tolerance:g}; "
           f"old {args.old}; best of {args.rounds}")
-    print("\n| request | prompt | old ms / 128 rows | new ms / 128 rows | old / new | near ties |\n|---|---|---|---|---|---|")
+    print("\n| request | prompt | old ms / 128 rows | new ms / 128 rows | old / new | near ties |\n"
+          "|---|---|---|---|---|---|")
     totals = {"old": 0.0, "new": 0.0}
     for name, params in _requests().items():
         for j in range(len(PROMPTS)):

@@ -817,21 +817,23 @@ def _mass_bracket(head: _Head, top_id: int, top: float) -> tuple[float, float]:
     adds a few ulp), and its pairwise sum adds ``vocab * u`` relative. The kept tokens (``scaled >= top - 22``,
     a superset found as :meth:`_Head.at_least` finds one) are summed here as ``exp(float32((x - x_top) *
     float32(1/T)))``: the argument is ``a (1 + e)`` with ``|e| <= 3 * 2**-24 (1 + u)`` (the subtraction,
-    ``float32(1/T)`` and the product), so with ``|a| <= 22.01`` each mass is off by a factor within
-    ``exp(+-22.01 * 1.8e-7) = 1 +- 4e-6``; numpy's float32 exp is within a few ulp (``< 1e-6``), and the float64
-    sum of the float32 values adds ``vocab * u``. The top token's mass is exactly 1 on both sides, so the total
-    is at least 1 and these relative errors stay well under ``1e-5`` (``_MASS_REL``). Every other token has
-    ``scaled < top - 22``: its float64 mass is at most ``exp(-22) (1 + 1e-9)``, so the rest adds between 0 and
-    ``n_rest * exp(-22) * (1 + 1e-6)`` (at most ``1.4e-5`` of the total at 49,152 tokens).
+    ``float32(1/T)`` and the product), so each mass is off by a factor within ``exp(+-|a| * 1.8e-7)``: at the
+    kept set's lowest ``|a|`` (measured below; about 22) ``1 +- 4e-6``; numpy's float32 exp is within a few ulp
+    (``< 1e-6``), and the float64 sum of the float32 values adds ``vocab * u``. The top token's mass is exactly 1
+    on both sides, so the total is at least 1 and these relative errors stay under ``(|a_min| + 1) * 2e-7 +
+    2e-6``, which is below ``1e-5`` (``_MASS_REL``) for any kept set reaching less than 38 nats down. Every
+    other token has ``scaled < top - 22``: its float64 mass is at most ``exp(-22) (1 + 1e-9)``, so the rest
+    adds between 0 and ``n_rest * exp(-22) * (1 + 1e-6)`` (at most ``1.4e-5`` of the total at 49,152 tokens).
     ``tests/test_sampling_check_speed.py`` checks the bracket against the float64 sum on real-shaped rows.
     """
     ids, x = head.select(head.floor(top - _MASS_NATS))
     y = x - head.x[top_id]  # float32
     y *= np.float32(1.0 / head.temperature)
+    rel = max(_MASS_REL, (abs(float(np.min(y))) + 1.0) * 2e-7 + 2e-6)  # the superset may reach a little lower
     np.exp(y, out=y)
     kept = float(np.add.reduce(y, dtype=np.float64))
     rest = (head.x.shape[0] - ids.size) * math.exp(-_MASS_NATS) * (1.0 + 1e-6)
-    return kept * (1.0 - _MASS_REL), kept * (1.0 + _MASS_REL) + rest
+    return kept * (1.0 - rel), kept * (1.0 + rel) + rest
 
 
 def _few_from_head(head: _Head, h_ids: np.ndarray, h_maybe: np.ndarray, h_surely: np.ndarray,
