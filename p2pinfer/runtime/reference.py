@@ -56,6 +56,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from threadpoolctl import threadpool_limits
 
+from ..kernels import ref64
 from .digest import ModelFormatError
 from .memory import drop_read_only_mapped_pages, release_freed_memory
 from .sampling import log_softmax
@@ -121,8 +122,14 @@ class MatMulNBits(OpRun):
             zp = np.full((n_, n_blocks), 8, dtype=np.uint8)
         else:
             zp = _unpack_nibbles(zero_points.reshape(n_, -1))[:, :n_blocks]
-        uniform = bool(np.all(zp == zp.flat[0]))  # the GGUF importer writes one zero point per term
         a = np.asarray(A, dtype=np.float64)
+        product = ref64.q4_product(a, B, scales, None if zero_points is None or not zero_points.size else zp,
+                                   n=n_, k=k_, block_size=bs)
+        if product is not None:  # the C products (no float64 weights in memory); else numpy below
+            if bias is not None:
+                product += np.asarray(bias, dtype=np.float64)
+            return (product,)
+        uniform = bool(np.all(zp == zp.flat[0]))  # the GGUF importer writes one zero point per term
         flat = a.reshape(-1, a.shape[-1])
         out = np.empty((flat.shape[0], n_), dtype=np.float64)
         packed = B.reshape(n_, n_blocks, bs // 2)

@@ -1,0 +1,100 @@
+"""The float64 products of the near-tie reference (``ref64.c``), called through ctypes.
+
+``A @ W.T`` in float64 where ``W`` is a 4-bit ``MatMulNBits`` weight or a float32 weight, without a float64
+copy of ``W``: the library widens a panel of W's output columns at a time (24 columns x 128 values, in the L1
+cache) and multiplies every row of ``A`` by it with AVX-512 FMA, on :data:`PRODUCT_THREADS` threads of its own
+that take panels from a shared counter (no barrier: a descheduled thread leaves its panels to the other). Every
+value is a float64 operation; the sums run in another order than BLAS's (float64 rounding).
+
+Each function returns None where the library is unavailable (no compiler, a CPU without AVX-512,
+``P2PINFER_REF64_KERNEL=0``): the caller multiplies with numpy instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+from . import ref64_library_path
+
+#: threads of one product: two (the reference's products are ~60 % of a row), one where the process may use one
+#: CPU only. Each output element is computed the same way whatever the count.
+PRODUCT_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+_lock = threading.Lock()
+_lib: list = []  # [the loaded library or None], once looked up
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _library() -> ctypes.CDLL | None:
+    with _lock:
+        if not _lib:
+            path = ref64_library_path()
+            lib = None
+            if path is not None:
+                try:
+                    lib = ctypes.CDLL(str(path))
+                    lib.p2pinfer_ref64_available.restype = ctypes.c_int
+                    if not lib.p2pinfer_ref64_available():
+                        lib = None
+                    else:
+                        lib.p2pinfer_ref64_q4.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, ctypes.c_int]
+                        lib.p2pinfer_ref64_q4.restype = ctypes.c_int
+                        lib.p2pinfer_ref64_f32.argtypes = [_P, _I, _I, _I, _P, ctypes.c_int, _I, _P, _I, ctypes.c_int]
+                        lib.p2pinfer_ref64_f32.restype = ctypes.c_int
+                except (OSError, AttributeError):
+                    lib = None
+            _lib.append(lib)
+        return _lib[0]
+
+
+def available() -> bool:
+    """Whether the library runs here (else the reference multiplies with numpy)."""
+    return _library() is not None
+
+
+def _rows(a: np.ndarray, k: int) -> np.ndarray:
+    flat = np.ascontiguousarray(np.asarray(a, dtype=np.float64).reshape(-1, k))
+    return flat
+
+
+def q4_product(a: np.ndarray, packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,
+               n: int, k: int, block_size: int) -> np.ndarray | None:
+    """``a[..., k] @ dequantize(W).T`` -> float64 ``[..., n]``: ``packed`` uint8 ``[n, blocks, block_size/2]``
+    (code ``2t`` the low nibble of byte ``t``), ``scales`` ``[n * blocks]`` float32, ``zero_points`` uint8 codes
+    ``[n, blocks]`` (None: 8). None where the library is unavailable."""
+    lib = _library()
+    if lib is None:
+        return None
+    blocks = (k + block_size - 1) // block_size
+    flat = _rows(a, k)
+    q = np.ascontiguousarray(packed, dtype=np.uint8).reshape(n, blocks, block_size // 2)
+    s = np.ascontiguousarray(scales, dtype=np.float32).reshape(n * blocks)
+    z = None if zero_points is None else np.ascontiguousarray(zero_points, dtype=np.uint8).reshape(n, blocks)
+    out = np.empty((flat.shape[0], n), dtype=np.float64)
+    if lib.p2pinfer_ref64_q4(flat.ctypes.data, flat.shape[0], k, k, q.ctypes.data, s.ctypes.data,
+                             None if z is None else z.ctypes.data, n, blocks, block_size, out.ctypes.data, n,
+                             PRODUCT_THREADS):
+        raise MemoryError("the float64 reference's product could not allocate its panel buffers")
+    return out.reshape(np.shape(a)[:-1] + (n,))
+
+
+def f32_product(a: np.ndarray, w: np.ndarray, *, transposed: bool) -> np.ndarray | None:
+    """``a[..., k] @ W`` -> float64 ``[..., n]`` for a 2-D float32 ``w``: ``[k, n]`` (MatMul), or ``[n, k]`` with
+    ``transposed`` (Gemm's ``transB``). None where the library is unavailable."""
+    lib = _library()
+    if lib is None:
+        return None
+    n, k = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+    flat = _rows(a, k)
+    wc = np.ascontiguousarray(w, dtype=np.float32)  # a mapped weight is read in place (already contiguous)
+    out = np.empty((flat.shape[0], n), dtype=np.float64)
+    if lib.p2pinfer_ref64_f32(flat.ctypes.data, flat.shape[0], k, k, wc.ctypes.data, int(transposed), n,
+                              out.ctypes.data, n, PRODUCT_THREADS):
+        raise MemoryError("the float64 reference's product could not allocate its panel buffers")
+    return out.reshape(np.shape(a)[:-1] + (n,))
