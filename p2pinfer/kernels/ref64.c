@@ -47,9 +47,6 @@ typedef struct {
     double *out;            /* [m, n] row-major, row stride ldo */
     int64_t ldo;
     int64_t kc;             /* k values per block (4-bit: a whole number of quantization blocks) */
-    atomic_long next;       /* the next panel to take */
-    atomic_long done;       /* panels computed */
-    int64_t panels;
 } job_t;
 
 /* ---- widening: W's values for k0..k0+kc of columns c0..c0+cols into buf[kk][NR] (float64, k-major; columns
@@ -176,37 +173,64 @@ static void panel_product(const job_t *j, double *buf, int64_t col0, int64_t col
     }
 }
 
-static void *worker(void *arg) {
-    job_t *j = (job_t *)arg;
-    double *buf = aligned_alloc(64, (size_t)(j->kc * NR * sizeof(double)));
-    if (buf == NULL) return (void *)1;  /* takes no panel: the other threads do its share */
+/* ---- threads: items handed out by a counter, each thread with its own scratch buffer ------------------------ */
+
+typedef void (*item_fn)(void *arg, int64_t item, double *scratch);
+
+typedef struct {
+    item_fn fn;
+    void *arg;
+    int64_t items;
+    size_t scratch_bytes;
+    atomic_long next;       /* the next item to take */
+    atomic_long done;       /* items computed */
+} pool_t;
+
+static void *worker(void *p_) {
+    pool_t *p = (pool_t *)p_;
+    double *scratch = aligned_alloc(64, p->scratch_bytes);
+    if (scratch == NULL) return NULL;  /* takes no item: the other threads do its share */
     for (;;) {
-        const int64_t p = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
-        if (p >= j->panels) break;
-        const int64_t col0 = p * PANEL, cols = j->n - col0 < PANEL ? j->n - col0 : PANEL;
-        panel_product(j, buf, col0, cols);
-        atomic_fetch_add_explicit(&j->done, 1, memory_order_relaxed);
+        const int64_t item = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
+        if (item >= p->items) break;
+        p->fn(p->arg, item, scratch);
+        atomic_fetch_add_explicit(&p->done, 1, memory_order_relaxed);
     }
-    free(buf);
+    free(scratch);
     return NULL;
 }
 
-static int run(job_t *j, int threads) {
-    j->panels = (j->n + PANEL - 1) / PANEL;
-    atomic_store(&j->next, 0);
-    atomic_store(&j->done, 0);
+/* fn(arg, item, scratch) for every item in [0, items), on `threads` threads (the caller's and helpers created
+ * for the call). Returns 0, or -1 where an item was left undone (no thread could allocate its scratch). */
+static int parallel(item_fn fn, void *arg, int64_t items, int threads, size_t scratch_bytes) {
+    pool_t p;
+    p.fn = fn; p.arg = arg; p.items = items;
+    p.scratch_bytes = (scratch_bytes + 63) & ~(size_t)63;
+    if (p.scratch_bytes == 0) p.scratch_bytes = 64;
+    atomic_init(&p.next, 0);
+    atomic_init(&p.done, 0);
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > j->panels) threads = (int)j->panels;
+    if (threads > items) threads = (int)items;
     pthread_t helpers[MAX_THREADS];
     int started = 0;
     for (int t = 1; t < threads; t++) {
-        if (pthread_create(&helpers[started], NULL, worker, j) != 0) break;
+        if (pthread_create(&helpers[started], NULL, worker, &p) != 0) break;  /* its share goes to the others */
         started++;
     }
-    worker(j);
+    worker(&p);
     for (int t = 0; t < started; t++) pthread_join(helpers[t], NULL);
-    return atomic_load(&j->done) == j->panels ? 0 : -1;  /* short only where no thread had a buffer */
+    return atomic_load(&p.done) == items ? 0 : -1;
+}
+
+static void product_item(void *arg, int64_t panel, double *buf) {
+    const job_t *j = (const job_t *)arg;
+    const int64_t col0 = panel * PANEL, cols = j->n - col0 < PANEL ? j->n - col0 : PANEL;
+    panel_product(j, buf, col0, cols);
+}
+
+static int run(job_t *j, int threads) {
+    return parallel(product_item, j, (j->n + PANEL - 1) / PANEL, threads, (size_t)(j->kc * NR * sizeof(double)));
 }
 
 /* out[m, n] = A[m, k] . dequantize(W)^T for a MatMulNBits weight: packed [n, blocks, bs/2] 4-bit codes (element
@@ -235,6 +259,201 @@ int p2pinfer_ref64_f32(const double *a, int64_t m, int64_t k, int64_t lda, const
     j.w = w; j.n = n; j.out = out; j.ldo = ldo;
     j.kc = KC_TARGET;
     return run(&j, threads);
+}
+
+/* ---- exp and sigmoid in float64 -------------------------------------------------------------------------- */
+
+/* exp(x) for x <= 0 (or any x below ~709), within ~2 ulp: x = n ln2 + r with ln2 in two parts (r exact to
+ * ~1e-20), exp(r) by its Taylor series to degree 13 (|r| <= 0.35: truncation below 1e-17 relative), times 2^n.
+ * Below -708.39 (exp(x) < 2^-1022, the smallest normal double) it gives 0 where exp gives a subnormal: an
+ * attention probability or a sigmoid that small changes nothing above 1e-307, and subnormal operands make
+ * every later multiplication by them ~100x slower. */
+static inline __m512d exp_pd(__m512d x) {
+    const __mmask8 normal = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.39), _CMP_NLT_UQ);  /* NaN: kept */
+    x = _mm512_max_pd(_mm512_set1_pd(-709.0), x);  /* the second operand where either is NaN: NaN stays NaN */
+    const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634074)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93147180369123816490e-01), x);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.90821492927058770002e-10), r);
+    static const double c[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600,
+                                 1.0 / 6227020800.0};
+    __m512d p = _mm512_set1_pd(c[13]);
+    for (int t = 12; t >= 0; t--) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c[t]));
+    return _mm512_maskz_mov_pd(normal, _mm512_scalef_pd(p, n));
+}
+
+typedef struct {
+    const double *x;
+    double *out;
+    int64_t count;
+} map_t;
+
+#define MAP_CHUNK 16384
+
+/* onnx.reference's stable sigmoid: e = exp(-|x|); e / (1 + e) where x <= 0, 1 / (1 + e) where x > 0 */
+static void sigmoid_item(void *arg, int64_t item, double *scratch) {
+    (void)scratch;
+    const map_t *m = (const map_t *)arg;
+    const int64_t lo = item * MAP_CHUNK, hi = lo + MAP_CHUNK < m->count ? lo + MAP_CHUNK : m->count;
+    const __m512d one = _mm512_set1_pd(1.0);
+    for (int64_t i = lo; i < hi; i += 8) {
+        const __mmask8 mask = (__mmask8)(hi - i >= 8 ? 0xFF : (1u << (hi - i)) - 1);
+        const __m512d x = _mm512_maskz_loadu_pd(mask, m->x + i);
+        const __m512d e = exp_pd(_mm512_sub_pd(_mm512_setzero_pd(), _mm512_abs_pd(x)));
+        const __m512d d = _mm512_add_pd(one, e);
+        const __mmask8 positive = _mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_GT_OQ);
+        const __m512d y = _mm512_div_pd(_mm512_mask_blend_pd(positive, e, one), d);
+        _mm512_mask_storeu_pd(m->out + i, mask, y);
+    }
+}
+
+int p2pinfer_ref64_sigmoid(const double *x, double *out, int64_t count, int threads) {
+    if (count <= 0) return 0;
+    map_t m = {x, out, count};
+    return parallel(sigmoid_item, &m, (count + MAP_CHUNK - 1) / MAP_CHUNK, threads, 64);
+}
+
+/* ---- causal grouped-query attention in float64 ------------------------------------------------------------ */
+
+#define QB 8   /* query positions of one head per item */
+
+typedef struct {
+    const double *q;        /* [s, nh, hd]: rotated queries */
+    const double *kt;       /* [nkv, hd, tp]: keys transposed, zero past t */
+    const double *v;        /* [nkv, t, hd] */
+    double *ctx;            /* [s, nh, hd] */
+    int64_t s, nh, nkv, t, tp, hd, past, total;
+    double factor;
+} attn_t;
+
+static inline __attribute__((always_inline)) void scores_tile(const attn_t *a, const double *q0, int64_t j0,
+                                                              const double *kt, double *S, int64_t lds,
+                                                              const int qn) {
+    __m512d acc[QB][3];
+    for (int x = 0; x < qn; x++)
+        for (int y = 0; y < 3; y++) acc[x][y] = _mm512_setzero_pd();
+    const int64_t qstride = a->nh * a->hd;
+    for (int64_t d = 0; d < a->hd; d++) {
+        const double *row = kt + d * a->tp + j0;
+        const __m512d b0 = _mm512_loadu_pd(row), b1 = _mm512_loadu_pd(row + 8), b2 = _mm512_loadu_pd(row + 16);
+        for (int x = 0; x < qn; x++) {
+            const __m512d qv = _mm512_set1_pd(q0[x * qstride + d]);
+            acc[x][0] = _mm512_fmadd_pd(qv, b0, acc[x][0]);
+            acc[x][1] = _mm512_fmadd_pd(qv, b1, acc[x][1]);
+            acc[x][2] = _mm512_fmadd_pd(qv, b2, acc[x][2]);
+        }
+    }
+    for (int x = 0; x < qn; x++)
+        for (int y = 0; y < 3; y++) _mm512_storeu_pd(S + x * lds + j0 + 8 * y, acc[x][y]);
+}
+
+static inline __attribute__((always_inline)) void context_tile(const attn_t *a, const double *S, int64_t lds,
+                                                               int64_t seen, const double *v, double *out,
+                                                               int64_t ostride, const int qn) {
+    for (int64_t d0 = 0; d0 < a->hd; d0 += 64) {
+        __m512d acc[3][8];
+        for (int x = 0; x < qn; x++)
+            for (int y = 0; y < 8; y++) acc[x][y] = _mm512_setzero_pd();
+        for (int64_t j = 0; j < seen; j++) {
+            const double *row = v + j * a->hd + d0;
+            __m512d vv[8];
+            for (int y = 0; y < 8; y++) vv[y] = _mm512_loadu_pd(row + 8 * y);
+            for (int x = 0; x < qn; x++) {
+                const __m512d p = _mm512_set1_pd(S[x * lds + j]);
+                for (int y = 0; y < 8; y++) acc[x][y] = _mm512_fmadd_pd(p, vv[y], acc[x][y]);
+            }
+        }
+        for (int x = 0; x < qn; x++)
+            for (int y = 0; y < 8; y++) _mm512_storeu_pd(out + x * ostride + d0 + 8 * y, acc[x][y]);
+    }
+}
+
+static void attention_item(void *arg, int64_t item, double *S) {
+    const attn_t *a = (const attn_t *)arg;
+    const int64_t blocks = (a->s + QB - 1) / QB;
+    const int64_t h = item / blocks, i0 = (item % blocks) * QB;
+    const int qn = (int)(a->s - i0 < QB ? a->s - i0 : QB);
+    const int64_t g = h / (a->nh / a->nkv);
+    int64_t seen = a->past + i0 + qn;  /* keys the block's last query may see */
+    if (seen > a->total) seen = a->total;
+    if (seen > a->t) seen = a->t;
+    const int64_t lds = a->tp;
+    const double *q0 = a->q + (i0 * a->nh + h) * a->hd;
+    const double *kt = a->kt + g * a->hd * a->tp;
+    for (int64_t j0 = 0; j0 < seen; j0 += 24) {
+        switch (qn) {
+        case 8: scores_tile(a, q0, j0, kt, S, lds, 8); break;
+        case 7: scores_tile(a, q0, j0, kt, S, lds, 7); break;
+        case 6: scores_tile(a, q0, j0, kt, S, lds, 6); break;
+        case 5: scores_tile(a, q0, j0, kt, S, lds, 5); break;
+        case 4: scores_tile(a, q0, j0, kt, S, lds, 4); break;
+        case 3: scores_tile(a, q0, j0, kt, S, lds, 3); break;
+        case 2: scores_tile(a, q0, j0, kt, S, lds, 2); break;
+        default: scores_tile(a, q0, j0, kt, S, lds, 1); break;
+        }
+    }
+    /* each query's softmax over the keys it may see; the others get probability 0 exactly */
+    const __m512d factor = _mm512_set1_pd(a->factor);
+    for (int x = 0; x < qn; x++) {
+        double *row = S + x * lds;
+        int64_t visible = a->past + i0 + x + 1;
+        if (visible > a->total) visible = a->total;
+        if (visible > seen) visible = seen;
+        __m512d mx = _mm512_set1_pd(-__builtin_inf());
+        for (int64_t j = 0; j < visible; j += 8) {
+            const __mmask8 m = (__mmask8)(visible - j >= 8 ? 0xFF : (1u << (visible - j)) - 1);
+            const __m512d sc = _mm512_mul_pd(_mm512_loadu_pd(row + j), factor);
+            _mm512_storeu_pd(row + j, sc);
+            mx = _mm512_mask_max_pd(mx, m, mx, sc);
+        }
+        const __m512d top = _mm512_set1_pd(_mm512_reduce_max_pd(mx));
+        __m512d sum = _mm512_setzero_pd();
+        for (int64_t j = 0; j < visible; j += 8) {
+            const __mmask8 m = (__mmask8)(visible - j >= 8 ? 0xFF : (1u << (visible - j)) - 1);
+            const __m512d e = _mm512_maskz_mov_pd(m, exp_pd(_mm512_sub_pd(_mm512_loadu_pd(row + j), top)));
+            _mm512_storeu_pd(row + j, e);
+            sum = _mm512_add_pd(sum, e);
+        }
+        const __m512d total = _mm512_set1_pd(_mm512_reduce_add_pd(sum));
+        for (int64_t j = 0; j < visible; j += 8) _mm512_storeu_pd(row + j, _mm512_div_pd(_mm512_loadu_pd(row + j), total));
+        for (int64_t j = visible; j < seen; j++) row[j] = 0.0;  /* (written above past `visible` too) */
+    }
+    const double *v = a->v + g * a->t * a->hd;
+    const int64_t ostride = a->nh * a->hd;
+    double *out = a->ctx + (i0 * a->nh + h) * a->hd;
+    for (int x = 0; x < qn; x += 3) {
+        const int n = qn - x < 3 ? qn - x : 3;
+        if (n == 3) context_tile(a, S + x * lds, lds, seen, v, out + x * ostride, ostride, 3);
+        else if (n == 2) context_tile(a, S + x * lds, lds, seen, v, out + x * ostride, ostride, 2);
+        else context_tile(a, S + x * lds, lds, seen, v, out + x * ostride, ostride, 1);
+    }
+}
+
+/* ctx[s, nh, hd] = softmax(factor . q k^T, causal) v for one sequence: q [s, nh, hd] (rotated), k and v
+ * [nkv, t, hd] (past then new), query i at position past + i sees keys j <= past + i and j < total. hd a
+ * multiple of 64, nh a multiple of nkv. Returns 0, or -1 (out of memory: ctx incomplete). */
+int p2pinfer_ref64_attention(const double *q, const double *k, const double *v, double *ctx, int64_t s,
+                             int64_t nh, int64_t nkv, int64_t t, int64_t hd, int64_t past, int64_t total,
+                             double factor, int threads) {
+    if (s <= 0 || nh <= 0) return 0;
+    if (hd % 64 || nkv <= 0 || nh % nkv) return -1;
+    attn_t a;
+    a.q = q; a.v = v; a.ctx = ctx; a.s = s; a.nh = nh; a.nkv = nkv; a.t = t; a.hd = hd; a.past = past;
+    a.total = total; a.factor = factor;
+    a.tp = (t + 23) / 24 * 24;
+    double *kt = aligned_alloc(64, (size_t)((nkv * hd * a.tp * sizeof(double) + 63) & ~(size_t)63));
+    if (kt == NULL) return -1;
+    for (int64_t g = 0; g < nkv; g++)
+        for (int64_t d = 0; d < hd; d++) {
+            double *row = kt + (g * hd + d) * a.tp;
+            for (int64_t j = 0; j < t; j++) row[j] = k[(g * t + j) * hd + d];
+            for (int64_t j = t; j < a.tp; j++) row[j] = 0.0;
+        }
+    a.kt = kt;
+    const int rc = parallel(attention_item, &a, nh * ((s + QB - 1) / QB), threads, (size_t)(QB * a.tp * sizeof(double)));
+    free(kt);
+    return rc;
 }
 
 #else  /* built for a CPU without AVX-512: the reference multiplies with numpy (runtime/reference.py) */

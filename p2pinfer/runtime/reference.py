@@ -66,6 +66,9 @@ _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, Te
 _WIDEN = (np.float32, np.float16)
 _DEQUANT_BLOCK_BYTES = 4 << 20  # MatMulNBits: float64 weights dequantized at a time (a reused buffer)
 _WIDE_BLOCK_BYTES = 16 << 20  # a float weight whose float64 copy is larger is widened a block at a time
+#: a float32-weight product with fewer k values runs on numpy's BLAS (the 4-bit graph's block-minimum terms: k = 18
+#: and 48 on SmolLM2, where the C products' panel set-up is most of the work; 1.7-3.4x slower measured)
+_KERNEL_MIN_K = 64
 _ATTENTION_QUERY_BLOCK = 64  # attention query positions per block (each reads only the keys it may see)
 #: positions per pass of the reference over its own float64 KV cache: bounds a pass's activations (~40 MB of
 #: float64 on SmolLM2) while the 4-bit weights are dequantized once per chunk
@@ -206,6 +209,11 @@ class GroupQueryAttention(OpRun):
         t = k_all.shape[2]
         factor = float(scale) if scale else 1.0 / math.sqrt(hd)
         groups = nh // nkv
+        if b == 1:  # the C attention (p2pinfer.kernels.ref64), where it runs; else numpy below
+            fast = ref64.attention(q[0].transpose(1, 0, 2), k_all[0], v_all[0], past=int(past_len[0]),
+                                   total=int(total[0]), factor=factor)
+            if fast is not None:
+                return fast.reshape(1, s, nh * hd), k_all, v_all
         k_t = k_all.transpose(0, 1, 3, 2)
         ctx = np.empty((b, nh, s, hd))
         # query positions a block at a time: the scores of all of them are nh x s x t float64 values (5.4 GB at
@@ -252,6 +260,9 @@ class Sigmoid(OpRun):
 
     def _run(self, x):
         x = np.asarray(x)
+        fast = ref64.sigmoid(x)  # the same formula in C (float64 rounding apart), where the library runs
+        if fast is not None:
+            return (fast,)
         e = np.exp(-np.abs(x))
         denominator = 1.0 + e
         out = np.divide(e, denominator)  # exp(x) / (1 + exp(x)) where x <= 0
@@ -695,8 +706,39 @@ def _run_node(node: Any, raw: list[Any], results: dict[str, Any]) -> Sequence[An
         return [_widen(out) for out in node.run(*raw)]
     if op in ("Gemm", "MatMul") and len(raw) >= 2 and _is_large_weight(raw[1]):
         return (_blockwise(node, op, [_widen(v) for v in raw[:1]] + [raw[1]] + [_widen(v) for v in raw[2:]]),)
+    if op in ("Gemm", "MatMul") and len(raw) >= 2 and _is_float_weight(raw[1]):
+        product = _weight_product(node, op, _widen(raw[0]), raw[1], [_widen(v) for v in raw[2:]])
+        if product is not None:
+            return (product,)
     inputs = [_widen(v) for v in raw]  # transient: this node's inputs only
     return node.run(*inputs, context=results) if node.need_context() else node.run(*inputs)
+
+
+def _is_float_weight(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 2
+
+
+def _weight_product(node: Any, op: str, a: Any, w: np.ndarray, rest: list[Any]) -> np.ndarray | None:
+    """``MatMul(a, w)`` or ``Gemm(a, w, c)`` (alpha 1, beta 1, A not transposed) for a float32 weight ``w``
+    through the C products (:mod:`p2pinfer.kernels.ref64`: ``w`` widened in registers, never as a float64
+    copy); None where they do not apply (another form, or the library is unavailable): the node runs as usual."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.ndim < 1:
+        return None
+    trans_b = False
+    if op == "Gemm":
+        if a.ndim != 2 or _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "beta", 1.0) != 1.0 \
+                or _attribute(node, "transA", 0) or len(rest) > 1:
+            return None
+        trans_b = bool(_attribute(node, "transB", 0))
+    elif rest:
+        return None
+    k = w.shape[1] if trans_b else w.shape[0]
+    if a.shape[-1] != k or k < _KERNEL_MIN_K:
+        return None  # the operator's own error message; or a short product numpy's BLAS does faster
+    out = ref64.f32_product(a, w, transposed=trans_b)
+    if out is not None and rest and rest[0] is not None:
+        out += rest[0]  # Gemm's C, broadcast as the operator does
+    return out
 
 
 def _is_large_weight(value: Any) -> bool:
@@ -718,7 +760,9 @@ def _blockwise(node: Any, op: str, inputs: list[Any]) -> np.ndarray:
         hi = min(n, lo + step)
         block = w[lo:hi] if trans_b else w[:, lo:hi]
         c = [x[..., lo:hi] if isinstance(x, np.ndarray) and x.ndim and x.shape[-1] == n else x for x in rest]
-        part = node.run(a, block.astype(np.float64), *c)[0]
+        part = _weight_product(node, op, a, block, c) if block.dtype == np.float32 else None
+        if part is None:  # the node itself on the widened block (numpy's BLAS)
+            part = node.run(a, block.astype(np.float64), *c)[0]
         drop_read_only_mapped_pages(block)
         if out is None:
             out = np.empty(part.shape[:-1] + (n,), dtype=part.dtype)

@@ -1,0 +1,158 @@
+"""The float64 reference's C kernels (p2pinfer/kernels/ref64.c) against numpy float64 on the same values.
+
+Each C result is a float64 evaluation of the same expression in another order, so it must agree with numpy's
+to float64 rounding: a few ulp of the sum of the absolute terms. The reference's rows with the kernels agree
+with its numpy path (``P2PINFER_REF64_KERNEL=0``) on SmolLM2 far inside the ~1e-12 the tie-break argument needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2pinfer.kernels import ref64
+
+pytestmark = pytest.mark.skipif(not ref64.available(), reason="needs a C compiler and an AVX-512 CPU")
+
+EPS = np.finfo(np.float64).eps
+
+
+def _dequantized(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, n: int, k: int, bs: int) -> np.ndarray:
+    blocks = packed.shape[1]
+    codes = np.empty((n, blocks, bs), dtype=np.float64)
+    codes[..., 0::2] = packed & 15
+    codes[..., 1::2] = packed >> 4
+    zero = np.full((n, blocks, 1), 8.0) if zp is None else zp.astype(np.float64)[..., None]
+    w = (codes - zero) * scales.astype(np.float64).reshape(n, blocks, 1)
+    return w.reshape(n, blocks * bs)[:, :k]
+
+
+def _bound(a: np.ndarray, w_t: np.ndarray) -> np.ndarray:
+    """A float64 error bound of any summation order: k x eps x sum |a_i w_i| (and a floor for exact zeros)."""
+    k = a.shape[-1]
+    return (k + 2) * EPS * (np.abs(a) @ np.abs(w_t)) + 1e-300
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 19), n=st.integers(1, 75), blocks=st.integers(1, 6), bs=st.sampled_from([16, 32, 64]),
+       short=st.integers(0, 15), zero=st.sampled_from(["none", "uniform", "random"]), seed=st.integers(0, 2**32 - 1),
+       batch=st.booleans())
+def test_q4_product_matches_numpy(m, n, blocks, bs, short, zero, seed, batch) -> None:
+    """Shapes off every tile size (rows, columns, k not a multiple of 8 or of the block), zero points absent,
+    uniform or per block: the C product equals numpy's float64 product of the dequantized weight."""
+    rng = np.random.default_rng(seed)
+    k = max(1, blocks * bs - short)
+    packed = rng.integers(0, 256, (n, blocks, bs // 2), dtype=np.uint8)
+    scales = (rng.standard_normal(n * blocks) * 10.0 ** rng.integers(-3, 3)).astype(np.float32)
+    zp = None if zero == "none" else np.full((n, blocks), int(rng.integers(0, 16)), np.uint8) if zero == "uniform" \
+        else rng.integers(0, 16, (n, blocks), dtype=np.uint8)
+    a = rng.standard_normal((2, m, k) if batch else (m, k)) * 10.0 ** rng.integers(-2, 3)
+    got = ref64.q4_product(a, packed, scales, zp, n=n, k=k, block_size=bs)
+    w = _dequantized(packed, scales, zp, n, k, bs)
+    want = a @ w.T
+    assert got.shape == want.shape and got.dtype == np.float64
+    assert np.all(np.abs(got - want) <= _bound(a, w.T))
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 19), n=st.integers(1, 75), k=st.integers(1, 300), transposed=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_f32_product_matches_numpy(m, n, k, transposed, seed) -> None:
+    """float32 weights widened in registers ([k, n] as MatMul stores them, [n, k] as Gemm's transB)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
+    a = rng.standard_normal((m, k))
+    got = ref64.f32_product(a, w, transposed=transposed)
+    w_t = w.astype(np.float64).T if transposed else w.astype(np.float64)
+    assert np.all(np.abs(got - a @ w_t) <= _bound(a, w_t))
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, past: int, total: int, factor: float) -> np.ndarray:
+    """Causal grouped-query attention, one query row at a time, plainly in numpy float64."""
+    s, nh, hd = q.shape
+    groups = nh // k.shape[0]
+    ctx = np.empty((s, nh, hd))
+    for i in range(s):
+        visible = min(past + i + 1, total)
+        for h in range(nh):
+            scores = (k[h // groups, :visible] @ q[i, h]) * factor
+            e = np.exp(scores - scores.max())
+            ctx[i, h] = (e / e.sum()) @ v[h // groups, :visible]
+    return ctx.reshape(s, nh * hd)
+
+
+@settings(max_examples=40, deadline=None)
+@given(s=st.integers(1, 20), past=st.integers(0, 40), kv=st.integers(1, 3), groups=st.integers(1, 3),
+       hd=st.sampled_from([64, 128]), scale=st.sampled_from([0.1, 1.0, 30.0]), seed=st.integers(0, 2**32 - 1))
+def test_attention_matches_numpy(s, past, kv, groups, hd, scale, seed) -> None:
+    """Query blocks off the block size, pasts of any length, grouped heads; large scores (scale 30) make most
+    probabilities underflow, the case where subnormal probabilities are dropped (below 1e-307)."""
+    rng = np.random.default_rng(seed)
+    nh, t = kv * groups, past + s
+    q = rng.standard_normal((s, nh, hd)) * scale
+    k, v = rng.standard_normal((kv, t, hd)), rng.standard_normal((kv, t, hd))
+    factor = 1.0 / math.sqrt(hd)
+    got = ref64.attention(q, k, v, past=past, total=t, factor=factor)
+    want = _attention(q, k, v, past, t, factor)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * max(1.0, float(np.abs(v).max())) * scale)
+
+
+def test_attention_refuses_what_it_does_not_implement() -> None:
+    """A head size that is not a multiple of 64 is left to numpy (None), never computed wrongly."""
+    q, k = np.zeros((2, 2, 32)), np.zeros((1, 2, 32))
+    assert ref64.attention(q, k, k, past=0, total=2, factor=1.0) is None
+
+
+def test_sigmoid_matches_the_stable_formula() -> None:
+    x = np.concatenate([np.linspace(-60, 60, 20_001), [0.0, -0.0, 1e-300, -1e-300, 700.0, -700.0, 708.0, -708.0,
+                                                        np.inf, -np.inf, np.nan]])
+    got = ref64.sigmoid(x)
+    e = np.exp(-np.abs(x))
+    want = np.where(x > 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    assert np.isnan(got[-1]) and np.array_equal(got[-3:-1], [1.0, 0.0])
+    np.testing.assert_allclose(got[:-1], want[:-1], rtol=4 * EPS, atol=0)
+    assert ref64.sigmoid(x.astype(np.float32)) is None  # float64 only: anything else stays with numpy
+
+
+def test_sigmoid_drops_subnormal_results_only() -> None:
+    """exp below 2^-1022 is 0 in the kernel where numpy returns a subnormal: a difference below 1e-307."""
+    x = np.array([-708.0, -709.0, -720.0, -745.0, -800.0])
+    got = ref64.sigmoid(x)
+    assert got[0] > 0 and np.all(got[1:] == 0)
+    assert np.max(np.abs(got - np.exp(x))) < 1e-307
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4(tmp_path_factory, smollm2_gguf):
+    from p2pinfer.gguf import import_gguf
+    from p2pinfer.runtime import load_model
+
+    folder = tmp_path_factory.mktemp("smollm2-ref64") / "SmolLM2-135M-Instruct"
+    import_gguf(smollm2_gguf, folder)  # the served 4-bit class
+    return load_model(folder, providers=["CPUExecutionProvider"])
+
+
+def test_reference_rows_with_the_kernels_equal_the_numpy_path(smollm2_q4, monkeypatch) -> None:
+    """SmolLM2 (4-bit products, the float32 block-minimum products, GroupQueryAttention, SiLU): rows from the C
+    kernels and from numpy (``P2PINFER_REF64_KERNEL=0``, a reference built afresh) agree to float64 rounding,
+    at two chunks' worth of positions (a past in the second chunk's attention)."""
+    from p2pinfer.runtime.reference import ReferenceModel, ReferenceSession
+
+    model = smollm2_q4
+    ids = model.prompt_ids(messages=[{"role": "user", "content": "Tell me about lighthouses. " * 12}])[:150]
+    empty = model.empty_cache().arrays[0].shape
+
+    def rows() -> np.ndarray:
+        ref = ReferenceModel(model.path / "model.onnx", kv_heads=empty[1], head_dim=empty[3])
+        return ReferenceSession(ref, max_bytes=0, chunk=64).logprobs(ids, last=3)
+
+    fast = rows()
+    monkeypatch.setenv("P2PINFER_REF64_KERNEL", "0")
+    monkeypatch.setattr(ref64, "_lib", [])  # the library is looked up again, under the switch
+    slow = rows()
+    assert not ref64.available()
+    assert float(np.max(np.abs(fast - slow))) <= 1e-12
