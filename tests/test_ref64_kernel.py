@@ -3,6 +3,9 @@
 Each C result is a float64 evaluation of the same expression in another order, so it must agree with numpy's
 to float64 rounding: a few ulp of the sum of the absolute terms. The reference's rows with the kernels agree
 with its numpy path (``P2PINFER_REF64_KERNEL=0``) on SmolLM2 far inside the ~1e-12 the tie-break argument needs.
+
+Where the library cannot run (no compiler, a CPU without AVX-512) each function must say so (None), which is
+what these tests then check: the reference multiplies with numpy there.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from hypothesis import strategies as st
 
 from p2pinfer.kernels import ref64
 
-pytestmark = pytest.mark.skipif(not ref64.available(), reason="needs a C compiler and an AVX-512 CPU")
 
 EPS = np.finfo(np.float64).eps
 
@@ -52,6 +54,9 @@ def test_q4_product_matches_numpy(m, n, blocks, bs, short, zero, seed, batch) ->
         else rng.integers(0, 16, (n, blocks), dtype=np.uint8)
     a = rng.standard_normal((2, m, k) if batch else (m, k)) * 10.0 ** rng.integers(-2, 3)
     got = ref64.q4_product(a, packed, scales, zp, n=n, k=k, block_size=bs)
+    if not ref64.available():
+        assert got is None
+        return
     w = _dequantized(packed, scales, zp, n, k, bs)
     want = a @ w.T
     assert got.shape == want.shape and got.dtype == np.float64
@@ -67,6 +72,9 @@ def test_f32_product_matches_numpy(m, n, k, transposed, seed) -> None:
     w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
     a = rng.standard_normal((m, k))
     got = ref64.f32_product(a, w, transposed=transposed)
+    if not ref64.available():
+        assert got is None
+        return
     w_t = w.astype(np.float64).T if transposed else w.astype(np.float64)
     assert np.all(np.abs(got - a @ w_t) <= _bound(a, w_t))
 
@@ -97,6 +105,9 @@ def test_attention_matches_numpy(s, past, kv, groups, hd, scale, seed) -> None:
     k, v = rng.standard_normal((kv, t, hd)), rng.standard_normal((kv, t, hd))
     factor = 1.0 / math.sqrt(hd)
     got = ref64.attention(q, k, v, past=past, total=t, factor=factor)
+    if not ref64.available():
+        assert got is None
+        return
     want = _attention(q, k, v, past, t, factor)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * max(1.0, float(np.abs(v).max())) * scale)
 
@@ -107,23 +118,23 @@ def test_attention_refuses_what_it_does_not_implement() -> None:
     assert ref64.attention(q, k, k, past=0, total=2, factor=1.0) is None
 
 
-def test_sigmoid_matches_the_stable_formula() -> None:
-    x = np.concatenate([np.linspace(-60, 60, 20_001), [0.0, -0.0, 1e-300, -1e-300, 700.0, -700.0, 708.0, -708.0,
-                                                        np.inf, -np.inf, np.nan]])
-    got = ref64.sigmoid(x)
-    e = np.exp(-np.abs(x))
-    want = np.where(x > 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    assert np.isnan(got[-1]) and np.array_equal(got[-3:-1], [1.0, 0.0])
-    np.testing.assert_allclose(got[:-1], want[:-1], rtol=4 * EPS, atol=0)
-    assert ref64.sigmoid(x.astype(np.float32)) is None  # float64 only: anything else stays with numpy
+def test_sigmoid_split_over_threads_gives_onnx_reference_bits() -> None:
+    """The reference's Sigmoid computes a large input in parts on several threads: every element is still
+    onnx.reference's value, bit for bit (test_reference_kv.py checks a small input, computed in one part)."""
+    from onnx.reference.ops.op_sigmoid import sigmoid
 
+    from p2pinfer.runtime.reference import _PARALLEL_ELEMENTS, Sigmoid
 
-def test_sigmoid_drops_subnormal_results_only() -> None:
-    """exp below 2^-1022 is 0 in the kernel where numpy returns a subnormal: a difference below 1e-307."""
-    x = np.array([-708.0, -709.0, -720.0, -745.0, -800.0])
-    got = ref64.sigmoid(x)
-    assert got[0] > 0 and np.all(got[1:] == 0)
-    assert np.max(np.abs(got - np.exp(x))) < 1e-307
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(3 * _PARALLEL_ELEMENTS + 7) * 12
+    x[:6] = [0.0, -0.0, 750.0, -750.0, 1e-300, -1e-300]
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = sigmoid(x)
+    assert np.array_equal(Sigmoid._run(None, x)[0].view(np.int64), expected.view(np.int64))
+    block = x[:7 * 20_000].reshape(1, 7, 20_000)[:, :, :15_000]  # not contiguous: computed as the layout says
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert np.array_equal(Sigmoid._run(None, block)[0], sigmoid(block))
+        assert np.array_equal(Sigmoid._run(None, block[0].T)[0], sigmoid(block[0].T))
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +162,10 @@ def test_reference_rows_with_the_kernels_equal_the_numpy_path(smollm2_q4, monkey
         return ReferenceSession(ref, max_bytes=0, chunk=64).logprobs(ids, last=3)
 
     fast = rows()
+    kernels = ref64.available()
     monkeypatch.setenv("P2PINFER_REF64_KERNEL", "0")
     monkeypatch.setattr(ref64, "_lib", [])  # the library is looked up again, under the switch
     slow = rows()
     assert not ref64.available()
-    assert float(np.max(np.abs(fast - slow))) <= 1e-12
+    difference = float(np.max(np.abs(fast - slow)))
+    assert difference <= 1e-12 and (difference > 0 or not kernels)  # (> 0: the kernels did run)

@@ -261,13 +261,13 @@ int p2pinfer_ref64_f32(const double *a, int64_t m, int64_t k, int64_t lda, const
     return run(&j, threads);
 }
 
-/* ---- exp and sigmoid in float64 -------------------------------------------------------------------------- */
+/* ---- exp in float64 -------------------------------------------------------------------------- */
 
 /* exp(x) for x <= 0 (or any x below ~709), within ~2 ulp: x = n ln2 + r with ln2 in two parts (r exact to
  * ~1e-20), exp(r) by its Taylor series to degree 13 (|r| <= 0.35: truncation below 1e-17 relative), times 2^n.
  * Below -708.39 (exp(x) < 2^-1022, the smallest normal double) it gives 0 where exp gives a subnormal: an
- * attention probability or a sigmoid that small changes nothing above 1e-307, and subnormal operands make
- * every later multiplication by them ~100x slower. */
+ * attention probability that small changes nothing above 1e-307, and subnormal operands make every later
+ * multiplication by them ~100x slower. */
 static inline __m512d exp_pd(__m512d x) {
     const __mmask8 normal = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.39), _CMP_NLT_UQ);  /* NaN: kept */
     x = _mm512_max_pd(_mm512_set1_pd(-709.0), x);  /* the second operand where either is NaN: NaN stays NaN */
@@ -281,37 +281,6 @@ static inline __m512d exp_pd(__m512d x) {
     __m512d p = _mm512_set1_pd(c[13]);
     for (int t = 12; t >= 0; t--) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c[t]));
     return _mm512_maskz_mov_pd(normal, _mm512_scalef_pd(p, n));
-}
-
-typedef struct {
-    const double *x;
-    double *out;
-    int64_t count;
-} map_t;
-
-#define MAP_CHUNK 16384
-
-/* onnx.reference's stable sigmoid: e = exp(-|x|); e / (1 + e) where x <= 0, 1 / (1 + e) where x > 0 */
-static void sigmoid_item(void *arg, int64_t item, double *scratch) {
-    (void)scratch;
-    const map_t *m = (const map_t *)arg;
-    const int64_t lo = item * MAP_CHUNK, hi = lo + MAP_CHUNK < m->count ? lo + MAP_CHUNK : m->count;
-    const __m512d one = _mm512_set1_pd(1.0);
-    for (int64_t i = lo; i < hi; i += 8) {
-        const __mmask8 mask = (__mmask8)(hi - i >= 8 ? 0xFF : (1u << (hi - i)) - 1);
-        const __m512d x = _mm512_maskz_loadu_pd(mask, m->x + i);
-        const __m512d e = exp_pd(_mm512_sub_pd(_mm512_setzero_pd(), _mm512_abs_pd(x)));
-        const __m512d d = _mm512_add_pd(one, e);
-        const __mmask8 positive = _mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_GT_OQ);
-        const __m512d y = _mm512_div_pd(_mm512_mask_blend_pd(positive, e, one), d);
-        _mm512_mask_storeu_pd(m->out + i, mask, y);
-    }
-}
-
-int p2pinfer_ref64_sigmoid(const double *x, double *out, int64_t count, int threads) {
-    if (count <= 0) return 0;
-    map_t m = {x, out, count};
-    return parallel(sigmoid_item, &m, (count + MAP_CHUNK - 1) / MAP_CHUNK, threads, 64);
 }
 
 /* ---- causal grouped-query attention in float64 ------------------------------------------------------------ */

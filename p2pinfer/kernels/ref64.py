@@ -47,8 +47,6 @@ def _library() -> ctypes.CDLL | None:
                         lib.p2pinfer_ref64_q4.restype = ctypes.c_int
                         lib.p2pinfer_ref64_f32.argtypes = [_P, _I, _I, _I, _P, ctypes.c_int, _I, _P, _I, ctypes.c_int]
                         lib.p2pinfer_ref64_f32.restype = ctypes.c_int
-                        lib.p2pinfer_ref64_sigmoid.argtypes = [_P, _P, _I, ctypes.c_int]
-                        lib.p2pinfer_ref64_sigmoid.restype = ctypes.c_int
                         lib.p2pinfer_ref64_attention.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I,
                                                                  ctypes.c_double, ctypes.c_int]
                         lib.p2pinfer_ref64_attention.restype = ctypes.c_int
@@ -103,20 +101,6 @@ def f32_product(a: np.ndarray, w: np.ndarray, *, transposed: bool) -> np.ndarray
                               out.ctypes.data, n, PRODUCT_THREADS):
         raise MemoryError("the float64 reference's product could not allocate its panel buffers")
     return out.reshape(np.shape(a)[:-1] + (n,))
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray | None:
-    """float64 ``1 / (1 + exp(-x))`` in ``onnx.reference``'s stable form (``e = exp(-|x|)``; ``e / (1 + e)`` where
-    x <= 0, ``1 / (1 + e)`` elsewhere), its exponential within ~2 ulp of numpy's (float64 rounding). None where
-    the library is unavailable or ``x`` is not float64."""
-    lib = _library()
-    if lib is None or not isinstance(x, np.ndarray) or x.dtype != np.float64:
-        return None
-    src = np.ascontiguousarray(x)
-    out = np.empty_like(src)
-    if lib.p2pinfer_ref64_sigmoid(src.ctypes.data, out.ctypes.data, src.size, PRODUCT_THREADS):
-        raise MemoryError("the float64 reference's sigmoid could not allocate its buffers")
-    return out
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, past: int, total: int,

@@ -159,7 +159,7 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) 
     """RoPE on ``x [b, heads, s, d]`` with ``cos``/``sin`` ``[b, 1, s, d/2]``."""
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
+        out = np.empty(x.shape, dtype=x.dtype)  # C order: its flat view below is itself, not a copy
         out[..., 0::2] = x1 * cos - x2 * sin
         out[..., 1::2] = x2 * cos + x1 * sin
         return out
@@ -256,18 +256,39 @@ class SkipSimplifiedLayerNormalization(OpRun):
 
 class Sigmoid(OpRun):
     """``onnx.reference``'s stable sigmoid with one exponential instead of two: ``exp(-|x|)`` is the
-    ``exp(-x)`` of its positive branch and the ``exp(x)`` of the other, so the values are the same bits."""
+    ``exp(-x)`` of its positive branch and the ``exp(x)`` of the other, so the values are the same bits. A large
+    input is cut in :data:`~p2pinfer.kernels.ref64.PRODUCT_THREADS` parts computed at once (numpy's element-wise
+    operations release the GIL; each element is the same operations: the same bits)."""
 
     def _run(self, x):
         x = np.asarray(x)
-        fast = ref64.sigmoid(x)  # the same formula in C (float64 rounding apart), where the library runs
-        if fast is not None:
-            return (fast,)
-        e = np.exp(-np.abs(x))
-        denominator = 1.0 + e
-        out = np.divide(e, denominator)  # exp(x) / (1 + exp(x)) where x <= 0
-        np.divide(1.0, denominator, out=out, where=x > 0)  # 1 / (1 + exp(-x)) where x > 0
-        return (out.astype(x.dtype, copy=False),)
+        if x.dtype.kind != "f":  # (onnx.reference computes in float and casts back)
+            out = np.empty(x.shape, dtype=np.float64)
+            _sigmoid_into(x, out)
+            return (out.astype(x.dtype),)
+        out = np.empty(x.shape, dtype=x.dtype)  # C order: its flat view below is itself, not a copy
+        flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+        parts = ref64.PRODUCT_THREADS if x.size >= _PARALLEL_ELEMENTS else 1
+        bounds = [x.size * p // parts for p in range(parts + 1)]
+        helpers = [threading.Thread(target=_sigmoid_into, args=(flat_x[lo:hi], flat_out[lo:hi]), daemon=True)
+                   for lo, hi in zip(bounds[1:-1], bounds[2:])]
+        for helper_thread in helpers:
+            helper_thread.start()
+        _sigmoid_into(flat_x[bounds[0]:bounds[1]], flat_out[bounds[0]:bounds[1]])
+        for helper_thread in helpers:
+            helper_thread.join()
+        return (out,)
+
+
+#: element-wise work split over threads from this many elements (SmolLM2's SiLU at 256 positions: 393,216)
+_PARALLEL_ELEMENTS = 1 << 16
+
+
+def _sigmoid_into(x: np.ndarray, out: np.ndarray) -> None:
+    e = np.exp(-np.abs(x))
+    denominator = 1.0 + e
+    np.divide(e, denominator, out=out)  # exp(x) / (1 + exp(x)) where x <= 0
+    np.divide(1.0, denominator, out=out, where=x > 0)  # 1 / (1 + exp(-x)) where x > 0
 
 
 class Sum(OpRun):
