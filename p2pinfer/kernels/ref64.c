@@ -46,6 +46,12 @@ typedef struct {
     int64_t n;
     double *out;            /* [m, n] row-major, row stride ldo */
     int64_t ldo;
+    int accumulate;         /* out += the product (else out = it) */
+    /* an optional second term added in the same pass: a2 [m, k2] (row stride k2) . w2 [k2, n] float32 (the
+     * block-minimum term of a Q4_1 weight: block sums of A times the minimums) */
+    const double *a2;
+    const float *w2;
+    int64_t k2;
     int64_t kc;             /* k values per block (4-bit: a whole number of quantization blocks) */
 } job_t;
 
@@ -94,6 +100,20 @@ static void widen_q4(const job_t *j, int64_t c0, int cols, int64_t k0, int64_t k
     }
 }
 
+/* w [k, n] (row stride ldw): a row of W holds the panel's columns side by side (zero past cols) */
+static void widen_kn(const float *w, int64_t ldw, int64_t c0, int cols, int64_t k0, int64_t kc, double *buf) {
+    const __mmask16 m0 = (__mmask16)(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+    const __mmask8 m1 = (__mmask8)(cols >= 24 ? 0xFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+    for (int64_t kk = 0; kk < kc; kk++) {
+        const float *src = w + (k0 + kk) * ldw + c0;
+        __m512 lo = _mm512_maskz_loadu_ps(m0, src);
+        __m256 hi = _mm256_maskz_loadu_ps(m1, src + 16);
+        _mm512_storeu_pd(buf + kk * NR, _mm512_cvtps_pd(_mm512_castps512_ps256(lo)));
+        _mm512_storeu_pd(buf + kk * NR + 8, _mm512_cvtps_pd(_mm512_extractf32x8_ps(lo, 1)));
+        _mm512_storeu_pd(buf + kk * NR + 16, _mm512_cvtps_pd(hi));
+    }
+}
+
 static void widen_panel(const job_t *j, int64_t c0, int cols, int64_t k0, int64_t kc, double *buf) {
     if (cols < NR)  /* the missing columns multiply to zero (their results are not stored) */
         for (int64_t kk = 0; kk < kc; kk++)
@@ -105,33 +125,24 @@ static void widen_panel(const job_t *j, int64_t c0, int cols, int64_t k0, int64_
             const float *src = j->w + (c0 + y) * j->k + k0;
             for (int64_t kk = 0; kk < kc; kk++) buf[kk * NR + y] = (double)src[kk];
         }
-    } else {  /* [k, n]: a row of W holds this panel's columns side by side */
-        const __mmask16 m0 = (__mmask16)(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
-        const __mmask8 m1 = (__mmask8)(cols >= 24 ? 0xFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
-        for (int64_t kk = 0; kk < kc; kk++) {
-            const float *src = j->w + (k0 + kk) * j->n + c0;
-            __m512 lo = _mm512_maskz_loadu_ps(m0, src);
-            __m256 hi = _mm256_maskz_loadu_ps(m1, src + 16);
-            _mm512_storeu_pd(buf + kk * NR, _mm512_cvtps_pd(_mm512_castps512_ps256(lo)));
-            _mm512_storeu_pd(buf + kk * NR + 8, _mm512_cvtps_pd(_mm512_extractf32x8_ps(lo, 1)));
-            _mm512_storeu_pd(buf + kk * NR + 16, _mm512_cvtps_pd(hi));
-        }
+    } else {
+        widen_kn(j->w, j->n, c0, cols, k0, kc, buf);
     }
 }
 
 /* ---- the micro-tile: rows r..r+mr of A (k0..k0+kc) times the widened micro-panel, added to out ---------- */
 
 static inline __attribute__((always_inline)) void tile(const job_t *j, const double *buf, int64_t r, int64_t col,
-                                                       int64_t k0, int64_t kc, __mmask8 masks[3], const int mr) {
+                                                       const double *a, int64_t lda, int from_out, int64_t kc,
+                                                       __mmask8 masks[3], const int mr) {
     __m512d acc[MR][3];
     double *o[MR];
     for (int x = 0; x < mr; x++) {
         o[x] = j->out + (r + x) * j->ldo + col;
         for (int y = 0; y < 3; y++)  /* the first k block starts from zero, a later one from the partial sum */
-            acc[x][y] = k0 ? _mm512_maskz_loadu_pd(masks[y], o[x] + 8 * y) : _mm512_setzero_pd();
+            acc[x][y] = from_out ? _mm512_maskz_loadu_pd(masks[y], o[x] + 8 * y) : _mm512_setzero_pd();
     }
-    const double *a = j->a + r * j->lda + k0;
-    const int64_t lda = j->lda;
+    a += r * lda;
     for (int64_t kk = 0; kk < kc; kk++) {
         const __m512d b0 = _mm512_load_pd(buf + kk * NR), b1 = _mm512_load_pd(buf + kk * NR + 8),
                       b2 = _mm512_load_pd(buf + kk * NR + 16);
@@ -146,29 +157,44 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const dou
         for (int y = 0; y < 3; y++) _mm512_mask_storeu_pd(o[x] + 8 * y, masks[y], acc[x][y]);
 }
 
+/* rows r.. of A (a, row stride lda, from its column k0) times the widened micro-panel, for every row */
+static void rows_times_panel(const job_t *j, const double *buf, int64_t col, const double *a, int64_t lda,
+                             int from_out, int64_t kc, __mmask8 masks[3]) {
+    for (int64_t r = 0; r < j->m; r += MR) {
+        switch (j->m - r < MR ? (int)(j->m - r) : MR) {
+        case 8: tile(j, buf, r, col, a, lda, from_out, kc, masks, 8); break;
+        case 7: tile(j, buf, r, col, a, lda, from_out, kc, masks, 7); break;
+        case 6: tile(j, buf, r, col, a, lda, from_out, kc, masks, 6); break;
+        case 5: tile(j, buf, r, col, a, lda, from_out, kc, masks, 5); break;
+        case 4: tile(j, buf, r, col, a, lda, from_out, kc, masks, 4); break;
+        case 3: tile(j, buf, r, col, a, lda, from_out, kc, masks, 3); break;
+        case 2: tile(j, buf, r, col, a, lda, from_out, kc, masks, 2); break;
+        default: tile(j, buf, r, col, a, lda, from_out, kc, masks, 1); break;
+        }
+    }
+}
+
 static void panel_product(const job_t *j, double *buf, int64_t col0, int64_t cols) {
-    for (int64_t k0 = 0; k0 < j->k; k0 += j->kc) {
-        const int64_t kc = j->k - k0 < j->kc ? j->k - k0 : j->kc;
-        for (int64_t c = 0; c < cols; c += NR) {
-            const int nr = (int)(cols - c < NR ? cols - c : NR);
-            __mmask8 masks[3];
-            for (int y = 0; y < 3; y++) {
-                const int left = nr - 8 * y;
-                masks[y] = (__mmask8)(left >= 8 ? 0xFF : left <= 0 ? 0 : (1u << left) - 1);
-            }
+    for (int64_t c = 0; c < cols; c += NR) {
+        const int nr = (int)(cols - c < NR ? cols - c : NR);
+        __mmask8 masks[3];
+        for (int y = 0; y < 3; y++) {
+            const int left = nr - 8 * y;
+            masks[y] = (__mmask8)(left >= 8 ? 0xFF : left <= 0 ? 0 : (1u << left) - 1);
+        }
+        int from_out = j->accumulate;
+        for (int64_t k0 = 0; k0 < j->k; k0 += j->kc, from_out = 1) {
+            const int64_t kc = j->k - k0 < j->kc ? j->k - k0 : j->kc;
             widen_panel(j, col0 + c, nr, k0, kc, buf);
-            for (int64_t r = 0; r < j->m; r += MR) {
-                switch (j->m - r < MR ? (int)(j->m - r) : MR) {
-                case 8: tile(j, buf, r, col0 + c, k0, kc, masks, 8); break;
-                case 7: tile(j, buf, r, col0 + c, k0, kc, masks, 7); break;
-                case 6: tile(j, buf, r, col0 + c, k0, kc, masks, 6); break;
-                case 5: tile(j, buf, r, col0 + c, k0, kc, masks, 5); break;
-                case 4: tile(j, buf, r, col0 + c, k0, kc, masks, 4); break;
-                case 3: tile(j, buf, r, col0 + c, k0, kc, masks, 3); break;
-                case 2: tile(j, buf, r, col0 + c, k0, kc, masks, 2); break;
-                default: tile(j, buf, r, col0 + c, k0, kc, masks, 1); break;
-                }
-            }
+            rows_times_panel(j, buf, col0 + c, j->a + k0, j->lda, from_out, kc, masks);
+        }
+        for (int64_t k0 = 0; k0 < j->k2; k0 += KC_TARGET, from_out = 1) {  /* the second term, if any */
+            const int64_t kc = j->k2 - k0 < KC_TARGET ? j->k2 - k0 : KC_TARGET;
+            if (nr < NR)
+                for (int64_t kk = 0; kk < kc; kk++)
+                    for (int y = nr; y < NR; y++) buf[kk * NR + y] = 0.0;
+            widen_kn(j->w2, j->n, col0 + c, nr, k0, kc, buf);
+            rows_times_panel(j, buf, col0 + c, j->a2 + k0, j->k2, from_out, kc, masks);
         }
     }
 }
@@ -233,18 +259,21 @@ static int run(job_t *j, int threads) {
     return parallel(product_item, j, (j->n + PANEL - 1) / PANEL, threads, (size_t)(j->kc * NR * sizeof(double)));
 }
 
-/* out[m, n] = A[m, k] . dequantize(W)^T for a MatMulNBits weight: packed [n, blocks, bs/2] 4-bit codes (element
- * 2t of a block the low nibble of byte t), scales [n, blocks] float32, zp [n, blocks] codes (NULL: 8). bs even,
- * k <= blocks x bs. Returns 0, or -1 where no buffer could be allocated (out is then incomplete). */
+/* out[m, n] (+)= A[m, k] . dequantize(W)^T (+ A2[m, k2] . W2[k2, n]) for a MatMulNBits weight: packed [n, blocks,
+ * bs/2] 4-bit codes (element 2t of a block the low nibble of byte t), scales [n, blocks] float32, zp [n, blocks]
+ * codes (NULL: 8); accumulate: added to out's values; A2 (row stride k2) and W2 float32 (row stride n): a second
+ * term summed in the same accumulators (NULL: none). bs even, k <= blocks x bs. Returns 0, or -1 where no buffer
+ * could be allocated (out is then incomplete). */
 int p2pinfer_ref64_q4(const double *a, int64_t m, int64_t k, int64_t lda, const uint8_t *packed,
                       const float *scales, const uint8_t *zp, int64_t n, int64_t blocks, int64_t bs, double *out,
-                      int64_t ldo, int threads) {
+                      int64_t ldo, int accumulate, const double *a2, int64_t k2, const float *w2, int threads) {
     if (m <= 0 || n <= 0) return 0;
     job_t j;
     memset(&j, 0, sizeof j);
     j.a = a; j.m = m; j.k = k; j.lda = lda; j.kind = KIND_Q4;
     j.packed = packed; j.scales = scales; j.zp = zp; j.blocks = blocks; j.bs = bs;
-    j.n = n; j.out = out; j.ldo = ldo;
+    j.n = n; j.out = out; j.ldo = ldo; j.accumulate = accumulate;
+    if (a2 != NULL && w2 != NULL && k2 > 0) { j.a2 = a2; j.w2 = w2; j.k2 = k2; }
     j.kc = bs * (KC_TARGET / bs > 1 ? KC_TARGET / bs : 1);
     return run(&j, threads);
 }
@@ -266,8 +295,8 @@ int p2pinfer_ref64_f32(const double *a, int64_t m, int64_t k, int64_t lda, const
 /* exp(x) for x <= 0 (or any x below ~709), within ~2 ulp: x = n ln2 + r with ln2 in two parts (r exact to
  * ~1e-20), exp(r) by its Taylor series to degree 13 (|r| <= 0.35: truncation below 1e-17 relative), times 2^n.
  * Below -708.39 (exp(x) < 2^-1022, the smallest normal double) it gives 0 where exp gives a subnormal: an
- * attention probability that small changes nothing above 1e-307, and subnormal operands make every later
- * multiplication by them ~100x slower. */
+ * attention probability or a sigmoid that small changes nothing above 1e-307, and subnormal operands make
+ * every later multiplication by them ~100x slower. */
 static inline __m512d exp_pd(__m512d x) {
     const __mmask8 normal = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.39), _CMP_NLT_UQ);  /* NaN: kept */
     x = _mm512_max_pd(_mm512_set1_pd(-709.0), x);  /* the second operand where either is NaN: NaN stays NaN */
@@ -281,6 +310,44 @@ static inline __m512d exp_pd(__m512d x) {
     __m512d p = _mm512_set1_pd(c[13]);
     for (int t = 12; t >= 0; t--) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c[t]));
     return _mm512_maskz_mov_pd(normal, _mm512_scalef_pd(p, n));
+}
+
+/* ---- the MLP's activation: silu(gate) x up ------------------------------------------------------------------ */
+
+typedef struct {
+    const double *h;        /* [rows, 2 * half]: gate then up */
+    double *out;            /* [rows, half] */
+    int64_t rows, half;
+} silu_t;
+
+#define SILU_ROWS 16
+
+/* onnx.reference's stable sigmoid (e = exp(-|g|); e / (1 + e) where g <= 0, 1 / (1 + e) where g > 0), then
+ * (g x sigmoid) x up: the graph's Sigmoid, Mul and Mul in their order, exp within ~2 ulp */
+static void silu_item(void *arg, int64_t item, double *scratch) {
+    (void)scratch;
+    const silu_t *m = (const silu_t *)arg;
+    const int64_t r1 = (item + 1) * SILU_ROWS < m->rows ? (item + 1) * SILU_ROWS : m->rows;
+    const __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+    for (int64_t r = item * SILU_ROWS; r < r1; r++) {
+        const double *g = m->h + r * 2 * m->half, *up = g + m->half;
+        double *o = m->out + r * m->half;
+        for (int64_t i = 0; i < m->half; i += 8) {
+            const __mmask8 mask = (__mmask8)(m->half - i >= 8 ? 0xFF : (1u << (m->half - i)) - 1);
+            const __m512d x = _mm512_maskz_loadu_pd(mask, g + i);
+            const __m512d e = exp_pd(_mm512_sub_pd(zero, _mm512_abs_pd(x)));
+            const __mmask8 positive = _mm512_cmp_pd_mask(x, zero, _CMP_GT_OQ);
+            const __m512d sig = _mm512_div_pd(_mm512_mask_blend_pd(positive, e, one), _mm512_add_pd(e, one));
+            const __m512d y = _mm512_mul_pd(_mm512_mul_pd(x, sig), _mm512_maskz_loadu_pd(mask, up + i));
+            _mm512_mask_storeu_pd(o + i, mask, y);
+        }
+    }
+}
+
+int p2pinfer_ref64_silu_mul(const double *h, double *out, int64_t rows, int64_t half, int threads) {
+    if (rows <= 0 || half <= 0) return 0;
+    silu_t m = {h, out, rows, half};
+    return parallel(silu_item, &m, (rows + SILU_ROWS - 1) / SILU_ROWS, threads, 64);
 }
 
 /* ---- causal grouped-query attention in float64 ------------------------------------------------------------ */

@@ -43,13 +43,16 @@ def _library() -> ctypes.CDLL | None:
                     if not lib.p2pinfer_ref64_available():
                         lib = None
                     else:
-                        lib.p2pinfer_ref64_q4.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, ctypes.c_int]
+                        lib.p2pinfer_ref64_q4.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, ctypes.c_int,
+                                                          _P, _I, _P, ctypes.c_int]
                         lib.p2pinfer_ref64_q4.restype = ctypes.c_int
                         lib.p2pinfer_ref64_f32.argtypes = [_P, _I, _I, _I, _P, ctypes.c_int, _I, _P, _I, ctypes.c_int]
                         lib.p2pinfer_ref64_f32.restype = ctypes.c_int
                         lib.p2pinfer_ref64_attention.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I,
                                                                  ctypes.c_double, ctypes.c_int]
                         lib.p2pinfer_ref64_attention.restype = ctypes.c_int
+                        lib.p2pinfer_ref64_silu_mul.argtypes = [_P, _P, _I, _I, ctypes.c_int]
+                        lib.p2pinfer_ref64_silu_mul.restype = ctypes.c_int
                 except (OSError, AttributeError):
                     lib = None
             _lib.append(lib)
@@ -67,10 +70,13 @@ def _rows(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def q4_product(a: np.ndarray, packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,
-               n: int, k: int, block_size: int) -> np.ndarray | None:
+               n: int, k: int, block_size: int, out: np.ndarray | None = None,
+               extra: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | None:
     """``a[..., k] @ dequantize(W).T`` -> float64 ``[..., n]``: ``packed`` uint8 ``[n, blocks, block_size/2]``
     (code ``2t`` the low nibble of byte ``t``), ``scales`` ``[n * blocks]`` float32, ``zero_points`` uint8 codes
-    ``[n, blocks]`` (None: 8). None where the library is unavailable."""
+    ``[n, blocks]`` (None: 8). ``out`` (C-contiguous float64 ``[..., n]``): the product is added to it (and it is
+    returned). ``extra`` ``(a2 [..., k2], w2 [k2, n] float32)``: ``a2 @ w2`` added in the same accumulators (a
+    Q4_1 weight's block-minimum term). None where the library is unavailable."""
     lib = _library()
     if lib is None:
         return None
@@ -79,12 +85,26 @@ def q4_product(a: np.ndarray, packed: np.ndarray, scales: np.ndarray, zero_point
     q = np.ascontiguousarray(packed, dtype=np.uint8).reshape(n, blocks, block_size // 2)
     s = np.ascontiguousarray(scales, dtype=np.float32).reshape(n * blocks)
     z = None if zero_points is None else np.ascontiguousarray(zero_points, dtype=np.uint8).reshape(n, blocks)
-    out = np.empty((flat.shape[0], n), dtype=np.float64)
+    shape = np.shape(a)[:-1] + (n,)
+    accumulate = out is not None
+    if out is None:
+        out = np.empty(shape, dtype=np.float64)
+    if out.shape != shape or out.dtype != np.float64 or not out.flags.c_contiguous:
+        raise ValueError("q4_product: out must be C-contiguous float64 of the product's shape")
+    a2 = w2 = None
+    k2 = 0
+    if extra is not None:
+        k2 = extra[1].shape[0]
+        a2 = _rows(extra[0], k2)
+        w2 = np.ascontiguousarray(extra[1], dtype=np.float32)
+        if a2.shape[0] != flat.shape[0] or w2.shape != (k2, n):
+            raise ValueError("q4_product: extra term of another shape")
     if lib.p2pinfer_ref64_q4(flat.ctypes.data, flat.shape[0], k, k, q.ctypes.data, s.ctypes.data,
                              None if z is None else z.ctypes.data, n, blocks, block_size, out.ctypes.data, n,
-                             PRODUCT_THREADS):
+                             int(accumulate), None if a2 is None else a2.ctypes.data, k2,
+                             None if w2 is None else w2.ctypes.data, PRODUCT_THREADS):
         raise MemoryError("the float64 reference's product could not allocate its panel buffers")
-    return out.reshape(np.shape(a)[:-1] + (n,))
+    return out
 
 
 def f32_product(a: np.ndarray, w: np.ndarray, *, transposed: bool) -> np.ndarray | None:
@@ -121,3 +141,20 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, past: int, total: 
                                     t, hd, int(past), int(total), float(factor), PRODUCT_THREADS):
         raise MemoryError("the float64 reference's attention could not allocate its buffers")
     return ctx
+
+
+def silu_mul(h: np.ndarray) -> np.ndarray | None:
+    """The MLP activation over ``h [..., 2 * half]`` (gate, then up): ``(gate * sigmoid(gate)) * up`` in float64,
+    the sigmoid in ``onnx.reference``'s stable form with an exponential within ~2 ulp of numpy's (0 below
+    2^-1022, where numpy's is subnormal). None where the library is unavailable or ``h`` is not float64 with an
+    even last axis."""
+    lib = _library()
+    if lib is None or not isinstance(h, np.ndarray) or h.dtype != np.float64 or h.ndim < 1 or h.shape[-1] % 2:
+        return None
+    half = h.shape[-1] // 2
+    src = np.ascontiguousarray(h)
+    rows = src.size // max(1, src.shape[-1])
+    out = np.empty(h.shape[:-1] + (half,), dtype=np.float64)
+    if lib.p2pinfer_ref64_silu_mul(src.ctypes.data, out.ctypes.data, rows, half, PRODUCT_THREADS):
+        raise MemoryError("the float64 reference's activation could not allocate its buffers")
+    return out

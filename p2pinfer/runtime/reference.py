@@ -58,6 +58,7 @@ from threadpoolctl import threadpool_limits
 
 from ..kernels import ref64
 from .digest import ModelFormatError
+from .reference_fuse import FUSED_DOMAIN, fuse_q4_linears, fuse_silu_mul
 from .memory import drop_read_only_mapped_pages, release_freed_memory
 from .sampling import log_softmax
 
@@ -305,7 +306,60 @@ class Sum(OpRun):
         return (out.astype(args[0].dtype, copy=False),)
 
 
-CONTRIB_OPS = (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization)
+class Q4Linear(OpRun):
+    """A 4-bit linear layer written by :func:`.reference_fuse.fuse_q4_linears`: ``Sum`` of its ``MatMulNBits``
+    terms (inputs ``(qweight, scales, zero_points or None)`` each) and of the Q4_1 block-minimum term
+    ``ReduceSum(x in blocks) @ minimums`` (last input, or None), every term summed into one float64 output by the
+    C products (float64 rounding apart from the nodes it replaces); numpy's nodes, one after the other, where the
+    library is unavailable."""
+
+    op_domain = FUSED_DOMAIN
+
+    def _run(self, x, *inputs, K=None, N=None, block_size=None):  # noqa: N803
+        *terms, minimums = inputs
+        k_, n_, bs = int(K), int(N), int(block_size)
+        a = np.asarray(x, dtype=np.float64)
+        sums = None
+        if minimums is not None:  # ReduceSum(Reshape(x, [0, 0, blocks, block_size]), [-1], keepdims=0)
+            sums = a.reshape(a.shape[:-1] + (k_ // bs, bs)).sum(axis=-1)
+        groups = [terms[i:i + 3] for i in range(0, len(terms), 3)]
+        out = None
+        if ref64.available():
+            n_blocks = (k_ + bs - 1) // bs
+            for j, (qweight, scales, zero_points) in enumerate(groups):
+                zp = None if zero_points is None or not zero_points.size else \
+                    _unpack_nibbles(np.asarray(zero_points).reshape(n_, -1))[:, :n_blocks]
+                extra = (sums, minimums) if sums is not None and j == len(groups) - 1 else None
+                out = ref64.q4_product(a, qweight, scales, zp, n=n_, k=k_, block_size=bs, out=out, extra=extra)
+            if out is not None:
+                return (out,)
+        parts = [MatMulNBits._run(self, a, qweight, scales, zero_points, K=K, N=N, bits=4, block_size=block_size)[0]
+                 for qweight, scales, zero_points in groups]
+        if sums is not None:
+            parts.append(sums @ np.asarray(minimums, dtype=np.float64))
+        return Sum._run(self, *parts)
+
+
+class SiluMul(OpRun):
+    """The MLP activation written by :func:`.reference_fuse.fuse_silu_mul`: ``h`` split into two equal halves of
+    its last axis (gate, up), ``(gate * Sigmoid(gate)) * up``: in one pass of the C kernel where it runs (its
+    exponential within ~2 ulp of numpy's: float64 rounding), else the nodes it replaces, in numpy."""
+
+    op_domain = FUSED_DOMAIN
+
+    def _run(self, h, axis=None, half=None):
+        h = np.asarray(h)
+        half = int(half)
+        if int(axis) not in (-1, h.ndim - 1) or h.shape[-1] != 2 * half:
+            raise ReferenceUnsupported("SiluMul over an axis other than the last, or of another size")
+        fast = ref64.silu_mul(h)
+        if fast is not None:
+            return (fast,)
+        gate, up = h[..., :half], h[..., half:]
+        return ((gate * Sigmoid._run(self, gate)[0]) * up,)
+
+
+CONTRIB_OPS = (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization, Q4Linear, SiluMul)
 #: standard operators replaced by faster float64-identical versions
 FAST_OPS = (Sigmoid, Sum)
 
@@ -371,6 +425,9 @@ class ReferenceModel:
             else:
                 self._inits[tensor.name] = numpy_helper.to_array(tensor)
         del graph.initializer[:]
+        if ref64.available():  # a 4-bit layer's terms into one output, the MLP activation in one pass (C kernels)
+            if fuse_q4_linears(graph, self._inits) + fuse_silu_mul(graph, self._inits):
+                proto.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
         _widen_attributes(graph)
         self._input_names = [i.name for i in graph.input]
         self._ids_dtype = helper.tensor_dtype_to_np_dtype(
