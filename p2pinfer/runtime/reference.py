@@ -160,13 +160,18 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) 
     """RoPE on ``x [b, heads, s, d]`` with ``cos``/``sin`` ``[b, 1, s, d/2]``."""
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
-        out = np.empty(x.shape, dtype=x.dtype)  # C order: its flat view below is itself, not a copy
+        out = np.empty_like(x)
         out[..., 0::2] = x1 * cos - x2 * sin
         out[..., 1::2] = x2 * cos + x1 * sin
         return out
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = np.empty(np.broadcast_shapes(x.shape, cos.shape[:-1] + (x.shape[-1],)), dtype=np.result_type(x, cos))
+    first = np.multiply(x1, cos, out=out[..., :half])  # each half written in place (no concatenation), with
+    first -= x2 * sin                                  # the same operations in the same order: the same bits
+    second = np.multiply(x2, cos, out=out[..., half:])
+    second += x1 * sin
+    return out
 
 
 class GroupQueryAttention(OpRun):
@@ -197,8 +202,9 @@ class GroupQueryAttention(OpRun):
             raise ReferenceUnsupported("GroupQueryAttention with seqlens_k shorter than the new tokens")
         if do_rotary:
             pos = past_len[:, None] + np.arange(s)[None, :]  # [b, s]
-            cos = np.asarray(cos_cache, np.float64)[pos][:, None]  # [b, 1, s, hd/2]
-            sin = np.asarray(sin_cache, np.float64)[pos][:, None]
+            # the rows used, widened (exact): not the whole cache (_run_node passes the caches as stored)
+            cos = np.asarray(np.asarray(cos_cache)[pos], np.float64)[:, None]  # [b, 1, s, hd/2]
+            sin = np.asarray(np.asarray(sin_cache)[pos], np.float64)[:, None]
             q = _rotate(q, cos, sin, bool(rotary_interleaved))
             k = _rotate(k, cos, sin, bool(rotary_interleaved))
         past_k = np.zeros((b, nkv, 0, hd)) if past_key is None else np.asarray(past_key, np.float64)
@@ -782,7 +788,11 @@ def _run_node(node: Any, raw: list[Any], results: dict[str, Any]) -> Sequence[An
     * ``Gather`` picks its rows from the float32 table and widens what it picked (the same values: widening is
       exact);
     * ``Gemm``/``MatMul`` over such a weight run the node itself on blocks of the weight's output columns
-      (:func:`_blockwise`)."""
+      (:func:`_blockwise`);
+    * ``Gemm``/``MatMul`` over any 2-D float32 weight go through the C products where they run
+      (:func:`_weight_product`: the weight widened in registers);
+    * ``GroupQueryAttention`` gets its cos/sin caches as stored and widens the rows it reads; ``MatMulNBits``
+      and ``Q4Linear`` get their scales and minimums as stored."""
     op = node.op_type if node.onnx_node.domain in ("", "ai.onnx") else None
     if op == "Gather" and isinstance(raw[0], np.ndarray) and raw[0].dtype in _WIDEN:
         return [_widen(out) for out in node.run(*raw)]
@@ -792,6 +802,13 @@ def _run_node(node: Any, raw: list[Any], results: dict[str, Any]) -> Sequence[An
         product = _weight_product(node, op, _widen(raw[0]), raw[1], [_widen(v) for v in raw[2:]])
         if product is not None:
             return (product,)
+    if node.onnx_node.domain == CONTRIB_DOMAIN and node.op_type == "GroupQueryAttention":
+        # the cos/sin caches (inputs 7, 8: every position of the context) as stored; the node widens its rows
+        return node.run(*[v if i in (7, 8) else _widen(v) for i, v in enumerate(raw)])
+    if node.onnx_node.domain in (CONTRIB_DOMAIN, FUSED_DOMAIN) and node.op_type in ("MatMulNBits", "Q4Linear"):
+        # the weights' float32 scales (and minimums) as stored: the C products read them so, and numpy's
+        # MatMulNBits widens them itself (a widened copy here was 7 MB per term of SmolLM2's LM head)
+        return node.run(_widen(raw[0]), *raw[1:])
     inputs = [_widen(v) for v in raw]  # transient: this node's inputs only
     return node.run(*inputs, context=results) if node.need_context() else node.run(*inputs)
 
