@@ -169,3 +169,81 @@ def test_reference_rows_with_the_kernels_equal_the_numpy_path(smollm2_q4, monkey
     assert not ref64.available()
     difference = float(np.max(np.abs(fast - slow)))
     assert difference <= 1e-12 and (difference > 0 or not kernels)  # (> 0: the kernels did run)
+
+
+def test_silu_mul_matches_the_graph_nodes() -> None:
+    """The fused MLP activation: (gate * Sigmoid(gate)) * up, the sigmoid as the reference's Sigmoid node computes
+    it; the C exponential within a few ulp (0 where the true sigmoid is below 2^-1022)."""
+    from p2pinfer.runtime.reference import Sigmoid
+
+    rng = np.random.default_rng(3)
+    h = rng.standard_normal((1, 37, 2 * 203)) * 8
+    h[0, 0, :6] = [0.0, -0.0, 700.0, -700.0, 1e-300, -1e-300]
+    got = ref64.silu_mul(h)
+    if not ref64.available():
+        assert got is None
+        return
+    gate, up = h[..., :203], h[..., 203:]
+    want = (gate * Sigmoid._run(None, gate)[0]) * up
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=8 * EPS, atol=1e-300)
+    assert ref64.silu_mul(h[..., :5]) is None  # an odd last axis is not two halves
+
+
+def _linear_graph(shared_sums: bool) -> tuple:
+    """x @ (a Q4_1 term + its block minimums), as gguf.graph writes it; ``shared_sums``: the block sums are also
+    a graph output (read twice), which must stop the rewrite."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    k, n, bs = 64, 8, 32
+    nodes = [
+        helper.make_node("MatMulNBits", ["x", "q", "s"], ["t0"], domain="com.microsoft", K=k, N=n, bits=4,
+                         block_size=bs),
+        helper.make_node("Reshape", ["x", "shape"], ["blocks"]),
+        helper.make_node("ReduceSum", ["blocks", "axes"], ["sums"], keepdims=0),
+        helper.make_node("MatMul", ["sums", "mins"], ["m"]),
+        helper.make_node("Sum", ["t0", "m"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if shared_sums:
+        outputs.append(helper.make_tensor_value_info("sums", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], outputs)
+    inits = {"q": np.zeros((n, k // bs, bs // 2), np.uint8), "s": np.ones(n * k // bs, np.float32),
+             "shape": np.array([0, 0, k // bs, bs], np.int64), "axes": np.array([-1], np.int64),
+             "mins": np.ones((k // bs, n), np.float32)}
+    return graph, inits, onnx
+
+
+def test_fusion_rewrites_exactly_the_importer_pattern() -> None:
+    from p2pinfer.runtime.reference_fuse import fuse_q4_linears
+
+    graph, inits, _ = _linear_graph(shared_sums=False)
+    assert fuse_q4_linears(graph, inits) == 1
+    assert [node.op_type for node in graph.node] == ["Q4Linear"]
+    assert list(graph.node[0].input) == ["x", "q", "s", "", "mins"] and list(graph.node[0].output) == ["y"]
+    graph, inits, _ = _linear_graph(shared_sums=True)
+    assert fuse_q4_linears(graph, inits) == 0  # an intermediate read elsewhere: left as it is
+    assert [node.op_type for node in graph.node] == ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Sum"]
+
+
+def test_fused_graph_and_its_numpy_fallback_on_smollm2(smollm2_q4, monkeypatch) -> None:
+    """Where the kernels run, SmolLM2's reference graph has every 4-bit layer as one Q4Linear and every MLP
+    activation as one SiluMul (no MatMulNBits, Sum or Sigmoid left); with the library gone at run time, the
+    fused nodes compute the replaced nodes in numpy, and the row agrees with the kernels' to float64 rounding."""
+    from p2pinfer.runtime.reference import ReferenceModel, ReferenceSession
+
+    model = smollm2_q4
+    empty = model.empty_cache().arrays[0].shape
+    ref = ReferenceModel(model.path / "model.onnx", kv_heads=empty[1], head_dim=empty[3])
+    kinds = {node.op_type for node in ref._nodes}
+    if not ref64.available():
+        assert "Q4Linear" not in kinds and "MatMulNBits" in kinds
+        return
+    assert {"Q4Linear", "SiluMul"} <= kinds and not kinds & {"MatMulNBits", "Sum", "Sigmoid"}
+    assert sum(node.op_type == "SiluMul" for node in ref._nodes) == 30
+    ids = model.prompt_ids(messages=[{"role": "user", "content": "Why is the sea salty?"}])
+    fast = ReferenceSession(ref, max_bytes=0).logprobs(ids, last=2)
+    monkeypatch.setattr(ref64, "_lib", [None])  # the library unavailable from here on
+    slow = ReferenceSession(ref, max_bytes=0).logprobs(ids, last=2)
+    assert float(np.max(np.abs(fast - slow))) <= 1e-12
