@@ -63,6 +63,33 @@ def test_q4_product_matches_numpy(m, n, blocks, bs, short, zero, seed, batch) ->
     assert np.all(np.abs(got - want) <= _bound(a, w.T))
 
 
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("bs", [32, 64])
+def test_q4_product_adds_into_out_with_a_second_term(m, bs) -> None:
+    """``out`` given: the product is added to it; ``extra``: a float32 term (a Q4_1 layer's block minimums) summed
+    in the same pass. One to four rows take the dot-product path (the LM head's row), more the panel path."""
+    rng = np.random.default_rng(m * bs)
+    n, blocks = 77, 5
+    k = blocks * bs
+    packed = rng.integers(0, 256, (n, blocks, bs // 2), dtype=np.uint8)
+    scales = rng.standard_normal(n * blocks).astype(np.float32)
+    zp = rng.integers(0, 16, (n, blocks), dtype=np.uint8)
+    a = rng.standard_normal((1, m, k))
+    start = rng.standard_normal((1, m, n))
+    sums, mins = rng.standard_normal((1, m, blocks)), rng.standard_normal((blocks, n)).astype(np.float32)
+    w = _dequantized(packed, scales, zp, n, k, bs)
+    for extra in (None, (sums, mins)):
+        out = start.copy()
+        got = ref64.q4_product(a, packed, scales, zp, n=n, k=k, block_size=bs, out=out, extra=extra)
+        if not ref64.available():
+            assert got is None
+            return
+        want = start + a @ w.T + (0 if extra is None else sums @ mins.astype(np.float64))
+        assert got is out
+        bound = _bound(a[0], w.T) + (0 if extra is None else _bound(sums[0], mins.astype(np.float64))) + 4 * EPS * np.abs(want)
+        assert np.all(np.abs(got - want) <= bound)
+
+
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 19), n=st.integers(1, 75), k=st.integers(1, 300), transposed=st.booleans(),
        seed=st.integers(0, 2**32 - 1))

@@ -199,6 +199,46 @@ static void panel_product(const job_t *j, double *buf, int64_t col0, int64_t col
     }
 }
 
+/* ---- few rows (the LM head's one row): dot products over codes widened in registers, no panel buffer ----- */
+
+#define FEW_ROWS 4
+#define FEW_COLS 32    /* columns per item */
+
+static void few_rows_item(void *arg, int64_t item, double *scratch) {
+    (void)scratch;
+    const job_t *j = (const job_t *)arg;
+    const int64_t c1 = (item + 1) * FEW_COLS < j->n ? (item + 1) * FEW_COLS : j->n;
+    const int64_t bs = j->bs;
+    const __m128i mask = _mm_set1_epi8(15);
+    for (int64_t col = item * FEW_COLS; col < c1; col++) {
+        const uint8_t *p = j->packed + col * j->blocks * (bs / 2);
+        const float *sc = j->scales + col * j->blocks;
+        const uint8_t *zp = j->zp ? j->zp + col * j->blocks : NULL;
+        __m512d acc[FEW_ROWS];
+        for (int x = 0; x < FEW_ROWS; x++) acc[x] = _mm512_setzero_pd();
+        for (int64_t b = 0; b < j->blocks; b++) {
+            const __m512d vs = _mm512_set1_pd((double)sc[b]), vz = _mm512_set1_pd(zp ? (double)zp[b] : 8.0);
+            for (int64_t i = 0; i < bs; i += 32) {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(p + (b * bs + i) / 2));
+                __m128i lo = _mm_and_si128(bytes, mask);
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                __m128i v0 = _mm_unpacklo_epi8(lo, hi), v1 = _mm_unpackhi_epi8(lo, hi);
+                __m128i parts[4] = {v0, _mm_srli_si128(v0, 8), v1, _mm_srli_si128(v1, 8)};
+                for (int t = 0; t < 4; t++) {
+                    const __m512d w = _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(parts[t])), vz), vs);
+                    for (int x = 0; x < j->m; x++)
+                        acc[x] = _mm512_fmadd_pd(_mm512_loadu_pd(j->a + x * j->lda + b * bs + i + 8 * t), w, acc[x]);
+                }
+            }
+        }
+        for (int x = 0; x < j->m; x++) {
+            double *o = j->out + x * j->ldo + col;
+            const double dot = _mm512_reduce_add_pd(acc[x]);
+            *o = j->accumulate ? *o + dot : dot;
+        }
+    }
+}
+
 /* ---- threads: items handed out by a counter, each thread with its own scratch buffer ------------------------ */
 
 typedef void (*item_fn)(void *arg, int64_t item, double *scratch);
@@ -275,6 +315,8 @@ int p2pinfer_ref64_q4(const double *a, int64_t m, int64_t k, int64_t lda, const 
     j.n = n; j.out = out; j.ldo = ldo; j.accumulate = accumulate;
     if (a2 != NULL && w2 != NULL && k2 > 0) { j.a2 = a2; j.w2 = w2; j.k2 = k2; }
     j.kc = bs * (KC_TARGET / bs > 1 ? KC_TARGET / bs : 1);
+    if (m <= FEW_ROWS && bs % 32 == 0 && k == blocks * bs && j.a2 == NULL)  /* the LM head's row(s) */
+        return parallel(few_rows_item, &j, (n + FEW_COLS - 1) / FEW_COLS, threads, 64);
     return run(&j, threads);
 }
 
