@@ -274,3 +274,25 @@ def test_fused_graph_and_its_numpy_fallback_on_smollm2(smollm2_q4, monkeypatch) 
     monkeypatch.setattr(ref64, "_lib", [None])  # the library unavailable from here on
     slow = ReferenceSession(ref, max_bytes=0).logprobs(ids, last=2)
     assert float(np.max(np.abs(fast - slow))) <= 1e-12
+
+
+def test_skip_rmsnorm_matches_the_node() -> None:
+    """SkipSimplifiedLayerNormalization's four outputs from the C kernel against its numpy computation."""
+    from p2pinfer.runtime.reference import SkipSimplifiedLayerNormalization
+
+    rng = np.random.default_rng(9)
+    for d in (576, 13):
+        x, skip, gamma = rng.standard_normal((1, 21, d)) * 3, rng.standard_normal((1, 21, d)), rng.standard_normal(d)
+        got = ref64.skip_rmsnorm(x, skip, gamma, 1e-5)
+        if not ref64.available():
+            assert got is None
+            return
+        total = x + skip
+        inv_std = 1.0 / np.sqrt(np.mean(total * total, axis=-1, keepdims=True) + 1e-5)
+        normed = total * inv_std * gamma
+        assert np.array_equal(got[2], total)
+        np.testing.assert_allclose(got[1], inv_std, rtol=d * EPS, atol=0)
+        np.testing.assert_allclose(got[0], normed, rtol=(d + 4) * EPS, atol=0)
+        outputs = SkipSimplifiedLayerNormalization._run(None, x, skip, gamma, epsilon=1e-5)
+        assert len(outputs) == 4 and np.array_equal(outputs[0], got[0]) and not outputs[1].any()
+    assert ref64.skip_rmsnorm(x, skip[:, :3], gamma, 1e-5) is None  # broadcasting is left to numpy

@@ -392,6 +392,50 @@ int p2pinfer_ref64_silu_mul(const double *h, double *out, int64_t rows, int64_t 
     return parallel(silu_item, &m, (rows + SILU_ROWS - 1) / SILU_ROWS, threads, 64);
 }
 
+/* ---- RMSNorm of a sum (SkipSimplifiedLayerNormalization) ---------------------------------------------------- */
+
+typedef struct {
+    const double *x, *skip, *gamma;
+    double *normed, *inv_std, *total;
+    int64_t rows, d;
+    double eps;
+} norm_t;
+
+#define NORM_ROWS 8
+
+/* total = x + skip; inv_std = 1 / sqrt(mean(total^2) + eps); normed = (total x inv_std) x gamma */
+static void norm_item(void *arg, int64_t item, double *scratch) {
+    (void)scratch;
+    const norm_t *m = (const norm_t *)arg;
+    const int64_t r1 = (item + 1) * NORM_ROWS < m->rows ? (item + 1) * NORM_ROWS : m->rows;
+    for (int64_t r = item * NORM_ROWS; r < r1; r++) {
+        const double *x = m->x + r * m->d, *skip = m->skip + r * m->d;
+        double *total = m->total + r * m->d, *normed = m->normed + r * m->d;
+        __m512d sq = _mm512_setzero_pd();
+        for (int64_t i = 0; i < m->d; i += 8) {
+            const __mmask8 mask = (__mmask8)(m->d - i >= 8 ? 0xFF : (1u << (m->d - i)) - 1);
+            const __m512d t = _mm512_add_pd(_mm512_maskz_loadu_pd(mask, x + i), _mm512_maskz_loadu_pd(mask, skip + i));
+            _mm512_mask_storeu_pd(total + i, mask, t);
+            sq = _mm512_add_pd(sq, _mm512_mul_pd(t, t));
+        }
+        const double inv = 1.0 / __builtin_sqrt(_mm512_reduce_add_pd(sq) / (double)m->d + m->eps);
+        m->inv_std[r] = inv;
+        const __m512d vi = _mm512_set1_pd(inv);
+        for (int64_t i = 0; i < m->d; i += 8) {
+            const __mmask8 mask = (__mmask8)(m->d - i >= 8 ? 0xFF : (1u << (m->d - i)) - 1);
+            const __m512d t = _mm512_maskz_loadu_pd(mask, total + i);
+            _mm512_mask_storeu_pd(normed + i, mask, _mm512_mul_pd(_mm512_mul_pd(t, vi), _mm512_maskz_loadu_pd(mask, m->gamma + i)));
+        }
+    }
+}
+
+int p2pinfer_ref64_skip_rmsnorm(const double *x, const double *skip, const double *gamma, double *normed,
+                                double *inv_std, double *total, int64_t rows, int64_t d, double eps, int threads) {
+    if (rows <= 0 || d <= 0) return 0;
+    norm_t m = {x, skip, gamma, normed, inv_std, total, rows, d, eps};
+    return parallel(norm_item, &m, (rows + NORM_ROWS - 1) / NORM_ROWS, threads, 64);
+}
+
 /* ---- causal grouped-query attention in float64 ------------------------------------------------------------ */
 
 #define QB 8   /* query positions of one head per item */

@@ -53,6 +53,9 @@ def _library() -> ctypes.CDLL | None:
                         lib.p2pinfer_ref64_attention.restype = ctypes.c_int
                         lib.p2pinfer_ref64_silu_mul.argtypes = [_P, _P, _I, _I, ctypes.c_int]
                         lib.p2pinfer_ref64_silu_mul.restype = ctypes.c_int
+                        lib.p2pinfer_ref64_skip_rmsnorm.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_double,
+                                                                    ctypes.c_int]
+                        lib.p2pinfer_ref64_skip_rmsnorm.restype = ctypes.c_int
                 except (OSError, AttributeError):
                     lib = None
             _lib.append(lib)
@@ -158,3 +161,23 @@ def silu_mul(h: np.ndarray) -> np.ndarray | None:
     if lib.p2pinfer_ref64_silu_mul(src.ctypes.data, out.ctypes.data, rows, half, PRODUCT_THREADS):
         raise MemoryError("the float64 reference's activation could not allocate its buffers")
     return out
+
+
+def skip_rmsnorm(x: np.ndarray, skip: np.ndarray, gamma: np.ndarray,
+                 eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """RMSNorm of ``total = x + skip`` over the last axis in float64: ``(total * inv_std * gamma, inv_std
+    [..., 1], total)`` with ``inv_std = 1 / sqrt(mean(total^2) + eps)``. None where the library is unavailable
+    or the shapes differ (broadcasting is left to numpy)."""
+    lib = _library()
+    if lib is None or not all(isinstance(v, np.ndarray) for v in (x, skip, gamma)) or x.shape != skip.shape \
+            or x.ndim < 1 or gamma.shape != x.shape[-1:]:
+        return None
+    d = x.shape[-1]
+    xc, sc, gc = (np.ascontiguousarray(v, dtype=np.float64) for v in (x, skip, gamma))
+    normed, total = np.empty(x.shape), np.empty(x.shape)
+    inv_std = np.empty(x.shape[:-1] + (1,))
+    if lib.p2pinfer_ref64_skip_rmsnorm(xc.ctypes.data, sc.ctypes.data, gc.ctypes.data, normed.ctypes.data,
+                                       inv_std.ctypes.data, total.ctypes.data, x.size // max(1, d), d, float(eps),
+                                       PRODUCT_THREADS):
+        raise MemoryError("the float64 reference's normalization could not allocate its buffers")
+    return normed, inv_std, total
