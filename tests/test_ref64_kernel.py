@@ -296,3 +296,36 @@ def test_skip_rmsnorm_matches_the_node() -> None:
         outputs = SkipSimplifiedLayerNormalization._run(None, x, skip, gamma, epsilon=1e-5)
         assert len(outputs) == 4 and np.array_equal(outputs[0], got[0]) and not outputs[1].any()
     assert ref64.skip_rmsnorm(x, skip[:, :3], gamma, 1e-5) is None  # broadcasting is left to numpy
+
+
+@settings(max_examples=25, deadline=None)
+@given(s=st.integers(1, 20), past=st.integers(0, 30), kv=st.integers(1, 3), groups=st.integers(1, 3),
+       seed=st.integers(0, 2**32 - 1))
+def test_grouped_query_attention_node_in_c_matches_its_numpy_path(s, past, kv, groups, seed) -> None:
+    """The reference's GroupQueryAttention node, whole in C (RoPE from float32 caches, present caches,
+    attention) against the same node's numpy path (the library swapped out): outputs within float64 rounding."""
+    from p2pinfer.runtime.reference import GroupQueryAttention
+
+    rng = np.random.default_rng(seed)
+    nh, hd = kv * groups, 64
+    query = rng.standard_normal((1, s, (nh + 2 * kv) * hd))
+    past_k = rng.standard_normal((1, kv, past, hd)) if past else None
+    past_v = rng.standard_normal((1, kv, past, hd)) if past else None
+    cos = rng.uniform(-1, 1, (past + s + 3, hd // 2)).astype(np.float32)
+    sin = rng.uniform(-1, 1, (past + s + 3, hd // 2)).astype(np.float32)
+
+    def node() -> tuple:
+        return GroupQueryAttention._run(GroupQueryAttention.__new__(GroupQueryAttention), query, None, None, past_k,
+                                        past_v, np.array([past + s - 1]), np.array(past + s), cos, sin,
+                                        num_heads=nh, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0)
+
+    fast = node()
+    lib = list(ref64._lib)
+    ref64._lib[:] = [None]
+    try:
+        slow = node()
+    finally:
+        ref64._lib[:] = lib
+    for got, want in zip(fast, slow):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * max(1.0, float(np.abs(want).max())))

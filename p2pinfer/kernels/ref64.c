@@ -578,6 +578,45 @@ int p2pinfer_ref64_attention(const double *q, const double *k, const double *v, 
     return rc;
 }
 
+/* The whole of GroupQueryAttention for one sequence, from the packed projections: packed [s, (nh + 2 nkv) hd]
+ * (queries, keys, values of each new position), past_k/past_v [nkv, past, hd] (NULL where past is 0), cos/sin
+ * float32 [>= past + s, hd / 2] (rotate-half RoPE at positions past..past+s-1); writes present_k/present_v
+ * [nkv, past + s, hd] (the past, then the new rotated keys and the values) and ctx [s, nh hd]. */
+int p2pinfer_ref64_gqa(const double *packed, const double *past_k, const double *past_v, const float *cosc,
+                       const float *sinc, double *present_k, double *present_v, double *ctx, int64_t s, int64_t nh,
+                       int64_t nkv, int64_t hd, int64_t past, int64_t total, double factor, int threads) {
+    if (s <= 0 || nh <= 0) return 0;
+    if (hd % 64 || nkv <= 0 || nh % nkv) return -1;
+    const int64_t t = past + s, half = hd / 2, width = (nh + 2 * nkv) * hd;
+    double *q = aligned_alloc(64, (size_t)((s * nh * hd * sizeof(double) + 63) & ~(size_t)63));
+    if (q == NULL) return -1;
+    for (int64_t g = 0; g < nkv; g++) {
+        if (past) {
+            memcpy(present_k + g * t * hd, past_k + g * past * hd, (size_t)(past * hd) * sizeof(double));
+            memcpy(present_v + g * t * hd, past_v + g * past * hd, (size_t)(past * hd) * sizeof(double));
+        }
+    }
+    for (int64_t i = 0; i < s; i++) {
+        const double *row = packed + i * width;
+        const float *c = cosc + (past + i) * half, *sn = sinc + (past + i) * half;
+        for (int64_t h = 0; h < nh + nkv; h++) {  /* queries, then keys: x1 c - x2 s | x2 c + x1 s */
+            const double *x = row + h * hd;
+            double *o = h < nh ? q + (i * nh + h) * hd : present_k + ((h - nh) * t + past + i) * hd;
+            for (int64_t d = 0; d < half; d++) {
+                const double cd = (double)c[d], sd = (double)sn[d];
+                o[d] = x[d] * cd - x[d + half] * sd;
+                o[d + half] = x[d + half] * cd + x[d] * sd;
+            }
+        }
+        for (int64_t g = 0; g < nkv; g++)
+            memcpy(present_v + (g * t + past + i) * hd, row + (nh + nkv + g) * hd, (size_t)hd * sizeof(double));
+    }
+    const int rc = p2pinfer_ref64_attention(q, present_k, present_v, ctx, s, nh, nkv, t, hd, past, total, factor,
+                                            threads);
+    free(q);
+    return rc;
+}
+
 #else  /* built for a CPU without AVX-512: the reference multiplies with numpy (runtime/reference.py) */
 int p2pinfer_ref64_available(void) { return 0; }
 #endif

@@ -53,6 +53,9 @@ def _library() -> ctypes.CDLL | None:
                         lib.p2pinfer_ref64_attention.restype = ctypes.c_int
                         lib.p2pinfer_ref64_silu_mul.argtypes = [_P, _P, _I, _I, ctypes.c_int]
                         lib.p2pinfer_ref64_silu_mul.restype = ctypes.c_int
+                        lib.p2pinfer_ref64_gqa.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I,
+                                                           ctypes.c_double, ctypes.c_int]
+                        lib.p2pinfer_ref64_gqa.restype = ctypes.c_int
                         lib.p2pinfer_ref64_skip_rmsnorm.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_double,
                                                                     ctypes.c_int]
                         lib.p2pinfer_ref64_skip_rmsnorm.restype = ctypes.c_int
@@ -181,3 +184,37 @@ def skip_rmsnorm(x: np.ndarray, skip: np.ndarray, gamma: np.ndarray,
                                        PRODUCT_THREADS):
         raise MemoryError("the float64 reference's normalization could not allocate its buffers")
     return normed, inv_std, total
+
+
+def grouped_query_attention(packed: np.ndarray, past_k: np.ndarray | None, past_v: np.ndarray | None,
+                            cos: np.ndarray, sin: np.ndarray, *, heads: int, kv_heads: int, past: int, total: int,
+                            factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """GroupQueryAttention of one sequence from its packed projections ``packed [s, (heads + 2 kv_heads) head]``
+    (float64), with rotate-half RoPE from the float32 ``cos``/``sin`` caches ``[positions, head / 2]`` at
+    positions ``past..``; ``past_k``/``past_v`` ``[kv_heads, past, head]`` (None where ``past`` is 0). Returns
+    ``(ctx [s, heads * head], present_k, present_v [kv_heads, past + s, head])``, or None where the library is
+    unavailable or the shapes are outside what it implements (the caller's numpy path then runs)."""
+    lib = _library()
+    s, width = packed.shape
+    if lib is None or heads < 1 or kv_heads < 1 or heads % kv_heads or width % (heads + 2 * kv_heads):
+        return None
+    hd = width // (heads + 2 * kv_heads)
+    t = past + s
+    if hd % 64 or cos.dtype != np.float32 or sin.dtype != np.float32 or cos.ndim != 2 \
+            or cos.shape != sin.shape or cos.shape[1] != hd // 2 or cos.shape[0] < t:
+        return None
+    if past and (past_k is None or past_v is None or past_k.shape != (kv_heads, past, hd)
+                 or past_v.shape != past_k.shape):
+        return None
+    pc = np.ascontiguousarray(packed, dtype=np.float64)
+    pk = None if not past else np.ascontiguousarray(past_k, dtype=np.float64)
+    pv = None if not past else np.ascontiguousarray(past_v, dtype=np.float64)
+    cc, sc = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
+    present_k, present_v = np.empty((kv_heads, t, hd)), np.empty((kv_heads, t, hd))
+    ctx = np.empty((s, heads * hd))
+    if lib.p2pinfer_ref64_gqa(pc.ctypes.data, None if pk is None else pk.ctypes.data,
+                              None if pv is None else pv.ctypes.data, cc.ctypes.data, sc.ctypes.data,
+                              present_k.ctypes.data, present_v.ctypes.data, ctx.ctypes.data, s, heads, kv_heads, hd,
+                              int(past), int(total), float(factor), PRODUCT_THREADS):
+        raise MemoryError("the float64 reference's attention could not allocate its buffers")
+    return ctx, present_k, present_v

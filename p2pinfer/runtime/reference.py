@@ -184,6 +184,10 @@ class GroupQueryAttention(OpRun):
              do_rotary=None, rotary_interleaved=None, local_window_size=None, softcap=None,
              smooth_softmax=None):
         nh, nkv = int(num_heads), int(kv_num_heads)
+        fast = self._in_c(query, key, value, past_key, past_value, seqlens_k, cos_cache, sin_cache, extra, nh, nkv,
+                          scale, do_rotary, rotary_interleaved, local_window_size, softcap, smooth_softmax)
+        if fast is not None:
+            return fast
         if key is None or value is None:  # packed: query holds Q, K and V one after the other
             hd_packed = query.shape[-1] // (nh + 2 * nkv)
             query, key, value = np.split(np.asarray(query), [nh * hd_packed, (nh + nkv) * hd_packed], axis=-1)
@@ -245,6 +249,38 @@ class GroupQueryAttention(OpRun):
             del scores, probs  # freed before the next block's scores exist
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, nh * hd)
         return ctx, k_all, v_all
+
+
+    @staticmethod
+    def _in_c(query, key, value, past_key, past_value, seqlens_k, cos_cache, sin_cache, extra, nh, nkv, scale,
+              do_rotary, rotary_interleaved, local_window_size, softcap, smooth_softmax):
+        """The whole node in C (:func:`p2pinfer.kernels.ref64.grouped_query_attention`: RoPE, the present
+        caches and the attention) for the importer's form (one sequence, packed projections, rotate-half RoPE
+        from float32 caches, nothing else); None otherwise, or where the library is unavailable."""
+        if key is not None or value is not None or not do_rotary or rotary_interleaved or any(
+                e is not None and getattr(e, "size", 0) for e in extra) or local_window_size not in (None, -1) \
+                or softcap not in (None, 0.0) or smooth_softmax or not isinstance(query, np.ndarray) \
+                or query.ndim != 3 or query.shape[0] != 1 or not isinstance(cos_cache, np.ndarray) \
+                or not isinstance(sin_cache, np.ndarray) or seqlens_k is None or np.asarray(seqlens_k).size != 1:
+            return None
+        s, width = query.shape[1], query.shape[2]
+        if nh < 1 or nkv < 1 or width % (nh + 2 * nkv):
+            return None
+        hd = width // (nh + 2 * nkv)
+        total = int(np.asarray(seqlens_k).reshape(-1)[0]) + 1
+        past = total - s
+        held = 0 if past_key is None else past_key.shape[2]
+        if past < 0 or (held and held != past) or (not held and past):
+            return None  # the numpy path says what is wrong
+        factor = float(scale) if scale else 1.0 / math.sqrt(hd)
+        fast = ref64.grouped_query_attention(
+            np.asarray(query, np.float64)[0], None if not past else np.asarray(past_key, np.float64)[0],
+            None if not past else np.asarray(past_value, np.float64)[0], cos_cache, sin_cache, heads=nh,
+            kv_heads=nkv, past=past, total=total, factor=factor)
+        if fast is None:
+            return None
+        ctx, present_k, present_v = fast
+        return ctx.reshape(1, s, nh * hd), present_k[None], present_v[None]
 
 
 class SkipSimplifiedLayerNormalization(OpRun):
