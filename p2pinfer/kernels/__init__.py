@@ -47,6 +47,10 @@ The same library has a ``SwiGLU`` op (``swiglu.c``): each MLP activation after a
 Split, QuickGelu and Mul) becomes one node (:func:`_fuse_swiglu`) that computes onnxruntime's own bits (its
 sigmoid's rational approximation, clamps and operation order, as onnxruntime runs them at the session's
 optimization level on this CPU): the kernel session's rows do not change.
+
+The near-tie reference's float64 kernels (``ref64.c``: products, attention, normalization, activation; used by
+``runtime/reference.py`` through :mod:`.ref64`) are a library of their own, compiled and cached the same way
+(:func:`ref64_library_path`); ``P2PINFER_REF64_KERNEL=0`` keeps the reference on numpy.
 """
 
 from __future__ import annotations

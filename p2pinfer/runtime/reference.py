@@ -34,10 +34,18 @@ How it runs:
 * a :class:`ReferenceSession` per request keeps that cache between its near-tie rows (bounded by
   :data:`REFERENCE_KV_BYTES`), so a later row computes only the positions after the cached prefix.
 
-Matrix products go through numpy's BLAS in float64, on one thread (:data:`REFERENCE_BLAS_THREADS`). It is
-slow next to onnxruntime (2-5x its prefill of the same tokens on SmolLM2; ``benchmarks/reference_row.py``
-measures it) and only ever runs at the few positions the float32 rule cannot decide. Callers in async code run it in a worker thread, as they do every
-forward pass.
+Where the C kernels of :mod:`p2pinfer.kernels.ref64` run (a C compiler and an AVX-512 CPU;
+``P2PINFER_REF64_KERNEL=0`` turns them off), the costly nodes are computed there, in float64, on two threads of
+their own: every 4-bit layer as one ``Q4Linear`` node (its ``MatMulNBits`` terms and Q4_1 block-minimum term
+summed into one output, :mod:`.reference_fuse`; the 4-bit codes widened in registers, never a float64 weight
+matrix), every product by a float32 weight, ``GroupQueryAttention`` (RoPE, present caches, attention),
+``SkipSimplifiedLayerNormalization`` and each MLP activation as one ``SiluMul`` node. They are the same float64
+operations summed in another order, with an exponential within ~2 ulp of numpy's: rows within ~2e-13 of the
+numpy path's on SmolLM2 (``tests/test_ref64_kernel.py``). Elsewhere the nodes run in numpy, and matrix products
+go through numpy's BLAS in float64, on one thread (:data:`REFERENCE_BLAS_THREADS`). A row costs 2.5-6x
+onnxruntime's prefill of the same tokens on SmolLM2 with the kernels (5-8x without; ``benchmarks/reference_row.py``
+measures both) and only ever runs at the few positions the float32 rule cannot decide. Callers in async code run
+it in a worker thread, as they do every forward pass.
 """
 
 from __future__ import annotations
