@@ -84,8 +84,8 @@ def q4_product(a: np.ndarray, packed: np.ndarray, scales: np.ndarray, zero_point
     returned). ``extra`` ``(a2 [..., k2], w2 [k2, n] float32)``: ``a2 @ w2`` added in the same accumulators (a
     Q4_1 weight's block-minimum term). None where the library is unavailable."""
     lib = _library()
-    if lib is None:
-        return None
+    if lib is None or np.shape(a)[-1:] != (k,) or block_size < 2 or block_size % 2 or n < 1 or k < 1:
+        return None  # (the numpy path reports what is wrong with such a node)
     blocks = (k + block_size - 1) // block_size
     flat = _rows(a, k)
     q = np.ascontiguousarray(packed, dtype=np.uint8).reshape(n, blocks, block_size // 2)
@@ -117,9 +117,11 @@ def f32_product(a: np.ndarray, w: np.ndarray, *, transposed: bool) -> np.ndarray
     """``a[..., k] @ W`` -> float64 ``[..., n]`` for a 2-D float32 ``w``: ``[k, n]`` (MatMul), or ``[n, k]`` with
     ``transposed`` (Gemm's ``transB``). None where the library is unavailable."""
     lib = _library()
-    if lib is None:
+    if lib is None or w.ndim != 2:
         return None
     n, k = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+    if np.shape(a)[-1:] != (k,):
+        return None
     flat = _rows(a, k)
     wc = np.ascontiguousarray(w, dtype=np.float32)  # a mapped weight is read in place (already contiguous)
     out = np.empty((flat.shape[0], n), dtype=np.float64)
@@ -137,9 +139,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, past: int, total: 
     keys it may see, and its scores exist for 8 queries of one head at a time. None where the library is
     unavailable or the shapes are outside what it implements (a head size not a multiple of 64)."""
     lib = _library()
+    if lib is None or q.ndim != 3 or k.ndim != 3:
+        return None
     s, nh, hd = q.shape
     nkv, t = k.shape[0], k.shape[1]
-    if lib is None or hd % 64 or nkv < 1 or nh % nkv or k.shape != (nkv, t, hd) or v.shape != k.shape:
+    if hd % 64 or nkv < 1 or nh % nkv or k.shape != (nkv, t, hd) or v.shape != k.shape or not 0 <= past < t \
+            or not past < total <= t or t != past + s:
         return None
     qc, kc, vc = (np.ascontiguousarray(x, dtype=np.float64) for x in (q, k, v))
     ctx = np.empty((s, nh * hd), dtype=np.float64)
@@ -195,8 +200,10 @@ def grouped_query_attention(packed: np.ndarray, past_k: np.ndarray | None, past_
     ``(ctx [s, heads * head], present_k, present_v [kv_heads, past + s, head])``, or None where the library is
     unavailable or the shapes are outside what it implements (the caller's numpy path then runs)."""
     lib = _library()
+    if lib is None or packed.ndim != 2:
+        return None
     s, width = packed.shape
-    if lib is None or heads < 1 or kv_heads < 1 or heads % kv_heads or width % (heads + 2 * kv_heads):
+    if s < 1 or past < 0 or not past < total <= past + s or heads < 1 or kv_heads < 1 or heads % kv_heads or width % (heads + 2 * kv_heads):
         return None
     hd = width // (heads + 2 * kv_heads)
     t = past + s
