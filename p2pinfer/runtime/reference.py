@@ -66,8 +66,8 @@ from threadpoolctl import threadpool_limits
 
 from ..kernels import ref64
 from .digest import ModelFormatError
-from .reference_fuse import FUSED_DOMAIN, fuse_q4_linears, fuse_silu_mul
 from .memory import drop_read_only_mapped_pages, release_freed_memory
+from .reference_fuse import FUSED_DOMAIN, fuse_q4_linears, fuse_silu_mul
 from .sampling import log_softmax
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -258,7 +258,6 @@ class GroupQueryAttention(OpRun):
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, nh * hd)
         return ctx, k_all, v_all
 
-
     @staticmethod
     def _in_c(query, key, value, past_key, past_value, seqlens_k, cos_cache, sin_cache, extra, nh, nkv, scale,
               do_rotary, rotary_interleaved, local_window_size, softcap, smooth_softmax):
@@ -319,7 +318,7 @@ class Sigmoid(OpRun):
 
     def _run(self, x):
         x = np.asarray(x)
-        if x.dtype.kind != "f":  # (onnx.reference computes in float and casts back)
+        if x.dtype.kind != "f":  # computed in float64 and cast back to the input's type, as before
             out = np.empty(x.shape, dtype=np.float64)
             _sigmoid_into(x.astype(np.float64), out)
             return (out.astype(x.dtype),)
@@ -327,13 +326,23 @@ class Sigmoid(OpRun):
         flat_x, flat_out = x.reshape(-1), out.reshape(-1)
         parts = ref64.PRODUCT_THREADS if x.size >= _PARALLEL_ELEMENTS else 1
         bounds = [x.size * p // parts for p in range(parts + 1)]
-        helpers = [threading.Thread(target=_sigmoid_into, args=(flat_x[lo:hi], flat_out[lo:hi]), daemon=True)
+        failed: list[BaseException] = []
+
+        def part(lo: int, hi: int) -> None:
+            try:
+                _sigmoid_into(flat_x[lo:hi], flat_out[lo:hi])
+            except BaseException as exc:  # re-raised by the caller's thread, never left behind half done
+                failed.append(exc)
+
+        helpers = [threading.Thread(target=part, args=(lo, hi), daemon=True)
                    for lo, hi in zip(bounds[1:-1], bounds[2:])]
         for helper_thread in helpers:
             helper_thread.start()
-        _sigmoid_into(flat_x[bounds[0]:bounds[1]], flat_out[bounds[0]:bounds[1]])
+        part(bounds[0], bounds[1])
         for helper_thread in helpers:
             helper_thread.join()
+        if failed:
+            raise failed[0]
         return (out,)
 
 
