@@ -329,3 +329,18 @@ def test_grouped_query_attention_node_in_c_matches_its_numpy_path(s, past, kv, g
     for got, want in zip(fast, slow):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * max(1.0, float(np.abs(want).max())))
+
+
+def test_reference_rows_do_not_depend_on_the_kernels_thread_count(smollm2_q4, monkeypatch) -> None:
+    """Every output element of every kernel is computed by one thread with one instruction sequence, whichever
+    thread takes its panel: one thread and two give the same row, bit for bit."""
+    from p2pinfer.runtime.reference import ReferenceModel, ReferenceSession
+
+    model = smollm2_q4
+    empty = model.empty_cache().arrays[0].shape
+    ref = ReferenceModel(model.path / "model.onnx", kv_heads=empty[1], head_dim=empty[3])
+    ids = model.prompt_ids(messages=[{"role": "user", "content": "Name three rivers."}])
+    two = ReferenceSession(ref, max_bytes=0, chunk=16).logprobs(ids, last=2)
+    monkeypatch.setattr(ref64, "PRODUCT_THREADS", 1)
+    one = ReferenceSession(ref, max_bytes=0, chunk=16).logprobs(ids, last=2)
+    assert np.array_equal(one, two)
