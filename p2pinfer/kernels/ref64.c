@@ -289,9 +289,30 @@ static int parallel(item_fn fn, void *arg, int64_t items, int threads, size_t sc
     return atomic_load(&p.done) == items ? 0 : -1;
 }
 
+/* the panel's weights asked for at once (into L2): its micro-panels would otherwise wait for each cache line
+ * in turn, the weights coming from memory (a 4-bit layer is read once per pass) */
+static void prefetch_panel(const job_t *j, int64_t col0, int64_t cols) {
+    if (j->kind == KIND_Q4) {
+        const int64_t bytes = j->blocks * (j->bs / 2);
+        const char *p = (const char *)(j->packed + col0 * bytes);
+        for (int64_t i = 0; i < cols * bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+        const char *sc = (const char *)(j->scales + col0 * j->blocks);
+        for (int64_t i = 0; i < (int64_t)(cols * j->blocks * sizeof(float)); i += 64) _mm_prefetch(sc + i, _MM_HINT_T1);
+    } else if (j->kind == KIND_F32_NK) {
+        const char *p = (const char *)(j->w + col0 * j->k);
+        for (int64_t i = 0; i < (int64_t)(cols * j->k * sizeof(float)); i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+    } else {
+        for (int64_t k = 0; k < j->k; k++) {
+            const char *p = (const char *)(j->w + k * j->n + col0);
+            for (int64_t i = 0; i < (int64_t)(cols * sizeof(float)); i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+        }
+    }
+}
+
 static void product_item(void *arg, int64_t panel, double *buf) {
     const job_t *j = (const job_t *)arg;
     const int64_t col0 = panel * PANEL, cols = j->n - col0 < PANEL ? j->n - col0 : PANEL;
+    prefetch_panel(j, col0, cols);
     panel_product(j, buf, col0, cols);
 }
 
