@@ -9,8 +9,9 @@ rounds taken interleaved, in one process:
   KV cache, dropped after the call) and, as the baseline of the same run, onnxruntime's float32 prefill of the
   same tokens (``LoadedModel.forward``, the serving session); their ratio;
 * ``numpy row s``: the same row with the C kernels off (``p2pinfer/kernels/ref64.c``: products, attention,
-  sigmoid), i.e. the reference as it was before them, interleaved with the rows above; the speed-up, and the
-  largest difference between the two rows (float64 rounding);
+  normalization, SiLU), from a reference built without them (the graph as stored: what runs where the library
+  is unavailable), interleaved with the rows above; the speed-up, and the largest difference between the two
+  rows (float64 rounding). Run the script of an older tree for that tree's figures;
 * ``extend s``: a row ``k`` positions (``--extend``) after one already computed in the same
   :class:`~p2pinfer.runtime.reference.ReferenceSession` (a later near tie of the same request);
 * ``GEMM GFLOP/s``: the float64 matrix products' rate inside the row (2 x weights x positions / the time of
