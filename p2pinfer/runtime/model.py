@@ -29,7 +29,7 @@ from ..errors import P2PInferError
 from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
-from .memory import drop_clean_file_pages
+from .memory import drop_clean_file_pages, map_clean_file_pages_singly
 from .prefix_kv import PrefixStore
 from .tie_tolerance import TieTolerances
 
@@ -135,8 +135,9 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
         raise ModelFormatError(f"onnxruntime could not load {onnx_path}: {exc}") from None
     del source, rewritten  # the serialized graph is not needed once the session exists
     # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
-    # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
-    drop_clean_file_pages(weight_files())
+    # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages: dropped,
+    # and read a page at a time from now on (a read fault maps a whole large page-cache folio otherwise)
+    map_clean_file_pages_singly(weight_files())
     return session, None
 
 
@@ -787,11 +788,11 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
     except Exception as exc:
         raise ModelFormatError(f"{model_dir}/tokenizer.json does not load: {exc}") from None
     info = read_model_info(model_dir, tokenizer)
+    if digest is None:  # before the session: its read() fills the page cache with the large folios open_session evicts
+        digest = compute_digest(model_dir)
     session, used = open_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
                                  optimization=optimization, kernel=kernel, amx=amx, decode=decode)
     io = inspect_graph(session, str(model_dir / ONNX_FILE))
-    if digest is None:
-        digest = compute_digest(model_dir)
     model = LoadedModel(model_dir, digest, name or model_dir.name, numeric_class, tolerance, session, io,
                         tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers,
                                           "kernel": used, "amx": _runs_amx(used, amx)})
