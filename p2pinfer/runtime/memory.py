@@ -57,9 +57,6 @@ def drop_clean_file_pages(paths: Iterable[Path]) -> int:
 
     A mapping with any private (written, copy-on-write) page is left alone: dropping would lose the writes.
     Reading a dropped page later faults it back in from the page cache or the file, with the same bytes."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "madvise"):
-        return 0
     files = set()
     for path in paths:
         try:
@@ -67,8 +64,16 @@ def drop_clean_file_pages(paths: Iterable[Path]) -> int:
         except OSError:
             continue
         files.add((info.st_dev, info.st_ino))
+    return _drop_regions(files)
+
+
+def _drop_regions(files: set[tuple[int, int]]) -> int:
+    """Unmap the resident pages of every clean mapping of the files (dev, inode); the bytes unmapped."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise") or not files:
+        return 0
     try:
-        regions = _clean_mappings(files) if files else []
+        regions = _clean_mappings(files)
     except OSError:
         return 0
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -127,6 +132,32 @@ def map_clean_file_pages_singly(paths: Iterable[Path]) -> int:
             os.close(fd)
         changed += end - start
     return changed
+
+
+def drop_library_pages() -> int:
+    """Unmap this process's resident pages of its shared libraries' clean mappings (their code and read-only
+    data; returns the bytes unmapped). A page used again faults back in from the page cache, unchanged; a
+    mapping with any written (copy-on-write) page is left alone, so no byte can change.
+
+    What imports and session creation touched stays mapped for as long as the process runs: in a serving
+    SmolLM2 process ~65 MB of library pages (onnxruntime's and the peer's imported extension modules: QUIC,
+    TLS, DNS, onnx, cryptography), a read fault mapping the whole page-cache folio around the code it runs, of
+    which serving and verifying read back ~6-25 MB. Costs one read of ``/proc/self/smaps`` (a few ms)."""
+    libraries: set[tuple[int, int]] = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                head = line.split()
+                if len(head) >= 6 and head[4] != "0" and _is_shared_object(head[5]):
+                    libraries.add((_device(head[3]), int(head[4])))
+    except OSError:
+        return 0
+    return _drop_regions(libraries)
+
+
+def _is_shared_object(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.endswith(".so") or ".so." in name
 
 
 def drop_read_only_mapped_pages(view: np.ndarray) -> None:

@@ -29,7 +29,7 @@ from ..errors import P2PInferError
 from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
-from .memory import drop_clean_file_pages, map_clean_file_pages_singly
+from .memory import drop_clean_file_pages, drop_library_pages, map_clean_file_pages_singly
 from .prefix_kv import PrefixStore
 from .tie_tolerance import TieTolerances
 
@@ -796,6 +796,9 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
     model = LoadedModel(model_dir, digest, name or model_dir.name, numeric_class, tolerance, session, io,
                         tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers,
                                           "kernel": used, "amx": _runs_amx(used, amx)})
+    # a serving process loads its model once, after its imports: the library pages that only imports and session
+    # creation read (~55-65 MB on SmolLM2's peer) go; what serving runs faults back in (docs/models.md, "Serving memory")
+    drop_library_pages()
     _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
              position_ids=io.has_position_ids, providers=",".join(model.providers),
              kernel=used.value if used is not None else "off", amx=model.runs_amx)
