@@ -23,7 +23,7 @@ import functools
 import mmap
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -158,6 +158,21 @@ def drop_library_pages() -> int:
 def _is_shared_object(path: str) -> bool:
     name = path.rsplit("/", 1)[-1]
     return name.endswith(".so") or ".so." in name
+
+
+def lazy_zeros(shapes: Sequence[tuple[int, ...]], dtype: np.dtype | type) -> list[np.ndarray]:
+    """Zeroed C-contiguous arrays of ``shapes`` in one private anonymous mapping whose pages become resident only
+    when written (and go back to the OS when the last array is freed). ``np.zeros`` of a block glibc serves
+    from its heap clears it whole: a verification's 60 KV buffers (26 MB at 557 SmolLM2 positions) were all
+    resident before its first pass, which writes 173 positions of them."""
+    dtype = np.dtype(dtype)
+    sizes = [int(np.prod(shape)) * dtype.itemsize for shape in shapes]
+    region = mmap.mmap(-1, max(1, sum(sizes)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arrays, offset = [], 0
+    for shape, size in zip(shapes, sizes):
+        arrays.append(np.frombuffer(region, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(shape))
+        offset += size
+    return arrays
 
 
 def drop_read_only_mapped_pages(view: np.ndarray) -> None:

@@ -29,7 +29,7 @@ from ..errors import P2PInferError
 from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
-from .memory import drop_clean_file_pages, drop_library_pages, map_clean_file_pages_singly
+from .memory import drop_clean_file_pages, drop_library_pages, lazy_zeros, map_clean_file_pages_singly
 from .prefix_kv import PrefixStore
 from .tie_tolerance import TieTolerances
 
@@ -335,11 +335,11 @@ def _in_place_kv_buffers(model: "LoadedModel", cache: KVCache,
             or logits_out.type not in _NP_TYPES:
         return None
     shape = cache.arrays[0].shape
-    buffers = []
-    for past in cache.arrays:  # np.zeros maps pages lazily: resident memory grows with the positions written
-        buffer = np.zeros((shape[0], shape[1], capacity, shape[3]), dtype=past.dtype)
+    # in one anonymous mapping: resident memory grows with the positions written (np.zeros from glibc's heap
+    # would clear, so map, every position at once)
+    buffers = lazy_zeros([(shape[0], shape[1], capacity, shape[3])] * len(cache.arrays), cache.arrays[0].dtype)
+    for buffer, past in zip(buffers, cache.arrays):
         buffer[:, :, :cache.length] = past
-        buffers.append(buffer)
     return buffers, vocab, _NP_TYPES[logits_out.type]
 
 
