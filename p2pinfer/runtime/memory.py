@@ -12,7 +12,13 @@ Two kinds of resident memory outlive their use in a process that runs onnxruntim
   embedding row is a few KB. :func:`drop_clean_file_pages` unmaps those pages from the process (they stay in
   the page cache, which the kernel reclaims as it needs); a later read faults the page back in from the file.
   :func:`drop_read_only_mapped_pages` does the same for one block of a read-only ``np.memmap`` (the float64
-  reference reads a large weight a block at a time).
+  reference reads a large weight a block at a time). :func:`map_clean_file_pages_singly` makes the rows read
+  later (a token's embedding) map a page each rather than a large page-cache folio each.
+* **library pages only imports read.** :func:`drop_library_pages` unmaps the shared libraries' clean pages;
+  what runs again faults back in.
+
+:func:`lazy_zeros` makes zeroed buffers whose pages become resident only as they are written (the in-place
+KV cache of a verification).
 """
 
 from __future__ import annotations
@@ -114,23 +120,27 @@ def map_clean_file_pages_singly(paths: Iterable[Path]) -> int:
     except OSError:
         return 0
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    changed = 0
+    ranges: dict[tuple[int, int], list[tuple[int, int]]] = {}  # file -> (offset, length) to evict
     for start, end, _, offset, key in regions:
         size = ctypes.c_size_t(end - start)
-        if libc.madvise(ctypes.c_void_p(start), size, _MADV_DONTNEED) != 0 \
-                or libc.madvise(ctypes.c_void_p(start), size, _MADV_RANDOM) != 0:
-            continue
+        if libc.madvise(ctypes.c_void_p(start), size, _MADV_DONTNEED) == 0 \
+                and libc.madvise(ctypes.c_void_p(start), size, _MADV_RANDOM) == 0:
+            ranges.setdefault(key, []).append((offset, end - start))
+    changed = 0
+    for key, spans in ranges.items():
         try:
             fd = os.open(files[key], os.O_RDONLY)
         except OSError:
             continue
         try:
-            os.posix_fadvise(fd, offset, end - start, os.POSIX_FADV_DONTNEED)
+            os.fdatasync(fd)  # a dirty page (a model just imported) is not evicted
+            for offset, length in spans:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+                changed += length
         except OSError:
             pass
         finally:
             os.close(fd)
-        changed += end - start
     return changed
 
 
