@@ -598,9 +598,10 @@ class LoadedModel:
         """Unmap the pages of this model's weight files that a request faulted into the process (returns the bytes
         unmapped; they stay in the page cache). On the standard graph only the embedding's ``Gather`` reads the
         mapping (the other weights run from onnxruntime's packed copies): every token a request read or wrote
-        maps its row's page-cache folio (up to 2 MB where the page cache holds large folios: measured 2.1 MB for
-        1 token, 25 MB for 42), 40-60 MB of an fp32 model after a 512-token request, held until the process
-        ends. The kernel reads its 4-bit weights from the
+        maps its row's page (and cached neighbours within the kernel's fault-around window), held until the
+        process ends; ``open_session`` made the mapping read a page at a time (before, a token mapped its whole
+        page-cache folio, up to 2 MB: 40-60 MB of an fp32 model after a 512-token request). The kernel reads its
+        4-bit weights from the
         mapping on every run, so those stay (they are the model files, and unmapping them would only make the
         next run fault them in again)."""
         if self.runs_kernel:
