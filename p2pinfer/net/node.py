@@ -222,6 +222,7 @@ class Node:
                     await self.host.disconnect(peer)
                 except Exception:
                     pass
+        await self._close_listeners()
         try:
             return bool(await stack.__aexit__(exc_type, exc, tb))
         except BaseException as error:
@@ -239,6 +240,19 @@ class Node:
             raise rest from None
         finally:
             log.info("node.stopped", peer_id=self.peer_id)
+
+    async def _close_listeners(self) -> None:
+        """Close the listen sockets before the host's service stops. py-libp2p's swarm closes its listeners in
+        the ``finally`` of its own run, but by then that service is being cancelled, so the close is cancelled at
+        its first checkpoint and the socket stays open (still accepting) after the node has ended; shielded here."""
+        listeners = getattr(self.host.get_network(), "listeners", {})
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            for listener in list(listeners.values()):
+                try:
+                    await listener.close()
+                except Exception as error:  # one listener's failure must not keep the others open
+                    log.debug("node.listener_close_failed", error=repr(error)[:200])
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled (``nursery.start(node.run)`` returns once the node is up)."""

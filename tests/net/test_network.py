@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from contextlib import AsyncExitStack
 
 import multiaddr
@@ -223,6 +224,26 @@ async def test_restarted_peer_with_higher_seq_replaces_its_announcement() -> Non
             second = watcher.table.get(identity.peer_id, now_ms())
             assert second.seq > first.seq and second.addrs != first.addrs
             assert watcher.serving(DIGEST_X) == []  # the old offer is gone, not merged
+
+
+async def test_an_ended_node_releases_its_listen_port_and_can_start_again_on_it() -> None:
+    # py-libp2p's swarm closes its listeners while its own service is being cancelled, which cancelled the close:
+    # the socket stayed open, still accepting, after the node had ended, and a node started again on the same
+    # port in the same process was refused ("port taken").
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fixed = (f"/ip4/127.0.0.1/tcp/{port}",)
+    identity = Identity.generate()
+    async with AsyncExitStack() as stack:
+        boot = await start(stack, role="bootstrap")
+        for life in range(2):
+            async with AsyncExitStack() as one_life:
+                peer = await start(one_life, identity, listen=fixed, bootstrap=boot.addrs)
+                assert any(f"/tcp/{port}" in a for a in peer.addrs), life
+            with socket.socket() as dialer, pytest.raises(ConnectionRefusedError):
+                dialer.settimeout(30)
+                dialer.connect(("127.0.0.1", port))  # nothing listens there any more
 
 
 async def test_dht_provider_lookup_finds_exactly_the_serving_peers() -> None:
