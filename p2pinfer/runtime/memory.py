@@ -152,7 +152,7 @@ def drop_library_pages() -> int:
     What imports and session creation touched stays mapped for as long as the process runs: in a serving
     SmolLM2 process ~65 MB of library pages (onnxruntime's and the peer's imported extension modules: QUIC,
     TLS, DNS, onnx, cryptography), a read fault mapping the whole page-cache folio around the code it runs, of
-    which serving and verifying read back ~6-27 MB. Costs one read of ``/proc/self/smaps`` (a few ms)."""
+    which serving and verifying read back ~6-27 MB. Costs one read of ``/proc/self/smaps`` (10-40 ms measured)."""
     libraries: set[tuple[int, int]] = set()
     try:
         with open("/proc/self/maps") as maps:
