@@ -75,12 +75,14 @@ AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
 AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
 ATTENTION_SOURCE = Path(__file__).with_name("qattn.c")  # #included by SOURCE
 SWIGLU_SOURCE = Path(__file__).with_name("swiglu.c")  # #included by SOURCE
+ROWSTATS_SOURCE = Path(__file__).with_name("rowstats.c")  # #included by SOURCE
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
 _built: dict[tuple[str, str], Path | None] = {}  # (compiler, -march) -> library
 _reported: set[str] = set()
 _held: list = []  # the loaded library, never unloaded (see _build)
+_handles: dict[Path, ctypes.CDLL] = {}  # library path -> its handle in _held
 
 
 class DecodePath(Enum):
@@ -165,7 +167,15 @@ def library_path() -> Path | None:
         _built[(cc, march)] = path = _build(cc, march)
         if path is not None:
             _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
+            _handles[path] = _held[-1]
         return path
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernel library as loaded in this process (built on first use), for its plain C functions
+    (``rowstats.c``: :mod:`p2pinfer.runtime.row_stats`); None where :func:`library_path` is."""
+    path = library_path()
+    return None if path is None else _handles.get(path)
 
 
 #: changes whenever the compile flags below change (part of the cache key)
@@ -185,6 +195,7 @@ def _build(cc: str, march: str = "native") -> Path | None:
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + AVX2_SOURCE.read_bytes()
                          + b"\0" + ATTENTION_SOURCE.read_bytes() + b"\0" + SWIGLU_SOURCE.read_bytes()
+                         + b"\0" + ROWSTATS_SOURCE.read_bytes()
                          + b"\0" + version.encode()
                          + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()
                          + b"\0" + march.encode()).hexdigest()

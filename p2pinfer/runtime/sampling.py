@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..wire.hashing import tagged_hash
-from . import philox
+from . import philox, row_stats
 from .row_halves import over_rows
 
 NOISE_DOMAIN = "p2pinfer/v2/sampling-noise"
@@ -195,17 +195,41 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-softmax over the last axis, in float64 (from float32 logits), as fingerprints define it.
 
     ``(x - max) - log(sum(exp(x - max)))``, computed in place, a block of rows at a time (the same
-    operations, hence the same bits, as the plain expression, without five full-size temporaries).
+    operations, hence the same bits, as the plain expression, without five full-size temporaries). For float32
+    logits the row maximum and the normaliser come from :func:`row_stats.log_norm` where it runs (the numbers
+    :meth:`LogProbRows.from_logits` takes, so that both give the same bits), else from numpy.
     """
     out = np.array(logits, dtype=np.float64)  # a copy: the caller's logits are left alone
     rows = out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1)
+    source = np.asarray(logits)
+    stats = row_stats.log_norm(source.reshape(rows.shape)) if source.dtype == np.float32 and rows.size else None
+    if stats is None:
+        _log_softmax_numpy(rows, None)
+    elif not stats.flagged.any():
+        rows -= stats.shift[:, None]
+        rows -= stats.log_norm[:, None]
+    else:  # a row with a NaN, +inf or nothing finite: numpy's rules there
+        for r in range(rows.shape[0]):
+            if not stats.flagged[r]:
+                rows[r] -= stats.shift[r]
+                rows[r] -= stats.log_norm[r]
+        _log_softmax_numpy(rows, np.flatnonzero(stats.flagged))
+    return out
+
+
+def _log_softmax_numpy(rows: np.ndarray, which: np.ndarray | None) -> None:
+    """log_softmax in place over ``rows`` (all, or the row indices ``which``) with numpy's operations."""
+    if which is not None:
+        for r in which:
+            rows[r] -= np.max(rows[r])
+            rows[r] -= np.log(np.sum(np.exp(rows[r])))
+        return
     scratch = np.empty((min(_LOG_SOFTMAX_ROWS, rows.shape[0]), rows.shape[1]), dtype=np.float64)
     for lo in range(0, rows.shape[0], _LOG_SOFTMAX_ROWS):
         block = rows[lo:lo + _LOG_SOFTMAX_ROWS]
         block -= np.max(block, axis=-1, keepdims=True)
         tmp = np.exp(block, out=scratch[:block.shape[0]])
         block -= np.log(np.sum(tmp, axis=-1, keepdims=True))
-    return out
 
 
 @dataclass(frozen=True)
@@ -236,6 +260,16 @@ class LogProbRows:
         log_norm = np.empty(n)
 
         def normalise(lo: int, hi: int) -> None:
+            stats = row_stats.log_norm(values[lo:hi])  # C, where it runs: the numbers log_softmax takes too
+            if stats is not None:
+                shift[lo:hi] = stats.shift
+                log_norm[lo:hi] = stats.log_norm
+                for r in lo + np.flatnonzero(stats.flagged):  # NaN, +inf or nothing finite: numpy's rules
+                    normalise_numpy(r, r + 1)
+            else:
+                normalise_numpy(lo, hi)
+
+        def normalise_numpy(lo: int, hi: int) -> None:
             shift[lo:hi] = np.max(values[lo:hi], axis=-1)  # float32 -> float64: exact
             block = np.empty((min(_NORMALIZER_ROWS, hi - lo), vocab), dtype=np.float64)
             for a in range(lo, hi, _NORMALIZER_ROWS):
@@ -287,6 +321,11 @@ class LogProbRows:
         nothing_left = np.zeros(self.n, dtype=bool)
 
         def pick(lo: int, hi: int) -> None:
+            scan = row_stats.scan(self.values[lo:hi], None if exclude is None else exclude[lo:hi])
+            if scan is not None and not scan.flagged.any():  # C, where it runs (a NaN row: numpy's rules)
+                ids[lo:hi] = scan.ids
+                nothing_left[lo:hi] = scan.best == -np.inf
+                return
             for a in range(lo, hi, _LOG_SOFTMAX_ROWS):
                 block = self.values[a:min(a + _LOG_SOFTMAX_ROWS, hi)]
                 if exclude is not None:
@@ -298,6 +337,30 @@ class LogProbRows:
         over_rows(self.n, pick, align=_LOG_SOFTMAX_ROWS)  # two threads, the same bits (row_halves)
         # a row whose every token is excluded has nothing left: -inf, as the max of a fully masked row
         return ids, np.where(nothing_left, -np.inf, self.at(np.arange(self.n), ids))
+
+    def top_two(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: ``best()``'s ID and log-prob, and the runner-up's log-prob, ``best(exclude=ids)``'s (the
+        largest of the others: the best value again where it occurs twice), from one pass over each row where
+        :func:`row_stats.scan` runs; the same numbers either way."""
+        first = np.empty(self.n, dtype=np.float32)
+        second = np.empty(self.n, dtype=np.float32)
+        ids = np.empty(self.n, dtype=np.int64)
+        scanned = np.zeros(self.n, dtype=bool)
+
+        def scan_rows(lo: int, hi: int) -> None:
+            scan = row_stats.scan(self.values[lo:hi])
+            if scan is not None and not scan.flagged.any():
+                ids[lo:hi], first[lo:hi], second[lo:hi], scanned[lo:hi] = scan.ids, scan.best, scan.second, True
+
+        over_rows(self.n, scan_rows)
+        if not scanned.all():
+            ids, best = self.best()
+            return ids, best, self.best(exclude=ids[:, None])[1]
+        # the log-probs with at()'s operations on the same float32 values, so the same bits as best()'s; nothing
+        # left (every value -inf) is -inf, as there
+        best = np.where(first == -np.inf, -np.inf, self.at(np.arange(self.n), ids))
+        runner_up = np.where(second == -np.inf, -np.inf, (second.astype(np.float64) - self.shift) - self.log_norm)
+        return ids, best, runner_up
 
 
 def _rank_order(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -966,11 +1029,10 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
     tok = np.where(in_vocab, tokens, 0)
     everything = np.arange(n)
     if params.greedy:
-        top_ids, best = rows.best()
+        top_ids, best, runner_up = rows.top_two()
         ok = in_vocab & (rows.at(everything, tok) >= (best if row_max is None else row_max) - 2.0 * tolerance)
         # a near tie: another token within 2 * tolerance of the best, i.e. the runner-up is (same bits as
         # is_ambiguous's count over the row, since the runner-up is the largest of the others)
-        runner_up = rows.best(exclude=top_ids[:, None])[1]
         return ok, runner_up >= best - 2.0 * tolerance
     ok = np.zeros(n, dtype=bool)
     near = np.zeros(n, dtype=bool)
