@@ -29,7 +29,7 @@ from ..errors import P2PInferError
 from ..log import get_logger
 from .chat import encode_chat, render_chat, render_chat_spans
 from .digest import ONNX_FILE, TOKENIZER_FILE, ModelFormatError, compute_digest
-from .memory import drop_clean_file_pages
+from .memory import drop_clean_file_pages, drop_library_pages, lazy_zeros, map_clean_file_pages_singly
 from .prefix_kv import PrefixStore
 from .tie_tolerance import TieTolerances
 
@@ -135,8 +135,9 @@ def open_session(onnx_path: Path, *, providers: Sequence[str] | None = None, thr
         raise ModelFormatError(f"onnxruntime could not load {onnx_path}: {exc}") from None
     del source, rewritten  # the serialized graph is not needed once the session exists
     # pre-packing read every page of the mapped weights; the packed copies are what runs now, and the mapping
-    # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages
-    drop_clean_file_pages(weight_files())
+    # a Gather still reads (the embedding, tied to the head) needs a few KB a token, not all its pages: dropped,
+    # and read a page at a time from now on (a read fault maps a whole large page-cache folio otherwise)
+    map_clean_file_pages_singly(weight_files())
     return session, None
 
 
@@ -334,11 +335,11 @@ def _in_place_kv_buffers(model: "LoadedModel", cache: KVCache,
             or logits_out.type not in _NP_TYPES:
         return None
     shape = cache.arrays[0].shape
-    buffers = []
-    for past in cache.arrays:  # np.zeros maps pages lazily: resident memory grows with the positions written
-        buffer = np.zeros((shape[0], shape[1], capacity, shape[3]), dtype=past.dtype)
+    # in one anonymous mapping: resident memory grows with the positions written (np.zeros from glibc's heap
+    # would clear, so map, every position at once)
+    buffers = lazy_zeros([(shape[0], shape[1], capacity, shape[3])] * len(cache.arrays), cache.arrays[0].dtype)
+    for buffer, past in zip(buffers, cache.arrays):
         buffer[:, :, :cache.length] = past
-        buffers.append(buffer)
     return buffers, vocab, _NP_TYPES[logits_out.type]
 
 
@@ -597,9 +598,10 @@ class LoadedModel:
         """Unmap the pages of this model's weight files that a request faulted into the process (returns the bytes
         unmapped; they stay in the page cache). On the standard graph only the embedding's ``Gather`` reads the
         mapping (the other weights run from onnxruntime's packed copies): every token a request read or wrote
-        maps its row's page-cache folio (up to 2 MB where the page cache holds large folios: measured 2.1 MB for
-        1 token, 25 MB for 42), 40-60 MB of an fp32 model after a 512-token request, held until the process
-        ends. The kernel reads its 4-bit weights from the
+        maps its row's page (and cached neighbours within the kernel's fault-around window), held until the
+        process ends; ``open_session`` made the mapping read a page at a time (before, a token mapped its whole
+        page-cache folio, up to 2 MB: 40-60 MB of an fp32 model after a 512-token request). The kernel reads its
+        4-bit weights from the
         mapping on every run, so those stay (they are the model files, and unmapping them would only make the
         next run fault them in again)."""
         if self.runs_kernel:
@@ -787,14 +789,17 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
     except Exception as exc:
         raise ModelFormatError(f"{model_dir}/tokenizer.json does not load: {exc}") from None
     info = read_model_info(model_dir, tokenizer)
+    if digest is None:  # before the session: its read() fills the page cache with the large folios open_session evicts
+        digest = compute_digest(model_dir)
     session, used = open_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
                                  optimization=optimization, kernel=kernel, amx=amx, decode=decode)
     io = inspect_graph(session, str(model_dir / ONNX_FILE))
-    if digest is None:
-        digest = compute_digest(model_dir)
     model = LoadedModel(model_dir, digest, name or model_dir.name, numeric_class, tolerance, session, io,
                         tokenizer, info, {"threads": threads, "optimization": optimization, "providers": providers,
                                           "kernel": used, "amx": _runs_amx(used, amx)})
+    # a serving process loads its model once, after its imports: the library pages that only imports and session
+    # creation read (~55-65 MB on SmolLM2's peer) go; what serving runs faults back in (docs/models.md, "Serving memory")
+    drop_library_pages()
     _log().info("model.loaded", name=model.name, digest=digest.hex()[:16], layers=io.num_layers,
              position_ids=io.has_position_ids, providers=",".join(model.providers),
              kernel=used.value if used is not None else "off", amx=model.runs_amx)
