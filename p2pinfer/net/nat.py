@@ -6,9 +6,10 @@ A peer at home sits behind a router that drops unsolicited inbound connections. 
 1. asks the bootstrap nodes it reached to **dial it back** (AutoNAT, ``/libp2p/autonat/1.0.0``) on the
    addresses it could be reached at: its observed IP (identify) with its listen ports, its interface
    addresses and ``--announce``. One dial-back that our own listener saw arrive (:mod:`p2pinfer.net.inbound`;
-   a server's "reached" alone is no evidence) makes it ``public``.
+   a server's "reached" alone is no evidence) from the internet (one from our own LAN proves only that the
+   LAN reaches us: :func:`~p2pinfer.net.nat_rules.proves_public`) makes it ``public``.
 2. Otherwise it **reserves a slot** on a relay (Circuit Relay v2 hop, ``/libp2p/circuit/relay/0.2.0/hop``;
-   bootstrap nodes are relays by default) and announces its relayed address
+   bootstrap nodes are relays by default; relays with an internet address first) and announces its relayed address
    ``<relay addr>/p2p/<relay id>/p2p-circuit``: it is ``relayed``. With no relay it is ``unreachable``.
 3. **DCUtR** runs on every node: whenever a connection is relayed, both ends try to replace it by a direct
    one (unilateral dial first, then TCP simultaneous open from the listen port); streams then prefer the
@@ -72,8 +73,8 @@ from .errors import DialError
 from .keys import to_libp2p_id
 from .inbound import InboundHandshakes, watch_inbound
 from .nat_rules import (Backoff, DialBack, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth,
-                        dial_back_answer, netgroup, reannounce_wait)
-from .publicaddrs import CIRCUIT, announceable, ip_of
+                        dial_back_answer, netgroup, reannounce_wait, relay_reaches_internet)
+from .publicaddrs import CIRCUIT, announceable, ip_of, listens_on_loopback_only
 from ..wording import plural
 
 log = get_logger("p2pinfer.net.nat")
@@ -215,6 +216,9 @@ class NatTraversal:
         self.host = host
         self.timing = timing
         self.listen = tuple(listen)
+        # Loopback is the whole network only when we listen there alone (then loopback is all we announce):
+        # only then does a dial-back from this machine prove anything (nat_rules.proves_public).
+        self.loopback_network = listens_on_loopback_only(self.listen)
         self.announce = tuple(announce)
         self.relay_hop = relay_hop
         self.relay_limits = relay_limits
@@ -275,6 +279,15 @@ class NatTraversal:
 
     # ---- reachability -------------------------------------------------------------------------------
 
+    def internet_first(self, peers: Sequence[PeerInfo]) -> list[PeerInfo]:
+        """``peers`` with those known at an internet address first (order otherwise kept): the servers whose
+        dial-back can prove us public, and the relays whose relayed address the internet can dial. A peer
+        on our own LAN is still asked, after them (in a LAN-only network it is all there is)."""
+        def reaches(peer: PeerInfo) -> bool:
+            ips = [str(ip) for ip in (ip_of(a) for a in peer.addrs) if ip is not None]
+            return relay_reaches_internet(ips, loopback_network=self.loopback_network)
+        return sorted(peers, key=lambda p: not reaches(p))
+
     def dial_back_candidates(self) -> list[str]:
         """Where others might reach us: observed IP x listen ports, our interface addresses, --announce."""
         transport = [str(a) for a in self.host.get_transport_addrs()]
@@ -319,10 +332,14 @@ class NatTraversal:
             says_reached = code == int(AutoNATMessage.OK)
             seen_from = (await watch.wait_for(server.peer_id, self.timing.dial_back_confirm_s)
                          if says_reached else None)
-            answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from)
+            answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from,
+                                      loopback_network=self.loopback_network)
             if answer is DialBackAnswer.UNCONFIRMED:
                 log.info("nat.dial_back_unconfirmed", peer=server.peer_id, claimed=_addr_text(addr),
                          reason="no connection from this server reached us")
+            elif answer is DialBackAnswer.LAN_ONLY:
+                log.info("nat.dial_back_lan_only", peer=server.peer_id, seen_from=seen_from, reached=_addr_text(addr),
+                         reason="lan-only")
             group = _group(seen_from) if answer is DialBackAnswer.REACHED else None
             answers[server.peer_id] = (DialBack(answer, group), addr)
 
@@ -344,8 +361,9 @@ class NatTraversal:
         # observed IP) says nothing about our reachability, nor does a "reached" we did not see arrive.
         failed = [pid for pid, (d, _) in answers.items() if d.answer is DialBackAnswer.FAILED]
         unconfirmed = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.UNCONFIRMED)
+        lan_only = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.LAN_ONLY)
         log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
-                 unconfirmed=unconfirmed, candidates=",".join(candidates)[:300])
+                 unconfirmed=unconfirmed, lan_only=lan_only, candidates=",".join(candidates)[:300])
         if ok:
             where = _addr_text(ok[0][1])
             return ReachabilityStatus(Reachability.PUBLIC,
@@ -427,9 +445,9 @@ class NatTraversal:
             self.status = checked
         else:
             why = checked.reason if checked is not None else (
-                "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived"
-                if servers else NOT_CHECKED)
-            for relay in servers:
+                "no dial-back verdict: peers were busy, silent, claimed a dial-back that never arrived, "
+                "or reached us only from our own network" if servers else NOT_CHECKED)
+            for relay in self.internet_first(servers):
                 addrs = await self.reserve(relay)
                 if addrs:
                     self._use_relay(relay, addrs, told_failed=checked is not None)
@@ -535,7 +553,7 @@ class NatTraversal:
             log.info("nat.relay_retry", relay=relay.peer_id, failures=self.relay_health.failures,
                      retry_in_s=self.relay_health.next_check_s())
             return self.relay_health.next_check_s()
-        for other in servers()[:MAX_RELAY_CANDIDATES]:
+        for other in self.internet_first(servers())[:MAX_RELAY_CANDIDATES]:
             if other.peer_id == relay.peer_id or not other.addrs:
                 continue
             addrs = await self.reserve(other)
@@ -560,7 +578,7 @@ class NatTraversal:
         on a loaded machine) would otherwise stay relayed for good. Public after several confirmations."""
         self.stats["public_rechecks"] += 1
         now = trio.current_time()
-        candidates = servers()[:MAX_RECHECK_SERVERS]
+        candidates = self.internet_first(servers())[:MAX_RECHECK_SERVERS]
         addrs = self.dial_back_candidates()
         if not candidates or not addrs:
             self._next_public_check = now + self._public_check_s()
@@ -573,7 +591,7 @@ class NatTraversal:
         needed = self.public_evidence.needed if self.public_evidence.told_failed else 1
         log.info("nat.public_recheck", asked=len(candidates), reached=verdicts.count(DialBackAnswer.REACHED),
                  failed=verdicts.count(DialBackAnswer.FAILED), unconfirmed=verdicts.count(DialBackAnswer.UNCONFIRMED),
-                 confirmations=self.public_evidence.reached(), needed=needed)
+                 lan_only=verdicts.count(DialBackAnswer.LAN_ONLY), confirmations=self.public_evidence.reached(), needed=needed)
         if not self.public_evidence.confirmed():
             return
         where = next((_addr_text(addr) for d, addr in answers.values()

@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pinfer.net.nat_rules import (
+    LAN_NETWORKS,
+    AddressScope,
     Backoff,
     DialBack,
     DialBackAnswer,
@@ -16,12 +18,17 @@ from p2pinfer.net.nat_rules import (
     PublicEvidence,
     RelayAction,
     RelayHealth,
+    address_scope,
     dial_back_answer,
     netgroup,
+    proves_public,
     reannounce_wait,
+    relay_reaches_internet,
 )
 
 seconds = st.floats(min_value=0.01, max_value=3600, allow_nan=False, allow_infinity=False)
+ipv4s = st.ip_addresses(v=4)
+ipv6s = st.ip_addresses(v=6)
 
 
 @given(seconds, seconds, st.integers(min_value=0, max_value=10_000))
@@ -100,14 +107,72 @@ def test_unconfirmed_claims_never_count(rounds: list[list[DialBack]], claims: in
     assert not only_lies.confirmed()
 
 
-@given(st.booleans(), st.booleans(), st.one_of(st.none(), st.sampled_from(["10.1.0.2", "::1"])))
-def test_a_reached_answer_counts_only_when_its_connection_arrived(says_reached: bool, says_failed: bool,
-                                                                    seen: str | None) -> None:
-    answer = dial_back_answer(says_reached, says_failed, seen)
-    if says_reached:
-        assert answer is (DialBackAnswer.REACHED if seen is not None else DialBackAnswer.UNCONFIRMED)
+SEEN_FROM = ["198.51.100.10", "2001:db8::7", "10.1.0.3", "192.168.1.20", "fd00::5", "127.0.0.1", "::1", "odd"]
+
+
+@given(st.booleans(), st.booleans(), st.one_of(st.none(), st.sampled_from(SEEN_FROM)), st.booleans())
+def test_a_reached_answer_counts_only_when_its_connection_arrived_from_beyond_our_lan(
+        says_reached: bool, says_failed: bool, seen: str | None, loopback_network: bool) -> None:
+    answer = dial_back_answer(says_reached, says_failed, seen, loopback_network=loopback_network)
+    if says_reached and seen is None:
+        assert answer is DialBackAnswer.UNCONFIRMED
+    elif says_reached:
+        assert seen is not None
+        assert answer is (DialBackAnswer.REACHED if proves_public(seen, loopback_network=loopback_network)
+                          else DialBackAnswer.LAN_ONLY)
     else:
         assert answer is (DialBackAnswer.FAILED if says_failed else DialBackAnswer.NO_VERDICT)
+    # Only a connection we saw arrive from the internet (or, on a loopback test network, from this machine)
+    # makes a "reached" count; nothing else is ever a "failed".
+    if answer is DialBackAnswer.REACHED:
+        assert seen in ("198.51.100.10", "2001:db8::7") or (loopback_network and seen in ("127.0.0.1", "::1"))
+    assert (answer is DialBackAnswer.FAILED) == (not says_reached and says_failed)
+
+
+def _in_a_lan_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(ip in net for net in LAN_NETWORKS if net.version == ip.version)
+
+
+@given(st.one_of(ipv4s, ipv6s))
+def test_an_address_is_lan_exactly_inside_the_private_ranges_and_machine_exactly_on_loopback(
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    scope = address_scope(str(ip))
+    plain = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None else ip
+    assert (scope is AddressScope.MACHINE) == plain.is_loopback
+    assert (scope is AddressScope.LAN) == (not plain.is_loopback and _in_a_lan_network(plain))
+    if isinstance(ip, ipaddress.IPv4Address):
+        assert address_scope(f"::ffff:{ip}") is scope  # IPv4-mapped IPv6 is the IPv4 address
+
+
+@given(st.one_of(ipv4s, ipv6s), st.booleans())
+def test_only_internet_dial_backs_prove_public_and_loopback_ones_only_on_a_loopback_network(
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address, loopback_network: bool) -> None:
+    scope = address_scope(str(ip))
+    expected = scope is AddressScope.INTERNET or (scope is AddressScope.MACHINE and loopback_network)
+    assert proves_public(str(ip), loopback_network=loopback_network) is expected
+
+
+def test_the_scopes_of_the_test_networks_and_a_home_lan() -> None:
+    # The namespace topology's "internet" is TEST-NET-2, which Python's is_private counts as private: not here.
+    assert address_scope("198.51.100.10") is AddressScope.INTERNET
+    assert address_scope("10.1.0.3") is AddressScope.LAN            # a neighbour on home A's LAN
+    assert address_scope("192.168.178.20") is AddressScope.LAN
+    assert address_scope("172.31.255.1") is AddressScope.LAN and address_scope("172.32.0.1") is AddressScope.INTERNET
+    assert address_scope("100.64.3.4") is AddressScope.LAN          # carrier-grade NAT
+    assert address_scope("fe80::1%eth0") is AddressScope.LAN        # link-local, with its zone index
+    assert address_scope("fd12:3456::1") is AddressScope.LAN
+    assert address_scope("127.0.0.1") is address_scope("::1") is AddressScope.MACHINE
+    assert not proves_public("10.1.0.3", loopback_network=True)
+    assert not proves_public("not-an-ip", loopback_network=True)
+    with pytest.raises(ValueError):
+        address_scope("not-an-ip")
+
+
+@given(st.lists(st.sampled_from(SEEN_FROM), max_size=4), st.booleans())
+def test_a_relay_can_make_us_reachable_only_with_an_address_beyond_our_lan(relay_ips: list[str],
+                                                                           loopback_network: bool) -> None:
+    reaches = relay_reaches_internet(relay_ips, loopback_network=loopback_network)
+    assert reaches == any(proves_public(ip, loopback_network=loopback_network) for ip in relay_ips)
 
 
 @given(st.lists(st.lists(st.sampled_from([DialBackAnswer.NO_VERDICT, DialBackAnswer.UNCONFIRMED]), max_size=4),
@@ -163,10 +228,6 @@ def test_one_lucky_round_is_not_enough_but_three_rounds_of_one_honest_server_are
         assert not evidence.confirmed()
     evidence.record_round(lying)
     assert evidence.confirmed()
-
-
-ipv4s = st.ip_addresses(v=4)
-ipv6s = st.ip_addresses(v=6)
 
 
 @given(ipv4s, st.integers(min_value=0, max_value=2**16 - 1))
