@@ -1,0 +1,85 @@
+"""A server on the home peer's own LAN reaches it directly; that must not make it "public".
+
+Namespace topology of ``tests/nat/topology.py`` with ``lan_neighbour``: a bootstrap node (relay) and a client
+on the public segment; home peer A behind its router (MASQUERADE, unsolicited inbound dropped); and a second
+bootstrap node ``lana`` (10.1.0.3) on home A's LAN, an honest server like any other. Home A joins through
+both. The public node's dial-back is dropped by the NAT; the LAN node's reaches 10.1.0.2 at once, and home A
+sees it arrive (inbound, direct, Noise-proven). Before the fix that one dial-back made home A ``public``: it
+dropped its relay and announced only 10.1.0.2, which nobody beyond its router can dial, so the public
+client could not reach it (and it would have been counted a no-show). Now a dial-back that came from the
+peer's own private network proves only LAN reachability (``event=nat.dial_back_lan_only reason=lan-only``):
+home A stays relayed, on the relay the internet can dial (the public node, not the LAN one), and the public
+client is served through it.
+
+Every process is a real ``p2pinfer`` CLI or SDK node in its namespace. Needs root, ``ip`` and ``iptables``;
+skips, with the reason, only when namespaces cannot be created.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .procs import Proc, addrs_of, cli, client
+from .topology import Topology, TopologyUnavailable
+
+START_S = 240.0   # a peer process imports its model and measures its speed first; the machine may be loaded
+REQUEST_S = 180.0
+LISTEN = "/ip4/0.0.0.0/tcp/4001"
+
+
+@pytest.fixture(scope="module")
+def lan_topology() -> Iterator[Topology]:
+    try:
+        topo = Topology(lan_neighbour=True).create()
+    except TopologyUnavailable as exc:
+        pytest.skip(f"NAT namespace test skipped: {exc}")
+    try:
+        yield topo
+    finally:
+        topo.remove()
+
+
+def _addr_on(proc: Proc, ip: str) -> str:
+    addrs, _ = addrs_of(proc, START_S)
+    return next(a for a in addrs if a.startswith(f"/ip4/{ip}/tcp/4001/p2p/"))
+
+
+def test_a_dial_back_from_the_peers_own_lan_does_not_make_it_public(lan_topology: Topology, tmp_path: Path,
+                                                                    shared_models: Path) -> None:
+    topo = lan_topology
+    procs: list[Proc] = []
+    try:
+        boot = cli(topo, "boot", tmp_path / "boot", "bootstrap", "--listen", LISTEN)
+        procs.append(boot)
+        lan_boot = cli(topo, "lana", tmp_path / "lana", "bootstrap", "--listen", LISTEN)
+        procs.append(lan_boot)
+        boot_addr, lan_addr = _addr_on(boot, topo.ip("boot")), _addr_on(lan_boot, topo.ip("lana"))
+        lan_id = lan_addr.rsplit("/", 1)[1]
+        # The LAN node first: the order a peer lists its bootstrap nodes in must not pick its relay.
+        home = cli(topo, "homea", tmp_path / "homea", "peer", "--listen", LISTEN, "--bootstrap", lan_addr,
+                   "--bootstrap", boot_addr, "--model", str(shared_models / "tiny-llama-trained"), "--slots", "2")
+        procs.append(home)
+        home_addrs, reachability = addrs_of(home, START_S)
+        home_id = home_addrs[0].rsplit("/", 1)[1]
+        assert reachability.startswith("reachability: relayed ("), f"{reachability}; {home.describe()}"
+        log = (tmp_path / "homea.log").read_text()
+        # The LAN node did reach home A, and home A saw it: set aside, with its reason.
+        lan_only = [line for line in log.splitlines() if "event=nat.dial_back_lan_only" in line]
+        assert any(lan_id in line and "reason=lan-only" in line and f"seen_from={topo.ip('lana')}" in line
+                   for line in lan_only), home.describe()
+        # Relayed through the node the internet can dial (a relayed peer announces its relayed address only).
+        assert [a for a in home_addrs if "/p2p-circuit" in a] == [f"{boot_addr}/p2p-circuit/p2p/{home_id}"], \
+            home_addrs
+        # A client on the public segment is served by home A, through its relay.
+        user = client(topo, "client", tmp_path / "client.log", boot_addr, "tiny-llama-trained",
+                      "--requests", "1", "--max-tokens", "16")
+        procs.append(user)
+        result = user.json_line(lambda d: "ok" in d, REQUEST_S, "a completion")
+        assert result["ok"] and result["executor"] == home_id and result["tokens"] > 0, \
+            f"{result}; {user.describe()}\n{home.describe()}"
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
