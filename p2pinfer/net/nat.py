@@ -261,6 +261,7 @@ class NatTraversal:
         self.public_evidence = PublicEvidence(timing.public_confirmations, timing.public_window)
         self._next_public_check = 0.0
         self._unanswered_rounds = 0  # re-checks in a row that asked peers and got no verdict
+        self._lan_only_last_check = 0  # servers that reached us from our own network only, at the last check
         self.stats: dict[str, int] = {"relay_restored": 0, "relay_replaced": 0, "reannounced": 0,
                                       "public_rechecks": 0}
 
@@ -362,15 +363,17 @@ class NatTraversal:
         failed = [pid for pid, (d, _) in answers.items() if d.answer is DialBackAnswer.FAILED]
         unconfirmed = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.UNCONFIRMED)
         lan_only = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.LAN_ONLY)
+        self._lan_only_last_check = lan_only
         log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
                  unconfirmed=unconfirmed, lan_only=lan_only, candidates=",".join(candidates)[:300])
         if ok:
             where = _addr_text(ok[0][1])
             return ReachabilityStatus(Reachability.PUBLIC,
                                       f"dialled back at {where} by {len(ok)} of {plural(len(answers), 'peer')}")
+        on_lan = f", {lan_only} on our own network could" if lan_only else ""
         if failed:
-            return ReachabilityStatus(Reachability.UNREACHABLE,
-                                      f"behind NAT or firewall: {plural(len(failed), 'peer')} could not dial us back")
+            why = f"behind NAT or firewall: {plural(len(failed), 'peer')} could not dial us back{on_lan}"
+            return ReachabilityStatus(Reachability.UNREACHABLE, why)
         return None
 
     # ---- relays -------------------------------------------------------------------------------------
@@ -445,8 +448,10 @@ class NatTraversal:
             self.status = checked
         else:
             why = checked.reason if checked is not None else (
-                "no dial-back verdict: peers were busy, silent, claimed a dial-back that never arrived, "
-                "or reached us only from our own network" if servers else NOT_CHECKED)
+                NOT_CHECKED if not servers else
+                f"no dial-back verdict: only {plural(self._lan_only_last_check, 'peer')} on our own network "
+                "reached us, which proves nothing about the internet" if self._lan_only_last_check else
+                "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived")
             for relay in self.internet_first(servers):
                 addrs = await self.reserve(relay)
                 if addrs:
@@ -591,7 +596,8 @@ class NatTraversal:
         needed = self.public_evidence.needed if self.public_evidence.told_failed else 1
         log.info("nat.public_recheck", asked=len(candidates), reached=verdicts.count(DialBackAnswer.REACHED),
                  failed=verdicts.count(DialBackAnswer.FAILED), unconfirmed=verdicts.count(DialBackAnswer.UNCONFIRMED),
-                 lan_only=verdicts.count(DialBackAnswer.LAN_ONLY), confirmations=self.public_evidence.reached(), needed=needed)
+                 lan_only=verdicts.count(DialBackAnswer.LAN_ONLY), confirmations=self.public_evidence.reached(),
+                 needed=needed)
         if not self.public_evidence.confirmed():
             return
         where = next((_addr_text(addr) for d, addr in answers.values()

@@ -65,6 +65,7 @@ def test_a_dial_back_from_the_peers_own_lan_does_not_make_it_public(lan_topology
         home_addrs, reachability = addrs_of(home, START_S)
         home_id = home_addrs[0].rsplit("/", 1)[1]
         assert reachability.startswith("reachability: relayed ("), f"{reachability}; {home.describe()}"
+        assert "1 peer could not dial us back, 1 on our own network could" in reachability, reachability
         log = (tmp_path / "homea.log").read_text()
         # The LAN node did reach home A, and home A saw it: set aside, with its reason.
         lan_only = [line for line in log.splitlines() if "event=nat.dial_back_lan_only" in line]
