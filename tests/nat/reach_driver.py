@@ -9,6 +9,9 @@ whose AutoNAT server says "dial failed" to everyone (so that a peer on loopback 
 ``{"relay": [multiaddr, ...]}``, then ``{"holds": [peer ID, ...]}`` whenever the set of peers whose
 announcements (offering a model) it holds changes, until terminated (a restart: run it again with the same key and address).
 
+``python reach_driver.py boot LISTEN`` runs one honest bootstrap node (relay) on LISTEN; it prints
+``{"boot": [multiaddr, ...]}`` and runs until terminated.
+
 ``python reach_driver.py peer BOOTSTRAP...`` joins as a peer and prints
 ``{"rechecks": n, "state": ..., "reason": ..., "addrs": [...]}`` once joined (n = 0) and after every public
 re-check round, until terminated. Intervals are short (``FAST``) so that rounds follow each other quickly.
@@ -66,6 +69,12 @@ async def relay(key_file: str, listen: str) -> None:
             await trio.sleep(0.05)
 
 
+async def boot(listen: str) -> None:
+    async with Node(Identity.generate(), NodeConfig(listen=[listen], role="bootstrap", nat_timing=FAST)) as node:
+        emit(boot=list(node.addrs))
+        await trio.sleep_forever()
+
+
 async def peer(bootstrap: list[str]) -> None:
     config = NodeConfig(listen=["/ip4/0.0.0.0/tcp/4001"], bootstrap=bootstrap, nat_timing=FAST,
                         announce_interval_s=600.0)
@@ -86,5 +95,7 @@ if __name__ == "__main__":
         trio.run(liars, int(sys.argv[2]))
     elif sys.argv[1] == "relay":
         trio.run(relay, sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "boot":
+        trio.run(boot, sys.argv[2])
     else:
         trio.run(peer, sys.argv[2:])

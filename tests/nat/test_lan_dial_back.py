@@ -17,6 +17,7 @@ skips, with the reason, only when namespaces cannot be created.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +26,7 @@ import pytest
 from .procs import Proc, addrs_of, cli, client
 from .topology import Topology, TopologyUnavailable
 
+DRIVER = Path(__file__).resolve().parent / "reach_driver.py"
 START_S = 240.0   # a peer process imports its model and measures its speed first; the machine may be loaded
 REQUEST_S = 180.0
 LISTEN = "/ip4/0.0.0.0/tcp/4001"
@@ -81,6 +83,43 @@ def test_a_dial_back_from_the_peers_own_lan_does_not_make_it_public(lan_topology
         result = user.json_line(lambda d: "ok" in d, REQUEST_S, "a completion")
         assert result["ok"] and result["executor"] == home_id and result["tokens"] > 0, \
             f"{result}; {user.describe()}\n{home.describe()}"
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def _driver(topology: Topology, role: str, log: Path, *args: str) -> Proc:
+    return Proc(topology.exec_prefix(role) + [sys.executable, str(DRIVER), *args], log)
+
+
+def test_round_after_round_the_lan_server_reaches_the_peer_and_it_stays_relayed(lan_topology: Topology,
+                                                                                tmp_path: Path) -> None:
+    # The re-checks of a relayed peer (short intervals here: reach_driver's FAST timing) ask the internet's
+    # servers first and never count the LAN server's dial-backs. The old rule (3 confirmations within 4
+    # rounds) flipped on the LAN server alone by the third round.
+    topo = lan_topology
+    procs: list[Proc] = []
+    try:
+        boot = _driver(topo, "boot", tmp_path / "boot.log", "boot", "/ip4/0.0.0.0/tcp/4011")
+        procs.append(boot)
+        lan_boot = _driver(topo, "lana", tmp_path / "lana.log", "boot", "/ip4/0.0.0.0/tcp/4011")
+        procs.append(lan_boot)
+        boot_addr = next(a for a in boot.json_line(lambda d: "boot" in d, START_S, "the public node")["boot"]
+                         if f"/ip4/{topo.ip('boot')}/" in a)
+        lan_addr = next(a for a in lan_boot.json_line(lambda d: "boot" in d, START_S, "the LAN node")["boot"]
+                        if f"/ip4/{topo.ip('lana')}/" in a)
+        home = _driver(topo, "homea", tmp_path / "home.log", "peer", lan_addr, boot_addr)
+        procs.append(home)
+        joined = home.json_line(lambda d: d.get("rechecks") == 0, START_S, "home to join")
+        assert joined["state"] == "relayed", f"{joined}; {home.describe()}"
+        assert joined["addrs"] and all(a.startswith(f"{boot_addr}/p2p-circuit") for a in joined["addrs"]), joined
+        later = home.json_line(lambda d: d.get("rechecks", 0) >= 4, START_S, "four re-check rounds")
+        assert later["state"] == "relayed", f"{later}; {home.describe()}"
+        assert later["addrs"] and all(a.startswith(f"{boot_addr}/p2p-circuit") for a in later["addrs"]), later
+        log = (tmp_path / "home.log").read_text()
+        # The LAN server reached home A at the join and in the rounds (the last round's line may be in flight).
+        assert log.count("event=nat.dial_back_lan_only") >= 4, home.describe()
+        assert "event=nat.public_recheck" in log and " lan_only=1 " in log, home.describe()
     finally:
         for proc in reversed(procs):
             proc.stop()
