@@ -73,7 +73,7 @@ from .errors import DialError
 from .keys import to_libp2p_id
 from .inbound import InboundHandshakes, watch_inbound
 from .nat_rules import (Backoff, DialBack, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth,
-                        dial_back_answer, netgroup, reannounce_wait, relay_reaches_internet)
+                        dial_back_answer, netgroup, reaches_internet, reannounce_wait)
 from .publicaddrs import CIRCUIT, announceable, ip_of, listens_on_loopback_only
 from ..wording import plural
 
@@ -262,6 +262,7 @@ class NatTraversal:
         self._next_public_check = 0.0
         self._unanswered_rounds = 0  # re-checks in a row that asked peers and got no verdict
         self._lan_only_last_check = 0  # servers that reached us from our own network only, at the last check
+        self._public_undialable_reason: str | None = None  # reached from the internet, announcing no such address
         self.stats: dict[str, int] = {"relay_restored": 0, "relay_replaced": 0, "reannounced": 0,
                                       "public_rechecks": 0}
 
@@ -284,10 +285,30 @@ class NatTraversal:
         """``peers`` with those known at an internet address first (order otherwise kept): the servers whose
         dial-back can prove us public, and the relays whose relayed address the internet can dial. A peer
         on our own LAN is still asked, after them (in a LAN-only network it is all there is)."""
-        def reaches(peer: PeerInfo) -> bool:
-            ips = [str(ip) for ip in (ip_of(a) for a in peer.addrs) if ip is not None]
-            return relay_reaches_internet(ips, loopback_network=self.loopback_network)
-        return sorted(peers, key=lambda p: not reaches(p))
+        return sorted(peers, key=lambda p: not self._reach_internet(p.addrs))
+
+    def _reach_internet(self, addrs: Sequence[str]) -> bool:
+        """Whether any of ``addrs`` can be dialled from the internet (a DNS name is taken at its word)."""
+        if any(a.startswith(("/dns4/", "/dns6/", "/dns/")) for a in addrs):
+            return True
+        ips = [str(ip) for ip in (ip_of(a) for a in addrs) if ip is not None]
+        return reaches_internet(ips, loopback_network=self.loopback_network)
+
+    def direct_addrs(self) -> list[str]:
+        """The direct addresses we would announce when public (the node announces the same)."""
+        return announceable([str(a) for a in self.host.get_transport_addrs()] + list(self.announce),
+                            listen=self.listen)
+
+    def _public_undialable(self, where: str) -> str | None:
+        """None when the direct addresses we would announce as a public peer include one the internet can
+        dial. Otherwise the reason we stay relayed although a dial-back from the internet reached us (at
+        ``where``, behind port forwarding or a 1:1 NAT): public, we would announce only LAN addresses."""
+        if self._reach_internet(self.direct_addrs()):
+            return None
+        log.info("nat.public_unannounced", reached=where, addrs=",".join(self.direct_addrs())[:300],
+                 reason="no-internet-address")
+        return (f"dialled back from the internet at {where}, an address we do not announce "
+                f"(add --announce {where} if it is this machine's)")
 
     def dial_back_candidates(self) -> list[str]:
         """Where others might reach us: observed IP x listen ports, our interface addresses, --announce."""
@@ -319,6 +340,7 @@ class NatTraversal:
         worth, the address it names). A "reached" counts only if that server's connection reached our own
         listener (:func:`~p2pinfer.net.nat_rules.dial_back_answer`)."""
         raw = [multiaddr.Multiaddr(a).to_bytes() for a in candidates]
+        asked = set(raw)
         answers: dict[str, tuple[DialBack, bytes | None]] = {}
 
         async def ask(server: PeerInfo) -> None:
@@ -331,6 +353,8 @@ class NatTraversal:
                 log.debug("nat.autonat_no_answer", peer=server.peer_id, error=repr(exc)[:200])
                 return
             says_reached = code == int(AutoNATMessage.OK)
+            if addr is not None and bytes(addr) not in asked:
+                addr = None  # the server's word for where it reached us names none of ours: shown as "an address"
             seen_from = (await watch.wait_for(server.peer_id, self.timing.dial_back_confirm_s)
                          if says_reached else None)
             answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from,
@@ -366,10 +390,14 @@ class NatTraversal:
         self._lan_only_last_check = lan_only
         log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
                  unconfirmed=unconfirmed, lan_only=lan_only, candidates=",".join(candidates)[:300])
+        self._public_undialable_reason = None
         if ok:
             where = _addr_text(ok[0][1])
-            return ReachabilityStatus(Reachability.PUBLIC,
-                                      f"dialled back at {where} by {len(ok)} of {plural(len(answers), 'peer')}")
+            self._public_undialable_reason = self._public_undialable(where)
+            if self._public_undialable_reason is None:
+                return ReachabilityStatus(Reachability.PUBLIC,
+                                          f"dialled back at {where} by {len(ok)} of {plural(len(answers), 'peer')}")
+            return None  # reachable from the internet, so not "behind NAT" whoever failed; but not public either
         on_lan = f", {lan_only} on our own network could" if lan_only else ""
         if failed:
             why = f"behind NAT or firewall: {plural(len(failed), 'peer')} could not dial us back{on_lan}"
@@ -448,7 +476,7 @@ class NatTraversal:
             self.status = checked
         else:
             why = checked.reason if checked is not None else (
-                NOT_CHECKED if not servers else
+                NOT_CHECKED if not servers else self._public_undialable_reason or
                 f"no dial-back verdict: only {plural(self._lan_only_last_check, 'peer')} on our own network "
                 "reached us, which proves nothing about the internet" if self._lan_only_last_check else
                 "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived")
@@ -602,6 +630,12 @@ class NatTraversal:
             return
         where = next((_addr_text(addr) for d, addr in answers.values()
                       if d.answer is DialBackAnswer.REACHED), "an address")
+        undialable = self._public_undialable(where)
+        if undialable is not None:  # reachable, but at no address we would announce: the relay stays
+            if self._relays:
+                self.status = ReachabilityStatus(Reachability.RELAYED,
+                                                 f"{undialable}; reachable through relay {self._relays[0].peer_id}")
+            return
         self.status = ReachabilityStatus(
             Reachability.PUBLIC,
             f"dialled back at {where}, confirmed {plural(self.public_evidence.reached(), 'time')} on re-check")

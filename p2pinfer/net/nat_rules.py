@@ -160,11 +160,13 @@ def dial_back_answer(server_says_reached: bool, server_says_failed: bool, seen_f
     return DialBackAnswer.FAILED if server_says_failed else DialBackAnswer.NO_VERDICT
 
 
-def relay_reaches_internet(relay_ips: Sequence[str], *, loopback_network: bool) -> bool:
-    """Whether a relay known at ``relay_ips`` can make us reachable to the peers we announce to: a relayed
-    address through a relay on our own LAN is no more dialable from the internet than our own LAN address.
-    On a loopback network every relay does. Unparsable entries are skipped."""
-    for ip in relay_ips:
+def reaches_internet(ips: Sequence[str], *, loopback_network: bool) -> bool:
+    """Whether any of ``ips`` is an address the peers we announce to can dial: an internet one (on a loopback
+    network, a loopback one too). A relay known only at LAN addresses cannot make us reachable (a relayed
+    address through it is no more dialable from the internet than our own LAN address), and a peer that
+    would announce only LAN addresses is not public, whoever dialled it back. Unparsable entries are
+    skipped."""
+    for ip in ips:
         try:
             scope = address_scope(ip)
         except ValueError:

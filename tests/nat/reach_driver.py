@@ -12,7 +12,7 @@ announcements (offering a model) it holds changes, until terminated (a restart: 
 ``python reach_driver.py boot LISTEN`` runs one honest bootstrap node (relay) on LISTEN; it prints
 ``{"boot": [multiaddr, ...]}`` and runs until terminated.
 
-``python reach_driver.py peer BOOTSTRAP...`` joins as a peer and prints
+``python reach_driver.py peer [--announce=MULTIADDR] BOOTSTRAP...`` joins as a peer and prints
 ``{"rechecks": n, "state": ..., "reason": ..., "addrs": [...]}`` once joined (n = 0) and after every public
 re-check round, until terminated. Intervals are short (``FAST``) so that rounds follow each other quickly.
 Log lines go to stderr.
@@ -75,9 +75,11 @@ async def boot(listen: str) -> None:
         await trio.sleep_forever()
 
 
-async def peer(bootstrap: list[str]) -> None:
+async def peer(args: list[str]) -> None:
+    announce = [a.split("=", 1)[1] for a in args if a.startswith("--announce=")]
+    bootstrap = [a for a in args if not a.startswith("--announce=")]
     config = NodeConfig(listen=["/ip4/0.0.0.0/tcp/4001"], bootstrap=bootstrap, nat_timing=FAST,
-                        announce_interval_s=600.0)
+                        announce_interval_s=600.0, extra_addrs=announce)
     async with Node(Identity.generate(), config) as node:
         seen = -1
         while True:

@@ -123,3 +123,45 @@ def test_round_after_round_the_lan_server_reaches_the_peer_and_it_stays_relayed(
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_a_peer_behind_port_forwarding_is_made_public_by_a_dial_back_from_the_internet_once_it_announces_it(
+        lan_topology: Topology, tmp_path: Path) -> None:
+    # The same home with port 4001 forwarded on its router (DNAT, source kept): the public node's dial-back
+    # to the router's address arrives from 198.51.100.10, which proves the internet reaches home A; the LAN
+    # node's, as ever, proves nothing and vetoes nothing. But public, home A would announce its interface
+    # address only (10.1.0.2): without --announce it stays relayed and says what to add; with it, public.
+    topo = lan_topology
+    procs: list[Proc] = []
+    topo.forward_port("a", 4001)
+    try:
+        boot = _driver(topo, "boot", tmp_path / "boot.log", "boot", "/ip4/0.0.0.0/tcp/4012")
+        procs.append(boot)
+        lan_boot = _driver(topo, "lana", tmp_path / "lana.log", "boot", "/ip4/0.0.0.0/tcp/4012")
+        procs.append(lan_boot)
+        boot_addr = next(a for a in boot.json_line(lambda d: "boot" in d, START_S, "the public node")["boot"]
+                         if f"/ip4/{topo.ip('boot')}/" in a)
+        lan_addr = next(a for a in lan_boot.json_line(lambda d: "boot" in d, START_S, "the LAN node")["boot"]
+                        if f"/ip4/{topo.ip('lana')}/" in a)
+        forwarded = f"/ip4/{topo.router_wan_ip('a')}/tcp/4001"
+        home = _driver(topo, "homea", tmp_path / "home.log", "peer", lan_addr, boot_addr)
+        procs.append(home)
+        joined = home.json_line(lambda d: d.get("rechecks") == 0, START_S, "home to join")
+        assert joined["state"] == "relayed", f"{joined}; {home.describe()}"
+        assert f"add --announce {forwarded} if it is this machine's" in joined["reason"], joined
+        assert joined["addrs"] and all(a.startswith(f"{boot_addr}/p2p-circuit") for a in joined["addrs"]), joined
+        log = (tmp_path / "home.log").read_text()
+        assert "event=nat.public_unannounced" in log and "reason=no-internet-address" in log, home.describe()
+        home.stop()
+        home = _driver(topo, "homea", tmp_path / "home-announcing.log", "peer", f"--announce={forwarded}",
+                       lan_addr, boot_addr)
+        procs.append(home)
+        joined = home.json_line(lambda d: d.get("rechecks") == 0, START_S, "home to join, announcing")
+        assert joined["state"] == "public", f"{joined}; {home.describe()}"
+        assert forwarded in joined["reason"] and forwarded in joined["addrs"], joined
+        log = (tmp_path / "home-announcing.log").read_text()
+        assert "event=nat.dial_back_lan_only" in log and " reached=1 " in log, home.describe()
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        topo.forward_port("a", 4001, on=False)

@@ -171,6 +171,20 @@ class Topology:
             raise
         return self
 
+    def _forward_rules(self, home: str, port: int) -> list[tuple[str, ...]]:
+        inside = f"{HOMES[home][0]}.2"
+        return [("-t", "nat", "PREROUTING", "-i", "wan", "-p", "tcp", "--dport", str(port), "-j", "DNAT",
+                 "--to-destination", f"{inside}:{port}"),
+                ("-t", "filter", "FORWARD", "-i", "wan", "-o", "lan", "-p", "tcp", "-d", inside, "--dport", str(port),
+                 "-j", "ACCEPT")]
+
+    def forward_port(self, home: str, port: int, *, on: bool = True) -> None:
+        """Port forwarding on ``home``'s router, as a volunteer sets it up: new TCP connections to its WAN
+        address on ``port`` go to the home machine, same port, their source address kept (``on=False``
+        removes it)."""
+        for flag, table, chain, *rule in self._forward_rules(home, port):
+            _run("iptables", "-w", flag, table, "-I" if on else "-D", chain, *rule, ns=self.ns(f"rtr{home}"))
+
     def remove(self) -> None:
         """Delete every namespace we created (their veths and rules go with them)."""
         for name in reversed(self.namespaces):
