@@ -7,7 +7,8 @@ A peer at home sits behind a router that drops unsolicited inbound connections. 
    addresses it could be reached at: its observed IP (identify) with its listen ports, its interface
    addresses and ``--announce``. One dial-back that our own listener saw arrive (:mod:`p2pinfer.net.inbound`;
    a server's "reached" alone is no evidence) from the internet (one from our own LAN proves only that the
-   LAN reaches us: :func:`~p2pinfer.net.nat_rules.proves_public`) makes it ``public``.
+   LAN reaches us: :func:`~p2pinfer.net.nat_rules.proves_public`) makes it ``public``, if it would then
+   announce an address the internet can dial (behind port forwarding without ``--announce`` it would not).
 2. Otherwise it **reserves a slot** on a relay (Circuit Relay v2 hop, ``/libp2p/circuit/relay/0.2.0/hop``;
    bootstrap nodes are relays by default; relays with an internet address first) and announces its relayed address
    ``<relay addr>/p2p/<relay id>/p2p-circuit``: it is ``relayed``. With no relay it is ``unreachable``.
