@@ -107,6 +107,21 @@ def test_unconfirmed_claims_never_count(rounds: list[list[DialBack]], claims: in
     assert not only_lies.confirmed()
 
 
+@given(rounds_of, st.integers(min_value=0, max_value=20))
+def test_dial_backs_from_our_own_lan_never_count(rounds: list[list[DialBack]], neighbours: int) -> None:
+    """However many servers on our own LAN reach us, round after round, nothing changes; not even the most
+    trusting rule (no verdict yet, one confirmation enough) turns public on them."""
+    plain, with_lan = PublicEvidence(3, 4), PublicEvidence(3, 4)
+    for answered in rounds:
+        plain.record_round(answered)
+        with_lan.record_round([*answered, *[DialBack(DialBackAnswer.LAN_ONLY)] * neighbours])
+    assert with_lan.reached() == plain.reached() and with_lan.confirmed() == plain.confirmed()
+    only_lan = PublicEvidence(1, 1, told_failed=False)
+    for _ in rounds:
+        only_lan.record_round([DialBack(DialBackAnswer.LAN_ONLY)] * neighbours)
+    assert not only_lan.confirmed() and not only_lan.told_failed  # and not a verdict of NAT either
+
+
 SEEN_FROM = ["198.51.100.10", "2001:db8::7", "10.1.0.3", "192.168.1.20", "fd00::5", "127.0.0.1", "::1", "odd"]
 
 
