@@ -48,6 +48,7 @@ Fixes for py-libp2p 0.8.1 that live here (see docs/network.md):
 from __future__ import annotations
 
 import enum
+import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -75,7 +76,7 @@ from .keys import to_libp2p_id
 from .inbound import InboundHandshakes, watch_inbound
 from .nat_rules import (Backoff, DialBack, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth,
                         dial_back_answer, netgroup, reaches_internet, reannounce_wait)
-from .publicaddrs import CIRCUIT, announceable, ip_of, listens_on_loopback_only
+from .publicaddrs import CIRCUIT, announceable, interface_ips, ip_of, listens_on_loopback_only
 from ..wording import plural
 
 log = get_logger("p2pinfer.net.nat")
@@ -342,6 +343,7 @@ class NatTraversal:
         listener (:func:`~p2pinfer.net.nat_rules.dial_back_answer`)."""
         raw = [multiaddr.Multiaddr(a).to_bytes() for a in candidates]
         asked = set(raw)
+        own_ips = interface_ips(socket.AF_INET) + interface_ips(socket.AF_INET6)  # a server beside us: not evidence
         answers: dict[str, tuple[DialBack, bytes | None]] = {}
 
         async def ask(server: PeerInfo) -> None:
@@ -359,7 +361,7 @@ class NatTraversal:
             seen_from = (await watch.wait_for(server.peer_id, self.timing.dial_back_confirm_s)
                          if says_reached else None)
             answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from,
-                                      loopback_network=self.loopback_network)
+                                      loopback_network=self.loopback_network, own_ips=own_ips)
             if answer is DialBackAnswer.UNCONFIRMED:
                 log.info("nat.dial_back_unconfirmed", peer=server.peer_id, claimed=_addr_text(addr),
                          reason="no connection from this server reached us")

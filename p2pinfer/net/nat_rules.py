@@ -12,7 +12,7 @@ import enum
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,18 @@ LAN_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
 ))
 
 
+def _plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address without its zone index, an IPv4-mapped IPv6 one as IPv4. ValueError if not an IP."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def address_scope(ip: str) -> AddressScope:
     """The scope of an IP address (an IPv4-mapped IPv6 address is its IPv4 address; a zone index is
     ignored). Raises ValueError for text that is not an IP address."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = _plain_ip(ip)
     if addr.is_loopback:
         return AddressScope.MACHINE
     if any(addr in net for net in LAN_NETWORKS if net.version == addr.version):
@@ -117,7 +123,7 @@ def address_scope(ip: str) -> AddressScope:
     return AddressScope.INTERNET
 
 
-def proves_public(seen_from_ip: str, *, loopback_network: bool) -> bool:
+def proves_public(seen_from_ip: str, *, loopback_network: bool, own_ips: Collection[str] = ()) -> bool:
     """Whether a dial-back connection that arrived from ``seen_from_ip`` proves that the peers we announce
     to can reach us.
 
@@ -126,14 +132,30 @@ def proves_public(seen_from_ip: str, *, loopback_network: bool) -> bool:
     relay and announce addresses nobody beyond its router can dial. From this machine (loopback): only on a
     loopback network (we listen on loopback only, so loopback is all we announce and the whole network is
     this machine, as in tests); listening on other addresses, a same-machine dial-back says nothing about
-    them. Not an IP address (a transport oddity): no."""
+    them. A connection from one of ``own_ips`` (this machine's interface addresses) is from this machine
+    too, whatever its scope: a server beside us on a host with a public address dials that address from
+    that address, and the kernel delivers it locally, past any firewall that guards the interface.
+    Not an IP address (a transport oddity): no."""
     try:
+        seen = _plain_ip(seen_from_ip)
         scope = address_scope(seen_from_ip)
     except ValueError:
         return False
+    if any(seen == mine for mine in _plain_ips(own_ips)):
+        scope = AddressScope.MACHINE
     if scope is AddressScope.MACHINE:
         return loopback_network
     return scope is AddressScope.INTERNET
+
+
+def _plain_ips(ips: Collection[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    out = []
+    for ip in ips:
+        try:
+            out.append(_plain_ip(ip))
+        except ValueError:
+            continue
+    return out
 
 
 class DialBackAnswer(enum.Enum):
@@ -145,7 +167,7 @@ class DialBackAnswer(enum.Enum):
 
 
 def dial_back_answer(server_says_reached: bool, server_says_failed: bool, seen_from_ip: str | None, *,
-                     loopback_network: bool = False) -> DialBackAnswer:
+                     loopback_network: bool = False, own_ips: Collection[str] = ()) -> DialBackAnswer:
     """What one server's answer is worth. A "reached" counts only when our own listener saw a direct connection
     from that server's peer ID (Noise proves the ID) while we asked: any number of servers can claim to have
     reached us, only the peer itself can see that they did (a peer behind NAT sees nothing). And only when
@@ -154,7 +176,7 @@ def dial_back_answer(server_says_reached: bool, server_says_failed: bool, seen_f
     if server_says_reached:
         if seen_from_ip is None:
             return DialBackAnswer.UNCONFIRMED
-        if not proves_public(seen_from_ip, loopback_network=loopback_network):
+        if not proves_public(seen_from_ip, loopback_network=loopback_network, own_ips=own_ips):
             return DialBackAnswer.LAN_ONLY
         return DialBackAnswer.REACHED
     return DialBackAnswer.FAILED if server_says_failed else DialBackAnswer.NO_VERDICT

@@ -165,3 +165,26 @@ def test_a_peer_behind_port_forwarding_is_made_public_by_a_dial_back_from_the_in
         for proc in reversed(procs):
             proc.stop()
         topo.forward_port("a", 4001, on=False)
+
+
+def test_a_server_on_the_same_machine_does_not_make_a_peer_public(lan_topology: Topology, tmp_path: Path) -> None:
+    # A volunteer runs a bootstrap node and a peer on one host with a public address ("client",
+    # 198.51.100.20). The bootstrap node dials the peer back at that address, from that address: the kernel
+    # delivers it locally, past any firewall on the interface, so it proves nothing about the internet.
+    topo = lan_topology
+    procs: list[Proc] = []
+    try:
+        beside = _driver(topo, "client", tmp_path / "beside.log", "boot", "/ip4/0.0.0.0/tcp/4014")
+        procs.append(beside)
+        beside_addr = next(a for a in beside.json_line(lambda d: "boot" in d, START_S, "the node beside")["boot"]
+                           if f"/ip4/{topo.ip('client')}/" in a)
+        peer = _driver(topo, "client", tmp_path / "peer.log", "peer", beside_addr)
+        procs.append(peer)
+        joined = peer.json_line(lambda d: d.get("rechecks") == 0, START_S, "the peer to join")
+        assert joined["state"] == "relayed", f"{joined}; {peer.describe()}"
+        assert "only 1 peer on our own network reached us" in joined["reason"], joined
+        log = (tmp_path / "peer.log").read_text()
+        assert "event=nat.dial_back_lan_only" in log and f"seen_from={topo.ip('client')} " in log, peer.describe()
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

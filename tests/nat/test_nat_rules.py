@@ -167,6 +167,24 @@ def test_only_internet_dial_backs_prove_public_and_loopback_ones_only_on_a_loopb
     assert proves_public(str(ip), loopback_network=loopback_network) is expected
 
 
+def _mapped_as_v4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None else ip
+
+
+@given(st.one_of(ipv4s, ipv6s), st.lists(st.one_of(ipv4s, ipv6s), max_size=3), st.booleans())
+def test_a_dial_back_from_one_of_our_own_addresses_is_from_this_machine(
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address, others: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+        loopback_network: bool) -> None:
+    own = [str(o) for o in others]
+    mine = proves_public(str(ip), loopback_network=loopback_network, own_ips=[*own, str(ip)])
+    assert mine is loopback_network  # from this machine: only on a loopback network
+    if all(_mapped_as_v4(o) != _mapped_as_v4(ip) for o in others):  # not ours: the own addresses change nothing
+        assert (proves_public(str(ip), loopback_network=loopback_network, own_ips=own)
+                is proves_public(str(ip), loopback_network=loopback_network))
+    answer = dial_back_answer(True, False, str(ip), loopback_network=False, own_ips=[str(ip), "not-an-ip"])
+    assert answer is DialBackAnswer.LAN_ONLY
+
+
 def test_the_scopes_of_the_test_networks_and_a_home_lan() -> None:
     # The namespace topology's "internet" is TEST-NET-2, which Python's is_private counts as private: not here.
     assert address_scope("198.51.100.10") is AddressScope.INTERNET
