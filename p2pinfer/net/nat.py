@@ -478,11 +478,7 @@ class NatTraversal:
         if checked is not None and checked.state is Reachability.PUBLIC:
             self.status = checked
         else:
-            why = checked.reason if checked is not None else (
-                NOT_CHECKED if not servers else self._public_undialable_reason or
-                f"no dial-back verdict: only {plural(self._lan_only_last_check, 'peer')} on our own network "
-                "reached us, which proves nothing about the internet" if self._lan_only_last_check else
-                "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived")
+            why = checked.reason if checked is not None else self._no_verdict_reason(bool(servers))
             for relay in self.internet_first(servers):
                 addrs = await self.reserve(relay)
                 if addrs:
@@ -499,6 +495,17 @@ class NatTraversal:
                  relayed=",".join(self.relayed_addrs)[:300])
         self.addresses_may_have_changed()
         return self.status
+
+    def _no_verdict_reason(self, asked: bool) -> str:
+        """Why the last check gave no verdict, for the reachability line."""
+        if not asked:
+            return NOT_CHECKED
+        if self._public_undialable_reason is not None:
+            return self._public_undialable_reason
+        if self._lan_only_last_check:
+            return (f"no dial-back verdict: only {plural(self._lan_only_last_check, 'peer')} on our own network "
+                    "reached us, which proves nothing about the internet")
+        return "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived"
 
     async def recheck_loop(self, servers: Callable[[], list[PeerInfo]]) -> None:
         """Keep our reachability true while we run.
