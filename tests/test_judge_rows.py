@@ -163,3 +163,97 @@ def test_noise_read_on_demand_is_the_noise() -> None:
         np.testing.assert_array_equal(lazy[ids], u[ids])
         np.testing.assert_array_equal(lazy[vocab - 1:vocab], u[vocab - 1:vocab])
         assert lazy.max() == u.max()
+
+
+# --- the head-only paths (judge_rows without a float64 row) against the whole-row reference ---------------------
+
+@st.composite
+def lm_rows(draw: st.DrawFn) -> np.ndarray:
+    """float32 logits at the real vocabulary size, shaped like a language model's rows: a few strong tokens over
+    a long tail of many hundreds within ~10 nats (as SmolLM2's), sometimes flat, sometimes with -inf tokens."""
+    vocab = draw(st.sampled_from([4096, 49152]))
+    n = draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    spread = draw(st.sampled_from([0.05, 1.0, 2.5, 4.0]))
+    logits = rng.normal(0.0, spread, (n, vocab)) + rng.gumbel(0.0, spread / 2, (n, vocab))
+    for r in range(n):
+        peaks = draw(st.integers(0, 8))
+        logits[r, rng.choice(vocab, peaks, replace=False)] += rng.uniform(0, 16, peaks)
+        if draw(st.booleans()):
+            logits[r, rng.choice(vocab, 5, replace=False)] = -np.inf
+    return (logits + draw(st.sampled_from([0.0, -30.0, 17.0]))).astype(np.float32)
+
+
+head_params = st.builds(SamplingParams, temperature=st.sampled_from([0.3, 0.8, 1.0, 1.3]),
+                        top_k=st.sampled_from([0, 0, 1, 5, 40, 300]),
+                        top_p=st.sampled_from([0.5, 0.9, 0.95, 0.99, 1.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lm_rows(), head_params, st.sampled_from([0.0, 1.79e-3, 0.05, 0.5]), st.integers(0, 10_000),
+       st.integers(0, 2**32 - 1))
+def test_head_paths_give_the_whole_row_verdicts(logits, p, tol, start, seed) -> None:
+    """judge_rows (the head of each row, the float32 mass bracket, plain keys for the near tokens only) against
+    judge_row over the whole float64 row, and against is_acceptable / is_ambiguous."""
+    from p2pinfer.runtime.sampling import judge_row
+
+    rows = LogProbRows.from_logits(logits)
+    tokens = _tokens(rows, p, start, tol, np.random.default_rng(seed))
+    ok, near = judge_rows(rows, p, SEED, start, tokens, tol)
+    for r in range(rows.n):
+        lp = rows.row(r)
+        assert (ok[r], near[r]) == judge_row(lp, p, SEED, start + r, int(tokens[r]), tol), r
+        assert ok[r] == is_acceptable(lp, p, SEED, start + r, int(tokens[r]), tol)[0], r
+        assert near[r] == is_ambiguous(lp, p, SEED, start + r, tol), r
+
+
+def test_head_paths_decline_what_they_cannot_prove() -> None:
+    """The head path answers for a peaked row and declines (the whole row decides) a flat 49,152-token row, a
+    verdict exactly on top_p, NaN and +inf rows, and a top-k larger than the few-candidate limit; judge_rows
+    gives the whole-row verdicts in every case."""
+    from p2pinfer.runtime.sampling import _Head, _head_candidates, judge_row
+
+    rng = np.random.default_rng(9)
+    peaked = rng.normal(0.0, 2.0, 49152)
+    peaked[:4] += 16.0
+    flat = rng.normal(0.0, 0.01, 49152)
+    edge = np.full(49152, -np.inf)
+    edge[:3] = [0.0, -np.log(2.0), -np.log(2.0)]  # the mass above each 1/2 is exactly half of the total
+    nan_row, inf_row = peaked.copy(), peaked.copy()
+    nan_row[7], inf_row[7] = np.nan, np.inf
+    p95 = SamplingParams(temperature=0.8, top_p=0.95)
+    cases = [(peaked, p95, 6.41e-4, True), (flat, p95, 6.41e-4, False),
+             (edge, SamplingParams(temperature=1.0, top_p=0.5), 0.0, False), (nan_row, p95, 6.41e-4, False),
+             (inf_row, p95, 6.41e-4, False), (peaked, SamplingParams(temperature=0.8, top_k=5000), 6.41e-4, False),
+             (peaked, SamplingParams(temperature=0.8, top_k=40, top_p=0.9), 6.41e-4, True)]
+    for logits, p, tol, served in cases:
+        with np.errstate(invalid="ignore"):
+            rows = LogProbRows.from_logits(logits.astype(np.float32)[None, :])
+            top_ids, top_lp = rows.best()
+            top = float(top_lp[0] / p.temperature)
+            token = int(top_ids[0])
+            if np.isfinite(top):
+                found = _head_candidates(_Head(rows, 0, p.temperature), p, tol, token, token, top, True)
+                assert (found is not None) == served, (p, tol)
+            else:
+                assert not served
+            ok, near = judge_rows(rows, p, SEED, 3, np.array([token]), tol)
+            assert (ok[0], near[0]) == judge_row(rows.row(0), p, SEED, 3, token, tol)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-1e4, 1e4), st.floats(0.0, 12.0), st.sampled_from([1e-3, 0.3, 0.8, 1.0, 1.7]),
+       st.floats(-2e4, 1e4), st.sampled_from([np.float32, np.float64]))
+def test_a_heads_floor_keeps_every_token_at_or_above_the_threshold(shift, log_norm, temperature, thr, kind) -> None:
+    """_Head.floor(thr): every value below it maps below thr (checked at the value just under it), and it is
+    not far below the exact inverse (a superset of a few values, not the row)."""
+    from p2pinfer.runtime.sampling import _Head
+
+    x = np.array([kind(shift)], dtype=kind)
+    rows = LogProbRows(x[None, :], np.array([float(kind(shift))]), np.array([log_norm]))
+    head = _Head(rows, 0, temperature)
+    c = head.floor(thr)
+    below = np.nextafter(c, kind(-np.inf))
+    assert not ((float(below) - rows.shift[0]) - log_norm) / temperature >= thr
+    exact = rows.shift[0] + log_norm + thr * temperature
+    assert float(c) >= exact - 1e-3 * (1.0 + abs(exact))

@@ -144,3 +144,45 @@ def test_few_rivals_at_full_vocabulary_give_the_admissible_set(seed: int, p: Sam
     assert sample(lp, p, SEED, index) in admitted
     for token in {*admitted, *np.argsort(lp)[-60:].tolist(), *rng.integers(0, 49152, 20).tolist()}:
         assert is_acceptable(lp, p, SEED, index, int(token), 1e-3)[0] == (token in admitted)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.05, 1.0, 2.5, 4.0, 8.0]),
+       st.sampled_from([1e-3, 0.01, 0.3, 0.8, 1.0, 1.5]),
+       st.sampled_from([300, 49152]), st.sampled_from([0.0, -40.0, 25.0]))
+def test_the_float32_mass_bracket_holds_the_float64_total(seed, spread, temperature, vocab, offset) -> None:
+    """_mass_bracket's (lo, hi) holds sum(exp(scaled - top)) as the sorted top-p computation takes it (float64 over
+    the whole row), and its float32 sum over the kept tokens is within a tenth of the relative pad of their float64
+    sum (the proof's margin), on rows from flat to peaked."""
+    from p2pinfer.runtime.sampling import _MASS_NATS, _MASS_REL, LogProbRows, _Head, _mass_bracket
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, spread, vocab) + offset
+    logits[rng.choice(vocab, 3, replace=False)] += rng.uniform(0, 14, 3)
+    rows = LogProbRows.from_logits(logits.astype(np.float32)[None, :])
+    top_ids, top_lp = rows.best()
+    top = float(top_lp[0] / temperature)
+    scaled = rows.row(0) / temperature
+    total = float(np.sum(np.exp(scaled - top)))
+    lo, hi = _mass_bracket(_Head(rows, 0, temperature), int(top_ids[0]), top)
+    assert lo <= total <= hi
+    kept = scaled >= top - _MASS_NATS
+    kept64 = float(np.sum(np.exp(scaled[kept] - top)))
+    kept32 = lo / (1.0 - _MASS_REL)  # the float32 sum (over a superset whose extra tokens are within float32 rounding)
+    assert abs(kept32 - kept64) <= 0.1 * _MASS_REL * kept64 + float(np.sum(np.exp(scaled[~kept] - top)))
+
+
+def test_the_mass_bracket_counts_the_tokens_below_its_reach() -> None:
+    """49,151 tokens just below the 22 nats the float32 sum reads carry more mass than its relative pad: only the
+    bound on them (each at most exp(-22)) keeps the float64 total inside the bracket."""
+    from p2pinfer.runtime.sampling import _MASS_REL, LogProbRows, _Head, _mass_bracket
+
+    logits = np.full(49152, -22.05 * 0.8, dtype=np.float32)
+    logits[0] = 0.0
+    rows = LogProbRows.from_logits(logits[None, :])
+    scaled = rows.row(0) / 0.8
+    top = float(scaled.max())
+    total = float(np.sum(np.exp(scaled - top)))
+    assert total - 1.0 > 1.2 * _MASS_REL  # the tail outweighs the pad
+    lo, hi = _mass_bracket(_Head(rows, 0, 0.8), 0, top)
+    assert lo <= total <= hi

@@ -47,6 +47,10 @@ The same library has a ``SwiGLU`` op (``swiglu.c``): each MLP activation after a
 Split, QuickGelu and Mul) becomes one node (:func:`_fuse_swiglu`) that computes onnxruntime's own bits (its
 sigmoid's rational approximation, clamps and operation order, as onnxruntime runs them at the session's
 optimization level on this CPU): the kernel session's rows do not change.
+
+The near-tie reference's float64 kernels (``ref64.c``: products, attention, normalization, activation; used by
+``runtime/reference.py`` through :mod:`.ref64`) are a library of their own, compiled and cached the same way
+(:func:`ref64_library_path`); ``P2PINFER_REF64_KERNEL=0`` keeps the reference on numpy.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -75,12 +80,17 @@ AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
 AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
 ATTENTION_SOURCE = Path(__file__).with_name("qattn.c")  # #included by SOURCE
 SWIGLU_SOURCE = Path(__file__).with_name("swiglu.c")  # #included by SOURCE
+ROWSTATS_SOURCE = Path(__file__).with_name("rowstats.c")  # #included by SOURCE
+_SOURCES = (SOURCE, AMX_SOURCE, AVX2_SOURCE, ATTENTION_SOURCE, SWIGLU_SOURCE, ROWSTATS_SOURCE)
+#: the float64 products of the near-tie reference (runtime/reference.py): a library of its own, loaded with ctypes
+REF64_SOURCE = Path(__file__).with_name("ref64.c")
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
 _built: dict[tuple[str, str], Path | None] = {}  # (compiler, -march) -> library
 _reported: set[str] = set()
 _held: list = []  # the loaded library, never unloaded (see _build)
+_handles: dict[Path, ctypes.CDLL] = {}  # library path -> its handle in _held
 
 
 class DecodePath(Enum):
@@ -165,7 +175,39 @@ def library_path() -> Path | None:
         _built[(cc, march)] = path = _build(cc, march)
         if path is not None:
             _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
+            _handles[path] = _held[-1]
         return path
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernel library as loaded in this process (built on first use), for its plain C functions
+    (``rowstats.c``: :mod:`p2pinfer.runtime.row_stats`); None where :func:`library_path` is."""
+    path = library_path()
+    return None if path is None else _handles.get(path)
+
+
+def ref64_library_path() -> Path | None:
+    """The float64 product library of the near-tie reference (``ref64.c``), built on first use with the same
+    compiler, flags and cache as the 4-bit kernel; None (reason logged once, ``kernel.unavailable`` with a
+    ``ref64_`` reason) without a compiler or with ``P2PINFER_REF64_KERNEL=0``: the reference then multiplies
+    with numpy. A library built for a CPU without AVX-512 reports itself unavailable (``p2pinfer_ref64_available``)."""
+    if os.environ.get("P2PINFER_REF64_KERNEL", "1").strip() == "0":
+        _unavailable("ref64_disabled", "P2PINFER_REF64_KERNEL=0: the float64 reference multiplies with numpy")
+        return None
+    cc = _compiler()
+    if cc is None:
+        _unavailable("ref64_no_compiler", "no C compiler found; the float64 reference multiplies with numpy")
+        return None
+    with _lock:
+        march = _march()
+        key = (cc, march, "ref64")
+        if key not in _built_ref64:
+            _built_ref64[key] = _build(cc, march, sources=(REF64_SOURCE,), stem="ref64",
+                                       report=lambda reason, detail: _unavailable("ref64_" + reason, detail))
+        return _built_ref64[key]
+
+
+_built_ref64: dict[tuple[str, str, str], Path | None] = {}
 
 
 #: changes whenever the compile flags below change (part of the cache key)
@@ -177,18 +219,21 @@ def _march() -> str:
     return os.environ.get("P2PINFER_KERNEL_MARCH", "").strip() or "native"
 
 
-def _build(cc: str, march: str = "native") -> Path | None:
+def _build(cc: str, march: str = "native", *, sources: tuple[Path, ...] = _SOURCES, stem: str = "qmatmul",
+           report: "Callable[[str, str], None] | None" = None) -> Path | None:
+    """Compile ``sources[0]`` (which #includes the others) into the cache; None on failure, reported through
+    ``report(reason, detail)`` (default: :func:`_unavailable`)."""
+    fail = report or _unavailable
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        _unavailable("compiler_failed", f"{cc} --version failed: {exc}")
+        fail("compiler_failed", f"{cc} --version failed: {exc}")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + AMX_SOURCE.read_bytes() + b"\0" + AVX2_SOURCE.read_bytes()
-                         + b"\0" + ATTENTION_SOURCE.read_bytes() + b"\0" + SWIGLU_SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join(source.read_bytes() for source in sources)
                          + b"\0" + version.encode()
                          + b"\0" + _cpu_identity().encode() + b"\0" + _BUILD_RECIPE.encode()
                          + b"\0" + march.encode()).hexdigest()
-    target = cache_dir() / f"qmatmul-{key[:24]}.so"
+    target = cache_dir() / f"{stem}-{key[:24]}.so"
     if target.is_file():
         return target
     try:
@@ -198,16 +243,16 @@ def _build(cc: str, march: str = "native") -> Path | None:
             # -z nodelete: onnxruntime dlcloses the library with each session's options; the kernel's worker
             # threads live on, so its code and state must stay loaded (a reload would reset the pool under them)
             for flags in ([f"-march={march}", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
-                done = subprocess.run([cc, "-O3", *flags, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", str(out)],
+                done = subprocess.run([cc, "-O3", *flags, "-fPIC", "-shared", "-pthread", str(sources[0]), "-o", str(out)],
                                       capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
                     break
             else:
-                _unavailable("compile_failed", done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+                fail("compile_failed", done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
                 return None
             os.replace(out, target)  # atomic: concurrent builders each write their own file
     except (OSError, subprocess.SubprocessError) as exc:
-        _unavailable("compile_failed", str(exc))
+        fail("compile_failed", str(exc))
         return None
     _log().info("kernel.built", path=str(target))
     return target

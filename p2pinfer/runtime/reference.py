@@ -34,10 +34,18 @@ How it runs:
 * a :class:`ReferenceSession` per request keeps that cache between its near-tie rows (bounded by
   :data:`REFERENCE_KV_BYTES`), so a later row computes only the positions after the cached prefix.
 
-Matrix products go through numpy's BLAS in float64, on one thread (:data:`REFERENCE_BLAS_THREADS`). It is
-slow next to onnxruntime (2-5x its prefill of the same tokens on SmolLM2; ``benchmarks/reference_row.py``
-measures it) and only ever runs at the few positions the float32 rule cannot decide. Callers in async code run it in a worker thread, as they do every
-forward pass.
+Where the C kernels of :mod:`p2pinfer.kernels.ref64` run (a C compiler and an AVX-512 CPU;
+``P2PINFER_REF64_KERNEL=0`` turns them off), the costly nodes are computed there, in float64, on two threads of
+their own: every 4-bit layer as one ``Q4Linear`` node (its ``MatMulNBits`` terms and Q4_1 block-minimum term
+summed into one output, :mod:`.reference_fuse`; the 4-bit codes widened in registers, never a float64 weight
+matrix), every product by a float32 weight, ``GroupQueryAttention`` (RoPE, present caches, attention),
+``SkipSimplifiedLayerNormalization`` and each MLP activation as one ``SiluMul`` node. They are the same float64
+operations summed in another order, with an exponential within ~2 ulp of numpy's: rows within ~2e-13 of the
+numpy path's on SmolLM2 (``tests/test_ref64_kernel.py``). Elsewhere the nodes run in numpy, and matrix products
+go through numpy's BLAS in float64, on one thread (:data:`REFERENCE_BLAS_THREADS`). A row costs 2.5-6x
+onnxruntime's prefill of the same tokens on SmolLM2 with the kernels (5-8x without; ``benchmarks/reference_row.py``
+measures both) and only ever runs at the few positions the float32 rule cannot decide. Callers in async code run
+it in a worker thread, as they do every forward pass.
 """
 
 from __future__ import annotations
@@ -56,8 +64,10 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from threadpoolctl import threadpool_limits
 
+from ..kernels import ref64
 from .digest import ModelFormatError
 from .memory import drop_read_only_mapped_pages, release_freed_memory
+from .reference_fuse import FUSED_DOMAIN, fuse_q4_linears, fuse_silu_mul
 from .sampling import log_softmax
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -65,6 +75,9 @@ _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, Te
 _WIDEN = (np.float32, np.float16)
 _DEQUANT_BLOCK_BYTES = 4 << 20  # MatMulNBits: float64 weights dequantized at a time (a reused buffer)
 _WIDE_BLOCK_BYTES = 16 << 20  # a float weight whose float64 copy is larger is widened a block at a time
+#: a float32-weight product with fewer k values runs on numpy's BLAS (the 4-bit graph's block-minimum terms: k = 18
+#: and 48 on SmolLM2, where the C products' panel set-up is most of the work; 1.7-3.4x slower measured)
+_KERNEL_MIN_K = 64
 _ATTENTION_QUERY_BLOCK = 64  # attention query positions per block (each reads only the keys it may see)
 #: positions per pass of the reference over its own float64 KV cache: bounds a pass's activations (~40 MB of
 #: float64 on SmolLM2) while the 4-bit weights are dequantized once per chunk
@@ -121,8 +134,14 @@ class MatMulNBits(OpRun):
             zp = np.full((n_, n_blocks), 8, dtype=np.uint8)
         else:
             zp = _unpack_nibbles(zero_points.reshape(n_, -1))[:, :n_blocks]
-        uniform = bool(np.all(zp == zp.flat[0]))  # the GGUF importer writes one zero point per term
         a = np.asarray(A, dtype=np.float64)
+        product = ref64.q4_product(a, B, scales, None if zero_points is None or not zero_points.size else zp,
+                                   n=n_, k=k_, block_size=bs)
+        if product is not None:  # the C products (no float64 weights in memory); else numpy below
+            if bias is not None:
+                product += np.asarray(bias, dtype=np.float64)
+            return (product,)
+        uniform = bool(np.all(zp == zp.flat[0]))  # the GGUF importer writes one zero point per term
         flat = a.reshape(-1, a.shape[-1])
         out = np.empty((flat.shape[0], n_), dtype=np.float64)
         packed = B.reshape(n_, n_blocks, bs // 2)
@@ -155,7 +174,12 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) 
         return out
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = np.empty(np.broadcast_shapes(x.shape, cos.shape[:-1] + (x.shape[-1],)), dtype=np.result_type(x, cos))
+    first = np.multiply(x1, cos, out=out[..., :half])  # each half written in place (no concatenation), with
+    first -= x2 * sin                                  # the same operations in the same order: the same bits
+    second = np.multiply(x2, cos, out=out[..., half:])
+    second += x1 * sin
+    return out
 
 
 class GroupQueryAttention(OpRun):
@@ -168,6 +192,10 @@ class GroupQueryAttention(OpRun):
              do_rotary=None, rotary_interleaved=None, local_window_size=None, softcap=None,
              smooth_softmax=None):
         nh, nkv = int(num_heads), int(kv_num_heads)
+        fast = self._in_c(query, key, value, past_key, past_value, seqlens_k, cos_cache, sin_cache, extra, nh, nkv,
+                          scale, do_rotary, rotary_interleaved, local_window_size, softcap, smooth_softmax)
+        if fast is not None:
+            return fast
         if key is None or value is None:  # packed: query holds Q, K and V one after the other
             hd_packed = query.shape[-1] // (nh + 2 * nkv)
             query, key, value = np.split(np.asarray(query), [nh * hd_packed, (nh + nkv) * hd_packed], axis=-1)
@@ -186,8 +214,9 @@ class GroupQueryAttention(OpRun):
             raise ReferenceUnsupported("GroupQueryAttention with seqlens_k shorter than the new tokens")
         if do_rotary:
             pos = past_len[:, None] + np.arange(s)[None, :]  # [b, s]
-            cos = np.asarray(cos_cache, np.float64)[pos][:, None]  # [b, 1, s, hd/2]
-            sin = np.asarray(sin_cache, np.float64)[pos][:, None]
+            # the rows used, widened (exact): not the whole cache (_run_node passes the caches as stored)
+            cos = np.asarray(np.asarray(cos_cache)[pos], np.float64)[:, None]  # [b, 1, s, hd/2]
+            sin = np.asarray(np.asarray(sin_cache)[pos], np.float64)[:, None]
             q = _rotate(q, cos, sin, bool(rotary_interleaved))
             k = _rotate(k, cos, sin, bool(rotary_interleaved))
         past_k = np.zeros((b, nkv, 0, hd)) if past_key is None else np.asarray(past_key, np.float64)
@@ -199,6 +228,11 @@ class GroupQueryAttention(OpRun):
         t = k_all.shape[2]
         factor = float(scale) if scale else 1.0 / math.sqrt(hd)
         groups = nh // nkv
+        if b == 1:  # the C attention (p2pinfer.kernels.ref64), where it runs; else numpy below
+            fast = ref64.attention(q[0].transpose(1, 0, 2), k_all[0], v_all[0], past=int(past_len[0]),
+                                   total=int(total[0]), factor=factor)
+            if fast is not None:
+                return fast.reshape(1, s, nh * hd), k_all, v_all
         k_t = k_all.transpose(0, 1, 3, 2)
         ctx = np.empty((b, nh, s, hd))
         # query positions a block at a time: the scores of all of them are nh x s x t float64 values (5.4 GB at
@@ -224,6 +258,37 @@ class GroupQueryAttention(OpRun):
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, nh * hd)
         return ctx, k_all, v_all
 
+    @staticmethod
+    def _in_c(query, key, value, past_key, past_value, seqlens_k, cos_cache, sin_cache, extra, nh, nkv, scale,
+              do_rotary, rotary_interleaved, local_window_size, softcap, smooth_softmax):
+        """The whole node in C (:func:`p2pinfer.kernels.ref64.grouped_query_attention`: RoPE, the present
+        caches and the attention) for the importer's form (one sequence, packed projections, rotate-half RoPE
+        from float32 caches, nothing else); None otherwise, or where the library is unavailable."""
+        if key is not None or value is not None or not do_rotary or rotary_interleaved or any(
+                e is not None and getattr(e, "size", 0) for e in extra) or local_window_size not in (None, -1) \
+                or softcap not in (None, 0.0) or smooth_softmax or not isinstance(query, np.ndarray) \
+                or query.ndim != 3 or query.shape[0] != 1 or not isinstance(cos_cache, np.ndarray) \
+                or not isinstance(sin_cache, np.ndarray) or seqlens_k is None or np.asarray(seqlens_k).size != 1:
+            return None
+        s, width = query.shape[1], query.shape[2]
+        if nh < 1 or nkv < 1 or width % (nh + 2 * nkv):
+            return None
+        hd = width // (nh + 2 * nkv)
+        total = int(np.asarray(seqlens_k).reshape(-1)[0]) + 1
+        past = total - s
+        held = 0 if past_key is None else past_key.shape[2]
+        if past < 0 or (held and held != past) or (not held and past):
+            return None  # the numpy path says what is wrong
+        factor = float(scale) if scale else 1.0 / math.sqrt(hd)
+        fast = ref64.grouped_query_attention(
+            np.asarray(query, np.float64)[0], None if not past else np.asarray(past_key, np.float64)[0],
+            None if not past else np.asarray(past_value, np.float64)[0], cos_cache, sin_cache, heads=nh,
+            kv_heads=nkv, past=past, total=total, factor=factor)
+        if fast is None:
+            return None
+        ctx, present_k, present_v = fast
+        return ctx.reshape(1, s, nh * hd), present_k[None], present_v[None]
+
 
 class SkipSimplifiedLayerNormalization(OpRun):
     """RMSNorm of ``input + skip (+ bias)``; outputs (normed, mean: unused, inverse std, the sum)."""
@@ -231,25 +296,69 @@ class SkipSimplifiedLayerNormalization(OpRun):
     op_domain = CONTRIB_DOMAIN
 
     def _run(self, x, skip, gamma, bias=None, epsilon=None):
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        if bias is None:  # the C kernel (sums in another order: float64 rounding), where it runs
+            fast = ref64.skip_rmsnorm(np.asarray(x, np.float64), np.asarray(skip, np.float64),
+                                      np.asarray(gamma, np.float64), eps)
+            if fast is not None:
+                normed, inv_std, total = fast
+                return normed, np.zeros_like(inv_std), inv_std, total
         total = np.asarray(x, np.float64) + np.asarray(skip, np.float64)
         if bias is not None:
             total = total + np.asarray(bias, np.float64)
-        eps = 1e-5 if epsilon is None else float(epsilon)
         inv_std = 1.0 / np.sqrt(np.mean(total * total, axis=-1, keepdims=True) + eps)
         return total * inv_std * np.asarray(gamma, np.float64), np.zeros_like(inv_std), inv_std, total
 
 
 class Sigmoid(OpRun):
     """``onnx.reference``'s stable sigmoid with one exponential instead of two: ``exp(-|x|)`` is the
-    ``exp(-x)`` of its positive branch and the ``exp(x)`` of the other, so the values are the same bits."""
+    ``exp(-x)`` of its positive branch and the ``exp(x)`` of the other, so the values are the same bits. A large
+    input is cut in :data:`~p2pinfer.kernels.ref64.PRODUCT_THREADS` parts computed at once (numpy's element-wise
+    operations release the GIL; each element is the same operations: the same bits)."""
 
     def _run(self, x):
         x = np.asarray(x)
-        e = np.exp(-np.abs(x))
-        denominator = 1.0 + e
-        out = np.divide(e, denominator)  # exp(x) / (1 + exp(x)) where x <= 0
-        np.divide(1.0, denominator, out=out, where=x > 0)  # 1 / (1 + exp(-x)) where x > 0
-        return (out.astype(x.dtype, copy=False),)
+        if x.dtype.kind != "f":  # computed in float64 and cast back to the input's type, as before
+            out = np.empty(x.shape, dtype=np.float64)
+            _sigmoid_into(x.astype(np.float64), out)
+            return (out.astype(x.dtype),)
+        out = np.empty(x.shape, dtype=x.dtype)  # C order: its flat view below is itself, not a copy
+        flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+        parts = ref64.PRODUCT_THREADS if x.size >= _PARALLEL_ELEMENTS else 1
+        bounds = [x.size * p // parts for p in range(parts + 1)]
+        failed: list[BaseException] = []
+
+        def part(lo: int, hi: int) -> None:
+            try:
+                _sigmoid_into(flat_x[lo:hi], flat_out[lo:hi])
+            except BaseException as exc:  # re-raised by the caller's thread, never left behind half done
+                failed.append(exc)
+
+        helpers = [threading.Thread(target=part, args=(lo, hi), daemon=True)
+                   for lo, hi in zip(bounds[1:-1], bounds[2:])]
+        for helper_thread in helpers:
+            helper_thread.start()
+        part(bounds[0], bounds[1])
+        for helper_thread in helpers:
+            helper_thread.join()
+        if failed:
+            raise failed[0]
+        return (out,)
+
+
+#: element-wise work split over threads from this many elements (SmolLM2's SiLU at 256 positions: 393,216)
+_PARALLEL_ELEMENTS = 1 << 16
+
+
+def _sigmoid_into(x: np.ndarray, out: np.ndarray) -> None:
+    """``exp(x) / (1 + exp(x))`` where x <= 0 and ``1 / (1 + exp(-x))`` where x > 0, from one ``e = exp(-|x|)``:
+    the numerator is ``e`` or 1 by element, then one division (numpy's masked ``divide(where=)`` took 2x)."""
+    e = np.abs(x)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    denominator = e + 1.0
+    np.copyto(e, 1.0, where=x > 0)
+    np.divide(e, denominator, out=out)
 
 
 class Sum(OpRun):
@@ -262,7 +371,60 @@ class Sum(OpRun):
         return (out.astype(args[0].dtype, copy=False),)
 
 
-CONTRIB_OPS = (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization)
+class Q4Linear(OpRun):
+    """A 4-bit linear layer written by :func:`.reference_fuse.fuse_q4_linears`: ``Sum`` of its ``MatMulNBits``
+    terms (inputs ``(qweight, scales, zero_points or None)`` each) and of the Q4_1 block-minimum term
+    ``ReduceSum(x in blocks) @ minimums`` (last input, or None), every term summed into one float64 output by the
+    C products (float64 rounding apart from the nodes it replaces); numpy's nodes, one after the other, where the
+    library is unavailable."""
+
+    op_domain = FUSED_DOMAIN
+
+    def _run(self, x, *inputs, K=None, N=None, block_size=None):  # noqa: N803
+        *terms, minimums = inputs
+        k_, n_, bs = int(K), int(N), int(block_size)
+        a = np.asarray(x, dtype=np.float64)
+        sums = None
+        if minimums is not None:  # ReduceSum(Reshape(x, [0, 0, blocks, block_size]), [-1], keepdims=0)
+            sums = a.reshape(a.shape[:-1] + (k_ // bs, bs)).sum(axis=-1)
+        groups = [terms[i:i + 3] for i in range(0, len(terms), 3)]
+        out = None
+        if ref64.available():
+            n_blocks = (k_ + bs - 1) // bs
+            for j, (qweight, scales, zero_points) in enumerate(groups):
+                zp = None if zero_points is None or not zero_points.size else \
+                    _unpack_nibbles(np.asarray(zero_points).reshape(n_, -1))[:, :n_blocks]
+                extra = (sums, minimums) if sums is not None and j == len(groups) - 1 else None
+                out = ref64.q4_product(a, qweight, scales, zp, n=n_, k=k_, block_size=bs, out=out, extra=extra)
+            if out is not None:
+                return (out,)
+        parts = [MatMulNBits._run(self, a, qweight, scales, zero_points, K=K, N=N, bits=4, block_size=block_size)[0]
+                 for qweight, scales, zero_points in groups]
+        if sums is not None:
+            parts.append(sums @ np.asarray(minimums, dtype=np.float64))
+        return Sum._run(self, *parts)
+
+
+class SiluMul(OpRun):
+    """The MLP activation written by :func:`.reference_fuse.fuse_silu_mul`: ``h`` split into two equal halves of
+    its last axis (gate, up), ``(gate * Sigmoid(gate)) * up``: in one pass of the C kernel where it runs (its
+    exponential within ~2 ulp of numpy's: float64 rounding), else the nodes it replaces, in numpy."""
+
+    op_domain = FUSED_DOMAIN
+
+    def _run(self, h, axis=None, half=None):
+        h = np.asarray(h)
+        half = int(half)
+        if int(axis) not in (-1, h.ndim - 1) or h.shape[-1] != 2 * half:
+            raise ReferenceUnsupported("SiluMul over an axis other than the last, or of another size")
+        fast = ref64.silu_mul(h)
+        if fast is not None:
+            return (fast,)
+        gate, up = h[..., :half], h[..., half:]
+        return ((gate * Sigmoid._run(self, gate)[0]) * up,)
+
+
+CONTRIB_OPS = (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization, Q4Linear, SiluMul)
 #: standard operators replaced by faster float64-identical versions
 FAST_OPS = (Sigmoid, Sum)
 
@@ -284,7 +446,8 @@ class _External:
         count = int(np.prod(self.shape, dtype=np.int64))
         if count == 0:
             return np.zeros(self.shape, dtype=self.dtype)
-        return np.memmap(self.location, dtype=self.dtype, mode="r", offset=self.offset,
+        # a str, not the Path: np.memmap resolves a Path again on every map (5 lstat calls; ~1,000 maps a row)
+        return np.memmap(str(self.location), dtype=self.dtype, mode="r", offset=self.offset,
                          shape=(count,)).reshape(self.shape)
 
 
@@ -328,6 +491,9 @@ class ReferenceModel:
             else:
                 self._inits[tensor.name] = numpy_helper.to_array(tensor)
         del graph.initializer[:]
+        if ref64.available():  # a 4-bit layer's terms into one output, the MLP activation in one pass (C kernels)
+            if fuse_q4_linears(graph, self._inits) + fuse_silu_mul(graph, self._inits):
+                proto.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
         _widen_attributes(graph)
         self._input_names = [i.name for i in graph.input]
         self._ids_dtype = helper.tensor_dtype_to_np_dtype(
@@ -682,14 +848,56 @@ def _run_node(node: Any, raw: list[Any], results: dict[str, Any]) -> Sequence[An
     * ``Gather`` picks its rows from the float32 table and widens what it picked (the same values: widening is
       exact);
     * ``Gemm``/``MatMul`` over such a weight run the node itself on blocks of the weight's output columns
-      (:func:`_blockwise`)."""
+      (:func:`_blockwise`);
+    * ``Gemm``/``MatMul`` over any 2-D float32 weight go through the C products where they run
+      (:func:`_weight_product`: the weight widened in registers);
+    * ``GroupQueryAttention`` gets its cos/sin caches as stored and widens the rows it reads; ``MatMulNBits``
+      and ``Q4Linear`` get their scales and minimums as stored."""
     op = node.op_type if node.onnx_node.domain in ("", "ai.onnx") else None
     if op == "Gather" and isinstance(raw[0], np.ndarray) and raw[0].dtype in _WIDEN:
         return [_widen(out) for out in node.run(*raw)]
     if op in ("Gemm", "MatMul") and len(raw) >= 2 and _is_large_weight(raw[1]):
         return (_blockwise(node, op, [_widen(v) for v in raw[:1]] + [raw[1]] + [_widen(v) for v in raw[2:]]),)
+    if op in ("Gemm", "MatMul") and len(raw) >= 2 and _is_float_weight(raw[1]):
+        product = _weight_product(node, op, _widen(raw[0]), raw[1], [_widen(v) for v in raw[2:]])
+        if product is not None:
+            return (product,)
+    if node.onnx_node.domain == CONTRIB_DOMAIN and node.op_type == "GroupQueryAttention":
+        # the cos/sin caches (inputs 7, 8: every position of the context) as stored; the node widens its rows
+        return node.run(*[v if i in (7, 8) else _widen(v) for i, v in enumerate(raw)])
+    if node.onnx_node.domain in (CONTRIB_DOMAIN, FUSED_DOMAIN) and node.op_type in ("MatMulNBits", "Q4Linear"):
+        # the weights' float32 scales (and minimums) as stored: the C products read them so, and numpy's
+        # MatMulNBits widens them itself (a widened copy here was 7 MB per term of SmolLM2's LM head)
+        return node.run(_widen(raw[0]), *raw[1:])
     inputs = [_widen(v) for v in raw]  # transient: this node's inputs only
     return node.run(*inputs, context=results) if node.need_context() else node.run(*inputs)
+
+
+def _is_float_weight(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 2
+
+
+def _weight_product(node: Any, op: str, a: Any, w: np.ndarray, rest: list[Any]) -> np.ndarray | None:
+    """``MatMul(a, w)`` or ``Gemm(a, w, c)`` (alpha 1, beta 1, A not transposed) for a float32 weight ``w``
+    through the C products (:mod:`p2pinfer.kernels.ref64`: ``w`` widened in registers, never as a float64
+    copy); None where they do not apply (another form, or the library is unavailable): the node runs as usual."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.ndim < 1:
+        return None
+    trans_b = False
+    if op == "Gemm":
+        if a.ndim != 2 or _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "beta", 1.0) != 1.0 \
+                or _attribute(node, "transA", 0) or len(rest) > 1:
+            return None
+        trans_b = bool(_attribute(node, "transB", 0))
+    elif rest:
+        return None
+    k = w.shape[1] if trans_b else w.shape[0]
+    if a.shape[-1] != k or k < _KERNEL_MIN_K:
+        return None  # the operator's own error message; or a short product numpy's BLAS does faster
+    out = ref64.f32_product(a, w, transposed=trans_b)
+    if out is not None and rest and rest[0] is not None:
+        out += rest[0]  # Gemm's C, broadcast as the operator does
+    return out
 
 
 def _is_large_weight(value: Any) -> bool:
@@ -711,7 +919,9 @@ def _blockwise(node: Any, op: str, inputs: list[Any]) -> np.ndarray:
         hi = min(n, lo + step)
         block = w[lo:hi] if trans_b else w[:, lo:hi]
         c = [x[..., lo:hi] if isinstance(x, np.ndarray) and x.ndim and x.shape[-1] == n else x for x in rest]
-        part = node.run(a, block.astype(np.float64), *c)[0]
+        part = _weight_product(node, op, a, block, c) if block.dtype == np.float32 else None
+        if part is None:  # the node itself on the widened block (numpy's BLAS)
+            part = node.run(a, block.astype(np.float64), *c)[0]
         drop_read_only_mapped_pages(block)
         if out is None:
             out = np.empty(part.shape[:-1] + (n,), dtype=part.dtype)

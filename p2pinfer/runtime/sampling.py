@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..wire.hashing import tagged_hash
-from . import philox
+from . import philox, row_stats
 from .row_halves import over_rows
 
 NOISE_DOMAIN = "p2pinfer/v2/sampling-noise"
@@ -134,6 +134,13 @@ class _LazyUniforms:
 
 def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
     """The top 53 bits of the first ``vocab`` Philox draws of output index ``index`` (uint64)."""
+    raw = _philox_draws(seed_material, index, vocab)
+    raw >>= np.uint64(11)
+    return raw
+
+
+def _philox_draws(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
+    """The first ``vocab`` raw 64-bit Philox draws of output index ``index``."""
     key = noise_key(seed_material, index)
     generator = getattr(_philox, "generator", None)
     if generator is None:
@@ -142,9 +149,7 @@ def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
                        "state": {"counter": np.zeros(4, np.uint64),
                                  "key": np.array([key & (2**64 - 1), key >> 64], np.uint64)},
                        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
-    raw = generator.random_raw(vocab)
-    raw >>= np.uint64(11)
-    return raw
+    return generator.random_raw(vocab)
 
 
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
@@ -190,17 +195,41 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-softmax over the last axis, in float64 (from float32 logits), as fingerprints define it.
 
     ``(x - max) - log(sum(exp(x - max)))``, computed in place, a block of rows at a time (the same
-    operations, hence the same bits, as the plain expression, without five full-size temporaries).
+    operations, hence the same bits, as the plain expression, without five full-size temporaries). For float32
+    logits the row maximum and the normaliser come from :func:`row_stats.log_norm` where it runs (the numbers
+    :meth:`LogProbRows.from_logits` takes, so that both give the same bits), else from numpy.
     """
     out = np.array(logits, dtype=np.float64)  # a copy: the caller's logits are left alone
     rows = out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1)
+    source = np.asarray(logits)
+    stats = row_stats.log_norm(source.reshape(rows.shape)) if source.dtype == np.float32 and rows.size else None
+    if stats is None:
+        _log_softmax_numpy(rows, None)
+    elif not stats.flagged.any():
+        rows -= stats.shift[:, None]
+        rows -= stats.log_norm[:, None]
+    else:  # a row with a NaN, +inf or nothing finite: numpy's rules there
+        for r in range(rows.shape[0]):
+            if not stats.flagged[r]:
+                rows[r] -= stats.shift[r]
+                rows[r] -= stats.log_norm[r]
+        _log_softmax_numpy(rows, np.flatnonzero(stats.flagged))
+    return out
+
+
+def _log_softmax_numpy(rows: np.ndarray, which: np.ndarray | None) -> None:
+    """log_softmax in place over ``rows`` (all, or the row indices ``which``) with numpy's operations."""
+    if which is not None:
+        for r in which:
+            rows[r] -= np.max(rows[r])
+            rows[r] -= np.log(np.sum(np.exp(rows[r])))
+        return
     scratch = np.empty((min(_LOG_SOFTMAX_ROWS, rows.shape[0]), rows.shape[1]), dtype=np.float64)
     for lo in range(0, rows.shape[0], _LOG_SOFTMAX_ROWS):
         block = rows[lo:lo + _LOG_SOFTMAX_ROWS]
         block -= np.max(block, axis=-1, keepdims=True)
         tmp = np.exp(block, out=scratch[:block.shape[0]])
         block -= np.log(np.sum(tmp, axis=-1, keepdims=True))
-    return out
 
 
 @dataclass(frozen=True)
@@ -231,6 +260,16 @@ class LogProbRows:
         log_norm = np.empty(n)
 
         def normalise(lo: int, hi: int) -> None:
+            stats = row_stats.log_norm(values[lo:hi])  # C, where it runs: the numbers log_softmax takes too
+            if stats is not None:
+                shift[lo:hi] = stats.shift
+                log_norm[lo:hi] = stats.log_norm
+                for r in lo + np.flatnonzero(stats.flagged):  # NaN, +inf or nothing finite: numpy's rules
+                    normalise_numpy(r, r + 1)
+            else:
+                normalise_numpy(lo, hi)
+
+        def normalise_numpy(lo: int, hi: int) -> None:
             shift[lo:hi] = np.max(values[lo:hi], axis=-1)  # float32 -> float64: exact
             block = np.empty((min(_NORMALIZER_ROWS, hi - lo), vocab), dtype=np.float64)
             for a in range(lo, hi, _NORMALIZER_ROWS):
@@ -282,6 +321,11 @@ class LogProbRows:
         nothing_left = np.zeros(self.n, dtype=bool)
 
         def pick(lo: int, hi: int) -> None:
+            scan = row_stats.scan(self.values[lo:hi], None if exclude is None else exclude[lo:hi])
+            if scan is not None and not scan.flagged.any():  # C, where it runs (a NaN row: numpy's rules)
+                ids[lo:hi] = scan.ids
+                nothing_left[lo:hi] = scan.best == -np.inf
+                return
             for a in range(lo, hi, _LOG_SOFTMAX_ROWS):
                 block = self.values[a:min(a + _LOG_SOFTMAX_ROWS, hi)]
                 if exclude is not None:
@@ -293,6 +337,30 @@ class LogProbRows:
         over_rows(self.n, pick, align=_LOG_SOFTMAX_ROWS)  # two threads, the same bits (row_halves)
         # a row whose every token is excluded has nothing left: -inf, as the max of a fully masked row
         return ids, np.where(nothing_left, -np.inf, self.at(np.arange(self.n), ids))
+
+    def top_two(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: ``best()``'s ID and log-prob, and the runner-up's log-prob, ``best(exclude=ids)``'s (the
+        largest of the others: the best value again where it occurs twice), from one pass over each row where
+        :func:`row_stats.scan` runs; the same numbers either way."""
+        first = np.empty(self.n, dtype=np.float32)
+        second = np.empty(self.n, dtype=np.float32)
+        ids = np.empty(self.n, dtype=np.int64)
+        scanned = np.zeros(self.n, dtype=bool)
+
+        def scan_rows(lo: int, hi: int) -> None:
+            scan = row_stats.scan(self.values[lo:hi])
+            if scan is not None and not scan.flagged.any():
+                ids[lo:hi], first[lo:hi], second[lo:hi], scanned[lo:hi] = scan.ids, scan.best, scan.second, True
+
+        over_rows(self.n, scan_rows)
+        if not scanned.all():
+            ids, best = self.best()
+            return ids, best, self.best(exclude=ids[:, None])[1]
+        # the log-probs with at()'s operations on the same float32 values, so the same bits as best()'s; nothing
+        # left (every value -inf) is -inf, as there
+        best = np.where(first == -np.inf, -np.inf, self.at(np.arange(self.n), ids))
+        runner_up = np.where(second == -np.inf, -np.inf, (second.astype(np.float64) - self.shift) - self.log_norm)
+        return ids, best, runner_up
 
 
 def _rank_order(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -424,63 +492,96 @@ def _nucleus_unsorted(scaled: np.ndarray, d: float, eps: float, top_p: float) ->
     ``[z_lo, z_hi]`` below holds it; each "maybe" verdict is monotone in ``z_max``, so one that is the same at
     both ends is the exact verdict, and a row where any verdict differs (a ratio within ~1e-11 of top_p)
     returns None. Tokens below the head are ruled out as in :func:`_nucleus_head`: the mass above them
-    already fails both tests, whatever their exact counts.
+    already fails both tests, whatever their exact counts (:func:`_nucleus_from_head`).
     """
     vocab = scaled.shape[0]
     top = float(np.max(scaled))
     if not math.isfinite(top):  # NaN or +inf somewhere: leave it to the general computation
         return None
-    q = np.exp(scaled - top)
-    total = float(np.sum(q))  # candidate_bounds' z_min sum: the same expression, the same bits
+    total = float(np.sum(np.exp(scaled - top)))  # candidate_bounds' z_min sum: the same expression, the same bits
+    z_min = total * math.exp(-d)
+
+    def head(thr: float) -> tuple[np.ndarray, np.ndarray] | None:
+        k_ids = np.flatnonzero(scaled >= thr)
+        return None if k_ids.size > _HEAD_MAX else (k_ids, scaled[k_ids])
+
+    found = _nucleus_from_head(head, vocab, top, total, total, z_min, z_min, d, eps, top_p)
+    if found is None:
+        return None
+    h_ids, h_maybe, h_surely, _ = found
+    maybe = np.zeros(vocab, dtype=bool)
+    maybe[h_ids] = h_maybe
+    surely = np.zeros(vocab, dtype=bool)
+    surely[h_ids] = h_surely
+    return maybe, surely
+
+
+def _nucleus_from_head(head: Callable[[float], "tuple[np.ndarray, np.ndarray] | None"], vocab: int, top: float,
+                       total_lo: float, total_hi: float, z_min_lo: float, z_min_hi: float, d: float, eps: float,
+                       top_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The top-p verdicts (no top-k) of the head tokens ``h_ids``: ``(h_ids, maybe, surely, scaled values)``;
+    every other token is neither. None where they cannot be proven equal to the sorted computation's.
+
+    ``head(thr)``: the IDs (ascending) and scaled values of every token whose scaled value is at least ``thr``
+    (None: too many). ``total_lo <= total <= total_hi`` brackets ``sum(exp(scaled - top))`` as the sorted
+    computation's ``z_min`` sum takes it (pairwise, over the vocabulary), and ``z_min_lo <= z_min <= z_min_hi``
+    its ``z_min = total * exp(-d)``. Each verdict is monotone in ``z_min`` and ``z_max``, so one that is the
+    same at both ends of their brackets is the exact verdict; a row where one differs returns None.
+    """
     e_minus, e_plus = math.exp(-d), math.exp(d)
-    z_min = total * e_minus
+    if z_min_lo <= 0 < z_min_hi or not (math.isfinite(total_hi) and math.isfinite(z_min_hi)):
+        return None
     rel = 4.0 * vocab * 2.0**-53 + 2.0**-50  # twice the two sums' error bounds, and this line's rounding
-    z_lo = total * (1.0 - rel) * e_plus
-    z_hi = total * (1.0 + rel) * e_plus
+    z_lo = total_lo * (1.0 - rel) * e_plus
+    z_hi = total_hi * (1.0 + rel) * e_plus
+    if not math.isfinite(z_hi):
+        return None
     reach = _HEAD_NATS
     while True:
         thr = top - reach
-        k_ids = np.flatnonzero(scaled >= thr)
-        if k_ids.size > _HEAD_MAX:
+        got = head(thr)
+        if got is None:
             return None
-        k_vals = scaled[k_ids]
+        k_ids, k_vals = got
         desc = -np.sort(-k_vals)  # the largest values of the vocabulary, descending: a prefix of its desc
         cum0 = np.empty(desc.shape[0] + 1)
         cum0[0] = 0.0
         np.cumsum(np.exp(desc - top), out=cum0[1:])  # the sorted computation's cum0, as far as it goes
         neg = -desc
         everything = k_ids.size == vocab
-        head = np.ones(k_ids.size, dtype=bool) if everything else (k_vals - eps) >= thr
-        n_head = int(np.count_nonzero(head))
+        in_head = np.ones(k_ids.size, dtype=bool) if everything else (k_vals - eps) >= thr
+        n_head = int(np.count_nonzero(in_head))
         if everything:
             break
         # A token v below the head has v - eps < thr. "maybe" counts the values above v + eps <= thr + 2 eps:
         # at least those above thr + 2 eps, so its mass is at least theirs. "surely" counts the values at or
         # above v - eps: the head and v itself, and subtracts v's own mass, at most the next value's; what
         # is left is at least the head's mass less two roundings (2**-51 relative; 2**-48 is a wide pad).
-        # Each test is a chain of monotone float operations, so these bounds decide it for every such v.
+        # Each test is a chain of monotone float operations, so these bounds decide it for every such v, and at
+        # the bracket's far end (the largest z) for every z in it.
         above_min = cum0[int(np.searchsorted(neg, -(thr + 2.0 * eps), side="left"))] * e_minus
         tail_not_maybe = not above_min / z_hi < top_p
-        tail_not_surely = z_min <= 0 or (n_head > 0 and not float(cum0[n_head]) * (1.0 - 2.0**-48) * e_plus
-                                         / z_min < top_p)
+        tail_not_surely = z_min_hi <= 0 or (n_head > 0 and not float(cum0[n_head]) * (1.0 - 2.0**-48) * e_plus
+                                            / z_min_hi < top_p)
         if tail_not_maybe and tail_not_surely:
             break
         reach = reach * 2.0 if reach < 1e6 else math.inf  # then thr is -inf: the whole vocabulary, or None
-    h_ids = k_ids[head]
-    h_vals = k_vals[head]
+    h_ids = k_ids[in_head]
+    h_vals = k_vals[in_head]
     n_surely_above = np.searchsorted(neg, -(h_vals + eps), side="left")  # count of desc > v + eps
     n_maybe_above = np.searchsorted(neg, -(h_vals - eps), side="right")  # count of desc >= v - eps
     above_min = cum0[n_surely_above] * e_minus
-    maybe_lo, maybe_hi = above_min / z_lo < top_p, above_min / z_hi < top_p
-    if not np.array_equal(maybe_lo, maybe_hi):
+    maybe = above_min / z_lo < top_p
+    if not np.array_equal(maybe, above_min / z_hi < top_p):
         return None  # a verdict within z_max's rounding of top_p: only the exact sum decides it
-    maybe = np.zeros(vocab, dtype=bool)
-    maybe[h_ids] = maybe_lo
-    surely = np.zeros(vocab, dtype=bool)
-    if z_min > 0:
-        above_max = np.maximum(cum0[n_maybe_above] - q[h_ids], 0.0) * e_plus
-        surely[h_ids] = above_max / z_min < top_p
-    return maybe, surely
+    if z_min_hi <= 0:
+        return h_ids, maybe, np.zeros(h_ids.size, dtype=bool), h_vals
+    # exp of the same values as over the whole row: numpy's exp is elementwise, the same bits at any position
+    above_max = np.maximum(cum0[n_maybe_above] - np.exp(h_vals - top), 0.0) * e_plus
+    surely = above_max / z_min_lo < top_p
+    if z_min_hi != z_min_lo and not np.array_equal(surely, above_max / z_min_hi < top_p):
+        return None  # the same for z_min
+    return h_ids, maybe, surely, h_vals
 
 
 def _nucleus_head(m_vals: np.ndarray, desc: np.ndarray, q_desc: np.ndarray, cum0: np.ndarray,
@@ -706,6 +807,201 @@ def _judge_all(scaled: np.ndarray, params: SamplingParams, seed_material: bytes,
     return ok, int(np.count_nonzero(m_keys >= best_other - slack)) > 1
 
 
+_MASS_NATS = 22.0  # top-p masses are summed over the tokens this close to the top (scaled nats); the rest bounded
+_MASS_REL = 1e-5  # the float32 mass sum's relative bracket (the proof in _mass_bracket)
+
+
+class _Head:
+    """One row of a :class:`LogProbRows` read at chosen tokens only: their scaled log-probs with the very
+    operations of ``rows.row(r) / temperature`` (the same bits), and the tokens at or above a scaled value
+    found with one comparison over the row's own values (no float64 row, no mask over the vocabulary)."""
+
+    def __init__(self, rows: LogProbRows, r: int, temperature: float) -> None:
+        self.x = rows.values[r]
+        self.shift = float(rows.shift[r])
+        self.log_norm = float(rows.log_norm[r])
+        self.temperature = temperature
+        self._near: "tuple[object, np.ndarray, np.ndarray] | None" = None  # (floor, ids, values) of a selection
+
+    def select(self, c) -> tuple[np.ndarray, np.ndarray]:
+        """IDs (ascending) and values of the tokens whose value is ``>= c``; kept, and later selections at or
+        above ``c`` are taken from it instead of the whole row."""
+        ids = self._ids_at_least(c)
+        self._near = (c, ids, self.x[ids])
+        return ids, self._near[2]
+
+    def _ids_at_least(self, c) -> np.ndarray:
+        if self._near is not None and c >= self._near[0]:
+            return self._near[1][self._near[2] >= c]
+        return np.flatnonzero(self.x >= c)
+
+    def scaled(self, ids: np.ndarray) -> np.ndarray:
+        return ((self.x[ids].astype(np.float64) - self.shift) - self.log_norm) / self.temperature
+
+    def _scaled_of(self, value) -> float:  # the same operations on one value (Python floats are IEEE doubles)
+        return ((float(value) - self.shift) - self.log_norm) / self.temperature
+
+    def floor(self, thr: float):
+        """A value ``c`` of the row's dtype such that every ``x < c`` has a scaled value below ``thr``: the map
+        from ``x`` to its scaled value is a chain of rounded, non-decreasing operations, so it is enough that
+        the largest representable value below ``c`` maps below ``thr`` (checked here, not assumed)."""
+        kind = self.x.dtype.type
+        if not thr > -math.inf:
+            return kind(-np.inf)
+        c = kind(self.shift + self.log_norm + thr * self.temperature)  # the inverse map, up to rounding
+        step = 2.0**-20 * (1.0 + abs(float(c)))
+        for _ in range(64):
+            below = np.nextafter(c, kind(-np.inf))
+            if not self._scaled_of(below) >= thr:
+                return c
+            c = kind(float(c) - step)
+            step *= 2.0
+        return kind(-np.inf)
+
+    def at_least(self, thr: float, limit: int) -> "tuple[np.ndarray, np.ndarray] | None":
+        """IDs (ascending) and scaled values of every token whose scaled value is ``>= thr``, exactly
+        ``np.flatnonzero(scaled >= thr)``; None if more than ``limit``."""
+        ids = self._ids_at_least(self.floor(thr))  # a superset: one comparison over the row
+        if ids.size > 4 * limit:
+            return None
+        vals = self.scaled(ids)
+        keep = vals >= thr
+        ids, vals = ids[keep], vals[keep]
+        return None if ids.size > limit else (ids, vals)
+
+
+def _mass_bracket(head: _Head, top_id: int, top: float) -> tuple[float, float]:
+    """``(lo, hi)`` holding ``sum(exp(scaled - top))`` as the sorted top-p computation takes it (float64, over
+    the whole row), from the tokens within :data:`_MASS_NATS` of the top only, in float32.
+
+    The proof. Let ``a = (x - x_top) / T`` exactly; the exact mass of a token is ``exp(a)``, and the float64
+    computation's is that up to ``1e-10`` relative where ``a >= -80`` (its argument ``scaled - top`` is off by
+    at most ``4u (|a| + 2 L / T)``, ``u = 2**-53``, ``0 <= L <= log vocab`` the normaliser, ``T >= 1e-3``; exp
+    adds a few ulp), and its pairwise sum adds ``vocab * u`` relative. The kept tokens (``scaled >= top - 22``,
+    a superset found as :meth:`_Head.at_least` finds one) are summed here as ``exp(float32((x - x_top) *
+    float32(1/T)))``: the argument is ``a (1 + e)`` with ``|e| <= 3 * 2**-24 (1 + u)`` (the subtraction,
+    ``float32(1/T)`` and the product), so each mass is off by a factor within ``exp(+-|a| * 1.8e-7)``: at the
+    kept set's lowest ``|a|`` (measured below; about 22) ``1 +- 4e-6``; numpy's float32 exp is within a few ulp
+    (``< 1e-6``), and the float64 sum of the float32 values adds ``vocab * u``. The top token's mass is exactly 1
+    on both sides, so the total is at least 1 and these relative errors stay under ``(|a_min| + 1) * 2e-7 +
+    2e-6``, which is below ``1e-5`` (``_MASS_REL``) for any kept set reaching less than 38 nats down. Every
+    other token has ``scaled < top - 22``: its float64 mass is at most ``exp(-22) (1 + 1e-9)``, so the rest
+    adds between 0 and ``n_rest * exp(-22) * (1 + 1e-6)`` (at most ``1.4e-5`` of the total at 49,152 tokens).
+    ``tests/test_sampling_check_speed.py`` checks the bracket against the float64 sum on real-shaped rows.
+    """
+    ids, x = head.select(head.floor(top - _MASS_NATS))
+    y = x - head.x[top_id]  # float32
+    y *= np.float32(1.0 / head.temperature)
+    rel = max(_MASS_REL, (abs(float(np.min(y))) + 1.0) * 2e-7 + 2e-6)  # the superset may reach a little lower
+    np.exp(y, out=y)
+    kept = float(np.add.reduce(y, dtype=np.float64))
+    rest = (head.x.shape[0] - ids.size) * math.exp(-_MASS_NATS) * (1.0 + 1e-6)
+    return kept * (1.0 - rel), kept * (1.0 + rel) + rest
+
+
+def _few_from_head(head: _Head, h_ids: np.ndarray, h_maybe: np.ndarray, h_surely: np.ndarray,
+                   h_vals: np.ndarray, token: int) -> "_FewCandidates | None":
+    """:func:`_row_candidates`' result from the head tokens' verdicts (``h_ids`` ascending; every other token
+    neither "maybe" nor "surely"); None when the candidates are too many for it (the caller then takes the
+    whole row)."""
+    rival = h_surely & np.isfinite(h_vals)
+    chosen = h_maybe | rival
+    ids = h_ids[chosen]  # union1d of the "maybe" and rival IDs: ascending, each once
+    m_pos = np.flatnonzero(h_maybe[chosen])
+    r_pos = np.flatnonzero(rival[chosen])
+    if max(m_pos.size, r_pos.size) > _FEW_RIVALS:
+        return None
+    t_pos = int(np.searchsorted(ids, token))
+    if t_pos < ids.size and int(ids[t_pos]) == token:
+        token_maybe = bool(h_maybe[chosen][t_pos])
+    else:  # the emitted token joins them (union1d with [token]): the positions at or after it move up by one
+        ids = np.insert(ids, t_pos, token)
+        m_pos[m_pos >= t_pos] += 1
+        r_pos[r_pos >= t_pos] += 1
+        token_maybe = False
+    return _FewCandidates(token, ids, head.scaled(ids), m_pos, r_pos, t_pos, token_maybe)
+
+
+def _head_candidates(head: _Head, params: SamplingParams, tolerance: float, token: int, top_id: int, top: float,
+                     masses: bool) -> "_FewCandidates | None":
+    """:func:`_row_candidates` for a top-k/top-p row from its head alone; None where that is not proven (the
+    caller then builds the row). ``top_id``, ``top``: the row's largest value's ID and scaled value; ``masses``:
+    whether :func:`_mass_bracket`'s proof holds for the row (top-p without top-k needs it)."""
+    vocab = head.x.shape[0]
+    d = tolerance / params.temperature
+    eps = 2.0 * d
+    if params.top_k == 0:
+        if not masses:
+            return None
+        total = _mass_bracket(head, top_id, top)
+        e_minus = math.exp(-d)
+        found = _nucleus_from_head(lambda thr: head.at_least(thr, _HEAD_MAX), vocab, top, total[0], total[1],
+                                   total[0] * e_minus, total[1] * e_minus, d, eps, params.top_p)
+        if found is None:
+            return None
+        return _few_from_head(head, *found, token)
+    # top-k (and top-p over its candidates): candidate_bounds reads only the tokens at or above the k-th value
+    # less eps: "maybe" is that set, "surely" a part of it above the (k+1)-th plus eps, and top-p then reads
+    # those two sets only. So candidate_bounds over the head alone, a prefix of the sorted row holding those
+    # tokens and the k + 1 largest, gives the same verdicts (top_k stays below the head's size)
+    k = params.top_k
+    reach = 2.0 * _HEAD_NATS  # one comparison over the row: the k + 1 largest of a 49,152-token row are rarely lower
+    while True:  # a prefix of the sorted row with more than k tokens
+        ids, x = head.select(head.floor(top - reach))
+        if ids.size > k:
+            break
+        if ids.size == vocab or reach == math.inf:
+            return None
+        reach = reach * 2.0 if reach < 1e6 else math.inf
+    # the k-th and (k+1)-th largest values: the row's map to scaled values is non-decreasing, so they are the
+    # sorted scaled row's [k - 1] and [k]
+    part = np.partition(x, (ids.size - k - 1, ids.size - k))
+    kth, after = head._scaled_of(part[ids.size - k]), head._scaled_of(part[ids.size - k - 1])
+    got = head.at_least(min(kth - eps, after), _FEW_RIVALS)
+    if got is None or got[0].size == vocab:
+        return None
+    ids, vals = got
+    lp = (head.x[ids].astype(np.float64) - head.shift) - head.log_norm  # rows.row(r)[ids], the same bits
+    maybe, surely = candidate_bounds(lp, params, tolerance)
+    return _few_from_head(head, ids, maybe, surely, vals, token)
+
+
+def _judge_plain(head: _Head, params: SamplingParams, seed_material: bytes, index: int, token: int,
+                 tolerance: float, top_id: int, top: float) -> tuple[bool, bool]:
+    """:func:`_judge_all` for plain sampling (no top-k/top-p) without a float64 row: the noise of every token
+    (its largest value bounds every key), but keys only for the tokens that can come within the slack of the
+    best, found with one comparison over the row's values.
+
+    Exact: no key exceeds ``scaled + g_cap`` (``g_cap`` the noise of the position's largest draw, as in
+    :func:`gumbel_keys`), and the best key is at least the top token's, so a token below ``key(top) - slack -
+    g_cap`` is more than ``slack`` below the best. The tokens kept are then narrowed with the best key among
+    the kept ones near the top, by the same argument. Every key within ``slack`` of the best is kept, with
+    gumbel_keys' bits, so the best and second-best keys, the best's ID (the lowest among equal keys) and the
+    token's key, hence both verdicts, are those of :func:`_judge_all`."""
+    slack = sampler_slack(params, tolerance)
+    draws = _philox_draws(seed_material, index, head.x.shape[0])  # not shifted: only the draws read are
+
+    def noise(ids: np.ndarray) -> np.ndarray:  # g at ids: uniforms' and gumbel_keys' operations, the same bits
+        return np.log(-np.log(((draws[ids] >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53))
+
+    u_top = (float(draws.max() >> np.uint64(11)) + 0.5) * 2.0**-53  # the largest u (the shift is monotone)
+    g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)
+    top_key = float((head.scaled(np.array([top_id])) - noise(np.array([top_id])))[0])
+    ids, vals = head.at_least(top_key - slack - g_cap, head.x.shape[0])
+    near_top = vals >= top - _PROBE_NATS  # the best key among these bounds the best from below, more tightly
+    threshold = float(np.max(vals[near_top] - noise(ids[near_top]))) - slack - g_cap
+    keep = vals >= threshold
+    ids, vals = ids[keep], vals[keep]
+    keys = vals - noise(ids)
+    at = int(np.argmax(keys))  # the lowest ID among equal keys, as over the whole row (ids ascend)
+    best, first = int(ids[at]), float(keys[at])
+    keys[at] = -np.inf
+    second = float(np.max(keys)) if keys.size > 1 else -math.inf
+    token_key = float((head.scaled(np.array([token])) - noise(np.array([token])))[0])
+    rival_key = second if best == token else first
+    return bool(rival_key - token_key <= slack), not second < first - slack
+
+
 def _sorted_scaled(rows: LogProbRows, r: int, temperature: float) -> np.ndarray:
     """``np.sort(rows.row(r) / temperature)``, bit for bit, at half the cost: the float32 logits sort in half
     the time of float64 values, and the log-prob and the division by T are non-decreasing maps."""
@@ -719,9 +1015,12 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
                row_max: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row (output index ``start_index + r``): whether ``tokens[r]`` is acceptable (:func:`is_acceptable`)
     and whether the row is a near tie (``tiebreak.is_ambiguous``: more than one admissible token), in one
-    pass. Greedy is vectorized over rows. Sampled rows are judged one by one as :func:`judge_row` does, except
-    that the rows whose top-k/top-p candidates are few get their noise together, at just those candidates'
-    IDs (:mod:`.philox`). ``row_max``: each row's largest log-prob when the caller has it already.
+    pass. Greedy is vectorized over rows. Sampled rows get :func:`judge_row`'s verdicts without its float64
+    row: each is read at the tokens near its top only (:class:`_Head`; top-p masses' total bracketed by
+    :func:`_mass_bracket`, top-k from its head, plain sampling's keys in :func:`_judge_plain`), and where that
+    cannot prove the verdicts, from the whole row as judge_row does. The rows whose top-k/top-p candidates are
+    few get their noise together, at just those candidates' IDs (:mod:`.philox`). ``row_max``: each greedy
+    row's largest log-prob when the caller has it already.
     """
     rows = logprobs if isinstance(logprobs, LogProbRows) else LogProbRows.from_logprobs(logprobs)
     n, vocab = rows.n, rows.vocab
@@ -730,28 +1029,59 @@ def judge_rows(logprobs: "np.ndarray | LogProbRows", params: SamplingParams, see
     tok = np.where(in_vocab, tokens, 0)
     everything = np.arange(n)
     if params.greedy:
-        top_ids, best = rows.best()
+        top_ids, best, runner_up = rows.top_two()
         ok = in_vocab & (rows.at(everything, tok) >= (best if row_max is None else row_max) - 2.0 * tolerance)
         # a near tie: another token within 2 * tolerance of the best, i.e. the runner-up is (same bits as
         # is_ambiguous's count over the row, since the runner-up is the largest of the others)
-        runner_up = rows.best(exclude=top_ids[:, None])[1]
         return ok, runner_up >= best - 2.0 * tolerance
     ok = np.zeros(n, dtype=bool)
     near = np.zeros(n, dtype=bool)
     sort_logits = params.top_k != 0 or params.top_p < 1.0  # only the candidate bounds sort
-    few: dict[int, _FewCandidates] = {}
-    for r in range(n):
-        if not in_vocab[r]:
-            continue
-        lp = rows.row(r)
-        scaled = lp / params.temperature
-        cands = _row_candidates(lp, scaled, params, tolerance, int(tok[r]),
-                                (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits else None)
-        if isinstance(cands, _FewCandidates):
-            few[r] = cands  # its noise comes below, with every other such row's
-        else:
-            ok[r], near[r] = _judge_all(scaled, params, seed_material, start_index + r, int(tok[r]), tolerance,
-                                        *cands)
+    plain = params.top_k == 0 and params.top_p >= 1.0
+    # the head-only paths: each row's largest value (the lowest ID of it) on the row's own values, its scaled
+    # value with the row's operations; for top-p without top-k, the bracket of the masses' total (float32 rows)
+    top_ids, top_lp = rows.best()
+    tops = top_lp / params.temperature
+    # _mass_bracket's proof takes float32 rows as from_logits makes them: shift the row maximum, 0 <= L <= log V
+    masses = ((rows.values.dtype == np.float32) & (rows.shift == rows.values[everything, top_ids])
+              & (rows.log_norm >= 0.0) & (rows.log_norm <= math.log(vocab) + 1.0))
+    halves: dict[int, dict[int, _FewCandidates]] = {}
+
+    def judge(lo: int, hi: int) -> None:
+        few = halves[lo] = {}
+        for r in range(lo, hi):
+            if not in_vocab[r]:
+                continue
+            token = int(tok[r])
+            cands = None
+            if math.isfinite(tops[r]):  # no NaN, no +inf, not every token -inf
+                head = _Head(rows, r, params.temperature)
+                if plain:
+                    ok[r], near[r] = _judge_plain(head, params, seed_material, start_index + r, token, tolerance,
+                                                  int(top_ids[r]), float(tops[r]))
+                    continue
+                if params.top_k < vocab:
+                    cands = _head_candidates(head, params, tolerance, token, int(top_ids[r]), float(tops[r]),
+                                             bool(masses[r]))
+            if cands is None:  # the whole row, as judge_row takes it
+                lp = rows.row(r)
+                scaled = lp / params.temperature
+                cands = _row_candidates(lp, scaled, params, tolerance, token,
+                                        (lambda r=r: _sorted_scaled(rows, r, params.temperature)) if sort_logits
+                                        else None)
+            if isinstance(cands, _FewCandidates):
+                few[r] = cands  # its noise comes below, with every other such row's
+            else:
+                ok[r], near[r] = _judge_all(scaled, params, seed_material, start_index + r, token, tolerance,
+                                            *cands)
+
+    if plain:  # rows are independent: two threads (row_halves) judge them, each row with the same operations, the
+        # same bits; the Philox draws (most of a plain row's cost) run without the GIL. The other paths are mostly
+        # small numpy calls, which hold it: one thread (measured: two were slower)
+        over_rows(n, judge)
+    else:
+        judge(0, n)
+    few = {r: c for lo in sorted(halves) for r, c in halves[lo].items()}
     if few:
         # the noise of every few-candidate row at just its candidates' IDs, in one vectorized Philox pass
         keys = [noise_key(seed_material, start_index + r) for r in few]
