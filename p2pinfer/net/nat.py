@@ -6,9 +6,11 @@ A peer at home sits behind a router that drops unsolicited inbound connections. 
 1. asks the bootstrap nodes it reached to **dial it back** (AutoNAT, ``/libp2p/autonat/1.0.0``) on the
    addresses it could be reached at: its observed IP (identify) with its listen ports, its interface
    addresses and ``--announce``. One dial-back that our own listener saw arrive (:mod:`p2pinfer.net.inbound`;
-   a server's "reached" alone is no evidence) makes it ``public``.
+   a server's "reached" alone is no evidence) from the internet (one from our own LAN proves only that the
+   LAN reaches us: :func:`~p2pinfer.net.nat_rules.proves_public`) makes it ``public``, if it would then
+   announce an address the internet can dial (behind port forwarding without ``--announce`` it would not).
 2. Otherwise it **reserves a slot** on a relay (Circuit Relay v2 hop, ``/libp2p/circuit/relay/0.2.0/hop``;
-   bootstrap nodes are relays by default) and announces its relayed address
+   bootstrap nodes are relays by default; relays with an internet address first) and announces its relayed address
    ``<relay addr>/p2p/<relay id>/p2p-circuit``: it is ``relayed``. With no relay it is ``unreachable``.
 3. **DCUtR** runs on every node: whenever a connection is relayed, both ends try to replace it by a direct
    one (unilateral dial first, then TCP simultaneous open from the listen port); streams then prefer the
@@ -46,6 +48,7 @@ Fixes for py-libp2p 0.8.1 that live here (see docs/network.md):
 from __future__ import annotations
 
 import enum
+import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -72,8 +75,8 @@ from .errors import DialError
 from .keys import to_libp2p_id
 from .inbound import InboundHandshakes, watch_inbound
 from .nat_rules import (Backoff, DialBack, DialBackAnswer, NatTiming, PublicEvidence, RelayAction, RelayHealth,
-                        dial_back_answer, netgroup, reannounce_wait)
-from .publicaddrs import CIRCUIT, announceable, ip_of
+                        dial_back_answer, netgroup, reaches_internet, reannounce_wait)
+from .publicaddrs import CIRCUIT, announceable, interface_ips, ip_of, listens_on_loopback_only
 from ..wording import plural
 
 log = get_logger("p2pinfer.net.nat")
@@ -215,6 +218,9 @@ class NatTraversal:
         self.host = host
         self.timing = timing
         self.listen = tuple(listen)
+        # Loopback is the whole network only when we listen there alone (then loopback is all we announce):
+        # only then does a dial-back from this machine prove anything (nat_rules.proves_public).
+        self.loopback_network = listens_on_loopback_only(self.listen)
         self.announce = tuple(announce)
         self.relay_hop = relay_hop
         self.relay_limits = relay_limits
@@ -257,6 +263,8 @@ class NatTraversal:
         self.public_evidence = PublicEvidence(timing.public_confirmations, timing.public_window)
         self._next_public_check = 0.0
         self._unanswered_rounds = 0  # re-checks in a row that asked peers and got no verdict
+        self._lan_only_last_check = 0  # servers that reached us from our own network only, at the last check
+        self._public_undialable_reason: str | None = None  # reached from the internet, announcing no such address
         self.stats: dict[str, int] = {"relay_restored": 0, "relay_replaced": 0, "reannounced": 0,
                                       "public_rechecks": 0}
 
@@ -274,6 +282,35 @@ class NatTraversal:
                     await trio.sleep_forever()
 
     # ---- reachability -------------------------------------------------------------------------------
+
+    def internet_first(self, peers: Sequence[PeerInfo]) -> list[PeerInfo]:
+        """``peers`` with those known at an internet address first (order otherwise kept): the servers whose
+        dial-back can prove us public, and the relays whose relayed address the internet can dial. A peer
+        on our own LAN is still asked, after them (in a LAN-only network it is all there is)."""
+        return sorted(peers, key=lambda p: not self._reach_internet(p.addrs))
+
+    def _reach_internet(self, addrs: Sequence[str]) -> bool:
+        """Whether any of ``addrs`` can be dialled from the internet (a DNS name is taken at its word)."""
+        if any(a.startswith(("/dns4/", "/dns6/", "/dns/")) for a in addrs):
+            return True
+        ips = [str(ip) for ip in (ip_of(a) for a in addrs) if ip is not None]
+        return reaches_internet(ips, loopback_network=self.loopback_network)
+
+    def direct_addrs(self) -> list[str]:
+        """The direct addresses we would announce when public (the node announces the same)."""
+        return announceable([str(a) for a in self.host.get_transport_addrs()] + list(self.announce),
+                            listen=self.listen)
+
+    def _public_undialable(self, where: str) -> str | None:
+        """None when the direct addresses we would announce as a public peer include one the internet can
+        dial. Otherwise the reason we stay relayed although a dial-back from the internet reached us (at
+        ``where``, behind port forwarding or a 1:1 NAT): public, we would announce only LAN addresses."""
+        if self._reach_internet(self.direct_addrs()):
+            return None
+        log.info("nat.public_unannounced", reached=where, addrs=",".join(self.direct_addrs())[:300],
+                 reason="no-internet-address")
+        return (f"dialled back from the internet at {where}, an address we do not announce "
+                f"(add --announce {where} if it is this machine's)")
 
     def dial_back_candidates(self) -> list[str]:
         """Where others might reach us: observed IP x listen ports, our interface addresses, --announce."""
@@ -305,6 +342,8 @@ class NatTraversal:
         worth, the address it names). A "reached" counts only if that server's connection reached our own
         listener (:func:`~p2pinfer.net.nat_rules.dial_back_answer`)."""
         raw = [multiaddr.Multiaddr(a).to_bytes() for a in candidates]
+        asked = set(raw)
+        own_ips = interface_ips(socket.AF_INET) + interface_ips(socket.AF_INET6)  # a server beside us: not evidence
         answers: dict[str, tuple[DialBack, bytes | None]] = {}
 
         async def ask(server: PeerInfo) -> None:
@@ -317,12 +356,18 @@ class NatTraversal:
                 log.debug("nat.autonat_no_answer", peer=server.peer_id, error=repr(exc)[:200])
                 return
             says_reached = code == int(AutoNATMessage.OK)
+            if addr is not None and bytes(addr) not in asked:
+                addr = None  # the server's word for where it reached us names none of ours: shown as "an address"
             seen_from = (await watch.wait_for(server.peer_id, self.timing.dial_back_confirm_s)
                          if says_reached else None)
-            answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from)
+            answer = dial_back_answer(says_reached, code == int(AutoNATMessage.E_DIAL_ERROR), seen_from,
+                                      loopback_network=self.loopback_network, own_ips=own_ips)
             if answer is DialBackAnswer.UNCONFIRMED:
                 log.info("nat.dial_back_unconfirmed", peer=server.peer_id, claimed=_addr_text(addr),
                          reason="no connection from this server reached us")
+            elif answer is DialBackAnswer.LAN_ONLY:
+                log.info("nat.dial_back_lan_only", peer=server.peer_id, seen_from=seen_from, reached=_addr_text(addr),
+                         reason="lan-only")
             group = _group(seen_from) if answer is DialBackAnswer.REACHED else None
             answers[server.peer_id] = (DialBack(answer, group), addr)
 
@@ -344,15 +389,22 @@ class NatTraversal:
         # observed IP) says nothing about our reachability, nor does a "reached" we did not see arrive.
         failed = [pid for pid, (d, _) in answers.items() if d.answer is DialBackAnswer.FAILED]
         unconfirmed = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.UNCONFIRMED)
+        lan_only = sum(1 for d, _ in answers.values() if d.answer is DialBackAnswer.LAN_ONLY)
+        self._lan_only_last_check = lan_only
         log.info("nat.autonat", asked=len(servers), answered=len(answers), reached=len(ok), failed=len(failed),
-                 unconfirmed=unconfirmed, candidates=",".join(candidates)[:300])
+                 unconfirmed=unconfirmed, lan_only=lan_only, candidates=",".join(candidates)[:300])
+        self._public_undialable_reason = None
         if ok:
             where = _addr_text(ok[0][1])
-            return ReachabilityStatus(Reachability.PUBLIC,
-                                      f"dialled back at {where} by {len(ok)} of {plural(len(answers), 'peer')}")
+            self._public_undialable_reason = self._public_undialable(where)
+            if self._public_undialable_reason is None:
+                return ReachabilityStatus(Reachability.PUBLIC,
+                                          f"dialled back at {where} by {len(ok)} of {plural(len(answers), 'peer')}")
+            return None  # reachable from the internet, so not "behind NAT" whoever failed; but not public either
+        on_lan = f", {lan_only} on our own network could" if lan_only else ""
         if failed:
-            return ReachabilityStatus(Reachability.UNREACHABLE,
-                                      f"behind NAT or firewall: {plural(len(failed), 'peer')} could not dial us back")
+            why = f"behind NAT or firewall: {plural(len(failed), 'peer')} could not dial us back{on_lan}"
+            return ReachabilityStatus(Reachability.UNREACHABLE, why)
         return None
 
     # ---- relays -------------------------------------------------------------------------------------
@@ -426,10 +478,8 @@ class NatTraversal:
         if checked is not None and checked.state is Reachability.PUBLIC:
             self.status = checked
         else:
-            why = checked.reason if checked is not None else (
-                "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived"
-                if servers else NOT_CHECKED)
-            for relay in servers:
+            why = checked.reason if checked is not None else self._no_verdict_reason(bool(servers))
+            for relay in self.internet_first(servers):
                 addrs = await self.reserve(relay)
                 if addrs:
                     self._use_relay(relay, addrs, told_failed=checked is not None)
@@ -445,6 +495,17 @@ class NatTraversal:
                  relayed=",".join(self.relayed_addrs)[:300])
         self.addresses_may_have_changed()
         return self.status
+
+    def _no_verdict_reason(self, asked: bool) -> str:
+        """Why the last check gave no verdict, for the reachability line."""
+        if not asked:
+            return NOT_CHECKED
+        if self._public_undialable_reason is not None:
+            return self._public_undialable_reason
+        if self._lan_only_last_check:
+            return (f"no dial-back verdict: only {plural(self._lan_only_last_check, 'peer')} on our own network "
+                    "reached us, which proves nothing about the internet")
+        return "no dial-back verdict: peers were busy, silent, or claimed a dial-back that never arrived"
 
     async def recheck_loop(self, servers: Callable[[], list[PeerInfo]]) -> None:
         """Keep our reachability true while we run.
@@ -535,7 +596,7 @@ class NatTraversal:
             log.info("nat.relay_retry", relay=relay.peer_id, failures=self.relay_health.failures,
                      retry_in_s=self.relay_health.next_check_s())
             return self.relay_health.next_check_s()
-        for other in servers()[:MAX_RELAY_CANDIDATES]:
+        for other in self.internet_first(servers())[:MAX_RELAY_CANDIDATES]:
             if other.peer_id == relay.peer_id or not other.addrs:
                 continue
             addrs = await self.reserve(other)
@@ -560,7 +621,7 @@ class NatTraversal:
         on a loaded machine) would otherwise stay relayed for good. Public after several confirmations."""
         self.stats["public_rechecks"] += 1
         now = trio.current_time()
-        candidates = servers()[:MAX_RECHECK_SERVERS]
+        candidates = self.internet_first(servers())[:MAX_RECHECK_SERVERS]
         addrs = self.dial_back_candidates()
         if not candidates or not addrs:
             self._next_public_check = now + self._public_check_s()
@@ -573,11 +634,18 @@ class NatTraversal:
         needed = self.public_evidence.needed if self.public_evidence.told_failed else 1
         log.info("nat.public_recheck", asked=len(candidates), reached=verdicts.count(DialBackAnswer.REACHED),
                  failed=verdicts.count(DialBackAnswer.FAILED), unconfirmed=verdicts.count(DialBackAnswer.UNCONFIRMED),
-                 confirmations=self.public_evidence.reached(), needed=needed)
+                 lan_only=verdicts.count(DialBackAnswer.LAN_ONLY), confirmations=self.public_evidence.reached(),
+                 needed=needed)
         if not self.public_evidence.confirmed():
             return
         where = next((_addr_text(addr) for d, addr in answers.values()
                       if d.answer is DialBackAnswer.REACHED), "an address")
+        undialable = self._public_undialable(where)
+        if undialable is not None:  # reachable, but at no address we would announce: the relay stays
+            if self._relays:
+                self.status = ReachabilityStatus(Reachability.RELAYED,
+                                                 f"{undialable}; reachable through relay {self._relays[0].peer_id}")
+            return
         self.status = ReachabilityStatus(
             Reachability.PUBLIC,
             f"dialled back at {where}, confirmed {plural(self.public_evidence.reached(), 'time')} on re-check")

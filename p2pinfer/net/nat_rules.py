@@ -1,6 +1,7 @@
 """Pure rules of NAT traversal (no I/O, no clock of their own): when to try again, when a relay is lost,
-which dial-backs count and when they prove we are public (network groups), when our addresses changed
-enough to announce.
+which dial-backs count (where they came from: the internet, our own LAN, this machine) and when they prove
+we are public (network groups), which relays can make us reachable, when our addresses changed enough to
+announce.
 
 :mod:`p2pinfer.net.nat` applies them; ``tests/nat/test_nat_rules.py`` checks them with hypothesis.
 """
@@ -11,7 +12,7 @@ import enum
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,118 @@ class RelayHealth:
         return self.check_s if self.failures == 0 else self.retry.delay(self.failures - 1)
 
 
+class AddressScope(enum.Enum):
+    """How far an address reaches: what a connection from it proves about who can reach us."""
+
+    MACHINE = "machine"      # loopback: this machine only
+    LAN = "lan"              # a private network (RFC 1918, CGNAT, link-local, IPv6 ULA): that network only
+    INTERNET = "internet"    # everything else
+
+
+# Not Python's ``is_private``: that also covers the documentation ranges (TEST-NET-2, 198.51.100.0/24, is the
+# namespace tests' "internet") and reserved blocks that are no LAN. These are the ranges a router keeps
+# inside a site: a connection from one came over that private network, not over the internet.
+LAN_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918 private use
+    "100.64.0.0/10",                                  # RFC 6598 shared address space (carrier-grade NAT)
+    "169.254.0.0/16",                                 # RFC 3927 IPv4 link-local
+    "fc00::/7",                                       # RFC 4193 IPv6 unique local
+    "fe80::/10",                                      # RFC 4291 IPv6 link-local
+))
+
+
+def _plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address without its zone index, an IPv4-mapped IPv6 one as IPv4. ValueError if not an IP."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def address_scope(ip: str) -> AddressScope:
+    """The scope of an IP address (an IPv4-mapped IPv6 address is its IPv4 address; a zone index is
+    ignored). Raises ValueError for text that is not an IP address."""
+    addr = _plain_ip(ip)
+    if addr.is_loopback:
+        return AddressScope.MACHINE
+    if any(addr in net for net in LAN_NETWORKS if net.version == addr.version):
+        return AddressScope.LAN
+    return AddressScope.INTERNET
+
+
+def proves_public(seen_from_ip: str, *, loopback_network: bool, own_ips: Collection[str] = ()) -> bool:
+    """Whether a dial-back connection that arrived from ``seen_from_ip`` proves that the peers we announce
+    to can reach us.
+
+    From the internet: yes. From a private network (a server on our own LAN, or anywhere inside the private
+    network we sit in): no, it proves only that the LAN reaches us; a peer at home would otherwise drop its
+    relay and announce addresses nobody beyond its router can dial. From this machine (loopback): only on a
+    loopback network (we listen on loopback only, so loopback is all we announce and the whole network is
+    this machine, as in tests); listening on other addresses, a same-machine dial-back says nothing about
+    them. A connection from one of ``own_ips`` (this machine's interface addresses) is from this machine
+    too, whatever its scope: a server beside us on a host with a public address dials that address from
+    that address, and the kernel delivers it locally, past any firewall that guards the interface.
+    Not an IP address (a transport oddity): no."""
+    try:
+        seen = _plain_ip(seen_from_ip)
+        scope = address_scope(seen_from_ip)
+    except ValueError:
+        return False
+    if any(seen == mine for mine in _plain_ips(own_ips)):
+        scope = AddressScope.MACHINE
+    if scope is AddressScope.MACHINE:
+        return loopback_network
+    return scope is AddressScope.INTERNET
+
+
+def _plain_ips(ips: Collection[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    out = []
+    for ip in ips:
+        try:
+            out.append(_plain_ip(ip))
+        except ValueError:
+            continue
+    return out
+
+
 class DialBackAnswer(enum.Enum):
     REACHED = "reached"      # the server said it reached us AND we saw its connection arrive (confirmed)
     UNCONFIRMED = "unconfirmed"  # the server said it reached us, but no connection from it arrived: ignored
+    LAN_ONLY = "lan-only"    # it reached us, from our own private network (or machine): proves no public reach
     FAILED = "failed"        # the server dialled and could not reach us
     NO_VERDICT = "no-verdict"  # refused, busy, no answer: says nothing about us
 
 
-def dial_back_answer(server_says_reached: bool, server_says_failed: bool, seen_from_ip: str | None) -> DialBackAnswer:
+def dial_back_answer(server_says_reached: bool, server_says_failed: bool, seen_from_ip: str | None, *,
+                     loopback_network: bool = False, own_ips: Collection[str] = ()) -> DialBackAnswer:
     """What one server's answer is worth. A "reached" counts only when our own listener saw a direct connection
     from that server's peer ID (Noise proves the ID) while we asked: any number of servers can claim to have
-    reached us, only the peer itself can see that they did (a peer behind NAT sees nothing)."""
+    reached us, only the peer itself can see that they did (a peer behind NAT sees nothing). And only when
+    that connection came from where the peers we announce to are (:func:`proves_public`): a server on our
+    own LAN reaches a peer behind its router all the same. Neither kind is a verdict against us."""
     if server_says_reached:
-        return DialBackAnswer.REACHED if seen_from_ip is not None else DialBackAnswer.UNCONFIRMED
+        if seen_from_ip is None:
+            return DialBackAnswer.UNCONFIRMED
+        if not proves_public(seen_from_ip, loopback_network=loopback_network, own_ips=own_ips):
+            return DialBackAnswer.LAN_ONLY
+        return DialBackAnswer.REACHED
     return DialBackAnswer.FAILED if server_says_failed else DialBackAnswer.NO_VERDICT
+
+
+def reaches_internet(ips: Sequence[str], *, loopback_network: bool) -> bool:
+    """Whether any of ``ips`` is an address the peers we announce to can dial: an internet one (on a loopback
+    network, a loopback one too). A relay known only at LAN addresses cannot make us reachable (a relayed
+    address through it is no more dialable from the internet than our own LAN address), and a peer that
+    would announce only LAN addresses is not public, whoever dialled it back. Unparsable entries are
+    skipped."""
+    for ip in ips:
+        try:
+            scope = address_scope(ip)
+        except ValueError:
+            continue
+        if scope is AddressScope.INTERNET or (scope is AddressScope.MACHINE and loopback_network):
+            return True
+    return False
 
 
 IPV4_GROUP_PREFIX = 16   # Bitcoin's netgroups: one /16 is one operator's reach, however many addresses it holds

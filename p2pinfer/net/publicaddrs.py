@@ -79,8 +79,13 @@ def expand_wildcards(addrs: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def listens_on_loopback_only(listen: Sequence[str]) -> bool:
+    """A local network (tests, one machine): every listen address is a loopback one."""
+    listen_ips = [ip_of(a) for a in listen]
+    return bool(listen_ips) and all(ip is not None and ip.is_loopback for ip in listen_ips)
+
+
 def announceable(addrs: Sequence[str], *, listen: Sequence[str]) -> list[str]:
     """``addrs`` with wildcards expanded and every address others cannot dial removed (order kept)."""
-    listen_ips = [ip_of(a) for a in listen]
-    loopback_only = bool(listen_ips) and all(ip is not None and ip.is_loopback for ip in listen_ips)
+    loopback_only = listens_on_loopback_only(listen)
     return [a for a in expand_wildcards(addrs) if is_announceable(a, allow_loopback=loopback_only)]

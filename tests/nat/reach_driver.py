@@ -9,7 +9,10 @@ whose AutoNAT server says "dial failed" to everyone (so that a peer on loopback 
 ``{"relay": [multiaddr, ...]}``, then ``{"holds": [peer ID, ...]}`` whenever the set of peers whose
 announcements (offering a model) it holds changes, until terminated (a restart: run it again with the same key and address).
 
-``python reach_driver.py peer BOOTSTRAP...`` joins as a peer and prints
+``python reach_driver.py boot LISTEN`` runs one honest bootstrap node (relay) on LISTEN; it prints
+``{"boot": [multiaddr, ...]}`` and runs until terminated.
+
+``python reach_driver.py peer [--announce=MULTIADDR] BOOTSTRAP...`` joins as a peer and prints
 ``{"rechecks": n, "state": ..., "reason": ..., "addrs": [...]}`` once joined (n = 0) and after every public
 re-check round, until terminated. Intervals are short (``FAST``) so that rounds follow each other quickly.
 Log lines go to stderr.
@@ -66,9 +69,17 @@ async def relay(key_file: str, listen: str) -> None:
             await trio.sleep(0.05)
 
 
-async def peer(bootstrap: list[str]) -> None:
+async def boot(listen: str) -> None:
+    async with Node(Identity.generate(), NodeConfig(listen=[listen], role="bootstrap", nat_timing=FAST)) as node:
+        emit(boot=list(node.addrs))
+        await trio.sleep_forever()
+
+
+async def peer(args: list[str]) -> None:
+    announce = [a.split("=", 1)[1] for a in args if a.startswith("--announce=")]
+    bootstrap = [a for a in args if not a.startswith("--announce=")]
     config = NodeConfig(listen=["/ip4/0.0.0.0/tcp/4001"], bootstrap=bootstrap, nat_timing=FAST,
-                        announce_interval_s=600.0)
+                        announce_interval_s=600.0, extra_addrs=announce)
     async with Node(Identity.generate(), config) as node:
         seen = -1
         while True:
@@ -86,5 +97,7 @@ if __name__ == "__main__":
         trio.run(liars, int(sys.argv[2]))
     elif sys.argv[1] == "relay":
         trio.run(relay, sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "boot":
+        trio.run(boot, sys.argv[2])
     else:
         trio.run(peer, sys.argv[2:])

@@ -15,6 +15,7 @@ configuration (``NodeConfig.nat_timing``).
 
 from __future__ import annotations
 
+import socket
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
@@ -77,3 +78,31 @@ async def test_no_verdict_keeps_the_relay_and_the_first_confirmed_dial_back_make
                          what="home to be dialled back and turn public")
         assert home.nat.relayed_addrs == () and "re-check" in home.nat.status.reason
         assert not any("/p2p-circuit" in a for a in home.announce_addrs())
+
+
+async def test_a_dial_back_from_this_machine_proves_nothing_to_a_peer_that_listens_beyond_loopback() -> None:
+    # Loopback is the whole network only for a node that listens on loopback alone (as every other test
+    # here): then a loopback dial-back counts. One listening on every interface would announce its interface
+    # addresses, which a server on the same machine never dialled: it proves only that this machine reaches
+    # us, like a server on our own LAN (the namespace test: tests/nat/test_lan_dial_back.py).
+    # py-libp2p records no loopback observed address, so the server (which dials only addresses on the IP it
+    # sees us at) gets our loopback address from --announce; the port is fixed for that.
+    port = _free_port()
+    async with AsyncExitStack() as stack:
+        server = await start(stack, role="bootstrap")
+        home = await start(stack, bootstrap=server.addrs, listen=[f"/ip4/0.0.0.0/tcp/{port}"],
+                           extra_addrs=[f"/ip4/127.0.0.1/tcp/{port}"], **QUIET)
+        assert not home.nat.loopback_network and server.nat.loopback_network
+        # The server reached us (on 127.0.0.1), and we saw it arrive from 127.0.0.1: not a verdict.
+        assert home.nat.status.state is Reachability.RELAYED, home.nat.status
+        assert "only 1 peer on our own network reached us" in home.nat.status.reason, home.nat.status
+        assert all("/p2p-circuit" in a for a in home.announce_addrs()), home.announce_addrs()
+        answers = await home.nat._ask_dial_backs(home.nat.direct_peers(), home.nat.dial_back_candidates())
+        assert answers[server.peer_id][0].answer is DialBackAnswer.LAN_ONLY, answers
+        assert home.nat.inbound.seen >= 2  # both dial-backs really arrived
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pinfer.net.nat_rules import (
+    LAN_NETWORKS,
+    AddressScope,
     Backoff,
     DialBack,
     DialBackAnswer,
@@ -16,12 +18,17 @@ from p2pinfer.net.nat_rules import (
     PublicEvidence,
     RelayAction,
     RelayHealth,
+    address_scope,
     dial_back_answer,
     netgroup,
+    proves_public,
     reannounce_wait,
+    reaches_internet,
 )
 
 seconds = st.floats(min_value=0.01, max_value=3600, allow_nan=False, allow_infinity=False)
+ipv4s = st.ip_addresses(v=4)
+ipv6s = st.ip_addresses(v=6)
 
 
 @given(seconds, seconds, st.integers(min_value=0, max_value=10_000))
@@ -100,14 +107,105 @@ def test_unconfirmed_claims_never_count(rounds: list[list[DialBack]], claims: in
     assert not only_lies.confirmed()
 
 
-@given(st.booleans(), st.booleans(), st.one_of(st.none(), st.sampled_from(["10.1.0.2", "::1"])))
-def test_a_reached_answer_counts_only_when_its_connection_arrived(says_reached: bool, says_failed: bool,
-                                                                    seen: str | None) -> None:
-    answer = dial_back_answer(says_reached, says_failed, seen)
-    if says_reached:
-        assert answer is (DialBackAnswer.REACHED if seen is not None else DialBackAnswer.UNCONFIRMED)
+@given(rounds_of, st.integers(min_value=0, max_value=20))
+def test_dial_backs_from_our_own_lan_never_count(rounds: list[list[DialBack]], neighbours: int) -> None:
+    """However many servers on our own LAN reach us, round after round, nothing changes; not even the most
+    trusting rule (no verdict yet, one confirmation enough) turns public on them."""
+    plain, with_lan = PublicEvidence(3, 4), PublicEvidence(3, 4)
+    for answered in rounds:
+        plain.record_round(answered)
+        with_lan.record_round([*answered, *[DialBack(DialBackAnswer.LAN_ONLY)] * neighbours])
+    assert with_lan.reached() == plain.reached() and with_lan.confirmed() == plain.confirmed()
+    only_lan = PublicEvidence(1, 1, told_failed=False)
+    for _ in rounds:
+        only_lan.record_round([DialBack(DialBackAnswer.LAN_ONLY)] * neighbours)
+    assert not only_lan.confirmed() and not only_lan.told_failed  # and not a verdict of NAT either
+
+
+SEEN_FROM = ["198.51.100.10", "2001:db8::7", "10.1.0.3", "192.168.1.20", "fd00::5", "127.0.0.1", "::1", "odd"]
+
+
+@given(st.booleans(), st.booleans(), st.one_of(st.none(), st.sampled_from(SEEN_FROM)), st.booleans())
+def test_a_reached_answer_counts_only_when_its_connection_arrived_from_beyond_our_lan(
+        says_reached: bool, says_failed: bool, seen: str | None, loopback_network: bool) -> None:
+    answer = dial_back_answer(says_reached, says_failed, seen, loopback_network=loopback_network)
+    if says_reached and seen is None:
+        assert answer is DialBackAnswer.UNCONFIRMED
+    elif says_reached:
+        assert seen is not None
+        assert answer is (DialBackAnswer.REACHED if proves_public(seen, loopback_network=loopback_network)
+                          else DialBackAnswer.LAN_ONLY)
     else:
         assert answer is (DialBackAnswer.FAILED if says_failed else DialBackAnswer.NO_VERDICT)
+    # Only a connection we saw arrive from the internet (or, on a loopback test network, from this machine)
+    # makes a "reached" count; nothing else is ever a "failed".
+    if answer is DialBackAnswer.REACHED:
+        assert seen in ("198.51.100.10", "2001:db8::7") or (loopback_network and seen in ("127.0.0.1", "::1"))
+    assert (answer is DialBackAnswer.FAILED) == (not says_reached and says_failed)
+
+
+def _in_a_lan_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(ip in net for net in LAN_NETWORKS if net.version == ip.version)
+
+
+@given(st.one_of(ipv4s, ipv6s))
+def test_an_address_is_lan_exactly_inside_the_private_ranges_and_machine_exactly_on_loopback(
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    scope = address_scope(str(ip))
+    plain = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None else ip
+    assert (scope is AddressScope.MACHINE) == plain.is_loopback
+    assert (scope is AddressScope.LAN) == (not plain.is_loopback and _in_a_lan_network(plain))
+    if isinstance(ip, ipaddress.IPv4Address):
+        assert address_scope(f"::ffff:{ip}") is scope  # IPv4-mapped IPv6 is the IPv4 address
+
+
+@given(st.one_of(ipv4s, ipv6s), st.booleans())
+def test_only_internet_dial_backs_prove_public_and_loopback_ones_only_on_a_loopback_network(
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address, loopback_network: bool) -> None:
+    scope = address_scope(str(ip))
+    expected = scope is AddressScope.INTERNET or (scope is AddressScope.MACHINE and loopback_network)
+    assert proves_public(str(ip), loopback_network=loopback_network) is expected
+
+
+def _mapped_as_v4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None else ip
+
+
+@given(st.one_of(ipv4s, ipv6s), st.lists(st.one_of(ipv4s, ipv6s), max_size=3), st.booleans())
+def test_a_dial_back_from_one_of_our_own_addresses_is_from_this_machine(
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address, others: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+        loopback_network: bool) -> None:
+    own = [str(o) for o in others]
+    mine = proves_public(str(ip), loopback_network=loopback_network, own_ips=[*own, str(ip)])
+    assert mine is loopback_network  # from this machine: only on a loopback network
+    if all(_mapped_as_v4(o) != _mapped_as_v4(ip) for o in others):  # not ours: the own addresses change nothing
+        assert (proves_public(str(ip), loopback_network=loopback_network, own_ips=own)
+                is proves_public(str(ip), loopback_network=loopback_network))
+    answer = dial_back_answer(True, False, str(ip), loopback_network=False, own_ips=[str(ip), "not-an-ip"])
+    assert answer is DialBackAnswer.LAN_ONLY
+
+
+def test_the_scopes_of_the_test_networks_and_a_home_lan() -> None:
+    # The namespace topology's "internet" is TEST-NET-2, which Python's is_private counts as private: not here.
+    assert address_scope("198.51.100.10") is AddressScope.INTERNET
+    assert address_scope("10.1.0.3") is AddressScope.LAN            # a neighbour on home A's LAN
+    assert address_scope("192.168.178.20") is AddressScope.LAN
+    assert address_scope("172.31.255.1") is AddressScope.LAN and address_scope("172.32.0.1") is AddressScope.INTERNET
+    assert address_scope("100.64.3.4") is AddressScope.LAN          # carrier-grade NAT
+    assert address_scope("fe80::1%eth0") is AddressScope.LAN        # link-local, with its zone index
+    assert address_scope("fd12:3456::1") is AddressScope.LAN
+    assert address_scope("127.0.0.1") is address_scope("::1") is AddressScope.MACHINE
+    assert not proves_public("10.1.0.3", loopback_network=True)
+    assert not proves_public("not-an-ip", loopback_network=True)
+    with pytest.raises(ValueError):
+        address_scope("not-an-ip")
+
+
+@given(st.lists(st.sampled_from(SEEN_FROM), max_size=4), st.booleans())
+def test_a_relay_or_our_own_addresses_reach_the_internet_only_with_an_address_beyond_our_lan(
+        ips: list[str], loopback_network: bool) -> None:
+    reaches = reaches_internet(ips, loopback_network=loopback_network)
+    assert reaches == any(proves_public(ip, loopback_network=loopback_network) for ip in ips)
 
 
 @given(st.lists(st.lists(st.sampled_from([DialBackAnswer.NO_VERDICT, DialBackAnswer.UNCONFIRMED]), max_size=4),
@@ -163,10 +261,6 @@ def test_one_lucky_round_is_not_enough_but_three_rounds_of_one_honest_server_are
         assert not evidence.confirmed()
     evidence.record_round(lying)
     assert evidence.confirmed()
-
-
-ipv4s = st.ip_addresses(v=4)
-ipv6s = st.ip_addresses(v=6)
 
 
 @given(ipv4s, st.integers(min_value=0, max_value=2**16 - 1))

@@ -8,6 +8,11 @@
         |              |                   |  (MASQUERADE)     |  (MASQUERADE)     |
                                            | LAN 10.1.0.1/24   | LAN 10.2.0.1/24   |
                                            | home A 10.1.0.2   | home B 10.2.0.2   |
+                                           | (lana 10.1.0.3)   |                   |
+
+``Topology(lan_neighbour=True)`` adds ``lana``, a second machine on home A's LAN (a bridge in router A's
+namespace then joins the two, as a home switch does): a server there reaches home A directly, on its private
+address, while nothing from the public segment can.
 
 NAT behaviour emulated by each router namespace (Linux netfilter, iptables):
 
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 PUBLIC_NET = "198.51.100"
 HOSTS_PUBLIC = {"boot": 10, "client": 20}
 HOMES = {"a": ("10.1.0", 101), "b": ("10.2.0", 102)}
+LAN_NEIGHBOURS = {"lana": ("a", 3)}  # role -> (home, host number on that home's LAN)
 UNANSWERED_HOST = 250  # no namespace has this public address
 
 
@@ -56,6 +62,7 @@ def _run(*args: str, ns: str | None = None) -> str:
 class Topology:
     tag: str = field(default_factory=lambda: "p2n" + secrets.token_hex(2))
     namespaces: list[str] = field(default_factory=list)
+    lan_neighbour: bool = False  # add "lana" on home A's LAN
 
     # namespace names
     def ns(self, role: str) -> str:
@@ -65,6 +72,9 @@ class Topology:
         """The address a host has on its own segment (public hosts: public; home hosts: private)."""
         if role in HOSTS_PUBLIC:
             return f"{PUBLIC_NET}.{HOSTS_PUBLIC[role]}"
+        if role in LAN_NEIGHBOURS:
+            home, host = LAN_NEIGHBOURS[role]
+            return f"{HOMES[home][0]}.{host}"
         return f"{HOMES[role[-1]][0]}.2"
 
     def router_wan_ip(self, home: str) -> str:
@@ -125,7 +135,20 @@ class Topology:
                 self._veth(router, "wan", pub, f"p-rtr{home}")
                 _run("ip", "link", "set", f"p-rtr{home}", "master", "br0", ns=pub)
                 _run("ip", "addr", "add", f"{PUBLIC_NET}.{wan_host}/24", "dev", "wan", ns=router)
-                self._veth(router, "lan", inside, "eth0")
+                neighbours = [r for r, (h, _) in LAN_NEIGHBOURS.items() if h == home] if self.lan_neighbour else []
+                if neighbours:  # a switch: the router's LAN side is a bridge, every machine of the LAN a port
+                    _run("ip", "link", "add", "lan", "type", "bridge", ns=router)
+                    _run("ip", "link", "set", "lan", "up", ns=router)
+                    self._veth(router, "lan-home", inside, "eth0")
+                    _run("ip", "link", "set", "lan-home", "master", "lan", ns=router)
+                    for i, role in enumerate(neighbours):
+                        other = self._add_ns(role)
+                        self._veth(router, f"lan-n{i}", other, "eth0")
+                        _run("ip", "link", "set", f"lan-n{i}", "master", "lan", ns=router)
+                        _run("ip", "addr", "add", f"{self.ip(role)}/24", "dev", "eth0", ns=other)
+                        _run("ip", "route", "add", "default", "via", f"{lan}.1", ns=other)
+                else:
+                    self._veth(router, "lan", inside, "eth0")
                 _run("ip", "addr", "add", f"{lan}.1/24", "dev", "lan", ns=router)
                 _run("ip", "addr", "add", f"{lan}.2/24", "dev", "eth0", ns=inside)
                 _run("ip", "route", "add", "default", "via", f"{lan}.1", ns=inside)
@@ -134,6 +157,9 @@ class Topology:
                 _run(*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE", ns=router)
                 _run(*ipt, "-P", "FORWARD", "DROP", ns=router)
                 _run(*ipt, "-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT", ns=router)
+                # Machine to machine on the LAN: switched, never filtered (a host with br_netfilter loaded
+                # would otherwise pass bridged frames through this DROP policy).
+                _run(*ipt, "-A", "FORWARD", "-i", "lan", "-o", "lan", "-j", "ACCEPT", ns=router)
                 _run(*ipt, "-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack",
                      "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT", ns=router)
                 # The router itself accepts nothing unsolicited from the WAN either.
@@ -144,6 +170,20 @@ class Topology:
             self.remove()
             raise
         return self
+
+    def _forward_rules(self, home: str, port: int) -> list[tuple[str, ...]]:
+        inside = f"{HOMES[home][0]}.2"
+        return [("-t", "nat", "PREROUTING", "-i", "wan", "-p", "tcp", "--dport", str(port), "-j", "DNAT",
+                 "--to-destination", f"{inside}:{port}"),
+                ("-t", "filter", "FORWARD", "-i", "wan", "-o", "lan", "-p", "tcp", "-d", inside, "--dport", str(port),
+                 "-j", "ACCEPT")]
+
+    def forward_port(self, home: str, port: int, *, on: bool = True) -> None:
+        """Port forwarding on ``home``'s router, as a volunteer sets it up: new TCP connections to its WAN
+        address on ``port`` go to the home machine, same port, their source address kept (``on=False``
+        removes it)."""
+        for flag, table, chain, *rule in self._forward_rules(home, port):
+            _run("iptables", "-w", flag, table, "-I" if on else "-D", chain, *rule, ns=self.ns(f"rtr{home}"))
 
     def remove(self) -> None:
         """Delete every namespace we created (their veths and rules go with them)."""
