@@ -74,6 +74,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import log
+from .patterns import replace_nodes, silu_gates
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
 AMX_SOURCE = Path(__file__).with_name("qgemm_amx.c")  # #included by SOURCE
@@ -415,33 +416,18 @@ def kernel_model(model: onnx.ModelProto, folder: Path, threads: int, decode: Dec
     return len(replace) + fused + attention
 
 
-_ONNX_DOMAINS = ("", "ai.onnx")
-
-
 def _fuse_swiglu(g: onnx.GraphProto, threads: int, quick_gelu: bool) -> int:
     """Replace each ``Split(h) -> gate, up;  Mul(Mul(gate, Sigmoid(gate)), up)`` (the MLP activation
     gguf.graph emits) whose ``h`` is a 4-bit kernel node's output by one ``SwiGLU`` node (swiglu.c): in one
     pass, the float32 bits of onnxruntime's own nodes (``quick_gelu``: as it runs them fused into
-    ``QuickGelu``, else as ``Sigmoid`` and ``Mul``). Only that exact pattern: two equal halves of the last axis,
-    every intermediate used by the pattern alone and no graph output; anything else stays as it is. Returns
-    the number of activations fused."""
+    ``QuickGelu``, else as ``Sigmoid`` and ``Mul``). Only that exact pattern (:func:`.patterns.silu_gates`):
+    two equal halves of the last axis, every intermediate used by the pattern alone and no graph output;
+    anything else stays as it is. Returns the number of activations fused."""
     inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    uses = Counter(i for n in g.node for i in n.input)
-    uses.update(o.name for o in g.output)
 
-    def made_by(name: str, op_type: str, inputs: int) -> onnx.NodeProto | None:
-        node = producer.get(name)
-        ok = node is not None and node.op_type == op_type and node.domain in _ONNX_DOMAINS \
-            and len(node.input) == inputs and len(node.output) == 1
-        return node if ok else None
-
-    def halves(split: onnx.NodeProto) -> tuple[int, int] | None:
+    def halves(split: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> tuple[int, int] | None:
         """(inter, the rank the op checks: 3 for axis 2, 0 for axis -1) of a Split into two equal
         halves of the last axis of a kernel node's output, else None."""
-        if split.op_type != "Split" or split.domain not in _ONNX_DOMAINS or len(split.input) != 2 \
-                or len(split.output) != 2 or set(_attrs(split)) - {"axis"}:
-            return None
         sizes = inits.get(split.input[1])
         if sizes is None or sizes.data_type != onnx.TensorProto.INT64:
             return None
@@ -453,39 +439,17 @@ def _fuse_swiglu(g: onnx.GraphProto, threads: int, quick_gelu: bool) -> int:
         axis = _attrs(split).get("axis", 0)  # the last axis of the [batch, rows, 2 * inter] gguf.graph emits
         return (sizes[0], 0 if axis == -1 else 3) if axis in (-1, 2) else None
 
-    def pattern(mul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], int, int] | None:
-        """([split, sigmoid, inner Mul], inter, rank) where ``mul`` ends the pattern, else None."""
-        if mul.op_type != "Mul" or mul.domain not in _ONNX_DOMAINS or len(mul.input) != 2:
-            return None
-        for act_name, up in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):  # a product: either order
-            act = made_by(act_name, "Mul", 2)
-            for gate, sig_name in ((act.input[0], act.input[1]), (act.input[1], act.input[0])) if act else ():
-                sigmoid = made_by(sig_name, "Sigmoid", 1)
-                split = producer.get(gate)
-                if sigmoid is None or sigmoid.input[0] != gate or split is None or list(split.output) != [gate, up]:
-                    continue
-                shape = halves(split)
-                if shape is None or uses[gate] != 2 or uses[up] != 1 or uses[sig_name] != 1 or uses[act_name] != 1 \
-                        or uses[split.input[0]] != 1:
-                    return None
-                return [split, sigmoid, act], *shape
-        return None
-
+    nodes = list(g.node)
     replace: dict[int, onnx.NodeProto] = {}
     drop: set[int] = set()
-    for node in g.node:
-        found = pattern(node)
-        if found is None:
-            continue
-        parts, inter, rank = found
-        replace[id(node)] = helper.make_node("SwiGLU", [parts[0].input[0]], [node.output[0]],
-                                             name=node.name or node.output[0], domain=DOMAIN, inter=inter, rank=rank,
-                                             threads=threads, quick_gelu=int(quick_gelu))
-        drop.update(id(n) for n in parts)
-    if replace:
-        nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
-        del g.node[:]
-        g.node.extend(nodes)
+    for gate in silu_gates(g, nodes, halves, sole_reader_of_input=True):
+        inter, rank = gate.halves
+        replace[id(gate.mul)] = helper.make_node("SwiGLU", [gate.parts[0].input[0]], [gate.mul.output[0]],
+                                                 name=gate.mul.name or gate.mul.output[0], domain=DOMAIN,
+                                                 inter=inter, rank=rank, threads=threads,
+                                                 quick_gelu=int(quick_gelu))
+        drop.update(id(n) for n in gate.parts)
+    replace_nodes(g, nodes, replace, drop)
     return len(replace)
 
 

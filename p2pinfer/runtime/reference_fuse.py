@@ -19,21 +19,21 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..kernels.patterns import ONNX_DOMAINS as _STANDARD
+from ..kernels.patterns import attributes as _attrs
+from ..kernels.patterns import replace_nodes, silu_gates
+
 FUSED_DOMAIN = "p2pinfer.reference"
 _CONTRIB = "com.microsoft"
-_STANDARD = ("", "ai.onnx")
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def fuse_q4_linears(graph: onnx.GraphProto, inits: dict[str, Any]) -> int:
     """Rewrite ``graph`` in place; ``inits``: its initializers by name (arrays, or descriptors with ``shape`` and
     ``dtype``). Returns the number of ``Q4Linear`` nodes written. Each has inputs ``[x, (qweight, scales,
     zero_points or ""), ... per term, minimums or ""]`` and the terms' ``K``, ``N`` and ``block_size``."""
-    producer = {out: node for node in graph.node for out in node.output if out}
-    uses = Counter(name for node in graph.node for name in node.input if name)
+    nodes = list(graph.node)  # held until the rewrite: the matches are these objects (replace_nodes)
+    producer = {out: node for node in nodes for out in node.output if out}
+    uses = Counter(name for node in nodes for name in node.input if name)
     uses.update(o.name for o in graph.output)
 
     def const(name: str) -> list[int] | None:
@@ -78,7 +78,7 @@ def fuse_q4_linears(graph: onnx.GraphProto, inits: dict[str, Any]) -> int:
 
     replace: dict[int, onnx.NodeProto] = {}
     drop: set[int] = set()
-    for node in graph.node:
+    for node in nodes:
         if node.op_type != "Sum" or node.domain not in _STANDARD or not node.input or len(node.output) != 1:
             continue
         parts = [single(name) for name in node.input]
@@ -104,10 +104,7 @@ def fuse_q4_linears(graph: onnx.GraphProto, inits: dict[str, Any]) -> int:
                                              block_size=first["block_size"])
         drop.update(id(p) for p in parts if q4_term(p) is not None)
         drop.update(id(c) for c in chain)
-    if replace:
-        nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(nodes)
+    replace_nodes(graph, nodes, replace, drop)
     return len(replace)
 
 
@@ -116,54 +113,23 @@ def fuse_silu_mul(graph: onnx.GraphProto, inits: dict[str, Any]) -> int:
     (two equal halves of the last axis; products in either order; every intermediate read by the pattern only)
     becomes one ``SiluMul`` node over ``h`` (attributes ``axis`` as the Split's, ``half``). Returns the number
     written."""
-    producer = {out: node for node in graph.node for out in node.output if out}
-    uses = Counter(name for node in graph.node for name in node.input if name)
-    uses.update(o.name for o in graph.output)
 
-    def made_by(name: str, op_type: str, inputs: int) -> onnx.NodeProto | None:
-        node = producer.get(name)
-        ok = node is not None and node.op_type == op_type and node.domain in _STANDARD \
-            and len(node.input) == inputs and len(node.output) == 1
-        return node if ok else None
-
-    def halves(split: onnx.NodeProto) -> tuple[int, int] | None:
-        if split.op_type != "Split" or split.domain not in _STANDARD or len(split.input) != 2 \
-                or len(split.output) != 2 or set(_attrs(split)) - {"axis"}:
-            return None
+    def halves(split: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> tuple[int, int] | None:
         sizes = inits.get(split.input[1])
         if not isinstance(sizes, np.ndarray) or sizes.dtype != np.int64 or sizes.shape != (2,) \
                 or sizes[0] != sizes[1] or sizes[0] <= 0:
             return None
         return int(_attrs(split).get("axis", 0)), int(sizes[0])
 
+    nodes = list(graph.node)
     replace: dict[int, onnx.NodeProto] = {}
     drop: set[int] = set()
-    for mul in graph.node:
-        if mul.op_type != "Mul" or mul.domain not in _STANDARD or len(mul.input) != 2 or len(mul.output) != 1:
-            continue
-        for act_name, up in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
-            act = made_by(act_name, "Mul", 2)
-            found = None
-            for gate, sig_name in ((act.input[0], act.input[1]), (act.input[1], act.input[0])) if act else ():
-                sigmoid = made_by(sig_name, "Sigmoid", 1)
-                split = producer.get(gate)
-                if sigmoid is None or sigmoid.input[0] != gate or split is None or list(split.output) != [gate, up]:
-                    continue
-                shape = halves(split)
-                if shape is None or uses[gate] != 2 or uses[up] != 1 or uses[sig_name] != 1 or uses[act_name] != 1:
-                    continue
-                found = (split, sigmoid, act, shape)
-                break
-            if found is None:
-                continue
-            split, sigmoid, act, (axis, half) = found
-            replace[id(mul)] = helper.make_node("SiluMul", [split.input[0]], list(mul.output),
-                                                name=mul.name or mul.output[0], domain=FUSED_DOMAIN, axis=axis,
-                                                half=half)
-            drop.update({id(split), id(sigmoid), id(act)})
-            break
-    if replace:
-        nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(nodes)
+    for gate in silu_gates(graph, nodes, halves):
+        split, _, _ = gate.parts
+        axis, half = gate.halves
+        replace[id(gate.mul)] = helper.make_node("SiluMul", [split.input[0]], list(gate.mul.output),
+                                                 name=gate.mul.name or gate.mul.output[0], domain=FUSED_DOMAIN,
+                                                 axis=axis, half=half)
+        drop.update(id(n) for n in gate.parts)
+    replace_nodes(graph, nodes, replace, drop)
     return len(replace)
