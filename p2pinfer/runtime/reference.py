@@ -83,10 +83,11 @@ _ATTENTION_QUERY_BLOCK = 64  # attention query positions per block (each reads o
 #: float64 on SmolLM2) while the 4-bit weights are dequantized once per chunk
 REFERENCE_CHUNK = 256
 #: the most a :class:`ReferenceSession` keeps of its float64 KV cache between rows (92 KB a position on SmolLM2:
-#: ~360 positions). It is held while its request generates or verifies, on top of the serving memory (files +
-#: ~250 MB on SmolLM2 while a request runs, against the 300 MB limit); a later near tie past it recomputes the
-#: positions after the kept ones
-REFERENCE_KV_BYTES = 32 << 20
+#: ~180 positions). It is held while its request generates or verifies, on top of the serving memory (files +
+#: ~200 MB on SmolLM2 while a request runs, against the 300 MB limit); a later near tie past it recomputes the
+#: positions after the kept ones. 16 MB since the C products (kernels/ref64.c) made those positions ~2.7x
+#: cheaper: at 32 MB an executor's 512-token sampled request with a near tie peaked at files + 305 MB
+REFERENCE_KV_BYTES = 16 << 20
 #: BLAS threads of a reference pass. One: a pass makes hundreds of BLAS calls (a block of dequantized weights
 #: each), and with two threads each call waits for the other thread; on the shared 2-core machine (load 10) a
 #: SmolLM2 row took 4-10x longer with two threads than with one (41-59 s against 10 s at 600 positions)
