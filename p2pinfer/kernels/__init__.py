@@ -88,7 +88,7 @@ REF64_SOURCE = Path(__file__).with_name("ref64.c")
 DOMAIN = "p2pinfer"
 _CONTRIB = "com.microsoft"
 _lock = threading.Lock()
-_built: dict[tuple[str, str], Path | None] = {}  # (compiler, -march) -> library
+_built: dict[tuple[str, str, str], Path | None] = {}  # (compiler, -march, library stem) -> library
 _reported: set[str] = set()
 _held: list = []  # the loaded library, never unloaded (see _build)
 _handles: dict[Path, ctypes.CDLL] = {}  # library path -> its handle in _held
@@ -162,22 +162,9 @@ def _compiler() -> str | None:
 
 def library_path() -> Path | None:
     """The compiled custom-op library, building it on first use; None (reason logged once) when unavailable."""
-    if os.environ.get("P2PINFER_DECODE_KERNEL", "1").strip() == "0":
-        _unavailable("disabled", "P2PINFER_DECODE_KERNEL=0: the standard graph runs")
-        return None
-    cc = _compiler()
-    if cc is None:
-        _unavailable("no_compiler", "no C compiler found; install gcc (or set CC) for faster decoding")
-        return None
-    with _lock:
-        march = _march()
-        if (cc, march) in _built:
-            return _built[(cc, march)]
-        _built[(cc, march)] = path = _build(cc, march)
-        if path is not None:
-            _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
-            _handles[path] = _held[-1]
-        return path
+    return _library_path("P2PINFER_DECODE_KERNEL", "qmatmul", _SOURCES, _unavailable, hold=True,
+                         disabled="P2PINFER_DECODE_KERNEL=0: the standard graph runs",
+                         no_compiler="no C compiler found; install gcc (or set CC) for faster decoding")
 
 
 def library() -> ctypes.CDLL | None:
@@ -192,23 +179,32 @@ def ref64_library_path() -> Path | None:
     compiler, flags and cache as the 4-bit kernel; None (reason logged once, ``kernel.unavailable`` with a
     ``ref64_`` reason) without a compiler or with ``P2PINFER_REF64_KERNEL=0``: the reference then multiplies
     with numpy. A library built for a CPU without AVX-512 reports itself unavailable (``p2pinfer_ref64_available``)."""
-    if os.environ.get("P2PINFER_REF64_KERNEL", "1").strip() == "0":
-        _unavailable("ref64_disabled", "P2PINFER_REF64_KERNEL=0: the float64 reference multiplies with numpy")
+    return _library_path("P2PINFER_REF64_KERNEL", "ref64", (REF64_SOURCE,),
+                         lambda reason, detail: _unavailable("ref64_" + reason, detail), hold=False,
+                         disabled="P2PINFER_REF64_KERNEL=0: the float64 reference multiplies with numpy",
+                         no_compiler="no C compiler found; the float64 reference multiplies with numpy")
+
+
+def _library_path(switch: str, stem: str, sources: tuple[Path, ...], report: "Callable[[str, str], None]", *,
+                  hold: bool, disabled: str, no_compiler: str) -> Path | None:
+    """The library ``stem`` built from ``sources`` for this compiler and ``-march``, once per process (None when
+    ``switch`` is ``0``, without a compiler or when the build fails: reported through ``report``). ``hold``: keep
+    it loaded here (:func:`library` hands out that handle)."""
+    if os.environ.get(switch, "1").strip() == "0":
+        report("disabled", disabled)
         return None
     cc = _compiler()
     if cc is None:
-        _unavailable("ref64_no_compiler", "no C compiler found; the float64 reference multiplies with numpy")
+        report("no_compiler", no_compiler)
         return None
     with _lock:
-        march = _march()
-        key = (cc, march, "ref64")
-        if key not in _built_ref64:
-            _built_ref64[key] = _build(cc, march, sources=(REF64_SOURCE,), stem="ref64",
-                                       report=lambda reason, detail: _unavailable("ref64_" + reason, detail))
-        return _built_ref64[key]
-
-
-_built_ref64: dict[tuple[str, str, str], Path | None] = {}
+        key = (cc, _march(), stem)
+        if key not in _built:
+            _built[key] = path = _build(cc, key[1], sources=sources, stem=stem, report=report)
+            if hold and path is not None:
+                _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
+                _handles[path] = _held[-1]
+        return _built[key]
 
 
 #: changes whenever the compile flags below change (part of the cache key)
