@@ -13,8 +13,14 @@ from .topology import Topology, TopologyUnavailable
 def topology() -> Iterator[Topology]:
     """The namespace topology (home behind NAT, the internet, a relay), one per test module, removed after it
     even when a test failed; the module is skipped where namespaces cannot be made (not root)."""
+    yield from namespace_topology(Topology())
+
+
+def namespace_topology(topology: Topology) -> Iterator[Topology]:
+    """For a module fixture: ``topology`` created, yielded, and removed even when a test failed; the module is
+    skipped (with the reason) where namespaces cannot be made."""
     try:
-        topo = Topology().create()
+        topo = topology.create()
     except TopologyUnavailable as exc:
         pytest.skip(f"NAT namespace test skipped: {exc}")
     try:

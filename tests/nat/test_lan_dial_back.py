@@ -23,8 +23,9 @@ from typing import Iterator
 
 import pytest
 
+from .conftest import namespace_topology
 from .procs import Proc, addrs_of, cli, client
-from .topology import Topology, TopologyUnavailable
+from .topology import Topology
 
 DRIVER = Path(__file__).resolve().parent / "reach_driver.py"
 START_S = 240.0   # a peer process imports its model and measures its speed first; the machine may be loaded
@@ -34,14 +35,7 @@ LISTEN = "/ip4/0.0.0.0/tcp/4001"
 
 @pytest.fixture(scope="module")
 def lan_topology() -> Iterator[Topology]:
-    try:
-        topo = Topology(lan_neighbour=True).create()
-    except TopologyUnavailable as exc:
-        pytest.skip(f"NAT namespace test skipped: {exc}")
-    try:
-        yield topo
-    finally:
-        topo.remove()
+    yield from namespace_topology(Topology(lan_neighbour=True))
 
 
 def _addr_on(proc: Proc, ip: str) -> str:
@@ -92,6 +86,21 @@ def _driver(topology: Topology, role: str, log: Path, *args: str) -> Proc:
     return Proc(topology.exec_prefix(role) + [sys.executable, str(DRIVER), *args], log)
 
 
+def _two_bootstraps(topo: Topology, tmp_path: Path, procs: list[Proc], port: int) -> tuple[str, str]:
+    """The public bootstrap node and the one on home A's LAN, started (appended to ``procs``, which the caller
+    stops): their addresses on their own segments."""
+    nodes = {}
+    for role in ("boot", "lana"):  # both start before either is waited for
+        nodes[role] = _driver(topo, role, tmp_path / f"{role}.log", "boot", f"/ip4/0.0.0.0/tcp/{port}")
+        procs.append(nodes[role])
+
+    def address(role: str, what: str) -> str:
+        return next(a for a in nodes[role].json_line(lambda d: "boot" in d, START_S, what)["boot"]
+                    if f"/ip4/{topo.ip(role)}/" in a)
+
+    return address("boot", "the public node"), address("lana", "the LAN node")
+
+
 def test_round_after_round_the_lan_server_reaches_the_peer_and_it_stays_relayed(lan_topology: Topology,
                                                                                 tmp_path: Path) -> None:
     # The re-checks of a relayed peer (short intervals here: reach_driver's FAST timing) ask the internet's
@@ -100,14 +109,7 @@ def test_round_after_round_the_lan_server_reaches_the_peer_and_it_stays_relayed(
     topo = lan_topology
     procs: list[Proc] = []
     try:
-        boot = _driver(topo, "boot", tmp_path / "boot.log", "boot", "/ip4/0.0.0.0/tcp/4011")
-        procs.append(boot)
-        lan_boot = _driver(topo, "lana", tmp_path / "lana.log", "boot", "/ip4/0.0.0.0/tcp/4011")
-        procs.append(lan_boot)
-        boot_addr = next(a for a in boot.json_line(lambda d: "boot" in d, START_S, "the public node")["boot"]
-                         if f"/ip4/{topo.ip('boot')}/" in a)
-        lan_addr = next(a for a in lan_boot.json_line(lambda d: "boot" in d, START_S, "the LAN node")["boot"]
-                        if f"/ip4/{topo.ip('lana')}/" in a)
+        boot_addr, lan_addr = _two_bootstraps(topo, tmp_path, procs, 4011)
         home = _driver(topo, "homea", tmp_path / "home.log", "peer", lan_addr, boot_addr)
         procs.append(home)
         joined = home.json_line(lambda d: d.get("rechecks") == 0, START_S, "home to join")
@@ -135,14 +137,7 @@ def test_a_peer_behind_port_forwarding_is_made_public_by_a_dial_back_from_the_in
     procs: list[Proc] = []
     topo.forward_port("a", 4001)
     try:
-        boot = _driver(topo, "boot", tmp_path / "boot.log", "boot", "/ip4/0.0.0.0/tcp/4012")
-        procs.append(boot)
-        lan_boot = _driver(topo, "lana", tmp_path / "lana.log", "boot", "/ip4/0.0.0.0/tcp/4012")
-        procs.append(lan_boot)
-        boot_addr = next(a for a in boot.json_line(lambda d: "boot" in d, START_S, "the public node")["boot"]
-                         if f"/ip4/{topo.ip('boot')}/" in a)
-        lan_addr = next(a for a in lan_boot.json_line(lambda d: "boot" in d, START_S, "the LAN node")["boot"]
-                        if f"/ip4/{topo.ip('lana')}/" in a)
+        boot_addr, lan_addr = _two_bootstraps(topo, tmp_path, procs, 4012)
         forwarded = f"/ip4/{topo.router_wan_ip('a')}/tcp/4001"
         home = _driver(topo, "homea", tmp_path / "home.log", "peer", lan_addr, boot_addr)
         procs.append(home)
