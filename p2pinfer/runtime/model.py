@@ -791,6 +791,10 @@ def load_model(model_dir: Path, *, digest: bytes | None = None, name: str | None
     info = read_model_info(model_dir, tokenizer)
     if digest is None:  # before the session: its read() fills the page cache with the large folios open_session evicts
         digest = compute_digest(model_dir)
+    # and before the session, too: creating an fp32 session holds every mapped weight page beside its pre-packed
+    # copies, the process's peak; the library pages imports touched (~40 MB) need not add to it (fp32 SmolLM2:
+    # peak files + 301 -> 260 MB, docs/models.md "Serving memory")
+    drop_library_pages()
     session, used = open_session(model_dir / ONNX_FILE, providers=providers, threads=threads,
                                  optimization=optimization, kernel=kernel, amx=amx, decode=decode)
     io = inspect_graph(session, str(model_dir / ONNX_FILE))
