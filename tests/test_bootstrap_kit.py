@@ -69,6 +69,11 @@ def test_peers_txt_is_package_data_read_by_a_built_copy(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     shipped = build / "p2pinfer" / "peers.txt"
     assert shipped.read_text() == (REPO / "p2pinfer" / "peers.txt").read_text()
+    # and every C source and header the kernel libraries build from (a missing one: no kernel, silently slower)
+    from p2pinfer import kernels
+
+    for source in {*kernels._SOURCES, kernels.REF64_SOURCE, kernels.EXP64_HEADER}:
+        assert (build / "p2pinfer" / "kernels" / source.name).read_bytes() == source.read_bytes(), source.name
     # The built copy's CLI reads its own peers.txt: list a node there that does not run, and the copy says so.
     ghost = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWH6m3miAi8jpijSu4WZiKX28yG2fmFxJEk71Ga88CLSAo"
     shipped.write_text(f"{ghost}\n")

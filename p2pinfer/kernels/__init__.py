@@ -82,7 +82,8 @@ AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
 ATTENTION_SOURCE = Path(__file__).with_name("qattn.c")  # #included by SOURCE
 SWIGLU_SOURCE = Path(__file__).with_name("swiglu.c")  # #included by SOURCE
 ROWSTATS_SOURCE = Path(__file__).with_name("rowstats.c")  # #included by SOURCE
-_SOURCES = (SOURCE, AMX_SOURCE, AVX2_SOURCE, ATTENTION_SOURCE, SWIGLU_SOURCE, ROWSTATS_SOURCE)
+EXP64_HEADER = Path(__file__).with_name("exp64.h")  # #included by rowstats.c and ref64.c
+_SOURCES = (SOURCE, AMX_SOURCE, AVX2_SOURCE, ATTENTION_SOURCE, SWIGLU_SOURCE, ROWSTATS_SOURCE, EXP64_HEADER)
 #: the float64 products of the near-tie reference (runtime/reference.py): a library of its own, loaded with ctypes
 REF64_SOURCE = Path(__file__).with_name("ref64.c")
 DOMAIN = "p2pinfer"
@@ -179,7 +180,7 @@ def ref64_library_path() -> Path | None:
     compiler, flags and cache as the 4-bit kernel; None (reason logged once, ``kernel.unavailable`` with a
     ``ref64_`` reason) without a compiler or with ``P2PINFER_REF64_KERNEL=0``: the reference then multiplies
     with numpy. A library built for a CPU without AVX-512 reports itself unavailable (``p2pinfer_ref64_available``)."""
-    return _library_path("P2PINFER_REF64_KERNEL", "ref64", (REF64_SOURCE,),
+    return _library_path("P2PINFER_REF64_KERNEL", "ref64", (REF64_SOURCE, EXP64_HEADER),
                          lambda reason, detail: _unavailable("ref64_" + reason, detail), hold=False,
                          disabled="P2PINFER_REF64_KERNEL=0: the float64 reference multiplies with numpy",
                          no_compiler="no C compiler found; the float64 reference multiplies with numpy")

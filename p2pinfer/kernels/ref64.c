@@ -21,6 +21,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#include "exp64.h"
 
 int p2pinfer_ref64_available(void) { return 1; }
 
@@ -363,16 +364,7 @@ int p2pinfer_ref64_f32(const double *a, int64_t m, int64_t k, int64_t lda, const
 static inline __m512d exp_pd(__m512d x) {
     const __mmask8 normal = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.39), _CMP_NLT_UQ);  /* NaN: kept */
     x = _mm512_max_pd(_mm512_set1_pd(-709.0), x);  /* the second operand where either is NaN: NaN stays NaN */
-    const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634074)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93147180369123816490e-01), x);
-    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.90821492927058770002e-10), r);
-    static const double c[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
-                                 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600,
-                                 1.0 / 6227020800.0};
-    __m512d p = _mm512_set1_pd(c[13]);
-    for (int t = 12; t >= 0; t--) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c[t]));
-    return _mm512_maskz_mov_pd(normal, _mm512_scalef_pd(p, n));
+    return _mm512_maskz_mov_pd(normal, exp64_clamped(x));
 }
 
 /* ---- the MLP's activation: silu(gate) x up ------------------------------------------------------------------ */
