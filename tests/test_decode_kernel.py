@@ -551,3 +551,38 @@ def test_every_integer_build_computes_the_stated_algorithm_bit_for_bit(tmp_path:
             for march, session in sessions.items():
                 got = session.run(None, {"x": x[None, None]})[0][0, 0]
                 assert np.array_equal(_bits(got), _bits(expected)), (march, cols, factor, trial)
+
+
+def test_a_source_that_fails_for_this_cpu_builds_portable_and_says_why(tmp_path: Path, monkeypatch) -> None:
+    """A kernel source that does not compile with -march=native (a bug in its AVX-512 code, say) still gives a
+    working library, built without the CPU's instructions, several times slower: that is logged with the
+    compiler's first error, never silent (a broken AVX-512 block once fell back unnoticed by the tests that do
+    not look at the library's instruction set)."""
+    import io
+    import json
+
+    from p2pinfer import log
+
+    monkeypatch.setenv("P2PINFER_KERNEL_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "probe.c"
+    source.write_text("#if defined(__SSE4_2__)\n#error this CPU's instructions break it\n#endif\n"
+                      "int p2pinfer_probe(void) { return 1; }\n")
+    stream = io.StringIO()
+    log.configure(json=True, level="warning", stream=stream)
+    try:
+        built = kernels._build(kernels._compiler(), "native", sources=(source,), stem="probe")
+    finally:
+        log.configure()
+    assert built is not None and built.is_file()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    warned = [r for r in records if r["event"] == "kernel.built_without_march"]
+    assert len(warned) == 1 and "this CPU's instructions break it" in warned[0]["error"], records
+    # a source that builds for this CPU says nothing of the kind
+    source.write_text("int p2pinfer_probe(void) { return 2; }\n")
+    stream = io.StringIO()
+    log.configure(json=True, level="warning", stream=stream)
+    try:
+        assert kernels._build(kernels._compiler(), "native", sources=(source,), stem="probe") is not None
+    finally:
+        log.configure()
+    assert "kernel.built_without_march" not in stream.getvalue()

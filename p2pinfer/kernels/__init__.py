@@ -240,20 +240,30 @@ def _build(cc: str, march: str = "native", *, sources: tuple[Path, ...] = _SOURC
             out = Path(tmp) / target.name
             # -z nodelete: onnxruntime dlcloses the library with each session's options; the kernel's worker
             # threads live on, so its code and state must stay loaded (a reload would reset the pool under them)
+            first_error = ""
             for flags in ([f"-march={march}", "-Wl,-z,nodelete"], ["-Wl,-z,nodelete"], []):
                 done = subprocess.run([cc, "-O3", *flags, "-fPIC", "-shared", "-pthread", str(sources[0]), "-o", str(out)],
                                       capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
                     break
+                first_error = first_error or _first_error(done.stderr)
             else:
                 fail("compile_failed", done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
                 return None
+            if first_error:  # works, but without this CPU's instructions: several times slower, so say why
+                _log().warning("kernel.built_without_march", march=march, stem=stem, error=first_error)
             os.replace(out, target)  # atomic: concurrent builders each write their own file
     except (OSError, subprocess.SubprocessError) as exc:
         fail("compile_failed", str(exc))
         return None
     _log().info("kernel.built", path=str(target))
     return target
+
+
+def _first_error(stderr: str) -> str:
+    """The compiler's first error line (the cause; later ones often follow from it), else its last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    return next((ln for ln in lines if "error" in ln), lines[-1] if lines else "failed")
 
 
 def amx_wanted() -> bool:

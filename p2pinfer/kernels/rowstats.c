@@ -76,69 +76,6 @@ static inline __m512d exp_nonpositive(__m512d t) {
     return exp64_clamped(_mm512_max_pd(t, _mm512_set1_pd(-746.0)));
 }
 
-/* one row; 1 when it holds a NaN */
-static int scan_row(const float *x, int64_t n, const int64_t *ex, int64_t k, int64_t *id, float *best, float *second) {
-    int64_t sorted[ROWSTATS_MAX_EXCLUDED];
-    int64_t m = 0;
-    for (int64_t j = 0; j < k; j++) {  /* insertion sort of the excluded indices in range (few) */
-        int64_t v = ex[j];
-        if (v < 0 || v >= n) continue;
-        int64_t p = m++;
-        while (p > 0 && sorted[p - 1] > v) { sorted[p] = sorted[p - 1]; p--; }
-        sorted[p] = v;
-    }
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    __m512 b = ninf, s = ninf;  /* per lane: the best value (first index on ties) and the largest of the rest */
-    __m512i bi = _mm512_setzero_si512();
-    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i step = _mm512_set1_epi32(16);
-    __mmask16 nan = 0;
-    int64_t p = 0;
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 live = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-        __m512 v = _mm512_mask_loadu_ps(ninf, live, x + i);
-        nan |= _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q);
-        for (; p < m && sorted[p] < i + 16; p++) v = _mm512_mask_mov_ps(v, (__mmask16)(1u << (sorted[p] - i)), ninf);
-        __mmask16 gt = _mm512_cmp_ps_mask(v, b, _CMP_GT_OQ);  /* strictly larger: the earlier index stays on ties */
-        s = _mm512_max_ps(s, _mm512_mask_mov_ps(v, gt, b));     /* the smaller of the pair joins the rest */
-        b = _mm512_mask_mov_ps(b, gt, v);
-        bi = _mm512_mask_mov_epi32(bi, gt, idx);
-        idx = _mm512_add_epi32(idx, step);
-    }
-    if (nan) return 1;
-    float bv[16], sv[16];
-    int32_t biv[16];
-    _mm512_storeu_ps(bv, b);
-    _mm512_storeu_ps(sv, s);
-    _mm512_storeu_si512(biv, bi);
-    int lane = 0;
-    for (int l = 1; l < 16; l++)
-        if (bv[l] > bv[lane] || (bv[l] == bv[lane] && biv[l] < biv[lane])) lane = l;
-    float sec = sv[lane];  /* the rest: the winning lane's others and every other lane's best */
-    for (int l = 0; l < 16; l++)
-        if (l != lane && bv[l] > sec) sec = bv[l];
-    *best = bv[lane];
-    *second = sec;
-    *id = bv[lane] == -INFINITY ? 0 : biv[lane];  /* every value -inf: numpy's argmax is 0 */
-    return 0;
-}
-
-/* exp(t) of 8 doubles t <= 0 (-inf included): t = k ln2 + r by Cody-Waite, |r| <= ln2 / 2, the degree-13 Taylor
-   polynomial of exp(r) (its truncation is below 2^-57 relative), scaled by 2^k. Within 1 ulp of libm's exp over
-   [-745, 0] (2 million random arguments); 0 below -745.2, as exp. */
-static inline __m512d exp_nonpositive(__m512d t) {
-    const __m512d log2e = _mm512_set1_pd(1.4426950408889634074);
-    const __m512d ln2_hi = _mm512_set1_pd(6.93147180369123816490e-01), ln2_lo = _mm512_set1_pd(1.90821492927058770002e-10);
-    t = _mm512_max_pd(t, _mm512_set1_pd(-746.0));
-    __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(t, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512d r = _mm512_fnmadd_pd(k, ln2_lo, _mm512_fnmadd_pd(k, ln2_hi, t));
-    static const double c[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
-                                 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
-    __m512d poly = _mm512_set1_pd(c[13]);
-    for (int j = 12; j >= 0; j--) poly = _mm512_fmadd_pd(poly, r, _mm512_set1_pd(c[j]));
-    return _mm512_scalef_pd(poly, k);
-}
-
 /* one row; 1 when it holds a NaN or +inf or only -inf */
 static int log_norm_row(const float *row, int64_t n, double *shift, double *log_norm) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY), pinf = _mm512_set1_ps(INFINITY);
