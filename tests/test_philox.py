@@ -110,3 +110,41 @@ def test_without_the_kernel_library_numpy_computes_the_same_words(monkeypatch: p
 def test_mismatched_keys_and_indices_are_refused() -> None:
     with pytest.raises(ValueError):
         draws(_pairs([1, 2]), np.arange(3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(1.0, 0, 1.0), (0.8, 40, 1.0), (0.8, 0, 0.95), (1.5, 0, 1.0)]),
+       st.sampled_from([5000, 49_152]), st.sampled_from([1e-4, 1.79e-3, 0.5]))
+def test_the_checks_verdicts_are_the_same_with_numpys_words(seed, setting, vocab, tolerance) -> None:
+    """judge_rows end to end (its plain rows read whole streams, its top-k/top-p rows words at chosen IDs): the
+    same verdicts and near-tie flags with the C words as with numpy's, on rows shaped like a model's (a few strong
+    tokens over a long tail; with wide tolerances near ties are common). The rows are made once, so only the
+    Philox words' source differs."""
+    import os
+
+    from p2pinfer.runtime.sampling import LogProbRows, SamplingParams, judge_rows, sample, sampling_seed
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, (20, vocab))  # 20 rows: two threads judge them (row_halves)
+    for r in range(20):
+        logits[r, rng.choice(vocab, 4, replace=False)] += rng.uniform(0, 12, 4)
+    rows = LogProbRows.from_logits(logits.astype(np.float32))
+    temperature, top_k, top_p = setting
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    material = sampling_seed(bytes(32), seed)
+    tokens = np.array([sample(rows.row(r), params, material, 7 + r) if r % 3 else int(rng.integers(0, vocab))
+                       for r in range(20)])
+    with_c = judge_rows(rows, params, material, 7, tokens, tolerance)
+    before = os.environ.get("P2PINFER_DECODE_KERNEL")
+    os.environ["P2PINFER_DECODE_KERNEL"] = "0"
+    try:
+        assert philox._functions() is None
+        with_numpy = judge_rows(rows, params, material, 7, tokens, tolerance)
+    finally:
+        if before is None:
+            del os.environ["P2PINFER_DECODE_KERNEL"]
+        else:
+            os.environ["P2PINFER_DECODE_KERNEL"] = before
+    np.testing.assert_array_equal(with_c[0], with_numpy[0])
+    np.testing.assert_array_equal(with_c[1], with_numpy[1])
+    assert with_c[0][[r for r in range(20) if r % 3]].all()  # the honest picks pass
