@@ -103,6 +103,9 @@ def test_without_the_kernel_library_numpy_computes_the_same_words(monkeypatch: p
     want = _numpy_stream(key, 1001)
     np.testing.assert_array_equal(got, want)
     assert largest == int(want.max())
+    words, nothing = stream(key, 1001, largest=False)  # the sampler's draws: no pass for the largest word
+    np.testing.assert_array_equal(words, want)
+    assert nothing is None
     ids = np.array([0, 3, 4, 1000, 2**63], dtype=np.uint64)
     np.testing.assert_array_equal(draws(_pairs([key] * 5), ids)[:4], want[[0, 3, 4, 1000]])
 

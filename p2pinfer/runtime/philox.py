@@ -91,23 +91,24 @@ def draws_numpy(pairs: np.ndarray, ids: np.ndarray) -> np.ndarray:
 _MASK64 = 2**64 - 1
 
 
-def stream(key: int, n: int, *, scalar: bool = False) -> tuple[np.ndarray, int]:
+def stream(key: int, n: int, *, scalar: bool = False, largest: bool = True) -> tuple[np.ndarray, int | None]:
     """Draws ``0 .. n-1`` of the numpy Philox stream keyed ``key`` (a 128-bit int; ``Philox(key=key).random_raw(n)``
     from a fresh generator) and the largest of them (0 when ``n`` is 0), which the sampled check needs and C
-    finds in the same pass. ``scalar``: as in :func:`draws`."""
+    finds in the same pass; numpy's path looks for it only when asked (``largest``; else None there). ``scalar``:
+    as in :func:`draws`."""
     lib = _functions()
     if lib is None:
-        return stream_numpy(key, n)
+        return stream_numpy(key, n, largest=largest)
     out = np.empty(n, dtype=np.uint64)
-    largest = ctypes.c_uint64(0)
-    lib.p2pinfer_philox_stream(key & _MASK64, key >> 64, n, out.ctypes.data, ctypes.byref(largest), int(scalar))
-    return out, int(largest.value)
+    top = ctypes.c_uint64(0)
+    lib.p2pinfer_philox_stream(key & _MASK64, key >> 64, n, out.ctypes.data, ctypes.byref(top), int(scalar))
+    return out, int(top.value)
 
 
 _generators = threading.local()  # one numpy generator per thread, re-keyed per stream (constructing one costs more)
 
 
-def stream_numpy(key: int, n: int) -> tuple[np.ndarray, int]:
+def stream_numpy(key: int, n: int, *, largest: bool = True) -> tuple[np.ndarray, int | None]:
     """:func:`stream` with numpy's own generator."""
     generator = getattr(_generators, "philox", None)
     if generator is None:
@@ -117,7 +118,7 @@ def stream_numpy(key: int, n: int) -> tuple[np.ndarray, int]:
                                  "key": np.array([key & _MASK64, key >> 64], np.uint64)},
                        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
     out = generator.random_raw(n)
-    return out, int(out.max()) if n else 0
+    return out, (int(out.max()) if n else 0) if largest else None
 
 
 _P = ctypes.c_void_p

@@ -138,8 +138,9 @@ def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
 
 
 def _philox_draws(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
-    """The first ``vocab`` raw 64-bit Philox draws of output index ``index``."""
-    return philox.stream(noise_key(seed_material, index), vocab)[0]
+    """The first ``vocab`` raw 64-bit Philox draws of output index ``index`` (numpy's Philox stream, computed by
+    ``kernels/philox.c`` where the kernel library runs: the same integers)."""
+    return philox.stream(noise_key(seed_material, index), vocab, largest=False)[0]
 
 
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
