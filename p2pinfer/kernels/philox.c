@@ -5,10 +5,13 @@
  * Why: a verifier checking plain sampling draws every checked row's whole stream (one 64-bit word per vocabulary
  * entry: 49,152 a row on SmolLM2): numpy's random_raw costs ~2.7-3 ns a word on the Zen 5 development host, more
  * than half of a T=1 row's check. Here, with AVX-512, 32 blocks of four words are computed side by side (eight
- * per register, four registers' worth in flight to cover the rounds' latency), each 64x64->128-bit product from
- * four 32x32->64-bit vpmuludq: ~0.66 ns a word there. A scalar version (one mulx per product) was measured at
- * ~1.7 ns a word as gcc compiles it and ~1.3 ns hand-scheduled, bound by the multiplier's latency chain and the
- * sixteen general registers; it stays as the path without AVX-512 and for the last few blocks of a stream.
+ * per register, four registers in flight to cover the rounds' latency; one or two left it exposed), each
+ * 64x64->128-bit product from four 32x32->64-bit vpmuludq: ~0.7 ns a word there (benchmarks/philox.py). Top-k/top-p
+ * rows need words at a few hundred chosen indices under a key per row (p2pinfer_philox_draws): ~3 ns a word,
+ * where numpy's vectorized blocks (runtime/philox.py) take ~115. A scalar version (one mulx per product) runs at
+ * ~2 ns a word as gcc compiles it (interleaving two to eight blocks did not help: gcc spills the 128-bit products;
+ * hand-scheduled inline asm of three blocks reached ~1.3 ns, bound by the multiplies' latency chain and the
+ * sixteen general registers); it is the path without AVX-512 and computes the last few blocks of a stream.
  *
  * The stream (numpy's Philox, Random123's philox4x64 with 10 rounds): the 256-bit counter is incremented before
  * each block, so word v of the stream keyed (key_lo, key_hi) is word v % 4 of the block at counter
@@ -132,7 +135,8 @@ static inline __attribute__((always_inline)) __m512i philox_stream8(uint64_t fir
         x1[g] = x2[g] = x3[g] = _mm512_setzero_si512();
     }
     philox_rounds8(x0, x1, x2, x3, groups, &k0, &k1, 1);
-    const __m512i lower = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), upper = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const __m512i lower = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i upper = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     for (int g = 0; g < groups; g++) {
         /* 4 x 8 transpose: block b's words x0..x3 to out[4 b .. 4 b + 3]. Per 128-bit lane i, a and c hold the words
            of block 2i, b and d those of block 2i + 1 */
@@ -153,7 +157,8 @@ static inline __attribute__((always_inline)) __m512i philox_stream8(uint64_t fir
 /* out[j] = draw ids[j] under key (keys[2 j], keys[2 j + 1]) for j < 8 groups: eight keys and counters per register */
 static inline __attribute__((always_inline)) void philox_draws8(const uint64_t *keys, const uint64_t *ids, int groups,
                                                                 uint64_t *out) {
-    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
     const __m512i one = _mm512_set1_epi64(1), two = _mm512_set1_epi64(2), three = _mm512_set1_epi64(3);
     __m512i x0[PHILOX_GROUPS], x1[PHILOX_GROUPS], x2[PHILOX_GROUPS], x3[PHILOX_GROUPS], k0[PHILOX_GROUPS],
         k1[PHILOX_GROUPS], id[PHILOX_GROUPS];

@@ -83,7 +83,8 @@ def draws(key: np.ndarray, ids: np.ndarray, *, scalar: bool = False) -> np.ndarr
 
 
 def draws_numpy(pairs: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """:func:`draws` with numpy's integer arithmetic (:func:`blocks`): ``pairs`` ``[n, 2]`` uint64 keys, ``ids`` uint64."""
+    """:func:`draws` with numpy's integer arithmetic (:func:`blocks`): ``pairs`` ``[n, 2]`` uint64 keys, ``ids``
+    uint64."""
     words = blocks(pairs[:, 0], pairs[:, 1], ids // np.uint64(4) + np.uint64(1))
     return words[np.arange(ids.shape[0]), (ids % np.uint64(4)).astype(np.intp)]
 
