@@ -4,8 +4,9 @@ process, interleaved, best of N.
     python benchmarks/sampled_check.py OLD_TREE [--rounds 5] [--tolerance 1.79e-3] [--logits FILE.npz]
 
 ``OLD_TREE`` is a checkout to compare against (``git archive main | tar -x -C /tmp/old``); its
-``p2pinfer/runtime/sampling.py`` is loaded beside this tree's (its relative imports resolve to this tree's
-``philox``/``row_halves``/``wire``, which the check only adds to). The default model (SmolLM2-135M-Instruct,
+``p2pinfer/runtime/sampling.py`` and ``philox.py`` are loaded beside this tree's (the old sampling module then
+reads the old philox module; its other relative imports resolve to this tree's ``row_halves``/``wire``/
+``row_stats``, which the check only adds to). The default model (SmolLM2-135M-Instruct,
 ``q4_1-cpu``) generates 128 tokens for each of three chat prompts under each sampling setting (T = 0.8 with
 top-p 0.95, plain T = 1, T = 0.8 with top-k 40; seed material all zeros); the verifier's forward gives their
 float32 logits (``--logits`` caches them). Each request's 128 rows then go through both trees' ``judge_rows``
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
                                                   args.old / "p2pinfer" / "runtime" / "sampling.py")
     old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(old)
+    old_philox = args.old / "p2pinfer" / "runtime" / "philox.py"
+    if old_philox.exists():  # the old tree's Philox words too (numpy's, before kernels/philox.c)
+        spec = importlib.util.spec_from_file_location("p2pinfer.runtime._philox_old", old_philox)
+        old.philox = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old.philox)
     if args.logits and args.logits.exists():
         data = dict(np.load(args.logits))
     else:

@@ -82,8 +82,10 @@ AVX2_SOURCE = Path(__file__).with_name("qdecode_avx2.c")  # #included by SOURCE
 ATTENTION_SOURCE = Path(__file__).with_name("qattn.c")  # #included by SOURCE
 SWIGLU_SOURCE = Path(__file__).with_name("swiglu.c")  # #included by SOURCE
 ROWSTATS_SOURCE = Path(__file__).with_name("rowstats.c")  # #included by SOURCE
+PHILOX_SOURCE = Path(__file__).with_name("philox.c")  # #included by SOURCE
 EXP64_HEADER = Path(__file__).with_name("exp64.h")  # #included by rowstats.c and ref64.c
-_SOURCES = (SOURCE, AMX_SOURCE, AVX2_SOURCE, ATTENTION_SOURCE, SWIGLU_SOURCE, ROWSTATS_SOURCE, EXP64_HEADER)
+_SOURCES = (SOURCE, AMX_SOURCE, AVX2_SOURCE, ATTENTION_SOURCE, SWIGLU_SOURCE, ROWSTATS_SOURCE, PHILOX_SOURCE,
+            EXP64_HEADER)
 #: the float64 products of the near-tie reference (runtime/reference.py): a library of its own, loaded with ctypes
 REF64_SOURCE = Path(__file__).with_name("ref64.c")
 DOMAIN = "p2pinfer"
@@ -170,7 +172,8 @@ def library_path() -> Path | None:
 
 def library() -> ctypes.CDLL | None:
     """The kernel library as loaded in this process (built on first use), for its plain C functions
-    (``rowstats.c``: :mod:`p2pinfer.runtime.row_stats`); None where :func:`library_path` is."""
+    (``rowstats.c``: :mod:`p2pinfer.runtime.row_stats`; ``philox.c``: :mod:`p2pinfer.runtime.philox`); None where
+    :func:`library_path` is."""
     path = library_path()
     return None if path is None else _handles.get(path)
 

@@ -916,6 +916,7 @@ static op_def_t ops[] = {OP("QMatMul1", 1, 0), OP("QMatMul1M", 1, 1), OP("QMatMu
 #include "qattn.c"  /* GQAttention: GroupQueryAttention on the same thread pool (qattn_op) */
 #include "swiglu.c"  /* SwiGLU: the MLP's Split + QuickGelu + Mul as one op (swiglu_op) */
 #include "rowstats.c"  /* the check's per-row statistics of float32 logits (runtime/row_stats.py) */
+#include "philox.c"  /* the sampled check's Philox draws (runtime/philox.py) */
 
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     g_api = base->GetApi(1);

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,7 +94,6 @@ def noise_key(seed_material: bytes, index: int) -> int:
     return int.from_bytes(tagged_hash(NOISE_DOMAIN, seed_material, int(index).to_bytes(8, "big"))[:16], "big")
 
 
-_philox = threading.local()  # one generator per thread, re-keyed per position (constructing one costs more)
 G_MAX = -math.log(-math.log1p(-2.0**-54))  # the largest Gumbel value a u of this module can give (< 37.5)
 _PROBE = 64  # tokens whose keys bound the winner's before any other noise is computed (rows with NaN/+inf)
 _PROBE_NATS = 4.0  # otherwise the tokens this close to the row's best value probe it (one comparison, no sort)
@@ -140,16 +138,9 @@ def _raw_noise(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
 
 
 def _philox_draws(seed_material: bytes, index: int, vocab: int) -> np.ndarray:
-    """The first ``vocab`` raw 64-bit Philox draws of output index ``index``."""
-    key = noise_key(seed_material, index)
-    generator = getattr(_philox, "generator", None)
-    if generator is None:
-        generator = _philox.generator = np.random.Philox(key=0)
-    generator.state = {"bit_generator": "Philox",
-                       "state": {"counter": np.zeros(4, np.uint64),
-                                 "key": np.array([key & (2**64 - 1), key >> 64], np.uint64)},
-                       "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
-    return generator.random_raw(vocab)
+    """The first ``vocab`` raw 64-bit Philox draws of output index ``index`` (numpy's Philox stream, computed by
+    ``kernels/philox.c`` where the kernel library runs: the same integers)."""
+    return philox.stream(noise_key(seed_material, index), vocab, largest=False)[0]
 
 
 def gumbel_keys(scaled: np.ndarray, seed_material: bytes, index: int, margin: float = 0.0,
@@ -979,12 +970,13 @@ def _judge_plain(head: _Head, params: SamplingParams, seed_material: bytes, inde
     gumbel_keys' bits, so the best and second-best keys, the best's ID (the lowest among equal keys) and the
     token's key, hence both verdicts, are those of :func:`_judge_all`."""
     slack = sampler_slack(params, tolerance)
-    draws = _philox_draws(seed_material, index, head.x.shape[0])  # not shifted: only the draws read are
+    # not shifted: only the draws read are; the largest draw comes from the same pass (C) or draws.max() (numpy)
+    draws, largest = philox.stream(noise_key(seed_material, index), head.x.shape[0])
 
     def noise(ids: np.ndarray) -> np.ndarray:  # g at ids: uniforms' and gumbel_keys' operations, the same bits
         return np.log(-np.log(((draws[ids] >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53))
 
-    u_top = (float(draws.max() >> np.uint64(11)) + 0.5) * 2.0**-53  # the largest u (the shift is monotone)
+    u_top = (float(largest >> 11) + 0.5) * 2.0**-53  # the largest u (the shift is monotone)
     g_cap = min(float(-np.log(-np.log(u_top))) + _G_PAD, G_MAX)
     top_key = float((head.scaled(np.array([top_id])) - noise(np.array([top_id])))[0])
     ids, vals = head.at_least(top_key - slack - g_cap, head.x.shape[0])
