@@ -32,6 +32,18 @@
 
 typedef int32_t vec16i __attribute__((vector_size(64)));
 typedef float vec16f __attribute__((vector_size(64)));
+/* the CPU's own vector: the products (scores, values) of builds without AVX-512 run on it. Their sixteen-lane
+   vectors are no machine type there: GCC kept every accumulator of those loops in memory (measured on an
+   x86-64-v3 build here: ~5 GFLOP/s, 45x slower than AVX-512). Each lane's chain of operations is the same at any
+   width: the same bits. */
+#if defined(__AVX512F__)
+#define QA_W 16
+#elif defined(__AVX__)
+#define QA_W 8
+#else
+#define QA_W 4
+#endif
+typedef float vecwf __attribute__((vector_size(QA_W * 4)));
 
 #define QA_MAX_HEAD 256  /* head sizes up to this (multiples of 16) */
 #define QA_ROWS 4        /* positions per work unit: their transposed keys and values are read once for all four */
@@ -145,6 +157,7 @@ static void qa_transpose_part(void *arg, int part, int parts) {
 #define QA_KEEP(v) ((void)0)
 #endif
 
+#if QA_W == 16
 /* scores of rows 0 .. R-1 (queries q[r], hd wide) for the 16 C keys of chunks c0 .. c0 + C - 1: per score one
    sequential chain of fused multiply-adds over the dimensions d = 0 .. hd - 1 (a lane of one accumulator); each
    chunk's vector of dimension d loaded once for all R rows */
@@ -179,6 +192,37 @@ static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_
     if (C > 2 && c + 2 <= chunks) { qa_scores_block(q, kt, c, R, 2, hd, scratch, stride); c += 2; }
     if (c < chunks) qa_scores_block(q, kt, c, R, 1, hd, scratch, stride);
 }
+#else
+/* the same scores on QA_W-lane vectors: chunk c's lanes in 16 / QA_W pieces, R x C x pieces accumulators (at most 8,
+   as the 16 AVX registers hold them with the keys) */
+static inline __attribute__((always_inline)) void qa_scores_block(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t c0,
+                                                                  const int R, const int C, const int hd, float *scratch,
+                                                                  int64_t stride) {
+    const int P = 16 / QA_W;
+    vecwf acc[4][4 * (16 / QA_W)];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C * P; c++) acc[r][c] = (vecwf){0};
+    for (int d = 0; d < hd; d++) {
+        vecwf k[4 * (16 / QA_W)];
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < P; p++) memcpy(&k[c * P + p], kt + ((size_t)(c0 + c) * hd + d) * 16 + p * QA_W, sizeof(vecwf));
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C * P; c++) acc[r][c] += q[r][d] * k[c];
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < P; p++) memcpy(scratch + r * stride + 16 * (c0 + c) + p * QA_W, &acc[r][c * P + p], sizeof(vecwf));
+}
+
+static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t chunks,
+                                                            const int R, const int hd, float *scratch, int64_t stride) {
+    const int C = 8 / (R * (16 / QA_W)) > 1 ? 8 / (R * (16 / QA_W)) : 1;
+    int64_t c = 0;
+    for (; c + C <= chunks; c += C) qa_scores_block(q, kt, c, R, C, hd, scratch, stride);
+    if (C > 2 && c + 2 <= chunks) { qa_scores_block(q, kt, c, R, 2, hd, scratch, stride); c += 2; }
+    for (; c < chunks; c++) qa_scores_block(q, kt, c, R, 1, hd, scratch, stride);
+}
+#endif
 
 /* a > b ? a : b per lane: x86's maxps exactly (with NaN or -0 vs +0 it is b), one instruction on AVX-512 */
 static inline __attribute__((always_inline)) vec16f qa_max(vec16f a, vec16f b) {
@@ -221,6 +265,7 @@ static inline __attribute__((always_inline)) vec16f qa_exp(vec16f x) {
 #endif
 }
 
+#if QA_W == 16
 /* one row's softmax weights in place: its scores e[0 .. n-1] (times alpha) become e^(score - max), zeros after them
    to the end of the last chunk; returns their sum (a 16-lane accumulation over the chunks in order, then
    qa_lanes_sum), *bad set when a score is NaN or infinite (the row is then NaN: its weights are not used).
@@ -281,12 +326,100 @@ static inline __attribute__((always_inline)) float qa_softmax(float *e, int64_t 
     }
     return qa_lanes_sum(acc);
 }
+#else
+typedef int32_t vecwi __attribute__((vector_size(QA_W * 4)));
 
-/* acc[r] = sum_{t < n0} e[r][t] v_t for the rows r < rows (e: row r at scratch + r * stride), sequential over t;
-   v_t loaded once for all rows (where the accumulators and v_t fit the 32 registers) */
+static inline __attribute__((always_inline)) vecwf qa_maxw(vecwf a, vecwf b) {
+    vecwi gt = a > b;
+    return (vecwf)(((vecwi)a & gt) | ((vecwi)b & ~gt));
+}
+
+/* qa_exp on QA_W lanes: the same operations per lane */
+static inline __attribute__((always_inline)) vecwf qa_expw(vecwf x) {
+    const vecwf lo = (vecwf){0} - 87.3365447f;
+    x = qa_maxw(lo, x);
+    vecwf y = x * 1.44269504088896341f - 0.5f;
+    vecwi n = __builtin_convertvector(y, vecwi);
+    vecwf fn = __builtin_convertvector(n, vecwf);
+    vecwf r = x - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    vecwf p = (vecwf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    return p * (vecwf)((n + 127) << 23);
+}
+
+/* qa_softmax on QA_W-lane vectors: the sixteen lanes' sums in 16 / QA_W accumulators, then the same tree */
+static inline __attribute__((always_inline)) float qa_softmax(float *e, int64_t n, float alpha, int *bad) {
+    const int P = 16 / QA_W;
+    const int64_t full = n / 16;
+    const int tail = (int)(n % 16);
+    if (alpha != 1.0f)
+        for (int64_t t = 0; t < n; t++) e[t] *= alpha;
+    const vecwf none = (vecwf){0} - __builtin_inff();
+    vecwi lanes;
+    for (int l = 0; l < QA_W; l++) lanes[l] = l;
+    vecwf m = none, z = (vecwf){0};
+    for (int64_t c = 0; c < full; c++)
+        for (int p = 0; p < P; p++) {
+            vecwf a;
+            memcpy(&a, e + 16 * c + p * QA_W, sizeof(a));
+            m = qa_maxw(a, m);
+            z = a * 0.0f + z;
+        }
+    if (tail)
+        for (int p = 0; p < P; p++) {
+            vecwi live = lanes + p * QA_W < tail;
+            vecwf a;
+            memcpy(&a, e + 16 * full + p * QA_W, sizeof(a));
+            a = (vecwf)((vecwi)a & live);
+            z = a * 0.0f + z;
+            m = qa_maxw((vecwf)((vecwi)a | ((vecwi)none & ~live)), m);
+        }
+    float mx = m[0];
+    int any_odd = 0;
+    for (int l = 0; l < QA_W; l++) {
+        mx = m[l] > mx ? m[l] : mx;
+        any_odd |= !(z[l] == 0.0f);  /* a NaN */
+    }
+    *bad = any_odd;
+    vecwf acc[16 / QA_W];
+    for (int p = 0; p < P; p++) acc[p] = (vecwf){0};
+    for (int64_t c = 0; c < full; c++)
+        for (int p = 0; p < P; p++) {
+            vecwf a;
+            memcpy(&a, e + 16 * c + p * QA_W, sizeof(a));
+            a = qa_expw(a - mx);
+            memcpy(e + 16 * c + p * QA_W, &a, sizeof(a));
+            acc[p] += a;
+        }
+    if (tail)
+        for (int p = 0; p < P; p++) {
+            vecwi live = lanes + p * QA_W < tail;
+            vecwf a;
+            memcpy(&a, e + 16 * full + p * QA_W, sizeof(a));
+            a = (vecwf)((vecwi)qa_expw(a - mx) & live);
+            memcpy(e + 16 * full + p * QA_W, &a, sizeof(a));
+            acc[p] += a;
+        }
+    vec16f sum;
+    memcpy(&sum, acc, sizeof(sum));
+    return qa_lanes_sum(sum);
+}
+#endif
+
+#if QA_W == 16
+/* acc[r] = sum_{t < n[r]} e[r][t] v_t for the rows r < rows (e: row r at scratch + r * stride), sequential over t:
+   the keys all rows share (t < n[0]) with v_t loaded once for all rows (where the accumulators and v_t fit the 32
+   registers), then each row's last */
 static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
-                                                            int64_t stride, const float *V, int64_t n0, const int rows,
-                                                            const int hd) {
+                                                            int64_t stride, const float *V, const int64_t *n,
+                                                            const int rows, const int hd) {
+    const int64_t n0 = n[0];
     vec16f a[QA_ROWS][QA_MAX_HEAD / 16];
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < hd / 16; c++) a[r][c] = (vec16f){0};
@@ -301,9 +434,43 @@ static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][
             for (int c = 0; c < hd / 16; c++) a[r][c] += w * vv[c];
         }
     }
+    for (int r = 1; r < rows; r++)
+        for (int64_t t = n0; t < n[r]; t++)
+            for (int c = 0; c < hd / 16; c++) a[r][c] += scratch[r * stride + t] * qa_load(V + t * hd + 16 * c);
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < hd / 16; c++) acc[r][c] = a[r][c];
 }
+#else
+/* the same sums on QA_W-lane vectors, 16 / QA_W of them (16 elements) at a time, each over all t */
+static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
+                                                            int64_t stride, const float *V, const int64_t *n,
+                                                            const int rows, const int hd) {
+    const int P = 16 / QA_W;
+    const int64_t n0 = n[0];
+    for (int c = 0; c < hd / 16; c++) {
+        vecwf a[QA_ROWS][16 / QA_W];
+        for (int r = 0; r < rows; r++)
+            for (int p = 0; p < P; p++) a[r][p] = (vecwf){0};
+        for (int64_t t = 0; t < n0; t++) {
+            vecwf vv[16 / QA_W];
+            for (int p = 0; p < P; p++) memcpy(&vv[p], V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
+            for (int r = 0; r < rows; r++) {
+                float w = scratch[r * stride + t];
+                for (int p = 0; p < P; p++) a[r][p] += w * vv[p];
+            }
+        }
+        for (int r = 1; r < rows; r++)
+            for (int64_t t = n0; t < n[r]; t++)
+                for (int p = 0; p < P; p++) {
+                    vecwf vv;
+                    memcpy(&vv, V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
+                    a[r][p] += scratch[r * stride + t] * vv;
+                }
+        for (int r = 0; r < rows; r++)
+            for (int p = 0; p < P; p++) memcpy((float *)&acc[r][c] + p * QA_W, &a[r][p], sizeof(vecwf));
+    }
+}
+#endif
 
 /* the products of one unit as functions of their own, one per row count (and SmolLM2's head size of 64): inlined into
    the unit's one large function, GCC kept each loaded vector in a register AND stored it to the stack, one extra
@@ -317,9 +484,9 @@ static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][
     }                                                                                                              \
     static __attribute__((noinline)) void qa_values_##NAME(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16],                 \
                                                            const float *scratch, int64_t stride, const float *V,   \
-                                                           int64_t n0, int hd) {                                   \
+                                                           const int64_t *n, int hd) {                             \
         (void)hd;                                                                                                  \
-        qa_values(acc, scratch, stride, V, n0, R, HD);                                                             \
+        qa_values(acc, scratch, stride, V, n, R, HD);                                                              \
     }
 QA_PRODUCTS(4, 64, 4_64)
 QA_PRODUCTS(3, 64, 3_64)
@@ -360,21 +527,18 @@ static inline __attribute__((always_inline)) void qa_unit(qattn_job_t *j, float 
     float sum[QA_ROWS];
     int bad[QA_ROWS];
     for (int r = 0; r < rows; r++) sum[r] = qa_softmax(scratch + r * stride, n[r], j->alpha, &bad[r]);
-    /* out = sum_t e_t v_t: for every row, sequential over t; the keys all rows share first, then each row's last */
+    /* out = sum_t e_t v_t: for every row, sequential over t */
     vec16f acc[QA_ROWS][QA_MAX_HEAD / 16];
     switch (rows + 4 * (hd == 64)) {
-        case 8: qa_values_4_64(acc, scratch, stride, V, n[0], hd); break;
-        case 7: qa_values_3_64(acc, scratch, stride, V, n[0], hd); break;
-        case 6: qa_values_2_64(acc, scratch, stride, V, n[0], hd); break;
-        case 5: qa_values_1_64(acc, scratch, stride, V, n[0], hd); break;
-        case 4: qa_values_4(acc, scratch, stride, V, n[0], hd); break;
-        case 3: qa_values_3(acc, scratch, stride, V, n[0], hd); break;
-        case 2: qa_values_2(acc, scratch, stride, V, n[0], hd); break;
-        default: qa_values_1(acc, scratch, stride, V, n[0], hd); break;
+        case 8: qa_values_4_64(acc, scratch, stride, V, n, hd); break;
+        case 7: qa_values_3_64(acc, scratch, stride, V, n, hd); break;
+        case 6: qa_values_2_64(acc, scratch, stride, V, n, hd); break;
+        case 5: qa_values_1_64(acc, scratch, stride, V, n, hd); break;
+        case 4: qa_values_4(acc, scratch, stride, V, n, hd); break;
+        case 3: qa_values_3(acc, scratch, stride, V, n, hd); break;
+        case 2: qa_values_2(acc, scratch, stride, V, n, hd); break;
+        default: qa_values_1(acc, scratch, stride, V, n, hd); break;
     }
-    for (int r = 1; r < rows; r++)
-        for (int64_t t = n[0]; t < n[r]; t++)
-            for (int c = 0; c < hd / 16; c++) acc[r][c] += scratch[r * stride + t] * qa_load(V + t * hd + 16 * c);
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < hd / 16; c++)
             qa_store(outrow[r] + 16 * c, bad[r] ? (vec16f){0} + __builtin_nanf("") : acc[r][c] / sum[r]);
