@@ -205,13 +205,15 @@ static inline __attribute__((always_inline)) void qa_scores_block(const float (*
     for (int d = 0; d < hd; d++) {
         vecwf k[4 * (16 / QA_W)];
         for (int c = 0; c < C; c++)
-            for (int p = 0; p < P; p++) memcpy(&k[c * P + p], kt + ((size_t)(c0 + c) * hd + d) * 16 + p * QA_W, sizeof(vecwf));
+            for (int p = 0; p < P; p++)
+                memcpy(&k[c * P + p], kt + ((size_t)(c0 + c) * hd + d) * 16 + p * QA_W, sizeof(vecwf));
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C * P; c++) acc[r][c] += q[r][d] * k[c];
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
-            for (int p = 0; p < P; p++) memcpy(scratch + r * stride + 16 * (c0 + c) + p * QA_W, &acc[r][c * P + p], sizeof(vecwf));
+            for (int p = 0; p < P; p++)
+                memcpy(scratch + r * stride + 16 * (c0 + c) + p * QA_W, &acc[r][c * P + p], sizeof(vecwf));
 }
 
 static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t chunks,
