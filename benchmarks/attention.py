@@ -1,7 +1,7 @@
 """The kernel's attention (``GQAttention``, p2pinfer/kernels/qattn.c) against onnxruntime's ``GroupQueryAttention``
 (the node the GGUF importer writes), in one process, interleaved, so that load from other processes hits both alike.
 
-    python benchmarks/attention.py [--threads 1,2] [--reps 30] [--heads 9,3,64]
+    python benchmarks/attention.py [--threads 1,2] [--reps 30] [--heads 9,3,64] [--against-tree OLD_TREE]
     python benchmarks/attention.py --model [--folder DIR] [--tokens 128,512] [--reps 5] [--threads 2]
 
 One layer (default):
@@ -10,6 +10,9 @@ verification (0, 174; 174, 128; 302, 128; 430, 130), one 560-row pass, and decod
 Per case and thread count it prints the best time of ``--reps`` runs of each and the ratio onnxruntime / kernel
 (both in one process, interleaved per case: the ratio is the figure that holds on a loaded machine). Both see a
 fresh session per case; the kernel's outputs are checked against onnxruntime's (float32 rounding) before timing.
+``--against-tree OLD_TREE``: the kernel library built from OLD_TREE's sources (e.g. ``git archive main | tar -x -C
+/tmp/old``) in place of onnxruntime's node: the same GQAttention before and after a change, whose outputs and present
+KV must be the same bits (checked before timing); the ratio is old / new.
 
 ``--model``: the default model (SmolLM2-135M-Instruct Q4_1, imported into a temporary folder unless ``--folder``)
 in two kernel sessions, one with the kernel's attention and one with onnxruntime's (``P2PINFER_KERNEL_ATTENTION=0``
@@ -62,7 +65,21 @@ def graph(nh: int, nkv: int, head: int, positions: int) -> onnx.ModelProto:
                                                helper.make_opsetid(kernels.DOMAIN, 1)], ir_version=8)
 
 
-def session(model: onnx.ModelProto, threads: int, ours: bool) -> ort.InferenceSession:
+def tree_library(tree: Path) -> Path:
+    """The kernel library built from ``tree``'s p2pinfer/kernels sources (the same compiler, flags and cache)."""
+    folder = tree / "p2pinfer" / "kernels"
+    sources = tuple(folder / s.name for s in kernels._SOURCES if (folder / s.name).is_file())
+    cc = kernels._compiler()
+    if cc is None or not sources or sources[0].name != kernels.SOURCE.name:
+        raise SystemExit(f"no C compiler, or no {kernels.SOURCE.name} in {folder}")
+    lib = kernels._build(cc, kernels._march(), sources=sources, stem="qmatmul-tree")
+    if lib is None:
+        raise SystemExit(f"the kernel library of {tree} did not build")
+    return lib
+
+
+def session(model: onnx.ModelProto, threads: int, ours: bool, lib: Path | None = None) -> ort.InferenceSession:
+    """onnxruntime's GroupQueryAttention, or (``ours``) the kernel's GQAttention from ``lib`` (default: this tree's)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -72,7 +89,7 @@ def session(model: onnx.ModelProto, threads: int, ours: bool) -> ort.InferenceSe
     if ours:
         if kernels.kernel_attention(model, threads) != 1:
             raise SystemExit("the rewrite did not take the node (P2PINFER_KERNEL_ATTENTION=0?)")
-        options.register_custom_ops_library(str(kernels.library_path()))
+        options.register_custom_ops_library(str(lib or kernels.library_path()))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -208,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--folder", help="with --model: an imported 4-bit model folder (default: import the GGUF)")
     ap.add_argument("--tokens", default="128,512", help="with --model: output lengths")
     ap.add_argument("--profile", action="store_true", help="with --model: onnxruntime's per-operator profile too")
+    ap.add_argument("--against-tree", metavar="OLD_TREE",
+                    help="compare with the GQAttention of OLD_TREE's kernel library instead of onnxruntime's node")
     args = ap.parse_args(argv)
     if args.model:
         if args.reps == 30:
@@ -217,28 +236,45 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the kernel library is unavailable (no C compiler?)")
     nh, nkv, head = (int(v) for v in args.heads.split(","))
     model = graph(nh, nkv, head, 1024)
+    old = tree_library(Path(args.against_tree)) if args.against_tree else None
+    theirs_name = "old GQAttention" if old else "GroupQueryAttention"
     rng = np.random.default_rng(0)
     print(f"heads {nh}/{nkv}, head size {head}, isa {kernels.library_isa(kernels.library_path())}; best of {args.reps}")
     for threads in (int(t) for t in args.threads.split(",")):
         print(f"-- {threads} thread(s)")
-        for past, rows in CASES:
+        passes = {"ort": 0.0, "ours": 0.0}  # the passes of a 512-token verification: CASES[:4]
+        for case, (past, rows) in enumerate(CASES):
             qkv = rng.standard_normal((1, rows, (nh + 2 * nkv) * head)).astype(np.float32)
             past_kv = rng.standard_normal((1, nkv, past, head)).astype(np.float32)
             feed = {"qkv": qkv, "past_key": past_kv, "past_value": past_kv,
                     "seqlens_k": np.array([past + rows - 1], np.int32), "total": np.array([past + rows], np.int32)}
-            theirs, ours = session(model, threads, False), session(model, threads, True)
-            expected, got = theirs.run(None, feed)[0], ours.run(None, feed)[0]
-            if not np.abs(got - expected).max() <= 1e-4 * np.abs(qkv).max():
+            theirs = session(model, threads, old is not None, old)
+            ours = session(model, threads, True)
+            expected, got = theirs.run(None, feed), ours.run(None, feed)
+            if old is not None:
+                if not all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(got, expected)):
+                    raise SystemExit(f"the kernel's bits differ from {args.against_tree}'s at past {past}, rows {rows}")
+            elif not np.abs(got[0] - expected[0]).max() <= 1e-4 * np.abs(qkv).max():
                 raise SystemExit(f"the kernel disagrees with onnxruntime at past {past}, rows {rows}")
             reps = args.reps * (10 if rows == 1 else 1)
             best = {"ort": float("inf"), "ours": float("inf")}
             for _ in range(reps):
                 for name, s in (("ort", theirs), ("ours", ours)):
+                    if old is not None:
+                        # two kernel libraries, two thread pools: a pool's workers spin for 2 ms after a job
+                        # (WORKER_SPIN_NS) and would take the other side's cores; let them sleep, then run this
+                        # side once untimed so that its own workers are awake, as in a model's run of 30 layers
+                        time.sleep(0.004)
+                        s.run(None, feed)
                     t = time.perf_counter()
                     s.run(None, feed)
                     best[name] = min(best[name], time.perf_counter() - t)
-            print(f"past {past:4d} rows {rows:4d}: GroupQueryAttention {best['ort'] * 1e3:7.3f} ms   "
+            print(f"past {past:4d} rows {rows:4d}: {theirs_name} {best['ort'] * 1e3:7.3f} ms   "
                   f"GQAttention {best['ours'] * 1e3:7.3f} ms   ratio {best['ort'] / best['ours']:5.2f}")
+            if case < 4:
+                passes = {name: passes[name] + best[name] for name in passes}
+        print(f"a 512-token verification's passes (the first four): {theirs_name} {passes['ort'] * 1e3:.3f} ms   "
+              f"GQAttention {passes['ours'] * 1e3:.3f} ms   ratio {passes['ort'] / passes['ours']:5.2f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ session within float32 rounding of the same session on onnxruntime's attention."
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +371,88 @@ def test_a_batch_of_two_matches_onnxruntime(libraries) -> None:
     a = ours.run(None, _feed(step, k, v, 9))[0]
     b = theirs.run(None, _feed(step, k, v, 9))[0]
     assert np.abs(a - b).max() < 2e-5 * np.abs(qkv).max()
+
+
+REFERENCE_SOURCE = Path(__file__).with_name("qattn_reference.c")
+
+
+@pytest.fixture(scope="module")
+def reference_libraries(tmp_path_factory) -> dict[str, Path]:
+    """The kernel library built with tests/qattn_reference.c (qattn.c before its speed-up, verbatim) in place of
+    qattn.c, and everything else as it is now, for the same -march targets as ``libraries``."""
+    folder = tmp_path_factory.mktemp("qattn-reference")
+    for source in kernels._SOURCES:
+        shutil.copyfile(source, folder / source.name)
+    shutil.copyfile(REFERENCE_SOURCE, folder / kernels.ATTENTION_SOURCE.name)
+    cc = kernels._compiler()
+    assert cc is not None, "the C compiler should build the reference library"
+    libs = {}
+    for march in ("native", "x86-64-v3", "x86-64-v2"):
+        lib = kernels._build(cc, march, sources=tuple(folder / s.name for s in kernels._SOURCES),
+                             stem="qattn-reference")
+        assert lib is not None, f"the reference library should build for {march}"
+        libs[march] = lib
+    return libs
+
+
+def _inputs(rng: np.random.Generator, batch: int, s: int, past: int, nh: int, nkv: int, head: int, spread: float,
+            poison: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """qkv and past KV; ``spread`` scales the queries (8: scores in the hundreds, most weights e^-87.3 clamped);
+    ``poison``: a NaN and an infinity among the past keys and the pass's keys, and a query that overflows (scores
+    of +-inf), so that some rows are NaN rows."""
+    qkv = rng.standard_normal((batch, s, (nh + 2 * nkv) * head)).astype(np.float32)
+    qkv[..., :nh * head] *= spread
+    past_k = rng.standard_normal((batch, nkv, past, head)).astype(np.float32)
+    past_v = rng.standard_normal((batch, nkv, past, head)).astype(np.float32)
+    if poison:
+        if past > 3:
+            past_k[0, 0, past // 2, 3] = np.nan
+            past_k[-1, nkv - 1, past - 2, 0] = np.inf
+        qkv[0, s // 2, nh * head + 5] = -np.inf  # a key of the pass, kv head 0
+        qkv[-1, s - 1, :head] = 3e38  # a query whose scores overflow
+    return qkv, past_k, past_v
+
+
+def _assert_same_outputs(got: list[np.ndarray], expected: list[np.ndarray], what) -> None:
+    for name, a, b in zip(("out", "present_key", "present_value"), got, expected):
+        assert a.shape == b.shape and np.array_equal(_bits(a), _bits(b)), (name, *what)
+
+
+@pytest.mark.parametrize("nh,nkv,head", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("scale", [1.0, 0.0])
+def test_outputs_are_the_bits_of_the_attention_before_its_speed_up(libraries, reference_libraries, nh: int, nkv: int,
+                                                                   head: int, scale: float) -> None:
+    """The numeric contract kept bit for bit: passes of 1, 4, 127, 128 and 129 rows after 0, 24, 300 and 431 past
+    positions (rows and keys not multiples of the work unit or of 16), wide and peaky scores, NaN and infinite
+    inputs, a batch of two sequences at different positions, on 1 and 2 threads and every build: outputs and
+    present KV are the bits of the code before the speed-up (tests/qattn_reference.c)."""
+    model = _graph(nh, nkv, head, positions=600, scale=scale)
+    for march in libraries:
+        for threads in (1, 2):
+            ours = _session(model, libraries[march], threads)
+            before = _session(model, reference_libraries[march], threads)
+            rng = np.random.default_rng(head * 7 + threads)
+            for k, (s, past) in enumerate((s, past) for s in (1, 4, 127, 128, 129) for past in (0, 24, 300, 431)):
+                spread, poison = (1.0, 8.0)[k % 2], k % 5 == 3
+                feed = _feed(*_inputs(rng, 1, s, past, nh, nkv, head, spread, poison), past)
+                _assert_same_outputs(ours.run(None, feed), before.run(None, feed), (march, threads, s, past))
+            # a batch of two: the second sequence 407 positions behind the first, its past buffer longer than it uses
+            qkv, past_k, past_v = _inputs(rng, 2, 129, 431, nh, nkv, head, 2.0, False)
+            feed = {**_feed(qkv, past_k, past_v, 431), "seqlens_k": np.array([559, 152], np.int32)}
+            _assert_same_outputs(ours.run(None, feed), before.run(None, feed), (march, threads, "batch"))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.sampled_from(SHAPES), s=st.integers(1, 140), past=st.integers(0, 450), threads=st.integers(1, 3),
+       spread=st.sampled_from([0.5, 1.0, 4.0, 16.0]), poison=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
+def test_any_pass_is_the_bits_of_the_attention_before_its_speed_up(libraries, reference_libraries, shape, s: int,
+                                                                   past: int, threads: int, spread: float,
+                                                                   poison: bool, seed: int) -> None:
+    """Any pass length, past, head shape, thread count and score spread: the native build's outputs and present KV
+    are the bits of the code before the speed-up."""
+    nh, nkv, head = shape
+    model = _graph(nh, nkv, head, positions=600)
+    feed = _feed(*_inputs(np.random.default_rng(seed), 1, s, past, nh, nkv, head, spread, poison), past)
+    ours = _session(model, libraries["native"], threads)
+    before = _session(model, reference_libraries["native"], threads)
+    _assert_same_outputs(ours.run(None, feed), before.run(None, feed), (shape, s, past, threads))

@@ -32,6 +32,18 @@
 
 typedef int32_t vec16i __attribute__((vector_size(64)));
 typedef float vec16f __attribute__((vector_size(64)));
+/* the CPU's own vector: the products (scores, values) of builds without AVX-512 run on it. Their sixteen-lane
+   vectors are no machine type there: GCC kept every accumulator of those loops in memory (measured on an
+   x86-64-v3 build here: ~5 GFLOP/s, 45x slower than AVX-512). Each lane's chain of operations is the same at any
+   width: the same bits. */
+#if defined(__AVX512F__)
+#define QA_W 16
+#elif defined(__AVX__)
+#define QA_W 8
+#else
+#define QA_W 4
+#endif
+typedef float vecwf __attribute__((vector_size(QA_W * 4)));
 
 #define QA_MAX_HEAD 256  /* head sizes up to this (multiples of 16) */
 #define QA_ROWS 4        /* positions per work unit: their transposed keys and values are read once for all four */
@@ -136,42 +148,109 @@ static void qa_transpose_part(void *arg, int part, int parts) {
     }
 }
 
+/* keeps v in a register. Without it GCC folds v's load into every fused multiply-add that uses it: one 64-byte load
+   per FMA (two cache lines each where v's address is not 64-byte aligned), the loads then outnumbering the FMAs
+   that share v (measured here: the values' product at half speed on misaligned V). An empty asm: v is unchanged. */
+#if defined(__AVX512F__)
+#define QA_KEEP(v) __asm__("" : "+v"(v))
+#else
+#define QA_KEEP(v) ((void)0)
+#endif
+
+#if QA_W == 16
 /* scores of rows 0 .. R-1 (queries q[r], hd wide) for the 16 C keys of chunks c0 .. c0 + C - 1: per score one
-   sequential chain of fused multiply-adds over the dimensions d = 0 .. hd - 1 (a lane of one accumulator) */
+   sequential chain of fused multiply-adds over the dimensions d = 0 .. hd - 1 (a lane of one accumulator); each
+   chunk's vector of dimension d loaded once for all R rows */
 static inline __attribute__((always_inline)) void qa_scores_block(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t c0,
                                                                   const int R, const int C, const int hd, float *scratch,
                                                                   int64_t stride) {
     vec16f acc[4][16];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = (vec16f){0};
-    for (int d = 0; d < hd; d++)
+    for (int d = 0; d < hd; d++) {
+        vec16f k[16];
         for (int c = 0; c < C; c++) {
-            vec16f k = qa_load(kt + ((size_t)(c0 + c) * hd + d) * 16);
-            for (int r = 0; r < R; r++) acc[r][c] += q[r][d] * k;
+            k[c] = qa_load(kt + ((size_t)(c0 + c) * hd + d) * 16);
+            if (R > 1) QA_KEEP(k[c]);  /* one row (a decode step) uses each once: a folded load is best */
         }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) acc[r][c] += q[r][d] * k[c];
+    }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) qa_store(scratch + r * stride + 16 * (c0 + c), acc[r][c]);
 }
 
-/* the scores of R rows against chunks 0 .. chunks - 1, sixteen accumulators at a time (the FMA latency hidden, and
-   the broadcast queries' loads spread over four chunks) */
+/* the scores of R rows against chunks 0 .. chunks - 1: blocks of 16 / R chunks (sixteen accumulators: the FMA
+   latency hidden), then the rest in blocks of 8, 4, 2 and 1 (each a constant: the accumulators stay in registers) */
 static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t chunks,
                                                             const int R, const int hd, float *scratch, int64_t stride) {
     const int C = 16 / R;
     int64_t c = 0;
     for (; c + C <= chunks; c += C) qa_scores_block(q, kt, c, R, C, hd, scratch, stride);
+    if (C > 8 && c + 8 <= chunks) { qa_scores_block(q, kt, c, R, 8, hd, scratch, stride); c += 8; }
+    if (C > 4 && c + 4 <= chunks) { qa_scores_block(q, kt, c, R, 4, hd, scratch, stride); c += 4; }
+    if (C > 2 && c + 2 <= chunks) { qa_scores_block(q, kt, c, R, 2, hd, scratch, stride); c += 2; }
+    if (c < chunks) qa_scores_block(q, kt, c, R, 1, hd, scratch, stride);
+}
+#else
+/* the same scores on QA_W-lane vectors: chunk c's lanes in 16 / QA_W pieces, R x C x pieces accumulators (at most 8,
+   as the 16 AVX registers hold them with the keys) */
+static inline __attribute__((always_inline)) void qa_scores_block(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t c0,
+                                                                  const int R, const int C, const int hd, float *scratch,
+                                                                  int64_t stride) {
+    const int P = 16 / QA_W;
+    vecwf acc[4][4 * (16 / QA_W)];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C * P; c++) acc[r][c] = (vecwf){0};
+    for (int d = 0; d < hd; d++) {
+        vecwf k[4 * (16 / QA_W)];
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < P; p++)
+                memcpy(&k[c * P + p], kt + ((size_t)(c0 + c) * hd + d) * 16 + p * QA_W, sizeof(vecwf));
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C * P; c++) acc[r][c] += q[r][d] * k[c];
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < P; p++)
+                memcpy(scratch + r * stride + 16 * (c0 + c) + p * QA_W, &acc[r][c * P + p], sizeof(vecwf));
+}
+
+static inline __attribute__((always_inline)) void qa_scores(const float (*q)[QA_MAX_HEAD], const float *kt, int64_t chunks,
+                                                            const int R, const int hd, float *scratch, int64_t stride) {
+    const int C = 8 / (R * (16 / QA_W)) > 1 ? 8 / (R * (16 / QA_W)) : 1;
+    int64_t c = 0;
+    for (; c + C <= chunks; c += C) qa_scores_block(q, kt, c, R, C, hd, scratch, stride);
+    if (C > 2 && c + 2 <= chunks) { qa_scores_block(q, kt, c, R, 2, hd, scratch, stride); c += 2; }
     for (; c < chunks; c++) qa_scores_block(q, kt, c, R, 1, hd, scratch, stride);
+}
+#endif
+
+/* a > b ? a : b per lane: x86's maxps exactly (with NaN or -0 vs +0 it is b), one instruction on AVX-512 */
+static inline __attribute__((always_inline)) vec16f qa_max(vec16f a, vec16f b) {
+#if defined(__AVX512F__)
+    return (vec16f)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    vec16i gt = a > b;
+    return (vec16f)(((vec16i)a & gt) | ((vec16i)b & ~gt));
+#endif
 }
 
 /* e^x for x <= 0 (Cephes expf: x = n ln2 + r, a degree-7 polynomial in r, times 2^n; x below -87.3 is taken as
-   -87.3, whose e^x, ~1e-38, is nothing beside the row's largest term, 1) */
+   -87.3, whose e^x, ~1e-38, is nothing beside the row's largest term, 1; a NaN stays NaN) */
 static inline __attribute__((always_inline)) vec16f qa_exp(vec16f x) {
     const vec16f lo = (vec16f){0} - 87.3365447f;
-    vec16i below = x < lo;
-    x = (vec16f)(((vec16i)lo & below) | ((vec16i)x & ~below));
+    x = qa_max(lo, x);  /* x < lo ? lo : x */
     vec16f y = x * 1.44269504088896341f - 0.5f;
+#if defined(__AVX512F__)
+    /* n as a float, y rounded toward zero in one instruction, and p 2^n by vscalefps: the same bits as the
+       conversions below (2^n is a normal float for n >= -126, p 2^n one rounding either way; checked for every
+       float x <= 0, with and without FTZ/DAZ) in 2 instructions instead of 5 */
+    vec16f fn = (vec16f)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+#else
     vec16i n = __builtin_convertvector(y, vec16i);  /* toward zero: the nearest integer to x log2(e) (y <= -0.5) */
     vec16f fn = __builtin_convertvector(n, vec16f);
+#endif
     vec16f r = x - fn * 0.693359375f;
     r = r - fn * -2.12194440e-4f;
     vec16f p = (vec16f){0} + 1.9875691500e-4f;
@@ -181,24 +260,244 @@ static inline __attribute__((always_inline)) vec16f qa_exp(vec16f x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
+#if defined(__AVX512F__)
+    return (vec16f)_mm512_scalef_ps((__m512)p, (__m512)fn);
+#else
     return p * (vec16f)((n + 127) << 23);
+#endif
 }
 
-/* acc[r] = sum_{t < n0} e[r][t] v_t for the rows r < rows (e: row r at scratch + r * stride), sequential over t */
+#if QA_W == 16
+/* one row's softmax weights in place: its scores e[0 .. n-1] (times alpha) become e^(score - max), zeros after them
+   to the end of the last chunk; returns their sum (a 16-lane accumulation over the chunks in order, then
+   qa_lanes_sum), *bad set when a score is NaN or infinite (the row is then NaN: its weights are not used).
+   The maximum of finite scores is exact whatever the order of the comparisons (only -0 and +0 tie unequal, and
+   e^(s - (-0)) = e^(s - 0) for every s, both 1 for s = +-0): two running maxima over alternate chunks, then a tree
+   over the lanes, keep the dependency chains short. A NaN or infinite score shows as a NaN in s * 0 (0 otherwise),
+   accumulated: no compare per chunk. */
+static inline __attribute__((always_inline)) float qa_softmax(float *e, int64_t n, float alpha, int *bad) {
+    const int64_t full = n / 16;
+    const int tail = (int)(n % 16);
+    if (alpha != 1.0f)
+        for (int64_t t = 0; t < n; t++) e[t] *= alpha;
+    const vec16f none = (vec16f){0} - __builtin_inff();
+    const vec16i lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vec16i live = lanes < tail;  /* the last chunk's lanes before n */
+    vec16f m0 = none, m1 = none, z0 = (vec16f){0}, z1 = (vec16f){0};
+    int64_t c = 0;
+    for (; c + 2 <= full; c += 2) {
+        vec16f a = qa_load(e + 16 * c), b = qa_load(e + 16 * c + 16);
+        m0 = qa_max(a, m0);
+        m1 = qa_max(b, m1);
+        z0 = a * 0.0f + z0;
+        z1 = b * 0.0f + z1;
+    }
+    if (c < full) {
+        vec16f a = qa_load(e + 16 * c);
+        m0 = qa_max(a, m0);
+        z0 = a * 0.0f + z0;
+    }
+    if (tail) {
+        vec16f a = (vec16f)((vec16i)qa_load(e + 16 * full) & live);  /* zeros past n */
+        z1 = a * 0.0f + z1;
+        m1 = qa_max((vec16f)((vec16i)a | ((vec16i)none & ~live)), m1);
+    }
+    vec16f m = qa_max(m0, m1), z = z0 + z1;
+    m = qa_max(m, __builtin_shuffle(m, (vec16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+    m = qa_max(m, __builtin_shuffle(m, (vec16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3}));
+    m = qa_max(m, __builtin_shuffle(m, (vec16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1}));
+    float mx = m[0] > m[1] ? m[0] : m[1];
+    *bad = qa_lanes_sum(z) != 0.0f;  /* a NaN lane makes the sum NaN */
+    vec16f acc = (vec16f){0};
+    for (c = 0; c + 2 <= full; c += 2) {  /* two chunks' exps in flight; added in order */
+        vec16f a = qa_exp(qa_load(e + 16 * c) - mx), b = qa_exp(qa_load(e + 16 * c + 16) - mx);
+        qa_store(e + 16 * c, a);
+        qa_store(e + 16 * c + 16, b);
+        acc += a;
+        acc += b;
+    }
+    if (c < full) {
+        vec16f a = qa_exp(qa_load(e + 16 * c) - mx);
+        qa_store(e + 16 * c, a);
+        acc += a;
+    }
+    if (tail) {
+        vec16f a = (vec16f)((vec16i)qa_exp(qa_load(e + 16 * full) - mx) & live);
+        qa_store(e + 16 * full, a);
+        acc += a;
+    }
+    return qa_lanes_sum(acc);
+}
+#else
+typedef int32_t vecwi __attribute__((vector_size(QA_W * 4)));
+
+static inline __attribute__((always_inline)) vecwf qa_maxw(vecwf a, vecwf b) {
+    vecwi gt = a > b;
+    return (vecwf)(((vecwi)a & gt) | ((vecwi)b & ~gt));
+}
+
+/* qa_exp on QA_W lanes: the same operations per lane */
+static inline __attribute__((always_inline)) vecwf qa_expw(vecwf x) {
+    const vecwf lo = (vecwf){0} - 87.3365447f;
+    x = qa_maxw(lo, x);
+    vecwf y = x * 1.44269504088896341f - 0.5f;
+    vecwi n = __builtin_convertvector(y, vecwi);
+    vecwf fn = __builtin_convertvector(n, vecwf);
+    vecwf r = x - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    vecwf p = (vecwf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    return p * (vecwf)((n + 127) << 23);
+}
+
+/* qa_softmax on QA_W-lane vectors: the sixteen lanes' sums in 16 / QA_W accumulators, then the same tree */
+static inline __attribute__((always_inline)) float qa_softmax(float *e, int64_t n, float alpha, int *bad) {
+    const int P = 16 / QA_W;
+    const int64_t full = n / 16;
+    const int tail = (int)(n % 16);
+    if (alpha != 1.0f)
+        for (int64_t t = 0; t < n; t++) e[t] *= alpha;
+    const vecwf none = (vecwf){0} - __builtin_inff();
+    vecwi lanes;
+    for (int l = 0; l < QA_W; l++) lanes[l] = l;
+    vecwf m = none, z = (vecwf){0};
+    for (int64_t c = 0; c < full; c++)
+        for (int p = 0; p < P; p++) {
+            vecwf a;
+            memcpy(&a, e + 16 * c + p * QA_W, sizeof(a));
+            m = qa_maxw(a, m);
+            z = a * 0.0f + z;
+        }
+    if (tail)
+        for (int p = 0; p < P; p++) {
+            vecwi live = lanes + p * QA_W < tail;
+            vecwf a;
+            memcpy(&a, e + 16 * full + p * QA_W, sizeof(a));
+            a = (vecwf)((vecwi)a & live);
+            z = a * 0.0f + z;
+            m = qa_maxw((vecwf)((vecwi)a | ((vecwi)none & ~live)), m);
+        }
+    float mx = m[0];
+    int any_odd = 0;
+    for (int l = 0; l < QA_W; l++) {
+        mx = m[l] > mx ? m[l] : mx;
+        any_odd |= !(z[l] == 0.0f);  /* a NaN */
+    }
+    *bad = any_odd;
+    vecwf acc[16 / QA_W];
+    for (int p = 0; p < P; p++) acc[p] = (vecwf){0};
+    for (int64_t c = 0; c < full; c++)
+        for (int p = 0; p < P; p++) {
+            vecwf a;
+            memcpy(&a, e + 16 * c + p * QA_W, sizeof(a));
+            a = qa_expw(a - mx);
+            memcpy(e + 16 * c + p * QA_W, &a, sizeof(a));
+            acc[p] += a;
+        }
+    if (tail)
+        for (int p = 0; p < P; p++) {
+            vecwi live = lanes + p * QA_W < tail;
+            vecwf a;
+            memcpy(&a, e + 16 * full + p * QA_W, sizeof(a));
+            a = (vecwf)((vecwi)qa_expw(a - mx) & live);
+            memcpy(e + 16 * full + p * QA_W, &a, sizeof(a));
+            acc[p] += a;
+        }
+    vec16f sum;
+    memcpy(&sum, acc, sizeof(sum));
+    return qa_lanes_sum(sum);
+}
+#endif
+
+#if QA_W == 16
+/* acc[r] = sum_{t < n[r]} e[r][t] v_t for the rows r < rows (e: row r at scratch + r * stride), sequential over t:
+   the keys all rows share (t < n[0]) with v_t loaded once for all rows (where the accumulators and v_t fit the 32
+   registers), then each row's last */
 static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
-                                                            int64_t stride, const float *V, int64_t n0, const int rows,
-                                                            const int hd) {
+                                                            int64_t stride, const float *V, const int64_t *n,
+                                                            const int rows, const int hd) {
+    const int64_t n0 = n[0];
     vec16f a[QA_ROWS][QA_MAX_HEAD / 16];
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < hd / 16; c++) a[r][c] = (vec16f){0};
-    for (int64_t t = 0; t < n0; t++)
+    for (int64_t t = 0; t < n0; t++) {
+        vec16f vv[QA_MAX_HEAD / 16];
         for (int c = 0; c < hd / 16; c++) {
-            vec16f vv = qa_load(V + t * hd + 16 * c);
-            for (int r = 0; r < rows; r++) a[r][c] += scratch[r * stride + t] * vv;
+            vv[c] = qa_load(V + t * hd + 16 * c);
+            if (rows > 1 && (rows + 1) * (hd / 16) <= 28) QA_KEEP(vv[c]);
         }
+        for (int r = 0; r < rows; r++) {
+            float w = scratch[r * stride + t];
+            for (int c = 0; c < hd / 16; c++) a[r][c] += w * vv[c];
+        }
+    }
+    for (int r = 1; r < rows; r++)
+        for (int64_t t = n0; t < n[r]; t++)
+            for (int c = 0; c < hd / 16; c++) a[r][c] += scratch[r * stride + t] * qa_load(V + t * hd + 16 * c);
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < hd / 16; c++) acc[r][c] = a[r][c];
 }
+#else
+/* the same sums on QA_W-lane vectors, 16 / QA_W of them (16 elements) at a time, each over all t */
+static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
+                                                            int64_t stride, const float *V, const int64_t *n,
+                                                            const int rows, const int hd) {
+    const int P = 16 / QA_W;
+    const int64_t n0 = n[0];
+    for (int c = 0; c < hd / 16; c++) {
+        vecwf a[QA_ROWS][16 / QA_W];
+        for (int r = 0; r < rows; r++)
+            for (int p = 0; p < P; p++) a[r][p] = (vecwf){0};
+        for (int64_t t = 0; t < n0; t++) {
+            vecwf vv[16 / QA_W];
+            for (int p = 0; p < P; p++) memcpy(&vv[p], V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
+            for (int r = 0; r < rows; r++) {
+                float w = scratch[r * stride + t];
+                for (int p = 0; p < P; p++) a[r][p] += w * vv[p];
+            }
+        }
+        for (int r = 1; r < rows; r++)
+            for (int64_t t = n0; t < n[r]; t++)
+                for (int p = 0; p < P; p++) {
+                    vecwf vv;
+                    memcpy(&vv, V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
+                    a[r][p] += scratch[r * stride + t] * vv;
+                }
+        for (int r = 0; r < rows; r++)
+            for (int p = 0; p < P; p++) memcpy((float *)&acc[r][c] + p * QA_W, &a[r][p], sizeof(vecwf));
+    }
+}
+#endif
+
+/* the products of one unit as functions of their own, one per row count (and SmolLM2's head size of 64): inlined into
+   the unit's one large function, GCC kept each loaded vector in a register AND stored it to the stack, one extra
+   store per load (measured: the scores and the values' product ~15 % slower than as functions of their own) */
+#define QA_PRODUCTS(R, HD, NAME)                                                                                  \
+    static __attribute__((noinline)) void qa_scores_##NAME(const float (*q)[QA_MAX_HEAD], const float *kt,        \
+                                                           int64_t chunks, int hd, float *scratch,                 \
+                                                           int64_t stride) {                                       \
+        (void)hd;                                                                                                  \
+        qa_scores(q, kt, chunks, R, HD, scratch, stride);                                                          \
+    }                                                                                                              \
+    static __attribute__((noinline)) void qa_values_##NAME(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16],                 \
+                                                           const float *scratch, int64_t stride, const float *V,   \
+                                                           const int64_t *n, int hd) {                             \
+        (void)hd;                                                                                                  \
+        qa_values(acc, scratch, stride, V, n, R, HD);                                                              \
+    }
+QA_PRODUCTS(4, 64, 4_64)
+QA_PRODUCTS(3, 64, 3_64)
+QA_PRODUCTS(2, 64, 2_64)
+QA_PRODUCTS(1, 64, 1_64)
+QA_PRODUCTS(4, hd, 4)
+QA_PRODUCTS(3, hd, 3)
+QA_PRODUCTS(2, hd, 2)
+QA_PRODUCTS(1, hd, 1)
 
 /* one unit: positions s0 .. s0 + rows - 1 of head h of batch b */
 static inline __attribute__((always_inline)) void qa_unit(qattn_job_t *j, float *scratch, int b, int h, int s0, int rows, const int hd) {
@@ -217,55 +516,31 @@ static inline __attribute__((always_inline)) void qa_unit(qattn_job_t *j, float 
     /* scores: every row against the chunks up to its own last key's (those of later keys are then ignored) */
     const float *kt = j->kt + ((size_t)b * j->nkv + g) * j->chunks * hd * 16;
     int64_t chunks = (n[rows - 1] + 15) / 16;
-    switch (rows) {  /* a constant row count: the accumulators stay in registers */
-        case QA_ROWS: qa_scores(q, kt, chunks, QA_ROWS, hd, scratch, stride); break;
-        case 3: qa_scores(q, kt, chunks, 3, hd, scratch, stride); break;
-        case 2: qa_scores(q, kt, chunks, 2, hd, scratch, stride); break;
-        default: qa_scores(q, kt, chunks, 1, hd, scratch, stride); break;
+    switch (rows + 4 * (hd == 64)) {  /* a constant row count: the accumulators stay in registers */
+        case 8: qa_scores_4_64(q, kt, chunks, hd, scratch, stride); break;
+        case 7: qa_scores_3_64(q, kt, chunks, hd, scratch, stride); break;
+        case 6: qa_scores_2_64(q, kt, chunks, hd, scratch, stride); break;
+        case 5: qa_scores_1_64(q, kt, chunks, hd, scratch, stride); break;
+        case 4: qa_scores_4(q, kt, chunks, hd, scratch, stride); break;
+        case 3: qa_scores_3(q, kt, chunks, hd, scratch, stride); break;
+        case 2: qa_scores_2(q, kt, chunks, hd, scratch, stride); break;
+        default: qa_scores_1(q, kt, chunks, hd, scratch, stride); break;
     }
     float sum[QA_ROWS];
     int bad[QA_ROWS];
-    for (int r = 0; r < rows; r++) {
-        float *e = scratch + r * stride;
-        int64_t chunks = (n[r] + 15) / 16;
-        if (j->alpha != 1.0f)
-            for (int64_t t = 0; t < n[r]; t++) e[t] *= j->alpha;
-        for (int64_t t = n[r]; t < chunks * 16; t++) e[t] = -__builtin_inff();  /* e^-inf = 0 below */
-        vec16f m = qa_load(e);
-        vec16i odd = (vec16i){0};  /* lanes that saw a NaN or an infinite score */
-        int any_odd = 0;
-        for (int64_t c = 0; c < chunks; c++) {
-            vec16f v = qa_load(e + 16 * c);
-            if (16 * (c + 1) <= n[r]) odd |= (v - v) != 0;  /* inf - inf and NaN - NaN are NaN */
-            else for (int64_t t = 16 * c; t < n[r]; t++) any_odd |= !(e[t] - e[t] == 0);  /* the padding is -inf */
-            vec16i gt = v > m;
-            m = (vec16f)(((vec16i)v & gt) | ((vec16i)m & ~gt));
-        }
-        float mx = m[0];
-        for (int l = 1; l < 16; l++) mx = m[l] > mx ? m[l] : mx;
-        for (int l = 0; l < 16; l++) any_odd |= odd[l] != 0;
-        bad[r] = any_odd;  /* a NaN or an infinite score: the row is NaN, never a plausible number */
-        vec16f acc = (vec16f){0};
-        for (int64_t c = 0; c < chunks; c++) {
-            vec16f v = qa_exp(qa_load(e + 16 * c) - mx);
-            vec16i live = qa_load(e + 16 * c) > -__builtin_inff();  /* the padding past n: exactly 0 */
-            v = (vec16f)((vec16i)v & live);
-            qa_store(e + 16 * c, v);
-            acc += v;
-        }
-        sum[r] = qa_lanes_sum(acc);
-    }
-    /* out = sum_t e_t v_t: for every row, sequential over t; the keys all rows share first, then each row's last */
+    for (int r = 0; r < rows; r++) sum[r] = qa_softmax(scratch + r * stride, n[r], j->alpha, &bad[r]);
+    /* out = sum_t e_t v_t: for every row, sequential over t */
     vec16f acc[QA_ROWS][QA_MAX_HEAD / 16];
-    switch (rows) {  /* a constant row count: the accumulators stay in registers */
-        case QA_ROWS: qa_values(acc, scratch, stride, V, n[0], QA_ROWS, hd); break;
-        case 3: qa_values(acc, scratch, stride, V, n[0], 3, hd); break;
-        case 2: qa_values(acc, scratch, stride, V, n[0], 2, hd); break;
-        default: qa_values(acc, scratch, stride, V, n[0], 1, hd); break;
+    switch (rows + 4 * (hd == 64)) {
+        case 8: qa_values_4_64(acc, scratch, stride, V, n, hd); break;
+        case 7: qa_values_3_64(acc, scratch, stride, V, n, hd); break;
+        case 6: qa_values_2_64(acc, scratch, stride, V, n, hd); break;
+        case 5: qa_values_1_64(acc, scratch, stride, V, n, hd); break;
+        case 4: qa_values_4(acc, scratch, stride, V, n, hd); break;
+        case 3: qa_values_3(acc, scratch, stride, V, n, hd); break;
+        case 2: qa_values_2(acc, scratch, stride, V, n, hd); break;
+        default: qa_values_1(acc, scratch, stride, V, n, hd); break;
     }
-    for (int r = 1; r < rows; r++)
-        for (int64_t t = n[0]; t < n[r]; t++)
-            for (int c = 0; c < hd / 16; c++) acc[r][c] += scratch[r * stride + t] * qa_load(V + t * hd + 16 * c);
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < hd / 16; c++)
             qa_store(outrow[r] + 16 * c, bad[r] ? (vec16f){0} + __builtin_nanf("") : acc[r][c] / sum[r]);
@@ -449,7 +724,8 @@ static OrtStatus *qa_compute(void *opk, OrtKernelContext *ctx) {
        a dispatch to the pool would cost more than it saves (results are the same bits either way) */
     run_parallel(qa_prepare_part, &j, B * S < 8 ? 1 : threads < (int)(B * S) ? threads : (int)(B * S));
     int transposes = (int)(B * nkv) * j.chunks;
-    run_parallel(qa_transpose_part, &j, transposes < 256 ? 1 : threads < transposes ? threads : transposes);
+    int few = B * S < 8 ? 256 : 32;  /* a many-row pass's from 32 chunks on all threads: ~2x faster at 100 */
+    run_parallel(qa_transpose_part, &j, transposes < few ? 1 : threads < transposes ? threads : transposes);
     atomic_store(&j.next, 0);
     int parts = threads < j.units ? threads : j.units;
     if (B * nh * S * keys < 16384) parts = 1;
