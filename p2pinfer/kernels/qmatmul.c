@@ -601,9 +601,61 @@ typedef struct {
     float *y;             /* [M, N] */
 } gemm_t;
 
-/* panel[p][k][j] for the columns n0 + p * MICRO_COLS + j < n1 (zero beyond n1) */
-static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
+#if defined(__AVX512F__)
+/* 16 columns' code bytes of one block (columns `stride` bytes apart, each block 16 bytes) as vector w4 = lane j
+   holds bytes 4 w4 .. 4 w4 + 3 of column j: what four 16-lane gathers gave, from 16 loads and 8 permutes (on
+   Zen 5 the gathers were most of the dequantization's time) */
+static inline __attribute__((always_inline)) void codes_of_16_columns(const uint8_t *base, size_t stride, __m512i out[4]) {
+    __m512i four[4];  /* columns 4 i .. 4 i + 3, one per 128-bit lane */
+    for (int i = 0; i < 4; i++) {
+        const uint8_t *c = base + (size_t)(4 * i) * stride;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)c));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(c + stride)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(c + 2 * stride)), 2);
+        four[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(c + 3 * stride)), 3);
+    }
+    /* dword d of columns 0..7 (from four[0], four[1]) in lanes 0..7 and dword d + 1 in lanes 8..15; likewise
+       columns 8..15; then the 256-bit halves paired */
+    const __m512i d01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i d23 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    __m512i lo01 = _mm512_permutex2var_epi32(four[0], d01, four[1]), hi01 = _mm512_permutex2var_epi32(four[2], d01, four[3]);
+    __m512i lo23 = _mm512_permutex2var_epi32(four[0], d23, four[1]), hi23 = _mm512_permutex2var_epi32(four[2], d23, four[3]);
+    out[0] = _mm512_shuffle_i64x2(lo01, hi01, 0x44);  /* 128-bit lanes 0, 1 of each */
+    out[1] = _mm512_shuffle_i64x2(lo01, hi01, 0xEE);  /* lanes 2, 3 */
+    out[2] = _mm512_shuffle_i64x2(lo23, hi23, 0x44);
+    out[3] = _mm512_shuffle_i64x2(lo23, hi23, 0xEE);
+}
+
+/* lines [from, to) of bytes, 64-byte steps */
+static inline void prefetch_bytes(const void *p, size_t from, size_t to) {
+    for (size_t off = from & ~(size_t)63; off < to; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+
+/* slice `slice` of `slices` of what dequantizing columns [n0, n1) reads: its codes and scales (contiguous per
+   term) and its minimums (one run per block). Dequantizing a panel while the next one's weights come in: the
+   head's 28 MB of codes come from DRAM, and 16 columns' 16-byte blocks 288 bytes apart left the core waiting. */
+static inline void prefetch_panel_slice(const gemm_t *g, int n0, int n1, size_t slice, size_t slices) {
+    size_t cols = (size_t)(n1 - n0);
+    for (int t = 0; t < g->terms; t++) {
+        size_t codes = cols * g->nb * 16, scales = cols * g->nb * 4;
+        prefetch_bytes(g->q[t] + (size_t)n0 * g->nb * 16, codes * slice / slices, codes * (slice + 1) / slices);
+        prefetch_bytes(g->s[t] + (size_t)n0 * g->nb, scales * slice / slices, scales * (slice + 1) / slices);
+    }
+    if (g->mins) {
+        size_t per_block = slices / g->nb ? slices / g->nb : 1, b = slice / per_block, part = slice % per_block;
+        if (b < (size_t)g->nb)
+            prefetch_bytes(g->mins + b * g->N + n0, cols * 4 * part / per_block, cols * 4 * (part + 1) / per_block);
+    }
+}
+#endif
+
+/* panel[p][k][j] for the columns n0 + p * MICRO_COLS + j < n1 (zero beyond n1); [next0, next1): the columns of
+   this thread's next panel, whose codes, scales and minimums are prefetched meanwhile (none when equal) */
+static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int next0, int next1) {
     int micros = (n1 - n0 + MICRO_COLS - 1) / MICRO_COLS;
+#if !defined(__AVX512F__)
+    (void)next0; (void)next1;
+#endif
     for (int p = 0; p < micros; p++) {
         float *w = panel + (size_t)p * g->K * MICRO_COLS;
         for (int j16 = 0; j16 < MICRO_COLS; j16 += 16) {
@@ -615,15 +667,19 @@ static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
             __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             __m512i rows_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(g->nb));  /* block index of column c0+lane */
             __m512i bytes_at = _mm512_slli_epi32(rows_at, 4);
+            size_t slice = (size_t)(p * (MICRO_COLS / 16) + j16 / 16) * g->nb, slices = (size_t)micros * (MICRO_COLS / 16) * g->nb;
             for (int b = 0; b < g->nb; b++) {
+                if (next1 > next0) prefetch_panel_slice(g, next0, next1, slice + b, slices);
                 __m512 scale[2];
                 __m512i codes[2][4];
                 for (int t = 0; t < g->terms; t++) {
                     const uint8_t *base = g->q[t] + ((size_t)c0 * g->nb + b) * 16;
                     const float *sb = g->s[t] + (size_t)c0 * g->nb + b;
                     scale[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows_at, sb, 4);
-                    for (int w4 = 0; w4 < 4; w4++)
-                        codes[t][w4] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, bytes_at, base + 4 * w4, 1);
+                    if (valid == 16) codes_of_16_columns(base, (size_t)g->nb * 16, codes[t]);
+                    else
+                        for (int w4 = 0; w4 < 4; w4++)
+                            codes[t][w4] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, bytes_at, base + 4 * w4, 1);
                 }
                 __m512 mn = g->mins ? _mm512_maskz_loadu_ps(live, g->mins + (size_t)b * g->N + c0) : _mm512_setzero_ps();
                 float *dst = w + (size_t)(32 * b) * MICRO_COLS + j16;
@@ -633,7 +689,10 @@ static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
                         for (int t = 0; t < g->terms; t++) {
                             __m512i c = _mm512_and_si512(_mm512_srli_epi32(codes[t][w4], 4 * half), _mm512_set1_epi32(15));
                             __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(g->zp[t])));
-                            v = t == 0 ? _mm512_mul_ps(scale[t], f) : _mm512_add_ps(v, _mm512_mul_ps(scale[t], f));
+                            /* the roundings this build has always made: s0 * f0 rounded (a multiply no compiler
+                               fuses into the minimum's add), s1 * f1 fused into the sum, the minimum added */
+                            v = t == 0 ? _mm512_mul_round_ps(scale[t], f, _MM_FROUND_CUR_DIRECTION)
+                                       : _mm512_fmadd_ps(scale[t], f, v);
                         }
                         if (g->mins) v = _mm512_add_ps(v, mn);
                         _mm512_storeu_ps(dst + (size_t)(8 * w4 + half) * MICRO_COLS, _mm512_maskz_mov_ps(live, v));
@@ -662,6 +721,50 @@ static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
     }
 }
 
+#if defined(__AVX512F__)
+/* rows m0 .. m0+R-1 (R <= MICRO_ROWS, a constant where inlined) x one micro-panel: R x 32 accumulators in
+   registers, for k = 0..K-1 acc = fma(x[m][k], w[k][n], acc) from 0 (explicit: no compiler decides it) */
+static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    const float *x = g->x + (size_t)m0 * g->K;
+    const size_t K = (size_t)g->K;
+    __m512 acc[MICRO_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (size_t k = 0; k < K; k++) {
+        __m512 w0 = _mm512_load_ps(w + k * MICRO_COLS), w1 = _mm512_load_ps(w + k * MICRO_COLS + 16);
+        for (int r = 0; r < R; r++) {
+            __m512 a = _mm512_set1_ps(x[r * K + k]);
+            acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+        }
+    }
+    __mmask16 m0s = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1u);
+    __mmask16 m1s = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1u);
+    for (int r = 0; r < R; r++) {
+        float *dst = g->y + (size_t)(m0 + r) * g->N + n;
+        _mm512_mask_storeu_ps(dst, m0s, acc[r][0]);
+        _mm512_mask_storeu_ps(dst + 16, m1s, acc[r][1]);
+    }
+}
+
+/* rows m0 .. m0+rows-1 x one micro-panel, with a kernel for exactly that many rows (no rows computed twice) */
+static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
+    switch (rows) {
+#define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
+        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
+#if MICRO_ROWS > 6
+        TILE_ROWS(7) TILE_ROWS(8)
+#endif
+#if MICRO_ROWS > 8
+        TILE_ROWS(9) TILE_ROWS(10) TILE_ROWS(11) TILE_ROWS(12)
+#endif
+#if MICRO_ROWS > 12
+        TILE_ROWS(13) TILE_ROWS(14)
+#endif
+#undef TILE_ROWS
+        default: break;
+    }
+}
+#else
 /* rows m0 .. m0+rows-1 (rows <= MICRO_ROWS) x one micro-panel; rows past the end repeat the last (not stored) */
 static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
     const float *xr[MICRO_ROWS];
@@ -684,6 +787,7 @@ static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int 
         else for (int j = 0; j < cols; j++) dst[j] = j < 16 ? acc[r][0][j] : acc[r][1][j - 16];
     }
 }
+#endif
 
 static void gemm_part(void *arg, int part, int parts) {
     const gemm_t *g = (const gemm_t *)arg;
@@ -699,7 +803,8 @@ static void gemm_part(void *arg, int part, int parts) {
     }
     for (int n0 = c0; n0 < c1; n0 += MICRO_COLS * PANEL_MICROS) {
         int n1 = n0 + MICRO_COLS * PANEL_MICROS < c1 ? n0 + MICRO_COLS * PANEL_MICROS : c1;
-        dequantize_panel(g, n0, n1, panel);
+        int next1 = n1 + MICRO_COLS * PANEL_MICROS < c1 ? n1 + MICRO_COLS * PANEL_MICROS : c1;
+        dequantize_panel(g, n0, n1, panel, n1, next1);
         for (int m = 0; m < g->M; m += MICRO_ROWS) {
             int rows = g->M - m < MICRO_ROWS ? g->M - m : MICRO_ROWS;
             for (int n = n0, p = 0; n < n1; n += MICRO_COLS, p++)
@@ -708,6 +813,7 @@ static void gemm_part(void *arg, int part, int parts) {
     }
     free(panel);
 }
+
 
 #include "qgemm_amx.c"  /* the same product on AMX tiles where the CPU has them (amx_gemm) */
 
