@@ -585,7 +585,11 @@ static void job_part(void *arg, int part, int parts) {
  * rounding). Each weight is dequantized once per call, by the thread that owns its columns: the cost is one
  * pass over the 4-bit weights, amortized over the M rows. */
 #define GEMM_MIN_ROWS 4
-#define MICRO_ROWS 8   /* 16 accumulators; 6, 12 and 14 measured alike or slower on Zen 5 */
+#if defined(__AVX512F__)
+#define MICRO_ROWS 8   /* 8 x 32 columns: 16 zmm accumulators; 6, 12 and 14 rows measured alike or slower on Zen 5 */
+#else
+#define MICRO_ROWS 6   /* AVX2: 6 x 16 columns at a time, 12 ymm accumulators of the 16 registers */
+#endif
 #define MICRO_COLS 32
 #define PANEL_MICROS 4   /* 128 columns x K float32 per panel: 288 KB at K = 576, 768 KB at K = 1536 */
 
@@ -800,16 +804,49 @@ static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int
 static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
     switch (rows) {
 #define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
+        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6) TILE_ROWS(7) TILE_ROWS(8)
+#undef TILE_ROWS
+        default: break;
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* rows m0 .. m0+R-1 (R <= MICRO_ROWS, a constant where inlined) x one micro-panel, 16 columns at a time: the same
+   chain per element as the AVX-512 kernel, acc = fma(x[m][k], w[k][n], acc) from 0. (The 64-byte vector code
+   below, compiled for AVX2, kept 24 accumulators of two ymm each on the stack: 3 GFLOP/s.) */
+static inline __attribute__((always_inline)) void tile_rows16(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    const float *x = g->x + (size_t)m0 * g->K;
+    const size_t K = (size_t)g->K;
+    __m256 acc[MICRO_ROWS][2];
+#pragma GCC unroll 8  /* unrolled before the accumulators are placed: else GCC kept them on the stack too */
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (size_t k = 0; k < K; k++) {
+        __m256 w0 = _mm256_load_ps(w + k * MICRO_COLS), w1 = _mm256_load_ps(w + k * MICRO_COLS + 8);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_broadcast_ss(x + r * K + k);
+            acc[r][0] = _mm256_fmadd_ps(a, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, w1, acc[r][1]);
+        }
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i live0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane), live1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8), lane);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        float *dst = g->y + (size_t)(m0 + r) * g->N + n;
+        _mm256_maskstore_ps(dst, live0, acc[r][0]);
+        _mm256_maskstore_ps(dst + 8, live1, acc[r][1]);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    tile_rows16(g, m0, R, w, n, cols < 16 ? cols : 16);
+    if (cols > 16) tile_rows16(g, m0, R, w + 16, n + 16, cols - 16);
+}
+
+static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
+    switch (rows) {
+#define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
         TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
-#if MICRO_ROWS > 6
-        TILE_ROWS(7) TILE_ROWS(8)
-#endif
-#if MICRO_ROWS > 8
-        TILE_ROWS(9) TILE_ROWS(10) TILE_ROWS(11) TILE_ROWS(12)
-#endif
-#if MICRO_ROWS > 12
-        TILE_ROWS(13) TILE_ROWS(14)
-#endif
 #undef TILE_ROWS
         default: break;
     }
