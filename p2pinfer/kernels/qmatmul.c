@@ -630,6 +630,9 @@ static inline __attribute__((always_inline)) void codes_of_16_columns(const uint
     out[3] = _mm512_shuffle_i64x2(lo23, hi23, 0xEE);
 }
 
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 /* What dequantizing a panel of columns reads, cut into one slice per (16-column group, block) of the panel being
    dequantized meanwhile: the codes and scales of each term (contiguous) in equal 64-byte-multiple steps, and the
    minimums' run of each block cut by group. Dequantizing a panel while the next one's weights come in: the head's
@@ -744,8 +747,8 @@ static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int 
     }
 }
 #else
-static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int next0, int next1) {
-    (void)next0; (void)next1;
+/* panel[p][k][j] for the columns n0 + p * MICRO_COLS + j < n1 (zero beyond n1), one element at a time */
+static void dequantize_panel_scalar(const gemm_t *g, int n0, int n1, float *panel) {
     int micros = (n1 - n0 + MICRO_COLS - 1) / MICRO_COLS;
     for (int p = 0; p < micros; p++) {
         float *w = panel + (size_t)p * g->K * MICRO_COLS;
@@ -773,6 +776,89 @@ static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int 
         }
     }
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* 8 columns' code bytes of one block (columns `stride` bytes apart) as vector w4: lane j holds bytes
+   4 w4 .. 4 w4 + 3 of column j (8 loads, 8 unpacks) */
+static inline __attribute__((always_inline)) void codes_of_8_columns(const uint8_t *base, size_t stride, __m256i out[4]) {
+    __m256i r[4];  /* columns i and i + 4, one per 128-bit lane */
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(base + (size_t)i * stride))),
+                                       _mm_loadu_si128((const __m128i *)(base + (size_t)(i + 4) * stride)), 1);
+    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    out[0] = _mm256_unpacklo_epi64(t0, t2);
+    out[1] = _mm256_unpackhi_epi64(t0, t2);
+    out[2] = _mm256_unpacklo_epi64(t1, t3);
+    out[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* a * b rounded to float32 here: the empty asm hides it from the compiler, which would otherwise fuse it into
+   the minimum's add (-ffp-contract), a different rounding from the scalar rule's */
+static inline __attribute__((always_inline)) __m256 rounded_product(__m256 a, __m256 b) {
+    __m256 p = _mm256_mul_ps(a, b);
+    __asm__("" : "+x"(p));
+    return p;
+}
+
+/* the 32 elements of one block for 8 columns: panel rows dst[i * MICRO_COLS] */
+static inline __attribute__((always_inline)) void block_values8(const __m256i codes[2][4], const __m256 scale[2], __m256 mn,
+                                                                const int zp[2], float *dst, const int terms, const int mins) {
+    const __m256i nib = _mm256_set1_epi32(15);
+    for (int w4 = 0; w4 < 4; w4++)
+        for (int half = 0; half < 8; half++) {  /* element 8 * w4 + half: byte half/2, nibble half%2 */
+            __m256 v = _mm256_setzero_ps();
+            for (int t = 0; t < terms; t++) {
+                __m256i c = _mm256_and_si256(_mm256_srli_epi32(codes[t][w4], 4 * half), nib);
+                __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(c, _mm256_set1_epi32(zp[t])));  /* exact */
+                /* the scalar rule's roundings: s0 * f0 rounded, s1 * f1 fused into the sum, the minimum added */
+                v = t == 0 ? rounded_product(scale[t], f) : _mm256_fmadd_ps(scale[t], f, v);
+            }
+            if (mins) v = _mm256_add_ps(v, mn);
+            _mm256_store_ps(dst + (size_t)(8 * w4 + half) * MICRO_COLS, v);
+        }
+}
+
+/* the AVX2 build: whole micro-panels 8 columns at a time (vector loads of the codes, as the AVX-512 build does),
+   a micro-panel with columns past n1 by the scalar rule; the next panel prefetched as on AVX-512 */
+static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int next0, int next1) {
+    int micros = (n1 - n0 + MICRO_COLS - 1) / MICRO_COLS;
+    prefetch_plan_t plan;
+    if (next1 > next0) plan_prefetch(g, next0, next1, micros * (MICRO_COLS / 16), &plan);
+    const size_t stride = (size_t)g->nb * 16;
+    for (int p = 0; p < micros; p++) {
+        float *w = panel + (size_t)p * g->K * MICRO_COLS;
+        int c = n0 + p * MICRO_COLS;
+        if (n1 - c < MICRO_COLS) {
+            dequantize_panel_scalar(g, c, n1, w);
+            continue;
+        }
+        for (int j8 = 0; j8 < MICRO_COLS; j8 += 8)
+            for (int b = 0; b < g->nb; b++) {
+                if (next1 > next0 && !(j8 & 8)) prefetch_slice(&plan, g->nb, p * (MICRO_COLS / 16) + j8 / 16, b);
+                int c0 = c + j8;
+                __m256 scale[2];
+                __m256i codes[2][4];
+                for (int t = 0; t < g->terms; t++) {
+                    const float *sb = g->s[t] + (size_t)c0 * g->nb + b;
+                    size_t nb = (size_t)g->nb;
+                    scale[t] = _mm256_setr_ps(sb[0], sb[nb], sb[2 * nb], sb[3 * nb], sb[4 * nb], sb[5 * nb], sb[6 * nb], sb[7 * nb]);
+                    codes_of_8_columns(g->q[t] + ((size_t)c0 * g->nb + b) * 16, stride, codes[t]);
+                }
+                __m256 mn = g->mins ? _mm256_loadu_ps(g->mins + (size_t)b * g->N + c0) : _mm256_setzero_ps();
+                float *dst = w + (size_t)(32 * b) * MICRO_COLS + j8;
+                if (g->terms == 1 && g->mins) block_values8(codes, scale, mn, g->zp, dst, 1, 1);
+                else if (g->terms == 1) block_values8(codes, scale, mn, g->zp, dst, 1, 0);
+                else block_values8(codes, scale, mn, g->zp, dst, g->terms, g->mins != NULL);
+            }
+    }
+}
+#else
+static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int next0, int next1) {
+    (void)next0; (void)next1;
+    dequantize_panel_scalar(g, n0, n1, panel);
+}
+#endif
 #endif
 
 #if defined(__AVX512F__)
