@@ -17,6 +17,8 @@ that are not multiples of the 8-row tile, 1 to 3 threads, rows of NaN, infinitie
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -79,17 +81,38 @@ def expected(x: np.ndarray, codes: list[np.ndarray], scales: list[np.ndarray], m
 @settings(max_examples=400, deadline=None)
 @given(st.floats(width=32), st.floats(width=32), st.floats(width=32))
 def test_the_emulated_fma_is_correctly_rounded_where_float32_can_tell(a: float, b: float, c: float) -> None:
-    """fma(a, 1, c) = a + c and fma(a, b, 0) = a * b (its -0 made +0) rounded once by float32 itself;
-    fma(a, b, c) for float32 halves of a product exact in float32 alike."""
+    """fma(a, 1, c) = a + c and fma(a, b, +0) = a * b rounded once by float32 itself (an exact zero product's -0
+    made +0; a nonzero product that underflows stays -0 or +0 by its sign)."""
     f32 = np.float32
     a32, b32, c32 = (np.array([v], np.float32) for v in (a, b, c))
     with np.errstate(all="ignore"):
         sum32 = a32 + c32
         prod32 = a32 * b32
-        prod32 = np.where(prod32 == 0, f32(0), prod32)  # -0 + +0 is +0 in round to nearest
+        exactly_zero = ((a32 == 0) | (b32 == 0)) & ~np.isnan(prod32)
+        prod32 = np.where(exactly_zero, f32(0), prod32)  # -0 + +0 is +0; a product too small for float32 keeps its sign
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
     for got, want in ((fma32(a32, one, c32), sum32), (fma32(a32, b32, zero), prod32)):
         assert (np.isnan(got) & np.isnan(want)).all() or got.view(np.uint32)[0] == want.view(np.uint32)[0], (a, b, c)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False), st.floats(width=32, allow_nan=False, allow_infinity=False),
+       st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_the_emulated_fma_is_the_float32_nearest_the_exact_value(a: float, b: float, c: float) -> None:
+    """Against exact rational arithmetic: no float32 is nearer a * b + c (a tie goes to the even one); c is
+    also drawn as nearly -a * b, where the sum cancels and double rounding would show."""
+    for c_ in (c, -float(np.float32(a * b)) if abs(a * b) < 3e38 else c):
+        a32, b32, c32 = (np.array([v], np.float32) for v in (a, b, c_))
+        exact = Fraction(a) * Fraction(b) + Fraction(float(c32[0]))
+        got = fma32(a32, b32, c32)[0]
+        if not np.isfinite(got):
+            assert abs(exact) >= Fraction(float(np.finfo(np.float32).max)), (a, b, c_)
+            continue
+        error = abs(Fraction(float(got)) - exact)
+        for other in (np.nextafter(got, np.float32(-np.inf)), np.nextafter(got, np.float32(np.inf))):
+            if np.isfinite(other):
+                other_error = abs(Fraction(float(other)) - exact)
+                assert other_error > error or (other_error == error and not got.view(np.uint32) & 1), (a, b, c_)
 
 
 def test_the_emulated_fma_differs_from_a_rounded_product_where_it_must() -> None:
