@@ -576,10 +576,13 @@ static void job_part(void *arg, int part, int parts) {
 
 /* ---- many rows (prefill, verification): a cache-blocked GEMM over dequantized float32 panels -------------
  * For M >= GEMM_MIN_ROWS rows the weights are dequantized, PANEL_COLS output columns at a time, into a float32
- * panel laid out [micro-panel][k][MICRO_COLS] (it stays in L2), and a register-blocked micro-kernel computes
- * MICRO_ROWS x MICRO_COLS outputs at a time: for k = 0..K-1, acc += x[m][k] * w[k][n] (float32 FMA), then one
- * store. The dequantized weight is  sum_t scale_t * (q_t - zp_t)  (+ the block minimum): the value MatMulNBits
- * uses, rounded once more when terms are added. Every output element is ONE sequential chain over k whatever
+ * panel laid out [micro-panel][k][MICRO_COLS] (it stays in L2; the next panel's weights are prefetched meanwhile),
+ * and a register-blocked micro-kernel computes MICRO_ROWS x MICRO_COLS outputs at a time (AVX2: x 16), one kernel
+ * per row count: for k = 0..K-1, acc = fma(x[m][k], w[k][n], acc) from +0 (float32; a build without FMA rounds
+ * the product first), then one store. The dequantized weight is  s0 * (q0 - zp0)  rounded, + s1 * (q1 - zp1) fused
+ * (two terms), + the block minimum rounded: the value MatMulNBits uses, rounded once more when terms are added
+ * (tests/test_gemm_fma_chain.py checks every output against this rule, emulated). Every output element is ONE
+ * sequential chain over k whatever
  * the thread count, the number of rows or where the row falls in a block (row-deterministic among calls of
  * >= GEMM_MIN_ROWS rows); a single decode row takes the path above, whose summation order differs (float32
  * rounding). Each weight is dequantized once per call, by the thread that owns its columns: the cost is one
