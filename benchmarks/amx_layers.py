@@ -12,8 +12,13 @@ largest error against a float64 product of the same weights, relative to ``sum |
 machine only the ratios mean anything.
 
 ``--against-tree OLD_TREE`` (an export of another commit, e.g. ``git archive main | tar -x -C /tmp/old``) compares
-this tree's AMX path with that tree's instead, each node through both libraries in alternating order, and says
-whether their outputs are bit-identical.
+this tree's many-row path with that tree's instead (``amx=1``: the tiles where the CPU has them, else float32 FMA),
+each node through both libraries in alternating order, and says whether their outputs are bit-identical: for every
+shape (and two edge shapes: columns not a multiple of 32, two terms at a small K) over rows 4..300 (tile remainders
+included, and rows of NaN, infinities, zeros, -0 and subnormals), 1 to 3 threads, and both ``amx=0`` (float32 FMA,
+what a CPU without AMX runs) and ``amx=1``. Each library has its own worker pool, whose workers spin for 2 ms after
+a node: before each timed run the other library's workers are let fall asleep and this one's woken by an untimed
+run (else at ``--threads 2`` a spinning worker of the other library takes the second core).
 """
 
 from __future__ import annotations
@@ -119,36 +124,69 @@ def library_of(tree: Path) -> str:
     return out[-1]
 
 
+EDGE_SHAPES = [("edge 64->70 (+mins)", 64, 70, 1), ("edge 96->33 (two terms)", 96, 33, 2)]
+IDENTITY_ROWS = (4, 5, 7, 8, 9, 13, 16, 17, 63, 64, 127, 128, 130, 300)
+
+
+def _odd_values(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """x with rows of the values a kernel must pass through as the old one did (for rows >= 9)."""
+    x = x.copy()
+    if len(x) >= 9:
+        x[1, 3], x[3, 5], x[4, 7] = np.nan, np.inf, -np.inf
+        x[2], x[5] = 0.0, -0.0
+        x[6] = rng.standard_normal(x.shape[1]).astype(np.float32) * np.float32(1e-39)  # subnormal
+        x[7] *= np.float32(1e30)
+    return x
+
+
 def compare_trees(args: argparse.Namespace, lib: Path) -> None:
     old_lib = library_of(args.against_tree)
-    print(f"this tree's AMX path against {args.against_tree}'s; {args.rows} rows, {args.threads} kernel "
-          f"thread(s), best of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"this tree's many-row path against {args.against_tree}'s; {args.rows} rows, {args.threads} kernel "
+          f"thread(s), best of {args.rounds} interleaved rounds; AMX tiles available: {kernels.amx_available()}; "
+          f"load average {os.getloadavg()[0]:.1f} at start")
     rng = np.random.default_rng(0)
-    cases = []
-    for name, k, n, terms in SHAPES:
+
+    def session(model: bytes, path: str) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.register_custom_ops_library(path)
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+    cases, identity = [], {}
+    for name, k, n, terms in SHAPES + EDGE_SHAPES:
         model, _ = layer(k, n, terms, rng)
-        x = rng.standard_normal((args.rows, k)).astype(np.float32)
-        sessions = {}
-        for side, path in (("new", str(lib)), ("old", old_lib)):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
-            opts.log_severity_level = 3
-            opts.register_custom_ops_library(path)
-            sessions[side] = ort.InferenceSession(model(1, args.threads), opts, providers=["CPUExecutionProvider"])
-        same = np.array_equal(sessions["new"].run(None, {"x": x})[0].view(np.uint32),
-                              sessions["old"].run(None, {"x": x})[0].view(np.uint32))
-        cases.append((name, sessions, x, same))
+        calls = same = 0
+        for amx in (0, 1):
+            for threads in sorted({1, 2, 3, args.threads}):
+                pair = {side: session(model(amx, threads), path) for side, path in (("new", str(lib)), ("old", old_lib))}
+                for rows in sorted(set(IDENTITY_ROWS) | {args.rows}):
+                    if n * k * rows > 2e9 and rows not in (4, 7, args.rows, 300):
+                        continue  # the head: a few row counts (each call is a 7 GFLOP product at 128 rows)
+                    x = _odd_values(rng.standard_normal((rows, k)).astype(np.float32), rng)
+                    calls += 1
+                    same += np.array_equal(pair["new"].run(None, {"x": x})[0].view(np.uint32),
+                                           pair["old"].run(None, {"x": x})[0].view(np.uint32))
+                if amx == 0 and threads == args.threads and (name, k, n, terms) in SHAPES:
+                    cases.append((name, pair, rng.standard_normal((args.rows, k)).astype(np.float32)))
+        identity[name] = (same, calls)
     best = {(name, side): float("inf") for name, *_ in cases for side in ("new", "old")}
     for r in range(args.rounds):
-        for name, sessions, x, _ in cases:
+        for name, sessions, x in cases:
             for side in (("new", "old") if r % 2 == 0 else ("old", "new")):
+                time.sleep(0.003)  # the other library's workers asleep (they spin 2 ms after a node)
+                sessions[side].run(None, {"x": x})  # and this one's awake, as between the nodes of a graph
                 t = time.perf_counter()
                 sessions[side].run(None, {"x": x})
                 best[(name, side)] = min(best[(name, side)], time.perf_counter() - t)
-    print("\n| layer | this tree ms | other tree ms | other / this (speed) | bit-identical |\n|---|---|---|---|---|")
-    for name, _, _, same in cases:
+    print("\n| layer (amx=0: float32 FMA) | this tree ms | other tree ms | other / this (speed) |\n|---|---|---|---|")
+    for name, _, _ in cases:
         a, b = best[(name, "new")], best[(name, "old")]
-        print(f"| {name} | {a * 1e3:.3f} | {b * 1e3:.3f} | {b / a:.2f} | {'yes' if same else 'NO'} |")
+        print(f"| {name} | {a * 1e3:.3f} | {b * 1e3:.3f} | {b / a:.2f} |")
+    print(f"\nbit-identical (rows {min(IDENTITY_ROWS)}..{max(IDENTITY_ROWS)} with NaN/inf/zero/subnormal rows, threads "
+          f"{sorted({1, 2, 3, args.threads})}, amx=0 and amx=1):")
+    for name, (same, calls) in identity.items():
+        print(f"  {name}: {'yes' if same == calls else 'NO'} ({same} of {calls} outputs)")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end (the machine is shared: figures are rough)")
 
 

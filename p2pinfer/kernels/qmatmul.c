@@ -576,16 +576,23 @@ static void job_part(void *arg, int part, int parts) {
 
 /* ---- many rows (prefill, verification): a cache-blocked GEMM over dequantized float32 panels -------------
  * For M >= GEMM_MIN_ROWS rows the weights are dequantized, PANEL_COLS output columns at a time, into a float32
- * panel laid out [micro-panel][k][MICRO_COLS] (it stays in L2), and a register-blocked micro-kernel computes
- * MICRO_ROWS x MICRO_COLS outputs at a time: for k = 0..K-1, acc += x[m][k] * w[k][n] (float32 FMA), then one
- * store. The dequantized weight is  sum_t scale_t * (q_t - zp_t)  (+ the block minimum): the value MatMulNBits
- * uses, rounded once more when terms are added. Every output element is ONE sequential chain over k whatever
+ * panel laid out [micro-panel][k][MICRO_COLS] (it stays in L2; the next panel's weights are prefetched meanwhile),
+ * and a register-blocked micro-kernel computes MICRO_ROWS x MICRO_COLS outputs at a time (AVX2: x 16), one kernel
+ * per row count: for k = 0..K-1, acc = fma(x[m][k], w[k][n], acc) from +0 (float32; a build without FMA rounds
+ * the product first), then one store. The dequantized weight is  s0 * (q0 - zp0)  rounded, + s1 * (q1 - zp1) fused
+ * (two terms), + the block minimum rounded: the value MatMulNBits uses, rounded once more when terms are added
+ * (tests/test_gemm_fma_chain.py checks every output against this rule, emulated). Every output element is ONE
+ * sequential chain over k whatever
  * the thread count, the number of rows or where the row falls in a block (row-deterministic among calls of
  * >= GEMM_MIN_ROWS rows); a single decode row takes the path above, whose summation order differs (float32
  * rounding). Each weight is dequantized once per call, by the thread that owns its columns: the cost is one
  * pass over the 4-bit weights, amortized over the M rows. */
 #define GEMM_MIN_ROWS 4
-#define MICRO_ROWS 6
+#if defined(__AVX512F__)
+#define MICRO_ROWS 8   /* 8 x 32 columns: 16 zmm accumulators; 6, 12 and 14 rows measured alike or slower on Zen 5 */
+#else
+#define MICRO_ROWS 6   /* AVX2: 6 x 16 columns at a time, 12 ymm accumulators of the 16 registers */
+#endif
 #define MICRO_COLS 32
 #define PANEL_MICROS 4   /* 128 columns x K float32 per panel: 288 KB at K = 576, 768 KB at K = 1536 */
 
@@ -601,8 +608,150 @@ typedef struct {
     float *y;             /* [M, N] */
 } gemm_t;
 
-/* panel[p][k][j] for the columns n0 + p * MICRO_COLS + j < n1 (zero beyond n1) */
-static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
+#if defined(__AVX512F__)
+/* 16 columns' code bytes of one block (columns `stride` bytes apart, each block 16 bytes) as vector w4 = lane j
+   holds bytes 4 w4 .. 4 w4 + 3 of column j: what four 16-lane gathers gave, from 16 loads and 8 permutes (on
+   Zen 5 the gathers were most of the dequantization's time) */
+static inline __attribute__((always_inline)) void codes_of_16_columns(const uint8_t *base, size_t stride, __m512i out[4]) {
+    __m512i four[4];  /* columns 4 i .. 4 i + 3, one per 128-bit lane */
+    for (int i = 0; i < 4; i++) {
+        const uint8_t *c = base + (size_t)(4 * i) * stride;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)c));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(c + stride)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(c + 2 * stride)), 2);
+        four[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(c + 3 * stride)), 3);
+    }
+    /* dword d of columns 0..7 (from four[0], four[1]) in lanes 0..7 and dword d + 1 in lanes 8..15; likewise
+       columns 8..15; then the 256-bit halves paired */
+    const __m512i d01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i d23 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    __m512i lo01 = _mm512_permutex2var_epi32(four[0], d01, four[1]), hi01 = _mm512_permutex2var_epi32(four[2], d01, four[3]);
+    __m512i lo23 = _mm512_permutex2var_epi32(four[0], d23, four[1]), hi23 = _mm512_permutex2var_epi32(four[2], d23, four[3]);
+    out[0] = _mm512_shuffle_i64x2(lo01, hi01, 0x44);  /* 128-bit lanes 0, 1 of each */
+    out[1] = _mm512_shuffle_i64x2(lo01, hi01, 0xEE);  /* lanes 2, 3 */
+    out[2] = _mm512_shuffle_i64x2(lo23, hi23, 0x44);
+    out[3] = _mm512_shuffle_i64x2(lo23, hi23, 0xEE);
+}
+
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* What dequantizing a panel of columns reads, cut into one slice per (16-column group, block) of the panel being
+   dequantized meanwhile: the codes and scales of each term (contiguous) in equal 64-byte-multiple steps, and the
+   minimums' run of each block cut by group. Dequantizing a panel while the next one's weights come in: the head's
+   28 MB of codes come from DRAM, and 16 columns' 16-byte blocks 288 bytes apart left the core waiting. */
+typedef struct {
+    const char *at[4];   /* codes and scales of term 0, then of term 1 */
+    size_t bytes[4], step[4];
+    int streams;
+    const char *mins;    /* the minimums of the panel's first column in block 0, or NULL */
+    size_t mins_bytes, mins_step, mins_stride;
+} prefetch_plan_t;
+
+static inline size_t line_step(size_t bytes, size_t slices) { return (bytes + slices * 64 - 1) / (slices * 64) * 64; }
+
+static void plan_prefetch(const gemm_t *g, int n0, int n1, int groups, prefetch_plan_t *plan) {
+    size_t cols = (size_t)(n1 - n0), slices = (size_t)groups * g->nb;
+    plan->streams = 0;
+    for (int t = 0; t < g->terms; t++) {
+        plan->at[plan->streams] = (const char *)(g->q[t] + (size_t)n0 * g->nb * 16);
+        plan->bytes[plan->streams++] = cols * g->nb * 16;
+        plan->at[plan->streams] = (const char *)(g->s[t] + (size_t)n0 * g->nb);
+        plan->bytes[plan->streams++] = cols * g->nb * 4;
+    }
+    for (int i = 0; i < plan->streams; i++) plan->step[i] = line_step(plan->bytes[i], slices);
+    plan->mins = g->mins ? (const char *)(g->mins + n0) : NULL;
+    plan->mins_bytes = cols * 4;
+    plan->mins_step = line_step(cols * 4, (size_t)groups);
+    plan->mins_stride = (size_t)g->N * 4;
+}
+
+static inline void prefetch_lines(const char *p, size_t from, size_t to) {
+    for (size_t off = from; off < to; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+/* the slice of group `group`, block b */
+static inline void prefetch_slice(const prefetch_plan_t *plan, int nb, int group, int b) {
+    size_t slice = (size_t)group * nb + b;
+    for (int i = 0; i < plan->streams; i++) {
+        size_t from = slice * plan->step[i], to = from + plan->step[i] < plan->bytes[i] ? from + plan->step[i] : plan->bytes[i];
+        prefetch_lines(plan->at[i], from, to);
+    }
+    if (plan->mins) {
+        size_t from = (size_t)group * plan->mins_step;
+        size_t to = from + plan->mins_step < plan->mins_bytes ? from + plan->mins_step : plan->mins_bytes;
+        prefetch_lines(plan->mins + (size_t)b * plan->mins_stride, from, to);
+    }
+}
+#endif
+
+#if defined(__AVX512F__)
+/* the 32 elements of one block for 16 columns: panel rows dst[i * MICRO_COLS] (columns past `live` zero) */
+static inline __attribute__((always_inline)) void block_values(__m512i codes[2][4], const __m512 scale[2], const __m512 centered[2],
+                                                               __m512 mn, __mmask16 live, float *dst, const int terms, const int mins) {
+    for (int w4 = 0; w4 < 4; w4++)
+        for (int half = 0; half < 8; half++) {  /* element 8 * w4 + half: byte half/2, nibble half%2 */
+            __m512 v = _mm512_setzero_ps();
+            for (int t = 0; t < terms; t++) {
+                /* code - zp as float32 (exact) from a table: vpermps reads the low 4 bits of each lane */
+                __m512 f = _mm512_permutexvar_ps(_mm512_srli_epi32(codes[t][w4], 4 * half), centered[t]);
+                /* the roundings this build has always made: s0 * f0 rounded (a multiply no compiler fuses into the
+                   minimum's add), s1 * f1 fused into the sum, the minimum added */
+                v = t == 0 ? _mm512_mul_round_ps(scale[t], f, _MM_FROUND_CUR_DIRECTION) : _mm512_fmadd_ps(scale[t], f, v);
+            }
+            if (mins) v = _mm512_add_ps(v, mn);
+            _mm512_store_ps(dst + (size_t)(8 * w4 + half) * MICRO_COLS, _mm512_maskz_mov_ps(live, v));
+        }
+}
+
+#endif
+/* panel[p][k][j] for the columns n0 + p * MICRO_COLS + j < n1 (zero beyond n1); [next0, next1): the columns of
+   this thread's next panel, whose codes, scales and minimums are prefetched meanwhile (none when equal) */
+#if defined(__AVX512F__)
+static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int next0, int next1) {
+    int micros = (n1 - n0 + MICRO_COLS - 1) / MICRO_COLS;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i rows_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(g->nb));  /* block index of column c0+lane */
+    const __m512i bytes_at = _mm512_slli_epi32(rows_at, 4);
+    __m512 centered[2];  /* lane c: c - zp_t */
+    for (int t = 0; t < g->terms; t++) centered[t] = _mm512_cvtepi32_ps(_mm512_sub_epi32(lane, _mm512_set1_epi32(g->zp[t])));
+    prefetch_plan_t plan;
+    if (next1 > next0) plan_prefetch(g, next0, next1, micros * (MICRO_COLS / 16), &plan);
+    for (int p = 0; p < micros; p++) {
+        float *w = panel + (size_t)p * g->K * MICRO_COLS;
+        /* 16 columns at a time, block by block: 16 streams of codes (writing both halves of each 128-byte panel
+           row together, 32 streams, measured slower on the head) */
+        for (int j16 = 0; j16 < MICRO_COLS; j16 += 16)
+            for (int b = 0; b < g->nb; b++) {
+                if (next1 > next0) prefetch_slice(&plan, g->nb, p * (MICRO_COLS / 16) + j16 / 16, b);
+                int c0 = n0 + p * MICRO_COLS + j16;
+                int valid = n1 - c0;
+                if (valid > 16) valid = 16;
+                __mmask16 live = valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1u);
+                __m512 scale[2];
+                __m512i codes[2][4];
+                for (int t = 0; t < g->terms; t++) {
+                    const uint8_t *base = g->q[t] + ((size_t)c0 * g->nb + b) * 16;
+                    const float *sb = g->s[t] + (size_t)c0 * g->nb + b;
+                    scale[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows_at, sb, 4);
+                    if (valid == 16) codes_of_16_columns(base, (size_t)g->nb * 16, codes[t]);
+                    else
+                        for (int w4 = 0; w4 < 4; w4++)
+                            codes[t][w4] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, bytes_at, base + 4 * w4, 1);
+                }
+                __m512 mn = g->mins ? _mm512_maskz_loadu_ps(live, g->mins + (size_t)b * g->N + c0) : _mm512_setzero_ps();
+                float *dst = w + (size_t)(32 * b) * MICRO_COLS + j16;
+                /* one copy per one-term form (no test per element: 1.2x on the layers' dequantization); two terms
+                   (the head) in the general copy: its own copy measured 6 % slower on the whole head product */
+                if (g->terms == 1 && g->mins) block_values(codes, scale, centered, mn, live, dst, 1, 1);
+                else if (g->terms == 1) block_values(codes, scale, centered, mn, live, dst, 1, 0);
+                else block_values(codes, scale, centered, mn, live, dst, g->terms, g->mins != NULL);
+            }
+    }
+}
+#else
+/* panel[p][k][j] for the columns n0 + p * MICRO_COLS + j < n1 (zero beyond n1), one element at a time */
+static void dequantize_panel_scalar(const gemm_t *g, int n0, int n1, float *panel) {
     int micros = (n1 - n0 + MICRO_COLS - 1) / MICRO_COLS;
     for (int p = 0; p < micros; p++) {
         float *w = panel + (size_t)p * g->K * MICRO_COLS;
@@ -610,36 +759,6 @@ static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
             int c0 = n0 + p * MICRO_COLS + j16;
             int valid = n1 - c0;
             if (valid > 16) valid = 16;
-#if defined(__AVX512F__)
-            __mmask16 live = valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1u);
-            __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            __m512i rows_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(g->nb));  /* block index of column c0+lane */
-            __m512i bytes_at = _mm512_slli_epi32(rows_at, 4);
-            for (int b = 0; b < g->nb; b++) {
-                __m512 scale[2];
-                __m512i codes[2][4];
-                for (int t = 0; t < g->terms; t++) {
-                    const uint8_t *base = g->q[t] + ((size_t)c0 * g->nb + b) * 16;
-                    const float *sb = g->s[t] + (size_t)c0 * g->nb + b;
-                    scale[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows_at, sb, 4);
-                    for (int w4 = 0; w4 < 4; w4++)
-                        codes[t][w4] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, bytes_at, base + 4 * w4, 1);
-                }
-                __m512 mn = g->mins ? _mm512_maskz_loadu_ps(live, g->mins + (size_t)b * g->N + c0) : _mm512_setzero_ps();
-                float *dst = w + (size_t)(32 * b) * MICRO_COLS + j16;
-                for (int w4 = 0; w4 < 4; w4++)
-                    for (int half = 0; half < 8; half++) {  /* element 8 * w4 + half: byte half/2, nibble half%2 */
-                        __m512 v = _mm512_setzero_ps();
-                        for (int t = 0; t < g->terms; t++) {
-                            __m512i c = _mm512_and_si512(_mm512_srli_epi32(codes[t][w4], 4 * half), _mm512_set1_epi32(15));
-                            __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(g->zp[t])));
-                            v = t == 0 ? _mm512_mul_ps(scale[t], f) : _mm512_add_ps(v, _mm512_mul_ps(scale[t], f));
-                        }
-                        if (g->mins) v = _mm512_add_ps(v, mn);
-                        _mm512_storeu_ps(dst + (size_t)(8 * w4 + half) * MICRO_COLS, _mm512_maskz_mov_ps(live, v));
-                    }
-            }
-#else
             for (int j = 0; j < 16; j++) {
                 int n = c0 + j;
                 for (int b = 0; b < g->nb; b++)
@@ -657,11 +776,171 @@ static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel) {
                         w[(size_t)(32 * b + i) * MICRO_COLS + j16 + j] = v;
                     }
             }
-#endif
         }
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* 8 columns' code bytes of one block (columns `stride` bytes apart) as vector w4: lane j holds bytes
+   4 w4 .. 4 w4 + 3 of column j (8 loads, 8 unpacks) */
+static inline __attribute__((always_inline)) void codes_of_8_columns(const uint8_t *base, size_t stride, __m256i out[4]) {
+    __m256i r[4];  /* columns i and i + 4, one per 128-bit lane */
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(base + (size_t)i * stride))),
+                                       _mm_loadu_si128((const __m128i *)(base + (size_t)(i + 4) * stride)), 1);
+    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    out[0] = _mm256_unpacklo_epi64(t0, t2);
+    out[1] = _mm256_unpackhi_epi64(t0, t2);
+    out[2] = _mm256_unpacklo_epi64(t1, t3);
+    out[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* a * b rounded to float32 here: the empty asm hides it from the compiler, which would otherwise fuse it into
+   the minimum's add (-ffp-contract), a different rounding from the scalar rule's */
+static inline __attribute__((always_inline)) __m256 rounded_product(__m256 a, __m256 b) {
+    __m256 p = _mm256_mul_ps(a, b);
+    __asm__("" : "+x"(p));
+    return p;
+}
+
+/* the 32 elements of one block for 8 columns: panel rows dst[i * MICRO_COLS] */
+static inline __attribute__((always_inline)) void block_values8(const __m256i codes[2][4], const __m256 scale[2], __m256 mn,
+                                                                const int zp[2], float *dst, const int terms, const int mins) {
+    const __m256i nib = _mm256_set1_epi32(15);
+    for (int w4 = 0; w4 < 4; w4++)
+        for (int half = 0; half < 8; half++) {  /* element 8 * w4 + half: byte half/2, nibble half%2 */
+            __m256 v = _mm256_setzero_ps();
+            for (int t = 0; t < terms; t++) {
+                __m256i c = _mm256_and_si256(_mm256_srli_epi32(codes[t][w4], 4 * half), nib);
+                __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(c, _mm256_set1_epi32(zp[t])));  /* exact */
+                /* the scalar rule's roundings: s0 * f0 rounded, s1 * f1 fused into the sum, the minimum added */
+                v = t == 0 ? rounded_product(scale[t], f) : _mm256_fmadd_ps(scale[t], f, v);
+            }
+            if (mins) v = _mm256_add_ps(v, mn);
+            _mm256_store_ps(dst + (size_t)(8 * w4 + half) * MICRO_COLS, v);
+        }
+}
+
+/* the AVX2 build: whole micro-panels 8 columns at a time (vector loads of the codes, as the AVX-512 build does),
+   a micro-panel with columns past n1 by the scalar rule; the next panel prefetched as on AVX-512 */
+static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int next0, int next1) {
+    int micros = (n1 - n0 + MICRO_COLS - 1) / MICRO_COLS;
+    prefetch_plan_t plan;
+    if (next1 > next0) plan_prefetch(g, next0, next1, micros * (MICRO_COLS / 16), &plan);
+    const size_t stride = (size_t)g->nb * 16;
+    for (int p = 0; p < micros; p++) {
+        float *w = panel + (size_t)p * g->K * MICRO_COLS;
+        int c = n0 + p * MICRO_COLS;
+        if (n1 - c < MICRO_COLS) {
+            dequantize_panel_scalar(g, c, n1, w);
+            continue;
+        }
+        for (int j8 = 0; j8 < MICRO_COLS; j8 += 8)
+            for (int b = 0; b < g->nb; b++) {
+                if (next1 > next0 && !(j8 & 8)) prefetch_slice(&plan, g->nb, p * (MICRO_COLS / 16) + j8 / 16, b);
+                int c0 = c + j8;
+                __m256 scale[2];
+                __m256i codes[2][4];
+                for (int t = 0; t < g->terms; t++) {
+                    const float *sb = g->s[t] + (size_t)c0 * g->nb + b;
+                    size_t nb = (size_t)g->nb;
+                    scale[t] = _mm256_setr_ps(sb[0], sb[nb], sb[2 * nb], sb[3 * nb], sb[4 * nb], sb[5 * nb], sb[6 * nb], sb[7 * nb]);
+                    codes_of_8_columns(g->q[t] + ((size_t)c0 * g->nb + b) * 16, stride, codes[t]);
+                }
+                __m256 mn = g->mins ? _mm256_loadu_ps(g->mins + (size_t)b * g->N + c0) : _mm256_setzero_ps();
+                float *dst = w + (size_t)(32 * b) * MICRO_COLS + j8;
+                if (g->terms == 1 && g->mins) block_values8(codes, scale, mn, g->zp, dst, 1, 1);
+                else if (g->terms == 1) block_values8(codes, scale, mn, g->zp, dst, 1, 0);
+                else block_values8(codes, scale, mn, g->zp, dst, g->terms, g->mins != NULL);
+            }
+    }
+}
+#else
+static void dequantize_panel(const gemm_t *g, int n0, int n1, float *panel, int next0, int next1) {
+    (void)next0; (void)next1;
+    dequantize_panel_scalar(g, n0, n1, panel);
+}
+#endif
+#endif
+
+#if defined(__AVX512F__)
+/* rows m0 .. m0+R-1 (R <= MICRO_ROWS, a constant where inlined) x one micro-panel: R x 32 accumulators in
+   registers, for k = 0..K-1 acc = fma(x[m][k], w[k][n], acc) from 0 (explicit: no compiler decides it) */
+static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    const float *x = g->x + (size_t)m0 * g->K;
+    const size_t K = (size_t)g->K;
+    __m512 acc[MICRO_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (size_t k = 0; k < K; k++) {
+        __m512 w0 = _mm512_load_ps(w + k * MICRO_COLS), w1 = _mm512_load_ps(w + k * MICRO_COLS + 16);
+        for (int r = 0; r < R; r++) {
+            __m512 a = _mm512_set1_ps(x[r * K + k]);
+            acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+        }
+    }
+    __mmask16 m0s = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1u);
+    __mmask16 m1s = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1u);
+    for (int r = 0; r < R; r++) {
+        float *dst = g->y + (size_t)(m0 + r) * g->N + n;
+        _mm512_mask_storeu_ps(dst, m0s, acc[r][0]);
+        _mm512_mask_storeu_ps(dst + 16, m1s, acc[r][1]);
+    }
+}
+
+/* rows m0 .. m0+rows-1 x one micro-panel, with a kernel for exactly that many rows (no rows computed twice) */
+static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
+    switch (rows) {
+#define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
+        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6) TILE_ROWS(7) TILE_ROWS(8)
+#undef TILE_ROWS
+        default: break;
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* rows m0 .. m0+R-1 (R <= MICRO_ROWS, a constant where inlined) x one micro-panel, 16 columns at a time: the same
+   chain per element as the AVX-512 kernel, acc = fma(x[m][k], w[k][n], acc) from 0. (The 64-byte vector code
+   below, compiled for AVX2, kept 24 accumulators of two ymm each on the stack: 3 GFLOP/s.) */
+static inline __attribute__((always_inline)) void tile_rows16(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    const float *x = g->x + (size_t)m0 * g->K;
+    const size_t K = (size_t)g->K;
+    __m256 acc[MICRO_ROWS][2];
+#pragma GCC unroll 8  /* unrolled before the accumulators are placed: else GCC kept them on the stack too */
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (size_t k = 0; k < K; k++) {
+        __m256 w0 = _mm256_load_ps(w + k * MICRO_COLS), w1 = _mm256_load_ps(w + k * MICRO_COLS + 8);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_broadcast_ss(x + r * K + k);
+            acc[r][0] = _mm256_fmadd_ps(a, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, w1, acc[r][1]);
+        }
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i live0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane), live1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8), lane);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        float *dst = g->y + (size_t)(m0 + r) * g->N + n;
+        _mm256_maskstore_ps(dst, live0, acc[r][0]);
+        _mm256_maskstore_ps(dst + 8, live1, acc[r][1]);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    tile_rows16(g, m0, R, w, n, cols < 16 ? cols : 16);
+    if (cols > 16) tile_rows16(g, m0, R, w + 16, n + 16, cols - 16);
+}
+
+static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
+    switch (rows) {
+#define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
+        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
+#undef TILE_ROWS
+        default: break;
+    }
+}
+#else
 /* rows m0 .. m0+rows-1 (rows <= MICRO_ROWS) x one micro-panel; rows past the end repeat the last (not stored) */
 static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
     const float *xr[MICRO_ROWS];
@@ -684,6 +963,7 @@ static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int 
         else for (int j = 0; j < cols; j++) dst[j] = j < 16 ? acc[r][0][j] : acc[r][1][j - 16];
     }
 }
+#endif
 
 static void gemm_part(void *arg, int part, int parts) {
     const gemm_t *g = (const gemm_t *)arg;
@@ -699,7 +979,8 @@ static void gemm_part(void *arg, int part, int parts) {
     }
     for (int n0 = c0; n0 < c1; n0 += MICRO_COLS * PANEL_MICROS) {
         int n1 = n0 + MICRO_COLS * PANEL_MICROS < c1 ? n0 + MICRO_COLS * PANEL_MICROS : c1;
-        dequantize_panel(g, n0, n1, panel);
+        int next1 = n1 + MICRO_COLS * PANEL_MICROS < c1 ? n1 + MICRO_COLS * PANEL_MICROS : c1;
+        dequantize_panel(g, n0, n1, panel, n1, next1);
         for (int m = 0; m < g->M; m += MICRO_ROWS) {
             int rows = g->M - m < MICRO_ROWS ? g->M - m : MICRO_ROWS;
             for (int n = n0, p = 0; n < n1; n += MICRO_COLS, p++)
@@ -708,6 +989,7 @@ static void gemm_part(void *arg, int part, int parts) {
     }
     free(panel);
 }
+
 
 #include "qgemm_amx.c"  /* the same product on AMX tiles where the CPU has them (amx_gemm) */
 
