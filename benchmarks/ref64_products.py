@@ -9,7 +9,7 @@ by side. The check: every output of both, compared as bytes, on SmolLM2-135M's s
 absent or per block), rows 1..300 (every count up to 26, then counts off the 8-row tile), 1 to 3 threads, float32
 weights in both layouts, and inputs with NaN, infinities, -0 and subnormals. The timing: each layer's product as
 the reference runs it (``--rows`` positions, the Q4_1 layer's three calls), old and new alternating, best of
-``--rounds``; the ratio old / new per shape and for a layer's sum. Take the exclusive lock first:
+``--rounds``; the ratio old / new per shape and for a layer's sum; then a layer's float32-weight products (the fp32 class). Take the exclusive lock first:
 ``flock -x /tmp/bench.lock .venv/bin/python benchmarks/ref64_products.py /tmp/old``.
 """
 
@@ -180,6 +180,25 @@ def timing(old: ctypes.CDLL, new: ctypes.CDLL, rng: np.random.Generator, rows_li
                   f"GFLOP/s)  new {best['new'] * 1e3:7.3f} ms ({flops / best['new'] / 1e9:5.1f} GFLOP/s)  "
                   f"old/new {best['old'] / best['new']:.3f}", flush=True)
         print(f"  rows {rows:4d} layer    old {totals['old'] * 1e3:7.3f} ms ({flops_total / totals['old'] / 1e9:5.1f}"
+              f" GFLOP/s)  new {totals['new'] * 1e3:7.3f} ms ({flops_total / totals['new'] / 1e9:5.1f} GFLOP/s)  "
+              f"old/new {totals['old'] / totals['new']:.3f}", flush=True)
+        # the fp32 class: float32 weights as MatMul stores them ([k, n])
+        totals = {"old": 0.0, "new": 0.0}
+        flops_total = 0
+        for name, (k, n) in shapes.items():
+            w = rng.standard_normal((k, n)).astype(np.float32)
+            a = rng.standard_normal((rows, k))
+            out = np.empty((rows, n))
+            best = {"old": 1e9, "new": 1e9}
+            for _ in range(rounds):
+                for label, lib in (("old", old), ("new", new)):
+                    t = time.perf_counter()
+                    assert lib.p2pinfer_ref64_f32(_p(a), rows, k, k, _p(w), 0, n, _p(out), n, threads) == 0
+                    best[label] = min(best[label], time.perf_counter() - t)
+            flops_total += 2 * rows * n * k
+            for label in best:
+                totals[label] += best[label]
+        print(f"  rows {rows:4d} f32 layer old {totals['old'] * 1e3:7.3f} ms ({flops_total / totals['old'] / 1e9:5.1f}"
               f" GFLOP/s)  new {totals['new'] * 1e3:7.3f} ms ({flops_total / totals['new'] / 1e9:5.1f} GFLOP/s)  "
               f"old/new {totals['old'] / totals['new']:.3f}", flush=True)
 
