@@ -12,8 +12,9 @@
  * same instruction sequence whatever the thread count or which thread takes its panel;
  * tests/test_ref64_fma_chain.py checks every output bit against an exact emulation of these orders.
  *
- * Where the time goes (Zen 5, 2 threads, a Q4_1 layer at 256 rows): ~93 % the 8 x 24 FMA tile, ~6 % widening
- * the 4-bit codes; 213 GFLOP/s against the 272 of two cores' FMA pipes (benchmarks/ref64_products.py).
+ * Where the time goes (Zen 5, 2 threads, a Q4_1 layer's three calls, perf): the 8 x 24 FMA tile ~94 % at 256
+ * rows and ~90 % at 128, widening the 4-bit codes ~5 % and ~9 %; 204-209 GFLOP/s, as with float32 weights
+ * (~213), against the 272 of two cores' FMA pipes (benchmarks/ref64_products.py).
  *
  * Threads: the caller's thread and threads-1 helpers created for the call (a call is a layer's product over up
  * to 256 positions: milliseconds, against ~20 us to start a thread). Panels of output columns are handed out
@@ -249,34 +250,22 @@ static void rows_times_panel(const job_t *j, const double *buf, int64_t col, con
     }
 }
 
-static void micro_masks(int nr, __mmask8 masks[3]) {
-    for (int y = 0; y < 3; y++) {
-        const int left = nr - 8 * y;
-        masks[y] = (__mmask8)(left >= 8 ? 0xFF : left <= 0 ? 0 : (1u << left) - 1);
-    }
-}
-
-/* The panel's product, k block by k block, each block over the panel's micro-panels in turn: a k block of A
- * (rows x kc doubles: 256 KB at 256 rows) stays in L2 while the micro-panels use it. (Micro-panel by micro-panel
- * over all of K instead, A's whole width went through L2 once per micro-panel: from L3 at K 576 and 1536.) Each
- * element's chain is unchanged: its k blocks in order, each continuing from the partial sum stored by the last. */
 static void panel_product(const job_t *j, double *buf, int64_t col0, int64_t cols) {
-    __mmask8 masks[3];
-    int from_out = j->accumulate;
-    for (int64_t k0 = 0; k0 < j->k; k0 += j->kc, from_out = 1) {
-        const int64_t kc = j->k - k0 < j->kc ? j->k - k0 : j->kc;
-        for (int64_t c = 0; c < cols; c += NR) {
-            const int nr = (int)(cols - c < NR ? cols - c : NR);
-            micro_masks(nr, masks);
+    for (int64_t c = 0; c < cols; c += NR) {
+        const int nr = (int)(cols - c < NR ? cols - c : NR);
+        __mmask8 masks[3];
+        for (int y = 0; y < 3; y++) {
+            const int left = nr - 8 * y;
+            masks[y] = (__mmask8)(left >= 8 ? 0xFF : left <= 0 ? 0 : (1u << left) - 1);
+        }
+        int from_out = j->accumulate;
+        for (int64_t k0 = 0; k0 < j->k; k0 += j->kc, from_out = 1) {
+            const int64_t kc = j->k - k0 < j->kc ? j->k - k0 : j->kc;
             widen_panel(j, col0 + c, nr, k0, kc, buf);
             rows_times_panel(j, buf, col0 + c, j->a + k0, j->lda, from_out, kc, masks);
         }
-    }
-    for (int64_t k0 = 0; k0 < j->k2; k0 += KC_TARGET, from_out = 1) {  /* the second term, if any */
-        const int64_t kc = j->k2 - k0 < KC_TARGET ? j->k2 - k0 : KC_TARGET;
-        for (int64_t c = 0; c < cols; c += NR) {
-            const int nr = (int)(cols - c < NR ? cols - c : NR);
-            micro_masks(nr, masks);
+        for (int64_t k0 = 0; k0 < j->k2; k0 += KC_TARGET, from_out = 1) {  /* the second term, if any */
+            const int64_t kc = j->k2 - k0 < KC_TARGET ? j->k2 - k0 : KC_TARGET;
             if (nr < NR)
                 for (int64_t kk = 0; kk < kc; kk++)
                     for (int y = nr; y < NR; y++) buf[kk * NR + y] = 0.0;
