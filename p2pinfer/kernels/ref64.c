@@ -3,10 +3,18 @@
  * exact). No float64 copy of W exists: each thread widens a panel of W's output columns into a small buffer
  * that stays in its cache, then multiplies every row of A by it with AVX-512 FMA on 8 doubles.
  *
- * Numerics: every product and sum is a float64 operation (nothing is rounded to fewer bits); each output
- * element is one dot product over the whole of K, summed in 8 lanes then across the lanes in a fixed order.
- * That order differs from BLAS's: float64 rounding (~1e-16 relative per element). Each element is computed by
- * the same instruction sequence whatever the thread count or which thread takes its panel.
+ * Numerics: every product and sum is a float64 operation (nothing is rounded to fewer bits). With five rows or
+ * more (and always for float32 weights) each output element is one sequential chain of fused multiply-adds over
+ * k = 0..K-1 from +0 (or from out's value when the call adds into it), a further term continuing the chain; one
+ * to four rows of a 4-bit weight (the LM head's row; blocks a multiple of 32, K whole blocks, no second term) sum
+ * in 8 lanes (k mod 8), across the lanes as _mm512_reduce_add_pd does, then into out's value if it adds. Either
+ * order differs from BLAS's: float64 rounding (~1e-16 relative per element). Each element is computed by the
+ * same instruction sequence whatever the thread count or which thread takes its panel;
+ * tests/test_ref64_fma_chain.py checks every output bit against an exact emulation of these orders.
+ *
+ * Where the time goes (Zen 5, 2 threads, a Q4_1 layer's three calls, perf): the 8 x 24 FMA tile ~94 % at 256
+ * rows and ~90 % at 128, widening the 4-bit codes ~5 % and ~9 %; 204-209 GFLOP/s, as with float32 weights
+ * (~213), against the 272 of two cores' FMA pipes (benchmarks/ref64_products.py).
  *
  * Threads: the caller's thread and threads-1 helpers created for the call (a call is a layer's product over up
  * to 256 positions: milliseconds, against ~20 us to start a thread). Panels of output columns are handed out
@@ -59,10 +67,12 @@ typedef struct {
 /* ---- widening: W's values for k0..k0+kc of columns c0..c0+cols into buf[kk][NR] (float64, k-major; columns
  * past cols are zero) ---------------------------------------------------------------------------------------- */
 
-static void widen_q4(const job_t *j, int64_t c0, int cols, int64_t k0, int64_t kc, double *buf) {
+/* columns y0..y1 of the micro-panel, k0..k0+kc, one value at a time or 32 codes a vector pass (the tails of
+ * widen_q4, and every column where the block size is not a multiple of 32) */
+static void widen_q4_columns(const job_t *j, int64_t c0, int y0, int y1, int64_t k0, int64_t kc, double *buf) {
     const int64_t bs = j->bs, b0 = k0 / bs, b1 = (k0 + kc + bs - 1) / bs;
     double tmp[32];
-    for (int y = 0; y < cols; y++) {
+    for (int y = y0; y < y1; y++) {
         const int64_t col = c0 + y;
         const uint8_t *p = j->packed + col * j->blocks * (bs / 2);
         const float *sc = j->scales + col * j->blocks;
@@ -99,6 +109,71 @@ static void widen_q4(const job_t *j, int64_t c0, int cols, int64_t k0, int64_t k
             }
         }
     }
+}
+
+/* the codes k = 8t..8t+7 of a group of 32 (16 bytes at q; element 2u the low nibble of byte u), as doubles */
+static inline __m512d codes8(const uint8_t *q, int t) {
+    uint32_t word;
+    memcpy(&word, q + 4 * t, sizeof word);
+    const __m128i bytes = _mm_cvtsi32_si128((int)word), mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    return _mm512_cvtepi32_pd(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+
+/* r[y] (column y's 8 values of k) -> r[kk] (8 columns' values of k = kk): moves only */
+static inline __attribute__((always_inline)) void transpose8(__m512d r[8]) {
+    __m512d t[8], s[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);      /* k 0,2,4,6 of columns 2i, 2i+1 */
+        t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);  /* k 1,3,5,7 */
+    }
+    for (int odd = 0; odd < 2; odd++) {
+        s[4 * odd + 0] = _mm512_shuffle_f64x2(t[odd], t[odd + 2], 0x88);      /* k 0+odd, 4+odd: columns 0-3 */
+        s[4 * odd + 1] = _mm512_shuffle_f64x2(t[odd], t[odd + 2], 0xDD);      /* k 2+odd, 6+odd */
+        s[4 * odd + 2] = _mm512_shuffle_f64x2(t[odd + 4], t[odd + 6], 0x88);  /* columns 4-7 */
+        s[4 * odd + 3] = _mm512_shuffle_f64x2(t[odd + 4], t[odd + 6], 0xDD);
+    }
+    for (int odd = 0; odd < 2; odd++) {
+        r[odd + 0] = _mm512_shuffle_f64x2(s[4 * odd + 0], s[4 * odd + 2], 0x88);
+        r[odd + 4] = _mm512_shuffle_f64x2(s[4 * odd + 0], s[4 * odd + 2], 0xDD);
+        r[odd + 2] = _mm512_shuffle_f64x2(s[4 * odd + 1], s[4 * odd + 3], 0x88);
+        r[odd + 6] = _mm512_shuffle_f64x2(s[4 * odd + 1], s[4 * odd + 3], 0xDD);
+    }
+}
+
+/* W's values for k0..k0+kc of columns c0..c0+cols into buf[kk][NR] (float64, k-major; the caller zeroes columns
+ * past cols). Each value is (code - zero point) x scale in float64, exact whatever the path. Eight columns at a
+ * time where the block size is a multiple of 32: each column's 8 values of k in a vector, the 8 vectors
+ * transposed in registers into 8 rows of the buffer (the one-value-at-a-time stores of widen_q4_columns were
+ * ~14 % of a 256-row product). */
+static void widen_q4(const job_t *j, int64_t c0, int cols, int64_t k0, int64_t kc, double *buf) {
+    const int64_t bs = j->bs;
+    int y0 = 0;
+    if (bs % 32 == 0) {
+        const int64_t whole = kc / 32 * 32;  /* k0 and kc are whole blocks but the last k block may end early */
+        const int64_t bytes_per_col = j->blocks * (bs / 2);
+        for (; y0 + 8 <= cols; y0 += 8) {
+            for (int64_t kk0 = 0; kk0 < whole; kk0 += 32) {
+                const int64_t kabs = k0 + kk0, b = kabs / bs;
+                __m512d vs[8], vz[8];
+                const uint8_t *q[8];
+                for (int y = 0; y < 8; y++) {
+                    const int64_t col = c0 + y0 + y;
+                    vs[y] = _mm512_set1_pd((double)j->scales[col * j->blocks + b]);
+                    vz[y] = _mm512_set1_pd(j->zp ? (double)j->zp[col * j->blocks + b] : 8.0);
+                    q[y] = j->packed + col * bytes_per_col + kabs / 2;
+                }
+                for (int t = 0; t < 4; t++) {
+                    __m512d r[8];
+                    for (int y = 0; y < 8; y++) r[y] = _mm512_mul_pd(_mm512_sub_pd(codes8(q[y], t), vz[y]), vs[y]);
+                    transpose8(r);
+                    for (int kk = 0; kk < 8; kk++) _mm512_store_pd(buf + (kk0 + 8 * t + kk) * NR + y0, r[kk]);
+                }
+            }
+            if (whole < kc) widen_q4_columns(j, c0, y0, y0 + 8, k0 + whole, kc - whole, buf + whole * NR);
+        }
+    }
+    if (y0 < cols) widen_q4_columns(j, c0, y0, cols, k0, kc, buf);
 }
 
 /* w [k, n] (row stride ldw): a row of W holds the panel's columns side by side (zero past cols) */
