@@ -236,6 +236,21 @@ static inline __attribute__((always_inline)) vec16f qa_max(vec16f a, vec16f b) {
 #endif
 }
 
+/* Cephes expf's reduction and polynomial, for any vector width (the same operations per lane): r = x - n ln2 in
+   two steps, then e^r by a degree-7 polynomial; the caller scales by 2^n. One text for qa_exp and qa_expw, so
+   that the two builds' lanes cannot drift apart. */
+#define QA_EXP_REDUCED(V, x, fn) ({                                  \
+    V r_ = (x) - (fn) * 0.693359375f;                                \
+    r_ = r_ - (fn) * -2.12194440e-4f;                                \
+    V p_ = (V){0} + 1.9875691500e-4f;                                \
+    p_ = p_ * r_ + 1.3981999507e-3f;                                 \
+    p_ = p_ * r_ + 8.3334519073e-3f;                                 \
+    p_ = p_ * r_ + 4.1665795894e-2f;                                 \
+    p_ = p_ * r_ + 1.6666665459e-1f;                                 \
+    p_ = p_ * r_ + 5.0000001201e-1f;                                 \
+    p_ * (r_ * r_) + r_ + 1.0f;                                      \
+})
+
 /* e^x for x <= 0 (Cephes expf: x = n ln2 + r, a degree-7 polynomial in r, times 2^n; x below -87.3 is taken as
    -87.3, whose e^x, ~1e-38, is nothing beside the row's largest term, 1; a NaN stays NaN) */
 static inline __attribute__((always_inline)) vec16f qa_exp(vec16f x) {
@@ -251,15 +266,7 @@ static inline __attribute__((always_inline)) vec16f qa_exp(vec16f x) {
     vec16i n = __builtin_convertvector(y, vec16i);  /* toward zero: the nearest integer to x log2(e) (y <= -0.5) */
     vec16f fn = __builtin_convertvector(n, vec16f);
 #endif
-    vec16f r = x - fn * 0.693359375f;
-    r = r - fn * -2.12194440e-4f;
-    vec16f p = (vec16f){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    vec16f p = QA_EXP_REDUCED(vec16f, x, fn);
 #if defined(__AVX512F__)
     return (vec16f)_mm512_scalef_ps((__m512)p, (__m512)fn);
 #else
@@ -343,15 +350,7 @@ static inline __attribute__((always_inline)) vecwf qa_expw(vecwf x) {
     vecwf y = x * 1.44269504088896341f - 0.5f;
     vecwi n = __builtin_convertvector(y, vecwi);
     vecwf fn = __builtin_convertvector(n, vecwf);
-    vecwf r = x - fn * 0.693359375f;
-    r = r - fn * -2.12194440e-4f;
-    vecwf p = (vecwf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    vecwf p = QA_EXP_REDUCED(vecwf, x, fn);
     return p * (vecwf)((n + 127) << 23);
 }
 
