@@ -577,7 +577,7 @@ static void job_part(void *arg, int part, int parts) {
 /* ---- many rows (prefill, verification): a cache-blocked GEMM over dequantized float32 panels -------------
  * For M >= GEMM_MIN_ROWS rows the weights are dequantized, PANEL_COLS output columns at a time, into a float32
  * panel laid out [micro-panel][k][MICRO_COLS] (it stays in L2; the next panel's weights are prefetched meanwhile),
- * and a register-blocked micro-kernel computes MICRO_ROWS x MICRO_COLS outputs at a time (AVX2: x 16), one kernel
+ * and a register-blocked micro-kernel computes MICRO_ROWS x MICRO_COLS outputs at a time (AVX2: x 16; portable: x 8), one kernel
  * per row count: for k = 0..K-1, acc = fma(x[m][k], w[k][n], acc) from +0 (float32; a build without FMA rounds
  * the product first), then one store. The dequantized weight is  s0 * (q0 - zp0)  rounded, + s1 * (q1 - zp1) fused
  * (two terms), + the block minimum rounded: the value MatMulNBits uses, rounded once more when terms are added
@@ -591,12 +591,11 @@ static void job_part(void *arg, int part, int parts) {
 #if defined(__AVX512F__)
 #define MICRO_ROWS 8   /* 8 x 32 columns: 16 zmm accumulators; 6, 12 and 14 rows measured alike or slower on Zen 5 */
 #else
-#define MICRO_ROWS 6   /* AVX2: 6 x 16 columns at a time, 12 ymm accumulators of the 16 registers */
+#define MICRO_ROWS 6   /* AVX2: 6 x 16 columns at a time, 12 ymm accumulators of the 16 registers; the portable
+                          build 6 x 8 on 16-byte vectors, 12 xmm */
 #endif
 #define MICRO_COLS 32
 #define PANEL_MICROS 4   /* 128 columns x K float32 per panel: 288 KB at K = 576, 768 KB at K = 1536 */
-
-typedef float vec16 __attribute__((vector_size(64)));
 
 typedef struct {
     int M, N, K, nb, terms;
@@ -941,26 +940,50 @@ static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int 
     }
 }
 #else
-/* rows m0 .. m0+rows-1 (rows <= MICRO_ROWS) x one micro-panel; rows past the end repeat the last (not stored) */
-static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
-    const float *xr[MICRO_ROWS];
-    for (int r = 0; r < MICRO_ROWS; r++) xr[r] = g->x + (size_t)(m0 + (r < rows ? r : rows - 1)) * g->K;
-    vec16 acc[MICRO_ROWS][2];
-    for (int r = 0; r < MICRO_ROWS; r++) acc[r][0] = acc[r][1] = (vec16){0};
-    for (int k = 0; k < g->K; k++) {
-        vec16 w0, w1;
-        memcpy(&w0, w + (size_t)k * MICRO_COLS, 64);
-        memcpy(&w1, w + (size_t)k * MICRO_COLS + 16, 64);
-        for (int r = 0; r < MICRO_ROWS; r++) {
-            float a = xr[r][k];  /* broadcast to the vector by the product */
+/* The portable build (ARM NEON, x86 before AVX2): 16-byte vectors, which every such CPU has (SSE2, NEON). The
+   64-byte vectors this build used before (12 accumulators of four registers each) lived on the stack: ~7 GFLOP/s.
+   Rows m0 .. m0+R-1 (R <= MICRO_ROWS, a constant where inlined) x 8 columns of one micro-panel: 2R accumulators in
+   registers (12 of x86-64's 16 xmm at 6 rows; NEON has 32). Each element's chain is the one the 64-byte code
+   computed, written the same way, acc += a * w from 0 over k in order, with the same float types: the compiler
+   fuses it (-ffp-contract, where the CPU has FMA: every ARMv8) or rounds the product first (x86-64 without FMA)
+   exactly as it did there. */
+typedef float vec4 __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) void tile_rows8(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    const float *x = g->x + (size_t)m0 * g->K;
+    const size_t K = (size_t)g->K;
+    vec4 acc[MICRO_ROWS][2];
+#pragma GCC unroll 8  /* unrolled before the accumulators are placed, so that they stay in registers */
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (vec4){0};
+    for (size_t k = 0; k < K; k++) {
+        /* the panel is 64-byte aligned and its rows 128 bytes: every 8-column group is 32-byte aligned */
+        const vec4 w0 = *(const vec4 *)(w + k * MICRO_COLS), w1 = *(const vec4 *)(w + k * MICRO_COLS + 4);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            float a = x[r * K + k];  /* broadcast to the vector by the product */
             acc[r][0] += a * w0;  /* one fused multiply-add where the CPU has it (-ffp-contract) */
             acc[r][1] += a * w1;
         }
     }
-    for (int r = 0; r < rows; r++) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
         float *dst = g->y + (size_t)(m0 + r) * g->N + n;
-        if (cols == MICRO_COLS) { memcpy(dst, &acc[r][0], 64); memcpy(dst + 16, &acc[r][1], 64); }
-        else for (int j = 0; j < cols; j++) dst[j] = j < 16 ? acc[r][0][j] : acc[r][1][j - 16];
+        if (cols >= 8) { memcpy(dst, &acc[r][0], 16); memcpy(dst + 4, &acc[r][1], 16); }
+        else for (int j = 0; j < cols; j++) dst[j] = j < 4 ? acc[r][0][j] : acc[r][1][j - 4];
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int m0, const int R, const float *w, int n, int cols) {
+    for (int j8 = 0; j8 < MICRO_COLS && j8 < cols; j8 += 8) tile_rows8(g, m0, R, w + j8, n + j8, cols - j8);
+}
+
+/* rows m0 .. m0+rows-1 x one micro-panel, with a kernel for exactly that many rows (no rows computed twice) */
+static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
+    switch (rows) {
+#define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
+        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
+#undef TILE_ROWS
+        default: break;
     }
 }
 #endif
