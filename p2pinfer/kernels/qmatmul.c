@@ -888,15 +888,6 @@ static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int
     }
 }
 
-/* rows m0 .. m0+rows-1 x one micro-panel, with a kernel for exactly that many rows (no rows computed twice) */
-static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
-    switch (rows) {
-#define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
-        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6) TILE_ROWS(7) TILE_ROWS(8)
-#undef TILE_ROWS
-        default: break;
-    }
-}
 #elif defined(__AVX2__) && defined(__FMA__)
 /* rows m0 .. m0+R-1 (R <= MICRO_ROWS, a constant where inlined) x one micro-panel, 16 columns at a time: the same
    chain per element as the AVX-512 kernel, acc = fma(x[m][k], w[k][n], acc) from 0. (The 64-byte vector code
@@ -931,14 +922,6 @@ static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int
     if (cols > 16) tile_rows16(g, m0, R, w + 16, n + 16, cols - 16);
 }
 
-static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
-    switch (rows) {
-#define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
-        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
-#undef TILE_ROWS
-        default: break;
-    }
-}
 #else
 /* The portable build (ARM NEON, x86 before AVX2): 16-byte vectors, which every such CPU has (SSE2, NEON). The
    64-byte vectors this build used before (12 accumulators of four registers each) lived on the stack: ~7 GFLOP/s.
@@ -977,16 +960,24 @@ static inline __attribute__((always_inline)) void tile_rows(const gemm_t *g, int
     for (int j8 = 0; j8 < MICRO_COLS && j8 < cols; j8 += 8) tile_rows8(g, m0, R, w + j8, n + j8, cols - j8);
 }
 
-/* rows m0 .. m0+rows-1 x one micro-panel, with a kernel for exactly that many rows (no rows computed twice) */
+#endif
+
+/* rows m0 .. m0+rows-1 x one micro-panel, through the build's tile_rows with a kernel for exactly that many rows
+   (a constant R, so its accumulators stay in registers; no rows computed twice) */
+#if MICRO_ROWS != 6 && MICRO_ROWS != 8
+#error "micro_kernel has cases for MICRO_ROWS 6 and 8"
+#endif
 static void micro_kernel(const gemm_t *g, int m0, int rows, const float *w, int n, int cols) {
     switch (rows) {
 #define TILE_ROWS(R) case R: tile_rows(g, m0, R, w, n, cols); break;
         TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
+#if MICRO_ROWS == 8
+        TILE_ROWS(7) TILE_ROWS(8)
+#endif
 #undef TILE_ROWS
         default: break;
     }
 }
-#endif
 
 static void gemm_part(void *arg, int part, int parts) {
     const gemm_t *g = (const gemm_t *)arg;
