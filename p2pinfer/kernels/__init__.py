@@ -67,7 +67,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -176,6 +176,28 @@ def library() -> ctypes.CDLL | None:
     :func:`library_path` is."""
     path = library_path()
     return None if path is None else _handles.get(path)
+
+
+_by_switch: dict[str, ctypes.CDLL | None] = {}  # P2PINFER_DECODE_KERNEL's value -> library() then
+
+
+def library_functions(signatures: "Mapping[str, tuple[tuple, object]]") -> ctypes.CDLL | None:
+    """:func:`library` with the plain C functions ``signatures`` names typed (``name -> (argtypes, restype)``),
+    looked up once per value of ``P2PINFER_DECODE_KERNEL``: :func:`library` searches PATH for a compiler (~0.4 ms),
+    and the check asks per pass and per row (:mod:`p2pinfer.runtime.row_stats`, :mod:`p2pinfer.runtime.philox`)."""
+    switch = os.environ.get("P2PINFER_DECODE_KERNEL", "1")
+    if switch not in _by_switch:
+        _by_switch[switch] = library()
+    lib = _by_switch[switch]
+    if lib is not None:
+        typed = lib.__dict__.setdefault("_p2pinfer_typed", set())  # per handle: each loaded library is typed once
+        if not typed.issuperset(signatures):
+            with _lock:
+                for name, (argtypes, restype) in signatures.items():
+                    function = getattr(lib, name)
+                    function.argtypes, function.restype = argtypes, restype
+                    typed.add(name)
+    return lib
 
 
 def ref64_library_path() -> Path | None:

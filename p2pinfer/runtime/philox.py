@@ -19,7 +19,6 @@ Random123's ``PHILOX_M4x64_0/1`` and ``PHILOX_W64_0/1``.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
 import numpy as np
@@ -125,21 +124,10 @@ def stream_numpy(key: int, n: int, *, largest: bool = True) -> tuple[np.ndarray,
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _U = ctypes.c_uint64
-_resolved: dict[str, ctypes.CDLL | None] = {}  # P2PINFER_DECODE_KERNEL's value -> the library (or None)
+_SIGNATURES = {"p2pinfer_philox_stream": ((_U, _U, _I, _P, _P, ctypes.c_int32), _I),
+               "p2pinfer_philox_draws": ((_P, _P, _I, _P, ctypes.c_int32), _I)}
 
 
 def _functions() -> ctypes.CDLL | None:
-    """The kernel library with these functions typed, looked up once per value of the kernel switch (as
-    :mod:`.row_stats` does: finding it searches PATH for a compiler, and a check calls here per row)."""
-    switch = os.environ.get("P2PINFER_DECODE_KERNEL", "1")
-    if switch in _resolved:
-        return _resolved[switch]
-    lib = kernels.library()
-    if lib is not None and not getattr(lib, "_philox_typed", False):
-        lib.p2pinfer_philox_stream.argtypes = (_U, _U, _I, _P, _P, ctypes.c_int32)
-        lib.p2pinfer_philox_stream.restype = _I
-        lib.p2pinfer_philox_draws.argtypes = (_P, _P, _I, _P, ctypes.c_int32)
-        lib.p2pinfer_philox_draws.restype = _I
-        lib._philox_typed = True
-    _resolved[switch] = lib
-    return lib
+    """The kernel library with these functions typed (looked up once per value of the kernel switch)."""
+    return kernels.library_functions(_SIGNATURES)

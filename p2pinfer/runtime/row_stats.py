@@ -13,7 +13,6 @@ compiler, ``P2PINFER_DECODE_KERNEL=0``, or a CPU without AVX-512): callers then 
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -45,24 +44,13 @@ class LogNorm(NamedTuple):
     flagged: np.ndarray
 
 
-_resolved: dict[str, ctypes.CDLL | None] = {}  # P2PINFER_DECODE_KERNEL's value -> the library (or None)
+_SIGNATURES = {"p2pinfer_row_scan": ((_P, _I, _I, _I, _P, _I, _P, _P, _P, _P), _I),
+               "p2pinfer_row_log_norm": ((_P, _I, _I, _I, _P, _P, _P), _I)}
 
 
 def _functions() -> ctypes.CDLL | None:
-    """The library with these functions typed, looked up once per value of the kernel switch: finding it
-    (``kernels.library``) searches PATH for a compiler, ~0.4 ms, and a verification calls here per pass."""
-    switch = os.environ.get("P2PINFER_DECODE_KERNEL", "1")
-    if switch in _resolved:
-        return _resolved[switch]
-    lib = kernels.library()
-    if lib is not None and not getattr(lib, "_row_stats_typed", False):
-        lib.p2pinfer_row_scan.argtypes = (_P, _I, _I, _I, _P, _I, _P, _P, _P, _P)
-        lib.p2pinfer_row_scan.restype = _I
-        lib.p2pinfer_row_log_norm.argtypes = (_P, _I, _I, _I, _P, _P, _P)
-        lib.p2pinfer_row_log_norm.restype = _I
-        lib._row_stats_typed = True
-    _resolved[switch] = lib
-    return lib
+    """The kernel library with these functions typed (looked up once per value of the kernel switch)."""
+    return kernels.library_functions(_SIGNATURES)
 
 
 def _rows_of(values: np.ndarray) -> tuple[int, int, int] | None:
