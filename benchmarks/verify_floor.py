@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from p2pinfer import log
     from p2pinfer.runtime import GREEDY, SamplingParams, ensure_tolerance, generate, load_model, verify_result
+    from p2pinfer.runtime.verify import MIN_PASS_ROWS
 
     log.configure(level="warning")
     one, peak = fma_peak(1), fma_peak(args.threads)
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             best, kept = float("inf"), 0
             for _ in range(args.rounds):
                 after_another_request(model)
-                kept = model.prefix_kv.lookup(model.session, prompt, limit=len(prompt) - 1)[0]
+                # the positions the verification will skip, as runtime.verify looks them up
+                kept = model.prefix_kv.lookup(model.session, prompt, limit=len(prompt) - MIN_PASS_ROWS)[0]
                 t0 = time.perf_counter()
                 v = verify_result(model, prompt_ids=prompt, output_ids=r.output_ids, fingerprint=r.fingerprint_bytes,
                                   params=params, seed_material=bytes(32), max_tokens=int(n),
