@@ -125,7 +125,9 @@ def libraries() -> dict[str, Path]:
     return libs
 
 
-SHAPES = [(9, 3, 64), (4, 2, 16), (4, 4, 32), (2, 1, 128)]
+# head sizes: SmolLM2's 64; 16 and 32 (fewer than the values' four vectors at a time); 128 (two groups of four) and
+# 112 (a group of four and one of three)
+SHAPES = [(9, 3, 64), (4, 2, 16), (4, 4, 32), (2, 1, 128), (2, 1, 112)]
 
 
 @pytest.mark.parametrize("nh,nkv,head", SHAPES, ids=lambda v: str(v))

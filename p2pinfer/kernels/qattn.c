@@ -414,32 +414,50 @@ static inline __attribute__((always_inline)) float qa_softmax(float *e, int64_t 
 #endif
 
 #if QA_W == 16
-/* acc[r] = sum_{t < n[r]} e[r][t] v_t for the rows r < rows (e: row r at scratch + r * stride), sequential over t:
-   the keys all rows share (t < n[0]) with v_t loaded once for all rows (where the accumulators and v_t fit the 32
-   registers), then each row's last */
-static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
-                                                            int64_t stride, const float *V, const int64_t *n,
-                                                            const int rows, const int hd) {
+/* acc[r][c0 .. c0 + C - 1] = those vectors of sum_{t < n[r]} e[r][t] v_t for the rows r < rows (e: row r at scratch +
+   r * stride), sequential over t: the keys all rows share (t < n[0]) with v_t's C vectors loaded once for all rows
+   (the rows' accumulators and v_t's vectors in the 32 registers: C <= 4), then each row's last */
+static inline __attribute__((always_inline)) void qa_values_cols(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16],
+                                                                 const float *scratch, int64_t stride, const float *V,
+                                                                 const int64_t *n, const int rows, const int hd,
+                                                                 const int c0, const int C) {
     const int64_t n0 = n[0];
-    vec16f a[QA_ROWS][QA_MAX_HEAD / 16];
+    const float *V0 = V + 16 * c0;
+    vec16f a[QA_ROWS][4];
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < hd / 16; c++) a[r][c] = (vec16f){0};
+        for (int c = 0; c < C; c++) a[r][c] = (vec16f){0};
     for (int64_t t = 0; t < n0; t++) {
-        vec16f vv[QA_MAX_HEAD / 16];
-        for (int c = 0; c < hd / 16; c++) {
-            vv[c] = qa_load(V + t * hd + 16 * c);
-            if (rows > 1 && (rows + 1) * (hd / 16) <= 28) QA_KEEP(vv[c]);
+        vec16f vv[4];
+        for (int c = 0; c < C; c++) {
+            vv[c] = qa_load(V0 + t * hd + 16 * c);
+            if (rows > 1) QA_KEEP(vv[c]);
         }
         for (int r = 0; r < rows; r++) {
             float w = scratch[r * stride + t];
-            for (int c = 0; c < hd / 16; c++) a[r][c] += w * vv[c];
+            for (int c = 0; c < C; c++) a[r][c] += w * vv[c];
         }
     }
     for (int r = 1; r < rows; r++)
         for (int64_t t = n0; t < n[r]; t++)
-            for (int c = 0; c < hd / 16; c++) a[r][c] += scratch[r * stride + t] * qa_load(V + t * hd + 16 * c);
+            for (int c = 0; c < C; c++) a[r][c] += scratch[r * stride + t] * qa_load(V0 + t * hd + 16 * c);
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < hd / 16; c++) acc[r][c] = a[r][c];
+        for (int c = 0; c < C; c++) acc[r][c0 + c] = a[r][c];
+}
+
+/* acc[r] = sum_{t < n[r]} e[r][t] v_t, 64 elements (four vectors) at a time, each element's sum in the same order:
+   a head of 128 or more had the rows' accumulators and v_t's vectors beyond the 32 registers, so GCC kept them in
+   memory (a load and a store a multiply-add) */
+static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
+                                                            int64_t stride, const float *V, const int64_t *n,
+                                                            const int rows, const int hd) {
+    int c = 0;
+    for (; c + 4 <= hd / 16; c += 4) qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 4);
+    switch (hd / 16 - c) {  /* a constant vector count, so that the accumulators stay in registers */
+        case 3: qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 3); break;
+        case 2: qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 2); break;
+        case 1: qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 1); break;
+        default: break;
+    }
 }
 #else
 /* the same sums on QA_W-lane vectors, 16 / QA_W of them (16 elements) at a time, each over all t */
