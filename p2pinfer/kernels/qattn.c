@@ -126,6 +126,32 @@ static inline __attribute__((always_inline)) void qa_transpose16(vec16f r[16]) {
              (vec16i){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
 }
 
+#if QA_W < 16
+typedef int32_t vecwm __attribute__((vector_size(QA_W * 4)));  /* shuffle masks of the build's own vectors */
+
+/* the QA_W x QA_W block r[0..QA_W-1] transposed in place on the build's own vectors, by the same butterfly stages as
+   qa_transpose16. Its 16-lane shuffles are no machine operation without AVX-512: GCC moved every lane through the
+   stack (~800 stack accesses in the transpose's code), and a decode step transposes all its past keys */
+static inline __attribute__((always_inline)) void qa_stage_w(vecwf r[QA_W], const int S, vecwm lo, vecwm hi) {
+    for (int i = 0; i < QA_W; i++)
+        if (!(i & S)) {
+            vecwf a = r[i], b = r[i + S];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + S] = __builtin_shuffle(a, b, hi);
+        }
+}
+static inline __attribute__((always_inline)) void qa_transpose_w(vecwf r[QA_W]) {
+#if QA_W == 8
+    qa_stage_w(r, 4, (vecwm){0, 1, 2, 3, 8, 9, 10, 11}, (vecwm){4, 5, 6, 7, 12, 13, 14, 15});
+    qa_stage_w(r, 2, (vecwm){0, 1, 8, 9, 4, 5, 12, 13}, (vecwm){2, 3, 10, 11, 6, 7, 14, 15});
+    qa_stage_w(r, 1, (vecwm){0, 8, 2, 10, 4, 12, 6, 14}, (vecwm){1, 9, 3, 11, 5, 13, 7, 15});
+#else
+    qa_stage_w(r, 2, (vecwm){0, 1, 4, 5}, (vecwm){2, 3, 6, 7});
+    qa_stage_w(r, 1, (vecwm){0, 4, 2, 6}, (vecwm){1, 5, 3, 7});
+#endif
+}
+#endif
+
 /* phase 1b: the keys of (batch, kv head) transposed, 16 positions at a time: chunk c is [hd][16] (dimension d of
    positions 16c .. 16c + 15; zeros past the keys), so that 16 scores are one vector per dimension */
 static void qa_transpose_part(void *arg, int part, int parts) {
@@ -138,6 +164,7 @@ static void qa_transpose_part(void *arg, int part, int parts) {
         int64_t keys = j->past[bg / j->nkv] + j->S;
         const float *K = j->pk + (size_t)bg * j->present_len * hd;
         float *dst = j->kt + ((size_t)bg * j->chunks + c) * hd * 16;
+#if QA_W == 16
         for (int d0 = 0; d0 < hd; d0 += 16) {
             vec16f r[16];
             for (int l = 0; l < 16; l++)
@@ -145,6 +172,20 @@ static void qa_transpose_part(void *arg, int part, int parts) {
             qa_transpose16(r);
             for (int l = 0; l < 16; l++) qa_store(dst + (size_t)(d0 + l) * 16, r[l]);
         }
+#else
+        /* the chunk's 16 x hd block as QA_W x QA_W blocks: positions l0 .. l0 + QA_W - 1, dimensions d0 .. */
+        for (int d0 = 0; d0 < hd; d0 += QA_W)
+            for (int l0 = 0; l0 < 16; l0 += QA_W) {
+                vecwf r[QA_W];
+                for (int l = 0; l < QA_W; l++) {
+                    int64_t position = 16 * (int64_t)c + l0 + l;
+                    r[l] = (vecwf){0};
+                    if (position < keys) memcpy(&r[l], K + (size_t)position * hd + d0, sizeof(vecwf));
+                }
+                qa_transpose_w(r);
+                for (int i = 0; i < QA_W; i++) memcpy(dst + (size_t)(d0 + i) * 16 + l0, &r[i], sizeof(vecwf));
+            }
+#endif
     }
 }
 
