@@ -586,3 +586,24 @@ def test_a_source_that_fails_for_this_cpu_builds_portable_and_says_why(tmp_path:
     finally:
         log.configure()
     assert "kernel.built_without_march" not in stream.getvalue()
+
+
+def test_a_library_that_builds_but_does_not_load_is_reported_and_rebuilt_next_time(tmp_path: Path, monkeypatch) -> None:
+    """A source that compiles but leaves a symbol undefined (C still accepts an undeclared function, as a stray macro
+    name once was) gives a library that the loader refuses: reported as ``load_failed`` and None (the standard
+    graph then serves), never an exception out of model loading; the file leaves the cache, so that a fixed
+    source or a damaged file is built anew."""
+    monkeypatch.setenv("P2PINFER_KERNEL_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "probe.c"
+    source.write_text("void p2pinfer_missing(void);\nint p2pinfer_probe(void) { p2pinfer_missing(); return 1; }\n")
+    reports: list[tuple[str, str]] = []
+    args = dict(hold=True, disabled="off", no_compiler="no compiler")
+    got = kernels._library_path("P2PINFER_PROBE_KERNEL", "probe-unloadable", (source,),
+                                lambda reason, detail: reports.append((reason, detail)), **args)
+    assert got is None
+    assert [r for r, _ in reports] == ["load_failed"] and "p2pinfer_missing" in reports[0][1], reports
+    assert not list((tmp_path / "cache").glob("probe-unloadable-*.so")), "the unloadable file stays in the cache"
+    source.write_text("int p2pinfer_probe(void) { return 2; }\n")
+    got = kernels._library_path("P2PINFER_PROBE_KERNEL", "probe-loadable", (source,),
+                                lambda reason, detail: reports.append((reason, detail)), **args)
+    assert got is not None and got.is_file() and len(reports) == 1

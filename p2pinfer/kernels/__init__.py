@@ -215,7 +215,8 @@ def _library_path(switch: str, stem: str, sources: tuple[Path, ...], report: "Ca
                   hold: bool, disabled: str, no_compiler: str) -> Path | None:
     """The library ``stem`` built from ``sources`` for this compiler and ``-march``, once per process (None when
     ``switch`` is ``0``, without a compiler or when the build fails: reported through ``report``). ``hold``: keep
-    it loaded here (:func:`library` hands out that handle)."""
+    it loaded here (:func:`library` hands out that handle); a library that does not load is reported
+    (``load_failed``), removed from the cache and None."""
     if os.environ.get(switch, "1").strip() == "0":
         report("disabled", disabled)
         return None
@@ -228,8 +229,15 @@ def _library_path(switch: str, stem: str, sources: tuple[Path, ...], report: "Ca
         if key not in _built:
             _built[key] = path = _build(cc, key[1], sources=sources, stem=stem, report=report)
             if hold and path is not None:
-                _held.append(ctypes.CDLL(str(path)))  # and held open here, whatever the linker did with nodelete
-                _handles[path] = _held[-1]
+                try:
+                    handle = ctypes.CDLL(str(path))  # held open here, whatever the linker did with nodelete
+                except OSError as exc:  # built but not loadable (an undefined symbol, a damaged cache file)
+                    report("load_failed", f"{path.name}: {exc}")
+                    path.unlink(missing_ok=True)  # so that the next process builds it anew
+                    _built[key] = None
+                else:
+                    _held.append(handle)
+                    _handles[path] = handle
         return _built[key]
 
 
