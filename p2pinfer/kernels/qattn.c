@@ -241,18 +241,29 @@ static inline __attribute__((always_inline)) void qa_scores_block(const float (*
                                                                   int64_t stride) {
     const int P = 16 / QA_W;
     vecwf acc[4][4 * (16 / QA_W)];
+    /* every loop over rows, chunks and pieces unrolled before the accumulators are placed: else GCC kept the keys'
+       vectors and the accumulators on the stack (a copy loop and a load and a store a multiply-add) */
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++)
+#pragma GCC unroll 16
         for (int c = 0; c < C * P; c++) acc[r][c] = (vecwf){0};
     for (int d = 0; d < hd; d++) {
         vecwf k[4 * (16 / QA_W)];
+#pragma GCC unroll 16
         for (int c = 0; c < C; c++)
+#pragma GCC unroll 16
             for (int p = 0; p < P; p++)
                 memcpy(&k[c * P + p], kt + ((size_t)(c0 + c) * hd + d) * 16 + p * QA_W, sizeof(vecwf));
+#pragma GCC unroll 16
         for (int r = 0; r < R; r++)
+#pragma GCC unroll 16
             for (int c = 0; c < C * P; c++) acc[r][c] += q[r][d] * k[c];
     }
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++)
+#pragma GCC unroll 16
         for (int c = 0; c < C; c++)
+#pragma GCC unroll 16
             for (int p = 0; p < P; p++)
                 memcpy(scratch + r * stride + 16 * (c0 + c) + p * QA_W, &acc[r][c * P + p], sizeof(vecwf));
 }
@@ -509,24 +520,34 @@ static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][
     const int64_t n0 = n[0];
     for (int c = 0; c < hd / 16; c++) {
         vecwf a[QA_ROWS][16 / QA_W];
+        /* the loops over rows and pieces unrolled, so that the accumulators are registers (as in the scores) */
+#pragma GCC unroll 16
         for (int r = 0; r < rows; r++)
+#pragma GCC unroll 16
             for (int p = 0; p < P; p++) a[r][p] = (vecwf){0};
         for (int64_t t = 0; t < n0; t++) {
             vecwf vv[16 / QA_W];
+#pragma GCC unroll 16
             for (int p = 0; p < P; p++) memcpy(&vv[p], V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
+#pragma GCC unroll 16
             for (int r = 0; r < rows; r++) {
                 float w = scratch[r * stride + t];
+#pragma GCC unroll 16
                 for (int p = 0; p < P; p++) a[r][p] += w * vv[p];
             }
         }
+#pragma GCC unroll 16
         for (int r = 1; r < rows; r++)
             for (int64_t t = n0; t < n[r]; t++)
+#pragma GCC unroll 16
                 for (int p = 0; p < P; p++) {
                     vecwf vv;
                     memcpy(&vv, V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
                     a[r][p] += scratch[r * stride + t] * vv;
                 }
+#pragma GCC unroll 16
         for (int r = 0; r < rows; r++)
+#pragma GCC unroll 16
             for (int p = 0; p < P; p++) memcpy((float *)&acc[r][c] + p * QA_W, &a[r][p], sizeof(vecwf));
     }
 }
