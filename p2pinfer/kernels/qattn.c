@@ -173,9 +173,11 @@ static void qa_transpose_part(void *arg, int part, int parts) {
             for (int l = 0; l < 16; l++) qa_store(dst + (size_t)(d0 + l) * 16, r[l]);
         }
 #else
-        /* the chunk's 16 x hd block as QA_W x QA_W blocks: positions l0 .. l0 + QA_W - 1, dimensions d0 .. */
-        for (int d0 = 0; d0 < hd; d0 += QA_W)
-            for (int l0 = 0; l0 < 16; l0 += QA_W) {
+        /* the chunk's 16 x hd block as QA_W x QA_W blocks: positions l0 .. l0 + QA_W - 1, dimensions d0 .., a block of
+           positions read whole before the next (in a model a decode step reads the keys cold: rows read in turn
+           stream from memory; dimensions outermost, 10-13 % slower decode steps on x86-64-v3) */
+        for (int l0 = 0; l0 < 16; l0 += QA_W)
+            for (int d0 = 0; d0 < hd; d0 += QA_W) {
                 vecwf r[QA_W];
                 for (int l = 0; l < QA_W; l++) {
                     int64_t position = 16 * (int64_t)c + l0 + l;
