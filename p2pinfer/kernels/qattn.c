@@ -165,6 +165,9 @@ static void qa_transpose_part(void *arg, int part, int parts) {
         const float *K = j->pk + (size_t)bg * j->present_len * hd;
         float *dst = j->kt + ((size_t)bg * j->chunks + c) * hd * 16;
 #if QA_W == 16
+        if (u + 1 < c1 && (u + 1) / j->chunks == bg)  /* the next chunk's rows: a decode step reads its keys cold */
+            for (int l = 0; l < 16 && 16 * (int64_t)(c + 1) + l < keys; l++)
+                for (int d0 = 0; d0 < hd; d0 += 16) __builtin_prefetch(K + (16 * (size_t)(c + 1) + l) * hd + d0);
         for (int d0 = 0; d0 < hd; d0 += 16) {
             vec16f r[16];
             for (int l = 0; l < 16; l++)
