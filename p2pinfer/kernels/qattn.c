@@ -517,44 +517,55 @@ static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][
     }
 }
 #else
-/* the same sums on QA_W-lane vectors, 16 / QA_W of them (16 elements) at a time, each over all t */
+/* the same sums on QA_W-lane vectors for the G elements e0 .. e0 + G - 1 (G a multiple of 16), each over all t */
+static inline __attribute__((always_inline)) void qa_values_group(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16],
+                                                                  const float *scratch, int64_t stride, const float *V,
+                                                                  const int64_t *n, const int rows, const int hd,
+                                                                  const int e0, const int G) {
+    const int P = G / QA_W;
+    const int64_t n0 = n[0];
+    vecwf a[QA_ROWS][64 / QA_W];
+    /* the loops over rows and pieces unrolled, so that the accumulators are registers (as in the scores) */
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 16
+        for (int p = 0; p < P; p++) a[r][p] = (vecwf){0};
+    for (int64_t t = 0; t < n0; t++) {
+        vecwf vv[64 / QA_W];
+#pragma GCC unroll 16
+        for (int p = 0; p < P; p++) memcpy(&vv[p], V + t * hd + e0 + p * QA_W, sizeof(vecwf));
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++) {
+            float w = scratch[r * stride + t];
+#pragma GCC unroll 16
+            for (int p = 0; p < P; p++) a[r][p] += w * vv[p];
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 1; r < rows; r++)
+        for (int64_t t = n0; t < n[r]; t++)
+#pragma GCC unroll 16
+            for (int p = 0; p < P; p++) {
+                vecwf vv;
+                memcpy(&vv, V + t * hd + e0 + p * QA_W, sizeof(vecwf));
+                a[r][p] += scratch[r * stride + t] * vv;
+            }
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 16
+        for (int p = 0; p < P; p++) memcpy((float *)acc[r] + e0 + p * QA_W, &a[r][p], sizeof(vecwf));
+}
+
+/* as many elements a pass over t as the rows' accumulators leave registers for (16 on x86-64, 32 on NEON): one
+   row (a decode step) would otherwise wait on the multiply-add latency with two accumulators */
 static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
                                                             int64_t stride, const float *V, const int64_t *n,
                                                             const int rows, const int hd) {
-    const int P = 16 / QA_W;
-    const int64_t n0 = n[0];
-    for (int c = 0; c < hd / 16; c++) {
-        vecwf a[QA_ROWS][16 / QA_W];
-        /* the loops over rows and pieces unrolled, so that the accumulators are registers (as in the scores) */
-#pragma GCC unroll 16
-        for (int r = 0; r < rows; r++)
-#pragma GCC unroll 16
-            for (int p = 0; p < P; p++) a[r][p] = (vecwf){0};
-        for (int64_t t = 0; t < n0; t++) {
-            vecwf vv[16 / QA_W];
-#pragma GCC unroll 16
-            for (int p = 0; p < P; p++) memcpy(&vv[p], V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
-#pragma GCC unroll 16
-            for (int r = 0; r < rows; r++) {
-                float w = scratch[r * stride + t];
-#pragma GCC unroll 16
-                for (int p = 0; p < P; p++) a[r][p] += w * vv[p];
-            }
-        }
-#pragma GCC unroll 16
-        for (int r = 1; r < rows; r++)
-            for (int64_t t = n0; t < n[r]; t++)
-#pragma GCC unroll 16
-                for (int p = 0; p < P; p++) {
-                    vecwf vv;
-                    memcpy(&vv, V + t * hd + 16 * c + p * QA_W, sizeof(vecwf));
-                    a[r][p] += scratch[r * stride + t] * vv;
-                }
-#pragma GCC unroll 16
-        for (int r = 0; r < rows; r++)
-#pragma GCC unroll 16
-            for (int p = 0; p < P; p++) memcpy((float *)&acc[r][c] + p * QA_W, &a[r][p], sizeof(vecwf));
-    }
+    const int G = rows == 1 ? 8 * QA_W : rows == 2 ? 4 * QA_W : 16;
+    int e = 0;
+    if (G > 16)
+        for (; e + G <= hd; e += G) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, G);
+    for (; e < hd; e += 16) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, 16);
 }
 #endif
 
