@@ -22,6 +22,7 @@ from p2pinfer.gguf.blockquant import from_gguf
 from p2pinfer.runtime import load_model
 
 from gguf_fixtures import TinyLlama, write_tiny_llama
+from kernel_builds import library_for
 
 BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}
 
@@ -313,13 +314,8 @@ def _integer_libraries(monkeypatch) -> dict[str, Path]:
     assert {"avx2", "fma", "f16c"} <= flags, "these tests need an x86-64-v3 CPU (AVX2, FMA, F16C)"
     marches = ["native", "x86-64-v3"] + (["alderlake"] if "avx_vnni" in flags else []) \
         + (["skylake-avx512"] if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags else [])
-    libs = {}
-    for march in marches:
-        monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
-        lib = kernels.library_path()
-        assert lib is not None and kernels.library_has_integer_path(lib), march
-        libs[march] = lib
-    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
+    libs = {march: library_for(monkeypatch, march) for march in marches}
+    assert all(kernels.library_has_integer_path(lib) for lib in libs.values()), libs
     isas = {march: kernels.library_isa(lib) for march, lib in libs.items()}
     assert isas["x86-64-v3"] == isas.get("skylake-avx512", "avx2") == "avx2", isas
     assert isas.get("alderlake", "avx-vnni") == "avx-vnni", isas

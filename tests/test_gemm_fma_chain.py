@@ -27,6 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from p2pinfer import kernels
 
+from kernel_builds import library_for
+
 ZP = 8
 
 
@@ -172,14 +174,6 @@ def _assert_same(got: np.ndarray, want: np.ndarray, what) -> None:
     assert not differ.any(), (what, int(differ.sum()), "of", int((~nan).sum()))
 
 
-def _library(monkeypatch, march: str):
-    monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
-    lib = kernels.library_path()
-    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
-    assert lib is not None, f"the kernel should build for -march={march} (CI installs gcc)"
-    return lib
-
-
 # (K, N, terms, block minimums, row counts): SmolLM2-135M's q/k/v, o, gate/up and down; the head's two terms
 # (49,152 columns there) on 200; edge shapes: 70 and 33 columns (partial 16-column groups), one block
 SHAPES = [
@@ -197,7 +191,7 @@ SHAPES = [
 # x86-64 and x86-64-v2 both take the portable build (no FMA); v2 lets the compiler use SSE4 in it
 @pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64-v2", "x86-64"])
 def test_every_output_is_the_promised_float32_chain(monkeypatch, march: str) -> None:
-    lib = _library(monkeypatch, march)
+    lib = library_for(monkeypatch, march)
     fused = kernels.library_isa(lib) != "portable"
     assert fused == (march not in ("x86-64", "x86-64-v2")), kernels.library_isa(lib)
     rng = np.random.default_rng(7)
@@ -214,7 +208,7 @@ def test_every_output_is_the_promised_float32_chain(monkeypatch, march: str) -> 
 def test_a_rows_output_does_not_depend_on_the_call(monkeypatch) -> None:
     """Row determinism across the 8-row tiles: a row's output is the same whatever the row count, its place in
     the call and the thread count (the chain is per element)."""
-    lib = _library(monkeypatch, "native")
+    lib = library_for(monkeypatch, "native")
     rng = np.random.default_rng(8)
     session, *_ = _layer(576, 960, 1, True, rng)
     sessions = [session(lib, threads) for threads in (1, 2, 3)]

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from p2pinfer import kernels
+
+from kernel_builds import library_for
 
 #: multiply(-add) instructions of the products (AT&T mnemonics): fused on FMA builds, mulps where there is no FMA
 MULTIPLY = re.compile(r"^v?(f(n)?m(add|sub)\w*|mulps)\b")
@@ -48,8 +49,8 @@ class Loop:
         return [t for t in self.body if STACK_STORE.match(t)]
 
 
-def loops(library: Path, prefix: str) -> list[Loop]:
-    """The loops (a backward jump and what it jumps over) of the functions whose name starts with ``prefix``, from
+def loops(library: Path, prefixes: str | tuple[str, ...]) -> list[Loop]:
+    """The loops (a backward jump and what it jumps over) of the functions whose name starts with ``prefixes`` (one or a tuple), from
     ``objdump -d``, each with its own instructions: those of the loops inside it left out (a loop of products
     whose keys GCC copied to the stack in an inner loop of its own is caught by its own stores)."""
     objdump = shutil.which("objdump")
@@ -60,7 +61,7 @@ def loops(library: Path, prefix: str) -> list[Loop]:
     current = None
     for line in text.splitlines():
         if m := re.match(r"^[0-9a-f]+ <([^>]+)>:$", line):
-            current = m.group(1) if m.group(1).startswith(prefix) else None
+            current = m.group(1) if m.group(1).startswith(prefixes) else None
             if current:
                 functions[current] = []
         elif current and (m := re.match(r"^\s+([0-9a-f]+):\s+(.+)$", line)):
@@ -76,18 +77,15 @@ def loops(library: Path, prefix: str) -> list[Loop]:
     return found
 
 
-def product_loops(march: str, prefix: str, monkeypatch) -> list[Loop]:
-    """The loops of ``prefix``'s functions in the library built for ``march`` that do HOT or more multiply-adds."""
-    monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
-    library = kernels.library_path()
-    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
-    assert library is not None, f"the kernel should build for -march={march} (CI installs gcc)"
-    return [loop for loop in loops(library, prefix) if loop.multiplies >= HOT]
+def product_loops(march: str, prefixes: tuple[str, ...], monkeypatch) -> list[Loop]:
+    """The loops of the functions named ``prefixes``... in the library built for ``march`` that do HOT or more
+    multiply-adds."""
+    return [loop for loop in loops(library_for(monkeypatch, march), prefixes) if loop.multiplies >= HOT]
 
 
 @pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64-v2", "x86-64"])
 def test_the_micro_kernel_keeps_its_accumulators_in_registers(monkeypatch, march: str) -> None:
-    hot = product_loops(march, "micro_kernel", monkeypatch)
+    hot = product_loops(march, ("micro_kernel",), monkeypatch)
     # the kernel has one product loop per row count (1..MICRO_ROWS): the 6 or 8 rows' one does >= 12 multiply-adds
     assert hot and max(loop.multiplies for loop in hot) >= 12, \
         f"micro_kernel's product loops not found in the {march} build: has it been renamed? update this test"
@@ -104,7 +102,7 @@ def test_the_attentions_products_keep_their_accumulators_in_registers(monkeypatc
     one stack store per eight multiply-adds in any loop (an operand reloaded, not accumulators: spilled
     accumulators store once per multiply-add). The AVX2 build's loops of one row had copied the keys to the stack
     and kept the accumulators there, found only this way."""
-    hot = product_loops(march, "qa_scores", monkeypatch) + product_loops(march, "qa_values", monkeypatch)
+    hot = product_loops(march, ("qa_scores", "qa_values"), monkeypatch)
     assert len({loop.function.split(".")[0] for loop in hot}) >= 8, \
         f"the attention's product loops not found in the {march} build: renamed? update this test"
     spilled = [(loop.function, hex(loop.start), loop.multiplies, len(loop.stack_stores)) for loop in hot

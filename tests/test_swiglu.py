@@ -27,6 +27,7 @@ from p2pinfer.gguf import import_gguf
 from p2pinfer.runtime import load_model
 
 from gguf_fixtures import TinyLlama, write_tiny_llama
+from kernel_builds import library_for
 
 
 @pytest.fixture(autouse=True)
@@ -73,14 +74,7 @@ def _session(graph: bytes, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, lib:
 def _libraries(monkeypatch) -> dict[str, Path]:
     """The builds whose activation code differs: this CPU's (AVX-512 where it has it), x86-64-v3 (AVX2 + FMA:
     8 lanes and a scalar tail) and x86-64 (the portable scalar path, which asks the CPU what onnxruntime runs)."""
-    libs = {}
-    for march in ("native", "x86-64-v3", "x86-64"):
-        monkeypatch.setenv("P2PINFER_KERNEL_MARCH", march)
-        lib = kernels.library_path()
-        assert lib is not None, f"the kernel should build for {march} (CI installs gcc)"
-        libs[march] = lib
-    monkeypatch.delenv("P2PINFER_KERNEL_MARCH")
-    return libs
+    return {march: library_for(monkeypatch, march) for march in ("native", "x86-64-v3", "x86-64")}
 
 
 _EDGES = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 1.1754942e-38, -1.1754942e-38,
