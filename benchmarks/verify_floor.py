@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,9 @@ PROBE = Path(__file__).with_name("fma_peak.c")
 def fma_peak(threads: int, rounds: int = 3) -> float | None:
     """This CPU's float32 multiply-add peak in GFLOP/s over ``threads`` threads (best of ``rounds`` runs of
     ``fma_peak.c``), or None without a C compiler or where the probe does not build."""
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    from p2pinfer.kernels import _compiler  # the kernel's own choice of compiler ($CC, gcc, cc)
+
+    cc = _compiler()
     if cc is None:
         return None
     with tempfile.TemporaryDirectory(prefix="p2pinfer-fma-peak-") as tmp:
