@@ -470,54 +470,11 @@ static inline __attribute__((always_inline)) float qa_softmax(float *e, int64_t 
 }
 #endif
 
-#if QA_W == 16
-/* acc[r][c0 .. c0 + C - 1] = those vectors of sum_{t < n[r]} e[r][t] v_t for the rows r < rows (e: row r at scratch +
-   r * stride), sequential over t: the keys all rows share (t < n[0]) with v_t's C vectors loaded once for all rows
-   (the rows' accumulators and v_t's vectors in the 32 registers: C <= 4), then each row's last */
-static inline __attribute__((always_inline)) void qa_values_cols(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16],
-                                                                 const float *scratch, int64_t stride, const float *V,
-                                                                 const int64_t *n, const int rows, const int hd,
-                                                                 const int c0, const int C) {
-    const int64_t n0 = n[0];
-    const float *V0 = V + 16 * c0;
-    vec16f a[QA_ROWS][4];
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < C; c++) a[r][c] = (vec16f){0};
-    for (int64_t t = 0; t < n0; t++) {
-        vec16f vv[4];
-        for (int c = 0; c < C; c++) {
-            vv[c] = qa_load(V0 + t * hd + 16 * c);
-            if (rows > 1) QA_KEEP(vv[c]);
-        }
-        for (int r = 0; r < rows; r++) {
-            float w = scratch[r * stride + t];
-            for (int c = 0; c < C; c++) a[r][c] += w * vv[c];
-        }
-    }
-    for (int r = 1; r < rows; r++)
-        for (int64_t t = n0; t < n[r]; t++)
-            for (int c = 0; c < C; c++) a[r][c] += scratch[r * stride + t] * qa_load(V0 + t * hd + 16 * c);
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < C; c++) acc[r][c0 + c] = a[r][c];
-}
-
-/* acc[r] = sum_{t < n[r]} e[r][t] v_t, 64 elements (four vectors) at a time, each element's sum in the same order:
-   a head of 128 or more had the rows' accumulators and v_t's vectors beyond the 32 registers, so GCC kept them in
-   memory (a load and a store a multiply-add) */
-static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
-                                                            int64_t stride, const float *V, const int64_t *n,
-                                                            const int rows, const int hd) {
-    int c = 0;
-    for (; c + 4 <= hd / 16; c += 4) qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 4);
-    switch (hd / 16 - c) {  /* a constant vector count, so that the accumulators stay in registers */
-        case 3: qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 3); break;
-        case 2: qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 2); break;
-        case 1: qa_values_cols(acc, scratch, stride, V, n, rows, hd, c, 1); break;
-        default: break;
-    }
-}
-#else
-/* the same sums on QA_W-lane vectors for the G elements e0 .. e0 + G - 1 (G a multiple of 16), each over all t */
+/* acc[r][e0 .. e0 + G - 1] = those elements of sum_{t < n[r]} e[r][t] v_t for the rows r < rows (e: row r at
+   scratch + r * stride; G a multiple of 16, at most 64), sequential over t: the keys all rows share (t < n[0]) with
+   v_t's G elements loaded once for all rows, then each row's last. Every loop over rows and pieces unrolled, so that
+   the accumulators are registers: GCC had kept them in memory (heads of 128 or more on AVX-512, whose accumulators
+   and v_t outgrew the 32 registers) or on the stack (the builds without AVX-512, the loops left rolled) */
 static inline __attribute__((always_inline)) void qa_values_group(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16],
                                                                   const float *scratch, int64_t stride, const float *V,
                                                                   const int64_t *n, const int rows, const int hd,
@@ -525,7 +482,6 @@ static inline __attribute__((always_inline)) void qa_values_group(vec16f acc[QA_
     const int P = G / QA_W;
     const int64_t n0 = n[0];
     vecwf a[QA_ROWS][64 / QA_W];
-    /* the loops over rows and pieces unrolled, so that the accumulators are registers (as in the scores) */
 #pragma GCC unroll 16
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 16
@@ -533,7 +489,10 @@ static inline __attribute__((always_inline)) void qa_values_group(vec16f acc[QA_
     for (int64_t t = 0; t < n0; t++) {
         vecwf vv[64 / QA_W];
 #pragma GCC unroll 16
-        for (int p = 0; p < P; p++) memcpy(&vv[p], V + t * hd + e0 + p * QA_W, sizeof(vecwf));
+        for (int p = 0; p < P; p++) {
+            memcpy(&vv[p], V + t * hd + e0 + p * QA_W, sizeof(vecwf));
+            if (rows > 1) QA_KEEP(vv[p]);
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < rows; r++) {
             float w = scratch[r * stride + t];
@@ -556,18 +515,25 @@ static inline __attribute__((always_inline)) void qa_values_group(vec16f acc[QA_
         for (int p = 0; p < P; p++) memcpy((float *)acc[r] + e0 + p * QA_W, &a[r][p], sizeof(vecwf));
 }
 
-/* as many elements a pass over t as the rows' accumulators leave registers for (16 on x86-64, 32 on NEON): one
-   row (a decode step) would otherwise wait on the multiply-add latency with two accumulators */
+/* acc[r] = sum_{t < n[r]} e[r][t] v_t, each element's sum in the same order, in groups of as many elements as the
+   rows' accumulators leave registers for (32 zmm on AVX-512: 64 elements for up to four rows; 16 ymm on AVX2: 64
+   for one row (a decode step would otherwise wait on the multiply-add latency with two accumulators), 32 for two,
+   16 for more; the portable build half that), then what remains of the head in one group */
 static inline __attribute__((always_inline)) void qa_values(vec16f acc[QA_ROWS][QA_MAX_HEAD / 16], const float *scratch,
                                                             int64_t stride, const float *V, const int64_t *n,
                                                             const int rows, const int hd) {
-    const int G = rows == 1 ? 8 * QA_W : rows == 2 ? 4 * QA_W : 16;
+    const int G = QA_W == 16 || rows == 1 ? 8 * QA_W > 64 ? 64 : 8 * QA_W : rows == 2 ? 4 * QA_W : 16;
     int e = 0;
-    if (G > 16)
-        for (; e + G <= hd; e += G) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, G);
-    for (; e < hd; e += 16) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, 16);
+    for (; e + G <= hd; e += G) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, G);
+    /* fewer than G elements: a constant count, so that the accumulators stay in registers (each case only where it
+       can occur, below G: the compiler then keeps no group wider than the registers hold) */
+    switch (hd - e) {
+        case 48: if (G > 48) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, 48); break;
+        case 32: if (G > 32) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, 32); break;
+        case 16: if (G > 16) qa_values_group(acc, scratch, stride, V, n, rows, hd, e, 16); break;
+        default: break;
+    }
 }
-#endif
 
 /* the products of one unit as functions of their own, one per row count (and SmolLM2's head size of 64): inlined into
    the unit's one large function, GCC kept each loaded vector in a register AND stored it to the stack, one extra
